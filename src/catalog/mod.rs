@@ -1,0 +1,1 @@
+//! Catalog: volume records, the snapshot/clone tree, leases and fencing.

@@ -1,0 +1,4 @@
+//! Subcommand implementations (binary-only; `anyhow` is allowed here).
+pub mod nbd;
+pub mod ublk;
+pub mod volume;

@@ -1,0 +1,126 @@
+//! Engine tuning, as plain serde data. Every field documents its default and
+//! bounds; [`EngineConfig::validate`] enforces them.
+
+use serde::{Deserialize, Serialize};
+
+/// When FLUSH/FUA complete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// FLUSH waits for the local WAL (fdatasync). Default.
+    #[default]
+    Local,
+    /// FLUSH waits until the data is in the object store.
+    Store,
+}
+
+/// Engine settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    /// Target chunk object size in bytes. Default 4 MiB; 64 KiB..=256 MiB.
+    pub chunk_size: u64,
+    /// Destage whatever the WAL holds after this many milliseconds even if
+    /// less than a chunk has gathered. Default 2000; 10..=3_600_000.
+    pub destage_interval_ms: u64,
+    /// Bound on bytes acknowledged but not yet in the store; writes slow down
+    /// (never fail) at the bound. Default 256 MiB; >= 2 * chunk_size.
+    pub max_unstored_bytes: u64,
+    /// Bound on the age of the oldest acknowledged write not yet in the
+    /// store, in seconds; writes slow down at the bound. Default 30; 1..=86400.
+    pub max_unstored_seconds: u64,
+    /// When FLUSH completes. Default `local`.
+    pub durability: Durability,
+    /// Write a checkpoint of the map after this many chunks. Default 64; 1..=100_000.
+    pub checkpoint_every_chunks: u64,
+    /// Local read cache size in bytes; 0 disables it. Default 1 GiB.
+    pub cache_size: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            chunk_size: 4 << 20,
+            destage_interval_ms: 2000,
+            max_unstored_bytes: 256 << 20,
+            max_unstored_seconds: 30,
+            durability: Durability::Local,
+            checkpoint_every_chunks: 64,
+            cache_size: 1 << 30,
+        }
+    }
+}
+
+/// A configuration value outside its documented bounds.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("engine.{field}: {reason}")]
+pub struct ConfigError {
+    pub field: &'static str,
+    pub reason: String,
+}
+
+impl EngineConfig {
+    /// Check every bound documented on the fields.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |field, reason: String| Err(ConfigError { field, reason });
+        if !(64 << 10..=256 << 20).contains(&self.chunk_size)
+            || !self.chunk_size.is_multiple_of(512)
+        {
+            return err(
+                "chunk_size",
+                format!(
+                    "{} must be a multiple of 512 in 64 KiB..=256 MiB",
+                    self.chunk_size
+                ),
+            );
+        }
+        if !(10..=3_600_000).contains(&self.destage_interval_ms) {
+            return err(
+                "destage_interval_ms",
+                format!("{} must be in 10..=3600000", self.destage_interval_ms),
+            );
+        }
+        if self.max_unstored_bytes < 2 * self.chunk_size {
+            return err(
+                "max_unstored_bytes",
+                format!(
+                    "{} must be at least 2 * chunk_size",
+                    self.max_unstored_bytes
+                ),
+            );
+        }
+        if !(1..=86_400).contains(&self.max_unstored_seconds) {
+            return err(
+                "max_unstored_seconds",
+                format!("{} must be in 1..=86400", self.max_unstored_seconds),
+            );
+        }
+        if !(1..=100_000).contains(&self.checkpoint_every_chunks) {
+            return err(
+                "checkpoint_every_chunks",
+                format!("{} must be in 1..=100000", self.checkpoint_every_chunks),
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_bounds_enforced() {
+        assert!(EngineConfig::default().validate().is_ok());
+        let c = EngineConfig {
+            chunk_size: 1000,
+            ..Default::default()
+        };
+        assert_eq!(c.validate().unwrap_err().field, "chunk_size");
+        let c = EngineConfig {
+            max_unstored_bytes: 1 << 20,
+            ..Default::default()
+        };
+        assert_eq!(c.validate().unwrap_err().field, "max_unstored_bytes");
+    }
+}

@@ -1,0 +1,81 @@
+//! The volume engine: WAL, extent map, destage into chunk objects, read path,
+//! read cache, checkpoints, recovery and garbage collection. It knows nothing
+//! of ublk or NBD; frontends drive it through [`BlockDevice`].
+
+use async_trait::async_trait;
+
+use crate::error::BlockError;
+
+pub mod config;
+pub mod memdisk;
+
+/// Bytes per sector: the addressing unit of every request.
+pub const SECTOR: u64 = 512;
+
+/// The block-device API every frontend speaks. Offsets and lengths are in
+/// bytes and must be multiples of [`SECTOR`].
+///
+/// # Contract
+/// 1. A `write` that returned `Ok` is visible to every later `read`
+///    (read-your-writes), on any connection or queue.
+/// 2. After `flush` returns `Ok`, every write that returned `Ok` before the
+///    flush was called survives a crash of the process or the host.
+///    A `write` with `fua = true` is durable when it returns `Ok`.
+/// 3. `trim` and `write_zeroes` make the range read as zeros; `trim` may
+///    release space.
+/// 4. Out-of-range or misaligned requests fail with
+///    [`BlockError::OutOfRange`] / [`BlockError::InvalidArgument`] and change
+///    nothing. `flush` has no range and is never bounds-checked.
+/// 5. The futures are runtime-agnostic: they can be polled by tokio or by a
+///    ublk queue's own executor, and never block the polling thread for long.
+#[async_trait]
+pub trait BlockDevice: Send + Sync {
+    /// Size of the device in bytes (a multiple of [`SECTOR`]).
+    fn size(&self) -> u64;
+    /// Fill `buf` with the bytes at `offset`.
+    async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError>;
+    /// Write `data` at `offset`; durable on return when `fua`.
+    async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BlockError>;
+    /// Make every completed write durable.
+    async fn flush(&self) -> Result<(), BlockError>;
+    /// Discard a range: it reads as zeros afterwards and its space may be freed.
+    async fn trim(&self, offset: u64, len: u64) -> Result<(), BlockError>;
+    /// Zero a range (stored as unmapped, so it takes no space).
+    async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), BlockError>;
+}
+
+/// Check alignment and bounds of a ranged request against a device size.
+pub fn check_range(offset: u64, len: u64, size: u64) -> Result<(), BlockError> {
+    if !offset.is_multiple_of(SECTOR) || !len.is_multiple_of(SECTOR) {
+        return Err(BlockError::InvalidArgument(format!(
+            "offset {offset} and length {len} must be multiples of {SECTOR}"
+        )));
+    }
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(BlockError::OutOfRange { offset, len, size }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn range_checks() {
+        assert!(check_range(0, 4096, 4096).is_ok());
+        assert!(check_range(512, 0, 512).is_ok());
+        assert!(matches!(
+            check_range(1, 512, 4096),
+            Err(BlockError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            check_range(4096, 512, 4096),
+            Err(BlockError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            check_range(u64::MAX - 511, 1024, u64::MAX),
+            Err(BlockError::OutOfRange { .. })
+        ));
+    }
+}

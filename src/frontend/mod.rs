@@ -1,0 +1,3 @@
+//! Protocol adapters over [`crate::engine::BlockDevice`].
+pub mod nbd;
+pub mod ublk;

@@ -1,0 +1,10 @@
+//! shale: block volumes on object storage.
+//!
+//! Layers (arrows only point down): `frontend` → `engine` → `catalog` → `store`.
+pub mod catalog;
+pub mod clock;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod frontend;
+pub mod store;

@@ -1,0 +1,184 @@
+//! The object-store seam: one trait, one file per backend, plus decorators.
+//!
+//! # Protocol (every backend upholds these)
+//! 1. `put` with [`PutMode::Create`] succeeds for exactly one of any number of
+//!    concurrent callers on the same absent key; the others get
+//!    [`StoreError::AlreadyExists`]. It never overwrites.
+//! 2. `put` with [`PutMode::IfMatch`] replaces the object only if its current
+//!    version equals the given one; otherwise (including when the object is
+//!    missing) it returns [`StoreError::PreconditionFailed`]. Of concurrent
+//!    callers holding the same version, exactly one wins.
+//! 3. A successful `put` is durable and visible to every later `get`, `head`
+//!    and `list` (read-after-write, as S3 gives).
+//! 4. Objects are written whole: a reader sees the old object, the new one or
+//!    nothing, never a torn mix.
+//! 5. `get_range` returns exactly the requested bytes or an error; a range
+//!    past the end of the object is [`StoreError::InvalidRange`].
+//! 6. `list` returns every key under the prefix, sorted ascending.
+//! 7. `delete` of a missing key succeeds (idempotent, as S3).
+//! 8. Transient failures (timeouts, throttling, 5xx) are
+//!    [`StoreError::Transient`]; only those are retried by the retry decorator.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+pub mod faulty;
+pub mod fs;
+pub mod memory;
+pub mod retry;
+pub mod s3;
+
+/// An opaque object version (an ETag on S3), used for compare-and-swap.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Version(pub String);
+
+/// How a `put` treats an existing object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PutMode {
+    /// Unconditional write (create or replace).
+    Overwrite,
+    /// Create only if absent (If-None-Match: *).
+    Create,
+    /// Replace only if the current version matches (If-Match).
+    IfMatch(Version),
+}
+
+/// What `head` and `list` report about an object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectMeta {
+    pub key: String,
+    pub size: u64,
+    pub version: Version,
+}
+
+/// An object's bytes together with the version they were read at.
+#[derive(Debug, Clone)]
+pub struct Object {
+    pub data: Bytes,
+    pub version: Version,
+}
+
+/// Errors from a store backend.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("object not found: {key}")]
+    NotFound { key: String },
+    #[error("object already exists: {key}")]
+    AlreadyExists { key: String },
+    #[error("version precondition failed: {key}")]
+    PreconditionFailed { key: String },
+    #[error("range {start}..{end} is outside object {key}")]
+    InvalidRange { key: String, start: u64, end: u64 },
+    #[error("invalid key {key:?}: {reason}")]
+    InvalidKey { key: String, reason: String },
+    /// Worth retrying: timeouts, throttling, 5xx, connection resets.
+    #[error("transient store error: {0}")]
+    Transient(String),
+    /// Not worth retrying: bad credentials, missing bucket, local I/O errors.
+    #[error("store error: {0}")]
+    Permanent(String),
+}
+
+impl StoreError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Transient(_))
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// An object store. Keys are `/`-separated UTF-8 paths without `..`, leading
+/// `/` or empty segments. See the module docs for the protocol.
+#[async_trait]
+pub trait ObjectStore: Send + Sync + std::fmt::Debug {
+    /// Read a whole object.
+    async fn get(&self, key: &str) -> StoreResult<Object>;
+    /// Read `range` (byte offsets, end exclusive) of an object.
+    async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes>;
+    /// Write a whole object; returns the new version.
+    async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> StoreResult<Version>;
+    /// Size and version of an object.
+    async fn head(&self, key: &str) -> StoreResult<ObjectMeta>;
+    /// Every object whose key starts with `prefix`, sorted by key.
+    async fn list(&self, prefix: &str) -> StoreResult<Vec<ObjectMeta>>;
+    /// Remove an object; succeeds if it is already gone.
+    async fn delete(&self, key: &str) -> StoreResult<()>;
+}
+
+/// A shared handle to any store.
+pub type DynStore = Arc<dyn ObjectStore>;
+
+/// Which backend to use and where, as written in the config file.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum StoreConfig {
+    /// A local directory (the embedded default).
+    Fs {
+        /// Directory holding the objects. Created if missing.
+        path: std::path::PathBuf,
+    },
+    /// Process memory; lost on exit (tests only).
+    Memory,
+    /// An S3 bucket (or S3-compatible server).
+    S3 {
+        bucket: String,
+        /// Key prefix inside the bucket ("" for none).
+        #[serde(default)]
+        prefix: String,
+        /// Endpoint URL for S3-compatible servers; AWS when absent.
+        #[serde(default)]
+        endpoint: Option<String>,
+        /// Region. Default us-east-1.
+        #[serde(default = "default_region")]
+        region: String,
+        /// Use path-style addressing (needed by most local servers). Default false.
+        #[serde(default)]
+        force_path_style: bool,
+    },
+}
+
+fn default_region() -> String {
+    "us-east-1".to_string()
+}
+
+/// Check a key against the rules in [`ObjectStore`]'s docs.
+pub fn validate_key(key: &str) -> StoreResult<()> {
+    let bad = |reason: &str| {
+        Err(StoreError::InvalidKey {
+            key: key.to_string(),
+            reason: reason.to_string(),
+        })
+    };
+    if key.is_empty() {
+        return bad("empty");
+    }
+    if key.starts_with('/') || key.ends_with('/') {
+        return bad("leading or trailing '/'");
+    }
+    if key
+        .split('/')
+        .any(|s| s.is_empty() || s == "." || s == "..")
+    {
+        return bad("empty, '.' or '..' segment");
+    }
+    if key.chars().any(|c| c.is_control()) {
+        return bad("control character");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_rules() {
+        assert!(validate_key("vol/1/chunk-0001").is_ok());
+        for k in ["", "/a", "a/", "a//b", "a/../b", "./a", "a\nb"] {
+            assert!(validate_key(k).is_err(), "{k:?} should be rejected");
+        }
+    }
+}

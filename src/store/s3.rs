@@ -1,0 +1,1 @@
+//! TODO(helper): s3 backend.
