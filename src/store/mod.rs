@@ -170,6 +170,51 @@ pub fn validate_key(key: &str) -> StoreResult<()> {
     Ok(())
 }
 
+/// Check a list prefix: empty (everything) or a key-like string that may end
+/// in `/` or in the middle of a segment. Control characters, a leading `/`
+/// and `.`/`..` or empty segments are rejected.
+pub fn validate_prefix(prefix: &str) -> StoreResult<()> {
+    if prefix.is_empty() {
+        return Ok(());
+    }
+    let bad = |reason: &str| {
+        Err(StoreError::InvalidKey {
+            key: prefix.to_string(),
+            reason: reason.to_string(),
+        })
+    };
+    if prefix.starts_with('/') {
+        return bad("leading '/'");
+    }
+    if prefix.chars().any(|c| c.is_control()) {
+        return bad("control character");
+    }
+    let segments: Vec<&str> = prefix.split('/').collect();
+    // The last segment may be empty (trailing '/') or partial.
+    let whole = &segments[..segments.len() - 1];
+    if whole
+        .iter()
+        .any(|s| s.is_empty() || *s == "." || *s == "..")
+    {
+        return bad("empty, '.' or '..' segment");
+    }
+    Ok(())
+}
+
+/// Check `range` against an object of `size` bytes (protocol rule 5): it must
+/// not be reversed and must end at or before the end of the object. An empty
+/// range at or before the end is valid and reads nothing.
+pub fn check_range(key: &str, range: &Range<u64>, size: u64) -> StoreResult<()> {
+    if range.start > range.end || range.end > size {
+        return Err(StoreError::InvalidRange {
+            key: key.to_string(),
+            start: range.start,
+            end: range.end,
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -180,5 +225,26 @@ mod tests {
         for k in ["", "/a", "a/", "a//b", "a/../b", "./a", "a\nb"] {
             assert!(validate_key(k).is_err(), "{k:?} should be rejected");
         }
+    }
+
+    #[test]
+    fn prefix_rules() {
+        for p in ["", "vol", "vol/", "vol/1/chu"] {
+            assert!(validate_prefix(p).is_ok(), "{p:?} should be accepted");
+        }
+        for p in ["/a", "a//", "../a", "a/./b", "a\tb"] {
+            assert!(validate_prefix(p).is_err(), "{p:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn range_rules() {
+        assert!(check_range("k", &(0..10), 10).is_ok());
+        assert!(check_range("k", &(10..10), 10).is_ok());
+        assert!(check_range("k", &(0..11), 10).is_err());
+        #[allow(clippy::reversed_empty_ranges)]
+        let reversed = 5..4;
+        assert!(check_range("k", &reversed, 10).is_err());
+        assert!(check_range("k", &(11..11), 10).is_err());
     }
 }
