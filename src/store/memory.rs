@@ -74,18 +74,17 @@ impl ObjectStore for MemoryStore {
     async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> StoreResult<Version> {
         validate_key(key)?;
         let mut inner = self.lock();
-        match (&mode, inner.objects.get(key)) {
+        let current = inner.objects.get(key).map(|(_, v)| version(*v));
+        match (&mode, current) {
             (PutMode::Create, Some(_)) => {
                 return Err(StoreError::AlreadyExists {
                     key: key.to_string(),
                 })
             }
-            (PutMode::IfMatch(want), current) => {
-                if current.map(|(_, v)| version(*v)).as_ref() != Some(want) {
-                    return Err(StoreError::PreconditionFailed {
-                        key: key.to_string(),
-                    });
-                }
+            (PutMode::IfMatch(want), current) if current.as_ref() != Some(want) => {
+                return Err(StoreError::PreconditionFailed {
+                    key: key.to_string(),
+                })
             }
             _ => {}
         }
