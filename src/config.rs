@@ -123,7 +123,7 @@ pub enum ConfigError {
     #[error("config file {} does not exist", .path.display())]
     Missing { path: PathBuf },
     /// The file exists but could not be read.
-    #[error("cannot read config file {}: {source}", .path.display())]
+    #[error("cannot read config file {}", .path.display())]
     Read {
         path: PathBuf,
         source: std::io::Error,
