@@ -251,3 +251,59 @@ macro_rules! lease_tests {
 lease_tests!(memory, make_memory);
 lease_tests!(fs, make_fs);
 lease_tests!(s3, make_s3);
+
+/// Wait (bounded, for liveness only) until `cond` holds.
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    for _ in 0..2000 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("never happened: {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_renewal_extends_until_fenced() {
+    let f = make_memory().await.expect("memory");
+    let lease = Arc::new(f.acquire("server-a").await.expect("acquire"));
+    let renewer = lease.spawn_renewer(Duration::from_millis(2));
+    let start = lease.expires_at_ms();
+    f.clock.advance(TTL / 2);
+    eventually("a renewal after the clock moved", || {
+        lease.expires_at_ms() > start
+    })
+    .await;
+    f.clock.advance(TTL / 2);
+    lease
+        .check()
+        .expect("renewed in the background, so still valid");
+    assert!(matches!(
+        f.acquire("server-b").await,
+        Err(LeaseError::Held { .. })
+    ));
+
+    Lease::steal(f.store.clone(), VOL, "operator", TTL, f.clock())
+        .await
+        .expect("steal");
+    eventually("the renewer notices the steal", || renewer.is_finished()).await;
+    let err = lease.check().expect_err("fenced");
+    assert!(
+        matches!(err, LeaseError::Fenced { epoch: 2, .. }),
+        "{err:?}"
+    );
+    renewer.stop().await;
+}
+
+#[tokio::test]
+async fn stopped_renewer_lets_the_lease_lapse() {
+    let f = make_memory().await.expect("memory");
+    let lease = Arc::new(f.acquire("server-a").await.expect("acquire"));
+    let renewer = lease.spawn_renewer(Duration::from_secs(3600));
+    renewer.stop().await;
+    f.clock.advance(TTL);
+    assert!(matches!(lease.check(), Err(LeaseError::Expired { .. })));
+    f.acquire("server-b")
+        .await
+        .expect("lapsed lease is taken over");
+}

@@ -20,7 +20,7 @@
 //!    A holder that cannot reach the store must stop writing once its own
 //!    expiry passes ([`Lease::check`]), since a takeover may follow.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -383,6 +383,68 @@ impl Lease {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
         self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A background task renewing a lease every `period` until it is stopped,
+/// or the lease is fenced or released. Store errors are logged and retried
+/// at the next period; if they last past the expiry, [`Lease::check`] fails.
+/// Dropping the handle stops the task.
+#[derive(Debug)]
+pub struct Renewer {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Renewer {
+    /// Stop renewing and wait for the task to end.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+
+    /// True once the task has ended (stopped, fenced or released).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+}
+
+impl Drop for Renewer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Lease {
+    /// Renew this lease every `period` on the current tokio runtime. Pick a
+    /// period well below the ttl (a third is usual) so a slow store does not
+    /// let it lapse. A zero period is raised to one millisecond.
+    pub fn spawn_renewer(self: &Arc<Self>, period: Duration) -> Renewer {
+        let period = period.max(Duration::from_millis(1));
+        let lease = Arc::clone(self);
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => return,
+                    _ = tokio::time::sleep(period) => {}
+                }
+                match lease.renew().await {
+                    Ok(()) => {}
+                    Err(e @ (LeaseError::Fenced { .. } | LeaseError::Released { .. })) => {
+                        log::warn!("lease renewal stopped: {e}");
+                        return;
+                    }
+                    Err(e) => log::warn!("lease renewal failed, will retry: {e}"),
+                }
+            }
+        });
+        Renewer {
+            stop: Some(stop),
+            task,
+        }
     }
 }
 
