@@ -190,3 +190,37 @@ async fn clear_disarms_a_point() {
     ));
     assert_eq!(s.injected_total(), 2);
 }
+
+#[tokio::test]
+async fn scoped_rules_touch_only_their_prefix() {
+    let s = faulty(1);
+    s.set_scoped(
+        FaultPoint::Put,
+        FaultRule::share(Fault::Transient, 1.0),
+        "volumes/0001/chunks/",
+    );
+    s.put(
+        "volumes/0001/manifest",
+        Bytes::from_static(b"m"),
+        PutMode::Create,
+    )
+    .await
+    .expect("outside the scope");
+    let err = s
+        .put(
+            "volumes/0001/chunks/c1",
+            Bytes::from_static(b"c"),
+            PutMode::Create,
+        )
+        .await
+        .expect_err("inside the scope");
+    assert!(err.is_transient(), "{err:?}");
+    assert_eq!(s.injected(FaultPoint::Put), 1);
+    s.set(FaultPoint::Put, FaultRule::next(Fault::Transient, 1));
+    assert!(
+        s.put("elsewhere", Bytes::new(), PutMode::Create)
+            .await
+            .is_err(),
+        "set() is unscoped"
+    );
+}
