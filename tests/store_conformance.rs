@@ -56,7 +56,7 @@ macro_rules! backend_tests {
                 create_on_absent_and_present, if_match_success_failure_missing,
                 ranged_reads, list_by_prefix_sorted, list_many_keys,
                 delete_is_idempotent, key_and_children_coexist,
-                unusual_key_characters, invalid_keys_rejected);
+                unusual_key_characters, longest_keys_work, invalid_keys_rejected);
             backend_tests!(@shared $make; race_create, race_if_match);
         }
     };

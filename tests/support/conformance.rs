@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::stream::{self, StreamExt, TryStreamExt};
-use shale::store::{ObjectStore, PutMode, StoreError, Version};
+use shale::store::{ObjectStore, PutMode, StoreError, Version, MAX_KEY_LEN, MAX_SEGMENT_LEN};
 use tokio::sync::Barrier;
 
 fn b(s: &str) -> Bytes {
@@ -277,6 +277,23 @@ pub async fn unusual_key_characters<S: ObjectStore + ?Sized>(s: &S) {
     let listed = s.list("odd/").await.expect("list");
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].key, key);
+}
+
+pub async fn longest_keys_work<S: ObjectStore + ?Sized>(s: &S) {
+    let segment = |c: char| c.to_string().repeat(MAX_SEGMENT_LEN);
+    let key = ['a', 'b', 'c', 'd', 'e'].map(segment).join("/");
+    assert!(key.len() <= MAX_KEY_LEN);
+    s.put(&key, b("long"), PutMode::Create)
+        .await
+        .expect("put longest key");
+    assert_eq!(s.get(&key).await.expect("get").data, b("long"));
+    assert_eq!(s.list("aaa").await.expect("list")[0].key, key);
+    let too_long_segment = format!("x/{}", "y".repeat(MAX_SEGMENT_LEN + 1));
+    let err = s.put(&too_long_segment, b("x"), PutMode::Create).await;
+    assert!(matches!(err, Err(StoreError::InvalidKey { .. })), "{err:?}");
+    let too_long = format!("{key}/{}", segment('f'));
+    let err = s.put(&too_long, b("x"), PutMode::Create).await;
+    assert!(matches!(err, Err(StoreError::InvalidKey { .. })), "{err:?}");
 }
 
 pub async fn invalid_keys_rejected<S: ObjectStore + ?Sized>(s: &S) {
