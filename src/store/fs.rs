@@ -4,8 +4,8 @@
 //! Key `a/b/c` is the file `<root>/a.d/b.d/c.o`. Directory names end in `.d`
 //! and object files in `.o`, so the mapping is one-to-one and keys `a/b` and
 //! `a/b/c` can coexist as on S3. Beside each object file is `c.lock`, and
-//! temporary files end in `.tmp`; listing ignores everything that does not
-//! end in `.o` or `.d`.
+//! while it is being replaced `c.o.tmp`; listing ignores everything that
+//! does not end in `.o` or `.d`.
 //!
 //! # Object file
 //! A 16-byte header (magic `SHALEOB1`, generation as u64 little-endian), then
@@ -49,7 +49,7 @@ const HEADER_LEN: u64 = 16;
 const OBJECT_SUFFIX: &str = ".o";
 const DIR_SUFFIX: &str = ".d";
 
-/// Distinguishes temporary files written by concurrent puts of one process.
+/// Distinguishes the probe files of concurrent `ensure_root` calls.
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// Objects as files under a root directory (created on first write).
@@ -285,19 +285,17 @@ fn check_precondition(key: &str, mode: &PutMode, current: Option<&ObjectFile>) -
     }
 }
 
-/// Write `data` with `generation` to a temporary file in `dir`, fsync it and
-/// rename it over `object`, then fsync `dir`.
+/// Write `data` with `generation` to the key's temporary file, fsync it and
+/// rename it over the object, then fsync the directory. The caller holds the
+/// key lock, so no live writer uses the temporary file: one left by a crashed
+/// writer is simply truncated and reused.
 fn replace_object(p: &KeyPaths, generation: u64, data: &[u8]) -> StoreResult<()> {
-    let temp = p.dir.join(format!(
-        "{}{OBJECT_SUFFIX}.{}.{}.tmp",
-        p.last,
-        std::process::id(),
-        TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
+    let temp = p.dir.join(format!("{}{OBJECT_SUFFIX}.tmp", p.last));
     let write = || -> io::Result<()> {
         let mut f = OpenOptions::new()
             .write(true)
-            .create_new(true)
+            .create(true)
+            .truncate(true)
             .open(&temp)?;
         let mut header = [0u8; HEADER_LEN as usize];
         header[..8].copy_from_slice(MAGIC);
@@ -524,11 +522,27 @@ mod tests {
         s.put("x/y", Bytes::from_static(b"data"), PutMode::Overwrite)
             .await
             .expect("put");
-        std::fs::write(s.root().join("x.d").join("y.o.1.2.tmp"), b"junk").expect("junk");
+        std::fs::write(s.root().join("x.d").join("z.o.tmp"), b"junk").expect("junk");
         let listed = s.list("").await.expect("list");
         assert_eq!(listed.len(), 1);
         assert_eq!(listed[0].key, "x/y");
         assert_eq!(listed[0].size, 4);
+    }
+
+    #[tokio::test]
+    async fn temp_file_left_by_a_crashed_writer_is_reused() {
+        let (_d, s) = store();
+        s.put("k", Bytes::from_static(b"old"), PutMode::Create)
+            .await
+            .expect("put");
+        let temp = s.root().join("k.o.tmp");
+        std::fs::write(&temp, b"half-written garbage from a crash").expect("plant");
+        let v = s.get("k").await.expect("get").version;
+        s.put("k", Bytes::from_static(b"new"), PutMode::IfMatch(v))
+            .await
+            .expect("put over a stale temp file");
+        assert_eq!(s.get("k").await.expect("get").data, &b"new"[..]);
+        assert!(!temp.exists(), "the temp file was renamed into place");
     }
 
     #[tokio::test]
