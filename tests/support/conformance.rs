@@ -366,6 +366,42 @@ pub async fn readers_never_see_torn_objects<S: ObjectStore + ?Sized + 'static>(s
     assert_eq!(s.get("torn/key").await.expect("get").data, object(WRITES));
 }
 
+/// 8 tasks churn one key with Create then delete: whoever creates it owns it
+/// until it deletes it, so each owner reads back exactly its own bytes.
+pub async fn create_delete_churn_has_one_owner_at_a_time<S: ObjectStore + ?Sized + 'static>(
+    s: Arc<S>,
+) {
+    let tasks: Vec<_> = (0..RACERS)
+        .map(|i| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let mut owned = 0;
+                for round in 0..15 {
+                    let mine = b(&format!("owner {i} round {round}"));
+                    match s.put("churn/key", mine.clone(), PutMode::Create).await {
+                        Ok(version) => {
+                            let got = s.get("churn/key").await.expect("owner reads");
+                            assert_eq!(got.data, mine, "someone else wrote while we owned it");
+                            assert_eq!(got.version, version);
+                            s.delete("churn/key").await.expect("owner deletes");
+                            owned += 1;
+                        }
+                        Err(StoreError::AlreadyExists { .. }) => {}
+                        Err(e) => panic!("unexpected {e}"),
+                    }
+                }
+                owned
+            })
+        })
+        .collect();
+    let owned: usize = join_all(tasks).await.into_iter().sum();
+    assert!(owned > 0, "someone must have owned the key");
+    assert!(matches!(
+        s.head("churn/key").await,
+        Err(StoreError::NotFound { .. })
+    ));
+}
+
 const RACERS: usize = 8;
 const ROUNDS: usize = 5;
 
