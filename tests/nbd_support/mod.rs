@@ -3,7 +3,9 @@
 //! tests, test devices, and detection of the external NBD clients.
 #![allow(dead_code)]
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 
@@ -55,6 +57,9 @@ pub fn run_ok(cmd: &mut Command) -> Output {
     out
 }
 
+/// Work to run on the server's runtime after it stops (closing volumes).
+pub type Cleanup = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+
 /// A server running on its own runtime thread.
 pub struct TestServer {
     pub port: u16,
@@ -79,6 +84,19 @@ impl TestServer {
     }
 
     pub fn start(exports: ExportMap) -> TestServer {
+        TestServer::start_with(|| async move {
+            let cleanup: Cleanup = Box::new(|| Box::pin(async {}));
+            (exports, cleanup)
+        })
+    }
+
+    /// Build the exports inside the server's runtime (volumes must be
+    /// opened there), serve them, and run `cleanup` after `serve` returns.
+    pub fn start_with<F, Fut>(build: F) -> TestServer
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = (ExportMap, Cleanup)>,
+    {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("nbd.sock");
         let (port_tx, port_rx) = std::sync::mpsc::channel();
@@ -91,6 +109,7 @@ impl TestServer {
                 .build()
                 .unwrap();
             rt.block_on(async move {
+                let (exports, cleanup) = build().await;
                 let tcp = Listener::bind_tcp("127.0.0.1:0").await.unwrap();
                 let port = match &tcp {
                     Listener::Tcp(l) => l.local_addr().unwrap().port(),
@@ -98,11 +117,13 @@ impl TestServer {
                 };
                 let unix = Listener::bind_unix(&sock).unwrap();
                 port_tx.send(port).unwrap();
-                NbdServer::new(exports)
+                let served = NbdServer::new(exports)
                     .serve(vec![tcp, unix], async {
                         let _ = stop_rx.await;
                     })
-                    .await
+                    .await;
+                cleanup().await;
+                served
             })
         });
         let port = port_rx.recv().expect("server thread failed to start");
