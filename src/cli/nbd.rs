@@ -5,12 +5,12 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
+use shale::config::Config;
 use shale::engine::memdisk::MemDisk;
 use shale::engine::BlockDevice;
 use shale::frontend::nbd::{ExportMap, Listener, NbdServer};
 
-/// Default TCP address (the IANA NBD port on loopback).
-const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
+mod scratch;
 
 #[derive(Subcommand, Debug)]
 pub enum NbdCmd {
@@ -25,8 +25,8 @@ pub enum NbdCmd {
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// TCP address to listen on. Default 127.0.0.1:10809, unless only
-    /// --socket is given.
+    /// TCP address to listen on. Default: `nbd.listen` from the config
+    /// (127.0.0.1:10809), unless only --socket is given.
     #[arg(long, value_name = "ADDR")]
     listen: Option<String>,
     /// Unix socket to listen on (a stale socket file is replaced).
@@ -41,6 +41,12 @@ pub struct ServeArgs {
     /// opened unless named.
     #[arg(long = "memory", value_name = "NAME:SIZE", hide = true)]
     memory: Vec<String>,
+    /// Test/benchmark export backed by a real volume (WAL + chunks) on the
+    /// configured store and data_dir, as NAME:SIZE. It uses a reserved id,
+    /// must not exist yet, and is deleted (store objects and local files)
+    /// after a clean shutdown. Repeatable.
+    #[arg(long = "scratch", value_name = "NAME:SIZE", hide = true)]
+    scratch: Vec<String>,
 }
 
 pub fn run(config: Option<&Path>, cmd: NbdCmd) -> anyhow::Result<()> {
@@ -49,7 +55,8 @@ pub fn run(config: Option<&Path>, cmd: NbdCmd) -> anyhow::Result<()> {
     }
 }
 
-fn serve(_config: Option<&Path>, args: ServeArgs) -> anyhow::Result<()> {
+fn serve(config: Option<&Path>, args: ServeArgs) -> anyhow::Result<()> {
+    let cfg = Config::load(config).context("loading configuration")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -57,45 +64,72 @@ fn serve(_config: Option<&Path>, args: ServeArgs) -> anyhow::Result<()> {
     runtime.block_on(async move {
         let mut devices: Vec<(String, Arc<dyn BlockDevice>)> = Vec::new();
         for spec in &args.memory {
-            let (name, size) = parse_memory_spec(spec)?;
+            let (name, size) = parse_size_spec("--memory", spec, 64 << 30)?;
             devices.push((name, Arc::new(MemDisk::new(size))));
         }
-        if !args.volumes.is_empty() || args.memory.is_empty() {
+        if !args.volumes.is_empty() || (args.memory.is_empty() && args.scratch.is_empty()) {
             bail!(
-                "serving catalog volumes needs the volume engine and catalog, \
+                "serving catalog volumes needs the volume daemon (shale::daemon), \
                  which this build does not have yet"
             );
         }
-        let exports = ExportMap::new(devices).context("building the export list")?;
-
-        let mut listeners = Vec::new();
-        if args.listen.is_some() || args.socket.is_none() {
-            let addr = args.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
-            listeners.push(
-                Listener::bind_tcp(addr)
-                    .await
-                    .with_context(|| format!("listening on {addr}"))?,
-            );
+        let mut scratch = Vec::new();
+        for (i, spec) in args.scratch.iter().enumerate() {
+            let (name, size) = parse_size_spec("--scratch", spec, u64::MAX)?;
+            let vol = scratch::open(&cfg, i as u64, size)
+                .await
+                .with_context(|| format!("opening scratch volume {name}"))?;
+            devices.push((name, vol.volume.clone()));
+            scratch.push(vol);
         }
-        if let Some(path) = &args.socket {
-            listeners.push(
-                Listener::bind_unix(path)
-                    .with_context(|| format!("listening on {}", path.display()))?,
-            );
+        let served = serve_devices(&cfg, &args, devices).await;
+        let mut closed = Ok(());
+        for vol in scratch {
+            if let Err(e) = vol.close_and_delete().await {
+                log::error!("{e:#}");
+                closed = Err(e);
+            }
         }
-        let mut out = std::io::stdout().lock();
-        for l in &listeners {
-            writeln!(out, "listening on {}", l.describe())?;
-        }
-        out.flush()?;
-        drop(out);
-
-        let server = NbdServer::new(exports);
-        let shutdown = shutdown_signal()?;
-        server.serve(listeners, shutdown).await?;
-        log::info!("nbd server stopped");
-        Ok(())
+        served.and(closed)
     })
+}
+
+/// Bind the listeners, print where they are, serve until a signal.
+async fn serve_devices(
+    cfg: &Config,
+    args: &ServeArgs,
+    devices: Vec<(String, Arc<dyn BlockDevice>)>,
+) -> anyhow::Result<()> {
+    let exports = ExportMap::new(devices).context("building the export list")?;
+    let mut listeners = Vec::new();
+    if args.listen.is_some() || args.socket.is_none() {
+        let addr = match &args.listen {
+            Some(a) => a.clone(),
+            None => cfg.nbd.listen.to_string(),
+        };
+        listeners.push(
+            Listener::bind_tcp(&addr)
+                .await
+                .with_context(|| format!("listening on {addr}"))?,
+        );
+    }
+    if let Some(path) = &args.socket {
+        listeners.push(
+            Listener::bind_unix(path)
+                .with_context(|| format!("listening on {}", path.display()))?,
+        );
+    }
+    let mut out = std::io::stdout().lock();
+    for l in &listeners {
+        writeln!(out, "listening on {}", l.describe())?;
+    }
+    out.flush()?;
+    drop(out);
+
+    let shutdown = shutdown_signal()?;
+    NbdServer::new(exports).serve(listeners, shutdown).await?;
+    log::info!("nbd server stopped");
+    Ok(())
 }
 
 /// Resolves on the first SIGTERM or SIGINT.
@@ -112,17 +146,17 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
 }
 
 /// Parse `NAME:SIZE` where SIZE is bytes with an optional K/M/G/T suffix
-/// (binary units) and must be a non-zero multiple of 512.
-fn parse_memory_spec(spec: &str) -> anyhow::Result<(String, u64)> {
+/// (binary units) and must be a non-zero multiple of 512, at most `max`.
+fn parse_size_spec(flag: &str, spec: &str, max: u64) -> anyhow::Result<(String, u64)> {
     let Some((name, size)) = spec.rsplit_once(':') else {
-        bail!("--memory {spec:?}: expected NAME:SIZE");
+        bail!("{flag} {spec:?}: expected NAME:SIZE");
     };
-    let size = parse_size(size).with_context(|| format!("--memory {spec:?}"))?;
+    let size = parse_size(size).with_context(|| format!("{flag} {spec:?}"))?;
     if size == 0 || !size.is_multiple_of(512) {
-        bail!("--memory {spec:?}: size must be a non-zero multiple of 512");
+        bail!("{flag} {spec:?}: size must be a non-zero multiple of 512");
     }
-    if size > 64 << 30 {
-        bail!("--memory {spec:?}: a RAM export is limited to 64 GiB");
+    if size > max {
+        bail!("{flag} {spec:?}: at most {max} bytes");
     }
     Ok((name.to_string(), size))
 }
@@ -155,6 +189,7 @@ mod tests {
 
     #[test]
     fn memory_specs() {
+        let parse_memory_spec = |s| parse_size_spec("--memory", s, 64 << 30);
         assert_eq!(
             parse_memory_spec("a:64M").unwrap(),
             ("a".to_string(), 64 << 20)
