@@ -1,1 +1,339 @@
-//! Configuration.
+//! The service configuration: plain serde data read from YAML.
+//!
+//! Invariants:
+//! 1. Unknown keys are rejected at every level, naming the key.
+//! 2. Every field has a default, so an empty file (or no file) is a valid
+//!    configuration; each field's doc comment states its default and bounds.
+//! 3. [`Config::validate`] enforces every bound; [`Config::load`] always
+//!    validates, so a `Config` obtained from it is usable as is.
+//! 4. Relative paths in a file are resolved against the directory holding the
+//!    file, so a config works the same from any working directory.
+//! 5. Errors name the file and the field.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::config::EngineConfig;
+use crate::store::StoreConfig;
+
+/// Where [`Config::load`] looks when no path is given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/shale/shale.yaml";
+/// Default for [`Config::data_dir`].
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/shale";
+/// A commented reference configuration listing every field with its default
+/// and bounds (what `shale config example` prints). A test checks that it
+/// parses to exactly [`Config::default`].
+pub const EXAMPLE_CONFIG: &str = include_str!("config/example.yaml");
+/// Default for [`NbdConfig::listen`].
+pub const DEFAULT_NBD_LISTEN: &str = "127.0.0.1:10809";
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Config {
+    /// Local state: each volume's WAL and read cache live in
+    /// `<data_dir>/volumes/<id as 16 hex digits>/`. Put it on fast local
+    /// storage (NVMe). Default `/var/lib/shale`; must not be empty.
+    pub data_dir: PathBuf,
+    /// The object store holding chunk objects, checkpoints and the catalog.
+    /// Default: `{type: fs, path: <data_dir>/store}` (a local directory).
+    pub store: StoreConfig,
+    /// Volume engine tuning (WAL, destage, checkpoints, cache).
+    pub engine: EngineConfig,
+    /// Capacity accounting for the pool of volumes in this store.
+    pub pool: PoolConfig,
+    /// The NBD server.
+    pub nbd: NbdConfig,
+}
+
+/// Pool capacity settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    /// Bytes the pool may hold in the store; absent = unlimited. Sizes may be
+    /// written as `500GiB`. Default unlimited; if set, at least 1 MiB.
+    #[serde(with = "crate::size::serde_opt_bytes")]
+    pub capacity: Option<u64>,
+    /// Warn when usage reaches this percentage of `capacity`.
+    /// Default 80; 1..=100.
+    pub warn_percent: u8,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            capacity: None,
+            warn_percent: 80,
+        }
+    }
+}
+
+/// NBD server settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NbdConfig {
+    /// Address and port to listen on (`IP:port`). Default `127.0.0.1:10809`.
+    pub listen: SocketAddr,
+}
+
+impl Default for NbdConfig {
+    fn default() -> Self {
+        NbdConfig {
+            listen: DEFAULT_NBD_LISTEN.parse().expect("constant address parses"),
+        }
+    }
+}
+
+/// The file format: like [`Config`] but with the store optional, because its
+/// default depends on `data_dir`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct ConfigFile {
+    data_dir: Option<PathBuf>,
+    store: Option<StoreConfig>,
+    engine: EngineConfig,
+    pool: PoolConfig,
+    nbd: NbdConfig,
+}
+
+/// Where a configuration came from, for error messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// Built-in defaults (no file).
+    Defaults,
+    /// A file.
+    File(PathBuf),
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Defaults => write!(f, "built-in defaults"),
+            Origin::File(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file given explicitly does not exist.
+    #[error("config file {} does not exist", .path.display())]
+    Missing { path: PathBuf },
+    /// The file exists but could not be read.
+    #[error("cannot read config file {}", .path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The YAML is malformed, has an unknown key or a value of the wrong type.
+    #[error("{origin}: {message}")]
+    Parse { origin: Origin, message: String },
+    /// A value is outside its documented bounds.
+    #[error("{origin}: {field}: {reason}")]
+    Invalid {
+        origin: Origin,
+        field: String,
+        reason: String,
+    },
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::from_file(ConfigFile::default(), None)
+    }
+}
+
+impl Config {
+    /// Load the configuration: from `path` if given (it must exist), else
+    /// from [`DEFAULT_CONFIG_PATH`] if that file exists, else the defaults.
+    /// The result is validated.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        match path {
+            Some(p) => Self::load_file(p),
+            None => {
+                let default = Path::new(DEFAULT_CONFIG_PATH);
+                if default.exists() {
+                    Self::load_file(default)
+                } else {
+                    let cfg = Config::default();
+                    cfg.validate(&Origin::Defaults)?;
+                    Ok(cfg)
+                }
+            }
+        }
+    }
+
+    /// Read, parse and validate one file.
+    pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                ConfigError::Missing {
+                    path: path.to_path_buf(),
+                }
+            } else {
+                ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            }
+        })?;
+        let base = path.parent().map(|p| {
+            if p.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                p
+            }
+        });
+        Self::parse(&text, Origin::File(path.to_path_buf()), base)
+    }
+
+    /// Parse and validate YAML text. Relative paths are resolved against
+    /// `base` when given.
+    pub fn parse(text: &str, origin: Origin, base: Option<&Path>) -> Result<Config, ConfigError> {
+        // An empty document (or only comments) means "all defaults".
+        let file: ConfigFile = if text.trim().is_empty() || is_only_comments(text) {
+            ConfigFile::default()
+        } else {
+            serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Parse {
+                origin: origin.clone(),
+                message: e.to_string(),
+            })?
+        };
+        let cfg = Config::from_file(file, base);
+        cfg.validate(&origin)?;
+        Ok(cfg)
+    }
+
+    /// Fill in defaults that depend on other fields and resolve paths.
+    fn from_file(file: ConfigFile, base: Option<&Path>) -> Config {
+        let resolve = |p: PathBuf| match base {
+            Some(b) if p.is_relative() && !p.as_os_str().is_empty() => b.join(p),
+            _ => p,
+        };
+        let data_dir = resolve(file.data_dir.unwrap_or_else(|| DEFAULT_DATA_DIR.into()));
+        let store = match file.store {
+            None => StoreConfig::Fs {
+                path: data_dir.join("store"),
+            },
+            Some(StoreConfig::Fs { path }) => StoreConfig::Fs {
+                path: resolve(path),
+            },
+            Some(other) => other,
+        };
+        Config {
+            data_dir,
+            store,
+            engine: file.engine,
+            pool: file.pool,
+            nbd: file.nbd,
+        }
+    }
+
+    /// Check every bound documented on the fields.
+    pub fn validate(&self, origin: &Origin) -> Result<(), ConfigError> {
+        let invalid = |field: &str, reason: String| ConfigError::Invalid {
+            origin: origin.clone(),
+            field: field.to_string(),
+            reason,
+        };
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "must not be empty".into()));
+        }
+        validate_store(&self.store).map_err(|(field, reason)| invalid(field, reason))?;
+        self.engine
+            .validate()
+            .map_err(|e| invalid(&format!("engine.{}", e.field), e.reason))?;
+        if let Some(cap) = self.pool.capacity {
+            if cap < 1 << 20 {
+                return Err(invalid(
+                    "pool.capacity",
+                    format!("{cap} bytes is below the minimum of 1 MiB"),
+                ));
+            }
+        }
+        if !(1..=100).contains(&self.pool.warn_percent) {
+            return Err(invalid(
+                "pool.warn_percent",
+                format!("{} must be in 1..=100", self.pool.warn_percent),
+            ));
+        }
+        if self.nbd.listen.port() == 0 {
+            return Err(invalid(
+                "nbd.listen",
+                "port 0 is not allowed: clients need a fixed port".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as YAML (what `shale config show` prints).
+    pub fn to_yaml(&self) -> String {
+        serde_yaml_ng::to_string(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+
+    /// Local directory for one volume's WAL and cache.
+    pub fn volume_dir(&self, id: u64) -> PathBuf {
+        self.data_dir.join("volumes").join(format!("{id:016x}"))
+    }
+}
+
+/// Check the store section; on failure return (field, reason).
+fn validate_store(store: &StoreConfig) -> Result<(), (&'static str, String)> {
+    match store {
+        StoreConfig::Fs { path } => {
+            if path.as_os_str().is_empty() {
+                return Err(("store.path", "must not be empty".into()));
+            }
+        }
+        StoreConfig::Memory => {}
+        StoreConfig::S3 {
+            bucket,
+            prefix,
+            endpoint,
+            region,
+            ..
+        } => {
+            let bucket_ok = (3..=63).contains(&bucket.len())
+                && bucket
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
+            if !bucket_ok {
+                return Err((
+                    "store.bucket",
+                    format!("{bucket:?} must be 3..=63 characters of a-z, 0-9, '-' and '.'"),
+                ));
+            }
+            let trimmed = prefix.strip_suffix('/').unwrap_or(prefix);
+            if !trimmed.is_empty() {
+                if let Err(e) = crate::store::validate_key(trimmed) {
+                    return Err(("store.prefix", e.to_string()));
+                }
+            }
+            if let Some(ep) = endpoint {
+                if !(ep.starts_with("http://") || ep.starts_with("https://")) {
+                    return Err((
+                        "store.endpoint",
+                        format!("{ep:?} must start with http:// or https://"),
+                    ));
+                }
+            }
+            if region.is_empty() {
+                return Err(("store.region", "must not be empty".into()));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// True if every non-blank line is a YAML comment.
+fn is_only_comments(text: &str) -> bool {
+    text.lines()
+        .map(str::trim)
+        .all(|l| l.is_empty() || l.starts_with('#'))
+}
+
+#[cfg(test)]
+mod tests;

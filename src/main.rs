@@ -24,6 +24,9 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Show the effective configuration or a reference one.
+    #[command(subcommand)]
+    Config(cli::config::ConfigCmd),
     /// Create, list, inspect and delete volumes.
     #[command(subcommand)]
     Volume(cli::volume::VolumeCmd),
@@ -40,10 +43,26 @@ enum Command {
     Recover(cli::ublk::RecoverArgs),
 }
 
+/// Short-lived commands that print should end quietly when their output pipe
+/// closes (`shale volume list | head`), as other Unix tools do, instead of
+/// panicking in `println!`. Servers keep Rust's default (SIGPIPE ignored) so a
+/// vanished client cannot kill them.
+fn restore_default_sigpipe() {
+    // SAFETY: called at start-up before any other thread exists; SIG_DFL is a
+    // valid disposition for SIGPIPE and no handler code is involved.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Config(_) | Command::Volume(_)) {
+        restore_default_sigpipe();
+    }
     let result = match cli.command {
+        Command::Config(cmd) => cli::config::run(cli.config.as_deref(), cmd),
         Command::Volume(cmd) => cli::volume::run(cli.config.as_deref(), cmd),
         Command::Nbd(cmd) => cli::nbd::run(cli.config.as_deref(), cmd),
         Command::Add(a) => cli::ublk::add(cli.config.as_deref(), a),

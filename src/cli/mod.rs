@@ -1,4 +1,5 @@
 //! Subcommand implementations (binary-only; `anyhow` is allowed here).
+pub mod config;
 pub mod nbd;
 pub mod ublk;
 pub mod volume;

@@ -19,12 +19,14 @@ pub enum Durability {
 #[serde(deny_unknown_fields, default)]
 pub struct EngineConfig {
     /// Target chunk object size in bytes. Default 4 MiB; 64 KiB..=256 MiB.
+    #[serde(with = "crate::size::serde_bytes")]
     pub chunk_size: u64,
     /// Destage whatever the WAL holds after this many milliseconds even if
     /// less than a chunk has gathered. Default 2000; 10..=3_600_000.
     pub destage_interval_ms: u64,
     /// Bound on bytes acknowledged but not yet in the store; writes slow down
     /// (never fail) at the bound. Default 256 MiB; >= 2 * chunk_size.
+    #[serde(with = "crate::size::serde_bytes")]
     pub max_unstored_bytes: u64,
     /// Bound on the age of the oldest acknowledged write not yet in the
     /// store, in seconds; writes slow down at the bound. Default 30; 1..=86400.
@@ -34,6 +36,7 @@ pub struct EngineConfig {
     /// Write a checkpoint of the map after this many chunks. Default 64; 1..=100_000.
     pub checkpoint_every_chunks: u64,
     /// Local read cache size in bytes; 0 disables it. Default 1 GiB.
+    #[serde(with = "crate::size::serde_bytes")]
     pub cache_size: u64,
 }
 

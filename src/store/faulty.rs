@@ -1,1 +1,288 @@
-//! TODO(helper): faulty backend.
+//! Fault-injecting decorator for tests: named fault points per operation,
+//! each of which can fail, delay, tear or lose a chosen share of requests,
+//! plus an outage switch that fails everything.
+//!
+//! # Rules
+//! 1. Decisions are drawn from an RNG seeded in the constructor, in call
+//!    order, so a single-threaded test sees the same faults on every run.
+//! 2. The outage switch wins over the per-point rules: while it is on, every
+//!    call fails with [`StoreError::Transient`] before reaching the backend.
+//! 3. Every injected fault is counted, per point and in total.
+//! 4. [`Fault::TornPut`] deliberately breaks protocol rule 4 (whole objects)
+//!    to emulate a backend that exposes partial uploads: it writes a prefix of
+//!    the data, then fails transiently. [`Fault::DroppedPut`] is the faithful
+//!    variant for atomic backends: nothing is written, the call fails
+//!    transiently. [`Fault::LostResponse`] performs the operation and then
+//!    reports a transient failure, as when a reply is lost on the network.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+
+use super::{Object, ObjectMeta, ObjectStore, PutMode, StoreError, StoreResult, Version};
+
+/// The named fault points: one per store operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FaultPoint {
+    Get,
+    GetRange,
+    Put,
+    Head,
+    List,
+    Delete,
+}
+
+impl FaultPoint {
+    pub const ALL: [FaultPoint; 6] = [
+        FaultPoint::Get,
+        FaultPoint::GetRange,
+        FaultPoint::Put,
+        FaultPoint::Head,
+        FaultPoint::List,
+        FaultPoint::Delete,
+    ];
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultPoint::Get => "get",
+            FaultPoint::GetRange => "get_range",
+            FaultPoint::Put => "put",
+            FaultPoint::Head => "head",
+            FaultPoint::List => "list",
+            FaultPoint::Delete => "delete",
+        }
+    }
+}
+
+/// What happens to a request picked for a fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// Fail with [`StoreError::Transient`] without reaching the backend.
+    Transient,
+    /// Fail with [`StoreError::Permanent`] without reaching the backend.
+    Permanent,
+    /// Wait this long, then perform the request normally.
+    Delay(Duration),
+    /// Put only: write the first half of the data, then fail transiently.
+    /// Other operations treat it as [`Fault::Transient`].
+    TornPut,
+    /// Put only: write nothing, fail transiently (same as `Transient`, named
+    /// for readability in upload tests).
+    DroppedPut,
+    /// Perform the request, discard its result, fail transiently.
+    LostResponse,
+}
+
+/// A rule at one fault point: inject `fault` into `share` of the calls
+/// (0.0..=1.0), at most `limit` times if set.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FaultRule {
+    pub fault: Fault,
+    pub share: f64,
+    pub limit: Option<u64>,
+}
+
+impl FaultRule {
+    /// Inject `fault` into `share` of the calls, without limit.
+    pub fn share(fault: Fault, share: f64) -> Self {
+        FaultRule {
+            fault,
+            share,
+            limit: None,
+        }
+    }
+
+    /// Inject `fault` into the next `n` calls.
+    pub fn next(fault: Fault, n: u64) -> Self {
+        FaultRule {
+            fault,
+            share: 1.0,
+            limit: Some(n),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Rules {
+    rules: [Option<FaultRule>; 6],
+    fired: [u64; 6],
+    rng: StdRng,
+}
+
+/// Wraps a store and injects faults on command. See the module docs.
+#[derive(Debug)]
+pub struct FaultyStore<S> {
+    inner: S,
+    rules: Mutex<Rules>,
+    outage: AtomicBool,
+    injected: [AtomicU64; 6],
+}
+
+impl<S: ObjectStore> FaultyStore<S> {
+    /// Wrap `inner` with no faults armed; `seed` drives fault selection.
+    pub fn new(inner: S, seed: u64) -> Self {
+        FaultyStore {
+            inner,
+            rules: Mutex::new(Rules {
+                rules: Default::default(),
+                fired: [0; 6],
+                rng: StdRng::seed_from_u64(seed),
+            }),
+            outage: AtomicBool::new(false),
+            injected: Default::default(),
+        }
+    }
+
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+
+    /// Arm `rule` at `point`, replacing any earlier rule there.
+    pub fn set(&self, point: FaultPoint, rule: FaultRule) {
+        let mut r = self.lock();
+        r.rules[point.index()] = Some(rule);
+        r.fired[point.index()] = 0;
+    }
+
+    /// Arm `rule` at every point.
+    pub fn set_all(&self, rule: FaultRule) {
+        for p in FaultPoint::ALL {
+            self.set(p, rule.clone());
+        }
+    }
+
+    /// Disarm `point`.
+    pub fn clear(&self, point: FaultPoint) {
+        self.lock().rules[point.index()] = None;
+    }
+
+    /// Disarm every point (the outage switch is separate).
+    pub fn clear_all(&self) {
+        self.lock().rules = Default::default();
+    }
+
+    /// Turn the outage on (every call fails transiently) or off.
+    pub fn set_outage(&self, on: bool) {
+        self.outage.store(on, Ordering::SeqCst);
+    }
+
+    /// Faults injected at `point` so far (outage failures included).
+    pub fn injected(&self, point: FaultPoint) -> u64 {
+        self.injected[point.index()].load(Ordering::SeqCst)
+    }
+
+    /// Faults injected at all points so far.
+    pub fn injected_total(&self) -> u64 {
+        FaultPoint::ALL.iter().map(|p| self.injected(*p)).sum()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Rules> {
+        self.rules.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Decide whether this call at `point` gets a fault, and which.
+    fn pick(&self, point: FaultPoint) -> Option<Fault> {
+        if self.outage.load(Ordering::SeqCst) {
+            self.injected[point.index()].fetch_add(1, Ordering::SeqCst);
+            return Some(Fault::Transient);
+        }
+        let mut r = self.lock();
+        let i = point.index();
+        let rule = r.rules[i].clone()?;
+        if rule.limit.is_some_and(|limit| r.fired[i] >= limit) {
+            return None;
+        }
+        let share = rule.share.clamp(0.0, 1.0);
+        if !r.rng.random_bool(share) {
+            return None;
+        }
+        r.fired[i] += 1;
+        self.injected[i].fetch_add(1, Ordering::SeqCst);
+        Some(rule.fault)
+    }
+
+    /// Draw a fault for `point` and apply it around `op` (the real call).
+    async fn apply<T, F>(&self, point: FaultPoint, key: &str, op: F) -> StoreResult<T>
+    where
+        F: std::future::Future<Output = StoreResult<T>>,
+    {
+        let fault = self.pick(point);
+        self.apply_picked(point, fault, key, op).await
+    }
+
+    async fn apply_picked<T, F>(
+        &self,
+        point: FaultPoint,
+        fault: Option<Fault>,
+        key: &str,
+        op: F,
+    ) -> StoreResult<T>
+    where
+        F: std::future::Future<Output = StoreResult<T>>,
+    {
+        let msg = || format!("injected fault at {} on {key}", point.name());
+        match fault {
+            None => op.await,
+            Some(Fault::Delay(d)) => {
+                tokio::time::sleep(d).await;
+                op.await
+            }
+            Some(Fault::Permanent) => Err(StoreError::Permanent(msg())),
+            Some(Fault::LostResponse) => {
+                let _ = op.await;
+                Err(StoreError::Transient(msg()))
+            }
+            Some(Fault::Transient | Fault::DroppedPut | Fault::TornPut) => {
+                Err(StoreError::Transient(msg()))
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl<S: ObjectStore> ObjectStore for FaultyStore<S> {
+    async fn get(&self, key: &str) -> StoreResult<Object> {
+        self.apply(FaultPoint::Get, key, self.inner.get(key)).await
+    }
+
+    async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
+        self.apply(FaultPoint::GetRange, key, self.inner.get_range(key, range))
+            .await
+    }
+
+    async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> StoreResult<Version> {
+        let fault = self.pick(FaultPoint::Put);
+        if fault == Some(Fault::TornPut) {
+            let prefix = data.slice(..data.len() / 2);
+            let _ = self.inner.put(key, prefix, mode).await;
+            return Err(StoreError::Transient(format!("injected torn put on {key}")));
+        }
+        self.apply_picked(FaultPoint::Put, fault, key, self.inner.put(key, data, mode))
+            .await
+    }
+
+    async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
+        self.apply(FaultPoint::Head, key, self.inner.head(key))
+            .await
+    }
+
+    async fn list(&self, prefix: &str) -> StoreResult<Vec<ObjectMeta>> {
+        self.apply(FaultPoint::List, prefix, self.inner.list(prefix))
+            .await
+    }
+
+    async fn delete(&self, key: &str) -> StoreResult<()> {
+        self.apply(FaultPoint::Delete, key, self.inner.delete(key))
+            .await
+    }
+}

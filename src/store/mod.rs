@@ -111,6 +111,29 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
 /// A shared handle to any store.
 pub type DynStore = Arc<dyn ObjectStore>;
 
+/// A shared store is a store, so decorators can wrap a [`DynStore`].
+#[async_trait]
+impl<T: ObjectStore + ?Sized> ObjectStore for Arc<T> {
+    async fn get(&self, key: &str) -> StoreResult<Object> {
+        (**self).get(key).await
+    }
+    async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
+        (**self).get_range(key, range).await
+    }
+    async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> StoreResult<Version> {
+        (**self).put(key, data, mode).await
+    }
+    async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
+        (**self).head(key).await
+    }
+    async fn list(&self, prefix: &str) -> StoreResult<Vec<ObjectMeta>> {
+        (**self).list(prefix).await
+    }
+    async fn delete(&self, key: &str) -> StoreResult<()> {
+        (**self).delete(key).await
+    }
+}
+
 /// Which backend to use and where, as written in the config file.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
@@ -138,6 +161,46 @@ pub enum StoreConfig {
         #[serde(default)]
         force_path_style: bool,
     },
+}
+
+/// Jitter seed used by [`open`]: a constant mixed with the process id, so
+/// that processes retrying against the same store spread apart while a
+/// process stays reproducible. Tests pass their own seed to [`open_with`].
+pub fn default_jitter_seed() -> u64 {
+    0x5EED_5A1E_u64 ^ (u64::from(std::process::id()) << 17)
+}
+
+/// Open the configured backend wrapped in [`retry::RetryStore`] with the
+/// default [`retry::RetryPolicy`]. A local directory is created if missing
+/// and checked for writability; an S3 client is built but nothing is sent.
+pub async fn open(cfg: &StoreConfig) -> StoreResult<DynStore> {
+    open_with(cfg, retry::RetryPolicy::default(), default_jitter_seed()).await
+}
+
+/// [`open`] with an explicit retry policy and jitter seed.
+pub async fn open_with(
+    cfg: &StoreConfig,
+    policy: retry::RetryPolicy,
+    seed: u64,
+) -> StoreResult<DynStore> {
+    Ok(match cfg {
+        StoreConfig::Fs { path } => {
+            let store = fs::FsStore::new(path.clone());
+            store.ensure_root().await?;
+            Arc::new(retry::RetryStore::new(store, policy, seed))
+        }
+        StoreConfig::Memory => Arc::new(retry::RetryStore::new(
+            memory::MemoryStore::new(),
+            policy,
+            seed,
+        )),
+        StoreConfig::S3 { .. } => {
+            let settings = s3::S3Settings::from_config(cfg)
+                .ok_or_else(|| StoreError::Permanent("not an S3 config".into()))?;
+            let store = s3::S3Store::connect(&settings).await?;
+            Arc::new(retry::RetryStore::new(store, policy, seed))
+        }
+    })
 }
 
 fn default_region() -> String {
@@ -170,6 +233,51 @@ pub fn validate_key(key: &str) -> StoreResult<()> {
     Ok(())
 }
 
+/// Check a list prefix: empty (everything) or a key-like string that may end
+/// in `/` or in the middle of a segment. Control characters, a leading `/`
+/// and `.`/`..` or empty segments are rejected.
+pub fn validate_prefix(prefix: &str) -> StoreResult<()> {
+    if prefix.is_empty() {
+        return Ok(());
+    }
+    let bad = |reason: &str| {
+        Err(StoreError::InvalidKey {
+            key: prefix.to_string(),
+            reason: reason.to_string(),
+        })
+    };
+    if prefix.starts_with('/') {
+        return bad("leading '/'");
+    }
+    if prefix.chars().any(|c| c.is_control()) {
+        return bad("control character");
+    }
+    let segments: Vec<&str> = prefix.split('/').collect();
+    // The last segment may be empty (trailing '/') or partial.
+    let whole = &segments[..segments.len() - 1];
+    if whole
+        .iter()
+        .any(|s| s.is_empty() || *s == "." || *s == "..")
+    {
+        return bad("empty, '.' or '..' segment");
+    }
+    Ok(())
+}
+
+/// Check `range` against an object of `size` bytes (protocol rule 5): it must
+/// not be reversed and must end at or before the end of the object. An empty
+/// range at or before the end is valid and reads nothing.
+pub fn check_range(key: &str, range: &Range<u64>, size: u64) -> StoreResult<()> {
+    if range.start > range.end || range.end > size {
+        return Err(StoreError::InvalidRange {
+            key: key.to_string(),
+            start: range.start,
+            end: range.end,
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -180,5 +288,26 @@ mod tests {
         for k in ["", "/a", "a/", "a//b", "a/../b", "./a", "a\nb"] {
             assert!(validate_key(k).is_err(), "{k:?} should be rejected");
         }
+    }
+
+    #[test]
+    fn prefix_rules() {
+        for p in ["", "vol", "vol/", "vol/1/chu"] {
+            assert!(validate_prefix(p).is_ok(), "{p:?} should be accepted");
+        }
+        for p in ["/a", "a//", "../a", "a/./b", "a\tb"] {
+            assert!(validate_prefix(p).is_err(), "{p:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn range_rules() {
+        assert!(check_range("k", &(0..10), 10).is_ok());
+        assert!(check_range("k", &(10..10), 10).is_ok());
+        assert!(check_range("k", &(0..11), 10).is_err());
+        #[allow(clippy::reversed_empty_ranges)]
+        let reversed = 5..4;
+        assert!(check_range("k", &reversed, 10).is_err());
+        assert!(check_range("k", &(11..11), 10).is_err());
     }
 }

@@ -1,1 +1,376 @@
-//! TODO(helper): s3 backend.
+//! S3 backend over `aws-sdk-s3` (AWS or any S3-compatible server).
+//!
+//! # Mapping
+//! - Create = `PutObject` with `If-None-Match: *`; IfMatch = `If-Match: <etag>`.
+//!   The [`Version`] is the ETag as S3 returns it (quotes included). ETags of
+//!   single-part uploads are content hashes, so rewriting identical bytes keeps
+//!   the version: CAS callers must write distinct content (leases and
+//!   manifests carry an epoch or sequence number).
+//! - 412 → `AlreadyExists` for Create, `PreconditionFailed` for IfMatch.
+//!   404 → `NotFound`, except for IfMatch, where a missing object is a failed
+//!   precondition (protocol rule 2).
+//! - 409 `ConditionalRequestConflict` (a concurrent conditional write on the
+//!   same key was in flight) → `Transient`: AWS says to retry, and the retry
+//!   gets the true answer (412 if the other writer won, success otherwise).
+//! - 429, 5xx, `SlowDown`/`RequestTimeout`-style codes, timeouts, connection
+//!   and dispatch failures, unreadable responses and body read failures →
+//!   `Transient`. Everything else → `Permanent`, naming the S3 code.
+//! - The SDK's own retries are disabled: [`super::retry::RetryStore`] is the
+//!   one retry layer, and it alone knows how to resolve a conditional put
+//!   whose response was lost (the SDK would report our own write as 412).
+//! - Empty ranges are answered from `HeadObject` (S3 has no empty byte range).
+
+use std::ops::Range;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_s3::config::retry::RetryConfig;
+use aws_sdk_s3::config::timeout::TimeoutConfig;
+use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::Client;
+use bytes::Bytes;
+
+use super::{
+    check_range, validate_key, validate_prefix, Object, ObjectMeta, ObjectStore, PutMode,
+    StoreConfig, StoreError, StoreResult, Version,
+};
+
+/// Where and how to reach the bucket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Settings {
+    pub bucket: String,
+    /// Key prefix inside the bucket; "" for none. Joined to keys with `/`.
+    pub prefix: String,
+    /// Endpoint URL of an S3-compatible server; AWS when `None`.
+    pub endpoint: Option<String>,
+    pub region: String,
+    pub force_path_style: bool,
+    /// Fixed access key id and secret; `None` uses the usual AWS chain
+    /// (environment, profile files, instance metadata).
+    pub static_credentials: Option<(String, String)>,
+    /// Time limit of one HTTP attempt. Default 60 s.
+    pub attempt_timeout: Duration,
+    /// Time limit to establish a connection. Default 5 s.
+    pub connect_timeout: Duration,
+}
+
+impl S3Settings {
+    /// Settings for the S3 variant of a [`StoreConfig`]; `None` for others.
+    pub fn from_config(cfg: &StoreConfig) -> Option<S3Settings> {
+        match cfg {
+            StoreConfig::S3 {
+                bucket,
+                prefix,
+                endpoint,
+                region,
+                force_path_style,
+            } => Some(S3Settings {
+                bucket: bucket.clone(),
+                prefix: prefix.clone(),
+                endpoint: endpoint.clone(),
+                region: region.clone(),
+                force_path_style: *force_path_style,
+                static_credentials: None,
+                attempt_timeout: Duration::from_secs(60),
+                connect_timeout: Duration::from_secs(5),
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// Objects in one S3 bucket under a key prefix.
+#[derive(Debug, Clone)]
+pub struct S3Store {
+    client: Client,
+    bucket: String,
+    /// Empty, or the configured prefix followed by exactly one `/`.
+    prefix: String,
+}
+
+/// What a failed request was trying to do, for error mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Intent {
+    Read,
+    Create,
+    IfMatch,
+    Other,
+}
+
+impl S3Store {
+    /// Build a client from `settings`. Makes no request.
+    pub async fn connect(settings: &S3Settings) -> StoreResult<S3Store> {
+        if settings.bucket.is_empty() {
+            return Err(StoreError::Permanent("S3 bucket name is empty".into()));
+        }
+        let trimmed = settings.prefix.trim_matches('/');
+        if !trimmed.is_empty() {
+            validate_key(trimmed).map_err(|e| {
+                StoreError::Permanent(format!("invalid S3 prefix {:?}: {e}", settings.prefix))
+            })?;
+        }
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .region(Region::new(settings.region.clone()))
+            .retry_config(RetryConfig::disabled())
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(settings.connect_timeout)
+                    .operation_attempt_timeout(settings.attempt_timeout)
+                    .build(),
+            );
+        if let Some((id, secret)) = &settings.static_credentials {
+            loader = loader.credentials_provider(Credentials::new(
+                id.clone(),
+                secret.clone(),
+                None,
+                None,
+                "shale-static",
+            ));
+        }
+        let sdk = loader.load().await;
+        let mut conf =
+            aws_sdk_s3::config::Builder::from(&sdk).force_path_style(settings.force_path_style);
+        if let Some(endpoint) = &settings.endpoint {
+            conf = conf.endpoint_url(endpoint.clone());
+        }
+        Ok(S3Store::from_client(
+            Client::from_conf(conf.build()),
+            &settings.bucket,
+            &settings.prefix,
+        ))
+    }
+
+    /// Use an already configured client. Its retries should be disabled.
+    pub fn from_client(client: Client, bucket: &str, prefix: &str) -> S3Store {
+        let trimmed = prefix.trim_matches('/');
+        S3Store {
+            client,
+            bucket: bucket.to_string(),
+            prefix: if trimmed.is_empty() {
+                String::new()
+            } else {
+                format!("{trimmed}/")
+            },
+        }
+    }
+
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    fn full_key(&self, key: &str) -> StoreResult<String> {
+        validate_key(key)?;
+        Ok(format!("{}{key}", self.prefix))
+    }
+}
+
+const TRANSIENT_CODES: [&str; 8] = [
+    "SlowDown",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "InternalError",
+    "ServiceUnavailable",
+    "Throttling",
+    "ThrottlingException",
+    "ConditionalRequestConflict",
+];
+
+/// Turn an SDK error into a [`StoreError`] by the rules in the module docs.
+fn map_err<E>(op: &str, key: &str, intent: Intent, err: SdkError<E>) -> StoreError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    let detail = || format!("S3 {op} {key}: {}", DisplayErrorContext(&err));
+    let service = match &err {
+        SdkError::ServiceError(_) => true,
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            return StoreError::Transient(detail())
+        }
+        _ => false,
+    };
+    if !service {
+        return StoreError::Permanent(detail());
+    }
+    let status = err.raw_response().map(|r| r.status().as_u16()).unwrap_or(0);
+    let code = err.code().unwrap_or("");
+    let key = key.to_string();
+    match (status, intent) {
+        (412, Intent::Create) => StoreError::AlreadyExists { key },
+        (412, Intent::IfMatch) => StoreError::PreconditionFailed { key },
+        (404, _) if code == "NoSuchBucket" => StoreError::Permanent(detail()),
+        (404, Intent::IfMatch) => StoreError::PreconditionFailed { key },
+        (404, _) => StoreError::NotFound { key },
+        (409, _) if code == "ConditionalRequestConflict" => StoreError::Transient(detail()),
+        (429, _) | (500..=599, _) => StoreError::Transient(detail()),
+        _ if TRANSIENT_CODES.contains(&code) => StoreError::Transient(detail()),
+        _ => StoreError::Permanent(detail()),
+    }
+}
+
+fn etag(op: &str, key: &str, tag: Option<&str>) -> StoreResult<Version> {
+    tag.map(|t| Version(t.to_string()))
+        .ok_or_else(|| StoreError::Permanent(format!("S3 {op} {key}: response has no ETag")))
+}
+
+fn size(op: &str, key: &str, len: Option<i64>) -> StoreResult<u64> {
+    len.and_then(|l| u64::try_from(l).ok())
+        .ok_or_else(|| StoreError::Permanent(format!("S3 {op} {key}: response has no valid size")))
+}
+
+async fn read_body(op: &str, key: &str, body: ByteStream) -> StoreResult<Bytes> {
+    body.collect()
+        .await
+        .map(|b| b.into_bytes())
+        .map_err(|e| StoreError::Transient(format!("S3 {op} {key}: reading body: {e}")))
+}
+
+#[async_trait]
+impl ObjectStore for S3Store {
+    async fn get(&self, key: &str) -> StoreResult<Object> {
+        let full = self.full_key(key)?;
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .send()
+            .await
+            .map_err(|e| map_err("GetObject", key, Intent::Read, e))?;
+        let version = etag("GetObject", key, out.e_tag())?;
+        let data = read_body("GetObject", key, out.body).await?;
+        Ok(Object { data, version })
+    }
+
+    async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
+        let full = self.full_key(key)?;
+        if range.start >= range.end {
+            let meta = self.head(key).await?;
+            check_range(key, &range, meta.size)?;
+            return Ok(Bytes::new());
+        }
+        let invalid = || StoreError::InvalidRange {
+            key: key.to_string(),
+            start: range.start,
+            end: range.end,
+        };
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .range(format!("bytes={}-{}", range.start, range.end - 1))
+            .send()
+            .await
+            .map_err(|e| {
+                if e.raw_response().map(|r| r.status().as_u16()) == Some(416) {
+                    invalid()
+                } else {
+                    map_err("GetObject", key, Intent::Read, e)
+                }
+            })?;
+        let data = read_body("GetObject", key, out.body).await?;
+        // S3 clips a range that runs past the end instead of refusing it.
+        if data.len() as u64 != range.end - range.start {
+            return Err(invalid());
+        }
+        Ok(data)
+    }
+
+    async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> StoreResult<Version> {
+        let full = self.full_key(key)?;
+        let mut req = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .body(ByteStream::from(data));
+        let intent = match &mode {
+            PutMode::Overwrite => Intent::Other,
+            PutMode::Create => {
+                req = req.if_none_match("*");
+                Intent::Create
+            }
+            PutMode::IfMatch(v) => {
+                req = req.if_match(v.0.clone());
+                Intent::IfMatch
+            }
+        };
+        let out = req
+            .send()
+            .await
+            .map_err(|e| map_err("PutObject", key, intent, e))?;
+        etag("PutObject", key, out.e_tag())
+    }
+
+    async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
+        let full = self.full_key(key)?;
+        let out = self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .send()
+            .await
+            .map_err(|e| map_err("HeadObject", key, Intent::Read, e))?;
+        Ok(ObjectMeta {
+            key: key.to_string(),
+            size: size("HeadObject", key, out.content_length())?,
+            version: etag("HeadObject", key, out.e_tag())?,
+        })
+    }
+
+    async fn list(&self, prefix: &str) -> StoreResult<Vec<ObjectMeta>> {
+        validate_prefix(prefix)?;
+        let full_prefix = format!("{}{prefix}", self.prefix);
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(&full_prefix)
+                .set_continuation_token(token.take())
+                .send()
+                .await
+                .map_err(|e| map_err("ListObjectsV2", prefix, Intent::Other, e))?;
+            for obj in page.contents() {
+                let Some(full) = obj.key() else { continue };
+                let Some(key) = full.strip_prefix(&self.prefix) else {
+                    continue;
+                };
+                out.push(ObjectMeta {
+                    key: key.to_string(),
+                    size: size("ListObjectsV2", key, obj.size())?,
+                    version: etag("ListObjectsV2", key, obj.e_tag())?,
+                });
+            }
+            match page.next_continuation_token() {
+                Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_string()),
+                _ => break,
+            }
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    async fn delete(&self, key: &str) -> StoreResult<()> {
+        let full = self.full_key(key)?;
+        match self
+            .client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) => match map_err("DeleteObject", key, Intent::Other, e) {
+                StoreError::NotFound { .. } => Ok(()),
+                other => Err(other),
+            },
+        }
+    }
+}

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Run every test lane of shale: one release build of all targets, then all
+# tests (unit, store conformance against a real S3 server started by the
+# tests themselves, NBD with real clients, crash tests), then the VM harness
+# for the real kernel ublk path if it is present.
+#
+# Installs nothing (.ci/run does that). Uses CARGO_TARGET_DIR if set.
+# With CI=true, tests treat a missing prerequisite as a failure, not a skip.
+# Exits non-zero on any failure.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
+
+step() { printf '\n=== %s  %s\n' "$(date -u +%H:%M:%S)" "$*"; }
+
+step "cargo build --release --all-targets"
+cargo build --release --all-targets
+
+step "cargo test --release"
+cargo test --release
+
+vm_runner=tools/vm/run.sh
+if [[ -x "$vm_runner" ]]; then
+    step "$vm_runner $target_dir/release/shale"
+    "$vm_runner" "$target_dir/release/shale"
+else
+    step "skipping the VM (kernel ublk) lane: $vm_runner is not present"
+fi
+
+step "all test lanes passed"
