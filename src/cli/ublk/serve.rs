@@ -69,7 +69,9 @@ pub fn serve(req: ServeRequest) -> anyhow::Result<()> {
                 log::info!("{sig:?}: stopping the device");
                 flag.store(true, Ordering::SeqCst);
                 notify::sd_notify("STOPPING=1");
-                stopper.stop();
+                if let Err(e) = stopper.stop() {
+                    log::error!("cannot stop the device: {e}");
+                }
             }
         })
         .context("start the signal thread")?;

@@ -165,17 +165,23 @@ pub struct UblkServer {
 }
 
 /// Ends a running server from another thread (e.g. a signal handler thread).
-#[derive(Clone)]
+///
+/// libublk's control ring is per thread, so the stopper opens its own
+/// control handle on the calling thread instead of sharing the server's.
+#[derive(Clone, Copy, Debug)]
 pub struct Stopper {
-    ctrl: Arc<UblkCtrl>,
+    dev_id: u32,
 }
 
 impl Stopper {
     /// Ask the kernel to stop the device; queues then end and `run` returns.
-    pub fn stop(&self) {
-        if let Err(e) = self.ctrl.kill_dev() {
-            log::warn!("stopping ublk device failed: {e}");
-        }
+    pub fn stop(&self) -> Result<(), UblkFrontendError> {
+        let id = i32::try_from(self.dev_id).map_err(|_| {
+            UblkFrontendError::Options(format!("device id {} out of range", self.dev_id))
+        })?;
+        let ctrl = UblkCtrl::new_simple(id).map_err(ublk(format!("open device {id}")))?;
+        ctrl.kill_dev().map_err(ublk(format!("stop device {id}")))?;
+        Ok(())
     }
 }
 
@@ -251,7 +257,7 @@ impl UblkServer {
     /// Handle to stop the device from another thread.
     pub fn stopper(&self) -> Stopper {
         Stopper {
-            ctrl: self.ctrl.clone(),
+            dev_id: self.dev_id(),
         }
     }
 
