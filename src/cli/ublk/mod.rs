@@ -21,9 +21,9 @@ use shale::frontend::ublk::runstate::{
     check_volume_name, pid_alive, remove_link, DeviceRecord, RunDir, DEFAULT_RUN_DIR, LINK_DIR,
 };
 use shale::frontend::ublk::server::{
-    delete_device, device_status, state_name, DeviceStatus, DEFAULT_IO_BUF_BYTES,
+    delete_device, device_status, driver_present, state_name, DeviceStatus, DEFAULT_IO_BUF_BYTES,
 };
-use shale::frontend::ublk::{Attach, ServerOptions};
+use shale::frontend::ublk::{Attach, ServerOptions, UblkFrontendError};
 
 use backing::{parse_size, BackingSpec};
 
@@ -108,6 +108,14 @@ impl Paths {
     }
 }
 
+fn require_driver() -> anyhow::Result<()> {
+    if driver_present() {
+        Ok(())
+    } else {
+        Err(UblkFrontendError::NoDriver.into())
+    }
+}
+
 fn backing_of(a: &AddArgs) -> BackingSpec {
     match (&a.memory, &a.backing_file, a.size) {
         (Some(size), _, _) => BackingSpec::Memory(*size),
@@ -150,6 +158,7 @@ pub fn add(config: Option<&Path>, a: AddArgs) -> anyhow::Result<()> {
         io_buf_bytes: DEFAULT_IO_BUF_BYTES,
     };
     options.validate()?;
+    require_driver()?;
     if a.foreground || a.detached {
         let attach = match a.recover_dev {
             Some(id) => Attach::Recover(id),
@@ -296,6 +305,7 @@ fn log_tail(path: &Path) -> String {
 
 pub fn recover(config: Option<&Path>, a: RecoverArgs) -> anyhow::Result<()> {
     check_volume_name(&a.volume)?;
+    require_driver()?;
     let paths = Paths::from_env();
     match attachment(&paths, &a.volume)? {
         Attachment::None => bail!("volume {} has no device to recover", a.volume),
