@@ -94,6 +94,26 @@ else
     echo "guest: fio not in the image; dd-based verify instead"
     step dd-verify sh -c 'dd if=/data/big.src of=/mnt/v/dd.bin bs=64k oflag=direct 2>/dev/null && sync && echo 3 > /proc/sys/vm/drop_caches && cmp /data/big.src /mnt/v/dd.bin && rm /mnt/v/dd.bin'
 fi
+# A second, RAM-backed device with 2 queues alongside the first: raw-device
+# verify from two jobs (both queues), then removal by device number.
+if DEVM=$(shale add mem1 --memory 64M --queues 2 --depth 32); then
+    pass "add-second-device ($DEVM, 2 queues)"
+    [ "$(ls /sys/block/${DEVM#/dev/}/mq | wc -l)" = 2 ] && pass two-hw-queues || fail two-hw-queues
+    if command -v fio >/dev/null 2>&1; then
+        step fio-raw-device-verify fio --name=raw --filename="$DEVM" --size=32m --rw=randrw --bs=4k \
+            --direct=1 --ioengine=libaio --iodepth=16 --numjobs=2 --offset_increment=32m \
+            --verify=crc32c --verify_fatal=1 --group_reporting
+    else
+        step dd-raw-device-verify sh -c "dd if=/data/small.src of=$DEVM bs=64k oflag=direct 2>/dev/null && dd if=$DEVM bs=64k count=16 iflag=direct 2>/dev/null | cmp - /data/small.src"
+    fi
+    step discard-raw-device sh -c "blkdiscard -o 0 -l 1048576 $DEVM 2>/dev/null || dd if=/dev/zero of=$DEVM bs=64k count=16 oflag=direct 2>/dev/null"
+    head -c 1048576 /dev/zero > /data/zero.1m
+    step read-zeroes-after-discard sh -c "dd if=$DEVM bs=64k count=16 iflag=direct 2>/dev/null | cmp - /data/zero.1m"
+    step del-by-number shale del -n "${DEVM#/dev/ublkb}" --timeout 60
+    [ ! -e "$DEVM" ] && pass second-device-removed || fail second-device-removed
+else
+    fail add-second-device
+fi
 step fstrim sh -c 'sync && fstrim -v /mnt/v || true'
 
 # Crash 1: kill -9 the server while mounted and writing; `shale add` recovers.

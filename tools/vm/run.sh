@@ -77,14 +77,25 @@ chmod +x "$R/init"
 echo "run.sh: initramfs $(du -h "$WORK/initrd.cpio" | cut -f1)"
 
 LOG=$WORK/console.log
-set +e
+: > "$LOG"
+START=$(date +%s)
 timeout --kill-after=10 "$TIMEOUT" qemu-system-x86_64 \
     -accel tcg -cpu qemu64,-cx16 -smp 2 -m "$MEM" \
     -nodefaults -no-user-config -display none -serial stdio -no-reboot \
     -kernel "$KDIR/vmlinuz" -initrd "$WORK/initrd.cpio" \
-    -append 'console=ttyS0 panic=-1 loglevel=4' </dev/null 2>&1 | tee "$LOG"
+    -append 'console=ttyS0 panic=-1 loglevel=4' </dev/null >"$LOG" 2>&1 &
+QEMU_PID=$!
+# Never leave a guest running behind us.
+trap 'rc=$?; kill "$QEMU_PID" 2>/dev/null; cleanup; exit $rc' EXIT
+trap 'exit 130' INT TERM
+tail -n +1 -f "$LOG" --pid="$QEMU_PID" &
+TAIL_PID=$!
+set +e
+wait "$QEMU_PID"
 QEMU_RC=$?
 set -e
+wait "$TAIL_PID" 2>/dev/null || true
+echo "run.sh: guest ran $(($(date +%s) - START)) s"
 
 PASSES=$(grep -c '^PASS' "$LOG" || true)
 FAILS=$(grep -c '^FAIL' "$LOG" || true)
@@ -98,3 +109,4 @@ if ! grep -q '^ALL-STEPS-DONE' "$LOG"; then
     exit 1
 fi
 echo "run.sh: OK"
+exit 0

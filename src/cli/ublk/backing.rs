@@ -69,6 +69,14 @@ pub struct Opened {
     pub device: Arc<dyn BlockDevice>,
 }
 
+impl Opened {
+    /// Make every acknowledged write durable and release the data.
+    pub async fn close(&self) -> anyhow::Result<()> {
+        self.device.flush().await.context("flush")?;
+        Ok(())
+    }
+}
+
 /// Open the data behind `spec` (inside the server's tokio runtime).
 pub async fn open(
     spec: &BackingSpec,

@@ -42,7 +42,7 @@ pub fn serve(req: ServeRequest) -> anyhow::Result<()> {
     let handle = runtime.handle().clone();
     let volume = req.options.volume.clone();
     let opened = runtime.block_on(backing::open(&req.backing, &volume, handle.clone()))?;
-    let device = opened.device;
+    let device = opened.device.clone();
 
     let server = UblkServer::create(req.options, req.attach)?;
     let dev_id = server.dev_id();
@@ -86,14 +86,20 @@ pub fn serve(req: ServeRequest) -> anyhow::Result<()> {
         notify::ready(id, detached);
     });
 
-    // The kernel sends no more requests: make everything durable, then
-    // remove the device and our traces.
-    let flushed = runtime.block_on(device.flush());
+    // The kernel sends no more requests: make everything durable.
+    let closed = runtime.block_on(opened.close());
+    if let (Err(e), Attach::Recover(_)) = (&served, req.attach) {
+        // A recovery that failed leaves the device quiesced (I/O waits) and
+        // the record in place, so another `shale recover` can take over.
+        anyhow::bail!(
+            "recovery of /dev/ublkb{dev_id} failed ({e}); the device is kept for another attempt"
+        );
+    }
     let removed = server.remove();
     let _ = remove_link(&req.paths.link_dir, &volume, dev_id);
     let _ = req.paths.run_dir.remove(&volume);
     served?;
-    flushed.context("final flush")?;
+    closed.context("final flush and close")?;
     removed?;
     if !stopping.load(Ordering::SeqCst) {
         log::info!("device {dev_id} was stopped from outside");
