@@ -7,7 +7,11 @@
 # version (default: linux-image-6.12.95+deb12-cloud-amd64 6.12.95-1~bpo12+1).
 set -eu
 
-CACHE=${1:-${SHALE_VM_CACHE:-/var/cache/shale-vm}}
+DEFAULT_CACHE=/var/cache/shale-vm
+if ! mkdir -p "$DEFAULT_CACHE" 2>/dev/null || [ ! -w "$DEFAULT_CACHE" ]; then
+    DEFAULT_CACHE=${CARGO_TARGET_DIR:-$(cd "$(dirname "$0")/../.." && pwd)/target}/shale-vm
+fi
+CACHE=${1:-${SHALE_VM_CACHE:-$DEFAULT_CACHE}}
 MIRROR=${SHALE_VM_MIRROR:-http://deb.debian.org/debian}
 PKG=${SHALE_VM_KERNEL_PKG:-linux-image-6.12.95+deb12-cloud-amd64}
 
@@ -26,7 +30,8 @@ set -- -o Dir::Etc::sourcelist="$APT/etc/sources.list" \
     -o Dir::Etc::preferencesparts="$APT/etc/preferences.d" \
     -o Dir::State::Lists="$APT/lists" \
     -o Dir::Cache="$APT/cache" \
-    -o APT::Get::List-Cleanup=0
+    -o APT::Get::List-Cleanup=0 \
+    -o APT::Sandbox::User=root
 apt-get "$@" update >&2
 
 if [ -n "${SHALE_VM_KERNEL_VERSION:-}" ]; then

@@ -114,6 +114,9 @@ if DEVM=$(shale add mem1 --memory 64M --queues 2 --depth 32); then
 else
     fail add-second-device
 fi
+if shale del $VOL >/tmp/del.out 2>&1; then fail del-while-mounted-refused; else
+    grep -q "is mounted at /mnt/v" /tmp/del.out && [ -b "$DEV" ] && pass del-while-mounted-refused || { cat /tmp/del.out; fail del-while-mounted-refused; }
+fi
 step fstrim sh -c 'sync && fstrim -v /mnt/v || true'
 
 # Crash 1: kill -9 the server while mounted and writing; `shale add` recovers.

@@ -29,7 +29,7 @@ KDIR=$("$HERE/fetch-kernel.sh" | tail -n 1)
 echo "run.sh: kernel $(cat "$KDIR/package")"
 
 WORK=$(mktemp -d /tmp/shale-vm.XXXXXX)
-cleanup() { [ -n "${SHALE_VM_KEEP:-}" ] || rm -rf "$WORK"; }
+cleanup() { [ -n "${SHALE_VM_KEEP:-}" ] || rm -rf "$WORK"; return 0; }
 trap cleanup EXIT
 R=$WORK/root
 mkdir -p "$R/bin" "$R/sbin" "$R/lib" "$R/lib64" "$R/usr/bin" "$R/etc" "$R/proc" "$R/sys" \
@@ -86,7 +86,7 @@ timeout --kill-after=10 "$TIMEOUT" qemu-system-x86_64 \
     -append 'console=ttyS0 panic=-1 loglevel=4' </dev/null >"$LOG" 2>&1 &
 QEMU_PID=$!
 # Never leave a guest running behind us.
-trap 'rc=$?; kill "$QEMU_PID" 2>/dev/null; cleanup; exit $rc' EXIT
+trap 'rc=$?; kill "$QEMU_PID" 2>/dev/null || true; cleanup; exit $rc' EXIT
 trap 'exit 130' INT TERM
 tail -n +1 -f "$LOG" --pid="$QEMU_PID" &
 TAIL_PID=$!

@@ -81,6 +81,7 @@ impl Opened {
 pub async fn open(
     spec: &BackingSpec,
     volume: &str,
+    _config: Option<&Path>,
     runtime: tokio::runtime::Handle,
 ) -> anyhow::Result<Opened> {
     let device: Arc<dyn BlockDevice> = match spec {

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use clap::{ArgGroup, Args};
+use shale::frontend::ublk::mountns::mounts_of_device;
 use shale::frontend::ublk::runstate::{
     check_volume_name, pid_alive, remove_link, DeviceRecord, RunDir, DEFAULT_RUN_DIR, LINK_DIR,
 };
@@ -72,6 +73,10 @@ pub struct DelArgs {
     /// Seconds to wait for a server to flush and exit.
     #[arg(long, default_value_t = 300)]
     pub timeout: u64,
+    /// Remove the device even if a filesystem on it is mounted (its
+    /// further I/O then fails).
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Args, Debug)]
@@ -179,6 +184,7 @@ pub fn add(config: Option<&Path>, a: AddArgs) -> anyhow::Result<()> {
             backing: backing_of(&a),
             detached: a.detached,
             paths,
+            config: config.map(Path::to_path_buf),
         });
     }
     match attachment(&paths, &a.volume)? {
@@ -367,7 +373,7 @@ pub fn del(_config: Option<&Path>, a: DelArgs) -> anyhow::Result<()> {
     if a.all {
         let mut failures = 0;
         for rec in paths.run_dir.list(|e| eprintln!("shale: {e}")) {
-            if let Err(e) = del_record(&paths, &rec, timeout) {
+            if let Err(e) = del_record(&paths, &rec, timeout, a.force) {
                 eprintln!("shale: {}: {e:#}", rec.volume);
                 failures += 1;
             }
@@ -383,14 +389,17 @@ pub fn del(_config: Option<&Path>, a: DelArgs) -> anyhow::Result<()> {
             .run_dir
             .read(volume)?
             .ok_or_else(|| anyhow!("volume {volume} is not attached"))?;
-        return del_record(&paths, &rec, timeout);
+        return del_record(&paths, &rec, timeout, a.force);
     }
     if let Some(id) = a.number {
         if let Some(rec) = paths.run_dir.find_by_dev_id(id) {
-            return del_record(&paths, &rec, timeout);
+            return del_record(&paths, &rec, timeout, a.force);
         }
         if device_status(id).is_none() {
             bail!("/dev/ublkb{id} does not exist");
+        }
+        if !a.force {
+            refuse_if_mounted(id)?;
         }
         delete_device(id)?;
         return Ok(());
@@ -400,7 +409,15 @@ pub fn del(_config: Option<&Path>, a: DelArgs) -> anyhow::Result<()> {
 
 /// Stop a volume's server (it flushes and removes the device), or remove
 /// the device directly if the server is gone.
-fn del_record(paths: &Paths, rec: &DeviceRecord, timeout: Duration) -> anyhow::Result<()> {
+fn del_record(
+    paths: &Paths,
+    rec: &DeviceRecord,
+    timeout: Duration,
+    force: bool,
+) -> anyhow::Result<()> {
+    if !force {
+        refuse_if_mounted(rec.dev_id)?;
+    }
     if pid_alive(rec.pid) {
         let pid = nix::unistd::Pid::from_raw(rec.pid);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)
@@ -423,6 +440,23 @@ fn del_record(paths: &Paths, rec: &DeviceRecord, timeout: Duration) -> anyhow::R
     }
     let _ = remove_link(&paths.link_dir, &rec.volume, rec.dev_id);
     paths.run_dir.remove(&rec.volume)?;
+    Ok(())
+}
+
+/// Removing a device under a mounted filesystem fails its I/O: refuse.
+fn refuse_if_mounted(dev_id: u32) -> anyhow::Result<()> {
+    let mounts = mounts_of_device(dev_id)?;
+    if let Some(first) = mounts.first() {
+        bail!(
+            "/dev/ublkb{dev_id} is mounted at {}{}; unmount it first (or use --force)",
+            first.display(),
+            if mounts.len() > 1 {
+                " and elsewhere"
+            } else {
+                ""
+            }
+        );
+    }
     Ok(())
 }
 

@@ -22,6 +22,8 @@ pub struct ServeRequest {
     /// stdout is the parent's readiness pipe; start a new session.
     pub detached: bool,
     pub paths: Paths,
+    /// Configuration file (store, data directory, engine settings).
+    pub config: Option<std::path::PathBuf>,
 }
 
 /// Run a server until it is stopped by a signal or by `shale del`.
@@ -41,7 +43,12 @@ pub fn serve(req: ServeRequest) -> anyhow::Result<()> {
         .context("start the engine runtime")?;
     let handle = runtime.handle().clone();
     let volume = req.options.volume.clone();
-    let opened = runtime.block_on(backing::open(&req.backing, &volume, handle.clone()))?;
+    let opened = runtime.block_on(backing::open(
+        &req.backing,
+        &volume,
+        req.config.as_deref(),
+        handle.clone(),
+    ))?;
     let device = opened.device.clone();
 
     let server = UblkServer::create(req.options, req.attach)?;

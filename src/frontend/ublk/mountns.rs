@@ -78,17 +78,44 @@ fn unescape(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Whether block device `major:minor` is a ublk disk or partition, judged by
-/// its kernel name under `sys_root` (normally `/sys`).
-pub fn is_ublk_block(sys_root: &Path, major: u32, minor: u32) -> bool {
+/// Kernel name (`ublkb0`, `sda1`, ...) of block device `major:minor`, from
+/// `sys_root` (normally `/sys`).
+pub fn block_name(sys_root: &Path, major: u32, minor: u32) -> Option<String> {
     let link = sys_root.join(format!("dev/block/{major}:{minor}"));
-    match std::fs::read_link(link) {
-        Ok(target) => target
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with("ublkb")),
-        Err(_) => false,
+    let target = std::fs::read_link(link).ok()?;
+    target.file_name()?.to_str().map(str::to_string)
+}
+
+/// Whether block device `major:minor` is a ublk disk or partition.
+pub fn is_ublk_block(sys_root: &Path, major: u32, minor: u32) -> bool {
+    block_name(sys_root, major, minor).is_some_and(|n| n.starts_with("ublkb"))
+}
+
+/// Whether kernel block name `name` is disk `ublkb<dev_id>` or one of its
+/// partitions (`ublkb<dev_id>p<k>`).
+pub fn is_disk_or_partition(name: &str, dev_id: u32) -> bool {
+    let disk = format!("ublkb{dev_id}");
+    match name.strip_prefix(&disk) {
+        Some("") => true,
+        Some(rest) => rest
+            .strip_prefix('p')
+            .is_some_and(|k| !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit())),
+        None => false,
     }
+}
+
+/// Mount points in this process's namespace that use `/dev/ublkb<dev_id>`
+/// or one of its partitions.
+pub fn mounts_of_device(dev_id: u32) -> Result<Vec<PathBuf>, MountNsError> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").map_err(MountNsError::MountInfo)?;
+    Ok(parse_mountinfo(&text)
+        .into_iter()
+        .filter(|e| {
+            block_name(Path::new("/sys"), e.major, e.minor)
+                .is_some_and(|n| is_disk_or_partition(&n, dev_id))
+        })
+        .map(|e| e.mount_point)
+        .collect())
 }
 
 /// Unshare the mount namespace, make it private and detach ublk mounts.
@@ -136,6 +163,16 @@ mod tests {
         assert_eq!(e.len(), 2);
         assert_eq!((e[1].major, e[1].minor), (259, 3));
         assert_eq!(e[1].mount_point, PathBuf::from("/mnt/my data"));
+    }
+
+    #[test]
+    fn partitions_belong_to_their_disk_only() {
+        assert!(is_disk_or_partition("ublkb1", 1));
+        assert!(is_disk_or_partition("ublkb1p2", 1));
+        assert!(!is_disk_or_partition("ublkb10", 1));
+        assert!(!is_disk_or_partition("ublkb1p", 1));
+        assert!(!is_disk_or_partition("ublkb1px", 1));
+        assert!(!is_disk_or_partition("sda1", 1));
     }
 
     #[test]
