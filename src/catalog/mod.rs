@@ -21,6 +21,8 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+pub mod lease;
+
 use crate::store::{DynStore, PutMode, StoreError, Version};
 
 /// Prefix of every catalog object.
