@@ -119,6 +119,18 @@ if shale del $VOL >/tmp/del.out 2>&1; then fail del-while-mounted-refused; else
 fi
 step fstrim sh -c 'sync && fstrim -v /mnt/v || true'
 
+# Foreground server (as systemd runs it): prints the device once live; SIGTERM
+# flushes, removes the device and exits 0.
+shale add fg1 --memory 16M --foreground > /tmp/fg.out 2>/tmp/fg.err &
+FG=$!
+i=0; while [ ! -L /dev/shale/fg1 ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
+FGDEV=$(readlink /dev/shale/fg1)
+[ -b "$FGDEV" ] && [ "$(cat /tmp/fg.out)" = "$FGDEV" ] && pass "foreground-add ($FGDEV)" || { cat /tmp/fg.out /tmp/fg.err; fail foreground-add; }
+step foreground-io sh -c "dd if=/data/small.src of=$FGDEV bs=64k oflag=direct 2>/dev/null && dd if=$FGDEV bs=64k count=16 iflag=direct 2>/dev/null | cmp - /data/small.src"
+kill -TERM $FG
+wait $FG; FGRC=$?
+[ $FGRC = 0 ] && [ ! -e "$FGDEV" ] && [ ! -e /dev/shale/fg1 ] && pass foreground-sigterm-exit-0 || { cat /tmp/fg.err; fail "foreground-sigterm-exit-0 (rc $FGRC)"; }
+
 # Crash 1: kill -9 the server while mounted and writing; `shale add` recovers.
 head -c 16777216 /dev/urandom > /data/after.src
 PID=$(server_pid)

@@ -203,7 +203,18 @@ pub fn add(config: Option<&Path>, a: AddArgs) -> anyhow::Result<()> {
             println!("/dev/ublkb{dev}");
             Ok(())
         }
-        Attachment::Stale(rec, _) => {
+        Attachment::Stale(rec, status) => {
+            // A server that died before its device went live leaves a dead
+            // device behind; nobody serves it, so it is removed.
+            if let Some(s) = status {
+                if !pid_alive(s.server_pid) && u32::from(s.state) == libublk::sys::UBLK_S_DEV_DEAD {
+                    eprintln!(
+                        "shale: removing /dev/ublkb{} left behind by a failed start",
+                        rec.dev_id
+                    );
+                    delete_device(rec.dev_id)?;
+                }
+            }
             paths.run_dir.remove(&rec.volume)?;
             let _ = remove_link(&paths.link_dir, &rec.volume, rec.dev_id);
             add_new(config, &paths, &a)

@@ -60,7 +60,7 @@ fn serve(qid: u16, dev: &UblkDev, device: Arc<dyn BlockDevice>) -> Result<(), Ub
     arm_wake_poll(&wake_fd)?;
     executor.run_until_stalled();
     while executor.live_tasks() > 0 {
-        libublk::io::with_task_io_ring_mut(|r| r.submit_and_wait(1))?;
+        wait_for_completion()?;
         let mut rearm = false;
         ublk_reap_io_events_with_update_queue(&queue, false, None, |cqe| {
             if cqe.user_data() == WAKE_POLL_TOKEN {
@@ -76,6 +76,20 @@ fn serve(qid: u16, dev: &UblkDev, device: Arc<dyn BlockDevice>) -> Result<(), Ub
         executor.run_until_stalled();
     }
     Ok(())
+}
+
+/// Submit queued SQEs and sleep until at least one completion arrives.
+/// An interrupted wait is retried; a busy ring (completion queue full)
+/// returns so the caller reaps completions first.
+fn wait_for_completion() -> Result<(), UblkError> {
+    loop {
+        match libublk::io::with_task_io_ring_mut(|r| r.submit_and_wait(1)) {
+            Ok(_) => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY)) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// Queue a one-shot poll for the eventfd on this thread's ring.
