@@ -39,10 +39,11 @@ cp /bin/busybox "$R/bin/busybox"
 cp "$KDIR/ublk_drv.ko" "$R/ublk_drv.ko"
 cp "$HERE/guest-test.sh" "$R/guest-test.sh"
 
-# Copy a binary and the shared libraries it needs (same paths as the host).
+# Copy a binary (as NAME, default its own name) and the shared libraries it
+# needs (same paths as the host).
 add_bin() {
     src=$1
-    dst=$R/usr/bin/$(basename "$src")
+    dst=$R/usr/bin/${2:-$(basename "$src")}
     cp -L "$src" "$dst"
     ldd "$src" 2>/dev/null | awk '/=>/ {print $3} /^[[:space:]]*\// {print $1}' | while read -r lib; do
         [ -n "$lib" ] && [ -f "$lib" ] || continue
@@ -50,7 +51,11 @@ add_bin() {
         [ -f "$R$lib" ] || cp -L "$lib" "$R$lib"
     done
 }
-add_bin "$SHALE"
+add_bin "$SHALE" shale
+# Debug info is most of a debug build's size; the guest does not need it.
+if command -v strip >/dev/null 2>&1; then
+    strip --strip-debug "$R/usr/bin/shale"
+fi
 add_bin "$(command -v mke2fs)"
 add_bin "$(command -v e2fsck)"
 if [ -z "${SHALE_VM_NO_FIO:-}" ] && command -v fio >/dev/null 2>&1; then
