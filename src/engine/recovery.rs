@@ -51,11 +51,33 @@ fn parse_manifest(volume: u64, data: &[u8]) -> Result<Manifest, EngineError> {
     Ok(m)
 }
 
+/// How many times opening re-reads a manifest that changed under it.
+const TAKE_MANIFEST_ATTEMPTS: u32 = 8;
+
 /// Read (or create) the manifest and raise its epoch to ours.
+///
+/// A writer with an older epoch may still commit while we open (its last
+/// in-flight commit of a takeover); that is harmless before we serve, so the
+/// manifest is re-read and the swap retried. A newer epoch fences us.
 async fn take_manifest(
     store: &DynStore,
     p: &VolumeParams,
 ) -> Result<(Manifest, Version), EngineError> {
+    for _ in 0..TAKE_MANIFEST_ATTEMPTS {
+        if let Some(taken) = take_manifest_once(store, p).await? {
+            return Ok(taken);
+        }
+    }
+    Err(EngineError::Fenced(format!(
+        "manifest kept changing while opening ({TAKE_MANIFEST_ATTEMPTS} attempts): another writer is active"
+    )))
+}
+
+/// One attempt of [`take_manifest`]; `None` if the manifest changed under it.
+async fn take_manifest_once(
+    store: &DynStore,
+    p: &VolumeParams,
+) -> Result<Option<(Manifest, Version)>, EngineError> {
     let key = manifest_key(p.id);
     let (mut m, mut ver) = match store.get(&key).await {
         Ok(o) => (parse_manifest(p.id, &o.data)?, o.version),
@@ -70,7 +92,7 @@ async fn take_manifest(
             };
             let data = Bytes::from(serde_json::to_vec(&m).unwrap_or_default());
             match store.put(&key, data, PutMode::Create).await {
-                Ok(v) => return Ok((m, v)),
+                Ok(v) => return Ok(Some((m, v))),
                 Err(StoreError::AlreadyExists { .. }) => {
                     let o = store.get(&key).await?;
                     (parse_manifest(p.id, &o.data)?, o.version)
@@ -91,15 +113,11 @@ async fn take_manifest(
         let data = Bytes::from(serde_json::to_vec(&m).unwrap_or_default());
         ver = match store.put(&key, data, PutMode::IfMatch(ver)).await {
             Ok(v) => v,
-            Err(StoreError::PreconditionFailed { .. }) => {
-                return Err(EngineError::Fenced(
-                    "manifest changed while opening (another writer?)".into(),
-                ))
-            }
+            Err(StoreError::PreconditionFailed { .. }) => return Ok(None),
             Err(e) => return Err(e.into()),
         };
     }
-    Ok((m, ver))
+    Ok(Some((m, ver)))
 }
 
 /// Run recovery for `p`. Applies WAL records through `state`.
