@@ -154,6 +154,9 @@ pub struct Lease {
     /// The record as last written by us; its state only moves away from
     /// `Active`, never back.
     held: Mutex<Held>,
+    /// Serializes this process's renewals and release, so a compare-and-swap
+    /// failure always means another writer, never our own concurrent call.
+    writer: tokio::sync::Mutex<()>,
 }
 
 impl Lease {
@@ -253,6 +256,7 @@ impl Lease {
                             version,
                             state: State::Active,
                         }),
+                        writer: tokio::sync::Mutex::new(()),
                     });
                 }
                 // Someone changed the lease between our read and write:
@@ -315,6 +319,7 @@ impl Lease {
     /// epoch. Fails with [`LeaseError::Fenced`] if someone took it over;
     /// the lease then stays lost.
     pub async fn renew(&self) -> Result<(), LeaseError> {
+        let _writer = self.writer.lock().await;
         let (mut record, version) = {
             let held = self.lock();
             self.usable(&held)?;
@@ -328,6 +333,7 @@ impl Lease {
     /// Give the lease up: write it back already expired (same epoch), so the
     /// next acquire succeeds at once. The lease is unusable afterwards.
     pub async fn release(&self) -> Result<(), LeaseError> {
+        let _writer = self.writer.lock().await;
         let (mut record, version) = {
             let held = self.lock();
             match held.state {
