@@ -6,8 +6,22 @@ use async_trait::async_trait;
 
 use crate::error::BlockError;
 
+pub mod cache;
+pub mod checkpoint;
+pub mod chunk;
 pub mod config;
+mod destage;
+pub mod error;
+pub mod map;
 pub mod memdisk;
+mod read;
+mod recovery;
+mod state;
+pub mod volume;
+pub mod wal;
+
+pub use error::EngineError;
+pub use volume::{Volume, VolumeParams, VolumeStats};
 
 /// Bytes per sector: the addressing unit of every request.
 pub const SECTOR: u64 = 512;

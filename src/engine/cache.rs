@@ -1,0 +1,148 @@
+//! Local read cache of chunk data: one file under `<local_dir>/cache/`, cut
+//! into fixed slots, CLOCK eviction.
+//!
+//! Invariants:
+//! 1. The cache is discarded at open (the file is recreated), so an entry
+//!    can only describe a chunk of the current history.
+//! 2. A slot holds [`SLOT`] bytes of one chunk's data area starting at a
+//!    `SLOT`-aligned offset (the last window of a chunk may be short).
+//! 3. The cache never vouches for data: callers verify what they read
+//!    against the chunk's block CRCs and treat a mismatch as a miss (a slot
+//!    may be reused while it is being read).
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Mutex;
+
+use super::error::EngineError;
+
+/// Bytes per cache slot (a multiple of the chunk CRC block).
+pub const SLOT: u64 = 64 << 10;
+
+/// `(chunk seq, window index)`.
+type Key = (u64, u64);
+
+#[derive(Debug)]
+struct Index {
+    map: HashMap<Key, usize>,
+    /// Per slot: its key (None while free or being filled) and CLOCK bit.
+    slots: Vec<(Option<Key>, bool)>,
+    hand: usize,
+}
+
+#[derive(Debug)]
+pub struct Cache {
+    file: File,
+    index: Mutex<Index>,
+}
+
+impl Cache {
+    /// Create a fresh cache of `size` bytes in `dir`; `None` when `size` is
+    /// smaller than one slot (cache disabled).
+    pub fn open(dir: &Path, size: u64) -> Result<Option<Cache>, EngineError> {
+        let slots = (size / SLOT) as usize;
+        if slots == 0 {
+            return Ok(None);
+        }
+        let err =
+            |e: std::io::Error| EngineError::LocalIo(format!("read cache {}: {e}", dir.display()));
+        std::fs::create_dir_all(dir).map_err(err)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.join("data"))
+            .map_err(err)?;
+        file.set_len(slots as u64 * SLOT).map_err(err)?;
+        Ok(Some(Cache {
+            file,
+            index: Mutex::new(Index {
+                map: HashMap::new(),
+                slots: vec![(None, false); slots],
+                hand: 0,
+            }),
+        }))
+    }
+
+    /// Read window `window` of `chunk` into `dst` if cached (`dst.len()` is
+    /// the window's length). Returns false on a miss.
+    pub fn get(&self, chunk: u64, window: u64, dst: &mut [u8]) -> bool {
+        let slot = {
+            let mut idx = self.index.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(&slot) = idx.map.get(&(chunk, window)) else {
+                return false;
+            };
+            idx.slots[slot].1 = true;
+            slot
+        };
+        self.file.read_exact_at(dst, slot as u64 * SLOT).is_ok()
+    }
+
+    /// Store a verified window (at most [`SLOT`] bytes).
+    pub fn put(&self, chunk: u64, window: u64, data: &[u8]) {
+        if data.len() as u64 > SLOT {
+            return;
+        }
+        let slot = {
+            let mut idx = self.index.lock().unwrap_or_else(|e| e.into_inner());
+            if idx.map.contains_key(&(chunk, window)) {
+                return;
+            }
+            let n = idx.slots.len();
+            let slot = loop {
+                let h = idx.hand;
+                idx.hand = (h + 1) % n;
+                if idx.slots[h].1 {
+                    idx.slots[h].1 = false;
+                } else {
+                    break h;
+                }
+            };
+            if let Some(old) = idx.slots[slot].0.take() {
+                idx.map.remove(&old);
+            }
+            slot
+        };
+        if self.file.write_all_at(data, slot as u64 * SLOT).is_err() {
+            return;
+        }
+        let mut idx = self.index.lock().unwrap_or_else(|e| e.into_inner());
+        if idx.slots[slot].0.is_none() && !idx.map.contains_key(&(chunk, window)) {
+            idx.slots[slot] = (Some((chunk, window)), true);
+            idx.map.insert((chunk, window), slot);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hit_miss_and_eviction() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(Cache::open(dir.path(), SLOT - 1).unwrap().is_none());
+        let c = Cache::open(dir.path(), 2 * SLOT).unwrap().unwrap();
+        let a = vec![1u8; SLOT as usize];
+        let b = vec![2u8; 1000];
+        let mut buf = vec![0u8; SLOT as usize];
+        assert!(!c.get(1, 0, &mut buf));
+        c.put(1, 0, &a);
+        c.put(2, 5, &b);
+        assert!(c.get(1, 0, &mut buf));
+        assert_eq!(buf, a);
+        let mut small = vec![0u8; 1000];
+        assert!(c.get(2, 5, &mut small));
+        assert_eq!(small, b);
+        // A third window evicts one of the two.
+        c.put(3, 0, &a);
+        let hits = [(1, 0), (2, 5), (3, 0)]
+            .iter()
+            .filter(|&&(ch, w)| c.get(ch, w, &mut [0u8; 10]))
+            .count();
+        assert_eq!(hits, 2);
+    }
+}

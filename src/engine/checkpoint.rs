@@ -1,0 +1,218 @@
+//! Manifest and checkpoint objects.
+//!
+//! The manifest (`volumes/<id>/manifest`, JSON) is the volume's root: the
+//! writer epoch and the newest checkpoint. It is created with
+//! `PutMode::Create` and only ever replaced with `PutMode::IfMatch`, so a
+//! writer that lost the volume to a newer epoch cannot commit.
+//!
+//! A checkpoint holds the store-side extent map exactly as it stands after
+//! chunk `chunk_seq` (which ends at op sequence `last_seq`) plus the table of
+//! chunks it references. Encoding: `"SHALECP1" | crc32c u32 | json`, the CRC
+//! covering the JSON bytes.
+
+use serde::{Deserialize, Serialize};
+
+use super::map::{ExtentMap, Loc};
+
+const CP_MAGIC: &[u8; 8] = b"SHALECP1";
+
+/// The volume's root object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub volume: u64,
+    pub epoch: u64,
+    /// Key of the newest checkpoint, if any.
+    pub checkpoint: Option<String>,
+    /// Last chunk covered by that checkpoint (0: none).
+    pub checkpoint_chunk: u64,
+    /// Last chunk known to be in the store when the manifest was written.
+    pub last_chunk: u64,
+    /// Last op sequence number in the store when the manifest was written.
+    pub last_seq: u64,
+}
+
+pub fn manifest_key(volume: u64) -> String {
+    format!("volumes/{volume:016x}/manifest")
+}
+
+pub fn checkpoint_key(volume: u64, chunk_seq: u64, epoch: u64) -> String {
+    format!("volumes/{volume:016x}/checkpoints/{chunk_seq:016x}-{epoch:08x}")
+}
+
+/// What the engine knows about one stored chunk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkInfo {
+    pub seq: u64,
+    pub epoch: u64,
+    /// Offset of the data area in the object.
+    pub data_start: u64,
+    pub data_len: u64,
+    /// CRC32C per [`super::chunk::CRC_BLOCK`] of the data area.
+    pub crcs: Vec<u32>,
+}
+
+/// A serialized store-side map.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Checkpoint {
+    pub volume: u64,
+    pub epoch: u64,
+    pub chunk_seq: u64,
+    pub last_seq: u64,
+    pub chunks: Vec<ChunkInfo>,
+    /// `(start sector, sectors, chunk seq, data offset)`.
+    pub extents: Vec<(u64, u64, u64, u64)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("not a checkpoint (bad magic or too short)")]
+    BadMagic,
+    #[error("checkpoint checksum mismatch")]
+    Crc,
+    #[error("checkpoint does not parse: {0}")]
+    Parse(String),
+    #[error("checkpoint is inconsistent: {0}")]
+    Inconsistent(String),
+}
+
+impl Checkpoint {
+    /// Capture `map` (which must hold only chunk locations).
+    pub fn from_map(
+        volume: u64,
+        epoch: u64,
+        chunk_seq: u64,
+        last_seq: u64,
+        map: &ExtentMap,
+        chunks: Vec<ChunkInfo>,
+    ) -> Checkpoint {
+        let extents = map
+            .iter()
+            .filter_map(|(s, l, loc)| match loc {
+                Loc::Chunk { chunk, off } => Some((s, l, chunk, off)),
+                _ => None,
+            })
+            .collect();
+        Checkpoint {
+            volume,
+            epoch,
+            chunk_seq,
+            last_seq,
+            chunks,
+            extents,
+        }
+    }
+
+    /// Rebuild the map, checking every extent names a listed chunk and
+    /// stays inside its data area and the volume.
+    pub fn to_map(&self, volume_sectors: u64) -> Result<ExtentMap, CheckpointError> {
+        let mut map = ExtentMap::new();
+        for &(s, l, c, off) in &self.extents {
+            let info = self
+                .chunks
+                .iter()
+                .find(|i| i.seq == c)
+                .ok_or_else(|| CheckpointError::Inconsistent(format!("unknown chunk {c}")))?;
+            let fits_data = l
+                .checked_mul(super::SECTOR)
+                .and_then(|b| b.checked_add(off))
+                .is_some_and(|e| e <= info.data_len);
+            let fits_volume = s.checked_add(l).is_some_and(|e| e <= volume_sectors);
+            if l == 0 || !fits_data || !fits_volume {
+                return Err(CheckpointError::Inconsistent(format!(
+                    "extent {s}+{l} in chunk {c}"
+                )));
+            }
+            map.insert(s, l, Loc::Chunk { chunk: c, off });
+        }
+        Ok(map)
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        let mut b = Vec::with_capacity(json.len() + 12);
+        b.extend_from_slice(CP_MAGIC);
+        b.extend_from_slice(&crc32c::crc32c(&json).to_le_bytes());
+        b.extend_from_slice(&json);
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Checkpoint, CheckpointError> {
+        if b.len() < 12 || &b[..8] != CP_MAGIC {
+            return Err(CheckpointError::BadMagic);
+        }
+        let crc = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
+        if crc32c::crc32c(&b[12..]) != crc {
+            return Err(CheckpointError::Crc);
+        }
+        serde_json::from_slice(&b[12..]).map_err(|e| CheckpointError::Parse(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_corruption() {
+        let mut map = ExtentMap::new();
+        map.insert(0, 8, Loc::Chunk { chunk: 1, off: 0 });
+        map.insert(100, 4, Loc::Chunk { chunk: 2, off: 512 });
+        let chunks = vec![
+            ChunkInfo {
+                seq: 1,
+                epoch: 1,
+                data_start: 100,
+                data_len: 4096,
+                crcs: vec![1u32],
+            },
+            ChunkInfo {
+                seq: 2,
+                epoch: 1,
+                data_start: 100,
+                data_len: 4096,
+                crcs: vec![2u32],
+            },
+        ];
+        let cp = Checkpoint::from_map(5, 1, 2, 40, &map, chunks);
+        let enc = cp.encode();
+        let dec = Checkpoint::decode(&enc).unwrap();
+        assert_eq!(dec, cp);
+        let m2 = dec.to_map(1000).unwrap();
+        assert_eq!(
+            m2.iter().collect::<Vec<_>>(),
+            map.iter().collect::<Vec<_>>()
+        );
+        let mut bad = enc.clone();
+        let n = bad.len();
+        bad[n - 3] ^= 1;
+        assert_eq!(Checkpoint::decode(&bad), Err(CheckpointError::Crc));
+        assert_eq!(
+            Checkpoint::decode(&enc[..5]),
+            Err(CheckpointError::BadMagic)
+        );
+        // Extents past the volume or naming unknown chunks are rejected.
+        assert!(dec.to_map(50).is_err());
+        let mut odd = dec.clone();
+        odd.extents.push((300, 1, 9, 0));
+        assert!(odd.to_map(1000).is_err());
+    }
+
+    #[test]
+    fn manifest_json_rejects_unknown_fields() {
+        let m = Manifest {
+            volume: 1,
+            epoch: 2,
+            checkpoint: None,
+            checkpoint_chunk: 0,
+            last_chunk: 0,
+            last_seq: 0,
+        };
+        let j = serde_json::to_string(&m).unwrap();
+        assert_eq!(serde_json::from_str::<Manifest>(&j).unwrap(), m);
+        let extra = j.replace("{", "{\"x\":1,");
+        assert!(serde_json::from_str::<Manifest>(&extra).is_err());
+        assert_eq!(manifest_key(0x10), "volumes/0000000000000010/manifest");
+    }
+}

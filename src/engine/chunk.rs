@@ -1,0 +1,342 @@
+//! Chunk object codec and keys.
+//!
+//! A chunk holds the writes of one contiguous sequence range
+//! `first_seq..=last_seq`, newest write winning where they overlap.
+//! Layout (little endian):
+//! ```text
+//! magic "SHALECK1" | version u32 | header_len u32 | volume u64 | epoch u64 |
+//! chunk_seq u64 | first_seq u64 | last_seq u64 | n_extents u32 | n_blocks u32 |
+//! data_len u64 | extents[n_extents] | block_crcs[n_blocks] u32 | header_crc u32 | data
+//! extent = lba u64 | sectors u64 | data_off u64 (u64::MAX: unmapped/zero)
+//! ```
+//! `header_crc` is CRC32C of every header byte before it. The data area is
+//! checked in [`CRC_BLOCK`] blocks (the last one may be short), so any
+//! sector-aligned part of it can be fetched and verified on its own.
+
+use super::SECTOR;
+
+pub const MAGIC: &[u8; 8] = b"SHALECK1";
+pub const VERSION: u32 = 1;
+/// Granularity of the data-area checksums.
+pub const CRC_BLOCK: u64 = 4096;
+const FIXED_LEN: usize = 72;
+const EXTENT_LEN: usize = 24;
+const ZERO_OFF: u64 = u64::MAX;
+
+/// One range of a chunk: data at `data_off` in the data area, or zeros.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkExtent {
+    pub lba: u64,
+    pub sectors: u64,
+    pub data_off: Option<u64>,
+}
+
+/// Everything in a chunk header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkHeader {
+    pub volume: u64,
+    pub epoch: u64,
+    pub chunk_seq: u64,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub extents: Vec<ChunkExtent>,
+    pub block_crcs: Vec<u32>,
+    pub data_len: u64,
+    /// Byte offset of the data area in the object.
+    pub header_len: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChunkError {
+    #[error("chunk too short for its header")]
+    Truncated,
+    #[error("not a chunk (bad magic)")]
+    BadMagic,
+    #[error("unsupported chunk version {0}")]
+    Version(u32),
+    #[error("chunk header checksum mismatch")]
+    HeaderCrc,
+    #[error("chunk header is inconsistent: {0}")]
+    Inconsistent(&'static str),
+    #[error("chunk data checksum mismatch in block {0}")]
+    DataCrc(u64),
+}
+
+/// Key of chunk `seq` written in `epoch`.
+pub fn chunk_key(volume: u64, seq: u64, epoch: u64) -> String {
+    format!("{}{seq:016x}-{epoch:08x}", chunk_prefix(volume))
+}
+
+/// Prefix under which every chunk of `volume` lives.
+pub fn chunk_prefix(volume: u64) -> String {
+    format!("volumes/{volume:016x}/chunks/")
+}
+
+/// `(seq, epoch)` from a chunk key's last segment.
+pub fn parse_chunk_name(name: &str) -> Option<(u64, u64)> {
+    let (s, e) = name.split_once('-')?;
+    if s.len() != 16 {
+        return None;
+    }
+    Some((
+        u64::from_str_radix(s, 16).ok()?,
+        u64::from_str_radix(e, 16).ok()?,
+    ))
+}
+
+/// CRC32C of each [`CRC_BLOCK`] block of `data`.
+pub fn block_crcs(data: &[u8]) -> Vec<u32> {
+    data.chunks(CRC_BLOCK as usize)
+        .map(crc32c::crc32c)
+        .collect()
+}
+
+/// Encode a chunk. `extents` with data index into `data`.
+pub fn encode(h: &ChunkHeader, data: &[u8]) -> Vec<u8> {
+    let crcs = block_crcs(data);
+    let header_len = FIXED_LEN + EXTENT_LEN * h.extents.len() + 4 * crcs.len() + 4;
+    let mut b = Vec::with_capacity(header_len + data.len());
+    b.extend_from_slice(MAGIC);
+    b.extend_from_slice(&VERSION.to_le_bytes());
+    b.extend_from_slice(&(header_len as u32).to_le_bytes());
+    for v in [h.volume, h.epoch, h.chunk_seq, h.first_seq, h.last_seq] {
+        b.extend_from_slice(&v.to_le_bytes());
+    }
+    b.extend_from_slice(&(h.extents.len() as u32).to_le_bytes());
+    b.extend_from_slice(&(crcs.len() as u32).to_le_bytes());
+    b.extend_from_slice(&(data.len() as u64).to_le_bytes());
+    for e in &h.extents {
+        b.extend_from_slice(&e.lba.to_le_bytes());
+        b.extend_from_slice(&e.sectors.to_le_bytes());
+        b.extend_from_slice(&e.data_off.unwrap_or(ZERO_OFF).to_le_bytes());
+    }
+    for c in &crcs {
+        b.extend_from_slice(&c.to_le_bytes());
+    }
+    let crc = crc32c::crc32c(&b);
+    b.extend_from_slice(&crc.to_le_bytes());
+    b.extend_from_slice(data);
+    b
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    pos: usize,
+}
+
+impl Reader<'_> {
+    fn take<const N: usize>(&mut self) -> Result<[u8; N], ChunkError> {
+        let s = self
+            .b
+            .get(self.pos..self.pos + N)
+            .ok_or(ChunkError::Truncated)?;
+        self.pos += N;
+        let mut a = [0u8; N];
+        a.copy_from_slice(s);
+        Ok(a)
+    }
+    fn u32(&mut self) -> Result<u32, ChunkError> {
+        Ok(u32::from_le_bytes(self.take()?))
+    }
+    fn u64(&mut self) -> Result<u64, ChunkError> {
+        Ok(u64::from_le_bytes(self.take()?))
+    }
+}
+
+/// Decode and verify the header at the start of `b` (which may hold just
+/// the header or the whole object). Does not check the data area.
+pub fn decode_header(b: &[u8]) -> Result<ChunkHeader, ChunkError> {
+    let mut r = Reader { b, pos: 0 };
+    if &r.take::<8>()? != MAGIC {
+        return Err(ChunkError::BadMagic);
+    }
+    let version = r.u32()?;
+    if version != VERSION {
+        return Err(ChunkError::Version(version));
+    }
+    let header_len = r.u32()? as usize;
+    if header_len < FIXED_LEN + 4 || header_len > b.len() {
+        return Err(ChunkError::Truncated);
+    }
+    let stored = u32::from_le_bytes(
+        b[header_len - 4..header_len]
+            .try_into()
+            .map_err(|_| ChunkError::Truncated)?,
+    );
+    if crc32c::crc32c(&b[..header_len - 4]) != stored {
+        return Err(ChunkError::HeaderCrc);
+    }
+    let volume = r.u64()?;
+    let epoch = r.u64()?;
+    let chunk_seq = r.u64()?;
+    let first_seq = r.u64()?;
+    let last_seq = r.u64()?;
+    let n_ext = r.u32()? as usize;
+    let n_blocks = r.u32()? as usize;
+    let data_len = r.u64()?;
+    if FIXED_LEN + EXTENT_LEN * n_ext + 4 * n_blocks + 4 != header_len {
+        return Err(ChunkError::Inconsistent("header length"));
+    }
+    if data_len.div_ceil(CRC_BLOCK) != n_blocks as u64 {
+        return Err(ChunkError::Inconsistent("block count"));
+    }
+    if first_seq > last_seq {
+        return Err(ChunkError::Inconsistent("sequence range"));
+    }
+    let mut extents = Vec::with_capacity(n_ext);
+    for _ in 0..n_ext {
+        let lba = r.u64()?;
+        let sectors = r.u64()?;
+        let off = r.u64()?;
+        let data_off = (off != ZERO_OFF).then_some(off);
+        if let Some(o) = data_off {
+            let end = sectors
+                .checked_mul(SECTOR)
+                .and_then(|l| l.checked_add(o))
+                .ok_or(ChunkError::Inconsistent("extent length"))?;
+            if end > data_len {
+                return Err(ChunkError::Inconsistent("extent past data"));
+            }
+        }
+        if sectors == 0 || lba.checked_add(sectors).is_none() {
+            return Err(ChunkError::Inconsistent("extent range"));
+        }
+        extents.push(ChunkExtent {
+            lba,
+            sectors,
+            data_off,
+        });
+    }
+    let mut block_crcs = Vec::with_capacity(n_blocks);
+    for _ in 0..n_blocks {
+        block_crcs.push(r.u32()?);
+    }
+    Ok(ChunkHeader {
+        volume,
+        epoch,
+        chunk_seq,
+        first_seq,
+        last_seq,
+        extents,
+        block_crcs,
+        data_len,
+        header_len: header_len as u64,
+    })
+}
+
+/// The block-aligned data-area range to fetch so `[off, off+len)` can be
+/// verified: `(start, end)` with `end` clipped to `data_len`.
+pub fn aligned_range(off: u64, len: u64, data_len: u64) -> (u64, u64) {
+    let start = off - off % CRC_BLOCK;
+    let end = (off + len).div_ceil(CRC_BLOCK) * CRC_BLOCK;
+    (start, end.min(data_len))
+}
+
+/// Verify `data`, which starts at the block-aligned data-area offset `start`.
+pub fn verify_blocks(crcs: &[u32], start: u64, data: &[u8]) -> Result<(), ChunkError> {
+    let first = start / CRC_BLOCK;
+    for (i, block) in data.chunks(CRC_BLOCK as usize).enumerate() {
+        let idx = first + i as u64;
+        match crcs.get(idx as usize) {
+            Some(&c) if c == crc32c::crc32c(block) => {}
+            _ => return Err(ChunkError::DataCrc(idx)),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> (ChunkHeader, Vec<u8>) {
+        let mut data = vec![0u8; 9000 / 512 * 512];
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = (i % 251) as u8 + 1;
+        }
+        let h = ChunkHeader {
+            volume: 3,
+            epoch: 2,
+            chunk_seq: 9,
+            first_seq: 100,
+            last_seq: 120,
+            extents: vec![
+                ChunkExtent {
+                    lba: 0,
+                    sectors: 8,
+                    data_off: Some(0),
+                },
+                ChunkExtent {
+                    lba: 50,
+                    sectors: 3,
+                    data_off: None,
+                },
+                ChunkExtent {
+                    lba: 64,
+                    sectors: 9,
+                    data_off: Some(4096),
+                },
+            ],
+            block_crcs: vec![],
+            data_len: data.len() as u64,
+            header_len: 0,
+        };
+        (h, data)
+    }
+
+    #[test]
+    fn round_trip_and_partial_verify() {
+        let (h, data) = sample();
+        let obj = encode(&h, &data);
+        let d = decode_header(&obj).unwrap();
+        assert_eq!(d.extents, h.extents);
+        assert_eq!(
+            (d.chunk_seq, d.first_seq, d.last_seq, d.epoch),
+            (9, 100, 120, 2)
+        );
+        assert_eq!(d.block_crcs.len(), 3);
+        let body = &obj[d.header_len as usize..];
+        assert_eq!(body, &data[..]);
+        // Verify a sub-range that starts mid-block.
+        let (s, e) = aligned_range(5000, 1024, d.data_len);
+        assert_eq!((s, e), (4096, 8192));
+        verify_blocks(&d.block_crcs, s, &body[s as usize..e as usize]).unwrap();
+        let (s, e) = aligned_range(8192, 512, d.data_len);
+        assert_eq!(e, d.data_len);
+        verify_blocks(&d.block_crcs, s, &body[s as usize..e as usize]).unwrap();
+        let mut bad = body[4096..8192].to_vec();
+        bad[10] ^= 4;
+        assert_eq!(
+            verify_blocks(&d.block_crcs, 4096, &bad),
+            Err(ChunkError::DataCrc(1))
+        );
+    }
+
+    #[test]
+    fn corruption_is_detected() {
+        let (h, data) = sample();
+        let obj = encode(&h, &data);
+        let hl = decode_header(&obj).unwrap().header_len as usize;
+        for i in [0, 9, 13, 20, 80, hl - 1] {
+            let mut bad = obj.clone();
+            bad[i] ^= 0x10;
+            assert!(decode_header(&bad).is_err(), "flip at {i}");
+        }
+        for cut in [0, 7, 40, hl - 1] {
+            assert!(decode_header(&obj[..cut]).is_err(), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn keys_parse() {
+        let k = chunk_key(0xab, 17, 3);
+        assert_eq!(
+            k,
+            "volumes/00000000000000ab/chunks/0000000000000011-00000003"
+        );
+        let name = k.rsplit('/').next().unwrap();
+        assert_eq!(parse_chunk_name(name), Some((17, 3)));
+        assert_eq!(parse_chunk_name("zz-1"), None);
+        assert_eq!(parse_chunk_name("0000000000000011"), None);
+    }
+}

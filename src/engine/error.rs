@@ -1,0 +1,53 @@
+//! The engine's precise error type; converts into the edge [`BlockError`].
+
+use super::checkpoint::CheckpointError;
+use super::chunk::ChunkError;
+use super::config::ConfigError;
+use super::wal::WalError;
+use crate::error::BlockError;
+use crate::store::StoreError;
+
+/// Everything that can go wrong inside a volume.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("invalid volume parameters: {0}")]
+    InvalidParams(String),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("object store: {0}")]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Wal(#[from] WalError),
+    #[error("chunk {key}: {source}")]
+    Chunk { key: String, source: ChunkError },
+    #[error("checkpoint {key}: {source}")]
+    Checkpoint {
+        key: String,
+        source: CheckpointError,
+    },
+    #[error("manifest {key}: {reason}")]
+    Manifest { key: String, reason: String },
+    #[error("volume is fenced: {0}")]
+    Fenced(String),
+    #[error("volume is closed")]
+    Closed,
+    #[error("local I/O: {0}")]
+    LocalIo(String),
+}
+
+impl From<EngineError> for BlockError {
+    fn from(e: EngineError) -> BlockError {
+        match e {
+            EngineError::InvalidParams(m) => BlockError::InvalidArgument(m),
+            EngineError::Fenced(m) => BlockError::Fenced(m),
+            EngineError::Closed | EngineError::Wal(WalError::Stopped) => BlockError::Closed,
+            other => BlockError::Io(other.to_string()),
+        }
+    }
+}
+
+impl From<WalError> for BlockError {
+    fn from(e: WalError) -> BlockError {
+        EngineError::Wal(e).into()
+    }
+}

@@ -1,0 +1,386 @@
+//! The extent map: which location holds each sector of a volume.
+//!
+//! Invariants:
+//! 1. Entries never overlap; each covers `len >= 1` sectors starting at its key.
+//! 2. A sector with no entry reads as zeros (unmapped).
+//! 3. Inserting or removing a range splits the entries it cuts and returns the
+//!    pieces it displaced, so callers can keep live-byte counts exact.
+//! 4. Adjacent entries whose locations continue each other are merged, so a
+//!    sequential stream of writes stays one entry per chunk, not per block.
+
+use std::collections::BTreeMap;
+
+use super::SECTOR;
+
+/// Where a WAL record's data lives in the local log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WalLoc {
+    /// Sequence number of the record.
+    pub seq: u64,
+    /// WAL segment id holding the record.
+    pub seg: u64,
+    /// File offset of the record's first data byte.
+    pub data_off: u64,
+    /// Length of the whole record's data in sectors (the CRC covers all of it).
+    pub rec_sectors: u64,
+    /// CRC32C of the whole record's data.
+    pub crc: u32,
+    /// Sectors of the record before the first sector this location names.
+    pub skip: u64,
+}
+
+/// Where a range of sectors lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Loc {
+    /// Explicitly zero (used where "trimmed" must differ from "untouched").
+    Zero,
+    /// In the local WAL.
+    Wal(WalLoc),
+    /// In a chunk object: `off` is the byte offset in the chunk's data area.
+    Chunk { chunk: u64, off: u64 },
+}
+
+impl Loc {
+    /// The location of the sector `sectors` further on.
+    pub fn advance(&self, sectors: u64) -> Loc {
+        match *self {
+            Loc::Zero => Loc::Zero,
+            Loc::Wal(w) => Loc::Wal(WalLoc {
+                skip: w.skip + sectors,
+                ..w
+            }),
+            Loc::Chunk { chunk, off } => Loc::Chunk {
+                chunk,
+                off: off + sectors * SECTOR,
+            },
+        }
+    }
+
+    /// True when `next` is exactly where `self` goes after `len` sectors.
+    fn continued_by(&self, len: u64, next: &Loc) -> bool {
+        match (self, next) {
+            (Loc::Zero, Loc::Zero) => true,
+            (Loc::Wal(a), Loc::Wal(b)) => {
+                a.seq == b.seq && a.seg == b.seg && a.skip + len == b.skip
+            }
+            (Loc::Chunk { chunk: c1, off: o1 }, Loc::Chunk { chunk: c2, off: o2 }) => {
+                c1 == c2 && o1 + len * SECTOR == *o2
+            }
+            _ => false,
+        }
+    }
+}
+
+/// A run of sectors and where it lives (`None`: unmapped).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Piece {
+    pub start: u64,
+    pub len: u64,
+    pub loc: Option<Loc>,
+}
+
+/// Sector ranges → locations. See the module docs for invariants.
+#[derive(Debug, Clone, Default)]
+pub struct ExtentMap {
+    entries: BTreeMap<u64, (u64, Loc)>,
+}
+
+impl ExtentMap {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of entries (not sectors).
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Every entry in ascending order as `(start, len, loc)`.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, u64, Loc)> + '_ {
+        self.entries.iter().map(|(&s, &(l, loc))| (s, l, loc))
+    }
+
+    /// Unmap `[start, start+len)`; returns the mapped pieces it displaced.
+    pub fn remove(&mut self, start: u64, len: u64) -> Vec<Piece> {
+        let mut removed = Vec::new();
+        if len == 0 {
+            return removed;
+        }
+        let end = start + len;
+        // An entry beginning before `start` may reach into the range.
+        if let Some((&s, &(l, loc))) = self.entries.range(..start).next_back() {
+            if s + l > start {
+                self.entries.insert(s, (start - s, loc));
+                let cut_end = end.min(s + l);
+                removed.push(Piece {
+                    start,
+                    len: cut_end - start,
+                    loc: Some(loc.advance(start - s)),
+                });
+                if s + l > end {
+                    self.entries
+                        .insert(end, (s + l - end, loc.advance(end - s)));
+                }
+            }
+        }
+        let inside: Vec<u64> = self.entries.range(start..end).map(|(&s, _)| s).collect();
+        for s in inside {
+            let Some((l, loc)) = self.entries.remove(&s) else {
+                continue;
+            };
+            let cut_end = end.min(s + l);
+            removed.push(Piece {
+                start: s,
+                len: cut_end - s,
+                loc: Some(loc),
+            });
+            if s + l > end {
+                self.entries
+                    .insert(end, (s + l - end, loc.advance(end - s)));
+            }
+        }
+        removed
+    }
+
+    /// Map `[start, start+len)` to `loc`; returns the mapped pieces it displaced.
+    pub fn insert(&mut self, start: u64, len: u64, loc: Loc) -> Vec<Piece> {
+        let removed = self.remove(start, len);
+        if len == 0 {
+            return removed;
+        }
+        let (mut start, mut len, loc) = (start, len, loc);
+        let mut loc_start = loc;
+        if let Some((&ps, &(pl, ploc))) = self.entries.range(..start).next_back() {
+            if ps + pl == start && ploc.continued_by(pl, &loc) {
+                self.entries.remove(&ps);
+                start = ps;
+                len += pl;
+                loc_start = ploc;
+            }
+        }
+        if let Some(&(nl, nloc)) = self.entries.get(&(start + len)) {
+            if loc_start.continued_by(len, &nloc) {
+                self.entries.remove(&(start + len));
+                len += nl;
+            }
+        }
+        self.entries.insert(start, (len, loc_start));
+        removed
+    }
+
+    /// Cover `[start, start+len)` with pieces in order, holes as `loc: None`.
+    pub fn lookup(&self, start: u64, len: u64) -> Vec<Piece> {
+        let end = start + len;
+        let mut out = Vec::new();
+        let mut pos = start;
+        let first = self
+            .entries
+            .range(..start)
+            .next_back()
+            .filter(|(&s, &(l, _))| s + l > start)
+            .map(|(&s, &v)| (s, v));
+        let rest = self.entries.range(start..end).map(|(&s, &v)| (s, v));
+        for (s, (l, loc)) in first.into_iter().chain(rest) {
+            if s > pos {
+                out.push(Piece {
+                    start: pos,
+                    len: s - pos,
+                    loc: None,
+                });
+                pos = s;
+            }
+            let piece_end = end.min(s + l);
+            out.push(Piece {
+                start: pos,
+                len: piece_end - pos,
+                loc: Some(loc.advance(pos - s)),
+            });
+            pos = piece_end;
+        }
+        if pos < end {
+            out.push(Piece {
+                start: pos,
+                len: end - pos,
+                loc: None,
+            });
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(c: u64, off: u64) -> Loc {
+        Loc::Chunk { chunk: c, off }
+    }
+
+    /// Expand the map into one location per sector for easy comparison.
+    fn flat(m: &ExtentMap, n: u64) -> Vec<Option<Loc>> {
+        let mut v = vec![None; n as usize];
+        for (s, l, loc) in m.iter() {
+            for i in 0..l {
+                v[(s + i) as usize] = Some(loc.advance(i));
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn split_in_middle_and_edges() {
+        let mut m = ExtentMap::new();
+        m.insert(0, 100, chunk(1, 0));
+        let removed = m.insert(10, 5, chunk(2, 0));
+        assert_eq!(
+            removed,
+            vec![Piece {
+                start: 10,
+                len: 5,
+                loc: Some(chunk(1, 10 * 512))
+            }]
+        );
+        assert_eq!(m.len(), 3);
+        let f = flat(&m, 100);
+        assert_eq!(f[9], Some(chunk(1, 9 * 512)));
+        assert_eq!(f[10], Some(chunk(2, 0)));
+        assert_eq!(f[15], Some(chunk(1, 15 * 512)));
+        // Overwrite spanning several entries, cutting both ends.
+        let removed = m.insert(5, 20, chunk(3, 0));
+        let total: u64 = removed.iter().map(|p| p.len).sum();
+        assert_eq!(total, 20);
+        assert_eq!(m.len(), 3);
+        assert_eq!(flat(&m, 100)[24], Some(chunk(3, 19 * 512)));
+        assert_eq!(flat(&m, 100)[25], Some(chunk(1, 25 * 512)));
+    }
+
+    #[test]
+    fn merge_contiguous_and_remove() {
+        let mut m = ExtentMap::new();
+        for i in 0..10 {
+            m.insert(i * 8, 8, chunk(7, i * 8 * 512));
+        }
+        assert_eq!(m.len(), 1, "sequential chunk extents merge");
+        m.insert(100, 4, Loc::Zero);
+        m.insert(96, 4, Loc::Zero);
+        assert_eq!(m.len(), 2);
+        let removed = m.remove(70, 40);
+        assert_eq!(removed.iter().map(|p| p.len).sum::<u64>(), 10 + 8);
+        assert_eq!(m.len(), 1);
+        assert!(m.remove(500, 10).is_empty());
+        // Filling a hole between continuing pieces merges all three.
+        let mut m = ExtentMap::new();
+        m.insert(0, 4, chunk(1, 0));
+        m.insert(8, 4, chunk(1, 8 * 512));
+        m.insert(4, 4, chunk(1, 4 * 512));
+        assert_eq!(m.len(), 1);
+    }
+
+    #[test]
+    fn lookup_holes_and_partial() {
+        let mut m = ExtentMap::new();
+        m.insert(10, 10, chunk(1, 0));
+        m.insert(30, 5, Loc::Zero);
+        let p = m.lookup(5, 40);
+        assert_eq!(
+            p,
+            vec![
+                Piece {
+                    start: 5,
+                    len: 5,
+                    loc: None
+                },
+                Piece {
+                    start: 10,
+                    len: 10,
+                    loc: Some(chunk(1, 0))
+                },
+                Piece {
+                    start: 20,
+                    len: 10,
+                    loc: None
+                },
+                Piece {
+                    start: 30,
+                    len: 5,
+                    loc: Some(Loc::Zero)
+                },
+                Piece {
+                    start: 35,
+                    len: 10,
+                    loc: None
+                },
+            ]
+        );
+        let p = m.lookup(12, 3);
+        assert_eq!(
+            p,
+            vec![Piece {
+                start: 12,
+                len: 3,
+                loc: Some(chunk(1, 1024))
+            }]
+        );
+        assert_eq!(m.lookup(0, 0), vec![]);
+    }
+
+    #[test]
+    fn wal_locations_split_keep_skip() {
+        let w = WalLoc {
+            seq: 5,
+            seg: 1,
+            data_off: 48,
+            rec_sectors: 16,
+            crc: 9,
+            skip: 0,
+        };
+        let mut m = ExtentMap::new();
+        m.insert(0, 16, Loc::Wal(w));
+        m.remove(4, 4);
+        let p = m.lookup(8, 2);
+        assert_eq!(p[0].loc, Some(Loc::Wal(WalLoc { skip: 8, ..w })));
+        // Re-inserting the same record's sectors merges back.
+        m.insert(4, 4, Loc::Wal(WalLoc { skip: 4, ..w }));
+        assert_eq!(m.len(), 1);
+    }
+
+    /// Random operations against a per-sector model.
+    #[test]
+    fn random_against_flat_model() {
+        let n = 300u64;
+        let mut m = ExtentMap::new();
+        let mut model: Vec<Option<Loc>> = vec![None; n as usize];
+        let mut x: u64 = 0x9e3779b97f4a7c15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for i in 0..3000u64 {
+            let s = next() % n;
+            let l = 1 + next() % (n - s).min(40);
+            if next() % 4 == 0 {
+                let removed = m.remove(s, l);
+                let mapped = (s..s + l).filter(|&k| model[k as usize].is_some()).count() as u64;
+                assert_eq!(removed.iter().map(|p| p.len).sum::<u64>(), mapped);
+                for k in s..s + l {
+                    model[k as usize] = None;
+                }
+            } else {
+                let loc = chunk(i % 3, next() % 1000 * 512);
+                m.insert(s, l, loc);
+                for k in s..s + l {
+                    model[k as usize] = Some(loc.advance(k - s));
+                }
+            }
+            assert_eq!(flat(&m, n), model, "step {i}");
+        }
+        let pieces = m.lookup(0, n);
+        assert_eq!(pieces.iter().map(|p| p.len).sum::<u64>(), n);
+    }
+}

@@ -1,0 +1,206 @@
+//! The read path: split a request by the live map into zeros, WAL pieces
+//! and chunk pieces; chunk pieces come from the read cache or from ranged
+//! store reads run in parallel on the tokio runtime.
+//!
+//! Invariants:
+//! 1. Every byte returned from the WAL or a chunk was checked against its
+//!    CRC; a mismatch is [`BlockError::Io`], never wrong data.
+//! 2. The map lookup and the resolution of WAL segment files / chunk
+//!    entries happen under one lock, so a piece never names a released
+//!    segment. A chunk deleted by GC between lookup and fetch makes the whole
+//!    read start over (bounded number of times).
+//! 3. The futures only wait on `oneshot` channels (runtime-agnostic).
+
+use std::fs::File;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::channel::oneshot;
+
+use super::cache::SLOT;
+use super::checkpoint::ChunkInfo;
+use super::chunk::{aligned_range, chunk_key, verify_blocks};
+use super::map::{Loc, WalLoc};
+use super::volume::Inner;
+use super::{wal, SECTOR};
+use crate::error::BlockError;
+use crate::store::StoreError;
+
+enum Src {
+    Zero,
+    Wal(Arc<File>, WalLoc),
+    Chunk(Arc<ChunkInfo>, u64),
+}
+
+enum Attempt {
+    Done,
+    Retry,
+}
+
+/// How often a read restarts after racing with chunk deletion.
+const MAX_ATTEMPTS: usize = 4;
+
+pub(crate) async fn read(inner: &Inner, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+    for _ in 0..MAX_ATTEMPTS {
+        if let Attempt::Done = read_once(inner, offset, buf).await? {
+            return Ok(());
+        }
+    }
+    Err(BlockError::Io(format!(
+        "read at {offset} kept racing with chunk deletion"
+    )))
+}
+
+fn resolve(inner: &Inner, offset: u64, len: u64) -> Option<Vec<(usize, usize, Src)>> {
+    let st = inner.shared.lock();
+    let mut out = Vec::new();
+    for p in st.live.lookup(offset / SECTOR, len / SECTOR) {
+        let b0 = ((p.start * SECTOR) - offset) as usize;
+        let b1 = b0 + (p.len * SECTOR) as usize;
+        let src = match p.loc {
+            None | Some(Loc::Zero) => Src::Zero,
+            Some(Loc::Wal(w)) => Src::Wal(inner.wal.segment_file(w.seg)?, w),
+            Some(Loc::Chunk { chunk, off }) => Src::Chunk(st.chunks.get(&chunk)?.info.clone(), off),
+        };
+        out.push((b0, b1, src));
+    }
+    Some(out)
+}
+
+async fn read_once(inner: &Inner, offset: u64, buf: &mut [u8]) -> Result<Attempt, BlockError> {
+    let Some(pieces) = resolve(inner, offset, buf.len() as u64) else {
+        return Ok(Attempt::Retry);
+    };
+    let mut fetches = Vec::new();
+    for (b0, b1, src) in pieces {
+        let dst = &mut buf[b0..b1];
+        match src {
+            Src::Zero => dst.fill(0),
+            Src::Wal(file, loc) => wal::read_record(&file, &loc, loc.seg, dst)?,
+            Src::Chunk(info, off) => {
+                if !read_cached(inner, &info, off, dst) {
+                    fetches.push((b0, b1, info, off));
+                }
+            }
+        }
+    }
+    if fetches.is_empty() {
+        return Ok(Attempt::Done);
+    }
+    let mut waits = Vec::with_capacity(fetches.len());
+    for (b0, b1, info, off) in &fetches {
+        let len = (b1 - b0) as u64;
+        let (start, end) = match inner.cache {
+            Some(_) => {
+                let (w0, w1) = windows(*off, len, info.data_len);
+                (w0 * SLOT, (w1 * SLOT).min(info.data_len))
+            }
+            None => aligned_range(*off, len, info.data_len),
+        };
+        let (tx, rx) = oneshot::channel();
+        let store = inner.store.clone();
+        let key = chunk_key(inner.id, info.seq, info.epoch);
+        let info = info.clone();
+        inner.counters.store_reads.fetch_add(1, Ordering::Relaxed);
+        inner.rt.spawn(async move {
+            let _ = tx.send(fetch(store, key, info, start, end).await);
+        });
+        waits.push((start, rx));
+    }
+    let results = futures::future::join_all(
+        waits
+            .into_iter()
+            .map(|(s, rx)| async move { (s, rx.await) }),
+    )
+    .await;
+    let mut retry = false;
+    for ((b0, b1, info, off), (start, res)) in fetches.iter().zip(results) {
+        let data = match res {
+            Ok(Ok(d)) => d,
+            Ok(Err(StoreOrCrc::Store(StoreError::NotFound { .. }))) => {
+                retry = true;
+                continue;
+            }
+            Ok(Err(StoreOrCrc::Store(e))) => {
+                return Err(BlockError::Io(format!("reading chunk {}: {e}", info.seq)))
+            }
+            Ok(Err(StoreOrCrc::Crc(e))) => {
+                return Err(BlockError::Io(format!("chunk {}: {e}", info.seq)))
+            }
+            Err(_) => return Err(BlockError::Closed),
+        };
+        let s = (off - start) as usize;
+        let dst = &mut buf[*b0..*b1];
+        let Some(src) = data.get(s..s + dst.len()) else {
+            return Err(BlockError::Io(format!(
+                "chunk {} returned a short range",
+                info.seq
+            )));
+        };
+        dst.copy_from_slice(src);
+        if let Some(cache) = &inner.cache {
+            for (i, win) in data.chunks(SLOT as usize).enumerate() {
+                cache.put(info.seq, start / SLOT + i as u64, win);
+            }
+        }
+    }
+    Ok(if retry { Attempt::Retry } else { Attempt::Done })
+}
+
+/// Serve `dst` (chunk data at `off`) from the cache; false if any window
+/// is missing or fails its CRC.
+fn read_cached(inner: &Inner, info: &ChunkInfo, off: u64, dst: &mut [u8]) -> bool {
+    let Some(cache) = &inner.cache else {
+        return false;
+    };
+    let (w0, w1) = windows(off, dst.len() as u64, info.data_len);
+    let mut win = vec![0u8; SLOT as usize];
+    let mut filled = 0usize;
+    for w in w0..w1 {
+        let ws = w * SLOT;
+        let wlen = SLOT.min(info.data_len - ws) as usize;
+        if !cache.get(info.seq, w, &mut win[..wlen])
+            || verify_blocks(&info.crcs, ws, &win[..wlen]).is_err()
+        {
+            inner.counters.cache_misses.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        let from = off.max(ws);
+        let to = (off + dst.len() as u64).min(ws + wlen as u64);
+        let n = (to - from) as usize;
+        let s = (from - ws) as usize;
+        dst[filled..filled + n].copy_from_slice(&win[s..s + n]);
+        filled += n;
+    }
+    inner.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
+    true
+}
+
+/// Cache windows `[w0, w1)` covering data bytes `[off, off+len)`.
+fn windows(off: u64, len: u64, data_len: u64) -> (u64, u64) {
+    let end = (off + len).min(data_len);
+    (off / SLOT, end.div_ceil(SLOT))
+}
+
+/// Fetch and verify chunk data covering `[off, off+len)`; returns the
+/// verified bytes starting at the returned data-area offset.
+async fn fetch(
+    store: crate::store::DynStore,
+    key: String,
+    info: Arc<ChunkInfo>,
+    start: u64,
+    end: u64,
+) -> Result<Bytes, StoreOrCrc> {
+    let data = store
+        .get_range(&key, info.data_start + start..info.data_start + end)
+        .await
+        .map_err(StoreOrCrc::Store)?;
+    verify_blocks(&info.crcs, start, &data).map_err(|e| StoreOrCrc::Crc(e.to_string()))?;
+    Ok(data)
+}
+
+enum StoreOrCrc {
+    Store(StoreError),
+    Crc(String),
+}

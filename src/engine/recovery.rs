@@ -1,0 +1,263 @@
+//! Opening a volume: manifest, checkpoint, later chunks, then the WAL.
+//!
+//! Invariants:
+//! 1. The manifest's epoch is raised to ours (compare-and-swap) before
+//!    anything else is written, so an older writer can no longer commit; a
+//!    manifest with a higher epoch means we are fenced and open fails.
+//! 2. Chunks after the checkpoint are applied in sequence order while each
+//!    one continues the previous one's op sequence range, with epochs never
+//!    decreasing and never above ours; the chain ends at the first gap.
+//!    Chunk objects beyond the end (left by an interrupted or stale writer)
+//!    are deleted, as they are not part of the history.
+//! 3. A chunk or checkpoint that fails its checksum fails the open: it is
+//!    bit rot the operator must see, never silently skipped.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::checkpoint::{manifest_key, Checkpoint, ChunkInfo, Manifest};
+use super::chunk::{chunk_key, chunk_prefix, decode_header, parse_chunk_name};
+use super::error::EngineError;
+use super::state::State;
+use super::volume::VolumeParams;
+use super::wal::{self, replay};
+use super::SECTOR;
+use crate::store::{DynStore, PutMode, StoreError, Version};
+
+/// What recovery hands to the running volume.
+pub struct Recovered {
+    pub state: State,
+    pub manifest: Manifest,
+    pub manifest_version: Version,
+    pub wal: wal::Recovered,
+}
+
+fn manifest_err(volume: u64, reason: impl Into<String>) -> EngineError {
+    EngineError::Manifest {
+        key: manifest_key(volume),
+        reason: reason.into(),
+    }
+}
+
+fn parse_manifest(volume: u64, data: &[u8]) -> Result<Manifest, EngineError> {
+    let m: Manifest = serde_json::from_slice(data)
+        .map_err(|e| manifest_err(volume, format!("does not parse: {e}")))?;
+    if m.volume != volume {
+        return Err(manifest_err(volume, format!("names volume {:x}", m.volume)));
+    }
+    Ok(m)
+}
+
+/// Read (or create) the manifest and raise its epoch to ours.
+async fn take_manifest(
+    store: &DynStore,
+    p: &VolumeParams,
+) -> Result<(Manifest, Version), EngineError> {
+    let key = manifest_key(p.id);
+    let (mut m, mut ver) = match store.get(&key).await {
+        Ok(o) => (parse_manifest(p.id, &o.data)?, o.version),
+        Err(StoreError::NotFound { .. }) => {
+            let m = Manifest {
+                volume: p.id,
+                epoch: p.epoch,
+                checkpoint: None,
+                checkpoint_chunk: 0,
+                last_chunk: 0,
+                last_seq: 0,
+            };
+            let data = Bytes::from(serde_json::to_vec(&m).unwrap_or_default());
+            match store.put(&key, data, PutMode::Create).await {
+                Ok(v) => return Ok((m, v)),
+                Err(StoreError::AlreadyExists { .. }) => {
+                    let o = store.get(&key).await?;
+                    (parse_manifest(p.id, &o.data)?, o.version)
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if m.epoch > p.epoch {
+        return Err(EngineError::Fenced(format!(
+            "manifest epoch {} is newer than ours ({})",
+            m.epoch, p.epoch
+        )));
+    }
+    if m.epoch < p.epoch {
+        m.epoch = p.epoch;
+        let data = Bytes::from(serde_json::to_vec(&m).unwrap_or_default());
+        ver = match store.put(&key, data, PutMode::IfMatch(ver)).await {
+            Ok(v) => v,
+            Err(StoreError::PreconditionFailed { .. }) => {
+                return Err(EngineError::Fenced(
+                    "manifest changed while opening (another writer?)".into(),
+                ))
+            }
+            Err(e) => return Err(e.into()),
+        };
+    }
+    Ok((m, ver))
+}
+
+/// Run recovery for `p`. Applies WAL records through `state`.
+pub async fn recover(
+    store: &DynStore,
+    p: &VolumeParams,
+    now: Duration,
+) -> Result<Recovered, EngineError> {
+    let (manifest, manifest_version) = take_manifest(store, p).await?;
+    let volume_sectors = p.size / SECTOR;
+    let mut state = State::default();
+    let mut prev_epoch = 0;
+    if let Some(key) = &manifest.checkpoint {
+        let o = store.get(key).await?;
+        let cp = Checkpoint::decode(&o.data).map_err(|source| EngineError::Checkpoint {
+            key: key.clone(),
+            source,
+        })?;
+        if cp.volume != p.id || cp.chunk_seq != manifest.checkpoint_chunk {
+            return Err(manifest_err(
+                p.id,
+                format!("checkpoint {key} does not match"),
+            ));
+        }
+        let map = cp
+            .to_map(volume_sectors)
+            .map_err(|source| EngineError::Checkpoint {
+                key: key.clone(),
+                source,
+            })?;
+        prev_epoch = cp
+            .chunks
+            .iter()
+            .find(|c| c.seq == cp.chunk_seq)
+            .map_or(0, |c| c.epoch);
+        for info in cp.chunks {
+            let seq = info.seq;
+            state.chunks.insert(
+                seq,
+                super::state::ChunkEntry {
+                    info: Arc::new(info),
+                    live_sectors: 0,
+                },
+            );
+        }
+        for (_, l, loc) in map.iter() {
+            if let super::map::Loc::Chunk { chunk, .. } = loc {
+                if let Some(e) = state.chunks.get_mut(&chunk) {
+                    e.live_sectors += l;
+                }
+            }
+        }
+        state.stored = map;
+        state.stored_seq = cp.last_seq;
+        state.last_chunk = cp.chunk_seq;
+        state.checkpoint_chunk = cp.chunk_seq;
+        state.checkpoint_key = Some(key.clone());
+    }
+    apply_later_chunks(store, p, &mut state, prev_epoch, volume_sectors).await?;
+    state.committed_seq = state.stored_seq;
+    state.live = state.stored.clone();
+
+    let wal_dir = p.local_dir.join("wal");
+    let after = state.stored_seq;
+    let wal = replay::replay(&wal_dir, p.id, after, |a| state.apply_appended(&[a], now))?;
+    Ok(Recovered {
+        state,
+        manifest,
+        manifest_version,
+        wal,
+    })
+}
+
+async fn apply_later_chunks(
+    store: &DynStore,
+    p: &VolumeParams,
+    state: &mut State,
+    mut prev_epoch: u64,
+    volume_sectors: u64,
+) -> Result<(), EngineError> {
+    // seq -> epochs present.
+    let mut found: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+    let prefix = chunk_prefix(p.id);
+    for meta in store.list(&prefix).await? {
+        let name = &meta.key[prefix.len()..];
+        match parse_chunk_name(name) {
+            Some((seq, epoch)) if seq > state.last_chunk => {
+                found.entry(seq).or_default().push(epoch)
+            }
+            Some((seq, epoch)) => {
+                let known = state
+                    .chunks
+                    .get(&seq)
+                    .is_some_and(|c| c.info.epoch == epoch);
+                if !known && epoch <= p.epoch {
+                    log::warn!("deleting orphan chunk {}", meta.key);
+                    store.delete(&meta.key).await?;
+                }
+            }
+            None => log::warn!("ignoring unexpected object {}", meta.key),
+        }
+    }
+    let mut next = state.last_chunk + 1;
+    let mut stray = Vec::new();
+    for (&seq, epochs) in &found {
+        let pick = epochs
+            .iter()
+            .copied()
+            .filter(|&e| e <= p.epoch && e >= prev_epoch)
+            .max();
+        let in_chain = seq == next && pick.is_some();
+        let mut used = None;
+        if in_chain {
+            let epoch = pick.unwrap_or_default();
+            let key = chunk_key(p.id, seq, epoch);
+            let o = store.get(&key).await?;
+            let h = decode_header(&o.data).map_err(|source| EngineError::Chunk {
+                key: key.clone(),
+                source,
+            })?;
+            let consistent = h.volume == p.id
+                && h.chunk_seq == seq
+                && h.epoch == epoch
+                && h.first_seq == state.stored_seq + 1
+                && (h.header_len + h.data_len) == o.data.len() as u64
+                && h.extents
+                    .iter()
+                    .all(|e| e.lba + e.sectors <= volume_sectors);
+            if consistent {
+                let info = Arc::new(ChunkInfo {
+                    seq,
+                    epoch,
+                    data_start: h.header_len,
+                    data_len: h.data_len,
+                    crcs: h.block_crcs.clone(),
+                });
+                state.apply_chunk_to_stored(info, &h.extents);
+                state.stored_seq = h.last_seq;
+                state.last_chunk = seq;
+                prev_epoch = epoch;
+                next = seq + 1;
+                used = Some(epoch);
+            } else {
+                log::warn!("chunk {key} does not continue the history; recovery stops before it");
+                next = u64::MAX;
+            }
+        } else if seq >= next {
+            next = u64::MAX;
+        }
+        for &e in epochs {
+            if Some(e) != used && e <= p.epoch {
+                stray.push(chunk_key(p.id, seq, e));
+            }
+        }
+    }
+    for key in stray {
+        log::warn!("deleting chunk {key}: not part of the recovered history");
+        store.delete(&key).await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,183 @@
+//! The volume's mutable state, guarded by one mutex that is never held
+//! across I/O.
+//!
+//! Invariants:
+//! 1. `live` is what reads see: every acknowledged write, pointing at the
+//!    WAL until its chunk is stored, then at the chunk.
+//! 2. `stored` is exactly the map recovery would build from the store alone
+//!    (checkpoint + chunks `..=last_chunk`); it holds only chunk locations.
+//! 3. `pending` holds, in sequence order, every WAL record with
+//!    `seq > stored_seq`; its first record's seq is `stored_seq + 1`.
+//! 4. `chunks[c].live_sectors` counts the sectors of `stored` pointing at `c`.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::channel::oneshot;
+
+use super::checkpoint::ChunkInfo;
+use super::chunk::ChunkExtent;
+use super::map::{ExtentMap, Loc, Piece, WalLoc};
+use super::wal::record::RecordKind;
+use super::wal::Appended;
+use super::SECTOR;
+
+/// A WAL record not yet in the store.
+#[derive(Debug, Clone, Copy)]
+pub struct PendingRec {
+    pub seq: u64,
+    pub kind: RecordKind,
+    pub lba: u64,
+    pub sectors: u64,
+    pub loc: Option<WalLoc>,
+    /// When it was appended (injected clock).
+    pub at: Duration,
+}
+
+impl PendingRec {
+    /// Bytes it counts against the unstored bound (trims count one sector).
+    pub fn cost(&self) -> u64 {
+        match self.kind {
+            RecordKind::Write => self.sectors * SECTOR,
+            _ => SECTOR,
+        }
+    }
+}
+
+/// A stored chunk and how much of `stored` still uses it.
+#[derive(Debug, Clone)]
+pub struct ChunkEntry {
+    pub info: Arc<ChunkInfo>,
+    pub live_sectors: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct State {
+    pub live: ExtentMap,
+    pub stored: ExtentMap,
+    pub chunks: HashMap<u64, ChunkEntry>,
+    pub pending: VecDeque<PendingRec>,
+    pub pending_bytes: u64,
+    /// Last op sequence number durable in the store.
+    pub stored_seq: u64,
+    /// Last chunk durable in the store.
+    pub last_chunk: u64,
+    /// Last op sequence number a manifest commit covers.
+    pub committed_seq: u64,
+    /// Highest op seq a `durability: store` flush waits for.
+    pub store_target: u64,
+    /// Chunk covered by the newest committed checkpoint.
+    pub checkpoint_chunk: u64,
+    pub checkpoint_key: Option<String>,
+    /// Tasks waiting for destage progress (backpressure, store flushes).
+    pub waiters: Vec<oneshot::Sender<()>>,
+    pub fenced: Option<String>,
+    pub closing: bool,
+    /// Consecutive failed destage attempts.
+    pub destage_failures: u32,
+}
+
+impl State {
+    /// Wake every waiter; each re-checks its own condition.
+    pub fn wake_all(&mut self) {
+        for w in self.waiters.drain(..) {
+            let _ = w.send(());
+        }
+    }
+
+    /// Point the live map at freshly logged records and queue them for destage.
+    pub fn apply_appended(&mut self, recs: &[Appended], now: Duration) {
+        for a in recs {
+            match (a.kind, a.loc) {
+                (RecordKind::Write, Some(loc)) => {
+                    self.live.insert(a.lba, a.sectors, Loc::Wal(loc));
+                }
+                _ => {
+                    self.live.remove(a.lba, a.sectors);
+                }
+            }
+            let p = PendingRec {
+                seq: a.seq,
+                kind: a.kind,
+                lba: a.lba,
+                sectors: a.sectors,
+                loc: a.loc,
+                at: now,
+            };
+            self.pending_bytes += p.cost();
+            self.pending.push_back(p);
+        }
+    }
+
+    fn uncount(&mut self, removed: Vec<Piece>) {
+        for p in removed {
+            if let Some(Loc::Chunk { chunk, .. }) = p.loc {
+                if let Some(e) = self.chunks.get_mut(&chunk) {
+                    e.live_sectors = e.live_sectors.saturating_sub(p.len);
+                }
+            }
+        }
+    }
+
+    /// Apply a stored chunk to the store-side map (recovery and destage).
+    pub fn apply_chunk_to_stored(&mut self, info: Arc<ChunkInfo>, extents: &[ChunkExtent]) {
+        let seq = info.seq;
+        self.chunks.insert(
+            seq,
+            ChunkEntry {
+                info,
+                live_sectors: 0,
+            },
+        );
+        for e in extents {
+            let removed = match e.data_off {
+                Some(off) => {
+                    let r = self
+                        .stored
+                        .insert(e.lba, e.sectors, Loc::Chunk { chunk: seq, off });
+                    if let Some(c) = self.chunks.get_mut(&seq) {
+                        c.live_sectors += e.sectors;
+                    }
+                    r
+                }
+                None => self.stored.remove(e.lba, e.sectors),
+            };
+            self.uncount(removed);
+        }
+    }
+
+    /// Move live-map ranges that still point at WAL records `<= last_seq`
+    /// over to the chunk (or unmap them where the chunk has zeros).
+    pub fn apply_chunk_to_live(&mut self, chunk: u64, last_seq: u64, extents: &[ChunkExtent]) {
+        for e in extents {
+            for p in self.live.lookup(e.lba, e.sectors) {
+                let Some(Loc::Wal(w)) = p.loc else { continue };
+                if w.seq > last_seq {
+                    continue;
+                }
+                match e.data_off {
+                    Some(off) => {
+                        let off = off + (p.start - e.lba) * SECTOR;
+                        self.live.insert(p.start, p.len, Loc::Chunk { chunk, off });
+                    }
+                    None => {
+                        self.live.remove(p.start, p.len);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Drop pending records now in the store.
+    pub fn pop_stored(&mut self, last_seq: u64) {
+        while let Some(p) = self.pending.front() {
+            if p.seq > last_seq {
+                break;
+            }
+            self.pending_bytes -= p.cost();
+            self.pending.pop_front();
+        }
+        self.stored_seq = self.stored_seq.max(last_seq);
+    }
+}

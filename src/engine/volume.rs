@@ -1,0 +1,393 @@
+//! A volume: wiring of WAL, maps, destage, read path and recovery behind
+//! [`BlockDevice`].
+//!
+//! Invariants:
+//! 1. A write is acknowledged only after its WAL record is written (and
+//!    synced for FUA), and the live map already points at it.
+//! 2. `flush` syncs the WAL; with `durability: store` it then waits until a
+//!    manifest commit covers every write acknowledged before it.
+//! 3. While the unstored data is at its bound (bytes or age), new writes wait
+//!    for destage; they never fail because of the bound.
+//! 4. Once fenced, no write or flush is acknowledged again.
+//! 5. All futures here are runtime-agnostic: they wait only on
+//!    `futures::channel::oneshot`, never on tokio timers or I/O.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use futures::channel::oneshot;
+
+use super::config::{Durability, EngineConfig};
+use super::destage;
+use super::error::EngineError;
+use super::recovery;
+use super::state::State;
+use super::wal::record::RecordKind;
+use super::wal::Wal;
+use super::{check_range, read, BlockDevice, SECTOR};
+use crate::clock::DynClock;
+use crate::error::BlockError;
+use crate::store::DynStore;
+
+/// Identity and placement of a volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeParams {
+    pub id: u64,
+    /// Size in bytes; a non-zero multiple of 512.
+    pub size: u64,
+    /// Writer epoch from the lease; every open must use a new, higher one.
+    pub epoch: u64,
+    /// Local directory for the WAL and read cache of this volume.
+    pub local_dir: PathBuf,
+}
+
+/// Counters describing a volume (see [`Volume::stats`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VolumeStats {
+    /// Bytes acknowledged but not yet in the store.
+    pub unstored_bytes: u64,
+    /// Bytes in WAL segment files.
+    pub wal_bytes: u64,
+    /// Last op sequence number written to the WAL.
+    pub last_seq: u64,
+    /// Last op sequence number in the store.
+    pub stored_seq: u64,
+    pub chunks_written: u64,
+    pub chunk_bytes_written: u64,
+    pub checkpoints_written: u64,
+    pub chunks_deleted: u64,
+    pub destage_errors: u64,
+    pub store_reads: u64,
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    /// Entries in the live extent map.
+    pub map_extents: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub chunks_written: AtomicU64,
+    pub chunk_bytes_written: AtomicU64,
+    pub checkpoints_written: AtomicU64,
+    pub chunks_deleted: AtomicU64,
+    pub destage_errors: AtomicU64,
+    pub store_reads: AtomicU64,
+    pub cache_hits: AtomicU64,
+    pub cache_misses: AtomicU64,
+}
+
+/// State shared with the WAL writer thread.
+#[derive(Debug, Default)]
+pub(crate) struct Shared {
+    pub state: Mutex<State>,
+    pub notify: tokio::sync::Notify,
+}
+
+impl Shared {
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Everything the background tasks and the request paths share.
+pub(crate) struct Inner {
+    pub id: u64,
+    pub size: u64,
+    pub epoch: u64,
+    pub cfg: EngineConfig,
+    pub clock: DynClock,
+    pub store: DynStore,
+    pub rt: tokio::runtime::Handle,
+    pub wal: Wal,
+    pub shared: Arc<Shared>,
+    pub counters: Counters,
+    pub cache: Option<super::cache::Cache>,
+    /// Where the destage task reports the end of a `close`.
+    pub close_tx: Mutex<Option<oneshot::Sender<Result<(), EngineError>>>>,
+}
+
+/// An open volume. Dropping it without [`Volume::close`] stops its
+/// background work at once, like a crash (the WAL keeps what was written).
+pub struct Volume {
+    pub(crate) inner: Arc<Inner>,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Volume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Volume")
+            .field("id", &self.inner.id)
+            .field("size", &self.inner.size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Volume {
+    /// Open (recovering as needed) a volume. Must be called inside a tokio
+    /// runtime: the destage task and store reads run on it.
+    pub async fn open(
+        store: DynStore,
+        params: VolumeParams,
+        cfg: EngineConfig,
+        clock: DynClock,
+    ) -> Result<Arc<Volume>, EngineError> {
+        cfg.validate()?;
+        if params.size == 0 || !params.size.is_multiple_of(SECTOR) {
+            return Err(EngineError::InvalidParams(format!(
+                "size {} must be a non-zero multiple of {SECTOR}",
+                params.size
+            )));
+        }
+        let rt = tokio::runtime::Handle::try_current().map_err(|_| {
+            EngineError::InvalidParams("Volume::open must run inside a tokio runtime".into())
+        })?;
+        std::fs::create_dir_all(&params.local_dir)
+            .map_err(|e| EngineError::LocalIo(format!("{}: {e}", params.local_dir.display())))?;
+        let rec = recovery::recover(&store, &params, clock.now()).await?;
+        let shared = Arc::new(Shared {
+            state: Mutex::new(rec.state),
+            notify: tokio::sync::Notify::new(),
+        });
+        let apply_shared = shared.clone();
+        let apply_clock = clock.clone();
+        let chunk_size = cfg.chunk_size;
+        let apply = Box::new(move |recs: &[super::wal::Appended]| {
+            let now = apply_clock.now();
+            let due = {
+                let mut st = apply_shared.lock();
+                st.apply_appended(recs, now);
+                st.pending_bytes >= chunk_size
+            };
+            if due {
+                apply_shared.notify.notify_one();
+            }
+        });
+        let seg_limit = (cfg.chunk_size * 4).max(16 << 20);
+        let wal = Wal::start(
+            &params.local_dir.join("wal"),
+            params.id,
+            rec.wal,
+            seg_limit,
+            apply,
+        )?;
+        let cache = super::cache::Cache::open(&params.local_dir.join("cache"), cfg.cache_size)?;
+        let inner = Arc::new(Inner {
+            id: params.id,
+            size: params.size,
+            epoch: params.epoch,
+            cfg,
+            clock,
+            store,
+            rt: rt.clone(),
+            wal,
+            shared,
+            counters: Counters::default(),
+            cache,
+            close_tx: Mutex::new(None),
+        });
+        let task = rt.spawn(destage::run(
+            inner.clone(),
+            rec.manifest,
+            rec.manifest_version,
+        ));
+        Ok(Arc::new(Volume {
+            inner,
+            task: Mutex::new(Some(task)),
+        }))
+    }
+
+    /// Flush, destage everything, write a final checkpoint and stop.
+    /// Later requests fail with [`BlockError::Closed`].
+    pub async fn close(&self) -> Result<(), EngineError> {
+        let synced = self.inner.wal.sync().await;
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut st = self.inner.shared.lock();
+            st.closing = true;
+            st.wake_all();
+        }
+        *self
+            .inner
+            .close_tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        self.inner.shared.notify.notify_one();
+        let res = rx.await.unwrap_or(Err(EngineError::Closed));
+        self.inner.wal.stop();
+        synced?;
+        res
+    }
+
+    /// Stop everything at once without flushing or destaging, as `kill -9`
+    /// would: once this returns nothing more is written to the WAL or store
+    /// by this volume. Meant for crash tests.
+    pub async fn crash(&self) {
+        self.inner.wal.stop();
+        let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = task {
+            t.abort();
+            let _ = t.await;
+        }
+        let mut st = self.inner.shared.lock();
+        st.closing = true;
+        st.wake_all();
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> VolumeStats {
+        let c = &self.inner.counters;
+        let (unstored, stored_seq, extents) = {
+            let st = self.inner.shared.lock();
+            (st.pending_bytes, st.stored_seq, st.live.len() as u64)
+        };
+        VolumeStats {
+            unstored_bytes: unstored,
+            wal_bytes: self.inner.wal.bytes(),
+            last_seq: self.inner.wal.last_seq(),
+            stored_seq,
+            chunks_written: c.chunks_written.load(Ordering::Relaxed),
+            chunk_bytes_written: c.chunk_bytes_written.load(Ordering::Relaxed),
+            checkpoints_written: c.checkpoints_written.load(Ordering::Relaxed),
+            chunks_deleted: c.chunks_deleted.load(Ordering::Relaxed),
+            destage_errors: c.destage_errors.load(Ordering::Relaxed),
+            store_reads: c.store_reads.load(Ordering::Relaxed),
+            cache_hits: c.cache_hits.load(Ordering::Relaxed),
+            cache_misses: c.cache_misses.load(Ordering::Relaxed),
+            map_extents: extents,
+        }
+    }
+
+    fn gate(st: &State) -> Result<(), BlockError> {
+        if let Some(f) = &st.fenced {
+            return Err(BlockError::Fenced(f.clone()));
+        }
+        if st.closing {
+            return Err(BlockError::Closed);
+        }
+        Ok(())
+    }
+
+    /// Wait while the unstored data is at its bound (invariant 3).
+    async fn wait_for_room(&self) -> Result<(), BlockError> {
+        let cfg = &self.inner.cfg;
+        loop {
+            let rx = {
+                let mut st = self.inner.shared.lock();
+                Self::gate(&st)?;
+                let now = self.inner.clock.now();
+                let too_old = st.pending.front().is_some_and(|p| {
+                    now.saturating_sub(p.at).as_secs() >= cfg.max_unstored_seconds
+                });
+                if st.pending_bytes < cfg.max_unstored_bytes && !too_old {
+                    return Ok(());
+                }
+                let (tx, rx) = oneshot::channel();
+                st.waiters.push(tx);
+                rx
+            };
+            self.inner.shared.notify.notify_one();
+            let _ = rx.await;
+        }
+    }
+
+    /// Wait until a manifest commit covers op `seq` (durability: store).
+    async fn wait_store(&self, seq: u64) -> Result<(), BlockError> {
+        loop {
+            let rx = {
+                let mut st = self.inner.shared.lock();
+                if let Some(f) = &st.fenced {
+                    return Err(BlockError::Fenced(f.clone()));
+                }
+                if st.committed_seq >= seq {
+                    return Ok(());
+                }
+                st.store_target = st.store_target.max(seq);
+                let (tx, rx) = oneshot::channel();
+                st.waiters.push(tx);
+                rx
+            };
+            self.inner.shared.notify.notify_one();
+            if rx.await.is_err() {
+                return Err(BlockError::Closed);
+            }
+        }
+    }
+
+    async fn log_op(
+        &self,
+        kind: RecordKind,
+        offset: u64,
+        len: u64,
+        data: Vec<u8>,
+        fua: bool,
+    ) -> Result<(), BlockError> {
+        check_range(offset, len, self.inner.size)?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.wait_for_room().await?;
+        let seq = self
+            .inner
+            .wal
+            .append(kind, offset / SECTOR, len / SECTOR, data, fua)
+            .await?;
+        if fua && self.inner.cfg.durability == Durability::Store {
+            self.wait_store(seq).await?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Volume {
+    fn drop(&mut self) {
+        self.inner.wal.stop();
+        let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = task {
+            t.abort();
+        }
+    }
+}
+
+#[async_trait]
+impl BlockDevice for Volume {
+    fn size(&self) -> u64 {
+        self.inner.size
+    }
+
+    async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+        check_range(offset, buf.len() as u64, self.inner.size)?;
+        read::read(&self.inner, offset, buf).await
+    }
+
+    async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BlockError> {
+        let len = data.len() as u64;
+        if data.iter().all(|&b| b == 0) {
+            return self
+                .log_op(RecordKind::Zero, offset, len, Vec::new(), fua)
+                .await;
+        }
+        self.log_op(RecordKind::Write, offset, len, data.to_vec(), fua)
+            .await
+    }
+
+    async fn flush(&self) -> Result<(), BlockError> {
+        Self::gate(&self.inner.shared.lock())?;
+        self.inner.wal.sync().await?;
+        if self.inner.cfg.durability == Durability::Store {
+            self.wait_store(self.inner.wal.last_seq()).await?;
+        }
+        Ok(())
+    }
+
+    async fn trim(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        self.log_op(RecordKind::Trim, offset, len, Vec::new(), false)
+            .await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), BlockError> {
+        self.log_op(RecordKind::Zero, offset, len, Vec::new(), fua)
+            .await
+    }
+}

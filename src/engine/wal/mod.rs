@@ -1,0 +1,503 @@
+//! The write-ahead log: segment files under `<local_dir>/wal/`, one writer
+//! thread doing group commit.
+//!
+//! Invariants:
+//! 1. Sequence numbers are assigned by the writer thread, strictly increasing
+//!    by one, in file order; a segment holds a contiguous run of them.
+//! 2. A record's completion is sent only after its bytes were written (and,
+//!    for FUA records and flushes, after `fdatasync`), and after the `apply`
+//!    callback saw it, so an acknowledged write is visible to readers.
+//! 3. Before a new segment is started the previous one is `fdatasync`ed, so a
+//!    flush only has to sync the current segment.
+//! 4. A segment file is deleted only through [`Wal::release_upto`], which the
+//!    engine calls once every record in it is durable in the object store.
+//! 5. Once an I/O error happens the log is broken: every later request fails.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::IoSlice;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+
+use futures::channel::oneshot;
+
+use super::map::WalLoc;
+use record::{RecordHeader, RecordKind, HEADER_LEN};
+
+pub mod record;
+pub mod replay;
+
+/// WAL failures.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WalError {
+    #[error("WAL I/O error: {0}")]
+    Io(String),
+    #[error("WAL is stopped")]
+    Stopped,
+    #[error("WAL data checksum mismatch in segment {seg} at offset {off}")]
+    Corrupt { seg: u64, off: u64 },
+    #[error("WAL segment {0} is gone")]
+    SegmentGone(u64),
+}
+
+fn io_err(what: &str, e: impl std::fmt::Display) -> WalError {
+    WalError::Io(format!("{what}: {e}"))
+}
+
+/// A record once it is in the log, as handed to the `apply` callback.
+#[derive(Debug, Clone, Copy)]
+pub struct Appended {
+    pub seq: u64,
+    pub kind: RecordKind,
+    pub lba: u64,
+    pub sectors: u64,
+    /// Where the data is (`Write` records only).
+    pub loc: Option<WalLoc>,
+}
+
+/// Called by the writer thread with each written batch, in sequence order,
+/// before any of the batch's writers is told it completed.
+pub type ApplyFn = Box<dyn Fn(&[Appended]) + Send>;
+
+#[derive(Debug)]
+struct Segment {
+    file: Arc<File>,
+    path: PathBuf,
+    /// Highest sequence number in the segment; 0 when empty.
+    last_seq: u64,
+    len: u64,
+}
+
+/// Open segments, shared by the writer, readers and the destager.
+#[derive(Debug, Default)]
+struct Registry {
+    segs: BTreeMap<u64, Segment>,
+    current: u64,
+}
+
+enum Req {
+    Append {
+        kind: RecordKind,
+        lba: u64,
+        sectors: u64,
+        crc: u32,
+        data: Vec<u8>,
+        sync: bool,
+        done: oneshot::Sender<Result<u64, WalError>>,
+    },
+    Sync {
+        done: oneshot::Sender<Result<(), WalError>>,
+    },
+    Stop,
+}
+
+/// Handle to the log. Dropping it stops the writer thread.
+pub struct Wal {
+    tx: Mutex<Option<mpsc::Sender<Req>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    registry: Arc<Mutex<Registry>>,
+    last_seq: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for Wal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Wal").finish_non_exhaustive()
+    }
+}
+
+/// Segments and position recovered from disk by [`replay::replay`].
+#[derive(Debug)]
+pub struct Recovered {
+    segs: BTreeMap<u64, Segment>,
+    /// The next sequence number to assign.
+    pub next_seq: u64,
+}
+
+fn seg_path(dir: &Path, id: u64) -> PathBuf {
+    dir.join(format!("{id:016x}.wal"))
+}
+
+fn sync_dir(dir: &Path) -> Result<(), WalError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_err("sync WAL directory", e))
+}
+
+fn create_segment(dir: &Path, id: u64) -> Result<Segment, WalError> {
+    let path = seg_path(dir, id);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .map_err(|e| io_err("create WAL segment", e))?;
+    sync_dir(dir)?;
+    Ok(Segment {
+        file: Arc::new(file),
+        path,
+        last_seq: 0,
+        len: 0,
+    })
+}
+
+impl Wal {
+    /// Start the log in `dir` after recovery, with a fresh current segment.
+    /// `seg_limit` is the size at which a new segment is started.
+    pub fn start(
+        dir: &Path,
+        volume: u64,
+        recovered: Recovered,
+        seg_limit: u64,
+        apply: ApplyFn,
+    ) -> Result<Wal, WalError> {
+        let next_id = recovered.segs.keys().next_back().map_or(1, |k| k + 1);
+        let mut registry = Registry {
+            segs: recovered.segs,
+            current: next_id,
+        };
+        registry.segs.insert(next_id, create_segment(dir, next_id)?);
+        let registry = Arc::new(Mutex::new(registry));
+        let last_seq = Arc::new(AtomicU64::new(recovered.next_seq - 1));
+        let (tx, rx) = mpsc::channel();
+        let writer = Writer {
+            dir: dir.to_path_buf(),
+            volume,
+            registry: registry.clone(),
+            next_seq: recovered.next_seq,
+            last_seq: last_seq.clone(),
+            seg_limit,
+            broken: None,
+            apply,
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("shale-wal-{volume:x}"))
+            .spawn(move || writer.run(rx))
+            .map_err(|e| io_err("spawn WAL writer", e))?;
+        Ok(Wal {
+            tx: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+            registry,
+            last_seq,
+        })
+    }
+
+    fn send(&self, req: Req) -> Result<(), WalError> {
+        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+        match tx.as_ref() {
+            Some(tx) => tx.send(req).map_err(|_| WalError::Stopped),
+            None => Err(WalError::Stopped),
+        }
+    }
+
+    /// Append a record; resolves with its sequence number once written
+    /// (and synced when `sync`). `data` is empty for trim/zero records.
+    pub async fn append(
+        &self,
+        kind: RecordKind,
+        lba: u64,
+        sectors: u64,
+        data: Vec<u8>,
+        sync: bool,
+    ) -> Result<u64, WalError> {
+        let crc = crc32c::crc32c(&data);
+        let (done, rx) = oneshot::channel();
+        self.send(Req::Append {
+            kind,
+            lba,
+            sectors,
+            crc,
+            data,
+            sync,
+            done,
+        })?;
+        rx.await.unwrap_or(Err(WalError::Stopped))
+    }
+
+    /// Make every record written so far durable.
+    pub async fn sync(&self) -> Result<(), WalError> {
+        let (done, rx) = oneshot::channel();
+        self.send(Req::Sync { done })?;
+        rx.await.unwrap_or(Err(WalError::Stopped))
+    }
+
+    /// Highest sequence number written so far.
+    pub fn last_seq(&self) -> u64 {
+        self.last_seq.load(Ordering::Acquire)
+    }
+
+    /// Total bytes in live segment files.
+    pub fn bytes(&self) -> u64 {
+        let reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        reg.segs.values().map(|s| s.len).sum()
+    }
+
+    /// The open file of segment `seg` (kept alive by the `Arc` even if the
+    /// segment is released meanwhile).
+    pub fn segment_file(&self, seg: u64) -> Option<Arc<File>> {
+        let reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        reg.segs.get(&seg).map(|s| s.file.clone())
+    }
+
+    /// Delete every segment except the current one whose records all have
+    /// sequence numbers `<= seq` (they are durable in the store).
+    pub fn release_upto(&self, seq: u64) {
+        let doomed: Vec<Segment> = {
+            let mut reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+            let current = reg.current;
+            let ids: Vec<u64> = reg
+                .segs
+                .iter()
+                .filter(|(&id, s)| id != current && s.last_seq <= seq)
+                .map(|(&id, _)| id)
+                .collect();
+            ids.into_iter()
+                .filter_map(|id| reg.segs.remove(&id))
+                .collect()
+        };
+        for s in doomed {
+            if let Err(e) = std::fs::remove_file(&s.path) {
+                log::warn!("removing WAL segment {}: {e}", s.path.display());
+            }
+        }
+    }
+
+    /// Stop the writer thread after the requests already queued; later
+    /// requests fail with [`WalError::Stopped`]. Waits for the thread.
+    pub fn stop(&self) {
+        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(tx) = tx {
+            let _ = tx.send(Req::Stop);
+        }
+        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Wal {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Read `dst.len()` bytes of a record's data, verifying the record CRC.
+/// `dst` receives sectors `[loc.skip, loc.skip + dst.len()/512)` of the record.
+pub fn read_record(file: &File, loc: &WalLoc, seg: u64, dst: &mut [u8]) -> Result<(), WalError> {
+    let rec_len = (loc.rec_sectors * super::SECTOR) as usize;
+    let mut buf = vec![0u8; rec_len];
+    file.read_exact_at(&mut buf, loc.data_off)
+        .map_err(|e| io_err("read WAL", e))?;
+    if crc32c::crc32c(&buf) != loc.crc {
+        return Err(WalError::Corrupt {
+            seg,
+            off: loc.data_off,
+        });
+    }
+    let start = (loc.skip * super::SECTOR) as usize;
+    let src = buf.get(start..start + dst.len()).ok_or(WalError::Corrupt {
+        seg,
+        off: loc.data_off,
+    })?;
+    dst.copy_from_slice(src);
+    Ok(())
+}
+
+/// State owned by the writer thread.
+struct Writer {
+    dir: PathBuf,
+    volume: u64,
+    registry: Arc<Mutex<Registry>>,
+    next_seq: u64,
+    last_seq: Arc<AtomicU64>,
+    seg_limit: u64,
+    broken: Option<WalError>,
+    apply: ApplyFn,
+}
+
+/// Most requests gathered into one write.
+const MAX_BATCH: usize = 256;
+/// Most data bytes gathered into one write.
+const MAX_BATCH_BYTES: usize = 8 << 20;
+
+impl Writer {
+    fn run(mut self, rx: mpsc::Receiver<Req>) {
+        while let Ok(first) = rx.recv() {
+            let mut batch = vec![first];
+            let mut bytes = 0usize;
+            while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+                match rx.try_recv() {
+                    Ok(r) => {
+                        if let Req::Append { data, .. } = &r {
+                            bytes += data.len();
+                        }
+                        batch.push(r);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let stop = batch.iter().any(|r| matches!(r, Req::Stop));
+            self.process(batch);
+            if stop {
+                return;
+            }
+        }
+    }
+
+    fn current(&self) -> (u64, Arc<File>, u64) {
+        let reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        let seg = &reg.segs[&reg.current];
+        (reg.current, seg.file.clone(), seg.len)
+    }
+
+    fn roll(&mut self, old: &File) -> Result<(), WalError> {
+        old.sync_data().map_err(|e| io_err("sync WAL segment", e))?;
+        let mut reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        let id = reg.current + 1;
+        let seg = create_segment(&self.dir, id)?;
+        reg.segs.insert(id, seg);
+        reg.current = id;
+        Ok(())
+    }
+
+    fn process(&mut self, batch: Vec<Req>) {
+        let result = self.write_batch(&batch);
+        if let Err(e) = &result {
+            log::error!("WAL write failed, log is now broken: {e}");
+            self.broken = Some(e.clone());
+        }
+        let mut seqs = result.as_ref().ok().map(|s| s.iter());
+        for r in batch {
+            match r {
+                Req::Append { done, .. } => {
+                    let res = match seqs.as_mut().and_then(|s| s.next()) {
+                        Some(&seq) => Ok(seq),
+                        None => Err(result.as_ref().err().cloned().unwrap_or(WalError::Stopped)),
+                    };
+                    let _ = done.send(res);
+                }
+                Req::Sync { done } => {
+                    let _ = done.send(result.as_ref().map(|_| ()).map_err(|e| e.clone()));
+                }
+                Req::Stop => {}
+            }
+        }
+    }
+
+    /// Write every append of the batch with one `pwritev`; returns their seqs.
+    fn write_batch(&mut self, batch: &[Req]) -> Result<Vec<u64>, WalError> {
+        if let Some(e) = &self.broken {
+            return Err(e.clone());
+        }
+        let mut need_sync = false;
+        let mut total = 0u64;
+        for r in batch {
+            match r {
+                Req::Append { data, sync, .. } => {
+                    total += (HEADER_LEN + data.len()) as u64;
+                    need_sync |= *sync;
+                }
+                Req::Sync { .. } => need_sync = true,
+                Req::Stop => {}
+            }
+        }
+        let (mut seg_id, mut file, mut off) = self.current();
+        if off > 0 && off + total > self.seg_limit {
+            self.roll(&file)?;
+            (seg_id, file, off) = self.current();
+        }
+        let mut headers = Vec::new();
+        let mut appended = Vec::new();
+        let mut pos = off;
+        for r in batch {
+            if let Req::Append {
+                kind,
+                lba,
+                sectors,
+                crc,
+                data,
+                ..
+            } = r
+            {
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                let h = RecordHeader {
+                    kind: *kind,
+                    volume: self.volume,
+                    seq,
+                    lba: *lba,
+                    sectors: *sectors,
+                    data_crc: *crc,
+                };
+                headers.push(h.encode());
+                let data_off = pos + HEADER_LEN as u64;
+                pos = data_off + data.len() as u64;
+                appended.push(Appended {
+                    seq,
+                    kind: *kind,
+                    lba: *lba,
+                    sectors: *sectors,
+                    loc: (*kind == RecordKind::Write).then_some(WalLoc {
+                        seq,
+                        seg: seg_id,
+                        data_off,
+                        rec_sectors: *sectors,
+                        crc: *crc,
+                        skip: 0,
+                    }),
+                });
+            }
+        }
+        if !appended.is_empty() {
+            let mut iov = Vec::with_capacity(headers.len() * 2);
+            let mut hi = headers.iter();
+            for r in batch {
+                if let Req::Append { data, .. } = r {
+                    if let Some(h) = hi.next() {
+                        iov.push(IoSlice::new(h));
+                    }
+                    if !data.is_empty() {
+                        iov.push(IoSlice::new(data));
+                    }
+                }
+            }
+            write_all_vectored(&file, &mut iov, off)?;
+        }
+        if need_sync {
+            file.sync_data().map_err(|e| io_err("sync WAL", e))?;
+        }
+        if let Some(last) = appended.last() {
+            {
+                let mut reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(s) = reg.segs.get_mut(&seg_id) {
+                    s.len = pos;
+                    s.last_seq = last.seq;
+                }
+            }
+            self.last_seq.store(last.seq, Ordering::Release);
+            (self.apply)(&appended);
+        }
+        Ok(appended.iter().map(|a| a.seq).collect())
+    }
+}
+
+/// `pwritev` until every slice is written.
+fn write_all_vectored(file: &File, iov: &mut [IoSlice<'_>], mut off: u64) -> Result<(), WalError> {
+    let mut slices: &mut [IoSlice<'_>] = iov;
+    // Linux accepts at most IOV_MAX (1024) slices per call.
+    while !slices.is_empty() {
+        let n = slices.len().min(1024);
+        let written = nix::sys::uio::pwritev(file, &slices[..n], off as libc::off_t)
+            .map_err(|e| io_err("write WAL", e))?;
+        if written == 0 {
+            return Err(io_err("write WAL", "wrote 0 bytes"));
+        }
+        off += written as u64;
+        IoSlice::advance_slices(&mut slices, written);
+    }
+    Ok(())
+}

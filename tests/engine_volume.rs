@@ -1,0 +1,307 @@
+//! Volume behaviour tests: reopen, checksums, store durability,
+//! backpressure under a store outage, fencing, torn WAL tails.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use shale::clock::SystemClock;
+use shale::engine::config::{Durability, EngineConfig};
+use shale::engine::{BlockDevice, Volume, VolumeParams};
+use shale::error::BlockError;
+use shale::store::faulty::FaultyStore;
+use shale::store::memory::MemoryStore;
+use shale::store::{DynStore, ObjectStore, PutMode};
+
+const SIZE: u64 = 4 << 20;
+
+fn small_cfg() -> EngineConfig {
+    EngineConfig {
+        chunk_size: 64 << 10,
+        destage_interval_ms: 20,
+        max_unstored_bytes: 128 << 10,
+        max_unstored_seconds: 3600,
+        durability: Durability::Local,
+        checkpoint_every_chunks: 2,
+        cache_size: 1 << 20,
+    }
+}
+
+fn params(dir: &Path, epoch: u64) -> VolumeParams {
+    VolumeParams {
+        id: 0x42,
+        size: SIZE,
+        epoch,
+        local_dir: dir.to_path_buf(),
+    }
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| ((i as u64 * 31 + seed * 7) % 251) as u8 + 1)
+        .collect()
+}
+
+async fn open(store: &DynStore, dir: &Path, epoch: u64, cfg: EngineConfig) -> Arc<Volume> {
+    Volume::open(
+        store.clone(),
+        params(dir, epoch),
+        cfg,
+        Arc::new(SystemClock),
+    )
+    .await
+    .expect("open volume")
+}
+
+async fn read_all(v: &Volume) -> Vec<u8> {
+    let mut b = vec![0u8; SIZE as usize];
+    v.read(0, &mut b).await.expect("read");
+    b
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_read_close_reopen_and_lose_wal() {
+    let store: DynStore = Arc::new(MemoryStore::new());
+    let dir = tempfile::tempdir().unwrap();
+    let v = open(&store, dir.path(), 1, small_cfg()).await;
+    let mut model = vec![0u8; SIZE as usize];
+    for i in 0..40u64 {
+        let off = (i * 37 % 2000) * 512;
+        let data = pattern(i, 512 * (1 + (i as usize % 19)));
+        v.write(off, &data, false).await.unwrap();
+        model[off as usize..off as usize + data.len()].copy_from_slice(&data);
+    }
+    v.trim(8192, 4096).await.unwrap();
+    model[8192..12288].fill(0);
+    v.write_zeroes(1 << 20, 1 << 20, false).await.unwrap();
+    model[1 << 20..2 << 20].fill(0);
+    assert_eq!(read_all(&v).await, model);
+    // Out of range and misaligned requests fail and change nothing.
+    assert!(matches!(
+        v.write(SIZE, &[1u8; 512], false).await,
+        Err(BlockError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        v.write(100, &[1u8; 512], false).await,
+        Err(BlockError::InvalidArgument(_))
+    ));
+    v.flush().await.unwrap();
+    v.close().await.unwrap();
+    let s = v.stats();
+    assert!(s.chunks_written > 0 && s.checkpoints_written > 0, "{s:?}");
+    assert_eq!(s.unstored_bytes, 0);
+    assert!(matches!(
+        v.write(0, &[1u8; 512], false).await,
+        Err(BlockError::Closed)
+    ));
+    drop(v);
+
+    let v = open(&store, dir.path(), 2, small_cfg()).await;
+    assert_eq!(read_all(&v).await, model, "after clean reopen");
+    v.close().await.unwrap();
+    drop(v);
+    // Everything is in the store: a fresh local dir sees the same data.
+    let dir2 = tempfile::tempdir().unwrap();
+    let v = open(&store, dir2.path(), 3, small_cfg()).await;
+    assert_eq!(read_all(&v).await, model, "store alone");
+    let s = v.stats();
+    assert!(s.store_reads > 0, "{s:?}");
+    // Second read is served by the cache.
+    assert_eq!(read_all(&v).await, model);
+    assert!(v.stats().cache_hits > 0);
+    v.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupted_chunk_data_is_an_io_error() {
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    let dir = tempfile::tempdir().unwrap();
+    let v = open(&mem, dir.path(), 1, small_cfg()).await;
+    v.write(0, &pattern(1, 8192), false).await.unwrap();
+    v.close().await.unwrap();
+    drop(v);
+    let chunks = mem.list("volumes/0000000000000042/chunks/").await.unwrap();
+    assert!(!chunks.is_empty());
+    for c in &chunks {
+        let o = mem.get(&c.key).await.unwrap();
+        let mut data = o.data.to_vec();
+        let n = data.len();
+        data[n - 100] ^= 0x40; // inside the data area
+        mem.put(&c.key, Bytes::from(data), PutMode::Overwrite)
+            .await
+            .unwrap();
+    }
+    let dir2 = tempfile::tempdir().unwrap();
+    let v = open(&mem, dir2.path(), 2, small_cfg()).await;
+    let mut b = vec![0u8; 8192];
+    let err = v.read(0, &mut b).await.unwrap_err();
+    assert!(matches!(err, BlockError::Io(_)), "{err:?}");
+    assert_eq!(err.errno(), libc::EIO);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_durability_flush_survives_losing_the_wal() {
+    let store: DynStore = Arc::new(MemoryStore::new());
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = EngineConfig {
+        durability: Durability::Store,
+        destage_interval_ms: 3_600_000,
+        ..small_cfg()
+    };
+    let v = open(&store, dir.path(), 1, cfg.clone()).await;
+    let data = pattern(5, 12288);
+    v.write(4096, &data, false).await.unwrap();
+    v.flush().await.unwrap();
+    let s = v.stats();
+    assert_eq!(
+        s.stored_seq, s.last_seq,
+        "flush waited for the store: {s:?}"
+    );
+    // FUA write in store mode is in the store when acknowledged.
+    v.write(65536, &data, true).await.unwrap();
+    let s = v.stats();
+    assert_eq!(s.stored_seq, s.last_seq, "{s:?}");
+    v.crash().await;
+    drop(v);
+    let dir2 = tempfile::tempdir().unwrap();
+    let v = open(&store, dir2.path(), 2, cfg).await;
+    let mut b = vec![0u8; 12288];
+    v.read(4096, &mut b).await.unwrap();
+    assert_eq!(b, data);
+    v.read(65536, &mut b).await.unwrap();
+    assert_eq!(b, data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backpressure_waits_during_outage_then_completes() {
+    let faulty = Arc::new(FaultyStore::new(MemoryStore::new(), 7));
+    let store: DynStore = faulty.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = small_cfg(); // bound 128 KiB
+    let v = open(&store, dir.path(), 1, cfg.clone()).await;
+    faulty.set_outage(true);
+    // Up to the bound writes are acknowledged from the WAL.
+    for i in 0..32u64 {
+        v.write(i * 4096, &pattern(i, 4096), false).await.unwrap();
+    }
+    assert_eq!(v.stats().unstored_bytes, 128 << 10);
+    // The next write waits (it cannot finish while the store is down).
+    let v2 = v.clone();
+    let mut blocked =
+        tokio::spawn(async move { v2.write(32 * 4096, &pattern(32, 4096), false).await });
+    let waited = tokio::time::timeout(Duration::from_millis(300), &mut blocked).await;
+    assert!(waited.is_err(), "write completed during the outage");
+    assert!(v.stats().destage_errors > 0);
+    faulty.set_outage(false);
+    blocked.await.unwrap().unwrap();
+    let mut b = vec![0u8; 4096];
+    for i in 0..33u64 {
+        v.read(i * 4096, &mut b).await.unwrap();
+        assert_eq!(b, pattern(i, 4096), "block {i}");
+    }
+    v.close().await.unwrap();
+    drop(v);
+    let dir2 = tempfile::tempdir().unwrap();
+    let v = open(&store, dir2.path(), 2, cfg).await;
+    for i in 0..33u64 {
+        v.read(i * 4096, &mut b).await.unwrap();
+        assert_eq!(b, pattern(i, 4096), "block {i} from the store");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn newer_epoch_fences_the_old_writer() {
+    let store: DynStore = Arc::new(MemoryStore::new());
+    let d1 = tempfile::tempdir().unwrap();
+    let d2 = tempfile::tempdir().unwrap();
+    let cfg = EngineConfig {
+        checkpoint_every_chunks: 1,
+        ..small_cfg()
+    };
+    let old = open(&store, d1.path(), 5, cfg.clone()).await;
+    old.write(0, &pattern(1, 4096), false).await.unwrap();
+    let new = open(&store, d2.path(), 6, cfg.clone()).await;
+    // An open with an older epoch than the manifest's is refused.
+    let stale = Volume::open(
+        store.clone(),
+        params(d1.path(), 4),
+        cfg,
+        Arc::new(SystemClock),
+    )
+    .await;
+    assert!(matches!(stale, Err(shale::engine::EngineError::Fenced(_))));
+    // The old writer keeps writing until its next manifest commit fails.
+    let mut fenced = false;
+    for i in 0..400u64 {
+        match old.write((i % 64) * 65536, &pattern(i, 65536), false).await {
+            Ok(()) => {}
+            Err(BlockError::Fenced(_)) => {
+                fenced = true;
+                break;
+            }
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    }
+    assert!(fenced, "old writer was never fenced");
+    assert!(matches!(old.flush().await, Err(BlockError::Fenced(_))));
+    new.write(0, &pattern(9, 4096), false).await.unwrap();
+    let mut b = vec![0u8; 4096];
+    new.read(0, &mut b).await.unwrap();
+    assert_eq!(b, pattern(9, 4096));
+    new.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn torn_wal_tail_is_cut_off() {
+    let store: DynStore = Arc::new(MemoryStore::new());
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = EngineConfig {
+        destage_interval_ms: 3_600_000,
+        ..small_cfg()
+    };
+    let v = open(&store, dir.path(), 1, cfg.clone()).await;
+    v.write(0, &pattern(1, 4096), false).await.unwrap();
+    v.write(8192, &pattern(2, 1024), true).await.unwrap();
+    v.crash().await;
+    drop(v);
+    // Garbage after the last record, as a torn append would leave.
+    let wal = dir.path().join("wal");
+    let mut segs: Vec<_> = std::fs::read_dir(&wal)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    segs.sort();
+    let last = segs
+        .iter()
+        .rev()
+        .find(|p| std::fs::metadata(p).unwrap().len() > 0)
+        .unwrap();
+    let mut bytes = std::fs::read(last).unwrap();
+    bytes.extend_from_slice(&[0x53, 0x48, 0x57, 0x4c, 9, 9, 9]);
+    bytes.extend_from_slice(&pattern(3, 700));
+    std::fs::write(last, bytes).unwrap();
+    for epoch in 2..4 {
+        let v = open(&store, dir.path(), epoch, cfg.clone()).await;
+        let mut b = vec![0u8; 4096];
+        v.read(0, &mut b).await.unwrap();
+        assert_eq!(b, pattern(1, 4096));
+        let mut b = vec![0u8; 1024];
+        v.read(8192, &mut b).await.unwrap();
+        assert_eq!(b, pattern(2, 1024));
+        v.write(16384 * epoch, &pattern(epoch, 512), true)
+            .await
+            .unwrap();
+        v.crash().await;
+    }
+    let v = open(&store, dir.path(), 9, cfg).await;
+    let mut b = vec![0u8; 512];
+    for epoch in 2..4 {
+        v.read(16384 * epoch, &mut b).await.unwrap();
+        assert_eq!(
+            b,
+            pattern(epoch, 512),
+            "write after the torn tail, epoch {epoch}"
+        );
+    }
+}
