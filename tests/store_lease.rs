@@ -380,3 +380,43 @@ async fn lease_cycles_survive_faults_through_the_retry_layer() {
     }
     assert!(faulty.injected_total() > 10, "{}", faulty.injected_total());
 }
+
+#[tokio::test]
+async fn epoch_floor_lifts_new_and_taken_over_leases() {
+    use shale::catalog::lease::AcquireOptions;
+    let f = make_memory().await.expect("memory");
+    let opts = AcquireOptions {
+        steal: false,
+        min_epoch: 41,
+    };
+    let first = Lease::acquire_with(f.store.clone(), VOL, "a", TTL, f.clock(), opts)
+        .await
+        .expect("create above the floor");
+    assert_eq!(first.epoch(), 42);
+    let refused = Lease::acquire_with(f.store.clone(), VOL, "b", TTL, f.clock(), opts).await;
+    assert!(
+        matches!(refused, Err(LeaseError::Held { .. })),
+        "a floor is no steal"
+    );
+    first.release().await.expect("release");
+    let low_floor = AcquireOptions {
+        steal: false,
+        min_epoch: 5,
+    };
+    let second = Lease::acquire_with(f.store.clone(), VOL, "b", TTL, f.clock(), low_floor)
+        .await
+        .expect("takeover");
+    assert_eq!(
+        second.epoch(),
+        43,
+        "the stored epoch wins over a lower floor"
+    );
+    let high_floor = AcquireOptions {
+        steal: true,
+        min_epoch: 100,
+    };
+    let third = Lease::acquire_with(f.store.clone(), VOL, "c", TTL, f.clock(), high_floor)
+        .await
+        .expect("steal");
+    assert_eq!(third.epoch(), 101);
+}
