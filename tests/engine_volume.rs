@@ -305,3 +305,89 @@ async fn torn_wal_tail_is_cut_off() {
         );
     }
 }
+
+/// Writes `n` random sub-ranges into `[base, base+len)` and checks reads;
+/// returns the region's expected content.
+async fn hammer_region(v: Arc<Volume>, seed: u64, base: u64, len: u64) -> Vec<u8> {
+    let mut model = vec![0u8; len as usize];
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut rnd = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for i in 0..120u64 {
+        let sectors = 1 + rnd() % 24;
+        let start = rnd() % (len / 512 - sectors + 1);
+        let (off, n) = (start * 512, (sectors * 512) as usize);
+        match rnd() % 6 {
+            0 => {
+                v.trim(base + off, n as u64).await.unwrap();
+                model[off as usize..off as usize + n].fill(0);
+            }
+            1 => {
+                let mut b = vec![0u8; n];
+                v.read(base + off, &mut b).await.unwrap();
+                assert_eq!(
+                    b,
+                    model[off as usize..off as usize + n],
+                    "seed {seed} op {i}"
+                );
+            }
+            2 => v.flush().await.unwrap(),
+            _ => {
+                let d = pattern(seed * 1000 + i, n);
+                v.write(base + off, &d, rnd() % 8 == 0).await.unwrap();
+                model[off as usize..off as usize + n].copy_from_slice(&d);
+            }
+        }
+    }
+    model
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_tokio_and_foreign_threads() {
+    let store: DynStore = Arc::new(MemoryStore::new());
+    let dir = tempfile::tempdir().unwrap();
+    let v = open(&store, dir.path(), 1, small_cfg()).await;
+    const REGION: u64 = 256 << 10;
+    let mut tasks = Vec::new();
+    for t in 0..8u64 {
+        tasks.push(tokio::spawn(hammer_region(
+            v.clone(),
+            t + 1,
+            t * REGION,
+            REGION,
+        )));
+    }
+    // Two plain threads with their own executor: the futures must not need tokio.
+    let mut threads = Vec::new();
+    for t in 8..10u64 {
+        let v = v.clone();
+        threads.push(std::thread::spawn(move || {
+            futures::executor::block_on(hammer_region(v, t + 1, t * REGION, REGION))
+        }));
+    }
+    let mut expect = vec![0u8; SIZE as usize];
+    for (t, task) in tasks.into_iter().enumerate() {
+        let m = task.await.unwrap();
+        let o = t * REGION as usize;
+        expect[o..o + m.len()].copy_from_slice(&m);
+    }
+    for (t, th) in threads.into_iter().enumerate() {
+        let m = th.join().unwrap();
+        let o = (t + 8) * REGION as usize;
+        expect[o..o + m.len()].copy_from_slice(&m);
+    }
+    assert_eq!(read_all(&v).await, expect);
+    v.crash().await;
+    drop(v);
+    // Reopening with the same epoch after a crash also works.
+    let v = open(&store, dir.path(), 1, small_cfg()).await;
+    assert_eq!(read_all(&v).await, expect, "after crash");
+    v.close().await.unwrap();
+    drop(v);
+    let v = open(&store, dir.path(), 2, small_cfg()).await;
+    assert_eq!(read_all(&v).await, expect, "after close");
+}

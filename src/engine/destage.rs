@@ -154,8 +154,12 @@ fn next_batch(inner: &Inner, st: &mut super::state::State) -> Option<Batch> {
     let mut recs = Vec::new();
     let mut bytes = 0;
     let mut files = HashMap::new();
+    // Cut only after a record that ends its request, so the store never
+    // holds part of a write (while closing, a request whose tail never
+    // came, because the WAL broke, may be cut).
+    let mut cut = 0;
     for p in &st.pending {
-        if bytes >= inner.cfg.chunk_size {
+        if bytes >= inner.cfg.chunk_size && cut == recs.len() {
             break;
         }
         bytes += p.cost();
@@ -165,6 +169,13 @@ fn next_batch(inner: &Inner, st: &mut super::state::State) -> Option<Batch> {
             }
         }
         recs.push(*p);
+        if !p.more || st.closing {
+            cut = recs.len();
+        }
+    }
+    recs.truncate(cut);
+    if recs.is_empty() {
+        return None;
     }
     Some((st.last_chunk + 1, recs, files))
 }

@@ -31,6 +31,9 @@ pub struct PendingRec {
     pub lba: u64,
     pub sectors: u64,
     pub loc: Option<WalLoc>,
+    /// The next record continues the same write request: a chunk must not
+    /// end here.
+    pub more: bool,
     /// When it was appended (injected clock).
     pub at: Duration,
 }
@@ -103,6 +106,7 @@ impl State {
                 lba: a.lba,
                 sectors: a.sectors,
                 loc: a.loc,
+                more: a.more,
                 at: now,
             };
             self.pending_bytes += p.cost();
