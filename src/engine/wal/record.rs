@@ -222,6 +222,7 @@ mod tests {
             lba: 0,
             sectors: u64::MAX / 2,
             data_crc: 0,
+            more: false,
         };
         assert!(matches!(
             decode_at(&h.encode(), 0),
