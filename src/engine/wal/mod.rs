@@ -547,3 +547,6 @@ fn write_all_vectored(file: &File, iov: &mut [IoSlice<'_>], mut off: u64) -> Res
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;
