@@ -160,6 +160,8 @@ pub async fn recover(
     }
     apply_later_chunks(store, p, &mut state, prev_epoch, volume_sectors).await?;
     state.committed_seq = state.stored_seq;
+    state.taken_seq = state.stored_seq;
+    state.next_chunk = state.last_chunk + 1;
     state.live = state.stored.clone();
 
     let wal_dir = p.local_dir.join("wal");
