@@ -14,6 +14,8 @@
 //!    variant for atomic backends: nothing is written, the call fails
 //!    transiently. [`Fault::LostResponse`] performs the operation and then
 //!    reports a transient failure, as when a reply is lost on the network.
+//! 5. A rule may be scoped to a key prefix ([`FaultyStore::set_scoped`]);
+//!    calls outside the scope neither fail nor consume RNG draws.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -115,6 +117,8 @@ impl FaultRule {
 #[derive(Debug)]
 struct Rules {
     rules: [Option<FaultRule>; 6],
+    /// Key prefix a rule is limited to ("" = every key).
+    scopes: [String; 6],
     fired: [u64; 6],
     rng: StdRng,
 }
@@ -135,6 +139,7 @@ impl<S: ObjectStore> FaultyStore<S> {
             inner,
             rules: Mutex::new(Rules {
                 rules: Default::default(),
+                scopes: Default::default(),
                 fired: [0; 6],
                 rng: StdRng::seed_from_u64(seed),
             }),
@@ -147,10 +152,18 @@ impl<S: ObjectStore> FaultyStore<S> {
         &self.inner
     }
 
-    /// Arm `rule` at `point`, replacing any earlier rule there.
+    /// Arm `rule` at `point` for every key, replacing any earlier rule there.
     pub fn set(&self, point: FaultPoint, rule: FaultRule) {
+        self.set_scoped(point, rule, "");
+    }
+
+    /// Arm `rule` at `point` for keys (or list prefixes) starting with
+    /// `key_prefix` only; other calls pass through without drawing from the
+    /// RNG. Replaces any earlier rule at `point`.
+    pub fn set_scoped(&self, point: FaultPoint, rule: FaultRule, key_prefix: &str) {
         let mut r = self.lock();
         r.rules[point.index()] = Some(rule);
+        r.scopes[point.index()] = key_prefix.to_string();
         r.fired[point.index()] = 0;
     }
 
@@ -190,8 +203,8 @@ impl<S: ObjectStore> FaultyStore<S> {
         self.rules.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Decide whether this call at `point` gets a fault, and which.
-    fn pick(&self, point: FaultPoint) -> Option<Fault> {
+    /// Decide whether this call at `point` on `key` gets a fault, and which.
+    fn pick(&self, point: FaultPoint, key: &str) -> Option<Fault> {
         if self.outage.load(Ordering::SeqCst) {
             self.injected[point.index()].fetch_add(1, Ordering::SeqCst);
             return Some(Fault::Transient);
@@ -199,6 +212,9 @@ impl<S: ObjectStore> FaultyStore<S> {
         let mut r = self.lock();
         let i = point.index();
         let rule = r.rules[i].clone()?;
+        if !key.starts_with(r.scopes[i].as_str()) {
+            return None;
+        }
         if rule.limit.is_some_and(|limit| r.fired[i] >= limit) {
             return None;
         }
@@ -216,7 +232,7 @@ impl<S: ObjectStore> FaultyStore<S> {
     where
         F: std::future::Future<Output = StoreResult<T>>,
     {
-        let fault = self.pick(point);
+        let fault = self.pick(point, key);
         self.apply_picked(point, fault, key, op).await
     }
 
@@ -261,7 +277,7 @@ impl<S: ObjectStore> ObjectStore for FaultyStore<S> {
     }
 
     async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> StoreResult<Version> {
-        let fault = self.pick(FaultPoint::Put);
+        let fault = self.pick(FaultPoint::Put, key);
         if fault == Some(Fault::TornPut) {
             let prefix = data.slice(..data.len() / 2);
             let _ = self.inner.put(key, prefix, mode).await;

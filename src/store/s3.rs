@@ -374,3 +374,85 @@ impl ObjectStore for S3Store {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_sdk_s3::config::http::HttpResponse;
+    use aws_sdk_s3::error::{ConnectorError, ErrorMetadata};
+    use aws_sdk_s3::operation::put_object::PutObjectError;
+    use aws_sdk_s3::primitives::SdkBody;
+
+    fn service(status: u16, code: &str) -> SdkError<PutObjectError> {
+        let err = PutObjectError::generic(ErrorMetadata::builder().code(code).build());
+        let status = status.try_into().expect("valid status");
+        SdkError::service_error(err, HttpResponse::new(status, SdkBody::empty()))
+    }
+
+    fn mapped(status: u16, code: &str, intent: Intent) -> StoreError {
+        map_err("PutObject", "k", intent, service(status, code))
+    }
+
+    #[test]
+    fn conditional_refusals() {
+        let e = mapped(412, "PreconditionFailed", Intent::Create);
+        assert!(matches!(e, StoreError::AlreadyExists { .. }), "{e:?}");
+        let e = mapped(412, "PreconditionFailed", Intent::IfMatch);
+        assert!(matches!(e, StoreError::PreconditionFailed { .. }), "{e:?}");
+        let e = mapped(404, "NoSuchKey", Intent::IfMatch);
+        assert!(matches!(e, StoreError::PreconditionFailed { .. }), "{e:?}");
+        let e = mapped(409, "ConditionalRequestConflict", Intent::IfMatch);
+        assert!(e.is_transient(), "{e:?}");
+    }
+
+    #[test]
+    fn not_found_versus_missing_bucket() {
+        let e = mapped(404, "NoSuchKey", Intent::Read);
+        assert!(matches!(e, StoreError::NotFound { .. }), "{e:?}");
+        let e = mapped(404, "NoSuchBucket", Intent::Read);
+        assert!(matches!(e, StoreError::Permanent(_)), "{e:?}");
+        assert!(e.to_string().contains("NoSuchBucket"), "{e}");
+    }
+
+    #[test]
+    fn server_trouble_is_transient() {
+        for (status, code) in [
+            (500, "InternalError"),
+            (503, "SlowDown"),
+            (502, ""),
+            (429, "TooManyRequests"),
+            (400, "RequestTimeout"),
+        ] {
+            let e = mapped(status, code, Intent::Other);
+            assert!(e.is_transient(), "{status} {code}: {e:?}");
+        }
+    }
+
+    #[test]
+    fn client_errors_are_permanent_and_named() {
+        for (status, code) in [
+            (403, "AccessDenied"),
+            (400, "InvalidArgument"),
+            (409, "BucketNotEmpty"),
+        ] {
+            let e = mapped(status, code, Intent::Other);
+            assert!(
+                matches!(e, StoreError::Permanent(_)),
+                "{status} {code}: {e:?}"
+            );
+            assert!(e.to_string().contains(code), "{e}");
+        }
+    }
+
+    #[test]
+    fn transport_failures() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        let e: SdkError<PutObjectError> = SdkError::dispatch_failure(ConnectorError::io(io.into()));
+        assert!(map_err("PutObject", "k", Intent::Create, e).is_transient());
+        let e: SdkError<PutObjectError> = SdkError::timeout_error("attempt timed out");
+        assert!(map_err("PutObject", "k", Intent::Create, e).is_transient());
+        let e: SdkError<PutObjectError> = SdkError::construction_failure("bad request");
+        let e = map_err("PutObject", "k", Intent::Create, e);
+        assert!(matches!(e, StoreError::Permanent(_)), "{e:?}");
+    }
+}

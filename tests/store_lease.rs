@@ -1,0 +1,309 @@
+//! Leases (src/catalog/lease.rs) on every backend, with an injected clock.
+
+#[path = "support/s3.rs"]
+mod s3_support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use shale::catalog::lease::{lease_key, read_lease, Lease, LeaseError};
+use shale::clock::{DynClock, ManualClock};
+use shale::store::fs::FsStore;
+use shale::store::memory::MemoryStore;
+use shale::store::s3::S3Store;
+use shale::store::{DynStore, ObjectStore, PutMode};
+use tokio::sync::Barrier;
+
+const TTL: Duration = Duration::from_secs(30);
+const VOL: u64 = 0x2a;
+
+struct Fixture {
+    store: DynStore,
+    clock: Arc<ManualClock>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Fixture {
+    fn clock(&self) -> DynClock {
+        self.clock.clone()
+    }
+
+    async fn acquire(&self, holder: &str) -> Result<Lease, LeaseError> {
+        Lease::acquire(self.store.clone(), VOL, holder, TTL, self.clock()).await
+    }
+}
+
+fn fixture(store: DynStore, dir: Option<tempfile::TempDir>) -> Fixture {
+    Fixture {
+        store,
+        clock: Arc::new(ManualClock::new(Duration::from_secs(1_700_000_000))),
+        _dir: dir,
+    }
+}
+
+async fn make_memory() -> Option<Fixture> {
+    Some(fixture(Arc::new(MemoryStore::new()), None))
+}
+
+async fn make_fs() -> Option<Fixture> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(FsStore::new(dir.path().join("store")));
+    Some(fixture(store, Some(dir)))
+}
+
+async fn make_s3() -> Option<Fixture> {
+    let moto = s3_support::moto()?;
+    let bucket = moto.unique_bucket("lease");
+    let store = S3Store::connect(&moto.settings(&bucket, ""))
+        .await
+        .expect("S3 client");
+    Some(fixture(Arc::new(store), None))
+}
+
+async fn second_acquirer_is_refused_naming_the_holder(f: Fixture) {
+    let first = f.acquire("server-a").await.expect("first acquire");
+    assert_eq!(first.epoch(), 1);
+    let err = f.acquire("server-b").await.expect_err("lease is live");
+    let msg = err.to_string();
+    assert!(matches!(err, LeaseError::Held { .. }), "{err:?}");
+    assert!(msg.contains("server-a"), "{msg}");
+    assert!(msg.contains(&first.expires_at_ms().to_string()), "{msg}");
+    // Still refused just before expiry; the holder is untouched.
+    f.clock.advance(TTL - Duration::from_millis(1));
+    assert!(matches!(
+        f.acquire("server-b").await,
+        Err(LeaseError::Held { .. })
+    ));
+    first.check().expect("still valid");
+    first.renew().await.expect("holder can renew");
+}
+
+async fn takeover_after_expiry_fences_the_old_holder(f: Fixture) {
+    let old = f.acquire("server-a").await.expect("acquire");
+    f.clock.advance(TTL);
+    assert!(
+        matches!(old.check(), Err(LeaseError::Expired { .. })),
+        "past its expiry the old holder must stop by itself"
+    );
+    let new = f.acquire("server-b").await.expect("takeover after expiry");
+    assert_eq!(new.epoch(), old.epoch() + 1);
+    let err = old.renew().await.expect_err("old holder is fenced");
+    assert!(
+        matches!(err, LeaseError::Fenced { epoch: 2, .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("server-b"), "{err}");
+    assert!(matches!(old.check(), Err(LeaseError::Fenced { .. })));
+    assert!(matches!(old.renew().await, Err(LeaseError::Fenced { .. })));
+    new.renew().await.expect("new holder renews");
+    let (record, _) = read_lease(&f.store, VOL)
+        .await
+        .expect("read")
+        .expect("present");
+    assert_eq!(record.holder, "server-b");
+    assert_eq!(record.epoch, 2);
+}
+
+async fn renewal_keeps_others_out(f: Fixture) {
+    let lease = f.acquire("server-a").await.expect("acquire");
+    for _ in 0..5 {
+        f.clock.advance(TTL / 2);
+        lease.renew().await.expect("renew");
+        assert!(matches!(
+            f.acquire("server-b").await,
+            Err(LeaseError::Held { .. })
+        ));
+    }
+    assert_eq!(lease.epoch(), 1, "renewal keeps the epoch");
+    lease.check().expect("valid after renewals");
+}
+
+async fn steal_bumps_the_epoch_and_fences(f: Fixture) {
+    let old = f.acquire("server-a").await.expect("acquire");
+    let thief = Lease::steal(f.store.clone(), VOL, "operator", TTL, f.clock())
+        .await
+        .expect("steal a live lease");
+    assert_eq!(thief.epoch(), 2);
+    let err = old.renew().await.expect_err("fenced");
+    assert!(err.to_string().contains("operator"), "{err}");
+    // Stealing a never-taken lease simply creates it.
+    let fresh = Lease::steal(f.store.clone(), VOL + 1, "operator", TTL, f.clock())
+        .await
+        .expect("steal absent");
+    assert_eq!(fresh.epoch(), 1);
+}
+
+async fn release_hands_over_at_once_and_epochs_keep_rising(f: Fixture) {
+    let mut last_epoch = 0;
+    for round in 0..4 {
+        let lease = f
+            .acquire(&format!("server-{round}"))
+            .await
+            .expect("acquire");
+        assert!(lease.epoch() > last_epoch, "epochs must strictly increase");
+        last_epoch = lease.epoch();
+        lease.release().await.expect("release");
+        assert!(matches!(lease.check(), Err(LeaseError::Released { .. })));
+        assert!(matches!(
+            lease.renew().await,
+            Err(LeaseError::Released { .. })
+        ));
+        lease.release().await.expect("second release is a no-op");
+    }
+    let (record, _) = read_lease(&f.store, VOL)
+        .await
+        .expect("read")
+        .expect("kept");
+    assert_eq!(
+        record.epoch, last_epoch,
+        "release never deletes the history"
+    );
+}
+
+/// 8 contenders take over one expired lease at once: exactly one wins, the
+/// others are refused naming the winner; repeated with rising epochs.
+async fn race_on_expired_lease_has_one_winner(f: Fixture) {
+    let f = Arc::new(f);
+    let mut epoch = f.acquire("initial").await.expect("acquire").epoch();
+    for round in 0..4 {
+        f.clock.advance(TTL);
+        let barrier = Arc::new(Barrier::new(8));
+        let tasks: Vec<_> = (0..8)
+            .map(|i| {
+                let (f, barrier) = (f.clone(), barrier.clone());
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    f.acquire(&format!("racer-{round}-{i}")).await
+                })
+            })
+            .collect();
+        let mut winners = Vec::new();
+        let mut refusals = Vec::new();
+        for t in tasks {
+            match t.await.expect("task") {
+                Ok(lease) => winners.push(lease),
+                Err(LeaseError::Held { holder, .. }) => refusals.push(holder),
+                Err(e) => panic!("round {round}: unexpected {e}"),
+            }
+        }
+        assert_eq!(winners.len(), 1, "round {round}");
+        let winner = &winners[0];
+        assert_eq!(winner.epoch(), epoch + 1, "round {round}");
+        assert_eq!(refusals.len(), 7);
+        for holder in refusals {
+            assert_eq!(holder, winner.holder(), "refusals name the winner");
+        }
+        epoch = winner.epoch();
+    }
+}
+
+async fn corrupt_lease_is_reported_not_overwritten(f: Fixture) {
+    let key = lease_key(VOL);
+    f.store
+        .put(&key, Bytes::from_static(b"not json"), PutMode::Create)
+        .await
+        .expect("plant garbage");
+    let err = f.acquire("server-a").await.expect_err("corrupt");
+    assert!(matches!(err, LeaseError::Corrupt { .. }), "{err:?}");
+    assert!(err.to_string().contains(&key), "{err}");
+    let steal = Lease::steal(f.store.clone(), VOL, "op", TTL, f.clock()).await;
+    assert!(matches!(steal, Err(LeaseError::Corrupt { .. })));
+    assert_eq!(f.store.get(&key).await.expect("get").data, &b"not json"[..]);
+}
+
+async fn bad_requests_are_refused(f: Fixture) {
+    for holder in ["", "bad\nname"] {
+        let err = f.acquire(holder).await.expect_err("bad holder");
+        assert!(matches!(err, LeaseError::Invalid(_)), "{err:?}");
+    }
+    let err = Lease::acquire(f.store.clone(), VOL, "a", Duration::ZERO, f.clock())
+        .await
+        .expect_err("zero ttl");
+    assert!(matches!(err, LeaseError::Invalid(_)), "{err:?}");
+    assert!(read_lease(&f.store, VOL).await.expect("read").is_none());
+}
+
+macro_rules! lease_tests {
+    ($module:ident, $make:ident) => {
+        mod $module {
+            use super::*;
+            lease_tests!(@each $make;
+                second_acquirer_is_refused_naming_the_holder,
+                takeover_after_expiry_fences_the_old_holder,
+                renewal_keeps_others_out,
+                steal_bumps_the_epoch_and_fences,
+                release_hands_over_at_once_and_epochs_keep_rising,
+                race_on_expired_lease_has_one_winner,
+                corrupt_lease_is_reported_not_overwritten,
+                bad_requests_are_refused);
+        }
+    };
+    (@each $make:ident; $($test:ident),*) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+        async fn $test() {
+            let Some(f) = $make().await else { return };
+            super::$test(f).await;
+        }
+    )*};
+}
+
+lease_tests!(memory, make_memory);
+lease_tests!(fs, make_fs);
+lease_tests!(s3, make_s3);
+
+/// Wait (bounded, for liveness only) until `cond` holds.
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    for _ in 0..2000 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("never happened: {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_renewal_extends_until_fenced() {
+    let f = make_memory().await.expect("memory");
+    let lease = Arc::new(f.acquire("server-a").await.expect("acquire"));
+    let renewer = lease.spawn_renewer(Duration::from_millis(2));
+    let start = lease.expires_at_ms();
+    f.clock.advance(TTL / 2);
+    eventually("a renewal after the clock moved", || {
+        lease.expires_at_ms() > start
+    })
+    .await;
+    f.clock.advance(TTL / 2);
+    lease
+        .check()
+        .expect("renewed in the background, so still valid");
+    assert!(matches!(
+        f.acquire("server-b").await,
+        Err(LeaseError::Held { .. })
+    ));
+
+    Lease::steal(f.store.clone(), VOL, "operator", TTL, f.clock())
+        .await
+        .expect("steal");
+    eventually("the renewer notices the steal", || renewer.is_finished()).await;
+    let err = lease.check().expect_err("fenced");
+    assert!(
+        matches!(err, LeaseError::Fenced { epoch: 2, .. }),
+        "{err:?}"
+    );
+    renewer.stop().await;
+}
+
+#[tokio::test]
+async fn stopped_renewer_lets_the_lease_lapse() {
+    let f = make_memory().await.expect("memory");
+    let lease = Arc::new(f.acquire("server-a").await.expect("acquire"));
+    let renewer = lease.spawn_renewer(Duration::from_secs(3600));
+    renewer.stop().await;
+    f.clock.advance(TTL);
+    assert!(matches!(lease.check(), Err(LeaseError::Expired { .. })));
+    f.acquire("server-b")
+        .await
+        .expect("lapsed lease is taken over");
+}
