@@ -391,3 +391,73 @@ async fn concurrent_writers_tokio_and_foreign_threads() {
     let v = open(&store, dir.path(), 2, small_cfg()).await;
     assert_eq!(read_all(&v).await, expect, "after close");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn age_bound_makes_writes_wait_for_the_store() {
+    let faulty = Arc::new(FaultyStore::new(MemoryStore::new(), 3));
+    let store: DynStore = faulty.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(shale::clock::ManualClock::new(Duration::from_secs(1000)));
+    let cfg = EngineConfig {
+        destage_interval_ms: 3_600_000,
+        max_unstored_seconds: 5,
+        max_unstored_bytes: 64 << 20,
+        ..small_cfg()
+    };
+    let v = Volume::open(store.clone(), params(dir.path(), 1), cfg, clock.clone())
+        .await
+        .unwrap();
+    faulty.set_outage(true);
+    v.write(0, &pattern(1, 4096), false).await.unwrap();
+    clock.advance(Duration::from_secs(4));
+    // Younger than the bound: still acknowledged at once.
+    v.write(4096, &pattern(2, 4096), false).await.unwrap();
+    clock.advance(Duration::from_secs(2));
+    // The oldest unstored write is now 6 s old: the next write waits.
+    let v2 = v.clone();
+    let mut blocked = tokio::spawn(async move { v2.write(8192, &pattern(3, 4096), false).await });
+    let waited = tokio::time::timeout(Duration::from_millis(300), &mut blocked).await;
+    assert!(waited.is_err(), "write completed while the store was down");
+    faulty.set_outage(false);
+    blocked.await.unwrap().unwrap();
+    let s = v.stats();
+    assert!(s.chunks_written >= 1, "{s:?}");
+    let mut b = vec![0u8; 4096];
+    for i in 0..3u64 {
+        v.read(i * 4096, &mut b).await.unwrap();
+        assert_eq!(b, pattern(i + 1, 4096));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overwritten_chunks_are_garbage_collected() {
+    let mem = Arc::new(MemoryStore::new());
+    let store: DynStore = mem.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = EngineConfig {
+        checkpoint_every_chunks: 1,
+        ..small_cfg()
+    };
+    let v = open(&store, dir.path(), 1, cfg.clone()).await;
+    // Rewrite the same 64 KiB many times: older chunks lose all live data.
+    for round in 0..30u64 {
+        v.write(0, &pattern(round, 64 << 10), false).await.unwrap();
+        v.flush().await.unwrap();
+    }
+    v.close().await.unwrap();
+    let s = v.stats();
+    assert!(s.chunks_deleted > 0, "{s:?}");
+    let chunks = mem.list("volumes/0000000000000042/chunks/").await.unwrap();
+    let cps = mem
+        .list("volumes/0000000000000042/checkpoints/")
+        .await
+        .unwrap();
+    assert!(chunks.len() < 5, "{} chunks left", chunks.len());
+    assert_eq!(cps.len(), 1, "superseded checkpoints are deleted");
+    drop(v);
+    let dir2 = tempfile::tempdir().unwrap();
+    let v = open(&store, dir2.path(), 2, cfg).await;
+    let mut b = vec![0u8; 64 << 10];
+    v.read(0, &mut b).await.unwrap();
+    assert_eq!(b, pattern(29, 64 << 10));
+}

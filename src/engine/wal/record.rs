@@ -229,4 +229,29 @@ mod tests {
             Err(RecordError::Truncated(0))
         ));
     }
+
+    /// Random bytes and mutated logs give errors, never panics.
+    #[test]
+    fn decoder_survives_random_input() {
+        let mut log = rec(1, RecordKind::Write, &[3u8; 2048]);
+        log.extend(rec(2, RecordKind::Zero, &[]));
+        let mut x = 7u64;
+        let mut rnd = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..5000 {
+            let mut m = log.clone();
+            let i = (rnd() as usize) % m.len();
+            m[i] = rnd() as u8;
+            let mut pos = 0;
+            while let Ok((_, r)) = decode_at(&m, pos) {
+                pos = r.end;
+            }
+            let junk: Vec<u8> = (0..rnd() % 200).map(|_| rnd() as u8).collect();
+            let _ = decode_at(&junk, (rnd() % 10) as usize);
+        }
+    }
 }
