@@ -1,0 +1,269 @@
+//! What a ublk server serves: a catalog volume (the product), or one of two
+//! hidden development backings used by the VM test until volumes can be
+//! attached: `--memory SIZE` (RAM, lost with the process) and
+//! `--backing-file PATH --size SIZE` (a plain file, survives a server crash).
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use async_trait::async_trait;
+use shale::engine::memdisk::MemDisk;
+use shale::engine::{check_range, BlockDevice};
+use shale::error::BlockError;
+
+/// Which data a server attaches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackingSpec {
+    /// A catalog volume, by name.
+    Volume,
+    /// RAM of this many bytes.
+    Memory(u64),
+    /// A file, created or sized to this many bytes.
+    File(PathBuf, u64),
+}
+
+impl BackingSpec {
+    /// Server arguments that reproduce this spec (stored for recovery).
+    pub fn to_args(&self) -> Vec<String> {
+        match self {
+            BackingSpec::Volume => Vec::new(),
+            BackingSpec::Memory(size) => vec!["--memory".into(), size.to_string()],
+            BackingSpec::File(path, size) => vec![
+                "--backing-file".into(),
+                path.display().to_string(),
+                "--size".into(),
+                size.to_string(),
+            ],
+        }
+    }
+}
+
+/// Parse a size: bytes, or a number with K, M, G or T (binary units).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, shift) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("unknown size unit in {s:?} (use K, M, G or T)")),
+            };
+            (&s[..i], shift)
+        }
+        _ => (s, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("invalid size {s:?}: expected a number with an optional K/M/G/T"))?;
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+/// The opened device and how to close it.
+pub struct Opened {
+    pub device: Arc<dyn BlockDevice>,
+}
+
+impl Opened {
+    /// Make every acknowledged write durable and release the data.
+    pub async fn close(&self) -> anyhow::Result<()> {
+        self.device.flush().await.context("flush")?;
+        Ok(())
+    }
+}
+
+/// Open the data behind `spec` (inside the server's tokio runtime).
+pub async fn open(
+    spec: &BackingSpec,
+    volume: &str,
+    _config: Option<&Path>,
+    runtime: tokio::runtime::Handle,
+) -> anyhow::Result<Opened> {
+    let device: Arc<dyn BlockDevice> = match spec {
+        BackingSpec::Volume => bail!(
+            "attaching catalog volume {volume:?} needs the volume engine and catalog, \
+             which this build does not have yet; use --memory SIZE or --backing-file PATH --size SIZE"
+        ),
+        BackingSpec::Memory(size) => {
+            check_size(*size)?;
+            Arc::new(MemDisk::new(*size))
+        }
+        BackingSpec::File(path, size) => {
+            check_size(*size)?;
+            Arc::new(FileDisk::open(path, *size, runtime)?)
+        }
+    };
+    Ok(Opened { device })
+}
+
+fn check_size(size: u64) -> anyhow::Result<()> {
+    if size == 0 || !size.is_multiple_of(4096) {
+        bail!("size {size} must be a non-zero multiple of 4096 bytes");
+    }
+    Ok(())
+}
+
+/// A file-backed device whose I/O runs on tokio's blocking pool, so queue
+/// threads wait for other threads exactly as they do with a real volume.
+pub struct FileDisk {
+    file: Arc<File>,
+    size: u64,
+    runtime: tokio::runtime::Handle,
+}
+
+impl FileDisk {
+    /// Open or create `path`; a new or empty file is sized to `size`, an
+    /// existing one must already have exactly that size.
+    pub fn open(
+        path: &Path,
+        size: u64,
+        runtime: tokio::runtime::Handle,
+    ) -> anyhow::Result<FileDisk> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .with_context(|| format!("open backing file {}", path.display()))?;
+        let len = file.metadata()?.len();
+        if len == 0 {
+            file.set_len(size)
+                .with_context(|| format!("size backing file {}", path.display()))?;
+        } else if len != size {
+            bail!(
+                "backing file {} has {len} bytes, not the requested {size}",
+                path.display()
+            );
+        }
+        Ok(FileDisk {
+            file: Arc::new(file),
+            size,
+            runtime,
+        })
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&File) -> std::io::Result<T> + Send + 'static,
+    ) -> Result<T, BlockError> {
+        let file = self.file.clone();
+        match self.runtime.spawn_blocking(move || f(&file)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(BlockError::Io(e.to_string())),
+            Err(e) => Err(BlockError::Io(format!("I/O task failed: {e}"))),
+        }
+    }
+}
+
+const ZERO_CHUNK: usize = 1 << 20;
+
+#[async_trait]
+impl BlockDevice for FileDisk {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+        check_range(offset, buf.len() as u64, self.size)?;
+        let len = buf.len();
+        let data = self
+            .blocking(move |f| {
+                let mut v = vec![0u8; len];
+                f.read_exact_at(&mut v, offset)?;
+                Ok(v)
+            })
+            .await?;
+        buf.copy_from_slice(&data);
+        Ok(())
+    }
+
+    async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BlockError> {
+        check_range(offset, data.len() as u64, self.size)?;
+        let data = data.to_vec();
+        self.blocking(move |f| {
+            f.write_all_at(&data, offset)?;
+            if fua {
+                f.sync_data()?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn flush(&self) -> Result<(), BlockError> {
+        self.blocking(|f| f.sync_data()).await
+    }
+
+    async fn trim(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        self.write_zeroes(offset, len, false).await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), BlockError> {
+        check_range(offset, len, self.size)?;
+        self.blocking(move |f| {
+            let zeros = vec![0u8; ZERO_CHUNK];
+            let mut done = 0u64;
+            while done < len {
+                let n = (len - done).min(ZERO_CHUNK as u64) as usize;
+                f.write_all_at(&zeros[..n], offset + done)?;
+                done += n as u64;
+            }
+            if fua {
+                f.sync_data()?;
+            }
+            Ok(())
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("").is_err());
+        assert!(parse_size("M").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn file_disk_round_trip_and_size_guard() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk");
+        let disk = FileDisk::open(&path, 1 << 20, rt.handle().clone()).unwrap();
+        // Polled by a non-tokio executor, like a ublk queue thread.
+        futures::executor::block_on(async {
+            disk.write(4096, &[9u8; 8192], true).await.unwrap();
+            let mut buf = vec![0u8; 8192];
+            disk.read(4096, &mut buf).await.unwrap();
+            assert!(buf.iter().all(|&b| b == 9));
+            disk.write_zeroes(4096, 4096, false).await.unwrap();
+            disk.read(4096, &mut buf).await.unwrap();
+            assert!(buf[..4096].iter().all(|&b| b == 0));
+            assert!(buf[4096..].iter().all(|&b| b == 9));
+            assert!(matches!(
+                disk.read(1 << 20, &mut buf).await,
+                Err(BlockError::OutOfRange { .. })
+            ));
+        });
+        drop(disk);
+        assert!(FileDisk::open(&path, 2 << 20, rt.handle().clone()).is_err());
+        assert!(FileDisk::open(&path, 1 << 20, rt.handle().clone()).is_ok());
+    }
+}

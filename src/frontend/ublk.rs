@@ -1,1 +1,0 @@
-//! ublk frontend.

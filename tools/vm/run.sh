@@ -1,0 +1,117 @@
+#!/bin/sh
+# Real-kernel test of the ublk frontend: boots a Debian 6.12 cloud kernel
+# (which has ublk_drv) under qemu (TCG) with a busybox initramfs holding the
+# shale binary, e2fsprogs and fio, runs tools/vm/guest-test.sh in the guest and
+# fails on any FAIL line or a missing final line.
+#
+# Usage: tools/vm/run.sh [path/to/shale]
+# Env: SHALE_VM_CACHE (kernel cache, default /var/cache/shale-vm),
+#      SHALE_VM_TIMEOUT (seconds, default 900), SHALE_VM_MEM (default 1536M),
+#      SHALE_VM_NO_FIO=1 (leave fio out of the guest), SHALE_VM_KEEP=1 (keep work dir).
+set -eu
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+SHALE=${1:-${CARGO_TARGET_DIR:-$ROOT/target}/debug/shale}
+TIMEOUT=${SHALE_VM_TIMEOUT:-900}
+MEM=${SHALE_VM_MEM:-1536M}
+
+need() {
+    command -v "$1" >/dev/null 2>&1 || { echo "run.sh: missing $1 ($2)" >&2; exit 2; }
+}
+need qemu-system-x86_64 "apt-get install qemu-system-x86"
+need cpio "apt-get install cpio"
+need xz "apt-get install xz-utils"
+[ -x /bin/busybox ] || { echo "run.sh: missing /bin/busybox (apt-get install busybox-static)" >&2; exit 2; }
+[ -x "$SHALE" ] || { echo "run.sh: no shale binary at $SHALE (cargo build first)" >&2; exit 2; }
+
+KDIR=$("$HERE/fetch-kernel.sh" | tail -n 1)
+echo "run.sh: kernel $(cat "$KDIR/package")"
+
+WORK=$(mktemp -d /tmp/shale-vm.XXXXXX)
+cleanup() { [ -n "${SHALE_VM_KEEP:-}" ] || rm -rf "$WORK"; return 0; }
+trap cleanup EXIT
+R=$WORK/root
+mkdir -p "$R/bin" "$R/sbin" "$R/lib" "$R/lib64" "$R/usr/bin" "$R/etc" "$R/proc" "$R/sys" \
+    "$R/dev" "$R/run" "$R/tmp" "$R/mnt" "$R/data"
+
+cp /bin/busybox "$R/bin/busybox"
+cp "$KDIR/ublk_drv.ko" "$R/ublk_drv.ko"
+cp "$HERE/guest-test.sh" "$R/guest-test.sh"
+
+# Copy a binary (as NAME, default its own name) and the shared libraries it
+# needs (same paths as the host).
+add_bin() {
+    src=$1
+    dst=$R/usr/bin/${2:-$(basename "$src")}
+    cp -L "$src" "$dst"
+    ldd "$src" 2>/dev/null | awk '/=>/ {print $3} /^[[:space:]]*\// {print $1}' | while read -r lib; do
+        [ -n "$lib" ] && [ -f "$lib" ] || continue
+        mkdir -p "$R$(dirname "$lib")"
+        [ -f "$R$lib" ] || cp -L "$lib" "$R$lib"
+    done
+}
+add_bin "$SHALE" shale
+# Debug info is most of a debug build's size; the guest does not need it.
+if command -v strip >/dev/null 2>&1; then
+    strip --strip-debug "$R/usr/bin/shale"
+fi
+add_bin "$(command -v mke2fs)"
+add_bin "$(command -v e2fsck)"
+if [ -z "${SHALE_VM_NO_FIO:-}" ] && command -v fio >/dev/null 2>&1; then
+    add_bin "$(command -v fio)"
+fi
+ln -s mke2fs "$R/usr/bin/mkfs.ext4"
+
+cat > "$R/init" <<'INIT'
+#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/usr/bin:/bin:/sbin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mount -t tmpfs tmpfs /run
+mount -t tmpfs -o size=640m tmpfs /data
+sh /guest-test.sh
+echo "GUEST-EXIT $?"
+poweroff -f
+INIT
+chmod +x "$R/init"
+
+(cd "$R" && find . | cpio -o -H newc --quiet > "$WORK/initrd.cpio")
+echo "run.sh: initramfs $(du -h "$WORK/initrd.cpio" | cut -f1)"
+
+LOG=$WORK/console.log
+: > "$LOG"
+START=$(date +%s)
+timeout --kill-after=10 "$TIMEOUT" qemu-system-x86_64 \
+    -accel tcg -cpu qemu64,-cx16 -smp 2 -m "$MEM" \
+    -nodefaults -no-user-config -display none -serial stdio -no-reboot \
+    -kernel "$KDIR/vmlinuz" -initrd "$WORK/initrd.cpio" \
+    -append 'console=ttyS0 panic=-1 loglevel=4' </dev/null >"$LOG" 2>&1 &
+QEMU_PID=$!
+# Never leave a guest running behind us.
+trap 'rc=$?; kill "$QEMU_PID" 2>/dev/null || true; cleanup; exit $rc' EXIT
+trap 'exit 130' INT TERM
+tail -n +1 -f "$LOG" --pid="$QEMU_PID" &
+TAIL_PID=$!
+set +e
+wait "$QEMU_PID"
+QEMU_RC=$?
+set -e
+wait "$TAIL_PID" 2>/dev/null || true
+echo "run.sh: guest ran $(($(date +%s) - START)) s"
+
+PASSES=$(grep -c '^PASS' "$LOG" || true)
+FAILS=$(grep -c '^FAIL' "$LOG" || true)
+echo "run.sh: $PASSES PASS, $FAILS FAIL (qemu exit $QEMU_RC)"
+if [ "$FAILS" -ne 0 ]; then
+    grep '^FAIL' "$LOG"
+    exit 1
+fi
+if ! grep -q '^ALL-STEPS-DONE' "$LOG"; then
+    echo "run.sh: FAIL: the guest did not reach its last step (timeout or crash)"
+    exit 1
+fi
+echo "run.sh: OK"
+exit 0
