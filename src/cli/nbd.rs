@@ -9,6 +9,7 @@ use shale::config::Config;
 use shale::engine::memdisk::MemDisk;
 use shale::engine::BlockDevice;
 use shale::frontend::nbd::{ExportMap, Listener, NbdServer};
+use shale::size::parse_size;
 
 mod scratch;
 
@@ -145,8 +146,7 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     })
 }
 
-/// Parse `NAME:SIZE` where SIZE is bytes with an optional K/M/G/T suffix
-/// (binary units) and must be a non-zero multiple of 512, at most `max`.
+/// Parse `NAME:SIZE` where SIZE is as in the config (`64M`, `1GiB`, bytes) and must be a non-zero multiple of 512, at most `max`.
 fn parse_size_spec(flag: &str, spec: &str, max: u64) -> anyhow::Result<(String, u64)> {
     let Some((name, size)) = spec.rsplit_once(':') else {
         bail!("{flag} {spec:?}: expected NAME:SIZE");
@@ -159,28 +159,6 @@ fn parse_size_spec(flag: &str, spec: &str, max: u64) -> anyhow::Result<(String, 
         bail!("{flag} {spec:?}: at most {max} bytes");
     }
     Ok((name.to_string(), size))
-}
-
-fn parse_size(s: &str) -> anyhow::Result<u64> {
-    let s = s.trim();
-    let (digits, shift) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_uppercase() {
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                'T' => 40,
-                _ => bail!("unknown size suffix {c:?} (use K, M, G or T)"),
-            };
-            (&s[..i], shift)
-        }
-        _ => (s, 0),
-    };
-    let n: u64 = digits
-        .parse()
-        .with_context(|| format!("invalid size {s:?}"))?;
-    n.checked_mul(1u64 << shift)
-        .with_context(|| format!("size {s:?} is too large"))
 }
 
 #[cfg(test)]
