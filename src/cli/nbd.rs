@@ -63,36 +63,63 @@ fn serve(config: Option<&Path>, args: ServeArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
-        let mut devices: Vec<(String, Arc<dyn BlockDevice>)> = Vec::new();
-        for spec in &args.memory {
-            let (name, size) = parse_size_spec("--memory", spec, 64 << 30)?;
-            devices.push((name, Arc::new(MemDisk::new(size))));
-        }
-        if !args.volumes.is_empty() || (args.memory.is_empty() && args.scratch.is_empty()) {
-            bail!(
-                "serving catalog volumes needs the volume daemon (shale::daemon), \
-                 which this build does not have yet"
-            );
-        }
-        let mut scratch = Vec::new();
-        for (i, spec) in args.scratch.iter().enumerate() {
-            let (name, size) = parse_size_spec("--scratch", spec, u64::MAX)?;
-            let vol = scratch::open(&cfg, i as u64, size)
-                .await
-                .with_context(|| format!("opening scratch volume {name}"))?;
-            devices.push((name, vol.volume.clone()));
-            scratch.push(vol);
-        }
-        let served = serve_devices(&cfg, &args, devices).await;
-        let mut closed = Ok(());
-        for vol in scratch {
+        let mut opened = Opened::default();
+        let result = match open_exports(&cfg, &args, &mut opened).await {
+            Ok(devices) => serve_devices(&cfg, &args, devices).await,
+            Err(e) => Err(e),
+        };
+        // Close whatever was opened, also when opening or serving failed.
+        let closed = opened.close_all().await;
+        result.and(closed)
+    })
+}
+
+/// Volumes this process opened and must close on the way out.
+#[derive(Default)]
+struct Opened {
+    scratch: Vec<scratch::Scratch>,
+}
+
+impl Opened {
+    /// Close everything; report the first failure after trying all.
+    async fn close_all(self) -> anyhow::Result<()> {
+        let mut first = Ok(());
+        for vol in self.scratch {
             if let Err(e) = vol.close_and_delete().await {
                 log::error!("{e:#}");
-                closed = Err(e);
+                first = first.and(Err(e));
             }
         }
-        served.and(closed)
-    })
+        first
+    }
+}
+
+/// Build the export list from the arguments, recording what was opened.
+async fn open_exports(
+    cfg: &Config,
+    args: &ServeArgs,
+    opened: &mut Opened,
+) -> anyhow::Result<Vec<(String, Arc<dyn BlockDevice>)>> {
+    let mut devices: Vec<(String, Arc<dyn BlockDevice>)> = Vec::new();
+    for spec in &args.memory {
+        let (name, size) = parse_size_spec("--memory", spec, 64 << 30)?;
+        devices.push((name, Arc::new(MemDisk::new(size))));
+    }
+    if !args.volumes.is_empty() || (args.memory.is_empty() && args.scratch.is_empty()) {
+        bail!(
+            "serving catalog volumes needs the volume daemon (shale::daemon), \
+             which this build does not have yet"
+        );
+    }
+    for (i, spec) in args.scratch.iter().enumerate() {
+        let (name, size) = parse_size_spec("--scratch", spec, u64::MAX)?;
+        let vol = scratch::open(cfg, i as u64, size)
+            .await
+            .with_context(|| format!("opening scratch volume {name}"))?;
+        devices.push((name, vol.volume.clone()));
+        opened.scratch.push(vol);
+    }
+    Ok(devices)
 }
 
 /// Bind the listeners, print where they are, serve until a signal.
