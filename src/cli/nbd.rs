@@ -160,7 +160,9 @@ async fn serve_devices(
     Ok(())
 }
 
-/// Resolves on the first SIGTERM or SIGINT.
+/// Resolves on the first SIGTERM or SIGINT. A second one while shutting
+/// down (e.g. a flush stuck on an unreachable store) exits at once with
+/// status 1; data acknowledged by FLUSH is safe either way.
 fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
@@ -170,6 +172,14 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
             _ = term.recv() => log::info!("SIGTERM: shutting down"),
             _ = int.recv() => log::info!("SIGINT: shutting down"),
         }
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            eprintln!("shale: second signal during shutdown; exiting without finishing it");
+            std::process::exit(1);
+        });
     })
 }
 
