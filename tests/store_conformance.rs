@@ -56,8 +56,9 @@ macro_rules! backend_tests {
                 create_on_absent_and_present, if_match_success_failure_missing,
                 ranged_reads, list_by_prefix_sorted, list_many_keys,
                 delete_is_idempotent, key_and_children_coexist,
-                unusual_key_characters, invalid_keys_rejected);
-            backend_tests!(@shared $make; race_create, race_if_match);
+                unusual_key_characters, longest_keys_work, invalid_keys_rejected);
+            backend_tests!(@shared $make; race_create, race_if_match, readers_never_see_torn_objects,
+                create_delete_churn_has_one_owner_at_a_time);
         }
     };
     (@by_ref $make:ident; $($test:ident),*) => {$(

@@ -73,6 +73,10 @@ pub struct VolumeRecord {
     /// Lifecycle state.
     #[serde(default)]
     pub state: VolumeState,
+    /// Writer epoch of the most recent open ([`Catalog::next_epoch`]); 0 if
+    /// never opened.
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 /// Contents of `catalog/next-id`.
@@ -201,6 +205,7 @@ impl Catalog {
             created_ms: now_ms,
             parent: None,
             state: VolumeState::Ready,
+            epoch: 0,
         };
         match self
             .store
@@ -261,6 +266,40 @@ impl Catalog {
         self.store.delete(&key).await?;
         record.state = VolumeState::Deleting;
         Ok((record, removed))
+    }
+
+    /// Raise the volume's writer epoch by one (compare-and-swap) and return
+    /// the record with the new epoch. Every open of a volume uses a fresh,
+    /// higher epoch, so the engine fences any older writer still running.
+    /// Refuses volumes being deleted. (Stands in until leases hand out
+    /// epochs; a lease must then start above this value.)
+    pub async fn next_epoch(&self, name: &str) -> Result<VolumeRecord, CatalogError> {
+        let key = record_key(name);
+        for _ in 0..ID_CAS_ATTEMPTS {
+            let (mut record, version) = self.get_versioned(name).await?;
+            if record.state == VolumeState::Deleting {
+                return Err(CatalogError::Deleting {
+                    name: name.to_string(),
+                });
+            }
+            record.epoch = record
+                .epoch
+                .checked_add(1)
+                .ok_or_else(|| CatalogError::Corrupt {
+                    key: key.clone(),
+                    reason: "writer epochs exhausted".into(),
+                })?;
+            match self
+                .store
+                .put(&key, encode(&key, &record)?, PutMode::IfMatch(version))
+                .await
+            {
+                Ok(_) => return Ok(record),
+                Err(StoreError::PreconditionFailed { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(CatalogError::Contention { key })
     }
 
     /// Set the record's state to deleting (compare-and-swap); returns it.

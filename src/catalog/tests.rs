@@ -1,91 +1,17 @@
-use std::collections::BTreeMap;
-use std::ops::Range;
-use std::sync::{Arc, Mutex};
-
-use async_trait::async_trait;
+use std::sync::Arc;
 
 use super::*;
-use crate::store::{Object, ObjectMeta, ObjectStore, StoreResult};
+use crate::store::memory::MemoryStore;
+use crate::store::ObjectStore;
 
-/// A minimal in-memory store honouring the protocol's conditional puts
-/// (test-only; the catalog must not depend on a particular backend).
-#[derive(Debug, Default)]
-struct TestStore {
-    objects: Mutex<BTreeMap<String, (Bytes, u64)>>,
-    counter: std::sync::atomic::AtomicU64,
+/// Every key in the store.
+async fn keys(store: &MemoryStore) -> Vec<String> {
+    let all = store.list("").await.unwrap();
+    all.into_iter().map(|m| m.key).collect()
 }
 
-impl TestStore {
-    fn keys(&self) -> Vec<String> {
-        self.objects.lock().unwrap().keys().cloned().collect()
-    }
-}
-
-#[async_trait]
-impl ObjectStore for TestStore {
-    async fn get(&self, key: &str) -> StoreResult<Object> {
-        let map = self.objects.lock().unwrap();
-        let (data, v) = map
-            .get(key)
-            .ok_or(StoreError::NotFound { key: key.into() })?;
-        Ok(Object {
-            data: data.clone(),
-            version: Version(v.to_string()),
-        })
-    }
-    async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
-        let obj = self.get(key).await?;
-        Ok(obj.data.slice(range.start as usize..range.end as usize))
-    }
-    async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> StoreResult<Version> {
-        crate::store::validate_key(key)?;
-        let mut map = self.objects.lock().unwrap();
-        match (&mode, map.get(key)) {
-            (PutMode::Create, Some(_)) => {
-                return Err(StoreError::AlreadyExists { key: key.into() })
-            }
-            (PutMode::IfMatch(want), Some((_, have))) if want.0 != have.to_string() => {
-                return Err(StoreError::PreconditionFailed { key: key.into() })
-            }
-            (PutMode::IfMatch(_), None) => {
-                return Err(StoreError::PreconditionFailed { key: key.into() })
-            }
-            _ => {}
-        }
-        let v = self
-            .counter
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        map.insert(key.to_string(), (data, v));
-        Ok(Version(v.to_string()))
-    }
-    async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
-        let obj = self.get(key).await?;
-        Ok(ObjectMeta {
-            key: key.into(),
-            size: obj.data.len() as u64,
-            version: obj.version,
-        })
-    }
-    async fn list(&self, prefix: &str) -> StoreResult<Vec<ObjectMeta>> {
-        let map = self.objects.lock().unwrap();
-        Ok(map
-            .iter()
-            .filter(|(k, _)| k.starts_with(prefix))
-            .map(|(k, (d, v))| ObjectMeta {
-                key: k.clone(),
-                size: d.len() as u64,
-                version: Version(v.to_string()),
-            })
-            .collect())
-    }
-    async fn delete(&self, key: &str) -> StoreResult<()> {
-        self.objects.lock().unwrap().remove(key);
-        Ok(())
-    }
-}
-
-fn catalog() -> (Catalog, Arc<TestStore>) {
-    let store = Arc::new(TestStore::default());
+fn catalog() -> (Catalog, Arc<MemoryStore>) {
+    let store = Arc::new(MemoryStore::new());
     (Catalog::new(store.clone()), store)
 }
 
@@ -135,11 +61,11 @@ async fn create_get_list_delete() {
         Err(CatalogError::NotFound { name }) if name == "alpha"
     ));
     assert_eq!(cat.list().await.unwrap(), vec![b.clone()]);
-    assert!(store
-        .keys()
+    assert!(keys(&store)
+        .await
         .contains(&"volumes/0000000000000002/chunk-1".to_string()));
-    assert!(!store
-        .keys()
+    assert!(!keys(&store)
+        .await
         .iter()
         .any(|k| k.starts_with("volumes/0000000000000001/")));
 
@@ -183,7 +109,7 @@ async fn bad_names_and_sizes_write_nothing() {
         let e = cat.create("ok", size, false, 0).await.unwrap_err();
         assert!(matches!(e, CatalogError::InvalidSize { .. }), "{size}: {e}");
     }
-    assert!(store.keys().is_empty(), "{:?}", store.keys());
+    assert!(keys(&store).await.is_empty(), "{:?}", keys(&store).await);
     let max_name = "A".repeat(64);
     for name in ["a", "A-1", "x.y_z", "0", max_name.as_str()] {
         cat.create(name, MAX_VOLUME_SIZE, false, 0).await.unwrap();
@@ -226,7 +152,10 @@ async fn interrupted_delete_is_finished_by_a_second_delete() {
     assert_eq!(seen.id, rec.id);
     let (_, removed) = cat.delete("v").await.unwrap();
     assert_eq!(removed.objects, 1);
-    assert!(store.keys().iter().all(|k| !k.starts_with("volumes/")));
+    assert!(keys(&store)
+        .await
+        .iter()
+        .all(|k| !k.starts_with("volumes/")));
     assert!(matches!(
         cat.get("v").await,
         Err(CatalogError::NotFound { .. })
@@ -314,4 +243,38 @@ async fn concurrent_creates_get_unique_ids_and_one_winner_per_name() {
     }
     assert_eq!(winners, 1);
     assert_eq!(cat.list().await.unwrap().len(), 9);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn epochs_rise_by_one_per_open_even_under_races() {
+    let (cat, _) = catalog();
+    let rec = cat.create("v", GIB, false, 0).await.unwrap();
+    assert_eq!(rec.epoch, 0);
+    assert_eq!(cat.next_epoch("v").await.unwrap().epoch, 1);
+    assert_eq!(cat.next_epoch("v").await.unwrap().epoch, 2);
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let cat = cat.clone();
+        tasks.push(tokio::spawn(async move { cat.next_epoch("v").await }));
+    }
+    let mut epochs = Vec::new();
+    for t in tasks {
+        epochs.push(t.await.unwrap().unwrap().epoch);
+    }
+    epochs.sort();
+    assert_eq!(epochs, (3..=10).collect::<Vec<u64>>());
+    let after = cat.get("v").await.unwrap();
+    assert_eq!(after.epoch, 10);
+    assert_eq!(after.size, rec.size);
+    assert_eq!(after.id, rec.id);
+
+    cat.mark_deleting("v").await.unwrap();
+    assert!(matches!(
+        cat.next_epoch("v").await,
+        Err(CatalogError::Deleting { .. })
+    ));
+    assert!(matches!(
+        cat.next_epoch("absent").await,
+        Err(CatalogError::NotFound { .. })
+    ));
 }

@@ -1,14 +1,208 @@
-//! `shale nbd ...`
-use std::path::Path;
+//! `shale nbd ...`: serve volumes over NBD.
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use clap::Subcommand;
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use shale::config::Config;
+use shale::engine::memdisk::MemDisk;
+use shale::engine::BlockDevice;
+use shale::frontend::nbd::{ExportMap, Listener, NbdServer};
+
+mod scratch;
 
 #[derive(Subcommand, Debug)]
 pub enum NbdCmd {
-    /// Serve volumes over NBD.
-    Serve,
+    /// Serve volumes over NBD until SIGTERM or SIGINT.
+    ///
+    /// Prints one line `listening on tcp:ADDR` or `listening on unix:PATH`
+    /// per socket once it accepts connections. On SIGTERM/SIGINT it stops
+    /// accepting, finishes requests in flight, flushes every export and
+    /// exits 0.
+    Serve(ServeArgs),
 }
 
-pub fn run(_config: Option<&Path>, _cmd: NbdCmd) -> anyhow::Result<()> {
-    anyhow::bail!("nbd commands are not built yet")
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// TCP address to listen on. Default: `nbd.listen` from the config
+    /// (127.0.0.1:10809), unless only --socket is given.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// Unix socket to listen on (a stale socket file is replaced).
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Volumes to export, one export per name. Default: every volume in
+    /// the catalog.
+    #[arg(value_name = "VOLUME")]
+    volumes: Vec<String>,
+    /// Test-only export backed by RAM, as NAME:SIZE (e.g. scratch:64M).
+    /// Contents are lost on exit. Repeatable; with it, no catalog volume is
+    /// opened unless named.
+    #[arg(long = "memory", value_name = "NAME:SIZE", hide = true)]
+    memory: Vec<String>,
+    /// Test/benchmark export backed by a real volume (WAL + chunks) on the
+    /// configured store and data_dir, as NAME:SIZE. It uses a reserved id,
+    /// must not exist yet, and is deleted (store objects and local files)
+    /// after a clean shutdown. Repeatable.
+    #[arg(long = "scratch", value_name = "NAME:SIZE", hide = true)]
+    scratch: Vec<String>,
+}
+
+pub fn run(config: Option<&Path>, cmd: NbdCmd) -> anyhow::Result<()> {
+    match cmd {
+        NbdCmd::Serve(args) => serve(config, args),
+    }
+}
+
+fn serve(config: Option<&Path>, args: ServeArgs) -> anyhow::Result<()> {
+    let cfg = Config::load(config).context("loading configuration")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let mut devices: Vec<(String, Arc<dyn BlockDevice>)> = Vec::new();
+        for spec in &args.memory {
+            let (name, size) = parse_size_spec("--memory", spec, 64 << 30)?;
+            devices.push((name, Arc::new(MemDisk::new(size))));
+        }
+        if !args.volumes.is_empty() || (args.memory.is_empty() && args.scratch.is_empty()) {
+            bail!(
+                "serving catalog volumes needs the volume daemon (shale::daemon), \
+                 which this build does not have yet"
+            );
+        }
+        let mut scratch = Vec::new();
+        for (i, spec) in args.scratch.iter().enumerate() {
+            let (name, size) = parse_size_spec("--scratch", spec, u64::MAX)?;
+            let vol = scratch::open(&cfg, i as u64, size)
+                .await
+                .with_context(|| format!("opening scratch volume {name}"))?;
+            devices.push((name, vol.volume.clone()));
+            scratch.push(vol);
+        }
+        let served = serve_devices(&cfg, &args, devices).await;
+        let mut closed = Ok(());
+        for vol in scratch {
+            if let Err(e) = vol.close_and_delete().await {
+                log::error!("{e:#}");
+                closed = Err(e);
+            }
+        }
+        served.and(closed)
+    })
+}
+
+/// Bind the listeners, print where they are, serve until a signal.
+async fn serve_devices(
+    cfg: &Config,
+    args: &ServeArgs,
+    devices: Vec<(String, Arc<dyn BlockDevice>)>,
+) -> anyhow::Result<()> {
+    let exports = ExportMap::new(devices).context("building the export list")?;
+    let mut listeners = Vec::new();
+    if args.listen.is_some() || args.socket.is_none() {
+        let addr = match &args.listen {
+            Some(a) => a.clone(),
+            None => cfg.nbd.listen.to_string(),
+        };
+        listeners.push(
+            Listener::bind_tcp(&addr)
+                .await
+                .with_context(|| format!("listening on {addr}"))?,
+        );
+    }
+    if let Some(path) = &args.socket {
+        listeners.push(
+            Listener::bind_unix(path)
+                .with_context(|| format!("listening on {}", path.display()))?,
+        );
+    }
+    let mut out = std::io::stdout().lock();
+    for l in &listeners {
+        writeln!(out, "listening on {}", l.describe())?;
+    }
+    out.flush()?;
+    drop(out);
+
+    let shutdown = shutdown_signal()?;
+    NbdServer::new(exports).serve(listeners, shutdown).await?;
+    log::info!("nbd server stopped");
+    Ok(())
+}
+
+/// Resolves on the first SIGTERM or SIGINT.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => log::info!("SIGTERM: shutting down"),
+            _ = int.recv() => log::info!("SIGINT: shutting down"),
+        }
+    })
+}
+
+/// Parse `NAME:SIZE` where SIZE is bytes with an optional K/M/G/T suffix
+/// (binary units) and must be a non-zero multiple of 512, at most `max`.
+fn parse_size_spec(flag: &str, spec: &str, max: u64) -> anyhow::Result<(String, u64)> {
+    let Some((name, size)) = spec.rsplit_once(':') else {
+        bail!("{flag} {spec:?}: expected NAME:SIZE");
+    };
+    let size = parse_size(size).with_context(|| format!("{flag} {spec:?}"))?;
+    if size == 0 || !size.is_multiple_of(512) {
+        bail!("{flag} {spec:?}: size must be a non-zero multiple of 512");
+    }
+    if size > max {
+        bail!("{flag} {spec:?}: at most {max} bytes");
+    }
+    Ok((name.to_string(), size))
+}
+
+fn parse_size(s: &str) -> anyhow::Result<u64> {
+    let s = s.trim();
+    let (digits, shift) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => bail!("unknown size suffix {c:?} (use K, M, G or T)"),
+            };
+            (&s[..i], shift)
+        }
+        _ => (s, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .with_context(|| format!("invalid size {s:?}"))?;
+    n.checked_mul(1u64 << shift)
+        .with_context(|| format!("size {s:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_specs() {
+        let parse_memory_spec = |s| parse_size_spec("--memory", s, 64 << 30);
+        assert_eq!(
+            parse_memory_spec("a:64M").unwrap(),
+            ("a".to_string(), 64 << 20)
+        );
+        assert_eq!(
+            parse_memory_spec("x:y:4096").unwrap(),
+            ("x:y".to_string(), 4096)
+        );
+        assert!(parse_memory_spec("a").is_err());
+        assert!(parse_memory_spec("a:100").is_err());
+        assert!(parse_memory_spec("a:0").is_err());
+        assert!(parse_memory_spec("a:1Q").is_err());
+        assert!(parse_memory_spec("a:99999999999T").is_err());
+        assert!(parse_memory_spec("a:1T").is_err());
+    }
 }

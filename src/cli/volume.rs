@@ -1,14 +1,290 @@
-//! `shale volume ...`
+//! `shale volume create|list|info|delete`: the catalog, from the command line.
+use std::io::{IsTerminal, Write};
 use std::path::Path;
 
+use anyhow::Context;
 use clap::Subcommand;
+use shale::catalog::{Catalog, VolumeRecord, VolumeState};
+use shale::clock::{Clock, SystemClock};
+use shale::config::Config;
+use shale::error::Bytes;
+use shale::size::{format_size, parse_size};
 
 #[derive(Subcommand, Debug)]
 pub enum VolumeCmd {
+    /// Create a volume (thin unless --thick).
+    Create {
+        /// Volume name: 1 to 64 characters of A-Z a-z 0-9 . _ -
+        name: String,
+        /// Size, e.g. 10G, 512MiB or a byte count; a multiple of 4 KiB.
+        #[arg(long, short, value_parser = parse_size_arg)]
+        size: u64,
+        /// Reserve the whole size in the pool's capacity.
+        #[arg(long)]
+        thick: bool,
+    },
     /// List volumes.
-    List,
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one volume and the bytes it holds in the store.
+    Info {
+        /// Volume name.
+        name: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a volume and all its data.
+    Delete {
+        /// Volume name.
+        name: String,
+        /// Do not ask for confirmation (required when stdin is not a terminal).
+        #[arg(long, short)]
+        yes: bool,
+    },
 }
 
-pub fn run(_config: Option<&Path>, _cmd: VolumeCmd) -> anyhow::Result<()> {
-    anyhow::bail!("volume commands are not built yet")
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
+}
+
+pub fn run(config: Option<&Path>, cmd: VolumeCmd) -> anyhow::Result<()> {
+    let cfg = Config::load(config)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async move {
+        let store = shale::store::open(&cfg.store)
+            .await
+            .context("cannot open the object store")?;
+        let catalog = Catalog::new(store);
+        match cmd {
+            VolumeCmd::Create { name, size, thick } => create(&catalog, &name, size, thick).await,
+            VolumeCmd::List { json } => list(&catalog, json).await,
+            VolumeCmd::Info { name, json } => info(&cfg, &catalog, &name, json).await,
+            VolumeCmd::Delete { name, yes } => delete(&cfg, &catalog, &name, yes).await,
+        }
+    })
+}
+
+async fn create(catalog: &Catalog, name: &str, size: u64, thick: bool) -> anyhow::Result<()> {
+    let now_ms = SystemClock.now().as_millis() as u64;
+    let rec = catalog.create(name, size, thick, now_ms).await?;
+    println!(
+        "created volume {} (id {}, size {}, {})",
+        rec.name,
+        rec.id,
+        format_size(rec.size),
+        if rec.thick { "thick" } else { "thin" }
+    );
+    Ok(())
+}
+
+async fn list(catalog: &Catalog, json: bool) -> anyhow::Result<()> {
+    let records = catalog.list().await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&records)?);
+        return Ok(());
+    }
+    let mut rows = vec![[
+        "NAME".to_string(),
+        "ID".to_string(),
+        "SIZE".to_string(),
+        "THICK".to_string(),
+        "CREATED".to_string(),
+        "STATE".to_string(),
+    ]];
+    for r in &records {
+        rows.push([
+            r.name.clone(),
+            r.id.to_string(),
+            format_size(r.size),
+            if r.thick { "yes" } else { "no" }.to_string(),
+            format_utc_ms(r.created_ms),
+            state_name(r.state).to_string(),
+        ]);
+    }
+    print!("{}", render_table(&rows));
+    Ok(())
+}
+
+async fn info(cfg: &Config, catalog: &Catalog, name: &str, json: bool) -> anyhow::Result<()> {
+    let rec = catalog.get(name).await?;
+    let usage = catalog.usage(&rec).await?;
+    let prefix = shale::catalog::volume_prefix(rec.id);
+    let local_dir = cfg.volume_dir(rec.id);
+    if json {
+        let value = serde_json::json!({
+            "record": rec,
+            "store_prefix": prefix,
+            "stored_objects": usage.objects,
+            "stored_bytes": usage.bytes,
+            "local_dir": local_dir,
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    print_record(&rec);
+    println!("store prefix:   {prefix}");
+    println!(
+        "stored:         {} in {} objects",
+        Bytes(usage.bytes),
+        usage.objects
+    );
+    println!("local dir:      {}", local_dir.display());
+    Ok(())
+}
+
+fn print_record(rec: &VolumeRecord) {
+    println!("name:           {}", rec.name);
+    println!("id:             {}", rec.id);
+    println!(
+        "size:           {} ({} bytes)",
+        format_size(rec.size),
+        rec.size
+    );
+    println!(
+        "provisioning:   {}",
+        if rec.thick { "thick" } else { "thin" }
+    );
+    println!("created:        {}", format_utc_ms(rec.created_ms));
+    println!("state:          {}", state_name(rec.state));
+    if let Some(parent) = &rec.parent {
+        println!("parent:         {parent}");
+    }
+}
+
+async fn delete(cfg: &Config, catalog: &Catalog, name: &str, yes: bool) -> anyhow::Result<()> {
+    // Look it up first so a typo is reported before any question is asked.
+    let rec = catalog.get(name).await?;
+    if !yes && !confirm(&rec)? {
+        anyhow::bail!("volume {name:?} was not deleted");
+    }
+    let (_, removed) = catalog.delete(name).await?;
+    // This host's WAL and cache for the volume (ids are never reused, so
+    // nothing else can be using the directory).
+    let local_dir = cfg.volume_dir(rec.id);
+    match std::fs::remove_dir_all(&local_dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!(
+                    "volume {name:?} was deleted from the store, but its local directory {} was not removed",
+                    local_dir.display()
+                )
+            })
+        }
+    }
+    println!(
+        "deleted volume {} (id {}; removed {} objects, {})",
+        rec.name,
+        rec.id,
+        removed.objects,
+        Bytes(removed.bytes)
+    );
+    Ok(())
+}
+
+/// Ask on the terminal; without one, refuse (the caller must pass --yes).
+fn confirm(rec: &VolumeRecord) -> anyhow::Result<bool> {
+    if !std::io::stdin().is_terminal() {
+        anyhow::bail!(
+            "refusing to delete volume {:?} without --yes (stdin is not a terminal)",
+            rec.name
+        );
+    }
+    eprint!(
+        "Delete volume {} ({}) and all its data? Type the name to confirm: ",
+        rec.name,
+        format_size(rec.size)
+    );
+    std::io::stderr().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer)?;
+    Ok(answer.trim() == rec.name)
+}
+
+fn state_name(s: VolumeState) -> &'static str {
+    match s {
+        VolumeState::Ready => "ready",
+        VolumeState::Deleting => "deleting",
+    }
+}
+
+/// Left-aligned columns separated by two spaces.
+fn render_table<const N: usize>(rows: &[[String; N]]) -> String {
+    let mut widths = [0usize; N];
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in rows {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            if i + 1 < N {
+                line.push_str(&format!("{cell:<width$}  ", width = widths[i]));
+            } else {
+                line.push_str(cell);
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// `YYYY-MM-DD HH:MM:SSZ` for milliseconds since the Unix epoch (UTC).
+pub fn format_utc_ms(ms: u64) -> String {
+    let secs = ms / 1000;
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Gregorian date from days since 1970-01-01 (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_formatting() {
+        assert_eq!(format_utc_ms(0), "1970-01-01 00:00:00Z");
+        assert_eq!(format_utc_ms(951_782_400_000), "2000-02-29 00:00:00Z");
+        assert_eq!(format_utc_ms(1_795_312_496_789), "2026-11-22 01:54:56Z");
+    }
+
+    #[test]
+    fn table_aligns_columns() {
+        let rows = [
+            ["A".to_string(), "BB".to_string()],
+            ["ccc".to_string(), "d".to_string()],
+        ];
+        assert_eq!(render_table(&rows), "A    BB\nccc  d\n");
+    }
 }

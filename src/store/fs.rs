@@ -4,8 +4,8 @@
 //! Key `a/b/c` is the file `<root>/a.d/b.d/c.o`. Directory names end in `.d`
 //! and object files in `.o`, so the mapping is one-to-one and keys `a/b` and
 //! `a/b/c` can coexist as on S3. Beside each object file is `c.lock`, and
-//! temporary files end in `.tmp`; listing ignores everything that does not
-//! end in `.o` or `.d`.
+//! while it is being replaced `c.o.tmp`; listing ignores everything that
+//! does not end in `.o` or `.d`.
 //!
 //! # Object file
 //! A 16-byte header (magic `SHALEOB1`, generation as u64 little-endian), then
@@ -15,12 +15,14 @@
 //! 1. Every `put` and `delete` of a key holds an exclusive `flock` on the
 //!    key's lock file while it checks the precondition and replaces the
 //!    object, so Create and IfMatch are atomic across threads and processes.
-//!    Reads take no lock: they rely on rule 3.
+//!    Reads take no lock: they rely on rule 3. A lock file lives as long as
+//!    its object (delete removes it), so deleted keys leave nothing behind
+//!    but their directories.
 //! 2. Generations of a key strictly increase over its whole life, including
-//!    across delete and re-create: the lock file (never deleted) records the
-//!    highest generation handed out, a new write takes
-//!    `max(recorded, current object's) + 1`, and `delete` makes the record
-//!    durable before unlinking the object.
+//!    across delete and re-create: each directory's counter file `.gen`
+//!    records at least the highest generation handed out in it; a write takes
+//!    `max(counter, current object's) + 1`, and `delete` makes the counter
+//!    durable before unlinking the object (see `locks::DirCounter`).
 //! 3. Objects are replaced whole: the new bytes go to a temporary file in the
 //!    same directory, which is fsynced, renamed over the object, and then the
 //!    directory is fsynced. A reader opens the file once and reads header and
@@ -37,19 +39,21 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use nix::fcntl::{Flock, FlockArg};
 
+use self::locks::{DirCounter, KeyLock};
 use super::{
     check_range, validate_key, validate_prefix, Object, ObjectMeta, ObjectStore, PutMode,
     StoreError, StoreResult, Version,
 };
+
+mod locks;
 
 const MAGIC: &[u8; 8] = b"SHALEOB1";
 const HEADER_LEN: u64 = 16;
 const OBJECT_SUFFIX: &str = ".o";
 const DIR_SUFFIX: &str = ".d";
 
-/// Distinguishes temporary files written by concurrent puts of one process.
+/// Distinguishes the probe files of concurrent `ensure_root` calls.
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// Objects as files under a root directory (created on first write).
@@ -220,57 +224,6 @@ fn make_dirs(root: &Path, dir: &Path) -> StoreResult<()> {
     Ok(())
 }
 
-/// The key's lock file, held exclusively; it also records the highest
-/// generation handed out for the key (invariant 2).
-struct KeyLock {
-    file: Flock<File>,
-    path: PathBuf,
-}
-
-impl KeyLock {
-    fn acquire(path: &Path) -> StoreResult<KeyLock> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map_err(|e| io_err("cannot open lock file", path, e))?;
-        let file = Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| {
-            io_err(
-                "cannot lock",
-                path,
-                io::Error::from_raw_os_error(errno as i32),
-            )
-        })?;
-        Ok(KeyLock {
-            file,
-            path: path.to_path_buf(),
-        })
-    }
-
-    fn recorded_generation(&self) -> StoreResult<u64> {
-        let mut buf = [0u8; 8];
-        match self.file.read_exact_at(&mut buf, 0) {
-            Ok(()) => Ok(u64::from_le_bytes(buf)),
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(0),
-            Err(e) => Err(io_err("cannot read lock file", &self.path, e)),
-        }
-    }
-
-    fn record_generation(&self, generation: u64, durable: bool) -> StoreResult<()> {
-        self.file
-            .write_all_at(&generation.to_le_bytes(), 0)
-            .map_err(|e| io_err("cannot write lock file", &self.path, e))?;
-        if durable {
-            self.file
-                .sync_data()
-                .map_err(|e| io_err("cannot fsync lock file", &self.path, e))?;
-        }
-        Ok(())
-    }
-}
-
 fn check_precondition(key: &str, mode: &PutMode, current: Option<&ObjectFile>) -> StoreResult<()> {
     match (mode, current) {
         (PutMode::Create, Some(_)) => Err(StoreError::AlreadyExists {
@@ -285,19 +238,17 @@ fn check_precondition(key: &str, mode: &PutMode, current: Option<&ObjectFile>) -
     }
 }
 
-/// Write `data` with `generation` to a temporary file in `dir`, fsync it and
-/// rename it over `object`, then fsync `dir`.
+/// Write `data` with `generation` to the key's temporary file, fsync it and
+/// rename it over the object, then fsync the directory. The caller holds the
+/// key lock, so no live writer uses the temporary file: one left by a crashed
+/// writer is simply truncated and reused.
 fn replace_object(p: &KeyPaths, generation: u64, data: &[u8]) -> StoreResult<()> {
-    let temp = p.dir.join(format!(
-        "{}{OBJECT_SUFFIX}.{}.{}.tmp",
-        p.last,
-        std::process::id(),
-        TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
+    let temp = p.dir.join(format!("{}{OBJECT_SUFFIX}.tmp", p.last));
     let write = || -> io::Result<()> {
         let mut f = OpenOptions::new()
             .write(true)
-            .create_new(true)
+            .create(true)
+            .truncate(true)
             .open(&temp)?;
         let mut header = [0u8; HEADER_LEN as usize];
         header[..8].copy_from_slice(MAGIC);
@@ -320,15 +271,24 @@ fn put_blocking(root: &Path, key: &str, data: Bytes, mode: PutMode) -> StoreResu
     make_dirs(root, &p.dir)?;
     let lock = KeyLock::acquire(&p.lock)?;
     let current = ObjectFile::open(&p.object)?;
-    check_precondition(key, &mode, current.as_ref())?;
-    let highest = lock
-        .recorded_generation()?
-        .max(current.map_or(0, |c| c.generation));
-    let generation = highest
-        .checked_add(1)
-        .ok_or_else(|| StoreError::Permanent(format!("generation overflow on {key}")))?;
-    lock.record_generation(generation, false)?;
+    if let Err(e) = check_precondition(key, &mode, current.as_ref()) {
+        if current.is_none() {
+            // Do not leave a lock file behind for a key that does not exist.
+            lock.remove()?;
+        }
+        return Err(e);
+    }
+    let generation = {
+        let counter = DirCounter::lock(&p.dir)?;
+        let highest = counter.read()?.max(current.map_or(0, |c| c.generation));
+        let next = highest
+            .checked_add(1)
+            .ok_or_else(|| StoreError::Permanent(format!("generation overflow on {key}")))?;
+        counter.write(next, false)?;
+        next
+    };
     replace_object(&p, generation, &data)?;
+    drop(lock);
     Ok(Version(generation.to_string()))
 }
 
@@ -338,16 +298,20 @@ fn delete_blocking(root: &Path, key: &str) -> StoreResult<()> {
         return Ok(());
     }
     let lock = KeyLock::acquire(&p.lock)?;
-    let Some(current) = ObjectFile::open(&p.object)? else {
-        return Ok(());
-    };
-    let highest = lock.recorded_generation()?.max(current.generation);
-    lock.record_generation(highest, true)?;
-    match fs::remove_file(&p.object) {
-        Ok(()) => fsync_dir(&p.dir),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io_err("cannot delete", &p.object, e)),
+    if let Some(current) = ObjectFile::open(&p.object)? {
+        {
+            let counter = DirCounter::lock(&p.dir)?;
+            let highest = counter.read()?.max(current.generation);
+            counter.write(highest, true)?;
+        }
+        match fs::remove_file(&p.object) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("cannot delete", &p.object, e)),
+        }
     }
+    lock.remove()?;
+    fsync_dir(&p.dir)
 }
 
 /// Collect objects under `dir` (whose keys start with `key_prefix`) whose
@@ -519,16 +483,62 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn deleted_keys_leave_no_files_behind() {
+        let (_d, s) = store();
+        for i in 0..20 {
+            let key = format!("chunks/c{i}");
+            s.put(&key, Bytes::from_static(b"x"), PutMode::Create)
+                .await
+                .expect("put");
+            s.delete(&key).await.expect("delete");
+        }
+        let err = s
+            .put(
+                "chunks/never",
+                Bytes::from_static(b"x"),
+                PutMode::IfMatch(Version("1".into())),
+            )
+            .await
+            .expect_err("missing key");
+        assert!(
+            matches!(err, StoreError::PreconditionFailed { .. }),
+            "{err:?}"
+        );
+        let mut names: Vec<String> = std::fs::read_dir(s.root().join("chunks.d"))
+            .expect("read dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, [".gen"], "only the directory's counter remains");
+    }
+
+    #[tokio::test]
     async fn leftover_temp_and_lock_files_are_not_listed() {
         let (_d, s) = store();
         s.put("x/y", Bytes::from_static(b"data"), PutMode::Overwrite)
             .await
             .expect("put");
-        std::fs::write(s.root().join("x.d").join("y.o.1.2.tmp"), b"junk").expect("junk");
+        std::fs::write(s.root().join("x.d").join("z.o.tmp"), b"junk").expect("junk");
         let listed = s.list("").await.expect("list");
         assert_eq!(listed.len(), 1);
         assert_eq!(listed[0].key, "x/y");
         assert_eq!(listed[0].size, 4);
+    }
+
+    #[tokio::test]
+    async fn temp_file_left_by_a_crashed_writer_is_reused() {
+        let (_d, s) = store();
+        s.put("k", Bytes::from_static(b"old"), PutMode::Create)
+            .await
+            .expect("put");
+        let temp = s.root().join("k.o.tmp");
+        std::fs::write(&temp, b"half-written garbage from a crash").expect("plant");
+        let v = s.get("k").await.expect("get").version;
+        s.put("k", Bytes::from_static(b"new"), PutMode::IfMatch(v))
+            .await
+            .expect("put over a stale temp file");
+        assert_eq!(s.get("k").await.expect("get").data, &b"new"[..]);
+        assert!(!temp.exists(), "the temp file was renamed into place");
     }
 
     #[tokio::test]

@@ -207,7 +207,15 @@ fn default_region() -> String {
     "us-east-1".to_string()
 }
 
-/// Check a key against the rules in [`ObjectStore`]'s docs.
+/// Longest key in bytes (S3's limit, applied to every backend so keys that
+/// work on one backend work on all).
+pub const MAX_KEY_LEN: usize = 1024;
+/// Longest key segment in bytes (what a local file name can hold once the
+/// fs backend adds its suffixes).
+pub const MAX_SEGMENT_LEN: usize = 200;
+
+/// Check a key against the rules in [`ObjectStore`]'s docs, plus
+/// [`MAX_KEY_LEN`] and [`MAX_SEGMENT_LEN`].
 pub fn validate_key(key: &str) -> StoreResult<()> {
     let bad = |reason: &str| {
         Err(StoreError::InvalidKey {
@@ -217,6 +225,12 @@ pub fn validate_key(key: &str) -> StoreResult<()> {
     };
     if key.is_empty() {
         return bad("empty");
+    }
+    if key.len() > MAX_KEY_LEN {
+        return bad("longer than 1024 bytes");
+    }
+    if key.split('/').any(|s| s.len() > MAX_SEGMENT_LEN) {
+        return bad("a segment is longer than 200 bytes");
     }
     if key.starts_with('/') || key.ends_with('/') {
         return bad("leading or trailing '/'");
@@ -288,6 +302,13 @@ mod tests {
         for k in ["", "/a", "a/", "a//b", "a/../b", "./a", "a\nb"] {
             assert!(validate_key(k).is_err(), "{k:?} should be rejected");
         }
+        let segment = "s".repeat(MAX_SEGMENT_LEN);
+        assert!(validate_key(&segment).is_ok());
+        assert!(validate_key(&format!("{segment}x")).is_err());
+        let long = [segment.as_str(); 5].join("/");
+        assert!(long.len() <= MAX_KEY_LEN && validate_key(&long).is_ok());
+        let too_long = [segment.as_str(); 6].join("/");
+        assert!(too_long.len() > MAX_KEY_LEN && validate_key(&too_long).is_err());
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::stream::{self, StreamExt, TryStreamExt};
-use shale::store::{ObjectStore, PutMode, StoreError, Version};
+use shale::store::{ObjectStore, PutMode, StoreError, Version, MAX_KEY_LEN, MAX_SEGMENT_LEN};
 use tokio::sync::Barrier;
 
 fn b(s: &str) -> Bytes {
@@ -279,6 +279,23 @@ pub async fn unusual_key_characters<S: ObjectStore + ?Sized>(s: &S) {
     assert_eq!(listed[0].key, key);
 }
 
+pub async fn longest_keys_work<S: ObjectStore + ?Sized>(s: &S) {
+    let segment = |c: char| c.to_string().repeat(MAX_SEGMENT_LEN);
+    let key = ['a', 'b', 'c', 'd', 'e'].map(segment).join("/");
+    assert!(key.len() <= MAX_KEY_LEN);
+    s.put(&key, b("long"), PutMode::Create)
+        .await
+        .expect("put longest key");
+    assert_eq!(s.get(&key).await.expect("get").data, b("long"));
+    assert_eq!(s.list("aaa").await.expect("list")[0].key, key);
+    let too_long_segment = format!("x/{}", "y".repeat(MAX_SEGMENT_LEN + 1));
+    let err = s.put(&too_long_segment, b("x"), PutMode::Create).await;
+    assert!(matches!(err, Err(StoreError::InvalidKey { .. })), "{err:?}");
+    let too_long = format!("{key}/{}", segment('f'));
+    let err = s.put(&too_long, b("x"), PutMode::Create).await;
+    assert!(matches!(err, Err(StoreError::InvalidKey { .. })), "{err:?}");
+}
+
 pub async fn invalid_keys_rejected<S: ObjectStore + ?Sized>(s: &S) {
     for key in ["", "/abs", "trail/", "a//b", "a/../b", "./a", "a\nb"] {
         let is_invalid =
@@ -301,6 +318,88 @@ pub async fn invalid_keys_rejected<S: ObjectStore + ?Sized>(s: &S) {
         s.list("").await.expect("list").is_empty(),
         "nothing was written"
     );
+}
+
+/// Readers racing overwrites see whole objects only (protocol rule 4): every
+/// object written is one repeated byte with a length derived from it, and the
+/// each reader never sees an older object after a newer one.
+pub async fn readers_never_see_torn_objects<S: ObjectStore + ?Sized + 'static>(s: Arc<S>) {
+    const WRITES: usize = 24;
+    let object = |i: usize| Bytes::from(vec![i as u8; 64 * 1024 + i * 4096]);
+    s.put("torn/key", object(0), PutMode::Create)
+        .await
+        .expect("create");
+    let writer = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            for i in 1..=WRITES {
+                s.put("torn/key", object(i), PutMode::Overwrite)
+                    .await
+                    .expect("overwrite");
+            }
+        })
+    };
+    let readers: Vec<_> = (0..4)
+        .map(|_| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let mut seen = 0;
+                for _ in 0..WRITES {
+                    let got = s.get("torn/key").await.expect("get");
+                    let first = got.data[0] as usize;
+                    assert!(got.data == object(first), "torn or mixed object");
+                    let tail = s
+                        .get_range("torn/key", 1000..2000)
+                        .await
+                        .expect("ranged get");
+                    assert!(tail.iter().all(|b| *b == tail[0]), "torn range");
+                    assert!(first >= seen, "read {first} after {seen}: went back");
+                    seen = first;
+                }
+            })
+        })
+        .collect();
+    writer.await.expect("writer");
+    for r in readers {
+        r.await.expect("reader");
+    }
+    assert_eq!(s.get("torn/key").await.expect("get").data, object(WRITES));
+}
+
+/// 8 tasks churn one key with Create then delete: whoever creates it owns it
+/// until it deletes it, so each owner reads back exactly its own bytes.
+pub async fn create_delete_churn_has_one_owner_at_a_time<S: ObjectStore + ?Sized + 'static>(
+    s: Arc<S>,
+) {
+    let tasks: Vec<_> = (0..RACERS)
+        .map(|i| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let mut owned = 0;
+                for round in 0..15 {
+                    let mine = b(&format!("owner {i} round {round}"));
+                    match s.put("churn/key", mine.clone(), PutMode::Create).await {
+                        Ok(version) => {
+                            let got = s.get("churn/key").await.expect("owner reads");
+                            assert_eq!(got.data, mine, "someone else wrote while we owned it");
+                            assert_eq!(got.version, version);
+                            s.delete("churn/key").await.expect("owner deletes");
+                            owned += 1;
+                        }
+                        Err(StoreError::AlreadyExists { .. }) => {}
+                        Err(e) => panic!("unexpected {e}"),
+                    }
+                }
+                owned
+            })
+        })
+        .collect();
+    let owned: usize = join_all(tasks).await.into_iter().sum();
+    assert!(owned > 0, "someone must have owned the key");
+    assert!(matches!(
+        s.head("churn/key").await,
+        Err(StoreError::NotFound { .. })
+    ));
 }
 
 const RACERS: usize = 8;

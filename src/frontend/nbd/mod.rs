@@ -1,1 +1,42 @@
-//! NBD server frontend.
+//! NBD server frontend: exports [`crate::engine::BlockDevice`]s to NBD
+//! clients (qemu, nbdcopy, nbd-client, fio's nbd engine).
+//!
+//! Protocol subset: fixed newstyle negotiation with `NBD_OPT_EXPORT_NAME`,
+//! `ABORT`, `LIST`, `INFO` and `GO` (structured replies, TLS and metadata
+//! contexts are refused with `NBD_REP_ERR_UNSUP`); simple replies; commands
+//! READ, WRITE (+FUA), FLUSH, TRIM (+FUA), WRITE_ZEROES (+FUA, +NO_HOLE) and
+//! DISC. Requests on a connection run concurrently and are answered as they
+//! complete. Offsets and lengths must be multiples of 512 (the advertised
+//! minimum block size); others get `EINVAL`, as do out-of-range requests,
+//! and the connection stays usable.
+//!
+//! Modules: [`protocol`] (wire constants, error values), [`codec`] (pure
+//! encode/decode), [`export`] (name → device), [`handshake`] (negotiation),
+//! [`transmission`] (request loop), [`server`] (listeners, shutdown).
+
+pub mod codec;
+pub mod export;
+pub mod handshake;
+pub mod protocol;
+pub mod server;
+pub mod transmission;
+
+pub use export::{Export, ExportError, ExportMap};
+pub use server::{serve_connection, Listener, NbdServer, ServerError};
+pub use transmission::Limits;
+
+/// Why a connection ended abnormally. Affects that connection only.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("connection I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+}
+
+/// Resolve once the flag is true (never, if its sender is gone).
+pub(crate) async fn wait_true(flag: &mut tokio::sync::watch::Receiver<bool>) {
+    if flag.wait_for(|v| *v).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
