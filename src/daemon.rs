@@ -116,7 +116,7 @@ pub async fn attach(cfg: &Config, name: &str) -> Result<Attached, DaemonError> {
     let lease = Arc::new(lease);
     match open_leased(cfg, &catalog, store, name, &lease, clock).await {
         Ok((volume, record)) => {
-            let renewer = lease.spawn_renewer(LEASE_RENEW_PERIOD);
+            let renewer = spawn_fencing_renewer(&lease, &volume, LEASE_RENEW_PERIOD);
             Ok(Attached {
                 volume,
                 record,
@@ -131,6 +131,25 @@ pub async fn attach(cfg: &Config, name: &str) -> Result<Attached, DaemonError> {
             Err(e)
         }
     }
+}
+
+/// Renew `lease` every `period`; if it is lost (taken over, or expired
+/// before a renewal succeeded) fence `volume` at once, so it acknowledges
+/// no more writes and stores nothing more.
+pub fn spawn_fencing_renewer(
+    lease: &Arc<Lease>,
+    volume: &Arc<Volume>,
+    period: Duration,
+) -> Renewer {
+    let volume = Arc::downgrade(volume);
+    lease.spawn_renewer_with(
+        period,
+        Box::new(move |lost| {
+            if let Some(volume) = volume.upgrade() {
+                volume.fence(&lost.to_string());
+            }
+        }),
+    )
 }
 
 /// The part of [`attach`] that runs while holding the lease.

@@ -422,27 +422,62 @@ impl Drop for Renewer {
     }
 }
 
+/// Called once when a renewing lease is lost (fenced by a takeover, or
+/// past its own expiry before a renewal succeeded), with the reason.
+pub type OnLost = Box<dyn FnOnce(LeaseError) + Send + 'static>;
+
 impl Lease {
     /// Renew this lease every `period` on the current tokio runtime. Pick a
     /// period well below the ttl (a third is usual) so a slow store does not
     /// let it lapse. A zero period is raised to one millisecond.
     pub fn spawn_renewer(self: &Arc<Self>, period: Duration) -> Renewer {
+        self.spawn_renewer_with(period, Box::new(|_| {}))
+    }
+
+    /// [`Lease::spawn_renewer`] that calls `on_lost` as soon as the lease is
+    /// lost: a renewal found it taken over ([`LeaseError::Fenced`]), or the
+    /// injected clock passed its expiry before a renewal succeeded
+    /// ([`LeaseError::Expired`]; someone may take it over from then on).
+    /// The task ends after calling it. The renewer wakes at the expiry at the
+    /// latest, so with a real clock the loss is noticed at once.
+    pub fn spawn_renewer_with(self: &Arc<Self>, period: Duration, on_lost: OnLost) -> Renewer {
         let period = period.max(Duration::from_millis(1));
         let lease = Arc::clone(self);
         let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             loop {
+                let to_expiry = Duration::from_millis(
+                    lease
+                        .expires_at_ms()
+                        .saturating_sub(now_ms(&lease.clock))
+                        .max(1),
+                );
                 tokio::select! {
                     _ = &mut stopped => return,
-                    _ = tokio::time::sleep(period) => {}
+                    _ = tokio::time::sleep(period.min(to_expiry)) => {}
                 }
-                match lease.renew().await {
+                // Expired by our own clock: a takeover may already have
+                // happened, so stop writing even if a renewal would succeed.
+                let res = match lease.check() {
+                    Ok(()) => lease.renew().await,
+                    Err(e) => Err(e),
+                };
+                match res {
                     Ok(()) => {}
-                    Err(e @ (LeaseError::Fenced { .. } | LeaseError::Released { .. })) => {
-                        log::warn!("lease renewal stopped: {e}");
+                    Err(LeaseError::Released { .. }) => return,
+                    Err(e @ (LeaseError::Fenced { .. } | LeaseError::Expired { .. })) => {
+                        log::error!("lease lost: {e}");
+                        on_lost(e);
                         return;
                     }
-                    Err(e) => log::warn!("lease renewal failed, will retry: {e}"),
+                    Err(e) => {
+                        log::warn!("lease renewal failed, will retry: {e}");
+                        if let Err(e @ LeaseError::Expired { .. }) = lease.check() {
+                            log::error!("lease lost: {e}");
+                            on_lost(e);
+                            return;
+                        }
+                    }
                 }
             }
         });

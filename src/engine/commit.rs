@@ -29,6 +29,7 @@ pub(crate) async fn commit(inner: &Inner, root: &mut Root, m: Manifest) -> Resul
     let key = manifest_key(inner.id);
     let data = Bytes::from(serde_json::to_vec(&m).unwrap_or_default());
     for _ in 0..3 {
+        super::destage::check_not_fenced(inner)?;
         match inner
             .store
             .put(&key, data.clone(), PutMode::IfMatch(root.version.clone()))

@@ -70,6 +70,10 @@ pub(crate) async fn run(inner: Arc<Inner>, manifest: Manifest, version: Version)
     let mut backoff = Duration::from_millis(10);
     let mut inflight: FuturesOrdered<PutFuture> = FuturesOrdered::new();
     loop {
+        if let Err(e) = check_not_fenced(&inner) {
+            fail(&inner, e, &mut backoff, false).await;
+            return;
+        }
         // Start puts for every chunk that is due, up to the limit.
         while inflight.len() < MAX_INFLIGHT {
             let batch = {
@@ -189,6 +193,15 @@ async fn fail(inner: &Inner, e: EngineError, backoff: &mut Duration, wait: bool)
         tokio::time::sleep(delay).await;
     }
     false
+}
+
+/// Err once the volume was fenced ([`super::Volume::fence`]): a fenced
+/// volume stores nothing more.
+pub(crate) fn check_not_fenced(inner: &Inner) -> Result<(), EngineError> {
+    match &inner.shared.lock().fenced {
+        Some(why) => Err(EngineError::Fenced(why.clone())),
+        None => Ok(()),
+    }
 }
 
 /// Report the end of a close, if one is waiting.
@@ -424,6 +437,7 @@ fn build_chunk(
 /// Create `key`; an existing object with identical bytes (our own earlier
 /// attempt) counts as success, any other content means another writer.
 async fn put_create(inner: &Inner, key: &str, obj: Bytes) -> Result<(), EngineError> {
+    check_not_fenced(inner)?;
     match inner.store.put(key, obj.clone(), PutMode::Create).await {
         Ok(_) => Ok(()),
         Err(StoreError::AlreadyExists { .. }) => {

@@ -204,6 +204,12 @@ impl Volume {
     /// Flush, destage everything, write a final checkpoint and stop.
     /// Later requests fail with [`BlockError::Closed`].
     pub async fn close(&self) -> Result<(), EngineError> {
+        // A fenced volume may store nothing more (its destage task has
+        // stopped or is stopping): keep the WAL as it is and say why.
+        if let Some(why) = self.fenced() {
+            self.inner.wal.stop();
+            return Err(EngineError::Fenced(why));
+        }
         let synced = self.inner.wal.sync().await;
         let (tx, rx) = oneshot::channel();
         {
@@ -217,6 +223,21 @@ impl Volume {
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = Some(tx);
         self.inner.shared.notify.notify_one();
+        // Fenced meanwhile, and the destage task may have ended before it
+        // could see our sender: answer for it (if it took the sender, it
+        // sends the answer itself).
+        if let Some(why) = self.fenced() {
+            let ours = self
+                .inner
+                .close_tx
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            if ours.is_some() {
+                self.inner.wal.stop();
+                return Err(EngineError::Fenced(why));
+            }
+        }
         let res = rx.await.unwrap_or(Err(EngineError::Closed));
         self.inner.wal.stop();
         synced?;
@@ -236,6 +257,28 @@ impl Volume {
         let mut st = self.inner.shared.lock();
         st.closing = true;
         st.wake_all();
+    }
+
+    /// Fence the volume (its lease was lost): from now on every write, trim,
+    /// write_zeroes and flush fails with [`BlockError::Fenced`] naming
+    /// `reason`, and destage stores nothing more (no chunk, checkpoint or
+    /// manifest), so nothing written after this call can become visible to
+    /// the next holder. Idempotent; the first reason is kept. Reads still work.
+    pub fn fence(&self, reason: &str) {
+        {
+            let mut st = self.inner.shared.lock();
+            if st.fenced.is_none() {
+                log::error!("volume {:x} fenced: {reason}", self.inner.id);
+                st.fenced = Some(reason.to_string());
+            }
+            st.wake_all();
+        }
+        self.inner.shared.notify.notify_one();
+    }
+
+    /// Why the volume is fenced, if it is.
+    pub fn fenced(&self) -> Option<String> {
+        self.inner.shared.lock().fenced.clone()
     }
 
     /// Current counters.
@@ -270,6 +313,13 @@ impl Volume {
             return Err(BlockError::Closed);
         }
         Ok(())
+    }
+
+    fn gate_fenced(st: &State) -> Result<(), BlockError> {
+        match &st.fenced {
+            Some(f) => Err(BlockError::Fenced(f.clone())),
+            None => Ok(()),
+        }
     }
 
     /// Wait while the unstored data is at its bound (invariant 3).
@@ -336,6 +386,7 @@ impl Volume {
             .wal
             .append(kind, offset / SECTOR, len / SECTOR, data, fua)
             .await?;
+        Self::gate_fenced(&self.inner.shared.lock())?;
         if fua && self.inner.cfg.durability == Durability::Store {
             self.wait_store(seq).await?;
         }
@@ -395,6 +446,9 @@ impl BlockDevice for Volume {
         for w in waits {
             last = last.max(w.await?);
         }
+        // A fence that raced with the WAL append wins: nothing is
+        // acknowledged after `fence` returned (invariant 4).
+        Self::gate_fenced(&self.inner.shared.lock())?;
         if fua && self.inner.cfg.durability == Durability::Store {
             self.wait_store(last).await?;
         }
@@ -404,6 +458,7 @@ impl BlockDevice for Volume {
     async fn flush(&self) -> Result<(), BlockError> {
         Self::gate(&self.inner.shared.lock())?;
         self.inner.wal.sync().await?;
+        Self::gate_fenced(&self.inner.shared.lock())?;
         if self.inner.cfg.durability == Durability::Store {
             self.wait_store(self.inner.wal.last_seq()).await?;
         }
