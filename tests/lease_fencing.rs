@@ -415,3 +415,77 @@ backend_tests!(s3, make_s3;
     second_server_is_refused,
     takeover_after_expiry_fences_the_old_writer,
     steal_fences_the_live_holder);
+
+fn shale_cli(config: &std::path::Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_shale"))
+        .env_remove("SHALE_CONFIG")
+        .env("RUST_LOG", "error")
+        .stdin(std::process::Stdio::null())
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .expect("run shale")
+}
+
+/// Through the real binary: attaching (export) a volume another live process
+/// holds fails naming the holder; `volume unlock` refuses without --force;
+/// `--force` steals at a new epoch, the holder is fenced, attach works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_refuses_a_held_volume_and_unlock_force_steals() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("shale.yaml");
+    std::fs::write(&config, "data_dir: data\nengine:\n  cache_size: 16MiB\n").expect("config");
+    let out = shale_cli(&config, &["volume", "create", "v", "--size", "1MiB"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let store: DynStore = Arc::new(FsStore::new(dir.path().join("data/store")));
+    let id = shale::catalog::Catalog::new(store.clone())
+        .get("v")
+        .await
+        .expect("record")
+        .id;
+    let clock: DynClock = Arc::new(shale::clock::SystemClock);
+    let other = Lease::acquire(store.clone(), id, "other-host:77", TTL, clock)
+        .await
+        .expect("another process holds it");
+
+    let image = dir.path().join("v.img");
+    let image = image.to_str().expect("utf-8 path");
+    let out = shale_cli(&config, &["volume", "export", "v", image]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "export of a held volume succeeded");
+    assert!(stderr.contains("other-host:77"), "{stderr}");
+
+    let out = shale_cli(&config, &["volume", "unlock", "v"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("other-host:77") && stderr.contains("--force"),
+        "{stderr}"
+    );
+    other.check().expect("a refused unlock changes nothing");
+
+    let out = shale_cli(&config, &["volume", "unlock", "v", "--force"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(matches!(
+        other.renew().await,
+        Err(LeaseError::Fenced { epoch: 2, .. })
+    ));
+    let out = shale_cli(&config, &["volume", "export", "v", image]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = shale_cli(&config, &["volume", "unlock", "v"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("not locked"));
+}

@@ -51,6 +51,16 @@ pub enum VolumeCmd {
         /// Output file (created or truncated).
         file: std::path::PathBuf,
     },
+    /// Show who holds a volume's lease; with --force, steal it (bumping the
+    /// epoch) and release it, so the volume can be attached elsewhere at once.
+    /// The old holder is fenced: its next renewal fails and it stops writing.
+    Unlock {
+        /// Volume name.
+        name: String,
+        /// Steal a lease that a live process holds.
+        #[arg(long)]
+        force: bool,
+    },
     /// Delete a volume and all its data.
     Delete {
         /// Volume name.
@@ -59,6 +69,39 @@ pub enum VolumeCmd {
         #[arg(long, short)]
         yes: bool,
     },
+}
+
+/// `volume unlock`: report a free lease; refuse a live one naming its
+/// holder unless `force`, then steal and release it at a new epoch.
+async fn unlock(catalog: &Catalog, name: &str, force: bool) -> anyhow::Result<()> {
+    use shale::catalog::lease::{read_lease, Lease};
+    let rec = catalog.get(name).await?;
+    let store = catalog.store().clone();
+    let clock: shale::clock::DynClock = std::sync::Arc::new(SystemClock);
+    let now_ms = u64::try_from(clock.now().as_millis()).unwrap_or(u64::MAX);
+    let current = read_lease(&store, rec.id).await?;
+    let Some((lease, _)) = current.filter(|(l, _)| l.is_live(now_ms)) else {
+        println!("volume {name:?} is not locked");
+        return Ok(());
+    };
+    if !force {
+        anyhow::bail!(
+            "volume {name:?} is locked by {:?} (epoch {}) until {}; \
+             use --force to steal the lease (the holder is fenced)",
+            lease.holder,
+            lease.epoch,
+            format_utc_ms(lease.expires_at_ms)
+        );
+    }
+    let holder = format!("unlock:{}", shale::daemon::holder_name());
+    let stolen = Lease::steal(store, rec.id, &holder, shale::daemon::LEASE_TTL, clock).await?;
+    stolen.release().await?;
+    println!(
+        "volume {name:?}: lease taken from {:?} at epoch {} and released; the old holder is fenced",
+        lease.holder,
+        stolen.epoch()
+    );
+    Ok(())
 }
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
@@ -94,6 +137,7 @@ pub fn run(config: Option<&Path>, cmd: VolumeCmd) -> anyhow::Result<()> {
             }
             VolumeCmd::List { json } => list(&catalog().await?, json).await,
             VolumeCmd::Info { name, json } => info(&cfg, &catalog().await?, &name, json).await,
+            VolumeCmd::Unlock { name, force } => unlock(&catalog().await?, &name, force).await,
             VolumeCmd::Delete { name, yes } => delete(&cfg, &catalog().await?, &name, yes).await,
             VolumeCmd::Import { name, file } => super::image::import(&cfg, &name, &file).await,
             VolumeCmd::Export { name, file } => super::image::export(&cfg, &name, &file).await,
