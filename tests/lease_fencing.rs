@@ -45,6 +45,7 @@ fn cfg(durability: Durability) -> EngineConfig {
         durability,
         checkpoint_every_chunks: 2,
         cache_size: 0,
+        store_read_timeout_ms: 60_000,
     }
 }
 
@@ -488,4 +489,75 @@ async fn cli_refuses_a_held_volume_and_unlock_force_steals() {
     );
     let out = shale_cli(&config, &["volume", "unlock", "v"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("not locked"));
+}
+
+/// Reads of data held only in the store retry transient errors for
+/// `store_read_timeout_ms`, then fail with EIO; a read whose outage ends
+/// within that time returns the right data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn store_reads_retry_then_fail_with_eio() {
+    use shale::store::faulty::FaultPoint;
+    let f = Fixture::new(Arc::new(MemoryStore::new()));
+    let faulty = Arc::new(FaultyStore::new(f.store.clone(), 3));
+    let store: DynStore = faulty.clone();
+    let a = serve(&f, store.clone(), "server-a", Durability::Local, false)
+        .await
+        .expect("server a");
+    let data = pattern(8, 65536);
+    a.volume.write(0, &data, false).await.expect("write");
+    a.close().await;
+
+    let open_b = |timeout_ms: u64, name: &'static str| {
+        let store = store.clone();
+        let f = &f;
+        async move {
+            let params = VolumeParams {
+                id: VOL,
+                size: SIZE,
+                epoch: 100 + timeout_ms,
+                local_dir: f.dir.path().join(name),
+            };
+            let cfg = EngineConfig {
+                store_read_timeout_ms: timeout_ms,
+                ..cfg(Durability::Local)
+            };
+            Volume::open(store, params, cfg, f.clock())
+                .await
+                .expect("open")
+        }
+    };
+    // Fails with EIO once the budget is spent.
+    let b = open_b(200, "server-b").await;
+    faulty.set(
+        FaultPoint::GetRange,
+        FaultRule::share(Fault::Transient, 1.0),
+    );
+    let mut buf = vec![0u8; 65536];
+    let err = b
+        .read(0, &mut buf)
+        .await
+        .expect_err("read during an outage");
+    assert!(matches!(err, BlockError::Io(_)), "{err:?}");
+    assert_eq!(err.errno(), libc::EIO, "{err:?}");
+    assert!(faulty.injected(FaultPoint::GetRange) >= 2, "it retried");
+    b.close().await.expect("close b");
+
+    // Succeeds when the outage ends within the budget.
+    let c = Arc::new(open_b(3_600_000, "server-c").await);
+    let before = faulty.injected(FaultPoint::GetRange);
+    let reader = {
+        let c = c.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            c.read(0, &mut buf).await.map(|()| buf)
+        })
+    };
+    eventually("the read retries", || {
+        faulty.injected(FaultPoint::GetRange) >= before + 3
+    })
+    .await;
+    faulty.clear(FaultPoint::GetRange);
+    let got = reader.await.expect("task").expect("read after the outage");
+    assert_eq!(got, data);
+    c.close().await.expect("close c");
 }

@@ -38,6 +38,10 @@ pub struct EngineConfig {
     /// Local read cache size in bytes; 0 disables it. Default 1 GiB.
     #[serde(with = "crate::size::serde_bytes")]
     pub cache_size: u64,
+    /// How long a read of data held only in the store keeps retrying
+    /// transient store errors before it fails with EIO, in milliseconds.
+    /// Default 60000; 100..=3_600_000.
+    pub store_read_timeout_ms: u64,
 }
 
 impl Default for EngineConfig {
@@ -50,6 +54,7 @@ impl Default for EngineConfig {
             durability: Durability::Local,
             checkpoint_every_chunks: 64,
             cache_size: 1 << 30,
+            store_read_timeout_ms: 60_000,
         }
     }
 }
@@ -104,6 +109,12 @@ impl EngineConfig {
                 format!("{} must be in 1..=100000", self.checkpoint_every_chunks),
             );
         }
+        if !(100..=3_600_000).contains(&self.store_read_timeout_ms) {
+            return err(
+                "store_read_timeout_ms",
+                format!("{} must be in 100..=3600000", self.store_read_timeout_ms),
+            );
+        }
         Ok(())
     }
 }
@@ -125,5 +136,10 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(c.validate().unwrap_err().field, "max_unstored_bytes");
+        let c = EngineConfig {
+            store_read_timeout_ms: 99,
+            ..Default::default()
+        };
+        assert_eq!(c.validate().unwrap_err().field, "store_read_timeout_ms");
     }
 }

@@ -103,8 +103,9 @@ async fn read_once(inner: &Inner, offset: u64, buf: &mut [u8]) -> Result<Attempt
         let key = chunk_key(inner.id, info.seq, info.epoch);
         let info = info.clone();
         inner.counters.store_reads.fetch_add(1, Ordering::Relaxed);
+        let budget = std::time::Duration::from_millis(inner.cfg.store_read_timeout_ms);
         inner.rt.spawn(async move {
-            let _ = tx.send(fetch(store, key, info, start, end).await);
+            let _ = tx.send(fetch_within(budget, store, key, info, start, end).await);
         });
         waits.push((start, rx));
     }
@@ -186,6 +187,39 @@ fn windows(off: u64, len: u64, data_len: u64) -> (u64, u64) {
 
 /// Fetch and verify chunk data covering `[off, off+len)`; returns the
 /// verified bytes starting at the returned data-area offset.
+/// [`fetch`], retrying transient store errors (with backoff) until
+/// `budget` has passed; then the last error, or a timeout, is returned
+/// (the read fails with EIO). Other errors are returned at once.
+async fn fetch_within(
+    budget: std::time::Duration,
+    store: crate::store::DynStore,
+    key: String,
+    info: Arc<ChunkInfo>,
+    start: u64,
+    end: u64,
+) -> Result<Bytes, StoreOrCrc> {
+    let attempts = async {
+        let mut backoff = std::time::Duration::from_millis(10);
+        loop {
+            match fetch(store.clone(), key.clone(), info.clone(), start, end).await {
+                Err(StoreOrCrc::Store(e)) if e.is_transient() => {
+                    log::warn!("reading {key} failed (will retry): {e}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(std::time::Duration::from_secs(1));
+                }
+                other => return other,
+            }
+        }
+    };
+    match tokio::time::timeout(budget, attempts).await {
+        Ok(res) => res,
+        Err(_) => Err(StoreOrCrc::Store(StoreError::Transient(format!(
+            "no answer within store_read_timeout_ms = {}",
+            budget.as_millis()
+        )))),
+    }
+}
+
 async fn fetch(
     store: crate::store::DynStore,
     key: String,
