@@ -22,6 +22,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 pub mod lease;
+pub mod snapshot;
 
 use crate::store::{DynStore, PutMode, StoreError, Version};
 

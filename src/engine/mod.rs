@@ -16,7 +16,9 @@ pub mod map;
 pub mod memdisk;
 mod read;
 mod recovery;
+pub mod snapshot;
 mod state;
+pub mod view;
 pub mod volume;
 pub mod wal;
 

@@ -201,6 +201,7 @@ async fn apply_later_chunks(
     // seq -> epochs present.
     let mut found: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
     let prefix = chunk_prefix(p.id);
+    let retain = super::snapshot::RetainSet::load(store, p.id).await;
     for meta in store.list(&prefix).await? {
         let name = &meta.key[prefix.len()..];
         match parse_chunk_name(name) {
@@ -212,7 +213,7 @@ async fn apply_later_chunks(
                     .chunks
                     .get(&seq)
                     .is_some_and(|c| c.info.epoch == epoch);
-                if !known && epoch <= p.epoch {
+                if !known && epoch <= p.epoch && !retain.keeps(seq, epoch) {
                     log::warn!("deleting orphan chunk {}", meta.key);
                     store.delete(&meta.key).await?;
                 }
