@@ -535,3 +535,26 @@ async fn bad_parameters_are_clear_errors_and_lose_nothing() {
     v.read(SIZE - 4096, &mut b).await.unwrap();
     assert_eq!(b, pattern(4, 4096));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_during_outage_fails_clearly_and_the_wal_keeps_the_data() {
+    let faulty = Arc::new(FaultyStore::new(MemoryStore::new(), 11));
+    let store: DynStore = faulty.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = EngineConfig {
+        destage_interval_ms: 3_600_000,
+        ..small_cfg()
+    };
+    let v = open(&store, dir.path(), 1, cfg.clone()).await;
+    v.write(0, &pattern(8, 16384), false).await.unwrap();
+    faulty.set_outage(true);
+    let e = v.close().await.unwrap_err();
+    assert!(e.to_string().contains("store"), "{e}");
+    drop(v);
+    faulty.set_outage(false);
+    let v = open(&store, dir.path(), 2, cfg).await;
+    let mut b = vec![0u8; 16384];
+    v.read(0, &mut b).await.unwrap();
+    assert_eq!(b, pattern(8, 16384));
+    v.close().await.unwrap();
+}
