@@ -231,10 +231,13 @@ async fn apply_later_chunks(
                 && h.chunk_seq == seq
                 && h.epoch == epoch
                 && h.first_seq == state.stored_seq + 1
-                && (h.header_len + h.data_len) == o.data.len() as u64
-                && h.extents
-                    .iter()
-                    .all(|e| e.lba + e.sectors <= volume_sectors);
+                && (h.header_len + h.data_len) == o.data.len() as u64;
+            if h.extents.iter().any(|e| e.lba + e.sectors > volume_sectors) {
+                return Err(EngineError::InvalidParams(format!(
+                    "chunk {key} holds data past the volume size {} (opened with a smaller size?)",
+                    p.size
+                )));
+            }
             if consistent {
                 let info = Arc::new(ChunkInfo {
                     seq,
