@@ -323,7 +323,6 @@ impl Snapshots {
             created_ms: now_ms,
             parent: Some(format!("{vol}@{name}")),
             state: VolumeState::Ready,
-            epoch: 0,
         };
         match self
             .store()
