@@ -210,7 +210,10 @@ impl Config {
     /// Fill in defaults that depend on other fields and resolve paths.
     fn from_file(file: ConfigFile, base: Option<&Path>) -> Config {
         let resolve = |p: PathBuf| match base {
-            Some(b) if p.is_relative() && !p.as_os_str().is_empty() => b.join(p),
+            // `components()` drops `.` segments, so `data_dir: .` gives a clean path.
+            Some(b) if p.is_relative() && !p.as_os_str().is_empty() => {
+                b.join(p).components().collect()
+            }
             _ => p,
         };
         let data_dir = resolve(file.data_dir.unwrap_or_else(|| DEFAULT_DATA_DIR.into()));

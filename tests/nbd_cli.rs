@@ -109,7 +109,13 @@ fn bad_arguments_fail_with_a_clear_message() {
     std::fs::write(&not_socket, b"keep me").unwrap();
     let cfg = dir.path().join("shale.yaml");
     std::fs::write(&cfg, format!("data_dir: {}\n", dir.path().display())).unwrap();
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 5] = [
+        // The first scratch volume is opened, then the second spec fails:
+        // the first must be closed and deleted on the way out.
+        (
+            &["--scratch", "a:1M", "--scratch", "b:100"],
+            "multiple of 512",
+        ),
         (&["--memory", "a:100"], "multiple of 512"),
         (&["--memory", "nocolon"], "NAME:SIZE"),
         (
@@ -141,4 +147,9 @@ fn bad_arguments_fail_with_a_clear_message() {
         assert!(err.contains(want), "{args:?}: {err}");
     }
     assert_eq!(std::fs::read(&not_socket).unwrap(), b"keep me");
+    let leftovers = match std::fs::read_dir(dir.path().join("volumes")) {
+        Ok(d) => d.count(),
+        Err(_) => 0,
+    };
+    assert_eq!(leftovers, 0, "no scratch volume left behind");
 }

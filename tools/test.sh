@@ -17,8 +17,8 @@ step() { printf '\n=== %s  %s\n' "$(date -u +%H:%M:%S)" "$*"; }
 step "cargo build --release --all-targets"
 cargo build --release --all-targets
 
-step "cargo test --release"
-cargo test --release
+step "cargo test --release --no-fail-fast"
+cargo test --release --no-fail-fast
 
 vm_runner=tools/vm/run.sh
 if [[ -x "$vm_runner" ]]; then

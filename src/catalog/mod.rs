@@ -14,9 +14,10 @@
 //!    the volume's objects, then the record. A crash part-way leaves a record
 //!    that cannot be opened and that `delete` finishes; it never leaves a
 //!    usable-looking volume with half its data gone.
-//! 4. Deleting a volume that a server holds open is the caller's problem
-//!    until leases land (`lease.rs`); then delete will be refused while the
-//!    volume's lease is live.
+//! 4. A volume whose lease is live (a server has it open) is not deleted:
+//!    delete marks the record first and then reads the lease, while an
+//!    opener takes the lease first and then reads the record, so at least
+//!    one of them sees the other and backs off.
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -73,10 +74,6 @@ pub struct VolumeRecord {
     /// Lifecycle state.
     #[serde(default)]
     pub state: VolumeState,
-    /// Writer epoch of the most recent open ([`Catalog::next_epoch`]); 0 if
-    /// never opened.
-    #[serde(default)]
-    pub epoch: u64,
 }
 
 /// Contents of `catalog/next-id`.
@@ -105,6 +102,20 @@ pub enum CatalogError {
     InvalidSize { size: u64, reason: String },
     #[error("volume {name:?} is being deleted; run the delete again to finish it")]
     Deleting { name: String },
+    #[error(
+        "volume {name:?} is in use: its lease is held by {holder:?} until {expires_at_ms} ms \
+         since the Unix epoch; stop the server using it first"
+    )]
+    InUse {
+        name: String,
+        holder: String,
+        expires_at_ms: u64,
+    },
+    #[error("cannot read the lease of volume {name:?}")]
+    Lease {
+        name: String,
+        source: lease::LeaseError,
+    },
     #[error("catalog object {key} is corrupt: {reason}")]
     Corrupt { key: String, reason: String },
     #[error("catalog object {key} kept changing under concurrent updates; try again")]
@@ -205,7 +216,6 @@ impl Catalog {
             created_ms: now_ms,
             parent: None,
             state: VolumeState::Ready,
-            epoch: 0,
         };
         match self
             .store
@@ -250,13 +260,34 @@ impl Catalog {
         })
     }
 
-    /// Delete a volume: mark it deleting, remove every object under its
-    /// prefix, then remove the record. Safe to repeat after a crash.
-    /// Returns the record and what was removed.
-    pub async fn delete(&self, name: &str) -> Result<(VolumeRecord, Usage), CatalogError> {
+    /// Delete a volume: mark it deleting, make sure no server holds its
+    /// lease at `now_ms` (otherwise put the mark back and refuse), remove
+    /// every object under its prefix, then remove the record. Safe to repeat
+    /// after a crash. Returns the record and what was removed.
+    pub async fn delete(
+        &self,
+        name: &str,
+        now_ms: u64,
+    ) -> Result<(VolumeRecord, Usage), CatalogError> {
         validate_name(name)?;
         let key = record_key(name);
-        let mut record = self.mark_deleting(name).await?;
+        let (mut record, was_ready) = self.mark_deleting(name).await?;
+        let lease = lease::read_lease(&self.store, record.id)
+            .await
+            .map_err(|source| CatalogError::Lease {
+                name: name.to_string(),
+                source,
+            })?;
+        if let Some((held, _)) = lease.filter(|(l, _)| l.is_live(now_ms)) {
+            if was_ready {
+                self.set_state(name, VolumeState::Ready).await?;
+            }
+            return Err(CatalogError::InUse {
+                name: name.to_string(),
+                holder: held.holder,
+                expires_at_ms: held.expires_at_ms,
+            });
+        }
         let mut removed = Usage::default();
         for meta in self.store.list(&volume_prefix(record.id)).await? {
             self.store.delete(&meta.key).await?;
@@ -268,55 +299,36 @@ impl Catalog {
         Ok((record, removed))
     }
 
-    /// Raise the volume's writer epoch by one (compare-and-swap) and return
-    /// the record with the new epoch. Every open of a volume uses a fresh,
-    /// higher epoch, so the engine fences any older writer still running.
-    /// Refuses volumes being deleted. (Stands in until leases hand out
-    /// epochs; a lease must then start above this value.)
-    pub async fn next_epoch(&self, name: &str) -> Result<VolumeRecord, CatalogError> {
-        let key = record_key(name);
-        for _ in 0..ID_CAS_ATTEMPTS {
-            let (mut record, version) = self.get_versioned(name).await?;
-            if record.state == VolumeState::Deleting {
-                return Err(CatalogError::Deleting {
-                    name: name.to_string(),
-                });
-            }
-            record.epoch = record
-                .epoch
-                .checked_add(1)
-                .ok_or_else(|| CatalogError::Corrupt {
-                    key: key.clone(),
-                    reason: "writer epochs exhausted".into(),
-                })?;
-            match self
-                .store
-                .put(&key, encode(&key, &record)?, PutMode::IfMatch(version))
-                .await
-            {
-                Ok(_) => return Ok(record),
-                Err(StoreError::PreconditionFailed { .. }) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Err(CatalogError::Contention { key })
+    /// Set the record's state to deleting; returns it and whether it was
+    /// ready before.
+    async fn mark_deleting(&self, name: &str) -> Result<(VolumeRecord, bool), CatalogError> {
+        let before = self.set_state(name, VolumeState::Deleting).await?;
+        let mut record = before.clone();
+        record.state = VolumeState::Deleting;
+        Ok((record, before.state == VolumeState::Ready))
     }
 
-    /// Set the record's state to deleting (compare-and-swap); returns it.
-    async fn mark_deleting(&self, name: &str) -> Result<VolumeRecord, CatalogError> {
+    /// Set the record's state (compare-and-swap); returns the record as it
+    /// was before.
+    async fn set_state(
+        &self,
+        name: &str,
+        state: VolumeState,
+    ) -> Result<VolumeRecord, CatalogError> {
         let key = record_key(name);
         for _ in 0..ID_CAS_ATTEMPTS {
-            let (mut record, version) = self.get_versioned(name).await?;
-            if record.state == VolumeState::Deleting {
-                return Ok(record);
+            let (before, version) = self.get_versioned(name).await?;
+            if before.state == state {
+                return Ok(before);
             }
-            record.state = VolumeState::Deleting;
+            let mut record = before.clone();
+            record.state = state;
             match self
                 .store
                 .put(&key, encode(&key, &record)?, PutMode::IfMatch(version))
                 .await
             {
-                Ok(_) => return Ok(record),
+                Ok(_) => return Ok(before),
                 Err(StoreError::PreconditionFailed { .. }) => continue,
                 Err(e) => return Err(e.into()),
             }

@@ -47,7 +47,7 @@ async fn create_get_list_delete() {
             bytes: 120
         }
     );
-    let (gone, removed) = cat.delete("alpha").await.unwrap();
+    let (gone, removed) = cat.delete("alpha", 0).await.unwrap();
     assert_eq!(gone.id, a.id);
     assert_eq!(
         removed,
@@ -127,7 +127,7 @@ async fn missing_volumes_are_not_found() {
         cat.get("nope").await,
         Err(CatalogError::NotFound { .. })
     ));
-    let e = cat.delete("nope").await.unwrap_err();
+    let e = cat.delete("nope", 0).await.unwrap_err();
     assert_eq!(e.to_string(), "volume \"nope\" not found");
     assert!(cat.list().await.unwrap().is_empty());
 }
@@ -145,12 +145,13 @@ async fn interrupted_delete_is_finished_by_a_second_delete() {
         .await
         .unwrap();
     // Simulate a crash right after the record was marked deleting.
-    let marked = cat.mark_deleting("v").await.unwrap();
+    let (marked, was_ready) = cat.mark_deleting("v").await.unwrap();
     assert_eq!(marked.state, VolumeState::Deleting);
+    assert!(was_ready);
     let seen = cat.get("v").await.unwrap();
     assert_eq!(seen.state, VolumeState::Deleting);
     assert_eq!(seen.id, rec.id);
-    let (_, removed) = cat.delete("v").await.unwrap();
+    let (_, removed) = cat.delete("v", 0).await.unwrap();
     assert_eq!(removed.objects, 1);
     assert!(keys(&store)
         .await
@@ -245,36 +246,43 @@ async fn concurrent_creates_get_unique_ids_and_one_winner_per_name() {
     assert_eq!(cat.list().await.unwrap().len(), 9);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn epochs_rise_by_one_per_open_even_under_races() {
-    let (cat, _) = catalog();
-    let rec = cat.create("v", GIB, false, 0).await.unwrap();
-    assert_eq!(rec.epoch, 0);
-    assert_eq!(cat.next_epoch("v").await.unwrap().epoch, 1);
-    assert_eq!(cat.next_epoch("v").await.unwrap().epoch, 2);
-    let mut tasks = Vec::new();
-    for _ in 0..8 {
-        let cat = cat.clone();
-        tasks.push(tokio::spawn(async move { cat.next_epoch("v").await }));
-    }
-    let mut epochs = Vec::new();
-    for t in tasks {
-        epochs.push(t.await.unwrap().unwrap().epoch);
-    }
-    epochs.sort();
-    assert_eq!(epochs, (3..=10).collect::<Vec<u64>>());
-    let after = cat.get("v").await.unwrap();
-    assert_eq!(after.epoch, 10);
-    assert_eq!(after.size, rec.size);
-    assert_eq!(after.id, rec.id);
+#[tokio::test]
+async fn a_volume_with_a_live_lease_is_not_deleted() {
+    use crate::catalog::lease::Lease;
+    use crate::clock::{DynClock, ManualClock};
+    use std::time::Duration;
 
-    cat.mark_deleting("v").await.unwrap();
-    assert!(matches!(
-        cat.next_epoch("v").await,
-        Err(CatalogError::Deleting { .. })
-    ));
-    assert!(matches!(
-        cat.next_epoch("absent").await,
-        Err(CatalogError::NotFound { .. })
-    ));
+    let (cat, store) = catalog();
+    let rec = cat.create("busy", GIB, false, 0).await.unwrap();
+    let chunk = "volumes/0000000000000001/chunk";
+    store
+        .put(chunk, Bytes::from_static(b"data"), PutMode::Overwrite)
+        .await
+        .unwrap();
+    let clock: DynClock = Arc::new(ManualClock::new(Duration::from_secs(1000)));
+    let lease = Lease::acquire(
+        store.clone(),
+        rec.id,
+        "host:42",
+        Duration::from_secs(30),
+        clock,
+    )
+    .await
+    .unwrap();
+    let expires = lease.expires_at_ms();
+
+    let e = cat.delete("busy", expires - 1).await.unwrap_err();
+    assert!(matches!(e, CatalogError::InUse { .. }), "{e}");
+    assert!(e.to_string().contains("host:42"), "{e}");
+    // Nothing was lost and the volume is usable again.
+    assert_eq!(cat.get("busy").await.unwrap(), rec);
+    assert!(keys(&store).await.contains(&chunk.to_string()));
+
+    // Once the lease has expired, delete goes ahead.
+    let (_, removed) = cat.delete("busy", expires).await.unwrap();
+    assert_eq!(removed.objects, 2, "chunk and lease");
+    assert!(keys(&store)
+        .await
+        .iter()
+        .all(|k| !k.starts_with("volumes/")));
 }

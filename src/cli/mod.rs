@@ -1,5 +1,6 @@
 //! Subcommand implementations (binary-only; `anyhow` is allowed here).
 pub mod config;
+pub mod image;
 pub mod nbd;
 pub mod ublk;
 pub mod volume;

@@ -37,6 +37,20 @@ pub enum VolumeCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Copy a raw image file into the start of a volume (through the engine).
+    Import {
+        /// Volume name.
+        name: String,
+        /// Raw image file; at most the volume's size.
+        file: std::path::PathBuf,
+    },
+    /// Copy a whole volume into a raw image file (sparse where it reads zeros).
+    Export {
+        /// Volume name.
+        name: String,
+        /// Output file (created or truncated).
+        file: std::path::PathBuf,
+    },
     /// Delete a volume and all its data.
     Delete {
         /// Volume name.
@@ -53,20 +67,36 @@ fn parse_size_arg(s: &str) -> Result<u64, String> {
 
 pub fn run(config: Option<&Path>, cmd: VolumeCmd) -> anyhow::Result<()> {
     let cfg = Config::load(config)?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    // Import and export open the volume, whose background work (destage,
+    // lease renewal) needs worker threads; catalog commands do not.
+    let opens_volume = matches!(cmd, VolumeCmd::Import { .. } | VolumeCmd::Export { .. });
+    let rt = if opens_volume {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    }
+    .context("cannot start the async runtime")?;
     rt.block_on(async move {
-        let store = shale::store::open(&cfg.store)
-            .await
-            .context("cannot open the object store")?;
-        let catalog = Catalog::new(store);
+        let catalog = || async {
+            let store = shale::store::open(&cfg.store)
+                .await
+                .context("cannot open the object store")?;
+            anyhow::Ok(Catalog::new(store))
+        };
         match cmd {
-            VolumeCmd::Create { name, size, thick } => create(&catalog, &name, size, thick).await,
-            VolumeCmd::List { json } => list(&catalog, json).await,
-            VolumeCmd::Info { name, json } => info(&cfg, &catalog, &name, json).await,
-            VolumeCmd::Delete { name, yes } => delete(&cfg, &catalog, &name, yes).await,
+            VolumeCmd::Create { name, size, thick } => {
+                create(&catalog().await?, &name, size, thick).await
+            }
+            VolumeCmd::List { json } => list(&catalog().await?, json).await,
+            VolumeCmd::Info { name, json } => info(&cfg, &catalog().await?, &name, json).await,
+            VolumeCmd::Delete { name, yes } => delete(&cfg, &catalog().await?, &name, yes).await,
+            VolumeCmd::Import { name, file } => super::image::import(&cfg, &name, &file).await,
+            VolumeCmd::Export { name, file } => super::image::export(&cfg, &name, &file).await,
         }
     })
 }
@@ -164,7 +194,8 @@ async fn delete(cfg: &Config, catalog: &Catalog, name: &str, yes: bool) -> anyho
     if !yes && !confirm(&rec)? {
         anyhow::bail!("volume {name:?} was not deleted");
     }
-    let (_, removed) = catalog.delete(name).await?;
+    let now_ms = SystemClock.now().as_millis() as u64;
+    let (_, removed) = catalog.delete(name, now_ms).await?;
     // This host's WAL and cache for the volume (ids are never reused, so
     // nothing else can be using the directory).
     let local_dir = cfg.volume_dir(rec.id);

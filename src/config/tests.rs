@@ -51,6 +51,12 @@ fn store_defaults_to_data_dir_and_relative_paths_use_the_file_dir() {
             path: "/base/objs".into()
         }
     );
+    let cfg = parse("data_dir: .\n").unwrap();
+    assert_eq!(cfg.data_dir, PathBuf::from("/base"));
+    assert_eq!(
+        cfg.volume_dir(1),
+        PathBuf::from("/base/volumes/0000000000000001")
+    );
     let cfg = parse("data_dir: /abs\n").unwrap();
     assert_eq!(cfg.data_dir, PathBuf::from("/abs"));
     assert_eq!(

@@ -215,4 +215,32 @@ mod tests {
         assert!(serde_json::from_str::<Manifest>(&extra).is_err());
         assert_eq!(manifest_key(0x10), "volumes/0000000000000010/manifest");
     }
+
+    /// Garbage and mutated checkpoints give errors, never panics.
+    #[test]
+    fn decoder_survives_random_input() {
+        let mut map = ExtentMap::new();
+        map.insert(0, 8, Loc::Chunk { chunk: 1, off: 0 });
+        let chunks = vec![ChunkInfo {
+            seq: 1,
+            epoch: 1,
+            data_start: 100,
+            data_len: 4096,
+            crcs: vec![1u32],
+        }];
+        let enc = Checkpoint::from_map(5, 1, 1, 4, &map, chunks).encode();
+        let mut x = 99u64;
+        for i in 0..3000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let mut m = enc.clone();
+            let at = (x as usize) % m.len();
+            m[at] = (x >> 32) as u8;
+            let m = &m[..m.len() - i % 3];
+            if let Ok(cp) = Checkpoint::decode(m) {
+                let _ = cp.to_map(1 << 20);
+            }
+        }
+    }
 }

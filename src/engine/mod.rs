@@ -9,6 +9,7 @@ use crate::error::BlockError;
 pub mod cache;
 pub mod checkpoint;
 pub mod chunk;
+mod commit;
 pub mod config;
 mod destage;
 pub mod error;

@@ -88,6 +88,7 @@ pub fn replay(
                     kind: h.kind,
                     lba: h.lba,
                     sectors: h.sectors,
+                    more: h.more,
                     loc: (h.kind == RecordKind::Write).then_some(WalLoc {
                         seq: h.seq,
                         seg: id,
