@@ -53,6 +53,42 @@ fn free_port() -> u16 {
     l.local_addr().expect("local addr").port()
 }
 
+/// moto's own `moto_server` serves requests on many threads, and its
+/// conditional put is check-then-write without a lock: under load, two
+/// concurrent If-None-Match puts can both succeed. AWS S3 makes them atomic.
+/// So when the Python that has moto is on PATH, run the same moto app on a
+/// single-threaded server: requests are then handled one at a time, each
+/// conditional write is atomic as on AWS, and the races in the tests test
+/// our client, not moto's locking. Otherwise fall back to `moto_server`.
+const SINGLE_THREADED_MOTO: &str = "\
+import sys
+from werkzeug.serving import run_simple
+from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+run_simple(sys.argv[1], int(sys.argv[2]), DomainDispatcherApplication(create_backend_app), threaded=False)
+";
+
+fn server_command(moto_server: &std::path::Path, port: u16) -> Command {
+    let python_has_moto = Command::new("python3")
+        .args([
+            "-c",
+            "import moto.moto_server.werkzeug_app, werkzeug.serving",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if python_has_moto {
+        let mut cmd = Command::new("python3");
+        cmd.args(["-c", SINGLE_THREADED_MOTO, "127.0.0.1", &port.to_string()]);
+        cmd
+    } else {
+        eprintln!("note: python3 cannot import moto; using the multi-threaded moto_server");
+        let mut cmd = Command::new(moto_server);
+        cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
+        cmd
+    }
+}
+
 fn start() -> Option<MotoServer> {
     let Some(exe) = find_on_path("moto_server") else {
         let why = "moto_server not on PATH; pip install 'moto[server]'";
@@ -90,9 +126,8 @@ fn start() -> Option<MotoServer> {
                     return;
                 }
             };
-            let mut cmd = Command::new(&exe);
-            cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()])
-                .stdin(Stdio::null())
+            let mut cmd = server_command(&exe, port);
+            cmd.stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(log_file);
             // SAFETY: the closure runs in the forked child before exec and
