@@ -18,6 +18,9 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+#[path = "support/s3.rs"]
+mod s3_support;
+
 use async_trait::async_trait;
 use bytes::Bytes;
 use shale::clock::SystemClock;
@@ -27,6 +30,7 @@ use shale::store::faulty::{Fault, FaultPoint, FaultRule, FaultyStore};
 use shale::store::fs::FsStore;
 use shale::store::memory::MemoryStore;
 use shale::store::retry::{RetryPolicy, RetryStore};
+use shale::store::s3::S3Store;
 use shale::store::{
     DynStore, Object, ObjectMeta, ObjectStore, PutMode, StoreError, StoreResult, Version,
 };
@@ -170,6 +174,7 @@ impl Model {
 enum Backend {
     Memory,
     Fs,
+    S3,
 }
 
 struct Run {
@@ -316,6 +321,17 @@ async fn run_seed(seed: u64, backend: Backend) {
             dirs.push(d);
             s
         }
+        Backend::S3 => {
+            // moto() prints a SKIP line (or panics when CI=true) if absent.
+            let Some(moto) = s3_support::moto() else {
+                return;
+            };
+            let bucket = moto.unique_bucket("engine-model");
+            let s3 = S3Store::connect(&moto.settings(&bucket, "pool"))
+                .await
+                .expect("S3 client");
+            Arc::new(s3)
+        }
     };
     let faulty = FaultyStore::new(backend_store, seed);
     match rng.below(3) {
@@ -440,6 +456,14 @@ fn seeds() -> Vec<u64> {
 async fn model_memory_store() {
     for seed in seeds() {
         run_seed(seed, Backend::Memory).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_s3_store() {
+    // Fewer seeds: every chunk and manifest goes through a real S3 server.
+    for seed in seeds().into_iter().take(3) {
+        run_seed(seed + 2000, Backend::S3).await;
     }
 }
 

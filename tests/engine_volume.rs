@@ -305,3 +305,256 @@ async fn torn_wal_tail_is_cut_off() {
         );
     }
 }
+
+/// Writes `n` random sub-ranges into `[base, base+len)` and checks reads;
+/// returns the region's expected content.
+async fn hammer_region(v: Arc<Volume>, seed: u64, base: u64, len: u64) -> Vec<u8> {
+    let mut model = vec![0u8; len as usize];
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut rnd = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for i in 0..120u64 {
+        let sectors = 1 + rnd() % 24;
+        let start = rnd() % (len / 512 - sectors + 1);
+        let (off, n) = (start * 512, (sectors * 512) as usize);
+        match rnd() % 6 {
+            0 => {
+                v.trim(base + off, n as u64).await.unwrap();
+                model[off as usize..off as usize + n].fill(0);
+            }
+            1 => {
+                let mut b = vec![0u8; n];
+                v.read(base + off, &mut b).await.unwrap();
+                assert_eq!(
+                    b,
+                    model[off as usize..off as usize + n],
+                    "seed {seed} op {i}"
+                );
+            }
+            2 => v.flush().await.unwrap(),
+            _ => {
+                let d = pattern(seed * 1000 + i, n);
+                v.write(base + off, &d, rnd() % 8 == 0).await.unwrap();
+                model[off as usize..off as usize + n].copy_from_slice(&d);
+            }
+        }
+    }
+    model
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_tokio_and_foreign_threads() {
+    let store: DynStore = Arc::new(MemoryStore::new());
+    let dir = tempfile::tempdir().unwrap();
+    let v = open(&store, dir.path(), 1, small_cfg()).await;
+    const REGION: u64 = 256 << 10;
+    let mut tasks = Vec::new();
+    for t in 0..8u64 {
+        tasks.push(tokio::spawn(hammer_region(
+            v.clone(),
+            t + 1,
+            t * REGION,
+            REGION,
+        )));
+    }
+    // Two plain threads with their own executor: the futures must not need tokio.
+    let mut threads = Vec::new();
+    for t in 8..10u64 {
+        let v = v.clone();
+        threads.push(std::thread::spawn(move || {
+            futures::executor::block_on(hammer_region(v, t + 1, t * REGION, REGION))
+        }));
+    }
+    let mut expect = vec![0u8; SIZE as usize];
+    for (t, task) in tasks.into_iter().enumerate() {
+        let m = task.await.unwrap();
+        let o = t * REGION as usize;
+        expect[o..o + m.len()].copy_from_slice(&m);
+    }
+    for (t, th) in threads.into_iter().enumerate() {
+        let m = th.join().unwrap();
+        let o = (t + 8) * REGION as usize;
+        expect[o..o + m.len()].copy_from_slice(&m);
+    }
+    assert_eq!(read_all(&v).await, expect);
+    v.crash().await;
+    drop(v);
+    // Reopening with the same epoch after a crash also works.
+    let v = open(&store, dir.path(), 1, small_cfg()).await;
+    assert_eq!(read_all(&v).await, expect, "after crash");
+    v.close().await.unwrap();
+    drop(v);
+    let v = open(&store, dir.path(), 2, small_cfg()).await;
+    assert_eq!(read_all(&v).await, expect, "after close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn age_bound_makes_writes_wait_for_the_store() {
+    let faulty = Arc::new(FaultyStore::new(MemoryStore::new(), 3));
+    let store: DynStore = faulty.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(shale::clock::ManualClock::new(Duration::from_secs(1000)));
+    let cfg = EngineConfig {
+        destage_interval_ms: 3_600_000,
+        max_unstored_seconds: 5,
+        max_unstored_bytes: 64 << 20,
+        ..small_cfg()
+    };
+    let v = Volume::open(store.clone(), params(dir.path(), 1), cfg, clock.clone())
+        .await
+        .unwrap();
+    faulty.set_outage(true);
+    v.write(0, &pattern(1, 4096), false).await.unwrap();
+    clock.advance(Duration::from_secs(4));
+    // Younger than the bound: still acknowledged at once.
+    v.write(4096, &pattern(2, 4096), false).await.unwrap();
+    clock.advance(Duration::from_secs(2));
+    // The oldest unstored write is now 6 s old: the next write waits.
+    let v2 = v.clone();
+    let mut blocked = tokio::spawn(async move { v2.write(8192, &pattern(3, 4096), false).await });
+    let waited = tokio::time::timeout(Duration::from_millis(300), &mut blocked).await;
+    assert!(waited.is_err(), "write completed while the store was down");
+    faulty.set_outage(false);
+    blocked.await.unwrap().unwrap();
+    let s = v.stats();
+    assert!(s.chunks_written >= 1, "{s:?}");
+    let mut b = vec![0u8; 4096];
+    for i in 0..3u64 {
+        v.read(i * 4096, &mut b).await.unwrap();
+        assert_eq!(b, pattern(i + 1, 4096));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overwritten_chunks_are_garbage_collected() {
+    let mem = Arc::new(MemoryStore::new());
+    let store: DynStore = mem.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = EngineConfig {
+        checkpoint_every_chunks: 1,
+        ..small_cfg()
+    };
+    let v = open(&store, dir.path(), 1, cfg.clone()).await;
+    // Rewrite the same 64 KiB many times: older chunks lose all live data.
+    for round in 0..30u64 {
+        v.write(0, &pattern(round, 64 << 10), false).await.unwrap();
+        v.flush().await.unwrap();
+    }
+    v.close().await.unwrap();
+    let s = v.stats();
+    assert!(s.chunks_deleted > 0, "{s:?}");
+    let chunks = mem.list("volumes/0000000000000042/chunks/").await.unwrap();
+    let cps = mem
+        .list("volumes/0000000000000042/checkpoints/")
+        .await
+        .unwrap();
+    assert!(chunks.len() < 5, "{} chunks left", chunks.len());
+    assert_eq!(cps.len(), 1, "superseded checkpoints are deleted");
+    drop(v);
+    let dir2 = tempfile::tempdir().unwrap();
+    let v = open(&store, dir2.path(), 2, cfg).await;
+    let mut b = vec![0u8; 64 << 10];
+    v.read(0, &mut b).await.unwrap();
+    assert_eq!(b, pattern(29, 64 << 10));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_parameters_are_clear_errors_and_lose_nothing() {
+    let store: DynStore = Arc::new(MemoryStore::new());
+    let dir = tempfile::tempdir().unwrap();
+    let v = open(&store, dir.path(), 1, small_cfg()).await;
+    v.write(SIZE - 4096, &pattern(4, 4096), false)
+        .await
+        .unwrap();
+    v.close().await.unwrap();
+    drop(v);
+    let clock = || -> shale::clock::DynClock { Arc::new(SystemClock) };
+    // Misaligned size, invalid config.
+    let mut p = params(dir.path(), 2);
+    p.size = 1000;
+    let e = Volume::open(store.clone(), p, small_cfg(), clock())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("multiple of 512"), "{e}");
+    let bad_cfg = EngineConfig {
+        chunk_size: 1000,
+        ..small_cfg()
+    };
+    let e = Volume::open(store.clone(), params(dir.path(), 2), bad_cfg, clock())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("chunk_size"), "{e}");
+    // Smaller than the data already written (no local WAL): refused.
+    let dir2 = tempfile::tempdir().unwrap();
+    let mut p = params(dir2.path(), 3);
+    p.size = SIZE / 2;
+    let e = Volume::open(store.clone(), p, small_cfg(), clock())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("past the volume size"), "{e}");
+    // Same when the data is in a chunk no checkpoint covers yet.
+    let store2: DynStore = Arc::new(MemoryStore::new());
+    let cfg2 = EngineConfig {
+        durability: Durability::Store,
+        checkpoint_every_chunks: 1000,
+        ..small_cfg()
+    };
+    let d3 = tempfile::tempdir().unwrap();
+    let v = open(&store2, d3.path(), 1, cfg2.clone()).await;
+    v.write(SIZE - 4096, &pattern(5, 4096), false)
+        .await
+        .unwrap();
+    v.flush().await.unwrap();
+    v.crash().await;
+    drop(v);
+    let d4 = tempfile::tempdir().unwrap();
+    let mut p = params(d4.path(), 2);
+    p.size = SIZE / 2;
+    let e = Volume::open(store2.clone(), p, cfg2.clone(), clock())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("past the volume size"), "{e}");
+    let v = open(&store2, d4.path(), 3, cfg2).await;
+    let mut b = vec![0u8; 4096];
+    v.read(SIZE - 4096, &mut b).await.unwrap();
+    assert_eq!(b, pattern(5, 4096), "the refused open deleted nothing");
+    drop(v);
+    // Another volume's WAL directory is refused and left alone.
+    let mut p = params(dir.path(), 4);
+    p.id = 0x43;
+    assert!(Volume::open(store.clone(), p, small_cfg(), clock())
+        .await
+        .is_err());
+    // Nothing was lost by any of that.
+    let v = open(&store, dir.path(), 5, small_cfg()).await;
+    let mut b = vec![0u8; 4096];
+    v.read(SIZE - 4096, &mut b).await.unwrap();
+    assert_eq!(b, pattern(4, 4096));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_during_outage_fails_clearly_and_the_wal_keeps_the_data() {
+    let faulty = Arc::new(FaultyStore::new(MemoryStore::new(), 11));
+    let store: DynStore = faulty.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = EngineConfig {
+        destage_interval_ms: 3_600_000,
+        ..small_cfg()
+    };
+    let v = open(&store, dir.path(), 1, cfg.clone()).await;
+    v.write(0, &pattern(8, 16384), false).await.unwrap();
+    faulty.set_outage(true);
+    let e = v.close().await.unwrap_err();
+    assert!(e.to_string().contains("store"), "{e}");
+    drop(v);
+    faulty.set_outage(false);
+    let v = open(&store, dir.path(), 2, cfg).await;
+    let mut b = vec![0u8; 16384];
+    v.read(0, &mut b).await.unwrap();
+    assert_eq!(b, pattern(8, 16384));
+    v.close().await.unwrap();
+}

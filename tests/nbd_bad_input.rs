@@ -323,6 +323,72 @@ async fn disconnect_mid_write_keeps_flushed_data_and_applies_nothing_partial() {
     assert_eq!(disks[0].snapshot()[..64 << 10], flushed[..]);
 }
 
+#[tokio::test]
+async fn pipelined_requests_beyond_the_in_flight_limits_all_complete() {
+    let limits = shale::frontend::nbd::Limits {
+        max_requests: 2,
+        max_bytes: 0, // raised to the largest request internally
+    };
+    let srv = TestServer::start_limited(limits, || async {
+        let disk: Arc<dyn BlockDevice> = Arc::new(shale::engine::memdisk::MemDisk::new(64 << 20));
+        let cleanup: Cleanup = Box::new(|| Box::pin(async {}));
+        (ExportMap::new([("a".to_string(), disk)]).unwrap(), cleanup)
+    });
+    let (c, _) = RawClient::connect(&srv.addr(), "a").await;
+    let (mut rd, mut wr) = c.stream.into_split();
+    let n = 64u64;
+    let req = |command, handle, offset| shale::frontend::nbd::codec::Request {
+        flags: 0,
+        command,
+        handle,
+        offset,
+        length: 1 << 20,
+    };
+    // 64 MiB of writes sent without reading replies: the server must
+    // throttle (two in flight) rather than buffer, and answer them all.
+    let sender = tokio::spawn(async move {
+        for i in 0..n {
+            wr.write_all(&req(CMD_WRITE, i, i << 20).encode())
+                .await
+                .unwrap();
+            wr.write_all(&pattern(1 << 20, i)).await.unwrap();
+        }
+        wr
+    });
+    let mut answered = std::collections::BTreeSet::new();
+    for _ in 0..n {
+        let mut h = [0u8; 16];
+        rd.read_exact(&mut h).await.unwrap();
+        let (err, handle) = shale::frontend::nbd::codec::decode_simple_reply(&h).unwrap();
+        assert_eq!(err, 0, "handle {handle}");
+        assert!(answered.insert(handle), "handle {handle} answered twice");
+    }
+    assert_eq!(answered, (0..n).collect());
+    // Then 64 pipelined reads of what was written.
+    let mut wr = sender.await.unwrap();
+    let reader = tokio::spawn(async move {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..n {
+            let mut h = [0u8; 16];
+            rd.read_exact(&mut h).await.unwrap();
+            let (err, handle) = shale::frontend::nbd::codec::decode_simple_reply(&h).unwrap();
+            assert_eq!(err, 0);
+            let mut data = vec![0u8; 1 << 20];
+            rd.read_exact(&mut data).await.unwrap();
+            let i = handle - 1000;
+            assert!(data == pattern(1 << 20, i), "read {i} returned wrong data");
+            seen.insert(i);
+        }
+        seen
+    });
+    for i in 0..n {
+        wr.write_all(&req(CMD_READ, 1000 + i, i << 20).encode())
+            .await
+            .unwrap();
+    }
+    assert_eq!(reader.await.unwrap(), (0..n).collect());
+}
+
 /// Opens a gate when a test ends, even by panic, so the server's
 /// shutdown (which waits for requests in flight) cannot hang the test.
 struct ReleaseOnDrop(Arc<tokio::sync::Semaphore>);

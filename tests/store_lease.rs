@@ -307,3 +307,116 @@ async fn stopped_renewer_lets_the_lease_lapse() {
         .await
         .expect("lapsed lease is taken over");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_renewals_of_one_lease_do_not_fence_it() {
+    let f = make_memory().await.expect("memory");
+    let lease = Arc::new(f.acquire("server-a").await.expect("acquire"));
+    for _ in 0..5 {
+        f.clock.advance(Duration::from_secs(1));
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let lease = lease.clone();
+                tokio::spawn(async move { lease.renew().await })
+            })
+            .collect();
+        for t in tasks {
+            t.await
+                .expect("task")
+                .expect("renewal by the holder itself");
+        }
+    }
+    lease.check().expect("still held");
+    lease.release().await.expect("release");
+    assert!(matches!(
+        lease.renew().await,
+        Err(LeaseError::Released { .. })
+    ));
+    let (record, _) = read_lease(&f.store, VOL)
+        .await
+        .expect("read")
+        .expect("kept");
+    assert_eq!(
+        record.expires_at_ms, 0,
+        "a renewal never resurrects a released lease"
+    );
+}
+
+/// Leases work through the retry layer while 30% of store calls fail or
+/// lose their responses; epochs still rise by exactly one per takeover.
+#[tokio::test]
+async fn lease_cycles_survive_faults_through_the_retry_layer() {
+    use shale::store::faulty::{Fault, FaultPoint, FaultRule, FaultyStore};
+    use shale::store::retry::{RetryPolicy, RetryStore};
+    let faulty = Arc::new(FaultyStore::new(
+        Arc::new(MemoryStore::new()) as DynStore,
+        11,
+    ));
+    faulty.set_all(FaultRule::share(Fault::Transient, 0.3));
+    faulty.set(FaultPoint::Put, FaultRule::share(Fault::LostResponse, 0.3));
+    let policy = RetryPolicy {
+        base: Duration::from_millis(1),
+        cap: Duration::from_millis(4),
+        max_attempts: 40,
+        max_elapsed: Duration::from_secs(60),
+    };
+    let store: DynStore = Arc::new(RetryStore::new(faulty.clone(), policy, 11));
+    let f = fixture(store, None);
+    for round in 0..10u64 {
+        let lease = f
+            .acquire(&format!("server-{round}"))
+            .await
+            .expect("acquire");
+        assert_eq!(lease.epoch(), round + 1);
+        for _ in 0..3 {
+            f.clock.advance(Duration::from_secs(1));
+            lease.renew().await.expect("renew");
+        }
+        if round % 2 == 0 {
+            lease.release().await.expect("release");
+        } else {
+            f.clock.advance(TTL);
+        }
+    }
+    assert!(faulty.injected_total() > 10, "{}", faulty.injected_total());
+}
+
+#[tokio::test]
+async fn epoch_floor_lifts_new_and_taken_over_leases() {
+    use shale::catalog::lease::AcquireOptions;
+    let f = make_memory().await.expect("memory");
+    let opts = AcquireOptions {
+        steal: false,
+        min_epoch: 41,
+    };
+    let first = Lease::acquire_with(f.store.clone(), VOL, "a", TTL, f.clock(), opts)
+        .await
+        .expect("create above the floor");
+    assert_eq!(first.epoch(), 42);
+    let refused = Lease::acquire_with(f.store.clone(), VOL, "b", TTL, f.clock(), opts).await;
+    assert!(
+        matches!(refused, Err(LeaseError::Held { .. })),
+        "a floor is no steal"
+    );
+    first.release().await.expect("release");
+    let low_floor = AcquireOptions {
+        steal: false,
+        min_epoch: 5,
+    };
+    let second = Lease::acquire_with(f.store.clone(), VOL, "b", TTL, f.clock(), low_floor)
+        .await
+        .expect("takeover");
+    assert_eq!(
+        second.epoch(),
+        43,
+        "the stored epoch wins over a lower floor"
+    );
+    let high_floor = AcquireOptions {
+        steal: true,
+        min_epoch: 100,
+    };
+    let third = Lease::acquire_with(f.store.clone(), VOL, "c", TTL, f.clock(), high_floor)
+        .await
+        .expect("steal");
+    assert_eq!(third.epoch(), 101);
+}

@@ -273,3 +273,60 @@ async fn dropped_create_is_simply_retried() {
         0
     );
 }
+
+#[tokio::test]
+async fn forever_policy_waits_out_an_outage() {
+    let faulty = Arc::new(FaultyStore::new(
+        Arc::new(MemoryStore::new()) as DynStore,
+        3,
+    ));
+    let policy = RetryPolicy {
+        base: Duration::from_millis(1),
+        cap: Duration::from_millis(2),
+        ..RetryPolicy::forever()
+    };
+    let s = Arc::new(RetryStore::new(faulty.clone(), policy, 3));
+    faulty.set_outage(true);
+    let writer = {
+        let s = s.clone();
+        tokio::spawn(async move {
+            s.put("k", Bytes::from_static(b"patient"), PutMode::Create)
+                .await
+        })
+    };
+    // Let the outage swallow a number of attempts, then end it.
+    while faulty.injected(FaultPoint::Put) < 20 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    faulty.set_outage(false);
+    writer
+        .await
+        .expect("task")
+        .expect("put succeeds after the outage");
+    assert_eq!(s.get("k").await.expect("get").data, &b"patient"[..]);
+    assert_eq!(s.stats().exhausted.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test]
+async fn open_backend_has_no_retry_layer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = shale::store::StoreConfig::Fs {
+        path: dir.path().join("s"),
+    };
+    let raw = shale::store::open_backend(&cfg)
+        .await
+        .expect("open backend");
+    raw.put("k", Bytes::from_static(b"x"), PutMode::Create)
+        .await
+        .expect("put");
+    let wrapped = shale::store::open(&cfg).await.expect("open");
+    assert_eq!(
+        wrapped.get("k").await.expect("same directory").data,
+        &b"x"[..]
+    );
+    assert!(format!("{raw:?}").starts_with("FsStore"), "{raw:?}");
+    assert!(
+        format!("{wrapped:?}").starts_with("RetryStore"),
+        "{wrapped:?}"
+    );
+}

@@ -39,7 +39,9 @@ start() {
   command -v moto_server >/dev/null || die "moto_server not on PATH; pip install 'moto[server]'"
   [[ -n "$port" ]] || port="$(free_port)"
   local endpoint="http://127.0.0.1:$port"
-  nohup moto_server -H 127.0.0.1 -p "$port" >"$state/log" 2>&1 &
+  py="$(dirname "$(command -v moto_server)")/python3"; [ -x "$py" ] || py=python3
+  # Serialized requests: moto alone races on conditional writes (see the script).
+  nohup "$py" "$(dirname "$0")/moto-serial.py" 127.0.0.1 "$port" >"$state/log" 2>&1 &
   echo $! >"$state/pid"
   echo "$endpoint" >"$state/endpoint"
   for _ in $(seq 1 300); do

@@ -4,14 +4,15 @@
 //! JSON `{"holder": ..., "epoch": ..., "expires_at_ms": ...}`.
 //!
 //! # Protocol
-//! 1. The first acquire creates the object with [`PutMode::Create`] at epoch 1.
+//! 1. The first acquire creates the object with [`PutMode::Create`] at epoch 1
+//!    (or just above a caller-given floor, [`AcquireOptions::min_epoch`]).
 //! 2. Every later change is a compare-and-swap ([`PutMode::IfMatch`]) on the
 //!    version last read or written, so of concurrent changers exactly one wins.
 //! 3. A lease is live while `now < expires_at_ms` by the injected clock. A
 //!    live lease held by someone else refuses `acquire` with
 //!    [`LeaseError::Held`], naming the holder and the expiry.
 //! 4. Taking over (acquire of an expired or released lease, or [`Lease::steal`])
-//!    writes `epoch + 1`; renewal keeps the epoch. So epochs strictly increase
+//!    writes `max(epoch, floor) + 1`; renewal keeps the epoch. So epochs strictly increase
 //!    across all takeovers, and an epoch names one holding period.
 //! 5. The lease object is never deleted (release writes an already expired
 //!    record), so the epoch history cannot restart at 1.
@@ -122,11 +123,15 @@ pub async fn read_lease(
     }
 }
 
-/// What acquire and steal do with a lease someone else holds while live.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Takeover {
-    OnlyIfExpired,
-    Always,
+/// How [`Lease::acquire_with`] takes a lease.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AcquireOptions {
+    /// Take the lease even while someone else holds it live (a steal).
+    pub steal: bool,
+    /// The new epoch is above this value as well as above the stored one,
+    /// for callers that handed out epochs before leases existed (e.g. the
+    /// catalog's per-volume epoch). 0 = no floor.
+    pub min_epoch: u64,
 }
 
 /// Whether this process may still use the lease.
@@ -154,6 +159,9 @@ pub struct Lease {
     /// The record as last written by us; its state only moves away from
     /// `Active`, never back.
     held: Mutex<Held>,
+    /// Serializes this process's renewals and release, so a compare-and-swap
+    /// failure always means another writer, never our own concurrent call.
+    writer: tokio::sync::Mutex<()>,
 }
 
 impl Lease {
@@ -167,15 +175,8 @@ impl Lease {
         ttl: Duration,
         clock: DynClock,
     ) -> Result<Lease, LeaseError> {
-        Self::take(
-            store,
-            volume_id,
-            holder,
-            ttl,
-            clock,
-            Takeover::OnlyIfExpired,
-        )
-        .await
+        let opts = AcquireOptions::default();
+        Self::acquire_with(store, volume_id, holder, ttl, clock, opts).await
     }
 
     /// Take the lease even if someone else holds it live, at the next epoch.
@@ -187,16 +188,21 @@ impl Lease {
         ttl: Duration,
         clock: DynClock,
     ) -> Result<Lease, LeaseError> {
-        Self::take(store, volume_id, holder, ttl, clock, Takeover::Always).await
+        let opts = AcquireOptions {
+            steal: true,
+            min_epoch: 0,
+        };
+        Self::acquire_with(store, volume_id, holder, ttl, clock, opts).await
     }
 
-    async fn take(
+    /// [`Lease::acquire`] or [`Lease::steal`] with explicit options.
+    pub async fn acquire_with(
         store: DynStore,
         volume_id: u64,
         holder: &str,
         ttl: Duration,
         clock: DynClock,
-        takeover: Takeover,
+        opts: AcquireOptions,
     ) -> Result<Lease, LeaseError> {
         validate(holder, ttl)?;
         let key = lease_key(volume_id);
@@ -207,14 +213,14 @@ impl Lease {
                 None => {
                     let record = LeaseRecord {
                         holder: holder.to_string(),
-                        epoch: 1,
+                        epoch: next_epoch(&key, 0, opts.min_epoch)?,
                         expires_at_ms,
                     };
                     let r = store.put(&key, encode(&record), PutMode::Create).await;
                     (record, r)
                 }
                 Some((current, version)) => {
-                    if takeover == Takeover::OnlyIfExpired && current.is_live(now_ms(&clock)) {
+                    if !opts.steal && current.is_live(now_ms(&clock)) {
                         return Err(LeaseError::Held {
                             volume_id,
                             holder: current.holder,
@@ -222,13 +228,9 @@ impl Lease {
                             expires_at_ms: current.expires_at_ms,
                         });
                     }
-                    let epoch = current
-                        .epoch
-                        .checked_add(1)
-                        .ok_or_else(|| LeaseError::Invalid(format!("epoch overflow on {key}")))?;
                     let record = LeaseRecord {
                         holder: holder.to_string(),
-                        epoch,
+                        epoch: next_epoch(&key, current.epoch, opts.min_epoch)?,
                         expires_at_ms,
                     };
                     let r = store
@@ -253,6 +255,7 @@ impl Lease {
                             version,
                             state: State::Active,
                         }),
+                        writer: tokio::sync::Mutex::new(()),
                     });
                 }
                 // Someone changed the lease between our read and write:
@@ -315,6 +318,7 @@ impl Lease {
     /// epoch. Fails with [`LeaseError::Fenced`] if someone took it over;
     /// the lease then stays lost.
     pub async fn renew(&self) -> Result<(), LeaseError> {
+        let _writer = self.writer.lock().await;
         let (mut record, version) = {
             let held = self.lock();
             self.usable(&held)?;
@@ -328,6 +332,7 @@ impl Lease {
     /// Give the lease up: write it back already expired (same epoch), so the
     /// next acquire succeeds at once. The lease is unusable afterwards.
     pub async fn release(&self) -> Result<(), LeaseError> {
+        let _writer = self.writer.lock().await;
         let (mut record, version) = {
             let held = self.lock();
             match held.state {
@@ -446,6 +451,14 @@ impl Lease {
             task,
         }
     }
+}
+
+/// The epoch of a takeover: above both the stored epoch and the floor.
+fn next_epoch(key: &str, stored: u64, floor: u64) -> Result<u64, LeaseError> {
+    stored
+        .max(floor)
+        .checked_add(1)
+        .ok_or_else(|| LeaseError::Invalid(format!("epoch overflow on {key}")))
 }
 
 fn validate(holder: &str, ttl: Duration) -> Result<(), LeaseError> {

@@ -5,10 +5,13 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
+use shale::catalog::{Catalog, VolumeState};
 use shale::config::Config;
+use shale::daemon::{self, Attached};
 use shale::engine::memdisk::MemDisk;
 use shale::engine::BlockDevice;
 use shale::frontend::nbd::{ExportMap, Listener, NbdServer};
+use shale::size::parse_size;
 
 mod scratch;
 
@@ -62,36 +65,97 @@ fn serve(config: Option<&Path>, args: ServeArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
-        let mut devices: Vec<(String, Arc<dyn BlockDevice>)> = Vec::new();
-        for spec in &args.memory {
-            let (name, size) = parse_size_spec("--memory", spec, 64 << 30)?;
-            devices.push((name, Arc::new(MemDisk::new(size))));
-        }
-        if !args.volumes.is_empty() || (args.memory.is_empty() && args.scratch.is_empty()) {
-            bail!(
-                "serving catalog volumes needs the volume daemon (shale::daemon), \
-                 which this build does not have yet"
-            );
-        }
-        let mut scratch = Vec::new();
-        for (i, spec) in args.scratch.iter().enumerate() {
-            let (name, size) = parse_size_spec("--scratch", spec, u64::MAX)?;
-            let vol = scratch::open(&cfg, i as u64, size)
-                .await
-                .with_context(|| format!("opening scratch volume {name}"))?;
-            devices.push((name, vol.volume.clone()));
-            scratch.push(vol);
-        }
-        let served = serve_devices(&cfg, &args, devices).await;
-        let mut closed = Ok(());
-        for vol in scratch {
-            if let Err(e) = vol.close_and_delete().await {
+        let mut opened = Opened::default();
+        let result = match open_exports(&cfg, &args, &mut opened).await {
+            Ok(devices) => serve_devices(&cfg, &args, devices).await,
+            Err(e) => Err(e),
+        };
+        // Close whatever was opened, also when opening or serving failed.
+        let closed = opened.close_all().await;
+        result.and(closed)
+    })
+}
+
+/// Volumes this process opened and must close on the way out.
+#[derive(Default)]
+struct Opened {
+    attached: Vec<Attached>,
+    scratch: Vec<scratch::Scratch>,
+}
+
+impl Opened {
+    /// Close everything; report the first failure after trying all.
+    async fn close_all(self) -> anyhow::Result<()> {
+        let mut first = Ok(());
+        for vol in self.attached {
+            let name = vol.record.name.clone();
+            if let Err(e) = vol.close().await {
+                let e = anyhow::Error::new(e).context(format!("closing volume {name}"));
                 log::error!("{e:#}");
-                closed = Err(e);
+                first = first.and(Err(e));
             }
         }
-        served.and(closed)
-    })
+        for vol in self.scratch {
+            if let Err(e) = vol.close_and_delete().await {
+                log::error!("{e:#}");
+                first = first.and(Err(e));
+            }
+        }
+        first
+    }
+}
+
+/// Build the export list from the arguments, recording what was opened.
+async fn open_exports(
+    cfg: &Config,
+    args: &ServeArgs,
+    opened: &mut Opened,
+) -> anyhow::Result<Vec<(String, Arc<dyn BlockDevice>)>> {
+    let mut devices: Vec<(String, Arc<dyn BlockDevice>)> = Vec::new();
+    for spec in &args.memory {
+        let (name, size) = parse_size_spec("--memory", spec, 64 << 30)?;
+        devices.push((name, Arc::new(MemDisk::new(size))));
+    }
+    let names = if !args.volumes.is_empty() {
+        args.volumes.clone()
+    } else if args.memory.is_empty() && args.scratch.is_empty() {
+        catalog_volume_names(cfg).await?
+    } else {
+        Vec::new()
+    };
+    for name in names {
+        let vol = daemon::attach(cfg, &name)
+            .await
+            .with_context(|| format!("opening volume {name}"))?;
+        devices.push((name, vol.volume.clone()));
+        opened.attached.push(vol);
+    }
+    for (i, spec) in args.scratch.iter().enumerate() {
+        let (name, size) = parse_size_spec("--scratch", spec, u64::MAX)?;
+        let vol = scratch::open(cfg, i as u64, size)
+            .await
+            .with_context(|| format!("opening scratch volume {name}"))?;
+        devices.push((name, vol.volume.clone()));
+        opened.scratch.push(vol);
+    }
+    Ok(devices)
+}
+
+/// Every usable volume in the catalog, for `shale nbd serve` without names.
+async fn catalog_volume_names(cfg: &Config) -> anyhow::Result<Vec<String>> {
+    let store = daemon::open_store(cfg).await?;
+    let names: Vec<String> = Catalog::new(store)
+        .list()
+        .await
+        .context("listing the catalog")?
+        .into_iter()
+        .filter(|r| r.state == VolumeState::Ready)
+        .map(|r| r.name)
+        .collect();
+    if names.is_empty() {
+        bail!("the catalog has no volumes to serve; create one with `shale volume create NAME --size SIZE`");
+    }
+    Ok(names)
 }
 
 /// Bind the listeners, print where they are, serve until a signal.
@@ -132,7 +196,9 @@ async fn serve_devices(
     Ok(())
 }
 
-/// Resolves on the first SIGTERM or SIGINT.
+/// Resolves on the first SIGTERM or SIGINT. A second one while shutting
+/// down (e.g. a flush stuck on an unreachable store) exits at once with
+/// status 1; data acknowledged by FLUSH is safe either way.
 fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
@@ -142,11 +208,18 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
             _ = term.recv() => log::info!("SIGTERM: shutting down"),
             _ = int.recv() => log::info!("SIGINT: shutting down"),
         }
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            eprintln!("shale: second signal during shutdown; exiting without finishing it");
+            std::process::exit(1);
+        });
     })
 }
 
-/// Parse `NAME:SIZE` where SIZE is bytes with an optional K/M/G/T suffix
-/// (binary units) and must be a non-zero multiple of 512, at most `max`.
+/// Parse `NAME:SIZE` where SIZE is as in the config (`64M`, `1GiB`, bytes) and must be a non-zero multiple of 512, at most `max`.
 fn parse_size_spec(flag: &str, spec: &str, max: u64) -> anyhow::Result<(String, u64)> {
     let Some((name, size)) = spec.rsplit_once(':') else {
         bail!("{flag} {spec:?}: expected NAME:SIZE");
@@ -159,28 +232,6 @@ fn parse_size_spec(flag: &str, spec: &str, max: u64) -> anyhow::Result<(String, 
         bail!("{flag} {spec:?}: at most {max} bytes");
     }
     Ok((name.to_string(), size))
-}
-
-fn parse_size(s: &str) -> anyhow::Result<u64> {
-    let s = s.trim();
-    let (digits, shift) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_uppercase() {
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                'T' => 40,
-                _ => bail!("unknown size suffix {c:?} (use K, M, G or T)"),
-            };
-            (&s[..i], shift)
-        }
-        _ => (s, 0),
-    };
-    let n: u64 = digits
-        .parse()
-        .with_context(|| format!("invalid size {s:?}"))?;
-    n.checked_mul(1u64 << shift)
-        .with_context(|| format!("size {s:?} is too large"))
 }
 
 #[cfg(test)]

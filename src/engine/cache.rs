@@ -67,9 +67,12 @@ impl Cache {
         }))
     }
 
-    /// Read window `window` of `chunk` into `dst` if cached (`dst.len()` is
-    /// the window's length). Returns false on a miss.
-    pub fn get(&self, chunk: u64, window: u64, dst: &mut [u8]) -> bool {
+    /// Read `dst.len()` bytes at `offset` within window `window` of `chunk`
+    /// if that window is cached. Returns false on a miss.
+    pub fn get(&self, chunk: u64, window: u64, offset: u64, dst: &mut [u8]) -> bool {
+        if offset + dst.len() as u64 > SLOT {
+            return false;
+        }
         let slot = {
             let mut idx = self.index.lock().unwrap_or_else(|e| e.into_inner());
             let Some(&slot) = idx.map.get(&(chunk, window)) else {
@@ -129,19 +132,22 @@ mod tests {
         let a = vec![1u8; SLOT as usize];
         let b = vec![2u8; 1000];
         let mut buf = vec![0u8; SLOT as usize];
-        assert!(!c.get(1, 0, &mut buf));
+        assert!(!c.get(1, 0, 0, &mut buf));
         c.put(1, 0, &a);
         c.put(2, 5, &b);
-        assert!(c.get(1, 0, &mut buf));
+        assert!(c.get(1, 0, 0, &mut buf));
+        let mut part = vec![0u8; 4096];
+        assert!(c.get(1, 0, 8192, &mut part));
+        assert!(!c.get(1, 0, SLOT - 100, &mut part));
         assert_eq!(buf, a);
         let mut small = vec![0u8; 1000];
-        assert!(c.get(2, 5, &mut small));
+        assert!(c.get(2, 5, 0, &mut small));
         assert_eq!(small, b);
         // A third window evicts one of the two.
         c.put(3, 0, &a);
         let hits = [(1, 0), (2, 5), (3, 0)]
             .iter()
-            .filter(|&&(ch, w)| c.get(ch, w, &mut [0u8; 10]))
+            .filter(|&&(ch, w)| c.get(ch, w, 0, &mut [0u8; 10]))
             .count();
         assert_eq!(hits, 2);
     }

@@ -119,9 +119,14 @@ impl Checkpoint {
                 .and_then(|b| b.checked_add(off))
                 .is_some_and(|e| e <= info.data_len);
             let fits_volume = s.checked_add(l).is_some_and(|e| e <= volume_sectors);
-            if l == 0 || !fits_data || !fits_volume {
+            if !fits_volume {
                 return Err(CheckpointError::Inconsistent(format!(
-                    "extent {s}+{l} in chunk {c}"
+                    "extent {s}+{l} lies past the volume size ({volume_sectors} sectors; opened with a smaller size?)"
+                )));
+            }
+            if l == 0 || !fits_data {
+                return Err(CheckpointError::Inconsistent(format!(
+                    "extent {s}+{l} lies outside the data of chunk {c}"
                 )));
             }
             map.insert(s, l, Loc::Chunk { chunk: c, off });
@@ -214,5 +219,33 @@ mod tests {
         let extra = j.replace("{", "{\"x\":1,");
         assert!(serde_json::from_str::<Manifest>(&extra).is_err());
         assert_eq!(manifest_key(0x10), "volumes/0000000000000010/manifest");
+    }
+
+    /// Garbage and mutated checkpoints give errors, never panics.
+    #[test]
+    fn decoder_survives_random_input() {
+        let mut map = ExtentMap::new();
+        map.insert(0, 8, Loc::Chunk { chunk: 1, off: 0 });
+        let chunks = vec![ChunkInfo {
+            seq: 1,
+            epoch: 1,
+            data_start: 100,
+            data_len: 4096,
+            crcs: vec![1u32],
+        }];
+        let enc = Checkpoint::from_map(5, 1, 1, 4, &map, chunks).encode();
+        let mut x = 99u64;
+        for i in 0..3000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let mut m = enc.clone();
+            let at = (x as usize) % m.len();
+            m[at] = (x >> 32) as u8;
+            let m = &m[..m.len() - i % 3];
+            if let Ok(cp) = Checkpoint::decode(m) {
+                let _ = cp.to_map(1 << 20);
+            }
+        }
     }
 }

@@ -339,4 +339,36 @@ mod tests {
         assert_eq!(parse_chunk_name("zz-1"), None);
         assert_eq!(parse_chunk_name("0000000000000011"), None);
     }
+
+    /// Garbage and mutated headers give errors, never panics.
+    #[test]
+    fn decoder_survives_random_input() {
+        let (h, data) = sample();
+        let obj = encode(&h, &data);
+        let mut x = 0x1234_5678_u64;
+        let mut rnd = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..5000 {
+            let mut m = obj.clone();
+            for _ in 0..1 + rnd() % 4 {
+                let i = (rnd() % 200) as usize % m.len();
+                m[i] = rnd() as u8;
+            }
+            let cut = (rnd() as usize) % (m.len() + 1);
+            let _ = decode_header(&m[..cut]);
+            let junk: Vec<u8> = (0..rnd() % 300).map(|_| rnd() as u8).collect();
+            let _ = decode_header(&junk);
+        }
+        // A header whose CRC matches but whose counts lie is rejected.
+        let mut lie = obj[..decode_header(&obj).unwrap().header_len as usize].to_vec();
+        lie[56..60].copy_from_slice(&1000u32.to_le_bytes());
+        let n = lie.len();
+        let crc = crc32c::crc32c(&lie[..n - 4]);
+        lie[n - 4..].copy_from_slice(&crc.to_le_bytes());
+        assert!(decode_header(&lie).is_err());
+    }
 }

@@ -1,30 +1,35 @@
-//! The destage task: packs WAL records into chunk objects, writes
-//! checkpoints, commits the manifest and deletes dead chunks.
+//! The destage task: packs WAL records into chunk objects, puts them
+//! (several at a time), applies them in order, and triggers checkpoints.
 //!
 //! Invariants:
-//! 1. Chunks are put one at a time in chunk-sequence order; chunk `n` holds
-//!    exactly the records `stored_seq+1 ..= last_seq` (a prefix of
-//!    `pending`), so the store always holds a prefix of the history.
-//! 2. The maps and the WAL are updated only after the put succeeded; the WAL
-//!    space is released only then.
-//! 3. The manifest is only replaced by compare-and-swap; losing the swap to
-//!    another epoch fences the volume.
-//! 4. A chunk is deleted only after a committed checkpoint no longer
-//!    references it (it had no live sectors when the checkpoint was taken).
+//! 1. Chunk `n` holds exactly the records following chunk `n-1`'s (a run of
+//!    `pending`), and is never cut inside a write request; so any set of
+//!    landed chunks read in order up to the first gap is a prefix of the
+//!    history (recovery stops at the first gap).
+//! 2. Up to [`MAX_INFLIGHT`] puts run at once, but chunks are applied to
+//!    the maps strictly in chunk order, and only after their put succeeded;
+//!    the WAL space is released only then.
+//! 3. A failed put is retried with the very same bytes, so a put that
+//!    landed despite an error is recognised (identical content) on retry.
+//! 4. All puts run inside this task: aborting it stops every store write.
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::stream::{FuturesOrdered, StreamExt};
 
-use super::checkpoint::{checkpoint_key, manifest_key, Checkpoint, ChunkInfo, Manifest};
+use super::checkpoint::{ChunkInfo, Manifest};
 use super::chunk::{chunk_key, decode_header, encode, ChunkExtent, ChunkHeader};
+use super::commit::{checkpoint, commit_progress, final_checkpoint, Root};
 use super::error::EngineError;
 use super::map::{ExtentMap, Loc};
-use super::state::PendingRec;
+use super::state::{PendingRec, State};
 use super::volume::Inner;
 use super::wal::record::RecordKind;
 use super::{wal, SECTOR};
@@ -32,64 +37,158 @@ use crate::store::{PutMode, StoreError, Version};
 
 /// Consecutive failures after which a pending `close` gives up.
 const CLOSE_GIVE_UP: u32 = 5;
+/// Chunk puts in flight at once.
+pub const MAX_INFLIGHT: usize = 4;
+
+/// A chunk ready to put (kept for retries) and what applying it needs.
+struct Built {
+    seq: u64,
+    last_seq: u64,
+    key: String,
+    obj: Bytes,
+    extents: Vec<ChunkExtent>,
+    info: Arc<ChunkInfo>,
+    cost: u64,
+}
+
+type PutFuture = Pin<Box<dyn Future<Output = (Built, Result<(), EngineError>)> + Send>>;
+
+fn put_future(inner: Arc<Inner>, built: Built, delay: Duration) -> PutFuture {
+    Box::pin(async move {
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        let res = put_create(&inner, &built.key, built.obj.clone()).await;
+        (built, res)
+    })
+}
 
 /// The task body; runs until close, fencing or abort.
 pub(crate) async fn run(inner: Arc<Inner>, manifest: Manifest, version: Version) {
     let mut root = Root { manifest, version };
     let tick = Duration::from_millis(inner.cfg.destage_interval_ms.clamp(5, 100));
     let mut backoff = Duration::from_millis(10);
+    let mut inflight: FuturesOrdered<PutFuture> = FuturesOrdered::new();
     loop {
-        let step = step(&inner, &mut root).await;
-        let (closing, idle) = {
-            let st = inner.shared.lock();
-            (st.closing, st.pending.is_empty())
-        };
-        match step {
-            Ok(true) => {
-                backoff = Duration::from_millis(10);
+        // Start puts for every chunk that is due, up to the limit.
+        while inflight.len() < MAX_INFLIGHT {
+            let batch = {
+                let mut st = inner.shared.lock();
+                next_batch(&inner, &mut st)
+            };
+            let Some(batch) = batch else { break };
+            match build(&inner, batch) {
+                Ok(b) => inflight.push_back(put_future(inner.clone(), b, Duration::ZERO)),
+                Err((e, taken)) => {
+                    untake(&inner, &taken);
+                    if fail(&inner, e, &mut backoff, true).await {
+                        return;
+                    }
+                    break;
+                }
+            }
+        }
+        if inflight.is_empty() {
+            let (closing, idle, want_commit) = {
+                let st = inner.shared.lock();
+                let want = st.store_target > st.committed_seq && st.stored_seq > st.committed_seq;
+                (st.closing, st.pending.is_empty(), want)
+            };
+            if want_commit {
+                if let Err(e) = commit_progress(&inner, &mut root).await {
+                    if fail(&inner, e, &mut backoff, true).await {
+                        return;
+                    }
+                }
                 continue;
             }
-            Ok(false) if closing && idle => {
+            if closing && idle {
                 let res = final_checkpoint(&inner, &mut root).await;
                 finish(&inner, res);
                 return;
             }
-            Ok(false) => {
-                tokio::select! {
-                    _ = inner.shared.notify.notified() => {}
-                    _ = tokio::time::sleep(tick) => {}
+            tokio::select! {
+                _ = inner.shared.notify.notified() => {}
+                _ = tokio::time::sleep(tick) => {}
+            }
+            continue;
+        }
+        tokio::select! {
+            done = inflight.next() => {
+                let Some((built, res)) = done else { continue };
+                match res {
+                    Ok(()) => {
+                        backoff = Duration::from_millis(10);
+                        apply(&inner, built);
+                        let (due, want_commit) = {
+                            let st = inner.shared.lock();
+                            (
+                                st.last_chunk - st.checkpoint_chunk >= inner.cfg.checkpoint_every_chunks,
+                                st.store_target > st.committed_seq && st.stored_seq >= st.store_target,
+                            )
+                        };
+                        let res = if due {
+                            checkpoint(&inner, &mut root).await
+                        } else if want_commit {
+                            commit_progress(&inner, &mut root).await
+                        } else {
+                            Ok(())
+                        };
+                        if let Err(e) = res {
+                            if fail(&inner, e, &mut backoff, true).await {
+                                return;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        let delay = backoff;
+                        if fail(&inner, e, &mut backoff, false).await {
+                            return;
+                        }
+                        inflight.push_front(put_future(inner.clone(), built, delay));
+                    }
                 }
             }
-            Err(EngineError::Fenced(why)) => {
-                log::error!("volume {:x} fenced: {why}", inner.id);
-                {
-                    let mut st = inner.shared.lock();
-                    st.fenced = Some(why.clone());
-                    st.wake_all();
-                }
-                finish(&inner, Err(EngineError::Fenced(why)));
-                return;
-            }
-            Err(e) => {
-                inner
-                    .counters
-                    .destage_errors
-                    .fetch_add(1, Ordering::Relaxed);
-                log::warn!("volume {:x} destage failed (will retry): {e}", inner.id);
-                let give_up = {
-                    let mut st = inner.shared.lock();
-                    st.destage_failures += 1;
-                    st.closing && st.destage_failures >= CLOSE_GIVE_UP
-                };
-                if give_up {
-                    finish(&inner, Err(e));
-                    return;
-                }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-            }
+            _ = inner.shared.notify.notified() => {}
+            _ = tokio::time::sleep(tick) => {}
         }
     }
+}
+
+/// Record a failure. Returns true when the task must stop (fenced, or a
+/// close gave up); otherwise doubles the backoff, after waiting it out if
+/// `wait` (a failed put instead waits inside its retry).
+async fn fail(inner: &Inner, e: EngineError, backoff: &mut Duration, wait: bool) -> bool {
+    if let EngineError::Fenced(why) = e {
+        log::error!("volume {:x} fenced: {why}", inner.id);
+        {
+            let mut st = inner.shared.lock();
+            st.fenced = Some(why.clone());
+            st.wake_all();
+        }
+        finish(inner, Err(EngineError::Fenced(why)));
+        return true;
+    }
+    inner
+        .counters
+        .destage_errors
+        .fetch_add(1, Ordering::Relaxed);
+    log::warn!("volume {:x} destage failed (will retry): {e}", inner.id);
+    let give_up = {
+        let mut st = inner.shared.lock();
+        st.destage_failures += 1;
+        st.closing && st.destage_failures >= CLOSE_GIVE_UP
+    };
+    if give_up {
+        finish(inner, Err(e));
+        return true;
+    }
+    let delay = *backoff;
+    *backoff = (*backoff * 2).min(Duration::from_secs(1));
+    if wait {
+        tokio::time::sleep(delay).await;
+    }
+    false
 }
 
 /// Report the end of a close, if one is waiting.
@@ -105,57 +204,38 @@ fn finish(inner: &Inner, res: Result<(), EngineError>) {
     inner.shared.lock().wake_all();
 }
 
-/// The manifest as last committed, with its version.
-struct Root {
-    manifest: Manifest,
-    version: Version,
+struct Batch {
+    seq: u64,
+    recs: Vec<PendingRec>,
+    files: HashMap<u64, Arc<File>>,
+    cost: u64,
+    prev_taken_seq: u64,
 }
 
-/// One unit of work; `Ok(true)` if something was done.
-async fn step(inner: &Arc<Inner>, root: &mut Root) -> Result<bool, EngineError> {
-    let (batch, want_commit) = {
-        let mut st = inner.shared.lock();
-        let batch = next_batch(inner, &mut st);
-        let want_commit = st.store_target > st.committed_seq && st.stored_seq > st.committed_seq;
-        (batch, want_commit)
-    };
-    if let Some((chunk_seq, recs, files)) = batch {
-        destage_chunk(inner, chunk_seq, &recs, &files).await?;
-        let due = {
-            let st = inner.shared.lock();
-            st.last_chunk - st.checkpoint_chunk >= inner.cfg.checkpoint_every_chunks
-        };
-        if due {
-            checkpoint(inner, root).await?;
-        }
-        return Ok(true);
-    }
-    if want_commit {
-        commit_progress(inner, root).await?;
-        return Ok(true);
-    }
-    Ok(false)
-}
-
-type Batch = (u64, Vec<PendingRec>, HashMap<u64, Arc<File>>);
-
-/// The records for the next chunk, if destage is due.
-fn next_batch(inner: &Inner, st: &mut super::state::State) -> Option<Batch> {
-    let front = st.pending.front()?;
+/// Take the records for the next chunk, if destage is due.
+fn next_batch(inner: &Inner, st: &mut State) -> Option<Batch> {
+    let start = st.pending.partition_point(|p| p.seq <= st.taken_seq);
+    let front = st.pending.get(start)?;
     let age = inner.clock.now().saturating_sub(front.at);
-    let due = st.pending_bytes >= inner.cfg.chunk_size
+    let untaken = st.pending_bytes - st.taken_bytes;
+    let due = untaken >= inner.cfg.chunk_size
         || age >= Duration::from_millis(inner.cfg.destage_interval_ms)
         || !st.waiters.is_empty()
-        || st.store_target > st.stored_seq
+        || st.store_target > st.taken_seq
         || st.closing;
     if !due {
         return None;
     }
     let mut recs = Vec::new();
     let mut bytes = 0;
+    let mut cut_bytes = 0;
     let mut files = HashMap::new();
-    for p in &st.pending {
-        if bytes >= inner.cfg.chunk_size {
+    // Cut only after a record that ends its request, so the store never
+    // holds part of a write (while closing, a request whose tail never
+    // came, because the WAL broke, may be cut).
+    let mut cut = 0;
+    for p in st.pending.range(start..) {
+        if bytes >= inner.cfg.chunk_size && cut == recs.len() {
             break;
         }
         bytes += p.cost();
@@ -165,8 +245,117 @@ fn next_batch(inner: &Inner, st: &mut super::state::State) -> Option<Batch> {
             }
         }
         recs.push(*p);
+        if !p.more || st.closing {
+            cut = recs.len();
+            cut_bytes = bytes;
+        }
     }
-    Some((st.last_chunk + 1, recs, files))
+    recs.truncate(cut);
+    let last = recs.last()?.seq;
+    let seq = st.next_chunk;
+    let prev_taken_seq = st.taken_seq;
+    st.next_chunk += 1;
+    st.taken_seq = last;
+    st.taken_bytes += cut_bytes;
+    Some(Batch {
+        seq,
+        recs,
+        files,
+        cost: cut_bytes,
+        prev_taken_seq,
+    })
+}
+
+/// Give back the batch just taken (its chunk could not be built).
+fn untake(inner: &Inner, b: &Taken) {
+    let mut st = inner.shared.lock();
+    st.next_chunk -= 1;
+    st.taken_bytes -= b.cost;
+    st.taken_seq = b.prev_taken_seq;
+}
+
+/// What taking a batch changed, so it can be given back.
+struct Taken {
+    cost: u64,
+    prev_taken_seq: u64,
+}
+
+fn build(inner: &Inner, b: Batch) -> Result<Built, (EngineError, Taken)> {
+    let taken = Taken {
+        cost: b.cost,
+        prev_taken_seq: b.prev_taken_seq,
+    };
+    let (Some(first), Some(last)) = (b.recs.first(), b.recs.last()) else {
+        return Err((EngineError::LocalIo("empty destage batch".into()), taken));
+    };
+    let (extents, data) = match build_chunk(&b.recs, &b.files) {
+        Ok(r) => r,
+        Err(e) => return Err((e, taken)),
+    };
+    let key = chunk_key(inner.id, b.seq, inner.epoch);
+    let header = ChunkHeader {
+        volume: inner.id,
+        epoch: inner.epoch,
+        chunk_seq: b.seq,
+        first_seq: first.seq,
+        last_seq: last.seq,
+        extents,
+        block_crcs: Vec::new(),
+        data_len: data.len() as u64,
+        header_len: 0,
+    };
+    let obj = encode(&header, &data);
+    let decoded = match decode_header(&obj) {
+        Ok(d) => d,
+        Err(source) => {
+            let e = EngineError::Chunk {
+                key: key.clone(),
+                source,
+            };
+            return Err((e, taken));
+        }
+    };
+    let info = Arc::new(ChunkInfo {
+        seq: b.seq,
+        epoch: inner.epoch,
+        data_start: decoded.header_len,
+        data_len: decoded.data_len,
+        crcs: decoded.block_crcs,
+    });
+    Ok(Built {
+        seq: b.seq,
+        last_seq: last.seq,
+        key,
+        obj: Bytes::from(obj),
+        extents: header.extents,
+        info,
+        cost: b.cost,
+    })
+}
+
+/// Point the maps at a stored chunk and release what it made durable.
+fn apply(inner: &Inner, b: Built) {
+    let size = b.obj.len() as u64;
+    let stored_seq = {
+        let mut st = inner.shared.lock();
+        st.apply_chunk_to_stored(b.info, &b.extents);
+        st.apply_chunk_to_live(b.seq, b.last_seq, &b.extents);
+        st.pop_stored(b.last_seq);
+        st.taken_bytes -= b.cost;
+        st.last_chunk = b.seq;
+        st.destage_failures = 0;
+        st.wake_all();
+        st.stored_seq
+    };
+    inner.wal.release_upto(stored_seq);
+    inner
+        .counters
+        .chunks_written
+        .fetch_add(1, Ordering::Relaxed);
+    inner
+        .counters
+        .chunk_bytes_written
+        .fetch_add(size, Ordering::Relaxed);
 }
 
 /// Newest-wins extents and data of `recs`, all-zero sectors unmapped.
@@ -249,210 +438,4 @@ async fn put_create(inner: &Inner, key: &str, obj: Bytes) -> Result<(), EngineEr
         }
         Err(e) => Err(e.into()),
     }
-}
-
-async fn destage_chunk(
-    inner: &Inner,
-    chunk_seq: u64,
-    recs: &[PendingRec],
-    files: &HashMap<u64, Arc<File>>,
-) -> Result<(), EngineError> {
-    let (Some(first), Some(last)) = (recs.first(), recs.last()) else {
-        return Ok(());
-    };
-    let (extents, data) = build_chunk(recs, files)?;
-    let header = ChunkHeader {
-        volume: inner.id,
-        epoch: inner.epoch,
-        chunk_seq,
-        first_seq: first.seq,
-        last_seq: last.seq,
-        extents,
-        block_crcs: Vec::new(),
-        data_len: data.len() as u64,
-        header_len: 0,
-    };
-    let obj = encode(&header, &data);
-    let decoded = decode_header(&obj).map_err(|source| EngineError::Chunk {
-        key: chunk_key(inner.id, chunk_seq, inner.epoch),
-        source,
-    })?;
-    let key = chunk_key(inner.id, chunk_seq, inner.epoch);
-    let size = obj.len() as u64;
-    put_create(inner, &key, Bytes::from(obj)).await?;
-    let info = Arc::new(ChunkInfo {
-        seq: chunk_seq,
-        epoch: inner.epoch,
-        data_start: decoded.header_len,
-        data_len: decoded.data_len,
-        crcs: decoded.block_crcs,
-    });
-    let stored_seq = {
-        let mut st = inner.shared.lock();
-        st.apply_chunk_to_stored(info, &header.extents);
-        st.apply_chunk_to_live(chunk_seq, last.seq, &header.extents);
-        st.pop_stored(last.seq);
-        st.last_chunk = chunk_seq;
-        st.destage_failures = 0;
-        st.wake_all();
-        st.stored_seq
-    };
-    inner.wal.release_upto(stored_seq);
-    inner
-        .counters
-        .chunks_written
-        .fetch_add(1, Ordering::Relaxed);
-    inner
-        .counters
-        .chunk_bytes_written
-        .fetch_add(size, Ordering::Relaxed);
-    Ok(())
-}
-
-/// Replace the manifest with `m` by compare-and-swap.
-async fn commit(inner: &Inner, root: &mut Root, m: Manifest) -> Result<(), EngineError> {
-    let key = manifest_key(inner.id);
-    let data = Bytes::from(serde_json::to_vec(&m).unwrap_or_default());
-    for _ in 0..3 {
-        match inner
-            .store
-            .put(&key, data.clone(), PutMode::IfMatch(root.version.clone()))
-            .await
-        {
-            Ok(v) => {
-                root.version = v;
-                root.manifest = m;
-                return Ok(());
-            }
-            Err(StoreError::PreconditionFailed { .. }) => {
-                // Our own earlier attempt may have landed; only another
-                // epoch's write means we lost the volume.
-                let cur = inner.store.get(&key).await?;
-                let theirs: Option<Manifest> = serde_json::from_slice(&cur.data).ok();
-                match theirs {
-                    Some(t) if t.volume == inner.id && t.epoch == inner.epoch => {
-                        root.version = cur.version;
-                    }
-                    Some(t) => {
-                        return Err(EngineError::Fenced(format!(
-                            "manifest taken over by epoch {}",
-                            t.epoch
-                        )))
-                    }
-                    None => {
-                        return Err(EngineError::Fenced(
-                            "manifest replaced by something unreadable".into(),
-                        ))
-                    }
-                }
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Err(EngineError::Fenced(
-        "manifest keeps changing under us".into(),
-    ))
-}
-
-/// Commit the current store position without a new checkpoint.
-async fn commit_progress(inner: &Inner, root: &mut Root) -> Result<(), EngineError> {
-    let (last_chunk, last_seq) = {
-        let st = inner.shared.lock();
-        (st.last_chunk, st.stored_seq)
-    };
-    let m = Manifest {
-        last_chunk,
-        last_seq,
-        epoch: inner.epoch,
-        ..root.manifest.clone()
-    };
-    commit(inner, root, m).await?;
-    let mut st = inner.shared.lock();
-    st.committed_seq = st.committed_seq.max(last_seq);
-    st.wake_all();
-    Ok(())
-}
-
-async fn final_checkpoint(inner: &Inner, root: &mut Root) -> Result<(), EngineError> {
-    let due = {
-        let st = inner.shared.lock();
-        st.last_chunk > st.checkpoint_chunk
-    };
-    if due {
-        checkpoint(inner, root).await
-    } else {
-        Ok(())
-    }
-}
-
-/// Write a checkpoint of the store-side map, commit it, then delete the
-/// previous checkpoint and chunks nothing references any more.
-async fn checkpoint(inner: &Inner, root: &mut Root) -> Result<(), EngineError> {
-    let (cp, dead, old_key) = {
-        let st = inner.shared.lock();
-        let mut chunks = Vec::new();
-        let mut dead = Vec::new();
-        for e in st.chunks.values() {
-            if e.live_sectors > 0 {
-                chunks.push((*e.info).clone());
-            } else {
-                dead.push((e.info.seq, e.info.epoch));
-            }
-        }
-        chunks.sort_by_key(|c| c.seq);
-        let cp = Checkpoint::from_map(
-            inner.id,
-            inner.epoch,
-            st.last_chunk,
-            st.stored_seq,
-            &st.stored,
-            chunks,
-        );
-        (cp, dead, st.checkpoint_key.clone())
-    };
-    let key = checkpoint_key(inner.id, cp.chunk_seq, inner.epoch);
-    inner
-        .store
-        .put(&key, Bytes::from(cp.encode()), PutMode::Overwrite)
-        .await?;
-    let m = Manifest {
-        volume: inner.id,
-        epoch: inner.epoch,
-        checkpoint: Some(key.clone()),
-        checkpoint_chunk: cp.chunk_seq,
-        last_chunk: cp.chunk_seq,
-        last_seq: cp.last_seq,
-    };
-    commit(inner, root, m).await?;
-    inner
-        .counters
-        .checkpoints_written
-        .fetch_add(1, Ordering::Relaxed);
-    {
-        let mut st = inner.shared.lock();
-        st.checkpoint_chunk = cp.chunk_seq;
-        st.checkpoint_key = Some(key.clone());
-        st.committed_seq = st.committed_seq.max(cp.last_seq);
-        for (seq, _) in &dead {
-            st.chunks.remove(seq);
-        }
-        st.wake_all();
-    }
-    if let Some(old) = old_key.filter(|o| *o != key) {
-        if let Err(e) = inner.store.delete(&old).await {
-            log::warn!("deleting old checkpoint {old}: {e}");
-        }
-    }
-    for (seq, epoch) in dead {
-        match inner.store.delete(&chunk_key(inner.id, seq, epoch)).await {
-            Ok(()) => {
-                inner
-                    .counters
-                    .chunks_deleted
-                    .fetch_add(1, Ordering::Relaxed);
-            }
-            Err(e) => log::warn!("deleting dead chunk {seq}: {e}"),
-        }
-    }
-    Ok(())
 }

@@ -20,7 +20,7 @@ use futures::channel::oneshot;
 
 use super::cache::SLOT;
 use super::checkpoint::ChunkInfo;
-use super::chunk::{aligned_range, chunk_key, verify_blocks};
+use super::chunk::{aligned_range, chunk_key, verify_blocks, CRC_BLOCK};
 use super::map::{Loc, WalLoc};
 use super::volume::Inner;
 use super::{wal, SECTOR};
@@ -155,22 +155,23 @@ fn read_cached(inner: &Inner, info: &ChunkInfo, off: u64, dst: &mut [u8]) -> boo
         return false;
     };
     let (w0, w1) = windows(off, dst.len() as u64, info.data_len);
-    let mut win = vec![0u8; SLOT as usize];
+    let end = off + dst.len() as u64;
+    let mut blocks = vec![0u8; (SLOT as usize).min(dst.len() + 2 * CRC_BLOCK as usize)];
     let mut filled = 0usize;
     for w in w0..w1 {
         let ws = w * SLOT;
-        let wlen = SLOT.min(info.data_len - ws) as usize;
-        if !cache.get(info.seq, w, &mut win[..wlen])
-            || verify_blocks(&info.crcs, ws, &win[..wlen]).is_err()
-        {
+        // The CRC blocks of this window that the request touches.
+        let from = off.max(ws);
+        let to = end.min(ws + SLOT);
+        let (a, b) = aligned_range(from, to - from, info.data_len);
+        let got = &mut blocks[..(b - a) as usize];
+        if !cache.get(info.seq, w, a - ws, got) || verify_blocks(&info.crcs, a, got).is_err() {
             inner.counters.cache_misses.fetch_add(1, Ordering::Relaxed);
             return false;
         }
-        let from = off.max(ws);
-        let to = (off + dst.len() as u64).min(ws + wlen as u64);
         let n = (to - from) as usize;
-        let s = (from - ws) as usize;
-        dst[filled..filled + n].copy_from_slice(&win[s..s + n]);
+        let s = (from - a) as usize;
+        dst[filled..filled + n].copy_from_slice(&got[s..s + n]);
         filled += n;
     }
     inner.counters.cache_hits.fetch_add(1, Ordering::Relaxed);

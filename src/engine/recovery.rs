@@ -57,49 +57,49 @@ async fn take_manifest(
     p: &VolumeParams,
 ) -> Result<(Manifest, Version), EngineError> {
     let key = manifest_key(p.id);
-    let (mut m, mut ver) = match store.get(&key).await {
-        Ok(o) => (parse_manifest(p.id, &o.data)?, o.version),
-        Err(StoreError::NotFound { .. }) => {
-            let m = Manifest {
-                volume: p.id,
-                epoch: p.epoch,
-                checkpoint: None,
-                checkpoint_chunk: 0,
-                last_chunk: 0,
-                last_seq: 0,
-            };
-            let data = Bytes::from(serde_json::to_vec(&m).unwrap_or_default());
-            match store.put(&key, data, PutMode::Create).await {
-                Ok(v) => return Ok((m, v)),
-                Err(StoreError::AlreadyExists { .. }) => {
-                    let o = store.get(&key).await?;
-                    (parse_manifest(p.id, &o.data)?, o.version)
+    // A lower-epoch writer may still land one last update while we open
+    // (its crash left a request in flight): re-read and try again then.
+    for _ in 0..5 {
+        let (mut m, ver) = match store.get(&key).await {
+            Ok(o) => (parse_manifest(p.id, &o.data)?, o.version),
+            Err(StoreError::NotFound { .. }) => {
+                let m = Manifest {
+                    volume: p.id,
+                    epoch: p.epoch,
+                    checkpoint: None,
+                    checkpoint_chunk: 0,
+                    last_chunk: 0,
+                    last_seq: 0,
+                };
+                let data = Bytes::from(serde_json::to_vec(&m).unwrap_or_default());
+                match store.put(&key, data, PutMode::Create).await {
+                    Ok(v) => return Ok((m, v)),
+                    Err(StoreError::AlreadyExists { .. }) => continue,
+                    Err(e) => return Err(e.into()),
                 }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Err(e) => return Err(e.into()),
-    };
-    if m.epoch > p.epoch {
-        return Err(EngineError::Fenced(format!(
-            "manifest epoch {} is newer than ours ({})",
-            m.epoch, p.epoch
-        )));
-    }
-    if m.epoch < p.epoch {
-        m.epoch = p.epoch;
-        let data = Bytes::from(serde_json::to_vec(&m).unwrap_or_default());
-        ver = match store.put(&key, data, PutMode::IfMatch(ver)).await {
-            Ok(v) => v,
-            Err(StoreError::PreconditionFailed { .. }) => {
-                return Err(EngineError::Fenced(
-                    "manifest changed while opening (another writer?)".into(),
-                ))
             }
             Err(e) => return Err(e.into()),
         };
+        if m.epoch > p.epoch {
+            return Err(EngineError::Fenced(format!(
+                "manifest epoch {} is newer than ours ({})",
+                m.epoch, p.epoch
+            )));
+        }
+        if m.epoch == p.epoch {
+            return Ok((m, ver));
+        }
+        m.epoch = p.epoch;
+        let data = Bytes::from(serde_json::to_vec(&m).unwrap_or_default());
+        match store.put(&key, data, PutMode::IfMatch(ver)).await {
+            Ok(v) => return Ok((m, v)),
+            Err(StoreError::PreconditionFailed { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        }
     }
-    Ok((m, ver))
+    Err(EngineError::Fenced(
+        "manifest keeps changing while opening (another writer?)".into(),
+    ))
 }
 
 /// Run recovery for `p`. Applies WAL records through `state`.
@@ -160,11 +160,18 @@ pub async fn recover(
     }
     apply_later_chunks(store, p, &mut state, prev_epoch, volume_sectors).await?;
     state.committed_seq = state.stored_seq;
+    state.taken_seq = state.stored_seq;
+    state.next_chunk = state.last_chunk + 1;
     state.live = state.stored.clone();
 
     let wal_dir = p.local_dir.join("wal");
     let after = state.stored_seq;
     let wal = replay::replay(&wal_dir, p.id, after, |a| state.apply_appended(&[a], now))?;
+    // A request cut short by the crash was never acknowledged: what exists
+    // of it may be destaged on its own.
+    if let Some(last) = state.pending.back_mut() {
+        last.more = false;
+    }
     Ok(Recovered {
         state,
         manifest,
@@ -224,10 +231,13 @@ async fn apply_later_chunks(
                 && h.chunk_seq == seq
                 && h.epoch == epoch
                 && h.first_seq == state.stored_seq + 1
-                && (h.header_len + h.data_len) == o.data.len() as u64
-                && h.extents
-                    .iter()
-                    .all(|e| e.lba + e.sectors <= volume_sectors);
+                && (h.header_len + h.data_len) == o.data.len() as u64;
+            if h.extents.iter().any(|e| e.lba + e.sectors > volume_sectors) {
+                return Err(EngineError::InvalidParams(format!(
+                    "chunk {key} holds data past the volume size {} (opened with a smaller size?)",
+                    p.size
+                )));
+            }
             if consistent {
                 let info = Arc::new(ChunkInfo {
                     seq,

@@ -31,6 +31,9 @@ pub struct PendingRec {
     pub lba: u64,
     pub sectors: u64,
     pub loc: Option<WalLoc>,
+    /// The next record continues the same write request: a chunk must not
+    /// end here.
+    pub more: bool,
     /// When it was appended (injected clock).
     pub at: Duration,
 }
@@ -61,8 +64,14 @@ pub struct State {
     pub pending_bytes: u64,
     /// Last op sequence number durable in the store.
     pub stored_seq: u64,
-    /// Last chunk durable in the store.
+    /// Last chunk durable in the store (and applied).
     pub last_chunk: u64,
+    /// Sequence number of the next chunk to build.
+    pub next_chunk: u64,
+    /// Last op seq taken into a built chunk (applied or in flight).
+    pub taken_seq: u64,
+    /// Cost of the pending records taken into chunks not yet applied.
+    pub taken_bytes: u64,
     /// Last op sequence number a manifest commit covers.
     pub committed_seq: u64,
     /// Highest op seq a `durability: store` flush waits for.
@@ -103,6 +112,7 @@ impl State {
                 lba: a.lba,
                 sectors: a.sectors,
                 loc: a.loc,
+                more: a.more,
                 at: now,
             };
             self.pending_bytes += p.cost();

@@ -25,7 +25,7 @@ use super::error::EngineError;
 use super::recovery;
 use super::state::State;
 use super::wal::record::RecordKind;
-use super::wal::Wal;
+use super::wal::{NewRecord, Wal};
 use super::{check_range, read, BlockDevice, SECTOR};
 use crate::clock::DynClock;
 use crate::error::BlockError;
@@ -77,6 +77,9 @@ pub(crate) struct Counters {
     pub cache_hits: AtomicU64,
     pub cache_misses: AtomicU64,
 }
+
+/// Largest WAL record payload; bigger writes are split.
+const MAX_RECORD: usize = 32 << 10;
 
 /// State shared with the WAL writer thread.
 #[derive(Debug, Default)]
@@ -363,13 +366,39 @@ impl BlockDevice for Volume {
 
     async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BlockError> {
         let len = data.len() as u64;
-        if data.iter().all(|&b| b == 0) {
-            return self
-                .log_op(RecordKind::Zero, offset, len, Vec::new(), fua)
-                .await;
+        check_range(offset, len, self.inner.size)?;
+        if len == 0 {
+            return Ok(());
         }
-        self.log_op(RecordKind::Write, offset, len, data.to_vec(), fua)
-            .await
+        self.wait_for_room().await?;
+        // Records are at most MAX_RECORD so a small read inside a big write
+        // reads (and checks) little; all-zero pieces become zero records.
+        let recs = data
+            .chunks(MAX_RECORD)
+            .enumerate()
+            .map(|(i, piece)| {
+                let zero = piece.iter().all(|&b| b == 0);
+                NewRecord {
+                    kind: if zero {
+                        RecordKind::Zero
+                    } else {
+                        RecordKind::Write
+                    },
+                    lba: (offset + (i * MAX_RECORD) as u64) / SECTOR,
+                    sectors: piece.len() as u64 / SECTOR,
+                    data: if zero { Vec::new() } else { piece.to_vec() },
+                }
+            })
+            .collect();
+        let waits = self.inner.wal.submit_many(recs, fua)?;
+        let mut last = 0;
+        for w in waits {
+            last = last.max(w.await?);
+        }
+        if fua && self.inner.cfg.durability == Durability::Store {
+            self.wait_store(last).await?;
+        }
+        Ok(())
     }
 
     async fn flush(&self) -> Result<(), BlockError> {

@@ -183,22 +183,25 @@ pub async fn open_with(
     policy: retry::RetryPolicy,
     seed: u64,
 ) -> StoreResult<DynStore> {
+    let backend = open_backend(cfg).await?;
+    Ok(Arc::new(retry::RetryStore::new(backend, policy, seed)))
+}
+
+/// The configured backend alone, without the retry decorator, for callers
+/// that stack their own decorators (e.g. different retry budgets for reads
+/// and writes). Same checks as [`open`].
+pub async fn open_backend(cfg: &StoreConfig) -> StoreResult<DynStore> {
     Ok(match cfg {
         StoreConfig::Fs { path } => {
             let store = fs::FsStore::new(path.clone());
             store.ensure_root().await?;
-            Arc::new(retry::RetryStore::new(store, policy, seed))
+            Arc::new(store)
         }
-        StoreConfig::Memory => Arc::new(retry::RetryStore::new(
-            memory::MemoryStore::new(),
-            policy,
-            seed,
-        )),
+        StoreConfig::Memory => Arc::new(memory::MemoryStore::new()),
         StoreConfig::S3 { .. } => {
             let settings = s3::S3Settings::from_config(cfg)
                 .ok_or_else(|| StoreError::Permanent("not an S3 config".into()))?;
-            let store = s3::S3Store::connect(&settings).await?;
-            Arc::new(retry::RetryStore::new(store, policy, seed))
+            Arc::new(s3::S3Store::connect(&settings).await?)
         }
     })
 }

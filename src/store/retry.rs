@@ -60,6 +60,16 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
+    /// Retry transient errors without limit (for writes that must wait out
+    /// an outage rather than fail), with the default base and cap.
+    pub fn forever() -> Self {
+        RetryPolicy {
+            max_attempts: u32::MAX,
+            max_elapsed: Duration::MAX,
+            ..RetryPolicy::default()
+        }
+    }
+
     /// The un-jittered backoff after failed attempt `attempt` (0-based).
     fn step(&self, attempt: u32) -> Duration {
         let factor = 1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX);
@@ -153,8 +163,12 @@ impl<S: ObjectStore> RetryStore<S> {
             };
             ambiguous = true;
             let delay = self.jittered(attempt);
-            attempt += 1;
-            if attempt >= max_attempts || start.elapsed() + delay > self.policy.max_elapsed {
+            attempt = attempt.saturating_add(1);
+            let out_of_time = start
+                .elapsed()
+                .checked_add(delay)
+                .is_none_or(|end| end > self.policy.max_elapsed);
+            if attempt >= max_attempts || out_of_time {
                 self.stats.exhausted.fetch_add(1, Ordering::Relaxed);
                 return Err(StoreError::Transient(format!(
                     "{what}: gave up after {attempt} attempts: {err}"

@@ -15,7 +15,7 @@ use shale::engine::BlockDevice;
 use shale::error::BlockError;
 use shale::frontend::nbd::codec::*;
 use shale::frontend::nbd::protocol::*;
-use shale::frontend::nbd::{ExportMap, Listener, NbdServer, ServerError};
+use shale::frontend::nbd::{ExportMap, Limits, Listener, NbdServer, ServerError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{oneshot, Semaphore};
@@ -97,6 +97,15 @@ impl TestServer {
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = (ExportMap, Cleanup)>,
     {
+        TestServer::start_limited(Limits::default(), build)
+    }
+
+    /// [`TestServer::start_with`] with explicit per-connection limits.
+    pub fn start_limited<F, Fut>(limits: Limits, build: F) -> TestServer
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = (ExportMap, Cleanup)>,
+    {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("nbd.sock");
         let (port_tx, port_rx) = std::sync::mpsc::channel();
@@ -118,6 +127,7 @@ impl TestServer {
                 let unix = Listener::bind_unix(&sock).unwrap();
                 port_tx.send(port).unwrap();
                 let served = NbdServer::new(exports)
+                    .with_limits(limits)
                     .serve(vec![tcp, unix], async {
                         let _ = stop_rx.await;
                     })

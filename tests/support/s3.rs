@@ -90,8 +90,17 @@ fn start() -> Option<MotoServer> {
                     return;
                 }
             };
-            let mut cmd = Command::new(&exe);
-            cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            // moto's own launcher races on conditional writes; ours
+            // serializes requests (see tools/moto-serial.py). Use the Python
+            // that sits beside moto_server (a venv or pyenv), else python3.
+            let python = exe
+                .parent()
+                .map(|d| d.join("python3"))
+                .filter(|p| p.is_file())
+                .unwrap_or_else(|| PathBuf::from("python3"));
+            let launcher = concat!(env!("CARGO_MANIFEST_DIR"), "/tools/moto-serial.py");
+            let mut cmd = Command::new(&python);
+            cmd.args([launcher, "127.0.0.1", &port.to_string()])
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(log_file);

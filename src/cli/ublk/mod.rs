@@ -489,6 +489,9 @@ pub fn list(_config: Option<&Path>, a: ListArgs) -> anyhow::Result<()> {
     for rec in paths.run_dir.list(|e| eprintln!("shale: {e}")) {
         let alive = pid_alive(rec.pid);
         let state = match device_status(rec.dev_id) {
+            None if Path::new(&format!("/sys/class/ublk-char/ublkc{}", rec.dev_id)).exists() => {
+                "unknown (cannot query /dev/ublk-control)".to_string()
+            }
             None => "gone (stale record)".to_string(),
             Some(s) if alive => state_name(s.state).to_string(),
             Some(s) if u32::from(s.state) == libublk::sys::UBLK_S_DEV_QUIESCED => {

@@ -54,8 +54,19 @@ pub struct Appended {
     pub kind: RecordKind,
     pub lba: u64,
     pub sectors: u64,
+    /// The next record continues the same write request.
+    pub more: bool,
     /// Where the data is (`Write` records only).
     pub loc: Option<WalLoc>,
+}
+
+/// A record to append.
+#[derive(Debug)]
+pub struct NewRecord {
+    pub kind: RecordKind,
+    pub lba: u64,
+    pub sectors: u64,
+    pub data: Vec<u8>,
 }
 
 /// Called by the writer thread with each written batch, in sequence order,
@@ -86,6 +97,7 @@ enum Req {
         crc: u32,
         data: Vec<u8>,
         sync: bool,
+        more: bool,
         done: oneshot::Sender<Result<u64, WalError>>,
     },
     Sync {
@@ -203,18 +215,49 @@ impl Wal {
         data: Vec<u8>,
         sync: bool,
     ) -> Result<u64, WalError> {
-        let crc = crc32c::crc32c(&data);
-        let (done, rx) = oneshot::channel();
-        self.send(Req::Append {
-            kind,
-            lba,
-            sectors,
-            crc,
-            data,
+        let mut w = self.submit_many(
+            vec![NewRecord {
+                kind,
+                lba,
+                sectors,
+                data,
+            }],
             sync,
-            done,
-        })?;
-        rx.await.unwrap_or(Err(WalError::Stopped))
+        )?;
+        w.pop().ok_or(WalError::Stopped)?.await
+    }
+
+    /// Queue the records of one request so they get consecutive sequence
+    /// numbers (every record but the last is flagged `more`); the last one
+    /// is synced when `sync`. Returns one future per record.
+    pub fn submit_many(
+        &self,
+        recs: Vec<NewRecord>,
+        sync: bool,
+    ) -> Result<Vec<impl std::future::Future<Output = Result<u64, WalError>>>, WalError> {
+        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(tx) = tx.as_ref() else {
+            return Err(WalError::Stopped);
+        };
+        let n = recs.len();
+        let mut waits = Vec::with_capacity(n);
+        for (i, r) in recs.into_iter().enumerate() {
+            let (done, rx) = oneshot::channel();
+            let last = i + 1 == n;
+            tx.send(Req::Append {
+                kind: r.kind,
+                lba: r.lba,
+                sectors: r.sectors,
+                crc: crc32c::crc32c(&r.data),
+                data: r.data,
+                sync: sync && last,
+                more: !last,
+                done,
+            })
+            .map_err(|_| WalError::Stopped)?;
+            waits.push(async move { rx.await.unwrap_or(Err(WalError::Stopped)) });
+        }
+        Ok(waits)
     }
 
     /// Make every record written so far durable.
@@ -420,6 +463,7 @@ impl Writer {
                 sectors,
                 crc,
                 data,
+                more,
                 ..
             } = r
             {
@@ -432,6 +476,7 @@ impl Writer {
                     lba: *lba,
                     sectors: *sectors,
                     data_crc: *crc,
+                    more: *more,
                 };
                 headers.push(h.encode());
                 let data_off = pos + HEADER_LEN as u64;
@@ -441,6 +486,7 @@ impl Writer {
                     kind: *kind,
                     lba: *lba,
                     sectors: *sectors,
+                    more: *more,
                     loc: (*kind == RecordKind::Write).then_some(WalLoc {
                         seq,
                         seg: seg_id,
@@ -501,3 +547,6 @@ fn write_all_vectored(file: &File, iov: &mut [IoSlice<'_>], mut off: u64) -> Res
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use nix::sys::socket::sockopt;
 use tokio::io::{AsyncRead, AsyncWrite, BufReader};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{watch, Notify};
@@ -142,7 +143,10 @@ impl NbdServer {
         loop {
             let accepted = match &listener {
                 Listener::Tcp(l) => l.accept().await.map(|(s, peer)| {
+                    // Replies are small and latency-bound; dead peers are
+                    // found by keepalive so their connections do not linger.
                     let _ = s.set_nodelay(true);
+                    let _ = nix::sys::socket::setsockopt(&s, sockopt::KeepAlive, &true);
                     let (r, w) = s.into_split();
                     self.spawn_connection(r, w, peer.to_string(), &stop, &tracker)
                 }),
@@ -179,6 +183,9 @@ impl NbdServer {
             log::info!("connection from {peer}");
             match serve_connection(reader, writer, &exports, stop, limits).await {
                 Ok(()) => log::info!("connection from {peer} closed"),
+                Err(ConnError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    log::info!("connection from {peer} closed by the client")
+                }
                 Err(e) => log::warn!("connection from {peer} closed: {e}"),
             }
         });

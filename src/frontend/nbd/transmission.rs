@@ -31,7 +31,8 @@ pub struct Limits {
     /// Requests read but not yet answered. Default 128.
     pub max_requests: usize,
     /// Payload and read-buffer bytes held by those requests. Default 128 MiB;
-    /// must be at least [`MAX_PAYLOAD`] so the largest request can run.
+    /// values below [`MAX_PAYLOAD`] are raised to it so the largest request
+    /// can run.
     pub max_bytes: usize,
 }
 

@@ -1,0 +1,173 @@
+//! Manifest commits and checkpoints (with the simple GC they allow).
+//!
+//! Invariants:
+//! 1. The manifest is only replaced by compare-and-swap; losing the swap to
+//!    another epoch fences the volume.
+//! 2. A checkpoint captures the store-side map exactly at chunk
+//!    `last_chunk`; it is written before the manifest names it.
+//! 3. A chunk is deleted only after a committed checkpoint no longer
+//!    references it (it had no live sectors when the checkpoint was taken).
+
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+
+use super::checkpoint::{checkpoint_key, manifest_key, Checkpoint, Manifest};
+use super::chunk::chunk_key;
+use super::error::EngineError;
+use super::volume::Inner;
+use crate::store::{PutMode, StoreError, Version};
+
+/// The manifest as last committed, with its version.
+pub(crate) struct Root {
+    pub manifest: Manifest,
+    pub version: Version,
+}
+
+/// Replace the manifest with `m` by compare-and-swap.
+pub(crate) async fn commit(inner: &Inner, root: &mut Root, m: Manifest) -> Result<(), EngineError> {
+    let key = manifest_key(inner.id);
+    let data = Bytes::from(serde_json::to_vec(&m).unwrap_or_default());
+    for _ in 0..3 {
+        match inner
+            .store
+            .put(&key, data.clone(), PutMode::IfMatch(root.version.clone()))
+            .await
+        {
+            Ok(v) => {
+                root.version = v;
+                root.manifest = m;
+                return Ok(());
+            }
+            Err(StoreError::PreconditionFailed { .. }) => {
+                // Our own earlier attempt may have landed; only another
+                // epoch's write means we lost the volume.
+                let cur = inner.store.get(&key).await?;
+                let theirs: Option<Manifest> = serde_json::from_slice(&cur.data).ok();
+                match theirs {
+                    Some(t) if t.volume == inner.id && t.epoch == inner.epoch => {
+                        root.version = cur.version;
+                    }
+                    Some(t) => {
+                        return Err(EngineError::Fenced(format!(
+                            "manifest taken over by epoch {}",
+                            t.epoch
+                        )))
+                    }
+                    None => {
+                        return Err(EngineError::Fenced(
+                            "manifest replaced by something unreadable".into(),
+                        ))
+                    }
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(EngineError::Fenced(
+        "manifest keeps changing under us".into(),
+    ))
+}
+
+/// Commit the current store position without a new checkpoint.
+pub(crate) async fn commit_progress(inner: &Inner, root: &mut Root) -> Result<(), EngineError> {
+    let (last_chunk, last_seq) = {
+        let st = inner.shared.lock();
+        (st.last_chunk, st.stored_seq)
+    };
+    let m = Manifest {
+        last_chunk,
+        last_seq,
+        epoch: inner.epoch,
+        ..root.manifest.clone()
+    };
+    commit(inner, root, m).await?;
+    let mut st = inner.shared.lock();
+    st.committed_seq = st.committed_seq.max(last_seq);
+    st.wake_all();
+    Ok(())
+}
+
+pub(crate) async fn final_checkpoint(inner: &Inner, root: &mut Root) -> Result<(), EngineError> {
+    let due = {
+        let st = inner.shared.lock();
+        st.last_chunk > st.checkpoint_chunk
+    };
+    if due {
+        checkpoint(inner, root).await
+    } else {
+        Ok(())
+    }
+}
+
+/// Write a checkpoint of the store-side map, commit it, then delete the
+/// previous checkpoint and chunks nothing references any more.
+pub(crate) async fn checkpoint(inner: &Inner, root: &mut Root) -> Result<(), EngineError> {
+    let (cp, dead, old_key) = {
+        let st = inner.shared.lock();
+        let mut chunks = Vec::new();
+        let mut dead = Vec::new();
+        for e in st.chunks.values() {
+            if e.live_sectors > 0 {
+                chunks.push((*e.info).clone());
+            } else {
+                dead.push((e.info.seq, e.info.epoch));
+            }
+        }
+        chunks.sort_by_key(|c| c.seq);
+        let cp = Checkpoint::from_map(
+            inner.id,
+            inner.epoch,
+            st.last_chunk,
+            st.stored_seq,
+            &st.stored,
+            chunks,
+        );
+        (cp, dead, st.checkpoint_key.clone())
+    };
+    let key = checkpoint_key(inner.id, cp.chunk_seq, inner.epoch);
+    inner
+        .store
+        .put(&key, Bytes::from(cp.encode()), PutMode::Overwrite)
+        .await?;
+    let m = Manifest {
+        volume: inner.id,
+        epoch: inner.epoch,
+        checkpoint: Some(key.clone()),
+        checkpoint_chunk: cp.chunk_seq,
+        last_chunk: cp.chunk_seq,
+        last_seq: cp.last_seq,
+    };
+    commit(inner, root, m).await?;
+    inner
+        .counters
+        .checkpoints_written
+        .fetch_add(1, Ordering::Relaxed);
+    {
+        let mut st = inner.shared.lock();
+        st.checkpoint_chunk = cp.chunk_seq;
+        st.checkpoint_key = Some(key.clone());
+        st.committed_seq = st.committed_seq.max(cp.last_seq);
+        for (seq, _) in &dead {
+            st.chunks.remove(seq);
+        }
+        st.wake_all();
+    }
+    if let Some(old) = old_key.filter(|o| *o != key) {
+        if let Err(e) = inner.store.delete(&old).await {
+            log::warn!("deleting old checkpoint {old}: {e}");
+        }
+    }
+    for (seq, epoch) in dead {
+        match inner.store.delete(&chunk_key(inner.id, seq, epoch)).await {
+            Ok(()) => {
+                inner
+                    .counters
+                    .chunks_deleted
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => log::warn!("deleting dead chunk {seq}: {e}"),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# Benchmark `shale nbd serve` against qemu-nbd with fio's nbd engine.
+#
+# Both servers run on this machine, on the same disk (a temporary directory
+# under $BENCH_DIR, default /var/tmp): shale serves a real volume (WAL +
+# chunk objects on the default local-directory store) and qemu-nbd serves a
+# raw file. Each target is pre-filled with a sequential write so reads hit
+# real data, then every job runs for $RUNTIME seconds:
+#   4K randwrite QD32, 4K randread QD32, 1M seq write QD8, 1M seq read QD8,
+#   4K randwrite QD1 with fsync=1 (a FLUSH after every write).
+# Prints one table: job, shale IOPS and MB/s, qemu-nbd IOPS and MB/s, and
+# the shale/qemu-nbd IOPS ratio.
+#
+# Environment: SHALE_BIN (default: build --release from this checkout),
+# SIZE (default 1G), RUNTIME (seconds, default 10), BENCH_DIR.
+set -euo pipefail
+
+SIZE=${SIZE:-1G}
+RUNTIME=${RUNTIME:-10}
+BENCH_DIR=${BENCH_DIR:-/var/tmp}
+repo=$(cd "$(dirname "$0")/.." && pwd)
+
+for tool in fio qemu-nbd python3; do
+    command -v "$tool" >/dev/null || { echo "bench-nbd: $tool is required" >&2; exit 1; }
+done
+fio --enghelp=nbd >/dev/null 2>&1 || { echo "bench-nbd: fio lacks the nbd engine" >&2; exit 1; }
+
+work=$(mktemp -d "$BENCH_DIR/shale-bench-nbd.XXXXXX")
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+    for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+if [[ -z "${SHALE_BIN:-}" ]]; then
+    echo "building shale (release)..." >&2
+    export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/work/target}
+    # The target directory may be shared with other checkouts: make sure
+    # this checkout's sources are newer than any artifact, then keep a copy.
+    touch "$repo/src/lib.rs" "$repo/src/main.rs"
+    (cd "$repo" && cargo build --release --bin shale >&2)
+    cp "$CARGO_TARGET_DIR/release/shale" "$work/shale"
+    SHALE_BIN=$work/shale
+fi
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+wait_port() {
+    for _ in $(seq 1 100); do
+        if python3 -c "import socket,sys; socket.create_connection(('127.0.0.1',$1),1)" 2>/dev/null; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    echo "bench-nbd: nothing listening on port $1" >&2
+    return 1
+}
+
+# --- shale ---------------------------------------------------------------
+mkdir -p "$work/shale-data"
+printf 'data_dir: %s\n' "$work/shale-data" > "$work/shale.yaml"
+shale_port=$(free_port)
+RUST_LOG=warn "$SHALE_BIN" --config "$work/shale.yaml" nbd serve \
+    --listen "127.0.0.1:$shale_port" --scratch "bench:$SIZE" >"$work/shale.log" 2>&1 &
+pids+=($!)
+wait_port "$shale_port"
+
+# --- qemu-nbd ------------------------------------------------------------
+truncate -s "$SIZE" "$work/qemu.raw"
+qemu_port=$(free_port)
+qemu_opts=(-f raw -t -b 127.0.0.1 -p "$qemu_port" -x bench -e 16 --cache=none --aio=native)
+qemu-nbd "${qemu_opts[@]}" "$work/qemu.raw" >"$work/qemu.log" 2>&1 &
+qpid=$!
+if ! wait_port "$qemu_port"; then
+    # O_DIRECT + native AIO unsupported here: fall back to the closest sane setting.
+    kill "$qpid" 2>/dev/null || true
+    qemu_opts=(-f raw -t -b 127.0.0.1 -p "$qemu_port" -x bench -e 16 --cache=writeback --aio=threads)
+    qemu-nbd "${qemu_opts[@]}" "$work/qemu.raw" >"$work/qemu.log" 2>&1 &
+    qpid=$!
+    wait_port "$qemu_port"
+fi
+pids+=("$qpid")
+echo "qemu-nbd ${qemu_opts[*]}" >&2
+
+# --- jobs ----------------------------------------------------------------
+jobs=(
+    "4k-randwrite-qd32 --rw=randwrite --bs=4k --iodepth=32"
+    "4k-randread-qd32 --rw=randread --bs=4k --iodepth=32"
+    "1m-write-qd8 --rw=write --bs=1m --iodepth=8"
+    "1m-read-qd8 --rw=read --bs=1m --iodepth=8"
+    "4k-randwrite-qd1-fsync --rw=randwrite --bs=4k --iodepth=1 --fsync=1"
+)
+
+run_fio() { # uri name args... -> json file
+    local uri=$1 out=$2
+    shift 2
+    fio --name=bench --ioengine=nbd --uri="$uri" --size="$SIZE" \
+        --output-format=json --output="$out" "$@" >/dev/null
+}
+
+for target in shale qemu; do
+    if [[ $target == shale ]]; then uri="nbd://127.0.0.1:$shale_port/bench"; else uri="nbd://127.0.0.1:$qemu_port/bench"; fi
+    echo "prefilling $target ($SIZE)..." >&2
+    run_fio "$uri" "$work/$target-fill.json" --rw=write --bs=1m --iodepth=8 --fsync_on_close=1
+    for job in "${jobs[@]}"; do
+        read -r name args <<<"$job"
+        echo "running $name on $target..." >&2
+        # shellcheck disable=SC2086
+        run_fio "$uri" "$work/$target-$name.json" $args --time_based --runtime="$RUNTIME" --ramp_time=1
+    done
+done
+
+python3 - "$work" "${jobs[@]}" <<'EOF'
+import json, sys
+work, jobs = sys.argv[1], [j.split()[0] for j in sys.argv[2:]]
+def result(target, name):
+    j = json.load(open(f"{work}/{target}-{name}.json"))["jobs"][0]
+    side = j["write"] if j["write"]["io_bytes"] > 0 else j["read"]
+    return side["iops"], side["bw_bytes"] / 1e6
+print(f"{'job':<26}{'shale IOPS':>12}{'shale MB/s':>12}{'qemu IOPS':>12}{'qemu MB/s':>12}{'ratio':>8}")
+for name in jobs:
+    si, sb = result("shale", name)
+    qi, qb = result("qemu", name)
+    ratio = si / qi if qi else float("nan")
+    print(f"{name:<26}{si:>12.0f}{sb:>12.1f}{qi:>12.0f}{qb:>12.1f}{ratio:>8.2f}")
+EOF
