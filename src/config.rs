@@ -193,15 +193,17 @@ impl Config {
     /// Parse and validate YAML text. Relative paths are resolved against
     /// `base` when given.
     pub fn parse(text: &str, origin: Origin, base: Option<&Path>) -> Result<Config, ConfigError> {
-        // An empty document (or only comments) means "all defaults".
-        let file: ConfigFile = if text.trim().is_empty() || is_only_comments(text) {
-            ConfigFile::default()
+        // An empty document (blank, only comments, `---` or `null`) means
+        // "all defaults".
+        let file: Option<ConfigFile> = if text.trim().is_empty() {
+            None
         } else {
             serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Parse {
                 origin: origin.clone(),
                 message: e.to_string(),
             })?
         };
+        let file = file.unwrap_or_default();
         let cfg = Config::from_file(file, base);
         cfg.validate(&origin)?;
         Ok(cfg)
@@ -329,13 +331,6 @@ fn validate_store(store: &StoreConfig) -> Result<(), (&'static str, String)> {
         }
     }
     Ok(())
-}
-
-/// True if every non-blank line is a YAML comment.
-fn is_only_comments(text: &str) -> bool {
-    text.lines()
-        .map(str::trim)
-        .all(|l| l.is_empty() || l.starts_with('#'))
 }
 
 #[cfg(test)]

@@ -30,6 +30,11 @@ enum Command {
     /// Create, list, inspect and delete volumes.
     #[command(subcommand)]
     Volume(cli::volume::VolumeCmd),
+    /// Create, list, delete and roll back to snapshots (VOLUME@SNAPSHOT).
+    #[command(subcommand)]
+    Snapshot(cli::snapshot::SnapshotCmd),
+    /// Create a volume from a snapshot: shale clone VOLUME@SNAPSHOT NEWVOLUME.
+    Clone(cli::snapshot::CloneArgs),
     /// Serve volumes over NBD.
     #[command(subcommand)]
     Nbd(cli::nbd::NbdCmd),
@@ -58,12 +63,17 @@ fn restore_default_sigpipe() {
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
-    if matches!(cli.command, Command::Config(_) | Command::Volume(_)) {
+    if matches!(
+        cli.command,
+        Command::Config(_) | Command::Volume(_) | Command::Snapshot(_) | Command::Clone(_)
+    ) {
         restore_default_sigpipe();
     }
     let result = match cli.command {
         Command::Config(cmd) => cli::config::run(cli.config.as_deref(), cmd),
         Command::Volume(cmd) => cli::volume::run(cli.config.as_deref(), cmd),
+        Command::Snapshot(cmd) => cli::snapshot::run(cli.config.as_deref(), cmd),
+        Command::Clone(a) => cli::snapshot::clone(cli.config.as_deref(), a),
         Command::Nbd(cmd) => cli::nbd::run(cli.config.as_deref(), cmd),
         Command::Add(a) => cli::ublk::add(cli.config.as_deref(), a),
         Command::Del(a) => cli::ublk::del(cli.config.as_deref(), a),

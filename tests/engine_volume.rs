@@ -462,3 +462,100 @@ async fn overwritten_chunks_are_garbage_collected() {
     v.read(0, &mut b).await.unwrap();
     assert_eq!(b, pattern(29, 64 << 10));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_parameters_are_clear_errors_and_lose_nothing() {
+    let store: DynStore = Arc::new(MemoryStore::new());
+    let dir = tempfile::tempdir().unwrap();
+    let v = open(&store, dir.path(), 1, small_cfg()).await;
+    v.write(SIZE - 4096, &pattern(4, 4096), false)
+        .await
+        .unwrap();
+    v.close().await.unwrap();
+    drop(v);
+    let clock = || -> shale::clock::DynClock { Arc::new(SystemClock) };
+    // Misaligned size, invalid config.
+    let mut p = params(dir.path(), 2);
+    p.size = 1000;
+    let e = Volume::open(store.clone(), p, small_cfg(), clock())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("multiple of 512"), "{e}");
+    let bad_cfg = EngineConfig {
+        chunk_size: 1000,
+        ..small_cfg()
+    };
+    let e = Volume::open(store.clone(), params(dir.path(), 2), bad_cfg, clock())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("chunk_size"), "{e}");
+    // Smaller than the data already written (no local WAL): refused.
+    let dir2 = tempfile::tempdir().unwrap();
+    let mut p = params(dir2.path(), 3);
+    p.size = SIZE / 2;
+    let e = Volume::open(store.clone(), p, small_cfg(), clock())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("past the volume size"), "{e}");
+    // Same when the data is in a chunk no checkpoint covers yet.
+    let store2: DynStore = Arc::new(MemoryStore::new());
+    let cfg2 = EngineConfig {
+        durability: Durability::Store,
+        checkpoint_every_chunks: 1000,
+        ..small_cfg()
+    };
+    let d3 = tempfile::tempdir().unwrap();
+    let v = open(&store2, d3.path(), 1, cfg2.clone()).await;
+    v.write(SIZE - 4096, &pattern(5, 4096), false)
+        .await
+        .unwrap();
+    v.flush().await.unwrap();
+    v.crash().await;
+    drop(v);
+    let d4 = tempfile::tempdir().unwrap();
+    let mut p = params(d4.path(), 2);
+    p.size = SIZE / 2;
+    let e = Volume::open(store2.clone(), p, cfg2.clone(), clock())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("past the volume size"), "{e}");
+    let v = open(&store2, d4.path(), 3, cfg2).await;
+    let mut b = vec![0u8; 4096];
+    v.read(SIZE - 4096, &mut b).await.unwrap();
+    assert_eq!(b, pattern(5, 4096), "the refused open deleted nothing");
+    drop(v);
+    // Another volume's WAL directory is refused and left alone.
+    let mut p = params(dir.path(), 4);
+    p.id = 0x43;
+    assert!(Volume::open(store.clone(), p, small_cfg(), clock())
+        .await
+        .is_err());
+    // Nothing was lost by any of that.
+    let v = open(&store, dir.path(), 5, small_cfg()).await;
+    let mut b = vec![0u8; 4096];
+    v.read(SIZE - 4096, &mut b).await.unwrap();
+    assert_eq!(b, pattern(4, 4096));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_during_outage_fails_clearly_and_the_wal_keeps_the_data() {
+    let faulty = Arc::new(FaultyStore::new(MemoryStore::new(), 11));
+    let store: DynStore = faulty.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = EngineConfig {
+        destage_interval_ms: 3_600_000,
+        ..small_cfg()
+    };
+    let v = open(&store, dir.path(), 1, cfg.clone()).await;
+    v.write(0, &pattern(8, 16384), false).await.unwrap();
+    faulty.set_outage(true);
+    let e = v.close().await.unwrap_err();
+    assert!(e.to_string().contains("store"), "{e}");
+    drop(v);
+    faulty.set_outage(false);
+    let v = open(&store, dir.path(), 2, cfg).await;
+    let mut b = vec![0u8; 16384];
+    v.read(0, &mut b).await.unwrap();
+    assert_eq!(b, pattern(8, 16384));
+    v.close().await.unwrap();
+}

@@ -109,7 +109,8 @@ fn bad_arguments_fail_with_a_clear_message() {
     std::fs::write(&not_socket, b"keep me").unwrap();
     let cfg = dir.path().join("shale.yaml");
     std::fs::write(&cfg, format!("data_dir: {}\n", dir.path().display())).unwrap();
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 6] = [
+        (&["--listen", "127.0.0.1:0"], "no volumes to serve"),
         // The first scratch volume is opened, then the second spec fails:
         // the first must be closed and deleted on the way out.
         (
@@ -152,4 +153,90 @@ fn bad_arguments_fail_with_a_clear_message() {
         Err(_) => 0,
     };
     assert_eq!(leftovers, 0, "no scratch volume left behind");
+}
+
+#[test]
+fn serve_catalog_volumes_and_data_persists_across_restarts() {
+    if !have_tool("qemu-io", &["--version"]) || !have_tool("nbdinfo", &["--version"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("shale.yaml");
+    std::fs::write(
+        &cfg,
+        format!("data_dir: {}\n", dir.path().join("data").display()),
+    )
+    .unwrap();
+    for (name, size) in [("v1", "64M"), ("v2", "32M")] {
+        run_ok(
+            Command::new(SHALE)
+                .arg("--config")
+                .arg(&cfg)
+                .args(["volume", "create", name, "--size", size]),
+        );
+    }
+    let sock = dir.path().join("nbd.sock");
+    let sock_s = sock.to_str().unwrap();
+    let uri = |name: &str| format!("nbd+unix:///{name}?socket={sock_s}");
+
+    // No names: every catalog volume is exported.
+    let (child, _) = start(dir.path(), &["--socket", sock_s]);
+    for (name, size) in [("v1", 64u64 << 20), ("v2", 32 << 20)] {
+        let out = run_ok(Command::new("nbdinfo").arg("--size").arg(uri(name)));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            size.to_string()
+        );
+    }
+    run_ok(
+        Command::new("qemu-io")
+            .args(["-f", "raw", &uri("v1")])
+            .args([
+                "-c",
+                "write -P 0x61 0 4M",
+                "-c",
+                "write -P 0x62 60M 4M",
+                "-c",
+                "flush",
+            ]),
+    );
+    sigterm(&child);
+    let mut child = child;
+    assert!(child.wait().unwrap().success());
+
+    // Named: only that volume; the data is back after the restart.
+    let (mut child, _) = start(dir.path(), &["--socket", sock_s, "v1"]);
+    run_ok(
+        Command::new("qemu-io")
+            .args(["-f", "raw", &uri("v1")])
+            .args([
+                "-c",
+                "read -P 0x61 0 4M",
+                "-c",
+                "read -P 0 4M 56M",
+                "-c",
+                "read -P 0x62 60M 4M",
+            ]),
+    );
+    let v2 = Command::new("nbdinfo")
+        .arg("--size")
+        .arg(uri("v2"))
+        .output()
+        .unwrap();
+    assert!(
+        !v2.status.success(),
+        "v2 is not exported when only v1 is named"
+    );
+    sigterm(&child);
+    assert!(child.wait().unwrap().success());
+
+    // An unknown name fails with a clear message and exit 1.
+    let out = Command::new(SHALE)
+        .arg("--config")
+        .arg(&cfg)
+        .args(["nbd", "serve", "--socket", sock_s, "nope"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nope"));
 }

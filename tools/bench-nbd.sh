@@ -4,8 +4,10 @@
 # Both servers run on this machine, on the same disk (a temporary directory
 # under $BENCH_DIR, default /var/tmp): shale serves a real volume (WAL +
 # chunk objects on the default local-directory store) and qemu-nbd serves a
-# raw file. Each target is pre-filled with a sequential write so reads hit
-# real data, then every job runs for $RUNTIME seconds:
+# raw file. shale's volume is created in the catalog and served with
+# `shale nbd serve bench` (default engine settings). Each target is
+# pre-filled with a sequential write so reads hit real data, then every job
+# runs for $RUNTIME seconds:
 #   4K randwrite QD32, 4K randread QD32, 1M seq write QD8, 1M seq read QD8,
 #   4K randwrite QD1 with fsync=1 (a FLUSH after every write).
 # Prints one table: job, shale IOPS and MB/s, qemu-nbd IOPS and MB/s, and
@@ -64,8 +66,9 @@ wait_port() {
 mkdir -p "$work/shale-data"
 printf 'data_dir: %s\n' "$work/shale-data" > "$work/shale.yaml"
 shale_port=$(free_port)
+"$SHALE_BIN" --config "$work/shale.yaml" volume create bench --size "$SIZE" >&2
 RUST_LOG=warn "$SHALE_BIN" --config "$work/shale.yaml" nbd serve \
-    --listen "127.0.0.1:$shale_port" --scratch "bench:$SIZE" >"$work/shale.log" 2>&1 &
+    --listen "127.0.0.1:$shale_port" bench >"$work/shale.log" 2>&1 &
 pids+=($!)
 wait_port "$shale_port"
 

@@ -23,6 +23,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 pub mod lease;
+pub mod snapshot;
 
 use crate::store::{DynStore, PutMode, StoreError, Version};
 

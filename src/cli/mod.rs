@@ -2,5 +2,6 @@
 pub mod config;
 pub mod image;
 pub mod nbd;
+pub mod snapshot;
 pub mod ublk;
 pub mod volume;

@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
+use shale::catalog::{Catalog, VolumeState};
 use shale::config::Config;
+use shale::daemon::{self, Attached};
 use shale::engine::memdisk::MemDisk;
 use shale::engine::BlockDevice;
 use shale::frontend::nbd::{ExportMap, Listener, NbdServer};
@@ -77,6 +79,7 @@ fn serve(config: Option<&Path>, args: ServeArgs) -> anyhow::Result<()> {
 /// Volumes this process opened and must close on the way out.
 #[derive(Default)]
 struct Opened {
+    attached: Vec<Attached>,
     scratch: Vec<scratch::Scratch>,
 }
 
@@ -84,6 +87,14 @@ impl Opened {
     /// Close everything; report the first failure after trying all.
     async fn close_all(self) -> anyhow::Result<()> {
         let mut first = Ok(());
+        for vol in self.attached {
+            let name = vol.record.name.clone();
+            if let Err(e) = vol.close().await {
+                let e = anyhow::Error::new(e).context(format!("closing volume {name}"));
+                log::error!("{e:#}");
+                first = first.and(Err(e));
+            }
+        }
         for vol in self.scratch {
             if let Err(e) = vol.close_and_delete().await {
                 log::error!("{e:#}");
@@ -105,11 +116,19 @@ async fn open_exports(
         let (name, size) = parse_size_spec("--memory", spec, 64 << 30)?;
         devices.push((name, Arc::new(MemDisk::new(size))));
     }
-    if !args.volumes.is_empty() || (args.memory.is_empty() && args.scratch.is_empty()) {
-        bail!(
-            "serving catalog volumes needs the volume daemon (shale::daemon), \
-             which this build does not have yet"
-        );
+    let names = if !args.volumes.is_empty() {
+        args.volumes.clone()
+    } else if args.memory.is_empty() && args.scratch.is_empty() {
+        catalog_volume_names(cfg).await?
+    } else {
+        Vec::new()
+    };
+    for name in names {
+        let vol = daemon::attach(cfg, &name)
+            .await
+            .with_context(|| format!("opening volume {name}"))?;
+        devices.push((name, vol.volume.clone()));
+        opened.attached.push(vol);
     }
     for (i, spec) in args.scratch.iter().enumerate() {
         let (name, size) = parse_size_spec("--scratch", spec, u64::MAX)?;
@@ -120,6 +139,23 @@ async fn open_exports(
         opened.scratch.push(vol);
     }
     Ok(devices)
+}
+
+/// Every usable volume in the catalog, for `shale nbd serve` without names.
+async fn catalog_volume_names(cfg: &Config) -> anyhow::Result<Vec<String>> {
+    let store = daemon::open_store(cfg).await?;
+    let names: Vec<String> = Catalog::new(store)
+        .list()
+        .await
+        .context("listing the catalog")?
+        .into_iter()
+        .filter(|r| r.state == VolumeState::Ready)
+        .map(|r| r.name)
+        .collect();
+    if names.is_empty() {
+        bail!("the catalog has no volumes to serve; create one with `shale volume create NAME --size SIZE`");
+    }
+    Ok(names)
 }
 
 /// Bind the listeners, print where they are, serve until a signal.

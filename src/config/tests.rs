@@ -18,7 +18,7 @@ fn invalid_field(text: &str) -> String {
 
 #[test]
 fn empty_file_gives_defaults() {
-    for text in ["", "\n", "# only a comment\n\n"] {
+    for text in ["", "\n", "# only a comment\n\n", "---\n", "null\n", "~\n"] {
         let cfg = parse(text).unwrap();
         assert_eq!(cfg, Config::default());
         assert_eq!(cfg.data_dir, PathBuf::from("/var/lib/shale"));
@@ -210,4 +210,19 @@ fn load_reports_missing_and_unreadable_files() {
     std::fs::write(&file, "data_dir: local\n").unwrap();
     let cfg = Config::load(Some(&file)).unwrap();
     assert_eq!(cfg.data_dir, dir.path().join("local"));
+}
+
+#[test]
+fn duplicate_keys_and_non_mapping_documents_are_rejected() {
+    for text in [
+        "data_dir: /a\ndata_dir: /b\n",
+        "42\n",
+        "just text\n",
+        "[1]\n",
+    ] {
+        assert!(
+            matches!(parse(text), Err(ConfigError::Parse { .. })),
+            "{text:?} should fail to parse"
+        );
+    }
 }

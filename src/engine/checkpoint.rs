@@ -119,9 +119,14 @@ impl Checkpoint {
                 .and_then(|b| b.checked_add(off))
                 .is_some_and(|e| e <= info.data_len);
             let fits_volume = s.checked_add(l).is_some_and(|e| e <= volume_sectors);
-            if l == 0 || !fits_data || !fits_volume {
+            if !fits_volume {
                 return Err(CheckpointError::Inconsistent(format!(
-                    "extent {s}+{l} in chunk {c}"
+                    "extent {s}+{l} lies past the volume size ({volume_sectors} sectors; opened with a smaller size?)"
+                )));
+            }
+            if l == 0 || !fits_data {
+                return Err(CheckpointError::Inconsistent(format!(
+                    "extent {s}+{l} lies outside the data of chunk {c}"
                 )));
             }
             map.insert(s, l, Loc::Chunk { chunk: c, off });

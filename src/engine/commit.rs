@@ -159,7 +159,12 @@ pub(crate) async fn checkpoint(inner: &Inner, root: &mut Root) -> Result<(), Eng
             log::warn!("deleting old checkpoint {old}: {e}");
         }
     }
+    // Snapshots may still name chunks the volume's own map dropped.
+    let retain = super::snapshot::RetainSet::load(&inner.store, inner.id).await;
     for (seq, epoch) in dead {
+        if retain.keeps(seq, epoch) {
+            continue;
+        }
         match inner.store.delete(&chunk_key(inner.id, seq, epoch)).await {
             Ok(()) => {
                 inner

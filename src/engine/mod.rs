@@ -1,6 +1,21 @@
 //! The volume engine: WAL, extent map, destage into chunk objects, read path,
 //! read cache, checkpoints, recovery and garbage collection. It knows nothing
 //! of ublk or NBD; frontends drive it through [`BlockDevice`].
+//!
+//! Layout of one volume:
+//! - local: `<local_dir>/wal/<segment:016x>.wal` (WAL segments, see
+//!   [`wal`]), `<local_dir>/cache/data` (read cache, recreated at open);
+//! - store: `volumes/<id:016x>/manifest` (root, compare-and-swap only),
+//!   `volumes/<id:016x>/chunks/<seq:016x>-<epoch:08x>` (immutable chunk
+//!   objects, see [`chunk`]), `volumes/<id:016x>/checkpoints/<chunk:016x>-<epoch:08x>`
+//!   (serialized store-side map, see [`checkpoint`]).
+//!
+//! Data flow: write → WAL record (group commit) → live map points at the
+//! WAL → destage packs records into a chunk → put → maps point at the chunk
+//! and the WAL segment is released → every `checkpoint_every_chunks` chunks
+//! a checkpoint plus manifest swap, after which dead chunks are deleted.
+//! Recovery: manifest → checkpoint → later chunks in order up to the first
+//! gap → WAL records newer than the store.
 
 use async_trait::async_trait;
 
@@ -17,7 +32,9 @@ pub mod map;
 pub mod memdisk;
 mod read;
 mod recovery;
+pub mod snapshot;
 mod state;
+pub mod view;
 pub mod volume;
 pub mod wal;
 

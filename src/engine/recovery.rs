@@ -190,6 +190,7 @@ async fn apply_later_chunks(
     // seq -> epochs present.
     let mut found: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
     let prefix = chunk_prefix(p.id);
+    let retain = super::snapshot::RetainSet::load(store, p.id).await;
     for meta in store.list(&prefix).await? {
         let name = &meta.key[prefix.len()..];
         match parse_chunk_name(name) {
@@ -201,7 +202,7 @@ async fn apply_later_chunks(
                     .chunks
                     .get(&seq)
                     .is_some_and(|c| c.info.epoch == epoch);
-                if !known && epoch <= p.epoch {
+                if !known && epoch <= p.epoch && !retain.keeps(seq, epoch) {
                     log::warn!("deleting orphan chunk {}", meta.key);
                     store.delete(&meta.key).await?;
                 }
@@ -231,10 +232,13 @@ async fn apply_later_chunks(
                 && h.chunk_seq == seq
                 && h.epoch == epoch
                 && h.first_seq == state.stored_seq + 1
-                && (h.header_len + h.data_len) == o.data.len() as u64
-                && h.extents
-                    .iter()
-                    .all(|e| e.lba + e.sectors <= volume_sectors);
+                && (h.header_len + h.data_len) == o.data.len() as u64;
+            if h.extents.iter().any(|e| e.lba + e.sectors > volume_sectors) {
+                return Err(EngineError::InvalidParams(format!(
+                    "chunk {key} holds data past the volume size {} (opened with a smaller size?)",
+                    p.size
+                )));
+            }
             if consistent {
                 let info = Arc::new(ChunkInfo {
                     seq,

@@ -461,6 +461,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn segments_that_look_like_internal_names_are_plain_keys() {
+        let (_d, s) = store();
+        let keys = [
+            ".gen", "a", "a.d", "a.lock", "a.o", "a.o.tmp", "a/.gen", "a/b", "a.d/b",
+        ];
+        for k in keys {
+            s.put(k, Bytes::copy_from_slice(k.as_bytes()), PutMode::Create)
+                .await
+                .unwrap_or_else(|e| panic!("put {k}: {e}"));
+        }
+        for k in keys {
+            assert_eq!(s.get(k).await.expect("get").data, k.as_bytes());
+        }
+        let listed: Vec<String> = s
+            .list("")
+            .await
+            .expect("list")
+            .into_iter()
+            .map(|m| m.key)
+            .collect();
+        let mut sorted = keys.map(String::from).to_vec();
+        sorted.sort();
+        assert_eq!(listed, sorted);
+        for k in keys {
+            s.delete(k).await.expect("delete");
+        }
+        assert!(s.list("").await.expect("list").is_empty());
+    }
+
+    #[tokio::test]
     async fn generation_survives_delete_and_recreate() {
         let (_d, s) = store();
         let v1 = s

@@ -156,6 +156,9 @@ fn start() -> Option<MotoServer> {
     };
     // The port may answer before the app is ready; create_bucket retries.
     server.create_bucket("shale-probe");
+    // Started fine: drop the log's name so runs leave no files behind (the
+    // server keeps writing to the unlinked file until it exits).
+    let _ = std::fs::remove_file(&log);
     Some(server)
 }
 

@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use shale::clock::SystemClock;
+mod snapshots;
+
 use shale::engine::config::EngineConfig;
 use shale::engine::{BlockDevice, Volume, VolumeParams};
 use shale::store::fs::FsStore;
@@ -34,6 +36,9 @@ struct Args {
     /// Seconds per pattern.
     #[arg(long, default_value_t = 5)]
     seconds: u64,
+    /// Instead: compare 4K random writes with this many snapshots vs none.
+    #[arg(long, default_value_t = 0)]
+    snapshots: u64,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -320,6 +325,14 @@ fn bench(args: &Args, root: &Path) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    if args.snapshots > 0 {
+        return rt.block_on(snapshots::run(
+            root,
+            args.size,
+            args.seconds,
+            args.snapshots,
+        ));
+    }
     let engine = rt.block_on(run_engine(root, args.size, args.seconds))?;
     let file = run_file(root, args.size, args.seconds)?;
     println!(

@@ -5,9 +5,16 @@
 export PATH=/usr/bin:/bin:/sbin
 export RUST_LOG=${RUST_LOG:-info,libublk=warn}
 VOL=vol1
-IMG=/data/$VOL.img
-SIZE=256M
-ADD_BACKING="--backing-file $IMG --size $SIZE"
+# Catalog volumes on the embedded default store (a directory in guest tmpfs).
+mkdir -p /data/shale
+cat > /data/shale.yaml <<'YAML'
+data_dir: /data/shale
+engine:
+  max_unstored_bytes: 64MiB
+  cache_size: 32MiB
+YAML
+export SHALE_CONFIG=/data/shale.yaml
+ADD_BACKING=""
 
 pass() { echo "PASS $*"; }
 fail() { echo "FAIL $*"; }
@@ -30,8 +37,7 @@ echo "guest: kernel $(uname -r), $(nproc) cpus"
 step insmod-ublk_drv insmod /ublk_drv.ko || die insmod
 [ -c /dev/ublk-control ] && pass ublk-control-present || die ublk-control-present
 
-# shale volume create needs the catalog; until then the server backs the
-# device with a plain file in guest tmpfs (survives a server crash).
+step volume-create shale volume create $VOL --size 256MiB || die volume-create
 DEV=$(shale add $VOL $ADD_BACKING) || die "shale-add"
 [ "$DEV" = /dev/ublkb0 ] && [ -b "$DEV" ] && pass "shale-add ($DEV)" || die "shale-add printed '$DEV'"
 [ "$(readlink /dev/shale/$VOL)" = "$DEV" ] && pass dev-shale-link || fail dev-shale-link
@@ -169,7 +175,7 @@ step shale-del shale del $VOL --timeout 60 || { tail -n 30 /run/shale/$VOL.log; 
 ! shale list | grep -q "^$VOL " && pass list-empty-after-del || fail list-empty-after-del
 if shale del $VOL >/dev/null 2>&1; then fail del-unknown-refused; else pass del-unknown-refused; fi
 
-# Data written through the device is in the backing file: attach it again.
+# Data written through the device is in the volume: attach it again.
 DEV4=$(shale add $VOL $ADD_BACKING) || die re-add
 mkdir -p /mnt/w
 step mount-again mount -t ext4 -o ro "$DEV4" /mnt/w

@@ -6,14 +6,14 @@
 #
 # Usage: tools/vm/run.sh [path/to/shale]
 # Env: SHALE_VM_CACHE (kernel cache, default /var/cache/shale-vm),
-#      SHALE_VM_TIMEOUT (seconds, default 900), SHALE_VM_MEM (default 1536M),
+#      SHALE_VM_TIMEOUT (seconds, default 1500), SHALE_VM_MEM (default 1536M),
 #      SHALE_VM_NO_FIO=1 (leave fio out of the guest), SHALE_VM_KEEP=1 (keep work dir).
 set -eu
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 SHALE=${1:-${CARGO_TARGET_DIR:-$ROOT/target}/debug/shale}
-TIMEOUT=${SHALE_VM_TIMEOUT:-900}
+TIMEOUT=${SHALE_VM_TIMEOUT:-1500}
 MEM=${SHALE_VM_MEM:-1536M}
 
 need() {

@@ -8,11 +8,17 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use std::time::{Duration, Instant};
+
 use anyhow::{bail, Context};
 use async_trait::async_trait;
+use shale::catalog::lease::LeaseError;
+use shale::config::Config;
+use shale::daemon::{Attached, DaemonError, LEASE_TTL};
 use shale::engine::memdisk::MemDisk;
 use shale::engine::{check_range, BlockDevice};
 use shale::error::BlockError;
+use shale::frontend::ublk::runstate::pid_alive;
 
 /// Which data a server attaches.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,13 +73,59 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 /// The opened device and how to close it.
 pub struct Opened {
     pub device: Arc<dyn BlockDevice>,
+    /// Set for catalog volumes: the lease-holding attachment.
+    attached: Option<Attached>,
 }
 
 impl Opened {
-    /// Make every acknowledged write durable and release the data.
-    pub async fn close(&self) -> anyhow::Result<()> {
+    /// Make every acknowledged write durable and release the data (for a
+    /// volume: close it, then release its lease).
+    pub async fn close(self) -> anyhow::Result<()> {
         self.device.flush().await.context("flush")?;
+        if let Some(attached) = self.attached {
+            attached.close().await.context("close the volume")?;
+        }
         Ok(())
+    }
+}
+
+/// Attach a catalog volume. A lease still held by a crashed server of this
+/// host (holder `<host>:<pid>` whose process is gone) is waited out: it
+/// expires within the lease TTL, and the kernel holds the device's I/O
+/// meanwhile.
+async fn attach_volume(config: Option<&Path>, name: &str) -> anyhow::Result<Attached> {
+    let cfg = Config::load(config).context("load the configuration")?;
+    let deadline = Instant::now() + LEASE_TTL + Duration::from_secs(5);
+    let mut told = false;
+    loop {
+        match shale::daemon::attach(&cfg, name).await {
+            Ok(a) => return Ok(a),
+            Err(DaemonError::Lease(LeaseError::Held { holder, .. }))
+                if held_by_dead_local_process(&holder) && Instant::now() < deadline =>
+            {
+                if !told {
+                    log::warn!(
+                        "volume {name}: lease still held by crashed server {holder}; waiting for it to expire"
+                    );
+                    told = true;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e).with_context(|| format!("attach volume {name:?}")),
+        }
+    }
+}
+
+/// Whether lease holder `<host>:<pid>` is a process of this host that is gone.
+fn held_by_dead_local_process(holder: &str) -> bool {
+    let ours = shale::daemon::holder_name();
+    let (Some((host, pid)), Some((our_host, _))) = (holder.rsplit_once(':'), ours.rsplit_once(':'))
+    else {
+        return false;
+    };
+    match pid.parse::<i32>() {
+        Ok(pid) => host == our_host && pid != std::process::id() as i32 && !pid_alive(pid),
+        Err(_) => false,
     }
 }
 
@@ -81,14 +133,18 @@ impl Opened {
 pub async fn open(
     spec: &BackingSpec,
     volume: &str,
-    _config: Option<&Path>,
+    config: Option<&Path>,
     runtime: tokio::runtime::Handle,
 ) -> anyhow::Result<Opened> {
     let device: Arc<dyn BlockDevice> = match spec {
-        BackingSpec::Volume => bail!(
-            "attaching catalog volume {volume:?} needs the volume engine and catalog, \
-             which this build does not have yet; use --memory SIZE or --backing-file PATH --size SIZE"
-        ),
+        BackingSpec::Volume => {
+            let attached = attach_volume(config, volume).await?;
+            let device: Arc<dyn BlockDevice> = attached.volume.clone();
+            return Ok(Opened {
+                device,
+                attached: Some(attached),
+            });
+        }
         BackingSpec::Memory(size) => {
             check_size(*size)?;
             Arc::new(MemDisk::new(*size))
@@ -98,7 +154,10 @@ pub async fn open(
             Arc::new(FileDisk::open(path, *size, runtime)?)
         }
     };
-    Ok(Opened { device })
+    Ok(Opened {
+        device,
+        attached: None,
+    })
 }
 
 fn check_size(size: u64) -> anyhow::Result<()> {
@@ -226,6 +285,23 @@ impl BlockDevice for FileDisk {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_dead_local_lease_holders_are_waited_out() {
+        let ours = shale::daemon::holder_name();
+        let (host, _) = ours.rsplit_once(':').unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        assert!(held_by_dead_local_process(&format!("{host}:{dead}")));
+        assert!(
+            !held_by_dead_local_process(&ours),
+            "our own process is alive"
+        );
+        assert!(!held_by_dead_local_process(&format!("other-{host}:{dead}")));
+        assert!(!held_by_dead_local_process("no-pid-here"));
+        assert!(!held_by_dead_local_process(&format!("{host}:notanumber")));
+    }
 
     #[test]
     fn sizes_parse_with_units() {

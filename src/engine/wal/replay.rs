@@ -4,11 +4,13 @@
 //! 1. Records are replayed in file order, only while their sequence numbers
 //!    continue `after_seq + 1, after_seq + 2, ...` without a gap; records at or
 //!    below `after_seq` (already in the store) are skipped.
-//! 2. The first record that fails to decode (torn write, garbage, wrong
-//!    volume, broken sequence) ends the replay: that segment is truncated
+//! 2. The first record that fails to decode (torn write, garbage, broken
+//!    sequence) ends the replay: that segment is truncated
 //!    there and every later segment is deleted, so the garbage can never be
 //!    mistaken for data by a later recovery.
 //! 3. Segments holding nothing newer than `after_seq` are deleted.
+//! 4. A valid record of another volume fails the replay and changes
+//!    nothing: the directory belongs to someone else.
 
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
@@ -70,8 +72,17 @@ pub fn replay(
                     break;
                 }
             };
+            if h.volume != volume {
+                // A whole, checksummed record of another volume is no torn
+                // write: the directory is shared by mistake. Touch nothing.
+                return Err(WalError::Io(format!(
+                    "{} holds WAL records of volume {:x}, not {volume:x}",
+                    path.display(),
+                    h.volume
+                )));
+            }
             let in_order = h.seq > seen_seq && (h.seq <= after_seq || h.seq == next_seq);
-            if h.volume != volume || !in_order {
+            if !in_order {
                 log::warn!(
                     "WAL replay stops in {} at offset {pos}: record seq {} volume {:x} out of place",
                     path.display(),

@@ -1,0 +1,348 @@
+//! Snapshot and clone commands on named volumes: `VOL@SNAP` names, leases,
+//! and the engine's snapshot operations ([`crate::engine::snapshot`]).
+//!
+//! Invariants:
+//! 1. Create, delete and rollback run only on a detached volume: they take
+//!    the volume's lease (refused while another holder's lease is live, i.e.
+//!    while the volume is attached) and hold it until done. Before a create
+//!    or rollback the volume is opened and closed once, so every write of
+//!    its WAL is in the store and checkpointed.
+//! 2. A snapshot some clone names as its parent is never deleted; the
+//!    refusal names the clones.
+//! 3. A clone's data and manifest are written under a fresh, unused volume
+//!    id before its record is created, so a crash part-way never leaves a
+//!    record that opens as an empty volume (only unreferenced objects).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::lease::{Lease, LeaseError};
+use super::{encode, record_key, validate_name, Catalog, CatalogError, VolumeRecord, VolumeState};
+use crate::clock::DynClock;
+use crate::engine::config::EngineConfig;
+use crate::engine::snapshot::{self as snap, SnapshotError, SnapshotObject};
+use crate::engine::view::SnapshotView;
+use crate::engine::{EngineError, Volume, VolumeParams};
+use crate::store::{DynStore, PutMode, StoreError};
+
+/// How long a maintenance lease lasts between renewals.
+const LEASE_TTL: Duration = Duration::from_secs(30);
+const LEASE_RENEW: Duration = Duration::from_secs(10);
+
+/// Failures of snapshot and clone commands.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapError {
+    #[error("invalid snapshot name {spec:?}: expected VOLUME@SNAPSHOT ({reason})")]
+    InvalidSpec { spec: String, reason: String },
+    #[error(
+        "volume {name:?} is attached (lease held by {holder:?}); detach it first: \
+         snapshots, snapshot deletes and rollbacks run on detached volumes"
+    )]
+    Attached { name: String, holder: String },
+    #[error("snapshot {spec} has clones ({}); delete or flatten them first", clones.join(", "))]
+    HasClones { spec: String, clones: Vec<String> },
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+impl From<StoreError> for SnapError {
+    fn from(e: StoreError) -> Self {
+        SnapError::Catalog(CatalogError::Store(e))
+    }
+}
+
+/// Split `VOL@SNAP` and check both names.
+pub fn parse_spec(spec: &str) -> Result<(String, String), SnapError> {
+    let bad = |reason: String| SnapError::InvalidSpec {
+        spec: spec.to_string(),
+        reason,
+    };
+    let (vol, name) = spec.split_once('@').ok_or_else(|| bad("no '@'".into()))?;
+    validate_name(vol).map_err(|e| bad(e.to_string()))?;
+    validate_name(name).map_err(|e| bad(e.to_string()))?;
+    Ok((vol.to_string(), name.to_string()))
+}
+
+/// One snapshot as listed.
+#[derive(Debug, Clone)]
+pub struct SnapshotEntry {
+    pub volume: String,
+    pub snapshot: SnapshotObject,
+    /// Names of volumes cloned from it.
+    pub clones: Vec<String>,
+}
+
+/// Snapshot and clone commands over one store.
+pub struct Snapshots {
+    catalog: Catalog,
+    engine: EngineConfig,
+    data_dir: PathBuf,
+    clock: DynClock,
+    holder: String,
+}
+
+impl Snapshots {
+    /// `data_dir` is the configured data directory (volume WALs live in
+    /// `<data_dir>/volumes/<id:016x>`); `holder` names this process in leases.
+    pub fn new(
+        store: DynStore,
+        engine: EngineConfig,
+        data_dir: PathBuf,
+        clock: DynClock,
+        holder: &str,
+    ) -> Snapshots {
+        Snapshots {
+            catalog: Catalog::new(store),
+            engine,
+            data_dir,
+            clock,
+            holder: holder.to_string(),
+        }
+    }
+
+    fn store(&self) -> &DynStore {
+        self.catalog.store()
+    }
+
+    fn volume_dir(&self, id: u64) -> PathBuf {
+        self.data_dir.join("volumes").join(format!("{id:016x}"))
+    }
+
+    async fn ready(&self, name: &str) -> Result<VolumeRecord, SnapError> {
+        let rec = self.catalog.get(name).await?;
+        if rec.state != VolumeState::Ready {
+            return Err(CatalogError::Deleting {
+                name: name.to_string(),
+            }
+            .into());
+        }
+        Ok(rec)
+    }
+
+    /// Take the lease of a detached volume.
+    async fn detach_lease(&self, rec: &VolumeRecord) -> Result<Arc<Lease>, SnapError> {
+        match Lease::acquire(
+            self.store().clone(),
+            rec.id,
+            &self.holder,
+            LEASE_TTL,
+            self.clock.clone(),
+        )
+        .await
+        {
+            Ok(l) => Ok(Arc::new(l)),
+            Err(LeaseError::Held { holder, .. }) => Err(SnapError::Attached {
+                name: rec.name.clone(),
+                holder,
+            }),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Run `op` while holding the volume's lease, then release it.
+    async fn leased<T, F, Fut>(&self, rec: &VolumeRecord, op: F) -> Result<T, SnapError>
+    where
+        F: FnOnce(u64) -> Fut,
+        Fut: std::future::Future<Output = Result<T, SnapError>>,
+    {
+        let lease = self.detach_lease(rec).await?;
+        let renewer = lease.spawn_renewer(LEASE_RENEW);
+        let res = op(lease.epoch()).await;
+        renewer.stop().await;
+        if let Err(e) = lease.release().await {
+            log::warn!("could not release the lease of volume {:?}: {e}", rec.name);
+        }
+        res
+    }
+
+    /// Open and cleanly close the volume at `epoch`: its WAL is destaged
+    /// and everything is checkpointed.
+    async fn settle(&self, rec: &VolumeRecord, epoch: u64) -> Result<(), SnapError> {
+        let params = VolumeParams {
+            id: rec.id,
+            size: rec.size,
+            epoch,
+            local_dir: self.volume_dir(rec.id),
+        };
+        let vol = Volume::open(
+            self.store().clone(),
+            params,
+            self.engine.clone(),
+            self.clock.clone(),
+        )
+        .await?;
+        vol.close().await?;
+        Ok(())
+    }
+
+    /// `shale snapshot create VOL@SNAP` (detached volumes only).
+    pub async fn create(&self, spec: &str, now_ms: u64) -> Result<SnapshotObject, SnapError> {
+        let (vol, name) = parse_spec(spec)?;
+        let rec = &self.ready(&vol).await?;
+        if snap::list_snapshots(self.store(), rec.id)
+            .await?
+            .iter()
+            .any(|s| s.name == name)
+        {
+            return Err(SnapshotError::AlreadyExists {
+                volume: rec.id,
+                name,
+            }
+            .into());
+        }
+        self.leased(rec, |epoch| async move {
+            self.settle(rec, epoch).await?;
+            Ok(snap::take_snapshot(self.store(), rec.id, &name, now_ms).await?)
+        })
+        .await
+    }
+
+    /// Every snapshot, of one volume or of all, with the clones of each.
+    pub async fn list(&self, volume: Option<&str>) -> Result<Vec<SnapshotEntry>, SnapError> {
+        let all = self.catalog.list().await?;
+        let mut out = Vec::new();
+        for rec in all.iter().filter(|r| volume.is_none_or(|v| r.name == v)) {
+            for s in snap::list_snapshots(self.store(), rec.id).await? {
+                let spec = format!("{}@{}", rec.name, s.name);
+                let clones = all
+                    .iter()
+                    .filter(|c| c.parent.as_deref() == Some(spec.as_str()))
+                    .map(|c| c.name.clone())
+                    .collect();
+                out.push(SnapshotEntry {
+                    volume: rec.name.clone(),
+                    snapshot: s,
+                    clones,
+                });
+            }
+        }
+        if let Some(v) = volume {
+            if !all.iter().any(|r| r.name == v) {
+                return Err(CatalogError::NotFound {
+                    name: v.to_string(),
+                }
+                .into());
+            }
+        }
+        Ok(out)
+    }
+
+    async fn clones_of(&self, spec: &str) -> Result<Vec<String>, SnapError> {
+        Ok(self
+            .catalog
+            .list()
+            .await?
+            .into_iter()
+            .filter(|c| c.parent.as_deref() == Some(spec))
+            .map(|c| c.name)
+            .collect())
+    }
+
+    /// `shale snapshot delete VOL@SNAP`: refused while clones name it.
+    /// Returns the number of chunks freed.
+    pub async fn delete(&self, spec: &str) -> Result<u64, SnapError> {
+        let (vol, name) = parse_spec(spec)?;
+        let rec = &self.ready(&vol).await?;
+        let s = snap::find_snapshot(self.store(), rec.id, &name).await?;
+        let canonical = format!("{vol}@{name}");
+        let clones = self.clones_of(&canonical).await?;
+        if !clones.is_empty() {
+            return Err(SnapError::HasClones {
+                spec: canonical,
+                clones,
+            });
+        }
+        self.leased(rec, |_| async move {
+            Ok(snap::delete_snapshot(self.store(), rec.id, &s).await?)
+        })
+        .await
+    }
+
+    /// `shale snapshot rollback VOL@SNAP` (detached volumes only).
+    pub async fn rollback(&self, spec: &str) -> Result<(), SnapError> {
+        let (vol, name) = parse_spec(spec)?;
+        let rec = &self.ready(&vol).await?;
+        let s = snap::find_snapshot(self.store(), rec.id, &name).await?;
+        self.leased(rec, |epoch| async move {
+            self.settle(rec, epoch).await?;
+            snap::rollback(self.store(), rec.id, epoch, &s).await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// A read-only device showing snapshot `VOL@SNAP`.
+    pub async fn view(&self, spec: &str) -> Result<SnapshotView, SnapError> {
+        let (vol, name) = parse_spec(spec)?;
+        let rec = self.ready(&vol).await?;
+        let s = snap::find_snapshot(self.store(), rec.id, &name).await?;
+        Ok(SnapshotView::new(
+            self.store().clone(),
+            &s.checkpoint,
+            rec.size,
+        )?)
+    }
+
+    /// `shale clone VOL@SNAP NEW`: a new thin volume with the snapshot's
+    /// content and `parent: VOL@SNAP`. The parent is never changed.
+    pub async fn clone_volume(
+        &self,
+        spec: &str,
+        new_name: &str,
+        now_ms: u64,
+    ) -> Result<VolumeRecord, SnapError> {
+        let (vol, name) = parse_spec(spec)?;
+        validate_name(new_name)?;
+        let rec = self.ready(&vol).await?;
+        let s = snap::find_snapshot(self.store(), rec.id, &name).await?;
+        let key = record_key(new_name);
+        match self.store().head(&key).await {
+            Ok(_) => {
+                return Err(CatalogError::AlreadyExists {
+                    name: new_name.to_string(),
+                }
+                .into())
+            }
+            Err(StoreError::NotFound { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let id = self.catalog.allocate_id().await?;
+        snap::write_clone(self.store(), &s, id).await?;
+        let record = VolumeRecord {
+            id,
+            name: new_name.to_string(),
+            size: rec.size,
+            thick: false,
+            created_ms: now_ms,
+            parent: Some(format!("{vol}@{name}")),
+            state: VolumeState::Ready,
+        };
+        match self
+            .store()
+            .put(&key, encode(&key, &record)?, PutMode::Create)
+            .await
+        {
+            Ok(_) => Ok(record),
+            Err(e) => {
+                // Nobody can know the fresh id: remove what was copied.
+                for meta in self.store().list(&super::volume_prefix(id)).await? {
+                    let _ = self.store().delete(&meta.key).await;
+                }
+                Err(match e {
+                    StoreError::AlreadyExists { .. } => CatalogError::AlreadyExists {
+                        name: new_name.to_string(),
+                    },
+                    other => CatalogError::Store(other),
+                }
+                .into())
+            }
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! `shale snapshot create|list|delete|rollback` and `shale clone`.
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use shale::catalog::snapshot::Snapshots;
+use shale::clock::{Clock, SystemClock};
+use shale::config::Config;
+
+use super::volume::format_utc_ms;
+
+#[derive(Subcommand, Debug)]
+pub enum SnapshotCmd {
+    /// Take a snapshot of a detached volume: VOLUME@SNAPSHOT.
+    Create {
+        /// VOLUME@SNAPSHOT
+        spec: String,
+    },
+    /// List snapshots (of one volume, or of all).
+    List {
+        /// Only this volume's snapshots.
+        volume: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a snapshot (refused while clones of it exist).
+    Delete {
+        /// VOLUME@SNAPSHOT
+        spec: String,
+    },
+    /// Make a detached volume's content that of one of its snapshots again.
+    /// Writes made after the snapshot are lost.
+    Rollback {
+        /// VOLUME@SNAPSHOT
+        spec: String,
+    },
+}
+
+/// `shale clone VOLUME@SNAPSHOT NEWVOLUME`
+#[derive(Args, Debug)]
+pub struct CloneArgs {
+    /// The parent snapshot: VOLUME@SNAPSHOT
+    pub spec: String,
+    /// Name of the new volume.
+    pub name: String,
+}
+
+fn holder() -> String {
+    format!("shale-snapshot:{}", std::process::id())
+}
+
+fn with_snapshots<T>(
+    config: Option<&Path>,
+    f: impl AsyncFnOnce(&Snapshots) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let cfg = Config::load(config)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async move {
+        let store = shale::store::open(&cfg.store)
+            .await
+            .context("cannot open the object store")?;
+        let snaps = Snapshots::new(
+            store,
+            cfg.engine.clone(),
+            cfg.data_dir.clone(),
+            Arc::new(SystemClock),
+            &holder(),
+        );
+        f(&snaps).await
+    })
+}
+
+fn now_ms() -> u64 {
+    SystemClock.now().as_millis() as u64
+}
+
+pub fn run(config: Option<&Path>, cmd: SnapshotCmd) -> anyhow::Result<()> {
+    with_snapshots(config, async move |s: &Snapshots| match cmd {
+        SnapshotCmd::Create { spec } => {
+            let snap = s.create(&spec, now_ms()).await?;
+            println!(
+                "created snapshot {spec} (id {}, {} chunks)",
+                snap.id,
+                snap.checkpoint.chunks.len()
+            );
+            Ok(())
+        }
+        SnapshotCmd::List { volume, json } => {
+            let entries = s.list(volume.as_deref()).await?;
+            if json {
+                let v: Vec<_> = entries
+                    .iter()
+                    .map(|e| {
+                        serde_json::json!({
+                            "volume": e.volume,
+                            "name": e.snapshot.name,
+                            "id": e.snapshot.id,
+                            "created_ms": e.snapshot.created_ms,
+                            "chunks": e.snapshot.checkpoint.chunks.len(),
+                            "clones": e.clones,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            println!("{:<32}  {:>4}  {:<20}  CLONES", "SNAPSHOT", "ID", "CREATED");
+            for e in entries {
+                println!(
+                    "{:<32}  {:>4}  {:<20}  {}",
+                    format!("{}@{}", e.volume, e.snapshot.name),
+                    e.snapshot.id,
+                    format_utc_ms(e.snapshot.created_ms),
+                    e.clones.join(",")
+                );
+            }
+            Ok(())
+        }
+        SnapshotCmd::Delete { spec } => {
+            let freed = s.delete(&spec).await?;
+            println!("deleted snapshot {spec} ({freed} chunks freed)");
+            Ok(())
+        }
+        SnapshotCmd::Rollback { spec } => {
+            s.rollback(&spec).await?;
+            println!("rolled back to {spec}");
+            Ok(())
+        }
+    })
+}
+
+pub fn clone(config: Option<&Path>, a: CloneArgs) -> anyhow::Result<()> {
+    with_snapshots(config, async move |s: &Snapshots| {
+        let rec = s.clone_volume(&a.spec, &a.name, now_ms()).await?;
+        println!(
+            "created volume {} (id {}) as a clone of {}",
+            rec.name, rec.id, a.spec
+        );
+        Ok(())
+    })
+}

@@ -1,0 +1,468 @@
+//! Snapshots: immutable copies of a volume's checkpoint, and the data-level
+//! operations on them (take, rollback, clone, garbage collection).
+//!
+//! A snapshot of volume `v` is the object `volumes/<v:016x>/snapshots/<id:016x>`:
+//! `"SHALESN1" | crc32c u32 | json` ([`SnapshotObject`]), the CRC covering
+//! the JSON. It holds the store-side map and the chunk table exactly as the
+//! volume's checkpoint had them when the snapshot was taken (redirect on
+//! write: no data is copied, later writes go to new chunks).
+//!
+//! Invariants:
+//! 1. A snapshot object is written once ([`PutMode::Create`]) and never
+//!    changed; it is deleted only by [`delete_snapshot`].
+//! 2. A chunk named by any snapshot of its volume is never deleted: the
+//!    engine's destage and recovery consult [`RetainSet`] (listed after the
+//!    checkpoint that dropped the chunk was committed) before deleting.
+//!    If any snapshot object cannot be read, nothing is deleted.
+//! 3. Operations here run on a *detached* volume: the caller holds its lease
+//!    and passes the lease's epoch, and nothing else writes the volume.
+
+use std::collections::HashSet;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use super::checkpoint::{checkpoint_key, manifest_key, Checkpoint, ChunkInfo, Manifest};
+use super::chunk::{chunk_key, chunk_prefix, parse_chunk_name};
+use super::error::EngineError;
+use crate::store::{DynStore, PutMode, StoreError};
+
+const SNAP_MAGIC: &[u8; 8] = b"SHALESN1";
+
+/// Prefix of every snapshot object of `volume`.
+pub fn snapshot_prefix(volume: u64) -> String {
+    format!("volumes/{volume:016x}/snapshots/")
+}
+
+/// Key of snapshot `snap` of `volume`.
+pub fn snapshot_key(volume: u64, snap: u64) -> String {
+    format!("{}{snap:016x}", snapshot_prefix(volume))
+}
+
+/// A stored snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotObject {
+    /// Stable id, unique within the volume (never reused while it exists).
+    pub id: u64,
+    /// Name, unique within the volume.
+    pub name: String,
+    pub volume: u64,
+    /// Creation time, milliseconds since the Unix epoch.
+    pub created_ms: u64,
+    /// The frozen map (its `chunk_seq` is the volume's chunk at that time).
+    pub checkpoint: Checkpoint,
+}
+
+/// Snapshot object decoding failures.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SnapshotDecodeError {
+    #[error("not a snapshot (bad magic or too short)")]
+    BadMagic,
+    #[error("snapshot checksum mismatch")]
+    Crc,
+    #[error("snapshot does not parse: {0}")]
+    Parse(String),
+}
+
+impl SnapshotObject {
+    pub fn encode(&self) -> Vec<u8> {
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        let mut b = Vec::with_capacity(json.len() + 12);
+        b.extend_from_slice(SNAP_MAGIC);
+        b.extend_from_slice(&crc32c::crc32c(&json).to_le_bytes());
+        b.extend_from_slice(&json);
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Result<SnapshotObject, SnapshotDecodeError> {
+        if b.len() < 12 || &b[..8] != SNAP_MAGIC {
+            return Err(SnapshotDecodeError::BadMagic);
+        }
+        let crc = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
+        if crc32c::crc32c(&b[12..]) != crc {
+            return Err(SnapshotDecodeError::Crc);
+        }
+        serde_json::from_slice(&b[12..]).map_err(|e| SnapshotDecodeError::Parse(e.to_string()))
+    }
+}
+
+/// Failures of snapshot operations.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("object store: {0}")]
+    Store(#[from] StoreError),
+    #[error("snapshot object {key}: {source}")]
+    Corrupt {
+        key: String,
+        source: SnapshotDecodeError,
+    },
+    #[error("volume {volume:016x} has no snapshot named {name:?}")]
+    NotFound { volume: u64, name: String },
+    #[error("volume {volume:016x} already has a snapshot named {name:?}")]
+    AlreadyExists { volume: u64, name: String },
+    #[error("volume {volume:016x}: {reason}")]
+    State { volume: u64, reason: String },
+}
+
+/// Every snapshot of `volume`, sorted by id. A snapshot that fails to
+/// decode is an error (it may hold chunks; never guess).
+pub async fn list_snapshots(
+    store: &DynStore,
+    volume: u64,
+) -> Result<Vec<SnapshotObject>, SnapshotError> {
+    let mut out = Vec::new();
+    for meta in store.list(&snapshot_prefix(volume)).await? {
+        let obj = match store.get(&meta.key).await {
+            Ok(o) => o,
+            Err(StoreError::NotFound { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let snap = SnapshotObject::decode(&obj.data).map_err(|source| SnapshotError::Corrupt {
+            key: meta.key.clone(),
+            source,
+        })?;
+        out.push(snap);
+    }
+    out.sort_by_key(|s| s.id);
+    Ok(out)
+}
+
+/// The snapshot of `volume` named `name`.
+pub async fn find_snapshot(
+    store: &DynStore,
+    volume: u64,
+    name: &str,
+) -> Result<SnapshotObject, SnapshotError> {
+    list_snapshots(store, volume)
+        .await?
+        .into_iter()
+        .find(|s| s.name == name)
+        .ok_or_else(|| SnapshotError::NotFound {
+            volume,
+            name: name.to_string(),
+        })
+}
+
+/// Chunks `(seq, epoch)` the deleter must keep because snapshots name them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RetainSet {
+    /// The snapshots could not all be read: keep every chunk.
+    All,
+    Chunks(HashSet<(u64, u64)>),
+}
+
+impl RetainSet {
+    /// Read the snapshots of `volume` now. Never fails: on any error the
+    /// answer is [`RetainSet::All`] (deleting nothing is always safe).
+    pub async fn load(store: &DynStore, volume: u64) -> RetainSet {
+        match list_snapshots(store, volume).await {
+            Ok(snaps) => RetainSet::Chunks(
+                snaps
+                    .iter()
+                    .flat_map(|s| s.checkpoint.chunks.iter().map(|c| (c.seq, c.epoch)))
+                    .collect(),
+            ),
+            Err(e) => {
+                log::warn!(
+                    "volume {volume:x}: cannot read its snapshots ({e}); deleting no chunks"
+                );
+                RetainSet::All
+            }
+        }
+    }
+
+    /// True if chunk `(seq, epoch)` must be kept.
+    pub fn keeps(&self, seq: u64, epoch: u64) -> bool {
+        match self {
+            RetainSet::All => true,
+            RetainSet::Chunks(set) => set.contains(&(seq, epoch)),
+        }
+    }
+}
+
+/// The volume's committed manifest and checkpoint (an empty checkpoint if
+/// it has none). Fails unless the checkpoint covers every stored chunk,
+/// which holds right after a clean `close`.
+pub async fn committed_checkpoint(
+    store: &DynStore,
+    volume: u64,
+) -> Result<(Manifest, crate::store::Version, Checkpoint), SnapshotError> {
+    let key = manifest_key(volume);
+    let o = store.get(&key).await?;
+    let m: Manifest = serde_json::from_slice(&o.data).map_err(|e| EngineError::Manifest {
+        key: key.clone(),
+        reason: format!("does not parse: {e}"),
+    })?;
+    if m.volume != volume || m.checkpoint_chunk != m.last_chunk {
+        return Err(SnapshotError::State {
+            volume,
+            reason: format!(
+                "manifest is not fully checkpointed (checkpoint chunk {}, last chunk {})",
+                m.checkpoint_chunk, m.last_chunk
+            ),
+        });
+    }
+    let cp = match &m.checkpoint {
+        None => Checkpoint {
+            volume,
+            epoch: m.epoch,
+            chunk_seq: 0,
+            last_seq: m.last_seq,
+            chunks: Vec::new(),
+            extents: Vec::new(),
+        },
+        Some(k) => {
+            let d = store.get(k).await?;
+            let cp = Checkpoint::decode(&d.data).map_err(|source| EngineError::Checkpoint {
+                key: k.clone(),
+                source,
+            })?;
+            if cp.volume != volume || cp.chunk_seq != m.checkpoint_chunk {
+                return Err(SnapshotError::State {
+                    volume,
+                    reason: format!("checkpoint {k} does not match the manifest"),
+                });
+            }
+            cp
+        }
+    };
+    Ok((m, o.version, cp))
+}
+
+/// Store a snapshot named `name` of the volume's committed state. The
+/// volume must have been closed cleanly just before (see
+/// [`committed_checkpoint`]) and be detached.
+pub async fn take_snapshot(
+    store: &DynStore,
+    volume: u64,
+    name: &str,
+    created_ms: u64,
+) -> Result<SnapshotObject, SnapshotError> {
+    let existing = list_snapshots(store, volume).await?;
+    if existing.iter().any(|s| s.name == name) {
+        return Err(SnapshotError::AlreadyExists {
+            volume,
+            name: name.to_string(),
+        });
+    }
+    let (_, _, checkpoint) = committed_checkpoint(store, volume).await?;
+    let snap = SnapshotObject {
+        id: existing.iter().map(|s| s.id).max().unwrap_or(0) + 1,
+        name: name.to_string(),
+        volume,
+        created_ms,
+        checkpoint,
+    };
+    let key = snapshot_key(volume, snap.id);
+    match store
+        .put(&key, Bytes::from(snap.encode()), PutMode::Create)
+        .await
+    {
+        Ok(_) => Ok(snap),
+        Err(StoreError::AlreadyExists { .. }) => Err(SnapshotError::State {
+            volume,
+            reason: format!("{key} appeared concurrently; is another snapshot command running?"),
+        }),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Replace the volume's map by the snapshot's: a new checkpoint (at a key
+/// no earlier checkpoint used, since `epoch` is this holder's fresh lease
+/// epoch) committed by compare-and-swap on the manifest. The volume must
+/// have been closed cleanly just before, so its local WAL holds no record
+/// newer than the manifest's `last_seq`; the new checkpoint keeps that
+/// `last_seq`, so recovery replays none of those records over the rolled
+/// back map. A crash before the swap changes nothing; after it, the
+/// rollback is complete (the old checkpoint is only garbage).
+pub async fn rollback(
+    store: &DynStore,
+    volume: u64,
+    epoch: u64,
+    snap: &SnapshotObject,
+) -> Result<(), SnapshotError> {
+    let (m, version, _) = committed_checkpoint(store, volume).await?;
+    let cp = Checkpoint {
+        volume,
+        epoch: m.epoch,
+        chunk_seq: m.last_chunk,
+        last_seq: m.last_seq,
+        chunks: snap.checkpoint.chunks.clone(),
+        extents: snap.checkpoint.extents.clone(),
+    };
+    let key = format!(
+        "{}-rollback-{:016x}",
+        checkpoint_key(volume, m.last_chunk, epoch),
+        snap.id
+    );
+    store
+        .put(&key, Bytes::from(cp.encode()), PutMode::Overwrite)
+        .await?;
+    let new = Manifest {
+        checkpoint: Some(key.clone()),
+        checkpoint_chunk: m.last_chunk,
+        ..m.clone()
+    };
+    let data = Bytes::from(serde_json::to_vec(&new).unwrap_or_default());
+    match store
+        .put(&manifest_key(volume), data, PutMode::IfMatch(version))
+        .await
+    {
+        Ok(_) => {}
+        Err(StoreError::PreconditionFailed { .. }) => {
+            return Err(SnapshotError::State {
+                volume,
+                reason: "the manifest changed during the rollback (is the volume attached?); nothing was rolled back".into(),
+            })
+        }
+        Err(e) => return Err(e.into()),
+    }
+    if let Some(old) = m.checkpoint.filter(|o| *o != key) {
+        if let Err(e) = store.delete(&old).await {
+            log::warn!("deleting old checkpoint {old}: {e}");
+        }
+    }
+    collect_garbage(store, volume).await?;
+    Ok(())
+}
+
+/// Delete chunks of a detached volume that neither its checkpoint nor any
+/// snapshot names (only chunks at or before the checkpoint: later ones may
+/// still be applied by recovery). Returns how many were deleted.
+pub async fn collect_garbage(store: &DynStore, volume: u64) -> Result<u64, SnapshotError> {
+    let (_, _, cp) = committed_checkpoint(store, volume).await?;
+    let retain = RetainSet::load(store, volume).await;
+    let live: HashSet<(u64, u64)> = cp.chunks.iter().map(|c| (c.seq, c.epoch)).collect();
+    let prefix = chunk_prefix(volume);
+    let mut deleted = 0;
+    for meta in store.list(&prefix).await? {
+        let Some((seq, epoch)) = parse_chunk_name(&meta.key[prefix.len()..]) else {
+            continue;
+        };
+        if seq > cp.chunk_seq || live.contains(&(seq, epoch)) || retain.keeps(seq, epoch) {
+            continue;
+        }
+        store.delete(&meta.key).await?;
+        deleted += 1;
+    }
+    Ok(deleted)
+}
+
+/// Delete snapshot `snap` of a detached volume and the chunks only it held.
+pub async fn delete_snapshot(
+    store: &DynStore,
+    volume: u64,
+    snap: &SnapshotObject,
+) -> Result<u64, SnapshotError> {
+    match store.delete(&snapshot_key(volume, snap.id)).await {
+        Ok(()) | Err(StoreError::NotFound { .. }) => {}
+        Err(e) => return Err(e.into()),
+    }
+    collect_garbage(store, volume).await
+}
+
+/// Write a new volume `new_id` whose content is the snapshot's: its chunks
+/// are copied under the new volume's prefix (at epoch 0, below any lease
+/// epoch) with a checkpoint and a manifest naming them. The new volume
+/// shares nothing with its parent afterwards. `new_id` must be fresh (no
+/// objects under its prefix): the manifest is created, never replaced.
+pub async fn write_clone(
+    store: &DynStore,
+    snap: &SnapshotObject,
+    new_id: u64,
+) -> Result<(), SnapshotError> {
+    let src = &snap.checkpoint;
+    let mut chunks = Vec::with_capacity(src.chunks.len());
+    for c in &src.chunks {
+        let from = chunk_key(snap.volume, c.seq, c.epoch);
+        let obj = store.get(&from).await?;
+        let to = chunk_key(new_id, c.seq, 0);
+        store.put(&to, obj.data, PutMode::Overwrite).await?;
+        chunks.push(ChunkInfo {
+            epoch: 0,
+            ..c.clone()
+        });
+    }
+    let cp = Checkpoint {
+        volume: new_id,
+        epoch: 0,
+        chunk_seq: src.chunk_seq,
+        last_seq: src.last_seq,
+        chunks,
+        extents: src.extents.clone(),
+    };
+    let cp_key = checkpoint_key(new_id, src.chunk_seq, 0);
+    store
+        .put(&cp_key, Bytes::from(cp.encode()), PutMode::Overwrite)
+        .await?;
+    let m = Manifest {
+        volume: new_id,
+        epoch: 0,
+        checkpoint: Some(cp_key),
+        checkpoint_chunk: src.chunk_seq,
+        last_chunk: src.chunk_seq,
+        last_seq: src.last_seq,
+    };
+    let data = Bytes::from(serde_json::to_vec(&m).unwrap_or_default());
+    match store
+        .put(&manifest_key(new_id), data, PutMode::Create)
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(StoreError::AlreadyExists { .. }) => Err(SnapshotError::State {
+            volume: new_id,
+            reason: "already has a manifest; a clone needs a fresh volume".into(),
+        }),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_object_round_trip_and_corruption() {
+        let snap = SnapshotObject {
+            id: 3,
+            name: "s".into(),
+            volume: 7,
+            created_ms: 1,
+            checkpoint: Checkpoint {
+                volume: 7,
+                epoch: 2,
+                chunk_seq: 4,
+                last_seq: 9,
+                chunks: vec![],
+                extents: vec![],
+            },
+        };
+        let enc = snap.encode();
+        assert_eq!(SnapshotObject::decode(&enc).unwrap(), snap);
+        let mut bad = enc.clone();
+        let n = bad.len();
+        bad[n - 2] ^= 1;
+        assert_eq!(SnapshotObject::decode(&bad), Err(SnapshotDecodeError::Crc));
+        assert_eq!(
+            SnapshotObject::decode(b"SHALECP1xxxx{}"),
+            Err(SnapshotDecodeError::BadMagic)
+        );
+        assert_eq!(
+            snapshot_key(0x10, 2),
+            "volumes/0000000000000010/snapshots/0000000000000002"
+        );
+    }
+
+    #[test]
+    fn retain_set_keeps() {
+        let all = RetainSet::All;
+        assert!(all.keeps(1, 1));
+        let some = RetainSet::Chunks([(1, 2)].into_iter().collect());
+        assert!(some.keeps(1, 2));
+        assert!(!some.keeps(1, 3));
+        assert!(!some.keeps(2, 2));
+    }
+}

@@ -1,0 +1,168 @@
+//! The real `shale` binary: snapshot create/list/delete/rollback and clone
+//! against a local-directory store, with data written and checked through
+//! the library on the same store and data directory.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use shale::catalog::lease::Lease;
+use shale::catalog::Catalog;
+use shale::clock::{DynClock, SystemClock};
+use shale::config::Config;
+use shale::engine::{BlockDevice, Volume, VolumeParams};
+
+const SIZE: usize = 1 << 20;
+
+struct Env {
+    _dir: tempfile::TempDir,
+    config: PathBuf,
+}
+
+impl Env {
+    fn new() -> Env {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = dir.path().join("shale.yaml");
+        std::fs::write(&config, "data_dir: data\nengine:\n  cache_size: 0\n").expect("config");
+        Env { _dir: dir, config }
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_shale"))
+            .env_remove("SHALE_CONFIG")
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .output()
+            .expect("run shale")
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "shale {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8")
+    }
+
+    fn fails(&self, args: &[&str], needle: &str) {
+        let out = self.run(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "shale {args:?}: {stderr}");
+        assert!(
+            stderr.contains(needle),
+            "{stderr:?} should contain {needle:?}"
+        );
+    }
+
+    fn cfg(&self) -> Config {
+        Config::load(Some(Path::new(&self.config))).expect("load config")
+    }
+
+    /// Attach `name` through the library, apply `f`, close.
+    async fn with_volume<T>(&self, name: &str, f: impl AsyncFnOnce(&Volume) -> T) -> T {
+        let cfg = self.cfg();
+        let store = shale::store::open(&cfg.store).await.expect("store");
+        let rec = Catalog::new(store.clone()).get(name).await.expect("record");
+        let clock: DynClock = Arc::new(SystemClock);
+        let lease = Lease::acquire(
+            store.clone(),
+            rec.id,
+            "cli-test",
+            Duration::from_secs(60),
+            clock.clone(),
+        )
+        .await
+        .expect("lease");
+        let params = VolumeParams {
+            id: rec.id,
+            size: rec.size,
+            epoch: lease.epoch(),
+            local_dir: cfg.volume_dir(rec.id),
+        };
+        let vol = Volume::open(store, params, cfg.engine.clone(), clock)
+            .await
+            .expect("open");
+        let out = f(&vol).await;
+        vol.close().await.expect("close");
+        lease.release().await.expect("release");
+        out
+    }
+
+    async fn write(&self, name: &str, byte: u8) {
+        self.with_volume(name, async |v: &Volume| {
+            v.write(0, &vec![byte; SIZE / 2], false)
+                .await
+                .expect("write")
+        })
+        .await
+    }
+
+    async fn read(&self, name: &str) -> Vec<u8> {
+        self.with_volume(name, async |v: &Volume| {
+            let mut buf = vec![0u8; SIZE];
+            v.read(0, &mut buf).await.expect("read");
+            buf
+        })
+        .await
+    }
+}
+
+fn image(byte: u8) -> Vec<u8> {
+    let mut v = vec![byte; SIZE / 2];
+    v.resize(SIZE, 0);
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_clone_rollback_delete() {
+    let env = Env::new();
+    env.ok(&["volume", "create", "vol", "--size", "1M"]);
+    env.write("vol", 1).await;
+    let out = env.ok(&["snapshot", "create", "vol@one"]);
+    assert!(out.contains("created snapshot vol@one"), "{out}");
+    env.fails(&["snapshot", "create", "vol@one"], "already has a snapshot");
+    env.fails(&["snapshot", "create", "vol"], "expected VOLUME@SNAPSHOT");
+    env.fails(&["snapshot", "create", "nope@one"], "not found");
+    env.write("vol", 2).await;
+    env.ok(&["snapshot", "create", "vol@two"]);
+
+    let out = env.ok(&["clone", "vol@one", "child"]);
+    assert!(out.contains("clone of vol@one"), "{out}");
+    assert_eq!(env.read("child").await, image(1));
+    // Clone writes never reach the parent or its snapshot.
+    env.write("child", 9).await;
+    assert_eq!(env.read("child").await, image(9));
+    assert_eq!(env.read("vol").await, image(2));
+
+    let listed: Vec<serde_json::Value> =
+        serde_json::from_str(&env.ok(&["snapshot", "list", "vol", "--json"])).expect("json");
+    assert_eq!(listed.len(), 2);
+    assert_eq!(listed[0]["name"], "one");
+    assert_eq!(listed[0]["clones"], serde_json::json!(["child"]));
+    let table = env.ok(&["snapshot", "list"]);
+    assert!(
+        table.contains("vol@one") && table.contains("vol@two"),
+        "{table}"
+    );
+
+    env.fails(&["snapshot", "delete", "vol@one"], "has clones (child)");
+    env.ok(&["snapshot", "rollback", "vol@one"]);
+    assert_eq!(env.read("vol").await, image(1));
+    env.ok(&["snapshot", "rollback", "vol@two"]);
+    assert_eq!(env.read("vol").await, image(2));
+
+    env.ok(&["snapshot", "delete", "vol@two"]);
+    env.fails(&["snapshot", "rollback", "vol@two"], "no snapshot named");
+    env.ok(&["volume", "delete", "child", "--yes"]);
+    env.ok(&["snapshot", "delete", "vol@one"]);
+    assert_eq!(env.read("vol").await, image(2));
+    let listed: Vec<serde_json::Value> =
+        serde_json::from_str(&env.ok(&["snapshot", "list", "--json"])).expect("json");
+    assert!(listed.is_empty());
+}
