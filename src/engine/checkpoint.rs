@@ -30,6 +30,11 @@ pub struct Manifest {
     pub last_chunk: u64,
     /// Last op sequence number in the store when the manifest was written.
     pub last_seq: u64,
+    /// Epoch that owns the history after `last_chunk`: a chunk with a
+    /// higher sequence number is valid only if its epoch is at least this
+    /// (0 in manifests written before the field existed: no bound).
+    #[serde(default)]
+    pub history_epoch: u64,
 }
 
 pub fn manifest_key(volume: u64) -> String {
@@ -213,6 +218,7 @@ mod tests {
             checkpoint_chunk: 0,
             last_chunk: 0,
             last_seq: 0,
+            history_epoch: 2,
         };
         let j = serde_json::to_string(&m).unwrap();
         assert_eq!(serde_json::from_str::<Manifest>(&j).unwrap(), m);

@@ -80,6 +80,7 @@ pub(crate) async fn commit_progress(inner: &Inner, root: &mut Root) -> Result<()
         last_chunk,
         last_seq,
         epoch: inner.epoch,
+        history_epoch: inner.epoch,
         ..root.manifest.clone()
     };
     commit(inner, root, m).await?;
@@ -138,6 +139,7 @@ pub(crate) async fn checkpoint(inner: &Inner, root: &mut Root) -> Result<(), Eng
         checkpoint_chunk: cp.chunk_seq,
         last_chunk: cp.chunk_seq,
         last_seq: cp.last_seq,
+        history_epoch: inner.epoch,
     };
     commit(inner, root, m).await?;
     inner

@@ -9,7 +9,15 @@
 //!    decreasing and never above ours; the chain ends at the first gap.
 //!    Chunk objects beyond the end (left by an interrupted or stale writer)
 //!    are deleted, as they are not part of the history.
-//! 3. A chunk or checkpoint that fails its checksum fails the open: it is
+//! 3. Fencing of late chunks: before open returns (before serving), the
+//!    recovered store position (`last_chunk`, `last_seq`) is committed
+//!    with `history_epoch` = our epoch. A chunk after the manifest's
+//!    `last_chunk` is accepted only if its epoch is >= `history_epoch`, so
+//!    a chunk an older writer uploads after we recovered (its request was
+//!    in flight when it lost the lease) never enters the history of any
+//!    later recovery; it is deleted as stray. Every later commit by this
+//!    epoch keeps `history_epoch` = its epoch.
+//! 4. A chunk or checkpoint that fails its checksum fails the open: it is
 //!    bit rot the operator must see, never silently skipped.
 
 use std::collections::BTreeMap;
@@ -70,6 +78,7 @@ async fn take_manifest(
                     checkpoint_chunk: 0,
                     last_chunk: 0,
                     last_seq: 0,
+                    history_epoch: p.epoch,
                 };
                 let data = Bytes::from(serde_json::to_vec(&m).unwrap_or_default());
                 match store.put(&key, data, PutMode::Create).await {
@@ -108,7 +117,7 @@ pub async fn recover(
     p: &VolumeParams,
     now: Duration,
 ) -> Result<Recovered, EngineError> {
-    let (manifest, manifest_version) = take_manifest(store, p).await?;
+    let (mut manifest, mut manifest_version) = take_manifest(store, p).await?;
     let volume_sectors = p.size / SECTOR;
     let mut state = State::default();
     let mut prev_epoch = 0;
@@ -158,7 +167,13 @@ pub async fn recover(
         state.checkpoint_chunk = cp.chunk_seq;
         state.checkpoint_key = Some(key.clone());
     }
-    apply_later_chunks(store, p, &mut state, prev_epoch, volume_sectors).await?;
+    let bound = HistoryBound {
+        after_chunk: manifest.last_chunk,
+        min_epoch: manifest.history_epoch,
+    };
+    apply_later_chunks(store, p, &mut state, prev_epoch, bound, volume_sectors).await?;
+    (manifest, manifest_version) =
+        commit_history(store, p, manifest, manifest_version, &state).await?;
     state.committed_seq = state.stored_seq;
     state.taken_seq = state.stored_seq;
     state.next_chunk = state.last_chunk + 1;
@@ -180,11 +195,56 @@ pub async fn recover(
     })
 }
 
+/// Chunks after `after_chunk` need an epoch of at least `min_epoch`.
+#[derive(Clone, Copy)]
+struct HistoryBound {
+    after_chunk: u64,
+    min_epoch: u64,
+}
+
+impl HistoryBound {
+    fn admits(&self, seq: u64, epoch: u64) -> bool {
+        seq <= self.after_chunk || epoch >= self.min_epoch
+    }
+}
+
+/// Commit the recovered store position as ours (invariant 3), by
+/// compare-and-swap on the manifest `take_manifest` returned.
+async fn commit_history(
+    store: &DynStore,
+    p: &VolumeParams,
+    manifest: Manifest,
+    version: Version,
+    state: &State,
+) -> Result<(Manifest, Version), EngineError> {
+    let m = Manifest {
+        last_chunk: state.last_chunk,
+        last_seq: state.stored_seq,
+        history_epoch: p.epoch,
+        ..manifest.clone()
+    };
+    if m == manifest {
+        return Ok((m, version));
+    }
+    let data = Bytes::from(serde_json::to_vec(&m).unwrap_or_default());
+    match store
+        .put(&manifest_key(p.id), data, PutMode::IfMatch(version))
+        .await
+    {
+        Ok(v) => Ok((m, v)),
+        Err(StoreError::PreconditionFailed { .. }) => Err(EngineError::Fenced(
+            "manifest changed while recovering (another writer took over)".into(),
+        )),
+        Err(e) => Err(e.into()),
+    }
+}
+
 async fn apply_later_chunks(
     store: &DynStore,
     p: &VolumeParams,
     state: &mut State,
     mut prev_epoch: u64,
+    bound: HistoryBound,
     volume_sectors: u64,
 ) -> Result<(), EngineError> {
     // seq -> epochs present.
@@ -216,7 +276,7 @@ async fn apply_later_chunks(
         let pick = epochs
             .iter()
             .copied()
-            .filter(|&e| e <= p.epoch && e >= prev_epoch)
+            .filter(|&e| e <= p.epoch && e >= prev_epoch && bound.admits(seq, e))
             .max();
         let in_chain = seq == next && pick.is_some();
         let mut used = None;

@@ -405,6 +405,7 @@ pub async fn write_clone(
         checkpoint_chunk: src.chunk_seq,
         last_chunk: src.chunk_seq,
         last_seq: src.last_seq,
+        history_epoch: 0,
     };
     let data = Bytes::from(serde_json::to_vec(&m).unwrap_or_default());
     match store
