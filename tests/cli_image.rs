@@ -1,8 +1,11 @@
 //! The real `shale` binary moving data through the engine: import a raw
 //! image into a volume, export it back, and the lease rules around that.
 
+#[path = "support/cli.rs"]
+mod cli_support;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,24 +27,11 @@ impl Env {
     }
 
     fn run(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_shale"))
-            .env_remove("SHALE_CONFIG")
-            .arg("--config")
-            .arg(&self.config)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run shale")
+        cli_support::run_shale(Some(&self.config), args)
     }
 
     fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "shale {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).expect("utf-8")
+        cli_support::expect_success(args, self.run(args))
     }
 
     fn path(&self, name: &str) -> PathBuf {

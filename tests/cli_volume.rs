@@ -1,8 +1,11 @@
 //! The real `shale` binary against a temporary config with a local-directory
 //! store: volume create/list/info/delete, config errors and exit codes.
 
+#[path = "support/cli.rs"]
+mod cli_support;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 struct Env {
     dir: tempfile::TempDir,
@@ -28,13 +31,7 @@ impl Env {
 
     /// Run and require success; returns stdout.
     fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "shale {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).expect("utf-8 stdout")
+        cli_support::expect_success(args, self.run(args))
     }
 
     fn list_json(&self) -> Vec<serde_json::Value> {
@@ -44,14 +41,7 @@ impl Env {
 }
 
 fn shale(config: Option<&Path>, args: &[&str]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_shale"));
-    cmd.env_remove("SHALE_CONFIG")
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null());
-    if let Some(c) = config {
-        cmd.arg("--config").arg(c);
-    }
-    cmd.args(args).output().expect("run shale")
+    cli_support::run_shale(config, args)
 }
 
 /// Assert a failure with `code` and a single stderr line containing `needle`.

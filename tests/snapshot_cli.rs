@@ -2,8 +2,11 @@
 //! against a local-directory store, with data written and checked through
 //! the library on the same store and data directory.
 
+#[path = "support/cli.rs"]
+mod cli_support;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,25 +32,11 @@ impl Env {
     }
 
     fn run(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_shale"))
-            .env_remove("SHALE_CONFIG")
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .arg("--config")
-            .arg(&self.config)
-            .args(args)
-            .output()
-            .expect("run shale")
+        cli_support::run_shale(Some(&self.config), args)
     }
 
     fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "shale {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).expect("utf-8")
+        cli_support::expect_success(args, self.run(args))
     }
 
     fn fails(&self, args: &[&str], needle: &str) {
