@@ -26,6 +26,21 @@ use super::{check_range, BlockDevice, SECTOR};
 use crate::error::BlockError;
 use crate::store::DynStore;
 
+/// Where a run of a view's sectors reads from, through the parent chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// No layer of the chain maps it: zeros.
+    Unmapped,
+    /// Explicitly zeroed (trimmed or zeroed in a clone layer): zeros.
+    Zero,
+    /// Data at byte `off` of the data area of chunk `info` of `volume`.
+    Chunk {
+        volume: u64,
+        info: Arc<ChunkInfo>,
+        off: u64,
+    },
+}
+
 /// A read-only view of a frozen map of volume `volume`.
 pub struct SnapshotView {
     store: DynStore,
@@ -130,15 +145,47 @@ impl SnapshotView {
         1 + self.parent.as_ref().map_or(0, |p| p.depth())
     }
 
+    /// Sectors `[start, start+len)` (inside the view) split into runs
+    /// `(start, len, source)` in order, following unmapped runs down the
+    /// parent chain (invariant 3).
+    pub fn resolve(&self, start: u64, len: u64) -> Result<Vec<(u64, u64, Source)>, BlockError> {
+        let mut out = Vec::new();
+        for p in self.map.lookup(start, len) {
+            match p.loc {
+                Some(Loc::Chunk { chunk, off }) => {
+                    let info = self.chunks.get(&chunk).ok_or_else(|| {
+                        BlockError::Io(format!(
+                            "snapshot of volume {:016x} names unknown chunk {chunk}",
+                            self.volume
+                        ))
+                    })?;
+                    let source = Source::Chunk {
+                        volume: self.volume,
+                        info: info.clone(),
+                        off,
+                    };
+                    out.push((p.start, p.len, source));
+                }
+                Some(Loc::Zero | Loc::Wal(_)) => out.push((p.start, p.len, Source::Zero)),
+                None => match &self.parent {
+                    Some(parent) => out.extend(parent.resolve(p.start, p.len)?),
+                    None => out.push((p.start, p.len, Source::Unmapped)),
+                },
+            }
+        }
+        Ok(out)
+    }
+
     async fn read_chunk(
         &self,
+        volume: u64,
         info: &ChunkInfo,
         off: u64,
         dst: &mut [u8],
     ) -> Result<(), BlockError> {
         let len = dst.len() as u64;
         let (start, end) = aligned_range(off, len, info.data_len);
-        let key = chunk_key(self.volume, info.seq, info.epoch);
+        let key = chunk_key(volume, info.seq, info.epoch);
         let data = self
             .store
             .get_range(&key, info.data_start + start..info.data_start + end)
@@ -163,21 +210,14 @@ impl BlockDevice for SnapshotView {
 
     async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
         check_range(offset, buf.len() as u64, self.size)?;
-        for p in self.map.lookup(offset / SECTOR, buf.len() as u64 / SECTOR) {
-            let b0 = (p.start * SECTOR - offset) as usize;
-            let dst = &mut buf[b0..b0 + (p.len * SECTOR) as usize];
-            match p.loc {
-                Some(Loc::Chunk { chunk, off }) => {
-                    let info = self.chunks.get(&chunk).ok_or_else(|| {
-                        BlockError::Io(format!("snapshot names unknown chunk {chunk}"))
-                    })?;
-                    self.read_chunk(info, off, dst).await?;
+        for (start, len, source) in self.resolve(offset / SECTOR, buf.len() as u64 / SECTOR)? {
+            let b0 = (start * SECTOR - offset) as usize;
+            let dst = &mut buf[b0..b0 + (len * SECTOR) as usize];
+            match source {
+                Source::Chunk { volume, info, off } => {
+                    self.read_chunk(volume, &info, off, dst).await?
                 }
-                None => match &self.parent {
-                    Some(parent) => parent.read(p.start * SECTOR, dst).await?,
-                    None => dst.fill(0),
-                },
-                Some(Loc::Zero | Loc::Wal(_)) => dst.fill(0),
+                Source::Zero | Source::Unmapped => dst.fill(0),
             }
         }
         Ok(())
