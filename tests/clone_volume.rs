@@ -229,6 +229,7 @@ async fn only_clones_keep_zero_entries() {
     env.catalog.create("plain", SIZE, false, 0).await.unwrap();
     for (name, extents_after_trim) in [("plain", 0), ("c", 1)] {
         let o = env.open(name).await.unwrap();
+        assert_eq!(o.vol.parent().is_some(), name == "c");
         o.vol.write(0, &pattern(3, 64 * K), false).await.unwrap();
         o.vol.trim(0, 64 * K as u64).await.unwrap();
         assert_eq!(o.vol.stats().map_extents, extents_after_trim, "{name}");
