@@ -27,7 +27,7 @@ use super::error::EngineError;
 use super::snapshot::{
     committed_checkpoint, list_snapshots, snapshot_key, ParentRef, SnapshotError, SnapshotObject,
 };
-use super::view::Source;
+use super::view::Resolved;
 use super::volume::Volume;
 use super::{BlockDevice, SECTOR};
 use crate::store::{DynStore, PutMode, StoreError};
@@ -145,7 +145,7 @@ pub fn read_through_ranges(vol: &Volume) -> Result<Vec<(u64, u64)>, EngineError>
                 reason: e.to_string(),
             })?;
         for (s, l, source) in runs {
-            if !matches!(source, Source::Chunk { .. }) {
+            if !matches!(source, Resolved::Chunk { .. }) {
                 continue;
             }
             let (off, n) = (s * SECTOR, l * SECTOR);

@@ -26,7 +26,7 @@ use super::cache::SLOT;
 use super::checkpoint::ChunkInfo;
 use super::chunk::{aligned_range, chunk_key, verify_blocks, CRC_BLOCK};
 use super::map::{Loc, WalLoc};
-use super::view::Source;
+use super::view::Resolved;
 use super::volume::Inner;
 use super::{wal, SECTOR};
 use crate::error::BlockError;
@@ -77,8 +77,8 @@ fn resolve(inner: &Inner, offset: u64, len: u64) -> Result<Option<Vec<Piece>>, B
                 for (s, l, source) in parent.resolve(p.start, p.len)? {
                     let (b0, b1) = at(s, l);
                     let src = match source {
-                        Source::Chunk { volume, info, off } => Src::Chunk(volume, info, off),
-                        Source::Zero | Source::Unmapped => Src::Zero,
+                        Resolved::Chunk { volume, info, off } => Src::Chunk(volume, info, off),
+                        Resolved::Zero => Src::Zero,
                     };
                     out.push((b0, b1, src));
                 }

@@ -26,12 +26,11 @@ use super::{check_range, BlockDevice, SECTOR};
 use crate::error::BlockError;
 use crate::store::DynStore;
 
-/// Where a run of a view's sectors reads from, through the parent chain.
+/// What a run of a view's sectors reads, through the parent chain (for
+/// the read paths: it carries the chunk's CRCs).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Source {
-    /// No layer of the chain maps it: zeros.
-    Unmapped,
-    /// Explicitly zeroed (trimmed or zeroed in a clone layer): zeros.
+pub enum Resolved {
+    /// Zeros: unmapped in every layer, or explicitly zeroed.
     Zero,
     /// Data at byte `off` of the data area of chunk `info` of `volume`.
     Chunk {
@@ -148,7 +147,7 @@ impl SnapshotView {
     /// Sectors `[start, start+len)` (inside the view) split into runs
     /// `(start, len, source)` in order, following unmapped runs down the
     /// parent chain (invariant 3).
-    pub fn resolve(&self, start: u64, len: u64) -> Result<Vec<(u64, u64, Source)>, BlockError> {
+    pub fn resolve(&self, start: u64, len: u64) -> Result<Vec<(u64, u64, Resolved)>, BlockError> {
         let mut out = Vec::new();
         for p in self.map.lookup(start, len) {
             match p.loc {
@@ -159,17 +158,17 @@ impl SnapshotView {
                             self.volume
                         ))
                     })?;
-                    let source = Source::Chunk {
+                    let source = Resolved::Chunk {
                         volume: self.volume,
                         info: info.clone(),
                         off,
                     };
                     out.push((p.start, p.len, source));
                 }
-                Some(Loc::Zero | Loc::Wal(_)) => out.push((p.start, p.len, Source::Zero)),
+                Some(Loc::Zero | Loc::Wal(_)) => out.push((p.start, p.len, Resolved::Zero)),
                 None => match &self.parent {
                     Some(parent) => out.extend(parent.resolve(p.start, p.len)?),
-                    None => out.push((p.start, p.len, Source::Unmapped)),
+                    None => out.push((p.start, p.len, Resolved::Zero)),
                 },
             }
         }
@@ -214,10 +213,10 @@ impl BlockDevice for SnapshotView {
             let b0 = (start * SECTOR - offset) as usize;
             let dst = &mut buf[b0..b0 + (len * SECTOR) as usize];
             match source {
-                Source::Chunk { volume, info, off } => {
+                Resolved::Chunk { volume, info, off } => {
                     self.read_chunk(volume, &info, off, dst).await?
                 }
-                Source::Zero | Source::Unmapped => dst.fill(0),
+                Resolved::Zero => dst.fill(0),
             }
         }
         Ok(())
