@@ -346,6 +346,27 @@ async fn flatten_survives_crashes_and_frees_the_parent() {
     assert!(e.to_string().contains("c@before"), "{e}");
     env.snaps.delete("c@before").await.unwrap();
 
+    // Dropping the parent before the copy is refused.
+    let c = env.catalog.get("c").await.unwrap();
+    let lease = Lease::acquire(
+        env.store.clone(),
+        c.id,
+        "flatten-test",
+        Duration::from_secs(60),
+        env.clock.clone(),
+    )
+    .await
+    .unwrap();
+    let e = finish_flatten(&env.store, c.id, SIZE, lease.epoch())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("still read from the parent"), "{e}");
+    lease.release().await.unwrap();
+    assert!(
+        env.read("c").await == want,
+        "a refused finish changes nothing"
+    );
+
     // Crash right after the copy, before the manifest drops the parent.
     let o = env.open("c").await.unwrap();
     let stats = copy_parent_data(&o.vol, |_, _| {}).await.unwrap();
@@ -369,7 +390,7 @@ async fn flatten_survives_crashes_and_frees_the_parent() {
     )
     .await
     .unwrap();
-    assert!(finish_flatten(&env.store, c.id, lease.epoch())
+    assert!(finish_flatten(&env.store, c.id, SIZE, lease.epoch())
         .await
         .unwrap());
     lease.release().await.unwrap();
