@@ -76,7 +76,8 @@ pub trait BlockDevice: Send + Sync {
     async fn flush(&self) -> Result<(), BlockError>;
     /// Discard a range: it reads as zeros afterwards and its space may be freed.
     async fn trim(&self, offset: u64, len: u64) -> Result<(), BlockError>;
-    /// Zero a range (stored as unmapped, so it takes no space).
+    /// Zero a range (stored as unmapped, or in a clone as a zero range that
+    /// hides the parent; either way it takes no space).
     async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), BlockError>;
 }
 
