@@ -27,6 +27,7 @@ pub mod chunk;
 mod commit;
 pub mod config;
 mod destage;
+pub mod diff;
 pub mod error;
 pub mod map;
 pub mod memdisk;
