@@ -44,12 +44,13 @@ fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()>
     Ok(())
 }
 
-/// Write the first `len` bytes of `file` to the start of `dev`, which
+/// Write the first `len` bytes of `file` (opened from `path`) to the start of `dev`, which
 /// reads as zeros beforehand; a final partial sector is padded with zeros.
 /// `dev` must hold at least `len` bytes rounded up to a sector.
 pub async fn write_raw(
     dev: &dyn BlockDevice,
     file: &File,
+    path: &Path,
     len: u64,
     progress: &dyn Progress,
 ) -> Result<RawImportStats, TransferError> {
@@ -60,7 +61,11 @@ pub async fn write_raw(
             dev.size()
         )));
     }
-    let segments = data_segments(file, len).map_err(TransferError::Output)?;
+    let file_err = |source| TransferError::File {
+        path: path.to_path_buf(),
+        source,
+    };
+    let segments = data_segments(file, len).map_err(file_err)?;
     let mut stats = RawImportStats::default();
     progress.start("import", len);
     let result = async {
@@ -73,7 +78,7 @@ pub async fn write_raw(
             progress.advance(off.min(len) - done.min(len));
             while off < e {
                 let n = (e - off).min(COPY_BLOCK) as usize;
-                read_full_at(file, &mut buf[..n], off).map_err(TransferError::Output)?;
+                read_full_at(file, &mut buf[..n], off).map_err(file_err)?;
                 stats.read_bytes += n as u64;
                 for (a, b) in nonzero_runs(&buf[..n], off, HOLE_GRANULE) {
                     dev.write(off + a as u64, &buf[a..b], false).await?;

@@ -50,16 +50,16 @@ impl Progress for NoProgress {
 /// Failures of exports and imports.
 #[derive(Debug, thiserror::Error)]
 pub enum TransferError {
-    #[error("{}: {source}", .path.display())]
+    #[error("{}", .path.display())]
     File {
         path: PathBuf,
         source: std::io::Error,
     },
     #[error("{} already exists; pass --force to overwrite it", .0.display())]
     Exists(PathBuf),
-    #[error("{}: {source}", .path.display())]
+    #[error("{}", .path.display())]
     Delta { path: PathBuf, source: DeltaError },
-    #[error("cannot write the output: {0}")]
+    #[error("cannot write the output")]
     Output(#[source] std::io::Error),
     #[error("{0}")]
     Block(#[from] BlockError),

@@ -88,7 +88,7 @@ pub async fn import_raw(
     let result = async {
         let attached = attach(cfg, name).await?;
         let volume = attached.volume.clone();
-        let written = write_raw(volume.as_ref(), &file, len, progress).await;
+        let written = write_raw(volume.as_ref(), &file, path, len, progress).await;
         drop(volume);
         let closed = attached.close().await;
         let stats = written?;
