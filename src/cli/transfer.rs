@@ -1,5 +1,5 @@
 //! `shale diff`, `shale export` and `shale import`: snapshots as files.
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -12,6 +12,7 @@ use shale::engine::diff::{diff_views, DiffKind};
 use shale::engine::view::SnapshotView;
 use shale::engine::BlockDevice;
 use shale::error::Bytes;
+use shale::transfer::delta::DeltaReader;
 use shale::transfer::export::{export_delta, export_full, OutputFile};
 use shale::transfer::sparse::RawSink;
 use shale::transfer::volumes::{import_delta, import_raw, is_delta};
@@ -141,6 +142,11 @@ pub fn diff(config: Option<&Path>, a: DiffArgs) -> anyhow::Result<()> {
 pub fn export(config: Option<&Path>, a: ExportArgs) -> anyhow::Result<()> {
     let cfg = Config::load(config)?;
     let to_stdout = a.file.as_os_str() == "-";
+    if to_stdout && std::io::stdout().is_terminal() {
+        anyhow::bail!(
+            "standard output is a terminal; redirect it (`> FILE`, `| ...`) or give a FILE"
+        );
+    }
     runtime()?.block_on(async {
         let snaps = snapshots(&cfg).await?;
         let (target, target_name) = view(&snaps, &a.spec).await?;
@@ -214,6 +220,16 @@ pub fn import(config: Option<&Path>, a: ImportArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async {
         let progress = TermProgress::stderr();
         if delta {
+            let file = std::fs::File::open(&a.file)
+                .with_context(|| format!("cannot open {}", a.file.display()))?;
+            let header = DeltaReader::new(std::io::BufReader::new(file))
+                .with_context(|| a.file.display().to_string())?
+                .header()
+                .clone();
+            println!(
+                "applying the changes from {} to {} to volume {} (it must hold {})",
+                header.base, header.target, a.volume, header.base
+            );
             let (h, t) = import_delta(&cfg, &a.file, &a.volume, &progress).await?;
             println!(
                 "applied the changes from {} to {} to volume {}: {} of data, {} of zeros",
