@@ -78,8 +78,10 @@ impl Env {
             .expect("create");
     }
 
-    /// `ops` random writes, trims and zeroings on volume `name`.
-    async fn random_ops(&self, name: &str, rng: &mut Rng, ops: usize) {
+    /// `ops` random writes, trims and zeroings on volume `name`; returns
+    /// which sectors they touched.
+    async fn random_ops(&self, name: &str, rng: &mut Rng, ops: usize) -> Vec<bool> {
+        let mut touched = vec![false; (SIZE / SECTOR) as usize];
         let attached = attach(&self.cfg, name).await.expect("attach");
         let vol = attached.volume.clone();
         let sectors = SIZE / SECTOR;
@@ -87,6 +89,7 @@ impl Env {
             let start = rng.below(sectors);
             let len = 1 + rng.below((sectors - start).min(256));
             let (off, bytes) = (start * SECTOR, len * SECTOR);
+            touched[start as usize..(start + len) as usize].fill(true);
             match rng.below(8) {
                 0 => vol.trim(off, bytes).await.expect("trim"),
                 1 => vol.write_zeroes(off, bytes, false).await.expect("zero"),
@@ -101,6 +104,7 @@ impl Env {
         }
         drop(vol);
         attached.close().await.expect("close");
+        touched
     }
 
     async fn read_volume(&self, name: &str) -> Vec<u8> {
@@ -141,7 +145,7 @@ async fn diff_is_exact_and_deltas_reproduce_the_newer_snapshot() {
         env.create("vol").await;
         env.random_ops("vol", &mut rng, 60).await;
         env.snaps.create("vol@a", 1).await.expect("snapshot a");
-        env.random_ops("vol", &mut rng, 25).await;
+        let touched = env.random_ops("vol", &mut rng, 25).await;
         env.snaps.create("vol@b", 2).await.expect("snapshot b");
         // Later writes to the volume must not show in either snapshot.
         env.random_ops("vol", &mut rng, 10).await;
@@ -167,6 +171,7 @@ async fn diff_is_exact_and_deltas_reproduce_the_newer_snapshot() {
             }
             for i in s0..s1 {
                 in_range[i as usize] = true;
+                assert!(touched[i as usize], "seed {seed}: sector {i} never written");
             }
         }
         for i in 0..SIZE / SECTOR {
@@ -227,4 +232,78 @@ fn check_only_diff_was_read(delta: &Path, diff: &shale::engine::diff::Diff) {
             "record {off}+{len} outside the diff"
         );
     }
+}
+
+/// Clones read through to their parent snapshot, so a diff between the
+/// parent snapshot and a snapshot of a clone (of a clone) lists only what
+/// the clones wrote, and a delta between them reproduces the clone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn diff_and_delta_across_a_clone_lineage() {
+    let env = Env::new().await;
+    let mut rng = Rng(0x1234_5678_9abc_def1);
+    env.create("vol").await;
+    env.random_ops("vol", &mut rng, 40).await;
+    env.snaps.create("vol@a", 1).await.expect("snapshot a");
+    env.snaps
+        .clone_volume("vol@a", "child", 2)
+        .await
+        .expect("clone");
+    let mut touched = env.random_ops("child", &mut rng, 15).await;
+    env.snaps.create("child@c", 3).await.expect("snapshot c");
+    env.snaps
+        .clone_volume("child@c", "grandchild", 4)
+        .await
+        .expect("clone of clone");
+    let more = env.random_ops("grandchild", &mut rng, 15).await;
+    for (t, m) in touched.iter_mut().zip(more) {
+        *t |= m;
+    }
+    env.snaps
+        .create("grandchild@g", 5)
+        .await
+        .expect("snapshot g");
+
+    let a = env.view("vol@a").await;
+    let g = env.view("grandchild@g").await;
+    let (img_a, img_g) = (read_all(&a).await, read_all(&g).await);
+    // A clone with no writes of its own has no diff to its parent.
+    env.snaps
+        .clone_volume("vol@a", "idle", 6)
+        .await
+        .expect("idle clone");
+    env.snaps.create("idle@i", 7).await.expect("snapshot i");
+    let idle = env.view("idle@i").await;
+    assert_eq!(diff_views(&a, &idle).ranges, vec![]);
+
+    let diff = diff_views(&a, &g);
+    assert!(!diff.ranges.is_empty());
+    let mut covered = vec![false; (SIZE / SECTOR) as usize];
+    for r in &diff.ranges {
+        for i in r.offset / SECTOR..(r.offset + r.len) / SECTOR {
+            covered[i as usize] = true;
+            // Only what the clones wrote differs from the shared parent.
+            assert!(touched[i as usize], "sector {i} listed but never written");
+        }
+    }
+    for i in 0..SIZE / SECTOR {
+        if !covered[i as usize] {
+            assert_eq!(sector(&img_a, i), sector(&img_g, i), "sector {i}");
+        }
+    }
+
+    let raw = env.path("a.img");
+    let sink = RawSink::sparse(std::fs::File::create(&raw).expect("create"), SIZE).expect("sink");
+    export_full(&a, sink, &NoProgress).await.expect("export");
+    import_raw(&env.cfg, &raw, "restored", None, 8, &NoProgress)
+        .await
+        .expect("import");
+    let delta = env.path("a-g.delta");
+    let out = std::fs::File::create(&delta).expect("create delta");
+    export_delta(&a, &g, ("vol@a", "grandchild@g"), out, &NoProgress)
+        .await
+        .expect("export delta");
+    import_delta(&env.cfg, &delta, "restored", &NoProgress)
+        .await
+        .expect("apply delta");
+    assert_eq!(env.read_volume("restored").await, img_g);
 }

@@ -6,6 +6,10 @@
 //!    CRCs; a mismatch or a missing chunk is [`BlockError::Io`].
 //! 2. Writes, trims and zeroing fail with [`BlockError::ReadOnly`] and change
 //!    nothing; `flush` succeeds (there is nothing to make durable).
+//! 3. A view of a clone's snapshot (or a clone's parent) has a `parent`
+//!    view: ranges unmapped in this map read from it, to any depth;
+//!    [`Loc::Zero`] ranges read as zeros. A view without a parent reads
+//!    unmapped ranges as zeros.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,8 +18,10 @@ use async_trait::async_trait;
 
 use super::checkpoint::{Checkpoint, ChunkInfo};
 use super::chunk::{aligned_range, chunk_key, verify_blocks};
+use super::clone::load_chain;
 use super::error::EngineError;
 use super::map::{ExtentMap, Loc};
+use super::snapshot::{ParentRef, SnapshotObject};
 use super::{check_range, BlockDevice, SECTOR};
 use crate::error::BlockError;
 use crate::store::DynStore;
@@ -79,6 +85,8 @@ pub struct SnapshotView {
     size: u64,
     map: ExtentMap,
     chunks: HashMap<u64, Arc<ChunkInfo>>,
+    /// What unmapped ranges read through to (invariant 3).
+    parent: Option<Arc<SnapshotView>>,
 }
 
 impl std::fmt::Debug for SnapshotView {
@@ -116,43 +124,107 @@ impl SnapshotView {
             size,
             map,
             chunks,
+            parent: None,
         })
     }
 
-    /// Sector ranges `(start, len)` that hold data (not unmapped).
+    /// A view of snapshot `snap` as a device of `size` bytes, reading
+    /// through to its parent chain (if it is a clone's snapshot).
+    pub async fn of_snapshot(
+        store: DynStore,
+        snap: &SnapshotObject,
+        size: u64,
+    ) -> Result<SnapshotView, EngineError> {
+        let parent = match snap.parent {
+            Some(p) => Some(Arc::new(Self::of_parent(store.clone(), p, size).await?)),
+            None => None,
+        };
+        let mut view = SnapshotView::new(store, &snap.checkpoint, size)?;
+        view.parent = parent;
+        Ok(view)
+    }
+
+    /// The view a clone reads through to: snapshot `parent` and its own
+    /// parents, every layer `size` bytes. Fails with
+    /// [`EngineError::Parent`] if a snapshot in the chain is missing or
+    /// corrupt, or the chain loops.
+    pub async fn of_parent(
+        store: DynStore,
+        parent: ParentRef,
+        size: u64,
+    ) -> Result<SnapshotView, EngineError> {
+        let chain = load_chain(&store, parent).await?;
+        let mut view: Option<SnapshotView> = None;
+        for snap in chain.iter().rev() {
+            let mut layer = SnapshotView::new(store.clone(), &snap.checkpoint, size)?;
+            layer.parent = view.map(Arc::new);
+            view = Some(layer);
+        }
+        view.ok_or_else(|| EngineError::Parent {
+            volume: parent.volume,
+            reason: "empty parent chain".into(),
+        })
+    }
+
+    /// Sector ranges `(start, len)` this layer's own map holds (data or
+    /// explicit zeros; not what it reads through to its parent).
     pub fn mapped_ranges(&self) -> Vec<(u64, u64)> {
         self.map.iter().map(|(s, l, _)| (s, l)).collect()
     }
 
+    /// The view unmapped ranges read through to, if any.
+    pub fn parent(&self) -> Option<&Arc<SnapshotView>> {
+        self.parent.as_ref()
+    }
+
+    /// Number of layers: 1 plus the parent's depth.
+    pub fn depth(&self) -> usize {
+        1 + self.parent.as_ref().map_or(0, |p| p.depth())
+    }
+
     /// Where every byte of the view comes from: ranges in ascending order
-    /// that cover `[0, size)` exactly, without gaps or overlaps. Adjacent
-    /// ranges never continue each other (merged where the map merged them).
+    /// that cover `[0, size)` exactly, without gaps or overlaps. Ranges
+    /// unmapped in this layer take their parent's sources (to any depth);
+    /// only ranges unmapped in every layer are [`Source::Unmapped`].
     /// Chunks are immutable, so two ranges with the same [`Source::Data`]
     /// hold the same bytes; nothing is read to answer this.
     pub fn sources(&self) -> Vec<SourceRange> {
-        self.map
-            .lookup(0, self.size / SECTOR)
-            .into_iter()
-            .map(|p| SourceRange {
+        let mut out = Vec::new();
+        self.sources_in(0, self.size / SECTOR, &mut out);
+        out
+    }
+
+    /// Append the sources of sectors `[start, start+len)` to `out`.
+    fn sources_in(&self, start: u64, len: u64, out: &mut Vec<SourceRange>) {
+        for p in self.map.lookup(start, len) {
+            let source = match p.loc {
+                None => match &self.parent {
+                    Some(parent) => {
+                        parent.sources_in(p.start, p.len, out);
+                        continue;
+                    }
+                    None => Source::Unmapped,
+                },
+                // WAL locations never occur in a checkpoint's map.
+                Some(Loc::Wal(_)) => Source::Unmapped,
+                Some(Loc::Zero) => Source::Zero,
+                Some(Loc::Chunk { chunk, off }) => match self.chunks.get(&chunk) {
+                    Some(info) => Source::Data {
+                        volume: self.volume,
+                        chunk,
+                        epoch: info.epoch,
+                        offset: off,
+                    },
+                    // `new` checked every extent names a listed chunk.
+                    None => Source::Unmapped,
+                },
+            };
+            out.push(SourceRange {
                 offset: p.start * SECTOR,
                 len: p.len * SECTOR,
-                source: match p.loc {
-                    // WAL locations never occur in a checkpoint's map.
-                    None | Some(Loc::Wal(_)) => Source::Unmapped,
-                    Some(Loc::Zero) => Source::Zero,
-                    Some(Loc::Chunk { chunk, off }) => match self.chunks.get(&chunk) {
-                        Some(info) => Source::Data {
-                            volume: self.volume,
-                            chunk,
-                            epoch: info.epoch,
-                            offset: off,
-                        },
-                        // `new` checked every extent names a listed chunk.
-                        None => Source::Unmapped,
-                    },
-                },
-            })
-            .collect()
+                source,
+            });
+        }
     }
 
     async fn read_chunk(
@@ -198,7 +270,11 @@ impl BlockDevice for SnapshotView {
                     })?;
                     self.read_chunk(info, off, dst).await?;
                 }
-                _ => dst.fill(0),
+                None => match &self.parent {
+                    Some(parent) => parent.read(p.start * SECTOR, dst).await?,
+                    None => dst.fill(0),
+                },
+                Some(Loc::Zero | Loc::Wal(_)) => dst.fill(0),
             }
         }
         Ok(())
