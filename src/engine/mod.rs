@@ -31,6 +31,7 @@ pub mod clone;
 mod commit;
 pub mod config;
 mod destage;
+pub mod diff;
 pub mod error;
 pub mod map;
 pub mod memdisk;

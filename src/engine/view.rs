@@ -40,6 +40,58 @@ pub enum Resolved {
     },
 }
 
+/// Where a range of a view's bytes comes from (see [`SnapshotView::sources`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Source {
+    /// Nothing was ever written there (or it was trimmed): reads as zeros.
+    Unmapped,
+    /// Explicitly zeroed: reads as zeros.
+    Zero,
+    /// Bytes in chunk `chunk` (written at `epoch`) of volume `volume`,
+    /// starting at byte `offset` of its data area.
+    Data {
+        volume: u64,
+        chunk: u64,
+        epoch: u64,
+        offset: u64,
+    },
+}
+
+impl Source {
+    /// True when the range reads as zeros without any I/O.
+    pub fn is_zero(&self) -> bool {
+        matches!(self, Source::Unmapped | Source::Zero)
+    }
+
+    /// The source `bytes` further on (a multiple of the sector size).
+    pub fn advance(&self, bytes: u64) -> Source {
+        match *self {
+            Source::Data {
+                volume,
+                chunk,
+                epoch,
+                offset,
+            } => Source::Data {
+                volume,
+                chunk,
+                epoch,
+                offset: offset + bytes,
+            },
+            other => other,
+        }
+    }
+}
+
+/// A byte range of a view and where its bytes come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SourceRange {
+    /// Byte offset in the view (a multiple of the sector size).
+    pub offset: u64,
+    /// Length in bytes (a non-zero multiple of the sector size).
+    pub len: u64,
+    pub source: Source,
+}
+
 /// A read-only view of a frozen map of volume `volume`.
 pub struct SnapshotView {
     store: DynStore,
@@ -173,6 +225,51 @@ impl SnapshotView {
             }
         }
         Ok(out)
+    }
+
+    /// Where every byte of the view comes from: ranges in ascending order
+    /// that cover `[0, size)` exactly, without gaps or overlaps. Ranges
+    /// unmapped in this layer take their parent's sources (to any depth);
+    /// only ranges unmapped in every layer are [`Source::Unmapped`].
+    /// Chunks are immutable, so two ranges with the same [`Source::Data`]
+    /// hold the same bytes; nothing is read to answer this.
+    pub fn sources(&self) -> Vec<SourceRange> {
+        let mut out = Vec::new();
+        self.sources_in(0, self.size / SECTOR, &mut out);
+        out
+    }
+
+    /// Append the sources of sectors `[start, start+len)` to `out`.
+    fn sources_in(&self, start: u64, len: u64, out: &mut Vec<SourceRange>) {
+        for p in self.map.lookup(start, len) {
+            let source = match p.loc {
+                None => match &self.parent {
+                    Some(parent) => {
+                        parent.sources_in(p.start, p.len, out);
+                        continue;
+                    }
+                    None => Source::Unmapped,
+                },
+                // WAL locations never occur in a checkpoint's map.
+                Some(Loc::Wal(_)) => Source::Unmapped,
+                Some(Loc::Zero) => Source::Zero,
+                Some(Loc::Chunk { chunk, off }) => match self.chunks.get(&chunk) {
+                    Some(info) => Source::Data {
+                        volume: self.volume,
+                        chunk,
+                        epoch: info.epoch,
+                        offset: off,
+                    },
+                    // `new` checked every extent names a listed chunk.
+                    None => Source::Unmapped,
+                },
+            };
+            out.push(SourceRange {
+                offset: p.start * SECTOR,
+                len: p.len * SECTOR,
+                source,
+            });
+        }
     }
 
     async fn read_chunk(
