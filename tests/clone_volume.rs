@@ -485,3 +485,31 @@ async fn parent_data_is_cached() {
     assert!(buf[64 * K..] == image[64 * K..128 * K]);
     env.close(o).await;
 }
+
+/// The parent volume keeps writing (its GC deletes chunks its own map no
+/// longer needs) and is rolled back; the clone still reads the snapshot's
+/// data, because the snapshot keeps its chunks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parent_gc_and_rollback_spare_what_clones_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = Env::new(dir.path());
+    let want = parent_with_snapshot(&env).await;
+    env.snaps.clone_volume("p@s", "c", 0).await.unwrap();
+    let o = env.open("p").await.unwrap();
+    for round in 0..6u8 {
+        o.vol
+            .write(0, &pattern(10 + round, SIZE as usize), false)
+            .await
+            .unwrap();
+        o.vol.flush().await.unwrap();
+    }
+    o.vol.close().await.unwrap();
+    let deleted = o.vol.stats().chunks_deleted;
+    o.lease.release().await.unwrap();
+    assert!(deleted > 0, "the parent's GC must have run");
+    env.snaps.create("p@t", 0).await.unwrap();
+    env.snaps.rollback("p@s").await.unwrap();
+    env.snaps.rollback("p@t").await.unwrap();
+    assert!(env.read("p").await == pattern(15, SIZE as usize));
+    assert!(env.read("c").await == want, "clone lost its parent's data");
+}
