@@ -85,6 +85,8 @@ pub struct State {
     pub closing: bool,
     /// Consecutive failed destage attempts.
     pub destage_failures: u32,
+    /// The pool's terms for this volume (see [`super::space`]).
+    pub space: super::space::SpaceState,
 }
 
 impl State {
