@@ -133,7 +133,7 @@ pub fn run(config: Option<&Path>, cmd: VolumeCmd) -> anyhow::Result<()> {
         };
         match cmd {
             VolumeCmd::Create { name, size, thick } => {
-                create(&catalog().await?, &name, size, thick).await
+                create(&cfg, &catalog().await?, &name, size, thick).await
             }
             VolumeCmd::List { json } => list(&catalog().await?, json).await,
             VolumeCmd::Info { name, json } => info(&cfg, &catalog().await?, &name, json).await,
@@ -145,7 +145,14 @@ pub fn run(config: Option<&Path>, cmd: VolumeCmd) -> anyhow::Result<()> {
     })
 }
 
-async fn create(catalog: &Catalog, name: &str, size: u64, thick: bool) -> anyhow::Result<()> {
+async fn create(
+    cfg: &Config,
+    catalog: &Catalog,
+    name: &str,
+    size: u64,
+    thick: bool,
+) -> anyhow::Result<()> {
+    let pool = super::pool::check_create(cfg, catalog, size, thick).await?;
     let now_ms = SystemClock.now().as_millis() as u64;
     let rec = catalog.create(name, size, thick, now_ms).await?;
     println!(
@@ -155,6 +162,7 @@ async fn create(catalog: &Catalog, name: &str, size: u64, thick: bool) -> anyhow
         format_size(rec.size),
         if rec.thick { "thick" } else { "thin" }
     );
+    super::pool::warn_created(pool, size, thick);
     Ok(())
 }
 
@@ -191,6 +199,7 @@ async fn info(cfg: &Config, catalog: &Catalog, name: &str, json: bool) -> anyhow
     let usage = catalog.usage(&rec).await?;
     let prefix = shale::catalog::volume_prefix(rec.id);
     let local_dir = cfg.volume_dir(rec.id);
+    let space = super::pool::volume_space(catalog, &rec).await;
     if json {
         let value = serde_json::json!({
             "record": rec,
@@ -198,6 +207,7 @@ async fn info(cfg: &Config, catalog: &Catalog, name: &str, json: bool) -> anyhow
             "stored_objects": usage.objects,
             "stored_bytes": usage.bytes,
             "local_dir": local_dir,
+            "space": space,
         });
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
@@ -210,6 +220,7 @@ async fn info(cfg: &Config, catalog: &Catalog, name: &str, json: bool) -> anyhow
         usage.objects
     );
     println!("local dir:      {}", local_dir.display());
+    super::pool::print_volume_space(&space);
     Ok(())
 }
 
@@ -292,7 +303,7 @@ fn state_name(s: VolumeState) -> &'static str {
 }
 
 /// Left-aligned columns separated by two spaces.
-fn render_table<const N: usize>(rows: &[[String; N]]) -> String {
+pub fn render_table<const N: usize>(rows: &[[String; N]]) -> String {
     let mut widths = [0usize; N];
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
