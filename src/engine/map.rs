@@ -178,9 +178,11 @@ impl ExtentMap {
 
     fn count_removed(&mut self, removed: &[Piece]) {
         for p in removed {
-            self.data_bytes -= p.data_bytes();
+            // Exact by invariant 5; saturating only so a broken invariant
+            // can never panic a request path.
+            self.data_bytes = self.data_bytes.saturating_sub(p.data_bytes());
             if let Some((set, n)) = &mut self.tracked {
-                *n -= p.bytes_in(set);
+                *n = n.saturating_sub(p.bytes_in(set));
             }
         }
     }

@@ -136,39 +136,60 @@ pub struct MapUsage {
     pub snapshot_unique: Vec<u64>,
 }
 
-/// Space of `live` with snapshots `snaps` (their frozen checkpoints).
-/// Costs O(k² · extents) for k snapshots: meant for reports, not the I/O path.
+/// Space of `live` with snapshots `snaps` (their frozen checkpoints), by
+/// one sweep over every chunk location the maps reference: O(E log E) for
+/// E extents in all.
 pub fn usage_of(live: &ExtentMap, snaps: &[&Checkpoint]) -> MapUsage {
-    let all = LocSet::from_checkpoints(snaps.iter().copied());
-    let mut tracked = live.clone();
-    let all = Arc::new(all);
-    tracked.track(Some(all.clone()));
-    let live_bytes = tracked.data_bytes();
-    let snapshot_only = all.bytes() - tracked.shared_bytes();
-    let snapshot_unique = (0..snaps.len())
-        .map(|i| {
-            let mut others = LocSet::new();
-            for (j, cp) in snaps.iter().enumerate() {
-                if j != i {
-                    others.add_checkpoint(cp);
+    let live_idx = snaps.len();
+    // (chunk, byte position, +1 / -1, map index): each extent opens and
+    // closes an interval of chunk locations.
+    let mut events: Vec<(u64, u64, i64, usize)> = Vec::new();
+    let mut push = |chunk: u64, off: u64, bytes: u64, idx: usize| {
+        events.push((chunk, off, 1, idx));
+        events.push((chunk, off.saturating_add(bytes), -1, idx));
+    };
+    for (i, cp) in snaps.iter().enumerate() {
+        for &(_, len, chunk, off) in &cp.extents {
+            push(chunk, off, len.saturating_mul(SECTOR), i);
+        }
+    }
+    for (_, len, loc) in live.iter() {
+        if let super::map::Loc::Chunk { chunk, off } = loc {
+            push(chunk, off, len * SECTOR, live_idx);
+        }
+    }
+    events.sort_unstable();
+    let mut snapshot_unique = vec![0u64; snaps.len()];
+    let mut snapshot_only = 0u64;
+    // Maps covering the current segment: how many, the sum of their
+    // indices (the one index when exactly one covers it), and whether the
+    // live map is among them.
+    let (mut count, mut idx_sum, mut live_count) = (0i64, 0usize, 0i64);
+    let mut prev: Option<(u64, u64)> = None;
+    for (chunk, pos, delta, idx) in events {
+        if let Some((pc, pp)) = prev {
+            if pc == chunk && pos > pp && count > 0 && live_count == 0 {
+                let len = pos - pp;
+                snapshot_only += len;
+                if count == 1 {
+                    if let Some(u) = snapshot_unique.get_mut(idx_sum) {
+                        *u += len;
+                    }
                 }
             }
-            for (_, len, loc) in live.iter() {
-                if let super::map::Loc::Chunk { chunk, off } = loc {
-                    others.insert(chunk, off, len * SECTOR);
-                }
-            }
-            let mut own = LocSet::new();
-            own.add_checkpoint(snaps[i]);
-            let held_elsewhere: u64 = own
-                .chunks
-                .iter()
-                .flat_map(|(&c, ivs)| ivs.iter().map(move |(&s, &e)| (c, s, e)))
-                .map(|(c, s, e)| others.overlap(c, s, e - s))
-                .sum();
-            own.bytes() - held_elsewhere
-        })
-        .collect();
+        }
+        count += delta;
+        if delta > 0 {
+            idx_sum += idx;
+        } else {
+            idx_sum = idx_sum.wrapping_sub(idx);
+        }
+        if idx == live_idx {
+            live_count += delta;
+        }
+        prev = Some((chunk, pos));
+    }
+    let live_bytes = live.data_bytes();
     MapUsage {
         used: live_bytes + snapshot_only,
         live: live_bytes,
@@ -204,7 +225,7 @@ impl State {
     /// Live data plus data held only by snapshots (see the module docs).
     pub fn used_bytes(&self) -> u64 {
         let refs = self.live.tracked().map_or(0, |s| s.bytes());
-        self.live.data_bytes() + refs - self.live.shared_bytes()
+        (self.live.data_bytes() + refs).saturating_sub(self.live.shared_bytes())
     }
 }
 
@@ -282,7 +303,7 @@ impl Volume {
         SpaceUsage {
             used,
             live,
-            snapshot_only: used - live,
+            snapshot_only: used.saturating_sub(live),
             limit: st.space.limit,
             reserve: st.space.reserve,
         }
