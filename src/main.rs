@@ -38,6 +38,9 @@ enum Command {
     /// Pool capacity and space: shale pool status.
     #[command(subcommand)]
     Pool(cli::pool::PoolCmd),
+    /// Copy what a clone reads from its parent snapshot into it, so it
+    /// stands alone: shale flatten VOLUME.
+    Flatten(cli::snapshot::FlattenArgs),
     /// Serve volumes over NBD.
     #[command(subcommand)]
     Nbd(cli::nbd::NbdCmd),
@@ -73,6 +76,7 @@ fn main() -> ExitCode {
             | Command::Snapshot(_)
             | Command::Clone(_)
             | Command::Pool(_)
+            | Command::Flatten(_)
     ) {
         restore_default_sigpipe();
     }
@@ -82,6 +86,7 @@ fn main() -> ExitCode {
         Command::Snapshot(cmd) => cli::snapshot::run(cli.config.as_deref(), cmd),
         Command::Clone(a) => cli::snapshot::clone(cli.config.as_deref(), a),
         Command::Pool(cmd) => cli::pool::run(cli.config.as_deref(), cmd),
+        Command::Flatten(a) => cli::snapshot::flatten(cli.config.as_deref(), a),
         Command::Nbd(cmd) => cli::nbd::run(cli.config.as_deref(), cmd),
         Command::Add(a) => cli::ublk::add(cli.config.as_deref(), a),
         Command::Del(a) => cli::ublk::del(cli.config.as_deref(), a),
