@@ -132,8 +132,12 @@ fn engine_cfg() -> EngineConfig {
 }
 
 async fn open(store: &DynStore, dir: &Path, epoch: u64) -> Arc<Volume> {
+    open_id(store, dir, ID, epoch).await
+}
+
+async fn open_id(store: &DynStore, dir: &Path, id: u64, epoch: u64) -> Arc<Volume> {
     let params = VolumeParams {
-        id: ID,
+        id,
         size: SIZE,
         epoch,
         local_dir: dir.to_path_buf(),
@@ -352,4 +356,43 @@ async fn snapshots_pin_overwritten_data_and_reserve_admits() {
         "delete frees the pinned block"
     );
     vol.close().await.unwrap();
+}
+
+/// A clone counts only its own data: ranges it reads through its parent
+/// take nothing, and trims over them (kept as zero ranges) take nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clone_counts_only_its_own_data() {
+    let store: DynStore = Arc::new(MemoryStore::new());
+    let dir = tempfile::tempdir().unwrap();
+    let parent = open(&store, dir.path(), 1).await;
+    for b in 0..16u64 {
+        parent.write(b * 4096, &block(b), false).await.unwrap();
+    }
+    parent.close().await.unwrap();
+    let snap = take_snapshot(&store, ID, "base", 0).await.unwrap();
+    let clone_id = ID + 1;
+    crate::engine::clone::write_clone(&store, &snap, clone_id)
+        .await
+        .unwrap();
+    let clone_dir = tempfile::tempdir().unwrap();
+    let clone = open_id(&store, clone_dir.path(), clone_id, 1).await;
+    assert_eq!(clone.space_usage().used, 0, "reads through, owns nothing");
+    clone.write(0, &block(70), false).await.unwrap();
+    clone.write(40 * 4096, &block(71), false).await.unwrap();
+    clone.trim(4 * 4096, 4 * 4096).await.unwrap();
+    clone.write_zeroes(41 * 4096, 4096, false).await.unwrap();
+    check(&clone, &[], "clone");
+    assert_eq!(clone.space_usage().used, 2 * 4096);
+    clone.set_space_limit(Some(2 * 4096));
+    clone.trim(40 * 4096, 4096).await.unwrap();
+    clone.write(50 * 4096, &block(72), false).await.unwrap();
+    assert_eq!(
+        clone.write(51 * 4096, &block(73), false).await.unwrap_err(),
+        BlockError::NoSpace
+    );
+    clone.close().await.unwrap();
+    let clone = open_id(&store, clone_dir.path(), clone_id, 2).await;
+    check(&clone, &[], "clone reopened");
+    assert_eq!(clone.space_usage().used, 2 * 4096);
+    clone.close().await.unwrap();
 }
