@@ -74,7 +74,7 @@ async fn status(catalog: &Catalog, cfg: &PoolConfig, json: bool) -> anyhow::Resu
 fn print_status(st: &PoolStatus, warning: Option<&str>) {
     let pct = st
         .percent()
-        .map(|p| format!(" ({p:.1}% of capacity)"))
+        .map(|p| format!(" = {p:.1}% of capacity"))
         .unwrap_or_default();
     let ratio = st
         .overprovisioning()
@@ -124,7 +124,7 @@ fn print_status(st: &PoolStatus, warning: Option<&str>) {
                 Some(e) => format!("unknown ({e})"),
                 None => Bytes(v.used).to_string(),
             },
-            Bytes(v.charged).to_string(),
+            Bytes(v.allocated).to_string(),
             v.updated_ms
                 .map_or("now (computed)".to_string(), format_utc_ms),
         ]);

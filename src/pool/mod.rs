@@ -40,7 +40,7 @@ pub struct VolumeSpace {
     /// Bytes used (0 when `error` is set).
     pub used: u64,
     /// What counts against the capacity (see the module docs).
-    pub charged: u64,
+    pub allocated: u64,
     /// When the usage was published (ms since the Unix epoch); `None`
     /// when it was computed from the store just now.
     pub updated_ms: Option<u64>,
@@ -122,7 +122,7 @@ impl PoolStatus {
             .volumes
             .iter()
             .filter(|v| v.id != id)
-            .map(|v| v.charged)
+            .map(|v| v.allocated)
             .sum();
         self.capacity.map(|c| c.saturating_sub(others))
     }
@@ -168,7 +168,7 @@ pub async fn volume_space(store: &DynStore, rec: &VolumeRecord) -> VolumeSpace {
         size: rec.size,
         thick: rec.thick,
         used,
-        charged,
+        allocated: charged,
         updated_ms,
         error,
     }
@@ -185,7 +185,7 @@ pub async fn status(catalog: &Catalog, cfg: &PoolConfig) -> Result<PoolStatus, P
         warn_percent: cfg.warn_percent,
         used: volumes.iter().map(|v| v.used).sum(),
         reserved: volumes.iter().filter(|v| v.thick).map(|v| v.size).sum(),
-        allocated: volumes.iter().map(|v| v.charged).sum(),
+        allocated: volumes.iter().map(|v| v.allocated).sum(),
         provisioned: volumes.iter().map(|v| v.size).sum(),
         volumes,
     })
