@@ -28,6 +28,7 @@ fn cfg() -> EngineConfig {
         checkpoint_every_chunks: 100,
         cache_size: 1 << 20,
         store_read_timeout_ms: 60_000,
+        compact_below_percent: 25,
     }
 }
 

@@ -26,6 +26,7 @@ fn small_cfg() -> EngineConfig {
         checkpoint_every_chunks: 2,
         cache_size: 1 << 20,
         store_read_timeout_ms: 60_000,
+        compact_below_percent: 25,
     }
 }
 

@@ -46,6 +46,7 @@ fn cfg(durability: Durability) -> EngineConfig {
         checkpoint_every_chunks: 2,
         cache_size: 0,
         store_read_timeout_ms: 60_000,
+        compact_below_percent: 25,
     }
 }
 

@@ -62,9 +62,26 @@ pub enum ChunkError {
     DataCrc(u64),
 }
 
-/// Key of chunk `seq` written in `epoch`.
+/// Chunk ids with this bit set name compaction objects
+/// ([`super::compact`]): they live under [`compacted_prefix`], outside the
+/// normal chunk sequence that recovery replays, so they never form or
+/// break its chain.
+pub const COMPACTED_BIT: u64 = 1 << 63;
+
+/// Key of chunk `seq` written in `epoch` (a compaction object when `seq`
+/// has [`COMPACTED_BIT`]).
 pub fn chunk_key(volume: u64, seq: u64, epoch: u64) -> String {
-    format!("{}{seq:016x}-{epoch:08x}", chunk_prefix(volume))
+    let prefix = if seq & COMPACTED_BIT != 0 {
+        compacted_prefix(volume)
+    } else {
+        chunk_prefix(volume)
+    };
+    format!("{prefix}{seq:016x}-{epoch:08x}")
+}
+
+/// Prefix under which every compaction object of `volume` lives.
+pub fn compacted_prefix(volume: u64) -> String {
+    format!("volumes/{volume:016x}/compacted/")
 }
 
 /// Prefix under which every chunk of `volume` lives.
@@ -337,6 +354,13 @@ mod tests {
         let name = k.rsplit('/').next().unwrap();
         assert_eq!(parse_chunk_name(name), Some((17, 3)));
         assert_eq!(parse_chunk_name("zz-1"), None);
+        let c = chunk_key(0xab, COMPACTED_BIT | 5, 3);
+        assert_eq!(
+            c,
+            "volumes/00000000000000ab/compacted/8000000000000005-00000003"
+        );
+        let name = c.rsplit('/').next().unwrap();
+        assert_eq!(parse_chunk_name(name), Some((COMPACTED_BIT | 5, 3)));
         assert_eq!(parse_chunk_name("0000000000000011"), None);
     }
 

@@ -105,6 +105,13 @@ pub(crate) async fn final_checkpoint(inner: &Inner, root: &mut Root) -> Result<(
 /// Write a checkpoint of the store-side map, commit it, then delete the
 /// previous checkpoint and chunks nothing references any more.
 pub(crate) async fn checkpoint(inner: &Inner, root: &mut Root) -> Result<(), EngineError> {
+    // Sparse chunks drained here lose their last live sector, so this very
+    // checkpoint stops naming them and deletes them after it commits.
+    match super::compact::compact(inner).await {
+        Ok(()) => {}
+        Err(EngineError::Fenced(why)) => return Err(EngineError::Fenced(why)),
+        Err(e) => log::warn!("volume {:x}: compaction skipped: {e}", inner.id),
+    }
     let (cp, dead, old_key) = {
         let st = inner.shared.lock();
         let mut chunks = Vec::new();

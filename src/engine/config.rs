@@ -42,6 +42,10 @@ pub struct EngineConfig {
     /// transient store errors before it fails with EIO, in milliseconds.
     /// Default 60000; 100..=3_600_000.
     pub store_read_timeout_ms: u64,
+    /// At each checkpoint, rewrite the live data of chunks whose live share
+    /// fell below this percentage into a new object, so the sparse chunks
+    /// can be deleted. 0 disables compaction. Default 25; 0..=90.
+    pub compact_below_percent: u64,
 }
 
 impl Default for EngineConfig {
@@ -55,6 +59,7 @@ impl Default for EngineConfig {
             checkpoint_every_chunks: 64,
             cache_size: 1 << 30,
             store_read_timeout_ms: 60_000,
+            compact_below_percent: 25,
         }
     }
 }
@@ -113,6 +118,12 @@ impl EngineConfig {
             return err(
                 "store_read_timeout_ms",
                 format!("{} must be in 100..=3600000", self.store_read_timeout_ms),
+            );
+        }
+        if self.compact_below_percent > 90 {
+            return err(
+                "compact_below_percent",
+                format!("{} must be in 0..=90", self.compact_below_percent),
             );
         }
         Ok(())

@@ -436,7 +436,7 @@ fn build_chunk(
 
 /// Create `key`; an existing object with identical bytes (our own earlier
 /// attempt) counts as success, any other content means another writer.
-async fn put_create(inner: &Inner, key: &str, obj: Bytes) -> Result<(), EngineError> {
+pub(crate) async fn put_create(inner: &Inner, key: &str, obj: Bytes) -> Result<(), EngineError> {
     check_not_fenced(inner)?;
     match inner.store.put(key, obj.clone(), PutMode::Create).await {
         Ok(_) => Ok(()),

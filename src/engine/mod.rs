@@ -29,6 +29,7 @@ pub mod checkpoint;
 pub mod chunk;
 pub mod clone;
 mod commit;
+mod compact;
 pub mod config;
 mod destage;
 pub mod diff;

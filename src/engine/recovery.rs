@@ -187,6 +187,7 @@ pub async fn recover(
         min_epoch: manifest.history_epoch,
     };
     apply_later_chunks(store, p, &mut state, prev_epoch, bound, volume_sectors).await?;
+    state.next_compacted = super::compact::clean_orphans(store, p.id, p.epoch, &state).await?;
     (manifest, manifest_version) =
         commit_history(store, p, manifest, manifest_version, &state).await?;
     state.committed_seq = state.stored_seq;

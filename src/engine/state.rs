@@ -92,6 +92,9 @@ pub struct State {
     pub space: super::space::SpaceState,
     /// The volume has a parent: zeroed ranges stay mapped (invariant 5).
     pub keep_zeros: bool,
+    /// Next compaction object id (without its high bit; see
+    /// [`super::compact`]): above every one the store holds.
+    pub next_compacted: u64,
 }
 
 impl State {

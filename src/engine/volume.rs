@@ -58,6 +58,10 @@ pub struct VolumeStats {
     pub chunk_bytes_written: u64,
     pub checkpoints_written: u64,
     pub chunks_deleted: u64,
+    /// Sparse chunks whose live data compaction moved into a new object.
+    pub chunks_compacted: u64,
+    /// Bytes of compaction objects written.
+    pub compacted_bytes_written: u64,
     pub destage_errors: u64,
     pub store_reads: u64,
     pub cache_hits: u64,
@@ -72,6 +76,8 @@ pub(crate) struct Counters {
     pub chunk_bytes_written: AtomicU64,
     pub checkpoints_written: AtomicU64,
     pub chunks_deleted: AtomicU64,
+    pub chunks_compacted: AtomicU64,
+    pub compacted_bytes_written: AtomicU64,
     pub destage_errors: AtomicU64,
     pub store_reads: AtomicU64,
     pub cache_hits: AtomicU64,
@@ -311,6 +317,8 @@ impl Volume {
             chunk_bytes_written: c.chunk_bytes_written.load(Ordering::Relaxed),
             checkpoints_written: c.checkpoints_written.load(Ordering::Relaxed),
             chunks_deleted: c.chunks_deleted.load(Ordering::Relaxed),
+            chunks_compacted: c.chunks_compacted.load(Ordering::Relaxed),
+            compacted_bytes_written: c.compacted_bytes_written.load(Ordering::Relaxed),
             destage_errors: c.destage_errors.load(Ordering::Relaxed),
             store_reads: c.store_reads.load(Ordering::Relaxed),
             cache_hits: c.cache_hits.load(Ordering::Relaxed),
