@@ -7,7 +7,10 @@
 //!   [`wal`]), `<local_dir>/cache/data` (read cache, recreated at open);
 //! - store: `volumes/<id:016x>/manifest` (root, compare-and-swap only),
 //!   `volumes/<id:016x>/chunks/<seq:016x>-<epoch:08x>` (immutable chunk
-//!   objects, see [`chunk`]), `volumes/<id:016x>/checkpoints/<chunk:016x>-<epoch:08x>`
+//!   objects, see [`chunk`]), `volumes/<id:016x>/compacted/<id:016x>-<epoch:08x>`
+//!   (compaction objects: live data of sparse chunks, high-bit ids outside
+//!   the chunk sequence, see `compact.rs`),
+//!   `volumes/<id:016x>/checkpoints/<chunk:016x>-<epoch:08x>`
 //!   (serialized store-side map, see [`checkpoint`]),
 //!   `volumes/<id:016x>/snapshots/<snap:016x>` (see [`snapshot`]). A clone's
 //!   manifest names its parent snapshot; unmapped ranges read through to it
