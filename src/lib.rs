@@ -12,3 +12,4 @@ pub mod frontend;
 pub mod pool;
 pub mod size;
 pub mod store;
+pub mod transfer;

@@ -28,6 +28,7 @@ pub mod clone;
 mod commit;
 pub mod config;
 mod destage;
+pub mod diff;
 pub mod error;
 pub mod map;
 pub mod memdisk;
