@@ -28,6 +28,7 @@ mod commit;
 pub mod config;
 mod destage;
 pub mod error;
+mod live_snapshot;
 pub mod map;
 pub mod memdisk;
 mod read;

@@ -16,6 +16,8 @@
 //!    If any snapshot object cannot be read, nothing is deleted.
 //! 3. Operations here run on a *detached* volume: the caller holds its lease
 //!    and passes the lease's epoch, and nothing else writes the volume.
+//!    The exception is [`store_snapshot`], which an open volume also calls
+//!    from its destage task (see `engine/live_snapshot.rs`).
 
 use std::collections::HashSet;
 
@@ -241,6 +243,24 @@ pub async fn take_snapshot(
     name: &str,
     created_ms: u64,
 ) -> Result<SnapshotObject, SnapshotError> {
+    let (_, _, checkpoint) = committed_checkpoint(store, volume).await?;
+    store_snapshot(store, volume, name, created_ms, checkpoint).await
+}
+
+/// Write snapshot object `name` of `volume` holding `checkpoint`, a
+/// checkpoint the volume has committed (so every chunk it names exists and
+/// is kept from now on, see invariant 2). The id is one above every
+/// existing snapshot's; the put is create-only, so it is the commit point:
+/// on any error no snapshot exists. The caller makes sure nothing else
+/// creates a snapshot of `volume` at the same time (lease, or the open
+/// volume's one-snapshot-at-a-time rule).
+pub async fn store_snapshot(
+    store: &DynStore,
+    volume: u64,
+    name: &str,
+    created_ms: u64,
+    checkpoint: Checkpoint,
+) -> Result<SnapshotObject, SnapshotError> {
     let existing = list_snapshots(store, volume).await?;
     if existing.iter().any(|s| s.name == name) {
         return Err(SnapshotError::AlreadyExists {
@@ -248,7 +268,6 @@ pub async fn take_snapshot(
             name: name.to_string(),
         });
     }
-    let (_, _, checkpoint) = committed_checkpoint(store, volume).await?;
     let snap = SnapshotObject {
         id: existing.iter().map(|s| s.id).max().unwrap_or(0) + 1,
         name: name.to_string(),

@@ -85,6 +85,13 @@ pub struct State {
     pub closing: bool,
     /// Consecutive failed destage attempts.
     pub destage_failures: u32,
+    /// A snapshot of the open volume is running: new writes, trims and
+    /// zeroes wait until it ends (see `live_snapshot.rs`).
+    pub writes_paused: bool,
+    /// The snapshot the destage task is asked to take, not yet served.
+    pub snapshot_req: Option<super::live_snapshot::SnapshotRequest>,
+    /// The destage task has ended: nobody will serve a snapshot request.
+    pub destage_stopped: bool,
 }
 
 impl State {

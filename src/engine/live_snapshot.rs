@@ -1,0 +1,235 @@
+//! Snapshots of an open volume ([`Volume::snapshot`]), crash-consistent at
+//! a flush point.
+//!
+//! Protocol:
+//! 1. New writes, trims and zeroes are held back (`State::writes_paused`;
+//!    they wait in `wait_for_room`, never fail). Reads and flushes go on.
+//! 2. The WAL is synced: every write acknowledged before the call is
+//!    durable, and its sequence number is at most the WAL's last one, `S`.
+//! 3. The destage task is asked (`State::snapshot_req`) to store everything
+//!    up to `S`; once `stored_seq >= S` it commits a checkpoint and, in the
+//!    same task before any later checkpoint can delete a chunk, writes the
+//!    snapshot object from that checkpoint ([`store_snapshot`]). The object
+//!    put is the commit point: on any error there is no snapshot.
+//! 4. Writes resume, whatever the outcome; the pause is logged and counted.
+//!
+//! Invariants:
+//! - One snapshot at a time per volume (a second call fails at once).
+//! - A destage failure while a request waits fails the snapshot (the
+//!   store may be down for long; writes must not wait for it).
+//! - A request never outlives the destage task: [`StopGuard`] answers it.
+//! - The snapshot is a prefix of the write history (chunks are never cut
+//!   inside a request), holding at least every op up to `S`.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::channel::oneshot;
+
+use super::commit::{checkpoint, Root};
+use super::error::EngineError;
+use super::snapshot::{store_snapshot, SnapshotError, SnapshotObject};
+use super::state::State;
+use super::volume::{Inner, Volume};
+
+type Reply = Result<SnapshotObject, SnapshotError>;
+
+/// A snapshot the destage task is asked to take.
+#[derive(Debug)]
+pub(crate) struct SnapshotRequest {
+    /// Every op up to this sequence number must be in the snapshot.
+    target: u64,
+    name: String,
+    created_ms: u64,
+    reply: oneshot::Sender<Reply>,
+}
+
+impl Volume {
+    /// Take snapshot `name` of this open volume, crash-consistent at a flush
+    /// point: every write acknowledged before the call is in it, and it is a
+    /// prefix of the write history. New writes wait (they do not fail) until
+    /// it is done; reads go on. On error no snapshot exists and writes resume.
+    pub async fn snapshot(
+        &self,
+        name: &str,
+        created_ms: u64,
+    ) -> Result<SnapshotObject, SnapshotError> {
+        let inner = &self.inner;
+        {
+            let mut st = inner.shared.lock();
+            refuse_unless_running(&st)?;
+            if st.writes_paused {
+                return Err(SnapshotError::State {
+                    volume: inner.id,
+                    reason: "another snapshot of this volume is in progress".into(),
+                });
+            }
+            st.writes_paused = true;
+        }
+        let pause = Pause {
+            inner,
+            name,
+            started: inner.clock.now(),
+        };
+        inner.wal.sync().await.map_err(EngineError::from)?;
+        let target = inner.wal.last_seq();
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut st = inner.shared.lock();
+            refuse_unless_running(&st)?;
+            st.snapshot_req = Some(SnapshotRequest {
+                target,
+                name: name.to_string(),
+                created_ms,
+                reply: tx,
+            });
+        }
+        inner.shared.notify.notify_one();
+        let res = match rx.await {
+            Ok(res) => res,
+            Err(_) => Err(stopped_error(inner)),
+        };
+        if res.is_ok() {
+            inner
+                .counters
+                .snapshots_taken
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        drop(pause);
+        res
+    }
+}
+
+/// Fenced, closing or without a destage task: no snapshot can be taken.
+fn refuse_unless_running(st: &State) -> Result<(), SnapshotError> {
+    if let Some(why) = &st.fenced {
+        return Err(EngineError::Fenced(why.clone()).into());
+    }
+    if st.closing || st.destage_stopped {
+        return Err(SnapshotError::Engine(EngineError::Closed));
+    }
+    Ok(())
+}
+
+/// Why the destage task went away without answering.
+fn stopped_error(inner: &Inner) -> SnapshotError {
+    match inner.shared.lock().fenced.clone() {
+        Some(why) => EngineError::Fenced(why).into(),
+        None => EngineError::Closed.into(),
+    }
+}
+
+/// Holds writes back while alive; on drop (success, error or a dropped
+/// future) withdraws an unserved request, lets writes go and logs the pause.
+struct Pause<'a> {
+    inner: &'a Inner,
+    name: &'a str,
+    started: Duration,
+}
+
+impl Drop for Pause<'_> {
+    fn drop(&mut self) {
+        {
+            let mut st = self.inner.shared.lock();
+            st.writes_paused = false;
+            st.snapshot_req = None;
+            st.wake_all();
+        }
+        let paused = self.inner.clock.now().saturating_sub(self.started);
+        self.inner
+            .counters
+            .last_snapshot_pause_us
+            .store(paused.as_micros() as u64, Ordering::Relaxed);
+        log::info!(
+            "volume {:x}: snapshot {:?} held writes back for {:.3} ms",
+            self.inner.id,
+            self.name,
+            paused.as_secs_f64() * 1000.0
+        );
+    }
+}
+
+/// A request waits whose ops are not all taken into chunks yet (destage
+/// should cut a chunk now rather than wait for its size or timer).
+pub(crate) fn wants_more(st: &State) -> bool {
+    st.snapshot_req
+        .as_ref()
+        .is_some_and(|r| r.target > st.taken_seq)
+}
+
+/// A request waits and the store holds every op it needs.
+pub(crate) fn due(inner: &Inner) -> bool {
+    let st = inner.shared.lock();
+    st.snapshot_req
+        .as_ref()
+        .is_some_and(|r| st.stored_seq >= r.target)
+}
+
+/// In the destage task: if a request is due, commit a checkpoint and write
+/// the snapshot object from it, then answer. A checkpoint failure is also
+/// returned, for the task's own error handling.
+pub(crate) async fn serve(inner: &Inner, root: &mut Root) -> Result<(), EngineError> {
+    let req = {
+        let mut st = inner.shared.lock();
+        let due = st
+            .snapshot_req
+            .as_ref()
+            .is_some_and(|r| st.stored_seq >= r.target);
+        if !due {
+            return Ok(());
+        }
+        st.snapshot_req.take()
+    };
+    let Some(req) = req else { return Ok(()) };
+    match checkpoint(inner, root).await {
+        Ok(cp) => {
+            let res = store_snapshot(&inner.store, inner.id, &req.name, req.created_ms, cp).await;
+            let _ = req.reply.send(res);
+            Ok(())
+        }
+        Err(e) => {
+            let _ = req.reply.send(Err(failure(inner, &e)));
+            Err(e)
+        }
+    }
+}
+
+/// In the destage task, on any failure: a waiting request fails with it.
+pub(crate) fn refuse(inner: &Inner, e: &EngineError) {
+    let req = inner.shared.lock().snapshot_req.take();
+    if let Some(req) = req {
+        let _ = req.reply.send(Err(failure(inner, e)));
+    }
+}
+
+fn failure(inner: &Inner, e: &EngineError) -> SnapshotError {
+    match e {
+        EngineError::Fenced(why) => EngineError::Fenced(why.clone()).into(),
+        other => SnapshotError::State {
+            volume: inner.id,
+            reason: format!("no snapshot was taken: storing the volume's data failed: {other}"),
+        },
+    }
+}
+
+/// Marks the destage task's end and drops any request left (its sender
+/// goes away, so the waiting [`Volume::snapshot`] returns an error).
+pub(crate) struct StopGuard(Arc<Inner>);
+
+impl StopGuard {
+    pub fn new(inner: Arc<Inner>) -> StopGuard {
+        StopGuard(inner)
+    }
+}
+
+impl Drop for StopGuard {
+    fn drop(&mut self) {
+        let req = {
+            let mut st = self.0.shared.lock();
+            st.destage_stopped = true;
+            st.snapshot_req.take()
+        };
+        drop(req);
+    }
+}

@@ -1,0 +1,305 @@
+//! Snapshots of an open volume (`Volume::snapshot`): taken under concurrent
+//! writers, crash-consistent at a flush point, stable afterwards through
+//! overwrites, checkpoints, chunk deletion and reopening; failures leave no
+//! snapshot and writes go on.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use shale::clock::SystemClock;
+use shale::engine::config::{Durability, EngineConfig};
+use shale::engine::snapshot::{find_snapshot, list_snapshots, SnapshotError, SnapshotObject};
+use shale::engine::view::SnapshotView;
+use shale::engine::{BlockDevice, EngineError, Volume, VolumeParams};
+use shale::store::faulty::FaultyStore;
+use shale::store::memory::MemoryStore;
+use shale::store::DynStore;
+
+const SIZE: u64 = 4 << 20;
+const VOLUME: u64 = 0x51;
+const BLOCK: u64 = 4096;
+/// Blocks each writer cycles over.
+const BLOCKS: u64 = 48;
+const WRITERS: u64 = 4;
+
+/// Small chunks and a checkpoint after every chunk, so overwrites kill
+/// chunks and checkpoints delete them all the time; a slow destage timer,
+/// so a snapshot usually finds up to a chunk of writes only in the WAL.
+fn busy_cfg() -> EngineConfig {
+    EngineConfig {
+        chunk_size: 128 << 10,
+        destage_interval_ms: 500,
+        max_unstored_bytes: 512 << 10,
+        max_unstored_seconds: 3600,
+        durability: Durability::Local,
+        checkpoint_every_chunks: 1,
+        cache_size: 1 << 20,
+        store_read_timeout_ms: 60_000,
+    }
+}
+
+async fn open(store: &DynStore, dir: &Path, epoch: u64) -> Arc<Volume> {
+    let params = VolumeParams {
+        id: VOLUME,
+        size: SIZE,
+        epoch,
+        local_dir: dir.to_path_buf(),
+    };
+    Volume::open(store.clone(), params, busy_cfg(), Arc::new(SystemClock))
+        .await
+        .expect("open volume")
+}
+
+fn region(writer: u64) -> u64 {
+    writer * BLOCKS * BLOCK
+}
+
+/// Writer `w`'s op number `n` (from 1): every 7th a trim of its block,
+/// otherwise a write whose block names `(w, n)`.
+fn op_block(n: u64) -> u64 {
+    n % BLOCKS
+}
+
+fn op_is_trim(n: u64) -> bool {
+    n.is_multiple_of(7)
+}
+
+fn op_data(w: u64, n: u64) -> Vec<u8> {
+    let mut b: Vec<u8> = (0..BLOCK)
+        .map(|i| ((i * 13 + n * 29 + w * 101) % 251) as u8 + 1)
+        .collect();
+    b[..8].copy_from_slice(&w.to_le_bytes());
+    b[8..16].copy_from_slice(&n.to_le_bytes());
+    b
+}
+
+/// Writer `w`'s region after its first `n` ops.
+fn region_after(w: u64, n: u64) -> Vec<u8> {
+    let mut r = vec![0u8; (BLOCKS * BLOCK) as usize];
+    for op in n.saturating_sub(BLOCKS - 1).max(1)..=n {
+        let o = (op_block(op) * BLOCK) as usize;
+        if op_is_trim(op) {
+            r[o..o + BLOCK as usize].fill(0);
+        } else {
+            r[o..o + BLOCK as usize].copy_from_slice(&op_data(w, op));
+        }
+    }
+    r
+}
+
+/// Runs writer `w` until `stop`; `acked` is its last acknowledged op.
+async fn writer(v: Arc<Volume>, w: u64, acked: Arc<AtomicU64>, stop: Arc<AtomicBool>) -> u64 {
+    let mut n = 0;
+    while !stop.load(Ordering::Acquire) {
+        n += 1;
+        let off = region(w) + op_block(n) * BLOCK;
+        if op_is_trim(n) {
+            v.trim(off, BLOCK).await.expect("trim");
+        } else {
+            v.write(off, &op_data(w, n), n % 5 == 0)
+                .await
+                .expect("write");
+        }
+        acked.store(n, Ordering::Release);
+    }
+    n
+}
+
+/// Wait until every writer acknowledged at least `n` more ops than `from`.
+async fn wait_progress(acked: &[Arc<AtomicU64>], from: &[u64], n: u64) {
+    while acked
+        .iter()
+        .zip(from)
+        .any(|(a, f)| a.load(Ordering::Acquire) < f + n)
+    {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+fn counts(acked: &[Arc<AtomicU64>]) -> Vec<u64> {
+    acked.iter().map(|a| a.load(Ordering::Acquire)).collect()
+}
+
+async fn read_view(store: &DynStore, snap: &SnapshotObject) -> Vec<u8> {
+    let view = SnapshotView::new(store.clone(), &snap.checkpoint, SIZE).expect("view");
+    let mut b = vec![0u8; SIZE as usize];
+    view.read(0, &mut b).await.expect("read snapshot");
+    b
+}
+
+/// Each writer's region in `image` is its state after some op count in
+/// `before[w]..=after[w] + 1` (one write per writer may be in flight when
+/// the snapshot returns): every op acknowledged before the snapshot is in,
+/// and the image is a prefix of each writer's history.
+fn check_flush_point(image: &[u8], before: &[u64], after: &[u64]) -> Vec<u64> {
+    let mut at = Vec::new();
+    for w in 0..WRITERS {
+        let o = region(w) as usize;
+        let got = &image[o..o + (BLOCKS * BLOCK) as usize];
+        let (lo, hi) = (before[w as usize], after[w as usize] + 1);
+        let n = (lo..=hi).find(|&n| region_after(w, n) == got);
+        let n = n.unwrap_or_else(|| {
+            panic!("writer {w}: snapshot shows no state between op {lo} and op {hi}")
+        });
+        at.push(n);
+    }
+    let rest = &image[region(WRITERS) as usize..];
+    assert!(
+        rest.iter().all(|&b| b == 0),
+        "nothing written past the regions"
+    );
+    at
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_under_concurrent_writers_are_flush_points_and_stay_fixed() {
+    let store: DynStore = Arc::new(MemoryStore::new());
+    let dir = tempfile::tempdir().unwrap();
+    let v = open(&store, dir.path(), 1).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked: Vec<Arc<AtomicU64>> = (0..WRITERS).map(|_| Arc::default()).collect();
+    let tasks: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            tokio::spawn(writer(
+                v.clone(),
+                w,
+                acked[w as usize].clone(),
+                stop.clone(),
+            ))
+        })
+        .collect();
+
+    let mut taken = Vec::new();
+    for i in 0..3 {
+        wait_progress(&acked, &counts(&acked), 150).await;
+        let before = counts(&acked);
+        let snap = v
+            .snapshot(&format!("s{i}"), 1000 + i)
+            .await
+            .expect("snapshot of the open volume");
+        let after = counts(&acked);
+        let image = read_view(&store, &snap).await;
+        let at = check_flush_point(&image, &before, &after);
+        eprintln!(
+            "snapshot s{i}: ops before {before:?}, in it {at:?}, pause {} us",
+            v.stats().last_snapshot_pause_us
+        );
+        taken.push((snap, image));
+    }
+    // Many more overwrites after the last snapshot: its chunks die in the
+    // volume's own map and checkpoints delete what no snapshot keeps.
+    wait_progress(&acked, &counts(&acked), 400).await;
+    stop.store(true, Ordering::Release);
+    let mut expect = vec![0u8; SIZE as usize];
+    for (w, t) in tasks.into_iter().enumerate() {
+        let n = t.await.unwrap();
+        let o = region(w as u64) as usize;
+        expect[o..o + (BLOCKS * BLOCK) as usize].copy_from_slice(&region_after(w as u64, n));
+    }
+    let mut now = vec![0u8; SIZE as usize];
+    v.read(0, &mut now).await.unwrap();
+    assert_eq!(now, expect, "the volume's own content");
+    let stats = v.stats();
+    assert_eq!(stats.snapshots_taken, 3);
+    assert!(
+        stats.chunks_deleted > 0,
+        "checkpoints deleted dead chunks: {stats:?}"
+    );
+    for (snap, image) in &taken {
+        assert_eq!(
+            &read_view(&store, snap).await,
+            image,
+            "snapshot {} changed after later writes",
+            snap.name
+        );
+    }
+    v.close().await.unwrap();
+    drop(v);
+
+    let v = open(&store, dir.path(), 2).await;
+    v.read(0, &mut now).await.unwrap();
+    assert_eq!(now, expect, "the volume after reopening");
+    for (snap, image) in &taken {
+        let stored = find_snapshot(&store, VOLUME, &snap.name).await.unwrap();
+        assert_eq!(&stored, snap);
+        assert_eq!(
+            &read_view(&store, &stored).await,
+            image,
+            "snapshot {} after reopening",
+            snap.name
+        );
+    }
+    // The volume goes on working and snapshots again after reopening.
+    v.write(0, &op_data(9, 9), false).await.unwrap();
+    let again = v.snapshot("after-reopen", 5).await.unwrap();
+    let image = read_view(&store, &again).await;
+    assert_eq!(&image[..BLOCK as usize], &op_data(9, 9)[..]);
+    let dup = v.snapshot("after-reopen", 6).await;
+    assert!(
+        matches!(dup, Err(SnapshotError::AlreadyExists { .. })),
+        "{dup:?}"
+    );
+    v.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_outage_fails_the_snapshot_cleanly_and_writes_go_on() {
+    let faulty = Arc::new(FaultyStore::new(MemoryStore::new(), 7));
+    let store: DynStore = faulty.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let v = open(&store, dir.path(), 1).await;
+    v.write(0, &op_data(1, 1), false).await.unwrap();
+    v.flush().await.unwrap();
+    // Quiet volume (everything stored): the checkpoint put fails.
+    while v.stats().unstored_bytes > 0 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    faulty.set_outage(true);
+    let err = v.snapshot("down", 1).await.expect_err("store is down");
+    assert!(err.to_string().contains("no snapshot was taken"), "{err}");
+    // Unstored data (a chunk put fails) fails it as well.
+    v.write(BLOCK, &op_data(1, 2), false).await.unwrap();
+    let err = v.snapshot("down", 2).await.expect_err("store is down");
+    assert!(err.to_string().contains("no snapshot was taken"), "{err}");
+    // Writes were let go: this one returns while the store is still down.
+    v.write(2 * BLOCK, &op_data(1, 3), false).await.unwrap();
+    faulty.set_outage(false);
+    assert!(list_snapshots(&store, VOLUME).await.unwrap().is_empty());
+
+    let snap = v.snapshot("up", 3).await.expect("store is back");
+    assert_eq!(snap.id, 1);
+    let image = read_view(&store, &snap).await;
+    let mut now = vec![0u8; SIZE as usize];
+    v.read(0, &mut now).await.unwrap();
+    assert_eq!(image, now);
+    assert_eq!(
+        &image[2 * BLOCK as usize..3 * BLOCK as usize],
+        &op_data(1, 3)[..]
+    );
+    v.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fenced_or_closed_volumes_take_no_snapshot() {
+    let store: DynStore = Arc::new(MemoryStore::new());
+    let dir = tempfile::tempdir().unwrap();
+    let v = open(&store, dir.path(), 1).await;
+    v.write(0, &op_data(2, 1), false).await.unwrap();
+    v.fence("lease lost in a test");
+    let err = v.snapshot("f", 1).await.expect_err("fenced");
+    assert!(
+        matches!(err, SnapshotError::Engine(EngineError::Fenced(_))),
+        "{err:?}"
+    );
+    drop(v);
+    let v = open(&store, dir.path(), 2).await;
+    v.close().await.unwrap();
+    let err = v.snapshot("c", 2).await.expect_err("closed");
+    assert!(
+        matches!(err, SnapshotError::Engine(EngineError::Closed)),
+        "{err:?}"
+    );
+    assert!(list_snapshots(&store, VOLUME).await.unwrap().is_empty());
+}
