@@ -13,6 +13,9 @@
 //!    created here if missing.
 //! 4. [`Attached::close`] closes the volume (flush, destage, checkpoint)
 //!    before releasing the lease, so the next holder sees everything.
+//! 5. While attached, the volume's control socket ([`crate::control`]) is
+//!    served from its local directory; it is removed before the volume is
+//!    closed. Failing to create it is logged, not fatal.
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +24,7 @@ use crate::catalog::lease::{Lease, LeaseError, Renewer};
 use crate::catalog::{Catalog, CatalogError, VolumeRecord, VolumeState};
 use crate::clock::{DynClock, SystemClock};
 use crate::config::Config;
+use crate::control::{self, ControlServer};
 use crate::engine::{EngineError, Volume, VolumeParams};
 use crate::store::{DynStore, StoreError};
 
@@ -57,6 +61,8 @@ pub struct Attached {
     pub record: VolumeRecord,
     lease: Arc<Lease>,
     renewer: Renewer,
+    /// The control socket; `None` if it could not be created.
+    control: Option<ControlServer>,
 }
 
 impl Attached {
@@ -69,6 +75,7 @@ impl Attached {
     /// stop renewing and release the lease. The lease is released only if
     /// the volume closed cleanly; otherwise it is left to expire.
     pub async fn close(self) -> Result<(), DaemonError> {
+        drop(self.control);
         let closed = self.volume.close().await;
         self.renewer.stop().await;
         closed.map_err(|source| DaemonError::Engine {
@@ -117,11 +124,22 @@ pub async fn attach(cfg: &Config, name: &str) -> Result<Attached, DaemonError> {
     match open_leased(cfg, &catalog, store, name, &lease, clock).await {
         Ok((volume, record)) => {
             let renewer = spawn_fencing_renewer(&lease, &volume, LEASE_RENEW_PERIOD);
+            let path = control::socket_path(&cfg.volume_dir(record.id));
+            let control = match ControlServer::start(path, &volume, record.id) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    log::warn!(
+                        "volume {name:?}: no control socket ({e}); snapshots of it are refused while it is attached"
+                    );
+                    None
+                }
+            };
             Ok(Attached {
                 volume,
                 record,
                 lease,
                 renewer,
+                control,
             })
         }
         Err(e) => {
@@ -202,10 +220,11 @@ pub async fn open_volume(
         record,
         lease,
         renewer,
+        control,
     } = attached;
     tokio::spawn(async move {
         // Owning the renewer keeps it running until the runtime shuts down.
-        let _keep = (lease, renewer);
+        let _keep = (lease, renewer, control);
         std::future::pending::<()>().await
     });
     Ok((volume, record))

@@ -2,14 +2,19 @@
 //! and the engine's snapshot operations ([`crate::engine::snapshot`]).
 //!
 //! Invariants:
-//! 1. Create, delete and rollback run only on a detached volume: they take
-//!    the volume's lease (refused while another holder's lease is live, i.e.
-//!    while the volume is attached) and hold it until done. Before a create
-//!    or rollback the volume is opened and closed once, so every write of
-//!    its WAL is in the store and checkpointed.
-//! 2. A snapshot some clone names as its parent is never deleted; the
+//! 1. Delete and rollback run only on a detached volume: they take the
+//!    volume's lease (refused while another holder's lease is live, i.e.
+//!    while the volume is attached) and hold it until done. Before a
+//!    rollback the volume is opened and closed once, so every write of its
+//!    WAL is in the store and checkpointed.
+//! 2. Create on a detached volume does the same. On an attached volume it
+//!    asks the holding process over the volume's control socket
+//!    ([`crate::control`]) to snapshot the open volume at a flush point; with
+//!    no socket answering (holder on another host, or an older server) it
+//!    fails, naming the holder.
+//! 3. A snapshot some clone names as its parent is never deleted; the
 //!    refusal names the clones.
-//! 3. A clone's data and manifest are written under a fresh, unused volume
+//! 4. A clone's data and manifest are written under a fresh, unused volume
 //!    id before its record is created, so a crash part-way never leaves a
 //!    record that opens as an empty volume (only unreferenced objects).
 
@@ -20,6 +25,7 @@ use std::time::Duration;
 use super::lease::{Lease, LeaseError};
 use super::{encode, record_key, validate_name, Catalog, CatalogError, VolumeRecord, VolumeState};
 use crate::clock::DynClock;
+use crate::control::{self, ControlError, Request};
 use crate::engine::config::EngineConfig;
 use crate::engine::snapshot::{self as snap, SnapshotError, SnapshotObject};
 use crate::engine::view::SnapshotView;
@@ -37,9 +43,24 @@ pub enum SnapError {
     InvalidSpec { spec: String, reason: String },
     #[error(
         "volume {name:?} is attached (lease held by {holder:?}); detach it first: \
-         snapshots, snapshot deletes and rollbacks run on detached volumes"
+         snapshot deletes and rollbacks run on detached volumes"
     )]
     Attached { name: String, holder: String },
+    #[error(
+        "volume {name:?} is attached by {holder:?}, and no server on this host answers \
+         on its control socket ({source}); run the command on the host where {holder:?} runs"
+    )]
+    NoControl {
+        name: String,
+        holder: String,
+        source: ControlError,
+    },
+    #[error("volume {name:?} (attached by {holder:?}): {reason}")]
+    Remote {
+        name: String,
+        holder: String,
+        reason: String,
+    },
     #[error("snapshot {spec} has clones ({}); delete or flatten them first", clones.join(", "))]
     HasClones { spec: String, clones: Vec<String> },
     #[error(transparent)]
@@ -197,11 +218,62 @@ impl Snapshots {
             }
             .into());
         }
-        self.leased(rec, |epoch| async move {
-            self.settle(rec, epoch).await?;
-            Ok(snap::take_snapshot(self.store(), rec.id, &name, now_ms).await?)
-        })
-        .await
+        let name = name.as_str();
+        let detached = self
+            .leased(rec, |epoch| async move {
+                self.settle(rec, epoch).await?;
+                Ok(snap::take_snapshot(self.store(), rec.id, name, now_ms).await?)
+            })
+            .await;
+        match detached {
+            Err(SnapError::Attached { holder, .. }) => {
+                self.create_attached(rec, name, holder, now_ms).await
+            }
+            other => other,
+        }
+    }
+
+    /// Ask the process holding `rec` to snapshot the open volume.
+    async fn create_attached(
+        &self,
+        rec: &VolumeRecord,
+        name: &str,
+        holder: String,
+        now_ms: u64,
+    ) -> Result<SnapshotObject, SnapError> {
+        let path = control::socket_path(&self.volume_dir(rec.id));
+        let req = Request::SnapshotCreate {
+            volume: rec.id,
+            name: name.to_string(),
+            created_ms: now_ms,
+        };
+        let reply = match control::request(&path, &req).await {
+            Ok(r) => r,
+            Err(source @ ControlError::Io { .. }) => {
+                return Err(SnapError::NoControl {
+                    name: rec.name.clone(),
+                    holder,
+                    source,
+                })
+            }
+            Err(e) => {
+                return Err(SnapError::Remote {
+                    name: rec.name.clone(),
+                    holder,
+                    reason: e.to_string(),
+                })
+            }
+        };
+        if !reply.ok {
+            return Err(SnapError::Remote {
+                name: rec.name.clone(),
+                holder,
+                reason: reply
+                    .error
+                    .unwrap_or_else(|| "refused (no reason given)".into()),
+            });
+        }
+        Ok(snap::find_snapshot(self.store(), rec.id, name).await?)
     }
 
     /// Every snapshot, of one volume or of all, with the clones of each.
