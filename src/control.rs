@@ -56,6 +56,8 @@ pub enum Request {
         name: String,
         created_ms: u64,
     },
+    /// Delete snapshot `name` and free the chunks only it held.
+    SnapshotDelete { volume: u64, name: String },
 }
 
 /// A snapshot as the reply describes it.
@@ -79,6 +81,9 @@ pub struct Reply {
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<SnapshotSummary>,
+    /// Chunks a snapshot delete freed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freed_chunks: Option<u64>,
 }
 
 impl Reply {
@@ -87,6 +92,7 @@ impl Reply {
             ok: false,
             error: Some(msg.into()),
             snapshot: None,
+            freed_chunks: None,
         }
     }
 }
@@ -219,33 +225,45 @@ impl Server {
             Ok(r) => r,
             Err(e) => return Reply::error(format!("malformed request: {e}")),
         };
+        let (volume, name) = match &req {
+            Request::SnapshotCreate { volume, name, .. }
+            | Request::SnapshotDelete { volume, name } => (*volume, name),
+        };
+        if volume != self.volume_id {
+            return Reply::error(format!(
+                "this socket serves volume {:016x}, not {volume:016x}",
+                self.volume_id
+            ));
+        }
+        if let Err(e) = validate_name(name) {
+            return Reply::error(e.to_string());
+        }
+        let Some(vol) = self.volume.upgrade() else {
+            return Reply::error("the volume is closed");
+        };
+        let done = Reply {
+            ok: true,
+            error: None,
+            snapshot: None,
+            freed_chunks: None,
+        };
         match req {
             Request::SnapshotCreate {
-                volume,
-                name,
-                created_ms,
-            } => {
-                if volume != self.volume_id {
-                    return Reply::error(format!(
-                        "this socket serves volume {:016x}, not {volume:016x}",
-                        self.volume_id
-                    ));
-                }
-                if let Err(e) = validate_name(&name) {
-                    return Reply::error(e.to_string());
-                }
-                let Some(vol) = self.volume.upgrade() else {
-                    return Reply::error("the volume is closed");
-                };
-                match vol.snapshot(&name, created_ms).await {
-                    Ok(s) => Reply {
-                        ok: true,
-                        error: None,
-                        snapshot: Some(summary(&s, vol.stats().last_snapshot_pause_us)),
-                    },
-                    Err(e) => Reply::error(e.to_string()),
-                }
-            }
+                name, created_ms, ..
+            } => match vol.snapshot(&name, created_ms).await {
+                Ok(s) => Reply {
+                    snapshot: Some(summary(&s, vol.stats().last_snapshot_pause_us)),
+                    ..done
+                },
+                Err(e) => Reply::error(e.to_string()),
+            },
+            Request::SnapshotDelete { name, .. } => match vol.delete_snapshot(&name).await {
+                Ok(n) => Reply {
+                    freed_chunks: Some(n),
+                    ..done
+                },
+                Err(e) => Reply::error(e.to_string()),
+            },
         }
     }
 }

@@ -303,3 +303,99 @@ async fn fenced_or_closed_volumes_take_no_snapshot() {
     );
     assert!(list_snapshots(&store, VOLUME).await.unwrap().is_empty());
 }
+
+/// Keys of the volume's chunk objects.
+async fn chunk_keys(store: &DynStore) -> std::collections::BTreeSet<String> {
+    let prefix = shale::engine::chunk::chunk_prefix(VOLUME);
+    store
+        .list(&prefix)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.key)
+        .collect()
+}
+
+fn snapshot_chunk_keys(snap: &SnapshotObject) -> Vec<String> {
+    snap.checkpoint
+        .chunks
+        .iter()
+        .map(|c| shale::engine::chunk::chunk_key(VOLUME, c.seq, c.epoch))
+        .collect()
+}
+
+/// Fill the first MiB with `byte`.
+async fn fill(v: &Volume, byte: u8) -> Vec<u8> {
+    let data = vec![byte; 1 << 20];
+    v.write(0, &data, false).await.unwrap();
+    let mut image = vec![0u8; SIZE as usize];
+    image[..data.len()].copy_from_slice(&data);
+    image
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_snapshot_of_an_open_volume_frees_only_its_chunks() {
+    let store: DynStore = Arc::new(MemoryStore::new());
+    let dir = tempfile::tempdir().unwrap();
+    let v = open(&store, dir.path(), 1).await;
+    let x = fill(&v, 0x11).await;
+    let s1 = v.snapshot("x", 1).await.unwrap();
+    let y = fill(&v, 0x22).await;
+    let s2 = v.snapshot("y", 2).await.unwrap();
+    let z = fill(&v, 0x33).await;
+    // Its checkpoint drops the chunks of x and y from the volume's map;
+    // the snapshots still name them.
+    let s3 = v.snapshot("z", 3).await.unwrap();
+    assert_eq!(read_view(&store, &s1).await, x);
+    let before = chunk_keys(&store).await;
+    for key in snapshot_chunk_keys(&s1) {
+        assert!(before.contains(&key), "{key} kept for snapshot x");
+    }
+
+    let freed = v.delete_snapshot("x").await.expect("delete x");
+    let after = chunk_keys(&store).await;
+    assert!(freed > 0, "x's chunks are freed");
+    assert_eq!(before.len() - after.len(), freed as usize);
+    for key in snapshot_chunk_keys(&s1) {
+        assert!(!after.contains(&key), "{key} of x was freed");
+    }
+    for key in snapshot_chunk_keys(&s2)
+        .into_iter()
+        .chain(snapshot_chunk_keys(&s3))
+    {
+        assert!(after.contains(&key), "{key} still named by a snapshot");
+    }
+    assert_eq!(read_view(&store, &s2).await, y);
+    assert_eq!(read_view(&store, &s3).await, z);
+    let names: Vec<_> = list_snapshots(&store, VOLUME)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(names, ["y", "z"]);
+    let missing = v.delete_snapshot("x").await;
+    assert!(
+        matches!(missing, Err(SnapshotError::NotFound { .. })),
+        "{missing:?}"
+    );
+    // Nothing the volume reads was freed, before or after reopening.
+    let mut now = vec![0u8; SIZE as usize];
+    v.read(0, &mut now).await.unwrap();
+    assert_eq!(now, z);
+    // A snapshot can be taken (and reuses nothing of x's) after the delete.
+    let s4 = v.snapshot("x", 4).await.unwrap();
+    assert_eq!(read_view(&store, &s4).await, z);
+    v.close().await.unwrap();
+    drop(v);
+    let v = open(&store, dir.path(), 2).await;
+    v.read(0, &mut now).await.unwrap();
+    assert_eq!(now, z);
+    assert_eq!(read_view(&store, &s2).await, y);
+    let freed = v.delete_snapshot("y").await.unwrap();
+    assert!(freed > 0, "y's chunks are freed after reopening");
+    v.read(0, &mut now).await.unwrap();
+    assert_eq!(now, z);
+    assert_eq!(read_view(&store, &s3).await, z);
+    v.close().await.unwrap();
+}

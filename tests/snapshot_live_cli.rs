@@ -178,6 +178,13 @@ fn snapshot_of_a_volume_served_over_nbd() {
 
     // A second snapshot while attached sees the later writes.
     env.ok(&["snapshot", "create", "vol@later"]);
+    // Deletes while attached: refused while a clone depends on it, else
+    // done by the server.
+    env.fails(&["snapshot", "delete", "vol@live"], "has clones (copy)");
+    env.ok(&["snapshot", "create", "vol@tmp"]);
+    let out = env.ok(&["snapshot", "delete", "vol@tmp"]);
+    assert!(out.contains("deleted snapshot vol@tmp"), "{out}");
+    env.fails(&["snapshot", "delete", "vol@tmp"], "no snapshot named");
     sigterm_and_wait(server);
     assert!(!control.exists(), "control socket removed on exit");
 

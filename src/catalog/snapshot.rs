@@ -2,16 +2,17 @@
 //! and the engine's snapshot operations ([`crate::engine::snapshot`]).
 //!
 //! Invariants:
-//! 1. Delete and rollback run only on a detached volume: they take the
-//!    volume's lease (refused while another holder's lease is live, i.e.
-//!    while the volume is attached) and hold it until done. Before a
-//!    rollback the volume is opened and closed once, so every write of its
-//!    WAL is in the store and checkpointed.
-//! 2. Create on a detached volume does the same. On an attached volume it
-//!    asks the holding process over the volume's control socket
-//!    ([`crate::control`]) to snapshot the open volume at a flush point; with
-//!    no socket answering (holder on another host, or an older server) it
-//!    fails, naming the holder.
+//! 1. Rollback runs only on a detached volume: it takes the volume's lease
+//!    (refused while another holder's lease is live, i.e. while the volume
+//!    is attached) and holds it until done. Before a rollback (or a create
+//!    on a detached volume) the volume is opened and closed once, so every
+//!    write of its WAL is in the store and checkpointed.
+//! 2. Create and delete on a detached volume work the same way under its
+//!    lease. On an attached volume they ask the holding process over the
+//!    volume's control socket ([`crate::control`]) to act on the open volume
+//!    (a create is then crash-consistent at a flush point); with no socket
+//!    answering (holder on another host, or an older server) they fail,
+//!    naming the holder.
 //! 3. A snapshot some clone names as its parent is never deleted; the
 //!    refusal names the clones.
 //! 4. A clone's data and manifest are written under a fresh, unused volume
@@ -43,7 +44,7 @@ pub enum SnapError {
     InvalidSpec { spec: String, reason: String },
     #[error(
         "volume {name:?} is attached (lease held by {holder:?}); detach it first: \
-         snapshot deletes and rollbacks run on detached volumes"
+         rollbacks run on detached volumes"
     )]
     Attached { name: String, holder: String },
     #[error(
@@ -241,13 +242,25 @@ impl Snapshots {
         holder: String,
         now_ms: u64,
     ) -> Result<SnapshotObject, SnapError> {
-        let path = control::socket_path(&self.volume_dir(rec.id));
         let req = Request::SnapshotCreate {
             volume: rec.id,
             name: name.to_string(),
             created_ms: now_ms,
         };
-        let reply = match control::request(&path, &req).await {
+        self.ask_holder(rec, holder, &req).await?;
+        Ok(snap::find_snapshot(self.store(), rec.id, name).await?)
+    }
+
+    /// Send `req` to the process holding `rec` (`holder`); its refusal is
+    /// an error.
+    async fn ask_holder(
+        &self,
+        rec: &VolumeRecord,
+        holder: String,
+        req: &Request,
+    ) -> Result<control::Reply, SnapError> {
+        let path = control::socket_path(&self.volume_dir(rec.id));
+        let reply = match control::request(&path, req).await {
             Ok(r) => r,
             Err(source @ ControlError::Io { .. }) => {
                 return Err(SnapError::NoControl {
@@ -273,7 +286,7 @@ impl Snapshots {
                     .unwrap_or_else(|| "refused (no reason given)".into()),
             });
         }
-        Ok(snap::find_snapshot(self.store(), rec.id, name).await?)
+        Ok(reply)
     }
 
     /// Every snapshot, of one volume or of all, with the clones of each.
@@ -318,7 +331,8 @@ impl Snapshots {
     }
 
     /// `shale snapshot delete VOL@SNAP`: refused while clones name it.
-    /// Returns the number of chunks freed.
+    /// Returns the number of chunks freed. On an attached volume, done by
+    /// its server (invariant 2).
     pub async fn delete(&self, spec: &str) -> Result<u64, SnapError> {
         let (vol, name) = parse_spec(spec)?;
         let rec = &self.ready(&vol).await?;
@@ -331,10 +345,22 @@ impl Snapshots {
                 clones,
             });
         }
-        self.leased(rec, |_| async move {
-            Ok(snap::delete_snapshot(self.store(), rec.id, &s).await?)
-        })
-        .await
+        let detached = self
+            .leased(rec, |_| async move {
+                Ok(snap::delete_snapshot(self.store(), rec.id, &s).await?)
+            })
+            .await;
+        match detached {
+            Err(SnapError::Attached { holder, .. }) => {
+                let req = Request::SnapshotDelete {
+                    volume: rec.id,
+                    name,
+                };
+                let reply = self.ask_holder(rec, holder, &req).await?;
+                Ok(reply.freed_chunks.unwrap_or(0))
+            }
+            other => other,
+        }
     }
 
     /// `shale snapshot rollback VOL@SNAP` (detached volumes only).

@@ -120,6 +120,30 @@ async fn snapshot_create_over_the_socket_and_bad_requests() {
         .collect();
     assert_eq!(names, ["s1", "s3"]);
 
+    let del = Request::SnapshotDelete {
+        volume: ID,
+        name: "s1".into(),
+    };
+    let reply = request(&path, &del).await.unwrap();
+    assert!(reply.ok, "{reply:?}");
+    assert!(reply.freed_chunks.is_some(), "{reply:?}");
+    let again = request(&path, &del).await.unwrap();
+    assert!(
+        again
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("no snapshot named"),
+        "{again:?}"
+    );
+    let names: Vec<_> = list_snapshots(&store, ID)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(names, ["s3"]);
+
     drop(server);
     assert!(
         !path.exists(),

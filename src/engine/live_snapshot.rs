@@ -13,27 +13,44 @@
 //!    put is the commit point: on any error there is no snapshot.
 //! 4. Writes resume, whatever the outcome; the pause is logged and counted.
 //!
+//! Deleting a snapshot of the open volume ([`Volume::delete_snapshot`]):
+//! the snapshot object is deleted first (the commit point), then the destage
+//! task, between its checkpoints, deletes every chunk that neither the
+//! committed checkpoint nor any remaining snapshot names (chunks after the
+//! checkpoint are kept: recovery may still apply them). The live map only
+//! points at chunks of the store-side map, so no reader loses data.
+//!
 //! Invariants:
-//! - One snapshot at a time per volume (a second call fails at once).
+//! - One snapshot create or delete at a time per volume (a second call
+//!   fails at once).
 //! - A destage failure while a request waits fails the snapshot (the
 //!   store may be down for long; writes must not wait for it).
 //! - A request never outlives the destage task: [`StopGuard`] answers it.
 //! - The snapshot is a prefix of the write history (chunks are never cut
 //!   inside a request), holding at least every op up to `S`.
 
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::channel::oneshot;
 
+use super::chunk::{chunk_prefix, parse_chunk_name};
 use super::commit::{checkpoint, Root};
 use super::error::EngineError;
-use super::snapshot::{store_snapshot, SnapshotError, SnapshotObject};
+use super::snapshot::{
+    find_snapshot, snapshot_key, store_snapshot, RetainSet, SnapshotError, SnapshotObject,
+};
 use super::state::State;
 use super::volume::{Inner, Volume};
+use crate::store::StoreError;
 
 type Reply = Result<SnapshotObject, SnapshotError>;
+
+/// A request to the destage task to delete unreferenced chunks; the answer
+/// is how many it deleted, or why it stopped.
+pub(crate) type GcRequest = oneshot::Sender<Result<u64, String>>;
 
 /// A snapshot the destage task is asked to take.
 #[derive(Debug)]
@@ -58,13 +75,7 @@ impl Volume {
         let inner = &self.inner;
         {
             let mut st = inner.shared.lock();
-            refuse_unless_running(&st)?;
-            if st.writes_paused {
-                return Err(SnapshotError::State {
-                    volume: inner.id,
-                    reason: "another snapshot of this volume is in progress".into(),
-                });
-            }
+            claim(inner, &mut st)?;
             st.writes_paused = true;
         }
         let pause = Pause {
@@ -98,6 +109,70 @@ impl Volume {
         }
         drop(pause);
         res
+    }
+
+    /// Delete snapshot `name` of this open volume, then free the chunks
+    /// only it held. Returns how many chunks were deleted. Once the
+    /// snapshot object is gone the delete has happened; a failure after
+    /// that (freeing chunks) is reported as such, and a later delete frees
+    /// what was left.
+    pub async fn delete_snapshot(&self, name: &str) -> Result<u64, SnapshotError> {
+        let inner = &self.inner;
+        {
+            let mut st = inner.shared.lock();
+            claim(inner, &mut st)?;
+        }
+        let _busy = Busy(inner);
+        let snap = find_snapshot(&inner.store, inner.id, name).await?;
+        match inner.store.delete(&snapshot_key(inner.id, snap.id)).await {
+            Ok(()) | Err(StoreError::NotFound { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let not_freed = |why: String| SnapshotError::State {
+            volume: inner.id,
+            reason: format!(
+                "snapshot {name:?} was deleted, but freeing its chunks failed ({why}); \
+                 a later snapshot delete frees them"
+            ),
+        };
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut st = inner.shared.lock();
+            if let Err(e) = refuse_unless_running(&st) {
+                return Err(not_freed(e.to_string()));
+            }
+            st.gc_req = Some(tx);
+        }
+        inner.shared.notify.notify_one();
+        match rx.await {
+            Ok(Ok(n)) => Ok(n),
+            Ok(Err(why)) => Err(not_freed(why)),
+            Err(_) => Err(not_freed(stopped_error(inner).to_string())),
+        }
+    }
+}
+
+/// Take the volume's one snapshot-operation slot.
+fn claim(inner: &Inner, st: &mut State) -> Result<(), SnapshotError> {
+    refuse_unless_running(st)?;
+    if st.snapshot_busy {
+        return Err(SnapshotError::State {
+            volume: inner.id,
+            reason: "another snapshot create or delete of this volume is in progress".into(),
+        });
+    }
+    st.snapshot_busy = true;
+    Ok(())
+}
+
+/// Gives the slot back (and withdraws an unserved GC request) on drop.
+struct Busy<'a>(&'a Inner);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        let mut st = self.0.shared.lock();
+        st.snapshot_busy = false;
+        st.gc_req = None;
     }
 }
 
@@ -133,6 +208,7 @@ impl Drop for Pause<'_> {
         {
             let mut st = self.inner.shared.lock();
             st.writes_paused = false;
+            st.snapshot_busy = false;
             st.snapshot_req = None;
             st.wake_all();
         }
@@ -158,18 +234,76 @@ pub(crate) fn wants_more(st: &State) -> bool {
         .is_some_and(|r| r.target > st.taken_seq)
 }
 
-/// A request waits and the store holds every op it needs.
+/// A GC request waits, or a snapshot request whose ops are all stored.
 pub(crate) fn due(inner: &Inner) -> bool {
     let st = inner.shared.lock();
-    st.snapshot_req
-        .as_ref()
-        .is_some_and(|r| st.stored_seq >= r.target)
+    st.gc_req.is_some()
+        || st
+            .snapshot_req
+            .as_ref()
+            .is_some_and(|r| st.stored_seq >= r.target)
 }
 
-/// In the destage task: if a request is due, commit a checkpoint and write
-/// the snapshot object from it, then answer. A checkpoint failure is also
-/// returned, for the task's own error handling.
+/// In the destage task: serve what is due (see [`serve_snapshot`] and
+/// [`serve_gc`]).
 pub(crate) async fn serve(inner: &Inner, root: &mut Root) -> Result<(), EngineError> {
+    serve_gc(inner).await;
+    serve_snapshot(inner, root).await
+}
+
+/// If a GC request waits, delete every chunk at or before the committed
+/// checkpoint that neither the volume's map nor any snapshot names.
+async fn serve_gc(inner: &Inner) {
+    let req = inner.shared.lock().gc_req.take();
+    if let Some(req) = req {
+        let _ = req.send(collect_unreferenced(inner).await);
+    }
+}
+
+async fn collect_unreferenced(inner: &Inner) -> Result<u64, String> {
+    // Read under one lock: the chunks of the committed checkpoint are
+    // exactly those of `chunks` up to `checkpoint_chunk`.
+    let (checkpoint_chunk, mapped): (u64, HashSet<(u64, u64)>) = {
+        let st = inner.shared.lock();
+        let mapped = st
+            .chunks
+            .values()
+            .map(|e| (e.info.seq, e.info.epoch))
+            .collect();
+        (st.checkpoint_chunk, mapped)
+    };
+    // Listed after the snapshot object was deleted.
+    let retain = RetainSet::load(&inner.store, inner.id).await;
+    if retain == RetainSet::All {
+        return Err("the volume's snapshots cannot all be read".into());
+    }
+    let prefix = chunk_prefix(inner.id);
+    let listed = inner.store.list(&prefix).await.map_err(|e| e.to_string())?;
+    let mut deleted = 0;
+    for meta in listed {
+        let Some((seq, epoch)) = parse_chunk_name(&meta.key[prefix.len()..]) else {
+            continue;
+        };
+        if seq > checkpoint_chunk || mapped.contains(&(seq, epoch)) || retain.keeps(seq, epoch) {
+            continue;
+        }
+        match inner.store.delete(&meta.key).await {
+            Ok(()) | Err(StoreError::NotFound { .. }) => {}
+            Err(e) => return Err(format!("deleting {}: {e}", meta.key)),
+        }
+        deleted += 1;
+        inner
+            .counters
+            .chunks_deleted
+            .fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(deleted)
+}
+
+/// If a snapshot request is due, commit a checkpoint and write the
+/// snapshot object from it, then answer. A checkpoint failure is also
+/// returned, for the task's own error handling.
+async fn serve_snapshot(inner: &Inner, root: &mut Root) -> Result<(), EngineError> {
     let req = {
         let mut st = inner.shared.lock();
         let due = st
@@ -195,11 +329,17 @@ pub(crate) async fn serve(inner: &Inner, root: &mut Root) -> Result<(), EngineEr
     }
 }
 
-/// In the destage task, on any failure: a waiting request fails with it.
+/// In the destage task, on any failure: waiting requests fail with it.
 pub(crate) fn refuse(inner: &Inner, e: &EngineError) {
-    let req = inner.shared.lock().snapshot_req.take();
+    let (req, gc) = {
+        let mut st = inner.shared.lock();
+        (st.snapshot_req.take(), st.gc_req.take())
+    };
     if let Some(req) = req {
         let _ = req.reply.send(Err(failure(inner, e)));
+    }
+    if let Some(gc) = gc {
+        let _ = gc.send(Err(e.to_string()));
     }
 }
 
@@ -225,11 +365,11 @@ impl StopGuard {
 
 impl Drop for StopGuard {
     fn drop(&mut self) {
-        let req = {
+        let reqs = {
             let mut st = self.0.shared.lock();
             st.destage_stopped = true;
-            st.snapshot_req.take()
+            (st.snapshot_req.take(), st.gc_req.take())
         };
-        drop(req);
+        drop(reqs);
     }
 }
