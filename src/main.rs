@@ -35,6 +35,9 @@ enum Command {
     Snapshot(cli::snapshot::SnapshotCmd),
     /// Create a volume from a snapshot: shale clone VOLUME@SNAPSHOT NEWVOLUME.
     Clone(cli::snapshot::CloneArgs),
+    /// Copy what a clone reads from its parent snapshot into it, so it
+    /// stands alone: shale flatten VOLUME.
+    Flatten(cli::snapshot::FlattenArgs),
     /// Serve volumes over NBD.
     #[command(subcommand)]
     Nbd(cli::nbd::NbdCmd),
@@ -65,7 +68,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if matches!(
         cli.command,
-        Command::Config(_) | Command::Volume(_) | Command::Snapshot(_) | Command::Clone(_)
+        Command::Config(_)
+            | Command::Volume(_)
+            | Command::Snapshot(_)
+            | Command::Clone(_)
+            | Command::Flatten(_)
     ) {
         restore_default_sigpipe();
     }
@@ -74,6 +81,7 @@ fn main() -> ExitCode {
         Command::Volume(cmd) => cli::volume::run(cli.config.as_deref(), cmd),
         Command::Snapshot(cmd) => cli::snapshot::run(cli.config.as_deref(), cmd),
         Command::Clone(a) => cli::snapshot::clone(cli.config.as_deref(), a),
+        Command::Flatten(a) => cli::snapshot::flatten(cli.config.as_deref(), a),
         Command::Nbd(cmd) => cli::nbd::run(cli.config.as_deref(), cmd),
         Command::Add(a) => cli::ublk::add(cli.config.as_deref(), a),
         Command::Del(a) => cli::ublk::del(cli.config.as_deref(), a),

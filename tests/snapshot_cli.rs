@@ -155,3 +155,74 @@ async fn snapshot_clone_rollback_delete() {
         serde_json::from_str(&env.ok(&["snapshot", "list", "--json"])).expect("json");
     assert!(listed.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clone_from_flatten_and_guarded_volume_delete() {
+    let env = Env::new();
+    env.ok(&["volume", "create", "base", "--size", "1M"]);
+    env.write("base", 3).await;
+    env.ok(&["snapshot", "create", "base@gold"]);
+
+    let out = env.ok(&["volume", "create", "vm1", "--from", "base@gold"]);
+    assert!(out.contains("clone of base@gold"), "{out}");
+    env.ok(&[
+        "volume",
+        "create",
+        "vm2",
+        "--size",
+        "1M",
+        "--from",
+        "base@gold",
+    ]);
+    env.fails(
+        &[
+            "volume",
+            "create",
+            "vm3",
+            "--size",
+            "2M",
+            "--from",
+            "base@gold",
+        ],
+        "must have the parent's size",
+    );
+    env.fails(
+        &["volume", "create", "vm3", "--from", "base@nope"],
+        "no snapshot named",
+    );
+    env.fails(
+        &["volume", "create", "vm3", "--from", "base"],
+        "VOLUME@SNAPSHOT",
+    );
+    let usage = env.run(&["volume", "create", "vm3"]);
+    assert_eq!(usage.status.code(), Some(2), "--size or --from is required");
+    let listed: Vec<serde_json::Value> =
+        serde_json::from_str(&env.ok(&["volume", "list", "--json"])).expect("json");
+    let vm1 = listed.iter().find(|v| v["name"] == "vm1").expect("vm1");
+    assert_eq!(vm1["parent"], "base@gold");
+    assert!(!listed.iter().any(|v| v["name"] == "vm3"));
+    assert_eq!(env.read("vm1").await, image(3));
+
+    // The parent volume cannot go while clones read through its snapshot.
+    env.fails(
+        &["volume", "delete", "base", "--yes"],
+        "has snapshots with clones (vm1, vm2)",
+    );
+    assert_eq!(env.read("base").await, image(3));
+
+    env.write("vm1", 7).await;
+    env.fails(&["flatten", "base"], "is not a clone");
+    env.ok(&["snapshot", "create", "vm1@mine"]);
+    env.fails(&["flatten", "vm1"], "read through its parent (vm1@mine)");
+    env.ok(&["snapshot", "delete", "vm1@mine"]);
+    let out = env.ok(&["flatten", "vm1"]);
+    assert!(
+        out.contains("flattened volume vm1") && out.contains("base@gold"),
+        "{out}"
+    );
+    env.fails(&["flatten", "vm1"], "is not a clone");
+    env.ok(&["volume", "delete", "vm2", "--yes"]);
+    env.ok(&["snapshot", "delete", "base@gold"]);
+    env.ok(&["volume", "delete", "base", "--yes"]);
+    assert_eq!(env.read("vm1").await, image(7));
+}

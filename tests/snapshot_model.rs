@@ -1,8 +1,10 @@
 //! Snapshot/clone model test: a random tree of volumes, snapshots and
-//! clones under random writes, trims, zeroing, crashes, rollbacks and
-//! deletes, with a reference byte image for every volume and snapshot.
-//! After every step each volume (reopened, so recovery runs) and each
-//! snapshot view must equal its reference. Runs on the memory and fs stores.
+//! clones (of clones, to any depth; clones read through to their parents)
+//! under random writes, trims, zeroing, crashes, rollbacks, snapshot and
+//! volume deletes and flattens, with a reference byte image for every
+//! volume and snapshot. After every step each volume (reopened, so recovery
+//! runs) and each snapshot view must equal its reference, and every refusal
+//! must be the expected one. Runs on the memory and fs stores.
 //!
 //! Plus: a snapshot keeps its content through many overwrites and
 //! checkpoints (the engine's chunk deletion must spare chunks snapshots
@@ -15,7 +17,7 @@ use std::time::Duration;
 
 use shale::catalog::lease::Lease;
 use shale::catalog::snapshot::{SnapError, Snapshots};
-use shale::catalog::{Catalog, VolumeRecord};
+use shale::catalog::{Catalog, CatalogError, VolumeRecord};
 use shale::clock::{DynClock, SystemClock};
 use shale::engine::config::EngineConfig;
 use shale::engine::{BlockDevice, Volume, VolumeParams};
@@ -150,9 +152,36 @@ struct Model {
     vols: Vec<(String, Vec<u8>)>,
     /// (spec, image)
     snaps: Vec<(String, Vec<u8>)>,
-    /// (clone name, parent spec)
+    /// (clone name, parent spec): volumes that read through to a parent.
     clones: Vec<(String, String)>,
+    /// Specs of snapshots taken while their volume was a clone (they read
+    /// through to its parent, so they block a flatten).
+    through: Vec<String>,
     counter: u64,
+    /// How often each kind of step happened (the test checks coverage).
+    done: std::collections::BTreeMap<&'static str, u32>,
+}
+
+impl Model {
+    fn count(&mut self, what: &'static str) {
+        *self.done.entry(what).or_default() += 1;
+    }
+
+    fn volume_of(spec: &str) -> &str {
+        spec.split('@').next().unwrap_or_default()
+    }
+
+    /// Clones whose parent is a snapshot of `vol`, sorted.
+    fn clones_of_volume(&self, vol: &str) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .clones
+            .iter()
+            .filter(|c| Self::volume_of(&c.1) == vol)
+            .map(|c| c.0.clone())
+            .collect();
+        v.sort();
+        v
+    }
 }
 
 async fn check_all(env: &Env, m: &Model, step: usize) {
@@ -167,21 +196,32 @@ async fn check_all(env: &Env, m: &Model, step: usize) {
     }
 }
 
-async fn run_model(store: DynStore, seed: u64, steps: usize) {
+async fn run_model(
+    store: DynStore,
+    seed: u64,
+    steps: usize,
+) -> std::collections::BTreeMap<&'static str, u32> {
     let dir = tempfile::tempdir().unwrap();
     let env = Env::new(store, dir.path());
-    let mut rng = Rng(seed | 1);
+    // Spread small seeds apart (xorshift needs a non-zero state).
+    let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
     env.catalog.create("v0", VOL_SIZE, false, 0).await.unwrap();
     let mut m = Model {
         vols: vec![("v0".into(), vec![0u8; VOL_SIZE as usize])],
         snaps: Vec::new(),
         clones: Vec::new(),
+        through: Vec::new(),
         counter: 0,
+        done: Default::default(),
     };
     for step in 0..steps {
         m.counter += 1;
-        match rng.below(10) {
-            0..=3 => {
+        let op = rng.below(16);
+        if std::env::var("SHALE_SNAP_TRACE").is_ok() {
+            println!("step {step}: op {op}, {} volumes", m.vols.len());
+        }
+        match op {
+            0..=4 => {
                 let i = rng.below(m.vols.len() as u64) as usize;
                 let name = m.vols[i].0.clone();
                 let (vol, lease, _) = env.attach(&name).await;
@@ -197,13 +237,17 @@ async fn run_model(store: DynStore, seed: u64, steps: usize) {
                 }
                 lease.release().await.unwrap();
             }
-            4 | 5 => {
+            5 | 6 => {
                 let i = rng.below(m.vols.len() as u64) as usize;
                 let spec = format!("{}@s{}", m.vols[i].0, m.counter);
                 env.snaps.create(&spec, 0).await.unwrap();
+                if m.clones.iter().any(|c| c.0 == m.vols[i].0) {
+                    m.through.push(spec.clone());
+                    m.count("snapshot of clone");
+                }
                 m.snaps.push((spec, m.vols[i].1.clone()));
             }
-            6 if !m.snaps.is_empty() => {
+            7 | 8 if !m.snaps.is_empty() => {
                 let j = rng.below(m.snaps.len() as u64) as usize;
                 let name = format!("c{}", m.counter);
                 let rec = env
@@ -212,18 +256,24 @@ async fn run_model(store: DynStore, seed: u64, steps: usize) {
                     .await
                     .unwrap();
                 assert_eq!(rec.parent.as_deref(), Some(m.snaps[j].0.as_str()));
+                if m.through.contains(&m.snaps[j].0) {
+                    m.count("clone of clone");
+                }
                 m.vols.push((name.clone(), m.snaps[j].1.clone()));
                 m.clones.push((name, m.snaps[j].0.clone()));
             }
-            7 if !m.snaps.is_empty() => {
+            9 if !m.snaps.is_empty() => {
                 let j = rng.below(m.snaps.len() as u64) as usize;
                 let spec = m.snaps[j].0.clone();
                 let vol = spec.split('@').next().unwrap().to_string();
                 env.snaps.rollback(&spec).await.unwrap();
+                if m.clones.iter().any(|c| c.0 == vol) {
+                    m.count("rollback of clone");
+                }
                 let i = m.vols.iter().position(|v| v.0 == vol).unwrap();
                 m.vols[i].1 = m.snaps[j].1.clone();
             }
-            8 if !m.snaps.is_empty() => {
+            10 if !m.snaps.is_empty() => {
                 let j = rng.below(m.snaps.len() as u64) as usize;
                 let spec = m.snaps[j].0.clone();
                 let mut clones: Vec<String> = m
@@ -237,6 +287,7 @@ async fn run_model(store: DynStore, seed: u64, steps: usize) {
                     Ok(_) => {
                         assert!(clones.is_empty(), "step {step}: deleted {spec} with clones");
                         m.snaps.remove(j);
+                        m.through.retain(|s| *s != spec);
                     }
                     Err(SnapError::HasClones {
                         clones: mut named, ..
@@ -248,9 +299,97 @@ async fn run_model(store: DynStore, seed: u64, steps: usize) {
                     Err(e) => panic!("step {step}: delete {spec}: {e}"),
                 }
             }
+            11 | 12 => {
+                // Mostly a clone; sometimes any volume (refused if not one).
+                let name = match rng.below(4) {
+                    0 => None,
+                    _ => (!m.clones.is_empty()).then(|| {
+                        m.clones[rng.below(m.clones.len() as u64) as usize]
+                            .0
+                            .clone()
+                    }),
+                };
+                let i = match name {
+                    Some(n) => m.vols.iter().position(|v| v.0 == n).unwrap(),
+                    None => rng.below(m.vols.len() as u64) as usize,
+                };
+                flatten_step(&env, &mut m, i, step).await;
+            }
+            13 if m.vols.len() > 1 => {
+                let i = rng.below(m.vols.len() as u64) as usize;
+                delete_volume_step(&env, &mut m, i, step).await;
+            }
             _ => {}
         }
         check_all(&env, &m, step).await;
+    }
+    println!("seed {seed}: {:?}", m.done);
+    m.done
+}
+
+/// Flatten volume `i`: refused for a volume that is not a clone or whose
+/// snapshots read through; otherwise its content is unchanged and it no
+/// longer depends on its parent (whose snapshot may then be deleted).
+async fn flatten_step(env: &Env, m: &mut Model, i: usize, step: usize) {
+    let name = m.vols[i].0.clone();
+    let clone = m.clones.iter().position(|c| c.0 == name);
+    let blocking: Vec<String> = m
+        .through
+        .iter()
+        .filter(|s| Model::volume_of(s) == name)
+        .cloned()
+        .collect();
+    match env.snaps.flatten(&name, |_, _| {}).await {
+        Ok(report) => {
+            assert!(clone.is_some(), "step {step}: flattened non-clone {name}");
+            assert!(blocking.is_empty(), "step {step}: flattened {name}");
+            assert_eq!(report.record.parent, None);
+            let rec = env.catalog.get(&name).await.unwrap();
+            assert_eq!(rec.parent, None, "step {step}");
+            if let Some(c) = clone {
+                m.clones.remove(c);
+            }
+            m.count("flatten");
+        }
+        Err(SnapError::NotAClone { .. }) => {
+            assert!(clone.is_none(), "step {step}: {name} is a clone");
+        }
+        Err(SnapError::SnapshotsReadThrough { snapshots, .. }) => {
+            assert!(clone.is_some(), "step {step}");
+            m.count("flatten refused");
+            let mut want = blocking.clone();
+            want.sort();
+            let mut got = snapshots;
+            got.sort();
+            assert_eq!(got, want, "step {step}");
+        }
+        Err(e) => panic!("step {step}: flatten {name}: {e}"),
+    }
+}
+
+/// Delete volume `i` (with its snapshots): refused, naming them, while
+/// clones read through one of its snapshots.
+async fn delete_volume_step(env: &Env, m: &mut Model, i: usize, step: usize) {
+    let name = m.vols[i].0.clone();
+    let clones = m.clones_of_volume(&name);
+    match env.catalog.delete(&name, 0).await {
+        Ok(_) => {
+            assert!(clones.is_empty(), "step {step}: deleted {name} with clones");
+            m.vols.remove(i);
+            m.snaps.retain(|s| Model::volume_of(&s.0) != name);
+            m.through.retain(|s| Model::volume_of(s) != name);
+            m.clones.retain(|c| c.0 != name);
+            m.count("volume delete");
+        }
+        Err(CatalogError::HasClones {
+            clones: mut named, ..
+        }) => {
+            named.sort();
+            assert_eq!(named, clones, "step {step}");
+            assert!(!clones.is_empty());
+            m.count("volume delete refused");
+        }
+        Err(e) => panic!("step {step}: delete volume {name}: {e}"),
     }
 }
 
@@ -263,9 +402,26 @@ fn seeds() -> Vec<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn model_memory_store() {
+    let mut total = std::collections::BTreeMap::new();
     for seed in seeds() {
-        println!("seed {seed}");
-        run_model(Arc::new(MemoryStore::new()), seed, 40).await;
+        for (k, n) in run_model(Arc::new(MemoryStore::new()), seed, 60).await {
+            *total.entry(k).or_insert(0) += n;
+        }
+    }
+    // The default seeds must reach every kind of clone step (a single
+    // SHALE_SNAP_SEED need not).
+    if std::env::var("SHALE_SNAP_SEED").is_err() {
+        for what in [
+            "snapshot of clone",
+            "clone of clone",
+            "rollback of clone",
+            "flatten",
+            "flatten refused",
+            "volume delete",
+            "volume delete refused",
+        ] {
+            assert!(total.contains_key(what), "no {what:?} step ran: {total:?}");
+        }
     }
 }
 
@@ -275,7 +431,7 @@ async fn model_fs_store() {
         println!("seed {seed}");
         let dir = tempfile::tempdir().unwrap();
         let store: DynStore = Arc::new(FsStore::new(dir.path()));
-        run_model(store, seed, 25).await;
+        run_model(store, seed, 40).await;
     }
 }
 

@@ -18,6 +18,10 @@
 //!    delete marks the record first and then reads the lease, while an
 //!    opener takes the lease first and then reads the record, so at least
 //!    one of them sees the other and backs off.
+//! 5. A volume whose snapshots have clones (records whose `parent` names
+//!    `<volume>@...`) is not deleted: delete marks the record first and
+//!    then lists the records, while a clone writes its record first and
+//!    then re-reads its parent's (see `snapshot::clone`).
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -69,7 +73,8 @@ pub struct VolumeRecord {
     pub thick: bool,
     /// Creation time, milliseconds since the Unix epoch.
     pub created_ms: u64,
-    /// Reserved for clones: the parent snapshot (`<volume>@<snapshot>`).
+    /// A clone's parent snapshot (`<volume>@<snapshot>`), which it reads
+    /// through to; `None` for other volumes and after a flatten.
     #[serde(default)]
     pub parent: Option<String>,
     /// Lifecycle state.
@@ -117,6 +122,11 @@ pub enum CatalogError {
         name: String,
         source: lease::LeaseError,
     },
+    #[error(
+        "volume {name:?} has snapshots with clones ({}); delete or flatten them first",
+        clones.join(", ")
+    )]
+    HasClones { name: String, clones: Vec<String> },
     #[error("catalog object {key} is corrupt: {reason}")]
     Corrupt { key: String, reason: String },
     #[error("catalog object {key} kept changing under concurrent updates; try again")]
@@ -273,6 +283,16 @@ impl Catalog {
         validate_name(name)?;
         let key = record_key(name);
         let (mut record, was_ready) = self.mark_deleting(name).await?;
+        let clones = self.clones_of_volume(name).await?;
+        if !clones.is_empty() {
+            if was_ready {
+                self.set_state(name, VolumeState::Ready).await?;
+            }
+            return Err(CatalogError::HasClones {
+                name: name.to_string(),
+                clones,
+            });
+        }
         let lease = lease::read_lease(&self.store, record.id)
             .await
             .map_err(|source| CatalogError::Lease {
@@ -298,6 +318,44 @@ impl Catalog {
         self.store.delete(&key).await?;
         record.state = VolumeState::Deleting;
         Ok((record, removed))
+    }
+
+    /// Names of the volumes cloned from a snapshot of volume `name`.
+    pub async fn clones_of_volume(&self, name: &str) -> Result<Vec<String>, CatalogError> {
+        Ok(self
+            .list()
+            .await?
+            .into_iter()
+            .filter(|r| {
+                r.parent
+                    .as_deref()
+                    .and_then(|p| p.split_once('@'))
+                    .is_some_and(|(v, _)| v == name)
+            })
+            .map(|r| r.name)
+            .collect())
+    }
+
+    /// Forget a flattened clone's parent (compare-and-swap on the record).
+    pub async fn clear_parent(&self, name: &str) -> Result<VolumeRecord, CatalogError> {
+        let key = record_key(name);
+        for _ in 0..ID_CAS_ATTEMPTS {
+            let (mut record, version) = self.get_versioned(name).await?;
+            if record.parent.is_none() {
+                return Ok(record);
+            }
+            record.parent = None;
+            match self
+                .store
+                .put(&key, encode(&key, &record)?, PutMode::IfMatch(version))
+                .await
+            {
+                Ok(_) => return Ok(record),
+                Err(StoreError::PreconditionFailed { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(CatalogError::Contention { key })
     }
 
     /// Set the record's state to deleting; returns it and whether it was

@@ -15,23 +15,27 @@
 //!    naming the holder.
 //! 3. A snapshot some clone names as its parent is never deleted; the
 //!    refusal names the clones.
-//! 4. A clone's data and manifest are written under a fresh, unused volume
-//!    id before its record is created, so a crash part-way never leaves a
-//!    record that opens as an empty volume (only unreferenced objects).
+//! 4. A clone's manifest is written under a fresh, unused volume id before
+//!    its record is created, so a crash part-way never leaves a record that
+//!    opens as an empty volume (only unreferenced objects). See [`clone`].
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::lease::{Lease, LeaseError};
-use super::{encode, record_key, validate_name, Catalog, CatalogError, VolumeRecord, VolumeState};
+mod clone;
+
+pub use clone::FlattenReport;
+
+use super::{validate_name, Catalog, CatalogError, VolumeRecord, VolumeState};
 use crate::clock::DynClock;
 use crate::control::{self, ControlError, Request};
 use crate::engine::config::EngineConfig;
 use crate::engine::snapshot::{self as snap, SnapshotError, SnapshotObject};
 use crate::engine::view::SnapshotView;
 use crate::engine::{EngineError, Volume, VolumeParams};
-use crate::store::{DynStore, PutMode, StoreError};
+use crate::store::{DynStore, StoreError};
 
 /// How long a maintenance lease lasts between renewals.
 const LEASE_TTL: Duration = Duration::from_secs(30);
@@ -64,6 +68,25 @@ pub enum SnapError {
     },
     #[error("snapshot {spec} has clones ({}); delete or flatten them first", clones.join(", "))]
     HasClones { spec: String, clones: Vec<String> },
+    #[error("volume {name:?} is not a clone (it has no parent to flatten)")]
+    NotAClone { name: String },
+    #[error(
+        "volume {name:?} has snapshots that read through its parent ({}); \
+         delete them before flattening",
+        snapshots.join(", ")
+    )]
+    SnapshotsReadThrough {
+        name: String,
+        snapshots: Vec<String>,
+    },
+    #[error(
+        "a clone of {spec} must have the parent's size ({parent_size} bytes), not {size} bytes"
+    )]
+    CloneSize {
+        spec: String,
+        size: u64,
+        parent_size: u64,
+    },
     #[error(transparent)]
     Catalog(#[from] CatalogError),
     #[error(transparent)]
@@ -381,66 +404,6 @@ impl Snapshots {
         let (vol, name) = parse_spec(spec)?;
         let rec = self.ready(&vol).await?;
         let s = snap::find_snapshot(self.store(), rec.id, &name).await?;
-        Ok(SnapshotView::new(
-            self.store().clone(),
-            &s.checkpoint,
-            rec.size,
-        )?)
-    }
-
-    /// `shale clone VOL@SNAP NEW`: a new thin volume with the snapshot's
-    /// content and `parent: VOL@SNAP`. The parent is never changed.
-    pub async fn clone_volume(
-        &self,
-        spec: &str,
-        new_name: &str,
-        now_ms: u64,
-    ) -> Result<VolumeRecord, SnapError> {
-        let (vol, name) = parse_spec(spec)?;
-        validate_name(new_name)?;
-        let rec = self.ready(&vol).await?;
-        let s = snap::find_snapshot(self.store(), rec.id, &name).await?;
-        let key = record_key(new_name);
-        match self.store().head(&key).await {
-            Ok(_) => {
-                return Err(CatalogError::AlreadyExists {
-                    name: new_name.to_string(),
-                }
-                .into())
-            }
-            Err(StoreError::NotFound { .. }) => {}
-            Err(e) => return Err(e.into()),
-        }
-        let id = self.catalog.allocate_id().await?;
-        snap::write_clone(self.store(), &s, id).await?;
-        let record = VolumeRecord {
-            id,
-            name: new_name.to_string(),
-            size: rec.size,
-            thick: false,
-            created_ms: now_ms,
-            parent: Some(format!("{vol}@{name}")),
-            state: VolumeState::Ready,
-        };
-        match self
-            .store()
-            .put(&key, encode(&key, &record)?, PutMode::Create)
-            .await
-        {
-            Ok(_) => Ok(record),
-            Err(e) => {
-                // Nobody can know the fresh id: remove what was copied.
-                for meta in self.store().list(&super::volume_prefix(id)).await? {
-                    let _ = self.store().delete(&meta.key).await;
-                }
-                Err(match e {
-                    StoreError::AlreadyExists { .. } => CatalogError::AlreadyExists {
-                        name: new_name.to_string(),
-                    },
-                    other => CatalogError::Store(other),
-                }
-                .into())
-            }
-        }
+        Ok(SnapshotView::of_snapshot(self.store().clone(), &s, rec.size).await?)
     }
 }

@@ -1,4 +1,5 @@
-//! `shale snapshot create|list|delete|rollback` and `shale clone`.
+//! `shale snapshot create|list|delete|rollback`, `shale clone`, `shale
+//! flatten` and `shale volume create --from`.
 use std::path::Path;
 use std::sync::Arc;
 
@@ -45,6 +46,13 @@ pub struct CloneArgs {
     /// The parent snapshot: VOLUME@SNAPSHOT
     pub spec: String,
     /// Name of the new volume.
+    pub name: String,
+}
+
+/// `shale flatten VOLUME`
+#[derive(Args, Debug)]
+pub struct FlattenArgs {
+    /// The clone to make independent of its parent snapshot.
     pub name: String,
 }
 
@@ -142,6 +150,39 @@ pub fn clone(config: Option<&Path>, a: CloneArgs) -> anyhow::Result<()> {
         println!(
             "created volume {} (id {}) as a clone of {}",
             rec.name, rec.id, a.spec
+        );
+        Ok(())
+    })
+}
+
+/// `shale volume create NAME [--size S] --from VOL@SNAP`.
+pub fn create_from(
+    config: Option<&Path>,
+    spec: &str,
+    name: &str,
+    size: Option<u64>,
+) -> anyhow::Result<()> {
+    with_snapshots(config, async move |s: &Snapshots| {
+        let rec = s.create_from(spec, name, size, now_ms()).await?;
+        println!(
+            "created volume {} (id {}, size {}, thin) as a clone of {spec}",
+            rec.name,
+            rec.id,
+            shale::size::format_size(rec.size)
+        );
+        Ok(())
+    })
+}
+
+pub fn flatten(config: Option<&Path>, a: FlattenArgs) -> anyhow::Result<()> {
+    with_snapshots(config, async move |s: &Snapshots| {
+        let report = s.flatten(&a.name, |_, _| {}).await?;
+        println!(
+            "flattened volume {}: it no longer reads through {} ({} read from the parent, {} of it data copied)",
+            report.record.name,
+            report.parent.as_deref().unwrap_or("a parent"),
+            shale::error::Bytes(report.copy.read_through),
+            shale::error::Bytes(report.copy.copied),
         );
         Ok(())
     })

@@ -17,11 +17,15 @@ pub enum VolumeCmd {
         /// Volume name: 1 to 64 characters of A-Z a-z 0-9 . _ -
         name: String,
         /// Size, e.g. 10G, 512MiB or a byte count; a multiple of 4 KiB.
-        #[arg(long, short, value_parser = parse_size_arg)]
-        size: u64,
+        /// With --from it may be left out (it must equal the parent's).
+        #[arg(long, short, value_parser = parse_size_arg, required_unless_present = "from")]
+        size: Option<u64>,
         /// Reserve the whole size in the pool's capacity.
         #[arg(long)]
         thick: bool,
+        /// Create a clone of this snapshot (VOLUME@SNAPSHOT), like `shale clone`.
+        #[arg(long, value_name = "VOLUME@SNAPSHOT", conflicts_with = "thick")]
+        from: Option<String>,
     },
     /// List volumes.
     List {
@@ -109,6 +113,15 @@ fn parse_size_arg(s: &str) -> Result<u64, String> {
 }
 
 pub fn run(config: Option<&Path>, cmd: VolumeCmd) -> anyhow::Result<()> {
+    if let VolumeCmd::Create {
+        name,
+        size,
+        from: Some(spec),
+        ..
+    } = cmd
+    {
+        return super::snapshot::create_from(config, &spec, &name, size);
+    }
     let cfg = Config::load(config)?;
     // Import and export open the volume, whose background work (destage,
     // lease renewal) needs worker threads; catalog commands do not.
@@ -132,7 +145,10 @@ pub fn run(config: Option<&Path>, cmd: VolumeCmd) -> anyhow::Result<()> {
             anyhow::Ok(Catalog::new(store))
         };
         match cmd {
-            VolumeCmd::Create { name, size, thick } => {
+            VolumeCmd::Create {
+                name, size, thick, ..
+            } => {
+                let size = size.context("--size is required without --from")?;
                 create(&catalog().await?, &name, size, thick).await
             }
             VolumeCmd::List { json } => list(&catalog().await?, json).await,

@@ -9,10 +9,17 @@
 //! chunk `chunk_seq` (which ends at op sequence `last_seq`) plus the table of
 //! chunks it references. Encoding: `"SHALECP1" | crc32c u32 | json`, the CRC
 //! covering the JSON bytes.
+//!
+//! A clone's manifest names its parent snapshot ([`ParentRef`]); in a clone,
+//! ranges trimmed or zeroed are kept in the map as [`Loc::Zero`] (the
+//! checkpoint's `zeros`), because an unmapped range reads its parent.
+//! Volumes without a parent never hold `Loc::Zero` in their stored map, so
+//! their checkpoints carry no `zeros` and keep their old encoding.
 
 use serde::{Deserialize, Serialize};
 
 use super::map::{ExtentMap, Loc};
+use super::snapshot::ParentRef;
 
 const CP_MAGIC: &[u8; 8] = b"SHALECP1";
 
@@ -35,6 +42,10 @@ pub struct Manifest {
     /// (0 in manifests written before the field existed: no bound).
     #[serde(default)]
     pub history_epoch: u64,
+    /// The snapshot a clone reads through to where its own map is unmapped
+    /// (absent in volumes that are not clones, and after a flatten).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<ParentRef>,
 }
 
 pub fn manifest_key(volume: u64) -> String {
@@ -68,6 +79,10 @@ pub struct Checkpoint {
     pub chunks: Vec<ChunkInfo>,
     /// `(start sector, sectors, chunk seq, data offset)`.
     pub extents: Vec<(u64, u64, u64, u64)>,
+    /// `(start sector, sectors)` explicitly zero ([`Loc::Zero`]); only
+    /// clones have any (see the module docs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub zeros: Vec<(u64, u64)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -83,7 +98,7 @@ pub enum CheckpointError {
 }
 
 impl Checkpoint {
-    /// Capture `map` (which must hold only chunk locations).
+    /// Capture `map` (which must hold only chunk and zero locations).
     pub fn from_map(
         volume: u64,
         epoch: u64,
@@ -99,6 +114,10 @@ impl Checkpoint {
                 _ => None,
             })
             .collect();
+        let zeros = map
+            .iter()
+            .filter_map(|(s, l, loc)| matches!(loc, Loc::Zero).then_some((s, l)))
+            .collect();
         Checkpoint {
             volume,
             epoch,
@@ -106,6 +125,20 @@ impl Checkpoint {
             last_seq,
             chunks,
             extents,
+            zeros,
+        }
+    }
+
+    /// An empty map at the very start of a volume's history.
+    pub fn empty(volume: u64, epoch: u64, last_seq: u64) -> Checkpoint {
+        Checkpoint {
+            volume,
+            epoch,
+            chunk_seq: 0,
+            last_seq,
+            chunks: Vec::new(),
+            extents: Vec::new(),
+            zeros: Vec::new(),
         }
     }
 
@@ -135,6 +168,18 @@ impl Checkpoint {
                 )));
             }
             map.insert(s, l, Loc::Chunk { chunk: c, off });
+        }
+        for &(s, l) in &self.zeros {
+            if l == 0 || s.checked_add(l).is_none_or(|e| e > volume_sectors) {
+                return Err(CheckpointError::Inconsistent(format!(
+                    "zero range {s}+{l} is empty or lies past the volume size ({volume_sectors} sectors)"
+                )));
+            }
+            if !map.insert(s, l, Loc::Zero).is_empty() {
+                return Err(CheckpointError::Inconsistent(format!(
+                    "zero range {s}+{l} overlaps another extent"
+                )));
+            }
         }
         Ok(map)
     }
@@ -219,12 +264,72 @@ mod tests {
             last_chunk: 0,
             last_seq: 0,
             history_epoch: 2,
+            parent: None,
         };
         let j = serde_json::to_string(&m).unwrap();
         assert_eq!(serde_json::from_str::<Manifest>(&j).unwrap(), m);
         let extra = j.replace("{", "{\"x\":1,");
         assert!(serde_json::from_str::<Manifest>(&extra).is_err());
         assert_eq!(manifest_key(0x10), "volumes/0000000000000010/manifest");
+    }
+
+    /// A clone's manifest names its parent; manifests without the field
+    /// (every volume that is not a clone, and older ones) parse as before
+    /// and are written without it.
+    #[test]
+    fn manifest_parent_is_optional() {
+        let old = r#"{"volume":1,"epoch":2,"checkpoint":null,"checkpoint_chunk":0,"last_chunk":0,"last_seq":0,"history_epoch":2}"#;
+        let m: Manifest = serde_json::from_str(old).unwrap();
+        assert_eq!(m.parent, None);
+        assert_eq!(serde_json::to_string(&m).unwrap(), old);
+        let clone = Manifest {
+            parent: Some(ParentRef {
+                volume: 3,
+                snapshot: 4,
+            }),
+            ..m
+        };
+        let j = serde_json::to_string(&clone).unwrap();
+        assert!(j.contains(r#""parent":{"volume":3,"snapshot":4}"#), "{j}");
+        assert_eq!(serde_json::from_str::<Manifest>(&j).unwrap(), clone);
+    }
+
+    /// Zero ranges (clones) round-trip; a map without them encodes as
+    /// before; zero ranges past the volume or over data are rejected.
+    #[test]
+    fn zero_ranges_round_trip() {
+        let mut map = ExtentMap::new();
+        map.insert(0, 8, Loc::Chunk { chunk: 1, off: 0 });
+        let chunks = vec![ChunkInfo {
+            seq: 1,
+            epoch: 1,
+            data_start: 100,
+            data_len: 4096,
+            crcs: vec![1u32],
+        }];
+        let plain = Checkpoint::from_map(5, 1, 1, 4, &map, chunks.clone());
+        assert!(plain.zeros.is_empty());
+        let json = String::from_utf8_lossy(&plain.encode()[12..]).to_string();
+        assert!(!json.contains("zeros"), "{json}");
+        map.insert(8, 4, Loc::Zero);
+        map.insert(20, 2, Loc::Zero);
+        let cp = Checkpoint::from_map(5, 1, 1, 4, &map, chunks);
+        assert_eq!(cp.zeros, vec![(8, 4), (20, 2)]);
+        let back = Checkpoint::decode(&cp.encode())
+            .unwrap()
+            .to_map(100)
+            .unwrap();
+        assert_eq!(
+            back.iter().collect::<Vec<_>>(),
+            map.iter().collect::<Vec<_>>()
+        );
+        assert!(cp.to_map(21).is_err());
+        let mut overlap = cp.clone();
+        overlap.zeros.push((4, 2));
+        assert!(overlap.to_map(100).is_err());
+        let mut empty = cp;
+        empty.zeros.push((50, 0));
+        assert!(empty.to_map(100).is_err());
     }
 
     /// Garbage and mutated checkpoints give errors, never panics.

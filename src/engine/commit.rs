@@ -141,6 +141,7 @@ pub(crate) async fn checkpoint(inner: &Inner, root: &mut Root) -> Result<Checkpo
         last_chunk: cp.chunk_seq,
         last_seq: cp.last_seq,
         history_epoch: inner.epoch,
+        parent: root.manifest.parent,
     };
     commit(inner, root, m).await?;
     inner

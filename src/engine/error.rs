@@ -33,6 +33,9 @@ pub enum EngineError {
     Closed,
     #[error("local I/O: {0}")]
     LocalIo(String),
+    /// A clone's parent chain cannot be followed (missing, corrupt, loop).
+    #[error("parent of volume {volume:016x}: {reason}")]
+    Parent { volume: u64, reason: String },
 }
 
 impl From<EngineError> for BlockError {

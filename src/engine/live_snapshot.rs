@@ -318,7 +318,16 @@ async fn serve_snapshot(inner: &Inner, root: &mut Root) -> Result<(), EngineErro
     let Some(req) = req else { return Ok(()) };
     match checkpoint(inner, root).await {
         Ok(cp) => {
-            let res = store_snapshot(&inner.store, inner.id, &req.name, req.created_ms, cp).await;
+            let parent = root.manifest.parent;
+            let res = store_snapshot(
+                &inner.store,
+                inner.id,
+                &req.name,
+                req.created_ms,
+                cp,
+                parent,
+            )
+            .await;
             let _ = req.reply.send(res);
             Ok(())
         }

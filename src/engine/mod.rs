@@ -24,6 +24,7 @@ use crate::error::BlockError;
 pub mod cache;
 pub mod checkpoint;
 pub mod chunk;
+pub mod clone;
 mod commit;
 pub mod config;
 mod destage;

@@ -10,6 +10,9 @@
 //!    segment. A chunk deleted by GC between lookup and fetch makes the whole
 //!    read start over (bounded number of times).
 //! 3. The futures only wait on `oneshot` channels (runtime-agnostic).
+//! 4. In a clone, unmapped pieces read from the parent view (on the tokio
+//!    runtime, through the view's own CRC-checked path); `Loc::Zero` pieces
+//!    read as zeros without I/O.
 
 use std::fs::File;
 use std::sync::atomic::Ordering;
@@ -23,12 +26,14 @@ use super::checkpoint::ChunkInfo;
 use super::chunk::{aligned_range, chunk_key, verify_blocks, CRC_BLOCK};
 use super::map::{Loc, WalLoc};
 use super::volume::Inner;
+use super::BlockDevice;
 use super::{wal, SECTOR};
 use crate::error::BlockError;
 use crate::store::StoreError;
 
 enum Src {
     Zero,
+    Parent,
     Wal(Arc<File>, WalLoc),
     Chunk(Arc<ChunkInfo>, u64),
 }
@@ -59,6 +64,7 @@ fn resolve(inner: &Inner, offset: u64, len: u64) -> Option<Vec<(usize, usize, Sr
         let b0 = ((p.start * SECTOR) - offset) as usize;
         let b1 = b0 + (p.len * SECTOR) as usize;
         let src = match p.loc {
+            None if inner.parent.is_some() => Src::Parent,
             None | Some(Loc::Zero) => Src::Zero,
             Some(Loc::Wal(w)) => Src::Wal(inner.wal.segment_file(w.seg)?, w),
             Some(Loc::Chunk { chunk, off }) => Src::Chunk(st.chunks.get(&chunk)?.info.clone(), off),
@@ -73,10 +79,12 @@ async fn read_once(inner: &Inner, offset: u64, buf: &mut [u8]) -> Result<Attempt
         return Ok(Attempt::Retry);
     };
     let mut fetches = Vec::new();
+    let mut parent_reads = Vec::new();
     for (b0, b1, src) in pieces {
         let dst = &mut buf[b0..b1];
         match src {
             Src::Zero => dst.fill(0),
+            Src::Parent => parent_reads.push((b0, read_parent(inner, offset + b0 as u64, b1 - b0))),
             Src::Wal(file, loc) => wal::read_record(&file, &loc, loc.seg, dst)?,
             Src::Chunk(info, off) => {
                 if !read_cached(inner, &info, off, dst) {
@@ -86,6 +94,7 @@ async fn read_once(inner: &Inner, offset: u64, buf: &mut [u8]) -> Result<Attempt
         }
     }
     if fetches.is_empty() {
+        finish_parent_reads(parent_reads, buf).await?;
         return Ok(Attempt::Done);
     }
     let mut waits = Vec::with_capacity(fetches.len());
@@ -115,6 +124,7 @@ async fn read_once(inner: &Inner, offset: u64, buf: &mut [u8]) -> Result<Attempt
             .map(|(s, rx)| async move { (s, rx.await) }),
     )
     .await;
+    finish_parent_reads(parent_reads, buf).await?;
     let mut retry = false;
     for ((b0, b1, info, off), (start, res)) in fetches.iter().zip(results) {
         let data = match res {
@@ -147,6 +157,39 @@ async fn read_once(inner: &Inner, offset: u64, buf: &mut [u8]) -> Result<Attempt
         }
     }
     Ok(if retry { Attempt::Retry } else { Attempt::Done })
+}
+
+/// Start reading `len` bytes at `offset` from the parent view on the
+/// runtime (the view's store reads need it); the answer comes on the channel.
+fn read_parent(inner: &Inner, offset: u64, len: usize) -> ParentRead {
+    let (tx, rx) = oneshot::channel();
+    let parent = inner.parent.clone();
+    inner.rt.spawn(async move {
+        let mut data = vec![0u8; len];
+        let res = match parent {
+            Some(p) => p.read(offset, &mut data).await.map(|()| data),
+            None => Err(BlockError::Io("no parent to read through to".into())),
+        };
+        let _ = tx.send(res);
+    });
+    rx
+}
+
+type ParentRead = oneshot::Receiver<Result<Vec<u8>, BlockError>>;
+
+/// Copy the answers of [`read_parent`] into `buf` at their offsets.
+async fn finish_parent_reads(
+    reads: Vec<(usize, ParentRead)>,
+    buf: &mut [u8],
+) -> Result<(), BlockError> {
+    for (b0, rx) in reads {
+        let data = rx.await.map_err(|_| BlockError::Closed)??;
+        let dst = buf
+            .get_mut(b0..b0 + data.len())
+            .ok_or_else(|| BlockError::Io("parent read outside the request".into()))?;
+        dst.copy_from_slice(&data);
+    }
+    Ok(())
 }
 
 /// Serve `dst` (chunk data at `off`) from the cache; false if any window

@@ -19,6 +19,8 @@
 //!    epoch keeps `history_epoch` = its epoch.
 //! 4. A chunk or checkpoint that fails its checksum fails the open: it is
 //!    bit rot the operator must see, never silently skipped.
+//! 5. A clone (its manifest names a parent) opens only with its whole
+//!    parent chain readable; its maps keep zeroed ranges as `Loc::Zero`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -30,6 +32,7 @@ use super::checkpoint::{manifest_key, Checkpoint, ChunkInfo, Manifest};
 use super::chunk::{chunk_key, chunk_prefix, decode_header, parse_chunk_name};
 use super::error::EngineError;
 use super::state::State;
+use super::view::SnapshotView;
 use super::volume::VolumeParams;
 use super::wal::{self, replay};
 use super::SECTOR;
@@ -41,6 +44,8 @@ pub struct Recovered {
     pub manifest: Manifest,
     pub manifest_version: Version,
     pub wal: wal::Recovered,
+    /// What unmapped ranges read through to (clones only).
+    pub parent: Option<Arc<SnapshotView>>,
 }
 
 fn manifest_err(volume: u64, reason: impl Into<String>) -> EngineError {
@@ -79,6 +84,7 @@ async fn take_manifest(
                     last_chunk: 0,
                     last_seq: 0,
                     history_epoch: p.epoch,
+                    parent: None,
                 };
                 let data = Bytes::from(serde_json::to_vec(&m).unwrap_or_default());
                 match store.put(&key, data, PutMode::Create).await {
@@ -119,7 +125,16 @@ pub async fn recover(
 ) -> Result<Recovered, EngineError> {
     let (mut manifest, mut manifest_version) = take_manifest(store, p).await?;
     let volume_sectors = p.size / SECTOR;
-    let mut state = State::default();
+    let parent = match manifest.parent {
+        Some(r) => Some(Arc::new(
+            SnapshotView::of_parent(store.clone(), r, p.size).await?,
+        )),
+        None => None,
+    };
+    let mut state = State {
+        keep_zeros: parent.is_some(),
+        ..State::default()
+    };
     let mut prev_epoch = 0;
     if let Some(key) = &manifest.checkpoint {
         let o = store.get(key).await?;
@@ -192,6 +207,7 @@ pub async fn recover(
         manifest,
         manifest_version,
         wal,
+        parent,
     })
 }
 

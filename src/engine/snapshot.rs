@@ -9,7 +9,8 @@
 //!
 //! Invariants:
 //! 1. A snapshot object is written once ([`PutMode::Create`]) and never
-//!    changed; it is deleted only by [`delete_snapshot`].
+//!    changed; it is deleted only by [`delete_snapshot`] (or, on an open
+//!    volume, by `Volume::delete_snapshot`).
 //! 2. A chunk named by any snapshot of its volume is never deleted: the
 //!    engine's destage and recovery consult [`RetainSet`] (listed after the
 //!    checkpoint that dropped the chunk was committed) before deleting.
@@ -18,14 +19,16 @@
 //!    and passes the lease's epoch, and nothing else writes the volume.
 //!    The exception is [`store_snapshot`], which an open volume also calls
 //!    from its destage task (see `engine/live_snapshot.rs`).
+//! 4. A snapshot of a clone records the clone's parent ([`ParentRef`]), so
+//!    its view reads through to the same parent as the clone did.
 
 use std::collections::HashSet;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::checkpoint::{checkpoint_key, manifest_key, Checkpoint, ChunkInfo, Manifest};
-use super::chunk::{chunk_key, chunk_prefix, parse_chunk_name};
+use super::checkpoint::{checkpoint_key, manifest_key, Checkpoint, Manifest};
+use super::chunk::{chunk_prefix, parse_chunk_name};
 use super::error::EngineError;
 use crate::store::{DynStore, PutMode, StoreError};
 
@@ -41,6 +44,25 @@ pub fn snapshot_key(volume: u64, snap: u64) -> String {
     format!("{}{snap:016x}", snapshot_prefix(volume))
 }
 
+/// The snapshot a clone reads through to: snapshot id `snapshot` of volume
+/// id `volume` (ids, never names: names may be reused after a delete).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParentRef {
+    pub volume: u64,
+    pub snapshot: u64,
+}
+
+impl std::fmt::Display for ParentRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "snapshot {:016x} of volume {:016x}",
+            self.snapshot, self.volume
+        )
+    }
+}
+
 /// A stored snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -54,6 +76,10 @@ pub struct SnapshotObject {
     pub created_ms: u64,
     /// The frozen map (its `chunk_seq` is the volume's chunk at that time).
     pub checkpoint: Checkpoint,
+    /// Where the volume read through to when the snapshot was taken (a
+    /// clone's parent); unmapped ranges of `checkpoint` read from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<ParentRef>,
 }
 
 /// Snapshot object decoding failures.
@@ -208,14 +234,7 @@ pub async fn committed_checkpoint(
         });
     }
     let cp = match &m.checkpoint {
-        None => Checkpoint {
-            volume,
-            epoch: m.epoch,
-            chunk_seq: 0,
-            last_seq: m.last_seq,
-            chunks: Vec::new(),
-            extents: Vec::new(),
-        },
+        None => Checkpoint::empty(volume, m.epoch, m.last_seq),
         Some(k) => {
             let d = store.get(k).await?;
             let cp = Checkpoint::decode(&d.data).map_err(|source| EngineError::Checkpoint {
@@ -236,30 +255,30 @@ pub async fn committed_checkpoint(
 
 /// Store a snapshot named `name` of the volume's committed state. The
 /// volume must have been closed cleanly just before (see
-/// [`committed_checkpoint`]) and be detached.
+/// [`committed_checkpoint`]) and be detached. A clone's snapshot keeps the
+/// clone's parent.
 pub async fn take_snapshot(
     store: &DynStore,
     volume: u64,
     name: &str,
     created_ms: u64,
 ) -> Result<SnapshotObject, SnapshotError> {
-    let (_, _, checkpoint) = committed_checkpoint(store, volume).await?;
-    store_snapshot(store, volume, name, created_ms, checkpoint).await
+    let (m, _, checkpoint) = committed_checkpoint(store, volume).await?;
+    store_snapshot(store, volume, name, created_ms, checkpoint, m.parent).await
 }
 
-/// Write snapshot object `name` of `volume` holding `checkpoint`, a
-/// checkpoint the volume has committed (so every chunk it names exists and
-/// is kept from now on, see invariant 2). The id is one above every
-/// existing snapshot's; the put is create-only, so it is the commit point:
-/// on any error no snapshot exists. The caller makes sure nothing else
-/// creates a snapshot of `volume` at the same time (lease, or the open
-/// volume's one-snapshot-at-a-time rule).
+/// Write the snapshot object for `checkpoint` (a frozen map of `volume`
+/// whose chunks the caller keeps until this returns) under the next free
+/// id, once ([`PutMode::Create`]). `parent` must be the parent the volume
+/// read through to for that map (its manifest's). The only place snapshot
+/// objects are written.
 pub async fn store_snapshot(
     store: &DynStore,
     volume: u64,
     name: &str,
     created_ms: u64,
     checkpoint: Checkpoint,
+    parent: Option<ParentRef>,
 ) -> Result<SnapshotObject, SnapshotError> {
     let existing = list_snapshots(store, volume).await?;
     if existing.iter().any(|s| s.name == name) {
@@ -274,6 +293,7 @@ pub async fn store_snapshot(
         volume,
         created_ms,
         checkpoint,
+        parent,
     };
     let key = snapshot_key(volume, snap.id);
     match store
@@ -304,6 +324,19 @@ pub async fn rollback(
     snap: &SnapshotObject,
 ) -> Result<(), SnapshotError> {
     let (m, version, _) = committed_checkpoint(store, volume).await?;
+    if snap.parent != m.parent {
+        // Flatten refuses while snapshots read through the parent, so the
+        // two always agree; never mix one parent's map with another.
+        return Err(SnapshotError::State {
+            volume,
+            reason: format!(
+                "snapshot {:?} reads through {} but the volume through {}; not rolled back",
+                snap.name,
+                parent_name(snap.parent),
+                parent_name(m.parent)
+            ),
+        });
+    }
     let cp = Checkpoint {
         volume,
         epoch: m.epoch,
@@ -311,6 +344,7 @@ pub async fn rollback(
         last_seq: m.last_seq,
         chunks: snap.checkpoint.chunks.clone(),
         extents: snap.checkpoint.extents.clone(),
+        zeros: snap.checkpoint.zeros.clone(),
     };
     let key = format!(
         "{}-rollback-{:016x}",
@@ -348,6 +382,10 @@ pub async fn rollback(
     Ok(())
 }
 
+fn parent_name(p: Option<ParentRef>) -> String {
+    p.map_or_else(|| "no parent".to_string(), |p| p.to_string())
+}
+
 /// Delete chunks of a detached volume that neither its checkpoint nor any
 /// snapshot names (only chunks at or before the checkpoint: later ones may
 /// still be applied by recovery). Returns how many were deleted.
@@ -383,63 +421,6 @@ pub async fn delete_snapshot(
     collect_garbage(store, volume).await
 }
 
-/// Write a new volume `new_id` whose content is the snapshot's: its chunks
-/// are copied under the new volume's prefix (at epoch 0, below any lease
-/// epoch) with a checkpoint and a manifest naming them. The new volume
-/// shares nothing with its parent afterwards. `new_id` must be fresh (no
-/// objects under its prefix): the manifest is created, never replaced.
-pub async fn write_clone(
-    store: &DynStore,
-    snap: &SnapshotObject,
-    new_id: u64,
-) -> Result<(), SnapshotError> {
-    let src = &snap.checkpoint;
-    let mut chunks = Vec::with_capacity(src.chunks.len());
-    for c in &src.chunks {
-        let from = chunk_key(snap.volume, c.seq, c.epoch);
-        let obj = store.get(&from).await?;
-        let to = chunk_key(new_id, c.seq, 0);
-        store.put(&to, obj.data, PutMode::Overwrite).await?;
-        chunks.push(ChunkInfo {
-            epoch: 0,
-            ..c.clone()
-        });
-    }
-    let cp = Checkpoint {
-        volume: new_id,
-        epoch: 0,
-        chunk_seq: src.chunk_seq,
-        last_seq: src.last_seq,
-        chunks,
-        extents: src.extents.clone(),
-    };
-    let cp_key = checkpoint_key(new_id, src.chunk_seq, 0);
-    store
-        .put(&cp_key, Bytes::from(cp.encode()), PutMode::Overwrite)
-        .await?;
-    let m = Manifest {
-        volume: new_id,
-        epoch: 0,
-        checkpoint: Some(cp_key),
-        checkpoint_chunk: src.chunk_seq,
-        last_chunk: src.chunk_seq,
-        last_seq: src.last_seq,
-        history_epoch: 0,
-    };
-    let data = Bytes::from(serde_json::to_vec(&m).unwrap_or_default());
-    match store
-        .put(&manifest_key(new_id), data, PutMode::Create)
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(StoreError::AlreadyExists { .. }) => Err(SnapshotError::State {
-            volume: new_id,
-            reason: "already has a manifest; a clone needs a fresh volume".into(),
-        }),
-        Err(e) => Err(e.into()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -458,7 +439,12 @@ mod tests {
                 last_seq: 9,
                 chunks: vec![],
                 extents: vec![],
+                zeros: vec![],
             },
+            parent: Some(ParentRef {
+                volume: 1,
+                snapshot: 2,
+            }),
         };
         let enc = snap.encode();
         assert_eq!(SnapshotObject::decode(&enc).unwrap(), snap);

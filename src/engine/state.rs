@@ -9,6 +9,9 @@
 //! 3. `pending` holds, in sequence order, every WAL record with
 //!    `seq > stored_seq`; its first record's seq is `stored_seq + 1`.
 //! 4. `chunks[c].live_sectors` counts the sectors of `stored` pointing at `c`.
+//! 5. With `keep_zeros` (a clone: unmapped ranges read its parent), trims,
+//!    zeroing and all-zero data leave [`Loc::Zero`] in `live` and `stored`;
+//!    without it they unmap, and neither map ever holds `Loc::Zero`.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -96,6 +99,8 @@ pub struct State {
     pub gc_req: Option<super::live_snapshot::GcRequest>,
     /// The destage task has ended: nobody will serve a snapshot request.
     pub destage_stopped: bool,
+    /// The volume has a parent: zeroed ranges stay mapped (invariant 5).
+    pub keep_zeros: bool,
 }
 
 impl State {
@@ -113,9 +118,7 @@ impl State {
                 (RecordKind::Write, Some(loc)) => {
                     self.live.insert(a.lba, a.sectors, Loc::Wal(loc));
                 }
-                _ => {
-                    self.live.remove(a.lba, a.sectors);
-                }
+                _ => self.zero_live(a.lba, a.sectors),
             }
             let p = PendingRec {
                 seq: a.seq,
@@ -128,6 +131,15 @@ impl State {
             };
             self.pending_bytes += p.cost();
             self.pending.push_back(p);
+        }
+    }
+
+    /// Make `[lba, lba+sectors)` of the live map read as zeros.
+    fn zero_live(&mut self, lba: u64, sectors: u64) {
+        if self.keep_zeros {
+            self.live.insert(lba, sectors, Loc::Zero);
+        } else {
+            self.live.remove(lba, sectors);
         }
     }
 
@@ -162,6 +174,7 @@ impl State {
                     }
                     r
                 }
+                None if self.keep_zeros => self.stored.insert(e.lba, e.sectors, Loc::Zero),
                 None => self.stored.remove(e.lba, e.sectors),
             };
             self.uncount(removed);
@@ -169,7 +182,7 @@ impl State {
     }
 
     /// Move live-map ranges that still point at WAL records `<= last_seq`
-    /// over to the chunk (or unmap them where the chunk has zeros).
+    /// over to the chunk (or zero them where the chunk has zeros).
     pub fn apply_chunk_to_live(&mut self, chunk: u64, last_seq: u64, extents: &[ChunkExtent]) {
         for e in extents {
             for p in self.live.lookup(e.lba, e.sectors) {
@@ -182,9 +195,7 @@ impl State {
                         let off = off + (p.start - e.lba) * SECTOR;
                         self.live.insert(p.start, p.len, Loc::Chunk { chunk, off });
                     }
-                    None => {
-                        self.live.remove(p.start, p.len);
-                    }
+                    None => self.zero_live(p.start, p.len),
                 }
             }
         }

@@ -6,6 +6,10 @@
 //!    CRCs; a mismatch or a missing chunk is [`BlockError::Io`].
 //! 2. Writes, trims and zeroing fail with [`BlockError::ReadOnly`] and change
 //!    nothing; `flush` succeeds (there is nothing to make durable).
+//! 3. A view of a clone's snapshot (or a clone's parent) has a `parent`
+//!    view: ranges unmapped in this map read from it, to any depth;
+//!    [`Loc::Zero`] ranges read as zeros. A view without a parent reads
+//!    unmapped ranges as zeros.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,8 +18,10 @@ use async_trait::async_trait;
 
 use super::checkpoint::{Checkpoint, ChunkInfo};
 use super::chunk::{aligned_range, chunk_key, verify_blocks};
+use super::clone::load_chain;
 use super::error::EngineError;
 use super::map::{ExtentMap, Loc};
+use super::snapshot::{ParentRef, SnapshotObject};
 use super::{check_range, BlockDevice, SECTOR};
 use crate::error::BlockError;
 use crate::store::DynStore;
@@ -27,6 +33,8 @@ pub struct SnapshotView {
     size: u64,
     map: ExtentMap,
     chunks: HashMap<u64, Arc<ChunkInfo>>,
+    /// What unmapped ranges read through to (invariant 3).
+    parent: Option<Arc<SnapshotView>>,
 }
 
 impl std::fmt::Debug for SnapshotView {
@@ -64,12 +72,62 @@ impl SnapshotView {
             size,
             map,
             chunks,
+            parent: None,
         })
     }
 
-    /// Sector ranges `(start, len)` that hold data (not unmapped).
+    /// A view of snapshot `snap` as a device of `size` bytes, reading
+    /// through to its parent chain (if it is a clone's snapshot).
+    pub async fn of_snapshot(
+        store: DynStore,
+        snap: &SnapshotObject,
+        size: u64,
+    ) -> Result<SnapshotView, EngineError> {
+        let parent = match snap.parent {
+            Some(p) => Some(Arc::new(Self::of_parent(store.clone(), p, size).await?)),
+            None => None,
+        };
+        let mut view = SnapshotView::new(store, &snap.checkpoint, size)?;
+        view.parent = parent;
+        Ok(view)
+    }
+
+    /// The view a clone reads through to: snapshot `parent` and its own
+    /// parents, every layer `size` bytes. Fails with
+    /// [`EngineError::Parent`] if a snapshot in the chain is missing or
+    /// corrupt, or the chain loops.
+    pub async fn of_parent(
+        store: DynStore,
+        parent: ParentRef,
+        size: u64,
+    ) -> Result<SnapshotView, EngineError> {
+        let chain = load_chain(&store, parent).await?;
+        let mut view: Option<SnapshotView> = None;
+        for snap in chain.iter().rev() {
+            let mut layer = SnapshotView::new(store.clone(), &snap.checkpoint, size)?;
+            layer.parent = view.map(Arc::new);
+            view = Some(layer);
+        }
+        view.ok_or_else(|| EngineError::Parent {
+            volume: parent.volume,
+            reason: "empty parent chain".into(),
+        })
+    }
+
+    /// Sector ranges `(start, len)` this layer's own map holds (data or
+    /// explicit zeros; not what it reads through to its parent).
     pub fn mapped_ranges(&self) -> Vec<(u64, u64)> {
         self.map.iter().map(|(s, l, _)| (s, l)).collect()
+    }
+
+    /// The view unmapped ranges read through to, if any.
+    pub fn parent(&self) -> Option<&Arc<SnapshotView>> {
+        self.parent.as_ref()
+    }
+
+    /// Number of layers: 1 plus the parent's depth.
+    pub fn depth(&self) -> usize {
+        1 + self.parent.as_ref().map_or(0, |p| p.depth())
     }
 
     async fn read_chunk(
@@ -115,7 +173,11 @@ impl BlockDevice for SnapshotView {
                     })?;
                     self.read_chunk(info, off, dst).await?;
                 }
-                _ => dst.fill(0),
+                None => match &self.parent {
+                    Some(parent) => parent.read(p.start * SECTOR, dst).await?,
+                    None => dst.fill(0),
+                },
+                Some(Loc::Zero | Loc::Wal(_)) => dst.fill(0),
             }
         }
         Ok(())

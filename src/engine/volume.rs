@@ -115,6 +115,8 @@ pub(crate) struct Inner {
     pub shared: Arc<Shared>,
     pub counters: Counters,
     pub cache: Option<super::cache::Cache>,
+    /// A clone's parent: unmapped ranges of `live` read from it.
+    pub parent: Option<Arc<super::view::SnapshotView>>,
     /// Where the destage task reports the end of a `close`.
     pub close_tx: Mutex<Option<oneshot::Sender<Result<(), EngineError>>>>,
 }
@@ -196,6 +198,7 @@ impl Volume {
             shared,
             counters: Counters::default(),
             cache,
+            parent: rec.parent,
             close_tx: Mutex::new(None),
         });
         let task = rt.spawn(destage::run(

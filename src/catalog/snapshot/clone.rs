@@ -1,0 +1,187 @@
+//! Clones on named volumes: `shale clone`, `shale volume create --from`
+//! and `shale flatten`.
+//!
+//! Invariants:
+//! 1. A clone's manifest (naming its parent snapshot by ids) is written
+//!    under a fresh volume id before its record exists; nothing of the
+//!    parent is copied or written.
+//! 2. After writing its record, a clone re-reads its parent volume's
+//!    record; if a delete of the parent began meanwhile, the clone removes
+//!    itself and fails (volume delete marks first, then looks for clones:
+//!    one of the two sees the other).
+//! 3. Flatten runs under the clone's lease: copy what the clone reads from
+//!    its parent, close (everything checkpointed), drop the parent from the
+//!    manifest, then from the record. Each step is safe to crash after;
+//!    running flatten again finishes the job.
+
+use super::{parse_spec, SnapError, Snapshots};
+use crate::catalog::{encode, record_key, validate_name, CatalogError, VolumeRecord, VolumeState};
+use crate::engine::clone::{copy_parent_data, finish_flatten, write_clone, CopyStats};
+use crate::engine::snapshot as snap;
+use crate::engine::{Volume, VolumeParams};
+use crate::store::{PutMode, StoreError};
+
+/// What a flatten did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlattenReport {
+    /// The record as it is now (`parent: None`).
+    pub record: VolumeRecord,
+    /// The parent it read through to before (`VOL@SNAP`).
+    pub parent: Option<String>,
+    pub copy: CopyStats,
+}
+
+impl Snapshots {
+    /// `shale clone VOL@SNAP NEW`: a new thin volume that reads through to
+    /// the snapshot (no data copied) with `parent: VOL@SNAP`. The parent is
+    /// never changed.
+    pub async fn clone_volume(
+        &self,
+        spec: &str,
+        new_name: &str,
+        now_ms: u64,
+    ) -> Result<VolumeRecord, SnapError> {
+        self.create_from(spec, new_name, None, now_ms).await
+    }
+
+    /// `shale volume create NEW [--size S] --from VOL@SNAP`: a clone; `size`,
+    /// if given, must equal the parent volume's size.
+    pub async fn create_from(
+        &self,
+        spec: &str,
+        new_name: &str,
+        size: Option<u64>,
+        now_ms: u64,
+    ) -> Result<VolumeRecord, SnapError> {
+        let (vol, name) = parse_spec(spec)?;
+        validate_name(new_name)?;
+        let parent = self.ready(&vol).await?;
+        let canonical = format!("{vol}@{name}");
+        if let Some(size) = size.filter(|&s| s != parent.size) {
+            return Err(SnapError::CloneSize {
+                spec: canonical,
+                size,
+                parent_size: parent.size,
+            });
+        }
+        let s = snap::find_snapshot(self.store(), parent.id, &name).await?;
+        let key = record_key(new_name);
+        match self.store().head(&key).await {
+            Ok(_) => {
+                return Err(CatalogError::AlreadyExists {
+                    name: new_name.to_string(),
+                }
+                .into())
+            }
+            Err(StoreError::NotFound { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let id = self.catalog.allocate_id().await?;
+        write_clone(self.store(), &s, id).await?;
+        let record = VolumeRecord {
+            id,
+            name: new_name.to_string(),
+            size: parent.size,
+            thick: false,
+            created_ms: now_ms,
+            parent: Some(canonical),
+            state: VolumeState::Ready,
+        };
+        if let Err(e) = self
+            .store()
+            .put(&key, encode(&key, &record)?, PutMode::Create)
+            .await
+        {
+            self.remove_objects(id).await;
+            return Err(match e {
+                StoreError::AlreadyExists { .. } => CatalogError::AlreadyExists {
+                    name: new_name.to_string(),
+                },
+                other => CatalogError::Store(other),
+            }
+            .into());
+        }
+        // Invariant 2: a delete of the parent that began meanwhile wins.
+        let parent_now = self.catalog.get(&vol).await;
+        if !matches!(&parent_now, Ok(p) if p.id == parent.id && p.state == VolumeState::Ready) {
+            if let Err(e) = self.store().delete(&key).await {
+                log::warn!("could not remove the record of clone {new_name:?}: {e}");
+            }
+            self.remove_objects(id).await;
+            return Err(CatalogError::Deleting { name: vol }.into());
+        }
+        Ok(record)
+    }
+
+    /// Best-effort removal of a fresh volume id's objects (nobody else can
+    /// know the id yet).
+    async fn remove_objects(&self, id: u64) {
+        match self.store().list(&crate::catalog::volume_prefix(id)).await {
+            Ok(objects) => {
+                for meta in objects {
+                    let _ = self.store().delete(&meta.key).await;
+                }
+            }
+            Err(e) => log::warn!("could not list the objects of volume {id:016x}: {e}"),
+        }
+    }
+
+    /// `shale flatten VOL`: copy everything the detached clone `name` reads
+    /// from its parent into it, so it no longer depends on the parent.
+    /// `progress(done, total)` is called as bytes are copied. Refused while
+    /// a snapshot of the clone reads through the parent.
+    pub async fn flatten(
+        &self,
+        name: &str,
+        progress: impl FnMut(u64, u64),
+    ) -> Result<FlattenReport, SnapError> {
+        let rec = &self.ready(name).await?;
+        if rec.parent.is_none() {
+            return Err(SnapError::NotAClone {
+                name: name.to_string(),
+            });
+        }
+        let through: Vec<String> = snap::list_snapshots(self.store(), rec.id)
+            .await?
+            .into_iter()
+            .filter(|s| s.parent.is_some())
+            .map(|s| format!("{name}@{}", s.name))
+            .collect();
+        if !through.is_empty() {
+            return Err(SnapError::SnapshotsReadThrough {
+                name: name.to_string(),
+                snapshots: through,
+            });
+        }
+        let copy = self
+            .leased(rec, |epoch| async move {
+                let params = VolumeParams {
+                    id: rec.id,
+                    size: rec.size,
+                    epoch,
+                    local_dir: self.volume_dir(rec.id),
+                };
+                let vol = Volume::open(
+                    self.store().clone(),
+                    params,
+                    self.engine.clone(),
+                    self.clock.clone(),
+                )
+                .await?;
+                let copied = copy_parent_data(&vol, progress).await;
+                let closed = vol.close().await;
+                let copy = copied?;
+                closed?;
+                // False when a crashed flatten got this far already.
+                finish_flatten(self.store(), rec.id, epoch).await?;
+                Ok(copy)
+            })
+            .await?;
+        let record = self.catalog.clear_parent(name).await?;
+        Ok(FlattenReport {
+            record,
+            parent: rec.parent.clone(),
+            copy,
+        })
+    }
+}

@@ -1,0 +1,292 @@
+//! Clones: volumes whose unmapped ranges read through to a parent snapshot
+//! (to any depth), and flatten, which makes a clone stand alone.
+//!
+//! Invariants:
+//! 1. Creating a clone writes only the new volume's manifest, naming the
+//!    parent by ids ([`ParentRef`]); no data is copied and no object of the
+//!    parent is ever written by a clone.
+//! 2. A parent chain is followed snapshot object by snapshot object; a
+//!    missing or corrupt object, or a chain that comes back to a snapshot
+//!    it already passed, is [`EngineError::Parent`], never a silent zero.
+//! 3. Flatten first copies (through the clone's own engine, as ordinary
+//!    writes) every non-zero range the clone reads from its parent, then,
+//!    with the volume closed, drops the parent from the manifest in one
+//!    compare-and-swap. A crash before the swap leaves a clone that still
+//!    reads through (the copies read the same bytes); after it, a volume
+//!    that stands alone.
+//! 4. Flatten is refused while a snapshot of the clone reads through the
+//!    parent: such a snapshot would lose its parent's protection from
+//!    deletion (the catalog only sees the volume record's parent).
+
+use std::collections::HashSet;
+
+use bytes::Bytes;
+
+use super::checkpoint::{checkpoint_key, manifest_key, Checkpoint, Manifest};
+use super::error::EngineError;
+use super::snapshot::{
+    committed_checkpoint, list_snapshots, snapshot_key, ParentRef, SnapshotError, SnapshotObject,
+};
+use super::volume::Volume;
+use super::{BlockDevice, SECTOR};
+use crate::store::{DynStore, PutMode, StoreError};
+
+/// Bytes read and written at a time while flattening.
+const COPY_PIECE: usize = 1 << 20;
+/// Granularity at which all-zero data is skipped while flattening.
+const ZERO_BLOCK: usize = 64 << 10;
+
+/// The snapshots from `first` down to the root of its chain (`first` at
+/// index 0, each next one the previous one's parent).
+pub(crate) async fn load_chain(
+    store: &DynStore,
+    first: ParentRef,
+) -> Result<Vec<SnapshotObject>, EngineError> {
+    let mut chain = Vec::new();
+    let mut seen = HashSet::new();
+    let mut next = Some(first);
+    while let Some(p) = next {
+        let err = |reason: String| EngineError::Parent {
+            volume: p.volume,
+            reason,
+        };
+        if !seen.insert(p) {
+            return Err(err(format!("the parent chain loops back to {p}")));
+        }
+        let key = snapshot_key(p.volume, p.snapshot);
+        let obj = match store.get(&key).await {
+            Ok(o) => o,
+            Err(StoreError::NotFound { .. }) => {
+                return Err(err(format!("{p} is missing ({key} not found)")))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let snap = SnapshotObject::decode(&obj.data).map_err(|e| err(format!("{key}: {e}")))?;
+        if snap.volume != p.volume || snap.id != p.snapshot {
+            return Err(err(format!(
+                "{key} holds snapshot {:016x} of volume {:016x}",
+                snap.id, snap.volume
+            )));
+        }
+        next = snap.parent;
+        chain.push(snap);
+    }
+    Ok(chain)
+}
+
+/// Make `new_id` a clone of `snap`: create its manifest (no checkpoint, no
+/// chunks) naming `snap` as its parent. `new_id` must be fresh: the
+/// manifest is created, never replaced.
+pub async fn write_clone(
+    store: &DynStore,
+    snap: &SnapshotObject,
+    new_id: u64,
+) -> Result<(), SnapshotError> {
+    let m = Manifest {
+        volume: new_id,
+        epoch: 0,
+        checkpoint: None,
+        checkpoint_chunk: 0,
+        last_chunk: 0,
+        last_seq: 0,
+        history_epoch: 0,
+        parent: Some(ParentRef {
+            volume: snap.volume,
+            snapshot: snap.id,
+        }),
+    };
+    let data = Bytes::from(serde_json::to_vec(&m).unwrap_or_default());
+    match store
+        .put(&manifest_key(new_id), data, PutMode::Create)
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(StoreError::AlreadyExists { .. }) => Err(SnapshotError::State {
+            volume: new_id,
+            reason: "already has a manifest; a clone needs a fresh volume".into(),
+        }),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// What [`copy_parent_data`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CopyStats {
+    /// Bytes the clone read through to its parent (all of them were read).
+    pub read_through: u64,
+    /// Of those, bytes that held data and were written into the clone.
+    pub copied: u64,
+}
+
+/// Byte ranges `(offset, len)` of `vol` that read through to its parent
+/// (unmapped in its live map); empty for a volume without a parent.
+pub fn read_through_ranges(vol: &Volume) -> Vec<(u64, u64)> {
+    if vol.inner.parent.is_none() {
+        return Vec::new();
+    }
+    let sectors = vol.inner.size / SECTOR;
+    let st = vol.inner.shared.lock();
+    st.live
+        .lookup(0, sectors)
+        .into_iter()
+        .filter(|p| p.loc.is_none())
+        .map(|p| (p.start * SECTOR, p.len * SECTOR))
+        .collect()
+}
+
+/// The first step of a flatten (invariant 3): write into `vol` every
+/// non-zero range it reads from its parent, then flush. `progress` is
+/// called with (bytes done, bytes to do) after each piece. The caller must
+/// be the volume's only user until it closes it.
+pub async fn copy_parent_data(
+    vol: &Volume,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<CopyStats, EngineError> {
+    let ranges = read_through_ranges(vol);
+    let total: u64 = ranges.iter().map(|r| r.1).sum();
+    let mut stats = CopyStats::default();
+    let mut buf = vec![0u8; COPY_PIECE];
+    for (start, len) in ranges {
+        let mut off = start;
+        while off < start + len {
+            let n = (start + len - off).min(COPY_PIECE as u64) as usize;
+            let piece = &mut buf[..n];
+            vol.read(off, piece).await.map_err(block_err)?;
+            for (i, run) in nonzero_runs(piece) {
+                vol.write(off + i as u64, run, false)
+                    .await
+                    .map_err(block_err)?;
+                stats.copied += run.len() as u64;
+            }
+            off += n as u64;
+            stats.read_through += n as u64;
+            progress(stats.read_through, total);
+        }
+    }
+    vol.flush().await.map_err(block_err)?;
+    Ok(stats)
+}
+
+fn block_err(e: crate::error::BlockError) -> EngineError {
+    match e {
+        crate::error::BlockError::Fenced(m) => EngineError::Fenced(m),
+        crate::error::BlockError::Closed => EngineError::Closed,
+        other => EngineError::LocalIo(format!("copying from the parent: {other}")),
+    }
+}
+
+/// `(offset in data, run)` for each maximal run of [`ZERO_BLOCK`]-sized
+/// blocks of `data` that are not all zero.
+fn nonzero_runs(data: &[u8]) -> Vec<(usize, &[u8])> {
+    let mut out = Vec::new();
+    let mut run_start = None;
+    let blocks = data.len().div_ceil(ZERO_BLOCK);
+    for b in 0..=blocks {
+        let block = data.get(b * ZERO_BLOCK..((b + 1) * ZERO_BLOCK).min(data.len()));
+        let nonzero = block.is_some_and(|blk| blk.iter().any(|&x| x != 0));
+        match (nonzero, run_start) {
+            (true, None) => run_start = Some(b * ZERO_BLOCK),
+            (false, Some(s)) => {
+                let end = (b * ZERO_BLOCK).min(data.len());
+                out.push((s, &data[s..end]));
+                run_start = None;
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The last step of a flatten (invariant 3): on a detached volume closed
+/// cleanly after [`copy_parent_data`], commit a checkpoint without zero
+/// ranges and a manifest without the parent (compare-and-swap). `epoch` is
+/// the caller's lease epoch. Returns false if the volume had no parent
+/// (nothing to do, e.g. a flatten finished before a crash).
+pub async fn finish_flatten(
+    store: &DynStore,
+    volume: u64,
+    epoch: u64,
+) -> Result<bool, SnapshotError> {
+    let (m, version, cp) = committed_checkpoint(store, volume).await?;
+    let Some(parent) = m.parent else {
+        return Ok(false);
+    };
+    let through: Vec<String> = list_snapshots(store, volume)
+        .await?
+        .into_iter()
+        .filter(|s| s.parent.is_some())
+        .map(|s| s.name)
+        .collect();
+    if !through.is_empty() {
+        return Err(SnapshotError::State {
+            volume,
+            reason: format!(
+                "snapshots {} read through the parent; delete them before flattening",
+                through.join(", ")
+            ),
+        });
+    }
+    let stand_alone = Checkpoint {
+        zeros: Vec::new(),
+        ..cp
+    };
+    let key = format!(
+        "{}-flatten",
+        checkpoint_key(volume, m.checkpoint_chunk, epoch)
+    );
+    store
+        .put(&key, Bytes::from(stand_alone.encode()), PutMode::Overwrite)
+        .await?;
+    let new = Manifest {
+        checkpoint: Some(key.clone()),
+        parent: None,
+        ..m.clone()
+    };
+    let data = Bytes::from(serde_json::to_vec(&new).unwrap_or_default());
+    match store
+        .put(&manifest_key(volume), data, PutMode::IfMatch(version))
+        .await
+    {
+        Ok(_) => {}
+        Err(StoreError::PreconditionFailed { .. }) => {
+            return Err(SnapshotError::State {
+                volume,
+                reason: format!(
+                    "the manifest changed during the flatten (is the volume attached?); \
+                     it still reads through {parent}"
+                ),
+            })
+        }
+        Err(e) => return Err(e.into()),
+    }
+    if let Some(old) = m.checkpoint.filter(|o| *o != key) {
+        if let Err(e) = store.delete(&old).await {
+            log::warn!("deleting old checkpoint {old}: {e}");
+        }
+    }
+    log::info!("volume {volume:x} no longer reads through {parent}");
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nonzero_runs_skip_zero_blocks() {
+        let b = ZERO_BLOCK;
+        let mut data = vec![0u8; 5 * b + 512];
+        data[10] = 1;
+        data[b + 5] = 2;
+        data[3 * b] = 3;
+        data[5 * b + 100] = 4;
+        let runs: Vec<(usize, usize)> = nonzero_runs(&data)
+            .iter()
+            .map(|(o, r)| (*o, r.len()))
+            .collect();
+        assert_eq!(runs, vec![(0, 2 * b), (3 * b, b), (5 * b, 512)]);
+        assert!(nonzero_runs(&vec![0u8; 3 * b]).is_empty());
+        assert_eq!(nonzero_runs(&[7u8; 100]).len(), 1);
+        assert!(nonzero_runs(&[]).is_empty());
+    }
+}
