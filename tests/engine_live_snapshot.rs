@@ -399,3 +399,54 @@ async fn deleting_a_snapshot_of_an_open_volume_frees_only_its_chunks() {
     assert_eq!(read_view(&store, &s3).await, z);
     v.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_of_an_open_clone_reads_through_to_its_parent() {
+    use shale::engine::snapshot::ParentRef;
+    const CLONE: u64 = 0x52;
+    let store: DynStore = Arc::new(MemoryStore::new());
+    let dir = tempfile::tempdir().unwrap();
+    let parent = open(&store, &dir.path().join("parent"), 1).await;
+    let base_image = fill(&parent, 0x44).await;
+    let base = parent.snapshot("base", 1).await.unwrap();
+    parent.close().await.unwrap();
+    shale::engine::clone::write_clone(&store, &base, CLONE)
+        .await
+        .unwrap();
+    let params = VolumeParams {
+        id: CLONE,
+        size: SIZE,
+        epoch: 1,
+        local_dir: dir.path().join("clone"),
+    };
+    let clone = Volume::open(store.clone(), params, busy_cfg(), Arc::new(SystemClock))
+        .await
+        .expect("open the clone");
+    clone.write(BLOCK, &op_data(3, 3), false).await.unwrap();
+    let snap = clone.snapshot("c1", 2).await.unwrap();
+    assert_eq!(
+        snap.parent,
+        Some(ParentRef {
+            volume: VOLUME,
+            snapshot: base.id
+        })
+    );
+    let mut expect = base_image.clone();
+    expect[BLOCK as usize..2 * BLOCK as usize].copy_from_slice(&op_data(3, 3));
+    let view = SnapshotView::of_snapshot(store.clone(), &snap, SIZE)
+        .await
+        .unwrap();
+    let mut got = vec![0u8; SIZE as usize];
+    view.read(0, &mut got).await.unwrap();
+    assert_eq!(
+        got, expect,
+        "clone snapshot = parent data + the clone's write"
+    );
+    // Later clone writes change neither the clone's snapshot nor the parent's.
+    fill(&clone, 0x55).await;
+    clone.snapshot("c2", 3).await.unwrap();
+    view.read(0, &mut got).await.unwrap();
+    assert_eq!(got, expect, "after later clone writes");
+    assert_eq!(read_view(&store, &base).await, base_image);
+    clone.close().await.unwrap();
+}
