@@ -450,3 +450,28 @@ async fn a_snapshot_of_an_open_clone_reads_through_to_its_parent() {
     assert_eq!(read_view(&store, &base).await, base_image);
     clone.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_that_lost_the_volume_takes_no_snapshot() {
+    let store: DynStore = Arc::new(MemoryStore::new());
+    let dir = tempfile::tempdir().unwrap();
+    let old = open(&store, &dir.path().join("old"), 1).await;
+    old.write(0, &op_data(4, 1), false).await.unwrap();
+    // Another server takes the volume over at a higher epoch (its recovery
+    // commits the manifest); the old one has not noticed yet.
+    let new = open(&store, &dir.path().join("new"), 2).await;
+    let err = old.snapshot("late", 1).await.expect_err("taken over");
+    assert!(
+        matches!(err, SnapshotError::Engine(EngineError::Fenced(_))),
+        "{err:?}"
+    );
+    assert!(list_snapshots(&store, VOLUME).await.unwrap().is_empty());
+    let gc = old.delete_snapshot("late").await;
+    assert!(gc.is_err(), "{gc:?}");
+    // The new holder snapshots fine.
+    new.write(BLOCK, &op_data(4, 2), false).await.unwrap();
+    let snap = new.snapshot("ok", 2).await.unwrap();
+    let image = read_view(&store, &snap).await;
+    assert_eq!(&image[BLOCK as usize..2 * BLOCK as usize], &op_data(4, 2)[..]);
+    new.close().await.unwrap();
+}

@@ -36,6 +36,7 @@ use std::time::Duration;
 
 use futures::channel::oneshot;
 
+use super::checkpoint::{manifest_key, Manifest};
 use super::chunk::{chunk_prefix, parse_chunk_name};
 use super::commit::{checkpoint, Root};
 use super::error::EngineError;
@@ -279,6 +280,13 @@ async fn collect_unreferenced(inner: &Inner) -> Result<u64, String> {
     }
     let prefix = chunk_prefix(inner.id);
     let listed = inner.store.list(&prefix).await.map_err(|e| e.to_string())?;
+    // Our view of the map is only the truth while we hold the volume.
+    super::destage::check_not_fenced(inner).map_err(|e| e.to_string())?;
+    match manifest_holder_epoch(inner).await {
+        Ok(epoch) if epoch == inner.epoch => {}
+        Ok(epoch) => return Err(format!("the volume was taken over at epoch {epoch}")),
+        Err(e) => return Err(format!("cannot read the manifest: {e}")),
+    }
     let mut deleted = 0;
     for meta in listed {
         let Some((seq, epoch)) = parse_chunk_name(&meta.key[prefix.len()..]) else {
@@ -328,6 +336,10 @@ async fn serve_snapshot(inner: &Inner, root: &mut Root) -> Result<(), EngineErro
                 parent,
             )
             .await;
+            let res = match res {
+                Ok(snap) => keep_if_still_ours(inner, snap).await,
+                Err(e) => Err(e),
+            };
             let _ = req.reply.send(res);
             Ok(())
         }
@@ -336,6 +348,44 @@ async fn serve_snapshot(inner: &Inner, root: &mut Root) -> Result<(), EngineErro
             Err(e)
         }
     }
+}
+
+/// The snapshot object was written after our checkpoint commit; if another
+/// writer took the volume over meanwhile, its chunk deletion may not have
+/// seen the object, so the object is removed and the snapshot fails. A
+/// new holder's recovery only deletes chunks outside the checkpoint it
+/// loaded (ours names every chunk of the snapshot), and it commits its
+/// epoch as the manifest's `history_epoch` before any later deletion, so
+/// reading our own epoch there after the put proves it will see the object.
+async fn keep_if_still_ours(inner: &Inner, snap: SnapshotObject) -> Reply {
+    let why = match manifest_holder_epoch(inner).await {
+        Ok(epoch) if epoch == inner.epoch => return Ok(snap),
+        Ok(epoch) => format!("the volume was taken over at epoch {epoch}"),
+        Err(e) => format!("cannot read the manifest to confirm the lease: {e}"),
+    };
+    let key = snapshot_key(inner.id, snap.id);
+    if let Err(e) = inner.store.delete(&key).await {
+        log::error!(
+            "volume {:x}: could not remove unconfirmed snapshot {key}: {e}",
+            inner.id
+        );
+    }
+    Err(SnapshotError::State {
+        volume: inner.id,
+        reason: format!("no snapshot was taken: {why}"),
+    })
+}
+
+/// The epoch of the writer that last committed the volume's manifest
+/// (its `history_epoch`, which every open commits).
+async fn manifest_holder_epoch(inner: &Inner) -> Result<u64, EngineError> {
+    let key = manifest_key(inner.id);
+    let obj = inner.store.get(&key).await?;
+    let m: Manifest = serde_json::from_slice(&obj.data).map_err(|e| EngineError::Manifest {
+        key,
+        reason: format!("does not parse: {e}"),
+    })?;
+    Ok(m.history_epoch)
 }
 
 /// In the destage task, on any failure: waiting requests fail with it.
