@@ -472,6 +472,109 @@ async fn a_writer_that_lost_the_volume_takes_no_snapshot() {
     new.write(BLOCK, &op_data(4, 2), false).await.unwrap();
     let snap = new.snapshot("ok", 2).await.unwrap();
     let image = read_view(&store, &snap).await;
-    assert_eq!(&image[BLOCK as usize..2 * BLOCK as usize], &op_data(4, 2)[..]);
+    assert_eq!(
+        &image[BLOCK as usize..2 * BLOCK as usize],
+        &op_data(4, 2)[..]
+    );
     new.close().await.unwrap();
+}
+
+/// A memory store whose snapshot-object puts wait at a gate: the test sees
+/// when one arrives and decides when it goes on.
+#[derive(Debug)]
+struct GatedStore {
+    inner: MemoryStore,
+    arrived: tokio::sync::Semaphore,
+    open: tokio::sync::Semaphore,
+}
+
+#[async_trait::async_trait]
+impl shale::store::ObjectStore for GatedStore {
+    async fn get(&self, key: &str) -> shale::store::StoreResult<shale::store::Object> {
+        self.inner.get(key).await
+    }
+    async fn get_range(
+        &self,
+        key: &str,
+        range: std::ops::Range<u64>,
+    ) -> shale::store::StoreResult<bytes::Bytes> {
+        self.inner.get_range(key, range).await
+    }
+    async fn put(
+        &self,
+        key: &str,
+        data: bytes::Bytes,
+        mode: shale::store::PutMode,
+    ) -> shale::store::StoreResult<shale::store::Version> {
+        if key.contains("/snapshots/") {
+            self.arrived.add_permits(1);
+            self.open.acquire().await.expect("gate").forget();
+        }
+        self.inner.put(key, data, mode).await
+    }
+    async fn head(&self, key: &str) -> shale::store::StoreResult<shale::store::ObjectMeta> {
+        self.inner.head(key).await
+    }
+    async fn list(&self, prefix: &str) -> shale::store::StoreResult<Vec<shale::store::ObjectMeta>> {
+        self.inner.list(prefix).await
+    }
+    async fn delete(&self, key: &str) -> shale::store::StoreResult<()> {
+        self.inner.delete(key).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_wait_while_a_snapshot_is_taken_and_reads_go_on() {
+    let gated = Arc::new(GatedStore {
+        inner: MemoryStore::new(),
+        arrived: tokio::sync::Semaphore::new(0),
+        open: tokio::sync::Semaphore::new(0),
+    });
+    let store: DynStore = gated.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let v = open(&store, dir.path(), 1).await;
+    v.write(0, &op_data(5, 1), false).await.unwrap();
+    let taking = tokio::spawn({
+        let v = v.clone();
+        async move { v.snapshot("held", 1).await }
+    });
+    // The snapshot is now between its checkpoint and its object put.
+    gated.arrived.acquire().await.unwrap().forget();
+    let mut b = vec![0u8; BLOCK as usize];
+    v.read(0, &mut b).await.expect("reads go on");
+    assert_eq!(b, op_data(5, 1));
+    v.flush().await.expect("flushes go on");
+    let busy = v.snapshot("second", 2).await;
+    assert!(
+        busy.as_ref()
+            .is_err_and(|e| e.to_string().contains("in progress")),
+        "{busy:?}"
+    );
+    let busy = v.delete_snapshot("held").await;
+    assert!(busy.is_err(), "{busy:?}");
+    let writing = tokio::spawn({
+        let v = v.clone();
+        async move { v.write(0, &op_data(5, 2), false).await }
+    });
+    // Give the write every chance to (wrongly) complete; a correct engine
+    // never lets it, however long this is.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!writing.is_finished(), "a write waits for the snapshot");
+    gated.open.add_permits(1);
+    let snap = taking.await.unwrap().expect("snapshot");
+    writing
+        .await
+        .unwrap()
+        .expect("the write goes on afterwards");
+    let image = read_view(&store, &snap).await;
+    assert_eq!(
+        &image[..BLOCK as usize],
+        &op_data(5, 1)[..],
+        "not the later write"
+    );
+    v.read(0, &mut b).await.unwrap();
+    assert_eq!(b, op_data(5, 2));
+    assert!(v.stats().last_snapshot_pause_us > 0);
+    gated.open.add_permits(100);
+    v.close().await.unwrap();
 }
