@@ -53,7 +53,8 @@ pub enum SnapError {
     Attached { name: String, holder: String },
     #[error(
         "volume {name:?} is attached by {holder:?}, and no server on this host answers \
-         on its control socket ({source}); run the command on the host where {holder:?} runs"
+         on its control socket ({source}); run the command on the host where {holder:?} runs \
+         (a server on this host without a control socket must be restarted first)"
     )]
     NoControl {
         name: String,
