@@ -56,8 +56,10 @@ pub enum Request {
         name: String,
         created_ms: u64,
     },
-    /// Delete snapshot `name` and free the chunks only it held.
+    /// Delete snapshot `name` (its object only; see `collect_garbage`).
     SnapshotDelete { volume: u64, name: String },
+    /// Delete the chunks no map and no snapshot names any more.
+    CollectGarbage { volume: u64 },
 }
 
 /// A snapshot as the reply describes it.
@@ -81,9 +83,12 @@ pub struct Reply {
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<SnapshotSummary>,
-    /// Chunks a snapshot delete freed.
+    /// Chunks `collect_garbage` freed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub freed_chunks: Option<u64>,
+    /// Id of the snapshot `snapshot_delete` deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deleted_id: Option<u64>,
 }
 
 impl Reply {
@@ -93,6 +98,7 @@ impl Reply {
             error: Some(msg.into()),
             snapshot: None,
             freed_chunks: None,
+            deleted_id: None,
         }
     }
 }
@@ -227,7 +233,8 @@ impl Server {
         };
         let (volume, name) = match &req {
             Request::SnapshotCreate { volume, name, .. }
-            | Request::SnapshotDelete { volume, name } => (*volume, name),
+            | Request::SnapshotDelete { volume, name } => (*volume, Some(name)),
+            Request::CollectGarbage { volume } => (*volume, None),
         };
         if volume != self.volume_id {
             return Reply::error(format!(
@@ -235,7 +242,7 @@ impl Server {
                 self.volume_id
             ));
         }
-        if let Err(e) = validate_name(name) {
+        if let Some(Err(e)) = name.map(|n| validate_name(n)) {
             return Reply::error(e.to_string());
         }
         let Some(vol) = self.volume.upgrade() else {
@@ -246,6 +253,7 @@ impl Server {
             error: None,
             snapshot: None,
             freed_chunks: None,
+            deleted_id: None,
         };
         match req {
             Request::SnapshotCreate {
@@ -258,6 +266,13 @@ impl Server {
                 Err(e) => Reply::error(e.to_string()),
             },
             Request::SnapshotDelete { name, .. } => match vol.delete_snapshot(&name).await {
+                Ok(s) => Reply {
+                    deleted_id: Some(s.id),
+                    ..done
+                },
+                Err(e) => Reply::error(e.to_string()),
+            },
+            Request::CollectGarbage { .. } => match vol.collect_garbage().await {
                 Ok(n) => Reply {
                     freed_chunks: Some(n),
                     ..done

@@ -11,3 +11,4 @@ pub mod error;
 pub mod frontend;
 pub mod size;
 pub mod store;
+pub mod transfer;

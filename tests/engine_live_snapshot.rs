@@ -352,7 +352,14 @@ async fn deleting_a_snapshot_of_an_open_volume_frees_only_its_chunks() {
         assert!(before.contains(&key), "{key} kept for snapshot x");
     }
 
-    let freed = v.delete_snapshot("x").await.expect("delete x");
+    let deleted = v.delete_snapshot("x").await.expect("delete x");
+    assert_eq!(deleted, s1);
+    assert_eq!(
+        chunk_keys(&store).await,
+        before,
+        "chunks stay until collected"
+    );
+    let freed = v.collect_garbage().await.expect("collect");
     let after = chunk_keys(&store).await;
     assert!(freed > 0, "x's chunks are freed");
     assert_eq!(before.len() - after.len(), freed as usize);
@@ -392,8 +399,14 @@ async fn deleting_a_snapshot_of_an_open_volume_frees_only_its_chunks() {
     v.read(0, &mut now).await.unwrap();
     assert_eq!(now, z);
     assert_eq!(read_view(&store, &s2).await, y);
-    let freed = v.delete_snapshot("y").await.unwrap();
+    v.delete_snapshot("y").await.unwrap();
+    let freed = v.collect_garbage().await.unwrap();
     assert!(freed > 0, "y's chunks are freed after reopening");
+    assert_eq!(
+        v.collect_garbage().await.unwrap(),
+        0,
+        "nothing more to free"
+    );
     v.read(0, &mut now).await.unwrap();
     assert_eq!(now, z);
     assert_eq!(read_view(&store, &s3).await, z);
@@ -466,7 +479,7 @@ async fn a_writer_that_lost_the_volume_takes_no_snapshot() {
         "{err:?}"
     );
     assert!(list_snapshots(&store, VOLUME).await.unwrap().is_empty());
-    let gc = old.delete_snapshot("late").await;
+    let gc = old.collect_garbage().await;
     assert!(gc.is_err(), "{gc:?}");
     // The new holder snapshots fine.
     new.write(BLOCK, &op_data(4, 2), false).await.unwrap();

@@ -370,21 +370,50 @@ impl Snapshots {
             });
         }
         let detached = self
-            .leased(rec, |_| async move {
-                Ok(snap::delete_snapshot(self.store(), rec.id, &s).await?)
-            })
+            .leased(rec, |_| self.delete_unless_cloned(rec, &s, &canonical))
             .await;
         match detached {
             Err(SnapError::Attached { holder, .. }) => {
-                let req = Request::SnapshotDelete {
-                    volume: rec.id,
-                    name,
-                };
-                let reply = self.ask_holder(rec, holder, &req).await?;
-                Ok(reply.freed_chunks.unwrap_or(0))
+                self.delete_attached(rec, &s, &canonical, holder).await
             }
             other => other,
         }
+    }
+
+    /// [`Snapshots::delete`] by the server holding `rec`: delete the
+    /// object, check for clones made meanwhile (putting the object back if
+    /// there are), then let the server free chunks, like
+    /// `delete_unless_cloned` does for a detached volume.
+    async fn delete_attached(
+        &self,
+        rec: &VolumeRecord,
+        s: &SnapshotObject,
+        spec: &str,
+        holder: String,
+    ) -> Result<u64, SnapError> {
+        let delete = Request::SnapshotDelete {
+            volume: rec.id,
+            name: s.name.clone(),
+        };
+        self.ask_holder(rec, holder.clone(), &delete).await?;
+        let key = snap::snapshot_key(rec.id, s.id);
+        let clones = match self.clones_of(spec).await {
+            Ok(c) => c,
+            Err(e) => {
+                self.restore_snapshot(&key, s).await?;
+                return Err(e);
+            }
+        };
+        if !clones.is_empty() {
+            self.restore_snapshot(&key, s).await?;
+            return Err(SnapError::HasClones {
+                spec: spec.to_string(),
+                clones,
+            });
+        }
+        let collect = Request::CollectGarbage { volume: rec.id };
+        let reply = self.ask_holder(rec, holder, &collect).await?;
+        Ok(reply.freed_chunks.unwrap_or(0))
     }
 
     /// `shale snapshot rollback VOL@SNAP` (detached volumes only).

@@ -9,6 +9,9 @@ use shale::config::Config;
 use shale::engine::BlockDevice;
 use shale::engine::SECTOR;
 use shale::error::Bytes;
+use shale::transfer::Progress;
+
+use super::progress::TermProgress;
 
 /// Copy unit: large enough to keep the engine busy, small enough for memory.
 const BLOCK: usize = 1 << 20;
@@ -34,6 +37,8 @@ pub async fn import(cfg: &Config, name: &str, path: &Path) -> anyhow::Result<()>
             record.size
         );
     }
+    let progress = TermProgress::stderr();
+    progress.start("import", len);
     let result = async {
         let mut buf = vec![0u8; BLOCK];
         let mut offset = 0u64;
@@ -51,11 +56,13 @@ pub async fn import(cfg: &Config, name: &str, path: &Path) -> anyhow::Result<()>
                 volume.write(offset, chunk, false).await?;
             }
             offset += want as u64;
+            progress.advance(want as u64);
         }
         volume.flush().await?;
         anyhow::Ok(())
     }
     .await;
+    progress.finish();
     drop(volume);
     let closed = attached.close().await;
     result?;
@@ -69,6 +76,8 @@ pub async fn import(cfg: &Config, name: &str, path: &Path) -> anyhow::Result<()>
 pub async fn export(cfg: &Config, name: &str, path: &Path) -> anyhow::Result<()> {
     let attached = shale::daemon::attach(cfg, name).await?;
     let (volume, record) = (attached.volume.clone(), attached.record.clone());
+    let progress = TermProgress::stderr();
+    progress.start("export", record.size);
     let result = async {
         let mut file =
             File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
@@ -83,6 +92,7 @@ pub async fn export(cfg: &Config, name: &str, path: &Path) -> anyhow::Result<()>
                     .with_context(|| format!("cannot write {}", path.display()))?;
             }
             offset += n as u64;
+            progress.advance(n as u64);
         }
         file.set_len(record.size)?;
         file.sync_all()
@@ -90,6 +100,7 @@ pub async fn export(cfg: &Config, name: &str, path: &Path) -> anyhow::Result<()>
         anyhow::Ok(())
     }
     .await;
+    progress.finish();
     drop(volume);
     let closed = attached.close().await;
     result?;

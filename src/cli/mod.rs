@@ -2,6 +2,8 @@
 pub mod config;
 pub mod image;
 pub mod nbd;
+pub mod progress;
 pub mod snapshot;
+pub mod transfer;
 pub mod ublk;
 pub mod volume;

@@ -126,7 +126,13 @@ async fn snapshot_create_over_the_socket_and_bad_requests() {
     };
     let reply = request(&path, &del).await.unwrap();
     assert!(reply.ok, "{reply:?}");
+    assert_eq!(reply.deleted_id, Some(1), "{reply:?}");
+    let collect = Request::CollectGarbage { volume: ID };
+    let reply = request(&path, &collect).await.unwrap();
+    assert!(reply.ok, "{reply:?}");
     assert!(reply.freed_chunks.is_some(), "{reply:?}");
+    let wrong = Request::CollectGarbage { volume: ID + 1 };
+    assert!(!request(&path, &wrong).await.unwrap().ok);
     let again = request(&path, &del).await.unwrap();
     assert!(
         again

@@ -14,8 +14,9 @@
 //! 4. Writes resume, whatever the outcome; the pause is logged and counted.
 //!
 //! Deleting a snapshot of the open volume ([`Volume::delete_snapshot`]):
-//! the snapshot object is deleted first (the commit point), then the destage
-//! task, between its checkpoints, deletes every chunk that neither the
+//! the snapshot object is deleted first (the commit point), then (once the
+//! caller made sure nothing needs it back, [`Volume::collect_garbage`]) the
+//! destage task, between its checkpoints, deletes every chunk that neither the
 //! committed checkpoint nor any remaining snapshot names (chunks after the
 //! checkpoint are kept: recovery may still apply them). The live map only
 //! points at chunks of the store-side map, so no reader loses data.
@@ -112,12 +113,11 @@ impl Volume {
         res
     }
 
-    /// Delete snapshot `name` of this open volume, then free the chunks
-    /// only it held. Returns how many chunks were deleted. Once the
-    /// snapshot object is gone the delete has happened; a failure after
-    /// that (freeing chunks) is reported as such, and a later delete frees
-    /// what was left.
-    pub async fn delete_snapshot(&self, name: &str) -> Result<u64, SnapshotError> {
+    /// Delete the object of snapshot `name` of this open volume (the
+    /// commit point of the delete) and return it. Its chunks stay until
+    /// [`Volume::collect_garbage`], so a caller that must undo the delete
+    /// (a clone appeared meanwhile) can put the object back intact.
+    pub async fn delete_snapshot(&self, name: &str) -> Result<SnapshotObject, SnapshotError> {
         let inner = &self.inner;
         {
             let mut st = inner.shared.lock();
@@ -126,14 +126,26 @@ impl Volume {
         let _busy = Busy(inner);
         let snap = find_snapshot(&inner.store, inner.id, name).await?;
         match inner.store.delete(&snapshot_key(inner.id, snap.id)).await {
-            Ok(()) | Err(StoreError::NotFound { .. }) => {}
-            Err(e) => return Err(e.into()),
+            Ok(()) | Err(StoreError::NotFound { .. }) => Ok(snap),
+            Err(e) => Err(e.into()),
         }
+    }
+
+    /// Delete every chunk of this open volume that neither its committed
+    /// checkpoint nor any snapshot names (after a snapshot delete). Returns
+    /// how many were deleted. Runs in the destage task, between its
+    /// checkpoints and snapshot creations.
+    pub async fn collect_garbage(&self) -> Result<u64, SnapshotError> {
+        let inner = &self.inner;
+        {
+            let mut st = inner.shared.lock();
+            claim(inner, &mut st)?;
+        }
+        let _busy = Busy(inner);
         let not_freed = |why: String| SnapshotError::State {
             volume: inner.id,
             reason: format!(
-                "snapshot {name:?} was deleted, but freeing its chunks failed ({why}); \
-                 a later snapshot delete frees them"
+                "freeing unreferenced chunks failed ({why}); a later attempt frees them"
             ),
         };
         let (tx, rx) = oneshot::channel();

@@ -28,6 +28,7 @@ pub mod clone;
 mod commit;
 pub mod config;
 mod destage;
+pub mod diff;
 pub mod error;
 mod live_snapshot;
 pub mod map;
