@@ -175,6 +175,10 @@ fn snapshot_of_a_volume_served_over_nbd() {
     env.ok(&["clone", "vol@live", "copy"]);
     let snapshot_runs = [(0, 3 * MIB, 0x5a), (8 * MIB, MIB, 0x33)];
     expect_bytes(&env.export("copy"), &snapshot_runs, "clone of vol@live");
+    let image = env.dir.path().join("live.img");
+    env.ok(&["export", "vol@live", image.to_str().unwrap()]);
+    let exported = std::fs::read(&image).expect("read the export");
+    expect_bytes(&exported, &snapshot_runs, "shale export vol@live");
 
     // A second snapshot while attached sees the later writes.
     env.ok(&["snapshot", "create", "vol@later"]);
