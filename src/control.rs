@@ -62,9 +62,9 @@ pub enum Request {
     CollectGarbage { volume: u64 },
 }
 
-/// A snapshot as the reply describes it.
+/// A snapshot as the reply describes it. Replies accept unknown fields, so
+/// a newer server can add some without breaking older clients.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct SnapshotSummary {
     pub id: u64,
     pub name: String,
@@ -76,7 +76,6 @@ pub struct SnapshotSummary {
 
 /// One reply: `{"ok": true, ...}` or `{"ok": false, "error": "..."}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Reply {
     pub ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
