@@ -48,6 +48,9 @@ enum Command {
     /// `shale export --from`) is applied to an existing detached volume
     /// holding the delta's base snapshot.
     Import(cli::transfer::ImportArgs),
+    /// Pool capacity and space: shale pool status.
+    #[command(subcommand)]
+    Pool(cli::pool::PoolCmd),
     /// Copy what a clone reads from its parent snapshot into it, so it
     /// stands alone: shale flatten VOLUME.
     Flatten(cli::snapshot::FlattenArgs),
@@ -88,6 +91,7 @@ fn main() -> ExitCode {
             | Command::Diff(_)
             | Command::Export(_)
             | Command::Import(_)
+            | Command::Pool(_)
             | Command::Flatten(_)
     ) {
         restore_default_sigpipe();
@@ -100,6 +104,7 @@ fn main() -> ExitCode {
         Command::Diff(a) => cli::transfer::diff(cli.config.as_deref(), a),
         Command::Export(a) => cli::transfer::export(cli.config.as_deref(), a),
         Command::Import(a) => cli::transfer::import(cli.config.as_deref(), a),
+        Command::Pool(cmd) => cli::pool::run(cli.config.as_deref(), cmd),
         Command::Flatten(a) => cli::snapshot::flatten(cli.config.as_deref(), a),
         Command::Nbd(cmd) => cli::nbd::run(cli.config.as_deref(), cmd),
         Command::Add(a) => cli::ublk::add(cli.config.as_deref(), a),

@@ -110,7 +110,21 @@ impl Volume {
                 .fetch_add(1, Ordering::Relaxed);
         }
         drop(pause);
+        if res.is_ok() {
+            self.account_snapshots().await;
+        }
         res
+    }
+
+    /// Space accounting follows the snapshot set at once (the pool task
+    /// would otherwise notice the change only at its next refresh).
+    async fn account_snapshots(&self) {
+        if let Err(e) = self.reload_snapshots().await {
+            log::warn!(
+                "volume {:x}: cannot re-read its snapshots for space accounting: {e}",
+                self.inner.id
+            );
+        }
     }
 
     /// Delete the object of snapshot `name` of this open volume (the
@@ -126,9 +140,11 @@ impl Volume {
         let _busy = Busy(inner);
         let snap = find_snapshot(&inner.store, inner.id, name).await?;
         match inner.store.delete(&snapshot_key(inner.id, snap.id)).await {
-            Ok(()) | Err(StoreError::NotFound { .. }) => Ok(snap),
-            Err(e) => Err(e.into()),
+            Ok(()) | Err(StoreError::NotFound { .. }) => {}
+            Err(e) => return Err(e.into()),
         }
+        self.account_snapshots().await;
+        Ok(snap)
     }
 
     /// Delete every chunk of this open volume that neither its committed

@@ -99,6 +99,8 @@ pub struct State {
     pub gc_req: Option<super::live_snapshot::GcRequest>,
     /// The destage task has ended: nobody will serve a snapshot request.
     pub destage_stopped: bool,
+    /// The pool's terms for this volume (see [`super::space`]).
+    pub space: super::space::SpaceState,
     /// The volume has a parent: zeroed ranges stay mapped (invariant 5).
     pub keep_zeros: bool,
 }
