@@ -263,6 +263,13 @@ async fn diff_and_incremental_export_apply_to_the_base() {
         "{out}"
     );
     same(&env.volume_content("copy"), &two, "copy after the delta");
+    // Applying it again (the volume no longer holds the base) is refused.
+    env.fails(&["import", &delta, "copy"], "does not hold vol@one");
+    same(
+        &env.volume_content("copy"),
+        &two,
+        "copy after a second apply",
+    );
 }
 
 #[test]

@@ -224,7 +224,7 @@ fn check_only_diff_was_read(delta: &Path, diff: &shale::engine::diff::Diff) {
     let mut r = DeltaReader::new(std::io::BufReader::new(file)).expect("header");
     let mut buf = Vec::new();
     while let Some(rec) = r.next_record(&mut buf).expect("record") {
-        let (off, len) = rec.range();
+        let (off, len) = (rec.offset, rec.len);
         assert!(
             diff.ranges
                 .iter()

@@ -3,8 +3,9 @@
 //!
 //! Invariants:
 //! 1. Only ranges whose source is data are read; zero and unmapped ranges
-//!    cost no store I/O. An incremental export reads only the diff's data
-//!    ranges of the target.
+//!    cost no store I/O. An incremental export reads only the diff's ranges:
+//!    the target's data there, and the base's bytes there for the records'
+//!    base checksums.
 //! 2. An output file appears under its name only when complete: it is
 //!    written to a temporary file beside it, synced, then renamed
 //!    ([`OutputFile`]); a failed export leaves no file behind.
@@ -13,7 +14,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use super::delta::{DeltaError, DeltaHeader, DeltaTotals, DeltaWriter, MAX_DATA_RECORD};
+use super::delta::{DeltaError, DeltaHeader, DeltaTotals, DeltaWriter, MAX_RECORD};
 use super::sparse::{nonzero_runs, RawSink, HOLE_GRANULE};
 use super::{Progress, TransferError, COPY_BLOCK};
 use crate::engine::diff::{diff_views, Diff, DiffKind};
@@ -93,10 +94,27 @@ fn delta_out(e: DeltaError) -> TransferError {
     }
 }
 
+/// CRC32C of `base`'s bytes at `[off, off + len)`; bytes past its end
+/// count as zeros. `buf` is scratch space of at least `len` bytes.
+async fn base_crc(
+    base: &SnapshotView,
+    off: u64,
+    len: u64,
+    buf: &mut [u8],
+) -> Result<u32, TransferError> {
+    let buf = &mut buf[..len as usize];
+    let inside = base.size().saturating_sub(off).min(len) as usize;
+    base.read(off, &mut buf[..inside]).await?;
+    buf[inside..].fill(0);
+    Ok(crc32c::crc32c(buf))
+}
+
 /// Write the changes from `base` to `target` as a delta file to `out`.
-/// Data ranges are read from `target` in pieces of at most
-/// [`MAX_DATA_RECORD`] bytes; a piece that reads as zeros becomes a zero
-/// record. Returns the diff and the delta's totals.
+/// Changed ranges are cut into records of at most [`MAX_RECORD`] bytes;
+/// data is read from `target` (a piece that reads as zeros becomes a zero
+/// record), and each record carries the CRC32C of `base`'s bytes in its
+/// range, so an import can check the volume holds the base there. Returns
+/// the diff and the delta's totals.
 pub async fn export_delta<W: Write>(
     base: &SnapshotView,
     target: &SnapshotView,
@@ -115,24 +133,28 @@ pub async fn export_delta<W: Write>(
     progress.start("export", total);
     let result = async {
         let mut w = DeltaWriter::new(out, &header).map_err(delta_out)?;
-        let mut buf = vec![0u8; MAX_DATA_RECORD as usize];
+        let mut buf = vec![0u8; MAX_RECORD as usize];
+        let mut before = vec![0u8; MAX_RECORD as usize];
         for r in &diff.ranges {
-            if r.kind == DiffKind::Zero {
-                w.zero(r.offset, r.len).map_err(delta_out)?;
-                progress.advance(r.len);
-                continue;
-            }
             let mut off = r.offset;
             while off < r.offset + r.len {
-                let n = (r.offset + r.len - off).min(MAX_DATA_RECORD) as usize;
-                target.read(off, &mut buf[..n]).await?;
-                if buf[..n].iter().all(|&b| b == 0) {
-                    w.zero(off, n as u64).map_err(delta_out)?;
+                let n = (r.offset + r.len - off).min(MAX_RECORD);
+                let crc = base_crc(base, off, n, &mut before).await?;
+                let data = &mut buf[..n as usize];
+                let zero = match r.kind {
+                    DiffKind::Zero => true,
+                    DiffKind::Data => {
+                        target.read(off, data).await?;
+                        data.iter().all(|&b| b == 0)
+                    }
+                };
+                if zero {
+                    w.zero(off, n, crc).map_err(delta_out)?;
                 } else {
-                    w.data(off, &buf[..n]).map_err(delta_out)?;
+                    w.data(off, data, crc).map_err(delta_out)?;
                 }
-                off += n as u64;
-                progress.advance(n as u64);
+                off += n;
+                progress.advance(n);
             }
         }
         let (totals, _) = w.finish().map_err(delta_out)?;

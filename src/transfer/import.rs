@@ -5,8 +5,10 @@
 //! 1. A raw import reads only the file's data segments (holes are skipped
 //!    without reading) and writes only non-zero blocks: the device must
 //!    read as zeros before (a new volume).
-//! 2. A delta is applied only after [`super::delta::validate`] read the whole
-//!    file; applying re-checks every CRC while it writes.
+//! 2. A delta is applied only after [`check_delta`] read the whole file,
+//!    checked every CRC and found the device holding the delta's base in
+//!    every range the delta changes; applying re-checks every CRC while it
+//!    writes.
 //! 3. Both end with a flush: when they return `Ok`, everything is durable.
 
 use std::fs::File;
@@ -14,7 +16,7 @@ use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use super::delta::{DeltaReader, DeltaRecord, DeltaTotals};
+use super::delta::{DeltaHeader, DeltaReader, DeltaTotals, RecordKind};
 use super::sparse::{data_segments, nonzero_runs, HOLE_GRANULE};
 use super::{Progress, TransferError, COPY_BLOCK};
 use crate::engine::{BlockDevice, SECTOR};
@@ -123,11 +125,11 @@ pub async fn apply_delta<R: Read>(
     let result = async {
         let mut buf = Vec::new();
         while let Some(rec) = reader.next_record(&mut buf).map_err(delta_err)? {
-            match rec {
-                DeltaRecord::Data { offset, .. } => dev.write(offset, &buf, false).await?,
-                DeltaRecord::Zero { offset, len } => dev.write_zeroes(offset, len, false).await?,
+            match rec.kind {
+                RecordKind::Data => dev.write(rec.offset, &buf, false).await?,
+                RecordKind::Zero => dev.write_zeroes(rec.offset, rec.len, false).await?,
             }
-            progress.advance(rec.range().1);
+            progress.advance(rec.len);
         }
         dev.flush().await?;
         Ok(reader.totals())
@@ -135,4 +137,43 @@ pub async fn apply_delta<R: Read>(
     .await;
     progress.finish();
     result
+}
+
+/// Read the whole delta, checking its CRCs, and check that `dev` holds the
+/// base snapshot's bytes in every range the delta changes (each record's
+/// base CRC). Writes nothing. Returns the header and the totals.
+pub async fn check_delta<R: Read>(
+    dev: &dyn BlockDevice,
+    mut reader: DeltaReader<R>,
+    path: &Path,
+) -> Result<(DeltaHeader, DeltaTotals), TransferError> {
+    let delta_err = |source| TransferError::Delta {
+        path: path.to_path_buf(),
+        source,
+    };
+    let header = reader.header().clone();
+    if dev.size() != header.target_size {
+        return Err(TransferError::Invalid(format!(
+            "the volume is {} bytes; this delta applies to a volume of {} bytes holding {} \
+             (it leads to {})",
+            dev.size(),
+            header.target_size,
+            header.base,
+            header.target
+        )));
+    }
+    let mut data = Vec::new();
+    let mut held = Vec::new();
+    while let Some(rec) = reader.next_record(&mut data).map_err(delta_err)? {
+        held.resize(rec.len as usize, 0);
+        dev.read(rec.offset, &mut held).await?;
+        if crc32c::crc32c(&held) != rec.base_crc {
+            return Err(TransferError::NotBase {
+                base: header.base.clone(),
+                offset: rec.offset,
+                len: rec.len,
+            });
+        }
+    }
+    Ok((header, reader.totals()))
 }

@@ -69,6 +69,11 @@ pub enum TransferError {
     Snapshot(#[from] SnapError),
     #[error(transparent)]
     Daemon(#[from] DaemonError),
+    #[error(
+        "the volume does not hold {base}: its bytes at {offset}+{len} differ from the \
+         base's (was the delta applied already, or to another volume?); nothing was written"
+    )]
+    NotBase { base: String, offset: u64, len: u64 },
     #[error("{0}")]
     Invalid(String),
 }
