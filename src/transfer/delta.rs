@@ -532,4 +532,32 @@ mod tests {
         assert!(w.data(8192, &vec![1u8; 2 << 20], 0).is_err(), "too long");
         assert!(w.zero(8192, 2 << 20, 0).is_err(), "too long");
     }
+
+    /// Random damage (several bytes changed, cut, garbage after a valid
+    /// magic) never panics and is never accepted as the original.
+    #[test]
+    fn random_damage_is_refused_without_panics() {
+        let file = sample();
+        let mut x: u64 = 0x243f_6a88_85a3_08d3;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..3000 {
+            let mut bad = file.clone();
+            for _ in 0..1 + next() % 4 {
+                let i = (next() % bad.len() as u64) as usize;
+                bad[i] = bad[i].wrapping_add(1 + (next() % 255) as u8);
+            }
+            if next() % 3 == 0 {
+                bad.truncate((next() % bad.len() as u64) as usize);
+            }
+            assert!(validate(&bad[..]).is_err());
+            let mut garbage = DELTA_MAGIC.to_vec();
+            garbage.extend((0..next() % 200).map(|_| next() as u8));
+            assert!(validate(&garbage[..]).is_err());
+        }
+    }
 }
