@@ -14,12 +14,17 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use futures::stream::{self, StreamExt};
+
 use super::delta::{DeltaError, DeltaHeader, DeltaTotals, DeltaWriter, MAX_RECORD};
 use super::sparse::{nonzero_runs, RawSink, HOLE_GRANULE};
 use super::{Progress, TransferError, COPY_BLOCK};
 use crate::engine::diff::{diff_views, Diff, DiffKind};
 use crate::engine::view::SnapshotView;
 use crate::engine::BlockDevice;
+
+/// Reads in flight at once during an export.
+pub const READ_AHEAD: usize = 8;
 
 /// What a full export did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -45,9 +50,24 @@ fn data_spans(view: &SnapshotView) -> Vec<(u64, u64)> {
     spans
 }
 
+/// Cut `spans` into pieces `(offset, len, tag)` of at most `max` bytes.
+fn pieces<T: Copy>(spans: &[(u64, u64, T)], max: u64) -> Vec<(u64, u64, T)> {
+    let mut out = Vec::new();
+    for &(start, len, tag) in spans {
+        let mut off = start;
+        while off < start + len {
+            let n = (start + len - off).min(max);
+            out.push((off, n, tag));
+            off += n;
+        }
+    }
+    out
+}
+
 /// Write the whole of `view` to `sink` as a raw image. Blocks of
 /// [`HOLE_GRANULE`] bytes that read as zeros are not written (holes in a
-/// sparse file, zeros on a stream).
+/// sparse file, zeros on a stream). Up to [`READ_AHEAD`] blocks are read
+/// at once (store latency overlaps); they are written in order.
 pub async fn export_full(
     view: &SnapshotView,
     mut sink: RawSink,
@@ -60,24 +80,28 @@ pub async fn export_full(
     };
     progress.start("export", size);
     let result = async {
-        let mut buf = vec![0u8; COPY_BLOCK as usize];
+        let spans: Vec<_> = data_spans(view)
+            .into_iter()
+            .map(|(s, l)| (s, l, ()))
+            .collect();
+        let mut reads = stream::iter(pieces(&spans, COPY_BLOCK))
+            .map(|(off, n, ())| async move {
+                let mut buf = vec![0u8; n as usize];
+                view.read(off, &mut buf).await.map(|()| (off, buf))
+            })
+            .buffered(READ_AHEAD);
         let mut done = 0u64;
-        for (start, len) in data_spans(view) {
-            progress.advance(start - done);
-            let mut off = start;
-            while off < start + len {
-                let n = (start + len - off).min(COPY_BLOCK) as usize;
-                view.read(off, &mut buf[..n]).await?;
-                stats.read_bytes += n as u64;
-                for (s, e) in nonzero_runs(&buf[..n], off, HOLE_GRANULE) {
-                    sink.write_at(off + s as u64, &buf[s..e])
-                        .map_err(TransferError::Output)?;
-                    stats.data_bytes += (e - s) as u64;
-                }
-                off += n as u64;
-                progress.advance(n as u64);
+        while let Some(read) = reads.next().await {
+            let (off, buf) = read?;
+            stats.read_bytes += buf.len() as u64;
+            for (s, e) in nonzero_runs(&buf, off, HOLE_GRANULE) {
+                sink.write_at(off + s as u64, &buf[s..e])
+                    .map_err(TransferError::Output)?;
+                stats.data_bytes += (e - s) as u64;
             }
-            done = start + len;
+            let end = off + buf.len() as u64;
+            progress.advance(end - done);
+            done = end;
         }
         progress.advance(size - done);
         sink.finish(size).map_err(TransferError::Output)
@@ -95,26 +119,21 @@ fn delta_out(e: DeltaError) -> TransferError {
 }
 
 /// CRC32C of `base`'s bytes at `[off, off + len)`; bytes past its end
-/// count as zeros. `buf` is scratch space of at least `len` bytes.
-async fn base_crc(
-    base: &SnapshotView,
-    off: u64,
-    len: u64,
-    buf: &mut [u8],
-) -> Result<u32, TransferError> {
-    let buf = &mut buf[..len as usize];
+/// count as zeros.
+async fn base_crc(base: &SnapshotView, off: u64, len: u64) -> Result<u32, TransferError> {
+    let mut buf = vec![0u8; len as usize];
     let inside = base.size().saturating_sub(off).min(len) as usize;
     base.read(off, &mut buf[..inside]).await?;
-    buf[inside..].fill(0);
-    Ok(crc32c::crc32c(buf))
+    Ok(crc32c::crc32c(&buf))
 }
 
 /// Write the changes from `base` to `target` as a delta file to `out`.
 /// Changed ranges are cut into records of at most [`MAX_RECORD`] bytes;
 /// data is read from `target` (a piece that reads as zeros becomes a zero
 /// record), and each record carries the CRC32C of `base`'s bytes in its
-/// range, so an import can check the volume holds the base there. Returns
-/// the diff and the delta's totals.
+/// range, so an import can check the volume holds the base there. Up to
+/// [`READ_AHEAD`] records are read at once. Returns the diff and the
+/// delta's totals.
 pub async fn export_delta<W: Write>(
     base: &SnapshotView,
     target: &SnapshotView,
@@ -133,29 +152,33 @@ pub async fn export_delta<W: Write>(
     progress.start("export", total);
     let result = async {
         let mut w = DeltaWriter::new(out, &header).map_err(delta_out)?;
-        let mut buf = vec![0u8; MAX_RECORD as usize];
-        let mut before = vec![0u8; MAX_RECORD as usize];
-        for r in &diff.ranges {
-            let mut off = r.offset;
-            while off < r.offset + r.len {
-                let n = (r.offset + r.len - off).min(MAX_RECORD);
-                let crc = base_crc(base, off, n, &mut before).await?;
-                let data = &mut buf[..n as usize];
-                let zero = match r.kind {
-                    DiffKind::Zero => true,
+        let spans: Vec<_> = diff
+            .ranges
+            .iter()
+            .map(|r| (r.offset, r.len, r.kind))
+            .collect();
+        let mut reads = stream::iter(pieces(&spans, MAX_RECORD))
+            .map(|(off, n, kind)| async move {
+                let crc = base_crc(base, off, n).await?;
+                let data = match kind {
+                    DiffKind::Zero => None,
                     DiffKind::Data => {
-                        target.read(off, data).await?;
-                        data.iter().all(|&b| b == 0)
+                        let mut buf = vec![0u8; n as usize];
+                        target.read(off, &mut buf).await?;
+                        Some(buf).filter(|b| b.iter().any(|&x| x != 0))
                     }
                 };
-                if zero {
-                    w.zero(off, n, crc).map_err(delta_out)?;
-                } else {
-                    w.data(off, data, crc).map_err(delta_out)?;
-                }
-                off += n;
-                progress.advance(n);
+                Ok::<_, TransferError>((off, n, crc, data))
+            })
+            .buffered(READ_AHEAD);
+        while let Some(read) = reads.next().await {
+            let (off, n, crc, data) = read?;
+            match data {
+                Some(data) => w.data(off, &data, crc),
+                None => w.zero(off, n, crc),
             }
+            .map_err(delta_out)?;
+            progress.advance(n);
         }
         let (totals, _) = w.finish().map_err(delta_out)?;
         Ok(totals)
