@@ -263,12 +263,27 @@ async fn diff_and_incremental_export_apply_to_the_base() {
         "{out}"
     );
     same(&env.volume_content("copy"), &two, "copy after the delta");
-    // Applying it again (the volume no longer holds the base) is refused.
-    env.fails(&["import", &delta, "copy"], "does not hold vol@one");
+    // Applying it again finds every range already done and changes nothing.
+    let out = env.ok(&["import", &delta, "copy"]);
+    assert!(out.contains("3 of 3 ranges already held vol@two"), "{out}");
     same(
         &env.volume_content("copy"),
         &two,
         "copy after a second apply",
+    );
+    // A volume holding something else in a changed range is refused.
+    env.ok(&["import", &base, "other"]);
+    let mut other = one.clone();
+    env.change("other", &[(50 * MIB, 512, Some(7))], &mut other)
+        .await;
+    env.fails(
+        &["import", &delta, "other"],
+        "holds neither vol@one nor vol@two at bytes 52428800+8192",
+    );
+    same(
+        &env.volume_content("other"),
+        &other,
+        "other after a refused delta",
     );
 }
 

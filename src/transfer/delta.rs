@@ -61,13 +61,15 @@ pub enum RecordKind {
     Zero,
 }
 
-/// One record: `len` bytes at `offset` become data or zeros; before, in
-/// the base snapshot, they had CRC32C `base_crc`.
+/// One record: `len` bytes at `offset` become data (CRC32C `data_crc`) or
+/// zeros; before, in the base snapshot, they had CRC32C `base_crc`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DeltaRecord {
     pub kind: RecordKind,
     pub offset: u64,
     pub len: u64,
+    /// 0 for zero records.
+    pub data_crc: u32,
     pub base_crc: u32,
 }
 
@@ -354,6 +356,7 @@ impl<R: Read> DeltaReader<R> {
             kind,
             offset,
             len,
+            data_crc: u32_at(&h, 20),
             base_crc: u32_at(&h, 24),
         }))
     }

@@ -92,6 +92,9 @@ pub async fn export_full(
             .buffered(READ_AHEAD);
         let mut done = 0u64;
         while let Some(read) = reads.next().await {
+            if progress.cancelled() {
+                return Err(TransferError::Interrupted);
+            }
             let (off, buf) = read?;
             stats.read_bytes += buf.len() as u64;
             for (s, e) in nonzero_runs(&buf, off, HOLE_GRANULE) {
@@ -104,6 +107,9 @@ pub async fn export_full(
             done = end;
         }
         progress.advance(size - done);
+        if progress.cancelled() {
+            return Err(TransferError::Interrupted);
+        }
         sink.finish(size).map_err(TransferError::Output)
     }
     .await;
@@ -172,6 +178,9 @@ pub async fn export_delta<W: Write>(
             })
             .buffered(READ_AHEAD);
         while let Some(read) = reads.next().await {
+            if progress.cancelled() {
+                return Err(TransferError::Interrupted);
+            }
             let (off, n, crc, data) = read?;
             match data {
                 Some(data) => w.data(off, &data, crc),

@@ -6,9 +6,10 @@
 //!    without reading) and writes only non-zero blocks: the device must
 //!    read as zeros before (a new volume).
 //! 2. A delta is applied only after [`check_delta`] read the whole file,
-//!    checked every CRC and found the device holding the delta's base in
-//!    every range the delta changes; applying re-checks every CRC while it
-//!    writes.
+//!    checked every CRC and found the device holding, in every range the
+//!    delta changes, the base's bytes or already the target's; applying
+//!    re-checks every CRC while it writes. Applying is idempotent, so an
+//!    interrupted apply is finished by running it again.
 //! 3. Both end with a flush: when they return `Ok`, everything is durable.
 
 use std::fs::File;
@@ -79,6 +80,9 @@ pub async fn write_raw(
             let mut off = s.max(done);
             progress.advance(off.min(len) - done.min(len));
             while off < e {
+                if progress.cancelled() {
+                    return Err(TransferError::Interrupted);
+                }
                 let n = (e - off).min(COPY_BLOCK) as usize;
                 read_full_at(file, &mut buf[..n], off).map_err(file_err)?;
                 stats.read_bytes += n as u64;
@@ -125,6 +129,9 @@ pub async fn apply_delta<R: Read>(
     let result = async {
         let mut buf = Vec::new();
         while let Some(rec) = reader.next_record(&mut buf).map_err(delta_err)? {
+            if progress.cancelled() {
+                return Err(TransferError::Interrupted);
+            }
             match rec.kind {
                 RecordKind::Data => dev.write(rec.offset, &buf, false).await?,
                 RecordKind::Zero => dev.write_zeroes(rec.offset, rec.len, false).await?,
@@ -139,14 +146,27 @@ pub async fn apply_delta<R: Read>(
     result
 }
 
-/// Read the whole delta, checking its CRCs, and check that `dev` holds the
-/// base snapshot's bytes in every range the delta changes (each record's
-/// base CRC). Writes nothing. Returns the header and the totals.
+/// What [`check_delta`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeltaCheck {
+    pub header: DeltaHeader,
+    pub totals: DeltaTotals,
+    /// Records whose range already holds the target's bytes (an earlier
+    /// apply of this delta got that far); the others hold the base's.
+    pub applied: u64,
+}
+
+/// Read the whole delta, checking its CRCs, and check that in every range
+/// the delta changes `dev` holds the base snapshot's bytes (the record's
+/// base CRC) or already the target's (the record's data CRC, or zeros), so
+/// an apply that was interrupted can be run again to finish. Writes
+/// nothing.
 pub async fn check_delta<R: Read>(
     dev: &dyn BlockDevice,
     mut reader: DeltaReader<R>,
     path: &Path,
-) -> Result<(DeltaHeader, DeltaTotals), TransferError> {
+    progress: &dyn Progress,
+) -> Result<DeltaCheck, TransferError> {
     let delta_err = |source| TransferError::Delta {
         path: path.to_path_buf(),
         source,
@@ -164,16 +184,34 @@ pub async fn check_delta<R: Read>(
     }
     let mut data = Vec::new();
     let mut held = Vec::new();
+    let mut applied = 0;
     while let Some(rec) = reader.next_record(&mut data).map_err(delta_err)? {
+        if progress.cancelled() {
+            return Err(TransferError::Interrupted);
+        }
         held.resize(rec.len as usize, 0);
         dev.read(rec.offset, &mut held).await?;
-        if crc32c::crc32c(&held) != rec.base_crc {
+        let crc = crc32c::crc32c(&held);
+        if crc == rec.base_crc {
+            continue;
+        }
+        let done = match rec.kind {
+            RecordKind::Data => crc == rec.data_crc,
+            RecordKind::Zero => held.iter().all(|&b| b == 0),
+        };
+        if !done {
             return Err(TransferError::NotBase {
                 base: header.base.clone(),
+                target: header.target.clone(),
                 offset: rec.offset,
                 len: rec.len,
             });
         }
+        applied += 1;
     }
-    Ok((header, reader.totals()))
+    Ok(DeltaCheck {
+        header,
+        totals: reader.totals(),
+        applied,
+    })
 }

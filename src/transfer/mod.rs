@@ -35,6 +35,12 @@ pub trait Progress: Send + Sync {
     fn advance(&self, bytes: u64);
     /// The copy ended (successfully or not).
     fn finish(&self);
+    /// True once the user asked to stop: the copy then ends with
+    /// [`TransferError::Interrupted`] at the next block, cleaning up as
+    /// after any other error.
+    fn cancelled(&self) -> bool {
+        false
+    }
 }
 
 /// A [`Progress`] that shows nothing.
@@ -70,10 +76,17 @@ pub enum TransferError {
     #[error(transparent)]
     Daemon(#[from] DaemonError),
     #[error(
-        "the volume does not hold {base}: its bytes at {offset}+{len} differ from the \
-         base's (was the delta applied already, or to another volume?); nothing was written"
+        "the volume holds neither {base} nor {target} at bytes {offset}+{len}: this delta \
+         does not apply to it; nothing was written"
     )]
-    NotBase { base: String, offset: u64, len: u64 },
+    NotBase {
+        base: String,
+        target: String,
+        offset: u64,
+        len: u64,
+    },
+    #[error("interrupted")]
+    Interrupted,
     #[error("{0}")]
     Invalid(String),
 }

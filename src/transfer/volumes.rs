@@ -14,8 +14,8 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
-use super::delta::{DeltaHeader, DeltaReader, DeltaTotals, DELTA_MAGIC};
-use super::import::{apply_delta, check_delta, write_raw, RawImportStats};
+use super::delta::{DeltaReader, DeltaTotals, DELTA_MAGIC};
+use super::import::{apply_delta, check_delta, write_raw, DeltaCheck, RawImportStats};
 use super::{Progress, TransferError};
 use crate::catalog::{Catalog, VolumeRecord, MAX_VOLUME_SIZE, SIZE_ALIGN};
 use crate::config::Config;
@@ -123,14 +123,16 @@ impl<R: Read> Read for Counting<'_, R> {
 }
 
 /// Check the whole delta at `path` against the detached volume `name`
-/// (CRCs, size, and the base's bytes in every changed range), then apply
-/// it. Nothing is written unless every check passed.
+/// (CRCs, size, and the base's or already the target's bytes in every
+/// changed range, see [`check_delta`]), then apply it. Nothing is written
+/// unless every check passed. Returns what the check found and what was
+/// applied.
 pub async fn import_delta(
     cfg: &Config,
     path: &Path,
     name: &str,
     progress: &dyn Progress,
-) -> Result<(DeltaHeader, DeltaTotals), TransferError> {
+) -> Result<(DeltaCheck, DeltaTotals), TransferError> {
     let delta_err = |source| TransferError::Delta {
         path: path.to_path_buf(),
         source,
@@ -149,16 +151,16 @@ pub async fn import_delta(
             progress,
         };
         let checked = match DeltaReader::new(counting) {
-            Ok(reader) => check_delta(volume.as_ref(), reader, path).await,
+            Ok(reader) => check_delta(volume.as_ref(), reader, path, progress).await,
             Err(e) => Err(delta_err(e)),
         };
         progress.finish();
-        let (header, totals) = checked?;
+        let check = checked?;
         file.seek(SeekFrom::Start(0)).map_err(file_err(path))?;
         let reader = DeltaReader::new(std::io::BufReader::new(&file)).map_err(delta_err)?;
-        let total = totals.data_bytes + totals.zero_bytes;
+        let total = check.totals.data_bytes + check.totals.zero_bytes;
         let applied = apply_delta(volume.as_ref(), reader, path, total, progress).await?;
-        Ok::<_, TransferError>((header, applied))
+        Ok::<_, TransferError>((check, applied))
     }
     .await;
     drop(volume);
