@@ -229,6 +229,7 @@ async fn only_clones_keep_zero_entries() {
     env.catalog.create("plain", SIZE, false, 0).await.unwrap();
     for (name, extents_after_trim) in [("plain", 0), ("c", 1)] {
         let o = env.open(name).await.unwrap();
+        assert_eq!(o.vol.parent().is_some(), name == "c");
         o.vol.write(0, &pattern(3, 64 * K), false).await.unwrap();
         o.vol.trim(0, 64 * K as u64).await.unwrap();
         assert_eq!(o.vol.stats().map_extents, extents_after_trim, "{name}");
@@ -435,4 +436,31 @@ async fn volume_delete_waits_for_clones() {
     env.snaps.delete("p@s").await.unwrap();
     env.catalog.delete("p", 0).await.unwrap();
     assert!(env.read("c1").await == want);
+}
+
+/// A clone's reads of its parent's chunks fill and then hit its own read
+/// cache (parent and clone chunks with the same sequence number do not mix).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parent_data_is_cached() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = Env::new(dir.path());
+    let image = parent_with_snapshot(&env).await;
+    env.snaps.clone_volume("p@s", "c", 0).await.unwrap();
+    let o = env.open("c").await.unwrap();
+    // The clone's own chunk 1 covers the first 64 KiB; the parent's chunk
+    // 1 is read for the next 64 KiB.
+    o.vol.write(0, &pattern(4, 64 * K), false).await.unwrap();
+    env.close(o).await;
+    let o = env.open("c").await.unwrap();
+    let mut buf = vec![0u8; 128 * K];
+    o.vol.read(0, &mut buf).await.unwrap();
+    let first = o.vol.stats();
+    assert!(first.store_reads >= 2, "{first:?}");
+    o.vol.read(0, &mut buf).await.unwrap();
+    let second = o.vol.stats();
+    assert_eq!(second.store_reads, first.store_reads, "{second:?}");
+    assert!(second.cache_hits >= first.cache_hits + 2, "{second:?}");
+    assert!(buf[..64 * K] == pattern(4, 64 * K)[..]);
+    assert!(buf[64 * K..] == image[64 * K..128 * K]);
+    env.close(o).await;
 }

@@ -282,10 +282,8 @@ impl Snapshots {
                 clones,
             });
         }
-        self.leased(rec, |_| async move {
-            Ok(snap::delete_snapshot(self.store(), rec.id, &s).await?)
-        })
-        .await
+        self.leased(rec, |_| self.delete_unless_cloned(rec, &s, &canonical))
+            .await
     }
 
     /// `shale snapshot rollback VOL@SNAP` (detached volumes only).

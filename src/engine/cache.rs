@@ -6,6 +6,8 @@
 //!    can only describe a chunk of the current history.
 //! 2. A slot holds [`SLOT`] bytes of one chunk's data area starting at a
 //!    `SLOT`-aligned offset (the last window of a chunk may be short).
+//!    Chunks are named by [`ChunkId`] (volume, seq, epoch), so a clone's
+//!    cache holds its parents' chunks beside its own.
 //! 3. The cache never vouches for data: callers verify what they read
 //!    against the chunk's block CRCs and treat a mismatch as a miss (a slot
 //!    may be reused while it is being read).
@@ -21,8 +23,11 @@ use super::error::EngineError;
 /// Bytes per cache slot (a multiple of the chunk CRC block).
 pub const SLOT: u64 = 64 << 10;
 
-/// `(chunk seq, window index)`.
-type Key = (u64, u64);
+/// A chunk object: `(volume, chunk seq, epoch)`.
+pub type ChunkId = (u64, u64, u64);
+
+/// `(chunk, window index)`.
+type Key = (ChunkId, u64);
 
 #[derive(Debug)]
 struct Index {
@@ -69,7 +74,7 @@ impl Cache {
 
     /// Read `dst.len()` bytes at `offset` within window `window` of `chunk`
     /// if that window is cached. Returns false on a miss.
-    pub fn get(&self, chunk: u64, window: u64, offset: u64, dst: &mut [u8]) -> bool {
+    pub fn get(&self, chunk: ChunkId, window: u64, offset: u64, dst: &mut [u8]) -> bool {
         if offset + dst.len() as u64 > SLOT {
             return false;
         }
@@ -85,7 +90,7 @@ impl Cache {
     }
 
     /// Store a verified window (at most [`SLOT`] bytes).
-    pub fn put(&self, chunk: u64, window: u64, data: &[u8]) {
+    pub fn put(&self, chunk: ChunkId, window: u64, data: &[u8]) {
         if data.len() as u64 > SLOT {
             return;
         }
@@ -132,23 +137,32 @@ mod tests {
         let a = vec![1u8; SLOT as usize];
         let b = vec![2u8; 1000];
         let mut buf = vec![0u8; SLOT as usize];
-        assert!(!c.get(1, 0, 0, &mut buf));
-        c.put(1, 0, &a);
-        c.put(2, 5, &b);
-        assert!(c.get(1, 0, 0, &mut buf));
+        assert!(!c.get((7, 1, 1), 0, 0, &mut buf));
+        c.put((7, 1, 1), 0, &a);
+        c.put((7, 2, 1), 5, &b);
+        assert!(c.get((7, 1, 1), 0, 0, &mut buf));
         let mut part = vec![0u8; 4096];
-        assert!(c.get(1, 0, 8192, &mut part));
-        assert!(!c.get(1, 0, SLOT - 100, &mut part));
+        assert!(c.get((7, 1, 1), 0, 8192, &mut part));
+        assert!(!c.get((7, 1, 1), 0, SLOT - 100, &mut part));
         assert_eq!(buf, a);
         let mut small = vec![0u8; 1000];
-        assert!(c.get(2, 5, 0, &mut small));
+        assert!(c.get((7, 2, 1), 5, 0, &mut small));
         assert_eq!(small, b);
         // A third window evicts one of the two.
-        c.put(3, 0, &a);
+        c.put((7, 3, 1), 0, &a);
         let hits = [(1, 0), (2, 5), (3, 0)]
             .iter()
-            .filter(|&&(ch, w)| c.get(ch, w, 0, &mut [0u8; 10]))
+            .filter(|&&(ch, w)| c.get((7, ch, 1), w, 0, &mut [0u8; 10]))
             .count();
         assert_eq!(hits, 2);
+        // Another volume's (a clone's parent's) chunk with the same seq, or
+        // another epoch's, is another chunk.
+        let c = Cache::open(dir.path(), 2 * SLOT).unwrap().unwrap();
+        c.put((7, 3, 1), 0, &b);
+        let mut other = vec![0u8; 1000];
+        assert!(!c.get((8, 3, 1), 0, 0, &mut other));
+        assert!(!c.get((7, 3, 2), 0, 0, &mut other));
+        assert!(c.get((7, 3, 1), 0, 0, &mut other));
+        assert_eq!(other, b);
     }
 }

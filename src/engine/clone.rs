@@ -27,6 +27,7 @@ use super::error::EngineError;
 use super::snapshot::{
     committed_checkpoint, list_snapshots, snapshot_key, ParentRef, SnapshotError, SnapshotObject,
 };
+use super::view::Resolved;
 use super::volume::Volume;
 use super::{BlockDevice, SECTOR};
 use crate::store::{DynStore, PutMode, StoreError};
@@ -112,37 +113,61 @@ pub async fn write_clone(
 /// What [`copy_parent_data`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CopyStats {
-    /// Bytes the clone read through to its parent (all of them were read).
+    /// Bytes the clone read from its parent's chunks (all were read).
     pub read_through: u64,
     /// Of those, bytes that held data and were written into the clone.
     pub copied: u64,
 }
 
-/// Byte ranges `(offset, len)` of `vol` that read through to its parent
-/// (unmapped in its live map); empty for a volume without a parent.
-pub fn read_through_ranges(vol: &Volume) -> Vec<(u64, u64)> {
-    if vol.inner.parent.is_none() {
-        return Vec::new();
-    }
+/// Byte ranges `(offset, len)` of `vol` where it reads data from its parent
+/// chain (unmapped in its live map, and a parent layer holds data there);
+/// empty for a volume without a parent.
+pub fn read_through_ranges(vol: &Volume) -> Result<Vec<(u64, u64)>, EngineError> {
+    let Some(parent) = &vol.inner.parent else {
+        return Ok(Vec::new());
+    };
     let sectors = vol.inner.size / SECTOR;
-    let st = vol.inner.shared.lock();
-    st.live
-        .lookup(0, sectors)
-        .into_iter()
-        .filter(|p| p.loc.is_none())
-        .map(|p| (p.start * SECTOR, p.len * SECTOR))
-        .collect()
+    let unmapped: Vec<(u64, u64)> = {
+        let st = vol.inner.shared.lock();
+        st.live
+            .lookup(0, sectors)
+            .into_iter()
+            .filter(|p| p.loc.is_none())
+            .map(|p| (p.start, p.len))
+            .collect()
+    };
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (start, len) in unmapped {
+        let runs = parent
+            .resolve(start, len)
+            .map_err(|e| EngineError::Parent {
+                volume: vol.inner.id,
+                reason: e.to_string(),
+            })?;
+        for (s, l, source) in runs {
+            if !matches!(source, Resolved::Chunk { .. }) {
+                continue;
+            }
+            let (off, n) = (s * SECTOR, l * SECTOR);
+            match out.last_mut() {
+                Some(last) if last.0 + last.1 == off => last.1 += n,
+                _ => out.push((off, n)),
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The first step of a flatten (invariant 3): write into `vol` every
-/// non-zero range it reads from its parent, then flush. `progress` is
+/// non-zero range it reads from its parent, then flush. Ranges no layer of
+/// the parent chain holds data for are skipped without reading. `progress` is
 /// called with (bytes done, bytes to do) after each piece. The caller must
 /// be the volume's only user until it closes it.
 pub async fn copy_parent_data(
     vol: &Volume,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<CopyStats, EngineError> {
-    let ranges = read_through_ranges(vol);
+    let ranges = read_through_ranges(vol)?;
     let total: u64 = ranges.iter().map(|r| r.1).sum();
     let mut stats = CopyStats::default();
     let mut buf = vec![0u8; COPY_PIECE];

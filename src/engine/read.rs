@@ -10,9 +10,10 @@
 //!    segment. A chunk deleted by GC between lookup and fetch makes the whole
 //!    read start over (bounded number of times).
 //! 3. The futures only wait on `oneshot` channels (runtime-agnostic).
-//! 4. In a clone, unmapped pieces read from the parent view (on the tokio
-//!    runtime, through the view's own CRC-checked path); `Loc::Zero` pieces
-//!    read as zeros without I/O.
+//! 4. In a clone, unmapped pieces are resolved through the parent view's
+//!    chain to the parents' chunks, which are then read like the volume's
+//!    own (same CRC checks, retries and read cache, keyed by volume);
+//!    `Loc::Zero` pieces read as zeros without I/O.
 
 use std::fs::File;
 use std::sync::atomic::Ordering;
@@ -25,18 +26,21 @@ use super::cache::SLOT;
 use super::checkpoint::ChunkInfo;
 use super::chunk::{aligned_range, chunk_key, verify_blocks, CRC_BLOCK};
 use super::map::{Loc, WalLoc};
+use super::view::Resolved;
 use super::volume::Inner;
-use super::BlockDevice;
 use super::{wal, SECTOR};
 use crate::error::BlockError;
 use crate::store::StoreError;
 
 enum Src {
     Zero,
-    Parent,
     Wal(Arc<File>, WalLoc),
-    Chunk(Arc<ChunkInfo>, u64),
+    /// Data at an offset in a chunk of a volume (this one or a parent).
+    Chunk(u64, Arc<ChunkInfo>, u64),
 }
+
+/// Bytes `[b0, b1)` of a request and where they come from.
+type Piece = (usize, usize, Src);
 
 enum Attempt {
     Done,
@@ -57,48 +61,66 @@ pub(crate) async fn read(inner: &Inner, offset: u64, buf: &mut [u8]) -> Result<(
     )))
 }
 
-fn resolve(inner: &Inner, offset: u64, len: u64) -> Option<Vec<(usize, usize, Src)>> {
+/// The request's pieces as `(b0, b1, source)`; `Ok(None)` when a piece
+/// names a released segment or chunk (the caller starts over).
+fn resolve(inner: &Inner, offset: u64, len: u64) -> Result<Option<Vec<Piece>>, BlockError> {
     let st = inner.shared.lock();
     let mut out = Vec::new();
+    let at = |start: u64, sectors: u64| {
+        let b0 = ((start * SECTOR) - offset) as usize;
+        (b0, b0 + (sectors * SECTOR) as usize)
+    };
     for p in st.live.lookup(offset / SECTOR, len / SECTOR) {
-        let b0 = ((p.start * SECTOR) - offset) as usize;
-        let b1 = b0 + (p.len * SECTOR) as usize;
-        let src = match p.loc {
-            None if inner.parent.is_some() => Src::Parent,
-            None | Some(Loc::Zero) => Src::Zero,
-            Some(Loc::Wal(w)) => Src::Wal(inner.wal.segment_file(w.seg)?, w),
-            Some(Loc::Chunk { chunk, off }) => Src::Chunk(st.chunks.get(&chunk)?.info.clone(), off),
+        let (b0, b1) = at(p.start, p.len);
+        let src = match (p.loc, &inner.parent) {
+            (None, Some(parent)) => {
+                for (s, l, source) in parent.resolve(p.start, p.len)? {
+                    let (b0, b1) = at(s, l);
+                    let src = match source {
+                        Resolved::Chunk { volume, info, off } => Src::Chunk(volume, info, off),
+                        Resolved::Zero => Src::Zero,
+                    };
+                    out.push((b0, b1, src));
+                }
+                continue;
+            }
+            (None | Some(Loc::Zero), _) => Src::Zero,
+            (Some(Loc::Wal(w)), _) => match inner.wal.segment_file(w.seg) {
+                Some(f) => Src::Wal(f, w),
+                None => return Ok(None),
+            },
+            (Some(Loc::Chunk { chunk, off }), _) => match st.chunks.get(&chunk) {
+                Some(c) => Src::Chunk(inner.id, c.info.clone(), off),
+                None => return Ok(None),
+            },
         };
         out.push((b0, b1, src));
     }
-    Some(out)
+    Ok(Some(out))
 }
 
 async fn read_once(inner: &Inner, offset: u64, buf: &mut [u8]) -> Result<Attempt, BlockError> {
-    let Some(pieces) = resolve(inner, offset, buf.len() as u64) else {
+    let Some(pieces) = resolve(inner, offset, buf.len() as u64)? else {
         return Ok(Attempt::Retry);
     };
     let mut fetches = Vec::new();
-    let mut parent_reads = Vec::new();
     for (b0, b1, src) in pieces {
         let dst = &mut buf[b0..b1];
         match src {
             Src::Zero => dst.fill(0),
-            Src::Parent => parent_reads.push((b0, read_parent(inner, offset + b0 as u64, b1 - b0))),
             Src::Wal(file, loc) => wal::read_record(&file, &loc, loc.seg, dst)?,
-            Src::Chunk(info, off) => {
-                if !read_cached(inner, &info, off, dst) {
-                    fetches.push((b0, b1, info, off));
+            Src::Chunk(volume, info, off) => {
+                if !read_cached(inner, volume, &info, off, dst) {
+                    fetches.push((b0, b1, volume, info, off));
                 }
             }
         }
     }
     if fetches.is_empty() {
-        finish_parent_reads(parent_reads, buf).await?;
         return Ok(Attempt::Done);
     }
     let mut waits = Vec::with_capacity(fetches.len());
-    for (b0, b1, info, off) in &fetches {
+    for (b0, b1, volume, info, off) in &fetches {
         let len = (b1 - b0) as u64;
         let (start, end) = match inner.cache {
             Some(_) => {
@@ -109,7 +131,7 @@ async fn read_once(inner: &Inner, offset: u64, buf: &mut [u8]) -> Result<Attempt
         };
         let (tx, rx) = oneshot::channel();
         let store = inner.store.clone();
-        let key = chunk_key(inner.id, info.seq, info.epoch);
+        let key = chunk_key(*volume, info.seq, info.epoch);
         let info = info.clone();
         inner.counters.store_reads.fetch_add(1, Ordering::Relaxed);
         let budget = std::time::Duration::from_millis(inner.cfg.store_read_timeout_ms);
@@ -124,20 +146,27 @@ async fn read_once(inner: &Inner, offset: u64, buf: &mut [u8]) -> Result<Attempt
             .map(|(s, rx)| async move { (s, rx.await) }),
     )
     .await;
-    finish_parent_reads(parent_reads, buf).await?;
     let mut retry = false;
-    for ((b0, b1, info, off), (start, res)) in fetches.iter().zip(results) {
+    for ((b0, b1, volume, info, off), (start, res)) in fetches.iter().zip(results) {
         let data = match res {
             Ok(Ok(d)) => d,
-            Ok(Err(StoreOrCrc::Store(StoreError::NotFound { .. }))) => {
+            // Only our own GC deletes chunks under our feet; a parent's
+            // chunk is kept while we read through to it.
+            Ok(Err(StoreOrCrc::Store(StoreError::NotFound { .. }))) if *volume == inner.id => {
                 retry = true;
                 continue;
             }
             Ok(Err(StoreOrCrc::Store(e))) => {
-                return Err(BlockError::Io(format!("reading chunk {}: {e}", info.seq)))
+                return Err(BlockError::Io(format!(
+                    "reading {}: {e}",
+                    chunk_key(*volume, info.seq, info.epoch)
+                )))
             }
             Ok(Err(StoreOrCrc::Crc(e))) => {
-                return Err(BlockError::Io(format!("chunk {}: {e}", info.seq)))
+                return Err(BlockError::Io(format!(
+                    "{}: {e}",
+                    chunk_key(*volume, info.seq, info.epoch)
+                )))
             }
             Err(_) => return Err(BlockError::Closed),
         };
@@ -152,49 +181,20 @@ async fn read_once(inner: &Inner, offset: u64, buf: &mut [u8]) -> Result<Attempt
         dst.copy_from_slice(src);
         if let Some(cache) = &inner.cache {
             for (i, win) in data.chunks(SLOT as usize).enumerate() {
-                cache.put(info.seq, start / SLOT + i as u64, win);
+                cache.put(
+                    (*volume, info.seq, info.epoch),
+                    start / SLOT + i as u64,
+                    win,
+                );
             }
         }
     }
     Ok(if retry { Attempt::Retry } else { Attempt::Done })
 }
 
-/// Start reading `len` bytes at `offset` from the parent view on the
-/// runtime (the view's store reads need it); the answer comes on the channel.
-fn read_parent(inner: &Inner, offset: u64, len: usize) -> ParentRead {
-    let (tx, rx) = oneshot::channel();
-    let parent = inner.parent.clone();
-    inner.rt.spawn(async move {
-        let mut data = vec![0u8; len];
-        let res = match parent {
-            Some(p) => p.read(offset, &mut data).await.map(|()| data),
-            None => Err(BlockError::Io("no parent to read through to".into())),
-        };
-        let _ = tx.send(res);
-    });
-    rx
-}
-
-type ParentRead = oneshot::Receiver<Result<Vec<u8>, BlockError>>;
-
-/// Copy the answers of [`read_parent`] into `buf` at their offsets.
-async fn finish_parent_reads(
-    reads: Vec<(usize, ParentRead)>,
-    buf: &mut [u8],
-) -> Result<(), BlockError> {
-    for (b0, rx) in reads {
-        let data = rx.await.map_err(|_| BlockError::Closed)??;
-        let dst = buf
-            .get_mut(b0..b0 + data.len())
-            .ok_or_else(|| BlockError::Io("parent read outside the request".into()))?;
-        dst.copy_from_slice(&data);
-    }
-    Ok(())
-}
-
 /// Serve `dst` (chunk data at `off`) from the cache; false if any window
 /// is missing or fails its CRC.
-fn read_cached(inner: &Inner, info: &ChunkInfo, off: u64, dst: &mut [u8]) -> bool {
+fn read_cached(inner: &Inner, volume: u64, info: &ChunkInfo, off: u64, dst: &mut [u8]) -> bool {
     let Some(cache) = &inner.cache else {
         return false;
     };
@@ -209,7 +209,9 @@ fn read_cached(inner: &Inner, info: &ChunkInfo, off: u64, dst: &mut [u8]) -> boo
         let to = end.min(ws + SLOT);
         let (a, b) = aligned_range(from, to - from, info.data_len);
         let got = &mut blocks[..(b - a) as usize];
-        if !cache.get(info.seq, w, a - ws, got) || verify_blocks(&info.crcs, a, got).is_err() {
+        if !cache.get((volume, info.seq, info.epoch), w, a - ws, got)
+            || verify_blocks(&info.crcs, a, got).is_err()
+        {
             inner.counters.cache_misses.fetch_add(1, Ordering::Relaxed);
             return false;
         }

@@ -26,6 +26,20 @@ use super::{check_range, BlockDevice, SECTOR};
 use crate::error::BlockError;
 use crate::store::DynStore;
 
+/// What a run of a view's sectors reads, through the parent chain (for
+/// the read paths: it carries the chunk's CRCs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolved {
+    /// Zeros: unmapped in every layer, or explicitly zeroed.
+    Zero,
+    /// Data at byte `off` of the data area of chunk `info` of `volume`.
+    Chunk {
+        volume: u64,
+        info: Arc<ChunkInfo>,
+        off: u64,
+    },
+}
+
 /// Where a range of a view's bytes comes from (see [`SnapshotView::sources`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Source {
@@ -182,6 +196,37 @@ impl SnapshotView {
         1 + self.parent.as_ref().map_or(0, |p| p.depth())
     }
 
+    /// Sectors `[start, start+len)` (inside the view) split into runs
+    /// `(start, len, source)` in order, following unmapped runs down the
+    /// parent chain (invariant 3).
+    pub fn resolve(&self, start: u64, len: u64) -> Result<Vec<(u64, u64, Resolved)>, BlockError> {
+        let mut out = Vec::new();
+        for p in self.map.lookup(start, len) {
+            match p.loc {
+                Some(Loc::Chunk { chunk, off }) => {
+                    let info = self.chunks.get(&chunk).ok_or_else(|| {
+                        BlockError::Io(format!(
+                            "snapshot of volume {:016x} names unknown chunk {chunk}",
+                            self.volume
+                        ))
+                    })?;
+                    let source = Resolved::Chunk {
+                        volume: self.volume,
+                        info: info.clone(),
+                        off,
+                    };
+                    out.push((p.start, p.len, source));
+                }
+                Some(Loc::Zero | Loc::Wal(_)) => out.push((p.start, p.len, Resolved::Zero)),
+                None => match &self.parent {
+                    Some(parent) => out.extend(parent.resolve(p.start, p.len)?),
+                    None => out.push((p.start, p.len, Resolved::Zero)),
+                },
+            }
+        }
+        Ok(out)
+    }
+
     /// Where every byte of the view comes from: ranges in ascending order
     /// that cover `[0, size)` exactly, without gaps or overlaps. Ranges
     /// unmapped in this layer take their parent's sources (to any depth);
@@ -229,13 +274,14 @@ impl SnapshotView {
 
     async fn read_chunk(
         &self,
+        volume: u64,
         info: &ChunkInfo,
         off: u64,
         dst: &mut [u8],
     ) -> Result<(), BlockError> {
         let len = dst.len() as u64;
         let (start, end) = aligned_range(off, len, info.data_len);
-        let key = chunk_key(self.volume, info.seq, info.epoch);
+        let key = chunk_key(volume, info.seq, info.epoch);
         let data = self
             .store
             .get_range(&key, info.data_start + start..info.data_start + end)
@@ -260,21 +306,14 @@ impl BlockDevice for SnapshotView {
 
     async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
         check_range(offset, buf.len() as u64, self.size)?;
-        for p in self.map.lookup(offset / SECTOR, buf.len() as u64 / SECTOR) {
-            let b0 = (p.start * SECTOR - offset) as usize;
-            let dst = &mut buf[b0..b0 + (p.len * SECTOR) as usize];
-            match p.loc {
-                Some(Loc::Chunk { chunk, off }) => {
-                    let info = self.chunks.get(&chunk).ok_or_else(|| {
-                        BlockError::Io(format!("snapshot names unknown chunk {chunk}"))
-                    })?;
-                    self.read_chunk(info, off, dst).await?;
+        for (start, len, source) in self.resolve(offset / SECTOR, buf.len() as u64 / SECTOR)? {
+            let b0 = (start * SECTOR - offset) as usize;
+            let dst = &mut buf[b0..b0 + (len * SECTOR) as usize];
+            match source {
+                Resolved::Chunk { volume, info, off } => {
+                    self.read_chunk(volume, &info, off, dst).await?
                 }
-                None => match &self.parent {
-                    Some(parent) => parent.read(p.start * SECTOR, dst).await?,
-                    None => dst.fill(0),
-                },
-                Some(Loc::Zero | Loc::Wal(_)) => dst.fill(0),
+                Resolved::Zero => dst.fill(0),
             }
         }
         Ok(())

@@ -109,6 +109,8 @@ pub(crate) struct Inner {
     pub cache: Option<super::cache::Cache>,
     /// A clone's parent: unmapped ranges of `live` read from it.
     pub parent: Option<Arc<super::view::SnapshotView>>,
+    /// The snapshot `parent` shows (as the manifest names it).
+    pub parent_ref: Option<super::snapshot::ParentRef>,
     /// Where the destage task reports the end of a `close`.
     pub close_tx: Mutex<Option<oneshot::Sender<Result<(), EngineError>>>>,
 }
@@ -191,6 +193,7 @@ impl Volume {
             counters: Counters::default(),
             cache,
             parent: rec.parent,
+            parent_ref: rec.manifest.parent,
             close_tx: Mutex::new(None),
         });
         let task = rt.spawn(destage::run(
@@ -277,6 +280,12 @@ impl Volume {
             st.wake_all();
         }
         self.inner.shared.notify.notify_one();
+    }
+
+    /// The snapshot this volume (a clone) reads through to, if any; a
+    /// snapshot taken of its map must record it.
+    pub fn parent(&self) -> Option<super::snapshot::ParentRef> {
+        self.inner.parent_ref
     }
 
     /// Why the volume is fenced, if it is.

@@ -9,7 +9,12 @@
 //!    record; if a delete of the parent began meanwhile, the clone removes
 //!    itself and fails (volume delete marks first, then looks for clones:
 //!    one of the two sees the other).
-//! 3. Flatten runs under the clone's lease: copy what the clone reads from
+//! 3. A snapshot delete removes the snapshot object, then looks for clones
+//!    of it, and puts the object back (before collecting any chunk) if it
+//!    finds one; a new clone, after writing its record, checks that the
+//!    object still exists and removes itself if not. So a clone never ends
+//!    up with a deleted parent.
+//! 4. Flatten runs under the clone's lease: copy what the clone reads from
 //!    its parent, close (everything checkpointed), drop the parent from the
 //!    manifest, then from the record. Each step is safe to crash after;
 //!    running flatten again finishes the job.
@@ -101,16 +106,77 @@ impl Snapshots {
             }
             .into());
         }
-        // Invariant 2: a delete of the parent that began meanwhile wins.
+        // Invariants 2 and 3: a delete of the parent volume or snapshot
+        // that began meanwhile wins.
         let parent_now = self.catalog.get(&vol).await;
-        if !matches!(&parent_now, Ok(p) if p.id == parent.id && p.state == VolumeState::Ready) {
+        let volume_ok =
+            matches!(&parent_now, Ok(p) if p.id == parent.id && p.state == VolumeState::Ready);
+        let snapshot_ok = volume_ok
+            && self
+                .store()
+                .head(&snap::snapshot_key(parent.id, s.id))
+                .await
+                .is_ok();
+        if !snapshot_ok {
             if let Err(e) = self.store().delete(&key).await {
                 log::warn!("could not remove the record of clone {new_name:?}: {e}");
             }
             self.remove_objects(id).await;
-            return Err(CatalogError::Deleting { name: vol }.into());
+            return Err(if volume_ok {
+                SnapError::Snapshot(snap::SnapshotError::NotFound {
+                    volume: parent.id,
+                    name,
+                })
+            } else {
+                CatalogError::Deleting { name: vol }.into()
+            });
         }
         Ok(record)
+    }
+
+    /// Delete snapshot `s` of `rec` (whose lease the caller holds) unless a
+    /// clone names it as `spec` (invariant 3). Returns the chunks freed.
+    pub(super) async fn delete_unless_cloned(
+        &self,
+        rec: &VolumeRecord,
+        s: &snap::SnapshotObject,
+        spec: &str,
+    ) -> Result<u64, SnapError> {
+        let key = snap::snapshot_key(rec.id, s.id);
+        match self.store().delete(&key).await {
+            Ok(()) | Err(StoreError::NotFound { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let clones = match self.clones_of(spec).await {
+            Ok(c) => c,
+            Err(e) => {
+                self.restore_snapshot(&key, s).await?;
+                return Err(e);
+            }
+        };
+        if !clones.is_empty() {
+            self.restore_snapshot(&key, s).await?;
+            return Err(SnapError::HasClones {
+                spec: spec.to_string(),
+                clones,
+            });
+        }
+        Ok(snap::collect_garbage(self.store(), rec.id).await?)
+    }
+
+    /// Put back a snapshot object a refused delete removed.
+    async fn restore_snapshot(&self, key: &str, s: &snap::SnapshotObject) -> Result<(), SnapError> {
+        match self
+            .store()
+            .put(key, bytes::Bytes::from(s.encode()), PutMode::Create)
+            .await
+        {
+            Ok(_) | Err(StoreError::AlreadyExists { .. }) => Ok(()),
+            Err(e) => {
+                log::error!("could not put back snapshot object {key} (clones need it): {e}");
+                Err(e.into())
+            }
+        }
     }
 
     /// Best-effort removal of a fresh volume id's objects (nobody else can
@@ -183,5 +249,47 @@ impl Snapshots {
             parent: rec.parent.clone(),
             copy,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::clock::SystemClock;
+    use crate::engine::config::EngineConfig;
+    use crate::store::memory::MemoryStore;
+    use crate::store::DynStore;
+
+    /// A clone that appears after the delete's first look (its record
+    /// written while the delete waits for the lease) still stops it: the
+    /// snapshot object comes back unchanged and no chunk is collected.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn late_clone_stops_a_snapshot_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: DynStore = Arc::new(MemoryStore::new());
+        let snaps = Snapshots::new(
+            store.clone(),
+            EngineConfig::default(),
+            dir.path().to_path_buf(),
+            Arc::new(SystemClock),
+            "test",
+        );
+        let rec = snaps.catalog.create("p", 1 << 20, false, 0).await.unwrap();
+        let s = snaps.create("p@s", 0).await.unwrap();
+        let skey = snap::snapshot_key(rec.id, s.id);
+        let before = store.get(&skey).await.unwrap().data;
+        snaps.clone_volume("p@s", "c", 0).await.unwrap();
+        let e = snaps
+            .leased(&rec, |_| snaps.delete_unless_cloned(&rec, &s, "p@s"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, SnapError::HasClones { clones, .. } if clones == &["c"]),
+            "{e}"
+        );
+        assert_eq!(store.get(&skey).await.unwrap().data, before);
+        assert!(snaps.view("p@s").await.is_ok());
     }
 }
