@@ -238,9 +238,11 @@ impl OutputFile {
             .write(true)
             .create_new(true)
             .open(&tmp)
-            .map_err(|source| TransferError::File {
-                path: tmp.clone(),
-                source,
+            .map_err(|e| {
+                file_err(std::io::Error::new(
+                    e.kind(),
+                    format!("cannot create the temporary file {}: {e}", tmp.display()),
+                ))
             })?;
         Ok(OutputFile {
             path: path.to_path_buf(),
@@ -287,5 +289,58 @@ impl Drop for OutputFile {
         if !self.tmp.as_os_str().is_empty() {
             let _ = std::fs::remove_file(&self.tmp);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn output_file_appears_only_on_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.img");
+        let out = OutputFile::create(&path, false).unwrap();
+        out.handle().unwrap().write_all(b"partial").unwrap();
+        drop(out);
+        assert!(names(dir.path()).is_empty(), "an abandoned file is removed");
+
+        let out = OutputFile::create(&path, false).unwrap();
+        out.handle().unwrap().write_all(b"one").unwrap();
+        out.commit().unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"one");
+        assert!(matches!(
+            OutputFile::create(&path, false),
+            Err(TransferError::Exists(_))
+        ));
+        let out = OutputFile::create(&path, true).unwrap();
+        out.handle().unwrap().write_all(b"two").unwrap();
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            b"one",
+            "old file kept until commit"
+        );
+        out.commit().unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"two");
+        assert_eq!(names(dir.path()), vec!["out.img".to_string()]);
+
+        let sub = dir.path().join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        assert!(matches!(
+            OutputFile::create(&sub, true),
+            Err(TransferError::Invalid(_))
+        ));
+        let missing = dir.path().join("no/such/dir/out.img");
+        let err = OutputFile::create(&missing, false).unwrap_err();
+        assert!(err.to_string().contains("out.img"), "{err}");
     }
 }
