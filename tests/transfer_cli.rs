@@ -5,6 +5,8 @@
 
 #[path = "support/cli.rs"]
 mod cli_support;
+#[path = "support/s3.rs"]
+mod s3_support;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -24,9 +26,13 @@ struct Env {
 
 impl Env {
     fn new() -> Env {
+        Env::with_config("data_dir: data\nengine:\n  cache_size: 0\n")
+    }
+
+    fn with_config(text: &str) -> Env {
         let dir = tempfile::tempdir().expect("tempdir");
         let config = dir.path().join("shale.yaml");
-        std::fs::write(&config, "data_dir: data\nengine:\n  cache_size: 0\n").expect("config");
+        std::fs::write(&config, text).expect("config");
         Env { dir, config }
     }
 
@@ -359,5 +365,53 @@ async fn progress_only_on_a_terminal() {
         &std::fs::read(env.path("tty.img")).expect("read"),
         &image,
         "export on a terminal",
+    );
+}
+
+/// The same round trip with the store on a real S3 server (moto).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_and_import_over_s3() {
+    let Some(moto) = s3_support::moto() else {
+        return;
+    };
+    let bucket = moto.unique_bucket("transfer");
+    let env = Env::with_config(&format!(
+        "data_dir: data\nstore:\n  type: s3\n  bucket: {bucket}\n  endpoint: {}\n  \
+         force_path_style: true\nengine:\n  cache_size: 0\n  chunk_size: 1MiB\n",
+        moto.endpoint
+    ));
+    env.ok(&["volume", "create", "vol", "--size", "16M"]);
+    let mut one = vec![0u8; 16 * MIB as usize];
+    env.change(
+        "vol",
+        &[(MIB, 3 * MIB, Some(1)), (9 * MIB, 4096, Some(2))],
+        &mut one,
+    )
+    .await;
+    env.ok(&["snapshot", "create", "vol@one"]);
+    let mut two = one.clone();
+    env.change(
+        "vol",
+        &[
+            (2 * MIB, 8192, Some(3)),
+            (9 * MIB, 4096, None),
+            (12 * MIB, MIB, Some(4)),
+        ],
+        &mut two,
+    )
+    .await;
+    env.ok(&["snapshot", "create", "vol@two"]);
+
+    let base = env.p("one.img");
+    env.ok(&["export", "vol@one", &base]);
+    same(&std::fs::read(&base).expect("read"), &one, "export from S3");
+    env.ok(&["import", &base, "copy"]);
+    let delta = env.p("one-two.delta");
+    env.ok(&["export", "vol@two", &delta, "--from", "vol@one"]);
+    env.ok(&["import", &delta, "copy"]);
+    same(
+        &env.volume_content("copy"),
+        &two,
+        "copy on S3 after the delta",
     );
 }
