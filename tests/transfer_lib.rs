@@ -391,3 +391,20 @@ async fn diff_and_delta_across_a_clone_lineage() {
         .expect("apply delta");
     assert_eq!(env.read_volume("restored").await, img_g);
 }
+
+/// An image whose length is not a multiple of the sector or alignment size
+/// gives a volume rounded up to 4 KiB whose tail reads as zeros.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn odd_sized_image_is_padded_with_zeros() {
+    let env = Env::new().await;
+    let raw = env.path("odd.img");
+    std::fs::write(&raw, vec![0xabu8; 5000]).expect("image");
+    let (rec, stats) = import_raw(&env.cfg, &raw, "odd", None, 1, &NoProgress)
+        .await
+        .expect("import");
+    assert_eq!(rec.size, 8192);
+    assert_eq!(stats.written_bytes, 5120, "the data padded to a sector");
+    let mut want = vec![0xabu8; 5000];
+    want.resize(8192, 0);
+    assert_eq!(env.read_volume("odd").await, want);
+}

@@ -84,7 +84,11 @@ pub async fn write_raw(
                     return Err(TransferError::Interrupted);
                 }
                 let n = (e - off).min(COPY_BLOCK) as usize;
-                read_full_at(file, &mut buf[..n], off).map_err(file_err)?;
+                // Never past `len` (the file may grow meanwhile): the
+                // padding of a final partial sector stays zeros.
+                let want = (len.saturating_sub(off) as usize).min(n);
+                read_full_at(file, &mut buf[..want], off).map_err(file_err)?;
+                buf[want..n].fill(0);
                 stats.read_bytes += n as u64;
                 for (a, b) in nonzero_runs(&buf[..n], off, HOLE_GRANULE) {
                     dev.write(off + a as u64, &buf[a..b], false).await?;
