@@ -52,11 +52,13 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PoolConfig {
-    /// Bytes the pool may hold in the store; absent = unlimited. Sizes may be
-    /// written as `500GiB`. Default unlimited; if set, at least 1 MiB.
+    /// Bytes the volumes of this store may allocate (thin: data used, thick:
+    /// their size; see [`crate::pool`]); writes needing more fail with
+    /// ENOSPC. Absent = unlimited. Sizes may be written as `500GiB`.
+    /// Default unlimited; if set, at least 1 MiB.
     #[serde(with = "crate::size::serde_opt_bytes")]
     pub capacity: Option<u64>,
-    /// Warn when usage reaches this percentage of `capacity`.
+    /// Warn when the allocated space reaches this percentage of `capacity`.
     /// Default 80; 1..=100.
     pub warn_percent: u8,
 }

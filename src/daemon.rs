@@ -13,6 +13,9 @@
 //!    created here if missing.
 //! 4. [`Attached::close`] closes the volume (flush, destage, checkpoint)
 //!    before releasing the lease, so the next holder sees everything.
+//! 5. Before the volume serves, its pool task ([`PoolWatcher`]) has set its
+//!    space limit from the pool (when `pool.capacity` is set); the task
+//!    publishes its usage while attached and once more at close.
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +25,8 @@ use crate::catalog::{Catalog, CatalogError, VolumeRecord, VolumeState};
 use crate::clock::{DynClock, SystemClock};
 use crate::config::Config;
 use crate::engine::{EngineError, Volume, VolumeParams};
+use crate::pool::watch::PoolWatcher;
+use crate::pool::PoolError;
 use crate::store::{DynStore, StoreError};
 
 /// How long a lease stays live without renewal. A crashed server's volume
@@ -46,6 +51,8 @@ pub enum DaemonError {
     },
     #[error("volume {name:?}")]
     Engine { name: String, source: EngineError },
+    #[error("volume {name:?}: cannot check the pool's capacity")]
+    Pool { name: String, source: PoolError },
 }
 
 /// A volume this process has open, with the lease that makes it the only
@@ -57,6 +64,7 @@ pub struct Attached {
     pub record: VolumeRecord,
     lease: Arc<Lease>,
     renewer: Renewer,
+    pool: PoolWatcher,
 }
 
 impl Attached {
@@ -70,6 +78,9 @@ impl Attached {
     /// the volume closed cleanly; otherwise it is left to expire.
     pub async fn close(self) -> Result<(), DaemonError> {
         let closed = self.volume.close().await;
+        if closed.is_ok() {
+            self.pool.finish(&self.volume).await;
+        }
         self.renewer.stop().await;
         closed.map_err(|source| DaemonError::Engine {
             name: self.record.name.clone(),
@@ -115,13 +126,14 @@ pub async fn attach(cfg: &Config, name: &str) -> Result<Attached, DaemonError> {
     .await?;
     let lease = Arc::new(lease);
     match open_leased(cfg, &catalog, store, name, &lease, clock).await {
-        Ok((volume, record)) => {
+        Ok((volume, record, pool)) => {
             let renewer = spawn_fencing_renewer(&lease, &volume, LEASE_RENEW_PERIOD);
             Ok(Attached {
                 volume,
                 record,
                 lease,
                 renewer,
+                pool,
             })
         }
         Err(e) => {
@@ -160,7 +172,7 @@ async fn open_leased(
     name: &str,
     lease: &Lease,
     clock: DynClock,
-) -> Result<(Arc<Volume>, VolumeRecord), DaemonError> {
+) -> Result<(Arc<Volume>, VolumeRecord, PoolWatcher), DaemonError> {
     let record = catalog.get(name).await?;
     if record.state != VolumeState::Ready {
         return Err(CatalogError::Deleting {
@@ -179,13 +191,25 @@ async fn open_leased(
         epoch: lease.epoch(),
         local_dir,
     };
-    let volume = Volume::open(store, params, cfg.engine.clone(), clock)
+    let volume = Volume::open(store.clone(), params, cfg.engine.clone(), clock.clone())
         .await
         .map_err(|source| DaemonError::Engine {
             name: name.to_string(),
             source,
         })?;
-    Ok((volume, record))
+    match PoolWatcher::start(store, &cfg.pool, &record, &volume, clock).await {
+        Ok(pool) => Ok((volume, record, pool)),
+        Err(source) => {
+            // Nothing was written: close cleanly so the lease can be released.
+            if let Err(e) = volume.close().await {
+                log::warn!("closing volume {name:?}: {e}");
+            }
+            Err(DaemonError::Pool {
+                name: name.to_string(),
+                source,
+            })
+        }
+    }
 }
 
 /// [`attach`] for callers that only want the volume: the lease is renewed
@@ -202,10 +226,11 @@ pub async fn open_volume(
         record,
         lease,
         renewer,
+        pool,
     } = attached;
     tokio::spawn(async move {
         // Owning the renewer keeps it running until the runtime shuts down.
-        let _keep = (lease, renewer);
+        let _keep = (lease, renewer, pool);
         std::future::pending::<()>().await
     });
     Ok((volume, record))

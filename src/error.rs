@@ -16,7 +16,9 @@ pub enum BlockError {
     #[error("out of range: offset {offset} length {len} exceeds volume size {size}")]
     OutOfRange { offset: u64, len: u64, size: u64 },
     /// The pool has no space for the write; existing data is intact.
-    #[error("no space left in pool")]
+    #[error(
+        "no space left in the pool (pool.capacity): the write was refused and nothing changed"
+    )]
     NoSpace,
     /// This server lost its lease; it must not write.
     #[error("volume is fenced: {0}")]

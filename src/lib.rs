@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod engine;
 pub mod error;
 pub mod frontend;
+pub mod pool;
 pub mod size;
 pub mod store;
 pub mod transfer;

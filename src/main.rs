@@ -56,6 +56,9 @@ enum Command {
     /// existing detached volume, which must hold the delta's base snapshot
     /// in every range it changes (checked before anything is written).
     Import(cli::transfer::ImportArgs),
+    /// Pool capacity and space: shale pool status.
+    #[command(subcommand)]
+    Pool(cli::pool::PoolCmd),
     /// Copy what a clone reads from its parent snapshot into it, so it
     /// stands alone: shale flatten VOLUME.
     Flatten(cli::snapshot::FlattenArgs),
@@ -96,6 +99,7 @@ fn main() -> ExitCode {
             | Command::Diff(_)
             | Command::Export(_)
             | Command::Import(_)
+            | Command::Pool(_)
             | Command::Flatten(_)
     ) {
         restore_default_sigpipe();
@@ -108,6 +112,7 @@ fn main() -> ExitCode {
         Command::Diff(a) => cli::transfer::diff(cli.config.as_deref(), a),
         Command::Export(a) => cli::transfer::export(cli.config.as_deref(), a),
         Command::Import(a) => cli::transfer::import(cli.config.as_deref(), a),
+        Command::Pool(cmd) => cli::pool::run(cli.config.as_deref(), cmd),
         Command::Flatten(a) => cli::snapshot::flatten(cli.config.as_deref(), a),
         Command::Nbd(cmd) => cli::nbd::run(cli.config.as_deref(), cmd),
         Command::Add(a) => cli::ublk::add(cli.config.as_deref(), a),

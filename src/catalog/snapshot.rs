@@ -178,11 +178,26 @@ impl Snapshots {
         let lease = self.detach_lease(rec).await?;
         let renewer = lease.spawn_renewer(LEASE_RENEW);
         let res = op(lease.epoch()).await;
+        if res.is_ok() {
+            self.republish_usage(rec).await;
+        }
         renewer.stop().await;
         if let Err(e) = lease.release().await {
             log::warn!("could not release the lease of volume {:?}: {e}", rec.name);
         }
         res
+    }
+
+    /// Publish the space of a detached volume whose maps an operation just
+    /// changed (see [`crate::engine::usage`]); on failure (logged) the pool
+    /// keeps the older figure until the volume is next attached.
+    async fn republish_usage(&self, rec: &VolumeRecord) {
+        let now_ms = u64::try_from(self.clock.now().as_millis()).unwrap_or(u64::MAX);
+        if let Err(e) =
+            crate::engine::usage::refresh_detached(self.store(), rec.id, rec.size, now_ms).await
+        {
+            log::warn!("volume {:?}: cannot publish its space: {e}", rec.name);
+        }
     }
 
     /// Open and cleanly close the volume at `epoch`: its WAL is destaged

@@ -2,6 +2,7 @@
 pub mod config;
 pub mod image;
 pub mod nbd;
+pub mod pool;
 pub mod progress;
 pub mod snapshot;
 pub mod transfer;

@@ -149,7 +149,7 @@ pub fn run(config: Option<&Path>, cmd: VolumeCmd) -> anyhow::Result<()> {
                 name, size, thick, ..
             } => {
                 let size = size.context("--size is required without --from")?;
-                create(&catalog().await?, &name, size, thick).await
+                create(&cfg, &catalog().await?, &name, size, thick).await
             }
             VolumeCmd::List { json } => list(&catalog().await?, json).await,
             VolumeCmd::Info { name, json } => info(&cfg, &catalog().await?, &name, json).await,
@@ -161,7 +161,14 @@ pub fn run(config: Option<&Path>, cmd: VolumeCmd) -> anyhow::Result<()> {
     })
 }
 
-async fn create(catalog: &Catalog, name: &str, size: u64, thick: bool) -> anyhow::Result<()> {
+async fn create(
+    cfg: &Config,
+    catalog: &Catalog,
+    name: &str,
+    size: u64,
+    thick: bool,
+) -> anyhow::Result<()> {
+    let pool = super::pool::check_create(cfg, catalog, size, thick).await?;
     let now_ms = SystemClock.now().as_millis() as u64;
     let rec = catalog.create(name, size, thick, now_ms).await?;
     println!(
@@ -171,6 +178,7 @@ async fn create(catalog: &Catalog, name: &str, size: u64, thick: bool) -> anyhow
         format_size(rec.size),
         if rec.thick { "thick" } else { "thin" }
     );
+    super::pool::warn_created(pool, size, thick);
     Ok(())
 }
 
@@ -207,6 +215,7 @@ async fn info(cfg: &Config, catalog: &Catalog, name: &str, json: bool) -> anyhow
     let usage = catalog.usage(&rec).await?;
     let prefix = shale::catalog::volume_prefix(rec.id);
     let local_dir = cfg.volume_dir(rec.id);
+    let space = super::pool::volume_space(catalog, &rec).await;
     if json {
         let value = serde_json::json!({
             "record": rec,
@@ -214,6 +223,7 @@ async fn info(cfg: &Config, catalog: &Catalog, name: &str, json: bool) -> anyhow
             "stored_objects": usage.objects,
             "stored_bytes": usage.bytes,
             "local_dir": local_dir,
+            "space": space,
         });
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
@@ -226,6 +236,7 @@ async fn info(cfg: &Config, catalog: &Catalog, name: &str, json: bool) -> anyhow
         usage.objects
     );
     println!("local dir:      {}", local_dir.display());
+    super::pool::print_volume_space(&space);
     Ok(())
 }
 
@@ -308,7 +319,7 @@ fn state_name(s: VolumeState) -> &'static str {
 }
 
 /// Left-aligned columns separated by two spaces.
-fn render_table<const N: usize>(rows: &[[String; N]]) -> String {
+pub fn render_table<const N: usize>(rows: &[[String; N]]) -> String {
     let mut widths = [0usize; N];
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {

@@ -7,9 +7,16 @@
 //!    pieces it displaced, so callers can keep live-byte counts exact.
 //! 4. Adjacent entries whose locations continue each other are merged, so a
 //!    sequential stream of writes stays one entry per chunk, not per block.
+//! 5. Space counters are exact after every call: [`ExtentMap::data_bytes`]
+//!    counts sectors mapped to data (`Wal` or `Chunk`; `Zero` and unmapped
+//!    take no space) and, when a [`LocSet`] is tracked,
+//!    [`ExtentMap::shared_bytes`] counts the data bytes whose chunk location
+//!    lies in that set (see [`super::space`]).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
+use super::space::LocSet;
 use super::SECTOR;
 
 /// Where a WAL record's data lives in the local log.
@@ -79,10 +86,32 @@ pub struct Piece {
     pub loc: Option<Loc>,
 }
 
+impl Piece {
+    /// Bytes of data this piece holds (zero for `Zero` and unmapped).
+    pub fn data_bytes(&self) -> u64 {
+        match self.loc {
+            Some(Loc::Wal(_) | Loc::Chunk { .. }) => self.len * SECTOR,
+            _ => 0,
+        }
+    }
+
+    /// Bytes of this piece whose chunk location lies in `set`.
+    pub fn bytes_in(&self, set: &LocSet) -> u64 {
+        match self.loc {
+            Some(Loc::Chunk { chunk, off }) => set.overlap(chunk, off, self.len * SECTOR),
+            _ => 0,
+        }
+    }
+}
+
 /// Sector ranges → locations. See the module docs for invariants.
 #[derive(Debug, Clone, Default)]
 pub struct ExtentMap {
     entries: BTreeMap<u64, (u64, Loc)>,
+    /// Bytes mapped to data (invariant 5).
+    data_bytes: u64,
+    /// The tracked location set and how many data bytes lie in it.
+    tracked: Option<(Arc<LocSet>, u64)>,
 }
 
 impl ExtentMap {
@@ -97,6 +126,72 @@ impl ExtentMap {
 
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+
+    /// Bytes mapped to data (`Wal` or `Chunk` locations).
+    pub fn data_bytes(&self) -> u64 {
+        self.data_bytes
+    }
+
+    /// Data bytes whose location lies in the tracked set (0 if none).
+    pub fn shared_bytes(&self) -> u64 {
+        self.tracked.as_ref().map_or(0, |(_, n)| *n)
+    }
+
+    /// The tracked location set, if any.
+    pub fn tracked(&self) -> Option<&Arc<LocSet>> {
+        self.tracked.as_ref().map(|(set, _)| set)
+    }
+
+    /// Track `set` from now on (replacing any earlier one), counting the
+    /// data bytes already mapped into it; `None` stops tracking.
+    pub fn track(&mut self, set: Option<Arc<LocSet>>) {
+        self.tracked = set.map(|set| {
+            let n = self
+                .iter()
+                .map(|(start, len, loc)| {
+                    Piece {
+                        start,
+                        len,
+                        loc: Some(loc),
+                    }
+                    .bytes_in(&set)
+                })
+                .sum();
+            (set, n)
+        });
+    }
+
+    /// Bytes of `[start, start+len)` mapped to data, and how many of them
+    /// lie in the tracked set.
+    pub fn data_in(&self, start: u64, len: u64) -> (u64, u64) {
+        let mut data = 0;
+        let mut shared = 0;
+        for p in self.lookup(start, len) {
+            data += p.data_bytes();
+            if let Some((set, _)) = &self.tracked {
+                shared += p.bytes_in(set);
+            }
+        }
+        (data, shared)
+    }
+
+    fn count_removed(&mut self, removed: &[Piece]) {
+        for p in removed {
+            // Exact by invariant 5; saturating only so a broken invariant
+            // can never panic a request path.
+            self.data_bytes = self.data_bytes.saturating_sub(p.data_bytes());
+            if let Some((set, n)) = &mut self.tracked {
+                *n = n.saturating_sub(p.bytes_in(set));
+            }
+        }
+    }
+
+    fn count_added(&mut self, p: Piece) {
+        self.data_bytes += p.data_bytes();
+        if let Some((set, n)) = &mut self.tracked {
+            *n += p.bytes_in(set);
+        }
     }
 
     /// Every entry in ascending order as `(start, len, loc)`.
@@ -143,6 +238,7 @@ impl ExtentMap {
                     .insert(end, (s + l - end, loc.advance(end - s)));
             }
         }
+        self.count_removed(&removed);
         removed
     }
 
@@ -152,6 +248,11 @@ impl ExtentMap {
         if len == 0 {
             return removed;
         }
+        self.count_added(Piece {
+            start,
+            len,
+            loc: Some(loc),
+        });
         let (mut start, mut len, loc) = (start, len, loc);
         let mut loc_start = loc;
         if let Some((&ps, &(pl, ploc))) = self.entries.range(..start).next_back() {

@@ -88,6 +88,8 @@ pub struct State {
     pub closing: bool,
     /// Consecutive failed destage attempts.
     pub destage_failures: u32,
+    /// The pool's terms for this volume (see [`super::space`]).
+    pub space: super::space::SpaceState,
     /// The volume has a parent: zeroed ranges stay mapped (invariant 5).
     pub keep_zeros: bool,
 }

@@ -152,7 +152,9 @@ impl Volume {
         })?;
         std::fs::create_dir_all(&params.local_dir)
             .map_err(|e| EngineError::LocalIo(format!("{}: {e}", params.local_dir.display())))?;
-        let rec = recovery::recover(&store, &params, clock.now()).await?;
+        let mut rec = recovery::recover(&store, &params, clock.now()).await?;
+        let refs = super::space::load_snapshot_refs(&store, params.id).await;
+        rec.state.live.track(refs);
         let shared = Arc::new(Shared {
             state: Mutex::new(rec.state),
             notify: tokio::sync::Notify::new(),
@@ -452,7 +454,8 @@ impl BlockDevice for Volume {
                     data: if zero { Vec::new() } else { piece.to_vec() },
                 }
             })
-            .collect();
+            .collect::<Vec<_>>();
+        let _space = super::space::admit(&self.inner.shared, offset, len, &recs)?;
         let waits = self.inner.wal.submit_many(recs, fua)?;
         let mut last = 0;
         for w in waits {
