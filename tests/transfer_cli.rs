@@ -323,6 +323,22 @@ fn import_refuses_files_larger_than_allowed_and_leaves_nothing() {
     assert!(!list.lines().any(|l| l.starts_with("v ")), "{list}");
 }
 
+/// An import the pool has no room for fails with the pool's error and
+/// deletes the volume it created.
+#[test]
+fn import_into_a_full_pool_leaves_nothing() {
+    let env = Env::with_config("data_dir: data\npool:\n  capacity: 2MiB\n");
+    let img = env.path("four-mib.img");
+    std::fs::write(&img, pattern(3, 4 * MIB)).expect("write image");
+    env.fails(&["import", &env.p("four-mib.img"), "big"], "no space left");
+    let list = env.volumes();
+    assert!(!list.lines().any(|l| l.starts_with("big ")), "{list}");
+    // A smaller image fits.
+    std::fs::write(&img, pattern(3, MIB)).expect("write image");
+    env.ok(&["import", &env.p("four-mib.img"), "small"]);
+    assert!(env.volumes().lines().any(|l| l.starts_with("small ")));
+}
+
 /// On a terminal, export draws a progress line on stderr; otherwise
 /// stderr stays empty.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -67,7 +67,7 @@ pub enum TransferError {
     Delta { path: PathBuf, source: DeltaError },
     #[error("cannot write the output")]
     Output(#[source] std::io::Error),
-    #[error("{0}")]
+    #[error(transparent)]
     Block(#[from] BlockError),
     #[error(transparent)]
     Catalog(#[from] CatalogError),
