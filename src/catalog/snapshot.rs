@@ -11,7 +11,7 @@
 //!    refusal names the clones.
 //! 3. A clone's manifest is written under a fresh, unused volume id before
 //!    its record is created, so a crash part-way never leaves a record that
-//!    opens as an empty volume (only unreferenced objects). See [`clone`].
+//!    opens as an empty volume (only unreferenced objects). See `snapshot/clone.rs`.
 
 use std::path::PathBuf;
 use std::sync::Arc;

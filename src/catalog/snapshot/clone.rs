@@ -239,7 +239,7 @@ impl Snapshots {
                 let copy = copied?;
                 closed?;
                 // False when a crashed flatten got this far already.
-                finish_flatten(self.store(), rec.id, epoch).await?;
+                finish_flatten(self.store(), rec.id, rec.size, epoch).await?;
                 Ok(copy)
             })
             .await?;
