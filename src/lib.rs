@@ -5,6 +5,7 @@
 pub mod catalog;
 pub mod clock;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod engine;
 pub mod error;

@@ -35,22 +35,30 @@ enum Command {
     Snapshot(cli::snapshot::SnapshotCmd),
     /// Create a volume from a snapshot: shale clone VOLUME@SNAPSHOT NEWVOLUME.
     Clone(cli::snapshot::CloneArgs),
+    /// Changed byte ranges between two snapshots (VOL@A VOL@B).
+    ///
+    /// Computed from the snapshots' maps alone; no data is read. One line
+    /// per range: offset, length, and `data` or `zero` for what the newer
+    /// snapshot holds there. Every byte outside the ranges is equal in both.
+    /// Snapshots of unrelated volumes share no data, so for them every range
+    /// holding data is reported.
+    Diff(cli::transfer::DiffArgs),
+    /// Export a snapshot to a raw image, or with --from to a delta file.
+    ///
+    /// The raw image is sparse (ranges reading as zeros stay holes). With
+    /// --from VOL@BASE only the changes since BASE are written, as a delta
+    /// file that `shale import` applies to a volume holding BASE.
+    Export(cli::transfer::ExportArgs),
+    /// Import a raw image as a new volume, or apply a delta file to one.
+    ///
+    /// A raw image becomes a new thin volume. A delta file (from `shale
+    /// export --from`, recognised by its first bytes) is applied to an
+    /// existing detached volume, which must hold the delta's base snapshot
+    /// in every range it changes (checked before anything is written).
+    Import(cli::transfer::ImportArgs),
     /// Pool capacity and space: shale pool status.
     #[command(subcommand)]
     Pool(cli::pool::PoolCmd),
-    /// Changed byte ranges between two snapshots, from their maps alone (no
-    /// data is read): one line per range (offset, length, and `data` or
-    /// `zero` for what the newer snapshot holds there). Every byte outside
-    /// the ranges is equal in both. Snapshots of unrelated volumes share no
-    /// data, so then every range with data is reported.
-    Diff(cli::transfer::DiffArgs),
-    /// Export a snapshot to a file: a sparse raw image, or with --from only
-    /// the changes since an older snapshot (a delta file for `shale import`).
-    Export(cli::transfer::ExportArgs),
-    /// Import a file: a raw image becomes a new volume; a delta file (from
-    /// `shale export --from`) is applied to an existing detached volume
-    /// holding the delta's base snapshot.
-    Import(cli::transfer::ImportArgs),
     /// Copy what a clone reads from its parent snapshot into it, so it
     /// stands alone: shale flatten VOLUME.
     Flatten(cli::snapshot::FlattenArgs),
@@ -88,10 +96,10 @@ fn main() -> ExitCode {
             | Command::Volume(_)
             | Command::Snapshot(_)
             | Command::Clone(_)
-            | Command::Pool(_)
             | Command::Diff(_)
             | Command::Export(_)
             | Command::Import(_)
+            | Command::Pool(_)
             | Command::Flatten(_)
     ) {
         restore_default_sigpipe();
@@ -101,10 +109,10 @@ fn main() -> ExitCode {
         Command::Volume(cmd) => cli::volume::run(cli.config.as_deref(), cmd),
         Command::Snapshot(cmd) => cli::snapshot::run(cli.config.as_deref(), cmd),
         Command::Clone(a) => cli::snapshot::clone(cli.config.as_deref(), a),
-        Command::Pool(cmd) => cli::pool::run(cli.config.as_deref(), cmd),
         Command::Diff(a) => cli::transfer::diff(cli.config.as_deref(), a),
         Command::Export(a) => cli::transfer::export(cli.config.as_deref(), a),
         Command::Import(a) => cli::transfer::import(cli.config.as_deref(), a),
+        Command::Pool(cmd) => cli::pool::run(cli.config.as_deref(), cmd),
         Command::Flatten(a) => cli::snapshot::flatten(cli.config.as_deref(), a),
         Command::Nbd(cmd) => cli::nbd::run(cli.config.as_deref(), cmd),
         Command::Add(a) => cli::ublk::add(cli.config.as_deref(), a),

@@ -346,6 +346,27 @@ async fn flatten_survives_crashes_and_frees_the_parent() {
     assert!(e.to_string().contains("c@before"), "{e}");
     env.snaps.delete("c@before").await.unwrap();
 
+    // Dropping the parent before the copy is refused.
+    let c = env.catalog.get("c").await.unwrap();
+    let lease = Lease::acquire(
+        env.store.clone(),
+        c.id,
+        "flatten-test",
+        Duration::from_secs(60),
+        env.clock.clone(),
+    )
+    .await
+    .unwrap();
+    let e = finish_flatten(&env.store, c.id, SIZE, lease.epoch())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("still read from the parent"), "{e}");
+    lease.release().await.unwrap();
+    assert!(
+        env.read("c").await == want,
+        "a refused finish changes nothing"
+    );
+
     // Crash right after the copy, before the manifest drops the parent.
     let o = env.open("c").await.unwrap();
     let stats = copy_parent_data(&o.vol, |_, _| {}).await.unwrap();
@@ -369,7 +390,7 @@ async fn flatten_survives_crashes_and_frees_the_parent() {
     )
     .await
     .unwrap();
-    assert!(finish_flatten(&env.store, c.id, lease.epoch())
+    assert!(finish_flatten(&env.store, c.id, SIZE, lease.epoch())
         .await
         .unwrap());
     lease.release().await.unwrap();
@@ -463,4 +484,32 @@ async fn parent_data_is_cached() {
     assert!(buf[..64 * K] == pattern(4, 64 * K)[..]);
     assert!(buf[64 * K..] == image[64 * K..128 * K]);
     env.close(o).await;
+}
+
+/// The parent volume keeps writing (its GC deletes chunks its own map no
+/// longer needs) and is rolled back; the clone still reads the snapshot's
+/// data, because the snapshot keeps its chunks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parent_gc_and_rollback_spare_what_clones_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = Env::new(dir.path());
+    let want = parent_with_snapshot(&env).await;
+    env.snaps.clone_volume("p@s", "c", 0).await.unwrap();
+    let o = env.open("p").await.unwrap();
+    for round in 0..6u8 {
+        o.vol
+            .write(0, &pattern(10 + round, SIZE as usize), false)
+            .await
+            .unwrap();
+        o.vol.flush().await.unwrap();
+    }
+    o.vol.close().await.unwrap();
+    let deleted = o.vol.stats().chunks_deleted;
+    o.lease.release().await.unwrap();
+    assert!(deleted > 0, "the parent's GC must have run");
+    env.snaps.create("p@t", 0).await.unwrap();
+    env.snaps.rollback("p@s").await.unwrap();
+    env.snaps.rollback("p@t").await.unwrap();
+    assert!(env.read("p").await == pattern(15, SIZE as usize));
+    assert!(env.read("c").await == want, "clone lost its parent's data");
 }

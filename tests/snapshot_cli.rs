@@ -226,3 +226,45 @@ async fn clone_from_flatten_and_guarded_volume_delete() {
     env.ok(&["volume", "delete", "base", "--yes"]);
     assert_eq!(env.read("vm1").await, image(7));
 }
+
+/// On a terminal, flatten draws a progress line on stderr; without one,
+/// stderr stays empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flatten_progress_only_on_a_terminal() {
+    let env = Env::new();
+    env.ok(&["volume", "create", "base", "--size", "1M"]);
+    env.write("base", 5).await;
+    env.ok(&["snapshot", "create", "base@s"]);
+    env.ok(&["clone", "base@s", "plain"]);
+    env.ok(&["clone", "base@s", "tty"]);
+    let out = env.run(&["flatten", "plain"]);
+    assert!(out.status.success());
+    assert!(
+        out.stderr.is_empty(),
+        "{:?}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // `script` runs the command on a pseudo-terminal.
+    let cmd = format!(
+        "{} --config {} flatten tty",
+        env!("CARGO_BIN_EXE_shale"),
+        env.config.display()
+    );
+    let out = std::process::Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .env_remove("SHALE_CONFIG")
+        .stdin(std::process::Stdio::null())
+        .output();
+    let Ok(out) = out else {
+        panic!("`script` (util-linux) is needed to run a command on a terminal");
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("flatten: 512.0 KiB / 512.0 KiB (100%)"),
+        "no progress line in {text:?}"
+    );
+    assert!(text.contains("flattened volume tty"), "{text}");
+    assert_eq!(env.read("tty").await, image(5));
+    assert_eq!(env.read("plain").await, image(5));
+}

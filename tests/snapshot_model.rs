@@ -19,6 +19,7 @@ use shale::catalog::lease::Lease;
 use shale::catalog::snapshot::{SnapError, Snapshots};
 use shale::catalog::{Catalog, CatalogError, VolumeRecord};
 use shale::clock::{DynClock, SystemClock};
+use shale::engine::clone::copy_parent_data;
 use shale::engine::config::EngineConfig;
 use shale::engine::{BlockDevice, Volume, VolumeParams};
 use shale::store::fs::FsStore;
@@ -263,7 +264,19 @@ async fn run_model(
                 m.clones.push((name, m.snaps[j].0.clone()));
             }
             9 if !m.snaps.is_empty() => {
-                let j = rng.below(m.snaps.len() as u64) as usize;
+                // Half the time a snapshot of a clone, if there is one.
+                let of_clones: Vec<usize> = (0..m.snaps.len())
+                    .filter(|&j| {
+                        let vol = Model::volume_of(&m.snaps[j].0);
+                        m.clones.iter().any(|c| c.0 == vol)
+                    })
+                    .collect();
+                let j = match rng.below(2) {
+                    0 if !of_clones.is_empty() => {
+                        of_clones[rng.below(of_clones.len() as u64) as usize]
+                    }
+                    _ => rng.below(m.snaps.len() as u64) as usize,
+                };
                 let spec = m.snaps[j].0.clone();
                 let vol = spec.split('@').next().unwrap().to_string();
                 env.snaps.rollback(&spec).await.unwrap();
@@ -313,10 +326,25 @@ async fn run_model(
                     Some(n) => m.vols.iter().position(|v| v.0 == n).unwrap(),
                     None => rng.below(m.vols.len() as u64) as usize,
                 };
-                flatten_step(&env, &mut m, i, step).await;
+                if rng.below(3) == 0 {
+                    // A flatten that crashed after copying: still a clone.
+                    crashed_flatten(&env, &mut m, i).await;
+                }
+                if rng.below(4) != 0 {
+                    flatten_step(&env, &mut m, i, step).await;
+                }
             }
-            13 if m.vols.len() > 1 => {
-                let i = rng.below(m.vols.len() as u64) as usize;
+            13 | 14 if m.vols.len() > 1 => {
+                // Mostly a parent of clones (refused); sometimes any volume.
+                let parents: Vec<usize> = (0..m.vols.len())
+                    .filter(|&i| !m.clones_of_volume(&m.vols[i].0).is_empty())
+                    .collect();
+                let i = match rng.below(3) {
+                    0 | 1 if !parents.is_empty() => {
+                        parents[rng.below(parents.len() as u64) as usize]
+                    }
+                    _ => rng.below(m.vols.len() as u64) as usize,
+                };
                 delete_volume_step(&env, &mut m, i, step).await;
             }
             _ => {}
@@ -364,6 +392,19 @@ async fn flatten_step(env: &Env, m: &mut Model, i: usize, step: usize) {
             assert_eq!(got, want, "step {step}");
         }
         Err(e) => panic!("step {step}: flatten {name}: {e}"),
+    }
+}
+
+/// The first step of a flatten (copy what the clone reads from its
+/// parent), then a crash: the volume must read the same and stay a clone.
+async fn crashed_flatten(env: &Env, m: &mut Model, i: usize) {
+    let name = m.vols[i].0.clone();
+    let (vol, lease, _) = env.attach(&name).await;
+    copy_parent_data(&vol, |_, _| {}).await.unwrap();
+    vol.crash().await;
+    lease.release().await.unwrap();
+    if m.clones.iter().any(|c| c.0 == name) {
+        m.count("crashed flatten");
     }
 }
 
@@ -417,6 +458,7 @@ async fn model_memory_store() {
             "rollback of clone",
             "flatten",
             "flatten refused",
+            "crashed flatten",
             "volume delete",
             "volume delete refused",
         ] {
@@ -497,15 +539,15 @@ async fn refusals_are_clear_and_change_nothing() {
     let msg = e.to_string();
     assert!(msg.contains("c1") && msg.contains("c2"), "{msg}");
     assert!(env.snaps.view("p@a").await.is_ok());
-    // Attached volumes refuse snapshot, rollback and delete.
+    // Attached volumes refuse rollback and delete; a snapshot needs the
+    // holder's control socket, which this holder (no daemon) does not serve.
     let (vol, lease, _) = env.attach("p").await;
-    for e in [
-        env.snaps.create("p@b", 0).await.unwrap_err(),
-        env.snaps.rollback("p@a").await.unwrap_err(),
-    ] {
-        assert!(matches!(e, SnapError::Attached { .. }), "{e}");
-        assert!(e.to_string().contains("attached"), "{e}");
-    }
+    let e = env.snaps.rollback("p@a").await.unwrap_err();
+    assert!(matches!(e, SnapError::Attached { .. }), "{e}");
+    assert!(e.to_string().contains("attached"), "{e}");
+    let e = env.snaps.create("p@b", 0).await.unwrap_err();
+    assert!(matches!(e, SnapError::NoControl { .. }), "{e}");
+    assert!(e.to_string().contains("run the command on the host"), "{e}");
     vol.close().await.unwrap();
     lease.release().await.unwrap();
     // A view is read-only.

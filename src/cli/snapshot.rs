@@ -9,11 +9,14 @@ use shale::catalog::snapshot::Snapshots;
 use shale::clock::{Clock, SystemClock};
 use shale::config::Config;
 
+use super::progress::TermProgress;
 use super::volume::format_utc_ms;
+use shale::transfer::Progress;
 
 #[derive(Subcommand, Debug)]
 pub enum SnapshotCmd {
-    /// Take a snapshot of a detached volume: VOLUME@SNAPSHOT.
+    /// Take a snapshot: VOLUME@SNAPSHOT. Of an attached volume, through its
+    /// server on this host, at a flush point.
     Create {
         /// VOLUME@SNAPSHOT
         spec: String,
@@ -175,7 +178,20 @@ pub fn create_from(
 
 pub fn flatten(config: Option<&Path>, a: FlattenArgs) -> anyhow::Result<()> {
     with_snapshots(config, async move |s: &Snapshots| {
-        let report = s.flatten(&a.name, |_, _| {}).await?;
+        let progress = TermProgress::stderr();
+        let mut reported: Option<u64> = None;
+        let res = s
+            .flatten(&a.name, |done, total| {
+                let prev = *reported.get_or_insert_with(|| {
+                    progress.start("flatten", total);
+                    0
+                });
+                progress.advance(done.saturating_sub(prev));
+                reported = Some(done);
+            })
+            .await;
+        progress.finish();
+        let report = res?;
         println!(
             "flattened volume {}: it no longer reads through {} ({} read from the parent, {} of it data copied)",
             report.record.name,

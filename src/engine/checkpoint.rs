@@ -337,6 +337,7 @@ mod tests {
     fn decoder_survives_random_input() {
         let mut map = ExtentMap::new();
         map.insert(0, 8, Loc::Chunk { chunk: 1, off: 0 });
+        map.insert(8, 8, Loc::Zero);
         let chunks = vec![ChunkInfo {
             seq: 1,
             epoch: 1,

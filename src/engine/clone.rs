@@ -27,7 +27,7 @@ use super::error::EngineError;
 use super::snapshot::{
     committed_checkpoint, list_snapshots, snapshot_key, ParentRef, SnapshotError, SnapshotObject,
 };
-use super::view::Resolved;
+use super::view::{Resolved, SnapshotView};
 use super::volume::Volume;
 use super::{BlockDevice, SECTOR};
 use crate::store::{DynStore, PutMode, StoreError};
@@ -222,20 +222,33 @@ fn nonzero_runs(data: &[u8]) -> Vec<(usize, &[u8])> {
     out
 }
 
-/// The last step of a flatten (invariant 3): on a detached volume closed
-/// cleanly after [`copy_parent_data`], commit a checkpoint without zero
-/// ranges and a manifest without the parent (compare-and-swap). `epoch` is
-/// the caller's lease epoch. Returns false if the volume had no parent
-/// (nothing to do, e.g. a flatten finished before a crash).
+/// The last step of a flatten (invariant 3): on a detached volume of
+/// `size` bytes closed cleanly after [`copy_parent_data`], commit a
+/// checkpoint without zero ranges and a manifest without the parent
+/// (compare-and-swap). `epoch` is the caller's lease epoch. Refused if the
+/// committed map still leaves a range to the parent's data (the copy did
+/// not finish). Returns false if the volume had no parent (nothing to do,
+/// e.g. a flatten finished before a crash).
 pub async fn finish_flatten(
     store: &DynStore,
     volume: u64,
+    size: u64,
     epoch: u64,
 ) -> Result<bool, SnapshotError> {
     let (m, version, cp) = committed_checkpoint(store, volume).await?;
     let Some(parent) = m.parent else {
         return Ok(false);
     };
+    if let Some((start, len)) = first_uncopied(store, &cp, parent, size).await? {
+        return Err(SnapshotError::State {
+            volume,
+            reason: format!(
+                "bytes {}..{} still read from the parent; copy them before dropping it",
+                start * SECTOR,
+                (start + len) * SECTOR
+            ),
+        });
+    }
     let through: Vec<String> = list_snapshots(store, volume)
         .await?
         .into_iter()
@@ -291,6 +304,41 @@ pub async fn finish_flatten(
     }
     log::info!("volume {volume:x} no longer reads through {parent}");
     Ok(true)
+}
+
+/// The first sector run `(start, len)` that `cp` leaves unmapped and a
+/// layer of the parent chain holds data for.
+async fn first_uncopied(
+    store: &DynStore,
+    cp: &Checkpoint,
+    parent: ParentRef,
+    size: u64,
+) -> Result<Option<(u64, u64)>, SnapshotError> {
+    let view = SnapshotView::of_parent(store.clone(), parent, size).await?;
+    let map = cp
+        .to_map(size / SECTOR)
+        .map_err(|source| EngineError::Checkpoint {
+            key: format!("checkpoint of volume {:016x}", cp.volume),
+            source,
+        })?;
+    for gap in map.lookup(0, size / SECTOR) {
+        if gap.loc.is_some() {
+            continue;
+        }
+        let runs = view
+            .resolve(gap.start, gap.len)
+            .map_err(|e| EngineError::Parent {
+                volume: parent.volume,
+                reason: e.to_string(),
+            })?;
+        if let Some((s, l, _)) = runs
+            .into_iter()
+            .find(|r| matches!(r.2, Resolved::Chunk { .. }))
+        {
+            return Ok(Some((s, l)));
+        }
+    }
+    Ok(None)
 }
 
 #[cfg(test)]

@@ -8,7 +8,10 @@
 //! - store: `volumes/<id:016x>/manifest` (root, compare-and-swap only),
 //!   `volumes/<id:016x>/chunks/<seq:016x>-<epoch:08x>` (immutable chunk
 //!   objects, see [`chunk`]), `volumes/<id:016x>/checkpoints/<chunk:016x>-<epoch:08x>`
-//!   (serialized store-side map, see [`checkpoint`]).
+//!   (serialized store-side map, see [`checkpoint`]),
+//!   `volumes/<id:016x>/snapshots/<snap:016x>` (see [`snapshot`]). A clone's
+//!   manifest names its parent snapshot; unmapped ranges read through to it
+//!   (see [`clone`]).
 //!
 //! Data flow: write → WAL record (group commit) → live map points at the
 //! WAL → destage packs records into a chunk → put → maps point at the chunk
@@ -30,6 +33,7 @@ pub mod config;
 mod destage;
 pub mod diff;
 pub mod error;
+mod live_snapshot;
 pub mod map;
 pub mod memdisk;
 mod read;
@@ -76,7 +80,8 @@ pub trait BlockDevice: Send + Sync {
     async fn flush(&self) -> Result<(), BlockError>;
     /// Discard a range: it reads as zeros afterwards and its space may be freed.
     async fn trim(&self, offset: u64, len: u64) -> Result<(), BlockError>;
-    /// Zero a range (stored as unmapped, so it takes no space).
+    /// Zero a range (stored as unmapped, or in a clone as a zero range that
+    /// hides the parent; either way it takes no space).
     async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), BlockError>;
 }
 

@@ -9,13 +9,16 @@
 //!
 //! Invariants:
 //! 1. A snapshot object is written once ([`PutMode::Create`]) and never
-//!    changed; it is deleted only by [`delete_snapshot`].
+//!    changed; it is deleted only by [`delete_snapshot`] (or, on an open
+//!    volume, by `Volume::delete_snapshot`).
 //! 2. A chunk named by any snapshot of its volume is never deleted: the
 //!    engine's destage and recovery consult [`RetainSet`] (listed after the
 //!    checkpoint that dropped the chunk was committed) before deleting.
 //!    If any snapshot object cannot be read, nothing is deleted.
 //! 3. Operations here run on a *detached* volume: the caller holds its lease
 //!    and passes the lease's epoch, and nothing else writes the volume.
+//!    The exception is [`store_snapshot`], which an open volume also calls
+//!    from its destage task (see `engine/live_snapshot.rs`).
 //! 4. A snapshot of a clone records the clone's parent ([`ParentRef`]), so
 //!    its view reads through to the same parent as the clone did.
 
@@ -457,6 +460,48 @@ mod tests {
             snapshot_key(0x10, 2),
             "volumes/0000000000000010/snapshots/0000000000000002"
         );
+    }
+
+    /// Garbage and mutated snapshot objects (a clone's, with a parent and
+    /// zero ranges) give errors or objects, never panics.
+    #[test]
+    fn decoder_survives_random_input() {
+        let snap = SnapshotObject {
+            id: 3,
+            name: "s".into(),
+            volume: 7,
+            created_ms: 1,
+            checkpoint: Checkpoint {
+                volume: 7,
+                epoch: 2,
+                chunk_seq: 4,
+                last_seq: 9,
+                chunks: vec![],
+                extents: vec![],
+                zeros: vec![(0, 8), (100, 4)],
+            },
+            parent: Some(ParentRef {
+                volume: 1,
+                snapshot: 2,
+            }),
+        };
+        let enc = snap.encode();
+        let mut x = 7u64;
+        for i in 0..3000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let mut m = enc.clone();
+            let at = 12 + (x as usize) % (m.len() - 12);
+            m[at] = (x >> 32) as u8;
+            // Keep the CRC right so the JSON parser sees the mutation.
+            let crc = crc32c::crc32c(&m[12..]).to_le_bytes();
+            m[8..12].copy_from_slice(&crc);
+            let m = &m[..m.len() - i % 3];
+            if let Ok(s) = SnapshotObject::decode(m) {
+                let _ = s.checkpoint.to_map(1 << 20);
+            }
+        }
     }
 
     #[test]

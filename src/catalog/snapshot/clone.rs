@@ -165,7 +165,11 @@ impl Snapshots {
     }
 
     /// Put back a snapshot object a refused delete removed.
-    async fn restore_snapshot(&self, key: &str, s: &snap::SnapshotObject) -> Result<(), SnapError> {
+    pub(super) async fn restore_snapshot(
+        &self,
+        key: &str,
+        s: &snap::SnapshotObject,
+    ) -> Result<(), SnapError> {
         match self
             .store()
             .put(key, bytes::Bytes::from(s.encode()), PutMode::Create)
@@ -239,7 +243,7 @@ impl Snapshots {
                 let copy = copied?;
                 closed?;
                 // False when a crashed flatten got this far already.
-                finish_flatten(self.store(), rec.id, epoch).await?;
+                finish_flatten(self.store(), rec.id, rec.size, epoch).await?;
                 Ok(copy)
             })
             .await?;
