@@ -10,47 +10,19 @@ mod nbd_support;
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 
 use nbd_support::{have_tool, run_ok};
 
 const MIB: usize = 1 << 20;
 
-struct Env {
-    dir: tempfile::TempDir,
-    config: PathBuf,
-}
+use cli_support::CliEnv as Env;
 
 impl Env {
     fn new() -> Env {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let config = dir.path().join("shale.yaml");
         // A long destage timer: at snapshot time the writes are only in
         // the server's WAL, so the snapshot has to flush and destage them.
-        std::fs::write(
-            &config,
-            "data_dir: data\nengine:\n  destage_interval_ms: 600000\n  max_unstored_seconds: 3600\n",
-        )
-        .expect("config");
-        Env { dir, config }
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        cli_support::run_shale(Some(&self.config), args)
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        cli_support::expect_success(args, self.run(args))
-    }
-
-    fn fails(&self, args: &[&str], needle: &str) {
-        let out = self.run(args);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "shale {args:?}: {stderr}");
-        assert!(
-            stderr.contains(needle),
-            "{stderr:?} should contain {needle:?}"
-        );
+        Env::with_config("data_dir: data\nengine:\n  destage_interval_ms: 600000\n  max_unstored_seconds: 3600\n")
     }
 
     /// `shale nbd serve VOLUME --socket S`, once it listens.

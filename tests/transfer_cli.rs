@@ -9,61 +9,23 @@ mod cli_support;
 mod s3_support;
 
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 
-use shale::config::Config;
 use shale::daemon::attach;
 use shale::engine::BlockDevice;
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 64 * MIB;
 
-struct Env {
-    dir: tempfile::TempDir,
-    config: PathBuf,
-}
+use cli_support::CliEnv as Env;
 
 impl Env {
     fn new() -> Env {
         Env::with_config("data_dir: data\nengine:\n  cache_size: 0\n")
     }
 
-    fn with_config(text: &str) -> Env {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let config = dir.path().join("shale.yaml");
-        std::fs::write(&config, text).expect("config");
-        Env { dir, config }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
     fn p(&self, name: &str) -> String {
         self.path(name).display().to_string()
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        cli_support::run_shale(Some(&self.config), args)
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        cli_support::expect_success(args, self.run(args))
-    }
-
-    fn fails(&self, args: &[&str], needle: &str) {
-        let out = self.run(args);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "shale {args:?}: {stderr}");
-        assert!(
-            stderr.contains(needle),
-            "{stderr:?} should contain {needle:?}"
-        );
-    }
-
-    fn cfg(&self) -> Config {
-        Config::load(Some(Path::new(&self.config))).expect("load config")
     }
 
     /// Apply writes (`Some(data)`) and trims (`None`) at byte offsets.
