@@ -16,6 +16,9 @@
 //! 5. Before the volume serves, its pool task ([`PoolWatcher`]) has set its
 //!    space limit from the pool (when `pool.capacity` is set); the task
 //!    publishes its usage while attached and once more at close.
+//! 6. While attached, the volume's control socket ([`crate::control`]) is
+//!    served from its local directory; it is removed before the volume is
+//!    closed. Failing to create it is logged, not fatal.
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +27,7 @@ use crate::catalog::lease::{Lease, LeaseError, Renewer};
 use crate::catalog::{Catalog, CatalogError, VolumeRecord, VolumeState};
 use crate::clock::{DynClock, SystemClock};
 use crate::config::Config;
+use crate::control::{self, ControlServer};
 use crate::engine::{EngineError, Volume, VolumeParams};
 use crate::pool::watch::PoolWatcher;
 use crate::pool::PoolError;
@@ -64,6 +68,8 @@ pub struct Attached {
     pub record: VolumeRecord,
     lease: Arc<Lease>,
     renewer: Renewer,
+    /// The control socket; `None` if it could not be created.
+    control: Option<ControlServer>,
     pool: PoolWatcher,
 }
 
@@ -77,6 +83,7 @@ impl Attached {
     /// stop renewing and release the lease. The lease is released only if
     /// the volume closed cleanly; otherwise it is left to expire.
     pub async fn close(self) -> Result<(), DaemonError> {
+        drop(self.control);
         let closed = self.volume.close().await;
         if closed.is_ok() {
             self.pool.finish(&self.volume).await;
@@ -128,11 +135,22 @@ pub async fn attach(cfg: &Config, name: &str) -> Result<Attached, DaemonError> {
     match open_leased(cfg, &catalog, store, name, &lease, clock).await {
         Ok((volume, record, pool)) => {
             let renewer = spawn_fencing_renewer(&lease, &volume, LEASE_RENEW_PERIOD);
+            let path = control::socket_path(&cfg.volume_dir(record.id));
+            let control = match ControlServer::start(path, &volume, record.id) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    log::warn!(
+                        "volume {name:?}: no control socket ({e}); snapshots of it are refused while it is attached"
+                    );
+                    None
+                }
+            };
             Ok(Attached {
                 volume,
                 record,
                 lease,
                 renewer,
+                control,
                 pool,
             })
         }
@@ -227,10 +245,11 @@ pub async fn open_volume(
         lease,
         renewer,
         pool,
+        control,
     } = attached;
     tokio::spawn(async move {
         // Owning the renewer keeps it running until the runtime shuts down.
-        let _keep = (lease, renewer, pool);
+        let _keep = (lease, renewer, pool, control);
         std::future::pending::<()>().await
     });
     Ok((volume, record))

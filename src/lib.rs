@@ -1,9 +1,11 @@
 //! shale: block volumes on object storage.
 //!
 //! Layers (arrows only point down): `frontend` → `engine` → `catalog` → `store`.
+//! `daemon` and `pool` (capacity across volumes) wire `catalog` and `engine` together.
 pub mod catalog;
 pub mod clock;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod engine;
 pub mod error;

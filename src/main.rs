@@ -35,18 +35,26 @@ enum Command {
     Snapshot(cli::snapshot::SnapshotCmd),
     /// Create a volume from a snapshot: shale clone VOLUME@SNAPSHOT NEWVOLUME.
     Clone(cli::snapshot::CloneArgs),
-    /// Changed byte ranges between two snapshots, from their maps alone (no
-    /// data is read): one line per range (offset, length, and `data` or
-    /// `zero` for what the newer snapshot holds there). Every byte outside
-    /// the ranges is equal in both. Snapshots of unrelated volumes share no
-    /// data, so then every range with data is reported.
+    /// Changed byte ranges between two snapshots (VOL@A VOL@B).
+    ///
+    /// Computed from the snapshots' maps alone; no data is read. One line
+    /// per range: offset, length, and `data` or `zero` for what the newer
+    /// snapshot holds there. Every byte outside the ranges is equal in both.
+    /// Snapshots of unrelated volumes share no data, so for them every range
+    /// holding data is reported.
     Diff(cli::transfer::DiffArgs),
-    /// Export a snapshot to a file: a sparse raw image, or with --from only
-    /// the changes since an older snapshot (a delta file for `shale import`).
+    /// Export a snapshot to a raw image, or with --from to a delta file.
+    ///
+    /// The raw image is sparse (ranges reading as zeros stay holes). With
+    /// --from VOL@BASE only the changes since BASE are written, as a delta
+    /// file that `shale import` applies to a volume holding BASE.
     Export(cli::transfer::ExportArgs),
-    /// Import a file: a raw image becomes a new volume; a delta file (from
-    /// `shale export --from`) is applied to an existing detached volume
-    /// holding the delta's base snapshot.
+    /// Import a raw image as a new volume, or apply a delta file to one.
+    ///
+    /// A raw image becomes a new thin volume. A delta file (from `shale
+    /// export --from`, recognised by its first bytes) is applied to an
+    /// existing detached volume, which must hold the delta's base snapshot
+    /// in every range it changes (checked before anything is written).
     Import(cli::transfer::ImportArgs),
     /// Pool capacity and space: shale pool status.
     #[command(subcommand)]

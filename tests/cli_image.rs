@@ -4,38 +4,15 @@
 #[path = "support/cli.rs"]
 mod cli_support;
 
-use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-struct Env {
-    dir: tempfile::TempDir,
-    config: PathBuf,
-}
+use cli_support::CliEnv as Env;
 
 impl Env {
     fn new() -> Env {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let config = dir.path().join("shale.yaml");
-        std::fs::write(
-            &config,
-            "data_dir: data\nengine:\n  chunk_size: 1MiB\n  cache_size: 8MiB\n",
-        )
-        .expect("write config");
-        Env { dir, config }
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        cli_support::run_shale(Some(&self.config), args)
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        cli_support::expect_success(args, self.run(args))
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
+        Env::with_config("data_dir: data\nengine:\n  chunk_size: 1MiB\n  cache_size: 8MiB\n")
     }
 
     fn store(&self) -> shale::store::DynStore {

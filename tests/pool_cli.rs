@@ -17,30 +17,12 @@ use serde_json::Value;
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
 
-struct Env {
-    dir: tempfile::TempDir,
-    config: PathBuf,
-}
+use cli_support::CliEnv as Env;
 
 impl Env {
     /// A local store whose pool holds 1 MiB and warns at 50%.
     fn new() -> Env {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let config = dir.path().join("shale.yaml");
-        std::fs::write(
-            &config,
-            "data_dir: data\nengine:\n  cache_size: 0\n  chunk_size: 64KiB\n  max_unstored_bytes: 128KiB\npool:\n  capacity: 1MiB\n  warn_percent: 50\n",
-        )
-        .expect("config");
-        Env { dir, config }
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        cli_support::run_shale(Some(&self.config), args)
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        cli_support::expect_success(args, self.run(args))
+        Env::with_config("data_dir: data\nengine:\n  cache_size: 0\n  chunk_size: 64KiB\n  max_unstored_bytes: 128KiB\npool:\n  capacity: 1MiB\n  warn_percent: 50\n")
     }
 
     fn json(&self, args: &[&str]) -> Value {

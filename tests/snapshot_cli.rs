@@ -5,52 +5,21 @@
 #[path = "support/cli.rs"]
 mod cli_support;
 
-use std::path::{Path, PathBuf};
-use std::process::Output;
 use std::sync::Arc;
 use std::time::Duration;
 
 use shale::catalog::lease::Lease;
 use shale::catalog::Catalog;
 use shale::clock::{DynClock, SystemClock};
-use shale::config::Config;
 use shale::engine::{BlockDevice, Volume, VolumeParams};
 
 const SIZE: usize = 1 << 20;
 
-struct Env {
-    _dir: tempfile::TempDir,
-    config: PathBuf,
-}
+use cli_support::CliEnv as Env;
 
 impl Env {
     fn new() -> Env {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let config = dir.path().join("shale.yaml");
-        std::fs::write(&config, "data_dir: data\nengine:\n  cache_size: 0\n").expect("config");
-        Env { _dir: dir, config }
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        cli_support::run_shale(Some(&self.config), args)
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        cli_support::expect_success(args, self.run(args))
-    }
-
-    fn fails(&self, args: &[&str], needle: &str) {
-        let out = self.run(args);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "shale {args:?}: {stderr}");
-        assert!(
-            stderr.contains(needle),
-            "{stderr:?} should contain {needle:?}"
-        );
-    }
-
-    fn cfg(&self) -> Config {
-        Config::load(Some(Path::new(&self.config))).expect("load config")
+        Env::with_config("data_dir: data\nengine:\n  cache_size: 0\n")
     }
 
     /// Attach `name` through the library, apply `f`, close.

@@ -5,59 +5,27 @@
 
 #[path = "support/cli.rs"]
 mod cli_support;
+#[path = "support/s3.rs"]
+mod s3_support;
 
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 
-use shale::config::Config;
 use shale::daemon::attach;
 use shale::engine::BlockDevice;
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 64 * MIB;
 
-struct Env {
-    dir: tempfile::TempDir,
-    config: PathBuf,
-}
+use cli_support::CliEnv as Env;
 
 impl Env {
     fn new() -> Env {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let config = dir.path().join("shale.yaml");
-        std::fs::write(&config, "data_dir: data\nengine:\n  cache_size: 0\n").expect("config");
-        Env { dir, config }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
+        Env::with_config("data_dir: data\nengine:\n  cache_size: 0\n")
     }
 
     fn p(&self, name: &str) -> String {
         self.path(name).display().to_string()
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        cli_support::run_shale(Some(&self.config), args)
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        cli_support::expect_success(args, self.run(args))
-    }
-
-    fn fails(&self, args: &[&str], needle: &str) {
-        let out = self.run(args);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "shale {args:?}: {stderr}");
-        assert!(
-            stderr.contains(needle),
-            "{stderr:?} should contain {needle:?}"
-        );
-    }
-
-    fn cfg(&self) -> Config {
-        Config::load(Some(Path::new(&self.config))).expect("load config")
     }
 
     /// Apply writes (`Some(data)`) and trims (`None`) at byte offsets.
@@ -263,6 +231,28 @@ async fn diff_and_incremental_export_apply_to_the_base() {
         "{out}"
     );
     same(&env.volume_content("copy"), &two, "copy after the delta");
+    // Applying it again finds every range already done and changes nothing.
+    let out = env.ok(&["import", &delta, "copy"]);
+    assert!(out.contains("3 of 3 ranges already held vol@two"), "{out}");
+    same(
+        &env.volume_content("copy"),
+        &two,
+        "copy after a second apply",
+    );
+    // A volume holding something else in a changed range is refused.
+    env.ok(&["import", &base, "other"]);
+    let mut other = one.clone();
+    env.change("other", &[(50 * MIB, 512, Some(7))], &mut other)
+        .await;
+    env.fails(
+        &["import", &delta, "other"],
+        "holds neither vol@one nor vol@two at bytes 52428800+8192",
+    );
+    same(
+        &env.volume_content("other"),
+        &other,
+        "other after a refused delta",
+    );
 }
 
 #[test]
@@ -293,6 +283,22 @@ fn import_refuses_files_larger_than_allowed_and_leaves_nothing() {
     env.fails(&["import", &img, "v"], "cannot create local directory");
     let list = env.volumes();
     assert!(!list.lines().any(|l| l.starts_with("v ")), "{list}");
+}
+
+/// An import the pool has no room for fails with the pool's error and
+/// deletes the volume it created.
+#[test]
+fn import_into_a_full_pool_leaves_nothing() {
+    let env = Env::with_config("data_dir: data\npool:\n  capacity: 2MiB\n");
+    let img = env.path("four-mib.img");
+    std::fs::write(&img, pattern(3, 4 * MIB)).expect("write image");
+    env.fails(&["import", &env.p("four-mib.img"), "big"], "no space left");
+    let list = env.volumes();
+    assert!(!list.lines().any(|l| l.starts_with("big ")), "{list}");
+    // A smaller image fits.
+    std::fs::write(&img, pattern(3, MIB)).expect("write image");
+    env.ok(&["import", &env.p("four-mib.img"), "small"]);
+    assert!(env.volumes().lines().any(|l| l.starts_with("small ")));
 }
 
 /// On a terminal, export draws a progress line on stderr; otherwise
@@ -337,5 +343,53 @@ async fn progress_only_on_a_terminal() {
         &std::fs::read(env.path("tty.img")).expect("read"),
         &image,
         "export on a terminal",
+    );
+}
+
+/// The same round trip with the store on a real S3 server (moto).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_and_import_over_s3() {
+    let Some(moto) = s3_support::moto() else {
+        return;
+    };
+    let bucket = moto.unique_bucket("transfer");
+    let env = Env::with_config(&format!(
+        "data_dir: data\nstore:\n  type: s3\n  bucket: {bucket}\n  endpoint: {}\n  \
+         force_path_style: true\nengine:\n  cache_size: 0\n  chunk_size: 1MiB\n",
+        moto.endpoint
+    ));
+    env.ok(&["volume", "create", "vol", "--size", "16M"]);
+    let mut one = vec![0u8; 16 * MIB as usize];
+    env.change(
+        "vol",
+        &[(MIB, 3 * MIB, Some(1)), (9 * MIB, 4096, Some(2))],
+        &mut one,
+    )
+    .await;
+    env.ok(&["snapshot", "create", "vol@one"]);
+    let mut two = one.clone();
+    env.change(
+        "vol",
+        &[
+            (2 * MIB, 8192, Some(3)),
+            (9 * MIB, 4096, None),
+            (12 * MIB, MIB, Some(4)),
+        ],
+        &mut two,
+    )
+    .await;
+    env.ok(&["snapshot", "create", "vol@two"]);
+
+    let base = env.p("one.img");
+    env.ok(&["export", "vol@one", &base]);
+    same(&std::fs::read(&base).expect("read"), &one, "export from S3");
+    env.ok(&["import", &base, "copy"]);
+    let delta = env.p("one-two.delta");
+    env.ok(&["export", "vol@two", &delta, "--from", "vol@one"]);
+    env.ok(&["import", &delta, "copy"]);
+    same(
+        &env.volume_content("copy"),
+        &two,
+        "copy on S3 after the delta",
     );
 }

@@ -203,17 +203,101 @@ async fn diff_is_exact_and_deltas_reproduce_the_newer_snapshot() {
             .await
             .expect("export delta");
         assert!(totals.data_bytes <= diff.bytes(DiffKind::Data));
-        let (header, applied) = import_delta(&env.cfg, &delta, "copy", &NoProgress)
+        // An apply that stopped half-way is finished by applying again.
+        let half = apply_first_records(&env, &delta, "copy", totals.records / 2).await;
+        let (check, applied) = import_delta(&env.cfg, &delta, "copy", &NoProgress)
             .await
             .expect("apply delta");
+        let header = &check.header;
         assert_eq!(
             (header.base.as_str(), header.target.as_str()),
             ("vol@a", "vol@b")
         );
         assert_eq!(applied, totals);
+        assert!(check.applied <= half && (half == 0 || check.applied > 0));
         assert_eq!(env.read_volume("copy").await, img_b, "seed {seed}");
         check_only_diff_was_read(&delta, &diff);
     }
+}
+
+/// Write the first `n` records of `delta` to volume `name` by hand (an
+/// apply cut short); returns `n`.
+async fn apply_first_records(env: &Env, delta: &Path, name: &str, n: u64) -> u64 {
+    use shale::transfer::delta::{DeltaReader, RecordKind};
+    let file = std::fs::File::open(delta).expect("open delta");
+    let mut r = DeltaReader::new(std::io::BufReader::new(file)).expect("header");
+    let attached = attach(&env.cfg, name).await.expect("attach");
+    let mut buf = Vec::new();
+    for _ in 0..n {
+        let rec = r.next_record(&mut buf).expect("record").expect("a record");
+        match rec.kind {
+            RecordKind::Data => attached.volume.write(rec.offset, &buf, false).await,
+            RecordKind::Zero => {
+                attached
+                    .volume
+                    .write_zeroes(rec.offset, rec.len, false)
+                    .await
+            }
+        }
+        .expect("write");
+    }
+    attached.close().await.expect("close");
+    n
+}
+
+/// Stops a copy after `left` progress steps.
+struct StopAfter(std::sync::atomic::AtomicU64);
+
+impl shale::transfer::Progress for StopAfter {
+    fn start(&self, _what: &str, _total: u64) {}
+    fn advance(&self, _bytes: u64) {
+        let _ = self.0.fetch_update(
+            std::sync::atomic::Ordering::SeqCst,
+            std::sync::atomic::Ordering::SeqCst,
+            |n| n.checked_sub(1),
+        );
+    }
+    fn finish(&self) {}
+    fn cancelled(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::SeqCst) == 0
+    }
+}
+
+/// An interrupted raw import deletes the volume it created; an
+/// interrupted export reports it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupted_copies_clean_up() {
+    let env = Env::new().await;
+    let raw = env.path("data.img");
+    std::fs::write(&raw, vec![7u8; 3 << 20]).expect("image");
+    let stop = StopAfter(std::sync::atomic::AtomicU64::new(2));
+    let err = import_raw(&env.cfg, &raw, "cut", None, 1, &stop)
+        .await
+        .expect_err("interrupted import");
+    assert!(
+        matches!(err, shale::transfer::TransferError::Interrupted),
+        "{err}"
+    );
+    let catalog =
+        shale::catalog::Catalog::new(shale::store::open(&env.cfg.store).await.expect("store"));
+    assert!(catalog.list().await.expect("list").is_empty());
+
+    import_raw(&env.cfg, &raw, "whole", None, 2, &NoProgress)
+        .await
+        .expect("import");
+    env.snaps.create("whole@s", 3).await.expect("snapshot");
+    let view = env.view("whole@s").await;
+    let out = env.path("cut.img");
+    let sink =
+        RawSink::sparse(std::fs::File::create(&out).expect("create"), view.size()).expect("sink");
+    let stop = StopAfter(std::sync::atomic::AtomicU64::new(1));
+    let err = export_full(&view, sink, &stop)
+        .await
+        .expect_err("interrupted");
+    assert!(
+        matches!(err, shale::transfer::TransferError::Interrupted),
+        "{err}"
+    );
 }
 
 /// The delta's records stay inside the diff's ranges (so only those were
@@ -224,7 +308,7 @@ fn check_only_diff_was_read(delta: &Path, diff: &shale::engine::diff::Diff) {
     let mut r = DeltaReader::new(std::io::BufReader::new(file)).expect("header");
     let mut buf = Vec::new();
     while let Some(rec) = r.next_record(&mut buf).expect("record") {
-        let (off, len) = rec.range();
+        let (off, len) = (rec.offset, rec.len);
         assert!(
             diff.ranges
                 .iter()
@@ -306,4 +390,21 @@ async fn diff_and_delta_across_a_clone_lineage() {
         .await
         .expect("apply delta");
     assert_eq!(env.read_volume("restored").await, img_g);
+}
+
+/// An image whose length is not a multiple of the sector or alignment size
+/// gives a volume rounded up to 4 KiB whose tail reads as zeros.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn odd_sized_image_is_padded_with_zeros() {
+    let env = Env::new().await;
+    let raw = env.path("odd.img");
+    std::fs::write(&raw, vec![0xabu8; 5000]).expect("image");
+    let (rec, stats) = import_raw(&env.cfg, &raw, "odd", None, 1, &NoProgress)
+        .await
+        .expect("import");
+    assert_eq!(rec.size, 8192);
+    assert_eq!(stats.written_bytes, 5120, "the data padded to a sector");
+    let mut want = vec![0xabu8; 5000];
+    want.resize(8192, 0);
+    assert_eq!(env.read_volume("odd").await, want);
 }

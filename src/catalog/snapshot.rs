@@ -2,14 +2,20 @@
 //! and the engine's snapshot operations ([`crate::engine::snapshot`]).
 //!
 //! Invariants:
-//! 1. Create, delete and rollback run only on a detached volume: they take
-//!    the volume's lease (refused while another holder's lease is live, i.e.
-//!    while the volume is attached) and hold it until done. Before a create
-//!    or rollback the volume is opened and closed once, so every write of
-//!    its WAL is in the store and checkpointed.
-//! 2. A snapshot some clone names as its parent is never deleted; the
+//! 1. Rollback runs only on a detached volume: it takes the volume's lease
+//!    (refused while another holder's lease is live, i.e. while the volume
+//!    is attached) and holds it until done. Before a rollback (or a create
+//!    on a detached volume) the volume is opened and closed once, so every
+//!    write of its WAL is in the store and checkpointed.
+//! 2. Create and delete on a detached volume work the same way under its
+//!    lease. On an attached volume they ask the holding process over the
+//!    volume's control socket ([`crate::control`]) to act on the open volume
+//!    (a create is then crash-consistent at a flush point); with no socket
+//!    answering (holder on another host, or an older server) they fail,
+//!    naming the holder.
+//! 3. A snapshot some clone names as its parent is never deleted; the
 //!    refusal names the clones.
-//! 3. A clone's manifest is written under a fresh, unused volume id before
+//! 4. A clone's manifest is written under a fresh, unused volume id before
 //!    its record is created, so a crash part-way never leaves a record that
 //!    opens as an empty volume (only unreferenced objects). See `snapshot/clone.rs`.
 
@@ -24,6 +30,7 @@ pub use clone::FlattenReport;
 
 use super::{validate_name, Catalog, CatalogError, VolumeRecord, VolumeState};
 use crate::clock::DynClock;
+use crate::control::{self, ControlError, Request};
 use crate::engine::config::EngineConfig;
 use crate::engine::snapshot::{self as snap, SnapshotError, SnapshotObject};
 use crate::engine::view::SnapshotView;
@@ -41,9 +48,25 @@ pub enum SnapError {
     InvalidSpec { spec: String, reason: String },
     #[error(
         "volume {name:?} is attached (lease held by {holder:?}); detach it first: \
-         snapshots, snapshot deletes and rollbacks run on detached volumes"
+         rollbacks run on detached volumes"
     )]
     Attached { name: String, holder: String },
+    #[error(
+        "volume {name:?} is attached by {holder:?}, and no server on this host answers \
+         on its control socket ({source}); run the command on the host where {holder:?} runs \
+         (a server on this host without a control socket must be restarted first)"
+    )]
+    NoControl {
+        name: String,
+        holder: String,
+        source: ControlError,
+    },
+    #[error("volume {name:?} (attached by {holder:?}): {reason}")]
+    Remote {
+        name: String,
+        holder: String,
+        reason: String,
+    },
     #[error("snapshot {spec} has clones ({}); delete or flatten them first", clones.join(", "))]
     HasClones { spec: String, clones: Vec<String> },
     #[error("volume {name:?} is not a clone (it has no parent to flatten)")]
@@ -235,11 +258,74 @@ impl Snapshots {
             }
             .into());
         }
-        self.leased(rec, |epoch| async move {
-            self.settle(rec, epoch).await?;
-            Ok(snap::take_snapshot(self.store(), rec.id, &name, now_ms).await?)
-        })
-        .await
+        let name = name.as_str();
+        let detached = self
+            .leased(rec, |epoch| async move {
+                self.settle(rec, epoch).await?;
+                Ok(snap::take_snapshot(self.store(), rec.id, name, now_ms).await?)
+            })
+            .await;
+        match detached {
+            Err(SnapError::Attached { holder, .. }) => {
+                self.create_attached(rec, name, holder, now_ms).await
+            }
+            other => other,
+        }
+    }
+
+    /// Ask the process holding `rec` to snapshot the open volume.
+    async fn create_attached(
+        &self,
+        rec: &VolumeRecord,
+        name: &str,
+        holder: String,
+        now_ms: u64,
+    ) -> Result<SnapshotObject, SnapError> {
+        let req = Request::SnapshotCreate {
+            volume: rec.id,
+            name: name.to_string(),
+            created_ms: now_ms,
+        };
+        self.ask_holder(rec, holder, &req).await?;
+        Ok(snap::find_snapshot(self.store(), rec.id, name).await?)
+    }
+
+    /// Send `req` to the process holding `rec` (`holder`); its refusal is
+    /// an error.
+    async fn ask_holder(
+        &self,
+        rec: &VolumeRecord,
+        holder: String,
+        req: &Request,
+    ) -> Result<control::Reply, SnapError> {
+        let path = control::socket_path(&self.volume_dir(rec.id));
+        let reply = match control::request(&path, req).await {
+            Ok(r) => r,
+            Err(source @ ControlError::Io { .. }) => {
+                return Err(SnapError::NoControl {
+                    name: rec.name.clone(),
+                    holder,
+                    source,
+                })
+            }
+            Err(e) => {
+                return Err(SnapError::Remote {
+                    name: rec.name.clone(),
+                    holder,
+                    reason: e.to_string(),
+                })
+            }
+        };
+        if !reply.ok {
+            return Err(SnapError::Remote {
+                name: rec.name.clone(),
+                holder,
+                reason: reply
+                    .error
+                    .unwrap_or_else(|| "refused (no reason given)".into()),
+            });
+        }
+        Ok(reply)
     }
 
     /// Every snapshot, of one volume or of all, with the clones of each.
@@ -284,7 +370,8 @@ impl Snapshots {
     }
 
     /// `shale snapshot delete VOL@SNAP`: refused while clones name it.
-    /// Returns the number of chunks freed.
+    /// Returns the number of chunks freed. On an attached volume, done by
+    /// its server (invariant 2).
     pub async fn delete(&self, spec: &str) -> Result<u64, SnapError> {
         let (vol, name) = parse_spec(spec)?;
         let rec = &self.ready(&vol).await?;
@@ -297,8 +384,51 @@ impl Snapshots {
                 clones,
             });
         }
-        self.leased(rec, |_| self.delete_unless_cloned(rec, &s, &canonical))
-            .await
+        let detached = self
+            .leased(rec, |_| self.delete_unless_cloned(rec, &s, &canonical))
+            .await;
+        match detached {
+            Err(SnapError::Attached { holder, .. }) => {
+                self.delete_attached(rec, &s, &canonical, holder).await
+            }
+            other => other,
+        }
+    }
+
+    /// [`Snapshots::delete`] by the server holding `rec`: delete the
+    /// object, check for clones made meanwhile (putting the object back if
+    /// there are), then let the server free chunks, like
+    /// `delete_unless_cloned` does for a detached volume.
+    async fn delete_attached(
+        &self,
+        rec: &VolumeRecord,
+        s: &SnapshotObject,
+        spec: &str,
+        holder: String,
+    ) -> Result<u64, SnapError> {
+        let delete = Request::SnapshotDelete {
+            volume: rec.id,
+            name: s.name.clone(),
+        };
+        self.ask_holder(rec, holder.clone(), &delete).await?;
+        let key = snap::snapshot_key(rec.id, s.id);
+        let clones = match self.clones_of(spec).await {
+            Ok(c) => c,
+            Err(e) => {
+                self.restore_snapshot(&key, s).await?;
+                return Err(e);
+            }
+        };
+        if !clones.is_empty() {
+            self.restore_snapshot(&key, s).await?;
+            return Err(SnapError::HasClones {
+                spec: spec.to_string(),
+                clones,
+            });
+        }
+        let collect = Request::CollectGarbage { volume: rec.id };
+        let reply = self.ask_holder(rec, holder, &collect).await?;
+        Ok(reply.freed_chunks.unwrap_or(0))
     }
 
     /// `shale snapshot rollback VOL@SNAP` (detached volumes only).

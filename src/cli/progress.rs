@@ -1,8 +1,10 @@
 //! Progress of long copies on a terminal: one line on stderr, redrawn in
 //! place (bytes done of total, percent, rate). Silent when stderr is not a
-//! terminal, so scripts and logs see only the final summary.
+//! terminal, so scripts and logs see only the final summary. Also carries
+//! Ctrl-C: the first asks the copy to stop cleanly, a second quits at once.
 use std::io::{IsTerminal, Write};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use shale::error::Bytes;
@@ -23,6 +25,7 @@ struct State {
 pub struct TermProgress {
     enabled: bool,
     state: Mutex<Option<State>>,
+    cancel: Arc<AtomicBool>,
 }
 
 impl TermProgress {
@@ -31,7 +34,25 @@ impl TermProgress {
         TermProgress {
             enabled: std::io::stderr().is_terminal(),
             state: Mutex::new(None),
+            cancel: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// From now on (inside a tokio runtime), the first Ctrl-C makes
+    /// [`Progress::cancelled`] true, so the copy stops and cleans up; a
+    /// second one exits at once with status 130.
+    pub fn stop_on_ctrl_c(&self) {
+        let cancel = self.cancel.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_err() {
+                return;
+            }
+            cancel.store(true, Ordering::SeqCst);
+            eprintln!("\nstopping (Ctrl-C again quits at once)");
+            if tokio::signal::ctrl_c().await.is_ok() {
+                std::process::exit(130);
+            }
+        });
     }
 
     fn draw(st: &State, now: Instant) {
@@ -96,6 +117,10 @@ impl Progress for TermProgress {
             st.last_draw = Some(now);
             Self::draw(st, now);
         }
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
     }
 
     fn finish(&self) {

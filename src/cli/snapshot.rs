@@ -15,7 +15,8 @@ use shale::transfer::Progress;
 
 #[derive(Subcommand, Debug)]
 pub enum SnapshotCmd {
-    /// Take a snapshot of a detached volume: VOLUME@SNAPSHOT.
+    /// Take a snapshot: VOLUME@SNAPSHOT. Of an attached volume, through its
+    /// server on this host, at a flush point.
     Create {
         /// VOLUME@SNAPSHOT
         spec: String,

@@ -16,6 +16,7 @@ use shale::transfer::delta::DeltaReader;
 use shale::transfer::export::{export_delta, export_full, OutputFile};
 use shale::transfer::sparse::RawSink;
 use shale::transfer::volumes::{import_delta, import_raw, is_delta};
+use shale::transfer::TransferError;
 
 use super::progress::TermProgress;
 
@@ -155,6 +156,7 @@ pub fn export(config: Option<&Path>, a: ExportArgs) -> anyhow::Result<()> {
             None => None,
         };
         let progress = TermProgress::stderr();
+        progress.stop_on_ctrl_c();
         let output = if to_stdout {
             None
         } else {
@@ -219,6 +221,7 @@ pub fn import(config: Option<&Path>, a: ImportArgs) -> anyhow::Result<()> {
     }
     runtime()?.block_on(async {
         let progress = TermProgress::stderr();
+        progress.stop_on_ctrl_c();
         if delta {
             let file = std::fs::File::open(&a.file)
                 .with_context(|| format!("cannot open {}", a.file.display()))?;
@@ -230,11 +233,23 @@ pub fn import(config: Option<&Path>, a: ImportArgs) -> anyhow::Result<()> {
                 "applying the changes from {} to {} to volume {} (it must hold {})",
                 header.base, header.target, a.volume, header.base
             );
-            let (h, t) = import_delta(&cfg, &a.file, &a.volume, &progress).await?;
+            let (check, t) = match import_delta(&cfg, &a.file, &a.volume, &progress).await {
+                Err(TransferError::Interrupted) => anyhow::bail!(
+                    "interrupted; the volume may hold part of the changes: run the same \
+                     import again to finish (a delta applies again where it stopped)"
+                ),
+                other => other?,
+            };
+            if check.applied > 0 {
+                println!(
+                    "{} of {} ranges already held {}'s bytes (an earlier apply got that far)",
+                    check.applied, check.totals.records, check.header.target
+                );
+            }
             println!(
                 "applied the changes from {} to {} to volume {}: {} of data, {} of zeros",
-                h.base,
-                h.target,
+                check.header.base,
+                check.header.target,
                 a.volume,
                 Bytes(t.data_bytes),
                 Bytes(t.zero_bytes)

@@ -96,15 +96,16 @@ pub(crate) async fn final_checkpoint(inner: &Inner, root: &mut Root) -> Result<(
         st.last_chunk > st.checkpoint_chunk
     };
     if due {
-        checkpoint(inner, root).await
+        checkpoint(inner, root).await.map(drop)
     } else {
         Ok(())
     }
 }
 
 /// Write a checkpoint of the store-side map, commit it, then delete the
-/// previous checkpoint and chunks nothing references any more.
-pub(crate) async fn checkpoint(inner: &Inner, root: &mut Root) -> Result<(), EngineError> {
+/// previous checkpoint and chunks nothing references any more. Returns the
+/// checkpoint committed.
+pub(crate) async fn checkpoint(inner: &Inner, root: &mut Root) -> Result<Checkpoint, EngineError> {
     // Sparse chunks drained here lose their last live sector, so this very
     // checkpoint stops naming them and deletes them after it commits.
     match super::compact::compact(inner).await {
@@ -185,5 +186,5 @@ pub(crate) async fn checkpoint(inner: &Inner, root: &mut Root) -> Result<(), Eng
             Err(e) => log::warn!("deleting dead chunk {seq}: {e}"),
         }
     }
-    Ok(())
+    Ok(cp)
 }

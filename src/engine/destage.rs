@@ -28,6 +28,7 @@ use super::checkpoint::{ChunkInfo, Manifest};
 use super::chunk::{chunk_key, decode_header, encode, ChunkExtent, ChunkHeader};
 use super::commit::{checkpoint, commit_progress, final_checkpoint, Root};
 use super::error::EngineError;
+use super::live_snapshot;
 use super::map::{ExtentMap, Loc};
 use super::state::{PendingRec, State};
 use super::volume::Inner;
@@ -66,6 +67,8 @@ fn put_future(inner: Arc<Inner>, built: Built, delay: Duration) -> PutFuture {
 /// The task body; runs until close, fencing or abort.
 pub(crate) async fn run(inner: Arc<Inner>, manifest: Manifest, version: Version) {
     let mut root = Root { manifest, version };
+    // However the task ends, a snapshot request left behind is answered.
+    let _requests = live_snapshot::StopGuard::new(inner.clone());
     let tick = Duration::from_millis(inner.cfg.destage_interval_ms.clamp(5, 100));
     let mut backoff = Duration::from_millis(10);
     let mut inflight: FuturesOrdered<PutFuture> = FuturesOrdered::new();
@@ -106,6 +109,14 @@ pub(crate) async fn run(inner: Arc<Inner>, manifest: Manifest, version: Version)
                 }
                 continue;
             }
+            if live_snapshot::due(&inner) {
+                if let Err(e) = live_snapshot::serve(&inner, &mut root).await {
+                    if fail(&inner, e, &mut backoff, true).await {
+                        return;
+                    }
+                }
+                continue;
+            }
             if closing && idle {
                 let res = final_checkpoint(&inner, &mut root).await;
                 finish(&inner, res);
@@ -132,11 +143,15 @@ pub(crate) async fn run(inner: Arc<Inner>, manifest: Manifest, version: Version)
                             )
                         };
                         let res = if due {
-                            checkpoint(&inner, &mut root).await
+                            checkpoint(&inner, &mut root).await.map(drop)
                         } else if want_commit {
                             commit_progress(&inner, &mut root).await
                         } else {
                             Ok(())
+                        };
+                        let res = match res {
+                            Ok(()) => live_snapshot::serve(&inner, &mut root).await,
+                            Err(e) => Err(e),
                         };
                         if let Err(e) = res {
                             if fail(&inner, e, &mut backoff, true).await {
@@ -163,6 +178,7 @@ pub(crate) async fn run(inner: Arc<Inner>, manifest: Manifest, version: Version)
 /// close gave up); otherwise doubles the backoff, after waiting it out if
 /// `wait` (a failed put instead waits inside its retry).
 async fn fail(inner: &Inner, e: EngineError, backoff: &mut Duration, wait: bool) -> bool {
+    live_snapshot::refuse(inner, &e);
     if let EngineError::Fenced(why) = e {
         log::error!("volume {:x} fenced: {why}", inner.id);
         {
@@ -235,6 +251,7 @@ fn next_batch(inner: &Inner, st: &mut State) -> Option<Batch> {
         || age >= Duration::from_millis(inner.cfg.destage_interval_ms)
         || !st.waiters.is_empty()
         || st.store_target > st.taken_seq
+        || live_snapshot::wants_more(st)
         || st.closing;
     if !due {
         return None;

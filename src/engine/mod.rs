@@ -37,6 +37,7 @@ pub mod config;
 mod destage;
 pub mod diff;
 pub mod error;
+mod live_snapshot;
 pub mod map;
 pub mod memdisk;
 mod read;

@@ -9,13 +9,16 @@
 //!
 //! Invariants:
 //! 1. A snapshot object is written once ([`PutMode::Create`]) and never
-//!    changed; it is deleted only by [`delete_snapshot`].
+//!    changed; it is deleted only by [`delete_snapshot`] (or, on an open
+//!    volume, by `Volume::delete_snapshot`).
 //! 2. A chunk named by any snapshot of its volume is never deleted: the
 //!    engine's destage and recovery consult [`RetainSet`] (listed after the
 //!    checkpoint that dropped the chunk was committed) before deleting.
 //!    If any snapshot object cannot be read, nothing is deleted.
 //! 3. Operations here run on a *detached* volume: the caller holds its lease
 //!    and passes the lease's epoch, and nothing else writes the volume.
+//!    The exception is [`store_snapshot`], which an open volume also calls
+//!    from its destage task (see `engine/live_snapshot.rs`).
 //! 4. A snapshot of a clone records the clone's parent ([`ParentRef`]), so
 //!    its view reads through to the same parent as the clone did.
 

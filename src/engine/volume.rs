@@ -11,6 +11,8 @@
 //! 4. Once fenced, no write or flush is acknowledged again.
 //! 5. All futures here are runtime-agnostic: they wait only on
 //!    `futures::channel::oneshot`, never on tokio timers or I/O.
+//! 6. While [`Volume::snapshot`] runs, new writes, trims and zeroes wait
+//!    (they do not fail); reads and flushes go on.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -68,6 +70,10 @@ pub struct VolumeStats {
     pub cache_misses: u64,
     /// Entries in the live extent map.
     pub map_extents: u64,
+    /// Snapshots taken while open ([`Volume::snapshot`]).
+    pub snapshots_taken: u64,
+    /// How long the last snapshot held new writes back, in microseconds.
+    pub last_snapshot_pause_us: u64,
 }
 
 #[derive(Debug, Default)]
@@ -82,6 +88,8 @@ pub(crate) struct Counters {
     pub store_reads: AtomicU64,
     pub cache_hits: AtomicU64,
     pub cache_misses: AtomicU64,
+    pub snapshots_taken: AtomicU64,
+    pub last_snapshot_pause_us: AtomicU64,
 }
 
 /// Largest WAL record payload; bigger writes are split.
@@ -324,6 +332,8 @@ impl Volume {
             cache_hits: c.cache_hits.load(Ordering::Relaxed),
             cache_misses: c.cache_misses.load(Ordering::Relaxed),
             map_extents: extents,
+            snapshots_taken: c.snapshots_taken.load(Ordering::Relaxed),
+            last_snapshot_pause_us: c.last_snapshot_pause_us.load(Ordering::Relaxed),
         }
     }
 
@@ -344,7 +354,8 @@ impl Volume {
         }
     }
 
-    /// Wait while the unstored data is at its bound (invariant 3).
+    /// Wait while the unstored data is at its bound (invariant 3) or a
+    /// snapshot holds writes back (invariant 6).
     async fn wait_for_room(&self) -> Result<(), BlockError> {
         let cfg = &self.inner.cfg;
         loop {
@@ -355,7 +366,7 @@ impl Volume {
                 let too_old = st.pending.front().is_some_and(|p| {
                     now.saturating_sub(p.at).as_secs() >= cfg.max_unstored_seconds
                 });
-                if st.pending_bytes < cfg.max_unstored_bytes && !too_old {
+                if !st.writes_paused && st.pending_bytes < cfg.max_unstored_bytes && !too_old {
                     return Ok(());
                 }
                 let (tx, rx) = oneshot::channel();

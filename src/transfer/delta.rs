@@ -8,7 +8,8 @@
 //!          | header_crc u32                     (crc32c of the header before it)
 //! record*  kind u8 (1 data, 2 zero) | 0u8 x3 | offset u64 | len u64
 //!          | data_crc u32 (crc32c of the data; 0 for zero records)
-//!          | record_crc u32                     (crc32c of the 24 bytes before it)
+//!          | base_crc u32 (crc32c of the base snapshot's bytes in the range)
+//!          | record_crc u32                     (crc32c of the 28 bytes before it)
 //!          | data (len bytes, data records only)
 //! trailer  "SHALEDLE" | records u64 | data_bytes u64
 //!          | body_crc u32                       (crc32c of every record byte)
@@ -20,8 +21,7 @@
 //! 1. Every CRC matches; the file ends right after the trailer (a truncated
 //!    or extended file is refused).
 //! 2. Records are sector aligned, non-empty, sorted and non-overlapping,
-//!    inside `[0, target_size)`; a data record holds at most
-//!    [`MAX_DATA_RECORD`] bytes.
+//!    inside `[0, target_size)`, and cover at most [`MAX_RECORD`] bytes.
 //! 3. The trailer's record count and data byte count match the records.
 
 use std::io::{Read, Write};
@@ -33,13 +33,14 @@ pub const DELTA_MAGIC: &[u8; 8] = b"SHALEDL1";
 const TRAILER_MAGIC: &[u8; 8] = b"SHALEDLE";
 /// Format version written and accepted.
 pub const DELTA_VERSION: u32 = 1;
-/// Largest data record (longer changed ranges are split).
-pub const MAX_DATA_RECORD: u64 = 1 << 20;
+/// Longest range of one record (longer changed ranges are split), so a
+/// record's data and its base checksum cover a bounded range.
+pub const MAX_RECORD: u64 = 1 << 20;
 /// Longest snapshot name stored in the header.
 const MAX_NAME: usize = 1024;
 const KIND_DATA: u8 = 1;
 const KIND_ZERO: u8 = 2;
-const RECORD_HEADER: usize = 28;
+const RECORD_HEADER: usize = 32;
 
 /// What a delta changes, and between which snapshots.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,27 +53,24 @@ pub struct DeltaHeader {
     pub target_size: u64,
 }
 
-/// One record: `len` bytes at `offset` become data or zeros.
+/// What a record puts in its range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeltaRecord {
-    /// The data follows in the buffer given to [`DeltaReader::next_record`].
-    Data {
-        offset: u64,
-        len: u64,
-    },
-    Zero {
-        offset: u64,
-        len: u64,
-    },
+pub enum RecordKind {
+    /// The data (in the buffer given to [`DeltaReader::next_record`]).
+    Data,
+    Zero,
 }
 
-impl DeltaRecord {
-    /// Byte range `(offset, len)` the record covers.
-    pub fn range(&self) -> (u64, u64) {
-        match *self {
-            DeltaRecord::Data { offset, len } | DeltaRecord::Zero { offset, len } => (offset, len),
-        }
-    }
+/// One record: `len` bytes at `offset` become data (CRC32C `data_crc`) or
+/// zeros; before, in the base snapshot, they had CRC32C `base_crc`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeltaRecord {
+    pub kind: RecordKind,
+    pub offset: u64,
+    pub len: u64,
+    /// 0 for zero records.
+    pub data_crc: u32,
+    pub base_crc: u32,
 }
 
 /// Totals of a whole delta file.
@@ -163,16 +161,23 @@ impl<W: Write> DeltaWriter<W> {
         let inside = offset
             .checked_add(len)
             .is_some_and(|e| e <= self.target_size);
-        if len == 0 || !aligned || !inside || offset < self.end {
+        if len == 0 || len > MAX_RECORD || !aligned || !inside || offset < self.end {
             return Err(DeltaError::InvalidRecord(format!(
-                "range {offset}+{len} is empty, unaligned, out of order or past {}",
+                "range {offset}+{len} is empty, too long, unaligned, out of order or past {}",
                 self.target_size
             )));
         }
         Ok(())
     }
 
-    fn record(&mut self, kind: u8, offset: u64, len: u64, data: &[u8]) -> Result<(), DeltaError> {
+    fn record(
+        &mut self,
+        kind: u8,
+        offset: u64,
+        len: u64,
+        base_crc: u32,
+        data: &[u8],
+    ) -> Result<(), DeltaError> {
         let mut h = [0u8; RECORD_HEADER];
         h[0] = kind;
         h[4..12].copy_from_slice(&offset.to_le_bytes());
@@ -183,8 +188,9 @@ impl<W: Write> DeltaWriter<W> {
             0
         };
         h[20..24].copy_from_slice(&data_crc.to_le_bytes());
-        let rec_crc = crc32c::crc32c(&h[..24]);
-        h[24..28].copy_from_slice(&rec_crc.to_le_bytes());
+        h[24..28].copy_from_slice(&base_crc.to_le_bytes());
+        let rec_crc = crc32c::crc32c(&h[..28]);
+        h[28..32].copy_from_slice(&rec_crc.to_le_bytes());
         self.out.write_all(&h).map_err(DeltaError::Write)?;
         self.out.write_all(data).map_err(DeltaError::Write)?;
         self.body_crc = crc32c::crc32c_append(self.body_crc, &h);
@@ -194,24 +200,21 @@ impl<W: Write> DeltaWriter<W> {
         Ok(())
     }
 
-    /// `data` at `offset` (at most [`MAX_DATA_RECORD`] bytes).
-    pub fn data(&mut self, offset: u64, data: &[u8]) -> Result<(), DeltaError> {
+    /// `data` at `offset` (at most [`MAX_RECORD`] bytes), where the base
+    /// held bytes with CRC32C `base_crc`.
+    pub fn data(&mut self, offset: u64, data: &[u8], base_crc: u32) -> Result<(), DeltaError> {
         let len = data.len() as u64;
         self.check(offset, len)?;
-        if len > MAX_DATA_RECORD {
-            return Err(DeltaError::InvalidRecord(format!(
-                "data record of {len} bytes is longer than {MAX_DATA_RECORD}"
-            )));
-        }
-        self.record(KIND_DATA, offset, len, data)?;
+        self.record(KIND_DATA, offset, len, base_crc, data)?;
         self.totals.data_bytes += len;
         Ok(())
     }
 
-    /// `len` bytes of zeros at `offset`.
-    pub fn zero(&mut self, offset: u64, len: u64) -> Result<(), DeltaError> {
+    /// `len` bytes of zeros at `offset` (at most [`MAX_RECORD`]), where the
+    /// base held bytes with CRC32C `base_crc`.
+    pub fn zero(&mut self, offset: u64, len: u64, base_crc: u32) -> Result<(), DeltaError> {
         self.check(offset, len)?;
-        self.record(KIND_ZERO, offset, len, &[])?;
+        self.record(KIND_ZERO, offset, len, base_crc, &[])?;
         self.totals.zero_bytes += len;
         Ok(())
     }
@@ -311,7 +314,7 @@ impl<R: Read> DeltaReader<R> {
             return Ok(None);
         }
         read_exact(&mut self.input, &mut h[8..], &mut self.pos, "a record")?;
-        if crc32c::crc32c(&h[..24]) != u32_at(&h, 24) {
+        if crc32c::crc32c(&h[..28]) != u32_at(&h, 28) {
             return Err(self.corrupt(at, "record header checksum mismatch".into()));
         }
         let (kind, offset, len) = (h[0], u64_at(&h, 4), u64_at(&h, 12));
@@ -319,22 +322,19 @@ impl<R: Read> DeltaReader<R> {
         let inside = offset
             .checked_add(len)
             .is_some_and(|e| e <= self.header.target_size);
-        if len == 0 || !aligned || !inside || offset < self.end {
+        if len == 0 || len > MAX_RECORD || !aligned || !inside || offset < self.end {
             return Err(self.corrupt(
                 at,
                 format!(
-                    "record {offset}+{len} is empty, unaligned, out of order or past the \
-                     target size {}",
+                    "record {offset}+{len} is empty, too long, unaligned, out of order or \
+                     past the target size {}",
                     self.header.target_size
                 ),
             ));
         }
         self.body_crc = crc32c::crc32c_append(self.body_crc, &h);
-        let rec = match kind {
+        let kind = match kind {
             KIND_DATA => {
-                if len > MAX_DATA_RECORD {
-                    return Err(self.corrupt(at, format!("data record of {len} bytes")));
-                }
                 buf.resize(len as usize, 0);
                 read_exact(&mut self.input, buf, &mut self.pos, "record data")?;
                 if crc32c::crc32c(buf) != u32_at(&h, 20) {
@@ -342,17 +342,23 @@ impl<R: Read> DeltaReader<R> {
                 }
                 self.body_crc = crc32c::crc32c_append(self.body_crc, buf);
                 self.totals.data_bytes += len;
-                DeltaRecord::Data { offset, len }
+                RecordKind::Data
             }
             KIND_ZERO => {
                 self.totals.zero_bytes += len;
-                DeltaRecord::Zero { offset, len }
+                RecordKind::Zero
             }
             other => return Err(self.corrupt(at, format!("unknown record kind {other}"))),
         };
         self.end = offset + len;
         self.totals.records += 1;
-        Ok(Some(rec))
+        Ok(Some(DeltaRecord {
+            kind,
+            offset,
+            len,
+            data_crc: u32_at(&h, 20),
+            base_crc: u32_at(&h, 24),
+        }))
     }
 
     fn read_trailer(&mut self, at: u64) -> Result<(), DeltaError> {
@@ -454,10 +460,10 @@ mod tests {
 
     fn sample() -> Vec<u8> {
         let mut w = DeltaWriter::new(Vec::new(), &header()).unwrap();
-        w.zero(0, 4096).unwrap();
-        w.data(8192, &[7u8; 1024]).unwrap();
-        w.data(9216, &[9u8; 512]).unwrap();
-        w.zero(65536, 1 << 19).unwrap();
+        w.zero(0, 4096, 11).unwrap();
+        w.data(8192, &[7u8; 1024], 12).unwrap();
+        w.data(9216, &[9u8; 512], 13).unwrap();
+        w.zero(65536, 1 << 19, 14).unwrap();
         let (totals, out) = w.finish().unwrap();
         assert_eq!(
             totals,
@@ -478,30 +484,20 @@ mod tests {
         let mut buf = Vec::new();
         let mut recs = Vec::new();
         while let Some(rec) = r.next_record(&mut buf).unwrap() {
-            if let DeltaRecord::Data { .. } = rec {
+            if rec.kind == RecordKind::Data {
+                assert_eq!(buf.len() as u64, rec.len);
                 assert!(buf.iter().all(|&b| b == buf[0]));
             }
-            recs.push(rec);
+            recs.push((rec.kind, rec.offset, rec.len, rec.base_crc));
         }
+        use RecordKind::{Data, Zero};
         assert_eq!(
             recs,
             vec![
-                DeltaRecord::Zero {
-                    offset: 0,
-                    len: 4096
-                },
-                DeltaRecord::Data {
-                    offset: 8192,
-                    len: 1024
-                },
-                DeltaRecord::Data {
-                    offset: 9216,
-                    len: 512
-                },
-                DeltaRecord::Zero {
-                    offset: 65536,
-                    len: 1 << 19
-                },
+                (Zero, 0, 4096, 11),
+                (Data, 8192, 1024, 12),
+                (Data, 9216, 512, 13),
+                (Zero, 65536, 1 << 19, 14)
             ]
         );
         assert_eq!(validate(&file[..]).unwrap().1.records, 4);
@@ -531,11 +527,40 @@ mod tests {
     #[test]
     fn writer_refuses_bad_records() {
         let mut w = DeltaWriter::new(Vec::new(), &header()).unwrap();
-        w.data(4096, &[1u8; 512]).unwrap();
-        assert!(w.zero(0, 512).is_err(), "out of order");
-        assert!(w.zero(8192, 100).is_err(), "unaligned");
-        assert!(w.zero(8192, 0).is_err(), "empty");
-        assert!(w.zero(1 << 20, 512).is_err(), "past the end");
-        assert!(w.data(8192, &vec![1u8; 2 << 20]).is_err(), "too long");
+        w.data(4096, &[1u8; 512], 0).unwrap();
+        assert!(w.zero(0, 512, 0).is_err(), "out of order");
+        assert!(w.zero(8192, 100, 0).is_err(), "unaligned");
+        assert!(w.zero(8192, 0, 0).is_err(), "empty");
+        assert!(w.zero(1 << 20, 512, 0).is_err(), "past the end");
+        assert!(w.data(8192, &vec![1u8; 2 << 20], 0).is_err(), "too long");
+        assert!(w.zero(8192, 2 << 20, 0).is_err(), "too long");
+    }
+
+    /// Random damage (several bytes changed, cut, garbage after a valid
+    /// magic) never panics and is never accepted as the original.
+    #[test]
+    fn random_damage_is_refused_without_panics() {
+        let file = sample();
+        let mut x: u64 = 0x243f_6a88_85a3_08d3;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..3000 {
+            let mut bad = file.clone();
+            for _ in 0..1 + next() % 4 {
+                let i = (next() % bad.len() as u64) as usize;
+                bad[i] = bad[i].wrapping_add(1 + (next() % 255) as u8);
+            }
+            if next() % 3 == 0 {
+                bad.truncate((next() % bad.len() as u64) as usize);
+            }
+            assert!(validate(&bad[..]).is_err());
+            let mut garbage = DELTA_MAGIC.to_vec();
+            garbage.extend((0..next() % 200).map(|_| next() as u8));
+            assert!(validate(&garbage[..]).is_err());
+        }
     }
 }

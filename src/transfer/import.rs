@@ -5,8 +5,11 @@
 //! 1. A raw import reads only the file's data segments (holes are skipped
 //!    without reading) and writes only non-zero blocks: the device must
 //!    read as zeros before (a new volume).
-//! 2. A delta is applied only after [`super::delta::validate`] read the whole
-//!    file; applying re-checks every CRC while it writes.
+//! 2. A delta is applied only after [`check_delta`] read the whole file,
+//!    checked every CRC and found the device holding, in every range the
+//!    delta changes, the base's bytes or already the target's; applying
+//!    re-checks every CRC while it writes. Applying is idempotent, so an
+//!    interrupted apply is finished by running it again.
 //! 3. Both end with a flush: when they return `Ok`, everything is durable.
 
 use std::fs::File;
@@ -14,7 +17,7 @@ use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use super::delta::{DeltaReader, DeltaRecord, DeltaTotals};
+use super::delta::{DeltaHeader, DeltaReader, DeltaTotals, RecordKind};
 use super::sparse::{data_segments, nonzero_runs, HOLE_GRANULE};
 use super::{Progress, TransferError, COPY_BLOCK};
 use crate::engine::{BlockDevice, SECTOR};
@@ -77,8 +80,15 @@ pub async fn write_raw(
             let mut off = s.max(done);
             progress.advance(off.min(len) - done.min(len));
             while off < e {
+                if progress.cancelled() {
+                    return Err(TransferError::Interrupted);
+                }
                 let n = (e - off).min(COPY_BLOCK) as usize;
-                read_full_at(file, &mut buf[..n], off).map_err(file_err)?;
+                // Never past `len` (the file may grow meanwhile): the
+                // padding of a final partial sector stays zeros.
+                let want = (len.saturating_sub(off) as usize).min(n);
+                read_full_at(file, &mut buf[..want], off).map_err(file_err)?;
+                buf[want..n].fill(0);
                 stats.read_bytes += n as u64;
                 for (a, b) in nonzero_runs(&buf[..n], off, HOLE_GRANULE) {
                     dev.write(off + a as u64, &buf[a..b], false).await?;
@@ -123,11 +133,14 @@ pub async fn apply_delta<R: Read>(
     let result = async {
         let mut buf = Vec::new();
         while let Some(rec) = reader.next_record(&mut buf).map_err(delta_err)? {
-            match rec {
-                DeltaRecord::Data { offset, .. } => dev.write(offset, &buf, false).await?,
-                DeltaRecord::Zero { offset, len } => dev.write_zeroes(offset, len, false).await?,
+            if progress.cancelled() {
+                return Err(TransferError::Interrupted);
             }
-            progress.advance(rec.range().1);
+            match rec.kind {
+                RecordKind::Data => dev.write(rec.offset, &buf, false).await?,
+                RecordKind::Zero => dev.write_zeroes(rec.offset, rec.len, false).await?,
+            }
+            progress.advance(rec.len);
         }
         dev.flush().await?;
         Ok(reader.totals())
@@ -135,4 +148,74 @@ pub async fn apply_delta<R: Read>(
     .await;
     progress.finish();
     result
+}
+
+/// What [`check_delta`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeltaCheck {
+    pub header: DeltaHeader,
+    pub totals: DeltaTotals,
+    /// Records whose range already holds the target's bytes (an earlier
+    /// apply of this delta got that far); the others hold the base's.
+    pub applied: u64,
+}
+
+/// Read the whole delta, checking its CRCs, and check that in every range
+/// the delta changes `dev` holds the base snapshot's bytes (the record's
+/// base CRC) or already the target's (the record's data CRC, or zeros), so
+/// an apply that was interrupted can be run again to finish. Writes
+/// nothing.
+pub async fn check_delta<R: Read>(
+    dev: &dyn BlockDevice,
+    mut reader: DeltaReader<R>,
+    path: &Path,
+    progress: &dyn Progress,
+) -> Result<DeltaCheck, TransferError> {
+    let delta_err = |source| TransferError::Delta {
+        path: path.to_path_buf(),
+        source,
+    };
+    let header = reader.header().clone();
+    if dev.size() != header.target_size {
+        return Err(TransferError::Invalid(format!(
+            "the volume is {} bytes; this delta applies to a volume of {} bytes holding {} \
+             (it leads to {})",
+            dev.size(),
+            header.target_size,
+            header.base,
+            header.target
+        )));
+    }
+    let mut data = Vec::new();
+    let mut held = Vec::new();
+    let mut applied = 0;
+    while let Some(rec) = reader.next_record(&mut data).map_err(delta_err)? {
+        if progress.cancelled() {
+            return Err(TransferError::Interrupted);
+        }
+        held.resize(rec.len as usize, 0);
+        dev.read(rec.offset, &mut held).await?;
+        let crc = crc32c::crc32c(&held);
+        if crc == rec.base_crc {
+            continue;
+        }
+        let done = match rec.kind {
+            RecordKind::Data => crc == rec.data_crc,
+            RecordKind::Zero => held.iter().all(|&b| b == 0),
+        };
+        if !done {
+            return Err(TransferError::NotBase {
+                base: header.base.clone(),
+                target: header.target.clone(),
+                offset: rec.offset,
+                len: rec.len,
+            });
+        }
+        applied += 1;
+    }
+    Ok(DeltaCheck {
+        header,
+        totals: reader.totals(),
+        applied,
+    })
 }

@@ -35,6 +35,12 @@ pub trait Progress: Send + Sync {
     fn advance(&self, bytes: u64);
     /// The copy ended (successfully or not).
     fn finish(&self);
+    /// True once the user asked to stop: the copy then ends with
+    /// [`TransferError::Interrupted`] at the next block, cleaning up as
+    /// after any other error.
+    fn cancelled(&self) -> bool {
+        false
+    }
 }
 
 /// A [`Progress`] that shows nothing.
@@ -61,7 +67,7 @@ pub enum TransferError {
     Delta { path: PathBuf, source: DeltaError },
     #[error("cannot write the output")]
     Output(#[source] std::io::Error),
-    #[error("{0}")]
+    #[error(transparent)]
     Block(#[from] BlockError),
     #[error(transparent)]
     Catalog(#[from] CatalogError),
@@ -69,6 +75,18 @@ pub enum TransferError {
     Snapshot(#[from] SnapError),
     #[error(transparent)]
     Daemon(#[from] DaemonError),
+    #[error(
+        "the volume holds neither {base} nor {target} at bytes {offset}+{len}: this delta \
+         does not apply to it; nothing was written"
+    )]
+    NotBase {
+        base: String,
+        target: String,
+        offset: u64,
+        len: u64,
+    },
+    #[error("interrupted")]
+    Interrupted,
     #[error("{0}")]
     Invalid(String),
 }

@@ -5,21 +5,21 @@
 //! 1. A raw import checks the file against the volume size before creating
 //!    anything, and deletes the volume it created if any later step fails
 //!    (if even that fails, the error says so and names the volume).
-//! 2. A delta is read and checked whole before the volume is attached; the
-//!    volume's lease is held while it is written (so it must be detached),
-//!    and its size must be the delta's target size.
+//! 2. A delta's header is checked before the volume is attached; then,
+//!    under the volume's lease (so it must be detached), the whole delta is
+//!    checked against the volume (see [`check_delta`]) before anything is
+//!    written.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
-use super::delta::{validate, DeltaHeader, DeltaReader, DeltaTotals, DELTA_MAGIC};
-use super::import::{apply_delta, write_raw, RawImportStats};
+use super::delta::{DeltaReader, DeltaTotals, DELTA_MAGIC};
+use super::import::{apply_delta, check_delta, write_raw, DeltaCheck, RawImportStats};
 use super::{Progress, TransferError};
 use crate::catalog::{Catalog, VolumeRecord, MAX_VOLUME_SIZE, SIZE_ALIGN};
 use crate::config::Config;
 use crate::daemon::{attach, open_store};
-use crate::engine::BlockDevice;
 use crate::error::Bytes;
 
 fn file_err(path: &Path) -> impl Fn(std::io::Error) -> TransferError + '_ {
@@ -122,49 +122,50 @@ impl<R: Read> Read for Counting<'_, R> {
     }
 }
 
-/// Check the whole delta at `path`, then apply it to the detached volume
-/// `name`, which must hold the delta's base snapshot's content.
+/// Check the whole delta at `path` against the detached volume `name`
+/// (CRCs, size, and the base's or already the target's bytes in every
+/// changed range, see [`check_delta`]), then apply it. Nothing is written
+/// unless every check passed. Returns what the check found and what was
+/// applied.
 pub async fn import_delta(
     cfg: &Config,
     path: &Path,
     name: &str,
     progress: &dyn Progress,
-) -> Result<(DeltaHeader, DeltaTotals), TransferError> {
+) -> Result<(DeltaCheck, DeltaTotals), TransferError> {
     let delta_err = |source| TransferError::Delta {
         path: path.to_path_buf(),
         source,
     };
     let mut file = File::open(path).map_err(file_err(path))?;
     let file_len = file.metadata().map_err(file_err(path))?.len();
-    progress.start("check", file_len);
-    let checked = validate(Counting {
-        inner: std::io::BufReader::new(&file),
-        progress,
-    });
-    progress.finish();
-    let (header, totals) = checked.map_err(delta_err)?;
+    // A header that does not parse is refused before the volume is touched.
+    DeltaReader::new(std::io::BufReader::new(&file)).map_err(delta_err)?;
     let attached = attach(cfg, name).await?;
     let volume = attached.volume.clone();
     let applied = async {
-        if volume.size() != header.target_size {
-            return Err(TransferError::Invalid(format!(
-                "volume {name:?} is {} bytes; this delta applies to a volume of {} bytes \
-                 holding {} (it leads to {})",
-                volume.size(),
-                header.target_size,
-                header.base,
-                header.target
-            )));
-        }
+        file.seek(SeekFrom::Start(0)).map_err(file_err(path))?;
+        progress.start("check", file_len);
+        let counting = Counting {
+            inner: std::io::BufReader::new(&file),
+            progress,
+        };
+        let checked = match DeltaReader::new(counting) {
+            Ok(reader) => check_delta(volume.as_ref(), reader, path, progress).await,
+            Err(e) => Err(delta_err(e)),
+        };
+        progress.finish();
+        let check = checked?;
         file.seek(SeekFrom::Start(0)).map_err(file_err(path))?;
         let reader = DeltaReader::new(std::io::BufReader::new(&file)).map_err(delta_err)?;
-        let total = totals.data_bytes + totals.zero_bytes;
-        apply_delta(volume.as_ref(), reader, path, total, progress).await
+        let total = check.totals.data_bytes + check.totals.zero_bytes;
+        let applied = apply_delta(volume.as_ref(), reader, path, total, progress).await?;
+        Ok::<_, TransferError>((check, applied))
     }
     .await;
     drop(volume);
     let closed = attached.close().await;
     let applied = applied?;
     closed?;
-    Ok((header, applied))
+    Ok(applied)
 }

@@ -25,3 +25,52 @@ pub fn expect_success(args: &[&str], out: Output) -> String {
     );
     String::from_utf8(out.stdout).expect("utf-8 stdout")
 }
+
+/// A temporary directory with a config file in it, and the binary run
+/// against that config. Test files add their own helpers in `impl` blocks.
+pub struct CliEnv {
+    pub dir: tempfile::TempDir,
+    pub config: std::path::PathBuf,
+}
+
+#[allow(dead_code)] // each test binary uses its own subset
+impl CliEnv {
+    /// A fresh directory holding `shale.yaml` with `config_text`.
+    pub fn with_config(config_text: &str) -> CliEnv {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = dir.path().join("shale.yaml");
+        std::fs::write(&config, config_text).expect("write config");
+        CliEnv { dir, config }
+    }
+
+    /// A path inside the directory.
+    pub fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// `shale --config <config> ARGS`.
+    pub fn run(&self, args: &[&str]) -> Output {
+        run_shale(Some(&self.config), args)
+    }
+
+    /// `shale ARGS`, which must succeed; its standard output.
+    pub fn ok(&self, args: &[&str]) -> String {
+        expect_success(args, self.run(args))
+    }
+
+    /// `shale ARGS`, which must fail with status 1 and say `needle`.
+    pub fn fails(&self, args: &[&str], needle: &str) {
+        let out = self.run(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "shale {args:?}: {stderr}");
+        assert!(
+            stderr.contains(needle),
+            "{stderr:?} should contain {needle:?}"
+        );
+    }
+
+    /// The config as the library loads it.
+    pub fn cfg(&self) -> shale::config::Config {
+        shale::config::Config::load(Some(&self.config)).expect("load config")
+    }
+}

@@ -89,6 +89,37 @@ step remount mount -t ext4 "$DEV" /mnt/v || die remount
 step verify-checksums sh -c 'cd /mnt/v && sha256sum -c /data/sums'
 [ "$(ls /mnt/v/docs | tr '\n' ' ')" = "a.txt big.bin sub " ] && pass list-after-remount || fail list-after-remount
 
+# Snapshot of the attached, mounted volume (through the server's control
+# socket): crash-consistent at a flush point. A clone of it, attached as a
+# second device, mounts (ext4 replays its journal) and holds every file
+# synced before the snapshot and nothing written after it.
+step live-snap-write sh -c 'cp /data/small.src /mnt/v/docs/before.bin && sync'
+step live-snapshot-create shale snapshot create $VOL@live1
+step live-snap-write-after sh -c 'cp /data/small.src /mnt/v/docs/after-snap.bin && sync'
+step live-snapshot-create-2 shale snapshot create $VOL@live2
+if shale diff $VOL@live1 $VOL@live2 > /tmp/diff.out 2>&1 && [ -s /tmp/diff.out ]; then
+    pass live-snapshot-diff-nonempty
+else
+    cat /tmp/diff.out; fail live-snapshot-diff-nonempty
+fi
+if shale snapshot rollback $VOL@live1 >/tmp/rb.out 2>&1; then fail rollback-while-attached-refused; else
+    pass rollback-while-attached-refused
+fi
+step live-clone shale clone $VOL@live1 snapclone
+if DEVC=$(shale add snapclone); then
+    pass "live-clone-attached ($DEVC)"
+    mkdir -p /mnt/c
+    step live-clone-mount mount -t ext4 "$DEVC" /mnt/c
+    step live-clone-has-synced-files sh -c 'cd /mnt/c && sha256sum -c /data/sums && cmp docs/before.bin /data/small.src'
+    [ ! -e /mnt/c/docs/after-snap.bin ] && pass live-clone-lacks-later-file || fail live-clone-lacks-later-file
+    step live-clone-umount umount /mnt/c
+    step live-clone-e2fsck e2fsck -fn "$DEVC"
+    step live-clone-del shale del snapclone --timeout 60
+else
+    fail live-clone-attached
+fi
+[ -f /mnt/v/docs/after-snap.bin ] && cmp -s /mnt/v/docs/before.bin /data/small.src && pass volume-unchanged-by-clone || fail volume-unchanged-by-clone
+
 if command -v fio >/dev/null 2>&1; then
     step fio-randrw-verify fio --name=verify --filename=/mnt/v/fio.dat --size=32m --rw=randrw \
         --bs=4k --direct=1 --ioengine=libaio --iodepth=16 --verify=crc32c --verify_fatal=1 \

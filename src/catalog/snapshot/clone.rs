@@ -165,7 +165,11 @@ impl Snapshots {
     }
 
     /// Put back a snapshot object a refused delete removed.
-    async fn restore_snapshot(&self, key: &str, s: &snap::SnapshotObject) -> Result<(), SnapError> {
+    pub(super) async fn restore_snapshot(
+        &self,
+        key: &str,
+        s: &snap::SnapshotObject,
+    ) -> Result<(), SnapError> {
         match self
             .store()
             .put(key, bytes::Bytes::from(s.encode()), PutMode::Create)

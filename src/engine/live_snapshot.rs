@@ -1,0 +1,462 @@
+//! Snapshots of an open volume ([`Volume::snapshot`]), crash-consistent at
+//! a flush point.
+//!
+//! Protocol:
+//! 1. New writes, trims and zeroes are held back (`State::writes_paused`;
+//!    they wait in `wait_for_room`, never fail). Reads and flushes go on.
+//! 2. The WAL is synced: every write acknowledged before the call is
+//!    durable, and its sequence number is at most the WAL's last one, `S`.
+//! 3. The destage task is asked (`State::snapshot_req`) to store everything
+//!    up to `S`; once `stored_seq >= S` it commits a checkpoint and, in the
+//!    same task before any later checkpoint can delete a chunk, writes the
+//!    snapshot object from that checkpoint ([`store_snapshot`]). The object
+//!    put is the commit point: on any error there is no snapshot.
+//! 4. Writes resume, whatever the outcome; the pause is logged and counted.
+//!
+//! Deleting a snapshot of the open volume ([`Volume::delete_snapshot`]):
+//! the snapshot object is deleted first (the commit point), then (once the
+//! caller made sure nothing needs it back, [`Volume::collect_garbage`]) the
+//! destage task, between its checkpoints, deletes every chunk that neither the
+//! committed checkpoint nor any remaining snapshot names (chunks after the
+//! checkpoint are kept: recovery may still apply them). The live map only
+//! points at chunks of the store-side map, so no reader loses data.
+//!
+//! Invariants:
+//! - One snapshot create or delete at a time per volume (a second call
+//!   fails at once).
+//! - A destage failure while a request waits fails the snapshot (the
+//!   store may be down for long; writes must not wait for it).
+//! - A request never outlives the destage task: [`StopGuard`] answers it.
+//! - The snapshot is a prefix of the write history (chunks are never cut
+//!   inside a request), holding at least every op up to `S`.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::channel::oneshot;
+
+use super::checkpoint::{manifest_key, Manifest};
+use super::chunk::{chunk_prefix, parse_chunk_name};
+use super::commit::{checkpoint, Root};
+use super::error::EngineError;
+use super::snapshot::{
+    find_snapshot, snapshot_key, store_snapshot, RetainSet, SnapshotError, SnapshotObject,
+};
+use super::state::State;
+use super::volume::{Inner, Volume};
+use crate::store::StoreError;
+
+type Reply = Result<SnapshotObject, SnapshotError>;
+
+/// A request to the destage task to delete unreferenced chunks; the answer
+/// is how many it deleted, or why it stopped.
+pub(crate) type GcRequest = oneshot::Sender<Result<u64, String>>;
+
+/// A snapshot the destage task is asked to take.
+#[derive(Debug)]
+pub(crate) struct SnapshotRequest {
+    /// Every op up to this sequence number must be in the snapshot.
+    target: u64,
+    name: String,
+    created_ms: u64,
+    reply: oneshot::Sender<Reply>,
+}
+
+impl Volume {
+    /// Take snapshot `name` of this open volume, crash-consistent at a flush
+    /// point: every write acknowledged before the call is in it, and it is a
+    /// prefix of the write history. New writes wait (they do not fail) until
+    /// it is done; reads go on. On error no snapshot exists and writes resume.
+    pub async fn snapshot(
+        &self,
+        name: &str,
+        created_ms: u64,
+    ) -> Result<SnapshotObject, SnapshotError> {
+        let inner = &self.inner;
+        {
+            let mut st = inner.shared.lock();
+            claim(inner, &mut st)?;
+            st.writes_paused = true;
+        }
+        let pause = Pause {
+            inner,
+            name,
+            started: inner.clock.now(),
+        };
+        inner.wal.sync().await.map_err(EngineError::from)?;
+        let target = inner.wal.last_seq();
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut st = inner.shared.lock();
+            refuse_unless_running(&st)?;
+            st.snapshot_req = Some(SnapshotRequest {
+                target,
+                name: name.to_string(),
+                created_ms,
+                reply: tx,
+            });
+        }
+        inner.shared.notify.notify_one();
+        let res = match rx.await {
+            Ok(res) => res,
+            Err(_) => Err(stopped_error(inner)),
+        };
+        if res.is_ok() {
+            inner
+                .counters
+                .snapshots_taken
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        drop(pause);
+        if res.is_ok() {
+            self.account_snapshots().await;
+        }
+        res
+    }
+
+    /// Space accounting follows the snapshot set at once (the pool task
+    /// would otherwise notice the change only at its next refresh).
+    async fn account_snapshots(&self) {
+        if let Err(e) = self.reload_snapshots().await {
+            log::warn!(
+                "volume {:x}: cannot re-read its snapshots for space accounting: {e}",
+                self.inner.id
+            );
+        }
+    }
+
+    /// Delete the object of snapshot `name` of this open volume (the
+    /// commit point of the delete) and return it. Its chunks stay until
+    /// [`Volume::collect_garbage`], so a caller that must undo the delete
+    /// (a clone appeared meanwhile) can put the object back intact.
+    pub async fn delete_snapshot(&self, name: &str) -> Result<SnapshotObject, SnapshotError> {
+        let inner = &self.inner;
+        {
+            let mut st = inner.shared.lock();
+            claim(inner, &mut st)?;
+        }
+        let _busy = Busy(inner);
+        let snap = find_snapshot(&inner.store, inner.id, name).await?;
+        match inner.store.delete(&snapshot_key(inner.id, snap.id)).await {
+            Ok(()) | Err(StoreError::NotFound { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.account_snapshots().await;
+        Ok(snap)
+    }
+
+    /// Delete every chunk of this open volume that neither its committed
+    /// checkpoint nor any snapshot names (after a snapshot delete). Returns
+    /// how many were deleted. Runs in the destage task, between its
+    /// checkpoints and snapshot creations.
+    pub async fn collect_garbage(&self) -> Result<u64, SnapshotError> {
+        let inner = &self.inner;
+        {
+            let mut st = inner.shared.lock();
+            claim(inner, &mut st)?;
+        }
+        let _busy = Busy(inner);
+        let not_freed = |why: String| SnapshotError::State {
+            volume: inner.id,
+            reason: format!(
+                "freeing unreferenced chunks failed ({why}); a later attempt frees them"
+            ),
+        };
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut st = inner.shared.lock();
+            if let Err(e) = refuse_unless_running(&st) {
+                return Err(not_freed(e.to_string()));
+            }
+            st.gc_req = Some(tx);
+        }
+        inner.shared.notify.notify_one();
+        match rx.await {
+            Ok(Ok(n)) => Ok(n),
+            Ok(Err(why)) => Err(not_freed(why)),
+            Err(_) => Err(not_freed(stopped_error(inner).to_string())),
+        }
+    }
+}
+
+/// Take the volume's one snapshot-operation slot.
+fn claim(inner: &Inner, st: &mut State) -> Result<(), SnapshotError> {
+    refuse_unless_running(st)?;
+    if st.snapshot_busy {
+        return Err(SnapshotError::State {
+            volume: inner.id,
+            reason: "another snapshot create or delete of this volume is in progress".into(),
+        });
+    }
+    st.snapshot_busy = true;
+    Ok(())
+}
+
+/// Gives the slot back (and withdraws an unserved GC request) on drop.
+struct Busy<'a>(&'a Inner);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        let mut st = self.0.shared.lock();
+        st.snapshot_busy = false;
+        st.gc_req = None;
+    }
+}
+
+/// Fenced, closing or without a destage task: no snapshot can be taken.
+fn refuse_unless_running(st: &State) -> Result<(), SnapshotError> {
+    if let Some(why) = &st.fenced {
+        return Err(EngineError::Fenced(why.clone()).into());
+    }
+    if st.closing || st.destage_stopped {
+        return Err(SnapshotError::Engine(EngineError::Closed));
+    }
+    Ok(())
+}
+
+/// Why the destage task went away without answering.
+fn stopped_error(inner: &Inner) -> SnapshotError {
+    match inner.shared.lock().fenced.clone() {
+        Some(why) => EngineError::Fenced(why).into(),
+        None => EngineError::Closed.into(),
+    }
+}
+
+/// Holds writes back while alive; on drop (success, error or a dropped
+/// future) withdraws an unserved request, lets writes go and logs the pause.
+struct Pause<'a> {
+    inner: &'a Inner,
+    name: &'a str,
+    started: Duration,
+}
+
+impl Drop for Pause<'_> {
+    fn drop(&mut self) {
+        {
+            let mut st = self.inner.shared.lock();
+            st.writes_paused = false;
+            st.snapshot_busy = false;
+            st.snapshot_req = None;
+            st.wake_all();
+        }
+        let paused = self.inner.clock.now().saturating_sub(self.started);
+        self.inner
+            .counters
+            .last_snapshot_pause_us
+            .store(paused.as_micros() as u64, Ordering::Relaxed);
+        log::info!(
+            "volume {:x}: snapshot {:?} held writes back for {:.3} ms",
+            self.inner.id,
+            self.name,
+            paused.as_secs_f64() * 1000.0
+        );
+    }
+}
+
+/// A request waits whose ops are not all taken into chunks yet (destage
+/// should cut a chunk now rather than wait for its size or timer).
+pub(crate) fn wants_more(st: &State) -> bool {
+    st.snapshot_req
+        .as_ref()
+        .is_some_and(|r| r.target > st.taken_seq)
+}
+
+/// A GC request waits, or a snapshot request whose ops are all stored.
+pub(crate) fn due(inner: &Inner) -> bool {
+    let st = inner.shared.lock();
+    st.gc_req.is_some()
+        || st
+            .snapshot_req
+            .as_ref()
+            .is_some_and(|r| st.stored_seq >= r.target)
+}
+
+/// In the destage task: serve what is due (see [`serve_snapshot`] and
+/// [`serve_gc`]).
+pub(crate) async fn serve(inner: &Inner, root: &mut Root) -> Result<(), EngineError> {
+    serve_gc(inner).await;
+    serve_snapshot(inner, root).await
+}
+
+/// If a GC request waits, delete every chunk at or before the committed
+/// checkpoint that neither the volume's map nor any snapshot names.
+async fn serve_gc(inner: &Inner) {
+    let req = inner.shared.lock().gc_req.take();
+    if let Some(req) = req {
+        let _ = req.send(collect_unreferenced(inner).await);
+    }
+}
+
+async fn collect_unreferenced(inner: &Inner) -> Result<u64, String> {
+    // Read under one lock: the chunks of the committed checkpoint are
+    // exactly those of `chunks` up to `checkpoint_chunk`.
+    let (checkpoint_chunk, mapped): (u64, HashSet<(u64, u64)>) = {
+        let st = inner.shared.lock();
+        let mapped = st
+            .chunks
+            .values()
+            .map(|e| (e.info.seq, e.info.epoch))
+            .collect();
+        (st.checkpoint_chunk, mapped)
+    };
+    // Listed after the snapshot object was deleted.
+    let retain = RetainSet::load(&inner.store, inner.id).await;
+    if retain == RetainSet::All {
+        return Err("the volume's snapshots cannot all be read".into());
+    }
+    let prefix = chunk_prefix(inner.id);
+    let listed = inner.store.list(&prefix).await.map_err(|e| e.to_string())?;
+    // Our view of the map is only the truth while we hold the volume.
+    super::destage::check_not_fenced(inner).map_err(|e| e.to_string())?;
+    match manifest_holder_epoch(inner).await {
+        Ok(epoch) if epoch == inner.epoch => {}
+        Ok(epoch) => return Err(format!("the volume was taken over at epoch {epoch}")),
+        Err(e) => return Err(format!("cannot read the manifest: {e}")),
+    }
+    let mut deleted = 0;
+    for meta in listed {
+        let Some((seq, epoch)) = parse_chunk_name(&meta.key[prefix.len()..]) else {
+            continue;
+        };
+        if seq > checkpoint_chunk || mapped.contains(&(seq, epoch)) || retain.keeps(seq, epoch) {
+            continue;
+        }
+        match inner.store.delete(&meta.key).await {
+            Ok(()) | Err(StoreError::NotFound { .. }) => {}
+            Err(e) => return Err(format!("deleting {}: {e}", meta.key)),
+        }
+        deleted += 1;
+        inner
+            .counters
+            .chunks_deleted
+            .fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(deleted)
+}
+
+/// If a snapshot request is due, commit a checkpoint and write the
+/// snapshot object from it, then answer. A checkpoint failure is also
+/// returned, for the task's own error handling.
+async fn serve_snapshot(inner: &Inner, root: &mut Root) -> Result<(), EngineError> {
+    let req = {
+        let mut st = inner.shared.lock();
+        let due = st
+            .snapshot_req
+            .as_ref()
+            .is_some_and(|r| st.stored_seq >= r.target);
+        if !due {
+            return Ok(());
+        }
+        st.snapshot_req.take()
+    };
+    let Some(req) = req else { return Ok(()) };
+    match checkpoint(inner, root).await {
+        Ok(cp) => {
+            let parent = root.manifest.parent;
+            let res = store_snapshot(
+                &inner.store,
+                inner.id,
+                &req.name,
+                req.created_ms,
+                cp,
+                parent,
+            )
+            .await;
+            let res = match res {
+                Ok(snap) => keep_if_still_ours(inner, snap).await,
+                Err(e) => Err(e),
+            };
+            let _ = req.reply.send(res);
+            Ok(())
+        }
+        Err(e) => {
+            let _ = req.reply.send(Err(failure(inner, &e)));
+            Err(e)
+        }
+    }
+}
+
+/// The snapshot object was written after our checkpoint commit; if another
+/// writer took the volume over meanwhile, its chunk deletion may not have
+/// seen the object, so the object is removed and the snapshot fails. A
+/// new holder's recovery only deletes chunks outside the checkpoint it
+/// loaded (ours names every chunk of the snapshot), and it commits its
+/// epoch as the manifest's `history_epoch` before any later deletion, so
+/// reading our own epoch there after the put proves it will see the object.
+async fn keep_if_still_ours(inner: &Inner, snap: SnapshotObject) -> Reply {
+    let why = match manifest_holder_epoch(inner).await {
+        Ok(epoch) if epoch == inner.epoch => return Ok(snap),
+        Ok(epoch) => format!("the volume was taken over at epoch {epoch}"),
+        Err(e) => format!("cannot read the manifest to confirm the lease: {e}"),
+    };
+    let key = snapshot_key(inner.id, snap.id);
+    if let Err(e) = inner.store.delete(&key).await {
+        log::error!(
+            "volume {:x}: could not remove unconfirmed snapshot {key}: {e}",
+            inner.id
+        );
+    }
+    Err(SnapshotError::State {
+        volume: inner.id,
+        reason: format!("no snapshot was taken: {why}"),
+    })
+}
+
+/// The epoch of the writer that last committed the volume's manifest
+/// (its `history_epoch`, which every open commits).
+async fn manifest_holder_epoch(inner: &Inner) -> Result<u64, EngineError> {
+    let key = manifest_key(inner.id);
+    let obj = inner.store.get(&key).await?;
+    let m: Manifest = serde_json::from_slice(&obj.data).map_err(|e| EngineError::Manifest {
+        key,
+        reason: format!("does not parse: {e}"),
+    })?;
+    Ok(m.history_epoch)
+}
+
+/// In the destage task, on any failure: waiting requests fail with it.
+pub(crate) fn refuse(inner: &Inner, e: &EngineError) {
+    let (req, gc) = {
+        let mut st = inner.shared.lock();
+        (st.snapshot_req.take(), st.gc_req.take())
+    };
+    if let Some(req) = req {
+        let _ = req.reply.send(Err(failure(inner, e)));
+    }
+    if let Some(gc) = gc {
+        let _ = gc.send(Err(e.to_string()));
+    }
+}
+
+fn failure(inner: &Inner, e: &EngineError) -> SnapshotError {
+    match e {
+        EngineError::Fenced(why) => EngineError::Fenced(why.clone()).into(),
+        other => SnapshotError::State {
+            volume: inner.id,
+            reason: format!("no snapshot was taken: storing the volume's data failed: {other}"),
+        },
+    }
+}
+
+/// Marks the destage task's end and drops any request left (its sender
+/// goes away, so the waiting [`Volume::snapshot`] returns an error).
+pub(crate) struct StopGuard(Arc<Inner>);
+
+impl StopGuard {
+    pub fn new(inner: Arc<Inner>) -> StopGuard {
+        StopGuard(inner)
+    }
+}
+
+impl Drop for StopGuard {
+    fn drop(&mut self) {
+        let reqs = {
+            let mut st = self.0.shared.lock();
+            st.destage_stopped = true;
+            (st.snapshot_req.take(), st.gc_req.take())
+        };
+        drop(reqs);
+    }
+}
