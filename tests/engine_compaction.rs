@@ -279,3 +279,53 @@ async fn snapshots_keep_their_content() {
         );
     }
 }
+
+/// Snapshots of the open volume taken between compacting overwrites keep
+/// their content, also after one of them is deleted and its chunks are
+/// collected, and after a crash and reopen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_snapshots_keep_their_content() {
+    let store: DynStore = Arc::new(MemoryStore::new());
+    let dir = tempfile::tempdir().unwrap();
+    let mut model = vec![0u8; SIZE as usize];
+    let mut rng = Rng(4242);
+    let v = open(&store, dir.path(), 1, 60).await;
+    overwrite(&v, &mut model, &mut rng, 300, true).await;
+    let mut snaps = Vec::new();
+    for i in 0..4 {
+        let s = v.snapshot(&format!("live{i}"), i).await.expect("snapshot");
+        snaps.push((s, model.clone()));
+        overwrite(&v, &mut model, &mut rng, 400, false).await;
+    }
+    assert!(v.stats().chunks_compacted > 0, "{:?}", v.stats());
+    let gone = snaps.remove(1);
+    v.delete_snapshot(&gone.0.name).await.expect("delete");
+    v.collect_garbage().await.expect("gc");
+    overwrite(&v, &mut model, &mut rng, 400, false).await;
+    assert!(read_all(&*v).await == model);
+    for (s, want) in &snaps {
+        let view = SnapshotView::of_snapshot(store.clone(), s, SIZE)
+            .await
+            .expect("view");
+        assert!(
+            read_all(&view).await == *want,
+            "snapshot {} differs",
+            s.name
+        );
+    }
+    v.crash().await;
+    drop(v);
+    let v = open(&store, dir.path(), 2, 60).await;
+    assert!(read_all(&*v).await == model, "volume differs after crash");
+    v.close().await.unwrap();
+    for (s, want) in &snaps {
+        let view = SnapshotView::of_snapshot(store.clone(), s, SIZE)
+            .await
+            .expect("view");
+        assert!(
+            read_all(&view).await == *want,
+            "snapshot {} differs after reopen",
+            s.name
+        );
+    }
+}
