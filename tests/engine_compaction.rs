@@ -278,6 +278,31 @@ async fn snapshots_keep_their_content() {
             s.name
         );
     }
+    // Snapshots taken after compaction name compaction objects the volume
+    // itself dropped since: deleting the snapshots (detached) frees them.
+    let compacted = |cp: &shale::engine::checkpoint::Checkpoint| -> usize {
+        cp.chunks
+            .iter()
+            .filter(|c| c.seq & shale::engine::chunk::COMPACTED_BIT != 0)
+            .count()
+    };
+    let held: usize = snaps.iter().map(|(s, _)| compacted(&s.checkpoint)).sum();
+    assert!(held > 0, "no snapshot names a compaction object");
+    for (s, _) in &snaps {
+        shale::engine::snapshot::delete_snapshot(&store, ID, s)
+            .await
+            .expect("delete snapshot");
+    }
+    let left = store
+        .list(&format!("volumes/{ID:016x}/compacted/"))
+        .await
+        .unwrap()
+        .len();
+    let (_, cp) = committed(&store).await;
+    assert_eq!(left, compacted(&cp), "compaction objects nothing names");
+    let v = open(&store, dir.path(), 11, 60).await;
+    assert!(read_all(&*v).await == model, "volume differs after GC");
+    v.close().await.unwrap();
 }
 
 /// Snapshots of the open volume taken between compacting overwrites keep

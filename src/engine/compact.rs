@@ -40,7 +40,7 @@ use super::snapshot::RetainSet;
 use super::state::{ChunkEntry, State};
 use super::volume::Inner;
 use super::SECTOR;
-use crate::store::DynStore;
+use crate::store::{DynStore, StoreError};
 
 /// Most sparse chunks rewritten in one round.
 const MAX_SOURCES: usize = 64;
@@ -236,6 +236,34 @@ fn repoint(st: &mut State, info: Arc<ChunkInfo>, moved: &[(LiveRange, u64)]) {
             }
         }
     }
+}
+
+/// Delete the compaction objects of `volume` that `named` (the chunks the
+/// volume's committed or in-memory map names) and `retain` (its snapshots)
+/// both leave out. Only for a caller that alone writes the volume and runs
+/// no compaction meanwhile (a detached volume under its lease, or the
+/// destage task itself). Returns how many were deleted.
+pub(crate) async fn delete_unnamed(
+    store: &DynStore,
+    volume: u64,
+    named: &HashSet<(u64, u64)>,
+    retain: &RetainSet,
+) -> Result<u64, StoreError> {
+    let prefix = compacted_prefix(volume);
+    let mut deleted = 0;
+    for meta in store.list(&prefix).await? {
+        let Some((seq, epoch)) = parse_chunk_name(&meta.key[prefix.len()..]) else {
+            continue;
+        };
+        if named.contains(&(seq, epoch)) || retain.keeps(seq, epoch) {
+            continue;
+        }
+        match store.delete(&meta.key).await {
+            Ok(()) | Err(StoreError::NotFound { .. }) => deleted += 1,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(deleted)
 }
 
 /// At open: delete compaction objects of this volume that neither the

@@ -333,7 +333,14 @@ async fn collect_unreferenced(inner: &Inner) -> Result<u64, String> {
             .chunks_deleted
             .fetch_add(1, Ordering::Relaxed);
     }
-    Ok(deleted)
+    let compacted = super::compact::delete_unnamed(&inner.store, inner.id, &mapped, &retain)
+        .await
+        .map_err(|e| format!("deleting compaction objects: {e}"))?;
+    inner
+        .counters
+        .chunks_deleted
+        .fetch_add(compacted, Ordering::Relaxed);
+    Ok(deleted + compacted)
 }
 
 /// If a snapshot request is due, commit a checkpoint and write the

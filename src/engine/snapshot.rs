@@ -388,7 +388,8 @@ fn parent_name(p: Option<ParentRef>) -> String {
 
 /// Delete chunks of a detached volume that neither its checkpoint nor any
 /// snapshot names (only chunks at or before the checkpoint: later ones may
-/// still be applied by recovery). Returns how many were deleted.
+/// still be applied by recovery), and compaction objects neither names.
+/// Returns how many were deleted.
 pub async fn collect_garbage(store: &DynStore, volume: u64) -> Result<u64, SnapshotError> {
     let (_, _, cp) = committed_checkpoint(store, volume).await?;
     let retain = RetainSet::load(store, volume).await;
@@ -405,6 +406,7 @@ pub async fn collect_garbage(store: &DynStore, volume: u64) -> Result<u64, Snaps
         store.delete(&meta.key).await?;
         deleted += 1;
     }
+    deleted += super::compact::delete_unnamed(store, volume, &live, &retain).await?;
     Ok(deleted)
 }
 
