@@ -25,7 +25,8 @@ use bytes::Bytes;
 use super::checkpoint::{checkpoint_key, manifest_key, Checkpoint, Manifest};
 use super::error::EngineError;
 use super::snapshot::{
-    committed_checkpoint, list_snapshots, snapshot_key, ParentRef, SnapshotError, SnapshotObject,
+    committed_checkpoint, list_snapshots, snapshot_key, swap_checkpoint, ParentRef, SnapshotError,
+    SnapshotObject,
 };
 use super::view::{Resolved, SnapshotView};
 use super::volume::Volume;
@@ -272,36 +273,16 @@ pub async fn finish_flatten(
         "{}-flatten",
         checkpoint_key(volume, m.checkpoint_chunk, epoch)
     );
-    store
-        .put(&key, Bytes::from(stand_alone.encode()), PutMode::Overwrite)
-        .await?;
     let new = Manifest {
         checkpoint: Some(key.clone()),
         parent: None,
         ..m.clone()
     };
-    let data = Bytes::from(serde_json::to_vec(&new).unwrap_or_default());
-    match store
-        .put(&manifest_key(volume), data, PutMode::IfMatch(version))
-        .await
-    {
-        Ok(_) => {}
-        Err(StoreError::PreconditionFailed { .. }) => {
-            return Err(SnapshotError::State {
-                volume,
-                reason: format!(
-                    "the manifest changed during the flatten (is the volume attached?); \
-                     it still reads through {parent}"
-                ),
-            })
-        }
-        Err(e) => return Err(e.into()),
-    }
-    if let Some(old) = m.checkpoint.filter(|o| *o != key) {
-        if let Err(e) = store.delete(&old).await {
-            log::warn!("deleting old checkpoint {old}: {e}");
-        }
-    }
+    let conflict = format!(
+        "the manifest changed during the flatten (is the volume attached?); \
+         it still reads through {parent}"
+    );
+    swap_checkpoint(store, &m, version, &key, &stand_alone, new, &conflict).await?;
     log::info!("volume {volume:x} no longer reads through {parent}");
     Ok(true)
 }

@@ -351,34 +351,61 @@ pub async fn rollback(
         checkpoint_key(volume, m.last_chunk, epoch),
         snap.id
     );
-    store
-        .put(&key, Bytes::from(cp.encode()), PutMode::Overwrite)
-        .await?;
     let new = Manifest {
         checkpoint: Some(key.clone()),
         checkpoint_chunk: m.last_chunk,
         ..m.clone()
     };
+    swap_checkpoint(
+        store,
+        &m,
+        version,
+        &key,
+        &cp,
+        new,
+        "the manifest changed during the rollback (is the volume attached?); nothing was rolled back",
+    )
+    .await?;
+    collect_garbage(store, volume).await?;
+    Ok(())
+}
+
+/// Store checkpoint `cp` at `key`, then swap the manifest from `old` (at
+/// `version`) to `new` (which names `key`) by compare-and-swap, then delete
+/// `old`'s checkpoint. A lost swap is [`SnapshotError::State`] with
+/// `conflict` as the reason and changes nothing the volume reads (the new
+/// checkpoint is only an unnamed object). For detached volumes only.
+pub(crate) async fn swap_checkpoint(
+    store: &DynStore,
+    old: &Manifest,
+    version: crate::store::Version,
+    key: &str,
+    cp: &Checkpoint,
+    new: Manifest,
+    conflict: &str,
+) -> Result<(), SnapshotError> {
+    store
+        .put(key, Bytes::from(cp.encode()), PutMode::Overwrite)
+        .await?;
     let data = Bytes::from(serde_json::to_vec(&new).unwrap_or_default());
     match store
-        .put(&manifest_key(volume), data, PutMode::IfMatch(version))
+        .put(&manifest_key(old.volume), data, PutMode::IfMatch(version))
         .await
     {
         Ok(_) => {}
         Err(StoreError::PreconditionFailed { .. }) => {
             return Err(SnapshotError::State {
-                volume,
-                reason: "the manifest changed during the rollback (is the volume attached?); nothing was rolled back".into(),
+                volume: old.volume,
+                reason: conflict.to_string(),
             })
         }
         Err(e) => return Err(e.into()),
     }
-    if let Some(old) = m.checkpoint.filter(|o| *o != key) {
-        if let Err(e) = store.delete(&old).await {
-            log::warn!("deleting old checkpoint {old}: {e}");
+    if let Some(prev) = old.checkpoint.as_deref().filter(|o| *o != key) {
+        if let Err(e) = store.delete(prev).await {
+            log::warn!("deleting old checkpoint {prev}: {e}");
         }
     }
-    collect_garbage(store, volume).await?;
     Ok(())
 }
 
