@@ -226,20 +226,50 @@ impl Snapshots {
     /// Open and cleanly close the volume at `epoch`: its WAL is destaged
     /// and everything is checkpointed.
     async fn settle(&self, rec: &VolumeRecord, epoch: u64) -> Result<(), SnapError> {
+        self.open_volume(rec, epoch).await?.close().await?;
+        Ok(())
+    }
+
+    /// Open (recovering) the volume at `epoch`, which the caller's lease holds.
+    async fn open_volume(&self, rec: &VolumeRecord, epoch: u64) -> Result<Arc<Volume>, SnapError> {
         let params = VolumeParams {
             id: rec.id,
             size: rec.size,
             epoch,
             local_dir: self.volume_dir(rec.id),
         };
-        let vol = Volume::open(
+        Ok(Volume::open(
             self.store().clone(),
             params,
             self.engine.clone(),
             self.clock.clone(),
         )
-        .await?;
-        vol.close().await?;
+        .await?)
+    }
+
+    /// After snapshot `s` (object `key`) of `spec` was deleted: if a clone of
+    /// it appeared meanwhile (or clones cannot be listed), put the object
+    /// back and fail, before any chunk it holds is collected.
+    async fn recheck_clones(
+        &self,
+        spec: &str,
+        key: &str,
+        s: &SnapshotObject,
+    ) -> Result<(), SnapError> {
+        let clones = match self.clones_of(spec).await {
+            Ok(c) => c,
+            Err(e) => {
+                self.restore_snapshot(key, s).await?;
+                return Err(e);
+            }
+        };
+        if !clones.is_empty() {
+            self.restore_snapshot(key, s).await?;
+            return Err(SnapError::HasClones {
+                spec: spec.to_string(),
+                clones,
+            });
+        }
         Ok(())
     }
 
@@ -412,20 +442,7 @@ impl Snapshots {
         };
         self.ask_holder(rec, holder.clone(), &delete).await?;
         let key = snap::snapshot_key(rec.id, s.id);
-        let clones = match self.clones_of(spec).await {
-            Ok(c) => c,
-            Err(e) => {
-                self.restore_snapshot(&key, s).await?;
-                return Err(e);
-            }
-        };
-        if !clones.is_empty() {
-            self.restore_snapshot(&key, s).await?;
-            return Err(SnapError::HasClones {
-                spec: spec.to_string(),
-                clones,
-            });
-        }
+        self.recheck_clones(spec, &key, s).await?;
         let collect = Request::CollectGarbage { volume: rec.id };
         let reply = self.ask_holder(rec, holder, &collect).await?;
         Ok(reply.freed_chunks.unwrap_or(0))

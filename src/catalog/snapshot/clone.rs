@@ -23,7 +23,6 @@ use super::{parse_spec, SnapError, Snapshots};
 use crate::catalog::{encode, record_key, validate_name, CatalogError, VolumeRecord, VolumeState};
 use crate::engine::clone::{copy_parent_data, finish_flatten, write_clone, CopyStats};
 use crate::engine::snapshot as snap;
-use crate::engine::{Volume, VolumeParams};
 use crate::store::{PutMode, StoreError};
 
 /// What a flatten did.
@@ -147,20 +146,7 @@ impl Snapshots {
             Ok(()) | Err(StoreError::NotFound { .. }) => {}
             Err(e) => return Err(e.into()),
         }
-        let clones = match self.clones_of(spec).await {
-            Ok(c) => c,
-            Err(e) => {
-                self.restore_snapshot(&key, s).await?;
-                return Err(e);
-            }
-        };
-        if !clones.is_empty() {
-            self.restore_snapshot(&key, s).await?;
-            return Err(SnapError::HasClones {
-                spec: spec.to_string(),
-                clones,
-            });
-        }
+        self.recheck_clones(spec, &key, s).await?;
         Ok(snap::collect_garbage(self.store(), rec.id).await?)
     }
 
@@ -225,19 +211,7 @@ impl Snapshots {
         }
         let copy = self
             .leased(rec, |epoch| async move {
-                let params = VolumeParams {
-                    id: rec.id,
-                    size: rec.size,
-                    epoch,
-                    local_dir: self.volume_dir(rec.id),
-                };
-                let vol = Volume::open(
-                    self.store().clone(),
-                    params,
-                    self.engine.clone(),
-                    self.clock.clone(),
-                )
-                .await?;
+                let vol = self.open_volume(rec, epoch).await?;
                 let copied = copy_parent_data(&vol, progress).await;
                 let closed = vol.close().await;
                 let copy = copied?;
