@@ -17,7 +17,7 @@ pub enum BlockError {
     OutOfRange { offset: u64, len: u64, size: u64 },
     /// The pool has no space for the write; existing data is intact.
     #[error(
-        "no space left in the pool (pool.capacity): the write was refused and nothing changed"
+        "no space left in the pool (pool.capacity): this write was refused and changed nothing"
     )]
     NoSpace,
     /// This server lost its lease; it must not write.

@@ -7,9 +7,8 @@
 mod cli_support;
 mod nbd_support;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use nbd_support::{have_tool, run_ok};
 use serde_json::Value;
@@ -124,25 +123,6 @@ fn volume_info_shows_unique_space_per_snapshot() {
     assert_eq!(st["used"], 256 * KIB);
 }
 
-/// Serve `volume` over a unix socket; returns the child and the socket.
-fn serve(env: &Env, volume: &str) -> (std::process::Child, PathBuf) {
-    let sock = env.dir.path().join("nbd.sock");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_shale"))
-        .env_remove("SHALE_CONFIG")
-        .arg("--config")
-        .arg(&env.config)
-        .args(["nbd", "serve", volume, "--socket"])
-        .arg(&sock)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn shale nbd serve");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = lines.next().expect("server exited early").unwrap();
-    assert!(line.starts_with("listening on"), "{line}");
-    (child, sock)
-}
-
 fn qemu_io(sock: &Path, volume: &str, cmds: &[&str]) -> Output {
     let uri = format!("nbd+unix:///{volume}?socket={}", sock.display());
     let mut cmd = Command::new("qemu-io");
@@ -160,7 +140,8 @@ fn enospc_reaches_an_nbd_client_and_data_stays_readable() {
     }
     let env = Env::new();
     env.ok(&["volume", "create", "n", "--size", "4MiB"]);
-    let (mut child, sock) = serve(&env, "n");
+    let sock = env.path("nbd.sock");
+    let server = env.serve_nbd("n", &sock, "warn");
     run_ok(Command::new("qemu-io").args([
         "-f",
         "raw",
@@ -195,10 +176,7 @@ fn enospc_reaches_an_nbd_client_and_data_stays_readable() {
         "-c",
         "read -P 0x11 512k 256k",
     ]));
-    // SAFETY: kill(2) on a child we spawned and have not reaped yet.
-    let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-    assert_eq!(rc, 0);
-    assert!(child.wait().unwrap().success());
+    server.stop();
     let st = env.json(&["pool", "status", "--json"]);
     assert_eq!(st["used"], 768 * KIB, "published at close");
 }

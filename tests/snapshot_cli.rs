@@ -84,7 +84,10 @@ async fn snapshot_clone_rollback_delete() {
     env.write("vol", 1).await;
     let out = env.ok(&["snapshot", "create", "vol@one"]);
     assert!(out.contains("created snapshot vol@one"), "{out}");
-    env.fails(&["snapshot", "create", "vol@one"], "already has a snapshot");
+    env.fails(
+        &["snapshot", "create", "vol@one"],
+        "snapshot vol@one already exists",
+    );
     env.fails(&["snapshot", "create", "vol"], "expected VOLUME@SNAPSHOT");
     env.fails(&["snapshot", "create", "nope@one"], "not found");
     env.write("vol", 2).await;
@@ -116,7 +119,7 @@ async fn snapshot_clone_rollback_delete() {
     assert_eq!(env.read("vol").await, image(2));
 
     env.ok(&["snapshot", "delete", "vol@two"]);
-    env.fails(&["snapshot", "rollback", "vol@two"], "no snapshot named");
+    env.fails(&["snapshot", "rollback", "vol@two"], "there is no snapshot");
     env.ok(&["volume", "delete", "child", "--yes"]);
     env.ok(&["snapshot", "delete", "vol@one"]);
     assert_eq!(env.read("vol").await, image(2));
@@ -157,7 +160,7 @@ async fn clone_from_flatten_and_guarded_volume_delete() {
     );
     env.fails(
         &["volume", "create", "vm3", "--from", "base@nope"],
-        "no snapshot named",
+        "there is no snapshot",
     );
     env.fails(
         &["volume", "create", "vm3", "--from", "base"],

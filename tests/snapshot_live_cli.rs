@@ -7,10 +7,9 @@
 mod cli_support;
 mod nbd_support;
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 use nbd_support::{have_tool, run_ok};
 
@@ -23,28 +22,6 @@ impl Env {
         // A long destage timer: at snapshot time the writes are only in
         // the server's WAL, so the snapshot has to flush and destage them.
         Env::with_config("data_dir: data\nengine:\n  destage_interval_ms: 600000\n  max_unstored_seconds: 3600\n")
-    }
-
-    /// `shale nbd serve VOLUME --socket S`, once it listens.
-    fn serve(&self, volume: &str, sock: &Path) -> Child {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_shale"))
-            .env_remove("SHALE_CONFIG")
-            .env("RUST_LOG", "info")
-            .arg("--config")
-            .arg(&self.config)
-            .args(["nbd", "serve", volume, "--socket"])
-            .arg(sock)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn shale nbd serve");
-        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-        let line = lines
-            .next()
-            .expect("server exited before listening")
-            .expect("read");
-        assert!(line.starts_with("listening on"), "{line}");
-        child
     }
 
     /// Export `volume` through the engine into a file and read it.
@@ -77,15 +54,6 @@ fn qemu_io(sock: &Path, volume: &str, cmds: &[&str]) {
     run_ok(&mut cmd);
 }
 
-fn sigterm_and_wait(mut child: Child) {
-    let pid = child.id() as libc::pid_t;
-    // SAFETY: kill(2) on a child we spawned and have not reaped yet.
-    let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
-    assert_eq!(rc, 0);
-    let status = child.wait().expect("wait");
-    assert!(status.success(), "exit status {status}");
-}
-
 fn expect_bytes(image: &[u8], runs: &[(usize, usize, u8)], what: &str) {
     let mut want = vec![0u8; image.len()];
     for &(off, len, byte) in runs {
@@ -113,7 +81,7 @@ fn snapshot_of_a_volume_served_over_nbd() {
     drop(std::os::unix::net::UnixListener::bind(&control).unwrap());
 
     let sock = env.dir.path().join("nbd.sock");
-    let server = env.serve("vol", &sock);
+    let server = env.serve_nbd("vol", &sock, "info");
     let mode = std::fs::metadata(&control)
         .expect("control socket")
         .permissions()
@@ -133,7 +101,7 @@ fn snapshot_of_a_volume_served_over_nbd() {
 
     env.fails(
         &["snapshot", "create", "vol@live"],
-        "already has a snapshot",
+        "snapshot vol@live already exists",
     );
     env.fails(
         &["snapshot", "create", "vol@bad/name"],
@@ -160,8 +128,8 @@ fn snapshot_of_a_volume_served_over_nbd() {
     env.ok(&["snapshot", "create", "vol@tmp"]);
     let out = env.ok(&["snapshot", "delete", "vol@tmp"]);
     assert!(out.contains("deleted snapshot vol@tmp"), "{out}");
-    env.fails(&["snapshot", "delete", "vol@tmp"], "no snapshot named");
-    sigterm_and_wait(server);
+    env.fails(&["snapshot", "delete", "vol@tmp"], "there is no snapshot");
+    server.stop();
     assert!(!control.exists(), "control socket removed on exit");
 
     let now_runs = [

@@ -117,7 +117,7 @@ async fn full_export_is_sparse_and_imports_back() {
     );
     env.fails(
         &["export", "vol@nope", &env.p("x.img")],
-        "no snapshot named",
+        "there is no snapshot",
     );
     assert!(!env.path("x.img").exists());
 

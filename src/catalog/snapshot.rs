@@ -46,6 +46,10 @@ const LEASE_RENEW: Duration = Duration::from_secs(10);
 pub enum SnapError {
     #[error("invalid snapshot name {spec:?}: expected VOLUME@SNAPSHOT ({reason})")]
     InvalidSpec { spec: String, reason: String },
+    #[error("there is no snapshot {spec} (`shale snapshot list` shows them)")]
+    NoSuchSnapshot { spec: String },
+    #[error("snapshot {spec} already exists")]
+    SnapshotExists { spec: String },
     #[error(
         "volume {name:?} is attached (lease held by {holder:?}); detach it first: \
          rollbacks run on detached volumes"
@@ -230,6 +234,20 @@ impl Snapshots {
         Ok(())
     }
 
+    /// Snapshot `name` of volume `rec`; a missing one is named `VOL@SNAP`.
+    pub(super) async fn find(
+        &self,
+        rec: &VolumeRecord,
+        name: &str,
+    ) -> Result<SnapshotObject, SnapError> {
+        match snap::find_snapshot(self.store(), rec.id, name).await {
+            Err(SnapshotError::NotFound { .. }) => Err(SnapError::NoSuchSnapshot {
+                spec: format!("{}@{name}", rec.name),
+            }),
+            other => Ok(other?),
+        }
+    }
+
     /// Open (recovering) the volume at `epoch`, which the caller's lease holds.
     async fn open_volume(&self, rec: &VolumeRecord, epoch: u64) -> Result<Arc<Volume>, SnapError> {
         let params = VolumeParams {
@@ -282,11 +300,9 @@ impl Snapshots {
             .iter()
             .any(|s| s.name == name)
         {
-            return Err(SnapshotError::AlreadyExists {
-                volume: rec.id,
-                name,
-            }
-            .into());
+            return Err(SnapError::SnapshotExists {
+                spec: format!("{}@{name}", rec.name),
+            });
         }
         let name = name.as_str();
         let detached = self
@@ -317,7 +333,7 @@ impl Snapshots {
             created_ms: now_ms,
         };
         self.ask_holder(rec, holder, &req).await?;
-        Ok(snap::find_snapshot(self.store(), rec.id, name).await?)
+        self.find(rec, name).await
     }
 
     /// Send `req` to the process holding `rec` (`holder`); its refusal is
@@ -405,7 +421,7 @@ impl Snapshots {
     pub async fn delete(&self, spec: &str) -> Result<u64, SnapError> {
         let (vol, name) = parse_spec(spec)?;
         let rec = &self.ready(&vol).await?;
-        let s = snap::find_snapshot(self.store(), rec.id, &name).await?;
+        let s = self.find(rec, &name).await?;
         let canonical = format!("{vol}@{name}");
         let clones = self.clones_of(&canonical).await?;
         if !clones.is_empty() {
@@ -452,7 +468,7 @@ impl Snapshots {
     pub async fn rollback(&self, spec: &str) -> Result<(), SnapError> {
         let (vol, name) = parse_spec(spec)?;
         let rec = &self.ready(&vol).await?;
-        let s = snap::find_snapshot(self.store(), rec.id, &name).await?;
+        let s = self.find(rec, &name).await?;
         self.leased(rec, |epoch| async move {
             self.settle(rec, epoch).await?;
             snap::rollback(self.store(), rec.id, epoch, &s).await?;
@@ -465,7 +481,7 @@ impl Snapshots {
     pub async fn view(&self, spec: &str) -> Result<SnapshotView, SnapError> {
         let (vol, name) = parse_spec(spec)?;
         let rec = self.ready(&vol).await?;
-        let s = snap::find_snapshot(self.store(), rec.id, &name).await?;
+        let s = self.find(&rec, &name).await?;
         Ok(SnapshotView::of_snapshot(self.store().clone(), &s, rec.size).await?)
     }
 }

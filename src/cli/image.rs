@@ -50,11 +50,17 @@ pub async fn import(cfg: &Config, name: &str, path: &Path) -> anyhow::Result<()>
             let padded = (want as u64).div_ceil(SECTOR) * SECTOR;
             buf[want..padded as usize].fill(0);
             let chunk = &buf[..padded as usize];
-            if chunk.iter().all(|&b| b == 0) {
-                volume.write_zeroes(offset, padded, false).await?;
+            let written = if chunk.iter().all(|&b| b == 0) {
+                volume.write_zeroes(offset, padded, false).await
             } else {
-                volume.write(offset, chunk, false).await?;
-            }
+                volume.write(offset, chunk, false).await
+            };
+            written.with_context(|| {
+                format!(
+                    "import stopped at byte {offset} of {}: the volume holds the bytes before it",
+                    path.display()
+                )
+            })?;
             offset += want as u64;
             progress.advance(want as u64);
         }

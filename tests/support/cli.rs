@@ -74,3 +74,61 @@ impl CliEnv {
         shale::config::Config::load(Some(&self.config)).expect("load config")
     }
 }
+
+/// A `shale nbd serve` child process. Dropping it kills the server (so a
+/// failed test leaves no process behind); [`NbdServer::stop`] is the orderly
+/// SIGTERM shutdown, which must exit 0.
+pub struct NbdServer {
+    child: Option<std::process::Child>,
+}
+
+#[allow(dead_code)] // each test binary uses its own subset
+impl NbdServer {
+    /// SIGTERM, then wait: the server must flush and exit with status 0.
+    pub fn stop(mut self) {
+        let mut child = self.child.take().expect("running server");
+        // SAFETY: kill(2) on a child we spawned and have not reaped yet.
+        let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
+        let status = child.wait().expect("wait for shale nbd serve");
+        assert!(status.success(), "shale nbd serve exited with {status}");
+    }
+}
+
+impl Drop for NbdServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[allow(dead_code)] // each test binary uses its own subset
+impl CliEnv {
+    /// `shale nbd serve VOLUME --socket SOCK` with `RUST_LOG=log`, returned
+    /// once it prints that it listens.
+    pub fn serve_nbd(&self, volume: &str, sock: &Path, log: &str) -> NbdServer {
+        use std::io::BufRead;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_shale"))
+            .env_remove("SHALE_CONFIG")
+            .env("RUST_LOG", log)
+            .arg("--config")
+            .arg(&self.config)
+            .args(["nbd", "serve", volume, "--socket"])
+            .arg(sock)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn shale nbd serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let server = NbdServer { child: Some(child) };
+        let line = std::io::BufReader::new(stdout)
+            .lines()
+            .next()
+            .expect("server exited before listening")
+            .expect("read server output");
+        assert!(line.starts_with("listening on"), "{line}");
+        server
+    }
+}

@@ -68,7 +68,7 @@ impl Snapshots {
                 parent_size: parent.size,
             });
         }
-        let s = snap::find_snapshot(self.store(), parent.id, &name).await?;
+        let s = self.find(&parent, &name).await?;
         let key = record_key(new_name);
         match self.store().head(&key).await {
             Ok(_) => {
