@@ -2,7 +2,6 @@
 //! part of `volume info`. Definitions: [`shale::pool`].
 use std::path::Path;
 
-use anyhow::Context;
 use clap::Subcommand;
 use shale::catalog::{Catalog, VolumeRecord};
 use shale::config::{Config, PoolConfig};
@@ -25,15 +24,8 @@ pub enum PoolCmd {
 
 pub fn run(config: Option<&Path>, cmd: PoolCmd) -> anyhow::Result<()> {
     let cfg = Config::load(config)?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    rt.block_on(async move {
-        let store = shale::store::open(&cfg.store)
-            .await
-            .context("cannot open the object store")?;
-        let catalog = Catalog::new(store);
+    super::runtime(false)?.block_on(async move {
+        let catalog = Catalog::new(super::open_store(&cfg).await?);
         match cmd {
             PoolCmd::Status { json } => status(&catalog, &cfg.pool, json).await,
         }

@@ -1,9 +1,7 @@
 //! `shale snapshot create|list|delete|rollback`, `shale clone`, `shale
 //! flatten` and `shale volume create --from`.
 use std::path::Path;
-use std::sync::Arc;
 
-use anyhow::Context;
 use clap::{Args, Subcommand};
 use shale::catalog::snapshot::Snapshots;
 use shale::clock::{Clock, SystemClock};
@@ -58,31 +56,13 @@ pub struct FlattenArgs {
     pub name: String,
 }
 
-fn holder() -> String {
-    format!("shale-snapshot:{}", std::process::id())
-}
-
 fn with_snapshots<T>(
     config: Option<&Path>,
     f: impl AsyncFnOnce(&Snapshots) -> anyhow::Result<T>,
 ) -> anyhow::Result<T> {
     let cfg = Config::load(config)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    rt.block_on(async move {
-        let store = shale::store::open(&cfg.store)
-            .await
-            .context("cannot open the object store")?;
-        let snaps = Snapshots::new(
-            store,
-            cfg.engine.clone(),
-            cfg.data_dir.clone(),
-            Arc::new(SystemClock),
-            &holder(),
-        );
+    super::runtime(true)?.block_on(async move {
+        let snaps = super::open_snapshots(&cfg, "shale-snapshot").await?;
         f(&snaps).await
     })
 }

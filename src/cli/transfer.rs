@@ -1,7 +1,6 @@
 //! `shale diff`, `shale export` and `shale import`: snapshots as files.
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
@@ -65,25 +64,8 @@ fn parse_size_arg(s: &str) -> Result<u64, String> {
     shale::size::parse_size(s).map_err(|e| e.to_string())
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")
-}
-
 async fn snapshots(cfg: &Config) -> anyhow::Result<Snapshots> {
-    let store = shale::store::open(&cfg.store)
-        .await
-        .context("cannot open the object store")?;
-    Ok(Snapshots::new(
-        store,
-        cfg.engine.clone(),
-        cfg.data_dir.clone(),
-        Arc::new(SystemClock),
-        &format!("shale-transfer:{}", std::process::id()),
-    ))
+    super::open_snapshots(cfg, "shale-transfer").await
 }
 
 /// The view of `spec` and its canonical `VOL@SNAP` name.
@@ -94,7 +76,7 @@ async fn view(snaps: &Snapshots, spec: &str) -> anyhow::Result<(SnapshotView, St
 
 pub fn diff(config: Option<&Path>, a: DiffArgs) -> anyhow::Result<()> {
     let cfg = Config::load(config)?;
-    runtime()?.block_on(async {
+    super::runtime(true)?.block_on(async {
         let snaps = snapshots(&cfg).await?;
         let (old, old_name) = view(&snaps, &a.old).await?;
         let (new, new_name) = view(&snaps, &a.new).await?;
@@ -148,7 +130,7 @@ pub fn export(config: Option<&Path>, a: ExportArgs) -> anyhow::Result<()> {
             "standard output is a terminal; redirect it (`> FILE`, `| ...`) or give a FILE"
         );
     }
-    runtime()?.block_on(async {
+    super::runtime(true)?.block_on(async {
         let snaps = snapshots(&cfg).await?;
         let (target, target_name) = view(&snaps, &a.spec).await?;
         let base = match &a.from {
@@ -219,7 +201,7 @@ pub fn import(config: Option<&Path>, a: ImportArgs) -> anyhow::Result<()> {
             a.file.display()
         );
     }
-    runtime()?.block_on(async {
+    super::runtime(true)?.block_on(async {
         let progress = TermProgress::stderr();
         progress.stop_on_ctrl_c();
         if delta {

@@ -126,24 +126,8 @@ pub fn run(config: Option<&Path>, cmd: VolumeCmd) -> anyhow::Result<()> {
     // Import and export open the volume, whose background work (destage,
     // lease renewal) needs worker threads; catalog commands do not.
     let opens_volume = matches!(cmd, VolumeCmd::Import { .. } | VolumeCmd::Export { .. });
-    let rt = if opens_volume {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-    } else {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    }
-    .context("cannot start the async runtime")?;
-    rt.block_on(async move {
-        let catalog = || async {
-            let store = shale::store::open(&cfg.store)
-                .await
-                .context("cannot open the object store")?;
-            anyhow::Ok(Catalog::new(store))
-        };
+    super::runtime(opens_volume)?.block_on(async move {
+        let catalog = || async { anyhow::Ok(Catalog::new(super::open_store(&cfg).await?)) };
         match cmd {
             VolumeCmd::Create {
                 name, size, thick, ..
