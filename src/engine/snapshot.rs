@@ -454,27 +454,28 @@ pub async fn delete_snapshot(
 mod tests {
     use super::*;
 
-    #[test]
-    fn snapshot_object_round_trip_and_corruption() {
-        let snap = SnapshotObject {
+    /// A clone's snapshot object with the given zero ranges.
+    fn sample(zeros: Vec<(u64, u64)>) -> SnapshotObject {
+        SnapshotObject {
             id: 3,
             name: "s".into(),
             volume: 7,
             created_ms: 1,
             checkpoint: Checkpoint {
-                volume: 7,
-                epoch: 2,
                 chunk_seq: 4,
-                last_seq: 9,
-                chunks: vec![],
-                extents: vec![],
-                zeros: vec![],
+                zeros,
+                ..Checkpoint::empty(7, 2, 9)
             },
             parent: Some(ParentRef {
                 volume: 1,
                 snapshot: 2,
             }),
-        };
+        }
+    }
+
+    #[test]
+    fn snapshot_object_round_trip_and_corruption() {
+        let snap = sample(Vec::new());
         let enc = snap.encode();
         assert_eq!(SnapshotObject::decode(&enc).unwrap(), snap);
         let mut bad = enc.clone();
@@ -495,25 +496,7 @@ mod tests {
     /// zero ranges) give errors or objects, never panics.
     #[test]
     fn decoder_survives_random_input() {
-        let snap = SnapshotObject {
-            id: 3,
-            name: "s".into(),
-            volume: 7,
-            created_ms: 1,
-            checkpoint: Checkpoint {
-                volume: 7,
-                epoch: 2,
-                chunk_seq: 4,
-                last_seq: 9,
-                chunks: vec![],
-                extents: vec![],
-                zeros: vec![(0, 8), (100, 4)],
-            },
-            parent: Some(ParentRef {
-                volume: 1,
-                snapshot: 2,
-            }),
-        };
+        let snap = sample(vec![(0, 8), (100, 4)]);
         let enc = snap.encode();
         let mut x = 7u64;
         for i in 0..3000 {
