@@ -3,6 +3,9 @@
 //! plain in-memory reference, across closes, crashes and with snapshots
 //! present, on the memory and fs stores.
 
+#[path = "support/rng.rs"]
+mod rng;
+use rng::Rng;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -56,17 +59,6 @@ async fn data_bytes(store: &DynStore) -> (u64, usize) {
         .filter(|o| o.key.contains("/chunks/") || o.key.contains("/compacted/"))
         .collect();
     (data.iter().map(|o| o.size).sum(), data.len())
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
 }
 
 fn block(seed: u64) -> Vec<u8> {

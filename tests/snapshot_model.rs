@@ -11,6 +11,9 @@
 //! name), and deleting a snapshot with clones is refused naming them.
 //! `SHALE_SNAP_SEED=<n>` runs one seed.
 
+#[path = "support/rng.rs"]
+mod rng;
+use rng::Rng;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,19 +31,6 @@ use shale::store::DynStore;
 
 const VOL_SIZE: u64 = 256 << 10;
 const SECTOR: u64 = 512;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
 
 fn engine_cfg() -> EngineConfig {
     EngineConfig {

@@ -8,6 +8,9 @@
 //!
 //! `SHALE_TRANSFER_SEED=<n>` runs one seed.
 
+#[path = "support/rng.rs"]
+mod rng;
+use rng::Rng;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -25,19 +28,6 @@ use shale::transfer::NoProgress;
 
 const SIZE: u64 = 2 << 20;
 const SECTOR: u64 = 512;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
 
 struct Env {
     dir: tempfile::TempDir,
