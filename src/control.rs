@@ -56,7 +56,9 @@ pub enum Request {
         name: String,
         created_ms: u64,
     },
-    /// Delete snapshot `name` (its object only; see `collect_garbage`).
+    /// Begin deleting snapshot `name`: mark its object (it keeps its chunks
+    /// until the client, having checked for clones, removes the object or
+    /// clears the mark; see `Volume::begin_snapshot_delete`).
     SnapshotDelete { volume: u64, name: String },
     /// Delete the chunks no map and no snapshot names any more.
     CollectGarbage { volume: u64 },
@@ -85,7 +87,7 @@ pub struct Reply {
     /// Chunks `collect_garbage` freed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub freed_chunks: Option<u64>,
-    /// Id of the snapshot `snapshot_delete` deleted.
+    /// Id of the snapshot `snapshot_delete` marked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deleted_id: Option<u64>,
 }
@@ -264,7 +266,7 @@ impl Server {
                 },
                 Err(e) => Reply::error(e.to_string()),
             },
-            Request::SnapshotDelete { name, .. } => match vol.delete_snapshot(&name).await {
+            Request::SnapshotDelete { name, .. } => match vol.begin_snapshot_delete(&name).await {
                 Ok(s) => Reply {
                     deleted_id: Some(s.id),
                     ..done

@@ -127,6 +127,12 @@ async fn snapshot_create_over_the_socket_and_bad_requests() {
     let reply = request(&path, &del).await.unwrap();
     assert!(reply.ok, "{reply:?}");
     assert_eq!(reply.deleted_id, Some(1), "{reply:?}");
+    let marked = list_snapshots(&store, ID).await.unwrap();
+    assert!(marked[0].deleting && !marked[1].deleting, "{marked:?}");
+    // The client, having found no clones, makes the delete final.
+    crate::engine::snapshot::remove_snapshot(&store, ID, 1)
+        .await
+        .unwrap();
     let collect = Request::CollectGarbage { volume: ID };
     let reply = request(&path, &collect).await.unwrap();
     assert!(reply.ok, "{reply:?}");

@@ -37,6 +37,8 @@ pub mod config;
 mod destage;
 pub mod diff;
 pub mod error;
+mod fenced_delete;
+pub mod limits;
 mod live_snapshot;
 pub mod map;
 pub mod memdisk;
