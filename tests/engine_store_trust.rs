@@ -428,19 +428,25 @@ async fn hostile_manifests_and_oversized_metadata_are_refused() {
     }
 
     // Valid JSON, padded far past any real manifest or checkpoint.
-    let store: DynStore = Arc::new(MemoryStore::new());
-    let dir = tempfile::tempdir().unwrap();
-    let (model, cp_key) = crashed_with_wal(&store, dir.path()).await;
-    for key in [manifest_key(ID), cp_key] {
+    for manifest_too_large in [true, false] {
+        let store: DynStore = Arc::new(MemoryStore::new());
+        let dir = tempfile::tempdir().unwrap();
+        let (model, cp_key) = crashed_with_wal(&store, dir.path()).await;
+        let key = if manifest_too_large {
+            manifest_key(ID)
+        } else {
+            cp_key
+        };
         let original = store.get(&key).await.unwrap().data;
-        let mut big = original.to_vec();
-        if key == manifest_key(ID) {
+        let big = if manifest_too_large {
+            let mut big = original.to_vec();
             big.extend(std::iter::repeat_n(b' ', 2 << 20));
+            big
         } else {
             let mut cp = Checkpoint::decode(&original).unwrap();
             cp.zeros = (0..2_000_000u64).map(|i| (i * 2, 1)).collect();
-            big = cp.encode();
-        }
+            cp.encode()
+        };
         put(&store, &key, big).await;
         let e = try_open(&store, dir.path(), 3, wal_only_cfg())
             .await
