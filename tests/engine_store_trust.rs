@@ -72,7 +72,9 @@ async fn try_open(
 }
 
 async fn open(store: &DynStore, dir: &Path, epoch: u64) -> Arc<Volume> {
-    try_open(store, dir, epoch, cfg()).await.expect("open volume")
+    try_open(store, dir, epoch, cfg())
+        .await
+        .expect("open volume")
 }
 
 fn block(seed: u64) -> Vec<u8> {
@@ -233,7 +235,11 @@ async fn recovery_reads_past_a_lagging_listing_and_deletes_nothing() {
     let fresh = tempfile::tempdir().unwrap();
     let v = open(&store, fresh.path(), 3).await;
     faulty.show_in_listings();
-    assert_eq!(keys(&store, &chunk_prefix(ID)).await, all_chunks, "no chunk deleted");
+    assert_eq!(
+        keys(&store, &chunk_prefix(ID)).await,
+        all_chunks,
+        "no chunk deleted"
+    );
     assert_eq!(read_all(&*v).await, Ok(model.clone()), "every stored write");
     v.close().await.unwrap();
     let fresh = tempfile::tempdir().unwrap();

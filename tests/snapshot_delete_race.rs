@@ -104,7 +104,10 @@ async fn an_undone_snapshot_delete_keeps_the_chunks_its_clone_reads() {
         .expect("control socket");
     let old = pattern(0x5a);
     vol.write(0, &old, false).await.unwrap();
-    snaps.create("p@s", 1).await.expect("snapshot of the attached volume");
+    snaps
+        .create("p@s", 1)
+        .await
+        .expect("snapshot of the attached volume");
 
     // The delete stops where it takes the lease (after its first look for
     // clones); a clone of p@s is made meanwhile.
@@ -127,7 +130,9 @@ async fn an_undone_snapshot_delete_keeps_the_chunks_its_clone_reads() {
     at_lease.release();
     at_recheck.reached().await;
     vol.write(0, &pattern(0xc3), false).await.unwrap();
-    vol.snapshot("later", 3).await.expect("snapshot forcing a checkpoint");
+    vol.snapshot("later", 3)
+        .await
+        .expect("snapshot forcing a checkpoint");
     at_recheck.release();
 
     let refused = deleting.await.unwrap();
@@ -136,7 +141,11 @@ async fn an_undone_snapshot_delete_keeps_the_chunks_its_clone_reads() {
         "{refused:?}"
     );
     let view = snaps.view("p@s").await.expect("p@s is still there");
-    assert_eq!(read_all(&view).await.as_ref(), Ok(&old), "p@s reads its data");
+    assert_eq!(
+        read_all(&view).await.as_ref(),
+        Ok(&old),
+        "p@s reads its data"
+    );
     let crec = catalog.get("c").await.unwrap();
     let (clone, clone_lease) = attach(&store, dir.path(), &crec, &clock).await;
     assert_eq!(

@@ -95,6 +95,7 @@ pub fn run(config: Option<&Path>, cmd: SnapshotCmd) -> anyhow::Result<()> {
                             "created_ms": e.snapshot.created_ms,
                             "chunks": e.snapshot.checkpoint.chunks.len(),
                             "clones": e.clones,
+                            "deleting": e.snapshot.deleting,
                         })
                     })
                     .collect();
@@ -105,7 +106,16 @@ pub fn run(config: Option<&Path>, cmd: SnapshotCmd) -> anyhow::Result<()> {
             for e in entries {
                 println!(
                     "{:<32}  {:>4}  {:<20}  {}",
-                    format!("{}@{}", e.volume, e.snapshot.name),
+                    format!(
+                        "{}@{}{}",
+                        e.volume,
+                        e.snapshot.name,
+                        if e.snapshot.deleting {
+                            " (deleting)"
+                        } else {
+                            ""
+                        }
+                    ),
                     e.snapshot.id,
                     format_utc_ms(e.snapshot.created_ms),
                     e.clones.join(",")

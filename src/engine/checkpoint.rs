@@ -115,7 +115,10 @@ impl Manifest {
 
 /// Read the manifest of `volume` (at most [`MAX_MANIFEST_BYTES`]) and
 /// check it; returns it with the object (for its version).
-pub async fn read_manifest(store: &DynStore, volume: u64) -> Result<(Manifest, Object), EngineError> {
+pub async fn read_manifest(
+    store: &DynStore,
+    volume: u64,
+) -> Result<(Manifest, Object), EngineError> {
     let o = get_capped(store, &manifest_key(volume), MAX_MANIFEST_BYTES, "manifest").await?;
     Ok((Manifest::parse(volume, &o.data)?, o))
 }

@@ -35,12 +35,12 @@ use super::chunk::{
     ChunkExtent, ChunkHeader, COMPACTED_BIT,
 };
 use super::error::EngineError;
+use super::fenced_delete::FencedDeleter;
 use super::map::Loc;
 use super::snapshot::RetainSet;
 use super::state::{ChunkEntry, State};
 use super::volume::Inner;
 use super::SECTOR;
-use super::fenced_delete::FencedDeleter;
 use crate::store::DynStore;
 
 /// Most sparse chunks rewritten in one round.
@@ -293,7 +293,10 @@ pub(crate) async fn clean_orphans(
             continue;
         };
         if !super::limits::valid_chunk_id(seq) || seq & COMPACTED_BIT == 0 {
-            log::warn!("ignoring compaction object {} with an out-of-range id", meta.key);
+            log::warn!(
+                "ignoring compaction object {} with an out-of-range id",
+                meta.key
+            );
             continue;
         }
         next = next.max((seq & !COMPACTED_BIT) + 1);

@@ -98,7 +98,14 @@ mod tests {
             .put("a/b", Bytes::from(vec![1u8; 100]), PutMode::Create)
             .await
             .unwrap();
-        assert_eq!(get_capped(&store, "a/b", 100, "x").await.unwrap().data.len(), 100);
+        assert_eq!(
+            get_capped(&store, "a/b", 100, "x")
+                .await
+                .unwrap()
+                .data
+                .len(),
+            100
+        );
         let e = get_capped(&store, "a/b", 99, "manifest").await.unwrap_err();
         let msg = e.to_string();
         assert!(msg.contains("a/b") && msg.contains("larger"), "{msg}");

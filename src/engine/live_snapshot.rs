@@ -137,10 +137,7 @@ impl Volume {
     /// compaction run meanwhile, until the caller removes its object
     /// ([`super::snapshot::remove_snapshot`]) once nothing needs it, or
     /// clears the mark ([`super::snapshot::set_deleting`]) to undo.
-    pub async fn begin_snapshot_delete(
-        &self,
-        name: &str,
-    ) -> Result<SnapshotObject, SnapshotError> {
+    pub async fn begin_snapshot_delete(&self, name: &str) -> Result<SnapshotObject, SnapshotError> {
         let inner = &self.inner;
         {
             let mut st = inner.shared.lock();
@@ -344,7 +341,15 @@ async fn collect_unreferenced(inner: &Inner) -> Result<u64, String> {
     // Only objects of our epoch or older, with fencing re-checked as the
     // loops go: a newer holder's objects are never ours to judge.
     let mut deleter = FencedDeleter::new(&inner.store, inner.id, inner.epoch);
-    let res = delete_listed(inner, &mut deleter, listed, checkpoint_chunk, &mapped, &retain).await;
+    let res = delete_listed(
+        inner,
+        &mut deleter,
+        listed,
+        checkpoint_chunk,
+        &mapped,
+        &retain,
+    )
+    .await;
     inner
         .counters
         .chunks_deleted

@@ -290,7 +290,10 @@ async fn apply_later_chunks(
         let name = &meta.key[prefix.len()..];
         match parse_chunk_name(name) {
             Some((seq, _)) if !valid_chunk_id(seq) || seq & super::chunk::COMPACTED_BIT != 0 => {
-                log::warn!("ignoring chunk object {} with an out-of-range number", meta.key)
+                log::warn!(
+                    "ignoring chunk object {} with an out-of-range number",
+                    meta.key
+                )
             }
             Some((seq, epoch)) if seq > state.last_chunk => {
                 found.entry(seq).or_default().push(epoch)
@@ -324,11 +327,18 @@ async fn apply_later_chunks(
                 Some((epoch, key, o))
             }
             None => {
-                let hints = listed_epochs
-                    .iter()
-                    .copied()
-                    .chain([prev_epoch, bound.min_epoch, p.epoch]);
-                probe(store, p.id, seq, probe_epochs(hints, prev_epoch, bound.min_epoch, admissible)).await?
+                let hints =
+                    listed_epochs
+                        .iter()
+                        .copied()
+                        .chain([prev_epoch, bound.min_epoch, p.epoch]);
+                probe(
+                    store,
+                    p.id,
+                    seq,
+                    probe_epochs(hints, prev_epoch, bound.min_epoch, admissible),
+                )
+                .await?
             }
         };
         let Some((epoch, key, o)) = next else { break };

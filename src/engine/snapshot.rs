@@ -543,7 +543,11 @@ pub async fn set_deleting(
         ..snap
     };
     match store
-        .put(&key, Bytes::from(new.encode()), PutMode::IfMatch(obj.version))
+        .put(
+            &key,
+            Bytes::from(new.encode()),
+            PutMode::IfMatch(obj.version),
+        )
         .await
     {
         Ok(_) => Ok(new),

@@ -250,7 +250,9 @@ mod tests {
         let before = store.get(&skey).await.unwrap().data;
         snaps.clone_volume("p@s", "c", 0).await.unwrap();
         let e = snaps
-            .leased(&rec, |epoch| snaps.delete_unless_cloned(&rec, &s, "p@s", epoch))
+            .leased(&rec, |epoch| {
+                snaps.delete_unless_cloned(&rec, &s, "p@s", epoch)
+            })
             .await
             .unwrap_err();
         assert!(
@@ -259,5 +261,34 @@ mod tests {
         );
         assert_eq!(store.get(&skey).await.unwrap().data, before);
         assert!(snaps.view("p@s").await.is_ok());
+    }
+
+    /// A delete interrupted after its mark (a crash): the snapshot still
+    /// reads, gets no new clone, is listed as deleting, and running the
+    /// delete again finishes it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_interrupted_delete_is_finished_by_running_it_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: DynStore = Arc::new(MemoryStore::new());
+        let snaps = Snapshots::new(
+            store.clone(),
+            EngineConfig::default(),
+            dir.path().to_path_buf(),
+            Arc::new(SystemClock),
+            "test",
+        );
+        let rec = snaps.catalog.create("p", 1 << 20, false, 0).await.unwrap();
+        let s = snaps.create("p@s", 0).await.unwrap();
+        snap::set_deleting(&store, rec.id, s.id, true)
+            .await
+            .unwrap();
+        assert!(snaps.view("p@s").await.is_ok());
+        let e = snaps.clone_volume("p@s", "c", 0).await.unwrap_err();
+        assert!(e.to_string().contains("being deleted"), "{e}");
+        assert!(snaps.catalog.get("c").await.is_err(), "no clone record");
+        let listed = snaps.list(Some("p")).await.unwrap();
+        assert!(listed[0].snapshot.deleting, "{listed:?}");
+        snaps.delete("p@s").await.expect("finish the delete");
+        assert!(snaps.list(Some("p")).await.unwrap().is_empty());
     }
 }
