@@ -394,8 +394,7 @@ async fn a_chunk_ending_at_the_last_sequence_number_is_refused() {
     let wal_before = wal_bytes(dir.path());
     let e = try_open(&store, dir.path(), 3, wal_only_cfg())
         .await
-        .err()
-        .expect("open with a hostile chunk succeeded");
+        .expect_err("open with a hostile chunk succeeded");
     assert!(e.contains(&key), "the error names {key}: {e}");
     assert_eq!(wal_bytes(dir.path()), wal_before, "the WAL is untouched");
     store.delete(&key).await.unwrap();

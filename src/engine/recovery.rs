@@ -93,7 +93,7 @@ async fn take_manifest(
                     Err(e) => return Err(e.into()),
                 }
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e),
         };
         if m.epoch > p.epoch {
             return Err(EngineError::Fenced(format!(
