@@ -3,7 +3,9 @@
 //! chunks must survive every step until its delete is final, so a delete
 //! that is undone (a clone appeared) leaves the snapshot and the clone
 //! whole. The windows are hit on purpose with holds of the fault-injecting
-//! store, never by timing.
+//! store, never by timing. (Before the deleting mark existed, the snapshot
+//! taken in the window reused the deleted snapshot's id, the put-back then
+//! failed silently, and the clone read through to the wrong snapshot.)
 
 use std::path::Path;
 use std::sync::Arc;
@@ -104,7 +106,7 @@ async fn an_undone_snapshot_delete_keeps_the_chunks_its_clone_reads() {
         .expect("control socket");
     let old = pattern(0x5a);
     vol.write(0, &old, false).await.unwrap();
-    snaps
+    let s = snaps
         .create("p@s", 1)
         .await
         .expect("snapshot of the attached volume");
@@ -130,7 +132,8 @@ async fn an_undone_snapshot_delete_keeps_the_chunks_its_clone_reads() {
     at_lease.release();
     at_recheck.reached().await;
     vol.write(0, &pattern(0xc3), false).await.unwrap();
-    vol.snapshot("later", 3)
+    let later = vol
+        .snapshot("later", 3)
         .await
         .expect("snapshot forcing a checkpoint");
     at_recheck.release();
@@ -140,6 +143,9 @@ async fn an_undone_snapshot_delete_keeps_the_chunks_its_clone_reads() {
         matches!(&refused, Err(SnapError::HasClones { clones, .. }) if clones == &["c"]),
         "{refused:?}"
     );
+    // A snapshot taken meanwhile never takes the id of one being deleted
+    // (clones name their parent by id).
+    assert_ne!(later.id, s.id);
     let view = snaps.view("p@s").await.expect("p@s is still there");
     assert_eq!(
         read_all(&view).await.as_ref(),

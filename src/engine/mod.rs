@@ -21,7 +21,9 @@
 //! and the WAL segment is released → every `checkpoint_every_chunks` chunks
 //! a checkpoint plus manifest swap, after which dead chunks are deleted.
 //! Recovery: manifest → checkpoint → later chunks in order up to the first
-//! gap → WAL records newer than the store.
+//! gap (a chunk missing from the listing is read directly first) → WAL
+//! records newer than the store. Every number read back is checked first
+//! ([`limits`]).
 
 use async_trait::async_trait;
 
