@@ -122,6 +122,7 @@ pub async fn recover(
     store: &DynStore,
     p: &VolumeParams,
     now: Duration,
+    fs: &wal::fs::DynWalFs,
 ) -> Result<Recovered, EngineError> {
     let (mut manifest, mut manifest_version) = take_manifest(store, p).await?;
     let volume_sectors = p.size / SECTOR;
@@ -197,7 +198,7 @@ pub async fn recover(
 
     let wal_dir = p.local_dir.join("wal");
     let after = state.stored_seq;
-    let wal = replay::replay(&wal_dir, p.id, after, |a| state.apply_appended(&[a], now))?;
+    let wal = replay::replay(fs, &wal_dir, p.id, after, |a| state.apply_appended(&[a], now))?;
     // A request cut short by the crash was never acknowledged: what exists
     // of it may be destaged on its own.
     if let Some(last) = state.pending.back_mut() {

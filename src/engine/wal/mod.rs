@@ -14,9 +14,7 @@
 //! 5. Once an I/O error happens the log is broken: every later request fails.
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
 use std::io::IoSlice;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -25,8 +23,11 @@ use std::thread::JoinHandle;
 use futures::channel::oneshot;
 
 use super::map::WalLoc;
+use fs::{DynWalFs, SegFile, WalFile};
 use record::{RecordHeader, RecordKind, HEADER_LEN};
 
+pub mod fs;
+pub mod power_loss;
 pub mod record;
 pub mod replay;
 
@@ -75,7 +76,7 @@ pub type ApplyFn = Box<dyn Fn(&[Appended]) + Send>;
 
 #[derive(Debug)]
 struct Segment {
-    file: Arc<File>,
+    file: SegFile,
     path: PathBuf,
     /// Highest sequence number in the segment; 0 when empty.
     last_seq: u64,
@@ -108,6 +109,7 @@ enum Req {
 
 /// Handle to the log. Dropping it stops the writer thread.
 pub struct Wal {
+    fs: DynWalFs,
     tx: Mutex<Option<mpsc::Sender<Req>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     registry: Arc<Mutex<Registry>>,
@@ -132,24 +134,19 @@ fn seg_path(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("{id:016x}.wal"))
 }
 
-fn sync_dir(dir: &Path) -> Result<(), WalError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
+fn sync_dir(fs: &DynWalFs, dir: &Path) -> Result<(), WalError> {
+    fs.sync_dir(dir)
         .map_err(|e| io_err("sync WAL directory", e))
 }
 
-fn create_segment(dir: &Path, id: u64) -> Result<Segment, WalError> {
+fn create_segment(fs: &DynWalFs, dir: &Path, id: u64) -> Result<Segment, WalError> {
     let path = seg_path(dir, id);
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
+    let file = fs
+        .create(&path)
         .map_err(|e| io_err("create WAL segment", e))?;
-    sync_dir(dir)?;
+    sync_dir(fs, dir)?;
     Ok(Segment {
-        file: Arc::new(file),
+        file,
         path,
         last_seq: 0,
         len: 0,
@@ -160,6 +157,7 @@ impl Wal {
     /// Start the log in `dir` after recovery, with a fresh current segment.
     /// `seg_limit` is the size at which a new segment is started.
     pub fn start(
+        fs: DynWalFs,
         dir: &Path,
         volume: u64,
         recovered: Recovered,
@@ -171,11 +169,14 @@ impl Wal {
             segs: recovered.segs,
             current: next_id,
         };
-        registry.segs.insert(next_id, create_segment(dir, next_id)?);
+        registry
+            .segs
+            .insert(next_id, create_segment(&fs, dir, next_id)?);
         let registry = Arc::new(Mutex::new(registry));
         let last_seq = Arc::new(AtomicU64::new(recovered.next_seq - 1));
         let (tx, rx) = mpsc::channel();
         let writer = Writer {
+            fs: fs.clone(),
             dir: dir.to_path_buf(),
             volume,
             registry: registry.clone(),
@@ -190,6 +191,7 @@ impl Wal {
             .spawn(move || writer.run(rx))
             .map_err(|e| io_err("spawn WAL writer", e))?;
         Ok(Wal {
+            fs,
             tx: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
             registry,
@@ -280,7 +282,7 @@ impl Wal {
 
     /// The open file of segment `seg` (kept alive by the `Arc` even if the
     /// segment is released meanwhile).
-    pub fn segment_file(&self, seg: u64) -> Option<Arc<File>> {
+    pub fn segment_file(&self, seg: u64) -> Option<SegFile> {
         let reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
         reg.segs.get(&seg).map(|s| s.file.clone())
     }
@@ -302,7 +304,7 @@ impl Wal {
                 .collect()
         };
         for s in doomed {
-            if let Err(e) = std::fs::remove_file(&s.path) {
+            if let Err(e) = self.fs.remove(&s.path) {
                 log::warn!("removing WAL segment {}: {e}", s.path.display());
             }
         }
@@ -330,7 +332,9 @@ impl Drop for Wal {
 
 /// Read `dst.len()` bytes of a record's data, verifying the record CRC.
 /// `dst` receives sectors `[loc.skip, loc.skip + dst.len()/512)` of the record.
-pub fn read_record(file: &File, loc: &WalLoc, seg: u64, dst: &mut [u8]) -> Result<(), WalError> {
+pub fn read_record(
+    file: &dyn WalFile,
+    loc: &WalLoc, seg: u64, dst: &mut [u8]) -> Result<(), WalError> {
     let rec_len = (loc.rec_sectors * super::SECTOR) as usize;
     let mut buf = vec![0u8; rec_len];
     file.read_exact_at(&mut buf, loc.data_off)
@@ -352,6 +356,7 @@ pub fn read_record(file: &File, loc: &WalLoc, seg: u64, dst: &mut [u8]) -> Resul
 
 /// State owned by the writer thread.
 struct Writer {
+    fs: DynWalFs,
     dir: PathBuf,
     volume: u64,
     registry: Arc<Mutex<Registry>>,
@@ -391,17 +396,17 @@ impl Writer {
         }
     }
 
-    fn current(&self) -> (u64, Arc<File>, u64) {
+    fn current(&self) -> (u64, SegFile, u64) {
         let reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
         let seg = &reg.segs[&reg.current];
         (reg.current, seg.file.clone(), seg.len)
     }
 
-    fn roll(&mut self, old: &File) -> Result<(), WalError> {
+    fn roll(&mut self, old: &dyn WalFile) -> Result<(), WalError> {
         old.sync_data().map_err(|e| io_err("sync WAL segment", e))?;
         let mut reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
         let id = reg.current + 1;
-        let seg = create_segment(&self.dir, id)?;
+        let seg = create_segment(&self.fs, &self.dir, id)?;
         reg.segs.insert(id, seg);
         reg.current = id;
         Ok(())
@@ -450,7 +455,7 @@ impl Writer {
         }
         let (mut seg_id, mut file, mut off) = self.current();
         if off > 0 && off + total > self.seg_limit {
-            self.roll(&file)?;
+            self.roll(file.as_ref())?;
             (seg_id, file, off) = self.current();
         }
         let mut headers = Vec::new();
@@ -511,7 +516,7 @@ impl Writer {
                     }
                 }
             }
-            write_all_vectored(&file, &mut iov, off)?;
+            write_all_vectored(file.as_ref(), &mut iov, off)?;
         }
         if need_sync {
             file.sync_data().map_err(|e| io_err("sync WAL", e))?;
@@ -532,12 +537,17 @@ impl Writer {
 }
 
 /// `pwritev` until every slice is written.
-fn write_all_vectored(file: &File, iov: &mut [IoSlice<'_>], mut off: u64) -> Result<(), WalError> {
+fn write_all_vectored(
+    file: &dyn WalFile,
+    iov: &mut [IoSlice<'_>],
+    mut off: u64,
+) -> Result<(), WalError> {
     let mut slices: &mut [IoSlice<'_>] = iov;
     // Linux accepts at most IOV_MAX (1024) slices per call.
     while !slices.is_empty() {
         let n = slices.len().min(1024);
-        let written = nix::sys::uio::pwritev(file, &slices[..n], off as libc::off_t)
+        let written = file
+            .write_vectored_at(&slices[..n], off)
             .map_err(|e| io_err("write WAL", e))?;
         if written == 0 {
             return Err(io_err("write WAL", "wrote 0 bytes"));

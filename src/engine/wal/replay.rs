@@ -13,10 +13,9 @@
 //!    nothing: the directory belongs to someone else.
 
 use std::collections::BTreeMap;
-use std::fs::OpenOptions;
 use std::path::Path;
-use std::sync::Arc;
 
+use super::fs::{read_all, DynWalFs};
 use super::record::{decode_at, RecordKind};
 use super::{io_err, seg_path, sync_dir, Appended, Recovered, Segment, WalError};
 use crate::engine::map::WalLoc;
@@ -32,16 +31,17 @@ fn parse_seg_name(name: &str) -> Option<u64> {
 /// Replay the log in `dir` (created if missing) for records newer than
 /// `after_seq`, calling `apply` for each in order.
 pub fn replay(
+    fs: &DynWalFs,
     dir: &Path,
     volume: u64,
     after_seq: u64,
     mut apply: impl FnMut(Appended),
 ) -> Result<Recovered, WalError> {
-    std::fs::create_dir_all(dir).map_err(|e| io_err("create WAL directory", e))?;
+    fs.create_dir_all(dir)
+        .map_err(|e| io_err("create WAL directory", e))?;
     let mut ids = Vec::new();
-    for entry in std::fs::read_dir(dir).map_err(|e| io_err("list WAL directory", e))? {
-        let entry = entry.map_err(|e| io_err("list WAL directory", e))?;
-        if let Some(id) = entry.file_name().to_str().and_then(parse_seg_name) {
+    for name in fs.list(dir).map_err(|e| io_err("list WAL directory", e))? {
+        if let Some(id) = parse_seg_name(&name) {
             ids.push(id);
         }
     }
@@ -56,10 +56,12 @@ pub fn replay(
                 "deleting WAL segment {} after a torn record",
                 path.display()
             );
-            std::fs::remove_file(&path).map_err(|e| io_err("delete WAL segment", e))?;
+            fs.remove(&path)
+                .map_err(|e| io_err("delete WAL segment", e))?;
             continue;
         }
-        let buf = std::fs::read(&path).map_err(|e| io_err("read WAL segment", e))?;
+        let file = fs.open(&path).map_err(|e| io_err("open WAL segment", e))?;
+        let buf = read_all(file.as_ref()).map_err(|e| io_err("read WAL segment", e))?;
         let mut pos = 0usize;
         let mut last_seq = 0u64;
         let mut seen_seq = 0u64;
@@ -115,30 +117,26 @@ pub fn replay(
             pos = data.end;
         }
         if last_seq == 0 {
-            std::fs::remove_file(&path).map_err(|e| io_err("delete WAL segment", e))?;
+            fs.remove(&path)
+                .map_err(|e| io_err("delete WAL segment", e))?;
             continue;
         }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(|e| io_err("open WAL segment", e))?;
         if stopped {
             file.set_len(pos as u64)
-                .and_then(|_| file.sync_all())
+                .and_then(|_| file.sync_data())
                 .map_err(|e| io_err("truncate WAL segment", e))?;
         }
         kept.insert(
             id,
             Segment {
-                file: Arc::new(file),
+                file,
                 path,
                 last_seq,
                 len: pos as u64,
             },
         );
     }
-    sync_dir(dir)?;
+    sync_dir(fs, dir)?;
     Ok(Recovered {
         segs: kept,
         next_seq,

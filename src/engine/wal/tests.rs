@@ -2,6 +2,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use super::fs::real;
 use super::record::RecordKind;
 use super::replay::replay;
 use super::{read_record, Appended, NewRecord, Wal};
@@ -16,10 +17,11 @@ type Seen = Arc<Mutex<Vec<Appended>>>;
 
 fn start(dir: &std::path::Path, after: u64, seg_limit: u64) -> (Wal, Seen, Vec<Appended>) {
     let mut replayed = Vec::new();
-    let rec = replay(dir, 9, after, |a| replayed.push(a)).unwrap();
+    let rec = replay(&real(), dir, 9, after, |a| replayed.push(a)).unwrap();
     let seen: Seen = Arc::default();
     let s2 = seen.clone();
     let wal = Wal::start(
+        real(),
         dir,
         9,
         rec,
@@ -73,7 +75,7 @@ fn concurrent_appends_replay_and_release() {
         let loc = a.loc.unwrap();
         let f = wal.segment_file(loc.seg).unwrap();
         let mut b = vec![0u8; (a.sectors * 512) as usize];
-        read_record(&f, &loc, loc.seg, &mut b).unwrap();
+        read_record(f.as_ref(), &loc, loc.seg, &mut b).unwrap();
         let (t, i) = ((a.lba / 1000) as u8, ((a.lba % 1000) / 8) as u8);
         assert_eq!(b, data(t * 50 + i, a.sectors as usize));
     }
@@ -123,7 +125,7 @@ fn torn_tail_truncated_and_later_segments_dropped() {
     f.set_len(len - 300).unwrap();
     std::fs::write(dir.path().join("00000000000000ff.wal"), vec![7u8; 4096]).unwrap();
     let mut replayed = Vec::new();
-    let rec = replay(dir.path(), 9, 0, |a| replayed.push(a)).unwrap();
+    let rec = replay(&real(), dir.path(), 9, 0, |a| replayed.push(a)).unwrap();
     assert_eq!(replayed.len(), 2);
     assert!(replayed[0].more && replayed[1].more, "flags survive");
     assert_eq!(rec.next_seq, 3);
@@ -132,12 +134,12 @@ fn torn_tail_truncated_and_later_segments_dropped() {
     assert!(cut_len < len - 300, "torn record removed");
     // A second replay sees exactly the same, with no error.
     let mut again = Vec::new();
-    replay(dir.path(), 9, 0, |a| again.push(a)).unwrap();
+    replay(&real(), dir.path(), 9, 0, |a| again.push(a)).unwrap();
     assert_eq!(again.len(), 2);
     // Another volume's WAL is refused and left alone.
     let before = std::fs::read(&seg).unwrap();
     let mut other = Vec::new();
-    assert!(replay(dir.path(), 8, 0, |a| other.push(a)).is_err());
+    assert!(replay(&real(), dir.path(), 8, 0, |a| other.push(a)).is_err());
     assert!(other.is_empty());
     assert_eq!(std::fs::read(&seg).unwrap(), before);
 }
