@@ -21,6 +21,10 @@
 //!    bit rot the operator must see, never silently skipped.
 //! 5. A clone (its manifest names a parent) opens only with its whole
 //!    parent chain readable; its maps keep zeroed ranges as `Loc::Zero`.
+//! 6. The local WAL is replayed only if it extends the history of the
+//!    manifest as read (before invariant 3's commit), else quarantined;
+//!    what replay keeps is durable, and a new segment stamped with our
+//!    epoch exists, before that commit (see [`super::wal_open`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -34,7 +38,8 @@ use super::error::EngineError;
 use super::state::State;
 use super::view::SnapshotView;
 use super::volume::VolumeParams;
-use super::wal::{self, replay};
+use super::wal;
+use super::wal_open;
 use super::SECTOR;
 use crate::store::{DynStore, PutMode, StoreError, Version};
 
@@ -189,16 +194,17 @@ pub async fn recover(
     };
     apply_later_chunks(store, p, &mut state, prev_epoch, bound, volume_sectors).await?;
     state.next_compacted = super::compact::clean_orphans(store, p.id, p.epoch, &state).await?;
-    (manifest, manifest_version) =
-        commit_history(store, p, manifest, manifest_version, &state).await?;
     state.committed_seq = state.stored_seq;
     state.taken_seq = state.stored_seq;
     state.next_chunk = state.last_chunk + 1;
     state.live = state.stored.clone();
 
-    let wal_dir = p.local_dir.join("wal");
-    let after = state.stored_seq;
-    let wal = replay::replay(fs, &wal_dir, p.id, after, |a| state.apply_appended(&[a], now))?;
+    // Invariant 6: the WAL is judged against the manifest as read, and its
+    // new segment names our epoch before we commit it.
+    let history_epoch = manifest.history_epoch;
+    let wal = wal_open::open_wal(store, p, history_epoch, &mut state, now, fs).await?;
+    (manifest, manifest_version) =
+        commit_history(store, p, manifest, manifest_version, &state).await?;
     // A request cut short by the crash was never acknowledged: what exists
     // of it may be destaged on its own.
     if let Some(last) = state.pending.back_mut() {

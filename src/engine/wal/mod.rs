@@ -8,7 +8,13 @@
 //!    for FUA records and flushes, after `fdatasync`), and after the `apply`
 //!    callback saw it, so an acknowledged write is visible to readers.
 //! 3. Before a new segment is started the previous one is `fdatasync`ed, so a
-//!    flush only has to sync the current segment.
+//!    flush only has to sync the current segment, and only the newest
+//!    segment can hold a torn record (see [`replay`]).
+//! 6. Every segment starts with a header naming the writer's epoch and the
+//!    history it extends ([`segment`]); replay applies a WAL only over that
+//!    history ([`crate::engine::wal_open`]).
+//!
+//! All file access goes through the [`fs::WalFs`] seam.
 //! 4. A segment file is deleted only through [`Wal::release_upto`], which the
 //!    engine calls once every record in it is durable in the object store.
 //! 5. Once an I/O error happens the log is broken: every later request fails.
@@ -26,10 +32,14 @@ use super::map::WalLoc;
 use fs::{DynWalFs, SegFile, WalFile};
 use record::{RecordHeader, RecordKind, HEADER_LEN};
 
+pub mod discard;
 pub mod fs;
 pub mod power_loss;
+pub mod quarantine;
 pub mod record;
 pub mod replay;
+pub mod scan;
+pub mod segment;
 
 /// WAL failures.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -42,9 +52,24 @@ pub enum WalError {
     Corrupt { seg: u64, off: u64 },
     #[error("WAL segment {0} is gone")]
     SegmentGone(u64),
+    /// Damage or a sequence gap where no torn write can be (not at the
+    /// tail of the newest segment): corruption the operator must resolve.
+    #[error(
+        "WAL segment {path} is damaged at offset {offset}: {what}. It was synced before the \
+         next segment began, so this is corruption, not a torn write, and the volume is not \
+         opened. Records after seq {last_good} cannot be replayed; to open the volume without \
+         them run `shale volume discard-wal <volume> --after {last_good}`"
+    )]
+    Damaged {
+        path: String,
+        offset: u64,
+        what: String,
+        /// The last record that can be read before the damage (0: none).
+        last_good: u64,
+    },
 }
 
-fn io_err(what: &str, e: impl std::fmt::Display) -> WalError {
+pub(crate) fn io_err(what: &str, e: impl std::fmt::Display) -> WalError {
     WalError::Io(format!("{what}: {e}"))
 }
 
@@ -126,8 +151,12 @@ impl std::fmt::Debug for Wal {
 #[derive(Debug)]
 pub struct Recovered {
     segs: BTreeMap<u64, Segment>,
+    /// The new, empty segment to append to (in `segs`).
+    current: u64,
     /// The next sequence number to assign.
     pub next_seq: u64,
+    /// The stamp of every segment this writer starts.
+    stamp: segment::Stamp,
 }
 
 fn seg_path(dir: &Path, id: u64) -> PathBuf {
@@ -139,22 +168,32 @@ fn sync_dir(fs: &DynWalFs, dir: &Path) -> Result<(), WalError> {
         .map_err(|e| io_err("sync WAL directory", e))
 }
 
-fn create_segment(fs: &DynWalFs, dir: &Path, id: u64) -> Result<Segment, WalError> {
+/// Create segment `id` holding only its header (the data is not synced;
+/// the first flush into it syncs both).
+fn create_segment(
+    fs: &DynWalFs,
+    dir: &Path,
+    id: u64,
+    volume: u64,
+    stamp: segment::Stamp,
+) -> Result<Segment, WalError> {
     let path = seg_path(dir, id);
     let file = fs
         .create(&path)
         .map_err(|e| io_err("create WAL segment", e))?;
-    sync_dir(fs, dir)?;
+    let header = segment::encode(volume, stamp);
+    write_all_vectored(file.as_ref(), &mut [IoSlice::new(&header)], 0)?;
     Ok(Segment {
         file,
         path,
         last_seq: 0,
-        len: 0,
+        len: segment::SEG_HEADER_LEN as u64,
     })
 }
 
 impl Wal {
-    /// Start the log in `dir` after recovery, with a fresh current segment.
+    /// Start the log in `dir` after recovery, appending to the fresh
+    /// segment replay created.
     /// `seg_limit` is the size at which a new segment is started.
     pub fn start(
         fs: DynWalFs,
@@ -164,14 +203,10 @@ impl Wal {
         seg_limit: u64,
         apply: ApplyFn,
     ) -> Result<Wal, WalError> {
-        let next_id = recovered.segs.keys().next_back().map_or(1, |k| k + 1);
-        let mut registry = Registry {
+        let registry = Registry {
             segs: recovered.segs,
-            current: next_id,
+            current: recovered.current,
         };
-        registry
-            .segs
-            .insert(next_id, create_segment(&fs, dir, next_id)?);
         let registry = Arc::new(Mutex::new(registry));
         let last_seq = Arc::new(AtomicU64::new(recovered.next_seq - 1));
         let (tx, rx) = mpsc::channel();
@@ -179,6 +214,7 @@ impl Wal {
             fs: fs.clone(),
             dir: dir.to_path_buf(),
             volume,
+            stamp: recovered.stamp,
             registry: registry.clone(),
             next_seq: recovered.next_seq,
             last_seq: last_seq.clone(),
@@ -359,6 +395,7 @@ struct Writer {
     fs: DynWalFs,
     dir: PathBuf,
     volume: u64,
+    stamp: segment::Stamp,
     registry: Arc<Mutex<Registry>>,
     next_seq: u64,
     last_seq: Arc<AtomicU64>,
@@ -406,7 +443,8 @@ impl Writer {
         old.sync_data().map_err(|e| io_err("sync WAL segment", e))?;
         let mut reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
         let id = reg.current + 1;
-        let seg = create_segment(&self.fs, &self.dir, id)?;
+        let seg = create_segment(&self.fs, &self.dir, id, self.volume, self.stamp)?;
+        sync_dir(&self.fs, &self.dir)?;
         reg.segs.insert(id, seg);
         reg.current = id;
         Ok(())
