@@ -89,12 +89,8 @@ async fn write_and_crash(store: &DynStore, id: u64, dir: &Path, range: std::ops:
 
 #[test]
 fn damaged_older_segment_fails_open_until_discard_wal() {
-    let env = CliEnv::with_config(&format!(
-        "data_dir: {}\n",
-        std::env::temp_dir().join("unused").display()
-    ));
-    let data = env.path("data");
-    std::fs::write(&env.config, format!("data_dir: {}\n", data.display())).unwrap();
+    // data_dir is resolved against the config file's directory.
+    let env = CliEnv::with_config("data_dir: data\n");
     env.ok(&["volume", "create", "v", "--size", "4MiB"]);
     let cfg = env.cfg();
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use shale::clock::SystemClock;
 use shale::engine::config::{Durability, EngineConfig};
-use shale::engine::wal::fs::DynWalFs;
+use shale::engine::wal::fs::{DynWalFs, WalFs};
 use shale::engine::wal::power_loss::PowerLossFs;
 use shale::engine::{BlockDevice, EngineError, Volume, VolumeParams};
 use shale::store::memory::MemoryStore;
@@ -118,5 +118,47 @@ async fn flushed_writes_after_a_crash_replay_survive_power_loss() {
     for i in 0..100 {
         assert_eq!(read_block(&v, i).await, block(1, i), "replayed block {i}");
     }
+    v.close().await.unwrap();
+}
+
+/// A torn write at the end of the newest segment (a batch that was never
+/// flushed, cut by the crash) is discarded and the volume opens with every
+/// flushed write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn torn_tail_of_the_newest_segment_is_discarded() {
+    let store: DynStore = Arc::new(MemoryStore::new());
+    let dir = tempfile::tempdir().unwrap();
+    let pfs = PowerLossFs::new();
+    let fs: DynWalFs = Arc::new(pfs.clone());
+    let v = open(&store, dir.path(), 1, &fs).await.unwrap();
+    for i in 0..10 {
+        v.write(i * BLOCK as u64, &block(3, i), false)
+            .await
+            .unwrap();
+    }
+    v.flush().await.unwrap();
+    v.crash().await;
+    drop(v);
+    let wal = dir.path().join("wal");
+    let mut names = fs.list(&wal).unwrap();
+    names.sort();
+    let newest = wal.join(names.last().unwrap());
+    let mut bytes = pfs.contents(&newest).unwrap();
+    let flushed_len = bytes.len();
+    // Half of one more record: its header and some of its data.
+    let mut torn = bytes[48..48 + 48 + 1000].to_vec();
+    torn[20] ^= 0x7f; // another seq: its header checksum fails too
+    bytes.extend_from_slice(&torn);
+    pfs.overwrite(&newest, bytes).unwrap();
+
+    let v = open(&store, dir.path(), 2, &fs).await.unwrap();
+    for i in 0..10 {
+        assert_eq!(read_block(&v, i).await, block(3, i), "flushed block {i}");
+    }
+    assert_eq!(
+        pfs.contents(&newest).map(|b| b.len()),
+        Some(flushed_len),
+        "the torn tail is cut"
+    );
     v.close().await.unwrap();
 }

@@ -163,7 +163,10 @@ impl WalFile for MemFile {
 
 impl WalFs for PowerLossFs {
     fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
-        self.dirs().entry(dir.to_path_buf()).or_default();
+        let mut dirs = self.dirs();
+        for d in dir.ancestors() {
+            dirs.entry(d.to_path_buf()).or_default();
+        }
         Ok(())
     }
 
