@@ -51,11 +51,7 @@ fn snapshot_dir(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
 }
 
 /// Open the volume with a fresh lease, as a server on this host would.
-async fn open(
-    store: &DynStore,
-    id: u64,
-    dir: &Path,
-) -> (Lease, Result<Arc<Volume>, EngineError>) {
+async fn open(store: &DynStore, id: u64, dir: &Path) -> (Lease, Result<Arc<Volume>, EngineError>) {
     let lease = Lease::acquire(
         store.clone(),
         id,
@@ -124,7 +120,9 @@ fn damaged_older_segment_fails_open_until_discard_wal() {
 
     // The open fails, naming the segment, the offset and what it expected.
     let (lease, res) = rt.block_on(open(&store, id, &local));
-    let err = res.expect_err("open must fail on a damaged older segment").to_string();
+    let err = res
+        .expect_err("open must fail on a damaged older segment")
+        .to_string();
     rt.block_on(lease.release()).unwrap();
     for needle in [
         segs[0].display().to_string(),
@@ -135,7 +133,11 @@ fn damaged_older_segment_fails_open_until_discard_wal() {
     ] {
         assert!(err.contains(&needle), "{err:?} should name {needle:?}");
     }
-    assert_eq!(snapshot_dir(&wal), before, "the failed open changed the WAL");
+    assert_eq!(
+        snapshot_dir(&wal),
+        before,
+        "the failed open changed the WAL"
+    );
     // So does every command that opens it.
     let image = env.path("out.img");
     let image_arg = image.to_str().unwrap();

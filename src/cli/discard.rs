@@ -57,12 +57,7 @@ pub async fn discard_wal(
         dir.display()
     );
     for c in &plan.cuts {
-        println!(
-            "  {}: keep {} of {} bytes",
-            c.path.display(),
-            c.keep,
-            c.len
-        );
+        println!("  {}: keep {} of {} bytes", c.path.display(), c.keep, c.len);
     }
     if let Some(stored) = stored {
         println!("the object store holds the writes up to seq {stored}; later writes discarded here are lost");

@@ -134,12 +134,7 @@ async fn legacy_extends(
         let want = &data[b0..b0 + (piece.len * SECTOR) as usize];
         match piece.loc {
             Some(Loc::Chunk { chunk, off }) => {
-                let info = state
-                    .chunks
-                    .get(&chunk)
-                    .ok_or_else(mismatch)?
-                    .info
-                    .clone();
+                let info = state.chunks.get(&chunk).ok_or_else(mismatch)?.info.clone();
                 let start = info.data_start + off;
                 let got = store
                     .get_range(

@@ -90,11 +90,7 @@ impl std::fmt::Display for DiscardPlan {
             return write!(f, "nothing to discard after seq {}", self.after);
         }
         match self.seqs {
-            Some((lo, hi)) => write!(
-                f,
-                "{} records (seq {lo} to {hi})",
-                self.records
-            )?,
+            Some((lo, hi)) => write!(f, "{} records (seq {lo} to {hi})", self.records)?,
             None => write!(f, "no readable record")?,
         }
         write!(

@@ -370,7 +370,10 @@ impl Drop for Wal {
 /// `dst` receives sectors `[loc.skip, loc.skip + dst.len()/512)` of the record.
 pub fn read_record(
     file: &dyn WalFile,
-    loc: &WalLoc, seg: u64, dst: &mut [u8]) -> Result<(), WalError> {
+    loc: &WalLoc,
+    seg: u64,
+    dst: &mut [u8],
+) -> Result<(), WalError> {
     let rec_len = (loc.rec_sectors * super::SECTOR) as usize;
     let mut buf = vec![0u8; rec_len];
     file.read_exact_at(&mut buf, loc.data_off)

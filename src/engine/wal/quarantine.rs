@@ -12,9 +12,7 @@ use super::{io_err, sync_dir, WalError};
 
 /// Move every file of `dir` into `to` (created); returns how many.
 pub fn quarantine(fs: &DynWalFs, dir: &Path, to: &Path) -> Result<usize, WalError> {
-    let names = fs
-        .list(dir)
-        .map_err(|e| io_err("list WAL directory", e))?;
+    let names = fs.list(dir).map_err(|e| io_err("list WAL directory", e))?;
     fs.create_dir_all(to)
         .map_err(|e| io_err("create the quarantine directory", e))?;
     if let Some(parent) = to.parent() {

@@ -107,7 +107,13 @@ mod tests {
             base_epoch: 5,
         };
         let b = encode(42, s);
-        assert_eq!(decode(&b), Head::Stamped { volume: 42, stamp: s });
+        assert_eq!(
+            decode(&b),
+            Head::Stamped {
+                volume: 42,
+                stamp: s
+            }
+        );
         assert_eq!(decode(&[]), Head::Empty);
         assert_eq!(decode(&RECORD_MAGIC.to_le_bytes()), Head::Legacy);
         for cut in [1, 3, 4, 20, 47] {

@@ -201,7 +201,8 @@ fn damage_in_an_older_segment_is_corruption_and_changes_nothing() {
     let mut b = contents(&fs, dir)[0].1.clone();
     b[third + 60] ^= 1;
     let f = fs.open(&segs[0]).unwrap();
-    f.write_vectored_at(&[std::io::IoSlice::new(&b)], 0).unwrap();
+    f.write_vectored_at(&[std::io::IoSlice::new(&b)], 0)
+        .unwrap();
     let before = contents(&fs, dir);
     let err = replay_on(&fs, dir, 0).unwrap_err();
     match &err {
@@ -243,10 +244,7 @@ fn a_sequence_gap_names_the_expected_seq() {
     let first = seg_files(&fs, dir)[0].clone();
     fs.remove(&first).unwrap();
     let err = replay_on(&fs, dir, 0).unwrap_err();
-    assert!(
-        err.to_string().contains("expected seq 1, found 3"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("expected seq 1, found 3"), "{err}");
 }
 
 #[test]
