@@ -31,8 +31,8 @@ pub trait WalFile: Send + Sync + std::fmt::Debug {
     fn sync_data(&self) -> io::Result<()>;
     /// Cut or extend the file to `len` bytes (not durable until synced).
     fn set_len(&self, len: u64) -> io::Result<()>;
-    /// Current length in bytes.
-    fn len(&self) -> io::Result<u64>;
+    /// Current size in bytes.
+    fn size(&self) -> io::Result<u64>;
 }
 
 /// A shared open WAL file.
@@ -90,7 +90,7 @@ impl WalFile for RealFile {
         self.0.set_len(len)
     }
 
-    fn len(&self) -> io::Result<u64> {
+    fn size(&self) -> io::Result<u64> {
         Ok(self.0.metadata()?.len())
     }
 }
@@ -145,7 +145,7 @@ impl WalFs for RealFs {
 
 /// Read a whole file.
 pub fn read_all(file: &dyn WalFile) -> io::Result<Vec<u8>> {
-    let len = usize::try_from(file.len()?)
+    let len = usize::try_from(file.size()?)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "file too large"))?;
     let mut buf = vec![0u8; len];
     file.read_exact_at(&mut buf, 0)?;

@@ -156,7 +156,7 @@ impl WalFile for MemFile {
         Ok(())
     }
 
-    fn len(&self) -> io::Result<u64> {
+    fn size(&self) -> io::Result<u64> {
         Ok(lock(&self.0).data.len() as u64)
     }
 }
