@@ -1,5 +1,6 @@
 //! Subcommand implementations (binary-only; `anyhow` is allowed here).
 pub mod config;
+pub mod discard;
 pub mod image;
 pub mod nbd;
 pub mod pool;

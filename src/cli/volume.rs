@@ -1,4 +1,4 @@
-//! `shale volume create|list|info|delete`: the catalog, from the command line.
+//! `shale volume create|list|info|delete|...`: the catalog, from the command line.
 use std::io::{IsTerminal, Write};
 use std::path::Path;
 
@@ -64,6 +64,22 @@ pub enum VolumeCmd {
         /// Steal a lease that a live process holds.
         #[arg(long)]
         force: bool,
+    },
+    /// Drop every record after SEQ from this host's WAL of a volume, the
+    /// way past a damaged WAL that stops the volume from opening (the open
+    /// error names the segment, the offset and the SEQ to give). Prints
+    /// exactly what goes (records, sequence range, bytes, segments) before
+    /// doing it and copies the changed segments aside first. Refused while
+    /// the volume is in use.
+    DiscardWal {
+        /// Volume name.
+        name: String,
+        /// Keep records up to this sequence number, drop every later one.
+        #[arg(long, value_name = "SEQ")]
+        after: u64,
+        /// Do not ask for confirmation (required when stdin is not a terminal).
+        #[arg(long, short)]
+        yes: bool,
     },
     /// Delete a volume and all its data.
     Delete {
@@ -139,6 +155,9 @@ pub fn run(config: Option<&Path>, cmd: VolumeCmd) -> anyhow::Result<()> {
             VolumeCmd::Info { name, json } => info(&cfg, &catalog().await?, &name, json).await,
             VolumeCmd::Unlock { name, force } => unlock(&catalog().await?, &name, force).await,
             VolumeCmd::Delete { name, yes } => delete(&cfg, &catalog().await?, &name, yes).await,
+            VolumeCmd::DiscardWal { name, after, yes } => {
+                super::discard::discard_wal(&cfg, &catalog().await?, &name, after, yes).await
+            }
             VolumeCmd::Import { name, file } => super::image::import(&cfg, &name, &file).await,
             VolumeCmd::Export { name, file } => super::image::export(&cfg, &name, &file).await,
         }

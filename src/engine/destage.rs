@@ -14,7 +14,6 @@
 //! 4. All puts run inside this task: aborting it stops every store write.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -236,7 +235,7 @@ fn finish(inner: &Inner, res: Result<(), EngineError>) {
 struct Batch {
     seq: u64,
     recs: Vec<PendingRec>,
-    files: HashMap<u64, Arc<File>>,
+    files: HashMap<u64, wal::fs::SegFile>,
     cost: u64,
     prev_taken_seq: u64,
 }
@@ -391,7 +390,7 @@ fn apply(inner: &Inner, b: Built) {
 /// Newest-wins extents and data of `recs`, all-zero sectors unmapped.
 fn build_chunk(
     recs: &[PendingRec],
-    files: &HashMap<u64, Arc<File>>,
+    files: &HashMap<u64, wal::fs::SegFile>,
 ) -> Result<(Vec<ChunkExtent>, Vec<u8>), EngineError> {
     let mut mini = ExtentMap::new();
     for r in recs {
@@ -421,7 +420,7 @@ fn build_chunk(
             let file = files.get(&w.seg).ok_or(wal::WalError::SegmentGone(w.seg))?;
             let whole = super::map::WalLoc { skip: 0, ..w };
             let mut buf = vec![0u8; (w.rec_sectors * SECTOR) as usize];
-            wal::read_record(file, &whole, w.seg, &mut buf)?;
+            wal::read_record(file.as_ref(), &whole, w.seg, &mut buf)?;
             slot.insert(buf);
         }
         let rd = &rec_data[&w.seq];

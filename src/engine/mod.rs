@@ -4,7 +4,11 @@
 //!
 //! Layout of one volume:
 //! - local: `<local_dir>/wal/<segment:016x>.wal` (WAL segments, see
-//!   [`wal`]), `<local_dir>/cache/data` (read cache, recreated at open);
+//!   [`wal`]), `<local_dir>/cache/data` (read cache, recreated at open),
+//!   `<local_dir>/wal.quarantine-e<epoch>-<secs>/` (a WAL that did not
+//!   extend the store's history, never applied; see `wal_open.rs`) and
+//!   `<local_dir>/wal.discarded-<secs>/` (copies kept by
+//!   [`wal::discard`]);
 //! - store: `volumes/<id:016x>/manifest` (root, compare-and-swap only),
 //!   `volumes/<id:016x>/chunks/<seq:016x>-<epoch:08x>` (immutable chunk
 //!   objects, see [`chunk`]), `volumes/<id:016x>/compacted/<id:016x>-<epoch:08x>`
@@ -53,6 +57,7 @@ pub mod usage;
 pub mod view;
 pub mod volume;
 pub mod wal;
+mod wal_open;
 
 pub use error::EngineError;
 pub use volume::{Volume, VolumeParams, VolumeStats};

@@ -29,6 +29,10 @@
 //!    the error names the object, and nothing is deleted or replayed.
 //! 5. A clone (its manifest names a parent) opens only with its whole
 //!    parent chain readable; its maps keep zeroed ranges as `Loc::Zero`.
+//! 6. The local WAL is replayed only if it extends the history of the
+//!    manifest as read (before invariant 3's commit), else quarantined;
+//!    what replay keeps is durable, and a new segment stamped with our
+//!    epoch exists, before that commit (see [`super::wal_open`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -43,7 +47,8 @@ use super::limits::{checkpoint_cap, get_capped, valid_chunk_id, MAX_CHUNK_OBJECT
 use super::state::State;
 use super::view::SnapshotView;
 use super::volume::VolumeParams;
-use super::wal::{self, replay};
+use super::wal;
+use super::wal_open;
 use super::SECTOR;
 use crate::store::{DynStore, PutMode, StoreError, Version};
 
@@ -122,6 +127,7 @@ pub async fn recover(
     store: &DynStore,
     p: &VolumeParams,
     now: Duration,
+    fs: &wal::fs::DynWalFs,
 ) -> Result<Recovered, EngineError> {
     let (mut manifest, mut manifest_version) = take_manifest(store, p).await?;
     let volume_sectors = p.size / SECTOR;
@@ -145,16 +151,17 @@ pub async fn recover(
     };
     apply_later_chunks(store, p, &mut state, prev_epoch, bound, volume_sectors).await?;
     state.next_compacted = super::compact::clean_orphans(store, p.id, p.epoch, &state).await?;
-    (manifest, manifest_version) =
-        commit_history(store, p, manifest, manifest_version, &state).await?;
     state.committed_seq = state.stored_seq;
     state.taken_seq = state.stored_seq;
     state.next_chunk = state.last_chunk + 1;
     state.live = state.stored.clone();
 
-    let wal_dir = p.local_dir.join("wal");
-    let after = state.stored_seq;
-    let wal = replay::replay(&wal_dir, p.id, after, |a| state.apply_appended(&[a], now))?;
+    // Invariant 6: the WAL is judged against the manifest as read, and its
+    // new segment names our epoch before we commit it.
+    let history_epoch = manifest.history_epoch;
+    let wal = wal_open::open_wal(store, p, history_epoch, &mut state, now, fs).await?;
+    (manifest, manifest_version) =
+        commit_history(store, p, manifest, manifest_version, &state).await?;
     // A request cut short by the crash was never acknowledged: what exists
     // of it may be destaged on its own.
     if let Some(last) = state.pending.back_mut() {

@@ -154,6 +154,18 @@ impl Volume {
         cfg: EngineConfig,
         clock: DynClock,
     ) -> Result<Arc<Volume>, EngineError> {
+        Self::open_with_fs(store, params, cfg, clock, super::wal::fs::real()).await
+    }
+
+    /// [`Volume::open`] with the WAL on `fs` (tests use a file system that
+    /// can lose power; see [`super::wal::power_loss`]).
+    pub async fn open_with_fs(
+        store: DynStore,
+        params: VolumeParams,
+        cfg: EngineConfig,
+        clock: DynClock,
+        fs: super::wal::fs::DynWalFs,
+    ) -> Result<Arc<Volume>, EngineError> {
         cfg.validate()?;
         if params.size == 0 || !params.size.is_multiple_of(SECTOR) {
             return Err(EngineError::InvalidParams(format!(
@@ -166,7 +178,7 @@ impl Volume {
         })?;
         std::fs::create_dir_all(&params.local_dir)
             .map_err(|e| EngineError::LocalIo(format!("{}: {e}", params.local_dir.display())))?;
-        let mut rec = recovery::recover(&store, &params, clock.now()).await?;
+        let mut rec = recovery::recover(&store, &params, clock.now(), &fs).await?;
         let refs = super::space::load_snapshot_refs(&store, params.id).await;
         rec.state.live.track(refs);
         let shared = Arc::new(Shared {
@@ -189,6 +201,7 @@ impl Volume {
         });
         let seg_limit = (cfg.chunk_size * 4).max(16 << 20);
         let wal = Wal::start(
+            fs,
             &params.local_dir.join("wal"),
             params.id,
             rec.wal,
