@@ -86,7 +86,9 @@ impl Cache {
             idx.slots[slot].1 = true;
             slot
         };
-        self.file.read_exact_at(dst, slot as u64 * SLOT).is_ok()
+        self.file
+            .read_exact_at(dst, slot as u64 * SLOT + offset)
+            .is_ok()
     }
 
     /// Store a verified window (at most [`SLOT`] bytes).
@@ -164,5 +166,23 @@ mod tests {
         assert!(!c.get((7, 3, 2), 0, 0, &mut other));
         assert!(c.get((7, 3, 1), 0, 0, &mut other));
         assert_eq!(other, b);
+    }
+
+    /// A read inside a window returns the bytes at that offset, not the
+    /// window's first bytes.
+    #[test]
+    fn reads_inside_a_window_honour_the_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Cache::open(dir.path(), 4 * SLOT).unwrap().unwrap();
+        let mut d = vec![0u8; SLOT as usize];
+        for (i, b) in d.iter_mut().enumerate() {
+            *b = (i / 4096) as u8;
+        }
+        c.put((7, 4, 1), 2, &d);
+        for block in [0u64, 3, 15] {
+            let mut inside = vec![0xffu8; 4096];
+            assert!(c.get((7, 4, 1), 2, block * 4096, &mut inside));
+            assert_eq!(inside, vec![block as u8; 4096]);
+        }
     }
 }
