@@ -22,7 +22,12 @@ pub enum Event {
     },
     /// Generations `from..=to` may be written (announced by the harness
     /// before the writer runs, so the plan survives a lost writer line).
+    /// It takes effect at the next `WRITER` or `CUT`, so a scan between
+    /// the announcement and the writer does not count on it.
     Plan { from: u64, to: u64 },
+    /// The crash (power cut, kill) ended the boot or run: a pending plan
+    /// may have been written.
+    Cut,
     /// A writer starts; it writes `from..=to` in order, one at a time.
     Writer { from: u64, to: u64 },
     /// Every generation of the current writer up to `gen` is acknowledged.
@@ -53,6 +58,7 @@ impl fmt::Display for Event {
                 block_size,
             } => write!(f, "RUN {seed} {blocks} {block_size}"),
             Event::Plan { from, to } => write!(f, "PLAN {from} {to}"),
+            Event::Cut => write!(f, "CUT"),
             Event::Writer { from, to } => write!(f, "WRITER {from} {to}"),
             Event::Acked { gen } => write!(f, "ACKED {gen}"),
             Event::Flushed { gen } => write!(f, "FLUSHED {gen}"),
@@ -95,6 +101,7 @@ impl Event {
                 from: num(words.next(), "from")?,
                 to: num(words.next(), "to")?,
             },
+            "CUT" => Event::Cut,
             "WRITER" => Event::Writer {
                 from: num(words.next(), "from")?,
                 to: num(words.next(), "to")?,
@@ -184,6 +191,7 @@ mod tests {
                 block_size: 4096,
             },
             Event::Plan { from: 1, to: 100 },
+            Event::Cut,
             Event::Writer { from: 1, to: 50 },
             Event::Flushed { gen: 7 },
             Event::Scan {

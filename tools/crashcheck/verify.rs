@@ -72,6 +72,8 @@ struct Model {
     /// Per block: planned generations newer than the floor, ascending.
     newer: Vec<Vec<u64>>,
     planned_upto: u64,
+    /// Announced plans not in effect yet (until a writer starts or a cut).
+    announced: Vec<(u64, u64)>,
     /// The running writer.
     writer: Option<Writer>,
     /// Acknowledged, not yet floored ranges of earlier writers.
@@ -91,6 +93,7 @@ impl Model {
             floor: vec![0; blocks as usize],
             newer: vec![Vec::new(); blocks as usize],
             planned_upto: 0,
+            announced: Vec::new(),
             writer: None,
             pending: Vec::new(),
             durable_on_ack,
@@ -116,6 +119,12 @@ impl Model {
         }
         out.writes_planned += to - start + 1;
         self.planned_upto = to;
+    }
+
+    fn apply_announced(&mut self, out: &mut Outcome) {
+        for (from, to) in std::mem::take(&mut self.announced) {
+            self.plan(from, to, out);
+        }
     }
 
     /// Raise floors for every generation in `from..=to`.
@@ -261,8 +270,10 @@ pub fn verify(events: &[Event], durable_on_ack: bool) -> Outcome {
         };
         match event {
             Event::Run { .. } => {}
-            Event::Plan { from, to } => m.plan(*from, *to, &mut out),
+            Event::Plan { from, to } => m.announced.push((*from, *to)),
+            Event::Cut => m.apply_announced(&mut out),
             Event::Writer { from, to } => {
+                m.apply_announced(&mut out);
                 if *from <= m.planned_upto && *to > m.planned_upto {
                     out.ledger_errors
                         .push(format!("writer {from}..={to} overlaps the plan's end"));
@@ -421,7 +432,7 @@ mod tests {
 
     #[test]
     fn unplanned_and_damaged_blocks_fail() {
-        let mut ev = vec![run(2), Event::Plan { from: 1, to: 4 }];
+        let mut ev = vec![run(2), Event::Plan { from: 1, to: 4 }, Event::Cut];
         let mut gens = vec![Some(0), Some(0)];
         // A generation never planned for block 0.
         gens[0] = Some(999);
@@ -460,6 +471,24 @@ mod tests {
         ev.push(Event::Scanned { blocks: 1 });
         let out = verify(&ev, false);
         assert_eq!(out.failure.unwrap().scan, 2);
+    }
+
+    #[test]
+    fn a_plan_counts_only_from_its_writer_or_cut_on() {
+        // Block 0 holds generation 1 before the writer of plan 1..=1 ran.
+        let early = vec![
+            run(1),
+            Event::Plan { from: 1, to: 1 },
+            Event::Scan {
+                first: 0,
+                gens: vec![Some(1)],
+            },
+            Event::Scanned { blocks: 1 },
+        ];
+        assert!(verify(&early, false).failure.is_some());
+        let mut late = early.clone();
+        late.insert(2, Event::Cut);
+        assert!(verify(&late, false).failure.is_none());
     }
 
     #[test]

@@ -94,7 +94,7 @@ nbd_start() {
 nbd_stop() { kill -TERM $NBD_PID; wait $NBD_PID || die "shale nbd serve did not stop cleanly"; }
 # A crashed server leaves a live lease; take it over at once instead of
 # waiting up to 30 s for it to expire.
-unlock() { shale volume unlock $VOL --force >/dev/null || die "volume unlock --force"; }
+unlock() { RUST_LOG=warn shale volume unlock $VOL --force >/dev/null || die "volume unlock --force"; }
 writer() { shale-crashcheck write --target "$TARGET" --seed $SEED --blocks $BLOCKS "$@"; }
 
 if [ "$BOOT" = 1 ]; then

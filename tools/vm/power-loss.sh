@@ -132,11 +132,18 @@ boot() {
         -drive "file=$DISK_IMG,if=virtio,format=raw,cache=none,aio=native" \
         -append "$append" </dev/null >"$log" 2>&1 &
     QEMU_PID=$!
-    local cut_at=
+    local cut_at= checked=
     CUT_HOW=
     while kill -0 "$QEMU_PID" 2>/dev/null; do
         if grep -q '^FAIL' "$log"; then
             CUT_HOW="guest failure"; break
+        elif [ -z "$checked" ] && grep -aq 'CC SCANNED' "$log"; then
+            # Verify the scan at once: on a failure, stop here.
+            checked=1
+            { cat "$LEDGER"; grep -a 'CC ' "$log"; } > "$WORK/ledger.now"
+            if ! "$CHECK" verify --journal "$WORK/ledger.now" > "$WORK/verify.out" 2>&1; then
+                CUT_HOW="failed check"; break
+            fi
         elif grep -q '^POWER CUT-NOW' "$log"; then
             CUT_HOW="at CUT-NOW"; break
         elif [ -z "$cut_at" ] && grep -q '^POWER CUT-WINDOW' "$log"; then
@@ -155,7 +162,8 @@ boot() {
     QEMU_PID=
     echo "power-loss: boot $n ($cycle) ended after $(( SECONDS - start )) s: ${CUT_HOW:-guest powered off}"
     grep -a 'CC ' "$log" >> "$LEDGER" || true
-    "$CHECK" line NOTE "boot $n power cut ${CUT_HOW:-none}" >> "$LEDGER"
+    "$CHECK" line NOTE "boot $n ended: ${CUT_HOW:-powered off}" >> "$LEDGER"
+    "$CHECK" line CUT >> "$LEDGER"
 }
 
 show_boot() {
@@ -167,7 +175,7 @@ prev=none
 for (( n = 1; n <= CYCLES + 1; n++ )); do
     if (( n > CYCLES )); then cycle=final; else cycle=$(cycle_type "$n"); fi
     boot "$n" "$cycle" "$prev"
-    if grep -aq '^FAIL' "$WORK/boot-$n.log" || [ "$CUT_HOW" = timeout ]; then
+    if [ "$CUT_HOW" != "failed check" ] && { grep -aq '^FAIL' "$WORK/boot-$n.log" || [ "$CUT_HOW" = timeout ]; }; then
         show_boot "$n"
         echo "power-loss: FAIL: boot $n ($cycle) did not complete its steps (${CUT_HOW:-no marker})"
         exit 1
@@ -181,7 +189,7 @@ for (( n = 1; n <= CYCLES + 1; n++ )); do
         if ! "$CHECK" verify --journal "$LEDGER" > "$WORK/verify.out" 2>&1; then
             cat "$WORK/verify.out"
             show_boot "$n"
-            echo "power-loss: FAIL: data check after the power cut of boot $((n - 1)) (seed $SEED; replay with SHALE_POWER_SEED=$SEED)"
+            echo "power-loss: FAIL: data check after the power cut of boot $((n - 1)) ($(cycle_type $((n - 1)))) (seed $SEED; replay with SHALE_POWER_SEED=$SEED)"
             exit 1
         fi
         echo "power-loss: boot $n: $(tail -n 1 "$WORK/verify.out")"
