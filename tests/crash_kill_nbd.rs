@@ -123,7 +123,13 @@ fn kill_9_of_nbd_serve_loses_no_acknowledged_write() {
         let mut writer = Command::new(CHECK)
             .args(["write", "--target", &uri, "--seed", &seed_s])
             .args(["--blocks", &blocks_s, "--from", &from, "--count", &count])
-            .args(["--flush-prob", flush_prob, "--log-acks", "--journal", &journal_s])
+            .args([
+                "--flush-prob",
+                flush_prob,
+                "--log-acks",
+                "--journal",
+                &journal_s,
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -83,7 +83,8 @@ impl fmt::Display for Event {
 
 fn num(word: Option<&str>, what: &str) -> Result<u64> {
     let w = word.with_context(|| format!("missing {what}"))?;
-    w.parse().with_context(|| format!("{what} {w:?} is not a number"))
+    w.parse()
+        .with_context(|| format!("{what} {w:?} is not a number"))
 }
 
 impl Event {

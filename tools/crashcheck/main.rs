@@ -374,7 +374,14 @@ fn main() -> ExitCode {
     let result = match &cli.cmd {
         Cmd::Write(a) => write(a),
         Cmd::Scan(a) => Out::new(a.target.journal.as_deref()).and_then(|mut out| {
-            scan(&a.target.target, a.target.buffered, &a.run, a.flush, &mut out).map(|_| None)
+            scan(
+                &a.target.target,
+                a.target.buffered,
+                &a.run,
+                a.flush,
+                &mut out,
+            )
+            .map(|_| None)
         }),
         Cmd::Check(a) => check(a),
         Cmd::Verify(a) => verify_cmd(a),

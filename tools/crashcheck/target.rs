@@ -104,9 +104,9 @@ impl Target {
     pub fn flush(&mut self) -> Result<()> {
         match self {
             // fdatasync on a block device sends the device a FLUSH.
-            Target::Device { file, path } => {
-                file.sync_data().with_context(|| format!("fdatasync {path}"))
-            }
+            Target::Device { file, path } => file
+                .sync_data()
+                .with_context(|| format!("fdatasync {path}")),
             Target::Nbd(c) => c.flush(),
         }
     }

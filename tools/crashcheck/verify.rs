@@ -259,7 +259,9 @@ pub fn verify(events: &[Event], durable_on_ack: bool) -> Outcome {
                 None if *blocks > 0 => model = Some(Model::new(*seed, *blocks, durable_on_ack)),
                 None => out.ledger_errors.push("run with 0 blocks".into()),
                 Some(m) if m.seed == *seed && m.blocks == *blocks => {}
-                Some(_) => out.ledger_errors.push("a second, different RUN line".into()),
+                Some(_) => out
+                    .ledger_errors
+                    .push("a second, different RUN line".into()),
             }
             continue;
         }
@@ -383,10 +385,7 @@ mod tests {
         for g in 1..=upto {
             gens[block_of(11, g, blocks) as usize] = Some(g);
         }
-        vec![
-            Event::Scan { first: 0, gens },
-            Event::Scanned { blocks },
-        ]
+        vec![Event::Scan { first: 0, gens }, Event::Scanned { blocks }]
     }
 
     #[test]
@@ -401,7 +400,10 @@ mod tests {
         let mut ok = ev.clone();
         ok.extend(scan_of(8, 30));
         let out = verify(&ok, false);
-        assert!(out.failure.is_none() && out.ledger_errors.is_empty(), "{out:?}");
+        assert!(
+            out.failure.is_none() && out.ledger_errors.is_empty(),
+            "{out:?}"
+        );
         assert_eq!(out.scans, 1);
         // Only up to 10 present: writes 11..=20 were flushed and are lost.
         ev.extend(scan_of(8, 10));
