@@ -176,7 +176,8 @@ fn check_run(run: &RunArgs) -> Result<()> {
     if run.blocks == 0 {
         bail!("--blocks must be at least 1");
     }
-    if run.block_size < MIN_BLOCK || run.block_size % 512 != 0 || run.block_size > 1 << 20 {
+    if run.block_size < MIN_BLOCK || !run.block_size.is_multiple_of(512) || run.block_size > 1 << 20
+    {
         bail!("--block-size must be a multiple of 512 from {MIN_BLOCK} to 1 MiB");
     }
     Ok(())
@@ -204,7 +205,7 @@ fn write(a: &WriteArgs) -> Result<Option<Failed>> {
     let mut t = Target::open(&a.target.target, a.target.buffered)?;
     t.check_fits(a.run.blocks, a.run.block_size)?;
     let mut buf = AlignedBuf::new(a.run.block_size);
-    let mut rng = mix(a.run.seed ^ mix(a.from) ^ 0x466c_7573_68);
+    let mut rng = mix(a.run.seed ^ mix(a.from) ^ 0x0046_6c75_7368);
     let bs = a.run.block_size as u64;
     out.emit(&Event::Writer { from: a.from, to })?;
     let mut last = 0;
