@@ -109,7 +109,11 @@ impl LeaseConfig {
         if self.safety_margin_seconds == 0 {
             return Err(("lease.safety_margin_seconds", "must be at least 1".into()));
         }
-        if self.renew_seconds.saturating_add(self.safety_margin_seconds) >= self.ttl_seconds {
+        if self
+            .renew_seconds
+            .saturating_add(self.safety_margin_seconds)
+            >= self.ttl_seconds
+        {
             return Err((
                 "lease.renew_seconds",
                 format!(

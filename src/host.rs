@@ -29,7 +29,9 @@ pub struct HostIdentity {
 pub fn this_host() -> HostIdentity {
     let machine = read_id(Path::new("/etc/machine-id"))
         .or_else(|| read_id(Path::new("/var/lib/dbus/machine-id")))
-        .or_else(|| read_id(Path::new("/proc/sys/kernel/hostname")).map(|h| format!("hostname:{h}")))
+        .or_else(|| {
+            read_id(Path::new("/proc/sys/kernel/hostname")).map(|h| format!("hostname:{h}"))
+        })
         .unwrap_or_else(|| "unknown".to_string());
     let boot = read_id(Path::new("/proc/sys/kernel/random/boot_id"))
         .unwrap_or_else(|| "unknown".to_string());
@@ -100,9 +102,11 @@ mod tests {
 
     #[test]
     fn stat_start_time_skips_odd_command_names() {
-        let line = "4242 (a (b) c) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10";
+        let line =
+            "4242 (a (b) c) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10";
         assert_eq!(parse_stat_start(line), Some(987_654));
-        let zombie = "4242 (x) Z 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10";
+        let zombie =
+            "4242 (x) Z 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10";
         assert_eq!(parse_stat_start(zombie), None);
         assert_eq!(parse_stat_start("garbage"), None);
         assert_eq!(parse_stat_start("1 (x) S 1 2"), None);

@@ -142,7 +142,10 @@ async fn a_stalled_renewal_stops_acknowledgements_before_a_takeover() {
         .write(0, &pattern(1, 8192), false)
         .await
         .expect("write while the lease is fresh");
-    a.volume.flush().await.expect("flush while the lease is fresh");
+    a.volume
+        .flush()
+        .await
+        .expect("flush while the lease is fresh");
 
     f.stall_a_renewals().await;
     f.clock.advance(TTL + Duration::from_secs(1));

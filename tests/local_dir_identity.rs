@@ -45,13 +45,22 @@ async fn two_stores_sharing_a_data_dir_never_mix_their_wal() {
     let mut ids = Vec::new();
     for cfg in [&cfg_a, &cfg_b] {
         let catalog = Catalog::new(open_store(cfg).await.expect("store"));
-        ids.push(catalog.create("v", SIZE, false, 0).await.expect("create").id);
+        ids.push(
+            catalog
+                .create("v", SIZE, false, 0)
+                .await
+                .expect("create")
+                .id,
+        );
     }
     assert_eq!(ids[0], ids[1], "both stores gave their volume the same id");
 
     // Store A's server writes, flushes and crashes: its data is in the WAL.
     let a = attach(&cfg_a, "v").await.expect("attach A");
-    a.volume.write(0, &[0xAA; 65536], false).await.expect("write");
+    a.volume
+        .write(0, &[0xAA; 65536], false)
+        .await
+        .expect("write");
     a.volume.flush().await.expect("flush");
     a.volume.crash().await;
     a.lease().release().await.expect("release A's lease");

@@ -118,7 +118,10 @@ fn kill_9_then_restart_serves_at_once_with_every_flushed_write() {
     let env = volume_env();
     let sock = env.path("nbd.sock");
     let (mut server, cold) = start(&env, &sock, "start.log").expect("first start");
-    eprintln!("first start (no lease to take over): {} ms", cold.as_millis());
+    eprintln!(
+        "first start (no lease to take over): {} ms",
+        cold.as_millis()
+    );
     let mut flushed = Vec::new();
     for cycle in 0..3u32 {
         let offset = cycle * 4;

@@ -521,7 +521,10 @@ async fn local_takeover_needs_same_machine_same_dir_and_a_gone_holder() {
     };
     let plain = f.acquire("no-owner-recorded").await.expect("first");
     assert!(
-        matches!(take(owner("m", "d", 200)).await, Err(LeaseError::Held { .. })),
+        matches!(
+            take(owner("m", "d", 200)).await,
+            Err(LeaseError::Held { .. })
+        ),
         "a record without an owner is never taken over early"
     );
     plain.release().await.expect("release");
@@ -571,7 +574,10 @@ async fn local_takeover_needs_same_machine_same_dir_and_a_gone_holder() {
     .await
     .expect("steal");
     assert!(
-        matches!(take(owner("m", "d", 300)).await, Err(LeaseError::Held { .. })),
+        matches!(
+            take(owner("m", "d", 300)).await,
+            Err(LeaseError::Held { .. })
+        ),
         "a live holder of this host and directory still blocks"
     );
     live.check().expect("untouched");

@@ -98,7 +98,9 @@ impl HolderId {
             ("boot", &self.boot),
             ("dir", &self.dir),
         ] {
-            if v.is_empty() || v.len() > host::MAX_ID_LEN || !v.chars().all(|c| c.is_ascii_graphic())
+            if v.is_empty()
+                || v.len() > host::MAX_ID_LEN
+                || !v.chars().all(|c| c.is_ascii_graphic())
             {
                 return Err(format!(
                     "owner.{name} must be 1 to {} printable characters",
@@ -205,7 +207,9 @@ pub async fn read_lease(
             let record: LeaseRecord =
                 serde_json::from_slice(&obj.data).map_err(|e| corrupt(e.to_string()))?;
             if record.holder.len() > MAX_HOLDER_LEN {
-                return Err(corrupt(format!("holder longer than {MAX_HOLDER_LEN} bytes")));
+                return Err(corrupt(format!(
+                    "holder longer than {MAX_HOLDER_LEN} bytes"
+                )));
             }
             if let Some(owner) = &record.owner {
                 owner.check().map_err(corrupt)?;
@@ -796,7 +800,9 @@ impl Lease {
         if let Err(e) = spawned {
             // No thread to spare: renew on the caller's runtime rather than
             // not at all.
-            log::warn!("cannot start the lease renewal thread ({e}); renewing on the caller's runtime");
+            log::warn!(
+                "cannot start the lease renewal thread ({e}); renewing on the caller's runtime"
+            );
             let job = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
             if let Some(job) = job {
                 tokio::spawn(job.run());
@@ -829,7 +835,8 @@ impl RenewJob {
             Ok(rt) => rt.block_on(self.run()),
             Err(e) => {
                 let lease = self.lease.clone();
-                let why = LeaseError::Invalid(format!("cannot start the lease renewal runtime: {e}"));
+                let why =
+                    LeaseError::Invalid(format!("cannot start the lease renewal runtime: {e}"));
                 log::error!("lease of volume {:016x}: {why}", lease.volume_id);
                 lease.deadline.lose(why.to_string());
                 self.finish(Some(why));
@@ -858,34 +865,27 @@ impl RenewJob {
     }
 
     /// The renewal loop; returns the loss that ended it, `None` if stopped
-    /// or released.
+    /// or released. The schedule runs on real time (renew every period,
+    /// retry sooner after a failure); expiry is judged by the lease's clock.
     async fn renew_until_lost(&mut self) -> Option<LeaseError> {
         let lease = self.lease.clone();
         let retry = (self.period / 6).max(Duration::from_millis(1));
-        let mut next = lease.clock.monotonic() + self.period;
+        let mut wait = self.period;
         loop {
-            // Wait for the next renewal, noticing expiry and stop. Sleeps are
-            // capped at the period so that an injected clock is looked at often.
-            loop {
-                let now = lease.clock.monotonic();
-                if lease.deadline.expired() {
-                    return Some(self.expired());
-                }
-                if now >= next {
-                    break;
-                }
-                let to_expiry = Duration::from_nanos(
-                    lease
-                        .deadline
-                        .expires
-                        .load(Ordering::SeqCst)
-                        .saturating_sub(nanos(now)),
-                );
-                let wait = (next - now).min(to_expiry).min(self.period);
-                tokio::select! {
-                    _ = &mut self.stop => return None,
-                    _ = tokio::time::sleep(wait.max(Duration::from_millis(1))) => {}
-                }
+            let now = nanos(lease.clock.monotonic());
+            let to_expiry = Duration::from_nanos(
+                lease
+                    .deadline
+                    .expires
+                    .load(Ordering::SeqCst)
+                    .saturating_sub(now),
+            );
+            tokio::select! {
+                _ = &mut self.stop => return None,
+                _ = tokio::time::sleep(wait.min(to_expiry).max(Duration::from_millis(1))) => {}
+            }
+            if lease.deadline.expired() {
+                return Some(self.expired());
             }
             let res = tokio::select! {
                 _ = &mut self.stop => return None,
@@ -893,12 +893,14 @@ impl RenewJob {
                 e = watch_expiry(&lease, self.period) => Err(e),
             };
             match res {
-                Ok(()) => next = lease.clock.monotonic() + self.period,
+                Ok(()) => wait = self.period,
                 Err(LeaseError::Released { .. }) => return None,
-                Err(e @ (LeaseError::Fenced { .. } | LeaseError::Expired { .. })) => return Some(e),
+                Err(e @ (LeaseError::Fenced { .. } | LeaseError::Expired { .. })) => {
+                    return Some(e)
+                }
                 Err(e) => {
                     log::warn!("lease renewal failed, will retry: {e}");
-                    next = lease.clock.monotonic() + retry;
+                    wait = retry;
                 }
             }
         }

@@ -347,7 +347,11 @@ mod tests {
         let again = store_id(&store, "bbbb".into()).await.expect("read");
         assert_eq!(again, "aaaa", "an existing identity is never replaced");
         store
-            .put(STORE_ID_KEY, Bytes::from_static(b"{\"x\":1}"), PutMode::Overwrite)
+            .put(
+                STORE_ID_KEY,
+                Bytes::from_static(b"{\"x\":1}"),
+                PutMode::Overwrite,
+            )
             .await
             .expect("corrupt it");
         let err = store_id(&store, "cccc".into()).await.expect_err("corrupt");
@@ -360,20 +364,23 @@ mod tests {
         let dir = root.path().join("volumes/0000000000000007");
         let claim = LocalDirClaim::claim(&dir, "store-a", 7, || "dir-1".into()).expect("claim");
         assert_eq!(claim.dir_id(), "dir-1");
-        let busy = LocalDirClaim::claim(&dir, "store-a", 7, || "dir-2".into())
-            .expect_err("second opener");
+        let busy =
+            LocalDirClaim::claim(&dir, "store-a", 7, || "dir-2".into()).expect_err("second opener");
         match &busy {
             LocalDirError::Busy { pid, .. } => assert_eq!(*pid, Some(std::process::id())),
             other => panic!("expected Busy, got {other:?}"),
         }
-        assert!(busy.to_string().contains(&dir.display().to_string()), "{busy}");
+        assert!(
+            busy.to_string().contains(&dir.display().to_string()),
+            "{busy}"
+        );
         drop(claim);
         let again = LocalDirClaim::claim(&dir, "store-a", 7, || "dir-3".into()).expect("reclaim");
         assert_eq!(again.dir_id(), "dir-1", "the identity is written once");
         drop(again);
 
-        let err = LocalDirClaim::claim(&dir, "store-b", 7, || "dir-4".into())
-            .expect_err("another store");
+        let err =
+            LocalDirClaim::claim(&dir, "store-b", 7, || "dir-4".into()).expect_err("another store");
         let msg = err.to_string();
         assert!(matches!(err, LocalDirError::Mismatch { .. }), "{msg}");
         for needle in ["store-a", "store-b", &dir.display().to_string()] {
@@ -381,7 +388,14 @@ mod tests {
         }
         let err = LocalDirClaim::claim(&dir, "store-a", 8, || "dir-5".into())
             .expect_err("another volume");
-        assert!(matches!(err, LocalDirError::Mismatch { found_volume: 7, volume: 8, .. }));
+        assert!(matches!(
+            err,
+            LocalDirError::Mismatch {
+                found_volume: 7,
+                volume: 8,
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -187,8 +187,7 @@ impl Snapshots {
         &self,
         rec: &VolumeRecord,
     ) -> Result<(Arc<Lease>, LocalDirClaim), SnapError> {
-        let local = match claim_volume_dir(self.store(), &self.volume_dir(rec.id), rec.id).await
-        {
+        let local = match claim_volume_dir(self.store(), &self.volume_dir(rec.id), rec.id).await {
             Ok(local) => local,
             Err(busy @ LocalDirError::Busy { .. }) => {
                 // A process of this host has the volume open: if it holds
