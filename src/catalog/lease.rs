@@ -853,14 +853,17 @@ impl RenewJob {
     /// (they now see either the loss or that nobody renews), signal `done`.
     fn finish(self, lost: Option<LeaseError>) {
         let deadline = &self.lease.deadline;
-        if let Some(e) = lost {
+        if let Some(e) = &lost {
             log::error!("lease lost: {e}");
             deadline.lose(e.to_string());
+        }
+        // The renewals have ended: say so before anyone hears of the loss.
+        deadline.renewing.store(false, Ordering::SeqCst);
+        self.finished.store(true, Ordering::SeqCst);
+        if let Some(e) = lost {
             (self.on_lost)(e);
         }
-        deadline.renewing.store(false, Ordering::SeqCst);
         deadline.wake();
-        self.finished.store(true, Ordering::SeqCst);
         let _ = self.done.send(());
     }
 

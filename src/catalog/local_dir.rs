@@ -71,6 +71,11 @@ pub enum LocalDirError {
         .path.display()
     )]
     Corrupt { path: PathBuf, reason: String },
+    #[error("cannot create local directory {}", .path.display())]
+    Create {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("local directory {}", .path.display())]
     Io {
         path: PathBuf,
@@ -182,7 +187,10 @@ impl LocalDirClaim {
             .recursive(true)
             .mode(0o700)
             .create(path)
-            .map_err(io)?;
+            .map_err(|source| LocalDirError::Create {
+                path: path.to_path_buf(),
+                source,
+            })?;
         let lock_path = path.join(LOCK_FILE);
         let file = std::fs::OpenOptions::new()
             .read(true)
