@@ -270,3 +270,36 @@ async fn wall_clock_steps_do_not_move_the_deadline() {
     assert!(matches!(flush, Err(BlockError::Fenced(_))), "{flush:?}");
     a.renewer.stop().await;
 }
+
+/// Blocking work on the server's runtime (here: its only thread, busy
+/// without yielding) does not hold renewals back: they run on their own
+/// thread. (On main the renewer was a task of that runtime and renewed
+/// nothing until the blocking work ended.)
+#[test]
+fn blocking_work_on_the_servers_runtime_does_not_starve_renewals() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let f = Fixture::new();
+        let lease = Arc::new(
+            Lease::acquire(f.store.clone(), VOL, "server-a", TTL, f.clock())
+                .await
+                .expect("lease"),
+        );
+        let renewer = lease.spawn_renewer(RENEW);
+        f.clock.advance(Duration::from_secs(10));
+        let before = lease.expires_at_ms();
+        // Blocking work: this thread never yields to the runtime meanwhile.
+        let began = std::time::Instant::now();
+        while lease.expires_at_ms() == before && began.elapsed() < Duration::from_secs(20) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(
+            lease.expires_at_ms() > before,
+            "no renewal while the server's runtime was blocked"
+        );
+        renewer.stop().await;
+    });
+}
