@@ -529,6 +529,28 @@ async fn local_takeover_needs_same_machine_same_dir_and_a_gone_holder() {
     );
     plain.release().await.expect("release");
 
+    let nameless = Lease::acquire_with(
+        f.store.clone(),
+        VOL,
+        "nameless-host",
+        TTL,
+        f.clock(),
+        AcquireOptions {
+            owner: Some(owner("unknown", "d", 500)),
+            ..AcquireOptions::default()
+        },
+    )
+    .await
+    .expect("a host without a machine id");
+    assert!(
+        matches!(
+            take(owner("unknown", "d", 200)).await,
+            Err(LeaseError::Held { .. })
+        ),
+        "hosts without a machine id are never the same host"
+    );
+    nameless.release().await.expect("release");
+
     let crashed = Lease::acquire_with(
         f.store.clone(),
         VOL,

@@ -38,7 +38,8 @@
 //!    id), process (pid and start time) and local directory (a random id
 //!    kept in that directory). A live lease whose owner is on this machine,
 //!    in the same local directory, and whose process is gone may be taken
-//!    over at once. Callers allow it only while holding that local
+//!    over at once (never when the machine id is `unknown`, i.e. could not
+//!    be read). Callers allow it only while holding that local
 //!    directory's lock (`catalog::local_dir`), which a live holder would
 //!    hold: the lock is the proof, the process check a second opinion.
 
@@ -243,7 +244,11 @@ impl LocalTakeover {
         let (Some(theirs), Some(me)) = (&current.owner, me) else {
             return false;
         };
-        theirs.machine == me.machine && theirs.dir == me.dir && (self.holder_gone)(theirs)
+        // A host whose machine id could not be read is nobody in particular.
+        theirs.machine != "unknown"
+            && theirs.machine == me.machine
+            && theirs.dir == me.dir
+            && (self.holder_gone)(theirs)
     }
 }
 
