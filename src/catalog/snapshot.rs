@@ -25,7 +25,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::lease::{Lease, LeaseError};
+use super::lease::{read_lease, Lease, LeaseError};
+use super::local_dir::{claim_volume_dir, LocalDirClaim, LocalDirError};
 mod clone;
 
 pub use clone::FlattenReport;
@@ -98,6 +99,8 @@ pub enum SnapError {
     Catalog(#[from] CatalogError),
     #[error(transparent)]
     Lease(#[from] LeaseError),
+    #[error(transparent)]
+    LocalDir(#[from] LocalDirError),
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
     #[error(transparent)]
@@ -178,18 +181,42 @@ impl Snapshots {
         Ok(rec)
     }
 
-    /// Take the lease of a detached volume.
-    async fn detach_lease(&self, rec: &VolumeRecord) -> Result<Arc<Lease>, SnapError> {
-        match Lease::acquire(
+    /// Take the lease of a detached volume, holding its local directory
+    /// (see [`super::local_dir`]): a lease left by a crashed process of this
+    /// host and directory is taken over at once. A volume another process
+    /// holds is refused with [`SnapError::Attached`] naming the holder.
+    async fn detach_lease(
+        &self,
+        rec: &VolumeRecord,
+    ) -> Result<(Arc<Lease>, LocalDirClaim), SnapError> {
+        let local = match claim_volume_dir(self.store(), &self.volume_dir(rec.id), rec.id).await {
+            Ok(local) => local,
+            Err(busy @ LocalDirError::Busy { .. }) => {
+                // A process of this host has the volume open: if it holds
+                // the lease, it is the one to ask.
+                let now_ms = u64::try_from(self.clock.now().as_millis()).unwrap_or(u64::MAX);
+                return match read_lease(self.store(), rec.id).await? {
+                    Some((l, _)) if l.is_live(now_ms) => Err(SnapError::Attached {
+                        name: rec.name.clone(),
+                        holder: l.holder,
+                    }),
+                    _ => Err(busy.into()),
+                };
+            }
+            Err(e) => return Err(e.into()),
+        };
+        match Lease::acquire_local(
             self.store().clone(),
             rec.id,
             &self.holder,
             LEASE_TTL,
+            None,
             self.clock.clone(),
+            &local,
         )
         .await
         {
-            Ok(l) => Ok(Arc::new(l)),
+            Ok(l) => Ok((Arc::new(l), local)),
             Err(LeaseError::Held { holder, .. }) => Err(SnapError::Attached {
                 name: rec.name.clone(),
                 holder,
@@ -198,13 +225,14 @@ impl Snapshots {
         }
     }
 
-    /// Run `op` while holding the volume's lease, then release it.
+    /// Run `op` while holding the volume's lease (and its local directory),
+    /// then release both.
     async fn leased<T, F, Fut>(&self, rec: &VolumeRecord, op: F) -> Result<T, SnapError>
     where
         F: FnOnce(u64) -> Fut,
         Fut: std::future::Future<Output = Result<T, SnapError>>,
     {
-        let lease = self.detach_lease(rec).await?;
+        let (lease, local) = self.detach_lease(rec).await?;
         let renewer = lease.spawn_renewer(LEASE_RENEW);
         let res = op(lease.epoch()).await;
         if res.is_ok() {
@@ -214,6 +242,7 @@ impl Snapshots {
         if let Err(e) = lease.release().await {
             log::warn!("could not release the lease of volume {:?}: {e}", rec.name);
         }
+        drop(local);
         res
     }
 

@@ -93,7 +93,7 @@ pub enum VolumeCmd {
 
 /// `volume unlock`: report a free lease; refuse a live one naming its
 /// holder unless `force`, then steal and release it at a new epoch.
-async fn unlock(catalog: &Catalog, name: &str, force: bool) -> anyhow::Result<()> {
+async fn unlock(cfg: &Config, catalog: &Catalog, name: &str, force: bool) -> anyhow::Result<()> {
     use shale::catalog::lease::{read_lease, Lease};
     let rec = catalog.get(name).await?;
     let store = catalog.store().clone();
@@ -114,7 +114,7 @@ async fn unlock(catalog: &Catalog, name: &str, force: bool) -> anyhow::Result<()
         );
     }
     let holder = format!("unlock:{}", shale::daemon::holder_name());
-    let stolen = Lease::steal(store, rec.id, &holder, shale::daemon::LEASE_TTL, clock).await?;
+    let stolen = Lease::steal(store, rec.id, &holder, cfg.lease.ttl(), clock).await?;
     stolen.release().await?;
     println!(
         "volume {name:?}: lease taken from {:?} at epoch {} and released; the old holder is fenced",
@@ -153,7 +153,9 @@ pub fn run(config: Option<&Path>, cmd: VolumeCmd) -> anyhow::Result<()> {
             }
             VolumeCmd::List { json } => list(&catalog().await?, json).await,
             VolumeCmd::Info { name, json } => info(&cfg, &catalog().await?, &name, json).await,
-            VolumeCmd::Unlock { name, force } => unlock(&catalog().await?, &name, force).await,
+            VolumeCmd::Unlock { name, force } => {
+                unlock(&cfg, &catalog().await?, &name, force).await
+            }
             VolumeCmd::Delete { name, yes } => delete(&cfg, &catalog().await?, &name, yes).await,
             VolumeCmd::DiscardWal { name, after, yes } => {
                 super::discard::discard_wal(&cfg, &catalog().await?, &name, after, yes).await

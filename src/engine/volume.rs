@@ -13,10 +13,14 @@
 //!    `futures::channel::oneshot`, never on tokio timers or I/O.
 //! 6. While [`Volume::snapshot`] runs, new writes, trims and zeroes wait
 //!    (they do not fail); reads and flushes go on.
+//! 7. With an [`AckGate`] installed, no write, trim, write_zeroes or flush
+//!    is acknowledged unless the gate admits it at that moment (the lease's
+//!    acknowledgement deadline, see `catalog::lease`); a refusal fails the
+//!    request with [`BlockError::Fenced`].
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use async_trait::async_trait;
 use futures::channel::oneshot;
@@ -92,6 +96,25 @@ pub(crate) struct Counters {
     pub last_snapshot_pause_us: AtomicU64,
 }
 
+/// Whether acknowledgements may be given now (invariant 7). Implemented by
+/// the lease (`catalog::lease`); the engine only asks.
+pub trait AckGate: Send + Sync {
+    /// Decide for an acknowledgement about to be given. Must be cheap when
+    /// the answer is [`Admission::Now`].
+    fn admit(&self) -> Admission;
+}
+
+/// The answer of an [`AckGate`].
+#[derive(Debug)]
+pub enum Admission {
+    /// Acknowledge.
+    Now,
+    /// Ask again once this resolves (or is dropped).
+    Wait(oneshot::Receiver<()>),
+    /// Fail the request, for this reason.
+    Refused(String),
+}
+
 /// Largest WAL record payload; bigger writes are split.
 const MAX_RECORD: usize = 32 << 10;
 
@@ -134,6 +157,7 @@ pub(crate) struct Inner {
 pub struct Volume {
     pub(crate) inner: Arc<Inner>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    ack_gate: OnceLock<Arc<dyn AckGate>>,
 }
 
 impl std::fmt::Debug for Volume {
@@ -233,6 +257,7 @@ impl Volume {
         Ok(Arc::new(Volume {
             inner,
             task: Mutex::new(Some(task)),
+            ack_gate: OnceLock::new(),
         }))
     }
 
@@ -309,6 +334,28 @@ impl Volume {
             st.wake_all();
         }
         self.inner.shared.notify.notify_one();
+    }
+
+    /// Install the gate every later acknowledgement must pass (invariant 7).
+    /// Only the first call takes effect; returns whether this one did.
+    pub fn set_ack_gate(&self, gate: Arc<dyn AckGate>) -> bool {
+        self.ack_gate.set(gate).is_ok()
+    }
+
+    /// Pass the [`AckGate`], if any, waiting while it says so.
+    async fn admit_ack(&self) -> Result<(), BlockError> {
+        let Some(gate) = self.ack_gate.get() else {
+            return Ok(());
+        };
+        loop {
+            match gate.admit() {
+                Admission::Now => return Ok(()),
+                Admission::Refused(why) => return Err(BlockError::Fenced(why)),
+                Admission::Wait(rx) => {
+                    let _ = rx.await;
+                }
+            }
+        }
     }
 
     /// The snapshot this volume (a clone) reads through to, if any; a
@@ -436,7 +483,7 @@ impl Volume {
         if fua && self.inner.cfg.durability == Durability::Store {
             self.wait_store(seq).await?;
         }
-        Ok(())
+        self.admit_ack().await
     }
 }
 
@@ -499,7 +546,7 @@ impl BlockDevice for Volume {
         if fua && self.inner.cfg.durability == Durability::Store {
             self.wait_store(last).await?;
         }
-        Ok(())
+        self.admit_ack().await
     }
 
     async fn flush(&self) -> Result<(), BlockError> {
@@ -509,7 +556,7 @@ impl BlockDevice for Volume {
         if self.inner.cfg.durability == Durability::Store {
             self.wait_store(self.inner.wal.last_seq()).await?;
         }
-        Ok(())
+        self.admit_ack().await
     }
 
     async fn trim(&self, offset: u64, len: u64) -> Result<(), BlockError> {
