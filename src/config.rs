@@ -29,6 +29,8 @@ pub const DEFAULT_DATA_DIR: &str = "/var/lib/shale";
 pub const EXAMPLE_CONFIG: &str = include_str!("config/example.yaml");
 /// Default for [`NbdConfig::listen`].
 pub const DEFAULT_NBD_LISTEN: &str = "127.0.0.1:10809";
+/// Default for [`MetricsConfig::listen`].
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9810";
 
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -46,6 +48,27 @@ pub struct Config {
     pub pool: PoolConfig,
     /// The NBD server.
     pub nbd: NbdConfig,
+    /// The metrics exporter (`shale exporter`).
+    pub metrics: MetricsConfig,
+}
+
+/// Metrics exporter settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address and port `shale exporter` serves `GET /metrics` on
+    /// (`IP:port`). Default `127.0.0.1:9810`.
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: DEFAULT_METRICS_LISTEN
+                .parse()
+                .expect("constant address parses"),
+        }
+    }
 }
 
 /// Pool capacity settings.
@@ -98,6 +121,7 @@ struct ConfigFile {
     engine: EngineConfig,
     pool: PoolConfig,
     nbd: NbdConfig,
+    metrics: MetricsConfig,
 }
 
 /// Where a configuration came from, for error messages.
@@ -236,6 +260,7 @@ impl Config {
             engine: file.engine,
             pool: file.pool,
             nbd: file.nbd,
+            metrics: file.metrics,
         }
     }
 

@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod engine;
 pub mod error;
 pub mod frontend;
+pub mod metrics;
 pub mod pool;
 pub mod size;
 pub mod store;
