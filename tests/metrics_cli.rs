@@ -80,7 +80,10 @@ fn http_get(addr: &str, path: &str) -> (String, String) {
     let mut resp = String::new();
     s.read_to_string(&mut resp).expect("read response");
     let (head, body) = resp.split_once("\r\n\r\n").expect("header end");
-    (head.lines().next().unwrap_or("").to_string(), body.to_string())
+    (
+        head.lines().next().unwrap_or("").to_string(),
+        body.to_string(),
+    )
 }
 
 /// Samples of a scrape: `name{labels}` → value.
@@ -99,7 +102,10 @@ fn sum(s: &HashMap<String, f64>, name: &str, labels: &[(&str, &str)]) -> f64 {
     s.iter()
         .filter(|(k, _)| {
             let (n, rest) = k.split_once('{').unwrap_or((k, ""));
-            n == name && labels.iter().all(|(lk, lv)| rest.contains(&format!("{lk}=\"{lv}\"")))
+            n == name
+                && labels
+                    .iter()
+                    .all(|(lk, lv)| rest.contains(&format!("{lk}=\"{lv}\"")))
         })
         .map(|(_, v)| v)
         .sum()
@@ -163,12 +169,22 @@ fn dashboard_uses_only(text: &str) {
                 .chars()
                 .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
                 .collect();
-            assert!(emitted.contains(name.as_str()), "{name} (in {e:?}) is not emitted");
+            assert!(
+                emitted.contains(name.as_str()),
+                "{name} (in {e:?}) is not emitted"
+            );
             found += 1;
         }
         assert!(found > 0, "query {e:?} uses no shale metric");
     }
-    for panel in ["IOPS", "Latency p99", "Unstored", "Cache", "Store requests", "Lease"] {
+    for panel in [
+        "IOPS",
+        "Latency p99",
+        "Unstored",
+        "Cache",
+        "Store requests",
+        "Lease",
+    ] {
         assert!(
             dash.to_string().contains(panel),
             "the dashboard has no {panel:?} panel"
@@ -195,7 +211,14 @@ fn exporter_counts_fio_writes_to_two_volumes() {
     let sock = env.path("nbd.sock");
     let (server, line) = spawn_shale(
         &env,
-        &["nbd", "serve", "alpha", "beta", "--socket", sock.to_str().unwrap()],
+        &[
+            "nbd",
+            "serve",
+            "alpha",
+            "beta",
+            "--socket",
+            sock.to_str().unwrap(),
+        ],
     );
     assert!(line.starts_with("listening on"), "{line}");
     let (exporter, line) = spawn_shale(&env, &["exporter", "--listen", "127.0.0.1:0"]);
@@ -215,8 +238,14 @@ fn exporter_counts_fio_writes_to_two_volumes() {
     // alpha: 8 MiB in 64 KiB writes; beta: 4 MiB in 4 KiB writes then the
     // same read back. Both at once, scraped while they run.
     let uri = |v: &str| format!("nbd+unix:///{v}?socket={}", sock.display());
-    let mut a = fio(&uri("alpha"), &["--rw=write", "--bs=64k", "--size=8M", "--iodepth=4"]);
-    let mut b = fio(&uri("beta"), &["--rw=write", "--bs=4k", "--size=4M", "--iodepth=8"]);
+    let mut a = fio(
+        &uri("alpha"),
+        &["--rw=write", "--bs=64k", "--size=8M", "--iodepth=4"],
+    );
+    let mut b = fio(
+        &uri("beta"),
+        &["--rw=write", "--bs=4k", "--size=4M", "--iodepth=8"],
+    );
     let mut during = 0;
     while a.try_wait().unwrap().is_none() || b.try_wait().unwrap().is_none() {
         let (status, body) = http_get(&addr, "/metrics");
@@ -239,57 +268,102 @@ fn exporter_counts_fio_writes_to_two_volumes() {
         }
         std::thread::sleep(Duration::from_millis(200));
     };
-    let delta = |name: &str, labels: &[(&str, &str)]| sum(&after, name, labels) - sum(&before, name, labels);
+    let delta = |name: &str, labels: &[(&str, &str)]| {
+        sum(&after, name, labels) - sum(&before, name, labels)
+    };
     let w = |v: &'static str| [("volume", v), ("frontend", "nbd"), ("op", "write")];
     assert_eq!(delta("shale_requests_total", &w("alpha")), 128.0);
-    assert_eq!(delta("shale_request_bytes_total", &w("alpha")), (8 * MIB) as f64);
+    assert_eq!(
+        delta("shale_request_bytes_total", &w("alpha")),
+        (8 * MIB) as f64
+    );
     assert_eq!(delta("shale_requests_total", &w("beta")), 1024.0);
-    assert_eq!(delta("shale_request_bytes_total", &w("beta")), (4 * MIB) as f64);
+    assert_eq!(
+        delta("shale_request_bytes_total", &w("beta")),
+        (4 * MIB) as f64
+    );
     let rd = [("volume", "beta"), ("op", "read")];
     assert_eq!(delta("shale_request_bytes_total", &rd), (4 * MIB) as f64);
-    assert_eq!(delta("shale_request_bytes_total", &[("volume", "alpha"), ("op", "read")]), 0.0);
+    assert_eq!(
+        delta(
+            "shale_request_bytes_total",
+            &[("volume", "alpha"), ("op", "read")]
+        ),
+        0.0
+    );
     assert_eq!(
         delta("shale_request_duration_seconds_count", &w("beta")),
         1024.0,
         "every write is in the latency histogram"
     );
-    assert_eq!(sum(&after, "shale_unstored_bytes", &[]), 0.0, "destage finished");
+    assert_eq!(
+        sum(&after, "shale_unstored_bytes", &[]),
+        0.0,
+        "destage finished"
+    );
     for (v, bytes) in [("alpha", 8 * MIB), ("beta", 4 * MIB)] {
         let vol = [("volume", v)];
-        assert!(delta("shale_destage_chunks_total", &vol) >= 1.0, "{v} destaged");
-        assert!(delta("shale_destage_bytes_total", &vol) >= bytes as f64, "{v}");
+        assert!(
+            delta("shale_destage_chunks_total", &vol) >= 1.0,
+            "{v} destaged"
+        );
+        assert!(
+            delta("shale_destage_bytes_total", &vol) >= bytes as f64,
+            "{v}"
+        );
         let puts = [("volume", v), ("method", "PUT"), ("outcome", "ok")];
         assert!(delta("shale_store_requests_total", &puts) >= 1.0, "{v}");
-        assert!(delta("shale_store_written_bytes_total", &vol) >= bytes as f64, "{v}");
+        assert!(
+            delta("shale_store_written_bytes_total", &vol) >= bytes as f64,
+            "{v}"
+        );
         assert_eq!(sum(&after, "shale_lease_held", &vol), 1.0, "{v}");
         assert!(sum(&after, "shale_lease_expiry_seconds", &vol) > 0.0, "{v}");
         assert_eq!(sum(&after, "shale_request_errors_total", &vol), 0.0, "{v}");
     }
-    assert!(delta("shale_cost_store_requests_per_gib_written", &[("volume", "alpha")]) > 0.0);
+    assert!(
+        delta(
+            "shale_cost_store_requests_per_gib_written",
+            &[("volume", "alpha")]
+        ) > 0.0
+    );
 
     let (_, text) = http_get(&addr, "/metrics");
     promtool_accepts(&text);
     dashboard_uses_only(&text);
 
     // shale status, as JSON and as a table.
-    let json: serde_json::Value = serde_json::from_str(&env.ok(&["status", "--json", "--sample-ms", "100"])).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&env.ok(&["status", "--json", "--sample-ms", "100"])).unwrap();
     let vols = json["volumes"].as_array().unwrap();
     let names: Vec<&str> = vols.iter().map(|v| v["volume"].as_str().unwrap()).collect();
     assert_eq!(names, ["alpha", "beta"]);
     let alpha = &vols[0];
     assert_eq!(alpha["frontends"][0]["kind"], "nbd");
-    assert!(alpha["cost"]["store_requests"]["PUT"].as_u64().unwrap() >= 1, "{alpha}");
+    assert!(
+        alpha["cost"]["store_requests"]["PUT"].as_u64().unwrap() >= 1,
+        "{alpha}"
+    );
     assert_eq!(alpha["cost"]["written_bytes"].as_u64(), Some(8 * MIB));
     assert!(alpha["lease"]["expires_in_seconds"].as_f64().unwrap() > 0.0);
     let table = env.ok(&["status", "beta", "--sample-ms", "0"]);
     assert!(table.starts_with("VOLUME"), "{table}");
-    assert!(table.lines().nth(1).unwrap().starts_with("beta "), "{table}");
+    assert!(
+        table.lines().nth(1).unwrap().starts_with("beta "),
+        "{table}"
+    );
     assert!(!table.contains("alpha"), "{table}");
-    env.fails(&["status", "gamma", "--sample-ms", "0"], "gamma is not attached");
+    env.fails(
+        &["status", "gamma", "--sample-ms", "0"],
+        "gamma is not attached",
+    );
 
     server.stop();
     let s = samples(&http_get(&addr, "/metrics").1);
-    assert_eq!(s["shale_exporter_volumes"], 0.0, "a stopped server's volumes are gone");
+    assert_eq!(
+        s["shale_exporter_volumes"], 0.0,
+        "a stopped server's volumes are gone"
+    );
     exporter.stop();
 }
 
@@ -300,7 +374,10 @@ fn top_refreshes_in_tmux_and_quits_on_q() {
     }
     let env = env_with_volumes(&["tv"]);
     let sock = env.path("nbd.sock");
-    let (server, _) = spawn_shale(&env, &["nbd", "serve", "tv", "--socket", sock.to_str().unwrap()]);
+    let (server, _) = spawn_shale(
+        &env,
+        &["nbd", "serve", "tv", "--socket", sock.to_str().unwrap()],
+    );
     let tmux_sock: PathBuf = env.path("tmux.sock");
     let tmux = |args: &[&str]| {
         let mut c = Command::new("tmux");
@@ -308,7 +385,20 @@ fn top_refreshes_in_tmux_and_quits_on_q() {
         c
     };
     let cmd = format!("{SHALE} --config {} top --interval 1", env.config.display());
-    run_ok(tmux(&["new-session", "-d", "-s", "top", "-x", "160", "-y", "30", &cmd]).env_remove("SHALE_CONFIG"));
+    run_ok(
+        tmux(&[
+            "new-session",
+            "-d",
+            "-s",
+            "top",
+            "-x",
+            "160",
+            "-y",
+            "30",
+            &cmd,
+        ])
+        .env_remove("SHALE_CONFIG"),
+    );
     let screen = || {
         let out = tmux(&["capture-pane", "-p", "-t", "top"]).output().unwrap();
         String::from_utf8_lossy(&out.stdout).to_string()
@@ -329,15 +419,27 @@ fn top_refreshes_in_tmux_and_quits_on_q() {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert!(!first.is_empty(), "no volume row on the screen:\n{}", screen());
+    assert!(
+        !first.is_empty(),
+        "no volume row on the screen:\n{}",
+        screen()
+    );
     assert!(refreshed, "the screen never refreshed:\n{first}");
-    assert!(first.contains("VOLUME") && first.contains("nbd nbd export tv"), "{first}");
+    assert!(
+        first.contains("VOLUME") && first.contains("nbd nbd export tv"),
+        "{first}"
+    );
     assert!(first.contains("epoch 1"), "{first}");
     run_ok(&mut tmux(&["send-keys", "-t", "top", "q"]));
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut gone = false;
     while Instant::now() < deadline {
-        if !tmux(&["has-session", "-t", "top"]).output().unwrap().status.success() {
+        if !tmux(&["has-session", "-t", "top"])
+            .output()
+            .unwrap()
+            .status
+            .success()
+        {
             gone = true;
             break;
         }
@@ -348,4 +450,29 @@ fn top_refreshes_in_tmux_and_quits_on_q() {
     }
     assert!(gone, "q did not end shale top");
     server.stop();
+}
+
+#[test]
+fn completions_and_man_pages_come_from_the_command_definitions() {
+    let env = CliEnv::with_config("data_dir: data\n");
+    let bash = env.ok(&["completions", "bash"]);
+    assert!(
+        bash.contains("complete -F") && bash.contains("exporter"),
+        "{bash}"
+    );
+    let zsh = env.ok(&["completions", "zsh"]);
+    assert!(zsh.starts_with("#compdef shale"), "{zsh}");
+    let bad = env.run(&["completions", "cmd.exe"]);
+    assert_eq!(bad.status.code(), Some(2), "a usage error");
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("invalid value"));
+    let dir = env.path("man");
+    env.ok(&["manpages", dir.to_str().unwrap()]);
+    for page in ["shale.1", "shale-status.1", "shale-volume-create.1"] {
+        let text =
+            std::fs::read_to_string(dir.join(page)).unwrap_or_else(|e| panic!("{page}: {e}"));
+        assert!(text.contains(".TH"), "{page} is a man page");
+    }
+    assert!(std::fs::read_to_string(dir.join("shale-status.1"))
+        .unwrap()
+        .contains("sample"));
 }

@@ -30,7 +30,10 @@ pub fn run(config: Option<&Path>, a: ExporterArgs) -> anyhow::Result<()> {
         }
         let shutdown = async {
             use tokio::signal::unix::{signal, SignalKind};
-            match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            match (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) {
                 (Ok(mut t), Ok(mut i)) => {
                     tokio::select! {
                         _ = t.recv() => {}

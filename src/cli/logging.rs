@@ -118,13 +118,23 @@ mod tests {
             assert_eq!(volume_of(rec).as_deref(), Some("from-record"));
             assert_eq!(text_of(rec, Some("v1")), "volume v1: hello");
         };
-        check(&Record::builder().args(format_args!("hello")).key_values(&kv).build());
+        check(
+            &Record::builder()
+                .args(format_args!("hello"))
+                .key_values(&kv)
+                .build(),
+        );
         let plain = |rec: &Record| {
             assert_eq!(text_of(rec, None), "x");
             set_volume("proc");
             assert_eq!(volume_of(rec).as_deref(), Some("proc"));
         };
         plain(&Record::builder().args(format_args!("x")).build());
-        check(&Record::builder().args(format_args!("hello")).key_values(&kv).build());
+        check(
+            &Record::builder()
+                .args(format_args!("hello"))
+                .key_values(&kv)
+                .build(),
+        );
     }
 }

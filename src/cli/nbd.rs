@@ -139,7 +139,7 @@ async fn open_exports(
         let device = if args.no_request_metrics {
             vol.volume.clone()
         } else {
-            vol.metered("nbd", &format!("nbd export {name}"))
+            vol.metered("nbd", &format!("export {name}"))
         };
         devices.push((name, device));
         opened.attached.push(vol);

@@ -51,7 +51,8 @@ impl TermProgress {
 
 /// A bar for `total` bytes labelled `what`, drawing to `target`.
 fn new_bar(what: &str, total: u64, target: ProgressDrawTarget) -> ProgressBar {
-    let style = ProgressStyle::with_template(TEMPLATE).unwrap_or_else(|_| ProgressStyle::default_bar());
+    let style =
+        ProgressStyle::with_template(TEMPLATE).unwrap_or_else(|_| ProgressStyle::default_bar());
     let bar = ProgressBar::with_draw_target(Some(total), target).with_style(style);
     bar.set_message(what.to_string());
     bar
@@ -96,11 +97,18 @@ mod tests {
     #[test]
     fn line_shows_done_total_percent_and_rate() {
         let term = InMemoryTerm::new(4, 120);
-        let bar = new_bar("export", 1 << 30, ProgressDrawTarget::term_like(Box::new(term.clone())));
+        let bar = new_bar(
+            "export",
+            1 << 30,
+            ProgressDrawTarget::term_like(Box::new(term.clone())),
+        );
         bar.inc(512 << 20);
         bar.finish();
         let screen = term.contents();
-        assert!(screen.starts_with("export: 512.00 MiB / 1.00 GiB (50%), "), "{screen:?}");
+        assert!(
+            screen.starts_with("export: 512.00 MiB / 1.00 GiB (50%), "),
+            "{screen:?}"
+        );
         assert!(screen.trim_end().ends_with("/s"), "{screen:?}");
     }
 }

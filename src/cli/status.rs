@@ -69,7 +69,10 @@ fn by_id(reports: Vec<VolumeReport>) -> HashMap<u64, VolumeReport> {
 
 pub fn status(config: Option<&Path>, a: StatusArgs) -> anyhow::Result<()> {
     if a.sample_ms > MAX_SAMPLE_MS {
-        bail!("--sample-ms {} is above the maximum of {MAX_SAMPLE_MS}", a.sample_ms);
+        bail!(
+            "--sample-ms {} is above the maximum of {MAX_SAMPLE_MS}",
+            a.sample_ms
+        );
     }
     let cfg = Config::load(config).context("loading configuration")?;
     let rt = super::runtime(false)?;
@@ -85,7 +88,9 @@ pub fn status(config: Option<&Path>, a: StatusArgs) -> anyhow::Result<()> {
     let list = statuses(&first, &cur, a.volume.as_deref());
     if let Some(v) = &a.volume {
         if list.is_empty() {
-            bail!("volume {v} is not attached on this host (no server answers on its control socket)");
+            bail!(
+                "volume {v} is not attached on this host (no server answers on its control socket)"
+            );
         }
     }
     if a.json {
@@ -119,8 +124,15 @@ fn ms(v: Option<f64>) -> String {
 /// The status table (header row first).
 fn table(list: &[VolumeStatus]) -> String {
     let mut rows = vec![[
-        "VOLUME", "FRONTEND", "LEASE", "UNSTORED", "CACHE HIT", "READ IOPS", "WRITE IOPS",
-        "P50 MS", "P99 MS",
+        "VOLUME",
+        "FRONTEND",
+        "LEASE",
+        "UNSTORED",
+        "CACHE HIT",
+        "READ IOPS",
+        "WRITE IOPS",
+        "P50 MS",
+        "P99 MS",
     ]
     .map(String::from)];
     for s in list {
@@ -139,11 +151,19 @@ fn table(list: &[VolumeStatus]) -> String {
         let unstored = if s.unstored_bytes == 0 {
             "0".to_string()
         } else {
-            format!("{}, {:.1}s old", format_size(s.unstored_bytes), s.unstored_age_seconds)
+            format!(
+                "{}, {:.1}s old",
+                format_size(s.unstored_bytes),
+                s.unstored_age_seconds
+            )
         };
         rows.push([
             s.volume.clone(),
-            if frontends.is_empty() { "-".into() } else { frontends.join(", ") },
+            if frontends.is_empty() {
+                "-".into()
+            } else {
+                frontends.join(", ")
+            },
             lease,
             unstored,
             or_dash(s.cache_hit_ratio.map(|r| format!("{:.1}%", r * 100.0))),
@@ -193,7 +213,8 @@ fn quit_within(wait: Duration) -> anyhow::Result<bool> {
             return Ok(false);
         }
         if let Event::Key(k) = event::read()? {
-            let ctrl_c = k.code == KeyCode::Char('c') && k.modifiers.contains(KeyModifiers::CONTROL);
+            let ctrl_c =
+                k.code == KeyCode::Char('c') && k.modifiers.contains(KeyModifiers::CONTROL);
             if k.kind == KeyEventKind::Press
                 && (matches!(k.code, KeyCode::Char('q') | KeyCode::Esc) || ctrl_c)
             {
@@ -228,7 +249,11 @@ pub fn top(config: Option<&Path>, a: TopArgs) -> anyhow::Result<()> {
     let cfg = Config::load(config).context("loading configuration")?;
     let rt = super::runtime(false)?;
     let interactive = std::io::stdout().is_terminal() && std::io::stdin().is_terminal();
-    let _screen = if interactive { Some(Screen::enter()?) } else { None };
+    let _screen = if interactive {
+        Some(Screen::enter()?)
+    } else {
+        None
+    };
     let mut prev = HashMap::new();
     let mut shown = 0u64;
     loop {

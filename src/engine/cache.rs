@@ -83,7 +83,12 @@ impl Cache {
 
     /// Bytes the cache holds when full.
     pub fn capacity(&self) -> u64 {
-        self.index.lock().unwrap_or_else(|e| e.into_inner()).slots.len() as u64 * SLOT
+        self.index
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .slots
+            .len() as u64
+            * SLOT
     }
 
     /// Read `dst.len()` bytes at `offset` within window `window` of `chunk`

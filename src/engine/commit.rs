@@ -158,7 +158,10 @@ pub(crate) async fn checkpoint(inner: &Inner, root: &mut Root) -> Result<Checkpo
         .fetch_add(1, Ordering::Relaxed);
     let took = inner.clock.now().saturating_sub(started).as_micros();
     let took = u64::try_from(took).unwrap_or(u64::MAX);
-    inner.counters.checkpoint_us.fetch_add(took, Ordering::Relaxed);
+    inner
+        .counters
+        .checkpoint_us
+        .fetch_add(took, Ordering::Relaxed);
     {
         let mut st = inner.shared.lock();
         st.checkpoint_chunk = cp.chunk_seq;

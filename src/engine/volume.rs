@@ -336,7 +336,12 @@ impl Volume {
         let (unstored, stored_seq, extents, oldest) = {
             let st = self.inner.shared.lock();
             let oldest = st.pending.front().map(|p| p.at);
-            (st.pending_bytes, st.stored_seq, st.live.len() as u64, oldest)
+            (
+                st.pending_bytes,
+                st.stored_seq,
+                st.live.len() as u64,
+                oldest,
+            )
         };
         let oldest_unstored_ms = oldest.map_or(0, |at| {
             let age = self.inner.clock.now().saturating_sub(at);

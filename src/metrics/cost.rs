@@ -1,8 +1,9 @@
 //! What a volume costs in object store requests, from its report: requests
 //! by method since attach, and two rates an operator can price:
-//! - requests per GiB written: the requests made while the volume was not
-//!   idle, per GiB of block writes (attach and recovery requests included,
-//!   so short runs read a little high);
+//! - requests per GiB written: the requests other than GETs made while the
+//!   volume was not idle, per GiB of block writes (attach and recovery
+//!   requests included, so short runs read a little high; GETs are left
+//!   out because reads cause them);
 //! - requests per idle hour: the requests made while idle, per hour idle
 //!   (lease renewals and pool refreshes: the price of an attached volume
 //!   nobody uses).
@@ -44,19 +45,26 @@ impl Cost {
         let mut idle_store_requests = BTreeMap::new();
         for m in Method::ALL {
             let filter = [("method", m.as_str())];
-            store_requests.insert(m.as_str().to_string(), r.sum("store_requests", &filter) as u64);
+            store_requests.insert(
+                m.as_str().to_string(),
+                r.sum("store_requests", &filter) as u64,
+            );
             idle_store_requests.insert(
                 m.as_str().to_string(),
                 r.sum("store_idle_requests", &filter) as u64,
             );
         }
-        let total: u64 = store_requests.values().sum();
+        let get = Method::Get.as_str();
+        let not_get = |m: &BTreeMap<String, u64>| -> u64 {
+            m.iter().filter(|(k, _)| *k != get).map(|(_, v)| v).sum()
+        };
+        let writing = not_get(&store_requests).saturating_sub(not_get(&idle_store_requests));
         let idle: u64 = idle_store_requests.values().sum();
         let written_bytes = r.sum("request", &[("op", "write")]) as u64;
         let idle_seconds = r.sum("idle", &[]);
         Cost {
             requests_per_gib_written: (written_bytes > 0)
-                .then(|| total.saturating_sub(idle) as f64 / (written_bytes as f64 / GIB)),
+                .then(|| writing as f64 / (written_bytes as f64 / GIB)),
             requests_per_idle_hour: (idle_seconds >= MIN_IDLE_SECONDS)
                 .then(|| idle as f64 / idle_seconds * 3600.0),
             store_requests,
@@ -75,7 +83,7 @@ impl Cost {
                     "cost_store_requests_per_gib_written",
                     Kind::Gauge,
                     None,
-                    "Object store requests made while not idle per GiB of block writes, since attach",
+                    "Object store requests other than GETs made while not idle per GiB of block writes, since attach",
                 )
                 .with(Sample::value(&[], v)),
             );
@@ -103,14 +111,33 @@ mod tests {
     #[test]
     fn rates_from_families() {
         let req = Family::new("store_requests", Kind::Counter, None, "h")
-            .with(Sample::value(&[("method", "PUT"), ("outcome", "ok")], 300.0))
-            .with(Sample::value(&[("method", "PUT"), ("outcome", "conflict")], 2.0))
-            .with(Sample::value(&[("method", "LIST"), ("outcome", "ok")], 10.0));
+            .with(Sample::value(
+                &[("method", "PUT"), ("outcome", "ok")],
+                300.0,
+            ))
+            .with(Sample::value(
+                &[("method", "PUT"), ("outcome", "conflict")],
+                2.0,
+            ))
+            .with(Sample::value(
+                &[("method", "LIST"), ("outcome", "ok")],
+                10.0,
+            ))
+            .with(Sample::value(
+                &[("method", "GET"), ("outcome", "ok")],
+                1000.0,
+            ));
         let idle = Family::new("store_idle_requests", Kind::Counter, None, "h")
             .with(Sample::value(&[("method", "PUT")], 12.0));
         let bytes = Family::new("request", Kind::Counter, Some(Unit::Bytes), "h")
-            .with(Sample::value(&[("frontend", "nbd"), ("op", "write")], 2.0 * GIB))
-            .with(Sample::value(&[("frontend", "nbd"), ("op", "read")], 5.0 * GIB));
+            .with(Sample::value(
+                &[("frontend", "nbd"), ("op", "write")],
+                2.0 * GIB,
+            ))
+            .with(Sample::value(
+                &[("frontend", "nbd"), ("op", "read")],
+                5.0 * GIB,
+            ));
         let idle_s = Family::new("idle", Kind::Counter, Some(Unit::Seconds), "h")
             .with(Sample::value(&[], 7200.0));
         let mut r = VolumeReport {

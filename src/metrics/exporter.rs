@@ -72,7 +72,12 @@ pub async fn fetch(ep: &Endpoint) -> Result<VolumeReport, Missing> {
     let req = Request::Metrics { volume: ep.id };
     let reply = match tokio::time::timeout(REQUEST_TIMEOUT, control::request(&ep.path, &req)).await
     {
-        Err(_) => return Err(Missing::Error(format!("{}: no reply in {REQUEST_TIMEOUT:?}", ep.path.display()))),
+        Err(_) => {
+            return Err(Missing::Error(format!(
+                "{}: no reply in {REQUEST_TIMEOUT:?}",
+                ep.path.display()
+            )))
+        }
         Ok(Err(control::ControlError::Io { source, .. }))
             if matches!(
                 source.kind(),
@@ -87,7 +92,9 @@ pub async fn fetch(ep: &Endpoint) -> Result<VolumeReport, Missing> {
     let report = match (reply.ok, reply.report) {
         (true, Some(r)) => r,
         _ => {
-            let why = reply.error.unwrap_or_else(|| "reply without a report".into());
+            let why = reply
+                .error
+                .unwrap_or_else(|| "reply without a report".into());
             return Err(Missing::Error(format!("{}: {why}", ep.path.display())));
         }
     };
@@ -159,23 +166,36 @@ fn text(status: StatusCode, content_type: &str, body: String) -> Response<Full<B
     resp
 }
 
-async fn handle(data_dir: PathBuf, req: HttpRequest<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+async fn handle(
+    data_dir: PathBuf,
+    req: HttpRequest<hyper::body::Incoming>,
+) -> Response<Full<Bytes>> {
     let plain = "text/plain; charset=utf-8";
     let head = req.method() == Method::HEAD;
     if req.method() != Method::GET && !head {
         let mut r = text(StatusCode::METHOD_NOT_ALLOWED, plain, "only GET\n".into());
-        r.headers_mut()
-            .insert(hyper::header::ALLOW, hyper::header::HeaderValue::from_static("GET, HEAD"));
+        r.headers_mut().insert(
+            hyper::header::ALLOW,
+            hyper::header::HeaderValue::from_static("GET, HEAD"),
+        );
         return r;
     }
     let mut resp = match req.uri().path() {
-        "/metrics" => text(StatusCode::OK, exposition::CONTENT_TYPE, scrape(&data_dir).await),
+        "/metrics" => text(
+            StatusCode::OK,
+            exposition::CONTENT_TYPE,
+            scrape(&data_dir).await,
+        ),
         "/" => text(
             StatusCode::OK,
             plain,
             "shale exporter: metrics of this host's attached volumes at /metrics\n".into(),
         ),
-        _ => text(StatusCode::NOT_FOUND, plain, "not found; try /metrics\n".into()),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            plain,
+            "not found; try /metrics\n".into(),
+        ),
     };
     if head {
         *resp.body_mut() = Full::new(Bytes::new());
@@ -231,7 +251,12 @@ mod tests {
     fn endpoints_are_sockets_in_volume_directories() {
         let dir = tempfile::tempdir().unwrap();
         let vols = dir.path().join("volumes");
-        for name in ["00000000000000aa", "00000000000000bb", "not-a-volume", "00000000000000cc"] {
+        for name in [
+            "00000000000000aa",
+            "00000000000000bb",
+            "not-a-volume",
+            "00000000000000cc",
+        ] {
             std::fs::create_dir_all(vols.join(name)).unwrap();
         }
         std::fs::write(vols.join("00000000000000bb").join("control.sock"), b"").unwrap();

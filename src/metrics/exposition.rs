@@ -75,7 +75,8 @@ impl prometheus_client::collector::Collector for Merged {
                 Kind::Gauge => MetricType::Gauge,
                 Kind::Histogram => MetricType::Histogram,
             };
-            let mut metric = encoder.encode_descriptor(&desc.name, &desc.help, unit.as_ref(), kind)?;
+            let mut metric =
+                encoder.encode_descriptor(&desc.name, &desc.help, unit.as_ref(), kind)?;
             for (volume, s) in samples {
                 let mut labels: Vec<(&str, &str)> = Vec::with_capacity(s.labels.len() + 1);
                 if !volume.is_empty() {
@@ -88,8 +89,12 @@ impl prometheus_client::collector::Collector for Merged {
                     Kind::Gauge => m.encode_gauge(&s.value)?,
                     Kind::Histogram => {
                         let Some(h) = &s.histogram else { continue };
-                        let mut buckets: Vec<(f64, u64)> =
-                            h.bounds.iter().copied().zip(h.counts.iter().copied()).collect();
+                        let mut buckets: Vec<(f64, u64)> = h
+                            .bounds
+                            .iter()
+                            .copied()
+                            .zip(h.counts.iter().copied())
+                            .collect();
                         buckets.push((f64::INFINITY, h.counts.last().copied().unwrap_or(0)));
                         m.encode_histogram::<NoLabelSet>(h.sum, h.count(), &buckets, None)?;
                     }
@@ -138,33 +143,60 @@ mod tests {
             Family::new("requests", Kind::Counter, None, "Requests")
                 .with(Sample::value(&[("op", "read")], n))
         };
-        let lat = Family::new("request_duration", Kind::Histogram, Some(Unit::Seconds), "Latency")
-            .with(Sample::histogram(
-                &[("op", "read")],
-                HistogramSnapshot {
-                    bounds: vec![0.001, 0.01],
-                    counts: vec![2, 1, 1],
-                    sum: 1.5,
-                },
-            ));
-        let host = vec![Family::new("exporter_volumes", Kind::Gauge, None, "Volumes")
-            .with(Sample::value(&[], 2.0))];
+        let lat = Family::new(
+            "request_duration",
+            Kind::Histogram,
+            Some(Unit::Seconds),
+            "Latency",
+        )
+        .with(Sample::histogram(
+            &[("op", "read")],
+            HistogramSnapshot {
+                bounds: vec![0.001, 0.01],
+                counts: vec![2, 1, 1],
+                sum: 1.5,
+            },
+        ));
+        let host = vec![
+            Family::new("exporter_volumes", Kind::Gauge, None, "Volumes")
+                .with(Sample::value(&[], 2.0)),
+        ];
         let text = encode(
-            &[report("a", vec![req(3.0), lat]), report("b \"q\"", vec![req(4.0)])],
+            &[
+                report("a", vec![req(3.0), lat]),
+                report("b \"q\"", vec![req(4.0)]),
+            ],
             host,
         )
         .unwrap();
-        assert_eq!(text.matches("# TYPE shale_requests_total counter").count(), 1, "{text}");
-        assert!(text.contains("shale_requests_total{volume=\"a\",op=\"read\"} 3"), "{text}");
-        assert!(text.contains("shale_requests_total{volume=\"b \\\"q\\\"\",op=\"read\"} 4"), "{text}");
-        assert!(text.contains("shale_exporter_volumes 2"), "{text}");
-        assert!(text.contains("# TYPE shale_request_duration_seconds histogram"), "{text}");
+        assert_eq!(
+            text.matches("# TYPE shale_requests_total counter").count(),
+            1,
+            "{text}"
+        );
         assert!(
-            text.contains("shale_request_duration_seconds_bucket{volume=\"a\",op=\"read\",le=\"0.01\"} 3"),
+            text.contains("shale_requests_total{volume=\"a\",op=\"read\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("shale_requests_total{volume=\"b \\\"q\\\"\",op=\"read\"} 4"),
+            "{text}"
+        );
+        assert!(text.contains("shale_exporter_volumes 2"), "{text}");
+        assert!(
+            text.contains("# TYPE shale_request_duration_seconds histogram"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "shale_request_duration_seconds_bucket{volume=\"a\",op=\"read\",le=\"0.01\"} 3"
+            ),
             "cumulative buckets: {text}"
         );
         assert!(
-            text.contains("shale_request_duration_seconds_bucket{volume=\"a\",op=\"read\",le=\"+Inf\"} 4"),
+            text.contains(
+                "shale_request_duration_seconds_bucket{volume=\"a\",op=\"read\",le=\"+Inf\"} 4"
+            ),
             "{text}"
         );
         assert!(text.contains("shale_request_duration_seconds_count{volume=\"a\",op=\"read\"} 4"));

@@ -17,8 +17,8 @@ use serde::{Deserialize, Serialize};
 /// ×2.5 apart, so p50 and p99 of local (WAL) and remote (store) requests
 /// both fall in a bucket of their own size.
 pub const BOUNDS_US: [u64; 18] = [
-    25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000,
-    500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000,
+    25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 2_500_000, 5_000_000, 10_000_000,
 ];
 
 /// Observations of durations (see the module docs).
@@ -148,7 +148,10 @@ mod tests {
         assert_eq!(s.count(), 4);
         assert_eq!(s.counts[0], 1);
         assert_eq!(s.counts[1], 1);
-        assert_eq!(s.counts[BOUNDS_US.iter().position(|&b| b == 5_000).unwrap()], 1);
+        assert_eq!(
+            s.counts[BOUNDS_US.iter().position(|&b| b == 5_000).unwrap()],
+            1
+        );
         assert_eq!(*s.counts.last().unwrap(), 1);
         assert!((s.sum - 60.003051).abs() < 1e-9, "{}", s.sum);
     }
@@ -168,6 +171,13 @@ mod tests {
         let d = s.since(&before);
         assert_eq!(d.count(), 1);
         assert_eq!(d.quantile(0.5), Some(50e-3));
-        assert_eq!(HistogramSnapshot { counts: vec![0; 19], ..s.clone() }.quantile(0.5), None);
+        assert_eq!(
+            HistogramSnapshot {
+                counts: vec![0; 19],
+                ..s.clone()
+            }
+            .quantile(0.5),
+            None
+        );
     }
 }

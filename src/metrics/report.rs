@@ -236,7 +236,10 @@ impl VolumeReport {
     /// All histogram samples of `name` matching `filter`, added up.
     pub fn histogram(&self, name: &str, filter: &[(&str, &str)]) -> Option<HistogramSnapshot> {
         let mut total: Option<HistogramSnapshot> = None;
-        for h in self.samples(name, filter).filter_map(|s| s.histogram.as_ref()) {
+        for h in self
+            .samples(name, filter)
+            .filter_map(|s| s.histogram.as_ref())
+        {
             match &mut total {
                 None => total = Some(h.clone()),
                 Some(t) if t.bounds == h.bounds => {
@@ -283,13 +286,15 @@ mod tests {
 
     #[test]
     fn validation_refuses_bad_names_labels_and_values() {
-        let ok = Family::new("a_b", Kind::Counter, None, "h").with(Sample::value(&[("op", "read")], 1.0));
+        let ok = Family::new("a_b", Kind::Counter, None, "h")
+            .with(Sample::value(&[("op", "read")], 1.0));
         assert!(report(vec![ok.clone()]).validate().is_ok());
         let cases = vec![
             vec![Family::new("A", Kind::Gauge, None, "h")],
             vec![Family::new("a-b", Kind::Gauge, None, "h")],
             vec![ok.clone(), ok.clone()],
-            vec![Family::new("x", Kind::Gauge, None, "h").with(Sample::value(&[("volume", "w")], 1.0))],
+            vec![Family::new("x", Kind::Gauge, None, "h")
+                .with(Sample::value(&[("volume", "w")], 1.0))],
             vec![Family::new("x", Kind::Gauge, None, "h").with(Sample::value(&[], f64::NAN))],
             vec![Family::new("x", Kind::Counter, None, "h").with(Sample::value(&[], -1.0))],
             vec![Family::new("x", Kind::Histogram, None, "h").with(Sample::value(&[], 1.0))],

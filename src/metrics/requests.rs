@@ -262,7 +262,11 @@ mod tests {
                 .map(|s| s.value)
         };
         assert_eq!(get(&fams[0], "write"), Some(2.0));
-        assert_eq!(get(&fams[1], "write"), Some(8192.0), "failed write adds no bytes");
+        assert_eq!(
+            get(&fams[1], "write"),
+            Some(8192.0),
+            "failed write adds no bytes"
+        );
         assert_eq!(get(&fams[1], "read"), Some(4096.0));
         assert_eq!(get(&fams[1], "trim"), Some(4096.0));
         assert_eq!(get(&fams[1], "flush"), None, "flush has no bytes");
@@ -275,6 +279,8 @@ mod tests {
         assert_eq!(lat.count(), 2);
         assert_eq!(fams[3].samples.len(), 1);
         assert_eq!(fams[3].samples[0].label("kind"), Some("out_of_range"));
-        assert!(fams.iter().all(|f| f.samples.iter().all(|s| s.label("frontend") == Some("nbd"))));
+        assert!(fams
+            .iter()
+            .all(|f| f.samples.iter().all(|s| s.label("frontend") == Some("nbd"))));
     }
 }

@@ -57,7 +57,13 @@ pub struct VolumeStatus {
     pub cost: Cost,
 }
 
-fn rate(cur: &VolumeReport, prev: Option<&VolumeReport>, secs: f64, name: &str, filter: &[(&str, &str)]) -> f64 {
+fn rate(
+    cur: &VolumeReport,
+    prev: Option<&VolumeReport>,
+    secs: f64,
+    name: &str,
+    filter: &[(&str, &str)],
+) -> f64 {
     match prev {
         Some(p) if secs > 0.0 => (cur.sum(name, filter) - p.sum(name, filter)).max(0.0) / secs,
         _ => 0.0,
@@ -157,7 +163,11 @@ mod tests {
         let s = VolumeStatus::new(Some(&a), &b);
         assert_eq!(s.recent.interval_seconds, 2.0);
         assert_eq!(s.recent.read_iops, 100.0);
-        assert_eq!(s.recent.latency_p99_ms, Some(0.1), "old slow requests are not recent");
+        assert_eq!(
+            s.recent.latency_p99_ms,
+            Some(0.1),
+            "old slow requests are not recent"
+        );
         assert_eq!(s.cache_hit_ratio, Some(0.75));
         assert_eq!(s.lease.expires_in_seconds, 20.0);
         assert_eq!(s.id, "0000000000000007");

@@ -143,7 +143,10 @@ impl VolumeMetrics {
 
     /// Decide idleness now (see the module docs).
     pub fn tick(&self) {
-        let unstored = self.volume.upgrade().map_or(0, |v| v.stats().unstored_bytes);
+        let unstored = self
+            .volume
+            .upgrade()
+            .map_or(0, |v| v.stats().unstored_bytes);
         let requests = self.requests_total();
         let now = self.clock.now();
         let idle = self
@@ -221,7 +224,9 @@ impl VolumeMetrics {
             lease,
             families,
         };
-        report.families.extend(Cost::from_report(&report).families());
+        report
+            .families
+            .extend(Cost::from_report(&report).families());
         Some(report)
     }
 
@@ -255,7 +260,11 @@ impl VolumeMetrics {
                 "Space the volume uses: live data plus data only its snapshots hold",
                 s.used,
             ),
-            bytes("space_live", "Data the volume's live map references", s.live),
+            bytes(
+                "space_live",
+                "Data the volume's live map references",
+                s.live,
+            ),
             bytes(
                 "space_snapshot_only",
                 "Data only the volume's snapshots reference",
@@ -275,7 +284,11 @@ impl VolumeMetrics {
             ));
         }
         if let Some(cap) = self.pool_capacity {
-            out.push(bytes("pool_capacity", "Capacity of the pool (pool.capacity)", cap));
+            out.push(bytes(
+                "pool_capacity",
+                "Capacity of the pool (pool.capacity)",
+                cap,
+            ));
         }
         out
     }
@@ -293,7 +306,11 @@ fn lease_families(l: &LeaseInfo, now_ms: u64) -> Vec<Family> {
             Kind::Gauge,
             None,
             "1 while this server holds the volume's lease and is not fenced",
-            if l.fenced.is_none() && to_expiry > 0.0 { 1.0 } else { 0.0 },
+            if l.fenced.is_none() && to_expiry > 0.0 {
+                1.0
+            } else {
+                0.0
+            },
         ),
         gauge_or_counter(
             "lease_epoch",
@@ -320,31 +337,181 @@ fn engine_families(vol: &Volume) -> Vec<Family> {
     let b = Some(Unit::Bytes);
     let t = Some(Unit::Seconds);
     vec![
-        f("unstored", Gauge, b, "Acknowledged bytes not yet in the object store", s.unstored_bytes as f64),
-        f("unstored_limit", Gauge, b, "Bound on unstored bytes (engine.max_unstored_bytes)", s.max_unstored_bytes as f64),
-        f("unstored_age", Gauge, t, "Age of the oldest acknowledged write not yet in the object store", s.oldest_unstored_ms as f64 / 1e3),
-        f("unstored_age_limit", Gauge, t, "Bound on the age of unstored writes (engine.max_unstored_seconds)", s.max_unstored_seconds as f64),
-        f("wal", Gauge, b, "Bytes in local WAL segment files", s.wal_bytes as f64),
-        f("wal_last_sequence", Gauge, None, "Last operation sequence number written to the WAL", s.last_seq as f64),
-        f("stored_sequence", Gauge, None, "Last operation sequence number in the object store", s.stored_seq as f64),
-        f("backpressure", Counter, t, "Time writes waited for room (unstored bounds) or for a snapshot", secs(s.backpressure_us)),
-        f("destage_chunks", Counter, None, "Chunk objects written by destage", s.chunks_written as f64),
-        f("destage", Counter, b, "Bytes of chunk objects written by destage", s.chunk_bytes_written as f64),
-        f("destage_duration", Counter, t, "Time chunk puts took", secs(s.destage_us)),
-        f("destage_errors", Counter, None, "Destage attempts that failed (and were retried)", s.destage_errors as f64),
-        f("checkpoints", Counter, None, "Checkpoints written and committed", s.checkpoints_written as f64),
-        f("checkpoint_duration", Counter, t, "Time checkpoints took (compaction, put, commit)", secs(s.checkpoint_us)),
-        f("chunks_deleted", Counter, None, "Chunk objects deleted after nothing referenced them", s.chunks_deleted as f64),
-        f("compacted_chunks", Counter, None, "Sparse chunks whose live data compaction moved", s.chunks_compacted as f64),
-        f("compaction_written", Counter, b, "Bytes of compaction objects written", s.compacted_bytes_written as f64),
-        f("cache_hits", Counter, None, "Reads of store data served by the local read cache", s.cache_hits as f64),
-        f("cache_misses", Counter, None, "Reads of store data the local read cache could not serve", s.cache_misses as f64),
-        f("cache_hit", Counter, b, "Bytes served by the local read cache", s.cache_hit_bytes as f64),
-        f("cache_evictions", Counter, None, "Read cache windows evicted for others", s.cache_evictions as f64),
-        f("cache_capacity", Gauge, b, "Size of the local read cache (engine.cache_size)", s.cache_capacity_bytes as f64),
-        f("map_extents", Gauge, None, "Entries in the live extent map", s.map_extents as f64),
-        f("snapshots_taken", Counter, None, "Snapshots taken while attached", s.snapshots_taken as f64),
-        f("fenced", Gauge, None, "1 once the volume is fenced (its lease was lost)", if vol.fenced().is_some() { 1.0 } else { 0.0 }),
+        f(
+            "unstored",
+            Gauge,
+            b,
+            "Acknowledged bytes not yet in the object store",
+            s.unstored_bytes as f64,
+        ),
+        f(
+            "unstored_limit",
+            Gauge,
+            b,
+            "Bound on unstored bytes (engine.max_unstored_bytes)",
+            s.max_unstored_bytes as f64,
+        ),
+        f(
+            "unstored_age",
+            Gauge,
+            t,
+            "Age of the oldest acknowledged write not yet in the object store",
+            s.oldest_unstored_ms as f64 / 1e3,
+        ),
+        f(
+            "unstored_age_limit",
+            Gauge,
+            t,
+            "Bound on the age of unstored writes (engine.max_unstored_seconds)",
+            s.max_unstored_seconds as f64,
+        ),
+        f(
+            "wal",
+            Gauge,
+            b,
+            "Bytes in local WAL segment files",
+            s.wal_bytes as f64,
+        ),
+        f(
+            "wal_last_sequence",
+            Gauge,
+            None,
+            "Last operation sequence number written to the WAL",
+            s.last_seq as f64,
+        ),
+        f(
+            "stored_sequence",
+            Gauge,
+            None,
+            "Last operation sequence number in the object store",
+            s.stored_seq as f64,
+        ),
+        f(
+            "backpressure",
+            Counter,
+            t,
+            "Time writes waited for room (unstored bounds) or for a snapshot",
+            secs(s.backpressure_us),
+        ),
+        f(
+            "destage_chunks",
+            Counter,
+            None,
+            "Chunk objects written by destage",
+            s.chunks_written as f64,
+        ),
+        f(
+            "destage",
+            Counter,
+            b,
+            "Bytes of chunk objects written by destage",
+            s.chunk_bytes_written as f64,
+        ),
+        f(
+            "destage_duration",
+            Counter,
+            t,
+            "Time chunk puts took",
+            secs(s.destage_us),
+        ),
+        f(
+            "destage_errors",
+            Counter,
+            None,
+            "Destage attempts that failed (and were retried)",
+            s.destage_errors as f64,
+        ),
+        f(
+            "checkpoints",
+            Counter,
+            None,
+            "Checkpoints written and committed",
+            s.checkpoints_written as f64,
+        ),
+        f(
+            "checkpoint_duration",
+            Counter,
+            t,
+            "Time checkpoints took (compaction, put, commit)",
+            secs(s.checkpoint_us),
+        ),
+        f(
+            "chunks_deleted",
+            Counter,
+            None,
+            "Chunk objects deleted after nothing referenced them",
+            s.chunks_deleted as f64,
+        ),
+        f(
+            "compacted_chunks",
+            Counter,
+            None,
+            "Sparse chunks whose live data compaction moved",
+            s.chunks_compacted as f64,
+        ),
+        f(
+            "compaction_written",
+            Counter,
+            b,
+            "Bytes of compaction objects written",
+            s.compacted_bytes_written as f64,
+        ),
+        f(
+            "cache_hits",
+            Counter,
+            None,
+            "Reads of store data served by the local read cache",
+            s.cache_hits as f64,
+        ),
+        f(
+            "cache_misses",
+            Counter,
+            None,
+            "Reads of store data the local read cache could not serve",
+            s.cache_misses as f64,
+        ),
+        f(
+            "cache_hit",
+            Counter,
+            b,
+            "Bytes served by the local read cache",
+            s.cache_hit_bytes as f64,
+        ),
+        f(
+            "cache_evictions",
+            Counter,
+            None,
+            "Read cache windows evicted for others",
+            s.cache_evictions as f64,
+        ),
+        f(
+            "cache_capacity",
+            Gauge,
+            b,
+            "Size of the local read cache (engine.cache_size)",
+            s.cache_capacity_bytes as f64,
+        ),
+        f(
+            "map_extents",
+            Gauge,
+            None,
+            "Entries in the live extent map",
+            s.map_extents as f64,
+        ),
+        f(
+            "snapshots_taken",
+            Counter,
+            None,
+            "Snapshots taken while attached",
+            s.snapshots_taken as f64,
+        ),
+        f(
+            "fenced",
+            Gauge,
+            None,
+            "1 once the volume is fenced (its lease was lost)",
+            if vol.fenced().is_some() { 1.0 } else { 0.0 },
+        ),
     ]
 }
 

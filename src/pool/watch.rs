@@ -291,21 +291,35 @@ mod tests {
         let mut ctx = Ctx::new(store, &cfg, &rec, &vol, clock.clone());
         ctx.refresh().await.unwrap();
         let first = metrics.total_requests();
-        assert!(metrics.requests(Method::List) >= 2, "snapshots and pool read at start");
+        assert!(
+            metrics.requests(Method::List) >= 2,
+            "snapshots and pool read at start"
+        );
 
         let ticks = RARE_REFRESH.as_secs() / POOL_REFRESH.as_secs() - 1;
         for _ in 0..ticks {
             clock.advance(POOL_REFRESH);
             ctx.refresh().await.unwrap();
         }
-        assert_eq!(metrics.total_requests(), first, "idle refreshes make no request");
+        assert_eq!(
+            metrics.total_requests(),
+            first,
+            "idle refreshes make no request"
+        );
 
         vol.write(0, &[1u8; 4096], false).await.unwrap();
-        let (puts, lists) = (metrics.requests(Method::Put), metrics.requests(Method::List));
+        let (puts, lists) = (
+            metrics.requests(Method::Put),
+            metrics.requests(Method::List),
+        );
         clock.advance(POOL_REFRESH);
         ctx.refresh().await.unwrap();
         assert_eq!(metrics.requests(Method::Put), puts + 1, "usage published");
-        assert_eq!(metrics.requests(Method::List), lists + 1, "pool re-read, snapshots not");
+        assert_eq!(
+            metrics.requests(Method::List),
+            lists + 1,
+            "pool re-read, snapshots not"
+        );
 
         let before = metrics.total_requests();
         clock.advance(POOL_REFRESH);

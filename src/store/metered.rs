@@ -356,14 +356,18 @@ mod tests {
         assert_eq!(fams[4].samples[0].value, 5.0, "bytes written");
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn retries_are_counted_below_and_above_the_retry_decorator() {
         let m = Arc::new(StoreMetrics::default());
         let faulty = FaultyStore::new(MemoryStore::new(), 1);
         faulty.set(FaultPoint::Put, FaultRule::next(Fault::Transient, 2));
         let retry = RetryStore::with_stats(
             MeteredStore::new(faulty, m.clone()),
-            RetryPolicy::default(),
+            RetryPolicy {
+                base: std::time::Duration::from_millis(1),
+                cap: std::time::Duration::from_millis(2),
+                ..RetryPolicy::default()
+            },
             1,
             m.retry.clone(),
         );
