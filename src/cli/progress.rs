@@ -103,7 +103,7 @@ mod tests {
             ProgressDrawTarget::term_like(Box::new(term.clone())),
         );
         bar.inc(512 << 20);
-        bar.finish();
+        bar.abandon();
         let screen = term.contents();
         assert!(
             screen.starts_with("export: 512.00 MiB / 1.00 GiB (50%), "),

@@ -74,32 +74,28 @@ impl Cost {
         }
     }
 
-    /// The rates as gauges (only those that have a value).
+    /// The rates as gauges (a family without a sample while its rate has
+    /// no value).
     pub fn families(&self) -> Vec<Family> {
-        let mut out = Vec::new();
-        if let Some(v) = self.requests_per_gib_written {
-            out.push(
-                Family::new(
-                    "cost_store_requests_per_gib_written",
-                    Kind::Gauge,
-                    None,
-                    "Object store requests other than GETs made while not idle per GiB of block writes, since attach",
-                )
-                .with(Sample::value(&[], v)),
-            );
-        }
-        if let Some(v) = self.requests_per_idle_hour {
-            out.push(
-                Family::new(
-                    "cost_store_requests_per_idle_hour",
-                    Kind::Gauge,
-                    None,
-                    "Object store requests made while idle per hour idle, since attach",
-                )
-                .with(Sample::value(&[], v)),
-            );
-        }
-        out
+        let gauge = |name, help, v: Option<f64>| {
+            let f = Family::new(name, Kind::Gauge, None, help);
+            match v {
+                Some(v) => f.with(Sample::value(&[], v)),
+                None => f,
+            }
+        };
+        vec![
+            gauge(
+                "cost_store_requests_per_gib_written",
+                "Object store requests other than GETs made while not idle per GiB of block writes, since attach",
+                self.requests_per_gib_written,
+            ),
+            gauge(
+                "cost_store_requests_per_idle_hour",
+                "Object store requests made while idle per hour idle, since attach",
+                self.requests_per_idle_hour,
+            ),
+        ]
     }
 }
 
@@ -161,12 +157,12 @@ mod tests {
         assert_eq!(c.written_bytes, 2 << 30);
         assert_eq!(c.requests_per_gib_written, Some(150.0));
         assert_eq!(c.requests_per_idle_hour, Some(6.0));
-        assert_eq!(c.families().len(), 2);
+        assert!(c.families().iter().all(|f| f.samples.len() == 1));
 
         r.families.truncate(1);
         let c = Cost::from_report(&r);
         assert_eq!(c.requests_per_gib_written, None);
         assert_eq!(c.requests_per_idle_hour, None);
-        assert!(c.families().is_empty());
+        assert!(c.families().iter().all(|f| f.samples.is_empty()));
     }
 }
