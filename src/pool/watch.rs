@@ -310,7 +310,10 @@ mod tests {
         );
 
         vol.write(0, &[1u8; 4096], false).await.unwrap();
-        let (puts, lists) = (metrics.requests(Method::Put), metrics.requests(Method::List));
+        let (puts, lists) = (
+            metrics.requests(Method::Put),
+            metrics.requests(Method::List),
+        );
         clock.advance(POOL_REFRESH);
         ctx.refresh().await.unwrap();
         assert_eq!(metrics.requests(Method::Put), puts + 1, "usage published");
