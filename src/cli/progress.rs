@@ -84,6 +84,8 @@ impl Progress for TermProgress {
         if let Ok(mut b) = self.bar.lock() {
             if let Some(bar) = b.take() {
                 bar.finish();
+                // End the line, so what follows starts on its own.
+                eprintln!();
             }
         }
     }
