@@ -29,6 +29,8 @@ pub const DEFAULT_DATA_DIR: &str = "/var/lib/shale";
 pub const EXAMPLE_CONFIG: &str = include_str!("config/example.yaml");
 /// Default for [`NbdConfig::listen`].
 pub const DEFAULT_NBD_LISTEN: &str = "127.0.0.1:10809";
+/// Default for [`MetricsConfig::listen`].
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9810";
 
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -48,6 +50,8 @@ pub struct Config {
     pub nbd: NbdConfig,
     /// Volume leases: failover time against store requests.
     pub lease: LeaseConfig,
+    /// The metrics exporter (`shale exporter`).
+    pub metrics: MetricsConfig,
 }
 
 /// Lease timing (see README, "Leases"). With the defaults an idle volume
@@ -127,6 +131,25 @@ impl LeaseConfig {
     }
 }
 
+/// Metrics exporter settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address and port `shale exporter` serves `GET /metrics` on
+    /// (`IP:port`). Default `127.0.0.1:9810`.
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: DEFAULT_METRICS_LISTEN
+                .parse()
+                .expect("constant address parses"),
+        }
+    }
+}
+
 /// Pool capacity settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -178,6 +201,7 @@ struct ConfigFile {
     pool: PoolConfig,
     nbd: NbdConfig,
     lease: LeaseConfig,
+    metrics: MetricsConfig,
 }
 
 /// Where a configuration came from, for error messages.
@@ -317,6 +341,7 @@ impl Config {
             pool: file.pool,
             nbd: file.nbd,
             lease: file.lease,
+            metrics: file.metrics,
         }
     }
 

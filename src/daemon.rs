@@ -28,6 +28,10 @@
 //! 7. While attached, the volume's control socket ([`crate::control`]) is
 //!    served from its local directory; it is removed before the volume is
 //!    closed. Failing to create it is logged, not fatal.
+//! 8. Every attached volume has its own store handle and
+//!    [`VolumeMetrics`], which its control socket reports; frontends wrap
+//!    the volume in a [`crate::metrics::requests::MeteredDevice`] from
+//!    [`Attached::metered`].
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,7 +41,9 @@ use crate::catalog::{Catalog, CatalogError, VolumeRecord, VolumeState};
 use crate::clock::{DynClock, SystemClock};
 use crate::config::Config;
 use crate::control::{self, ControlServer};
-use crate::engine::{EngineError, Volume, VolumeParams};
+use crate::engine::{BlockDevice, EngineError, Volume, VolumeParams};
+use crate::metrics::requests::MeteredDevice;
+use crate::metrics::volume::VolumeMetrics;
 use crate::pool::watch::PoolWatcher;
 use crate::pool::PoolError;
 use crate::store::{DynStore, StoreError};
@@ -72,8 +78,20 @@ pub struct Attached {
     /// The control socket; `None` if it could not be created.
     control: Option<ControlServer>,
     pool: PoolWatcher,
+    metrics: Arc<VolumeMetrics>,
+    ticker: AbortOnDrop,
     /// The local directory's lock; dropped last.
     local: LocalDirClaim,
+}
+
+/// A task aborted when this is dropped.
+#[derive(Debug)]
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl Attached {
@@ -82,11 +100,27 @@ impl Attached {
         &self.lease
     }
 
+    /// The volume's metrics (what its control socket reports).
+    pub fn metrics(&self) -> &Arc<VolumeMetrics> {
+        &self.metrics
+    }
+
+    /// The volume as frontend `kind` (`nbd`, `ublk`) should serve it: every
+    /// request counted in the volume's metrics. `device` says where clients
+    /// find it (see [`VolumeMetrics::frontend`]).
+    pub fn metered(&self, kind: &str, device: &str) -> Arc<dyn BlockDevice> {
+        Arc::new(MeteredDevice::new(
+            self.volume.clone(),
+            self.metrics.frontend(kind, device),
+        ))
+    }
+
     /// Close the volume (flush, destage, checkpoint, stop its tasks), then
     /// stop renewing and release the lease. The lease is released only if
     /// the volume closed cleanly; otherwise it is left to expire.
     pub async fn close(self) -> Result<(), DaemonError> {
         drop(self.control);
+        drop(self.ticker);
         let closed = self.volume.close().await;
         if closed.is_ok() {
             self.pool.finish(&self.volume).await;
@@ -124,7 +158,9 @@ pub fn holder_name() -> String {
 /// a tokio runtime: the volume spawns its work there.
 pub async fn attach(cfg: &Config, name: &str) -> Result<Attached, DaemonError> {
     let clock: DynClock = Arc::new(SystemClock);
-    let store = open_store(cfg).await?;
+    let (store, store_metrics) = crate::store::metered::open(&cfg.store)
+        .await
+        .map_err(DaemonError::Store)?;
     let catalog = Catalog::new(store.clone());
     let record = catalog.get(name).await?;
     let local = claim_volume_dir(&store, &cfg.volume_dir(record.id), record.id).await?;
@@ -139,11 +175,22 @@ pub async fn attach(cfg: &Config, name: &str) -> Result<Attached, DaemonError> {
     )
     .await?;
     let lease = Arc::new(lease);
-    match open_leased(cfg, &catalog, store, name, &lease, &local, clock).await {
+    match open_leased(cfg, &catalog, store, name, &lease, &local, clock.clone()).await {
         Ok((volume, record, pool)) => {
             let renewer = spawn_fencing_renewer(&lease, &volume, cfg.lease.renew_period());
+            let metrics = Arc::new(VolumeMetrics::new(
+                &record.name,
+                record.id,
+                &volume,
+                store_metrics,
+                &lease,
+                cfg.pool.capacity,
+                clock,
+            ));
+            let ticker = AbortOnDrop(metrics.spawn_ticker());
             let path = control::socket_path(local.path());
-            let control = match ControlServer::start(path, &volume, record.id) {
+            let with = Some(metrics.clone());
+            let control = match ControlServer::start_with_metrics(path, &volume, record.id, with) {
                 Ok(c) => Some(c),
                 Err(e) => {
                     log::warn!(
@@ -159,6 +206,8 @@ pub async fn attach(cfg: &Config, name: &str) -> Result<Attached, DaemonError> {
                 renewer,
                 control,
                 pool,
+                metrics,
+                ticker,
                 local,
             })
         }
@@ -253,11 +302,13 @@ pub async fn open_volume(
         renewer,
         pool,
         control,
+        metrics,
+        ticker,
         local,
     } = attached;
     tokio::spawn(async move {
         // Owning the renewer keeps it running until the runtime shuts down.
-        let _keep = (lease, renewer, pool, control, local);
+        let _keep = (lease, renewer, pool, control, metrics, ticker, local);
         std::future::pending::<()>().await
     });
     Ok((volume, record))

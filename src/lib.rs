@@ -11,6 +11,7 @@ pub mod engine;
 pub mod error;
 pub mod frontend;
 pub mod host;
+pub mod metrics;
 pub mod pool;
 pub mod size;
 pub mod store;

@@ -8,7 +8,7 @@ use shale::clock::{Clock, SystemClock};
 use shale::config::Config;
 
 use super::progress::TermProgress;
-use super::volume::format_utc_ms;
+use super::volume::{format_utc_ms, render_table};
 use shale::transfer::Progress;
 
 #[derive(Subcommand, Debug)]
@@ -102,10 +102,9 @@ pub fn run(config: Option<&Path>, cmd: SnapshotCmd) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&v)?);
                 return Ok(());
             }
-            println!("{:<32}  {:>4}  {:<20}  CLONES", "SNAPSHOT", "ID", "CREATED");
+            let mut rows = vec![["SNAPSHOT", "ID", "CREATED", "CLONES"].map(String::from)];
             for e in entries {
-                println!(
-                    "{:<32}  {:>4}  {:<20}  {}",
+                rows.push([
                     format!(
                         "{}@{}{}",
                         e.volume,
@@ -116,11 +115,12 @@ pub fn run(config: Option<&Path>, cmd: SnapshotCmd) -> anyhow::Result<()> {
                             ""
                         }
                     ),
-                    e.snapshot.id,
+                    e.snapshot.id.to_string(),
                     format_utc_ms(e.snapshot.created_ms),
-                    e.clones.join(",")
-                );
+                    e.clones.join(","),
+                ]);
             }
+            print!("{}", render_table(&rows));
             Ok(())
         }
         SnapshotCmd::Delete { spec } => {

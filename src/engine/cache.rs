@@ -16,6 +16,7 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use super::error::EngineError;
@@ -41,6 +42,8 @@ struct Index {
 pub struct Cache {
     file: File,
     index: Mutex<Index>,
+    /// Windows evicted to make room for others.
+    evictions: AtomicU64,
 }
 
 impl Cache {
@@ -69,7 +72,23 @@ impl Cache {
                 slots: vec![(None, false); slots],
                 hand: 0,
             }),
+            evictions: AtomicU64::new(0),
         }))
+    }
+
+    /// Windows evicted so far.
+    pub fn evictions(&self) -> u64 {
+        self.evictions.load(Ordering::Relaxed)
+    }
+
+    /// Bytes the cache holds when full.
+    pub fn capacity(&self) -> u64 {
+        self.index
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .slots
+            .len() as u64
+            * SLOT
     }
 
     /// Read `dst.len()` bytes at `offset` within window `window` of `chunk`
@@ -113,6 +132,7 @@ impl Cache {
             };
             if let Some(old) = idx.slots[slot].0.take() {
                 idx.map.remove(&old);
+                self.evictions.fetch_add(1, Ordering::Relaxed);
             }
             slot
         };

@@ -58,7 +58,11 @@ fn put_future(inner: Arc<Inner>, built: Built, delay: Duration) -> PutFuture {
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
+        let started = inner.clock.now();
         let res = put_create(&inner, &built.key, built.obj.clone()).await;
+        let took = inner.clock.now().saturating_sub(started).as_micros();
+        let took = u64::try_from(took).unwrap_or(u64::MAX);
+        inner.counters.destage_us.fetch_add(took, Ordering::Relaxed);
         (built, res)
     })
 }

@@ -220,6 +220,9 @@ fn read_cached(inner: &Inner, volume: u64, info: &ChunkInfo, off: u64, dst: &mut
         filled += n;
     }
     inner.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
+    let c = &inner.counters;
+    c.cache_hit_bytes
+        .fetch_add(filled as u64, Ordering::Relaxed);
     true
 }
 

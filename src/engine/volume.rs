@@ -78,6 +78,23 @@ pub struct VolumeStats {
     pub snapshots_taken: u64,
     /// How long the last snapshot held new writes back, in microseconds.
     pub last_snapshot_pause_us: u64,
+    /// Age of the oldest acknowledged write not yet in the store, in ms.
+    pub oldest_unstored_ms: u64,
+    /// The configured bounds on unstored data (`engine.max_unstored_*`).
+    pub max_unstored_bytes: u64,
+    pub max_unstored_seconds: u64,
+    /// Total time writes waited for room (unstored bound or a snapshot), µs.
+    pub backpressure_us: u64,
+    /// Total time chunk puts took (destage), µs.
+    pub destage_us: u64,
+    /// Total time checkpoints took (compaction, put and commit), µs.
+    pub checkpoint_us: u64,
+    /// Bytes read requests took from the read cache.
+    pub cache_hit_bytes: u64,
+    /// Read cache windows evicted for new ones.
+    pub cache_evictions: u64,
+    /// Size of the read cache in bytes (0: disabled).
+    pub cache_capacity_bytes: u64,
 }
 
 #[derive(Debug, Default)]
@@ -94,6 +111,10 @@ pub(crate) struct Counters {
     pub cache_misses: AtomicU64,
     pub snapshots_taken: AtomicU64,
     pub last_snapshot_pause_us: AtomicU64,
+    pub backpressure_us: AtomicU64,
+    pub destage_us: AtomicU64,
+    pub checkpoint_us: AtomicU64,
+    pub cache_hit_bytes: AtomicU64,
 }
 
 /// Whether acknowledgements may be given now (invariant 7). Implemented by
@@ -372,10 +393,22 @@ impl Volume {
     /// Current counters.
     pub fn stats(&self) -> VolumeStats {
         let c = &self.inner.counters;
-        let (unstored, stored_seq, extents) = {
+        let (unstored, stored_seq, extents, oldest) = {
             let st = self.inner.shared.lock();
-            (st.pending_bytes, st.stored_seq, st.live.len() as u64)
+            let oldest = st.pending.front().map(|p| p.at);
+            (
+                st.pending_bytes,
+                st.stored_seq,
+                st.live.len() as u64,
+                oldest,
+            )
         };
+        let oldest_unstored_ms = oldest.map_or(0, |at| {
+            let age = self.inner.clock.now().saturating_sub(at);
+            u64::try_from(age.as_millis()).unwrap_or(u64::MAX)
+        });
+        let cfg = &self.inner.cfg;
+        let us = |a: &AtomicU64| a.load(Ordering::Relaxed);
         VolumeStats {
             unstored_bytes: unstored,
             wal_bytes: self.inner.wal.bytes(),
@@ -394,6 +427,15 @@ impl Volume {
             map_extents: extents,
             snapshots_taken: c.snapshots_taken.load(Ordering::Relaxed),
             last_snapshot_pause_us: c.last_snapshot_pause_us.load(Ordering::Relaxed),
+            oldest_unstored_ms,
+            max_unstored_bytes: cfg.max_unstored_bytes,
+            max_unstored_seconds: cfg.max_unstored_seconds,
+            backpressure_us: us(&c.backpressure_us),
+            destage_us: us(&c.destage_us),
+            checkpoint_us: us(&c.checkpoint_us),
+            cache_hit_bytes: us(&c.cache_hit_bytes),
+            cache_evictions: self.inner.cache.as_ref().map_or(0, |c| c.evictions()),
+            cache_capacity_bytes: self.inner.cache.as_ref().map_or(0, |c| c.capacity()),
         }
     }
 
@@ -418,6 +460,7 @@ impl Volume {
     /// snapshot holds writes back (invariant 6).
     async fn wait_for_room(&self) -> Result<(), BlockError> {
         let cfg = &self.inner.cfg;
+        let mut waiting_since = None;
         loop {
             let rx = {
                 let mut st = self.inner.shared.lock();
@@ -427,8 +470,15 @@ impl Volume {
                     now.saturating_sub(p.at).as_secs() >= cfg.max_unstored_seconds
                 });
                 if !st.writes_paused && st.pending_bytes < cfg.max_unstored_bytes && !too_old {
+                    if let Some(since) = waiting_since {
+                        let waited = now.saturating_sub(since).as_micros();
+                        let waited = u64::try_from(waited).unwrap_or(u64::MAX);
+                        let c = &self.inner.counters;
+                        c.backpressure_us.fetch_add(waited, Ordering::Relaxed);
+                    }
                     return Ok(());
                 }
+                waiting_since.get_or_insert(now);
                 let (tx, rx) = oneshot::channel();
                 st.waiters.push(tx);
                 rx

@@ -78,6 +78,13 @@ pub struct Opened {
 }
 
 impl Opened {
+    /// Say where the volume's ublk device is (for its metrics and status).
+    pub fn set_device(&self, device: &str) {
+        if let Some(a) = &self.attached {
+            a.metrics().set_device("ublk", device);
+        }
+    }
+
     /// Make every acknowledged write durable and release the data (for a
     /// volume: close it, then release its lease).
     pub async fn close(self) -> anyhow::Result<()> {
@@ -141,7 +148,7 @@ pub async fn open(
     let device: Arc<dyn BlockDevice> = match spec {
         BackingSpec::Volume => {
             let attached = attach_volume(config, volume).await?;
-            let device: Arc<dyn BlockDevice> = attached.volume.clone();
+            let device = attached.metered("ublk", "/dev/ublkb?");
             return Ok(Opened {
                 device,
                 attached: Some(attached),
