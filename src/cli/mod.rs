@@ -8,6 +8,7 @@ pub mod logging;
 pub mod nbd;
 pub mod pool;
 pub mod progress;
+pub mod scrub;
 pub mod snapshot;
 pub mod status;
 pub mod transfer;

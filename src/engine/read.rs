@@ -162,10 +162,9 @@ async fn read_once(inner: &Inner, offset: u64, buf: &mut [u8]) -> Result<Attempt
                 )))
             }
             Ok(Err(StoreOrCrc::Crc(e))) => {
-                return Err(BlockError::Io(format!(
-                    "{}: {e}",
-                    chunk_key(*volume, info.seq, info.epoch)
-                )))
+                let key = chunk_key(*volume, info.seq, info.epoch);
+                super::damage::report(&key, &e);
+                return Err(BlockError::Io(format!("{key}: {e}")));
             }
             Err(_) => return Err(BlockError::Closed),
         };

@@ -292,6 +292,15 @@ pub async fn committed_checkpoint(
             ),
         });
     }
+    let cp = load_checkpoint(store, &m).await?;
+    Ok((m, o.version, cp))
+}
+
+/// The checkpoint manifest `m` names (an empty one if it names none),
+/// validated and checked to belong to it. It covers the chunks up to
+/// `m.checkpoint_chunk`, which may lag `m.last_chunk`.
+pub async fn load_checkpoint(store: &DynStore, m: &Manifest) -> Result<Checkpoint, SnapshotError> {
+    let volume = m.volume;
     let cp = match &m.checkpoint {
         None => Checkpoint::empty(volume, m.epoch, m.last_seq),
         Some(k) => {
@@ -311,7 +320,7 @@ pub async fn committed_checkpoint(
             cp
         }
     };
-    Ok((m, o.version, cp))
+    Ok(cp)
 }
 
 /// Store a snapshot named `name` of the volume's committed state. The

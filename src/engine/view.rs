@@ -16,12 +16,12 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use super::checkpoint::{Checkpoint, ChunkInfo};
+use super::checkpoint::{read_manifest, Checkpoint, ChunkInfo, Manifest};
 use super::chunk::{aligned_range, chunk_key, verify_blocks};
 use super::clone::load_chain;
 use super::error::EngineError;
 use super::map::{ExtentMap, Loc};
-use super::snapshot::{ParentRef, SnapshotObject};
+use super::snapshot::{load_checkpoint, ParentRef, SnapshotError, SnapshotObject};
 use super::{check_range, BlockDevice, SECTOR};
 use crate::error::BlockError;
 use crate::store::DynStore;
@@ -158,6 +158,25 @@ impl SnapshotView {
         Ok(view)
     }
 
+    /// A view of volume `volume`'s newest checkpoint (which may lag the
+    /// chunks stored after it), reading through to its parent chain, and
+    /// the manifest that names it.
+    pub async fn of_volume(
+        store: DynStore,
+        volume: u64,
+        size: u64,
+    ) -> Result<(Manifest, SnapshotView), SnapshotError> {
+        let (m, _) = read_manifest(&store, volume).await?;
+        let cp = load_checkpoint(&store, &m).await?;
+        let parent = match m.parent {
+            Some(p) => Some(Arc::new(Self::of_parent(store.clone(), p, size).await?)),
+            None => None,
+        };
+        let mut view = SnapshotView::new(store, &cp, size)?;
+        view.parent = parent;
+        Ok((m, view))
+    }
+
     /// The view a clone reads through to: snapshot `parent` and its own
     /// parents, every layer `size` bytes. Fails with
     /// [`EngineError::Parent`] if a snapshot in the chain is missing or
@@ -287,8 +306,10 @@ impl SnapshotView {
             .get_range(&key, info.data_start + start..info.data_start + end)
             .await
             .map_err(|e| BlockError::Io(format!("reading {key}: {e}")))?;
-        verify_blocks(&info.crcs, start, &data)
-            .map_err(|e| BlockError::Io(format!("{key}: {e}")))?;
+        verify_blocks(&info.crcs, start, &data).map_err(|e| {
+            super::damage::report(&key, &e);
+            BlockError::Io(format!("{key}: {e}"))
+        })?;
         let s = (off - start) as usize;
         let src = data
             .get(s..s + dst.len())
