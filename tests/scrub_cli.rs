@@ -128,7 +128,11 @@ async fn finds_damage(env: CliEnv) {
     let r = attached.volume.read(start, &mut buf).await;
     assert!(r.is_err(), "read of the blamed block succeeded");
     let neighbour = if start >= 4096 { start - 4096 } else { end };
-    attached.volume.read(neighbour, &mut buf).await.expect("neighbour");
+    attached
+        .volume
+        .read(neighbour, &mut buf)
+        .await
+        .expect("neighbour");
     assert!(buf.iter().all(|&b| b != 0), "neighbour reads data");
     attached.close().await.expect("close");
 
@@ -137,7 +141,10 @@ async fn finds_damage(env: CliEnv) {
     store.delete(&gone).await.expect("delete");
     let (code, out, _) = scrub(&env, &["vol"]);
     assert_eq!(code, Some(3), "{out}");
-    assert!(out.contains(&format!("damaged {gone}: object missing")), "{out}");
+    assert!(
+        out.contains(&format!("damaged {gone}: object missing")),
+        "{out}"
+    );
     assert!(out.contains("2 damaged"), "{out}");
 
     // Bad arguments: clear errors, nothing read.

@@ -116,7 +116,10 @@ impl ScrubPlan {
 type ChunkId = (u64, u64, u64);
 
 /// Every chunk `view` reads from, with the ranges it reads.
-fn plan_view(view: &SnapshotView, size: u64) -> Result<BTreeMap<ChunkId, PlannedChunk>, EngineError> {
+fn plan_view(
+    view: &SnapshotView,
+    size: u64,
+) -> Result<BTreeMap<ChunkId, PlannedChunk>, EngineError> {
     let mut out: BTreeMap<ChunkId, PlannedChunk> = BTreeMap::new();
     let runs = view
         .resolve(0, size / SECTOR)
@@ -186,7 +189,10 @@ impl std::fmt::Display for Fault {
         match self {
             Fault::Missing => write!(f, "object missing"),
             Fault::Truncated { size, expected } => {
-                write!(f, "object is {size} bytes, its data area ends at {expected}")
+                write!(
+                    f,
+                    "object is {size} bytes, its data area ends at {expected}"
+                )
             }
             Fault::Header(why) => write!(f, "bad header: {why}"),
             Fault::Blocks(b) => write!(f, "{} block(s) fail their checksum", b.len()),
@@ -448,12 +454,18 @@ mod tests {
     fn bad_blocks_map_to_the_volume_ranges_that_read_them() {
         // Data bytes 0..8K read at volume 1 MiB; 8K..16K at volume 0.
         let c = planned(vec![(1 << 20, 0, 8192), (0, 8192, 8192)]);
-        assert_eq!(affected(&c, &Fault::Blocks(vec![1])), vec![((1 << 20) + 4096, 4096)]);
+        assert_eq!(
+            affected(&c, &Fault::Blocks(vec![1])),
+            vec![((1 << 20) + 4096, 4096)]
+        );
         assert_eq!(affected(&c, &Fault::Blocks(vec![2, 3])), vec![(0, 8192)]);
         // A block no range reads affects nothing the volume sees.
         assert!(affected(&c, &Fault::Blocks(vec![9])).is_empty());
         // A missing object affects every range.
-        assert_eq!(affected(&c, &Fault::Missing), vec![(0, 8192), (1 << 20, 8192)]);
+        assert_eq!(
+            affected(&c, &Fault::Missing),
+            vec![(0, 8192), (1 << 20, 8192)]
+        );
     }
 
     #[test]
