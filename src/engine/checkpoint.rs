@@ -273,12 +273,12 @@ impl Checkpoint {
     /// area and the volume.
     pub fn to_map(&self, volume_sectors: u64) -> Result<ExtentMap, CheckpointError> {
         self.validate()?;
-        let mut map = ExtentMap::new();
+        let mut runs = Vec::with_capacity(self.extents.len() + self.zeros.len());
+        let by_seq: std::collections::HashMap<u64, &ChunkInfo> =
+            self.chunks.iter().map(|c| (c.seq, c)).collect();
         for &(s, l, c, off) in &self.extents {
-            let info = self
-                .chunks
-                .iter()
-                .find(|i| i.seq == c)
+            let info = by_seq
+                .get(&c)
                 .ok_or_else(|| CheckpointError::Inconsistent(format!("unknown chunk {c}")))?;
             let fits_data = l
                 .checked_mul(super::SECTOR)
@@ -295,7 +295,7 @@ impl Checkpoint {
                     "extent {s}+{l} lies outside the data of chunk {c}"
                 )));
             }
-            map.insert(s, l, Loc::Chunk { chunk: c, off });
+            runs.push((s, l, Loc::Chunk { chunk: c, off }));
         }
         for &(s, l) in &self.zeros {
             if l == 0 || s.checked_add(l).is_none_or(|e| e > volume_sectors) {
@@ -303,12 +303,13 @@ impl Checkpoint {
                     "zero range {s}+{l} is empty or lies past the volume size ({volume_sectors} sectors)"
                 )));
             }
-            if !map.insert(s, l, Loc::Zero).is_empty() {
-                return Err(CheckpointError::Inconsistent(format!(
-                    "zero range {s}+{l} overlaps another extent"
-                )));
-            }
+            runs.push((s, l, Loc::Zero));
         }
+        // Both lists are in order: the stable sort merges the two runs.
+        runs.sort_by_key(|r| r.0);
+        let map = ExtentMap::from_sorted(runs).map_err(|(s, l)| {
+            CheckpointError::Inconsistent(format!("range {s}+{l} overlaps another extent"))
+        })?;
         Ok(map)
     }
 

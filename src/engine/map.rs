@@ -13,7 +13,7 @@
 //!    [`ExtentMap::shared_bytes`] counts the data bytes whose chunk location
 //!    lies in that set (see [`super::space`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use super::space::LocSet;
@@ -104,10 +104,61 @@ impl Piece {
     }
 }
 
-/// Sector ranges → locations. See the module docs for invariants.
+/// The WAL record fields shared by every entry that points into it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct WalRecord {
+    seg: u64,
+    data_off: u64,
+    rec_sectors: u64,
+    crc: u32,
+}
+
+/// Kinds of [`Slot`] (the top two bits of `len_kind`).
+const KIND_ZERO: u32 = 0;
+const KIND_CHUNK: u32 = 1;
+const KIND_WAL: u32 = 2;
+const KIND_WIDE: u32 = 3;
+const KIND_SHIFT: u32 = 30;
+/// Longest entry in sectors (512 GiB); longer ranges take several entries.
+pub const MAX_ENTRY_SECTORS: u64 = (1 << KIND_SHIFT) - 1;
+
+/// One map entry as stored: 16 bytes (invariant 6).
+/// - zero: nothing else;
+/// - chunk: `id` = chunk id, `off` = data-area offset in sectors;
+/// - wal: `id` = record sequence number (its other fields in
+///   `ExtentMap::records`), `off` = sectors skipped into the record;
+/// - wide: `id` keys a full [`Loc`] in `ExtentMap::wide` (a location the
+///   compact forms cannot hold: never produced by the engine, kept so no
+///   input is ever stored wrongly).
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    id: u64,
+    off: u32,
+    len_kind: u32,
+}
+
+impl Slot {
+    fn len(&self) -> u64 {
+        u64::from(self.len_kind) & MAX_ENTRY_SECTORS
+    }
+
+    fn kind(&self) -> u32 {
+        self.len_kind >> KIND_SHIFT
+    }
+}
+
+/// Sector ranges → locations. See the module docs for invariants; also:
+/// 6. Each entry is a 16-byte [`Slot`] of at most [`MAX_ENTRY_SECTORS`];
+///    a WAL record's location fields are stored once in `records`, with the
+///    number of entries naming it; a record with no entries is dropped.
 #[derive(Debug, Clone, Default)]
 pub struct ExtentMap {
-    entries: BTreeMap<u64, (u64, Loc)>,
+    entries: BTreeMap<u64, Slot>,
+    /// WAL records named by entries, and how many entries name each.
+    records: HashMap<u64, (WalRecord, u32)>,
+    /// Locations too wide for a slot, by the id their slot holds.
+    wide: HashMap<u64, Loc>,
+    next_wide: u64,
     /// Bytes mapped to data (invariant 5).
     data_bytes: u64,
     /// The tracked location set and how many data bytes lie in it.
@@ -126,6 +177,165 @@ impl ExtentMap {
 
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+
+    /// A map of `runs` `(start, len, loc)`, which must be in ascending
+    /// order, non-empty and non-overlapping (the first offending run is
+    /// returned otherwise). Built in one pass: O(n) after the check, with
+    /// full tree nodes, so it takes less memory than inserting one by one.
+    pub fn from_sorted(
+        runs: impl IntoIterator<Item = (u64, u64, Loc)>,
+    ) -> Result<ExtentMap, (u64, u64)> {
+        let mut map = ExtentMap::new();
+        let mut merged: Vec<(u64, u64, Loc)> = Vec::new();
+        let mut end = 0u64;
+        for (s, l, loc) in runs {
+            let e = s.checked_add(l).filter(|_| l > 0 && s >= end);
+            let Some(e) = e else {
+                return Err((s, l));
+            };
+            end = e;
+            map.data_bytes += Piece {
+                start: s,
+                len: l,
+                loc: Some(loc),
+            }
+            .data_bytes();
+            match merged.last_mut() {
+                Some((ps, pl, ploc))
+                    if *ps + *pl == s
+                        && *pl + l <= MAX_ENTRY_SECTORS
+                        && ploc.continued_by(*pl, &loc) =>
+                {
+                    *pl += l
+                }
+                _ => merged.push((s, l, loc)),
+            }
+        }
+        let mut slots = Vec::with_capacity(merged.len());
+        for (s, l, loc) in merged {
+            let mut done = 0;
+            while done < l {
+                let n = (l - done).min(MAX_ENTRY_SECTORS);
+                slots.push((s + done, map.pack(n, loc.advance(done))));
+                done += n;
+            }
+        }
+        map.entries = slots.into_iter().collect();
+        Ok(map)
+    }
+
+    /// The location a slot names.
+    fn loc_of(&self, slot: &Slot) -> Loc {
+        match slot.kind() {
+            KIND_ZERO => Loc::Zero,
+            KIND_CHUNK => Loc::Chunk {
+                chunk: slot.id,
+                off: u64::from(slot.off) * SECTOR,
+            },
+            KIND_WAL => match self.records.get(&slot.id) {
+                Some((r, _)) => Loc::Wal(WalLoc {
+                    seq: slot.id,
+                    seg: r.seg,
+                    data_off: r.data_off,
+                    rec_sectors: r.rec_sectors,
+                    crc: r.crc,
+                    skip: u64::from(slot.off),
+                }),
+                // Unreachable by invariant 6; zeros would be wrong data, so
+                // name a record that cannot verify (its CRC check fails).
+                None => Loc::Wal(WalLoc {
+                    seq: slot.id,
+                    seg: u64::MAX,
+                    data_off: u64::MAX,
+                    rec_sectors: 0,
+                    crc: 0,
+                    skip: u64::from(slot.off),
+                }),
+            },
+            _ => self.wide.get(&slot.id).copied().unwrap_or(Loc::Zero),
+        }
+    }
+
+    /// Store `[start, start+len)` → `loc` as one entry (`len` at most
+    /// [`MAX_ENTRY_SECTORS`]), replacing any entry keyed at `start`.
+    fn put(&mut self, start: u64, len: u64, loc: Loc) {
+        debug_assert!(len >= 1 && len <= MAX_ENTRY_SECTORS);
+        let slot = self.pack(len, loc);
+        if let Some(old) = self.entries.insert(start, slot) {
+            self.release(&old);
+        }
+    }
+
+    /// Remove the entry keyed at `start`: its length and location.
+    fn take(&mut self, start: u64) -> Option<(u64, Loc)> {
+        let slot = self.entries.remove(&start)?;
+        let loc = self.loc_of(&slot);
+        self.release(&slot);
+        Some((slot.len(), loc))
+    }
+
+    fn pack(&mut self, len: u64, loc: Loc) -> Slot {
+        let with = |kind: u32, id: u64, off: u32| Slot {
+            id,
+            off,
+            len_kind: (kind << KIND_SHIFT) | len as u32,
+        };
+        match loc {
+            Loc::Zero => return with(KIND_ZERO, 0, 0),
+            Loc::Chunk { chunk, off } if off % SECTOR == 0 => {
+                if let Ok(o) = u32::try_from(off / SECTOR) {
+                    return with(KIND_CHUNK, chunk, o);
+                }
+            }
+            Loc::Wal(w) => {
+                let rec = WalRecord {
+                    seg: w.seg,
+                    data_off: w.data_off,
+                    rec_sectors: w.rec_sectors,
+                    crc: w.crc,
+                };
+                if let Ok(skip) = u32::try_from(w.skip) {
+                    let entry = self.records.entry(w.seq).or_insert((rec, 0));
+                    if entry.0 == rec {
+                        entry.1 += 1;
+                        return with(KIND_WAL, w.seq, skip);
+                    }
+                }
+            }
+            Loc::Chunk { .. } => {}
+        }
+        let id = self.next_wide;
+        self.next_wide += 1;
+        self.wide.insert(id, loc);
+        with(KIND_WIDE, id, 0)
+    }
+
+    /// Drop what `slot` held in the side tables.
+    fn release(&mut self, slot: &Slot) {
+        match slot.kind() {
+            KIND_WAL => {
+                if let Some((_, refs)) = self.records.get_mut(&slot.id) {
+                    *refs -= 1;
+                    if *refs == 0 {
+                        self.records.remove(&slot.id);
+                    }
+                }
+            }
+            KIND_WIDE => {
+                self.wide.remove(&slot.id);
+            }
+            _ => {}
+        }
+    }
+
+    /// The entry starting before `start` that reaches into it, if any.
+    fn covering(&self, start: u64) -> Option<(u64, u64, Loc)> {
+        self.entries
+            .range(..start)
+            .next_back()
+            .filter(|(&s, slot)| s + slot.len() > start)
+            .map(|(&s, slot)| (s, slot.len(), self.loc_of(slot)))
     }
 
     /// Bytes mapped to data (`Wal` or `Chunk` locations).
@@ -196,7 +406,9 @@ impl ExtentMap {
 
     /// Every entry in ascending order as `(start, len, loc)`.
     pub fn iter(&self) -> impl Iterator<Item = (u64, u64, Loc)> + '_ {
-        self.entries.iter().map(|(&s, &(l, loc))| (s, l, loc))
+        self.entries
+            .iter()
+            .map(|(&s, slot)| (s, slot.len(), self.loc_of(slot)))
     }
 
     /// Unmap `[start, start+len)`; returns the mapped pieces it displaced.
@@ -207,24 +419,21 @@ impl ExtentMap {
         }
         let end = start + len;
         // An entry beginning before `start` may reach into the range.
-        if let Some((&s, &(l, loc))) = self.entries.range(..start).next_back() {
-            if s + l > start {
-                self.entries.insert(s, (start - s, loc));
-                let cut_end = end.min(s + l);
-                removed.push(Piece {
-                    start,
-                    len: cut_end - start,
-                    loc: Some(loc.advance(start - s)),
-                });
-                if s + l > end {
-                    self.entries
-                        .insert(end, (s + l - end, loc.advance(end - s)));
-                }
+        if let Some((s, l, loc)) = self.covering(start) {
+            self.put(s, start - s, loc);
+            let cut_end = end.min(s + l);
+            removed.push(Piece {
+                start,
+                len: cut_end - start,
+                loc: Some(loc.advance(start - s)),
+            });
+            if s + l > end {
+                self.put(end, s + l - end, loc.advance(end - s));
             }
         }
         let inside: Vec<u64> = self.entries.range(start..end).map(|(&s, _)| s).collect();
         for s in inside {
-            let Some((l, loc)) = self.entries.remove(&s) else {
+            let Some((l, loc)) = self.take(s) else {
                 continue;
             };
             let cut_end = end.min(s + l);
@@ -234,8 +443,7 @@ impl ExtentMap {
                 loc: Some(loc),
             });
             if s + l > end {
-                self.entries
-                    .insert(end, (s + l - end, loc.advance(end - s)));
+                self.put(end, s + l - end, loc.advance(end - s));
             }
         }
         self.count_removed(&removed);
@@ -253,23 +461,31 @@ impl ExtentMap {
             len,
             loc: Some(loc),
         });
-        let (mut start, mut len, loc) = (start, len, loc);
+        // Ranges longer than one entry can hold are stored in pieces.
+        let mut done = 0;
+        while len - done > MAX_ENTRY_SECTORS {
+            self.put(start + done, MAX_ENTRY_SECTORS, loc.advance(done));
+            done += MAX_ENTRY_SECTORS;
+        }
+        let (mut start, mut len, loc) = (start + done, len - done, loc.advance(done));
         let mut loc_start = loc;
-        if let Some((&ps, &(pl, ploc))) = self.entries.range(..start).next_back() {
-            if ps + pl == start && ploc.continued_by(pl, &loc) {
-                self.entries.remove(&ps);
+        if let Some((&ps, pslot)) = self.entries.range(..start).next_back() {
+            let (pl, ploc) = (pslot.len(), self.loc_of(pslot));
+            if ps + pl == start && pl + len <= MAX_ENTRY_SECTORS && ploc.continued_by(pl, &loc) {
+                self.take(ps);
                 start = ps;
                 len += pl;
                 loc_start = ploc;
             }
         }
-        if let Some(&(nl, nloc)) = self.entries.get(&(start + len)) {
-            if loc_start.continued_by(len, &nloc) {
-                self.entries.remove(&(start + len));
+        if let Some(nslot) = self.entries.get(&(start + len)) {
+            let (nl, nloc) = (nslot.len(), self.loc_of(nslot));
+            if len + nl <= MAX_ENTRY_SECTORS && loc_start.continued_by(len, &nloc) {
+                self.take(start + len);
                 len += nl;
             }
         }
-        self.entries.insert(start, (len, loc_start));
+        self.put(start, len, loc_start);
         removed
     }
 
@@ -278,14 +494,12 @@ impl ExtentMap {
         let end = start + len;
         let mut out = Vec::new();
         let mut pos = start;
-        let first = self
+        let first = self.covering(start);
+        let rest = self
             .entries
-            .range(..start)
-            .next_back()
-            .filter(|(&s, &(l, _))| s + l > start)
-            .map(|(&s, &v)| (s, v));
-        let rest = self.entries.range(start..end).map(|(&s, &v)| (s, v));
-        for (s, (l, loc)) in first.into_iter().chain(rest) {
+            .range(start..end)
+            .map(|(&s, slot)| (s, slot.len(), self.loc_of(slot)));
+        for (s, l, loc) in first.into_iter().chain(rest) {
             if s > pos {
                 out.push(Piece {
                     start: pos,
@@ -447,6 +661,98 @@ mod tests {
         // Re-inserting the same record's sectors merges back.
         m.insert(4, 4, Loc::Wal(WalLoc { skip: 4, ..w }));
         assert_eq!(m.len(), 1);
+    }
+
+    #[test]
+    fn entries_are_sixteen_bytes() {
+        assert_eq!(std::mem::size_of::<Slot>(), 16);
+    }
+
+    #[test]
+    fn ranges_longer_than_an_entry_are_stored_in_pieces() {
+        let mut m = ExtentMap::new();
+        let n = 2 * MAX_ENTRY_SECTORS + 7;
+        m.insert(3, n, Loc::Zero);
+        assert_eq!(m.len(), 3);
+        let p = m.lookup(0, n + 10);
+        assert_eq!(p.first().unwrap().loc, None);
+        let zero: u64 = p
+            .iter()
+            .filter(|p| p.loc == Some(Loc::Zero))
+            .map(|p| p.len)
+            .sum();
+        assert_eq!(zero, n);
+        // A chunk run past one entry keeps its offsets across the pieces.
+        let mut m = ExtentMap::new();
+        m.insert(0, MAX_ENTRY_SECTORS + 2, chunk(4, 0));
+        let at = MAX_ENTRY_SECTORS + 1;
+        assert_eq!(m.lookup(at, 1)[0].loc, Some(chunk(4, at * 512)));
+        assert_eq!(m.data_bytes(), (MAX_ENTRY_SECTORS + 2) * 512);
+    }
+
+    #[test]
+    fn wal_records_are_kept_while_named_and_dropped_after() {
+        let w = WalLoc {
+            seq: 9,
+            seg: 2,
+            data_off: 4096,
+            rec_sectors: 64,
+            crc: 77,
+            skip: 0,
+        };
+        let mut m = ExtentMap::new();
+        m.insert(100, 64, Loc::Wal(w));
+        m.insert(110, 4, chunk(1, 0)); // splits the record's entry in two
+        assert_eq!(m.records.len(), 1);
+        assert_eq!(m.records[&9].1, 2);
+        assert_eq!(
+            m.lookup(120, 1)[0].loc,
+            Some(Loc::Wal(WalLoc { skip: 20, ..w }))
+        );
+        m.insert(100, 64, chunk(2, 0));
+        assert!(m.records.is_empty(), "no entry names the record any more");
+        assert!(m.wide.is_empty());
+    }
+
+    #[test]
+    fn locations_a_slot_cannot_hold_are_kept_exactly() {
+        let odd = chunk(3, 100); // not a whole sector into the chunk
+        let far = chunk(3, (u64::from(u32::MAX) + 1) * 512);
+        let mut m = ExtentMap::new();
+        m.insert(0, 8, odd);
+        m.insert(8, 8, far);
+        assert_eq!(m.lookup(2, 1)[0].loc, Some(odd.advance(2)));
+        assert_eq!(m.lookup(9, 1)[0].loc, Some(far.advance(1)));
+        assert_eq!(m.wide.len(), 2);
+        m.remove(0, 16);
+        assert!(m.wide.is_empty());
+    }
+
+    #[test]
+    fn from_sorted_equals_inserting_and_refuses_overlaps() {
+        let runs = vec![
+            (0, 8, chunk(1, 0)),
+            (8, 8, chunk(1, 8 * 512)), // continues the first: one entry
+            (20, 4, Loc::Zero),
+            (30, 2, chunk(2, 512)),
+        ];
+        let bulk = ExtentMap::from_sorted(runs.clone()).unwrap();
+        let mut one_by_one = ExtentMap::new();
+        for (s, l, loc) in runs {
+            one_by_one.insert(s, l, loc);
+        }
+        assert_eq!(
+            bulk.iter().collect::<Vec<_>>(),
+            one_by_one.iter().collect::<Vec<_>>()
+        );
+        assert_eq!(bulk.len(), 3);
+        assert_eq!(bulk.data_bytes(), one_by_one.data_bytes());
+        assert_eq!(
+            ExtentMap::from_sorted(vec![(0, 8, Loc::Zero), (4, 8, Loc::Zero)]).unwrap_err(),
+            (4, 8)
+        );
+        assert!(ExtentMap::from_sorted(vec![(5, 0, Loc::Zero)]).is_err());
+        assert!(ExtentMap::from_sorted(vec![(u64::MAX, 2, Loc::Zero)]).is_err());
     }
 
     /// Random operations against a per-sector model.

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use shale::clock::SystemClock;
+mod map;
 mod snapshots;
 
 use shale::engine::config::EngineConfig;
@@ -39,6 +40,10 @@ struct Args {
     /// Instead: compare 4K random writes with this many snapshots vs none.
     #[arg(long, default_value_t = 0)]
     snapshots: u64,
+    /// Instead: memory per extent and open time of a map of this many
+    /// random 4K extents (issue 11).
+    #[arg(long, default_value_t = 0)]
+    map_extents: u64,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -311,6 +316,9 @@ fn run_file(root: &Path, size: u64, secs: u64) -> Result<Vec<Measure>> {
 fn main() -> Result<()> {
     env_logger::init();
     let args = Args::parse();
+    if args.map_extents > 0 {
+        return map::run(args.map_extents);
+    }
     if args.size < (64 << 20) || !args.size.is_multiple_of(1 << 20) {
         bail!("--size must be a multiple of 1 MiB and at least 64 MiB");
     }

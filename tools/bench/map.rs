@@ -1,0 +1,106 @@
+//! `shale-bench --map-extents N`: memory and open time of a fragmented
+//! extent map (issue 11). Builds the store-side map of a volume after N
+//! random 4 KiB writes packed into 4 MiB chunks in write order (so no two
+//! neighbouring sectors share a chunk run), reports the process RSS growth
+//! per extent, then encodes the map as a checkpoint and times decoding it
+//! back into a map (what opening a volume does).
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use shale::engine::checkpoint::{Checkpoint, ChunkInfo};
+use shale::engine::chunk::CRC_BLOCK;
+use shale::engine::map::{ExtentMap, Loc};
+
+const BLOCK: u64 = 4096;
+const SECTOR: u64 = 512;
+/// Writes per chunk (4 MiB of 4 KiB blocks).
+const PER_CHUNK: u64 = 1024;
+
+/// Resident set size of this process in bytes.
+fn rss() -> Result<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").context("read /proc/self/statm")?;
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .context("statm has no rss field")?
+        .parse()
+        .context("statm rss")?;
+    Ok(pages * 4096)
+}
+
+/// A small deterministic generator (xorshift64*), so runs compare.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+pub fn run(extents: u64) -> Result<()> {
+    // A volume 4x the written blocks, so most writes land apart.
+    let blocks = extents * 4;
+    let mut rng = Rng(0x5eed_1234_abcd_0001);
+    let before = rss()?;
+    let t = Instant::now();
+    let mut map = ExtentMap::new();
+    let mut written = 0u64;
+    while (map.len() as u64) < extents {
+        let lba = (rng.next() % blocks) * (BLOCK / SECTOR);
+        let chunk = 1 + written / PER_CHUNK;
+        let off = (written % PER_CHUNK) * BLOCK;
+        map.insert(lba, BLOCK / SECTOR, Loc::Chunk { chunk, off });
+        written += 1;
+    }
+    let build = t.elapsed();
+    let after = rss()?;
+    let per_extent = after.saturating_sub(before) as f64 / map.len() as f64;
+    println!(
+        "map: {} extents from {written} random 4K writes in {:.2} s; RSS +{:.1} MiB = {per_extent:.1} bytes per extent",
+        map.len(),
+        build.as_secs_f64(),
+        after.saturating_sub(before) as f64 / (1 << 20) as f64,
+    );
+
+    let n_chunks = written.div_ceil(PER_CHUNK);
+    let data_len = PER_CHUNK * BLOCK;
+    let chunks: Vec<ChunkInfo> = (1..=n_chunks)
+        .map(|seq| ChunkInfo {
+            seq,
+            epoch: 1,
+            data_start: 4096,
+            data_len,
+            crcs: vec![0; (data_len / CRC_BLOCK) as usize],
+        })
+        .collect();
+    let t = Instant::now();
+    let cp = Checkpoint::from_map(1, 1, n_chunks, written, &map, chunks);
+    let bytes = cp.encode();
+    let encode = t.elapsed();
+    drop(map);
+    println!(
+        "checkpoint: {:.1} MiB ({:.1} bytes per extent), encoded in {:.2} s",
+        bytes.len() as f64 / (1 << 20) as f64,
+        bytes.len() as f64 / extents as f64,
+        encode.as_secs_f64()
+    );
+    let t = Instant::now();
+    let decoded = Checkpoint::decode(&bytes).context("decode")?;
+    let decode = t.elapsed();
+    let t = Instant::now();
+    let reopened = decoded
+        .to_map(blocks * (BLOCK / SECTOR))
+        .context("checkpoint to map")?;
+    let to_map = t.elapsed();
+    println!(
+        "open: decode {:.2} s, map {:.2} s ({} extents)",
+        decode.as_secs_f64(),
+        to_map.as_secs_f64(),
+        reopened.len()
+    );
+    Ok(())
+}
