@@ -11,7 +11,6 @@
 //! 5. Errors name the file and the field.
 
 use std::fmt;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -27,8 +26,6 @@ pub const DEFAULT_DATA_DIR: &str = "/var/lib/shale";
 /// and bounds (what `shale config example` prints). A test checks that it
 /// parses to exactly [`Config::default`].
 pub const EXAMPLE_CONFIG: &str = include_str!("config/example.yaml");
-/// Default for [`NbdConfig::listen`].
-pub const DEFAULT_NBD_LISTEN: &str = "127.0.0.1:10809";
 
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -72,21 +69,11 @@ impl Default for PoolConfig {
     }
 }
 
-/// NBD server settings.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct NbdConfig {
-    /// Address and port to listen on (`IP:port`). Default `127.0.0.1:10809`.
-    pub listen: SocketAddr,
-}
-
-impl Default for NbdConfig {
-    fn default() -> Self {
-        NbdConfig {
-            listen: DEFAULT_NBD_LISTEN.parse().expect("constant address parses"),
-        }
-    }
-}
+mod nbd;
+pub use nbd::{
+    is_loopback, parse_listen, parse_mode, NbdAccessRule, NbdConfig, NbdTlsConfig,
+    DEFAULT_NBD_PORT, DEFAULT_NBD_SOCKET,
+};
 
 /// The file format: like [`Config`] but with the store optional, because its
 /// default depends on `data_dir`.
@@ -230,12 +217,14 @@ impl Config {
             },
             Some(other) => other,
         };
+        let mut nbd = file.nbd;
+        nbd.resolve_paths(resolve);
         Config {
             data_dir,
             store,
             engine: file.engine,
             pool: file.pool,
-            nbd: file.nbd,
+            nbd,
         }
     }
 
@@ -267,12 +256,9 @@ impl Config {
                 format!("{} must be in 1..=100", self.pool.warn_percent),
             ));
         }
-        if self.nbd.listen.port() == 0 {
-            return Err(invalid(
-                "nbd.listen",
-                "port 0 is not allowed: clients need a fixed port".into(),
-            ));
-        }
+        self.nbd
+            .validate()
+            .map_err(|(field, reason)| invalid(&format!("nbd.{field}"), reason))?;
         Ok(())
     }
 

@@ -199,7 +199,7 @@ async fn open_leased(
         .into());
     }
     let local_dir = cfg.volume_dir(record.id);
-    std::fs::create_dir_all(&local_dir).map_err(|source| DaemonError::LocalDir {
+    crate::private::create_dir_all(&local_dir).map_err(|source| DaemonError::LocalDir {
         path: local_dir.clone(),
         source,
     })?;

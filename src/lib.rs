@@ -11,6 +11,7 @@ pub mod engine;
 pub mod error;
 pub mod frontend;
 pub mod pool;
+pub mod private;
 pub mod size;
 pub mod store;
 pub mod transfer;

@@ -88,6 +88,9 @@ fn restore_default_sigpipe() {
 }
 
 fn main() -> ExitCode {
+    // Whatever shale creates (WAL, cache, store objects, sockets, exports)
+    // is private to the user it runs as.
+    shale::private::restrict_umask();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
     if matches!(

@@ -53,8 +53,8 @@ impl Cache {
         }
         let err =
             |e: std::io::Error| EngineError::LocalIo(format!("read cache {}: {e}", dir.display()));
-        std::fs::create_dir_all(dir).map_err(err)?;
-        let file = OpenOptions::new()
+        crate::private::create_dir_all(dir).map_err(err)?;
+        let file = crate::private::open_options()
             .read(true)
             .write(true)
             .create(true)

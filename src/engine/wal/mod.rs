@@ -140,7 +140,7 @@ fn sync_dir(dir: &Path) -> Result<(), WalError> {
 
 fn create_segment(dir: &Path, id: u64) -> Result<Segment, WalError> {
     let path = seg_path(dir, id);
-    let file = OpenOptions::new()
+    let file = crate::private::open_options()
         .read(true)
         .write(true)
         .create(true)

@@ -37,7 +37,7 @@ pub fn replay(
     after_seq: u64,
     mut apply: impl FnMut(Appended),
 ) -> Result<Recovered, WalError> {
-    std::fs::create_dir_all(dir).map_err(|e| io_err("create WAL directory", e))?;
+    crate::private::create_dir_all(dir).map_err(|e| io_err("create WAL directory", e))?;
     let mut ids = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(|e| io_err("list WAL directory", e))? {
         let entry = entry.map_err(|e| io_err("list WAL directory", e))?;

@@ -101,13 +101,17 @@ impl RunDir {
     /// Store (replace) the record of `rec.volume`.
     pub fn write(&self, rec: &DeviceRecord) -> Result<(), RunStateError> {
         let path = self.record_path(&rec.volume)?;
-        fs::create_dir_all(&self.dir).map_err(io_err(&self.dir))?;
+        crate::private::create_dir_all(&self.dir).map_err(io_err(&self.dir))?;
         let tmp = self.dir.join(format!(".{}.json.tmp", rec.volume));
         let body = serde_json::to_vec_pretty(rec).map_err(|source| RunStateError::Corrupt {
             path: path.clone(),
             source,
         })?;
-        let mut f = fs::File::create(&tmp).map_err(io_err(&tmp))?;
+        let mut f = crate::private::open_options()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp).map_err(io_err(&tmp))?;
         f.write_all(&body).map_err(io_err(&tmp))?;
         f.sync_all().map_err(io_err(&tmp))?;
         fs::rename(&tmp, &path).map_err(io_err(&path))?;
