@@ -186,7 +186,13 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let (tx, rx) = mpsc::unbounded_channel::<Reply>();
-    let writer_task = tokio::spawn(write_replies(writer, rx, limits.request_timeout));
+    // Aborted if this future is dropped (the server's shutdown deadline),
+    // so a writer stuck on a client that does not read dies with it.
+    let mut writer_task = AbortOnDrop(tokio::spawn(write_replies(
+        writer,
+        rx,
+        limits.request_timeout,
+    )));
     let budget = Budget::new(&limits, global);
     let mut tasks = JoinSet::new();
     let timeout = limits.request_timeout;
@@ -276,11 +282,20 @@ where
 
     drop(tx);
     while tasks.join_next().await.is_some() {}
-    let written = writer_task
+    let written = (&mut writer_task.0)
         .await
         .map_err(|e| ConnError::Protocol(format!("reply writer failed: {e}")))?;
     outcome?;
     written.map_err(ConnError::from)
+}
+
+/// A task that is aborted when its handle is dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Permits for the next request; `None` when the connection must end
