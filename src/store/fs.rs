@@ -29,7 +29,7 @@
 //!    data through that one descriptor, so it sees exactly one version.
 //! 4. All file I/O runs on tokio's blocking pool, never on the reactor.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Write};
 use std::ops::Range;
 use std::os::unix::fs::FileExt;

@@ -14,7 +14,7 @@
 //! 5. Once an I/O error happens the log is broken: every later request fails.
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::IoSlice;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};

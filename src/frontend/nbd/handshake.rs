@@ -225,10 +225,10 @@ where
             },
             OPT_STARTTLS => {
                 let (kind, msg): (u32, &[u8]) = match tls {
-                    TlsState::Off => (REP_ERR_UNSUP, b"TLS is not configured on this server"),
-                    TlsState::Active => (REP_ERR_INVALID, b"TLS is already active"),
+                    TlsState::Off => (REP_ERR_UNSUP, &b"TLS is not configured on this server"[..]),
+                    TlsState::Active => (REP_ERR_INVALID, &b"TLS is already active"[..]),
                     TlsState::Required if !data.is_empty() => {
-                        (REP_ERR_INVALID, b"NBD_OPT_STARTTLS takes no data")
+                        (REP_ERR_INVALID, &b"NBD_OPT_STARTTLS takes no data"[..])
                     }
                     TlsState::Required => {
                         stream.write_all(&reply(REP_ACK, &[])).await?;

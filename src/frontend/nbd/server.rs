@@ -350,7 +350,6 @@ async fn serve_connection(shared: &Shared, conn: Accepted) -> Result<(), ConnErr
     };
     log::info!("serving export {}", export.name);
     let (limits, budget) = (server.limits, shared.budget.clone());
-    let buffered = |r| BufReader::with_capacity(64 << 10, r);
     match conn {
         Conn::Tcp(s) => {
             let (r, w) = s.into_split();
@@ -385,7 +384,8 @@ async fn negotiate(
                 policy,
                 peer: &peer,
             };
-            Ok(chosen(Conn::Unix, s, options_plain(&mut s, gate, no_zeroes).await?))
+            let n = options_plain(&mut s, gate, no_zeroes).await?;
+            Ok(chosen(Conn::Unix, s, n))
         }
         Accepted::Tcp(mut s) => {
             let no_zeroes = greet(&mut s).await?;
@@ -395,7 +395,8 @@ async fn negotiate(
                     policy,
                     peer: &peer,
                 };
-                return Ok(chosen(Conn::Tcp, s, options_plain(&mut s, gate, no_zeroes).await?));
+                let n = options_plain(&mut s, gate, no_zeroes).await?;
+                return Ok(chosen(Conn::Tcp, s, n));
             };
             let gate = Gate {
                 exports,
@@ -438,6 +439,10 @@ async fn negotiate(
             }
         }
     }
+}
+
+fn buffered<R: AsyncRead>(r: R) -> BufReader<R> {
+    BufReader::with_capacity(64 << 10, r)
 }
 
 async fn options_plain<S>(

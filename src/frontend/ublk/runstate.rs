@@ -50,6 +50,9 @@ pub struct DeviceRecord {
     pub backing: Vec<String>,
 }
 
+/// Largest run-state record accepted (real ones are a few hundred bytes).
+pub const MAX_RECORD_BYTES: u64 = 64 << 10;
+
 /// Check a volume name for use as a file name and a /dev/shale link.
 pub fn check_volume_name(name: &str) -> Result<(), RunStateError> {
     let ok = !name.is_empty()
@@ -118,10 +121,23 @@ impl RunDir {
         Ok(())
     }
 
-    /// The record of `volume`, if any.
+    /// The record of `volume`, if any. At most [`MAX_RECORD_BYTES`] are
+    /// read: a larger file is corrupt, not a reason to allocate without end.
     pub fn read(&self, volume: &str) -> Result<Option<DeviceRecord>, RunStateError> {
         let path = self.record_path(volume)?;
-        match fs::read(&path) {
+        let read = fs::File::open(&path).and_then(|f| {
+            use std::io::Read;
+            let mut bytes = Vec::new();
+            f.take(MAX_RECORD_BYTES + 1).read_to_end(&mut bytes)?;
+            if bytes.len() as u64 > MAX_RECORD_BYTES {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("run-state record larger than {MAX_RECORD_BYTES} bytes"),
+                ));
+            }
+            Ok(bytes)
+        });
+        match read {
             Ok(bytes) => serde_json::from_slice(&bytes)
                 .map(Some)
                 .map_err(|source| RunStateError::Corrupt { path, source }),

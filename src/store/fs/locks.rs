@@ -1,6 +1,6 @@
 //! The fs store's per-key locks and per-directory generation counters.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
