@@ -7,8 +7,8 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use shale::engine::chunk::{self, ChunkExtent, ChunkHeader};
 use shale::engine::checkpoint::{Checkpoint, ChunkInfo};
+use shale::engine::chunk::{self, ChunkExtent, ChunkHeader};
 use shale::engine::snapshot::SnapshotObject;
 use shale::engine::wal::record::{RecordHeader, RecordKind};
 use shale::frontend::nbd::codec::{InfoRequest, OptionHeader, Request};
@@ -54,7 +54,11 @@ fn wal_record(kind: RecordKind, seq: u64, lba: u64, data: &[u8]) -> Vec<u8> {
         volume: 7,
         seq,
         lba,
-        sectors: if data.is_empty() { 8 } else { data.len() as u64 / 512 },
+        sectors: if data.is_empty() {
+            8
+        } else {
+            data.len() as u64 / 512
+        },
         data_crc: crc32c::crc32c(data),
         more: false,
     };
@@ -84,7 +88,10 @@ fn checkpoint() -> Checkpoint {
 fn seeds() -> Seeds {
     let mut s = Seeds::new();
     // NBD.
-    s.insert(("nbd_codec", "write-header"), request(CMD_WRITE, 1, 4096, 4096));
+    s.insert(
+        ("nbd_codec", "write-header"),
+        request(CMD_WRITE, 1, 4096, 4096),
+    );
     s.insert(("nbd_codec", "go"), go("a"));
     let mut session = vec![0u8];
     session.extend((CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES).to_be_bytes());
@@ -143,7 +150,10 @@ fn seeds() -> Seeds {
         data_len: data.len() as u64,
         header_len: 0,
     };
-    s.insert(("chunk_header", "two-extents"), chunk::encode(&header, &data));
+    s.insert(
+        ("chunk_header", "two-extents"),
+        chunk::encode(&header, &data),
+    );
     s.insert(("checkpoint_manifest", "checkpoint"), checkpoint().encode());
     let snap = SnapshotObject {
         id: 1,
@@ -209,7 +219,10 @@ fn minimal_cert() -> Vec<u8> {
     }
     let cn = der(
         0x31,
-        &der(0x30, &[der(0x06, &[0x55, 4, 3]), der(0x0c, b"client-a")].concat()),
+        &der(
+            0x30,
+            &[der(0x06, &[0x55, 4, 3]), der(0x0c, b"client-a")].concat(),
+        ),
     );
     let tbs = [
         der(0xa0, &der(0x02, &[2])),

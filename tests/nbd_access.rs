@@ -81,7 +81,11 @@ impl Server {
         let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
         assert_eq!(rc, 0);
         let status = self.child.wait().unwrap();
-        assert!(status.success(), "server exited with {status}: {}", self.log());
+        assert!(
+            status.success(),
+            "server exited with {status}: {}",
+            self.log()
+        );
     }
 }
 
@@ -128,7 +132,10 @@ fn stderr(o: &Output) -> String {
 
 fn can_switch_users() -> bool {
     if nix::unistd::geteuid().as_raw() != 0 {
-        assert!(!ci(), "CI=true: these tests need root to run a client as nobody");
+        assert!(
+            !ci(),
+            "CI=true: these tests need root to run a client as nobody"
+        );
         eprintln!("SKIP: not root, cannot run a client as another user");
         return false;
     }
@@ -162,7 +169,12 @@ fn unix_socket_mode_and_peer_credentials_decide_who_connects() {
 
     // A world-writable socket: nobody reaches it, SO_PEERCRED refuses it.
     let open = "nbd:\n  socket_mode: \"0666\"\n";
-    let srv = Server::start(dir.path(), open, &["--socket", sock_s, "--memory", "a:1M"], 1);
+    let srv = Server::start(
+        dir.path(),
+        open,
+        &["--socket", sock_s, "--memory", "a:1M"],
+        1,
+    );
     let out = nbdinfo_as_nobody(&["--size", &unix_uri(&sock, "a")]);
     assert!(!out.status.success(), "nobody must be refused");
     assert!(
@@ -207,7 +219,14 @@ fn export_rules_hide_exports_from_list_and_open() {
     let srv = Server::start(
         dir.path(),
         config,
-        &["--socket", sock_s, "--memory", "mine:1M", "--memory", "secret:2M"],
+        &[
+            "--socket",
+            sock_s,
+            "--memory",
+            "mine:1M",
+            "--memory",
+            "secret:2M",
+        ],
         1,
     );
     let list_uri = format!("nbd+unix:///?socket={sock_s}");
@@ -227,7 +246,11 @@ fn export_rules_hide_exports_from_list_and_open() {
     assert_eq!(names(&root), ["mine", "secret"]);
     let nobody = nbdinfo_as_nobody(&["--list", &list_uri]);
     assert!(nobody.status.success(), "{}", stderr(&nobody));
-    assert_eq!(names(&nobody), ["mine"], "LIST shows only what nobody may open");
+    assert_eq!(
+        names(&nobody),
+        ["mine"],
+        "LIST shows only what nobody may open"
+    );
     let mine = nbdinfo_as_nobody(&["--size", &unix_uri(&sock, "mine")]);
     assert!(mine.status.success(), "{}", stderr(&mine));
     let secret = nbdinfo_as_nobody(&["--size", &unix_uri(&sock, "secret")]);
@@ -316,12 +339,22 @@ impl Pki {
     fn client_dir(&self, name: &str, ca: &str, client: Option<&str>) -> PathBuf {
         let d = self.dir.join(name);
         std::fs::create_dir_all(&d).unwrap();
-        std::fs::copy(self.dir.join(format!("{ca}-cert.pem")), d.join("ca-cert.pem")).unwrap();
+        std::fs::copy(
+            self.dir.join(format!("{ca}-cert.pem")),
+            d.join("ca-cert.pem"),
+        )
+        .unwrap();
         if let Some(c) = client {
-            std::fs::copy(self.dir.join(format!("{c}-cert.pem")), d.join("client-cert.pem"))
-                .unwrap();
-            std::fs::copy(self.dir.join(format!("{c}-key.pem")), d.join("client-key.pem"))
-                .unwrap();
+            std::fs::copy(
+                self.dir.join(format!("{c}-cert.pem")),
+                d.join("client-cert.pem"),
+            )
+            .unwrap();
+            std::fs::copy(
+                self.dir.join(format!("{c}-key.pem")),
+                d.join("client-key.pem"),
+            )
+            .unwrap();
         }
         d
     }
@@ -367,7 +400,14 @@ fn tls_with_client_certificates_and_refused_clients() {
     let srv = Server::start(
         dir.path(),
         &config,
-        &["--listen", "127.0.0.1:0", "--memory", "a:4M", "--memory", "b:4M"],
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--memory",
+            "a:4M",
+            "--memory",
+            "b:4M",
+        ],
         1,
     );
     let port = srv.port();
@@ -391,7 +431,10 @@ fn tls_with_client_certificates_and_refused_clients() {
     run_ok(Command::new("nbdcopy").arg(&image).arg(nbds("a", &good_a)));
     let back = dir.path().join("out.img");
     run_ok(Command::new("nbdcopy").arg(nbds("a", &good_a)).arg(&back));
-    assert!(file_bytes(&back) == pattern(4 << 20, 9), "nbdcopy round trip over TLS");
+    assert!(
+        file_bytes(&back) == pattern(4 << 20, 9),
+        "nbdcopy round trip over TLS"
+    );
     run_ok(
         Command::new("qemu-io")
             .arg("--object")
@@ -419,9 +462,15 @@ fn tls_with_client_certificates_and_refused_clients() {
     let plain = nbdinfo(&["--size", &format!("nbd://127.0.0.1:{port}/a")]);
     assert!(!plain.status.success(), "plaintext must be refused");
     let out = nbdinfo(&["--size", &nbds("a", &no_cert)]);
-    assert!(!out.status.success(), "a client without a certificate must be refused");
+    assert!(
+        !out.status.success(),
+        "a client without a certificate must be refused"
+    );
     let out = nbdinfo(&["--size", &nbds("a", &rogue)]);
-    assert!(!out.status.success(), "a certificate of another CA must be refused");
+    assert!(
+        !out.status.success(),
+        "a certificate of another CA must be refused"
+    );
     let log = srv.log();
     assert!(log.contains("TLS handshake with"), "{log}");
     assert!(
@@ -448,6 +497,10 @@ fn plain_tcp_on_a_public_address_warns_and_no_tcp_by_default() {
         &["--listen", "0.0.0.0:0", "--memory", "a:1M"],
         1,
     );
-    assert!(srv.log().contains("plain TCP listener on 0.0.0.0"), "{}", srv.log());
+    assert!(
+        srv.log().contains("plain TCP listener on 0.0.0.0"),
+        "{}",
+        srv.log()
+    );
     srv.stop();
 }

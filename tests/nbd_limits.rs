@@ -64,14 +64,22 @@ async fn connections_beyond_the_cap_are_closed_at_once() {
     let first = RawClient::greet(&addr, CLIENT_FIXED_NEWSTYLE).await;
     let _second = RawClient::greet(&addr, CLIENT_FIXED_NEWSTYLE).await;
     let mut third = TcpStream::connect(&addr).await.unwrap();
-    assert_eq!(until_closed(&mut third).await, 0, "no greeting past the cap");
+    assert_eq!(
+        until_closed(&mut third).await,
+        0,
+        "no greeting past the cap"
+    );
     drop(first);
     // The slot comes back once the server notices the close.
     let mut admitted = false;
     for _ in 0..200 {
         let mut s = TcpStream::connect(&addr).await.unwrap();
         let mut g = [0u8; 8];
-        if tokio::time::timeout(GUARD, s.read_exact(&mut g)).await.unwrap().is_ok() {
+        if tokio::time::timeout(GUARD, s.read_exact(&mut g))
+            .await
+            .unwrap()
+            .is_ok()
+        {
             assert_eq!(&g, b"NBDMAGIC");
             admitted = true;
             break;
@@ -109,7 +117,10 @@ async fn a_request_that_never_finishes_arriving_closes_its_connection() {
     });
     // Half a request header.
     let (mut c, _) = RawClient::connect(&srv.addr(), "a").await;
-    c.stream.write_all(&REQUEST_MAGIC.to_be_bytes()).await.unwrap();
+    c.stream
+        .write_all(&REQUEST_MAGIC.to_be_bytes())
+        .await
+        .unwrap();
     c.stream.write_all(&[0u8; 6]).await.unwrap();
     assert_eq!(until_closed(&mut c.stream).await, 0);
     // A write announcing 1 MiB that sends only 4 KiB of it.

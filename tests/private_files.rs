@@ -3,7 +3,6 @@
 //! the real binary (create, import, serve with the control socket live)
 //! and on the library opened in-process with umask 000.
 
-
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};

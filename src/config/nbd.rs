@@ -233,10 +233,25 @@ impl NbdConfig {
             self.max_connection_bytes,
             64 << 30,
         )?;
-        range("handshake_timeout_ms", self.handshake_timeout_ms, 100, 600_000)?;
-        range("request_timeout_ms", self.request_timeout_ms, 100, 3_600_000)?;
+        range(
+            "handshake_timeout_ms",
+            self.handshake_timeout_ms,
+            100,
+            600_000,
+        )?;
+        range(
+            "request_timeout_ms",
+            self.request_timeout_ms,
+            100,
+            3_600_000,
+        )?;
         range("idle_timeout_ms", self.idle_timeout_ms, 0, 86_400_000)?;
-        range("shutdown_timeout_ms", self.shutdown_timeout_ms, 0, 3_600_000)?;
+        range(
+            "shutdown_timeout_ms",
+            self.shutdown_timeout_ms,
+            0,
+            3_600_000,
+        )?;
         Ok(())
     }
 
@@ -316,7 +331,9 @@ pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
     if let Ok(ip) = text.parse::<std::net::IpAddr>() {
         return Ok(SocketAddr::new(ip, DEFAULT_NBD_PORT));
     }
-    Err(format!("{text:?} is not IP:PORT (for example 127.0.0.1:10809)"))
+    Err(format!(
+        "{text:?} is not IP:PORT (for example 127.0.0.1:10809)"
+    ))
 }
 
 /// Whether a plain TCP listener on `addr` is reachable only from this host.

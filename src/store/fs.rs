@@ -90,7 +90,8 @@ impl FsStore {
                 .write(true)
                 .create(true)
                 .truncate(true)
-                .open(&probe).map_err(|e| io_err("store directory is not writable", root, e))?;
+                .open(&probe)
+                .map_err(|e| io_err("store directory is not writable", root, e))?;
             fs::remove_file(&probe).map_err(|e| io_err("cannot remove", &probe, e))
         })
         .await

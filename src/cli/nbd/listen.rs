@@ -30,7 +30,9 @@ pub async fn bind(
     };
     let mut listeners = Vec::new();
     if let Some(path) = &socket {
-        listeners.push(bind_socket(cfg, path).with_context(|| format!("listening on {}", path.display()))?);
+        listeners.push(
+            bind_socket(cfg, path).with_context(|| format!("listening on {}", path.display()))?,
+        );
     }
     if let Some(addr) = listen {
         if cfg.tls.is_none() && !is_loopback(&addr) {

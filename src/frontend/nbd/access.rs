@@ -325,7 +325,14 @@ mod tests {
         assert!(one.contains("::1".parse().unwrap()));
         let all: Cidr = "0.0.0.0/0".parse().unwrap();
         assert!(all.contains("8.8.8.8".parse().unwrap()));
-        for bad in ["", "10.0.0.0/33", "::/129", "x/8", "10.0.0.0/", "10.0.0.0/-1"] {
+        for bad in [
+            "",
+            "10.0.0.0/33",
+            "::/129",
+            "x/8",
+            "10.0.0.0/",
+            "10.0.0.0/-1",
+        ] {
             assert!(bad.parse::<Cidr>().is_err(), "{bad:?}");
         }
     }
@@ -337,11 +344,19 @@ mod tests {
             ClientMatch::Uid(0)
         );
         assert_eq!(
-            "user:root".parse::<ClientSpec>().unwrap().resolve().unwrap(),
+            "user:root"
+                .parse::<ClientSpec>()
+                .unwrap()
+                .resolve()
+                .unwrap(),
             ClientMatch::Uid(0)
         );
         assert_eq!(
-            "group:root".parse::<ClientSpec>().unwrap().resolve().unwrap(),
+            "group:root"
+                .parse::<ClientSpec>()
+                .unwrap()
+                .resolve()
+                .unwrap(),
             ClientMatch::Gid(0)
         );
         assert_eq!(

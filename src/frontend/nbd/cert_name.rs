@@ -114,7 +114,10 @@ mod tests {
     }
 
     fn attr(oid: &[u8], tag: u8, value: &[u8]) -> Vec<u8> {
-        der(SET, &der(SEQUENCE, &[der(OID, oid), der(tag, value)].concat()))
+        der(
+            SET,
+            &der(SEQUENCE, &[der(OID, oid), der(tag, value)].concat()),
+        )
     }
 
     fn cert(subject: Vec<u8>, with_version: bool) -> Vec<u8> {
@@ -124,11 +127,17 @@ mod tests {
         }
         tbs.extend(der(0x02, &[1, 2, 3])); // serial
         tbs.extend(der(SEQUENCE, &der(OID, &[1, 2]))); // signature alg
-        tbs.extend(der(SEQUENCE, &attr(COMMON_NAME_OID, UTF8_STRING, b"the-ca"))); // issuer
+        tbs.extend(der(
+            SEQUENCE,
+            &attr(COMMON_NAME_OID, UTF8_STRING, b"the-ca"),
+        )); // issuer
         tbs.extend(der(SEQUENCE, &[])); // validity
         tbs.extend(der(SEQUENCE, &subject));
         tbs.extend(der(SEQUENCE, &[0u8; 200])); // public key (long form length)
-        der(SEQUENCE, &[der(SEQUENCE, &tbs), der(SEQUENCE, &[])].concat())
+        der(
+            SEQUENCE,
+            &[der(SEQUENCE, &tbs), der(SEQUENCE, &[])].concat(),
+        )
     }
 
     #[test]
@@ -138,8 +147,14 @@ mod tests {
             attr(COMMON_NAME_OID, UTF8_STRING, b"host-a"),
         ]
         .concat();
-        assert_eq!(common_name(&cert(subject.clone(), true)).as_deref(), Some("host-a"));
-        assert_eq!(common_name(&cert(subject, false)).as_deref(), Some("host-a"));
+        assert_eq!(
+            common_name(&cert(subject.clone(), true)).as_deref(),
+            Some("host-a")
+        );
+        assert_eq!(
+            common_name(&cert(subject, false)).as_deref(),
+            Some("host-a")
+        );
         let none = attr(&[0x55, 0x04, 0x06], PRINTABLE_STRING, b"DE");
         assert_eq!(common_name(&cert(none, true)), None);
         let bmp = attr(COMMON_NAME_OID, 0x1e, b"\0h");
@@ -153,7 +168,11 @@ mod tests {
         for cut in 0..good.len() {
             assert_eq!(common_name(&good[..cut]), None, "cut at {cut}");
         }
-        for bad in [&[0x30, 0x80][..], &[0x30, 0x85, 1, 1, 1, 1, 1], &[0x3f, 0x01, 0]] {
+        for bad in [
+            &[0x30, 0x80][..],
+            &[0x30, 0x85, 1, 1, 1, 1, 1],
+            &[0x3f, 0x01, 0],
+        ] {
             assert_eq!(common_name(bad), None);
         }
     }

@@ -257,7 +257,10 @@ async fn accept_loop(shared: Arc<Shared>, listener: Listener) {
                 let _ = nix::sys::socket::setsockopt(&s, sockopt::KeepAlive, &true);
                 (Accepted::Tcp(s), peer.to_string())
             }),
-            Listener::Unix(l, _) => l.accept().await.map(|(s, _)| (Accepted::Unix(s), "unix".into())),
+            Listener::Unix(l, _) => l
+                .accept()
+                .await
+                .map(|(s, _)| (Accepted::Unix(s), "unix".into())),
         };
         match accepted {
             Ok((conn, peer)) => spawn_connection(&shared, conn, peer),

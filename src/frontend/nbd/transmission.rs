@@ -211,7 +211,12 @@ where
         let read = match first {
             Ok(b) => {
                 hdr[0] = b;
-                within(timeout, "the rest of a request header", reader.read_exact(&mut hdr[1..])).await
+                within(
+                    timeout,
+                    "the rest of a request header",
+                    reader.read_exact(&mut hdr[1..]),
+                )
+                .await
             }
             Err(e) => Err(e),
         };
@@ -232,7 +237,9 @@ where
                 let Some(permits) = acquire(&budget, 0, &tx, &mut shutdown).await else {
                     break Ok(());
                 };
-                if let Err(e) = within(timeout, "a request payload", skip_bytes(&mut reader, skip)).await {
+                if let Err(e) =
+                    within(timeout, "a request payload", skip_bytes(&mut reader, skip)).await
+                {
                     break Err(e.into());
                 }
                 log::debug!("{}: rejecting {req:?} with error {error}", export.name);
@@ -256,7 +263,9 @@ where
         let payload = match op {
             Op::Write { len, .. } => {
                 let mut buf = vec![0u8; len as usize];
-                if let Err(e) = within(timeout, "a request payload", reader.read_exact(&mut buf)).await {
+                if let Err(e) =
+                    within(timeout, "a request payload", reader.read_exact(&mut buf)).await
+                {
                     break Err(e.into());
                 }
                 buf

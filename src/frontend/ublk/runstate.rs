@@ -114,7 +114,8 @@ impl RunDir {
             .write(true)
             .create(true)
             .truncate(true)
-            .open(&tmp).map_err(io_err(&tmp))?;
+            .open(&tmp)
+            .map_err(io_err(&tmp))?;
         f.write_all(&body).map_err(io_err(&tmp))?;
         f.sync_all().map_err(io_err(&tmp))?;
         fs::rename(&tmp, &path).map_err(io_err(&path))?;
