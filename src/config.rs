@@ -26,6 +26,8 @@ pub const DEFAULT_DATA_DIR: &str = "/var/lib/shale";
 /// and bounds (what `shale config example` prints). A test checks that it
 /// parses to exactly [`Config::default`].
 pub const EXAMPLE_CONFIG: &str = include_str!("config/example.yaml");
+/// Default for [`MetricsConfig::listen`].
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9810";
 
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -43,6 +45,106 @@ pub struct Config {
     pub pool: PoolConfig,
     /// The NBD server.
     pub nbd: NbdConfig,
+    /// Volume leases: failover time against store requests.
+    pub lease: LeaseConfig,
+    /// The metrics exporter (`shale exporter`).
+    pub metrics: MetricsConfig,
+}
+
+/// Lease timing (see README, "Leases"). With the defaults an idle volume
+/// renews its lease once a minute, another host can take a volume over at
+/// most two minutes after its server's host died, and writes stop being
+/// acknowledged ten seconds before the lease could expire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LeaseConfig {
+    /// How long a lease stays live without renewal: the longest a volume
+    /// stays unavailable after its server's host dies (a crashed server is
+    /// restarted on the same host at once). Default 120; 5..=3600.
+    pub ttl_seconds: u64,
+    /// How often the holder renews (one store request each). Default 60;
+    /// at least 1, and `renew_seconds + safety_margin_seconds < ttl_seconds`
+    /// (the difference is the time left to retry a failed renewal before
+    /// acknowledgements wait).
+    pub renew_seconds: u64,
+    /// Writes are acknowledged only until this long before the lease could
+    /// expire; it must exceed the difference between the clocks of any two
+    /// hosts sharing the store. Default 10; at least 1.
+    pub safety_margin_seconds: u64,
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        LeaseConfig {
+            ttl_seconds: 120,
+            renew_seconds: 60,
+            safety_margin_seconds: 10,
+        }
+    }
+}
+
+impl LeaseConfig {
+    pub fn ttl(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.ttl_seconds)
+    }
+
+    pub fn renew_period(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.renew_seconds)
+    }
+
+    pub fn margin(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.safety_margin_seconds)
+    }
+
+    /// Check the documented bounds; on failure (field, reason).
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        if !(5..=3600).contains(&self.ttl_seconds) {
+            return Err((
+                "lease.ttl_seconds",
+                format!("{} must be in 5..=3600", self.ttl_seconds),
+            ));
+        }
+        if self.renew_seconds == 0 {
+            return Err(("lease.renew_seconds", "must be at least 1".into()));
+        }
+        if self.safety_margin_seconds == 0 {
+            return Err(("lease.safety_margin_seconds", "must be at least 1".into()));
+        }
+        if self
+            .renew_seconds
+            .saturating_add(self.safety_margin_seconds)
+            >= self.ttl_seconds
+        {
+            return Err((
+                "lease.renew_seconds",
+                format!(
+                    "renew_seconds ({}) + safety_margin_seconds ({}) must be less than \
+                     ttl_seconds ({}), or a single late renewal stops acknowledgements",
+                    self.renew_seconds, self.safety_margin_seconds, self.ttl_seconds
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Metrics exporter settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address and port `shale exporter` serves `GET /metrics` on
+    /// (`IP:port`). Default `127.0.0.1:9810`.
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: DEFAULT_METRICS_LISTEN
+                .parse()
+                .expect("constant address parses"),
+        }
+    }
 }
 
 /// Pool capacity settings.
@@ -85,6 +187,8 @@ struct ConfigFile {
     engine: EngineConfig,
     pool: PoolConfig,
     nbd: NbdConfig,
+    lease: LeaseConfig,
+    metrics: MetricsConfig,
 }
 
 /// Where a configuration came from, for error messages.
@@ -225,6 +329,8 @@ impl Config {
             engine: file.engine,
             pool: file.pool,
             nbd,
+            lease: file.lease,
+            metrics: file.metrics,
         }
     }
 
@@ -259,6 +365,9 @@ impl Config {
         self.nbd
             .validate()
             .map_err(|(field, reason)| invalid(&format!("nbd.{field}"), reason))?;
+        self.lease
+            .validate()
+            .map_err(|(field, reason)| invalid(field, reason))?;
         Ok(())
     }
 

@@ -33,11 +33,15 @@ use tokio::task::JoinSet;
 use crate::catalog::validate_name;
 use crate::engine::snapshot::SnapshotObject;
 use crate::engine::Volume;
+use crate::metrics::report::VolumeReport;
+use crate::metrics::volume::VolumeMetrics;
 
 /// File name of the socket inside the volume's local directory.
 pub const SOCKET_NAME: &str = "control.sock";
-/// Longest request or reply line accepted, in bytes.
+/// Longest request line accepted, in bytes.
 const MAX_LINE: u64 = 64 << 10;
+/// Longest reply line accepted, in bytes (a metrics reply is some tens of KiB).
+const MAX_REPLY: u64 = 4 << 20;
 /// Most bytes read and dropped after a reply (see `Server::serve`).
 const MAX_DRAIN: u64 = 1 << 20;
 
@@ -56,10 +60,14 @@ pub enum Request {
         name: String,
         created_ms: u64,
     },
-    /// Delete snapshot `name` (its object only; see `collect_garbage`).
+    /// Begin deleting snapshot `name`: mark its object (it keeps its chunks
+    /// until the client, having checked for clones, removes the object or
+    /// clears the mark; see `Volume::begin_snapshot_delete`).
     SnapshotDelete { volume: u64, name: String },
     /// Delete the chunks no map and no snapshot names any more.
     CollectGarbage { volume: u64 },
+    /// The volume's metrics and state ([`VolumeReport`]); changes nothing.
+    Metrics { volume: u64 },
 }
 
 /// A snapshot as the reply describes it. Replies accept unknown fields, so
@@ -75,7 +83,7 @@ pub struct SnapshotSummary {
 }
 
 /// One reply: `{"ok": true, ...}` or `{"ok": false, "error": "..."}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Reply {
     pub ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -85,9 +93,12 @@ pub struct Reply {
     /// Chunks `collect_garbage` freed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub freed_chunks: Option<u64>,
-    /// Id of the snapshot `snapshot_delete` deleted.
+    /// Id of the snapshot `snapshot_delete` marked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deleted_id: Option<u64>,
+    /// The answer to `metrics`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<VolumeReport>,
 }
 
 impl Reply {
@@ -98,6 +109,7 @@ impl Reply {
             snapshot: None,
             freed_chunks: None,
             deleted_id: None,
+            report: None,
         }
     }
 }
@@ -131,6 +143,17 @@ impl ControlServer {
         volume: &Arc<Volume>,
         volume_id: u64,
     ) -> Result<ControlServer, ControlError> {
+        Self::start_with_metrics(path, volume, volume_id, None)
+    }
+
+    /// [`ControlServer::start`], answering `metrics` from `metrics` (without
+    /// them, `metrics` requests get an error reply).
+    pub fn start_with_metrics(
+        path: PathBuf,
+        volume: &Arc<Volume>,
+        volume_id: u64,
+        metrics: Option<Arc<VolumeMetrics>>,
+    ) -> Result<ControlServer, ControlError> {
         let io = |source| ControlError::Io {
             path: path.clone(),
             source,
@@ -147,6 +170,7 @@ impl ControlServer {
             volume: Arc::downgrade(volume),
             volume_id,
             owner: meta.uid(),
+            metrics,
         };
         let task = tokio::spawn(server.run(listener));
         Ok(ControlServer {
@@ -178,6 +202,7 @@ struct Server {
     volume: Weak<Volume>,
     volume_id: u64,
     owner: u32,
+    metrics: Option<Arc<VolumeMetrics>>,
 }
 
 impl Server {
@@ -207,7 +232,7 @@ impl Server {
         let (read, mut write) = stream.into_split();
         let mut read = BufReader::new(read);
         let reply = if allowed {
-            match read_line(&mut read).await {
+            match read_line(&mut read, MAX_LINE).await {
                 Ok(line) => self.handle(&line).await,
                 Err(e) => Reply::error(e),
             }
@@ -233,7 +258,7 @@ impl Server {
         let (volume, name) = match &req {
             Request::SnapshotCreate { volume, name, .. }
             | Request::SnapshotDelete { volume, name } => (*volume, Some(name)),
-            Request::CollectGarbage { volume } => (*volume, None),
+            Request::CollectGarbage { volume } | Request::Metrics { volume } => (*volume, None),
         };
         if volume != self.volume_id {
             return Reply::error(format!(
@@ -253,6 +278,7 @@ impl Server {
             snapshot: None,
             freed_chunks: None,
             deleted_id: None,
+            report: None,
         };
         match req {
             Request::SnapshotCreate {
@@ -264,7 +290,7 @@ impl Server {
                 },
                 Err(e) => Reply::error(e.to_string()),
             },
-            Request::SnapshotDelete { name, .. } => match vol.delete_snapshot(&name).await {
+            Request::SnapshotDelete { name, .. } => match vol.begin_snapshot_delete(&name).await {
                 Ok(s) => Reply {
                     deleted_id: Some(s.id),
                     ..done
@@ -277,6 +303,13 @@ impl Server {
                     ..done
                 },
                 Err(e) => Reply::error(e.to_string()),
+            },
+            Request::Metrics { .. } => match self.metrics.as_ref().and_then(|m| m.report()) {
+                Some(r) => Reply {
+                    report: Some(r),
+                    ..done
+                },
+                None => Reply::error("this server keeps no metrics for the volume"),
             },
         }
     }
@@ -292,15 +325,18 @@ fn summary(s: &SnapshotObject, pause_us: u64) -> SnapshotSummary {
     }
 }
 
-/// One line of at most [`MAX_LINE`] bytes, without its newline.
-async fn read_line(read: &mut (impl tokio::io::AsyncBufRead + Unpin)) -> Result<String, String> {
+/// One line of at most `max` bytes, without its newline.
+async fn read_line(
+    read: &mut (impl tokio::io::AsyncBufRead + Unpin),
+    max: u64,
+) -> Result<String, String> {
     let mut buf = Vec::new();
-    read.take(MAX_LINE + 1)
+    read.take(max + 1)
         .read_until(b'\n', &mut buf)
         .await
-        .map_err(|e| format!("reading the request: {e}"))?;
-    if buf.len() as u64 > MAX_LINE {
-        return Err(format!("request longer than {MAX_LINE} bytes"));
+        .map_err(|e| format!("reading the line: {e}"))?;
+    if buf.len() as u64 > max {
+        return Err(format!("line longer than {max} bytes"));
     }
     if buf.last() == Some(&b'\n') {
         buf.pop();
@@ -321,7 +357,7 @@ pub async fn request(path: &Path, req: &Request) -> Result<Reply, ControlError> 
     let mut line = serde_json::to_vec(req).unwrap_or_default();
     line.push(b'\n');
     write.write_all(&line).await.map_err(io)?;
-    let reply = read_line(&mut BufReader::new(read))
+    let reply = read_line(&mut BufReader::new(read), MAX_REPLY)
         .await
         .map_err(|reason| ControlError::Protocol {
             path: path.to_path_buf(),

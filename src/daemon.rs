@@ -2,42 +2,51 @@
 //! open, recovered [`Volume`] that this process alone may write.
 //!
 //! Invariants:
-//! 1. The volume's lease is taken before anything else touches it, and its
-//!    epoch is the writer epoch given to the engine, so a server that lost
-//!    the lease is fenced by the engine's manifest compare-and-swap.
-//! 2. After taking the lease the record is read again: a volume being
+//! 1. The volume's local directory [`Config::volume_dir`]`(id)` is claimed
+//!    first (`catalog::local_dir`: created if missing, locked for as long as
+//!    the volume is open, and refused if it belongs to another store or
+//!    volume), then the volume's lease is taken, before anything else
+//!    touches the volume. The lease's epoch is the writer epoch given to the
+//!    engine, so a server that lost the lease is fenced by the engine's
+//!    manifest compare-and-swap.
+//! 2. A lease left by a crashed process of this host and the same local
+//!    directory is taken over at once (`lease` rule 8): the directory lock
+//!    proves that process is gone. Any other live holder refuses.
+//! 3. After taking the lease the record is read again: a volume being
 //!    deleted is never opened (the lease is released and open fails).
 //!    Together with `Catalog::delete` (mark, then read the lease) this keeps
 //!    delete and open from both going ahead.
-//! 3. Local state for volume `id` lives in [`Config::volume_dir`]`(id)`,
-//!    created here if missing.
-//! 4. [`Attached::close`] closes the volume (flush, destage, checkpoint)
-//!    before releasing the lease, so the next holder sees everything.
-//! 5. Before the volume serves, its pool task ([`PoolWatcher`]) has set its
+//! 4. The volume acknowledges writes only within the lease's deadline
+//!    (`lease` rule 7): its [`Lease::ack_gate`] is installed together with
+//!    the renewer, which runs on its own thread.
+//! 5. [`Attached::close`] closes the volume (flush, destage, checkpoint)
+//!    before releasing the lease, so the next holder sees everything; the
+//!    local directory is unlocked last.
+//! 6. Before the volume serves, its pool task ([`PoolWatcher`]) has set its
 //!    space limit from the pool (when `pool.capacity` is set); the task
 //!    publishes its usage while attached and once more at close.
-//! 6. While attached, the volume's control socket ([`crate::control`]) is
+//! 7. While attached, the volume's control socket ([`crate::control`]) is
 //!    served from its local directory; it is removed before the volume is
 //!    closed. Failing to create it is logged, not fatal.
-use std::path::PathBuf;
+//! 8. Every attached volume has its own store handle and
+//!    [`VolumeMetrics`], which its control socket reports; frontends wrap
+//!    the volume in a [`crate::metrics::requests::MeteredDevice`] from
+//!    [`Attached::metered`].
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::catalog::lease::{Lease, LeaseError, Renewer};
+use crate::catalog::local_dir::{claim_volume_dir, LocalDirClaim, LocalDirError};
 use crate::catalog::{Catalog, CatalogError, VolumeRecord, VolumeState};
 use crate::clock::{DynClock, SystemClock};
 use crate::config::Config;
 use crate::control::{self, ControlServer};
-use crate::engine::{EngineError, Volume, VolumeParams};
+use crate::engine::{BlockDevice, EngineError, Volume, VolumeParams};
+use crate::metrics::requests::MeteredDevice;
+use crate::metrics::volume::VolumeMetrics;
 use crate::pool::watch::PoolWatcher;
 use crate::pool::PoolError;
 use crate::store::{DynStore, StoreError};
-
-/// How long a lease stays live without renewal. A crashed server's volume
-/// can be opened again after at most this long.
-pub const LEASE_TTL: Duration = Duration::from_secs(30);
-/// How often a held lease is renewed (a third of the TTL).
-pub const LEASE_RENEW_PERIOD: Duration = Duration::from_secs(10);
 
 /// Why a volume could not be attached or detached.
 #[derive(Debug, thiserror::Error)]
@@ -48,11 +57,8 @@ pub enum DaemonError {
     Catalog(#[from] CatalogError),
     #[error(transparent)]
     Lease(#[from] LeaseError),
-    #[error("cannot create local directory {}", .path.display())]
-    LocalDir {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    LocalDir(#[from] LocalDirError),
     #[error("volume {name:?}")]
     Engine { name: String, source: EngineError },
     #[error("volume {name:?}: cannot check the pool's capacity")]
@@ -61,7 +67,8 @@ pub enum DaemonError {
 
 /// A volume this process has open, with the lease that makes it the only
 /// writer. Close it with [`Attached::close`]; dropping it stops renewing the
-/// lease, which then expires after [`LEASE_TTL`].
+/// lease, which then expires after `lease.ttl_seconds` (or is taken over at
+/// once by the next server on this host, see invariant 2).
 #[derive(Debug)]
 pub struct Attached {
     pub volume: Arc<Volume>,
@@ -71,6 +78,20 @@ pub struct Attached {
     /// The control socket; `None` if it could not be created.
     control: Option<ControlServer>,
     pool: PoolWatcher,
+    metrics: Arc<VolumeMetrics>,
+    ticker: AbortOnDrop,
+    /// The local directory's lock; dropped last.
+    local: LocalDirClaim,
+}
+
+/// A task aborted when this is dropped.
+#[derive(Debug)]
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl Attached {
@@ -79,11 +100,27 @@ impl Attached {
         &self.lease
     }
 
+    /// The volume's metrics (what its control socket reports).
+    pub fn metrics(&self) -> &Arc<VolumeMetrics> {
+        &self.metrics
+    }
+
+    /// The volume as frontend `kind` (`nbd`, `ublk`) should serve it: every
+    /// request counted in the volume's metrics. `device` says where clients
+    /// find it (see [`VolumeMetrics::frontend`]).
+    pub fn metered(&self, kind: &str, device: &str) -> Arc<dyn BlockDevice> {
+        Arc::new(MeteredDevice::new(
+            self.volume.clone(),
+            self.metrics.frontend(kind, device),
+        ))
+    }
+
     /// Close the volume (flush, destage, checkpoint, stop its tasks), then
     /// stop renewing and release the lease. The lease is released only if
     /// the volume closed cleanly; otherwise it is left to expire.
     pub async fn close(self) -> Result<(), DaemonError> {
         drop(self.control);
+        drop(self.ticker);
         let closed = self.volume.close().await;
         if closed.is_ok() {
             self.pool.finish(&self.volume).await;
@@ -94,6 +131,7 @@ impl Attached {
             source,
         })?;
         self.lease.release().await?;
+        drop(self.local);
         Ok(())
     }
 }
@@ -115,28 +153,44 @@ pub fn holder_name() -> String {
     format!("{host}:{}", std::process::id())
 }
 
-/// Take `name`'s lease, prepare its local directory and open it (running
+/// Claim `name`'s local directory, take its lease and open it (running
 /// recovery), renewing the lease in the background. Must be called inside
-/// a tokio runtime: the volume and the renewer spawn their work there.
+/// a tokio runtime: the volume spawns its work there.
 pub async fn attach(cfg: &Config, name: &str) -> Result<Attached, DaemonError> {
     let clock: DynClock = Arc::new(SystemClock);
-    let store = open_store(cfg).await?;
+    let (store, store_metrics) = crate::store::metered::open(&cfg.store)
+        .await
+        .map_err(DaemonError::Store)?;
     let catalog = Catalog::new(store.clone());
     let record = catalog.get(name).await?;
-    let lease = Lease::acquire(
+    let local = claim_volume_dir(&store, &cfg.volume_dir(record.id), record.id).await?;
+    let lease = Lease::acquire_local(
         store.clone(),
         record.id,
         &holder_name(),
-        LEASE_TTL,
+        cfg.lease.ttl(),
+        Some(cfg.lease.margin()),
         clock.clone(),
+        &local,
     )
     .await?;
     let lease = Arc::new(lease);
-    match open_leased(cfg, &catalog, store, name, &lease, clock).await {
+    match open_leased(cfg, &catalog, store, name, &lease, &local, clock.clone()).await {
         Ok((volume, record, pool)) => {
-            let renewer = spawn_fencing_renewer(&lease, &volume, LEASE_RENEW_PERIOD);
-            let path = control::socket_path(&cfg.volume_dir(record.id));
-            let control = match ControlServer::start(path, &volume, record.id) {
+            let renewer = spawn_fencing_renewer(&lease, &volume, cfg.lease.renew_period());
+            let metrics = Arc::new(VolumeMetrics::new(
+                &record.name,
+                record.id,
+                &volume,
+                store_metrics,
+                &lease,
+                cfg.pool.capacity,
+                clock,
+            ));
+            let ticker = AbortOnDrop(metrics.spawn_ticker());
+            let path = control::socket_path(local.path());
+            let with = Some(metrics.clone());
+            let control = match ControlServer::start_with_metrics(path, &volume, record.id, with) {
                 Ok(c) => Some(c),
                 Err(e) => {
                     log::warn!(
@@ -152,6 +206,9 @@ pub async fn attach(cfg: &Config, name: &str) -> Result<Attached, DaemonError> {
                 renewer,
                 control,
                 pool,
+                metrics,
+                ticker,
+                local,
             })
         }
         Err(e) => {
@@ -163,14 +220,17 @@ pub async fn attach(cfg: &Config, name: &str) -> Result<Attached, DaemonError> {
     }
 }
 
-/// Renew `lease` every `period`; if it is lost (taken over, or expired
-/// before a renewal succeeded) fence `volume` at once, so it acknowledges
-/// no more writes and stores nothing more.
+/// Make `volume` acknowledge writes only within `lease`'s deadline (its
+/// [`Lease::ack_gate`]) and renew `lease` every `period` on its own thread;
+/// if the lease is lost (taken over, or expired before a renewal
+/// succeeded) fence `volume` at once, so it acknowledges no more writes and
+/// stores nothing more.
 pub fn spawn_fencing_renewer(
     lease: &Arc<Lease>,
     volume: &Arc<Volume>,
     period: Duration,
 ) -> Renewer {
+    volume.set_ack_gate(lease.ack_gate());
     let volume = Arc::downgrade(volume);
     lease.spawn_renewer_with(
         period,
@@ -189,6 +249,7 @@ async fn open_leased(
     store: DynStore,
     name: &str,
     lease: &Lease,
+    local: &LocalDirClaim,
     clock: DynClock,
 ) -> Result<(Arc<Volume>, VolumeRecord, PoolWatcher), DaemonError> {
     let record = catalog.get(name).await?;
@@ -198,16 +259,11 @@ async fn open_leased(
         }
         .into());
     }
-    let local_dir = cfg.volume_dir(record.id);
-    crate::private::create_dir_all(&local_dir).map_err(|source| DaemonError::LocalDir {
-        path: local_dir.clone(),
-        source,
-    })?;
     let params = VolumeParams {
         id: record.id,
         size: record.size,
         epoch: lease.epoch(),
-        local_dir,
+        local_dir: local.path().to_path_buf(),
     };
     let volume = Volume::open(store.clone(), params, cfg.engine.clone(), clock.clone())
         .await
@@ -231,8 +287,8 @@ async fn open_leased(
 }
 
 /// [`attach`] for callers that only want the volume: the lease is renewed
-/// for as long as the current tokio runtime runs and then expires after
-/// [`LEASE_TTL`] (it is not released). Prefer [`attach`] and
+/// (and the local directory kept locked) for as long as the current tokio
+/// runtime runs; the lease then expires (it is not released). Prefer [`attach`] and
 /// [`Attached::close`], which release it so the volume can be reopened at once.
 pub async fn open_volume(
     cfg: &Config,
@@ -246,10 +302,13 @@ pub async fn open_volume(
         renewer,
         pool,
         control,
+        metrics,
+        ticker,
+        local,
     } = attached;
     tokio::spawn(async move {
         // Owning the renewer keeps it running until the runtime shuts down.
-        let _keep = (lease, renewer, pool, control);
+        let _keep = (lease, renewer, pool, control, metrics, ticker, local);
         std::future::pending::<()>().await
     });
     Ok((volume, record))

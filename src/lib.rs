@@ -10,6 +10,8 @@ pub mod daemon;
 pub mod engine;
 pub mod error;
 pub mod frontend;
+pub mod host;
+pub mod metrics;
 pub mod pool;
 pub mod private;
 pub mod size;

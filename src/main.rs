@@ -73,6 +73,18 @@ enum Command {
     List(cli::ublk::ListArgs),
     /// Reattach a volume to its existing ublk device after a server crash.
     Recover(cli::ublk::RecoverArgs),
+    /// The volumes attached on this host: frontend, lease, unstored data,
+    /// cache, recent IOPS and latency, cost.
+    Status(cli::status::StatusArgs),
+    /// `shale status` refreshed live on the terminal (q quits).
+    Top(cli::status::TopArgs),
+    /// Serve the metrics of every volume attached on this host at
+    /// GET /metrics (Prometheus text format).
+    Exporter(cli::exporter::ExporterArgs),
+    /// Print a shell completion script: shale completions bash|zsh|fish|elvish|powershell.
+    Completions(cli::docs::CompletionsArgs),
+    /// Write man pages for shale and every subcommand into a directory.
+    Manpages(cli::docs::ManpagesArgs),
 }
 
 /// Short-lived commands that print should end quietly when their output pipe
@@ -91,7 +103,7 @@ fn main() -> ExitCode {
     // Whatever shale creates (WAL, cache, store objects, sockets, exports)
     // is private to the user it runs as.
     shale::private::restrict_umask();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    cli::logging::init();
     let cli = Cli::parse();
     if matches!(
         cli.command,
@@ -104,6 +116,9 @@ fn main() -> ExitCode {
             | Command::Import(_)
             | Command::Pool(_)
             | Command::Flatten(_)
+            | Command::Status(_)
+            | Command::Completions(_)
+            | Command::Manpages(_)
     ) {
         restore_default_sigpipe();
     }
@@ -122,6 +137,11 @@ fn main() -> ExitCode {
         Command::Del(a) => cli::ublk::del(cli.config.as_deref(), a),
         Command::List(a) => cli::ublk::list(cli.config.as_deref(), a),
         Command::Recover(a) => cli::ublk::recover(cli.config.as_deref(), a),
+        Command::Status(a) => cli::status::status(cli.config.as_deref(), a),
+        Command::Top(a) => cli::status::top(cli.config.as_deref(), a),
+        Command::Exporter(a) => cli::exporter::run(cli.config.as_deref(), a),
+        Command::Completions(a) => cli::docs::completions::<Cli>(a),
+        Command::Manpages(a) => cli::docs::manpages::<Cli>(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -281,7 +281,7 @@ async fn snapshots_keep_their_content() {
     let held: usize = snaps.iter().map(|(s, _)| compacted(&s.checkpoint)).sum();
     assert!(held > 0, "no snapshot names a compaction object");
     for (s, _) in &snaps {
-        shale::engine::snapshot::delete_snapshot(&store, ID, s)
+        shale::engine::snapshot::delete_snapshot(&store, ID, 10, s)
             .await
             .expect("delete snapshot");
     }

@@ -233,7 +233,7 @@ async fn flatten_progress_only_on_a_terminal() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(
-        text.contains("flatten: 512.0 KiB / 512.0 KiB (100%)"),
+        text.contains("flatten: 512.00 KiB / 512.00 KiB (100%)"),
         "no progress line in {text:?}"
     );
     assert!(text.contains("flattened volume tty"), "{text}");

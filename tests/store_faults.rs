@@ -224,3 +224,60 @@ async fn scoped_rules_touch_only_their_prefix() {
         "set() is unscoped"
     );
 }
+
+/// A hold stops exactly the next matching call until released; other
+/// calls pass meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_stops_one_call_until_released() {
+    let s = Arc::new(faulty(5));
+    s.put("a/1", Bytes::from_static(b"x"), PutMode::Create)
+        .await
+        .unwrap();
+    let hold = s.hold(FaultPoint::Get, "a/");
+    let held = tokio::spawn({
+        let s = s.clone();
+        async move { s.get("a/1").await.map(|o| o.data) }
+    });
+    hold.reached().await;
+    assert!(!held.is_finished(), "the held get waits");
+    // Other points and keys outside the prefix pass; the hold is used up.
+    s.put("b/1", Bytes::from_static(b"y"), PutMode::Create)
+        .await
+        .unwrap();
+    assert_eq!(s.get("b/1").await.unwrap().data, Bytes::from_static(b"y"));
+    assert!(!held.is_finished(), "still held");
+    hold.release();
+    assert_eq!(held.await.unwrap().unwrap(), Bytes::from_static(b"x"));
+    assert_eq!(s.get("a/1").await.unwrap().data, Bytes::from_static(b"x"));
+    // Released before it is reached: the call passes.
+    let early = s.hold(FaultPoint::Put, "a/");
+    early.release();
+    s.put("a/2", Bytes::from_static(b"z"), PutMode::Create)
+        .await
+        .unwrap();
+}
+
+/// Keys hidden from listings stay readable; showing them again restores
+/// complete listings.
+#[tokio::test]
+async fn hidden_keys_are_left_out_of_listings_only() {
+    let s = faulty(6);
+    for k in ["p/1", "p/2", "p/3"] {
+        s.put(k, Bytes::from_static(b"v"), PutMode::Create)
+            .await
+            .unwrap();
+    }
+    s.hide_in_listings(["p/2".to_string()]);
+    let keys: Vec<String> = s
+        .list("p/")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.key)
+        .collect();
+    assert_eq!(keys, ["p/1", "p/3"]);
+    assert!(s.get("p/2").await.is_ok());
+    assert!(s.head("p/2").await.is_ok());
+    s.show_in_listings();
+    assert_eq!(s.list("p/").await.unwrap().len(), 3);
+}

@@ -224,6 +224,74 @@ async fn bad_requests_are_refused(f: Fixture) {
     assert!(read_lease(&f.store, VOL).await.expect("read").is_none());
 }
 
+/// A renewal whose reply is lost (the store applied it, the holder saw an
+/// error) is followed by one that finds the version changed (412). That is
+/// the holder's own write, not a takeover: it keeps the lease. The same for
+/// a release. A real takeover is still detected. (On main the second
+/// renewal declared the holder fenced.)
+async fn a_lost_renewal_reply_is_not_a_takeover(f: Fixture) {
+    use shale::store::faulty::{Fault, FaultPoint, FaultRule, FaultyStore};
+    let faulty = Arc::new(FaultyStore::new(f.store.clone(), 3));
+    let store: DynStore = faulty.clone();
+    let start_ms = 1_700_000_000_000u64;
+    let ttl_ms = TTL.as_millis() as u64;
+    let lease = Lease::acquire(store.clone(), VOL, "server-a", TTL, f.clock())
+        .await
+        .expect("acquire");
+    let stored_expiry = || async {
+        read_lease(&f.store, VOL)
+            .await
+            .expect("read")
+            .expect("present")
+            .0
+    };
+
+    faulty.set_scoped(
+        FaultPoint::Put,
+        FaultRule::next(Fault::LostResponse, 1),
+        &lease_key(VOL),
+    );
+    f.clock.advance(Duration::from_secs(1));
+    let err = lease.renew().await.expect_err("the reply was lost");
+    assert!(matches!(err, LeaseError::Store(_)), "{err:?}");
+    assert_eq!(
+        stored_expiry().await.expires_at_ms,
+        start_ms + 1000 + ttl_ms,
+        "the store applied the renewal"
+    );
+    f.clock.advance(Duration::from_secs(1));
+    lease
+        .renew()
+        .await
+        .expect("our own earlier write is no takeover");
+    lease.check().expect("still held");
+    assert_eq!(lease.epoch(), 1);
+    let stored = stored_expiry().await;
+    assert_eq!(stored.holder, "server-a");
+    assert_eq!(stored.expires_at_ms, start_ms + 2000 + ttl_ms);
+
+    faulty.set_scoped(
+        FaultPoint::Put,
+        FaultRule::next(Fault::LostResponse, 1),
+        &lease_key(VOL),
+    );
+    assert!(lease.release().await.is_err(), "the release reply was lost");
+    lease.release().await.expect("released, not fenced");
+    assert_eq!(stored_expiry().await.expires_at_ms, 0);
+
+    let again = Lease::acquire(store, VOL, "server-a", TTL, f.clock())
+        .await
+        .expect("after release");
+    Lease::steal(f.store.clone(), VOL, "operator", TTL, f.clock())
+        .await
+        .expect("steal");
+    let err = again.renew().await.expect_err("a real takeover");
+    assert!(
+        matches!(err, LeaseError::Fenced { epoch: 3, .. }),
+        "{err:?}"
+    );
+}
+
 macro_rules! lease_tests {
     ($module:ident, $make:ident) => {
         mod $module {
@@ -236,7 +304,8 @@ macro_rules! lease_tests {
                 release_hands_over_at_once_and_epochs_keep_rising,
                 race_on_expired_lease_has_one_winner,
                 corrupt_lease_is_reported_not_overwritten,
-                bad_requests_are_refused);
+                bad_requests_are_refused,
+                a_lost_renewal_reply_is_not_a_takeover);
         }
     };
     (@each $make:ident; $($test:ident),*) => {$(
@@ -388,8 +457,9 @@ async fn epoch_floor_lifts_new_and_taken_over_leases() {
     let opts = AcquireOptions {
         steal: false,
         min_epoch: 41,
+        ..AcquireOptions::default()
     };
-    let first = Lease::acquire_with(f.store.clone(), VOL, "a", TTL, f.clock(), opts)
+    let first = Lease::acquire_with(f.store.clone(), VOL, "a", TTL, f.clock(), opts.clone())
         .await
         .expect("create above the floor");
     assert_eq!(first.epoch(), 42);
@@ -402,6 +472,7 @@ async fn epoch_floor_lifts_new_and_taken_over_leases() {
     let low_floor = AcquireOptions {
         steal: false,
         min_epoch: 5,
+        ..AcquireOptions::default()
     };
     let second = Lease::acquire_with(f.store.clone(), VOL, "b", TTL, f.clock(), low_floor)
         .await
@@ -414,9 +485,122 @@ async fn epoch_floor_lifts_new_and_taken_over_leases() {
     let high_floor = AcquireOptions {
         steal: true,
         min_epoch: 100,
+        ..AcquireOptions::default()
     };
     let third = Lease::acquire_with(f.store.clone(), VOL, "c", TTL, f.clock(), high_floor)
         .await
         .expect("steal");
     assert_eq!(third.epoch(), 101);
+}
+
+/// Local takeover (lease rule 8): a live lease is taken over at once only
+/// if its recorded owner is on this machine, in the same local directory,
+/// and its process is gone; every other live lease still refuses.
+#[tokio::test]
+async fn local_takeover_needs_same_machine_same_dir_and_a_gone_holder() {
+    use shale::catalog::lease::{AcquireOptions, HolderId, LocalTakeover};
+    let f = make_memory().await.expect("memory");
+    let owner = |machine: &str, dir: &str, pid: u32| HolderId {
+        machine: machine.into(),
+        boot: "boot-1".into(),
+        pid,
+        start: 100,
+        dir: dir.into(),
+    };
+    // Pids 1..=99 are "alive" for this test, others gone.
+    let takeover = LocalTakeover {
+        holder_gone: |o: &HolderId| o.pid >= 100,
+    };
+    let take = |me: HolderId| {
+        let opts = AcquireOptions {
+            owner: Some(me),
+            local_takeover: Some(takeover),
+            ..AcquireOptions::default()
+        };
+        Lease::acquire_with(f.store.clone(), VOL, "restarted", TTL, f.clock(), opts)
+    };
+    let plain = f.acquire("no-owner-recorded").await.expect("first");
+    assert!(
+        matches!(
+            take(owner("m", "d", 200)).await,
+            Err(LeaseError::Held { .. })
+        ),
+        "a record without an owner is never taken over early"
+    );
+    plain.release().await.expect("release");
+
+    let nameless = Lease::acquire_with(
+        f.store.clone(),
+        VOL,
+        "nameless-host",
+        TTL,
+        f.clock(),
+        AcquireOptions {
+            owner: Some(owner("unknown", "d", 500)),
+            ..AcquireOptions::default()
+        },
+    )
+    .await
+    .expect("a host without a machine id");
+    assert!(
+        matches!(
+            take(owner("unknown", "d", 200)).await,
+            Err(LeaseError::Held { .. })
+        ),
+        "hosts without a machine id are never the same host"
+    );
+    nameless.release().await.expect("release");
+
+    let crashed = Lease::acquire_with(
+        f.store.clone(),
+        VOL,
+        "crashed",
+        TTL,
+        f.clock(),
+        AcquireOptions {
+            owner: Some(owner("m", "d", 500)),
+            ..AcquireOptions::default()
+        },
+    )
+    .await
+    .expect("the holder that will crash");
+    for (who, why) in [
+        (owner("other-machine", "d", 200), "another machine"),
+        (owner("m", "other-dir", 200), "another local directory"),
+    ] {
+        assert!(
+            matches!(take(who).await, Err(LeaseError::Held { .. })),
+            "{why} must wait for expiry"
+        );
+    }
+    let taken = take(owner("m", "d", 200)).await.expect("local takeover");
+    assert_eq!(taken.epoch(), crashed.epoch() + 1);
+    assert!(matches!(
+        crashed.renew().await,
+        Err(LeaseError::Fenced { .. })
+    ));
+
+    // The new holder (pid 1) is alive: a further restart must wait.
+    let live = Lease::acquire_with(
+        f.store.clone(),
+        VOL,
+        "live",
+        TTL,
+        f.clock(),
+        AcquireOptions {
+            owner: Some(owner("m", "d", 1)),
+            steal: true,
+            ..AcquireOptions::default()
+        },
+    )
+    .await
+    .expect("steal");
+    assert!(
+        matches!(
+            take(owner("m", "d", 300)).await,
+            Err(LeaseError::Held { .. })
+        ),
+        "a live holder of this host and directory still blocks"
+    );
+    live.check().expect("untouched");
 }

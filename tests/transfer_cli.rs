@@ -336,7 +336,7 @@ async fn progress_only_on_a_terminal() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(
-        text.contains("export: 4.0 MiB / 4.0 MiB (100%)"),
+        text.contains("export: 4.00 MiB / 4.00 MiB (100%)"),
         "no progress line in {text:?}"
     );
     same(

@@ -13,12 +13,20 @@
 # Prints one table: job, shale IOPS and MB/s, qemu-nbd IOPS and MB/s, and
 # the shale/qemu-nbd IOPS ratio.
 #
+# With METRICS_OVERHEAD=1, a second shale server serves a second volume
+# without counting its block requests (the hidden benchmark flag
+# --no-request-metrics), every job also runs against it, and the table
+# gains the column `metrics on/off`: shale IOPS with request metrics over
+# IOPS without them, in the same run.
+#
 # Environment: SHALE_BIN (default: build --release from this checkout),
-# SIZE (default 1G), RUNTIME (seconds, default 10), BENCH_DIR.
+# SIZE (default 1G), RUNTIME (seconds, default 10), BENCH_DIR,
+# METRICS_OVERHEAD (default 0).
 set -euo pipefail
 
 SIZE=${SIZE:-1G}
 RUNTIME=${RUNTIME:-10}
+METRICS_OVERHEAD=${METRICS_OVERHEAD:-0}
 BENCH_DIR=${BENCH_DIR:-/var/tmp}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 
@@ -71,6 +79,17 @@ RUST_LOG=warn "$SHALE_BIN" --config "$work/shale.yaml" nbd serve \
     --listen "127.0.0.1:$shale_port" bench >"$work/shale.log" 2>&1 &
 pids+=($!)
 wait_port "$shale_port"
+targets=(shale)
+if [[ $METRICS_OVERHEAD == 1 ]]; then
+    "$SHALE_BIN" --config "$work/shale.yaml" volume create bench-off --size "$SIZE" >&2
+    off_port=$(free_port)
+    RUST_LOG=warn "$SHALE_BIN" --config "$work/shale.yaml" nbd serve --no-request-metrics \
+        --listen "127.0.0.1:$off_port" bench-off >"$work/shale-off.log" 2>&1 &
+    pids+=($!)
+    wait_port "$off_port"
+    targets+=(shale-off)
+fi
+targets+=(qemu)
 
 # --- qemu-nbd ------------------------------------------------------------
 truncate -s "$SIZE" "$work/qemu.raw"
@@ -105,8 +124,12 @@ run_fio() { # uri name args... -> json file
         --output-format=json --output="$out" "$@" >/dev/null
 }
 
-for target in shale qemu; do
-    if [[ $target == shale ]]; then uri="nbd://127.0.0.1:$shale_port/bench"; else uri="nbd://127.0.0.1:$qemu_port/bench"; fi
+for target in "${targets[@]}"; do
+    case $target in
+        shale) uri="nbd://127.0.0.1:$shale_port/bench" ;;
+        shale-off) uri="nbd://127.0.0.1:$off_port/bench-off" ;;
+        *) uri="nbd://127.0.0.1:$qemu_port/bench" ;;
+    esac
     echo "prefilling $target ($SIZE)..." >&2
     run_fio "$uri" "$work/$target-fill.json" --rw=write --bs=1m --iodepth=8 --fsync_on_close=1
     for job in "${jobs[@]}"; do
@@ -117,17 +140,24 @@ for target in shale qemu; do
     done
 done
 
-python3 - "$work" "${jobs[@]}" <<'EOF'
+python3 - "$work" "$METRICS_OVERHEAD" "${jobs[@]}" <<'EOF'
 import json, sys
-work, jobs = sys.argv[1], [j.split()[0] for j in sys.argv[2:]]
+work, overhead, jobs = sys.argv[1], sys.argv[2] == "1", [j.split()[0] for j in sys.argv[3:]]
 def result(target, name):
     j = json.load(open(f"{work}/{target}-{name}.json"))["jobs"][0]
     side = j["write"] if j["write"]["io_bytes"] > 0 else j["read"]
     return side["iops"], side["bw_bytes"] / 1e6
-print(f"{'job':<26}{'shale IOPS':>12}{'shale MB/s':>12}{'qemu IOPS':>12}{'qemu MB/s':>12}{'ratio':>8}")
+head = f"{'job':<26}{'shale IOPS':>12}{'shale MB/s':>12}{'qemu IOPS':>12}{'qemu MB/s':>12}{'ratio':>8}"
+if overhead:
+    head += f"{'off IOPS':>12}{'metrics on/off':>16}"
+print(head)
 for name in jobs:
     si, sb = result("shale", name)
     qi, qb = result("qemu", name)
     ratio = si / qi if qi else float("nan")
-    print(f"{name:<26}{si:>12.0f}{sb:>12.1f}{qi:>12.0f}{qb:>12.1f}{ratio:>8.2f}")
+    line = f"{name:<26}{si:>12.0f}{sb:>12.1f}{qi:>12.0f}{qb:>12.1f}{ratio:>8.2f}"
+    if overhead:
+        oi, _ = result("shale-off", name)
+        line += f"{oi:>12.0f}{(si / oi if oi else float('nan')):>16.3f}"
+    print(line)
 EOF

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Run every test lane of shale: one release build of all targets, then all
 # tests (unit, store conformance against a real S3 server started by the
-# tests themselves, NBD with real clients, crash tests), then the VM harness
-# for the real kernel ublk path if it is present.
+# tests themselves, NBD with real clients, crash tests including 50 kill -9
+# cycles of `shale nbd serve`), then the VM harness for the real kernel ublk
+# path if it is present, then the power-loss lane (power cuts of a VM).
 #
 # Installs nothing (.ci/run does that). Uses CARGO_TARGET_DIR if set.
 # With CI=true, tests treat a missing prerequisite as a failure, not a skip.
@@ -27,5 +28,11 @@ if [[ -x "$vm_runner" ]]; then
 else
     step "skipping the VM (kernel ublk) lane: $vm_runner is not present"
 fi
+
+# Power cuts in the VM (docs/crash-testing.md); SHALE_POWER_CYCLES=N for a
+# long run. The host kill -9 lane (tests/crash_kill_nbd.rs) ran above.
+power_runner=tools/vm/power-loss.sh
+step "$power_runner $target_dir/release/shale (${SHALE_POWER_CYCLES:-6} power cuts)"
+"$power_runner" "$target_dir/release/shale"
 
 step "all test lanes passed"

@@ -27,6 +27,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 pub mod lease;
+pub mod local_dir;
 pub mod snapshot;
 
 use crate::store::{DynStore, PutMode, StoreError, Version};

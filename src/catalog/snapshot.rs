@@ -14,7 +14,9 @@
 //!    answering (holder on another host, or an older server) they fail,
 //!    naming the holder.
 //! 3. A snapshot some clone names as its parent is never deleted; the
-//!    refusal names the clones.
+//!    refusal names the clones. A delete marks the snapshot first, looks
+//!    for clones, and only then removes it (or clears the mark): the
+//!    snapshot keeps its chunks until its delete is final.
 //! 4. A clone's manifest is written under a fresh, unused volume id before
 //!    its record is created, so a crash part-way never leaves a record that
 //!    opens as an empty volume (only unreferenced objects). See `snapshot/clone.rs`.
@@ -23,7 +25,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::lease::{Lease, LeaseError};
+use super::lease::{read_lease, Lease, LeaseError};
+use super::local_dir::{claim_volume_dir, LocalDirClaim, LocalDirError};
 mod clone;
 
 pub use clone::FlattenReport;
@@ -96,6 +99,8 @@ pub enum SnapError {
     Catalog(#[from] CatalogError),
     #[error(transparent)]
     Lease(#[from] LeaseError),
+    #[error(transparent)]
+    LocalDir(#[from] LocalDirError),
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
     #[error(transparent)]
@@ -176,18 +181,42 @@ impl Snapshots {
         Ok(rec)
     }
 
-    /// Take the lease of a detached volume.
-    async fn detach_lease(&self, rec: &VolumeRecord) -> Result<Arc<Lease>, SnapError> {
-        match Lease::acquire(
+    /// Take the lease of a detached volume, holding its local directory
+    /// (see [`super::local_dir`]): a lease left by a crashed process of this
+    /// host and directory is taken over at once. A volume another process
+    /// holds is refused with [`SnapError::Attached`] naming the holder.
+    async fn detach_lease(
+        &self,
+        rec: &VolumeRecord,
+    ) -> Result<(Arc<Lease>, LocalDirClaim), SnapError> {
+        let local = match claim_volume_dir(self.store(), &self.volume_dir(rec.id), rec.id).await {
+            Ok(local) => local,
+            Err(busy @ LocalDirError::Busy { .. }) => {
+                // A process of this host has the volume open: if it holds
+                // the lease, it is the one to ask.
+                let now_ms = u64::try_from(self.clock.now().as_millis()).unwrap_or(u64::MAX);
+                return match read_lease(self.store(), rec.id).await? {
+                    Some((l, _)) if l.is_live(now_ms) => Err(SnapError::Attached {
+                        name: rec.name.clone(),
+                        holder: l.holder,
+                    }),
+                    _ => Err(busy.into()),
+                };
+            }
+            Err(e) => return Err(e.into()),
+        };
+        match Lease::acquire_local(
             self.store().clone(),
             rec.id,
             &self.holder,
             LEASE_TTL,
+            None,
             self.clock.clone(),
+            &local,
         )
         .await
         {
-            Ok(l) => Ok(Arc::new(l)),
+            Ok(l) => Ok((Arc::new(l), local)),
             Err(LeaseError::Held { holder, .. }) => Err(SnapError::Attached {
                 name: rec.name.clone(),
                 holder,
@@ -196,13 +225,14 @@ impl Snapshots {
         }
     }
 
-    /// Run `op` while holding the volume's lease, then release it.
+    /// Run `op` while holding the volume's lease (and its local directory),
+    /// then release both.
     async fn leased<T, F, Fut>(&self, rec: &VolumeRecord, op: F) -> Result<T, SnapError>
     where
         F: FnOnce(u64) -> Fut,
         Fut: std::future::Future<Output = Result<T, SnapError>>,
     {
-        let lease = self.detach_lease(rec).await?;
+        let (lease, local) = self.detach_lease(rec).await?;
         let renewer = lease.spawn_renewer(LEASE_RENEW);
         let res = op(lease.epoch()).await;
         if res.is_ok() {
@@ -212,6 +242,7 @@ impl Snapshots {
         if let Err(e) = lease.release().await {
             log::warn!("could not release the lease of volume {:?}: {e}", rec.name);
         }
+        drop(local);
         res
     }
 
@@ -265,28 +296,42 @@ impl Snapshots {
         .await?)
     }
 
-    /// After snapshot `s` (object `key`) of `spec` was deleted: if a clone of
-    /// it appeared meanwhile (or clones cannot be listed), put the object
-    /// back and fail, before any chunk it holds is collected.
+    /// After snapshot `s` of `rec` (`spec`) was marked deleting: if a clone
+    /// of it appeared meanwhile (or clones cannot be listed), clear the mark
+    /// and fail. The snapshot kept every chunk while marked.
     async fn recheck_clones(
         &self,
         spec: &str,
-        key: &str,
+        rec: &VolumeRecord,
         s: &SnapshotObject,
     ) -> Result<(), SnapError> {
         let clones = match self.clones_of(spec).await {
             Ok(c) => c,
             Err(e) => {
-                self.restore_snapshot(key, s).await?;
+                self.unmark(rec, s).await?;
                 return Err(e);
             }
         };
         if !clones.is_empty() {
-            self.restore_snapshot(key, s).await?;
+            self.unmark(rec, s).await?;
             return Err(SnapError::HasClones {
                 spec: spec.to_string(),
                 clones,
             });
+        }
+        Ok(())
+    }
+
+    /// Undo a delete's mark on snapshot `s` of `rec`.
+    async fn unmark(&self, rec: &VolumeRecord, s: &SnapshotObject) -> Result<(), SnapError> {
+        if let Err(e) = snap::set_deleting(self.store(), rec.id, s.id, false).await {
+            log::error!(
+                "could not clear the deleting mark of snapshot {}@{} (clones need it; \
+                 it keeps its data meanwhile): {e}",
+                rec.name,
+                s.name
+            );
+            return Err(e.into());
         }
         Ok(())
     }
@@ -431,7 +476,9 @@ impl Snapshots {
             });
         }
         let detached = self
-            .leased(rec, |_| self.delete_unless_cloned(rec, &s, &canonical))
+            .leased(rec, |epoch| {
+                self.delete_unless_cloned(rec, &s, &canonical, epoch)
+            })
             .await;
         match detached {
             Err(SnapError::Attached { holder, .. }) => {
@@ -441,10 +488,12 @@ impl Snapshots {
         }
     }
 
-    /// [`Snapshots::delete`] by the server holding `rec`: delete the
-    /// object, check for clones made meanwhile (putting the object back if
-    /// there are), then let the server free chunks, like
-    /// `delete_unless_cloned` does for a detached volume.
+    /// [`Snapshots::delete`] by the server holding `rec`: it marks the
+    /// snapshot deleting; then we check for clones made meanwhile (clearing
+    /// the mark if there are), remove the object (the delete is final) and
+    /// let the server free chunks, like `delete_unless_cloned` does for a
+    /// detached volume. While marked, the snapshot keeps its chunks through
+    /// every checkpoint and compaction of the attached volume.
     async fn delete_attached(
         &self,
         rec: &VolumeRecord,
@@ -457,8 +506,8 @@ impl Snapshots {
             name: s.name.clone(),
         };
         self.ask_holder(rec, holder.clone(), &delete).await?;
-        let key = snap::snapshot_key(rec.id, s.id);
-        self.recheck_clones(spec, &key, s).await?;
+        self.recheck_clones(spec, rec, s).await?;
+        snap::remove_snapshot(self.store(), rec.id, s.id).await?;
         let collect = Request::CollectGarbage { volume: rec.id };
         let reply = self.ask_holder(rec, holder, &collect).await?;
         Ok(reply.freed_chunks.unwrap_or(0))

@@ -1,10 +1,15 @@
 //! Subcommand implementations (binary-only; `anyhow` is allowed here).
 pub mod config;
+pub mod discard;
+pub mod docs;
+pub mod exporter;
 pub mod image;
+pub mod logging;
 pub mod nbd;
 pub mod pool;
 pub mod progress;
 pub mod snapshot;
+pub mod status;
 pub mod transfer;
 pub mod ublk;
 pub mod volume;

@@ -54,6 +54,10 @@ pub struct ServeArgs {
     /// after a clean shutdown. Repeatable.
     #[arg(long = "scratch", value_name = "NAME:SIZE", hide = true)]
     scratch: Vec<String>,
+    /// Benchmark only: serve catalog volumes without counting their block
+    /// requests (the metrics then show no frontend requests).
+    #[arg(long, hide = true)]
+    no_request_metrics: bool,
 }
 
 pub fn run(config: Option<&Path>, cmd: NbdCmd) -> anyhow::Result<()> {
@@ -127,11 +131,21 @@ async fn open_exports(
     } else {
         Vec::new()
     };
+    if let [only] = names.as_slice() {
+        if args.memory.is_empty() && args.scratch.is_empty() {
+            super::logging::set_volume(only);
+        }
+    }
     for name in names {
         let vol = daemon::attach(cfg, &name)
             .await
             .with_context(|| format!("opening volume {name}"))?;
-        devices.push((name, vol.volume.clone()));
+        let device = if args.no_request_metrics {
+            vol.volume.clone()
+        } else {
+            vol.metered("nbd", &format!("export {name}"))
+        };
+        devices.push((name, device));
         opened.attached.push(vol);
     }
     for (i, spec) in args.scratch.iter().enumerate() {

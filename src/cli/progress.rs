@@ -1,30 +1,23 @@
-//! Progress of long copies on a terminal: one line on stderr, redrawn in
-//! place (bytes done of total, percent, rate). Silent when stderr is not a
-//! terminal, so scripts and logs see only the final summary. Also carries
-//! Ctrl-C: the first asks the copy to stop cleanly, a second quits at once.
-use std::io::{IsTerminal, Write};
+//! Progress of long copies on a terminal: one line on stderr drawn by
+//! `indicatif` (bytes done of total, percent, rate), hidden when stderr is
+//! not a terminal, so scripts and logs see only the final summary. Also
+//! carries Ctrl-C: the first asks the copy to stop cleanly, a second quits
+//! at once.
+use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
-use shale::error::Bytes;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use shale::transfer::Progress;
 
-/// Least time between two redraws.
-const REDRAW: Duration = Duration::from_millis(200);
-
-struct State {
-    what: String,
-    total: u64,
-    done: u64,
-    started: Instant,
-    last_draw: Option<Instant>,
-}
+/// The line: `what: done / total (pct%), rate/s`.
+const TEMPLATE: &str =
+    "{msg}: {binary_bytes} / {binary_total_bytes} ({percent}%), {binary_bytes_per_sec}";
 
 /// A [`Progress`] drawn on stderr when it is a terminal.
 pub struct TermProgress {
     enabled: bool,
-    state: Mutex<Option<State>>,
+    bar: Mutex<Option<ProgressBar>>,
     cancel: Arc<AtomicBool>,
 }
 
@@ -33,7 +26,7 @@ impl TermProgress {
     pub fn stderr() -> TermProgress {
         TermProgress {
             enabled: std::io::stderr().is_terminal(),
-            state: Mutex::new(None),
+            bar: Mutex::new(None),
             cancel: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -54,35 +47,15 @@ impl TermProgress {
             }
         });
     }
-
-    fn draw(st: &State, now: Instant) {
-        let line = progress_line(&st.what, st.done, st.total, now - st.started);
-        let mut err = std::io::stderr().lock();
-        // Carriage return, the line, then clear what an older, longer line left.
-        let _ = write!(err, "\r{line}\x1b[K");
-        let _ = err.flush();
-    }
 }
 
-/// `what: done / total (pct%), rate/s`.
-pub fn progress_line(what: &str, done: u64, total: u64, elapsed: Duration) -> String {
-    let pct = if total == 0 {
-        100
-    } else {
-        (done.min(total) as u128 * 100 / total as u128) as u64
-    };
-    let secs = elapsed.as_secs_f64();
-    let rate = if secs > 0.0 {
-        (done as f64 / secs) as u64
-    } else {
-        0
-    };
-    format!(
-        "{what}: {} / {} ({pct}%), {}/s",
-        Bytes(done),
-        Bytes(total),
-        Bytes(rate)
-    )
+/// A bar for `total` bytes labelled `what`, drawing to `target`.
+fn new_bar(what: &str, total: u64, target: ProgressDrawTarget) -> ProgressBar {
+    let style =
+        ProgressStyle::with_template(TEMPLATE).unwrap_or_else(|_| ProgressStyle::default_bar());
+    let bar = ProgressBar::with_draw_target(Some(total), target).with_style(style);
+    bar.set_message(what.to_string());
+    bar
 }
 
 impl Progress for TermProgress {
@@ -90,32 +63,16 @@ impl Progress for TermProgress {
         if !self.enabled {
             return;
         }
-        if let Ok(mut s) = self.state.lock() {
-            *s = Some(State {
-                what: what.to_string(),
-                total,
-                done: 0,
-                started: Instant::now(),
-                last_draw: None,
-            });
+        if let Ok(mut b) = self.bar.lock() {
+            *b = Some(new_bar(what, total, ProgressDrawTarget::stderr()));
         }
     }
 
     fn advance(&self, bytes: u64) {
-        if !self.enabled {
-            return;
-        }
-        let Ok(mut guard) = self.state.lock() else {
-            return;
-        };
-        let Some(st) = guard.as_mut() else {
-            return;
-        };
-        st.done = st.done.saturating_add(bytes);
-        let now = Instant::now();
-        if st.last_draw.is_none_or(|t| now - t >= REDRAW) {
-            st.last_draw = Some(now);
-            Self::draw(st, now);
+        if let Ok(b) = self.bar.lock() {
+            if let Some(bar) = b.as_ref() {
+                bar.inc(bytes);
+            }
         }
     }
 
@@ -124,12 +81,10 @@ impl Progress for TermProgress {
     }
 
     fn finish(&self) {
-        if !self.enabled {
-            return;
-        }
-        if let Ok(mut guard) = self.state.lock() {
-            if let Some(st) = guard.take() {
-                Self::draw(&st, Instant::now());
+        if let Ok(mut b) = self.bar.lock() {
+            if let Some(bar) = b.take() {
+                bar.finish();
+                // End the line, so what follows starts on its own.
                 eprintln!();
             }
         }
@@ -139,14 +94,23 @@ impl Progress for TermProgress {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use indicatif::InMemoryTerm;
 
     #[test]
     fn line_shows_done_total_percent_and_rate() {
-        let l = progress_line("export", 512 << 20, 1 << 30, Duration::from_secs(2));
-        assert_eq!(l, "export: 512.0 MiB / 1.0 GiB (50%), 256.0 MiB/s");
-        assert_eq!(
-            progress_line("check", 0, 0, Duration::ZERO),
-            "check: 0 B / 0 B (100%), 0 B/s"
+        let term = InMemoryTerm::new(4, 120);
+        let bar = new_bar(
+            "export",
+            1 << 30,
+            ProgressDrawTarget::term_like(Box::new(term.clone())),
         );
+        bar.inc(512 << 20);
+        bar.abandon();
+        let screen = term.contents();
+        assert!(
+            screen.starts_with("export: 512.00 MiB / 1.00 GiB (50%), "),
+            "{screen:?}"
+        );
+        assert!(screen.trim_end().ends_with("/s"), "{screen:?}");
     }
 }

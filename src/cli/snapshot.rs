@@ -8,7 +8,7 @@ use shale::clock::{Clock, SystemClock};
 use shale::config::Config;
 
 use super::progress::TermProgress;
-use super::volume::format_utc_ms;
+use super::volume::{format_utc_ms, render_table};
 use shale::transfer::Progress;
 
 #[derive(Subcommand, Debug)]
@@ -95,22 +95,32 @@ pub fn run(config: Option<&Path>, cmd: SnapshotCmd) -> anyhow::Result<()> {
                             "created_ms": e.snapshot.created_ms,
                             "chunks": e.snapshot.checkpoint.chunks.len(),
                             "clones": e.clones,
+                            "deleting": e.snapshot.deleting,
                         })
                     })
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
                 return Ok(());
             }
-            println!("{:<32}  {:>4}  {:<20}  CLONES", "SNAPSHOT", "ID", "CREATED");
+            let mut rows = vec![["SNAPSHOT", "ID", "CREATED", "CLONES"].map(String::from)];
             for e in entries {
-                println!(
-                    "{:<32}  {:>4}  {:<20}  {}",
-                    format!("{}@{}", e.volume, e.snapshot.name),
-                    e.snapshot.id,
+                rows.push([
+                    format!(
+                        "{}@{}{}",
+                        e.volume,
+                        e.snapshot.name,
+                        if e.snapshot.deleting {
+                            " (deleting)"
+                        } else {
+                            ""
+                        }
+                    ),
+                    e.snapshot.id.to_string(),
                     format_utc_ms(e.snapshot.created_ms),
-                    e.clones.join(",")
-                );
+                    e.clones.join(","),
+                ]);
             }
+            print!("{}", render_table(&rows));
             Ok(())
         }
         SnapshotCmd::Delete { spec } => {

@@ -1,4 +1,4 @@
-//! `shale volume create|list|info|delete`: the catalog, from the command line.
+//! `shale volume create|list|info|delete|...`: the catalog, from the command line.
 use std::io::{IsTerminal, Write};
 use std::path::Path;
 
@@ -65,6 +65,22 @@ pub enum VolumeCmd {
         #[arg(long)]
         force: bool,
     },
+    /// Drop every record after SEQ from this host's WAL of a volume, the
+    /// way past a damaged WAL that stops the volume from opening (the open
+    /// error names the segment, the offset and the SEQ to give). Prints
+    /// exactly what goes (records, sequence range, bytes, segments) before
+    /// doing it and copies the changed segments aside first. Refused while
+    /// the volume is in use.
+    DiscardWal {
+        /// Volume name.
+        name: String,
+        /// Keep records up to this sequence number, drop every later one.
+        #[arg(long, value_name = "SEQ")]
+        after: u64,
+        /// Do not ask for confirmation (required when stdin is not a terminal).
+        #[arg(long, short)]
+        yes: bool,
+    },
     /// Delete a volume and all its data.
     Delete {
         /// Volume name.
@@ -77,7 +93,7 @@ pub enum VolumeCmd {
 
 /// `volume unlock`: report a free lease; refuse a live one naming its
 /// holder unless `force`, then steal and release it at a new epoch.
-async fn unlock(catalog: &Catalog, name: &str, force: bool) -> anyhow::Result<()> {
+async fn unlock(cfg: &Config, catalog: &Catalog, name: &str, force: bool) -> anyhow::Result<()> {
     use shale::catalog::lease::{read_lease, Lease};
     let rec = catalog.get(name).await?;
     let store = catalog.store().clone();
@@ -98,7 +114,7 @@ async fn unlock(catalog: &Catalog, name: &str, force: bool) -> anyhow::Result<()
         );
     }
     let holder = format!("unlock:{}", shale::daemon::holder_name());
-    let stolen = Lease::steal(store, rec.id, &holder, shale::daemon::LEASE_TTL, clock).await?;
+    let stolen = Lease::steal(store, rec.id, &holder, cfg.lease.ttl(), clock).await?;
     stolen.release().await?;
     println!(
         "volume {name:?}: lease taken from {:?} at epoch {} and released; the old holder is fenced",
@@ -137,8 +153,13 @@ pub fn run(config: Option<&Path>, cmd: VolumeCmd) -> anyhow::Result<()> {
             }
             VolumeCmd::List { json } => list(&catalog().await?, json).await,
             VolumeCmd::Info { name, json } => info(&cfg, &catalog().await?, &name, json).await,
-            VolumeCmd::Unlock { name, force } => unlock(&catalog().await?, &name, force).await,
+            VolumeCmd::Unlock { name, force } => {
+                unlock(&cfg, &catalog().await?, &name, force).await
+            }
             VolumeCmd::Delete { name, yes } => delete(&cfg, &catalog().await?, &name, yes).await,
+            VolumeCmd::DiscardWal { name, after, yes } => {
+                super::discard::discard_wal(&cfg, &catalog().await?, &name, after, yes).await
+            }
             VolumeCmd::Import { name, file } => super::image::import(&cfg, &name, &file).await,
             VolumeCmd::Export { name, file } => super::image::export(&cfg, &name, &file).await,
         }
@@ -302,56 +323,32 @@ fn state_name(s: VolumeState) -> &'static str {
     }
 }
 
-/// Left-aligned columns separated by two spaces.
+/// Left-aligned columns separated by two spaces, no borders (comfy-table),
+/// the first row as the header.
 pub fn render_table<const N: usize>(rows: &[[String; N]]) -> String {
-    let mut widths = [0usize; N];
+    let mut table = comfy_table::Table::new();
+    table.load_style(comfy_table::presets::NOTHING);
     for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
+        table.add_row(row.to_vec());
     }
-    let mut out = String::new();
-    for row in rows {
-        let mut line = String::new();
-        for (i, cell) in row.iter().enumerate() {
-            if i + 1 < N {
-                line.push_str(&format!("{cell:<width$}  ", width = widths[i]));
-            } else {
-                line.push_str(cell);
-            }
-        }
-        out.push_str(line.trim_end());
+    for col in table.column_iter_mut() {
+        col.set_padding((0, 2));
+    }
+    let mut out = table.trim_fmt();
+    if !out.is_empty() {
         out.push('\n');
     }
     out
 }
 
-/// `YYYY-MM-DD HH:MM:SSZ` for milliseconds since the Unix epoch (UTC).
+/// `YYYY-MM-DD HH:MM:SSZ` for milliseconds since the Unix epoch (UTC);
+/// out-of-range values print as the raw number.
 pub fn format_utc_ms(ms: u64) -> String {
-    let secs = ms / 1000;
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-/// Gregorian date from days since 1970-01-01 (Howard Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
+    i64::try_from(ms)
+        .ok()
+        .and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok())
+        .map(|t| t.strftime("%Y-%m-%d %H:%M:%SZ").to_string())
+        .unwrap_or_else(|| format!("{ms} ms"))
 }
 
 #[cfg(test)]
@@ -363,6 +360,7 @@ mod tests {
         assert_eq!(format_utc_ms(0), "1970-01-01 00:00:00Z");
         assert_eq!(format_utc_ms(951_782_400_000), "2000-02-29 00:00:00Z");
         assert_eq!(format_utc_ms(1_795_312_496_789), "2026-11-22 01:54:56Z");
+        assert_eq!(format_utc_ms(u64::MAX), format!("{} ms", u64::MAX));
     }
 
     #[test]
@@ -372,5 +370,6 @@ mod tests {
             ["ccc".to_string(), "d".to_string()],
         ];
         assert_eq!(render_table(&rows), "A    BB\nccc  d\n");
+        assert_eq!(render_table::<2>(&[]), "");
     }
 }

@@ -35,6 +35,8 @@ fn empty_file_gives_defaults() {
             cfg.nbd.socket.as_deref(),
             Some(Path::new("/run/shale/nbd.sock"))
         );
+        assert_eq!(cfg.lease, LeaseConfig::default());
+        assert_eq!(cfg.lease.ttl_seconds, 120);
     }
 }
 
@@ -90,6 +92,7 @@ fn unknown_keys_are_rejected_naming_the_key_and_file() {
         ("engine:\n  chunk_sise: 4MiB\n", "chunk_sise"),
         ("pool:\n  cap: 1\n", "cap"),
         ("nbd:\n  port: 1\n", "port"),
+        ("lease:\n  ttl: 30\n", "ttl"),
         ("store: {type: fs, path: /x, extra: 1}\n", "extra"),
     ] {
         let e = parse(text).unwrap_err();
@@ -138,6 +141,30 @@ fn bounds_are_enforced_with_field_names() {
     );
     assert_eq!(invalid_field("pool:\n  capacity: 4KiB\n"), "pool.capacity");
     assert_eq!(invalid_field("nbd:\n  listen: 127.0.0.1:0\n"), "nbd.listen");
+    assert_eq!(
+        invalid_field("lease:\n  ttl_seconds: 4\n"),
+        "lease.ttl_seconds"
+    );
+    assert_eq!(
+        invalid_field("lease:\n  ttl_seconds: 3601\n"),
+        "lease.ttl_seconds"
+    );
+    assert_eq!(
+        invalid_field("lease:\n  renew_seconds: 0\n"),
+        "lease.renew_seconds"
+    );
+    assert_eq!(
+        invalid_field("lease:\n  safety_margin_seconds: 0\n"),
+        "lease.safety_margin_seconds"
+    );
+    assert_eq!(
+        invalid_field("lease:\n  ttl_seconds: 30\n  renew_seconds: 20\n"),
+        "lease.renew_seconds",
+        "20 + 10 leaves no time to retry"
+    );
+    let ok = parse("lease:\n  ttl_seconds: 30\n  renew_seconds: 10\n  safety_margin_seconds: 5\n")
+        .expect("a 30 s lease renewed every 10 s");
+    assert_eq!(ok.lease.renew_period(), std::time::Duration::from_secs(10));
     assert_eq!(invalid_field("data_dir: ''\n"), "data_dir");
     assert_eq!(invalid_field("store: {type: fs, path: ''}\n"), "store.path");
     assert_eq!(

@@ -127,6 +127,12 @@ async fn snapshot_create_over_the_socket_and_bad_requests() {
     let reply = request(&path, &del).await.unwrap();
     assert!(reply.ok, "{reply:?}");
     assert_eq!(reply.deleted_id, Some(1), "{reply:?}");
+    let marked = list_snapshots(&store, ID).await.unwrap();
+    assert!(marked[0].deleting && !marked[1].deleting, "{marked:?}");
+    // The client, having found no clones, makes the delete final.
+    crate::engine::snapshot::remove_snapshot(&store, ID, 1)
+        .await
+        .unwrap();
     let collect = Request::CollectGarbage { volume: ID };
     let reply = request(&path, &collect).await.unwrap();
     assert!(reply.ok, "{reply:?}");
@@ -187,4 +193,68 @@ async fn a_closed_volume_is_refused_and_a_replaced_socket_is_left_alone() {
     drop(second);
     assert!(!path.exists());
     vol2.close().await.unwrap();
+}
+
+/// `metrics` answers with the volume's report (counters of a real write
+/// through the metered device), and without metrics with a clear error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_over_the_socket() {
+    use crate::catalog::lease::Lease;
+    use crate::metrics::requests::MeteredDevice;
+    use crate::metrics::volume::VolumeMetrics;
+    use crate::store::metered::StoreMetrics;
+
+    let store: DynStore = Arc::new(MemoryStore::new());
+    let dir = tempfile::tempdir().unwrap();
+    let vol = open(&store, dir.path()).await;
+    let lease = Lease::acquire(
+        store.clone(),
+        ID,
+        "test:1",
+        std::time::Duration::from_secs(30),
+        Arc::new(SystemClock),
+    )
+    .await
+    .unwrap();
+    let lease = Arc::new(lease);
+    let metrics = Arc::new(VolumeMetrics::new(
+        "vol",
+        ID,
+        &vol,
+        Arc::new(StoreMetrics::default()),
+        &lease,
+        None,
+        Arc::new(SystemClock),
+    ));
+    let dev = MeteredDevice::new(vol.clone(), metrics.frontend("nbd", "export vol"));
+    dev.write(0, &[5u8; 8192], false).await.unwrap();
+
+    let path = socket_path(dir.path());
+    let server =
+        ControlServer::start_with_metrics(path.clone(), &vol, ID, Some(metrics)).expect("start");
+    let reply = request(&path, &Request::Metrics { volume: ID })
+        .await
+        .unwrap();
+    assert!(reply.ok, "{reply:?}");
+    let r = reply.report.expect("a report");
+    r.validate().unwrap();
+    assert_eq!((r.volume.as_str(), r.id), ("vol", ID));
+    assert_eq!(r.frontends[0].device, "export vol");
+    assert_eq!(r.sum("requests", &[("op", "write")]), 1.0);
+    assert_eq!(r.sum("request", &[("op", "write")]), 8192.0);
+    assert_eq!(r.lease.epoch, lease.epoch());
+    let wrong = request(&path, &Request::Metrics { volume: ID + 1 })
+        .await
+        .unwrap();
+    assert!(!wrong.ok && wrong.report.is_none());
+    drop(server);
+
+    let plain = ControlServer::start(path.clone(), &vol, ID).expect("start");
+    let reply = request(&path, &Request::Metrics { volume: ID })
+        .await
+        .unwrap();
+    assert!(!reply.ok);
+    assert!(reply.error.unwrap().contains("no metrics"));
+    drop(plain);
+    vol.close().await.unwrap();
 }

@@ -16,6 +16,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use super::error::EngineError;
@@ -41,6 +42,8 @@ struct Index {
 pub struct Cache {
     file: File,
     index: Mutex<Index>,
+    /// Windows evicted to make room for others.
+    evictions: AtomicU64,
 }
 
 impl Cache {
@@ -69,7 +72,23 @@ impl Cache {
                 slots: vec![(None, false); slots],
                 hand: 0,
             }),
+            evictions: AtomicU64::new(0),
         }))
+    }
+
+    /// Windows evicted so far.
+    pub fn evictions(&self) -> u64 {
+        self.evictions.load(Ordering::Relaxed)
+    }
+
+    /// Bytes the cache holds when full.
+    pub fn capacity(&self) -> u64 {
+        self.index
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .slots
+            .len() as u64
+            * SLOT
     }
 
     /// Read `dst.len()` bytes at `offset` within window `window` of `chunk`
@@ -86,7 +105,9 @@ impl Cache {
             idx.slots[slot].1 = true;
             slot
         };
-        self.file.read_exact_at(dst, slot as u64 * SLOT).is_ok()
+        self.file
+            .read_exact_at(dst, slot as u64 * SLOT + offset)
+            .is_ok()
     }
 
     /// Store a verified window (at most [`SLOT`] bytes).
@@ -111,6 +132,7 @@ impl Cache {
             };
             if let Some(old) = idx.slots[slot].0.take() {
                 idx.map.remove(&old);
+                self.evictions.fetch_add(1, Ordering::Relaxed);
             }
             slot
         };
@@ -164,5 +186,23 @@ mod tests {
         assert!(!c.get((7, 3, 2), 0, 0, &mut other));
         assert!(c.get((7, 3, 1), 0, 0, &mut other));
         assert_eq!(other, b);
+    }
+
+    /// A read inside a window returns the bytes at that offset, not the
+    /// window's first bytes.
+    #[test]
+    fn reads_inside_a_window_honour_the_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Cache::open(dir.path(), 4 * SLOT).unwrap().unwrap();
+        let mut d = vec![0u8; SLOT as usize];
+        for (i, b) in d.iter_mut().enumerate() {
+            *b = (i / 4096) as u8;
+        }
+        c.put((7, 4, 1), 2, &d);
+        for block in [0u64, 3, 15] {
+            let mut inside = vec![0xffu8; 4096];
+            assert!(c.get((7, 4, 1), 2, block * 4096, &mut inside));
+            assert_eq!(inside, vec![block as u8; 4096]);
+        }
     }
 }

@@ -18,8 +18,12 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::chunk::{CRC_BLOCK, MAX_DATA_LEN, MIN_HEADER_LEN};
+use super::error::EngineError;
+use super::limits::{get_capped, valid_chunk_id, MAX_MANIFEST_BYTES, MAX_SEQ};
 use super::map::{ExtentMap, Loc};
 use super::snapshot::ParentRef;
+use crate::store::{DynStore, Object};
 
 const CP_MAGIC: &[u8; 8] = b"SHALECP1";
 
@@ -52,8 +56,71 @@ pub fn manifest_key(volume: u64) -> String {
     format!("volumes/{volume:016x}/manifest")
 }
 
+/// Prefix of every checkpoint key of `volume`.
+pub fn checkpoint_prefix(volume: u64) -> String {
+    format!("volumes/{volume:016x}/checkpoints/")
+}
+
 pub fn checkpoint_key(volume: u64, chunk_seq: u64, epoch: u64) -> String {
-    format!("volumes/{volume:016x}/checkpoints/{chunk_seq:016x}-{epoch:08x}")
+    format!("{}{chunk_seq:016x}-{epoch:08x}", checkpoint_prefix(volume))
+}
+
+impl Manifest {
+    /// Check that the numbers agree with each other and stay in bounds
+    /// ([`MAX_SEQ`]): the manifest names `volume`, its checkpoint chunk is
+    /// at most its last chunk, its history epoch at most its epoch, and its
+    /// checkpoint is one of the volume's checkpoint keys.
+    pub fn validate(&self, volume: u64) -> Result<(), String> {
+        if self.volume != volume {
+            return Err(format!("names volume {:x}", self.volume));
+        }
+        if self.last_chunk >= MAX_SEQ || self.last_seq >= MAX_SEQ {
+            return Err(format!(
+                "last chunk {} or last sequence number {} is out of range",
+                self.last_chunk, self.last_seq
+            ));
+        }
+        if self.checkpoint_chunk > self.last_chunk {
+            return Err(format!(
+                "checkpoint chunk {} lies after the last chunk {}",
+                self.checkpoint_chunk, self.last_chunk
+            ));
+        }
+        if self.history_epoch > self.epoch {
+            return Err(format!(
+                "history epoch {} is newer than the epoch {}",
+                self.history_epoch, self.epoch
+            ));
+        }
+        if let Some(k) = &self.checkpoint {
+            if !k.starts_with(&checkpoint_prefix(volume)) {
+                return Err(format!("checkpoint {k:?} is not one of this volume's"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Parse and [`validate`](Manifest::validate) the manifest of `volume`.
+    pub fn parse(volume: u64, data: &[u8]) -> Result<Manifest, EngineError> {
+        let err = |reason: String| EngineError::Manifest {
+            key: manifest_key(volume),
+            reason,
+        };
+        let m: Manifest =
+            serde_json::from_slice(data).map_err(|e| err(format!("does not parse: {e}")))?;
+        m.validate(volume).map_err(err)?;
+        Ok(m)
+    }
+}
+
+/// Read the manifest of `volume` (at most [`MAX_MANIFEST_BYTES`]) and
+/// check it; returns it with the object (for its version).
+pub async fn read_manifest(
+    store: &DynStore,
+    volume: u64,
+) -> Result<(Manifest, Object), EngineError> {
+    let o = get_capped(store, &manifest_key(volume), MAX_MANIFEST_BYTES, "manifest").await?;
+    Ok((Manifest::parse(volume, &o.data)?, o))
 }
 
 /// What the engine knows about one stored chunk.
@@ -97,7 +164,66 @@ pub enum CheckpointError {
     Inconsistent(String),
 }
 
+impl ChunkInfo {
+    /// Check the numbers against each other and the chunk format: a valid
+    /// chunk id, a data area that starts after a header and ends within
+    /// [`MAX_DATA_LEN`], one CRC per [`CRC_BLOCK`] of it.
+    pub fn validate(&self) -> Result<(), String> {
+        if !valid_chunk_id(self.seq) {
+            return Err(format!("chunk id {:#x} is out of range", self.seq));
+        }
+        if self.data_start < MIN_HEADER_LEN || self.data_start > u64::from(u32::MAX) {
+            return Err(format!(
+                "chunk {:#x}: data start {} is not a header length",
+                self.seq, self.data_start
+            ));
+        }
+        if self.data_len > MAX_DATA_LEN {
+            return Err(format!(
+                "chunk {:#x}: data length {} is out of range",
+                self.seq, self.data_len
+            ));
+        }
+        if self.crcs.len() as u64 != self.data_len.div_ceil(CRC_BLOCK) {
+            return Err(format!(
+                "chunk {:#x}: {} checksums for {} bytes of data",
+                self.seq,
+                self.crcs.len(),
+                self.data_len
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Checkpoint {
+    /// Check every number before any is used: sequence numbers in range
+    /// ([`MAX_SEQ`]), each chunk valid ([`ChunkInfo::validate`]) and listed
+    /// once, normal chunks at or before `chunk_seq`.
+    pub fn validate(&self) -> Result<(), CheckpointError> {
+        let bad = |m: String| Err(CheckpointError::Inconsistent(m));
+        if self.chunk_seq >= MAX_SEQ || self.last_seq >= MAX_SEQ {
+            return bad(format!(
+                "chunk {} or sequence number {} is out of range",
+                self.chunk_seq, self.last_seq
+            ));
+        }
+        let mut seen = std::collections::HashSet::with_capacity(self.chunks.len());
+        for c in &self.chunks {
+            c.validate().map_err(CheckpointError::Inconsistent)?;
+            if !seen.insert(c.seq) {
+                return bad(format!("chunk {:#x} is listed twice", c.seq));
+            }
+            if c.seq & super::chunk::COMPACTED_BIT == 0 && c.seq > self.chunk_seq {
+                return bad(format!(
+                    "chunk {} lies after the checkpoint's chunk {}",
+                    c.seq, self.chunk_seq
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Capture `map` (which must hold only chunk and zero locations).
     pub fn from_map(
         volume: u64,
@@ -142,9 +268,11 @@ impl Checkpoint {
         }
     }
 
-    /// Rebuild the map, checking every extent names a listed chunk and
-    /// stays inside its data area and the volume.
+    /// Rebuild the map, checking every number first ([`Checkpoint::validate`])
+    /// and that every extent names a listed chunk and stays inside its data
+    /// area and the volume.
     pub fn to_map(&self, volume_sectors: u64) -> Result<ExtentMap, CheckpointError> {
+        self.validate()?;
         let mut map = ExtentMap::new();
         for &(s, l, c, off) in &self.extents {
             let info = self

@@ -20,6 +20,12 @@ pub const VERSION: u32 = 1;
 /// Granularity of the data-area checksums.
 pub const CRC_BLOCK: u64 = 4096;
 const FIXED_LEN: usize = 72;
+/// Shortest header (no extents, no data): where the data area of a chunk
+/// starts at the earliest.
+pub const MIN_HEADER_LEN: u64 = FIXED_LEN as u64 + 4;
+/// Longest data area a chunk may claim (far above any chunk the engine
+/// writes, low enough that offsets into it never overflow).
+pub const MAX_DATA_LEN: u64 = 1 << 40;
 const EXTENT_LEN: usize = 24;
 const ZERO_OFF: u64 = u64::MAX;
 
@@ -197,8 +203,14 @@ pub fn decode_header(b: &[u8]) -> Result<ChunkHeader, ChunkError> {
     if data_len.div_ceil(CRC_BLOCK) != n_blocks as u64 {
         return Err(ChunkError::Inconsistent("block count"));
     }
-    if first_seq > last_seq {
+    if first_seq > last_seq || last_seq >= super::limits::MAX_SEQ {
         return Err(ChunkError::Inconsistent("sequence range"));
+    }
+    if !super::limits::valid_chunk_id(chunk_seq) {
+        return Err(ChunkError::Inconsistent("chunk number"));
+    }
+    if data_len > MAX_DATA_LEN {
+        return Err(ChunkError::Inconsistent("data length"));
     }
     let mut extents = Vec::with_capacity(n_ext);
     for _ in 0..n_ext {

@@ -56,20 +56,15 @@ pub(crate) async fn load_chain(
             return Err(err(format!("the parent chain loops back to {p}")));
         }
         let key = snapshot_key(p.volume, p.snapshot);
-        let obj = match store.get(&key).await {
-            Ok(o) => o,
-            Err(StoreError::NotFound { .. }) => {
+        let snap = match super::snapshot::read_snapshot(store, p.volume, p.snapshot).await {
+            Ok(s) => s,
+            Err(SnapshotError::Engine(EngineError::Store(StoreError::NotFound { .. }))) => {
                 return Err(err(format!("{p} is missing ({key} not found)")))
             }
-            Err(e) => return Err(e.into()),
+            Err(SnapshotError::Engine(e)) => return Err(e),
+            Err(SnapshotError::Store(e)) => return Err(e.into()),
+            Err(e) => return Err(err(e.to_string())),
         };
-        let snap = SnapshotObject::decode(&obj.data).map_err(|e| err(format!("{key}: {e}")))?;
-        if snap.volume != p.volume || snap.id != p.snapshot {
-            return Err(err(format!(
-                "{key} holds snapshot {:016x} of volume {:016x}",
-                snap.id, snap.volume
-            )));
-        }
         next = snap.parent;
         chain.push(snap);
     }

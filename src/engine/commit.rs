@@ -106,6 +106,7 @@ pub(crate) async fn final_checkpoint(inner: &Inner, root: &mut Root) -> Result<(
 /// previous checkpoint and chunks nothing references any more. Returns the
 /// checkpoint committed.
 pub(crate) async fn checkpoint(inner: &Inner, root: &mut Root) -> Result<Checkpoint, EngineError> {
+    let started = inner.clock.now();
     // Sparse chunks drained here lose their last live sector, so this very
     // checkpoint stops naming them and deletes them after it commits.
     match super::compact::compact(inner).await {
@@ -155,6 +156,12 @@ pub(crate) async fn checkpoint(inner: &Inner, root: &mut Root) -> Result<Checkpo
         .counters
         .checkpoints_written
         .fetch_add(1, Ordering::Relaxed);
+    let took = inner.clock.now().saturating_sub(started).as_micros();
+    let took = u64::try_from(took).unwrap_or(u64::MAX);
+    inner
+        .counters
+        .checkpoint_us
+        .fetch_add(took, Ordering::Relaxed);
     {
         let mut st = inner.shared.lock();
         st.checkpoint_chunk = cp.chunk_seq;

@@ -35,12 +35,13 @@ use super::chunk::{
     ChunkExtent, ChunkHeader, COMPACTED_BIT,
 };
 use super::error::EngineError;
+use super::fenced_delete::FencedDeleter;
 use super::map::Loc;
 use super::snapshot::RetainSet;
 use super::state::{ChunkEntry, State};
 use super::volume::Inner;
 use super::SECTOR;
-use crate::store::{DynStore, StoreError};
+use crate::store::DynStore;
 
 /// Most sparse chunks rewritten in one round.
 const MAX_SOURCES: usize = 64;
@@ -238,17 +239,20 @@ fn repoint(st: &mut State, info: Arc<ChunkInfo>, moved: &[(LiveRange, u64)]) {
     }
 }
 
-/// Delete the compaction objects of `volume` that `named` (the chunks the
-/// volume's committed or in-memory map names) and `retain` (its snapshots)
-/// both leave out. Only for a caller that alone writes the volume and runs
-/// no compaction meanwhile (a detached volume under its lease, or the
-/// destage task itself). Returns how many were deleted.
+/// Delete the compaction objects of `deleter`'s volume that `named` (the
+/// chunks the volume's committed or in-memory map names) and `retain` (its
+/// snapshots) both leave out, of the deleter's epoch or older only, with
+/// fencing re-checked as it goes ([`FencedDeleter`]). Only for a caller
+/// that writes the volume and runs no compaction meanwhile (a detached
+/// volume under its lease, or the destage task itself). Returns how many
+/// were deleted.
 pub(crate) async fn delete_unnamed(
+    deleter: &mut FencedDeleter<'_>,
     store: &DynStore,
     volume: u64,
     named: &HashSet<(u64, u64)>,
     retain: &RetainSet,
-) -> Result<u64, StoreError> {
+) -> Result<u64, EngineError> {
     let prefix = compacted_prefix(volume);
     let mut deleted = 0;
     for meta in store.list(&prefix).await? {
@@ -258,9 +262,8 @@ pub(crate) async fn delete_unnamed(
         if named.contains(&(seq, epoch)) || retain.keeps(seq, epoch) {
             continue;
         }
-        match store.delete(&meta.key).await {
-            Ok(()) | Err(StoreError::NotFound { .. }) => deleted += 1,
-            Err(e) => return Err(e),
+        if deleter.delete(&meta.key, epoch).await? {
+            deleted += 1;
         }
     }
     Ok(deleted)
@@ -289,6 +292,13 @@ pub(crate) async fn clean_orphans(
             log::warn!("ignoring unexpected object {}", meta.key);
             continue;
         };
+        if !super::limits::valid_chunk_id(seq) || seq & COMPACTED_BIT == 0 {
+            log::warn!(
+                "ignoring compaction object {} with an out-of-range id",
+                meta.key
+            );
+            continue;
+        }
         next = next.max((seq & !COMPACTED_BIT) + 1);
         if e <= epoch && !known.contains(&(seq, e)) && !retain.keeps(seq, e) {
             log::warn!("deleting orphan compaction object {}", meta.key);

@@ -14,7 +14,6 @@
 //! 4. All puts run inside this task: aborting it stops every store write.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -59,7 +58,11 @@ fn put_future(inner: Arc<Inner>, built: Built, delay: Duration) -> PutFuture {
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
+        let started = inner.clock.now();
         let res = put_create(&inner, &built.key, built.obj.clone()).await;
+        let took = inner.clock.now().saturating_sub(started).as_micros();
+        let took = u64::try_from(took).unwrap_or(u64::MAX);
+        inner.counters.destage_us.fetch_add(took, Ordering::Relaxed);
         (built, res)
     })
 }
@@ -236,7 +239,7 @@ fn finish(inner: &Inner, res: Result<(), EngineError>) {
 struct Batch {
     seq: u64,
     recs: Vec<PendingRec>,
-    files: HashMap<u64, Arc<File>>,
+    files: HashMap<u64, wal::fs::SegFile>,
     cost: u64,
     prev_taken_seq: u64,
 }
@@ -391,7 +394,7 @@ fn apply(inner: &Inner, b: Built) {
 /// Newest-wins extents and data of `recs`, all-zero sectors unmapped.
 fn build_chunk(
     recs: &[PendingRec],
-    files: &HashMap<u64, Arc<File>>,
+    files: &HashMap<u64, wal::fs::SegFile>,
 ) -> Result<(Vec<ChunkExtent>, Vec<u8>), EngineError> {
     let mut mini = ExtentMap::new();
     for r in recs {
@@ -421,7 +424,7 @@ fn build_chunk(
             let file = files.get(&w.seg).ok_or(wal::WalError::SegmentGone(w.seg))?;
             let whole = super::map::WalLoc { skip: 0, ..w };
             let mut buf = vec![0u8; (w.rec_sectors * SECTOR) as usize];
-            wal::read_record(file, &whole, w.seg, &mut buf)?;
+            wal::read_record(file.as_ref(), &whole, w.seg, &mut buf)?;
             slot.insert(buf);
         }
         let rd = &rec_data[&w.seq];

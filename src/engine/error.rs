@@ -25,6 +25,16 @@ pub enum EngineError {
         key: String,
         source: CheckpointError,
     },
+    #[error(
+        "{what} {key} is {size} bytes, larger than any real one can be ({cap} bytes); \
+         refusing to read it (corrupt or not written by shale)"
+    )]
+    Oversized {
+        what: &'static str,
+        key: String,
+        size: u64,
+        cap: u64,
+    },
     #[error("manifest {key}: {reason}")]
     Manifest { key: String, reason: String },
     #[error("volume is fenced: {0}")]

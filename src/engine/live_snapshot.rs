@@ -13,13 +13,16 @@
 //!    put is the commit point: on any error there is no snapshot.
 //! 4. Writes resume, whatever the outcome; the pause is logged and counted.
 //!
-//! Deleting a snapshot of the open volume ([`Volume::delete_snapshot`]):
-//! the snapshot object is deleted first (the commit point), then (once the
-//! caller made sure nothing needs it back, [`Volume::collect_garbage`]) the
-//! destage task, between its checkpoints, deletes every chunk that neither the
-//! committed checkpoint nor any remaining snapshot names (chunks after the
-//! checkpoint are kept: recovery may still apply them). The live map only
-//! points at chunks of the store-side map, so no reader loses data.
+//! Deleting a snapshot of the open volume: a delete that may still be
+//! undone first marks the object ([`Volume::begin_snapshot_delete`]; the
+//! snapshot keeps its chunks, since every checkpoint and compaction still
+//! counts it as retained), and the caller removes the object once nothing
+//! needs it back; [`Volume::delete_snapshot`] removes it at once. The
+//! removal is the commit point. Then [`Volume::collect_garbage`] has the
+//! destage task, between its checkpoints, delete every chunk that neither
+//! the committed checkpoint nor any remaining snapshot names (chunks after
+//! the checkpoint are kept: recovery may still apply them). The live map
+//! only points at chunks of the store-side map, so no reader loses data.
 //!
 //! Invariants:
 //! - One snapshot create or delete at a time per volume (a second call
@@ -37,12 +40,14 @@ use std::time::Duration;
 
 use futures::channel::oneshot;
 
-use super::checkpoint::{manifest_key, Manifest};
+use super::checkpoint::read_manifest;
 use super::chunk::{chunk_prefix, parse_chunk_name};
 use super::commit::{checkpoint, Root};
 use super::error::EngineError;
+use super::fenced_delete::FencedDeleter;
 use super::snapshot::{
-    find_snapshot, snapshot_key, store_snapshot, RetainSet, SnapshotError, SnapshotObject,
+    find_snapshot, set_deleting, snapshot_key, store_snapshot, RetainSet, SnapshotError,
+    SnapshotObject,
 };
 use super::state::State;
 use super::volume::{Inner, Volume};
@@ -127,10 +132,25 @@ impl Volume {
         }
     }
 
+    /// Mark snapshot `name` of this open volume as being deleted and return
+    /// it (marked). It keeps every chunk it names, whatever checkpoints and
+    /// compaction run meanwhile, until the caller removes its object
+    /// ([`super::snapshot::remove_snapshot`]) once nothing needs it, or
+    /// clears the mark ([`super::snapshot::set_deleting`]) to undo.
+    pub async fn begin_snapshot_delete(&self, name: &str) -> Result<SnapshotObject, SnapshotError> {
+        let inner = &self.inner;
+        {
+            let mut st = inner.shared.lock();
+            claim(inner, &mut st)?;
+        }
+        let _busy = Busy(inner);
+        let snap = find_snapshot(&inner.store, inner.id, name).await?;
+        set_deleting(&inner.store, inner.id, snap.id, true).await
+    }
+
     /// Delete the object of snapshot `name` of this open volume (the
-    /// commit point of the delete) and return it. Its chunks stay until
-    /// [`Volume::collect_garbage`], so a caller that must undo the delete
-    /// (a clone appeared meanwhile) can put the object back intact.
+    /// commit point of the delete, which cannot be undone) and return it.
+    /// Its chunks stay until [`Volume::collect_garbage`].
     pub async fn delete_snapshot(&self, name: &str) -> Result<SnapshotObject, SnapshotError> {
         let inner = &self.inner;
         {
@@ -173,7 +193,10 @@ impl Volume {
             st.gc_req = Some(tx);
         }
         inner.shared.notify.notify_one();
-        match rx.await {
+        let res = rx.await;
+        // Snapshot objects a caller removed since are no longer counted.
+        self.account_snapshots().await;
+        match res {
             Ok(Ok(n)) => Ok(n),
             Ok(Err(why)) => Err(not_freed(why)),
             Err(_) => Err(not_freed(stopped_error(inner).to_string())),
@@ -315,7 +338,35 @@ async fn collect_unreferenced(inner: &Inner) -> Result<u64, String> {
         Ok(epoch) => return Err(format!("the volume was taken over at epoch {epoch}")),
         Err(e) => return Err(format!("cannot read the manifest: {e}")),
     }
-    let mut deleted = 0;
+    // Only objects of our epoch or older, with fencing re-checked as the
+    // loops go: a newer holder's objects are never ours to judge.
+    let mut deleter = FencedDeleter::new(&inner.store, inner.id, inner.epoch);
+    let res = delete_listed(
+        inner,
+        &mut deleter,
+        listed,
+        checkpoint_chunk,
+        &mapped,
+        &retain,
+    )
+    .await;
+    inner
+        .counters
+        .chunks_deleted
+        .fetch_add(deleter.deleted, Ordering::Relaxed);
+    res.map(|()| deleter.deleted).map_err(|e| e.to_string())
+}
+
+/// The deleting part of [`collect_unreferenced`].
+async fn delete_listed(
+    inner: &Inner,
+    deleter: &mut FencedDeleter<'_>,
+    listed: Vec<crate::store::ObjectMeta>,
+    checkpoint_chunk: u64,
+    mapped: &HashSet<(u64, u64)>,
+    retain: &RetainSet,
+) -> Result<(), EngineError> {
+    let prefix = chunk_prefix(inner.id);
     for meta in listed {
         let Some((seq, epoch)) = parse_chunk_name(&meta.key[prefix.len()..]) else {
             continue;
@@ -323,24 +374,11 @@ async fn collect_unreferenced(inner: &Inner) -> Result<u64, String> {
         if seq > checkpoint_chunk || mapped.contains(&(seq, epoch)) || retain.keeps(seq, epoch) {
             continue;
         }
-        match inner.store.delete(&meta.key).await {
-            Ok(()) | Err(StoreError::NotFound { .. }) => {}
-            Err(e) => return Err(format!("deleting {}: {e}", meta.key)),
-        }
-        deleted += 1;
-        inner
-            .counters
-            .chunks_deleted
-            .fetch_add(1, Ordering::Relaxed);
+        super::destage::check_not_fenced(inner)?;
+        deleter.delete(&meta.key, epoch).await?;
     }
-    let compacted = super::compact::delete_unnamed(&inner.store, inner.id, &mapped, &retain)
-        .await
-        .map_err(|e| format!("deleting compaction objects: {e}"))?;
-    inner
-        .counters
-        .chunks_deleted
-        .fetch_add(compacted, Ordering::Relaxed);
-    Ok(deleted + compacted)
+    super::compact::delete_unnamed(deleter, &inner.store, inner.id, mapped, retain).await?;
+    Ok(())
 }
 
 /// If a snapshot request is due, commit a checkpoint and write the
@@ -414,12 +452,7 @@ async fn keep_if_still_ours(inner: &Inner, snap: SnapshotObject) -> Reply {
 /// The epoch of the writer that last committed the volume's manifest
 /// (its `history_epoch`, which every open commits).
 async fn manifest_holder_epoch(inner: &Inner) -> Result<u64, EngineError> {
-    let key = manifest_key(inner.id);
-    let obj = inner.store.get(&key).await?;
-    let m: Manifest = serde_json::from_slice(&obj.data).map_err(|e| EngineError::Manifest {
-        key,
-        reason: format!("does not parse: {e}"),
-    })?;
+    let (m, _) = read_manifest(&inner.store, inner.id).await?;
     Ok(m.history_epoch)
 }
 

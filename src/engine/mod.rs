@@ -4,7 +4,11 @@
 //!
 //! Layout of one volume:
 //! - local: `<local_dir>/wal/<segment:016x>.wal` (WAL segments, see
-//!   [`wal`]), `<local_dir>/cache/data` (read cache, recreated at open);
+//!   [`wal`]), `<local_dir>/cache/data` (read cache, recreated at open),
+//!   `<local_dir>/wal.quarantine-e<epoch>-<secs>/` (a WAL that did not
+//!   extend the store's history, never applied; see `wal_open.rs`) and
+//!   `<local_dir>/wal.discarded-<secs>/` (copies kept by
+//!   [`wal::discard`]);
 //! - store: `volumes/<id:016x>/manifest` (root, compare-and-swap only),
 //!   `volumes/<id:016x>/chunks/<seq:016x>-<epoch:08x>` (immutable chunk
 //!   objects, see [`chunk`]), `volumes/<id:016x>/compacted/<id:016x>-<epoch:08x>`
@@ -21,7 +25,9 @@
 //! and the WAL segment is released → every `checkpoint_every_chunks` chunks
 //! a checkpoint plus manifest swap, after which dead chunks are deleted.
 //! Recovery: manifest → checkpoint → later chunks in order up to the first
-//! gap → WAL records newer than the store.
+//! gap (a chunk missing from the listing is read directly first) → WAL
+//! records newer than the store. Every number read back is checked first
+//! ([`limits`]).
 
 use async_trait::async_trait;
 
@@ -37,6 +43,8 @@ pub mod config;
 mod destage;
 pub mod diff;
 pub mod error;
+mod fenced_delete;
+pub mod limits;
 mod live_snapshot;
 pub mod map;
 pub mod memdisk;
@@ -49,6 +57,7 @@ pub mod usage;
 pub mod view;
 pub mod volume;
 pub mod wal;
+mod wal_open;
 
 pub use error::EngineError;
 pub use volume::{Volume, VolumeParams, VolumeStats};

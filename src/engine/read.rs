@@ -15,7 +15,6 @@
 //!    own (same CRC checks, retries and read cache, keyed by volume);
 //!    `Loc::Zero` pieces read as zeros without I/O.
 
-use std::fs::File;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -34,7 +33,7 @@ use crate::store::StoreError;
 
 enum Src {
     Zero,
-    Wal(Arc<File>, WalLoc),
+    Wal(wal::fs::SegFile, WalLoc),
     /// Data at an offset in a chunk of a volume (this one or a parent).
     Chunk(u64, Arc<ChunkInfo>, u64),
 }
@@ -108,7 +107,7 @@ async fn read_once(inner: &Inner, offset: u64, buf: &mut [u8]) -> Result<Attempt
         let dst = &mut buf[b0..b1];
         match src {
             Src::Zero => dst.fill(0),
-            Src::Wal(file, loc) => wal::read_record(&file, &loc, loc.seg, dst)?,
+            Src::Wal(file, loc) => wal::read_record(file.as_ref(), &loc, loc.seg, dst)?,
             Src::Chunk(volume, info, off) => {
                 if !read_cached(inner, volume, &info, off, dst) {
                     fetches.push((b0, b1, volume, info, off));
@@ -221,6 +220,9 @@ fn read_cached(inner: &Inner, volume: u64, info: &ChunkInfo, off: u64, dst: &mut
         filled += n;
     }
     inner.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
+    let c = &inner.counters;
+    c.cache_hit_bytes
+        .fetch_add(filled as u64, Ordering::Relaxed);
     true
 }
 

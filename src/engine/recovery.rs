@@ -6,9 +6,14 @@
 //!    manifest with a higher epoch means we are fenced and open fails.
 //! 2. Chunks after the checkpoint are applied in sequence order while each
 //!    one continues the previous one's op sequence range, with epochs never
-//!    decreasing and never above ours; the chain ends at the first gap.
-//!    Chunk objects beyond the end (left by an interrupted or stale writer)
-//!    are deleted, as they are not part of the history.
+//!    decreasing and never above ours. Listings may lag behind writes (some
+//!    S3-compatible stores), so a chunk number the listing lacks is read
+//!    directly (at every epoch it could have) before the chain ends there.
+//!    A committed chunk (at or before the manifest's `last_chunk`) that is
+//!    really missing fails the open. Chunks past the end of the chain are
+//!    never deleted in the same pass (a later open, which finds them fenced
+//!    by invariant 3, deletes them); only chunks that can never be history
+//!    (fenced by invariant 3, or duplicates of a chunk in the chain) are.
 //! 3. Fencing of late chunks: before open returns (before serving), the
 //!    recovered store position (`last_chunk`, `last_seq`) is committed
 //!    with `history_epoch` = our epoch. A chunk after the manifest's
@@ -18,9 +23,16 @@
 //!    later recovery; it is deleted as stray. Every later commit by this
 //!    epoch keeps `history_epoch` = its epoch.
 //! 4. A chunk or checkpoint that fails its checksum fails the open: it is
-//!    bit rot the operator must see, never silently skipped.
+//!    bit rot the operator must see, never silently skipped. So does one
+//!    whose numbers are out of range or contradict each other (see
+//!    [`super::limits`]), or a metadata object too large to be real;
+//!    the error names the object, and nothing is deleted or replayed.
 //! 5. A clone (its manifest names a parent) opens only with its whole
 //!    parent chain readable; its maps keep zeroed ranges as `Loc::Zero`.
+//! 6. The local WAL is replayed only if it extends the history of the
+//!    manifest as read (before invariant 3's commit), else quarantined;
+//!    what replay keeps is durable, and a new segment stamped with our
+//!    epoch exists, before that commit (see [`super::wal_open`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -28,13 +40,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::checkpoint::{manifest_key, Checkpoint, ChunkInfo, Manifest};
+use super::checkpoint::{manifest_key, read_manifest, Checkpoint, ChunkInfo, Manifest};
 use super::chunk::{chunk_key, chunk_prefix, decode_header, parse_chunk_name};
 use super::error::EngineError;
+use super::limits::{checkpoint_cap, get_capped, valid_chunk_id, MAX_CHUNK_OBJECT_BYTES};
 use super::state::State;
 use super::view::SnapshotView;
 use super::volume::VolumeParams;
-use super::wal::{self, replay};
+use super::wal;
+use super::wal_open;
 use super::SECTOR;
 use crate::store::{DynStore, PutMode, StoreError, Version};
 
@@ -55,15 +69,6 @@ fn manifest_err(volume: u64, reason: impl Into<String>) -> EngineError {
     }
 }
 
-fn parse_manifest(volume: u64, data: &[u8]) -> Result<Manifest, EngineError> {
-    let m: Manifest = serde_json::from_slice(data)
-        .map_err(|e| manifest_err(volume, format!("does not parse: {e}")))?;
-    if m.volume != volume {
-        return Err(manifest_err(volume, format!("names volume {:x}", m.volume)));
-    }
-    Ok(m)
-}
-
 /// Read (or create) the manifest and raise its epoch to ours.
 async fn take_manifest(
     store: &DynStore,
@@ -73,9 +78,9 @@ async fn take_manifest(
     // A lower-epoch writer may still land one last update while we open
     // (its crash left a request in flight): re-read and try again then.
     for _ in 0..5 {
-        let (mut m, ver) = match store.get(&key).await {
-            Ok(o) => (parse_manifest(p.id, &o.data)?, o.version),
-            Err(StoreError::NotFound { .. }) => {
+        let (mut m, ver) = match read_manifest(store, p.id).await {
+            Ok((m, o)) => (m, o.version),
+            Err(EngineError::Store(StoreError::NotFound { .. })) => {
                 let m = Manifest {
                     volume: p.id,
                     epoch: p.epoch,
@@ -93,7 +98,7 @@ async fn take_manifest(
                     Err(e) => return Err(e.into()),
                 }
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e),
         };
         if m.epoch > p.epoch {
             return Err(EngineError::Fenced(format!(
@@ -122,6 +127,7 @@ pub async fn recover(
     store: &DynStore,
     p: &VolumeParams,
     now: Duration,
+    fs: &wal::fs::DynWalFs,
 ) -> Result<Recovered, EngineError> {
     let (mut manifest, mut manifest_version) = take_manifest(store, p).await?;
     let volume_sectors = p.size / SECTOR;
@@ -135,69 +141,27 @@ pub async fn recover(
         keep_zeros: parent.is_some(),
         ..State::default()
     };
-    let mut prev_epoch = 0;
-    if let Some(key) = &manifest.checkpoint {
-        let o = store.get(key).await?;
-        let cp = Checkpoint::decode(&o.data).map_err(|source| EngineError::Checkpoint {
-            key: key.clone(),
-            source,
-        })?;
-        if cp.volume != p.id || cp.chunk_seq != manifest.checkpoint_chunk {
-            return Err(manifest_err(
-                p.id,
-                format!("checkpoint {key} does not match"),
-            ));
-        }
-        let map = cp
-            .to_map(volume_sectors)
-            .map_err(|source| EngineError::Checkpoint {
-                key: key.clone(),
-                source,
-            })?;
-        prev_epoch = cp
-            .chunks
-            .iter()
-            .find(|c| c.seq == cp.chunk_seq)
-            .map_or(0, |c| c.epoch);
-        for info in cp.chunks {
-            let seq = info.seq;
-            state.chunks.insert(
-                seq,
-                super::state::ChunkEntry {
-                    info: Arc::new(info),
-                    live_sectors: 0,
-                },
-            );
-        }
-        for (_, l, loc) in map.iter() {
-            if let super::map::Loc::Chunk { chunk, .. } = loc {
-                if let Some(e) = state.chunks.get_mut(&chunk) {
-                    e.live_sectors += l;
-                }
-            }
-        }
-        state.stored = map;
-        state.stored_seq = cp.last_seq;
-        state.last_chunk = cp.chunk_seq;
-        state.checkpoint_chunk = cp.chunk_seq;
-        state.checkpoint_key = Some(key.clone());
-    }
+    let prev_epoch = match &manifest.checkpoint {
+        Some(key) => load_checkpoint(store, p, &manifest, key, &mut state).await?,
+        None => 0,
+    };
     let bound = HistoryBound {
         after_chunk: manifest.last_chunk,
         min_epoch: manifest.history_epoch,
     };
     apply_later_chunks(store, p, &mut state, prev_epoch, bound, volume_sectors).await?;
     state.next_compacted = super::compact::clean_orphans(store, p.id, p.epoch, &state).await?;
-    (manifest, manifest_version) =
-        commit_history(store, p, manifest, manifest_version, &state).await?;
     state.committed_seq = state.stored_seq;
     state.taken_seq = state.stored_seq;
     state.next_chunk = state.last_chunk + 1;
     state.live = state.stored.clone();
 
-    let wal_dir = p.local_dir.join("wal");
-    let after = state.stored_seq;
-    let wal = replay::replay(&wal_dir, p.id, after, |a| state.apply_appended(&[a], now))?;
+    // Invariant 6: the WAL is judged against the manifest as read, and its
+    // new segment names our epoch before we commit it.
+    let history_epoch = manifest.history_epoch;
+    let wal = wal_open::open_wal(store, p, history_epoch, &mut state, now, fs).await?;
+    (manifest, manifest_version) =
+        commit_history(store, p, manifest, manifest_version, &state).await?;
     // A request cut short by the crash was never acknowledged: what exists
     // of it may be destaged on its own.
     if let Some(last) = state.pending.back_mut() {
@@ -210,6 +174,66 @@ pub async fn recover(
         wal,
         parent,
     })
+}
+
+/// Load checkpoint `key` (named by `manifest`) into `state`, checking every
+/// number first; returns the epoch of its last chunk.
+async fn load_checkpoint(
+    store: &DynStore,
+    p: &VolumeParams,
+    manifest: &Manifest,
+    key: &str,
+    state: &mut State,
+) -> Result<u64, EngineError> {
+    let cp_err = |source| EngineError::Checkpoint {
+        key: key.to_string(),
+        source,
+    };
+    let o = get_capped(store, key, checkpoint_cap(p.size), "checkpoint").await?;
+    let cp = Checkpoint::decode(&o.data).map_err(cp_err)?;
+    if cp.volume != p.id || cp.chunk_seq != manifest.checkpoint_chunk {
+        return Err(manifest_err(
+            p.id,
+            format!("checkpoint {key} does not match"),
+        ));
+    }
+    let map = cp.to_map(p.size / SECTOR).map_err(cp_err)?;
+    if let Some(c) = cp.chunks.iter().find(|c| c.epoch > p.epoch) {
+        return Err(cp_err(super::checkpoint::CheckpointError::Inconsistent(
+            format!(
+                "chunk {:#x} has epoch {}, newer than ours ({})",
+                c.seq, c.epoch, p.epoch
+            ),
+        )));
+    }
+    let prev_epoch = cp
+        .chunks
+        .iter()
+        .find(|c| c.seq == cp.chunk_seq)
+        .map_or(0, |c| c.epoch);
+    for info in cp.chunks {
+        let seq = info.seq;
+        state.chunks.insert(
+            seq,
+            super::state::ChunkEntry {
+                info: Arc::new(info),
+                live_sectors: 0,
+            },
+        );
+    }
+    for (_, l, loc) in map.iter() {
+        if let super::map::Loc::Chunk { chunk, .. } = loc {
+            if let Some(e) = state.chunks.get_mut(&chunk) {
+                e.live_sectors += l;
+            }
+        }
+    }
+    state.stored = map;
+    state.stored_seq = cp.last_seq;
+    state.last_chunk = cp.chunk_seq;
+    state.checkpoint_chunk = cp.chunk_seq;
+    state.checkpoint_key = Some(key.to_string());
+    Ok(prev_epoch)
 }
 
 /// Chunks after `after_chunk` need an epoch of at least `min_epoch`.
@@ -256,6 +280,7 @@ async fn commit_history(
     }
 }
 
+/// The chain of chunks after the checkpoint (invariants 2 and 3).
 async fn apply_later_chunks(
     store: &DynStore,
     p: &VolumeParams,
@@ -264,13 +289,19 @@ async fn apply_later_chunks(
     bound: HistoryBound,
     volume_sectors: u64,
 ) -> Result<(), EngineError> {
-    // seq -> epochs present.
+    // seq -> epochs listed.
     let mut found: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
     let prefix = chunk_prefix(p.id);
     let retain = super::snapshot::RetainSet::load(store, p.id).await;
     for meta in store.list(&prefix).await? {
         let name = &meta.key[prefix.len()..];
         match parse_chunk_name(name) {
+            Some((seq, _)) if !valid_chunk_id(seq) || seq & super::chunk::COMPACTED_BIT != 0 => {
+                log::warn!(
+                    "ignoring chunk object {} with an out-of-range number",
+                    meta.key
+                )
+            }
             Some((seq, epoch)) if seq > state.last_chunk => {
                 found.entry(seq).or_default().push(epoch)
             }
@@ -287,65 +318,142 @@ async fn apply_later_chunks(
             None => log::warn!("ignoring unexpected object {}", meta.key),
         }
     }
-    let mut next = state.last_chunk + 1;
-    let mut stray = Vec::new();
-    for (&seq, epochs) in &found {
-        let pick = epochs
-            .iter()
-            .copied()
-            .filter(|&e| e <= p.epoch && e >= prev_epoch && bound.admits(seq, e))
-            .max();
-        let in_chain = seq == next && pick.is_some();
-        let mut used = None;
-        if in_chain {
-            let epoch = pick.unwrap_or_default();
-            let key = chunk_key(p.id, seq, epoch);
-            let o = store.get(&key).await?;
-            let h = decode_header(&o.data).map_err(|source| EngineError::Chunk {
-                key: key.clone(),
-                source,
-            })?;
-            let consistent = h.volume == p.id
-                && h.chunk_seq == seq
-                && h.epoch == epoch
-                && h.first_seq == state.stored_seq + 1
-                && (h.header_len + h.data_len) == o.data.len() as u64;
-            if h.extents.iter().any(|e| e.lba + e.sectors > volume_sectors) {
-                return Err(EngineError::InvalidParams(format!(
-                    "chunk {key} holds data past the volume size {} (opened with a smaller size?)",
-                    p.size
-                )));
+    let listed_epochs: Vec<u64> = found.values().flatten().copied().collect();
+    // seq -> the epoch the chain took there.
+    let mut used: BTreeMap<u64, u64> = BTreeMap::new();
+    loop {
+        let seq = state.last_chunk + 1;
+        let admissible = |e: u64| e <= p.epoch && e >= prev_epoch && bound.admits(seq, e);
+        let listed = found
+            .get(&seq)
+            .and_then(|es| es.iter().copied().filter(|&e| admissible(e)).max());
+        let next = match listed {
+            Some(epoch) => {
+                let key = chunk_key(p.id, seq, epoch);
+                let o = get_capped(store, &key, MAX_CHUNK_OBJECT_BYTES, "chunk").await?;
+                Some((epoch, key, o))
             }
-            if consistent {
-                let info = Arc::new(ChunkInfo {
+            None => {
+                let hints =
+                    listed_epochs
+                        .iter()
+                        .copied()
+                        .chain([prev_epoch, bound.min_epoch, p.epoch]);
+                probe(
+                    store,
+                    p.id,
                     seq,
-                    epoch,
-                    data_start: h.header_len,
-                    data_len: h.data_len,
-                    crcs: h.block_crcs.clone(),
-                });
-                state.apply_chunk_to_stored(info, &h.extents);
-                state.stored_seq = h.last_seq;
-                state.last_chunk = seq;
-                prev_epoch = epoch;
-                next = seq + 1;
-                used = Some(epoch);
-            } else {
-                log::warn!("chunk {key} does not continue the history; recovery stops before it");
-                next = u64::MAX;
+                    probe_epochs(hints, prev_epoch, bound.min_epoch, admissible),
+                )
+                .await?
             }
-        } else if seq >= next {
-            next = u64::MAX;
+        };
+        let Some((epoch, key, o)) = next else { break };
+        let h = decode_header(&o.data).map_err(|source| EngineError::Chunk {
+            key: key.clone(),
+            source,
+        })?;
+        let consistent = h.volume == p.id
+            && h.chunk_seq == seq
+            && h.epoch == epoch
+            && h.first_seq == state.stored_seq + 1
+            && h.header_len.checked_add(h.data_len) == Some(o.data.len() as u64);
+        if h.extents.iter().any(|e| e.lba + e.sectors > volume_sectors) {
+            return Err(EngineError::InvalidParams(format!(
+                "chunk {key} holds data past the volume size {} (opened with a smaller size?)",
+                p.size
+            )));
         }
-        for &e in epochs {
-            if Some(e) != used && e <= p.epoch {
-                stray.push(chunk_key(p.id, seq, e));
-            }
+        if !consistent {
+            log::warn!("chunk {key} does not continue the history; recovery stops before it");
+            break;
         }
+        let info = Arc::new(ChunkInfo {
+            seq,
+            epoch,
+            data_start: h.header_len,
+            data_len: h.data_len,
+            crcs: h.block_crcs.clone(),
+        });
+        state.apply_chunk_to_stored(info, &h.extents);
+        state.stored_seq = h.last_seq;
+        state.last_chunk = seq;
+        prev_epoch = epoch;
+        used.insert(seq, epoch);
     }
-    for key in stray {
-        log::warn!("deleting chunk {key}: not part of the recovered history");
-        store.delete(&key).await?;
+    if state.last_chunk < bound.after_chunk {
+        return Err(manifest_err(
+            p.id,
+            format!(
+                "chunks up to {} are committed, but chunk {} (prefix {prefix}) is missing \
+                 from the store or does not continue the history; nothing was deleted",
+                bound.after_chunk,
+                state.last_chunk + 1
+            ),
+        ));
+    }
+    let end = state.last_chunk;
+    for (&seq, epochs) in &found {
+        for &e in epochs {
+            if e > p.epoch || used.get(&seq) == Some(&e) {
+                continue;
+            }
+            let key = chunk_key(p.id, seq, e);
+            if seq <= end {
+                log::warn!("deleting chunk {key}: the history holds another chunk {seq}");
+            } else if !bound.admits(seq, e) {
+                log::warn!("deleting chunk {key}: written by a writer fenced before it landed");
+            } else {
+                log::warn!(
+                    "keeping chunk {key} past the end of the recovered history (chunk {end}); \
+                     a later open deletes it"
+                );
+                continue;
+            }
+            store.delete(&key).await?;
+        }
     }
     Ok(())
+}
+
+/// Most epochs tried for one missing chunk number besides the hints.
+const PROBE_SPAN: u64 = 64;
+
+/// The epochs a chunk missing from the listing could have, newest first:
+/// `hints` (epochs seen in the listing, the chain's and the history's)
+/// and, if the span is small, every epoch from `from` to `history`, kept
+/// only where `admissible`.
+fn probe_epochs(
+    hints: impl Iterator<Item = u64>,
+    from: u64,
+    history: u64,
+    admissible: impl Fn(u64) -> bool,
+) -> Vec<u64> {
+    let mut set: std::collections::BTreeSet<u64> = hints.collect();
+    if history >= from && history - from <= PROBE_SPAN {
+        set.extend(from..=history);
+    }
+    set.into_iter().rev().filter(|&e| admissible(e)).collect()
+}
+
+/// Read chunk `seq` directly at each of `epochs` in turn; the first that
+/// exists, with its key and object.
+async fn probe(
+    store: &DynStore,
+    volume: u64,
+    seq: u64,
+    epochs: Vec<u64>,
+) -> Result<Option<(u64, String, crate::store::Object)>, EngineError> {
+    for epoch in epochs {
+        let key = chunk_key(volume, seq, epoch);
+        match get_capped(store, &key, MAX_CHUNK_OBJECT_BYTES, "chunk").await {
+            Ok(o) => {
+                log::warn!("chunk {key} is missing from the store's listing; read it directly");
+                return Ok(Some((epoch, key, o)));
+            }
+            Err(EngineError::Store(StoreError::NotFound { .. })) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(None)
 }

@@ -8,9 +8,14 @@
 //! write: no data is copied, later writes go to new chunks).
 //!
 //! Invariants:
-//! 1. A snapshot object is written once ([`PutMode::Create`]) and never
-//!    changed; it is deleted only by [`delete_snapshot`] (or, on an open
-//!    volume, by `Volume::delete_snapshot`).
+//! 1. A snapshot object is written once ([`PutMode::Create`]); its map
+//!    never changes. Its only change is the `deleting` mark
+//!    ([`set_deleting`], by compare-and-swap): a delete that may still be
+//!    undone (a clone appeared) marks the object instead of removing it, so
+//!    the snapshot's chunks stay retained (invariant 2) until the delete is
+//!    final and the object is removed ([`remove_snapshot`], or
+//!    [`delete_snapshot`] on a detached volume, `Volume::delete_snapshot`
+//!    on an open one). A marked snapshot gets no new clones.
 //! 2. A chunk named by any snapshot of its volume is never deleted: the
 //!    engine's destage and recovery consult [`RetainSet`] (listed after the
 //!    checkpoint that dropped the chunk was committed) before deleting.
@@ -27,9 +32,11 @@ use std::collections::HashSet;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::checkpoint::{checkpoint_key, manifest_key, Checkpoint, Manifest};
+use super::checkpoint::{checkpoint_key, manifest_key, read_manifest, Checkpoint, Manifest};
 use super::chunk::{chunk_prefix, parse_chunk_name};
 use super::error::EngineError;
+use super::fenced_delete::FencedDeleter;
+use super::limits::{get_capped, MAX_METADATA_BYTES, MAX_SEQ};
 use crate::store::{DynStore, PutMode, StoreError};
 
 const SNAP_MAGIC: &[u8; 8] = b"SHALESN1";
@@ -80,6 +87,11 @@ pub struct SnapshotObject {
     /// clone's parent); unmapped ranges of `checkpoint` read from it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<ParentRef>,
+    /// A delete of the snapshot began (invariant 1): it still holds its
+    /// chunks but gets no new clones. Absent (false) in every object
+    /// written before the mark existed and in every unmarked one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleting: bool,
 }
 
 /// Snapshot object decoding failures.
@@ -91,6 +103,8 @@ pub enum SnapshotDecodeError {
     Crc,
     #[error("snapshot does not parse: {0}")]
     Parse(String),
+    #[error("snapshot is inconsistent: {0}")]
+    Invalid(String),
 }
 
 impl SnapshotObject {
@@ -113,6 +127,50 @@ impl SnapshotObject {
         }
         serde_json::from_slice(&b[12..]).map_err(|e| SnapshotDecodeError::Parse(e.to_string()))
     }
+
+    /// Check the numbers of a snapshot read from key `snapshot_key(volume,
+    /// id)`: it names that volume and id, the id is in range (so the next
+    /// id never wraps), and its checkpoint is valid
+    /// ([`Checkpoint::validate`]).
+    pub fn validate(&self, volume: u64, id: u64) -> Result<(), SnapshotDecodeError> {
+        let bad = |m: String| Err(SnapshotDecodeError::Invalid(m));
+        if self.volume != volume || self.id != id {
+            return bad(format!(
+                "holds snapshot {:016x} of volume {:016x}",
+                self.id, self.volume
+            ));
+        }
+        if !(1..MAX_SEQ).contains(&self.id) {
+            return bad(format!("snapshot id {:#x} is out of range", self.id));
+        }
+        if self.checkpoint.volume != volume {
+            return bad(format!(
+                "its map is of volume {:016x}",
+                self.checkpoint.volume
+            ));
+        }
+        self.checkpoint
+            .validate()
+            .map_err(|e| SnapshotDecodeError::Invalid(e.to_string()))
+    }
+}
+
+/// Read snapshot `id` of `volume` (at most [`MAX_METADATA_BYTES`]), decode
+/// and [validate](SnapshotObject::validate) it.
+pub async fn read_snapshot(
+    store: &DynStore,
+    volume: u64,
+    id: u64,
+) -> Result<SnapshotObject, SnapshotError> {
+    let key = snapshot_key(volume, id);
+    let obj = get_capped(store, &key, MAX_METADATA_BYTES, "snapshot object").await?;
+    let corrupt = |source| SnapshotError::Corrupt {
+        key: key.clone(),
+        source,
+    };
+    let snap = SnapshotObject::decode(&obj.data).map_err(corrupt)?;
+    snap.validate(volume, id).map_err(corrupt)?;
+    Ok(snap)
 }
 
 /// Failures of snapshot operations.
@@ -141,18 +199,24 @@ pub async fn list_snapshots(
     store: &DynStore,
     volume: u64,
 ) -> Result<Vec<SnapshotObject>, SnapshotError> {
+    let prefix = snapshot_prefix(volume);
     let mut out = Vec::new();
-    for meta in store.list(&snapshot_prefix(volume)).await? {
-        let obj = match store.get(&meta.key).await {
-            Ok(o) => o,
-            Err(StoreError::NotFound { .. }) => continue,
-            Err(e) => return Err(e.into()),
+    for meta in store.list(&prefix).await? {
+        let id = u64::from_str_radix(&meta.key[prefix.len()..], 16)
+            .ok()
+            .filter(|_| meta.key.len() == prefix.len() + 16);
+        let Some(id) = id else {
+            return Err(SnapshotError::Corrupt {
+                key: meta.key.clone(),
+                source: SnapshotDecodeError::Invalid("not a snapshot key".into()),
+            });
         };
-        let snap = SnapshotObject::decode(&obj.data).map_err(|source| SnapshotError::Corrupt {
-            key: meta.key.clone(),
-            source,
-        })?;
-        out.push(snap);
+        match read_snapshot(store, volume, id).await {
+            Ok(snap) => out.push(snap),
+            Err(SnapshotError::Engine(EngineError::Store(StoreError::NotFound { .. })))
+            | Err(SnapshotError::Store(StoreError::NotFound { .. })) => continue,
+            Err(e) => return Err(e),
+        }
     }
     out.sort_by_key(|s| s.id);
     Ok(out)
@@ -218,12 +282,7 @@ pub async fn committed_checkpoint(
     store: &DynStore,
     volume: u64,
 ) -> Result<(Manifest, crate::store::Version, Checkpoint), SnapshotError> {
-    let key = manifest_key(volume);
-    let o = store.get(&key).await?;
-    let m: Manifest = serde_json::from_slice(&o.data).map_err(|e| EngineError::Manifest {
-        key: key.clone(),
-        reason: format!("does not parse: {e}"),
-    })?;
+    let (m, o) = read_manifest(store, volume).await?;
     if m.volume != volume || m.checkpoint_chunk != m.last_chunk {
         return Err(SnapshotError::State {
             volume,
@@ -236,11 +295,13 @@ pub async fn committed_checkpoint(
     let cp = match &m.checkpoint {
         None => Checkpoint::empty(volume, m.epoch, m.last_seq),
         Some(k) => {
-            let d = store.get(k).await?;
-            let cp = Checkpoint::decode(&d.data).map_err(|source| EngineError::Checkpoint {
+            let d = get_capped(store, k, MAX_METADATA_BYTES, "checkpoint").await?;
+            let cp_err = |source| EngineError::Checkpoint {
                 key: k.clone(),
                 source,
-            })?;
+            };
+            let cp = Checkpoint::decode(&d.data).map_err(cp_err)?;
+            cp.validate().map_err(cp_err)?;
             if cp.volume != volume || cp.chunk_seq != m.checkpoint_chunk {
                 return Err(SnapshotError::State {
                     volume,
@@ -287,6 +348,7 @@ pub async fn store_snapshot(
             name: name.to_string(),
         });
     }
+    // Ids are validated below MAX_SEQ when read, so this never wraps.
     let snap = SnapshotObject {
         id: existing.iter().map(|s| s.id).max().unwrap_or(0) + 1,
         name: name.to_string(),
@@ -294,6 +356,7 @@ pub async fn store_snapshot(
         created_ms,
         checkpoint,
         parent,
+        deleting: false,
     };
     let key = snapshot_key(volume, snap.id);
     match store
@@ -366,7 +429,7 @@ pub async fn rollback(
         "the manifest changed during the rollback (is the volume attached?); nothing was rolled back",
     )
     .await?;
-    collect_garbage(store, volume).await?;
+    collect_garbage(store, volume, epoch).await?;
     Ok(())
 }
 
@@ -416,38 +479,93 @@ fn parent_name(p: Option<ParentRef>) -> String {
 /// Delete chunks of a detached volume that neither its checkpoint nor any
 /// snapshot names (only chunks at or before the checkpoint: later ones may
 /// still be applied by recovery), and compaction objects neither names.
-/// Returns how many were deleted.
-pub async fn collect_garbage(store: &DynStore, volume: u64) -> Result<u64, SnapshotError> {
+/// `epoch` is the caller's lease epoch: only objects of that epoch or older
+/// are deleted, and the loop stops (fenced) if the manifest shows a newer
+/// epoch, checked before the first delete and every few deletes after
+/// (see `fenced_delete.rs`). Returns how many were deleted.
+pub async fn collect_garbage(
+    store: &DynStore,
+    volume: u64,
+    epoch: u64,
+) -> Result<u64, SnapshotError> {
     let (_, _, cp) = committed_checkpoint(store, volume).await?;
     let retain = RetainSet::load(store, volume).await;
     let live: HashSet<(u64, u64)> = cp.chunks.iter().map(|c| (c.seq, c.epoch)).collect();
     let prefix = chunk_prefix(volume);
-    let mut deleted = 0;
+    let mut deleter = FencedDeleter::new(store, volume, epoch);
     for meta in store.list(&prefix).await? {
-        let Some((seq, epoch)) = parse_chunk_name(&meta.key[prefix.len()..]) else {
+        let Some((seq, e)) = parse_chunk_name(&meta.key[prefix.len()..]) else {
             continue;
         };
-        if seq > cp.chunk_seq || live.contains(&(seq, epoch)) || retain.keeps(seq, epoch) {
+        if seq > cp.chunk_seq || live.contains(&(seq, e)) || retain.keeps(seq, e) {
             continue;
         }
-        store.delete(&meta.key).await?;
-        deleted += 1;
+        deleter.delete(&meta.key, e).await?;
     }
-    deleted += super::compact::delete_unnamed(store, volume, &live, &retain).await?;
-    Ok(deleted)
+    super::compact::delete_unnamed(&mut deleter, store, volume, &live, &retain).await?;
+    Ok(deleter.deleted)
 }
 
-/// Delete snapshot `snap` of a detached volume and the chunks only it held.
+/// Delete snapshot `snap` of a detached volume (whose lease at `epoch` the
+/// caller holds) and the chunks only it held.
 pub async fn delete_snapshot(
     store: &DynStore,
     volume: u64,
+    epoch: u64,
     snap: &SnapshotObject,
 ) -> Result<u64, SnapshotError> {
-    match store.delete(&snapshot_key(volume, snap.id)).await {
-        Ok(()) | Err(StoreError::NotFound { .. }) => {}
-        Err(e) => return Err(e.into()),
+    remove_snapshot(store, volume, snap.id).await?;
+    collect_garbage(store, volume, epoch).await
+}
+
+/// Set (`on`) or clear the `deleting` mark of snapshot `id` of `volume`
+/// (invariant 1), by compare-and-swap on the object as read; returns the
+/// object as it is now. Fails if the snapshot is gone or changed meanwhile.
+pub async fn set_deleting(
+    store: &DynStore,
+    volume: u64,
+    id: u64,
+    on: bool,
+) -> Result<SnapshotObject, SnapshotError> {
+    let key = snapshot_key(volume, id);
+    let obj = get_capped(store, &key, MAX_METADATA_BYTES, "snapshot object").await?;
+    let corrupt = |source| SnapshotError::Corrupt {
+        key: key.clone(),
+        source,
+    };
+    let snap = SnapshotObject::decode(&obj.data).map_err(corrupt)?;
+    snap.validate(volume, id).map_err(corrupt)?;
+    if snap.deleting == on {
+        return Ok(snap);
     }
-    collect_garbage(store, volume).await
+    let new = SnapshotObject {
+        deleting: on,
+        ..snap
+    };
+    match store
+        .put(
+            &key,
+            Bytes::from(new.encode()),
+            PutMode::IfMatch(obj.version),
+        )
+        .await
+    {
+        Ok(_) => Ok(new),
+        Err(StoreError::PreconditionFailed { .. }) => Err(SnapshotError::State {
+            volume,
+            reason: format!("{key} changed meanwhile; is another snapshot delete running?"),
+        }),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Remove the object of snapshot `id` of `volume`: the final, committing
+/// step of its delete (its chunks are freed by the next garbage collection).
+pub async fn remove_snapshot(store: &DynStore, volume: u64, id: u64) -> Result<(), SnapshotError> {
+    match store.delete(&snapshot_key(volume, id)).await {
+        Ok(()) | Err(StoreError::NotFound { .. }) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 #[cfg(test)]
@@ -470,6 +588,7 @@ mod tests {
                 volume: 1,
                 snapshot: 2,
             }),
+            deleting: false,
         }
     }
 
@@ -514,6 +633,28 @@ mod tests {
                 let _ = s.checkpoint.to_map(1 << 20);
             }
         }
+    }
+
+    /// The deleting mark round-trips; unmarked objects are written without
+    /// it (as before the mark existed); ids and volumes are checked.
+    #[test]
+    fn deleting_mark_and_validation() {
+        let snap = sample(Vec::new());
+        let json = String::from_utf8_lossy(&snap.encode()[12..]).to_string();
+        assert!(!json.contains("deleting"), "{json}");
+        let marked = SnapshotObject {
+            deleting: true,
+            ..snap.clone()
+        };
+        assert_eq!(SnapshotObject::decode(&marked.encode()).unwrap(), marked);
+        assert!(snap.validate(7, 3).is_ok());
+        assert!(snap.validate(7, 4).is_err());
+        assert!(snap.validate(8, 3).is_err());
+        let huge = SnapshotObject {
+            id: MAX_SEQ,
+            ..snap
+        };
+        assert!(huge.validate(7, MAX_SEQ).is_err());
     }
 
     #[test]

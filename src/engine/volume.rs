@@ -13,10 +13,14 @@
 //!    `futures::channel::oneshot`, never on tokio timers or I/O.
 //! 6. While [`Volume::snapshot`] runs, new writes, trims and zeroes wait
 //!    (they do not fail); reads and flushes go on.
+//! 7. With an [`AckGate`] installed, no write, trim, write_zeroes or flush
+//!    is acknowledged unless the gate admits it at that moment (the lease's
+//!    acknowledgement deadline, see `catalog::lease`); a refusal fails the
+//!    request with [`BlockError::Fenced`].
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use async_trait::async_trait;
 use futures::channel::oneshot;
@@ -74,6 +78,23 @@ pub struct VolumeStats {
     pub snapshots_taken: u64,
     /// How long the last snapshot held new writes back, in microseconds.
     pub last_snapshot_pause_us: u64,
+    /// Age of the oldest acknowledged write not yet in the store, in ms.
+    pub oldest_unstored_ms: u64,
+    /// The configured bounds on unstored data (`engine.max_unstored_*`).
+    pub max_unstored_bytes: u64,
+    pub max_unstored_seconds: u64,
+    /// Total time writes waited for room (unstored bound or a snapshot), µs.
+    pub backpressure_us: u64,
+    /// Total time chunk puts took (destage), µs.
+    pub destage_us: u64,
+    /// Total time checkpoints took (compaction, put and commit), µs.
+    pub checkpoint_us: u64,
+    /// Bytes read requests took from the read cache.
+    pub cache_hit_bytes: u64,
+    /// Read cache windows evicted for new ones.
+    pub cache_evictions: u64,
+    /// Size of the read cache in bytes (0: disabled).
+    pub cache_capacity_bytes: u64,
 }
 
 #[derive(Debug, Default)]
@@ -90,6 +111,29 @@ pub(crate) struct Counters {
     pub cache_misses: AtomicU64,
     pub snapshots_taken: AtomicU64,
     pub last_snapshot_pause_us: AtomicU64,
+    pub backpressure_us: AtomicU64,
+    pub destage_us: AtomicU64,
+    pub checkpoint_us: AtomicU64,
+    pub cache_hit_bytes: AtomicU64,
+}
+
+/// Whether acknowledgements may be given now (invariant 7). Implemented by
+/// the lease (`catalog::lease`); the engine only asks.
+pub trait AckGate: Send + Sync {
+    /// Decide for an acknowledgement about to be given. Must be cheap when
+    /// the answer is [`Admission::Now`].
+    fn admit(&self) -> Admission;
+}
+
+/// The answer of an [`AckGate`].
+#[derive(Debug)]
+pub enum Admission {
+    /// Acknowledge.
+    Now,
+    /// Ask again once this resolves (or is dropped).
+    Wait(oneshot::Receiver<()>),
+    /// Fail the request, for this reason.
+    Refused(String),
 }
 
 /// Largest WAL record payload; bigger writes are split.
@@ -134,6 +178,7 @@ pub(crate) struct Inner {
 pub struct Volume {
     pub(crate) inner: Arc<Inner>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    ack_gate: OnceLock<Arc<dyn AckGate>>,
 }
 
 impl std::fmt::Debug for Volume {
@@ -154,6 +199,18 @@ impl Volume {
         cfg: EngineConfig,
         clock: DynClock,
     ) -> Result<Arc<Volume>, EngineError> {
+        Self::open_with_fs(store, params, cfg, clock, super::wal::fs::real()).await
+    }
+
+    /// [`Volume::open`] with the WAL on `fs` (tests use a file system that
+    /// can lose power; see [`super::wal::power_loss`]).
+    pub async fn open_with_fs(
+        store: DynStore,
+        params: VolumeParams,
+        cfg: EngineConfig,
+        clock: DynClock,
+        fs: super::wal::fs::DynWalFs,
+    ) -> Result<Arc<Volume>, EngineError> {
         cfg.validate()?;
         if params.size == 0 || !params.size.is_multiple_of(SECTOR) {
             return Err(EngineError::InvalidParams(format!(
@@ -166,7 +223,7 @@ impl Volume {
         })?;
         crate::private::create_dir_all(&params.local_dir)
             .map_err(|e| EngineError::LocalIo(format!("{}: {e}", params.local_dir.display())))?;
-        let mut rec = recovery::recover(&store, &params, clock.now()).await?;
+        let mut rec = recovery::recover(&store, &params, clock.now(), &fs).await?;
         let refs = super::space::load_snapshot_refs(&store, params.id).await;
         rec.state.live.track(refs);
         let shared = Arc::new(Shared {
@@ -189,6 +246,7 @@ impl Volume {
         });
         let seg_limit = (cfg.chunk_size * 4).max(16 << 20);
         let wal = Wal::start(
+            fs,
             &params.local_dir.join("wal"),
             params.id,
             rec.wal,
@@ -220,6 +278,7 @@ impl Volume {
         Ok(Arc::new(Volume {
             inner,
             task: Mutex::new(Some(task)),
+            ack_gate: OnceLock::new(),
         }))
     }
 
@@ -298,6 +357,28 @@ impl Volume {
         self.inner.shared.notify.notify_one();
     }
 
+    /// Install the gate every later acknowledgement must pass (invariant 7).
+    /// Only the first call takes effect; returns whether this one did.
+    pub fn set_ack_gate(&self, gate: Arc<dyn AckGate>) -> bool {
+        self.ack_gate.set(gate).is_ok()
+    }
+
+    /// Pass the [`AckGate`], if any, waiting while it says so.
+    async fn admit_ack(&self) -> Result<(), BlockError> {
+        let Some(gate) = self.ack_gate.get() else {
+            return Ok(());
+        };
+        loop {
+            match gate.admit() {
+                Admission::Now => return Ok(()),
+                Admission::Refused(why) => return Err(BlockError::Fenced(why)),
+                Admission::Wait(rx) => {
+                    let _ = rx.await;
+                }
+            }
+        }
+    }
+
     /// The snapshot this volume (a clone) reads through to, if any; a
     /// snapshot taken of its map must record it.
     pub fn parent(&self) -> Option<super::snapshot::ParentRef> {
@@ -312,10 +393,22 @@ impl Volume {
     /// Current counters.
     pub fn stats(&self) -> VolumeStats {
         let c = &self.inner.counters;
-        let (unstored, stored_seq, extents) = {
+        let (unstored, stored_seq, extents, oldest) = {
             let st = self.inner.shared.lock();
-            (st.pending_bytes, st.stored_seq, st.live.len() as u64)
+            let oldest = st.pending.front().map(|p| p.at);
+            (
+                st.pending_bytes,
+                st.stored_seq,
+                st.live.len() as u64,
+                oldest,
+            )
         };
+        let oldest_unstored_ms = oldest.map_or(0, |at| {
+            let age = self.inner.clock.now().saturating_sub(at);
+            u64::try_from(age.as_millis()).unwrap_or(u64::MAX)
+        });
+        let cfg = &self.inner.cfg;
+        let us = |a: &AtomicU64| a.load(Ordering::Relaxed);
         VolumeStats {
             unstored_bytes: unstored,
             wal_bytes: self.inner.wal.bytes(),
@@ -334,6 +427,15 @@ impl Volume {
             map_extents: extents,
             snapshots_taken: c.snapshots_taken.load(Ordering::Relaxed),
             last_snapshot_pause_us: c.last_snapshot_pause_us.load(Ordering::Relaxed),
+            oldest_unstored_ms,
+            max_unstored_bytes: cfg.max_unstored_bytes,
+            max_unstored_seconds: cfg.max_unstored_seconds,
+            backpressure_us: us(&c.backpressure_us),
+            destage_us: us(&c.destage_us),
+            checkpoint_us: us(&c.checkpoint_us),
+            cache_hit_bytes: us(&c.cache_hit_bytes),
+            cache_evictions: self.inner.cache.as_ref().map_or(0, |c| c.evictions()),
+            cache_capacity_bytes: self.inner.cache.as_ref().map_or(0, |c| c.capacity()),
         }
     }
 
@@ -358,6 +460,7 @@ impl Volume {
     /// snapshot holds writes back (invariant 6).
     async fn wait_for_room(&self) -> Result<(), BlockError> {
         let cfg = &self.inner.cfg;
+        let mut waiting_since = None;
         loop {
             let rx = {
                 let mut st = self.inner.shared.lock();
@@ -367,8 +470,15 @@ impl Volume {
                     now.saturating_sub(p.at).as_secs() >= cfg.max_unstored_seconds
                 });
                 if !st.writes_paused && st.pending_bytes < cfg.max_unstored_bytes && !too_old {
+                    if let Some(since) = waiting_since {
+                        let waited = now.saturating_sub(since).as_micros();
+                        let waited = u64::try_from(waited).unwrap_or(u64::MAX);
+                        let c = &self.inner.counters;
+                        c.backpressure_us.fetch_add(waited, Ordering::Relaxed);
+                    }
                     return Ok(());
                 }
+                waiting_since.get_or_insert(now);
                 let (tx, rx) = oneshot::channel();
                 st.waiters.push(tx);
                 rx
@@ -423,7 +533,7 @@ impl Volume {
         if fua && self.inner.cfg.durability == Durability::Store {
             self.wait_store(seq).await?;
         }
-        Ok(())
+        self.admit_ack().await
     }
 }
 
@@ -486,7 +596,7 @@ impl BlockDevice for Volume {
         if fua && self.inner.cfg.durability == Durability::Store {
             self.wait_store(last).await?;
         }
-        Ok(())
+        self.admit_ack().await
     }
 
     async fn flush(&self) -> Result<(), BlockError> {
@@ -496,7 +606,7 @@ impl BlockDevice for Volume {
         if self.inner.cfg.durability == Durability::Store {
             self.wait_store(self.inner.wal.last_seq()).await?;
         }
-        Ok(())
+        self.admit_ack().await
     }
 
     async fn trim(&self, offset: u64, len: u64) -> Result<(), BlockError> {

@@ -16,10 +16,18 @@
 //!    reports a transient failure, as when a reply is lost on the network.
 //! 5. A rule may be scoped to a key prefix ([`FaultyStore::set_scoped`]);
 //!    calls outside the scope neither fail nor consume RNG draws.
+//! 6. A [`Hold`] ([`FaultyStore::hold`]) stops the next call at its point
+//!    and key prefix before it reaches the backend, until the test releases
+//!    it: crash and race windows are hit on purpose, not by chance. Holds
+//!    are checked before the fault rules and the outage switch.
+//! 7. Keys hidden from listings ([`FaultyStore::hide_in_listings`]) are left
+//!    out of `list` results but stay readable, as on stores whose listings
+//!    lag behind their writes (this breaks protocol rule 6 on purpose).
 
+use std::collections::BTreeSet;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -114,6 +122,44 @@ impl FaultRule {
     }
 }
 
+/// One armed hold: the next call at a point, on a key starting with a
+/// prefix, waits for [`Hold::release`]. See rule 6.
+#[derive(Debug)]
+pub struct Hold {
+    reached: tokio::sync::Semaphore,
+    released: tokio::sync::Semaphore,
+}
+
+impl Default for Hold {
+    fn default() -> Self {
+        Hold {
+            reached: tokio::sync::Semaphore::new(0),
+            released: tokio::sync::Semaphore::new(0),
+        }
+    }
+}
+
+impl Hold {
+    /// Wait until the held call arrived (it is now waiting).
+    pub async fn reached(&self) {
+        if let Ok(p) = self.reached.acquire().await {
+            p.forget();
+        }
+    }
+
+    /// Let the held call go on (also before it arrived: it then passes).
+    pub fn release(&self) {
+        self.released.add_permits(1);
+    }
+
+    async fn wait(&self) {
+        self.reached.add_permits(1);
+        if let Ok(p) = self.released.acquire().await {
+            p.forget();
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Rules {
     rules: [Option<FaultRule>; 6],
@@ -121,6 +167,10 @@ struct Rules {
     scopes: [String; 6],
     fired: [u64; 6],
     rng: StdRng,
+    /// Armed holds: `(point, key prefix, hold)`, each used once.
+    holds: Vec<(FaultPoint, String, Arc<Hold>)>,
+    /// Keys `list` leaves out (rule 7).
+    hidden: BTreeSet<String>,
 }
 
 /// Wraps a store and injects faults on command. See the module docs.
@@ -142,6 +192,8 @@ impl<S: ObjectStore> FaultyStore<S> {
                 scopes: Default::default(),
                 fired: [0; 6],
                 rng: StdRng::seed_from_u64(seed),
+                holds: Vec::new(),
+                hidden: BTreeSet::new(),
             }),
             outage: AtomicBool::new(false),
             injected: Default::default(),
@@ -182,6 +234,26 @@ impl<S: ObjectStore> FaultyStore<S> {
     /// Disarm every point (the outage switch is separate).
     pub fn clear_all(&self) {
         self.lock().rules = Default::default();
+    }
+
+    /// Stop the next call at `point` whose key (or list prefix) starts
+    /// with `key_prefix` until the returned hold is released (rule 6).
+    pub fn hold(&self, point: FaultPoint, key_prefix: &str) -> Arc<Hold> {
+        let hold = Arc::new(Hold::default());
+        self.lock()
+            .holds
+            .push((point, key_prefix.to_string(), hold.clone()));
+        hold
+    }
+
+    /// Leave `keys` out of every later listing (rule 7); they stay readable.
+    pub fn hide_in_listings<I: IntoIterator<Item = String>>(&self, keys: I) {
+        self.lock().hidden.extend(keys);
+    }
+
+    /// List every key again.
+    pub fn show_in_listings(&self) {
+        self.lock().hidden.clear();
     }
 
     /// Turn the outage on (every call fails transiently) or off.
@@ -227,11 +299,27 @@ impl<S: ObjectStore> FaultyStore<S> {
         Some(rule.fault)
     }
 
+    /// Wait at a hold armed for this call, if any (rule 6).
+    async fn wait_if_held(&self, point: FaultPoint, key: &str) {
+        let hold = {
+            let mut r = self.lock();
+            let at = r
+                .holds
+                .iter()
+                .position(|(p, prefix, _)| *p == point && key.starts_with(prefix.as_str()));
+            at.map(|i| r.holds.remove(i).2)
+        };
+        if let Some(hold) = hold {
+            hold.wait().await;
+        }
+    }
+
     /// Draw a fault for `point` and apply it around `op` (the real call).
     async fn apply<T, F>(&self, point: FaultPoint, key: &str, op: F) -> StoreResult<T>
     where
         F: std::future::Future<Output = StoreResult<T>>,
     {
+        self.wait_if_held(point, key).await;
         let fault = self.pick(point, key);
         self.apply_picked(point, fault, key, op).await
     }
@@ -277,6 +365,7 @@ impl<S: ObjectStore> ObjectStore for FaultyStore<S> {
     }
 
     async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> StoreResult<Version> {
+        self.wait_if_held(FaultPoint::Put, key).await;
         let fault = self.pick(FaultPoint::Put, key);
         if fault == Some(Fault::TornPut) {
             let prefix = data.slice(..data.len() / 2);
@@ -293,8 +382,12 @@ impl<S: ObjectStore> ObjectStore for FaultyStore<S> {
     }
 
     async fn list(&self, prefix: &str) -> StoreResult<Vec<ObjectMeta>> {
-        self.apply(FaultPoint::List, prefix, self.inner.list(prefix))
-            .await
+        let mut listed = self
+            .apply(FaultPoint::List, prefix, self.inner.list(prefix))
+            .await?;
+        let r = self.lock();
+        listed.retain(|m| !r.hidden.contains(&m.key));
+        Ok(listed)
     }
 
     async fn delete(&self, key: &str) -> StoreResult<()> {

@@ -28,6 +28,7 @@ use bytes::Bytes;
 pub mod faulty;
 pub mod fs;
 pub mod memory;
+pub mod metered;
 pub mod retry;
 pub mod s3;
 

@@ -25,7 +25,7 @@
 use std::future::Future;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -96,17 +96,23 @@ pub struct RetryStore<S> {
     inner: S,
     policy: RetryPolicy,
     rng: Mutex<StdRng>,
-    stats: RetryStats,
+    stats: Arc<RetryStats>,
 }
 
 impl<S: ObjectStore> RetryStore<S> {
     /// Wrap `inner`; `seed` drives the jitter.
     pub fn new(inner: S, policy: RetryPolicy, seed: u64) -> Self {
+        Self::with_stats(inner, policy, seed, Arc::default())
+    }
+
+    /// [`RetryStore::new`] counting into `stats`, which others may share
+    /// (the metrics decorator reports them).
+    pub fn with_stats(inner: S, policy: RetryPolicy, seed: u64, stats: Arc<RetryStats>) -> Self {
         RetryStore {
             inner,
             policy,
             rng: Mutex::new(StdRng::seed_from_u64(seed)),
-            stats: RetryStats::default(),
+            stats,
         }
     }
 

@@ -2,7 +2,8 @@
 # Fetch the Debian bookworm-backports cloud kernel (it ships ublk_drv as a module)
 # into a cache directory, without touching the system's apt sources.
 # Usage: tools/vm/fetch-kernel.sh [CACHE_DIR]
-# Prints the directory holding `vmlinuz` and `ublk_drv.ko` on its last line.
+# Prints the directory holding `vmlinuz`, `ublk_drv.ko` and `virtio_blk.ko`
+# (the power-loss lane's guest disk) on its last line.
 # SHALE_VM_KERNEL_PKG / SHALE_VM_KERNEL_VERSION override the pinned package and
 # version (default: linux-image-6.12.95+deb12-cloud-amd64 6.12.95-1~bpo12+1).
 set -eu
@@ -17,7 +18,7 @@ PKG=${SHALE_VM_KERNEL_PKG:-linux-image-6.12.95+deb12-cloud-amd64}
 
 mkdir -p "$CACHE"
 KDIR="$CACHE/kernel"
-if [ -f "$KDIR/vmlinuz" ] && [ -f "$KDIR/ublk_drv.ko" ]; then
+if [ -f "$KDIR/vmlinuz" ] && [ -f "$KDIR/ublk_drv.ko" ] && [ -f "$KDIR/virtio_blk.ko" ]; then
     echo "$KDIR"
     exit 0
 fi
@@ -58,11 +59,16 @@ dpkg-deb -x "$DEB" "$CACHE/unpack"
 
 mkdir -p "$KDIR.tmp"
 cp "$CACHE"/unpack/boot/vmlinuz-* "$KDIR.tmp/vmlinuz"
-MOD=$(find "$CACHE/unpack/lib/modules" -name 'ublk_drv.ko*' | head -n 1)
-case "$MOD" in
-    *.xz) xz -dc "$MOD" > "$KDIR.tmp/ublk_drv.ko" ;;
-    *) cp "$MOD" "$KDIR.tmp/ublk_drv.ko" ;;
-esac
+# Modules the guests load with insmod (the kernel has no modules.dep in the
+# initramfs; neither module needs another one).
+for name in ublk_drv virtio_blk; do
+    MOD=$(find "$CACHE/unpack/lib/modules" -name "$name.ko*" | head -n 1)
+    [ -n "$MOD" ] || { echo "fetch-kernel: $name.ko not in $PKG" >&2; exit 1; }
+    case "$MOD" in
+        *.xz) xz -dc "$MOD" > "$KDIR.tmp/$name.ko" ;;
+        *) cp "$MOD" "$KDIR.tmp/$name.ko" ;;
+    esac
+done
 echo "$PKG=$VER" > "$KDIR.tmp/package"
 rm -rf "$CACHE/unpack" "$KDIR"
 mv "$KDIR.tmp" "$KDIR"

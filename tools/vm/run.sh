@@ -16,13 +16,8 @@ SHALE=${1:-${CARGO_TARGET_DIR:-$ROOT/target}/debug/shale}
 TIMEOUT=${SHALE_VM_TIMEOUT:-1500}
 MEM=${SHALE_VM_MEM:-1536M}
 
-need() {
-    command -v "$1" >/dev/null 2>&1 || { echo "run.sh: missing $1 ($2)" >&2; exit 2; }
-}
-need qemu-system-x86_64 "apt-get install qemu-system-x86"
-need cpio "apt-get install cpio"
-need xz "apt-get install xz-utils"
-[ -x /bin/busybox ] || { echo "run.sh: missing /bin/busybox (apt-get install busybox-static)" >&2; exit 2; }
+. "$HERE/lib.sh"
+vm_check_tools
 [ -x "$SHALE" ] || { echo "run.sh: no shale binary at $SHALE (cargo build first)" >&2; exit 2; }
 
 KDIR=$("$HERE/fetch-kernel.sh" | tail -n 1)
@@ -32,34 +27,15 @@ WORK=$(mktemp -d /tmp/shale-vm.XXXXXX)
 cleanup() { [ -n "${SHALE_VM_KEEP:-}" ] || rm -rf "$WORK"; return 0; }
 trap cleanup EXIT
 R=$WORK/root
-mkdir -p "$R/bin" "$R/sbin" "$R/lib" "$R/lib64" "$R/usr/bin" "$R/etc" "$R/proc" "$R/sys" \
-    "$R/dev" "$R/run" "$R/tmp" "$R/mnt" "$R/data"
-
-cp /bin/busybox "$R/bin/busybox"
+vm_root_init "$R"
 cp "$KDIR/ublk_drv.ko" "$R/ublk_drv.ko"
 cp "$HERE/guest-test.sh" "$R/guest-test.sh"
 
-# Copy a binary (as NAME, default its own name) and the shared libraries it
-# needs (same paths as the host).
-add_bin() {
-    src=$1
-    dst=$R/usr/bin/${2:-$(basename "$src")}
-    cp -L "$src" "$dst"
-    ldd "$src" 2>/dev/null | awk '/=>/ {print $3} /^[[:space:]]*\// {print $1}' | while read -r lib; do
-        [ -n "$lib" ] && [ -f "$lib" ] || continue
-        mkdir -p "$R$(dirname "$lib")"
-        [ -f "$R$lib" ] || cp -L "$lib" "$R$lib"
-    done
-}
-add_bin "$SHALE" shale
-# Debug info is most of a debug build's size; the guest does not need it.
-if command -v strip >/dev/null 2>&1; then
-    strip --strip-debug "$R/usr/bin/shale"
-fi
-add_bin "$(command -v mke2fs)"
-add_bin "$(command -v e2fsck)"
+vm_add_shale "$R" "$SHALE" shale
+vm_add_bin "$R" "$(command -v mke2fs)"
+vm_add_bin "$R" "$(command -v e2fsck)"
 if [ -z "${SHALE_VM_NO_FIO:-}" ] && command -v fio >/dev/null 2>&1; then
-    add_bin "$(command -v fio)"
+    vm_add_bin "$R" "$(command -v fio)"
 fi
 ln -s mke2fs "$R/usr/bin/mkfs.ext4"
 
@@ -78,7 +54,7 @@ poweroff -f
 INIT
 chmod +x "$R/init"
 
-(cd "$R" && find . | cpio -o -H newc --quiet > "$WORK/initrd.cpio")
+vm_pack "$R" "$WORK/initrd.cpio"
 echo "run.sh: initramfs $(du -h "$WORK/initrd.cpio" | cut -f1)"
 
 LOG=$WORK/console.log

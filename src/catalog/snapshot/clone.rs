@@ -9,11 +9,12 @@
 //!    record; if a delete of the parent began meanwhile, the clone removes
 //!    itself and fails (volume delete marks first, then looks for clones:
 //!    one of the two sees the other).
-//! 3. A snapshot delete removes the snapshot object, then looks for clones
-//!    of it, and puts the object back (before collecting any chunk) if it
-//!    finds one; a new clone, after writing its record, checks that the
-//!    object still exists and removes itself if not. So a clone never ends
-//!    up with a deleted parent.
+//! 3. A snapshot delete marks the snapshot object deleting, then looks for
+//!    clones of it, and clears the mark if it finds one (the snapshot kept
+//!    every chunk meanwhile), else removes the object and collects chunks;
+//!    a new clone, after writing its record, checks that the object still
+//!    exists unmarked and removes itself if not. So a clone never ends up
+//!    with a deleted parent.
 //! 4. Flatten runs under the clone's lease: copy what the clone reads from
 //!    its parent, close (everything checkpointed), drop the parent from the
 //!    manifest, then from the record. Each step is safe to crash after;
@@ -69,6 +70,9 @@ impl Snapshots {
             });
         }
         let s = self.find(&parent, &name).await?;
+        if s.deleting {
+            return Err(being_deleted(parent.id, &canonical));
+        }
         let key = record_key(new_name);
         match self.store().head(&key).await {
             Ok(_) => {
@@ -111,11 +115,9 @@ impl Snapshots {
         let volume_ok =
             matches!(&parent_now, Ok(p) if p.id == parent.id && p.state == VolumeState::Ready);
         let snapshot_ok = volume_ok
-            && self
-                .store()
-                .head(&snap::snapshot_key(parent.id, s.id))
+            && snap::read_snapshot(self.store(), parent.id, s.id)
                 .await
-                .is_ok();
+                .is_ok_and(|now| !now.deleting);
         if !snapshot_ok {
             if let Err(e) = self.store().delete(&key).await {
                 log::warn!("could not remove the record of clone {new_name:?}: {e}");
@@ -140,33 +142,12 @@ impl Snapshots {
         rec: &VolumeRecord,
         s: &snap::SnapshotObject,
         spec: &str,
+        epoch: u64,
     ) -> Result<u64, SnapError> {
-        let key = snap::snapshot_key(rec.id, s.id);
-        match self.store().delete(&key).await {
-            Ok(()) | Err(StoreError::NotFound { .. }) => {}
-            Err(e) => return Err(e.into()),
-        }
-        self.recheck_clones(spec, &key, s).await?;
-        Ok(snap::collect_garbage(self.store(), rec.id).await?)
-    }
-
-    /// Put back a snapshot object a refused delete removed.
-    pub(super) async fn restore_snapshot(
-        &self,
-        key: &str,
-        s: &snap::SnapshotObject,
-    ) -> Result<(), SnapError> {
-        match self
-            .store()
-            .put(key, bytes::Bytes::from(s.encode()), PutMode::Create)
-            .await
-        {
-            Ok(_) | Err(StoreError::AlreadyExists { .. }) => Ok(()),
-            Err(e) => {
-                log::error!("could not put back snapshot object {key} (clones need it): {e}");
-                Err(e.into())
-            }
-        }
+        snap::set_deleting(self.store(), rec.id, s.id, true).await?;
+        self.recheck_clones(spec, rec, s).await?;
+        snap::remove_snapshot(self.store(), rec.id, s.id).await?;
+        Ok(snap::collect_garbage(self.store(), rec.id, epoch).await?)
     }
 
     /// Best-effort removal of a fresh volume id's objects (nobody else can
@@ -230,6 +211,14 @@ impl Snapshots {
     }
 }
 
+/// A clone of a snapshot whose delete has begun is refused.
+fn being_deleted(volume: u64, spec: &str) -> SnapError {
+    SnapError::Snapshot(snap::SnapshotError::State {
+        volume,
+        reason: format!("snapshot {spec} is being deleted; it gets no new clones"),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -242,7 +231,8 @@ mod tests {
 
     /// A clone that appears after the delete's first look (its record
     /// written while the delete waits for the lease) still stops it: the
-    /// snapshot object comes back unchanged and no chunk is collected.
+    /// snapshot object comes back unchanged (unmarked) and no chunk is
+    /// collected.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn late_clone_stops_a_snapshot_delete() {
         let dir = tempfile::tempdir().unwrap();
@@ -260,7 +250,9 @@ mod tests {
         let before = store.get(&skey).await.unwrap().data;
         snaps.clone_volume("p@s", "c", 0).await.unwrap();
         let e = snaps
-            .leased(&rec, |_| snaps.delete_unless_cloned(&rec, &s, "p@s"))
+            .leased(&rec, |epoch| {
+                snaps.delete_unless_cloned(&rec, &s, "p@s", epoch)
+            })
             .await
             .unwrap_err();
         assert!(
@@ -269,5 +261,34 @@ mod tests {
         );
         assert_eq!(store.get(&skey).await.unwrap().data, before);
         assert!(snaps.view("p@s").await.is_ok());
+    }
+
+    /// A delete interrupted after its mark (a crash): the snapshot still
+    /// reads, gets no new clone, is listed as deleting, and running the
+    /// delete again finishes it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_interrupted_delete_is_finished_by_running_it_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: DynStore = Arc::new(MemoryStore::new());
+        let snaps = Snapshots::new(
+            store.clone(),
+            EngineConfig::default(),
+            dir.path().to_path_buf(),
+            Arc::new(SystemClock),
+            "test",
+        );
+        let rec = snaps.catalog.create("p", 1 << 20, false, 0).await.unwrap();
+        let s = snaps.create("p@s", 0).await.unwrap();
+        snap::set_deleting(&store, rec.id, s.id, true)
+            .await
+            .unwrap();
+        assert!(snaps.view("p@s").await.is_ok());
+        let e = snaps.clone_volume("p@s", "c", 0).await.unwrap_err();
+        assert!(e.to_string().contains("being deleted"), "{e}");
+        assert!(snaps.catalog.get("c").await.is_err(), "no clone record");
+        let listed = snaps.list(Some("p")).await.unwrap();
+        assert!(listed[0].snapshot.deleting, "{listed:?}");
+        snaps.delete("p@s").await.expect("finish the delete");
+        assert!(snaps.list(Some("p")).await.unwrap().is_empty());
     }
 }

@@ -14,7 +14,7 @@ use anyhow::{bail, Context};
 use async_trait::async_trait;
 use shale::catalog::lease::LeaseError;
 use shale::config::Config;
-use shale::daemon::{Attached, DaemonError, LEASE_TTL};
+use shale::daemon::{Attached, DaemonError};
 use shale::engine::memdisk::MemDisk;
 use shale::engine::{check_range, BlockDevice};
 use shale::error::BlockError;
@@ -78,6 +78,13 @@ pub struct Opened {
 }
 
 impl Opened {
+    /// Say where the volume's ublk device is (for its metrics and status).
+    pub fn set_device(&self, device: &str) {
+        if let Some(a) = &self.attached {
+            a.metrics().set_device("ublk", device);
+        }
+    }
+
     /// Make every acknowledged write durable and release the data (for a
     /// volume: close it, then release its lease).
     pub async fn close(self) -> anyhow::Result<()> {
@@ -89,13 +96,15 @@ impl Opened {
     }
 }
 
-/// Attach a catalog volume. A lease still held by a crashed server of this
-/// host (holder `<host>:<pid>` whose process is gone) is waited out: it
-/// expires within the lease TTL, and the kernel holds the device's I/O
-/// meanwhile.
+/// Attach a catalog volume. A lease left by a crashed server of this host
+/// and local directory is taken over at once (see `shale::daemon`). One
+/// that does not name its directory (written by an older version) but whose
+/// holder `<host>:<pid>` is a process of this host that is gone is waited
+/// out: it expires within the lease TTL, and the kernel holds the device's
+/// I/O meanwhile.
 async fn attach_volume(config: Option<&Path>, name: &str) -> anyhow::Result<Attached> {
     let cfg = Config::load(config).context("load the configuration")?;
-    let deadline = Instant::now() + LEASE_TTL + Duration::from_secs(5);
+    let deadline = Instant::now() + cfg.lease.ttl() + Duration::from_secs(5);
     let mut told = false;
     loop {
         match shale::daemon::attach(&cfg, name).await {
@@ -139,7 +148,7 @@ pub async fn open(
     let device: Arc<dyn BlockDevice> = match spec {
         BackingSpec::Volume => {
             let attached = attach_volume(config, volume).await?;
-            let device: Arc<dyn BlockDevice> = attached.volume.clone();
+            let device = attached.metered("ublk", "/dev/ublkb?");
             return Ok(Opened {
                 device,
                 attached: Some(attached),

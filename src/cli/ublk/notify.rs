@@ -1,36 +1,20 @@
 //! Readiness reporting: to a parent `shale add` through the detached
-//! server's stdout, and to systemd through `$NOTIFY_SOCKET` (sd_notify
-//! protocol: one datagram of `KEY=value` lines).
+//! server's stdout, and to systemd through `$NOTIFY_SOCKET` (the
+//! `sd-notify` crate speaks the protocol).
 
 use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixDatagram;
+
+use sd_notify::NotifyState;
 
 /// Line a detached server prints on stdout once its device is live.
 pub const READY_PREFIX: &str = "READY ";
 
-/// Send `msg` to systemd if this process runs under a notify-type unit.
-pub fn sd_notify(msg: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    if let Err(e) = send(&path, msg) {
-        log::warn!("sd_notify to {path:?} failed: {e}");
+/// Tell systemd `states` if this process runs under a notify-type unit.
+pub fn sd_notify(states: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        log::warn!("sd_notify failed: {e}");
     }
-}
-
-fn send(path: &std::ffi::OsStr, msg: &str) -> std::io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let sock = UnixDatagram::unbound()?;
-    let bytes = path.as_bytes();
-    if let Some(name) = bytes.strip_prefix(b"@") {
-        use std::os::linux::net::SocketAddrExt;
-        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
-        sock.send_to_addr(msg.as_bytes(), &addr)?;
-    } else {
-        sock.send_to(msg.as_bytes(), std::path::Path::new(path))?;
-    }
-    Ok(())
 }
 
 /// Tell whoever waits that device `dev_id` is live.
@@ -45,10 +29,12 @@ pub fn ready(dev_id: u32, detached: bool) {
     } else {
         println!("{dev}");
     }
-    sd_notify(&format!(
-        "READY=1\nSTATUS=serving {dev}\nMAINPID={}",
-        std::process::id()
-    ));
+    let status = format!("serving {dev}");
+    sd_notify(&[
+        NotifyState::Ready,
+        NotifyState::Status(&status),
+        NotifyState::MainPid(std::process::id()),
+    ]);
 }
 
 /// Point stdout at /dev/null so the parent's pipe closes.
@@ -66,15 +52,19 @@ fn detach_stdout() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::net::UnixDatagram;
 
     #[test]
-    fn notify_reaches_a_path_socket() {
+    fn readiness_reaches_the_notify_socket() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("notify");
         let server = UnixDatagram::bind(&path).unwrap();
-        send(path.as_os_str(), "READY=1").unwrap();
+        // No other test of this binary reads NOTIFY_SOCKET.
+        std::env::set_var("NOTIFY_SOCKET", &path);
+        sd_notify(&[NotifyState::Ready, NotifyState::Status("serving x")]);
+        std::env::remove_var("NOTIFY_SOCKET");
         let mut buf = [0u8; 64];
         let n = server.recv(&mut buf).unwrap();
-        assert_eq!(&buf[..n], b"READY=1");
+        assert_eq!(&buf[..n], b"READY=1\nSTATUS=serving x\n");
     }
 }

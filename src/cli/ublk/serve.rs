@@ -31,6 +31,7 @@ pub fn serve(req: ServeRequest) -> anyhow::Result<()> {
     if req.detached {
         nix::unistd::setsid().context("start a new session")?;
     }
+    super::super::logging::set_volume(&req.options.volume);
     private_mount_namespace()?;
     let signals = shutdown_signals();
     signals.thread_block().context("block shutdown signals")?;
@@ -53,6 +54,7 @@ pub fn serve(req: ServeRequest) -> anyhow::Result<()> {
 
     let server = UblkServer::create(req.options, req.attach)?;
     let dev_id = server.dev_id();
+    opened.set_device(&format!("/dev/ublkb{dev_id}"));
     let opts = server.options().clone();
     let record = DeviceRecord {
         volume: volume.clone(),
@@ -75,7 +77,7 @@ pub fn serve(req: ServeRequest) -> anyhow::Result<()> {
             if let Ok(sig) = signals.wait() {
                 log::info!("{sig:?}: stopping the device");
                 flag.store(true, Ordering::SeqCst);
-                notify::sd_notify("STOPPING=1");
+                notify::sd_notify(&[sd_notify::NotifyState::Stopping]);
                 if let Err(e) = stopper.stop() {
                     log::error!("cannot stop the device: {e}");
                 }

@@ -241,7 +241,7 @@ async fn accounting_is_exact_through_snapshots_and_reopen() {
         epoch += 1;
         if round % 3 == 2 && !snaps.is_empty() {
             let victim = snaps.remove(rng.below(snaps.len() as u64) as usize);
-            delete_snapshot(&store, ID, &victim).await.unwrap();
+            delete_snapshot(&store, ID, epoch, &victim).await.unwrap();
         } else {
             let s = take_snapshot(&store, ID, &format!("s{round}"), round)
                 .await
@@ -348,7 +348,7 @@ async fn snapshots_pin_overwritten_data_and_reserve_admits() {
     check(&vol, &snaps, "reopened");
     assert_eq!(vol.space_usage().used, 9 * 4096);
     vol.close().await.unwrap();
-    delete_snapshot(&store, ID, &snaps[0]).await.unwrap();
+    delete_snapshot(&store, ID, 3, &snaps[0]).await.unwrap();
     let vol = open(&store, dir.path(), 4).await;
     assert_eq!(
         vol.space_usage().used,

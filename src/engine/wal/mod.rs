@@ -8,15 +8,19 @@
 //!    for FUA records and flushes, after `fdatasync`), and after the `apply`
 //!    callback saw it, so an acknowledged write is visible to readers.
 //! 3. Before a new segment is started the previous one is `fdatasync`ed, so a
-//!    flush only has to sync the current segment.
+//!    flush only has to sync the current segment, and only the newest
+//!    segment can hold a torn record (see [`replay`]).
+//! 6. Every segment starts with a header naming the writer's epoch and the
+//!    history it extends ([`segment`]); replay applies a WAL only over that
+//!    history ([`crate::engine::wal_open`]).
+//!
+//! All file access goes through the [`fs::WalFs`] seam.
 //! 4. A segment file is deleted only through [`Wal::release_upto`], which the
 //!    engine calls once every record in it is durable in the object store.
 //! 5. Once an I/O error happens the log is broken: every later request fails.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::io::IoSlice;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -25,10 +29,17 @@ use std::thread::JoinHandle;
 use futures::channel::oneshot;
 
 use super::map::WalLoc;
+use fs::{DynWalFs, SegFile, WalFile};
 use record::{RecordHeader, RecordKind, HEADER_LEN};
 
+pub mod discard;
+pub mod fs;
+pub mod power_loss;
+pub mod quarantine;
 pub mod record;
 pub mod replay;
+pub mod scan;
+pub mod segment;
 
 /// WAL failures.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -41,9 +52,24 @@ pub enum WalError {
     Corrupt { seg: u64, off: u64 },
     #[error("WAL segment {0} is gone")]
     SegmentGone(u64),
+    /// Damage or a sequence gap where no torn write can be (not at the
+    /// tail of the newest segment): corruption the operator must resolve.
+    #[error(
+        "WAL segment {path} is damaged at offset {offset}: {what}. It was synced before the \
+         next segment began, so this is corruption, not a torn write, and the volume is not \
+         opened. Records after seq {last_good} cannot be replayed; to open the volume without \
+         them run `shale volume discard-wal <volume> --after {last_good}`"
+    )]
+    Damaged {
+        path: String,
+        offset: u64,
+        what: String,
+        /// The last record that can be read before the damage (0: none).
+        last_good: u64,
+    },
 }
 
-fn io_err(what: &str, e: impl std::fmt::Display) -> WalError {
+pub(crate) fn io_err(what: &str, e: impl std::fmt::Display) -> WalError {
     WalError::Io(format!("{what}: {e}"))
 }
 
@@ -75,7 +101,7 @@ pub type ApplyFn = Box<dyn Fn(&[Appended]) + Send>;
 
 #[derive(Debug)]
 struct Segment {
-    file: Arc<File>,
+    file: SegFile,
     path: PathBuf,
     /// Highest sequence number in the segment; 0 when empty.
     last_seq: u64,
@@ -108,6 +134,7 @@ enum Req {
 
 /// Handle to the log. Dropping it stops the writer thread.
 pub struct Wal {
+    fs: DynWalFs,
     tx: Mutex<Option<mpsc::Sender<Req>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     registry: Arc<Mutex<Registry>>,
@@ -124,60 +151,70 @@ impl std::fmt::Debug for Wal {
 #[derive(Debug)]
 pub struct Recovered {
     segs: BTreeMap<u64, Segment>,
+    /// The new, empty segment to append to (in `segs`).
+    current: u64,
     /// The next sequence number to assign.
     pub next_seq: u64,
+    /// The stamp of every segment this writer starts.
+    stamp: segment::Stamp,
 }
 
 fn seg_path(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("{id:016x}.wal"))
 }
 
-fn sync_dir(dir: &Path) -> Result<(), WalError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
+fn sync_dir(fs: &DynWalFs, dir: &Path) -> Result<(), WalError> {
+    fs.sync_dir(dir)
         .map_err(|e| io_err("sync WAL directory", e))
 }
 
-fn create_segment(dir: &Path, id: u64) -> Result<Segment, WalError> {
+/// Create segment `id` holding only its header (the data is not synced;
+/// the first flush into it syncs both).
+fn create_segment(
+    fs: &DynWalFs,
+    dir: &Path,
+    id: u64,
+    volume: u64,
+    stamp: segment::Stamp,
+) -> Result<Segment, WalError> {
     let path = seg_path(dir, id);
-    let file = crate::private::open_options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
+    let file = fs
+        .create(&path)
         .map_err(|e| io_err("create WAL segment", e))?;
-    sync_dir(dir)?;
+    let header = segment::encode(volume, stamp);
+    write_all_vectored(file.as_ref(), &mut [IoSlice::new(&header)], 0)?;
     Ok(Segment {
-        file: Arc::new(file),
+        file,
         path,
         last_seq: 0,
-        len: 0,
+        len: segment::SEG_HEADER_LEN as u64,
     })
 }
 
 impl Wal {
-    /// Start the log in `dir` after recovery, with a fresh current segment.
+    /// Start the log in `dir` after recovery, appending to the fresh
+    /// segment replay created.
     /// `seg_limit` is the size at which a new segment is started.
     pub fn start(
+        fs: DynWalFs,
         dir: &Path,
         volume: u64,
         recovered: Recovered,
         seg_limit: u64,
         apply: ApplyFn,
     ) -> Result<Wal, WalError> {
-        let next_id = recovered.segs.keys().next_back().map_or(1, |k| k + 1);
-        let mut registry = Registry {
+        let registry = Registry {
             segs: recovered.segs,
-            current: next_id,
+            current: recovered.current,
         };
-        registry.segs.insert(next_id, create_segment(dir, next_id)?);
         let registry = Arc::new(Mutex::new(registry));
         let last_seq = Arc::new(AtomicU64::new(recovered.next_seq - 1));
         let (tx, rx) = mpsc::channel();
         let writer = Writer {
+            fs: fs.clone(),
             dir: dir.to_path_buf(),
             volume,
+            stamp: recovered.stamp,
             registry: registry.clone(),
             next_seq: recovered.next_seq,
             last_seq: last_seq.clone(),
@@ -190,6 +227,7 @@ impl Wal {
             .spawn(move || writer.run(rx))
             .map_err(|e| io_err("spawn WAL writer", e))?;
         Ok(Wal {
+            fs,
             tx: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
             registry,
@@ -280,7 +318,7 @@ impl Wal {
 
     /// The open file of segment `seg` (kept alive by the `Arc` even if the
     /// segment is released meanwhile).
-    pub fn segment_file(&self, seg: u64) -> Option<Arc<File>> {
+    pub fn segment_file(&self, seg: u64) -> Option<SegFile> {
         let reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
         reg.segs.get(&seg).map(|s| s.file.clone())
     }
@@ -302,7 +340,7 @@ impl Wal {
                 .collect()
         };
         for s in doomed {
-            if let Err(e) = std::fs::remove_file(&s.path) {
+            if let Err(e) = self.fs.remove(&s.path) {
                 log::warn!("removing WAL segment {}: {e}", s.path.display());
             }
         }
@@ -330,7 +368,12 @@ impl Drop for Wal {
 
 /// Read `dst.len()` bytes of a record's data, verifying the record CRC.
 /// `dst` receives sectors `[loc.skip, loc.skip + dst.len()/512)` of the record.
-pub fn read_record(file: &File, loc: &WalLoc, seg: u64, dst: &mut [u8]) -> Result<(), WalError> {
+pub fn read_record(
+    file: &dyn WalFile,
+    loc: &WalLoc,
+    seg: u64,
+    dst: &mut [u8],
+) -> Result<(), WalError> {
     let rec_len = (loc.rec_sectors * super::SECTOR) as usize;
     let mut buf = vec![0u8; rec_len];
     file.read_exact_at(&mut buf, loc.data_off)
@@ -352,8 +395,10 @@ pub fn read_record(file: &File, loc: &WalLoc, seg: u64, dst: &mut [u8]) -> Resul
 
 /// State owned by the writer thread.
 struct Writer {
+    fs: DynWalFs,
     dir: PathBuf,
     volume: u64,
+    stamp: segment::Stamp,
     registry: Arc<Mutex<Registry>>,
     next_seq: u64,
     last_seq: Arc<AtomicU64>,
@@ -391,17 +436,18 @@ impl Writer {
         }
     }
 
-    fn current(&self) -> (u64, Arc<File>, u64) {
+    fn current(&self) -> (u64, SegFile, u64) {
         let reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
         let seg = &reg.segs[&reg.current];
         (reg.current, seg.file.clone(), seg.len)
     }
 
-    fn roll(&mut self, old: &File) -> Result<(), WalError> {
+    fn roll(&mut self, old: &dyn WalFile) -> Result<(), WalError> {
         old.sync_data().map_err(|e| io_err("sync WAL segment", e))?;
         let mut reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
         let id = reg.current + 1;
-        let seg = create_segment(&self.dir, id)?;
+        let seg = create_segment(&self.fs, &self.dir, id, self.volume, self.stamp)?;
+        sync_dir(&self.fs, &self.dir)?;
         reg.segs.insert(id, seg);
         reg.current = id;
         Ok(())
@@ -450,7 +496,7 @@ impl Writer {
         }
         let (mut seg_id, mut file, mut off) = self.current();
         if off > 0 && off + total > self.seg_limit {
-            self.roll(&file)?;
+            self.roll(file.as_ref())?;
             (seg_id, file, off) = self.current();
         }
         let mut headers = Vec::new();
@@ -511,7 +557,7 @@ impl Writer {
                     }
                 }
             }
-            write_all_vectored(&file, &mut iov, off)?;
+            write_all_vectored(file.as_ref(), &mut iov, off)?;
         }
         if need_sync {
             file.sync_data().map_err(|e| io_err("sync WAL", e))?;
@@ -532,12 +578,17 @@ impl Writer {
 }
 
 /// `pwritev` until every slice is written.
-fn write_all_vectored(file: &File, iov: &mut [IoSlice<'_>], mut off: u64) -> Result<(), WalError> {
+fn write_all_vectored(
+    file: &dyn WalFile,
+    iov: &mut [IoSlice<'_>],
+    mut off: u64,
+) -> Result<(), WalError> {
     let mut slices: &mut [IoSlice<'_>] = iov;
     // Linux accepts at most IOV_MAX (1024) slices per call.
     while !slices.is_empty() {
         let n = slices.len().min(1024);
-        let written = nix::sys::uio::pwritev(file, &slices[..n], off as libc::off_t)
+        let written = file
+            .write_vectored_at(&slices[..n], off)
             .map_err(|e| io_err("write WAL", e))?;
         if written == 0 {
             return Err(io_err("write WAL", "wrote 0 bytes"));

@@ -1,0 +1,199 @@
+//! Reading a WAL directory without changing it: every segment's header,
+//! its readable records, and where (and why) reading stopped.
+//!
+//! A scan never trusts the files: a record of another volume fails the scan
+//! (the directory belongs to someone else), anything unreadable is reported
+//! as damage at an offset, and nothing on disk is touched.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use super::fs::{read_all, DynWalFs, SegFile};
+use super::record::{decode_at, RecordKind};
+use super::segment::{self, Head, Stamp, SEG_HEADER_LEN};
+use super::{io_err, seg_path, WalError};
+
+/// A record as found on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecMeta {
+    pub seq: u64,
+    pub kind: RecordKind,
+    pub lba: u64,
+    pub sectors: u64,
+    pub more: bool,
+    pub data_crc: u32,
+    /// Offset of the record header in the segment.
+    pub off: u64,
+    /// Offset of its data.
+    pub data_off: u64,
+    /// Offset just past it.
+    pub end: u64,
+}
+
+/// One segment file as read.
+#[derive(Debug)]
+pub struct SegScan {
+    pub id: u64,
+    pub path: PathBuf,
+    pub file: SegFile,
+    /// The header, if the segment has a whole one.
+    pub stamp: Option<Stamp>,
+    pub records: Vec<RecMeta>,
+    /// Bytes up to the end of the last readable record (or the header).
+    pub good_len: u64,
+    /// The file's length.
+    pub len: u64,
+    /// Why reading stopped before `len`, if it did.
+    pub damage: Option<String>,
+}
+
+impl SegScan {
+    /// Bytes a segment of this format holds before its first record.
+    pub fn header_len(&self) -> u64 {
+        if self.stamp.is_some() {
+            SEG_HEADER_LEN as u64
+        } else {
+            0
+        }
+    }
+}
+
+/// Parse a segment file name (`<id:016x>.wal`).
+pub fn parse_seg_name(name: &str) -> Option<u64> {
+    let hex = name.strip_suffix(".wal")?;
+    if hex.len() != 16 {
+        return None;
+    }
+    u64::from_str_radix(hex, 16).ok()
+}
+
+/// Read every segment of `dir` (none if it is missing), oldest first.
+pub fn scan(fs: &DynWalFs, dir: &Path, volume: u64) -> Result<Vec<SegScan>, WalError> {
+    let mut ids: Vec<u64> = fs
+        .list(dir)
+        .map_err(|e| io_err("list WAL directory", e))?
+        .iter()
+        .filter_map(|n| parse_seg_name(n))
+        .collect();
+    ids.sort_unstable();
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        out.push(scan_segment(fs, dir, id, volume)?);
+    }
+    Ok(out)
+}
+
+fn foreign(path: &Path, found: u64, volume: u64) -> WalError {
+    WalError::Io(format!(
+        "{} holds WAL records of volume {found:x}, not {volume:x}",
+        path.display()
+    ))
+}
+
+fn scan_segment(fs: &DynWalFs, dir: &Path, id: u64, volume: u64) -> Result<SegScan, WalError> {
+    let path = seg_path(dir, id);
+    let file = fs
+        .open(&path)
+        .map_err(|e| io_err(&format!("open WAL segment {}", path.display()), e))?;
+    let buf = read_all(file.as_ref())
+        .map_err(|e| io_err(&format!("read WAL segment {}", path.display()), e))?;
+    let mut seg = SegScan {
+        id,
+        path,
+        file,
+        stamp: None,
+        records: Vec::new(),
+        good_len: 0,
+        len: buf.len() as u64,
+        damage: None,
+    };
+    let mut pos = match segment::decode(&buf) {
+        Head::Empty => return Ok(seg),
+        Head::Legacy => 0,
+        Head::Stamped { volume: v, stamp } => {
+            if v != volume {
+                return Err(foreign(&seg.path, v, volume));
+            }
+            seg.stamp = Some(stamp);
+            SEG_HEADER_LEN
+        }
+        Head::Damaged(why) => {
+            seg.damage = Some(why);
+            return Ok(seg);
+        }
+    };
+    seg.good_len = pos as u64;
+    while pos < buf.len() {
+        let (h, data) = match decode_at(&buf, pos) {
+            Ok(r) => r,
+            Err(e) => {
+                seg.damage = Some(e.to_string());
+                break;
+            }
+        };
+        if h.volume != volume {
+            // A whole, checksummed record of another volume is no torn
+            // write: the directory is shared by mistake. Touch nothing.
+            return Err(foreign(&seg.path, h.volume, volume));
+        }
+        seg.records.push(RecMeta {
+            seq: h.seq,
+            kind: h.kind,
+            lba: h.lba,
+            sectors: h.sectors,
+            more: h.more,
+            data_crc: h.data_crc,
+            off: pos as u64,
+            data_off: data.start as u64,
+            end: data.end as u64,
+        });
+        pos = data.end;
+        seg.good_len = pos as u64;
+    }
+    Ok(seg)
+}
+
+/// What a WAL directory says about the history it extends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lineage {
+    /// No record at all: nothing to decide.
+    Empty,
+    /// Records, but no segment header: written before headers existed.
+    Legacy,
+    /// Every `epoch` and `base_epoch` of its segment headers. The WAL
+    /// extends the manifest's history iff its `history_epoch` is in here:
+    /// `history_epoch` is set only to a new writer's own (fresh, higher)
+    /// epoch, so it equals a writer's `base_epoch` only while no writer
+    /// committed since that one opened, and a writer's `epoch` only while
+    /// that writer was the last to commit.
+    Stamped(BTreeSet<u64>),
+}
+
+impl Lineage {
+    pub fn of(scans: &[SegScan]) -> Lineage {
+        let epochs: BTreeSet<u64> = scans
+            .iter()
+            .filter_map(|s| s.stamp)
+            .flat_map(|s| [s.epoch, s.base_epoch])
+            .collect();
+        if !epochs.is_empty() {
+            Lineage::Stamped(epochs)
+        } else if scans.iter().any(|s| !s.records.is_empty()) {
+            Lineage::Legacy
+        } else {
+            Lineage::Empty
+        }
+    }
+}
+
+/// `(records, lowest seq, highest seq)` over the scans.
+pub fn record_span(scans: &[SegScan]) -> (usize, u64, u64) {
+    let mut n = 0;
+    let (mut lo, mut hi) = (u64::MAX, 0);
+    for r in scans.iter().flat_map(|s| &s.records) {
+        n += 1;
+        lo = lo.min(r.seq);
+        hi = hi.max(r.seq);
+    }
+    (n, if n == 0 { 0 } else { lo }, hi)
+}
