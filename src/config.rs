@@ -11,6 +11,7 @@
 //! 5. Errors name the file and the field.
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};

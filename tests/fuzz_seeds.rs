@@ -113,7 +113,17 @@ fn seeds() -> Seeds {
     let mut wal = wal_record(RecordKind::Write, 1, 0, &[7u8; 1024]);
     wal.extend(wal_record(RecordKind::Trim, 2, 16, &[]));
     wal.extend(wal_record(RecordKind::Zero, 3, 32, &[]));
+    let mut stamped = shale::engine::wal::segment::encode(
+        7,
+        shale::engine::wal::segment::Stamp {
+            epoch: 2,
+            base_epoch: 1,
+        },
+    )
+    .to_vec();
+    stamped.extend_from_slice(&wal);
     s.insert(("wal_record", "three-records"), wal);
+    s.insert(("wal_record", "stamped-segment"), stamped);
     // wal_replay: [segments, garbage] then 20-byte record descriptions.
     let mut replay = vec![1u8, 0];
     for (i, kind) in [0u8, 1, 2, 0].into_iter().enumerate() {
@@ -125,7 +135,11 @@ fn seeds() -> Seeds {
         d[13] = 0x30 + i as u8;
         replay.extend(d);
     }
+    let mut stamped = replay.clone();
+    stamped[0] = 1 | 2 | (1 << 4);
     s.insert(("wal_replay", "two-segments"), replay);
+    // Bit 1: each segment starts with a header (base epoch 1).
+    s.insert(("wal_replay", "two-stamped-segments"), stamped);
     // Store objects.
     let data = vec![0x11u8; 4096];
     let header = ChunkHeader {
@@ -162,6 +176,7 @@ fn seeds() -> Seeds {
         created_ms: 1_700_000_000_000,
         checkpoint: checkpoint(),
         parent: None,
+        deleting: false,
     };
     s.insert(("snapshot_object", "mon"), snap.encode());
     let record = shale::catalog::VolumeRecord {
@@ -176,6 +191,15 @@ fn seeds() -> Seeds {
     s.insert(
         ("catalog_records", "volume-record"),
         serde_json::to_vec(&record).unwrap(),
+    );
+    let identity = shale::catalog::local_dir::LocalIdentity {
+        store_id: "3f2a9c".into(),
+        volume_id: 7,
+        dir_id: "b81e07".into(),
+    };
+    s.insert(
+        ("catalog_records", "local-identity"),
+        serde_json::to_vec(&identity).unwrap(),
     );
     // Delta file.
     let mut w = DeltaWriter::new(
@@ -248,7 +272,15 @@ fn seeds_decode_and_match_the_committed_corpus() {
     // Each seed is a valid input for its decoder.
     for ((target, name), bytes) in &seeds {
         let ok = match *target {
+            "wal_record" if *name == "stamped-segment" => {
+                use shale::engine::wal::segment::{decode, Head, SEG_HEADER_LEN};
+                matches!(decode(bytes), Head::Stamped { volume: 7, .. })
+                    && shale::engine::wal::record::decode_at(bytes, SEG_HEADER_LEN).is_ok()
+            }
             "wal_record" => shale::engine::wal::record::decode_at(bytes, 0).is_ok(),
+            "catalog_records" if *name == "local-identity" => {
+                serde_json::from_slice::<shale::catalog::local_dir::LocalIdentity>(bytes).is_ok()
+            }
             "chunk_header" => chunk::decode_header(bytes).is_ok(),
             "checkpoint_manifest" => Checkpoint::decode(bytes).is_ok(),
             "snapshot_object" => SnapshotObject::decode(bytes).is_ok(),

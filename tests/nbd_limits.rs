@@ -7,6 +7,8 @@
 //! Every wait is bounded by a generous guard (`GUARD`) so a regression
 //! fails instead of hanging; no assertion depends on how long anything took.
 
+#[path = "support/cli.rs"]
+mod cli_support;
 mod nbd_support;
 
 use std::sync::Arc;
@@ -198,3 +200,76 @@ async fn shutdown_drops_connections_stuck_past_the_deadline() {
 }
 
 const SIMPLE_REPLY_LEN_BYTES: usize = shale::frontend::nbd::codec::SIMPLE_REPLY_LEN;
+
+/// The real server with a real volume: a client that wrote (unflushed) and
+/// then stopped reading its replies cannot hold up SIGTERM. Past
+/// `nbd.shutdown_timeout_ms` the connection is dropped, the volume flushed
+/// (the unflushed write is in the store afterwards) and its lease released
+/// (`expires_at_ms` 0), and the server exits 0.
+#[tokio::test]
+async fn sigterm_flushes_releases_and_exits_despite_a_stuck_client() {
+    use shale::catalog::lease::read_lease;
+    use shale::catalog::Catalog;
+    use shale::store::fs::FsStore;
+    use shale::store::DynStore;
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+
+    let env = cli_support::CliEnv::with_config(
+        "data_dir: data\nnbd:\n  shutdown_timeout_ms: 300\n  request_timeout_ms: 3600000\n",
+    );
+    env.ok(&["volume", "create", "v", "--size", "64MiB"]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_shale"))
+        .env_remove("SHALE_CONFIG")
+        .env("RUST_LOG", "warn")
+        .arg("--config")
+        .arg(&env.config)
+        .args(["nbd", "serve", "v", "--listen", "127.0.0.1:0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn shale nbd serve");
+    let line = std::io::BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .next()
+        .expect("server exited before listening")
+        .unwrap();
+    let addr = line
+        .strip_prefix("listening on tcp:")
+        .unwrap_or_else(|| panic!("{line}"))
+        .to_string();
+
+    let (mut stuck, size) = RawClient::connect(&addr, "v").await;
+    assert_eq!(size, 64 << 20);
+    let data = pattern(64 << 10, 5);
+    assert_eq!(stuck.write(1, 0, &data).await, 0, "write acknowledged");
+    for h in 0..4 {
+        stuck.send(CMD_READ, 0, 10 + h, 0, 16 << 20).await;
+    }
+    let mut head = [0u8; SIMPLE_REPLY_LEN_BYTES];
+    stuck.stream.read_exact(&mut head).await.unwrap();
+
+    // SAFETY: kill(2) on a child we spawned and have not reaped yet.
+    let rc = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    let status = tokio::time::timeout(
+        GUARD,
+        tokio::task::spawn_blocking(move || child.wait().unwrap()),
+    )
+    .await
+    .expect("the server must exit despite the stuck client")
+    .unwrap();
+    assert!(status.success(), "shale nbd serve exited with {status}");
+    drop(stuck);
+
+    let store: DynStore = Arc::new(FsStore::new(env.path("data/store")));
+    let id = Catalog::new(store.clone()).get("v").await.unwrap().id;
+    let (lease, _) = read_lease(&store, id).await.unwrap().expect("lease record");
+    assert_eq!(lease.expires_at_ms, 0, "the lease was released: {lease:?}");
+    let out = env.path("v.img");
+    env.ok(&["volume", "export", "v", out.to_str().unwrap()]);
+    assert!(
+        file_bytes(&out)[..data.len()] == data[..],
+        "the unflushed write was flushed at shutdown"
+    );
+}

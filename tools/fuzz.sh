@@ -4,13 +4,14 @@
 # fuzz/corpus/<target>/ are read, never modified; new inputs go to a scratch
 # directory. A crashing input is kept in fuzz/artifacts/<target>/.
 #
-#   tools/fuzz.sh            # 30 s per target (what CI runs)
+#   tools/fuzz.sh            # 30 s per target (.ci/run passes 20)
 #   tools/fuzz.sh 600        # the long run: 10 minutes per target
 #   tools/fuzz.sh 60 nbd_session wal_replay
 #
-# Needs cargo-fuzz (`cargo install cargo-fuzz --locked`) and a nightly
-# toolchain; without nightly it uses the stable one with RUSTC_BOOTSTRAP=1
-# (cargo-fuzz passes -Z flags for the sanitizer and coverage).
+# Needs cargo-fuzz (`cargo install cargo-fuzz --locked`). cargo-fuzz passes
+# -Z flags (sanitizer, coverage), so the default toolchain runs with
+# RUSTC_BOOTSTRAP=1: no nightly is needed, and CI and a developer build
+# the same way. SHALE_FUZZ_TOOLCHAIN=nightly uses a nightly instead.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -22,8 +23,8 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
     exit 1
 fi
 toolchain=()
-if cargo +nightly --version >/dev/null 2>&1; then
-    toolchain=(+nightly)
+if [[ -n "${SHALE_FUZZ_TOOLCHAIN:-}" ]]; then
+    toolchain=("+$SHALE_FUZZ_TOOLCHAIN")
 else
     export RUSTC_BOOTSTRAP=1
 fi
