@@ -93,7 +93,8 @@ fn the_binary_creates_only_private_files_whatever_the_umask() {
     let bad = not_private(&data);
     // SAFETY: kill(2) on a child we spawned and have not reaped yet.
     unsafe { libc::kill(server.id() as libc::pid_t, libc::SIGTERM) };
-    assert!(server.wait().unwrap().success());
+    let status = server.wait().unwrap();
+    assert!(status.success(), "shale nbd serve exited with {status}");
     assert!(bad.is_empty(), "not private while serving: {bad:?}");
     let bad = not_private(&data);
     assert!(bad.is_empty(), "not private after serving: {bad:?}");

@@ -185,6 +185,9 @@ async fn serve_devices(
     let exports = ExportMap::new(devices).context("building the export list")?;
     let server = listen::configure(NbdServer::new(exports), &cfg.nbd)?;
     let listeners = listen::bind(&cfg.nbd, args.listen.as_deref(), args.socket.as_deref()).await?;
+    // Before the "listening" lines: whoever waits for them may send SIGTERM
+    // at once, and it must start the orderly shutdown, not kill the process.
+    let shutdown = shutdown_signal()?;
     let mut out = std::io::stdout().lock();
     for l in &listeners {
         writeln!(out, "listening on {}", l.describe())?;
@@ -192,7 +195,6 @@ async fn serve_devices(
     out.flush()?;
     drop(out);
 
-    let shutdown = shutdown_signal()?;
     server.serve(listeners, shutdown).await?;
     log::info!("nbd server stopped");
     Ok(())
