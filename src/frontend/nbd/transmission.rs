@@ -18,8 +18,9 @@
 //!    written within it; otherwise the connection is closed. So a client
 //!    that stops reading its replies releases its share of the global byte
 //!    budget after at most `request_timeout`, and stops only itself.
-//! 6. With an `idle_timeout`, a connection with no request for that long
-//!    (and none in flight) is closed.
+//! 6. With an `idle_timeout`, a connection is closed once it had nothing
+//!    in flight and sent no request for that long (the wait starts when
+//!    its last request in flight ends).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -200,13 +201,25 @@ where
     let outcome = loop {
         while tasks.try_join_next().is_some() {}
         let mut hdr = [0u8; REQUEST_LEN];
-        // Idle only counts while nothing is in flight.
-        let idle = limits.idle_timeout.filter(|_| tasks.is_empty());
-        let first = tokio::select! {
-            biased;
-            _ = wait_true(&mut shutdown) => break Ok(()),
-            _ = tx.closed() => break Err(ConnError::Protocol("reply writer stopped".into())),
-            r = first_byte(&mut reader, idle) => r,
+        // Idle only counts while nothing is in flight: the wait starts over
+        // (now with the idle limit) when the last request in flight ends.
+        // `read_u8` is cancel safe, so restarting it loses no byte.
+        let first = 'wait: loop {
+            let idle = limits.idle_timeout.filter(|_| tasks.is_empty());
+            tokio::select! {
+                biased;
+                _ = wait_true(&mut shutdown) => break 'wait Err(Ok(())),
+                _ = tx.closed() => {
+                    break 'wait Err(Err(ConnError::Protocol("reply writer stopped".into())))
+                }
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => continue 'wait,
+                r = first_byte(&mut reader, idle) => break 'wait Ok(r),
+            }
+        };
+        // Err: the connection ends here, with this outcome.
+        let first = match first {
+            Ok(r) => r,
+            Err(outcome) => break outcome,
         };
         let read = match first {
             Ok(b) => {
