@@ -56,7 +56,8 @@ fuzz_target!(|data: &[u8]| {
             data_crc: crc32c::crc32c(&payload),
             more: h[16] & 1 == 1,
         };
-        let f = &mut files[i % 2 % files.len()];
+        let n = files.len();
+        let f = &mut files[i % 2 % n];
         f.extend_from_slice(&hdr.encode());
         f.extend_from_slice(&payload);
         i += 1;

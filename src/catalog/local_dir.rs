@@ -183,11 +183,10 @@ impl LocalDirClaim {
             path: path.to_path_buf(),
             source,
         };
-        crate::private::create_dir_all(path)
-            .map_err(|source| LocalDirError::Create {
-                path: path.to_path_buf(),
-                source,
-            })?;
+        crate::private::create_dir_all(path).map_err(|source| LocalDirError::Create {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let lock_path = path.join(LOCK_FILE);
         let file = std::fs::OpenOptions::new()
             .read(true)
