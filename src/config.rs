@@ -27,8 +27,6 @@ pub const DEFAULT_DATA_DIR: &str = "/var/lib/shale";
 /// and bounds (what `shale config example` prints). A test checks that it
 /// parses to exactly [`Config::default`].
 pub const EXAMPLE_CONFIG: &str = include_str!("config/example.yaml");
-/// Default for [`NbdConfig::listen`].
-pub const DEFAULT_NBD_LISTEN: &str = "127.0.0.1:10809";
 /// Default for [`MetricsConfig::listen`].
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9810";
 
@@ -174,21 +172,11 @@ impl Default for PoolConfig {
     }
 }
 
-/// NBD server settings.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct NbdConfig {
-    /// Address and port to listen on (`IP:port`). Default `127.0.0.1:10809`.
-    pub listen: SocketAddr,
-}
-
-impl Default for NbdConfig {
-    fn default() -> Self {
-        NbdConfig {
-            listen: DEFAULT_NBD_LISTEN.parse().expect("constant address parses"),
-        }
-    }
-}
+mod nbd;
+pub use nbd::{
+    is_loopback, parse_listen, parse_mode, NbdAccessRule, NbdConfig, NbdTlsConfig,
+    DEFAULT_NBD_PORT, DEFAULT_NBD_SOCKET,
+};
 
 /// The file format: like [`Config`] but with the store optional, because its
 /// default depends on `data_dir`.
@@ -334,12 +322,14 @@ impl Config {
             },
             Some(other) => other,
         };
+        let mut nbd = file.nbd;
+        nbd.resolve_paths(resolve);
         Config {
             data_dir,
             store,
             engine: file.engine,
             pool: file.pool,
-            nbd: file.nbd,
+            nbd,
             lease: file.lease,
             metrics: file.metrics,
         }
@@ -373,12 +363,9 @@ impl Config {
                 format!("{} must be in 1..=100", self.pool.warn_percent),
             ));
         }
-        if self.nbd.listen.port() == 0 {
-            return Err(invalid(
-                "nbd.listen",
-                "port 0 is not allowed: clients need a fixed port".into(),
-            ));
-        }
+        self.nbd
+            .validate()
+            .map_err(|(field, reason)| invalid(&format!("nbd.{field}"), reason))?;
         self.lease
             .validate()
             .map_err(|(field, reason)| invalid(field, reason))?;

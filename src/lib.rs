@@ -13,6 +13,7 @@ pub mod frontend;
 pub mod host;
 pub mod metrics;
 pub mod pool;
+pub mod private;
 pub mod size;
 pub mod store;
 pub mod transfer;

@@ -108,6 +108,9 @@ fn restore_default_sigpipe() {
 }
 
 fn main() -> ExitCode {
+    // Whatever shale creates (WAL, cache, store objects, sockets, exports)
+    // is private to the user it runs as.
+    shale::private::restrict_umask();
     cli::logging::init();
     let cli = Cli::parse();
     if matches!(

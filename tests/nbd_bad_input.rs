@@ -328,6 +328,7 @@ async fn pipelined_requests_beyond_the_in_flight_limits_all_complete() {
     let limits = shale::frontend::nbd::Limits {
         max_requests: 2,
         max_bytes: 0, // raised to the largest request internally
+        ..Default::default()
     };
     let srv = TestServer::start_limited(limits, || async {
         let disk: Arc<dyn BlockDevice> = Arc::new(shale::engine::memdisk::MemDisk::new(64 << 20));

@@ -23,7 +23,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
@@ -183,14 +183,10 @@ impl LocalDirClaim {
             path: path.to_path_buf(),
             source,
         };
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(path)
-            .map_err(|source| LocalDirError::Create {
-                path: path.to_path_buf(),
-                source,
-            })?;
+        crate::private::create_dir_all(path).map_err(|source| LocalDirError::Create {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let lock_path = path.join(LOCK_FILE);
         let file = std::fs::OpenOptions::new()
             .read(true)

@@ -10,9 +10,10 @@ use shale::config::Config;
 use shale::daemon::{self, Attached};
 use shale::engine::memdisk::MemDisk;
 use shale::engine::BlockDevice;
-use shale::frontend::nbd::{ExportMap, Listener, NbdServer};
+use shale::frontend::nbd::{ExportMap, NbdServer};
 use shale::size::parse_size;
 
+mod listen;
 mod scratch;
 
 #[derive(Subcommand, Debug)]
@@ -28,11 +29,14 @@ pub enum NbdCmd {
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// TCP address to listen on. Default: `nbd.listen` from the config
-    /// (127.0.0.1:10809), unless only --socket is given.
+    /// TCP address to listen on (IP:PORT, or IP for port 10809). With
+    /// --listen or --socket, the server listens exactly where these flags
+    /// say; without them, on `nbd.socket` (default /run/shale/nbd.sock) and
+    /// `nbd.listen` (default: no TCP) from the config.
     #[arg(long, value_name = "ADDR")]
     listen: Option<String>,
-    /// Unix socket to listen on (a stale socket file is replaced).
+    /// Unix socket to listen on (a stale socket file is replaced), with
+    /// `nbd.socket_mode` and `nbd.socket_group` from the config.
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
     /// Volumes to export, one export per name. Default: every volume in
@@ -179,24 +183,11 @@ async fn serve_devices(
     devices: Vec<(String, Arc<dyn BlockDevice>)>,
 ) -> anyhow::Result<()> {
     let exports = ExportMap::new(devices).context("building the export list")?;
-    let mut listeners = Vec::new();
-    if args.listen.is_some() || args.socket.is_none() {
-        let addr = match &args.listen {
-            Some(a) => a.clone(),
-            None => cfg.nbd.listen.to_string(),
-        };
-        listeners.push(
-            Listener::bind_tcp(&addr)
-                .await
-                .with_context(|| format!("listening on {addr}"))?,
-        );
-    }
-    if let Some(path) = &args.socket {
-        listeners.push(
-            Listener::bind_unix(path)
-                .with_context(|| format!("listening on {}", path.display()))?,
-        );
-    }
+    let server = listen::configure(NbdServer::new(exports), &cfg.nbd)?;
+    let listeners = listen::bind(&cfg.nbd, args.listen.as_deref(), args.socket.as_deref()).await?;
+    // Before the "listening" lines: whoever waits for them may send SIGTERM
+    // at once, and it must start the orderly shutdown, not kill the process.
+    let shutdown = shutdown_signal()?;
     let mut out = std::io::stdout().lock();
     for l in &listeners {
         writeln!(out, "listening on {}", l.describe())?;
@@ -204,8 +195,7 @@ async fn serve_devices(
     out.flush()?;
     drop(out);
 
-    let shutdown = shutdown_signal()?;
-    NbdServer::new(exports).serve(listeners, shutdown).await?;
+    server.serve(listeners, shutdown).await?;
     log::info!("nbd server stopped");
     Ok(())
 }

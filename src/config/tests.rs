@@ -30,7 +30,11 @@ fn empty_file_gives_defaults() {
         );
         assert_eq!(cfg.pool.warn_percent, 80);
         assert_eq!(cfg.pool.capacity, None);
-        assert_eq!(cfg.nbd.listen.to_string(), "127.0.0.1:10809");
+        assert_eq!(cfg.nbd.listen, None, "no TCP listener unless asked for");
+        assert_eq!(
+            cfg.nbd.socket.as_deref(),
+            Some(Path::new("/run/shale/nbd.sock"))
+        );
         assert_eq!(cfg.lease, LeaseConfig::default());
         assert_eq!(cfg.lease.ttl_seconds, 120);
     }

@@ -13,7 +13,7 @@
 //!    may be reused while it is being read).
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -56,8 +56,8 @@ impl Cache {
         }
         let err =
             |e: std::io::Error| EngineError::LocalIo(format!("read cache {}: {e}", dir.display()));
-        std::fs::create_dir_all(dir).map_err(err)?;
-        let file = OpenOptions::new()
+        crate::private::create_dir_all(dir).map_err(err)?;
+        let file = crate::private::open_options()
             .read(true)
             .write(true)
             .create(true)

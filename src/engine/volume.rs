@@ -221,7 +221,7 @@ impl Volume {
         let rt = tokio::runtime::Handle::try_current().map_err(|_| {
             EngineError::InvalidParams("Volume::open must run inside a tokio runtime".into())
         })?;
-        std::fs::create_dir_all(&params.local_dir)
+        crate::private::create_dir_all(&params.local_dir)
             .map_err(|e| EngineError::LocalIo(format!("{}: {e}", params.local_dir.display())))?;
         let mut rec = recovery::recover(&store, &params, clock.now(), &fs).await?;
         let refs = super::space::load_snapshot_refs(&store, params.id).await;

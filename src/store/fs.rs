@@ -29,7 +29,7 @@
 //!    data through that one descriptor, so it sees exactly one version.
 //! 4. All file I/O runs on tokio's blocking pool, never on the reactor.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Write};
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
@@ -79,14 +79,19 @@ impl FsStore {
     /// directory, so configuration mistakes surface at startup.
     pub async fn ensure_root(&self) -> StoreResult<()> {
         self.blocking(|root| {
-            fs::create_dir_all(root)
+            crate::private::create_dir_all(root)
                 .map_err(|e| io_err("cannot create store directory", root, e))?;
             let probe = root.join(format!(
                 "probe.{}.{}.tmp",
                 std::process::id(),
                 TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
             ));
-            File::create(&probe).map_err(|e| io_err("store directory is not writable", root, e))?;
+            crate::private::open_options()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&probe)
+                .map_err(|e| io_err("store directory is not writable", root, e))?;
             fs::remove_file(&probe).map_err(|e| io_err("cannot remove", &probe, e))
         })
         .await
@@ -207,7 +212,8 @@ fn make_dirs(root: &Path, dir: &Path) -> StoreResult<()> {
     if dir.is_dir() {
         return Ok(());
     }
-    fs::create_dir_all(root).map_err(|e| io_err("cannot create store directory", root, e))?;
+    crate::private::create_dir_all(root)
+        .map_err(|e| io_err("cannot create store directory", root, e))?;
     let rel = dir
         .strip_prefix(root)
         .map_err(|_| StoreError::Permanent(format!("{} is outside the store", dir.display())))?;
@@ -215,7 +221,7 @@ fn make_dirs(root: &Path, dir: &Path) -> StoreResult<()> {
     for component in rel.components() {
         let parent = current.clone();
         current.push(component);
-        match fs::create_dir(&current) {
+        match crate::private::create_new_dir(&current) {
             Ok(()) => fsync_dir(&parent)?,
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(io_err("cannot create directory", &current, e)),
@@ -245,7 +251,7 @@ fn check_precondition(key: &str, mode: &PutMode, current: Option<&ObjectFile>) -
 fn replace_object(p: &KeyPaths, generation: u64, data: &[u8]) -> StoreResult<()> {
     let temp = p.dir.join(format!("{}{OBJECT_SUFFIX}.tmp", p.last));
     let write = || -> io::Result<()> {
-        let mut f = OpenOptions::new()
+        let mut f = crate::private::open_options()
             .write(true)
             .create(true)
             .truncate(true)

@@ -258,10 +258,10 @@ fn spawn_server(
     extra: &[String],
 ) -> anyhow::Result<u32> {
     let exe = std::env::current_exe().context("find the shale binary")?;
-    std::fs::create_dir_all(paths.run_dir.path())
+    shale::private::create_dir_all(paths.run_dir.path())
         .with_context(|| format!("create {}", paths.run_dir.path().display()))?;
     let log_path = paths.run_dir.log_path(volume)?;
-    let log = std::fs::OpenOptions::new()
+    let log = shale::private::open_options()
         .create(true)
         .append(true)
         .open(&log_path)

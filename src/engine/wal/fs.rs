@@ -97,7 +97,7 @@ impl WalFile for RealFile {
 
 impl WalFs for RealFs {
     fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
-        std::fs::create_dir_all(dir)
+        crate::private::create_dir_all(dir)
     }
 
     fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
@@ -116,7 +116,7 @@ impl WalFs for RealFs {
     }
 
     fn create(&self, path: &Path) -> io::Result<SegFile> {
-        let f = OpenOptions::new()
+        let f = crate::private::open_options()
             .read(true)
             .write(true)
             .create(true)

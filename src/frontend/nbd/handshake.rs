@@ -1,6 +1,7 @@
 //! The fixed-newstyle negotiation phase: greet, read client flags, answer
 //! options until the client picks an export (`NBD_OPT_GO` or
-//! `NBD_OPT_EXPORT_NAME`) or leaves (`NBD_OPT_ABORT`, EOF).
+//! `NBD_OPT_EXPORT_NAME`), asks for TLS (`NBD_OPT_STARTTLS`) or leaves
+//! (`NBD_OPT_ABORT`, EOF).
 //!
 //! Invariants:
 //! 1. Every option gets exactly one final reply (ACK or an error) except
@@ -11,9 +12,18 @@
 //! 3. Unknown options get `NBD_REP_ERR_UNSUP`, unknown exports
 //!    `NBD_REP_ERR_UNKNOWN`, malformed data `NBD_REP_ERR_INVALID`; the
 //!    negotiation continues after each of them.
+//! 4. An export the client may not open ([`AccessPolicy::may_open`]) is
+//!    answered exactly like one that does not exist, and `NBD_OPT_LIST`
+//!    leaves it out.
+//! 5. While TLS is required and not yet up, only `NBD_OPT_STARTTLS` and
+//!    `NBD_OPT_ABORT` are served; every other option gets
+//!    `NBD_REP_ERR_TLS_REQD` and `NBD_OPT_EXPORT_NAME` closes.
+//! 6. Nothing is read past the `NBD_OPT_STARTTLS` request before the ACK
+//!    is sent, so the TLS handshake starts on a clean stream.
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use super::access::{AccessPolicy, Peer};
 use super::codec::*;
 use super::export::{Export, ExportMap};
 use super::protocol::*;
@@ -23,33 +33,68 @@ use super::ConnError;
 /// many times over).
 pub const MAX_OPTION_DATA: u32 = 64 << 10;
 
-/// How the negotiation ended.
+/// How one round of option haggling ended.
 #[derive(Debug)]
 pub enum Negotiated {
     /// The client chose this export; transmission starts.
     Transmit(Export),
     /// The client aborted or asked for nothing more; close quietly.
     Ended,
+    /// `NBD_OPT_STARTTLS` was acknowledged: the caller runs the TLS
+    /// handshake and then calls [`options`] again on the TLS stream.
+    StartTls,
 }
 
-/// Run the negotiation on a fresh connection.
-pub async fn negotiate<R, W>(
-    reader: &mut R,
-    writer: &mut W,
-    exports: &ExportMap,
-) -> Result<Negotiated, ConnError>
+/// Where TLS stands for [`options`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsState {
+    /// The server has no TLS: `NBD_OPT_STARTTLS` is unsupported.
+    Off,
+    /// TLS is configured and required but not yet started.
+    Required,
+    /// The connection already runs over TLS.
+    Active,
+}
+
+/// What the negotiation needs to know about the server and the client.
+#[derive(Debug, Clone, Copy)]
+pub struct Gate<'a> {
+    pub exports: &'a ExportMap,
+    pub policy: &'a AccessPolicy,
+    pub peer: &'a Peer,
+}
+
+impl<'a> Gate<'a> {
+    /// An export the client asked for by name and may open.
+    fn lookup(&self, name: &[u8]) -> Option<&'a Export> {
+        let export = self.exports.lookup(name)?;
+        if self.policy.may_open(self.peer, &export.name) {
+            Some(export)
+        } else {
+            log::info!(
+                "{} asked for export {:?}, which the access rules do not give it",
+                self.peer,
+                export.name
+            );
+            None
+        }
+    }
+}
+
+/// Send the greeting and read the client's flags. Returns whether the
+/// client asked for no zero padding after `NBD_OPT_EXPORT_NAME`.
+pub async fn greet<S>(stream: &mut S) -> Result<bool, ConnError>
 where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut greeting = Vec::with_capacity(18);
     greeting.extend_from_slice(&NBD_MAGIC.to_be_bytes());
     greeting.extend_from_slice(&IHAVEOPT.to_be_bytes());
     greeting.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
-    writer.write_all(&greeting).await?;
-    writer.flush().await?;
+    stream.write_all(&greeting).await?;
+    stream.flush().await?;
 
-    let client_flags = reader.read_u32().await?;
+    let client_flags = stream.read_u32().await?;
     if client_flags & !CLIENT_KNOWN_FLAGS != 0 {
         return Err(ConnError::Protocol(format!(
             "unknown client flags {client_flags:#x}"
@@ -60,11 +105,32 @@ where
             "client does not support fixed newstyle negotiation".into(),
         ));
     }
-    let no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
+    Ok(client_flags & CLIENT_NO_ZEROES != 0)
+}
 
+/// [`greet`] then [`options`] for a server without TLS.
+pub async fn negotiate<S>(stream: &mut S, gate: Gate<'_>) -> Result<Negotiated, ConnError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let no_zeroes = greet(stream).await?;
+    options(stream, gate, no_zeroes, TlsState::Off).await
+}
+
+/// Answer options until the client picks an export, leaves, or (when
+/// `tls` is [`TlsState::Required`]) starts TLS.
+pub async fn options<S>(
+    stream: &mut S,
+    gate: Gate<'_>,
+    no_zeroes: bool,
+    tls: TlsState,
+) -> Result<Negotiated, ConnError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     loop {
         let mut hdr = [0u8; OPTION_HEADER_LEN];
-        reader.read_exact(&mut hdr).await?;
+        stream.read_exact(&mut hdr).await?;
         let opt = OptionHeader::decode(&hdr).map_err(|e| ConnError::Protocol(e.to_string()))?;
         if opt.length > MAX_OPTION_DATA {
             return Err(ConnError::Protocol(format!(
@@ -73,12 +139,29 @@ where
             )));
         }
         let mut data = vec![0u8; opt.length as usize];
-        reader.read_exact(&mut data).await?;
+        stream.read_exact(&mut data).await?;
         let reply = |kind, payload: &[u8]| encode_option_reply(opt.option, kind, payload);
+
+        if tls == TlsState::Required && !matches!(opt.option, OPT_STARTTLS | OPT_ABORT) {
+            if opt.option == OPT_EXPORT_NAME {
+                return Err(ConnError::Protocol(
+                    "NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS on a server that requires TLS"
+                        .into(),
+                ));
+            }
+            stream
+                .write_all(&reply(
+                    REP_ERR_TLS_REQD,
+                    b"this server requires TLS: send NBD_OPT_STARTTLS first",
+                ))
+                .await?;
+            stream.flush().await?;
+            continue;
+        }
 
         match opt.option {
             OPT_EXPORT_NAME => {
-                let Some(export) = exports.lookup(&data) else {
+                let Some(export) = gate.lookup(&data) else {
                     return Err(ConnError::Protocol(format!(
                         "NBD_OPT_EXPORT_NAME for unknown export {:?}",
                         String::from_utf8_lossy(&data)
@@ -90,61 +173,73 @@ where
                 if !no_zeroes {
                     out.extend_from_slice(&[0u8; 124]);
                 }
-                writer.write_all(&out).await?;
-                writer.flush().await?;
+                stream.write_all(&out).await?;
+                stream.flush().await?;
                 return Ok(Negotiated::Transmit(export.clone()));
             }
             OPT_ABORT => {
                 // The client may already have closed; a failed ACK is fine.
-                let _ = writer.write_all(&reply(REP_ACK, &[])).await;
-                let _ = writer.flush().await;
+                let _ = stream.write_all(&reply(REP_ACK, &[])).await;
+                let _ = stream.flush().await;
                 return Ok(Negotiated::Ended);
             }
             OPT_LIST if !data.is_empty() => {
-                writer
+                stream
                     .write_all(&reply(REP_ERR_INVALID, b"NBD_OPT_LIST takes no data"))
                     .await?;
             }
             OPT_LIST => {
                 let mut out = Vec::new();
-                for e in exports.iter() {
-                    out.extend(reply(REP_SERVER, &encode_server_entry(&e.name)));
+                for e in gate.exports.iter() {
+                    if gate.policy.may_open(gate.peer, &e.name) {
+                        out.extend(reply(REP_SERVER, &encode_server_entry(&e.name)));
+                    }
                 }
                 out.extend(reply(REP_ACK, &[]));
-                writer.write_all(&out).await?;
+                stream.write_all(&out).await?;
             }
             OPT_INFO | OPT_GO => match InfoRequest::decode(&data) {
                 Err(e) => {
-                    writer
+                    stream
                         .write_all(&reply(REP_ERR_INVALID, e.to_string().as_bytes()))
                         .await?;
                 }
-                Ok(req) => match exports.lookup(&req.name) {
+                Ok(req) => match gate.lookup(&req.name) {
                     None => {
                         let msg =
                             format!("no export named {:?}", String::from_utf8_lossy(&req.name));
-                        writer
+                        stream
                             .write_all(&reply(REP_ERR_UNKNOWN, msg.as_bytes()))
                             .await?;
                     }
                     Some(export) => {
-                        writer
+                        stream
                             .write_all(&describe(opt.option, export, &req.requests))
                             .await?;
                         if opt.option == OPT_GO {
-                            writer.flush().await?;
+                            stream.flush().await?;
                             return Ok(Negotiated::Transmit(export.clone()));
                         }
                     }
                 },
             },
             OPT_STARTTLS => {
-                writer
-                    .write_all(&reply(REP_ERR_UNSUP, b"TLS is not supported"))
-                    .await?;
+                let (kind, msg): (u32, &[u8]) = match tls {
+                    TlsState::Off => (REP_ERR_UNSUP, &b"TLS is not configured on this server"[..]),
+                    TlsState::Active => (REP_ERR_INVALID, &b"TLS is already active"[..]),
+                    TlsState::Required if !data.is_empty() => {
+                        (REP_ERR_INVALID, &b"NBD_OPT_STARTTLS takes no data"[..])
+                    }
+                    TlsState::Required => {
+                        stream.write_all(&reply(REP_ACK, &[])).await?;
+                        stream.flush().await?;
+                        return Ok(Negotiated::StartTls);
+                    }
+                };
+                stream.write_all(&reply(kind, msg)).await?;
             }
             OPT_STRUCTURED_REPLY => {
-                writer
+                stream
                     .write_all(&reply(
                         REP_ERR_UNSUP,
                         b"structured replies are not supported; simple replies only",
@@ -153,12 +248,12 @@ where
             }
             other => {
                 let msg = format!("option {other} is not supported");
-                writer
+                stream
                     .write_all(&reply(REP_ERR_UNSUP, msg.as_bytes()))
                     .await?;
             }
         }
-        writer.flush().await?;
+        stream.flush().await?;
     }
 }
 

@@ -2,8 +2,9 @@
 //! clients (qemu, nbdcopy, nbd-client, fio's nbd engine).
 //!
 //! Protocol subset: fixed newstyle negotiation with `NBD_OPT_EXPORT_NAME`,
-//! `ABORT`, `LIST`, `INFO` and `GO` (structured replies, TLS and metadata
-//! contexts are refused with `NBD_REP_ERR_UNSUP`); simple replies; commands
+//! `ABORT`, `LIST`, `INFO`, `GO` and, when TLS is configured, `STARTTLS`
+//! (structured replies and metadata contexts are refused with
+//! `NBD_REP_ERR_UNSUP`); simple replies; commands
 //! READ, WRITE (+FUA), FLUSH, TRIM (+FUA), WRITE_ZEROES (+FUA, +NO_HOLE) and
 //! DISC. Requests on a connection run concurrently and are answered as they
 //! complete. Offsets and lengths must be multiples of 512 (the advertised
@@ -11,18 +12,24 @@
 //! and the connection stays usable.
 //!
 //! Modules: [`protocol`] (wire constants, error values), [`codec`] (pure
-//! encode/decode), [`export`] (name → device), [`handshake`] (negotiation),
-//! [`transmission`] (request loop), [`server`] (listeners, shutdown).
+//! encode/decode), [`export`] (name → device), [`access`] (who may connect
+//! and open what), [`tls`] and [`cert_name`] (STARTTLS with client
+//! certificates), [`handshake`] (negotiation), [`transmission`] (request
+//! loop, limits), [`server`] (listeners, admission, shutdown).
 
+pub mod access;
+pub mod cert_name;
 pub mod codec;
 pub mod export;
 pub mod handshake;
 pub mod protocol;
 pub mod server;
+pub mod tls;
 pub mod transmission;
 
+pub use access::{AccessPolicy, Cidr, ClientMatch, ExportRule, Peer};
 pub use export::{Export, ExportError, ExportMap};
-pub use server::{serve_connection, Listener, NbdServer, ServerError};
+pub use server::{Listener, NbdServer, ServerError};
 pub use transmission::Limits;
 
 /// Why a connection ended abnormally. Affects that connection only.

@@ -4,15 +4,26 @@
 //! Invariants:
 //! 1. Every request that was read in full gets exactly one reply, unless the
 //!    socket fails first; replies may come out of order (by handle).
-//! 2. Requests in flight are bounded by count and by bytes
-//!    ([`Limits`]): the reader waits for a permit before reading a payload
-//!    or allocating a read buffer, so a connection holds bounded memory.
-//! 3. When the connection ends (DISC, EOF, protocol violation, shutdown),
-//!    no new request is read, every request already read runs to completion
-//!    and its reply is written before [`transmit`] returns.
+//! 2. Requests in flight are bounded by count and by bytes, per connection
+//!    and across all connections ([`Limits`]): the reader waits for its
+//!    permits before reading a payload or allocating a read buffer, so a
+//!    connection holds bounded memory and all of them together too.
+//! 3. When the connection ends (DISC, EOF, protocol violation, shutdown,
+//!    timeout), no new request is read, every request already read runs to
+//!    completion and its reply is written (or dropped, if the writer
+//!    failed) before [`transmit`] returns.
 //! 4. A protocol violation ends this connection only.
+//! 5. A request whose first byte arrived must arrive whole (header and
+//!    payload) within `request_timeout`, and each batch of replies must be
+//!    written within it; otherwise the connection is closed. So a client
+//!    that stops reading its replies releases its share of the global byte
+//!    budget after at most `request_timeout`, and stops only itself.
+//! 6. With an `idle_timeout`, a connection is closed once it had nothing
+//!    in flight and sent no request for that long (the wait starts when
+//!    its last request in flight ends).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
@@ -25,23 +36,61 @@ use super::{wait_true, ConnError};
 use crate::engine::BlockDevice;
 use crate::error::BlockError;
 
-/// Per-connection bounds on work in flight.
+/// Bounds that keep clients from exhausting the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// Requests read but not yet answered. Default 128.
+    /// Requests one connection may have read but not yet answered.
+    /// Default 128.
     pub max_requests: usize,
-    /// Payload and read-buffer bytes held by those requests. Default 128 MiB;
-    /// values below [`MAX_PAYLOAD`] are raised to it so the largest request
-    /// can run.
+    /// Payload and read-buffer bytes one connection's requests may hold.
+    /// Default 64 MiB; values below [`MAX_PAYLOAD`] are raised to it so the
+    /// largest request can run.
     pub max_bytes: usize,
+    /// Connections served at once; more are closed right after accept.
+    /// Default 64.
+    pub max_connections: usize,
+    /// Payload and read-buffer bytes all connections together may hold.
+    /// Default 512 MiB; raised to `max_bytes` if below it.
+    pub max_buffered_bytes: usize,
+    /// Time from accept to the end of negotiation (including TLS).
+    /// Default 10 s.
+    pub handshake_timeout: Duration,
+    /// Time for the rest of a started request to arrive, and for each batch
+    /// of replies to be written. Default 30 s.
+    pub request_timeout: Duration,
+    /// Close a connection with no request for this long. Default none:
+    /// clients such as qemu keep idle connections open for good reasons.
+    pub idle_timeout: Option<Duration>,
+    /// After a shutdown request, how long connections get to finish their
+    /// requests before they are dropped. Default 30 s.
+    pub shutdown_timeout: Duration,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_requests: 128,
-            max_bytes: 128 << 20,
+            max_bytes: 64 << 20,
+            max_connections: 64,
+            max_buffered_bytes: 512 << 20,
+            handshake_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            idle_timeout: None,
+            shutdown_timeout: Duration::from_secs(30),
         }
+    }
+}
+
+impl Limits {
+    /// Per-connection byte budget in semaphore units.
+    fn connection_units(&self) -> usize {
+        self.max_bytes.max(MAX_PAYLOAD as usize) / BYTE_UNIT
+    }
+
+    /// A fresh global byte budget for one server (shared by its connections).
+    pub fn global_budget(&self) -> Arc<Semaphore> {
+        let units = (self.max_buffered_bytes / BYTE_UNIT).max(self.connection_units());
+        Arc::new(Semaphore::new(units))
     }
 }
 
@@ -58,65 +107,131 @@ struct Reply {
 
 struct Permits {
     _request: OwnedSemaphorePermit,
-    _bytes: Option<OwnedSemaphorePermit>,
+    _bytes: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
 }
 
 struct Budget {
     requests: Arc<Semaphore>,
     bytes: Arc<Semaphore>,
+    global: Arc<Semaphore>,
 }
 
 impl Budget {
-    fn new(limits: Limits) -> Budget {
-        let units = limits.max_bytes.max(MAX_PAYLOAD as usize) / BYTE_UNIT;
+    fn new(limits: &Limits, global: Arc<Semaphore>) -> Budget {
         Budget {
             requests: Arc::new(Semaphore::new(limits.max_requests.max(1))),
-            bytes: Arc::new(Semaphore::new(units)),
+            bytes: Arc::new(Semaphore::new(limits.connection_units())),
+            global,
         }
     }
 
-    async fn acquire(&self, bytes: u32) -> Permits {
-        // The semaphores are never closed, so acquiring cannot fail.
-        let request = self.requests.clone().acquire_owned().await;
+    /// Permits for one request holding `bytes`: the connection's first,
+    /// then the server-wide budget. `None` only if a semaphore was closed.
+    async fn acquire(&self, bytes: u32) -> Option<Permits> {
+        let request = self.requests.clone().acquire_owned().await.ok()?;
+        // At most MAX_PAYLOAD / BYTE_UNIT, which both budgets can hold.
         let units = (bytes as usize).div_ceil(BYTE_UNIT) as u32;
         let bytes = if units == 0 {
             None
         } else {
-            self.bytes.clone().acquire_many_owned(units).await.ok()
+            let own = self.bytes.clone().acquire_many_owned(units).await.ok()?;
+            let global = self.global.clone().acquire_many_owned(units).await.ok()?;
+            Some((own, global))
         };
-        Permits {
-            _request: request.expect("request semaphore is never closed"),
+        Some(Permits {
+            _request: request,
             _bytes: bytes,
-        }
+        })
+    }
+}
+
+/// `what` must finish within `limit`, else the connection is closed.
+async fn within<T>(
+    limit: Duration,
+    what: &str,
+    fut: impl std::future::Future<Output = std::io::Result<T>>,
+) -> std::io::Result<T> {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("{what} took longer than {} ms", limit.as_millis()),
+        )),
+    }
+}
+
+/// Wait for the first byte of the next request, or forever.
+async fn first_byte<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    idle: Option<Duration>,
+) -> std::io::Result<u8> {
+    match idle {
+        Some(limit) => within(limit, "waiting for a request (idle)", reader.read_u8()).await,
+        None => reader.read_u8().await,
     }
 }
 
 /// Serve requests for `export` until the client disconnects, violates the
-/// protocol, or `shutdown` becomes true.
+/// protocol, times out, or `shutdown` becomes true. `global` is the
+/// server-wide byte budget ([`Limits::global_budget`]).
 pub async fn transmit<R, W>(
     mut reader: R,
     writer: W,
     export: Export,
     mut shutdown: watch::Receiver<bool>,
     limits: Limits,
+    global: Arc<Semaphore>,
 ) -> Result<(), ConnError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let (tx, rx) = mpsc::unbounded_channel::<Reply>();
-    let writer_task = tokio::spawn(write_replies(writer, rx));
-    let budget = Budget::new(limits);
+    // Aborted if this future is dropped (the server's shutdown deadline),
+    // so a writer stuck on a client that does not read dies with it.
+    let mut writer_task = AbortOnDrop(tokio::spawn(write_replies(
+        writer,
+        rx,
+        limits.request_timeout,
+    )));
+    let budget = Budget::new(&limits, global);
     let mut tasks = JoinSet::new();
+    let timeout = limits.request_timeout;
 
     let outcome = loop {
         while tasks.try_join_next().is_some() {}
         let mut hdr = [0u8; REQUEST_LEN];
-        let read = tokio::select! {
-            biased;
-            _ = wait_true(&mut shutdown) => break Ok(()),
-            _ = tx.closed() => break Err(ConnError::Protocol("reply writer stopped".into())),
-            r = reader.read_exact(&mut hdr) => r,
+        // Idle only counts while nothing is in flight: the wait starts over
+        // (now with the idle limit) when the last request in flight ends.
+        // `read_u8` is cancel safe, so restarting it loses no byte.
+        let first = 'wait: loop {
+            let idle = limits.idle_timeout.filter(|_| tasks.is_empty());
+            tokio::select! {
+                biased;
+                _ = wait_true(&mut shutdown) => break 'wait Err(Ok(())),
+                _ = tx.closed() => {
+                    break 'wait Err(Err(ConnError::Protocol("reply writer stopped".into())))
+                }
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => continue 'wait,
+                r = first_byte(&mut reader, idle) => break 'wait Ok(r),
+            }
+        };
+        // Err: the connection ends here, with this outcome.
+        let first = match first {
+            Ok(r) => r,
+            Err(outcome) => break outcome,
+        };
+        let read = match first {
+            Ok(b) => {
+                hdr[0] = b;
+                within(
+                    timeout,
+                    "the rest of a request header",
+                    reader.read_exact(&mut hdr[1..]),
+                )
+                .await
+            }
+            Err(e) => Err(e),
         };
         match read {
             Ok(_) => {}
@@ -132,8 +247,12 @@ where
             Action::Close(reason) => break Err(ConnError::Protocol(reason)),
             Action::Run(Op::Disconnect) => break Ok(()),
             Action::Reject { error, skip } => {
-                let permits = budget.acquire(0).await;
-                if let Err(e) = skip_bytes(&mut reader, skip).await {
+                let Some(permits) = acquire(&budget, 0, &tx, &mut shutdown).await else {
+                    break Ok(());
+                };
+                if let Err(e) =
+                    within(timeout, "a request payload", skip_bytes(&mut reader, skip)).await
+                {
                     break Err(e.into());
                 }
                 log::debug!("{}: rejecting {req:?} with error {error}", export.name);
@@ -151,11 +270,15 @@ where
             Op::Read { len, .. } | Op::Write { len, .. } => len,
             _ => 0,
         };
-        let permits = budget.acquire(held).await;
+        let Some(permits) = acquire(&budget, held, &tx, &mut shutdown).await else {
+            break Ok(());
+        };
         let payload = match op {
             Op::Write { len, .. } => {
                 let mut buf = vec![0u8; len as usize];
-                if let Err(e) = reader.read_exact(&mut buf).await {
+                if let Err(e) =
+                    within(timeout, "a request payload", reader.read_exact(&mut buf)).await
+                {
                     break Err(e.into());
                 }
                 buf
@@ -181,11 +304,36 @@ where
 
     drop(tx);
     while tasks.join_next().await.is_some() {}
-    let written = writer_task
+    let written = (&mut writer_task.0)
         .await
         .map_err(|e| ConnError::Protocol(format!("reply writer failed: {e}")))?;
     outcome?;
     written.map_err(ConnError::from)
+}
+
+/// A task that is aborted when its handle is dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Permits for the next request; `None` when the connection must end
+/// instead (shutdown, or the reply writer failed and nothing will free the
+/// budget this connection holds).
+async fn acquire(
+    budget: &Budget,
+    bytes: u32,
+    tx: &mpsc::UnboundedSender<Reply>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<Permits> {
+    tokio::select! {
+        p = budget.acquire(bytes) => p,
+        _ = tx.closed() => None,
+        _ = wait_true(shutdown) => None,
+    }
 }
 
 async fn skip_bytes<R: AsyncRead + Unpin>(reader: &mut R, n: u32) -> std::io::Result<()> {
@@ -228,22 +376,28 @@ async fn execute(device: &dyn BlockDevice, op: Op, payload: Vec<u8>) -> (u32, Op
 }
 
 /// Write replies as they come; batch whatever is ready into one flush.
+/// Each reply, and each flush, must complete within `timeout`.
 async fn write_replies<W: AsyncWrite + Unpin>(
     writer: W,
     mut rx: mpsc::UnboundedReceiver<Reply>,
+    timeout: Duration,
 ) -> std::io::Result<()> {
     let mut out = BufWriter::with_capacity(256 << 10, writer);
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
         while let Some(reply) = next {
-            out.write_all(&encode_simple_reply(reply.handle, reply.error))
-                .await?;
-            if let Some(data) = &reply.data {
-                out.write_all(data).await?;
-            }
+            within(timeout, "writing a reply", async {
+                out.write_all(&encode_simple_reply(reply.handle, reply.error))
+                    .await?;
+                if let Some(data) = &reply.data {
+                    out.write_all(data).await?;
+                }
+                Ok(())
+            })
+            .await?;
             next = rx.try_recv().ok();
         }
-        out.flush().await?;
+        within(timeout, "writing replies", out.flush()).await?;
     }
-    out.shutdown().await
+    within(timeout, "closing the connection", out.shutdown()).await
 }

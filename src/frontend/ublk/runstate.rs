@@ -50,6 +50,9 @@ pub struct DeviceRecord {
     pub backing: Vec<String>,
 }
 
+/// Largest run-state record accepted (real ones are a few hundred bytes).
+pub const MAX_RECORD_BYTES: u64 = 64 << 10;
+
 /// Check a volume name for use as a file name and a /dev/shale link.
 pub fn check_volume_name(name: &str) -> Result<(), RunStateError> {
     let ok = !name.is_empty()
@@ -101,23 +104,41 @@ impl RunDir {
     /// Store (replace) the record of `rec.volume`.
     pub fn write(&self, rec: &DeviceRecord) -> Result<(), RunStateError> {
         let path = self.record_path(&rec.volume)?;
-        fs::create_dir_all(&self.dir).map_err(io_err(&self.dir))?;
+        crate::private::create_dir_all(&self.dir).map_err(io_err(&self.dir))?;
         let tmp = self.dir.join(format!(".{}.json.tmp", rec.volume));
         let body = serde_json::to_vec_pretty(rec).map_err(|source| RunStateError::Corrupt {
             path: path.clone(),
             source,
         })?;
-        let mut f = fs::File::create(&tmp).map_err(io_err(&tmp))?;
+        let mut f = crate::private::open_options()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(io_err(&tmp))?;
         f.write_all(&body).map_err(io_err(&tmp))?;
         f.sync_all().map_err(io_err(&tmp))?;
         fs::rename(&tmp, &path).map_err(io_err(&path))?;
         Ok(())
     }
 
-    /// The record of `volume`, if any.
+    /// The record of `volume`, if any. At most [`MAX_RECORD_BYTES`] are
+    /// read: a larger file is corrupt, not a reason to allocate without end.
     pub fn read(&self, volume: &str) -> Result<Option<DeviceRecord>, RunStateError> {
         let path = self.record_path(volume)?;
-        match fs::read(&path) {
+        let read = fs::File::open(&path).and_then(|f| {
+            use std::io::Read;
+            let mut bytes = Vec::new();
+            f.take(MAX_RECORD_BYTES + 1).read_to_end(&mut bytes)?;
+            if bytes.len() as u64 > MAX_RECORD_BYTES {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("run-state record larger than {MAX_RECORD_BYTES} bytes"),
+                ));
+            }
+            Ok(bytes)
+        });
+        match read {
             Ok(bytes) => serde_json::from_slice(&bytes)
                 .map(Some)
                 .map_err(|source| RunStateError::Corrupt { path, source }),

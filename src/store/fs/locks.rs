@@ -1,6 +1,6 @@
 //! The fs store's per-key locks and per-directory generation counters.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -34,7 +34,7 @@ pub(super) struct KeyLock {
 impl KeyLock {
     pub(super) fn acquire(path: &Path) -> StoreResult<KeyLock> {
         loop {
-            let file = OpenOptions::new()
+            let file = crate::private::open_options()
                 .read(true)
                 .write(true)
                 .create(true)
@@ -88,7 +88,7 @@ impl DirCounter {
         let handle = File::open(dir).map_err(|e| io_err("cannot open directory", dir, e))?;
         let locked = flock(handle, dir)?;
         let path = dir.join(".gen");
-        let file = OpenOptions::new()
+        let file = crate::private::open_options()
             .read(true)
             .write(true)
             .create(true)
