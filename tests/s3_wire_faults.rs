@@ -355,40 +355,51 @@ fn outage_with_writes_slows_writes_and_loses_nothing() {
     let mut during = Seen::default();
     let mut after = Seen::default();
     let mut waited_writes = 0u64;
-    let mut ended = false;
     let mut rng = Rng(5);
     let mut gen = model.gens.iter().copied().max().unwrap_or(0);
-    while started.elapsed() < down_for + Duration::from_secs(10) {
-        if !ended && started.elapsed() >= down_for {
+    let ended = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        // The outage ends on a timer: writes may be waiting at the bound.
+        scope.spawn(|| {
+            std::thread::sleep(down_for.saturating_sub(started.elapsed()));
             rig.proxy.set_outage(Outage::None);
-            ended = true;
-        }
-        let seen = if ended { &mut after } else { &mut during };
-        let b = rng.below(model.gens.len() as u64);
-        gen += 1;
-        let t = Instant::now();
-        match c.write_at(b * BLOCK as u64, &block_data(b, gen)) {
-            Ok(()) => {
-                model.gens[b as usize] = gen;
-                let took = t.elapsed();
-                if took > Duration::from_secs(1) {
-                    waited_writes += 1;
-                }
-                seen.writes.push(took);
-            }
-            Err(e) => {
-                seen.errors.push(format!("write block {b}: {e:#}"));
-                break;
-            }
-        }
-        if gen.is_multiple_of(16) {
+            ended.store(true, Ordering::SeqCst);
+        });
+        while started.elapsed() < down_for + Duration::from_secs(10) {
+            let b = rng.below(model.gens.len() as u64);
+            gen += 1;
             let t = Instant::now();
-            match c.flush() {
-                Ok(()) => seen.flushes.push(t.elapsed()),
-                Err(e) => seen.errors.push(format!("flush: {e:#}")),
+            let res = c.write_at(b * BLOCK as u64, &block_data(b, gen));
+            // A write counts as "during" if the outage was on when it began.
+            let seen = if t.duration_since(started) >= down_for {
+                &mut after
+            } else {
+                &mut during
+            };
+            match res {
+                Ok(()) => {
+                    model.gens[b as usize] = gen;
+                    let took = t.elapsed();
+                    if took > Duration::from_secs(1) {
+                        waited_writes += 1;
+                    }
+                    seen.writes.push(took);
+                }
+                Err(e) => {
+                    seen.errors.push(format!("write block {b}: {e:#}"));
+                    break;
+                }
+            }
+            if gen.is_multiple_of(16) {
+                let t = Instant::now();
+                match c.flush() {
+                    Ok(()) => seen.flushes.push(t.elapsed()),
+                    Err(e) => seen.errors.push(format!("flush: {e:#}")),
+                }
             }
         }
-    }
+    });
+    assert!(ended.load(Ordering::SeqCst));
     let most_unstored = sampler.join().expect("sampler");
     rig.proxy.set_outage(Outage::None);
     during.report(&format!("outage: during {outage}s down"));
