@@ -23,7 +23,8 @@
 #   SOAK_SECS=14400 tools/soak.sh           # long form: hours
 #
 # Environment: SOAK_SECS (240), SOAK_CYCLE_SECS (60), SOAK_KEEP_SNAPSHOTS
-# (2), SOAK_SCHEDULE (the proxy's fault pattern, see tools/faultproxy/main.rs),
+# (2), SOAK_KILL_EVERY (1: the kill -9 comes every N cycles; a larger N lets
+# one server live longer, to watch its memory), SOAK_SCHEDULE (the proxy's fault pattern, see tools/faultproxy/main.rs),
 # SOAK_DIR (work directory; default a fresh temporary one, removed on
 # success), SOAK_VOLUME_SIZE (64MiB). Needs moto_server (PyPI moto[server]),
 # fio with its nbd engine, nbdcopy. With CI=true a missing prerequisite fails;
@@ -39,6 +40,7 @@ faultproxy="$bin/shale-faultproxy"
 soak_secs="${SOAK_SECS:-240}"
 cycle_secs="${SOAK_CYCLE_SECS:-60}"
 keep="${SOAK_KEEP_SNAPSHOTS:-2}"
+kill_every="${SOAK_KILL_EVERY:-1}"
 vsize="${SOAK_VOLUME_SIZE:-64MiB}"
 schedule="${SOAK_SCHEDULE:-15:clean,20:mixed=0.1,8:down,15:latency=0.3,6:unavailable,10:mixed=0.2,6:blackhole}"
 
@@ -153,12 +155,17 @@ fio_verify() {
         || { cat "$work/fio-$vol.err" >&2; die "fio $mode on $vol (seed $seed) failed"; }
     python3 - "$work/fio-$vol.json" "$vol" "$mode" <<'PY' >>"$work/fio.log"
 import json, sys
-j = json.load(open(sys.argv[1]))
+text = open(sys.argv[1]).read()
+j = json.loads(text[text.index("{"):])  # fio's nbd engine prints a line first
 job = j["jobs"][0]
 def pct(side):
-    c = job[side].get("clat_ns", {}).get("percentile", {})
-    return " ".join(f"p{k.split('.')[0]}={v/1e6:.2f}ms" for k, v in c.items() if k in ("50.000000", "99.000000", "99.900000"))
-print(f"{sys.argv[2]} {sys.argv[3]}: errors={job['error']} write[{pct('write')}] read[{pct('read')}]")
+    d = job[side]
+    c = d.get("clat_ns", {}).get("percentile", {})
+    names = {"50.000000": "p50", "99.000000": "p99", "99.900000": "p99.9"}
+    parts = [f"{names[k]}={v/1e6:.2f}ms" for k, v in c.items() if k in names]
+    return f"{side} n={d['total_ios']} " + " ".join(parts) + f" max={d.get('clat_ns', {}).get('max', 0)/1e6:.2f}ms"
+sides = ["read"] if sys.argv[3] == "verify_only" else ["write", "read"]
+print(f"{sys.argv[2]} {sys.argv[3]}: errors={job['error']} " + " | ".join(pct(s) for s in sides))
 PY
 }
 
@@ -213,16 +220,21 @@ while (( $(date +%s) - soak_start < soak_secs )); do
     victim=$!
     left=$(( cycle_secs - ($(date +%s) - cycle_start) ))
     sleep $(( left > 5 ? left : 5 ))
-    kill -9 "$server_pid"
-    wait "$server_pid" 2>/dev/null || true
-    wait "$victim" 2>/dev/null || true
-    kills=$((kills + 1))
-    start_server
-    sample_rss & pids+=($!)
+    if (( cycle % kill_every == 0 )); then
+        kill -9 "$server_pid"
+        wait "$server_pid" 2>/dev/null || true
+        wait "$victim" 2>/dev/null || true
+        kills=$((kills + 1))
+        start_server
+        sample_rss & pids+=($!)
+    else
+        kill "$victim" 2>/dev/null || true
+        wait "$victim" 2>/dev/null || true
+    fi
     # What was verified before the kill is still there.
     fio_verify a "$seed_a" verify_only
     fio_verify b "$seed_b" verify_only
-    say "cycle $cycle done: kill -9 #$kills, snapshots a:[${snaps[a]} ] b:[${snaps[b]} ], $(tail -1 "$work/proxy.log")"
+    say "cycle $cycle done: $kills kill -9 so far, RSS $(( $(rss_kib "$server_pid") / 1024 )) MiB, snapshots a:[${snaps[a]} ] b:[${snaps[b]} ], $(tail -1 "$work/proxy.log")"
 done
 
 # --- the end: faults off, exports, last verify, numbers ----------------------
@@ -246,13 +258,16 @@ for v in a b; do
 done
 rm -f "$work/export.img"
 
-say "fio latency (client view, per run):"
-sed 's/^/  /' "$work/fio.log" | tail -8
+say "fio latency (client view, per run; completion latency):"
+sed 's/^/  /' "$work/fio.log"
 python3 - "$rss_log" <<'PY'
 import sys, collections
 lives = collections.OrderedDict()
 for line in open(sys.argv[1]):
-    t, pid, kib = line.split()
+    fields = line.split()
+    if len(fields) != 3:
+        continue  # the process was exiting
+    t, pid, kib = fields
     if int(kib) > 0:
         lives.setdefault(pid, []).append((int(t), int(kib)))
 firsts = [v[0][1] for v in lives.values()]
@@ -264,12 +279,16 @@ growth = [(v[-1][1] - v[0][1]) / 1024 for v in lives.values()]
 print("server RSS growth per life (MiB): " + " ".join(f"{g:+.0f}" for g in growth))
 PY
 for v in a b; do
-    cli volume info "$v" --json | python3 -c '
+    cli volume info "$v" --json >"$work/info-$v.json" || die "volume info $v"
+    python3 - "$work/info-$v.json" "$v" <<'PY'
 import json, sys
-j = json.load(sys.stdin); s = j["space"]
+j = json.load(open(sys.argv[1]))
+s = j["space"]
 live, used, stored = s.get("live", 0), s.get("used", 0), j["stored_bytes"]
-print(f"volume {sys.argv[1]}: stored {stored/2**20:.1f} MiB in {j[\"stored_objects\"]} objects, "
-      f"live {live/2**20:.1f} MiB, used (with snapshots) {used/2**20:.1f} MiB, "
-      f"stored/live {stored/max(live,1):.2f}, stored/used {stored/max(used,1):.2f}")' "$v"
+mib = 2**20
+print(f"volume {sys.argv[2]}: stored {stored/mib:.1f} MiB in {j['stored_objects']} objects, "
+      f"live {live/mib:.1f} MiB, used with snapshots {used/mib:.1f} MiB, "
+      f"stored/live {stored/max(live, 1):.2f}, stored/used {stored/max(used, 1):.2f}")
+PY
 done
 say "PASS: $cycle cycles in $(( $(date +%s) - soak_start ))s, $kills kill -9, $clones clone+flatten, $deletes snapshot deletes, $checked snapshots exported and equal to their references, fio verify clean"
