@@ -22,7 +22,8 @@
 //!    starting a segment: the batch fails with [`WalError::NoSpace`], its
 //!    sequence numbers are given back and the segment is cut back to where
 //!    the batch began (so no part of it can be replayed), and the log goes
-//!    on; later batches succeed once there is space again. A failed
+//!    on; later batches succeed once there is space again (a flush in the
+//!    refused batch still syncs what the log holds). A failed
 //!    `fdatasync` always breaks the log (the page cache can no longer be
 //!    trusted to hold what was written).
 
@@ -498,11 +499,28 @@ impl Writer {
                     let _ = done.send(res);
                 }
                 Req::Sync { done } => {
-                    let _ = done.send(result.as_ref().map(|_| ()).map_err(|e| e.clone()));
+                    let res = match &result {
+                        // The batch's records were refused, but what the
+                        // log already holds can still be made durable.
+                        Err(WalError::NoSpace(_)) => self.sync_current(),
+                        other => other.as_ref().map(|_| ()).map_err(|e| e.clone()),
+                    };
+                    let _ = done.send(res);
                 }
                 Req::Stop => {}
             }
         }
+    }
+
+    /// `fdatasync` the current segment; a failure breaks the log.
+    fn sync_current(&mut self) -> Result<(), WalError> {
+        let (_, file, _) = self.current();
+        file.sync_data().map_err(|e| {
+            let e = io_err("sync WAL", e);
+            log::error!("WAL sync failed, log is now broken: {e}");
+            self.broken = Some(e.clone());
+            e
+        })
     }
 
     /// Write every append of the batch with one `pwritev`; returns their seqs.
