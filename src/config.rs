@@ -397,8 +397,22 @@ fn validate_store(store: &StoreConfig) -> Result<(), (&'static str, String)> {
             prefix,
             endpoint,
             region,
+            request_timeout_ms,
+            min_upload_rate,
             ..
         } => {
+            if !(100..=600_000).contains(request_timeout_ms) {
+                return Err((
+                    "store.request_timeout_ms",
+                    format!("{request_timeout_ms} must be in 100..=600000"),
+                ));
+            }
+            if *min_upload_rate < 1024 {
+                return Err((
+                    "store.min_upload_rate",
+                    format!("{min_upload_rate} must be at least 1KiB"),
+                ));
+            }
             let bucket_ok = (3..=63).contains(&bucket.len())
                 && bucket
                     .chars()

@@ -20,6 +20,13 @@ pub enum BlockError {
         "no space left in the pool (pool.capacity): this write was refused and changed nothing"
     )]
     NoSpace,
+    /// The local disk holding the WAL is full; this write was not logged
+    /// (nothing changed) and writes succeed again once space is freed.
+    #[error(
+        "no space left on the local disk: {0}; this write was refused and changed nothing, \
+         writes succeed again once space is freed"
+    )]
+    LocalNoSpace(String),
     /// This server lost its lease; it must not write.
     #[error("volume is fenced: {0}")]
     Fenced(String),
@@ -39,7 +46,7 @@ impl BlockError {
     pub fn errno(&self) -> i32 {
         match self {
             BlockError::InvalidArgument(_) | BlockError::OutOfRange { .. } => libc::EINVAL,
-            BlockError::NoSpace => libc::ENOSPC,
+            BlockError::NoSpace | BlockError::LocalNoSpace(_) => libc::ENOSPC,
             BlockError::ReadOnly => libc::EROFS,
             BlockError::Fenced(_) | BlockError::Io(_) | BlockError::Closed => libc::EIO,
         }
@@ -85,6 +92,7 @@ mod tests {
     #[test]
     fn errno_mapping() {
         assert_eq!(BlockError::NoSpace.errno(), libc::ENOSPC);
+        assert_eq!(BlockError::LocalNoSpace("x".into()).errno(), libc::ENOSPC);
         assert_eq!(BlockError::Io("x".into()).errno(), libc::EIO);
         assert_eq!(
             BlockError::OutOfRange {

@@ -2,7 +2,8 @@
 # Run every test lane of shale: one release build of all targets, then all
 # tests (unit, store conformance against a real S3 server started by the
 # tests themselves, NBD with real clients, crash tests including 50 kill -9
-# cycles of `shale nbd serve`), then the VM harness for the real kernel ublk
+# cycles of `shale nbd serve`, S3 and local disk faults), then a short soak
+# (tools/soak.sh), then the VM harness for the real kernel ublk
 # path if it is present, then the power-loss lane (power cuts of a VM).
 #
 # Installs nothing (.ci/run does that). Uses CARGO_TARGET_DIR if set.
@@ -20,6 +21,12 @@ cargo build --release --all-targets
 
 step "cargo test --release --no-fail-fast"
 cargo test --release --no-fail-fast
+
+# The soak in its short form (tools/soak.sh: SOAK_SECS, default 240 s):
+# fio verify on two volumes over NBD, live snapshots, deletes, clone +
+# flatten, a kill -9 every minute, S3 faults through shale-faultproxy.
+step "tools/soak.sh $target_dir/release (${SOAK_SECS:-240} s)"
+tools/soak.sh "$target_dir/release"
 
 vm_runner=tools/vm/run.sh
 if [[ -x "$vm_runner" ]]; then

@@ -203,8 +203,14 @@ fn s3_store_parses_with_defaults() {
             endpoint: Some("http://127.0.0.1:5000".into()),
             region: "us-east-1".into(),
             force_path_style: true,
+            request_timeout_ms: 5000,
+            min_upload_rate: 2 << 20,
         }
     );
+    let e = parse("store:\n  type: s3\n  bucket: shale-test\n  request_timeout_ms: 50\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("store.request_timeout_ms"), "{e}");
     assert!(parse("store: {type: memory}\n").is_ok());
 }
 

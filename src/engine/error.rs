@@ -54,6 +54,7 @@ impl From<EngineError> for BlockError {
             EngineError::InvalidParams(m) => BlockError::InvalidArgument(m),
             EngineError::Fenced(m) => BlockError::Fenced(m),
             EngineError::Closed | EngineError::Wal(WalError::Stopped) => BlockError::Closed,
+            EngineError::Wal(WalError::NoSpace(m)) => BlockError::LocalNoSpace(m),
             other => BlockError::Io(other.to_string()),
         }
     }

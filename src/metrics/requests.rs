@@ -59,7 +59,7 @@ fn error_kind(e: &BlockError) -> usize {
     match e {
         BlockError::InvalidArgument(_) => 0,
         BlockError::OutOfRange { .. } => 1,
-        BlockError::NoSpace => 2,
+        BlockError::NoSpace | BlockError::LocalNoSpace(_) => 2,
         BlockError::Fenced(_) => 3,
         BlockError::ReadOnly => 4,
         BlockError::Io(_) => 5,

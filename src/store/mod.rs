@@ -161,6 +161,16 @@ pub enum StoreConfig {
         /// Use path-style addressing (needed by most local servers). Default false.
         #[serde(default)]
         force_path_style: bool,
+        /// Milliseconds a request may wait for the first byte of its
+        /// response (uploads get more, see `min_upload_rate`); then it is
+        /// cut off and retried. Default 5000; 100..=600000.
+        #[serde(default = "default_request_timeout_ms")]
+        request_timeout_ms: u64,
+        /// Upload rate to allow time for: an upload of N bytes may take
+        /// N / min_upload_rate seconds more. Default 2 MiB (per second);
+        /// at least 1 KiB.
+        #[serde(default = "default_min_upload_rate", with = "crate::size::serde_bytes")]
+        min_upload_rate: u64,
     },
 }
 
@@ -209,6 +219,14 @@ pub async fn open_backend(cfg: &StoreConfig) -> StoreResult<DynStore> {
 
 fn default_region() -> String {
     "us-east-1".to_string()
+}
+
+fn default_request_timeout_ms() -> u64 {
+    s3::DEFAULT_REQUEST_TIMEOUT_MS
+}
+
+fn default_min_upload_rate() -> u64 {
+    s3::DEFAULT_MIN_UPLOAD_RATE
 }
 
 /// Longest key in bytes (S3's limit, applied to every backend so keys that

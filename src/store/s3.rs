@@ -19,6 +19,17 @@
 //!   one retry layer, and it alone knows how to resolve a conditional put
 //!   whose response was lost (the SDK would report our own write as 412).
 //! - Empty ranges are answered from `HeadObject` (S3 has no empty byte range).
+//!
+//! # Timeouts
+//! A request that gets no answer is cut off and retried (by the retry
+//! decorator) rather than waited for: a connection taken from the pool may
+//! be dead (reset or silently dropped by the network), and one stuck chunk
+//! upload holds every later chunk back, so writes soon wait at the
+//! unstored bound. Each attempt must see the first byte of its response
+//! within [`S3Settings::request_timeout`], plus, for uploads, the time the
+//! body takes at [`S3Settings::min_upload_rate`]. A response body that
+//! stops flowing is cut off by the SDK's stalled-stream protection (5 s
+//! without progress). [`S3Settings::attempt_timeout`] caps a whole attempt.
 
 use std::ops::Range;
 use std::time::Duration;
@@ -50,11 +61,23 @@ pub struct S3Settings {
     /// Fixed access key id and secret; `None` uses the usual AWS chain
     /// (environment, profile files, instance metadata).
     pub static_credentials: Option<(String, String)>,
-    /// Time limit of one HTTP attempt. Default 60 s.
+    /// Time limit of one HTTP attempt. Default 60 s (raised for uploads
+    /// that need longer at `min_upload_rate`).
     pub attempt_timeout: Duration,
     /// Time limit to establish a connection. Default 5 s.
     pub connect_timeout: Duration,
+    /// Time from sending a request until the first byte of its response,
+    /// not counting the upload of a request body. Default 5 s.
+    pub request_timeout: Duration,
+    /// Uploads get `len / min_upload_rate` more time. Bytes per second;
+    /// default 2 MiB.
+    pub min_upload_rate: u64,
 }
+
+/// Default of [`S3Settings::request_timeout`], in milliseconds.
+pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 5_000;
+/// Default of [`S3Settings::min_upload_rate`], in bytes per second.
+pub const DEFAULT_MIN_UPLOAD_RATE: u64 = 2 << 20;
 
 impl S3Settings {
     /// Settings for the S3 variant of a [`StoreConfig`]; `None` for others.
@@ -66,6 +89,8 @@ impl S3Settings {
                 endpoint,
                 region,
                 force_path_style,
+                request_timeout_ms,
+                min_upload_rate,
             } => Some(S3Settings {
                 bucket: bucket.clone(),
                 prefix: prefix.clone(),
@@ -75,6 +100,8 @@ impl S3Settings {
                 static_credentials: None,
                 attempt_timeout: Duration::from_secs(60),
                 connect_timeout: Duration::from_secs(5),
+                request_timeout: Duration::from_millis(*request_timeout_ms),
+                min_upload_rate: *min_upload_rate,
             }),
             _ => None,
         }
@@ -88,6 +115,31 @@ pub struct S3Store {
     bucket: String,
     /// Empty, or the configured prefix followed by exactly one `/`.
     prefix: String,
+    /// The timeouts uploads are given (see the module docs).
+    timeouts: Timeouts,
+}
+
+/// The timeout settings of a store, for per-upload overrides.
+#[derive(Debug, Clone, Copy)]
+struct Timeouts {
+    connect: Duration,
+    request: Duration,
+    attempt: Duration,
+    /// Bytes per second; at least 1.
+    upload_rate: u64,
+}
+
+impl Timeouts {
+    /// `(first byte, attempt)` limits of an upload of `len` bytes, or
+    /// `None` when the client's own limits already cover it.
+    fn for_upload(&self, len: usize) -> Option<(Duration, Duration)> {
+        let extra = Duration::from_secs_f64(len as f64 / self.upload_rate as f64);
+        if extra < Duration::from_millis(100) {
+            return None;
+        }
+        let first_byte = self.request.saturating_add(extra);
+        Some((first_byte, self.attempt.max(first_byte + self.request)))
+    }
 }
 
 /// What a failed request was trying to do, for error mapping.
@@ -117,6 +169,7 @@ impl S3Store {
             .timeout_config(
                 TimeoutConfig::builder()
                     .connect_timeout(settings.connect_timeout)
+                    .read_timeout(settings.request_timeout)
                     .operation_attempt_timeout(settings.attempt_timeout)
                     .build(),
             );
@@ -135,11 +188,18 @@ impl S3Store {
         if let Some(endpoint) = &settings.endpoint {
             conf = conf.endpoint_url(endpoint.clone());
         }
-        Ok(S3Store::from_client(
+        let mut store = S3Store::from_client(
             Client::from_conf(conf.build()),
             &settings.bucket,
             &settings.prefix,
-        ))
+        );
+        store.timeouts = Timeouts {
+            connect: settings.connect_timeout,
+            request: settings.request_timeout,
+            attempt: settings.attempt_timeout,
+            upload_rate: settings.min_upload_rate.max(1),
+        };
+        Ok(store)
     }
 
     /// Use an already configured client. Its retries should be disabled.
@@ -152,6 +212,12 @@ impl S3Store {
                 String::new()
             } else {
                 format!("{trimmed}/")
+            },
+            timeouts: Timeouts {
+                connect: Duration::from_secs(5),
+                request: Duration::from_millis(DEFAULT_REQUEST_TIMEOUT_MS),
+                attempt: Duration::from_secs(60),
+                upload_rate: DEFAULT_MIN_UPLOAD_RATE,
             },
         }
     }
@@ -280,6 +346,7 @@ impl ObjectStore for S3Store {
 
     async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> StoreResult<Version> {
         let full = self.full_key(key)?;
+        let upload = self.timeouts.for_upload(data.len());
         let mut req = self
             .client
             .put_object()
@@ -297,10 +364,21 @@ impl ObjectStore for S3Store {
                 Intent::IfMatch
             }
         };
-        let out = req
-            .send()
-            .await
-            .map_err(|e| map_err("PutObject", key, intent, e))?;
+        let sent = match upload {
+            None => req.send().await,
+            Some((first_byte, attempt)) => {
+                let timeouts = TimeoutConfig::builder()
+                    .connect_timeout(self.timeouts.connect)
+                    .read_timeout(first_byte)
+                    .operation_attempt_timeout(attempt)
+                    .build();
+                req.customize()
+                    .config_override(aws_sdk_s3::config::Builder::new().timeout_config(timeouts))
+                    .send()
+                    .await
+            }
+        };
+        let out = sent.map_err(|e| map_err("PutObject", key, intent, e))?;
         etag("PutObject", key, out.e_tag())
     }
 
@@ -442,6 +520,23 @@ mod tests {
             );
             assert!(e.to_string().contains(code), "{e}");
         }
+    }
+
+    #[test]
+    fn uploads_get_time_for_their_bytes() {
+        let t = Timeouts {
+            connect: Duration::from_secs(5),
+            request: Duration::from_secs(5),
+            attempt: Duration::from_secs(60),
+            upload_rate: 2 << 20,
+        };
+        assert_eq!(t.for_upload(100 << 10), None, "small: the client's limits");
+        let (first, attempt) = t.for_upload(4 << 20).unwrap();
+        assert_eq!(first, Duration::from_secs(7));
+        assert_eq!(attempt, Duration::from_secs(60));
+        let (first, attempt) = t.for_upload(256 << 20).unwrap();
+        assert_eq!(first, Duration::from_secs(133));
+        assert_eq!(attempt, Duration::from_secs(138));
     }
 
     #[test]

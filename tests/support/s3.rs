@@ -215,6 +215,8 @@ impl MotoServer {
             static_credentials: Some(("shale-test".into(), "shale-test".into())),
             attempt_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(5),
+            min_upload_rate: 2 << 20,
         }
     }
 
@@ -227,6 +229,8 @@ impl MotoServer {
             endpoint: Some(self.endpoint.clone()),
             region: "us-east-1".to_string(),
             force_path_style: true,
+            request_timeout_ms: 5000,
+            min_upload_rate: 2 << 20,
         }
     }
 }

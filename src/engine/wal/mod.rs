@@ -18,6 +18,14 @@
 //! 4. A segment file is deleted only through [`Wal::release_upto`], which the
 //!    engine calls once every record in it is durable in the object store.
 //! 5. Once an I/O error happens the log is broken: every later request fails.
+//!    Except a full file system (ENOSPC, EDQUOT) while writing records or
+//!    starting a segment: the batch fails with [`WalError::NoSpace`], its
+//!    sequence numbers are given back and the segment is cut back to where
+//!    the batch began (so no part of it can be replayed), and the log goes
+//!    on; later batches succeed once there is space again (a flush in the
+//!    refused batch still syncs what the log holds). A failed
+//!    `fdatasync` always breaks the log (the page cache can no longer be
+//!    trusted to hold what was written).
 
 use std::collections::BTreeMap;
 use std::io::IoSlice;
@@ -52,6 +60,9 @@ pub enum WalError {
     Corrupt { seg: u64, off: u64 },
     #[error("WAL segment {0} is gone")]
     SegmentGone(u64),
+    /// The WAL's file system is full: the batch was not written (invariant 5).
+    #[error("no space left for the WAL: {0}")]
+    NoSpace(String),
     /// Damage or a sequence gap where no torn write can be (not at the
     /// tail of the newest segment): corruption the operator must resolve.
     #[error(
@@ -71,6 +82,14 @@ pub enum WalError {
 
 pub(crate) fn io_err(what: &str, e: impl std::fmt::Display) -> WalError {
     WalError::Io(format!("{what}: {e}"))
+}
+
+/// [`io_err`], but a full file system is [`WalError::NoSpace`].
+fn write_err(what: &str, e: std::io::Error) -> WalError {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => WalError::NoSpace(format!("{what}: {e}")),
+        _ => io_err(what, e),
+    }
 }
 
 /// A record once it is in the log, as handed to the `apply` callback.
@@ -180,9 +199,13 @@ fn create_segment(
     let path = seg_path(dir, id);
     let file = fs
         .create(&path)
-        .map_err(|e| io_err("create WAL segment", e))?;
+        .map_err(|e| write_err("create WAL segment", e))?;
     let header = segment::encode(volume, stamp);
-    write_all_vectored(file.as_ref(), &mut [IoSlice::new(&header)], 0)?;
+    if let Err(e) = write_all_vectored(file.as_ref(), &mut [IoSlice::new(&header)], 0) {
+        // Not in the registry yet: leave no half-made segment behind.
+        let _ = fs.remove(&path);
+        return Err(e);
+    }
     Ok(Segment {
         file,
         path,
@@ -455,9 +478,15 @@ impl Writer {
 
     fn process(&mut self, batch: Vec<Req>) {
         let result = self.write_batch(&batch);
-        if let Err(e) = &result {
-            log::error!("WAL write failed, log is now broken: {e}");
-            self.broken = Some(e.clone());
+        match &result {
+            Err(e @ WalError::NoSpace(_)) => {
+                log::error!("WAL write failed, the requests fail with ENOSPC: {e}");
+            }
+            Err(e) => {
+                log::error!("WAL write failed, log is now broken: {e}");
+                self.broken = Some(e.clone());
+            }
+            Ok(_) => {}
         }
         let mut seqs = result.as_ref().ok().map(|s| s.iter());
         for r in batch {
@@ -470,11 +499,28 @@ impl Writer {
                     let _ = done.send(res);
                 }
                 Req::Sync { done } => {
-                    let _ = done.send(result.as_ref().map(|_| ()).map_err(|e| e.clone()));
+                    let res = match &result {
+                        // The batch's records were refused, but what the
+                        // log already holds can still be made durable.
+                        Err(WalError::NoSpace(_)) => self.sync_current(),
+                        other => other.as_ref().map(|_| ()).map_err(|e| e.clone()),
+                    };
+                    let _ = done.send(res);
                 }
                 Req::Stop => {}
             }
         }
+    }
+
+    /// `fdatasync` the current segment; a failure breaks the log.
+    fn sync_current(&mut self) -> Result<(), WalError> {
+        let (_, file, _) = self.current();
+        file.sync_data().map_err(|e| {
+            let e = io_err("sync WAL", e);
+            log::error!("WAL sync failed, log is now broken: {e}");
+            self.broken = Some(e.clone());
+            e
+        })
     }
 
     /// Write every append of the batch with one `pwritev`; returns their seqs.
@@ -502,6 +548,7 @@ impl Writer {
         let mut headers = Vec::new();
         let mut appended = Vec::new();
         let mut pos = off;
+        let first_seq = self.next_seq;
         for r in batch {
             if let Req::Append {
                 kind,
@@ -557,7 +604,17 @@ impl Writer {
                     }
                 }
             }
-            write_all_vectored(file.as_ref(), &mut iov, off)?;
+            if let Err(e) = write_all_vectored(file.as_ref(), &mut iov, off) {
+                if let WalError::NoSpace(_) = e {
+                    // Invariant 5: give the sequence numbers back and cut
+                    // off whatever part of the batch reached the file, so
+                    // the next batch continues the log exactly here.
+                    self.next_seq = first_seq;
+                    file.set_len(off)
+                        .map_err(|c| io_err("cut WAL segment after ENOSPC", c))?;
+                }
+                return Err(e);
+            }
         }
         if need_sync {
             file.sync_data().map_err(|e| io_err("sync WAL", e))?;
@@ -589,7 +646,7 @@ fn write_all_vectored(
         let n = slices.len().min(1024);
         let written = file
             .write_vectored_at(&slices[..n], off)
-            .map_err(|e| io_err("write WAL", e))?;
+            .map_err(|e| write_err("write WAL", e))?;
         if written == 0 {
             return Err(io_err("write WAL", "wrote 0 bytes"));
         }

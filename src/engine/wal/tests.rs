@@ -286,3 +286,131 @@ fn replay_makes_what_it_keeps_durable() {
     let (_, replayed) = replay_on(&fs, dir, 0).unwrap();
     assert_eq!(replayed.len(), 5, "replayed records survive the power cut");
 }
+
+/// A file system whose writes can be held at a gate, and fail with ENOSPC
+/// while `full` is set.
+#[derive(Debug, Default)]
+struct Gate {
+    full: std::sync::atomic::AtomicBool,
+    held: Mutex<bool>,
+    cv: std::sync::Condvar,
+    /// Writes waiting at the gate.
+    waiting: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Debug)]
+struct GatedFs(Arc<Gate>);
+
+#[derive(Debug)]
+struct GatedFile(super::fs::SegFile, Arc<Gate>);
+
+impl super::fs::WalFile for GatedFile {
+    fn write_vectored_at(&self, iov: &[std::io::IoSlice<'_>], off: u64) -> std::io::Result<usize> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let mut held = self.1.held.lock().unwrap();
+        self.1.waiting.fetch_add(1, SeqCst);
+        while *held {
+            held = self.1.cv.wait(held).unwrap();
+        }
+        self.1.waiting.fetch_sub(1, SeqCst);
+        if self.1.full.load(SeqCst) {
+            return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        self.0.write_vectored_at(iov, off)
+    }
+    fn read_exact_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        self.0.read_exact_at(buf, off)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.0.sync_data()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn size(&self) -> std::io::Result<u64> {
+        self.0.size()
+    }
+}
+
+impl super::fs::WalFs for GatedFs {
+    fn create_dir_all(&self, dir: &std::path::Path) -> std::io::Result<()> {
+        super::fs::RealFs.create_dir_all(dir)
+    }
+    fn list(&self, dir: &std::path::Path) -> std::io::Result<Vec<String>> {
+        super::fs::RealFs.list(dir)
+    }
+    fn create(&self, path: &std::path::Path) -> std::io::Result<super::fs::SegFile> {
+        let f = super::fs::RealFs.create(path)?;
+        Ok(Arc::new(GatedFile(f, self.0.clone())))
+    }
+    fn open(&self, path: &std::path::Path) -> std::io::Result<super::fs::SegFile> {
+        let f = super::fs::RealFs.open(path)?;
+        Ok(Arc::new(GatedFile(f, self.0.clone())))
+    }
+    fn remove(&self, path: &std::path::Path) -> std::io::Result<()> {
+        super::fs::RealFs.remove(path)
+    }
+    fn rename(&self, from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+        super::fs::RealFs.rename(from, to)
+    }
+    fn sync_dir(&self, dir: &std::path::Path) -> std::io::Result<()> {
+        super::fs::RealFs.sync_dir(dir)
+    }
+}
+
+/// A full file system refuses a batch's records with `NoSpace` but not a
+/// flush in the same batch; the refused sequence numbers are reused, and
+/// replay sees no gap.
+#[test]
+fn enospc_refuses_the_records_but_not_a_flush_in_the_same_batch() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let dir = tempfile::tempdir().unwrap();
+    let gate = Arc::new(Gate::default());
+    let fs: DynWalFs = Arc::new(GatedFs(gate.clone()));
+    let (wal, _, _) = start_on(&fs, dir.path(), 0, 1 << 20).unwrap();
+    let one = futures::executor::block_on(wal.append(RecordKind::Write, 0, 1, data(1, 1), false));
+    assert_eq!(one, Ok(1));
+    *gate.held.lock().unwrap() = true;
+    std::thread::scope(|s| {
+        // A alone in a batch, held at the gate...
+        let a = s.spawn(|| {
+            futures::executor::block_on(wal.append(RecordKind::Write, 8, 1, data(2, 1), false))
+        });
+        while gate.waiting.load(SeqCst) == 0 {
+            std::thread::yield_now();
+        }
+        // ...while B and a flush queue up behind it: the next batch.
+        let b = wal
+            .submit_many(
+                vec![NewRecord {
+                    kind: RecordKind::Write,
+                    lba: 16,
+                    sectors: 1,
+                    data: data(3, 1),
+                }],
+                false,
+            )
+            .unwrap();
+        let (done, flushed) = futures::channel::oneshot::channel();
+        wal.send(super::Req::Sync { done }).unwrap();
+        gate.full.store(true, SeqCst);
+        *gate.held.lock().unwrap() = false;
+        gate.cv.notify_all();
+        let a = a.join().unwrap();
+        assert!(matches!(a, Err(WalError::NoSpace(_))), "{a:?}");
+        for w in b {
+            let r = futures::executor::block_on(w);
+            assert!(matches!(r, Err(WalError::NoSpace(_))), "{r:?}");
+        }
+        let f = futures::executor::block_on(flushed).unwrap();
+        assert_eq!(f, Ok(()), "the flush in the refused batch");
+    });
+    gate.full.store(false, SeqCst);
+    let next = futures::executor::block_on(wal.append(RecordKind::Write, 24, 1, data(4, 1), true));
+    assert_eq!(next, Ok(2), "the refused sequence numbers are reused");
+    drop(wal);
+    let (_, replayed) = replay_on(&fs, dir.path(), 0).unwrap();
+    let seqs: Vec<u64> = replayed.iter().map(|a| a.seq).collect();
+    assert_eq!(seqs, [1, 2]);
+    assert_eq!(replayed[1].lba, 24);
+}
