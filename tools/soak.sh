@@ -2,7 +2,8 @@
 # Soak (issue 16, item 4): two volumes served over NBD by one `shale nbd
 # serve`, its store on a real S3 server (moto) behind the fault-injecting
 # proxy (shale-faultproxy) running a repeating pattern of S3 trouble, for
-# SOAK_SECS seconds. Each cycle (one per SOAK_CYCLE_SECS, default 60):
+# SOAK_SECS seconds. Each cycle (SOAK_CYCLE_SECS, default 60, from one kill
+# to the next, or longer when its work takes longer):
 #   - fio writes a fresh pattern over the first half of each volume and
 #     verifies it (crc32c, verify_fatal),
 #   - a live snapshot of each volume is taken (the server is running), with
