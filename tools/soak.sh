@@ -2,7 +2,8 @@
 # Soak (issue 16, item 4): two volumes served over NBD by one `shale nbd
 # serve`, its store on a real S3 server (moto) behind the fault-injecting
 # proxy (shale-faultproxy) running a repeating pattern of S3 trouble, for
-# SOAK_SECS seconds. Each cycle (one per SOAK_CYCLE_SECS, default 60):
+# SOAK_SECS seconds. Each cycle (SOAK_CYCLE_SECS, default 60, from one kill
+# to the next, or longer when its work takes longer):
 #   - fio writes a fresh pattern over the first half of each volume and
 #     verifies it (crc32c, verify_fatal),
 #   - a live snapshot of each volume is taken (the server is running), with
@@ -26,7 +27,7 @@
 # (2), SOAK_KILL_EVERY (1: the kill -9 comes every N cycles; a larger N lets
 # one server live longer, to watch its memory), SOAK_SCHEDULE (the proxy's fault pattern, see tools/faultproxy/main.rs),
 # SOAK_DIR (work directory; default a fresh temporary one, removed on
-# success), SOAK_VOLUME_SIZE (64MiB). Needs moto_server (PyPI moto[server]),
+# success), SOAK_VOLUME_SIZE (32MiB). Needs moto_server (PyPI moto[server]),
 # fio with its nbd engine, nbdcopy. With CI=true a missing prerequisite fails;
 # otherwise the soak is skipped with the reason. Exits non-zero on any failure.
 set -euo pipefail
@@ -41,7 +42,7 @@ soak_secs="${SOAK_SECS:-240}"
 cycle_secs="${SOAK_CYCLE_SECS:-60}"
 keep="${SOAK_KEEP_SNAPSHOTS:-2}"
 kill_every="${SOAK_KILL_EVERY:-1}"
-vsize="${SOAK_VOLUME_SIZE:-64MiB}"
+vsize="${SOAK_VOLUME_SIZE:-32MiB}"
 schedule="${SOAK_SCHEDULE:-15:clean,20:mixed=0.1,8:down,15:latency=0.3,6:unavailable,10:mixed=0.2,6:blackhole}"
 
 say() { printf '%s soak: %s\n' "$(date -u +%H:%M:%S)" "$*"; }
@@ -150,6 +151,7 @@ fio_verify() {
     local vol=$1 seed=$2 mode=$3 extra=()
     [[ $mode == verify_only ]] && extra=(--verify_only)
     fio --name="soak-$vol" --ioengine=nbd --uri="$(uri "$vol")" --rw=randwrite --bs=64k \
+        --verify_state_save=0 \
         --offset=0 --size="$half" --iodepth=4 --verify=crc32c --verify_fatal=1 \
         --randseed="$seed" --output-format=json "${extra[@]}" >"$work/fio-$vol.json" 2>"$work/fio-$vol.err" \
         || { cat "$work/fio-$vol.err" >&2; die "fio $mode on $vol (seed $seed) failed"; }
@@ -176,12 +178,12 @@ cycle=0
 seed_a=0; seed_b=0
 declare -A snaps=([a]="" [b]="")
 kills=0; clones=0; deletes=0
+last_kill=$soak_start
 start_server
 sample_rss & pids+=($!)
 
 while (( $(date +%s) - soak_start < soak_secs )); do
     cycle=$((cycle + 1))
-    cycle_start=$(date +%s)
     seed_a=$((1000 + cycle)); seed_b=$((2000 + cycle))
     fio_verify a "$seed_a" write
     fio_verify b "$seed_b" write
@@ -218,10 +220,13 @@ while (( $(date +%s) - soak_start < soak_secs )); do
     fio --name=victim --ioengine=nbd --uri="$(uri a)" --rw=randwrite --bs=16k --offset="$half" \
         --size="$half" --iodepth=8 --time_based --runtime=600 >/dev/null 2>&1 &
     victim=$!
-    left=$(( cycle_secs - ($(date +%s) - cycle_start) ))
+    # The kill comes cycle_secs after the previous one (or 5 s into the
+    # writes if the cycle's work took longer).
+    left=$(( cycle_secs - ($(date +%s) - last_kill) ))
     sleep $(( left > 5 ? left : 5 ))
     if (( cycle % kill_every == 0 )); then
         kill -9 "$server_pid"
+        last_kill=$(date +%s)
         wait "$server_pid" 2>/dev/null || true
         wait "$victim" 2>/dev/null || true
         kills=$((kills + 1))
@@ -230,6 +235,7 @@ while (( $(date +%s) - soak_start < soak_secs )); do
     else
         kill "$victim" 2>/dev/null || true
         wait "$victim" 2>/dev/null || true
+        last_kill=$(date +%s)
     fi
     # What was verified before the kill is still there.
     fio_verify a "$seed_a" verify_only

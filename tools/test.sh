@@ -24,7 +24,7 @@ cargo test --release --no-fail-fast
 
 # The soak in its short form (tools/soak.sh: SOAK_SECS, default 240 s):
 # fio verify on two volumes over NBD, live snapshots, deletes, clone +
-# flatten, a kill -9 every minute, S3 faults through shale-faultproxy.
+# flatten, a kill -9 about every minute, S3 faults through shale-faultproxy.
 step "tools/soak.sh $target_dir/release (${SOAK_SECS:-240} s)"
 tools/soak.sh "$target_dir/release"
 
