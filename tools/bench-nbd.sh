@@ -21,12 +21,14 @@
 #
 # Environment: SHALE_BIN (default: build --release from this checkout),
 # SIZE (default 1G), RUNTIME (seconds, default 10), BENCH_DIR,
-# METRICS_OVERHEAD (default 0).
+# METRICS_OVERHEAD (default 0), ROUNDS (default 1: each job's median over
+# this many interleaved rounds).
 set -euo pipefail
 
 SIZE=${SIZE:-1G}
 RUNTIME=${RUNTIME:-10}
 METRICS_OVERHEAD=${METRICS_OVERHEAD:-0}
+ROUNDS=${ROUNDS:-1}
 BENCH_DIR=${BENCH_DIR:-/var/tmp}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 
@@ -124,29 +126,45 @@ run_fio() { # uri name args... -> json file
         --output-format=json --output="$out" "$@" >/dev/null
 }
 
-for target in "${targets[@]}"; do
-    case $target in
-        shale) uri="nbd://127.0.0.1:$shale_port/bench" ;;
-        shale-off) uri="nbd://127.0.0.1:$off_port/bench-off" ;;
-        *) uri="nbd://127.0.0.1:$qemu_port/bench" ;;
+uri_of() { # target -> NBD URI
+    case $1 in
+        shale) echo "nbd://127.0.0.1:$shale_port/bench" ;;
+        shale-off) echo "nbd://127.0.0.1:$off_port/bench-off" ;;
+        *) echo "nbd://127.0.0.1:$qemu_port/bench" ;;
     esac
+}
+
+for target in "${targets[@]}"; do
     echo "prefilling $target ($SIZE)..." >&2
-    run_fio "$uri" "$work/$target-fill.json" --rw=write --bs=1m --iodepth=8 --fsync_on_close=1
+    run_fio "$(uri_of "$target")" "$work/$target-fill.json" --rw=write --bs=1m --iodepth=8 --fsync_on_close=1
+done
+# Each job runs on every target back to back, ROUNDS times, so load that
+# drifts during the run (shared machines) hits every target alike; the
+# table shows each target's median over the rounds.
+for round in $(seq 1 "$ROUNDS"); do
     for job in "${jobs[@]}"; do
         read -r name args <<<"$job"
-        echo "running $name on $target..." >&2
-        # shellcheck disable=SC2086
-        run_fio "$uri" "$work/$target-$name.json" $args --time_based --runtime="$RUNTIME" --ramp_time=1
+        for target in "${targets[@]}"; do
+            echo "round $round: running $name on $target..." >&2
+            # shellcheck disable=SC2086
+            run_fio "$(uri_of "$target")" "$work/$target-$name-$round.json" $args \
+                --time_based --runtime="$RUNTIME" --ramp_time=1
+        done
     done
 done
 
-python3 - "$work" "$METRICS_OVERHEAD" "${jobs[@]}" <<'EOF'
+python3 - "$work" "$METRICS_OVERHEAD" "$ROUNDS" "${jobs[@]}" <<'EOF'
 import json, sys
-work, overhead, jobs = sys.argv[1], sys.argv[2] == "1", [j.split()[0] for j in sys.argv[3:]]
-def result(target, name):
-    j = json.load(open(f"{work}/{target}-{name}.json"))["jobs"][0]
+import statistics
+work, overhead, rounds = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3])
+jobs = [j.split()[0] for j in sys.argv[4:]]
+def one(target, name, r):
+    j = json.load(open(f"{work}/{target}-{name}-{r}.json"))["jobs"][0]
     side = j["write"] if j["write"]["io_bytes"] > 0 else j["read"]
     return side["iops"], side["bw_bytes"] / 1e6
+def result(target, name):
+    runs = [one(target, name, r) for r in range(1, rounds + 1)]
+    return statistics.median(i for i, _ in runs), statistics.median(b for _, b in runs)
 head = f"{'job':<26}{'shale IOPS':>12}{'shale MB/s':>12}{'qemu IOPS':>12}{'qemu MB/s':>12}{'ratio':>8}"
 if overhead:
     head += f"{'off IOPS':>12}{'metrics on/off':>16}"

@@ -260,7 +260,7 @@ impl ExtentMap {
     /// Store `[start, start+len)` → `loc` as one entry (`len` at most
     /// [`MAX_ENTRY_SECTORS`]), replacing any entry keyed at `start`.
     fn put(&mut self, start: u64, len: u64, loc: Loc) {
-        debug_assert!(len >= 1 && len <= MAX_ENTRY_SECTORS);
+        debug_assert!((1..=MAX_ENTRY_SECTORS).contains(&len));
         let slot = self.pack(len, loc);
         if let Some(old) = self.entries.insert(start, slot) {
             self.release(&old);
