@@ -162,6 +162,16 @@ pub async fn read_snapshot(
     volume: u64,
     id: u64,
 ) -> Result<SnapshotObject, SnapshotError> {
+    Ok(read_snapshot_versioned(store, volume, id).await?.0)
+}
+
+/// [`read_snapshot`], with the version of the object as read (for a
+/// compare-and-swap of it).
+async fn read_snapshot_versioned(
+    store: &DynStore,
+    volume: u64,
+    id: u64,
+) -> Result<(SnapshotObject, crate::store::Version), SnapshotError> {
     let key = snapshot_key(volume, id);
     let obj = get_capped(store, &key, MAX_METADATA_BYTES, "snapshot object").await?;
     let corrupt = |source| SnapshotError::Corrupt {
@@ -170,7 +180,7 @@ pub async fn read_snapshot(
     };
     let snap = SnapshotObject::decode(&obj.data).map_err(corrupt)?;
     snap.validate(volume, id).map_err(corrupt)?;
-    Ok(snap)
+    Ok((snap, obj.version))
 }
 
 /// Failures of snapshot operations.
@@ -537,13 +547,7 @@ pub async fn set_deleting(
     on: bool,
 ) -> Result<SnapshotObject, SnapshotError> {
     let key = snapshot_key(volume, id);
-    let obj = get_capped(store, &key, MAX_METADATA_BYTES, "snapshot object").await?;
-    let corrupt = |source| SnapshotError::Corrupt {
-        key: key.clone(),
-        source,
-    };
-    let snap = SnapshotObject::decode(&obj.data).map_err(corrupt)?;
-    snap.validate(volume, id).map_err(corrupt)?;
+    let (snap, version) = read_snapshot_versioned(store, volume, id).await?;
     if snap.deleting == on {
         return Ok(snap);
     }
@@ -552,11 +556,7 @@ pub async fn set_deleting(
         ..snap
     };
     match store
-        .put(
-            &key,
-            Bytes::from(new.encode()),
-            PutMode::IfMatch(obj.version),
-        )
+        .put(&key, Bytes::from(new.encode()), PutMode::IfMatch(version))
         .await
     {
         Ok(_) => Ok(new),

@@ -229,12 +229,9 @@ mod tests {
     use crate::store::memory::MemoryStore;
     use crate::store::DynStore;
 
-    /// A clone that appears after the delete's first look (its record
-    /// written while the delete waits for the lease) still stops it: the
-    /// snapshot object comes back unchanged (unmarked) and no chunk is
-    /// collected.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn late_clone_stops_a_snapshot_delete() {
+    /// Snapshot operations on a fresh memory store, with the data
+    /// directory (kept alive by the returned guard).
+    fn fixture() -> (tempfile::TempDir, DynStore, Snapshots) {
         let dir = tempfile::tempdir().unwrap();
         let store: DynStore = Arc::new(MemoryStore::new());
         let snaps = Snapshots::new(
@@ -244,6 +241,16 @@ mod tests {
             Arc::new(SystemClock),
             "test",
         );
+        (dir, store, snaps)
+    }
+
+    /// A clone that appears after the delete's first look (its record
+    /// written while the delete waits for the lease) still stops it: the
+    /// snapshot object comes back unchanged (unmarked) and no chunk is
+    /// collected.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn late_clone_stops_a_snapshot_delete() {
+        let (_dir, store, snaps) = fixture();
         let rec = snaps.catalog.create("p", 1 << 20, false, 0).await.unwrap();
         let s = snaps.create("p@s", 0).await.unwrap();
         let skey = snap::snapshot_key(rec.id, s.id);
@@ -268,15 +275,7 @@ mod tests {
     /// delete again finishes it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_interrupted_delete_is_finished_by_running_it_again() {
-        let dir = tempfile::tempdir().unwrap();
-        let store: DynStore = Arc::new(MemoryStore::new());
-        let snaps = Snapshots::new(
-            store.clone(),
-            EngineConfig::default(),
-            dir.path().to_path_buf(),
-            Arc::new(SystemClock),
-            "test",
-        );
+        let (_dir, store, snaps) = fixture();
         let rec = snaps.catalog.create("p", 1 << 20, false, 0).await.unwrap();
         let s = snaps.create("p@s", 0).await.unwrap();
         snap::set_deleting(&store, rec.id, s.id, true)
