@@ -5,6 +5,8 @@
 #[path = "support/cli.rs"]
 mod cli_support;
 
+#[path = "support/engine.rs"]
+mod engine_support;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,24 +16,14 @@ use cli_support::CliEnv;
 use shale::catalog::lease::Lease;
 use shale::catalog::Catalog;
 use shale::clock::SystemClock;
-use shale::engine::config::{Durability, EngineConfig};
+use shale::engine::config::EngineConfig;
 use shale::engine::{BlockDevice, EngineError, Volume, VolumeParams};
 use shale::store::DynStore;
 
 const BLOCK: usize = 4096;
 
 fn engine_cfg() -> EngineConfig {
-    EngineConfig {
-        chunk_size: 4 << 20,
-        destage_interval_ms: 3_600_000,
-        max_unstored_bytes: 64 << 20,
-        max_unstored_seconds: 3600,
-        durability: Durability::Local,
-        checkpoint_every_chunks: 100,
-        cache_size: 1 << 20,
-        store_read_timeout_ms: 60_000,
-        compact_below_percent: 25,
-    }
+    engine_support::destage_on_close(4 << 20)
 }
 
 fn block(i: u64) -> Vec<u8> {

@@ -3,11 +3,13 @@
 //! A killed process keeps the page cache, so these tests run the WAL on
 //! [`PowerLossFs`], which keeps only what was synced when power is lost.
 
+#[path = "support/engine.rs"]
+mod engine_support;
 use std::path::Path;
 use std::sync::Arc;
 
 use shale::clock::SystemClock;
-use shale::engine::config::{Durability, EngineConfig};
+use shale::engine::config::EngineConfig;
 use shale::engine::wal::fs::DynWalFs;
 use shale::engine::wal::power_loss::PowerLossFs;
 use shale::engine::{BlockDevice, EngineError, Volume, VolumeParams};
@@ -20,17 +22,7 @@ const BLOCK: usize = 4096;
 
 /// Destage only on close: writes stay in the WAL until then.
 fn cfg() -> EngineConfig {
-    EngineConfig {
-        chunk_size: 64 << 10,
-        destage_interval_ms: 3_600_000,
-        max_unstored_bytes: 64 << 20,
-        max_unstored_seconds: 3600,
-        durability: Durability::Local,
-        checkpoint_every_chunks: 100,
-        cache_size: 1 << 20,
-        store_read_timeout_ms: 60_000,
-        compact_below_percent: 25,
-    }
+    engine_support::destage_on_close(64 << 10)
 }
 
 fn params(dir: &Path, epoch: u64) -> VolumeParams {

@@ -3,11 +3,13 @@
 //! again after another writer (or a rollback) changed the history, that
 //! WAL is quarantined, never applied.
 
+#[path = "support/engine.rs"]
+mod engine_support;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use shale::clock::SystemClock;
-use shale::engine::config::{Durability, EngineConfig};
+use shale::engine::config::EngineConfig;
 use shale::engine::wal::record::{RecordHeader, RecordKind};
 use shale::engine::{BlockDevice, Volume, VolumeParams};
 use shale::store::memory::MemoryStore;
@@ -19,17 +21,7 @@ const BLOCK: usize = 4096;
 
 /// Destage only on close (or when a snapshot needs it).
 fn cfg() -> EngineConfig {
-    EngineConfig {
-        chunk_size: 4 << 20,
-        destage_interval_ms: 3_600_000,
-        max_unstored_bytes: 64 << 20,
-        max_unstored_seconds: 3600,
-        durability: Durability::Local,
-        checkpoint_every_chunks: 100,
-        cache_size: 1 << 20,
-        store_read_timeout_ms: 60_000,
-        compact_below_percent: 25,
-    }
+    engine_support::destage_on_close(4 << 20)
 }
 
 fn params(dir: &Path, epoch: u64) -> VolumeParams {
