@@ -29,28 +29,17 @@ fn rss() -> Result<u64> {
     Ok(pages * 4096)
 }
 
-/// A small deterministic generator (xorshift64*), so runs compare.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-}
-
 pub fn run(extents: u64) -> Result<()> {
     // A volume 4x the written blocks, so most writes land apart.
     let blocks = extents * 4;
-    let mut rng = Rng(0x5eed_1234_abcd_0001);
+    // Seeded, so runs compare.
+    let mut rng = 0x5eed_1234_abcd_0001u64;
     let before = rss()?;
     let t = Instant::now();
     let mut map = ExtentMap::new();
     let mut written = 0u64;
     while (map.len() as u64) < extents {
-        let lba = (rng.next() % blocks) * (BLOCK / SECTOR);
+        let lba = (crate::next_rand(&mut rng) % blocks) * (BLOCK / SECTOR);
         let chunk = 1 + written / PER_CHUNK;
         let off = (written % PER_CHUNK) * BLOCK;
         map.insert(lba, BLOCK / SECTOR, Loc::Chunk { chunk, off });
