@@ -11,7 +11,7 @@ use shale::engine::checkpoint::{Checkpoint, ChunkInfo};
 use shale::engine::chunk::{self, ChunkExtent, ChunkHeader};
 use shale::engine::snapshot::SnapshotObject;
 use shale::engine::wal::record::{RecordHeader, RecordKind};
-use shale::frontend::nbd::codec::{InfoRequest, OptionHeader, Request};
+use shale::frontend::nbd::codec::{InfoRequest, MetaContextRequest, OptionHeader, Request};
 use shale::frontend::nbd::protocol::*;
 use shale::transfer::delta::{DeltaHeader, DeltaWriter};
 
@@ -104,6 +104,27 @@ fn seeds() -> Seeds {
     session.extend(request(CMD_FLUSH, 4, 0, 0));
     session.extend(request(CMD_DISC, 5, 0, 0));
     s.insert(("nbd_session", "plain-go-write-read"), session);
+    let meta = MetaContextRequest {
+        name: b"a".to_vec(),
+        queries: vec![b"base:allocation".to_vec(), b"qemu:dirty-bitmap:x".to_vec()],
+    }
+    .encode();
+    s.insert(("nbd_codec", "set-meta-context"), meta.clone());
+    let mut status = vec![0u8];
+    status.extend((CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES).to_be_bytes());
+    status.extend(option(OPT_STRUCTURED_REPLY, &[]));
+    status.extend(option(OPT_LIST_META_CONTEXT, &meta));
+    status.extend(option(OPT_SET_META_CONTEXT, &meta));
+    status.extend(option(OPT_GO, &go("a")));
+    status.extend(request(CMD_WRITE, 1, 4096, 4096));
+    status.extend([0x42u8; 4096]);
+    status.extend(request(CMD_BLOCK_STATUS, 2, 0, 1 << 20));
+    status.extend(request(CMD_READ, 3, 0, 8192));
+    status.extend(request(CMD_TRIM, 4, 4096, 4096));
+    status.extend(request(CMD_BLOCK_STATUS, 5, 0, 1 << 20));
+    status.extend(request(CMD_READ, 6, 1 << 20, 512));
+    status.extend(request(CMD_DISC, 7, 0, 0));
+    s.insert(("nbd_session", "structured-block-status"), status);
     let mut tls = vec![1u8];
     tls.extend(CLIENT_FIXED_NEWSTYLE.to_be_bytes());
     tls.extend(option(OPT_GO, &go("a")));
@@ -288,6 +309,9 @@ fn seeds_decode_and_match_the_committed_corpus() {
                 serde_json::from_slice::<shale::catalog::VolumeRecord>(bytes).is_ok()
             }
             "delta_file" => shale::transfer::delta::validate(&bytes[..]).is_ok(),
+            "nbd_codec" if *name == "set-meta-context" => {
+                MetaContextRequest::decode(bytes).is_ok_and(|m| m.queries.len() == 2)
+            }
             "cert_name" => {
                 shale::frontend::nbd::cert_name::common_name(bytes).as_deref() == Some("client-a")
             }

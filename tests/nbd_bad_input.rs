@@ -110,12 +110,22 @@ async fn rejected_requests_get_einval_and_the_connection_stays_usable() {
 async fn negotiation_errors_are_replies_and_negotiation_continues() {
     let (srv, _) = TestServer::memory(&[("a", SIZE), ("b", 2 * SIZE)]);
     let mut c = RawClient::greet(&srv.addr(), CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES).await;
-    // Unknown option, structured replies, TLS.
-    for opt in [99, OPT_STRUCTURED_REPLY, OPT_STARTTLS, 10] {
+    // Unknown options, TLS (not configured), extended headers.
+    for opt in [99, OPT_STARTTLS, 11] {
         c.send_option(opt, &[]).await;
         let (o, kind, _) = c.option_reply().await;
         assert_eq!((o, kind), (opt, REP_ERR_UNSUP));
     }
+    // Metadata contexts need structured replies first.
+    c.send_option(OPT_SET_META_CONTEXT, &[]).await;
+    assert_eq!(
+        c.option_reply().await,
+        (
+            OPT_SET_META_CONTEXT,
+            REP_ERR_INVALID,
+            b"negotiate NBD_OPT_STRUCTURED_REPLY before metadata contexts".to_vec()
+        )
+    );
     // LIST with data is invalid; without data it lists both exports.
     c.send_option(OPT_LIST, b"x").await;
     assert_eq!(c.option_reply().await.1, REP_ERR_INVALID);

@@ -55,7 +55,7 @@ fuzz_target!(|data: &[u8]| {
         let mut stream = Scripted(Cursor::new(script.to_vec()));
         let Ok(no_zeroes) = greet(&mut stream).await else { return };
         let tls = if mode & 1 == 1 { TlsState::Required } else { TlsState::Off };
-        let Ok(Negotiated::Transmit(export)) = options(&mut stream, gate, no_zeroes, tls).await else {
+        let Ok(Negotiated::Transmit(export, features)) = options(&mut stream, gate, no_zeroes, tls).await else {
             return;
         };
         let limits = Limits {
@@ -65,6 +65,6 @@ fuzz_target!(|data: &[u8]| {
             ..Limits::default()
         };
         let (_stop_tx, stop) = tokio::sync::watch::channel(false);
-        let _ = transmit(stream, tokio::io::sink(), export, stop, limits, limits.global_budget()).await;
+        let _ = transmit(stream, tokio::io::sink(), export, features, stop, limits, limits.global_budget()).await;
     });
 });

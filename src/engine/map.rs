@@ -491,7 +491,15 @@ impl ExtentMap {
 
     /// Cover `[start, start+len)` with pieces in order, holes as `loc: None`.
     pub fn lookup(&self, start: u64, len: u64) -> Vec<Piece> {
+        self.lookup_limited(start, len, usize::MAX)
+    }
+
+    /// [`ExtentMap::lookup`], but stop after `max` pieces (at least one):
+    /// the pieces then cover only a prefix of the range, in order. Bounds
+    /// the work done (and time a lock is held) for a huge range.
+    pub fn lookup_limited(&self, start: u64, len: u64, max: usize) -> Vec<Piece> {
         let end = start + len;
+        let max = max.max(1);
         let mut out = Vec::new();
         let mut pos = start;
         let first = self.covering(start);
@@ -500,6 +508,9 @@ impl ExtentMap {
             .range(start..end)
             .map(|(&s, slot)| (s, slot.len(), self.loc_of(slot)));
         for (s, l, loc) in first.into_iter().chain(rest) {
+            if out.len() >= max {
+                return out;
+            }
             if s > pos {
                 out.push(Piece {
                     start: pos,
@@ -507,6 +518,9 @@ impl ExtentMap {
                     loc: None,
                 });
                 pos = s;
+                if out.len() >= max {
+                    return out;
+                }
             }
             let piece_end = end.min(s + l);
             out.push(Piece {
@@ -516,7 +530,7 @@ impl ExtentMap {
             });
             pos = piece_end;
         }
-        if pos < end {
+        if pos < end && out.len() < max {
             out.push(Piece {
                 start: pos,
                 len: end - pos,
@@ -641,6 +655,13 @@ mod tests {
             }]
         );
         assert_eq!(m.lookup(0, 0), vec![]);
+        // A limited lookup returns the first pieces of the full one.
+        let full = m.lookup(5, 40);
+        for max in 1..=full.len() + 1 {
+            let limited = m.lookup_limited(5, 40, max);
+            assert_eq!(limited, full[..max.min(full.len())], "max {max}");
+        }
+        assert_eq!(m.lookup_limited(5, 40, 0), full[..1]);
     }
 
     #[test]

@@ -33,6 +33,7 @@ use async_trait::async_trait;
 
 use crate::error::BlockError;
 
+mod allocation;
 pub mod cache;
 pub mod checkpoint;
 pub mod chunk;
@@ -61,6 +62,7 @@ pub mod volume;
 pub mod wal;
 mod wal_open;
 
+pub use allocation::{Allocation, Extent};
 pub use error::EngineError;
 pub use volume::{Volume, VolumeParams, VolumeStats};
 
@@ -98,6 +100,18 @@ pub trait BlockDevice: Send + Sync {
     /// Zero a range (stored as unmapped, or in a clone as a zero range that
     /// hides the parent; either way it takes no space).
     async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), BlockError>;
+
+    /// How `[offset, offset+len)` is stored, without reading data: runs in
+    /// order, each at least one sector, that cover a prefix of the range
+    /// (all of it unless `max_runs` runs did not suffice; at least one run
+    /// when `len > 0`), adjacent runs differing in [`Allocation`]. Checked
+    /// like a read. The default says "data" for the whole range, which is
+    /// always a safe answer (see [`Allocation`]).
+    fn allocation(&self, offset: u64, len: u64, max_runs: usize) -> Result<Vec<Extent>, BlockError> {
+        check_range(offset, len, self.size())?;
+        let _ = max_runs;
+        Ok(Extent::whole(len, Allocation::Data))
+    }
 }
 
 /// Check alignment and bounds of a ranged request against a device size.

@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+use super::allocation::{Allocation, Extent, Runs};
 use super::checkpoint::{read_manifest, Checkpoint, ChunkInfo, Manifest};
 use super::chunk::{aligned_range, chunk_key, verify_blocks};
 use super::clone::load_chain;
@@ -246,6 +247,30 @@ impl SnapshotView {
         Ok(out)
     }
 
+    /// Append the allocation of sectors `[start, start+len)` to `runs`,
+    /// following unmapped runs down the parent chain. Returns false when
+    /// `runs` (or the map lookup, bounded by `runs`' limit) stopped before
+    /// the end of the range; what was appended is then a prefix of it.
+    pub(crate) fn allocation_into(&self, start: u64, len: u64, runs: &mut Runs) -> bool {
+        let mut covered = 0;
+        for p in self.map.lookup_limited(start, len, runs.max()) {
+            let more = match p.loc {
+                None => match &self.parent {
+                    Some(parent) => parent.allocation_into(p.start, p.len, runs),
+                    None => runs.push(p.len, Allocation::Zero),
+                },
+                // WAL locations never occur in a checkpoint's map.
+                Some(Loc::Zero | Loc::Wal(_)) => runs.push(p.len, Allocation::Zero),
+                Some(Loc::Chunk { .. }) => runs.push(p.len, Allocation::Data),
+            };
+            if !more {
+                return false;
+            }
+            covered += p.len;
+        }
+        covered == len
+    }
+
     /// Where every byte of the view comes from: ranges in ascending order
     /// that cover `[0, size)` exactly, without gaps or overlaps. Ranges
     /// unmapped in this layer take their parent's sources (to any depth);
@@ -354,5 +379,12 @@ impl BlockDevice for SnapshotView {
 
     async fn write_zeroes(&self, _offset: u64, _len: u64, _fua: bool) -> Result<(), BlockError> {
         Err(BlockError::ReadOnly)
+    }
+
+    fn allocation(&self, offset: u64, len: u64, max_runs: usize) -> Result<Vec<Extent>, BlockError> {
+        check_range(offset, len, self.size)?;
+        let mut runs = Runs::new(max_runs);
+        self.allocation_into(offset / SECTOR, len / SECTOR, &mut runs);
+        Ok(runs.into_vec())
     }
 }

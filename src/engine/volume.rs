@@ -618,4 +618,13 @@ impl BlockDevice for Volume {
         self.log_op(RecordKind::Zero, offset, len, Vec::new(), fua)
             .await
     }
+
+    fn allocation(
+        &self,
+        offset: u64,
+        len: u64,
+        max_runs: usize,
+    ) -> Result<Vec<super::Extent>, BlockError> {
+        super::allocation::of_volume(&self.inner, offset, len, max_runs)
+    }
 }

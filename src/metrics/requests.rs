@@ -232,6 +232,16 @@ impl BlockDevice for MeteredDevice {
         self.metrics.record(Op::WriteZeroes, len, t, &r);
         r
     }
+
+    /// Not counted: it reads only the map, never data.
+    fn allocation(
+        &self,
+        offset: u64,
+        len: u64,
+        max_runs: usize,
+    ) -> Result<Vec<crate::engine::Extent>, BlockError> {
+        self.inner.allocation(offset, len, max_runs)
+    }
 }
 
 #[cfg(test)]

@@ -379,11 +379,44 @@ impl RawClient {
         err
     }
 
+    /// Read the next reply, simple or structured chunk, by its magic.
+    pub async fn any_reply(&mut self) -> AnyReply {
+        let mut magic = [0u8; 4];
+        self.stream.read_exact(&mut magic).await.unwrap();
+        match u32::from_be_bytes(magic) {
+            SIMPLE_REPLY_MAGIC => {
+                let mut h = [0u8; SIMPLE_REPLY_LEN];
+                h[..4].copy_from_slice(&magic);
+                self.stream.read_exact(&mut h[4..]).await.unwrap();
+                let (error, handle) = decode_simple_reply(&h).unwrap();
+                AnyReply::Simple { error, handle }
+            }
+            STRUCTURED_REPLY_MAGIC => {
+                let mut h = [0u8; STRUCTURED_REPLY_LEN];
+                h[..4].copy_from_slice(&magic);
+                self.stream.read_exact(&mut h[4..]).await.unwrap();
+                let hdr = ChunkHeader::decode(&h).unwrap();
+                let mut payload = vec![0u8; hdr.length as usize];
+                self.stream.read_exact(&mut payload).await.unwrap();
+                AnyReply::Chunk(hdr, payload)
+            }
+            other => panic!("bad reply magic {other:#x}"),
+        }
+    }
+
     /// True when the server has closed the connection (EOF on read).
     pub async fn closed_by_server(&mut self) -> bool {
         let mut b = [0u8; 1];
         matches!(self.stream.read(&mut b).await, Ok(0) | Err(_))
     }
+}
+
+/// A reply as read by [`RawClient::any_reply`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AnyReply {
+    Simple { error: u32, handle: u64 },
+    /// A structured reply chunk and its payload.
+    Chunk(ChunkHeader, Vec<u8>),
 }
 
 /// Bytes of a file.

@@ -8,6 +8,9 @@
 //!    operation to run, an error reply (after skipping a bounded payload),
 //!    or closing the connection; a payload larger than
 //!    [`MAX_PAYLOAD`] is never read.
+//! 4. Structured reply chunks are only encoded whole (header and payload
+//!    agree on the length); error messages are cut to [`MAX_STRING`] bytes
+//!    on a character boundary.
 
 use super::protocol::*;
 
@@ -15,6 +18,8 @@ use super::protocol::*;
 pub const REQUEST_LEN: usize = 28;
 /// Length of a simple reply header.
 pub const SIMPLE_REPLY_LEN: usize = 16;
+/// Length of a structured reply chunk header.
+pub const STRUCTURED_REPLY_LEN: usize = 20;
 /// Length of an option request header (magic, option, data length).
 pub const OPTION_HEADER_LEN: usize = 16;
 
@@ -79,9 +84,23 @@ impl Request {
     }
 }
 
+/// What a connection negotiated that changes how its requests are read
+/// and answered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Features {
+    /// `NBD_OPT_STRUCTURED_REPLY` was acknowledged: reads (and errors) are
+    /// answered with structured reply chunks.
+    pub structured: bool,
+    /// `base:allocation` was selected for the export in use (only ever
+    /// with `structured`): `NBD_CMD_BLOCK_STATUS` is served.
+    pub allocation: bool,
+}
+
 /// A validated operation ready to run against a device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
+    /// With structured replies, `NBD_CMD_FLAG_DF` is accepted: the data
+    /// always goes out as one chunk.
     Read {
         offset: u64,
         len: u32,
@@ -105,6 +124,13 @@ pub enum Op {
         len: u32,
         fua: bool,
     },
+    /// `base:allocation` of `[offset, offset+len)`; `len` is a hint (see
+    /// [`block_status_span`]).
+    BlockStatus {
+        offset: u64,
+        len: u32,
+        req_one: bool,
+    },
     Disconnect,
 }
 
@@ -112,25 +138,34 @@ pub enum Op {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     Run(Op),
-    /// Skip `skip` payload bytes, then reply with `error`; the connection
-    /// stays usable.
+    /// Skip `skip` payload bytes, then reply with `error` (and, in a
+    /// structured reply, `reason`); the connection stays usable.
     Reject {
         error: u32,
         skip: u32,
+        reason: &'static str,
     },
     /// The stream can no longer be trusted; close the connection.
     Close(String),
 }
 
-/// Decide what a request means. Range checks against the device size are
-/// left to the device ([`crate::engine::check_range`]); this only enforces
-/// what the protocol layer must know before reading a payload.
-pub fn classify(req: &Request) -> Action {
+/// Decide what a request means on a connection that negotiated
+/// `features`. Range checks against the device size are left to the
+/// device ([`crate::engine::check_range`]); this only enforces what the
+/// protocol layer must know before reading a payload.
+pub fn classify(req: &Request, features: Features) -> Action {
     let fua = req.flags & CMD_FLAG_FUA != 0;
     let allowed = |mask: u16| req.flags & !mask == 0;
-    let reject = |skip| Action::Reject {
+    let reject = |skip, reason| Action::Reject {
         error: NBD_EINVAL,
         skip,
+        reason,
+    };
+    const BAD_FLAGS: &str = "command flags not valid for this command";
+    let read_flags = if features.structured {
+        CMD_FLAG_FUA | CMD_FLAG_DF
+    } else {
+        CMD_FLAG_FUA
     };
     let (offset, len) = (req.offset, req.length);
     match req.command {
@@ -140,21 +175,54 @@ pub fn classify(req: &Request) -> Action {
                     "write payload of {len} bytes exceeds the {MAX_PAYLOAD}-byte maximum"
                 ))
             } else if !allowed(CMD_FLAG_FUA) {
-                reject(len)
+                reject(len, BAD_FLAGS)
             } else {
                 Action::Run(Op::Write { offset, len, fua })
             }
         }
-        CMD_READ if len > MAX_PAYLOAD || !allowed(CMD_FLAG_FUA) => reject(0),
+        CMD_READ if len > MAX_PAYLOAD => reject(0, "read longer than the maximum block size"),
+        CMD_READ if !allowed(read_flags) => reject(0, BAD_FLAGS),
         CMD_READ => Action::Run(Op::Read { offset, len }),
         CMD_FLUSH if allowed(CMD_FLAG_FUA) => Action::Run(Op::Flush),
         CMD_TRIM if allowed(CMD_FLAG_FUA) => Action::Run(Op::Trim { offset, len, fua }),
         CMD_WRITE_ZEROES if allowed(CMD_FLAG_FUA | CMD_FLAG_NO_HOLE) => {
             Action::Run(Op::WriteZeroes { offset, len, fua })
         }
+        CMD_BLOCK_STATUS if !features.allocation => reject(
+            0,
+            "NBD_CMD_BLOCK_STATUS needs base:allocation selected with NBD_OPT_SET_META_CONTEXT",
+        ),
+        CMD_BLOCK_STATUS if len == 0 => reject(0, "block status of zero bytes"),
+        CMD_BLOCK_STATUS if allowed(CMD_FLAG_FUA | CMD_FLAG_REQ_ONE) => {
+            Action::Run(Op::BlockStatus {
+                offset,
+                len,
+                req_one: req.flags & CMD_FLAG_REQ_ONE != 0,
+            })
+        }
         CMD_DISC => Action::Run(Op::Disconnect),
-        _ => reject(0),
+        CMD_FLUSH | CMD_TRIM | CMD_WRITE_ZEROES | CMD_BLOCK_STATUS => reject(0, BAD_FLAGS),
+        _ => reject(0, "unknown command"),
     }
+}
+
+/// Longest range one block status request looks at: the largest multiple
+/// of [`MIN_BLOCK`] an extent length (`u32`) can carry.
+pub const MAX_STATUS_SPAN: u64 = (u32::MAX / MIN_BLOCK * MIN_BLOCK) as u64;
+
+/// The byte range a block status request for `len` bytes at `offset`
+/// looks at, on a device of `size` bytes: the request rounded up to whole
+/// blocks (the protocol lets the last extent reach past the requested
+/// length) and cut to [`MAX_STATUS_SPAN`]. `None` (answer `EINVAL`) when
+/// `offset` is not block-aligned, `len` is zero, or the request reaches
+/// past the end of the device.
+pub fn block_status_span(offset: u64, len: u32, size: u64) -> Option<u64> {
+    let end = offset.checked_add(u64::from(len))?;
+    if len == 0 || !offset.is_multiple_of(u64::from(MIN_BLOCK)) || end > size {
+        return None;
+    }
+    let span = u64::from(len).div_ceil(u64::from(MIN_BLOCK)) * u64::from(MIN_BLOCK);
+    Some(span.min(MAX_STATUS_SPAN).min(size - offset))
 }
 
 /// Encode a simple reply header; read data (if any) follows it.
@@ -173,6 +241,131 @@ pub fn decode_simple_reply(buf: &[u8; SIMPLE_REPLY_LEN]) -> Result<(u32, u64), B
         return Err(BadMagic(magic.into()));
     }
     Ok((be_u32(buf, 4), be_u64(buf, 8)))
+}
+
+/// A structured reply chunk header; `length` payload bytes follow it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkHeader {
+    /// `NBD_REPLY_FLAG_*`.
+    pub flags: u16,
+    /// `NBD_REPLY_TYPE_*`.
+    pub kind: u16,
+    pub handle: u64,
+    pub length: u32,
+}
+
+impl ChunkHeader {
+    pub fn encode(&self) -> [u8; STRUCTURED_REPLY_LEN] {
+        let mut b = [0u8; STRUCTURED_REPLY_LEN];
+        b[0..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        b[4..6].copy_from_slice(&self.flags.to_be_bytes());
+        b[6..8].copy_from_slice(&self.kind.to_be_bytes());
+        b[8..16].copy_from_slice(&self.handle.to_be_bytes());
+        b[16..20].copy_from_slice(&self.length.to_be_bytes());
+        b
+    }
+
+    /// Decode a chunk header (what a client reads).
+    pub fn decode(buf: &[u8; STRUCTURED_REPLY_LEN]) -> Result<ChunkHeader, BadMagic> {
+        let magic = be_u32(buf, 0);
+        if magic != STRUCTURED_REPLY_MAGIC {
+            return Err(BadMagic(magic.into()));
+        }
+        Ok(ChunkHeader {
+            flags: be_u16(buf, 4),
+            kind: be_u16(buf, 6),
+            handle: be_u64(buf, 8),
+            length: be_u32(buf, 16),
+        })
+    }
+}
+
+/// A final (`DONE`) chunk of `kind` with `payload`.
+fn final_chunk(handle: u64, kind: u16, payload: &[u8]) -> Vec<u8> {
+    let hdr = ChunkHeader {
+        flags: REPLY_FLAG_DONE,
+        kind,
+        handle,
+        // Payloads built here are bounded (descriptor lists, messages).
+        length: payload.len() as u32,
+    };
+    let mut b = Vec::with_capacity(STRUCTURED_REPLY_LEN + payload.len());
+    b.extend_from_slice(&hdr.encode());
+    b.extend_from_slice(payload);
+    b
+}
+
+/// The final `NBD_REPLY_TYPE_NONE` chunk: success without payload.
+pub fn encode_none_chunk(handle: u64) -> Vec<u8> {
+    final_chunk(handle, REPLY_TYPE_NONE, &[])
+}
+
+/// The start of a final `NBD_REPLY_TYPE_OFFSET_DATA` chunk carrying
+/// `data_len` bytes read at `offset`; the data follows it on the wire.
+/// `data_len` is at most [`MAX_PAYLOAD`].
+pub fn encode_data_chunk_head(handle: u64, offset: u64, data_len: u32) -> [u8; 28] {
+    let hdr = ChunkHeader {
+        flags: REPLY_FLAG_DONE,
+        kind: REPLY_TYPE_OFFSET_DATA,
+        handle,
+        length: 8 + data_len,
+    };
+    let mut b = [0u8; 28];
+    b[..STRUCTURED_REPLY_LEN].copy_from_slice(&hdr.encode());
+    b[STRUCTURED_REPLY_LEN..].copy_from_slice(&offset.to_be_bytes());
+    b
+}
+
+/// A final `NBD_REPLY_TYPE_ERROR` chunk: NBD error value `error` (not 0)
+/// and a message for humans, cut to [`MAX_STRING`] bytes.
+pub fn encode_error_chunk(handle: u64, error: u32, message: &str) -> Vec<u8> {
+    let mut cut = message.len().min(MAX_STRING);
+    while !message.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let msg = &message.as_bytes()[..cut];
+    let mut payload = Vec::with_capacity(6 + msg.len());
+    payload.extend_from_slice(&error.to_be_bytes());
+    payload.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+    payload.extend_from_slice(msg);
+    final_chunk(handle, REPLY_TYPE_ERROR, &payload)
+}
+
+/// A final `NBD_REPLY_TYPE_BLOCK_STATUS` chunk for metadata context
+/// `context`: descriptors `(length, status flags)` in order (at most
+/// [`MAX_EXTENTS`], at least one).
+pub fn encode_block_status_chunk(handle: u64, context: u32, extents: &[(u32, u32)]) -> Vec<u8> {
+    let mut payload = Vec::with_capacity(4 + 8 * extents.len());
+    payload.extend_from_slice(&context.to_be_bytes());
+    for (len, flags) in extents {
+        payload.extend_from_slice(&len.to_be_bytes());
+        payload.extend_from_slice(&flags.to_be_bytes());
+    }
+    final_chunk(handle, REPLY_TYPE_BLOCK_STATUS, &payload)
+}
+
+/// Decode a block status payload: the context id and its descriptors.
+pub fn decode_block_status(payload: &[u8]) -> Result<(u32, Vec<(u32, u32)>), BadOption> {
+    if payload.len() < 12 || (payload.len() - 4) % 8 != 0 {
+        return Err(BadOption("block status payload is not 4 + 8n bytes (n > 0)"));
+    }
+    let extents = payload[4..]
+        .chunks_exact(8)
+        .map(|c| (be_u32(c, 0), be_u32(c, 4)))
+        .collect();
+    Ok((be_u32(payload, 0), extents))
+}
+
+/// Decode an error chunk payload: the error value and the message.
+pub fn decode_error(payload: &[u8]) -> Result<(u32, Vec<u8>), BadOption> {
+    if payload.len() < 6 {
+        return Err(BadOption("error payload shorter than 6 bytes"));
+    }
+    let n = be_u16(payload, 4) as usize;
+    let msg = payload
+        .get(6..6 + n)
+        .ok_or(BadOption("error message longer than the payload"))?;
+    Ok((be_u32(payload, 0), msg.to_vec()))
 }
 
 /// An option request header: option code and the length of its data.
@@ -264,6 +457,77 @@ impl InfoRequest {
         }
         b
     }
+}
+
+/// The data of `NBD_OPT_LIST_META_CONTEXT` / `NBD_OPT_SET_META_CONTEXT`:
+/// an export name and queries (each `namespace:leaf`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetaContextRequest {
+    pub name: Vec<u8>,
+    pub queries: Vec<Vec<u8>>,
+}
+
+impl MetaContextRequest {
+    /// Decode `u32 name length, name, u32 count, count × (u32 length,
+    /// query)`; names and queries are at most [`MAX_STRING`] bytes and the
+    /// data must have exactly that length.
+    pub fn decode(data: &[u8]) -> Result<MetaContextRequest, BadOption> {
+        let mut rest = data;
+        let name = take_string(&mut rest, "export name truncated")?;
+        if rest.len() < 4 {
+            return Err(BadOption("query count truncated"));
+        }
+        let count = be_u32(rest, 0) as usize;
+        rest = &rest[4..];
+        // Each query takes at least 4 bytes: a count the data cannot hold
+        // is refused before anything is allocated for it.
+        if count > rest.len() / 4 {
+            return Err(BadOption("more queries than the data can hold"));
+        }
+        let mut queries = Vec::with_capacity(count);
+        for _ in 0..count {
+            queries.push(take_string(&mut rest, "query truncated")?);
+        }
+        if !rest.is_empty() {
+            return Err(BadOption("bytes after the last query"));
+        }
+        Ok(MetaContextRequest { name, queries })
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(&(self.name.len() as u32).to_be_bytes());
+        b.extend_from_slice(&self.name);
+        b.extend_from_slice(&(self.queries.len() as u32).to_be_bytes());
+        for q in &self.queries {
+            b.extend_from_slice(&(q.len() as u32).to_be_bytes());
+            b.extend_from_slice(q);
+        }
+        b
+    }
+}
+
+/// Take a `u32 length, bytes` string of at most [`MAX_STRING`] bytes off
+/// the front of `rest`; `truncated` says what is missing otherwise.
+fn take_string(rest: &mut &[u8], truncated: &'static str) -> Result<Vec<u8>, BadOption> {
+    if rest.len() < 4 {
+        return Err(BadOption(truncated));
+    }
+    let n = be_u32(rest, 0) as usize;
+    if n > MAX_STRING {
+        return Err(BadOption("string longer than 4096 bytes"));
+    }
+    let s = rest.get(4..4 + n).ok_or(BadOption(truncated))?.to_vec();
+    *rest = &rest[4 + n..];
+    Ok(s)
+}
+
+/// `NBD_REP_META_CONTEXT` payload: context id, name.
+pub fn encode_meta_context(id: u32, name: &str) -> Vec<u8> {
+    let mut b = Vec::with_capacity(4 + name.len());
+    b.extend_from_slice(&id.to_be_bytes());
+    b.extend_from_slice(name.as_bytes());
+    b
 }
 
 /// `NBD_INFO_EXPORT` payload: type, size, transmission flags.

@@ -20,12 +20,18 @@
 //!    `NBD_REP_ERR_TLS_REQD` and `NBD_OPT_EXPORT_NAME` closes.
 //! 6. Nothing is read past the `NBD_OPT_STARTTLS` request before the ACK
 //!    is sent, so the TLS handshake starts on a clean stream.
+//! 7. Negotiated state (structured replies, the selected metadata context)
+//!    lives in one call of [`options`], so nothing chosen before STARTTLS
+//!    survives it. `NBD_OPT_SET_META_CONTEXT` first clears the selection,
+//!    and is refused before `NBD_OPT_STRUCTURED_REPLY`; `base:allocation`
+//!    is served only if it was selected for the export finally chosen.
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::access::{AccessPolicy, Peer};
 use super::codec::*;
 use super::export::{Export, ExportMap};
+use super::meta::selects_allocation;
 use super::protocol::*;
 use super::ConnError;
 
@@ -36,8 +42,9 @@ pub const MAX_OPTION_DATA: u32 = 64 << 10;
 /// How one round of option haggling ended.
 #[derive(Debug)]
 pub enum Negotiated {
-    /// The client chose this export; transmission starts.
-    Transmit(Export),
+    /// The client chose this export; transmission starts with these
+    /// features.
+    Transmit(Export, Features),
     /// The client aborted or asked for nothing more; close quietly.
     Ended,
     /// `NBD_OPT_STARTTLS` was acknowledged: the caller runs the TLS
@@ -128,6 +135,13 @@ pub async fn options<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let mut structured = false;
+    // The export name `base:allocation` was selected for (invariant 7).
+    let mut allocation_for: Option<String> = None;
+    let features = |export: &Export, structured: bool, allocation_for: &Option<String>| Features {
+        structured,
+        allocation: structured && allocation_for.as_deref() == Some(export.name.as_str()),
+    };
     loop {
         let mut hdr = [0u8; OPTION_HEADER_LEN];
         stream.read_exact(&mut hdr).await?;
@@ -169,13 +183,14 @@ where
                 };
                 let mut out = Vec::with_capacity(134);
                 out.extend_from_slice(&export.device.size().to_be_bytes());
-                out.extend_from_slice(&EXPORT_FLAGS.to_be_bytes());
+                out.extend_from_slice(&export_flags(structured).to_be_bytes());
                 if !no_zeroes {
                     out.extend_from_slice(&[0u8; 124]);
                 }
                 stream.write_all(&out).await?;
                 stream.flush().await?;
-                return Ok(Negotiated::Transmit(export.clone()));
+                let features = features(export, structured, &allocation_for);
+                return Ok(Negotiated::Transmit(export.clone(), features));
             }
             OPT_ABORT => {
                 // The client may already have closed; a failed ACK is fine.
@@ -214,11 +229,12 @@ where
                     }
                     Some(export) => {
                         stream
-                            .write_all(&describe(opt.option, export, &req.requests))
+                            .write_all(&describe(opt.option, export, &req.requests, structured))
                             .await?;
                         if opt.option == OPT_GO {
                             stream.flush().await?;
-                            return Ok(Negotiated::Transmit(export.clone()));
+                            let features = features(export, structured, &allocation_for);
+                            return Ok(Negotiated::Transmit(export.clone(), features));
                         }
                     }
                 },
@@ -238,13 +254,40 @@ where
                 };
                 stream.write_all(&reply(kind, msg)).await?;
             }
-            OPT_STRUCTURED_REPLY => {
+            OPT_STRUCTURED_REPLY if !data.is_empty() => {
                 stream
                     .write_all(&reply(
-                        REP_ERR_UNSUP,
-                        b"structured replies are not supported; simple replies only",
+                        REP_ERR_INVALID,
+                        b"NBD_OPT_STRUCTURED_REPLY takes no data",
                     ))
                     .await?;
+            }
+            OPT_STRUCTURED_REPLY => {
+                structured = true;
+                stream.write_all(&reply(REP_ACK, &[])).await?;
+            }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                let setting = opt.option == OPT_SET_META_CONTEXT;
+                if setting {
+                    allocation_for = None;
+                }
+                let out = match meta_context(gate, structured, setting, &data) {
+                    Err((kind, msg)) => reply(kind, msg.as_bytes()),
+                    Ok(None) => reply(REP_ACK, &[]),
+                    Ok(Some(export)) => {
+                        let id = if setting { META_ALLOCATION_ID } else { 0 };
+                        if setting {
+                            allocation_for = Some(export.name.clone());
+                        }
+                        let mut out = reply(
+                            REP_META_CONTEXT,
+                            &encode_meta_context(id, META_BASE_ALLOCATION),
+                        );
+                        out.extend(reply(REP_ACK, &[]));
+                        out
+                    }
+                };
+                stream.write_all(&out).await?;
             }
             other => {
                 let msg = format!("option {other} is not supported");
@@ -257,13 +300,42 @@ where
     }
 }
 
+/// Answer `NBD_OPT_LIST_META_CONTEXT` (`setting` false) or
+/// `NBD_OPT_SET_META_CONTEXT`: the export whose `base:allocation` the
+/// queries list or select, `None` when they name no context, or the error
+/// reply to send.
+fn meta_context<'a>(
+    gate: Gate<'a>,
+    structured: bool,
+    setting: bool,
+    data: &[u8],
+) -> Result<Option<&'a Export>, (u32, String)> {
+    if !structured {
+        return Err((
+            REP_ERR_INVALID,
+            "negotiate NBD_OPT_STRUCTURED_REPLY before metadata contexts".into(),
+        ));
+    }
+    let req = MetaContextRequest::decode(data).map_err(|e| (REP_ERR_INVALID, e.to_string()))?;
+    let Some(export) = gate.lookup(&req.name) else {
+        let name = String::from_utf8_lossy(&req.name);
+        return Err((REP_ERR_UNKNOWN, format!("no export named {name:?}")));
+    };
+    match selects_allocation(&req.queries, !setting) {
+        Err(e) => Err((REP_ERR_INVALID, e.to_string())),
+        Ok(true) => Ok(Some(export)),
+        Ok(false) => Ok(None),
+    }
+}
+
 /// The `NBD_REP_INFO` replies and final ACK for `NBD_OPT_INFO`/`NBD_OPT_GO`.
 /// The export and block-size information are always sent (the protocol
 /// allows unrequested block sizes); name and description on request.
-fn describe(option: u32, export: &Export, requested: &[u16]) -> Vec<u8> {
+fn describe(option: u32, export: &Export, requested: &[u16], structured: bool) -> Vec<u8> {
     let mut out = Vec::new();
     let info = |payload: Vec<u8>| encode_option_reply(option, REP_INFO, &payload);
-    out.extend(info(encode_info_export(export.device.size(), EXPORT_FLAGS)));
+    let flags = export_flags(structured);
+    out.extend(info(encode_info_export(export.device.size(), flags)));
     out.extend(info(encode_info_block_size()));
     if requested.contains(&INFO_NAME) {
         out.extend(info(encode_info_string(INFO_NAME, &export.name)));

@@ -2,26 +2,30 @@
 //! clients (qemu, nbdcopy, nbd-client, fio's nbd engine).
 //!
 //! Protocol subset: fixed newstyle negotiation with `NBD_OPT_EXPORT_NAME`,
-//! `ABORT`, `LIST`, `INFO`, `GO` and, when TLS is configured, `STARTTLS`
-//! (structured replies and metadata contexts are refused with
-//! `NBD_REP_ERR_UNSUP`); simple replies; commands
-//! READ, WRITE (+FUA), FLUSH, TRIM (+FUA), WRITE_ZEROES (+FUA, +NO_HOLE) and
-//! DISC. Requests on a connection run concurrently and are answered as they
-//! complete. Offsets and lengths must be multiples of 512 (the advertised
-//! minimum block size); others get `EINVAL`, as do out-of-range requests,
-//! and the connection stays usable.
+//! `ABORT`, `LIST`, `INFO`, `GO`, `STRUCTURED_REPLY`, `LIST_META_CONTEXT`
+//! and `SET_META_CONTEXT` (one context: `base:allocation`) and, when TLS is
+//! configured, `STARTTLS`; simple replies, and structured replies once
+//! negotiated; commands READ (+DF with structured replies), WRITE (+FUA),
+//! FLUSH, TRIM (+FUA), WRITE_ZEROES (+FUA, +NO_HOLE), BLOCK_STATUS
+//! (+REQ_ONE, once `base:allocation` is selected) and DISC. Requests on a
+//! connection run concurrently and are answered as they complete. Offsets
+//! and lengths must be multiples of 512 (the advertised minimum block
+//! size; a block status length is a hint and is rounded up); others get
+//! `EINVAL`, as do out-of-range requests, and the connection stays usable.
 //!
 //! Modules: [`protocol`] (wire constants, error values), [`codec`] (pure
-//! encode/decode), [`export`] (name → device), [`access`] (who may connect
-//! and open what), [`tls`] and [`cert_name`] (STARTTLS with client
-//! certificates), [`handshake`] (negotiation), [`transmission`] (request
-//! loop, limits), [`server`] (listeners, admission, shutdown).
+//! encode/decode), [`meta`] (metadata context queries), [`export`] (name →
+//! device), [`access`] (who may connect and open what), [`tls`] and
+//! [`cert_name`] (STARTTLS with client certificates), [`handshake`]
+//! (negotiation), [`transmission`] (request loop, limits), [`server`]
+//! (listeners, admission, shutdown).
 
 pub mod access;
 pub mod cert_name;
 pub mod codec;
 pub mod export;
 pub mod handshake;
+pub mod meta;
 pub mod protocol;
 pub mod server;
 pub mod tls;

@@ -1,5 +1,6 @@
-//! NBD wire constants (fixed newstyle negotiation, simple replies) and the
-//! translation of Linux errno values into NBD error values.
+//! NBD wire constants (fixed newstyle negotiation, simple and structured
+//! replies, metadata contexts) and the translation of Linux errno values
+//! into NBD error values.
 //!
 //! All integers on the wire are big-endian.
 
@@ -14,6 +15,8 @@ pub const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 /// Magic that starts every simple reply.
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+/// Magic that starts every structured reply chunk.
+pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 
 /// Handshake flags (server → client).
 pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
@@ -36,11 +39,14 @@ pub const OPT_STARTTLS: u32 = 5;
 pub const OPT_INFO: u32 = 6;
 pub const OPT_GO: u32 = 7;
 pub const OPT_STRUCTURED_REPLY: u32 = 8;
+pub const OPT_LIST_META_CONTEXT: u32 = 9;
+pub const OPT_SET_META_CONTEXT: u32 = 10;
 
 /// Option reply types.
 pub const REP_ACK: u32 = 1;
 pub const REP_SERVER: u32 = 2;
 pub const REP_INFO: u32 = 3;
+pub const REP_META_CONTEXT: u32 = 4;
 /// Error reply types have bit 31 set.
 pub const REP_FLAG_ERROR: u32 = 1 << 31;
 pub const REP_ERR_UNSUP: u32 = REP_FLAG_ERROR | 1;
@@ -62,6 +68,8 @@ pub const TFLAG_SEND_FLUSH: u16 = 1 << 2;
 pub const TFLAG_SEND_FUA: u16 = 1 << 3;
 pub const TFLAG_SEND_TRIM: u16 = 1 << 5;
 pub const TFLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
+/// `NBD_CMD_FLAG_DF` is understood; only with structured replies.
+pub const TFLAG_SEND_DF: u16 = 1 << 7;
 pub const TFLAG_CAN_MULTI_CONN: u16 = 1 << 8;
 
 /// The transmission flags every shale export advertises. `CAN_MULTI_CONN`
@@ -74,6 +82,17 @@ pub const EXPORT_FLAGS: u16 = TFLAG_HAS_FLAGS
     | TFLAG_SEND_WRITE_ZEROES
     | TFLAG_CAN_MULTI_CONN;
 
+/// The transmission flags for a connection: [`EXPORT_FLAGS`], plus
+/// `SEND_DF` once structured replies are negotiated (a read is always
+/// answered with one data chunk, so "don't fragment" holds anyway).
+pub fn export_flags(structured: bool) -> u16 {
+    if structured {
+        EXPORT_FLAGS | TFLAG_SEND_DF
+    } else {
+        EXPORT_FLAGS
+    }
+}
+
 /// Commands.
 pub const CMD_READ: u16 = 0;
 pub const CMD_WRITE: u16 = 1;
@@ -81,10 +100,39 @@ pub const CMD_DISC: u16 = 2;
 pub const CMD_FLUSH: u16 = 3;
 pub const CMD_TRIM: u16 = 4;
 pub const CMD_WRITE_ZEROES: u16 = 6;
+pub const CMD_BLOCK_STATUS: u16 = 7;
 
 /// Command flags.
 pub const CMD_FLAG_FUA: u16 = 1 << 0;
 pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+/// READ: answer with at most one content chunk.
+pub const CMD_FLAG_DF: u16 = 1 << 2;
+/// BLOCK_STATUS: answer with exactly one extent.
+pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
+
+/// Structured reply chunk flag: the last chunk of a reply.
+pub const REPLY_FLAG_DONE: u16 = 1 << 0;
+
+/// Structured reply chunk types.
+pub const REPLY_TYPE_NONE: u16 = 0;
+pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
+pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+/// Error chunk types have bit 15 set.
+pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
+pub const REPLY_TYPE_ERROR_OFFSET: u16 = (1 << 15) + 2;
+
+/// The one metadata context this server offers.
+pub const META_BASE_ALLOCATION: &str = "base:allocation";
+/// The id `base:allocation` gets from `NBD_OPT_SET_META_CONTEXT` (any
+/// value works; clients treat it as opaque).
+pub const META_ALLOCATION_ID: u32 = 1;
+/// `base:allocation` status flags: not allocated / reads as zeros.
+pub const STATE_HOLE: u32 = 1 << 0;
+pub const STATE_ZERO: u32 = 1 << 1;
+/// Most extents in one `NBD_REPLY_TYPE_BLOCK_STATUS` chunk (64 KiB of
+/// descriptors); a client asks again where the reply stopped.
+pub const MAX_EXTENTS: usize = 8192;
 
 /// Block size constraints advertised with `NBD_INFO_BLOCK_SIZE`. Requests
 /// not aligned to [`MIN_BLOCK`] are answered with `EINVAL` (clients honour

@@ -29,6 +29,7 @@ use tokio::task::JoinSet;
 
 use super::access::{AccessPolicy, Peer};
 use super::cert_name::common_name;
+use super::codec::Features;
 use super::export::ExportMap;
 use super::handshake::{greet, options, Gate, Negotiated, TlsState};
 use super::tls::TlsAcceptor;
@@ -348,35 +349,43 @@ async fn serve_connection(shared: &Shared, conn: Accepted) -> Result<(), ConnErr
         },
         _ = wait_true(&mut stop) => return Ok(()),
     };
-    let Some((conn, export)) = negotiated else {
+    let Some((conn, export, features)) = negotiated else {
         return Ok(());
     };
-    log::info!("serving export {}", export.name);
+    log::info!(
+        "serving export {} (structured replies: {}, base:allocation: {})",
+        export.name,
+        features.structured,
+        features.allocation
+    );
     let (limits, budget) = (server.limits, shared.budget.clone());
     match conn {
         Conn::Tcp(s) => {
             let (r, w) = s.into_split();
-            transmit(buffered(r), w, export, stop, limits, budget).await
+            transmit(buffered(r), w, export, features, stop, limits, budget).await
         }
         Conn::Unix(s) => {
             let (r, w) = s.into_split();
-            transmit(buffered(r), w, export, stop, limits, budget).await
+            transmit(buffered(r), w, export, features, stop, limits, budget).await
         }
         Conn::Tls(s) => {
             let (r, w) = tokio::io::split(*s);
-            transmit(buffered(r), w, export, stop, limits, budget).await
+            transmit(buffered(r), w, export, features, stop, limits, budget).await
         }
     }
 }
 
+/// A negotiated connection: its stream, export and features.
+type Chosen = (Conn, super::Export, Features);
+
 /// The negotiation phase, with the STARTTLS upgrade on TCP when the
-/// server has TLS. Returns the (possibly upgraded) stream and the export,
-/// or `None` when the client left.
+/// server has TLS. Returns the (possibly upgraded) stream, the export and
+/// the negotiated features, or `None` when the client left.
 async fn negotiate(
     server: &NbdServer,
     conn: Accepted,
     mut peer: Peer,
-) -> Result<Option<(Conn, super::Export)>, ConnError> {
+) -> Result<Option<Chosen>, ConnError> {
     let exports = &server.exports;
     let policy = &server.policy;
     match conn {
@@ -409,7 +418,7 @@ async fn negotiate(
             match options(&mut s, gate, no_zeroes, TlsState::Required).await? {
                 Negotiated::StartTls => {}
                 Negotiated::Ended => return Ok(None),
-                Negotiated::Transmit(e) => {
+                Negotiated::Transmit(e, _) => {
                     // `options` refuses exports until TLS is up; never
                     // serve one in plaintext should that ever change.
                     return Err(ConnError::Protocol(format!(
@@ -437,7 +446,7 @@ async fn negotiate(
                 peer: &peer,
             };
             match options(&mut tls, gate, no_zeroes, TlsState::Active).await? {
-                Negotiated::Transmit(e) => Ok(Some((Conn::Tls(Box::new(tls)), e))),
+                Negotiated::Transmit(e, f) => Ok(Some((Conn::Tls(Box::new(tls)), e, f))),
                 Negotiated::Ended | Negotiated::StartTls => Ok(None),
             }
         }
@@ -459,13 +468,9 @@ where
     options(stream, gate, no_zeroes, TlsState::Off).await
 }
 
-fn chosen<S>(
-    wrap: impl FnOnce(S) -> Conn,
-    stream: S,
-    n: Negotiated,
-) -> Option<(Conn, super::Export)> {
+fn chosen<S>(wrap: impl FnOnce(S) -> Conn, stream: S, n: Negotiated) -> Option<Chosen> {
     match n {
-        Negotiated::Transmit(e) => Some((wrap(stream), e)),
+        Negotiated::Transmit(e, f) => Some((wrap(stream), e, f)),
         Negotiated::Ended | Negotiated::StartTls => None,
     }
 }

@@ -1,5 +1,11 @@
 //! The transmission phase of one connection: read requests, run them on the
-//! export's device concurrently, send simple replies through one writer.
+//! export's device concurrently, send replies through one writer.
+//!
+//! Replies: without structured replies, every reply is a simple reply.
+//! With them, a read is answered by one `OFFSET_DATA` chunk (or `NONE` for
+//! zero bytes), a block status by one `BLOCK_STATUS` chunk, every error by
+//! one `ERROR` chunk with a message, and other successes by simple replies
+//! (the protocol allows both for commands without payload).
 //!
 //! Invariants:
 //! 1. Every request that was read in full gets exactly one reply, unless the
@@ -33,7 +39,7 @@ use super::codec::*;
 use super::export::Export;
 use super::protocol::*;
 use super::{wait_true, ConnError};
-use crate::engine::BlockDevice;
+use crate::engine::{Allocation, BlockDevice, Extent};
 use crate::error::BlockError;
 
 /// Bounds that keep clients from exhausting the server.
@@ -100,10 +106,25 @@ const BYTE_UNIT: usize = 4096;
 /// A reply waiting for the writer. The permits are released once written.
 struct Reply {
     handle: u64,
-    error: u32,
-    data: Option<Vec<u8>>,
+    body: Body,
     _permits: Permits,
 }
+
+/// What a reply says; the writer encodes it for the connection's features.
+#[derive(Debug)]
+enum Body {
+    /// Success without payload.
+    Done,
+    /// Bytes read at `offset`.
+    Data { offset: u64, data: Vec<u8> },
+    /// `base:allocation` descriptors `(length, flags)`.
+    Extents(Vec<(u32, u32)>),
+    /// NBD error value (not 0) and a message for structured replies.
+    Error { error: u32, message: String },
+}
+
+/// Bytes a block status reply may hold (its descriptors).
+const STATUS_REPLY_BYTES: u32 = (MAX_EXTENTS * 8) as u32;
 
 struct Permits {
     _request: OwnedSemaphorePermit,
@@ -171,13 +192,15 @@ async fn first_byte<R: AsyncRead + Unpin>(
     }
 }
 
-/// Serve requests for `export` until the client disconnects, violates the
-/// protocol, times out, or `shutdown` becomes true. `global` is the
-/// server-wide byte budget ([`Limits::global_budget`]).
+/// Serve requests for `export` with the negotiated `features` until the
+/// client disconnects, violates the protocol, times out, or `shutdown`
+/// becomes true. `global` is the server-wide byte budget
+/// ([`Limits::global_budget`]).
 pub async fn transmit<R, W>(
     mut reader: R,
     writer: W,
     export: Export,
+    features: Features,
     mut shutdown: watch::Receiver<bool>,
     limits: Limits,
     global: Arc<Semaphore>,
@@ -193,6 +216,7 @@ where
         writer,
         rx,
         limits.request_timeout,
+        features.structured,
     )));
     let budget = Budget::new(&limits, global);
     let mut tasks = JoinSet::new();
@@ -243,10 +267,14 @@ where
             Ok(r) => r,
             Err(e) => break Err(ConnError::Protocol(e.to_string())),
         };
-        let op = match classify(&req) {
+        let op = match classify(&req, features) {
             Action::Close(reason) => break Err(ConnError::Protocol(reason)),
             Action::Run(Op::Disconnect) => break Ok(()),
-            Action::Reject { error, skip } => {
+            Action::Reject {
+                error,
+                skip,
+                reason,
+            } => {
                 let Some(permits) = acquire(&budget, 0, &tx, &mut shutdown).await else {
                     break Ok(());
                 };
@@ -258,8 +286,10 @@ where
                 log::debug!("{}: rejecting {req:?} with error {error}", export.name);
                 let _ = tx.send(Reply {
                     handle: req.handle,
-                    error,
-                    data: None,
+                    body: Body::Error {
+                        error,
+                        message: reason.to_string(),
+                    },
                     _permits: permits,
                 });
                 continue;
@@ -268,6 +298,7 @@ where
         };
         let held = match op {
             Op::Read { len, .. } | Op::Write { len, .. } => len,
+            Op::BlockStatus { .. } => STATUS_REPLY_BYTES,
             _ => 0,
         };
         let Some(permits) = acquire(&budget, held, &tx, &mut shutdown).await else {
@@ -289,14 +320,13 @@ where
         let tx = tx.clone();
         let name = export.name.clone();
         tasks.spawn(async move {
-            let (error, data) = execute(device.as_ref(), op, payload).await;
-            if error != 0 {
-                log::debug!("{name}: {op:?} failed with NBD error {error}");
+            let body = execute(device.as_ref(), op, payload).await;
+            if let Body::Error { error, message } = &body {
+                log::debug!("{name}: {op:?} failed with NBD error {error}: {message}");
             }
             let _ = tx.send(Reply {
                 handle: req.handle,
-                error,
-                data,
+                body,
                 _permits: permits,
             });
         });
@@ -344,55 +374,155 @@ async fn skip_bytes<R: AsyncRead + Unpin>(reader: &mut R, n: u32) -> std::io::Re
     Ok(())
 }
 
-/// Run one operation; returns the NBD error value (0 = success) and, for
-/// a successful read, the data.
-async fn execute(device: &dyn BlockDevice, op: Op, payload: Vec<u8>) -> (u32, Option<Vec<u8>>) {
-    let result: Result<Option<Vec<u8>>, BlockError> = match op {
+/// Run one operation and say what to answer.
+async fn execute(device: &dyn BlockDevice, op: Op, payload: Vec<u8>) -> Body {
+    let result: Result<Body, BlockError> = match op {
         Op::Read { offset, len } => {
             let mut buf = vec![0u8; len as usize];
-            device.read(offset, &mut buf).await.map(|()| Some(buf))
+            device
+                .read(offset, &mut buf)
+                .await
+                .map(|()| Body::Data { offset, data: buf })
         }
-        Op::Write { offset, fua, .. } => device.write(offset, &payload, fua).await.map(|()| None),
-        Op::Flush => device.flush().await.map(|()| None),
+        Op::Write { offset, fua, .. } => device
+            .write(offset, &payload, fua)
+            .await
+            .map(|()| Body::Done),
+        Op::Flush => device.flush().await.map(|()| Body::Done),
         Op::Trim { offset, len, fua } => match device.trim(offset, len.into()).await {
-            Ok(()) if fua => device.flush().await.map(|()| None),
-            r => r.map(|()| None),
+            Ok(()) if fua => device.flush().await.map(|()| Body::Done),
+            r => r.map(|()| Body::Done),
         },
         Op::WriteZeroes { offset, len, fua } => device
             .write_zeroes(offset, len.into(), fua)
             .await
-            .map(|()| None),
-        Op::Disconnect => Ok(None),
+            .map(|()| Body::Done),
+        Op::BlockStatus {
+            offset,
+            len,
+            req_one,
+        } => block_status(device, offset, len, req_one).map(Body::Extents),
+        Op::Disconnect => Ok(Body::Done),
     };
-    match result {
-        Ok(data) => (0, data),
-        Err(e) => {
-            if matches!(e, BlockError::Io(_) | BlockError::Fenced(_)) {
-                log::warn!("{op:?}: {e}");
-            }
-            (nbd_error_from_errno(e.errno()), None)
+    result.unwrap_or_else(|e| {
+        if matches!(e, BlockError::Io(_) | BlockError::Fenced(_)) {
+            log::warn!("{op:?}: {e}");
+        }
+        Body::Error {
+            error: nbd_error_from_errno(e.errno()),
+            message: client_message(&e),
+        }
+    })
+}
+
+/// The `base:allocation` descriptors for a block status request: holes,
+/// trimmed and zeroed ranges are `HOLE | ZERO`, stored data is 0. With
+/// `req_one`, exactly one descriptor, no longer than the request.
+fn block_status(
+    device: &dyn BlockDevice,
+    offset: u64,
+    len: u32,
+    req_one: bool,
+) -> Result<Vec<(u32, u32)>, BlockError> {
+    let size = device.size();
+    let span = block_status_span(offset, len, size).ok_or_else(|| {
+        BlockError::InvalidArgument(format!(
+            "block status of {len} bytes at {offset}: the offset must be a multiple of \
+             {MIN_BLOCK}, the length not 0, and the range inside the {size}-byte export"
+        ))
+    })?;
+    let extents = device.allocation(offset, span, if req_one { 1 } else { MAX_EXTENTS })?;
+    status_descriptors(&extents, req_one.then_some(len))
+}
+
+/// Descriptors for `extents`; `Some(len)` (REQ_ONE) keeps only the first,
+/// cut to the largest whole block within `len`.
+fn status_descriptors(extents: &[Extent], req_one: Option<u32>) -> Result<Vec<(u32, u32)>, BlockError> {
+    let flags = |state| match state {
+        Allocation::Data => 0,
+        Allocation::Zero => STATE_HOLE | STATE_ZERO,
+    };
+    let mut out = Vec::with_capacity(extents.len().min(MAX_EXTENTS));
+    for e in extents.iter().take(MAX_EXTENTS) {
+        let mut len = u32::try_from(e.len)
+            .map_err(|_| BlockError::Io(format!("extent of {} bytes in a block status", e.len)))?;
+        if let Some(asked) = req_one {
+            len = len.min(asked / MIN_BLOCK * MIN_BLOCK);
+        }
+        if len == 0 {
+            break;
+        }
+        out.push((len, flags(e.state)));
+        if req_one.is_some() {
+            break;
+        }
+    }
+    if out.is_empty() {
+        return Err(BlockError::InvalidArgument(
+            "block status shorter than one block".into(),
+        ));
+    }
+    Ok(out)
+}
+
+/// The message a client sees with an error: the error itself when it is
+/// about the request, a generic one when it could name server internals.
+fn client_message(e: &BlockError) -> String {
+    match e {
+        BlockError::InvalidArgument(_)
+        | BlockError::OutOfRange { .. }
+        | BlockError::NoSpace
+        | BlockError::ReadOnly => e.to_string(),
+        BlockError::LocalNoSpace(_) => "no space left on the server's disk".into(),
+        BlockError::Fenced(_) | BlockError::Io(_) | BlockError::Closed => {
+            "I/O error on the server (details in its log)".into()
         }
     }
 }
 
 /// Write replies as they come; batch whatever is ready into one flush.
-/// Each reply, and each flush, must complete within `timeout`.
+/// Each reply, and each flush, must complete within `timeout`. With
+/// `structured`, reads, block status and errors go out as structured
+/// reply chunks (see the module docs).
 async fn write_replies<W: AsyncWrite + Unpin>(
     writer: W,
     mut rx: mpsc::UnboundedReceiver<Reply>,
     timeout: Duration,
+    structured: bool,
 ) -> std::io::Result<()> {
     let mut out = BufWriter::with_capacity(256 << 10, writer);
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
         while let Some(reply) = next {
             within(timeout, "writing a reply", async {
-                out.write_all(&encode_simple_reply(reply.handle, reply.error))
-                    .await?;
-                if let Some(data) = &reply.data {
-                    out.write_all(data).await?;
+                let h = reply.handle;
+                match (&reply.body, structured) {
+                    (Body::Done, _) => out.write_all(&encode_simple_reply(h, 0)).await,
+                    (Body::Data { data, .. }, false) => {
+                        out.write_all(&encode_simple_reply(h, 0)).await?;
+                        out.write_all(data).await
+                    }
+                    (Body::Data { data, .. }, true) if data.is_empty() => {
+                        out.write_all(&encode_none_chunk(h)).await
+                    }
+                    (Body::Data { offset, data }, true) => {
+                        // At most MAX_PAYLOAD bytes (classify).
+                        let head = encode_data_chunk_head(h, *offset, data.len() as u32);
+                        out.write_all(&head).await?;
+                        out.write_all(data).await
+                    }
+                    // Only with `base:allocation`, which needs structured replies.
+                    (Body::Extents(d), _) => {
+                        let chunk = encode_block_status_chunk(h, META_ALLOCATION_ID, d);
+                        out.write_all(&chunk).await
+                    }
+                    (Body::Error { error, .. }, false) => {
+                        out.write_all(&encode_simple_reply(h, *error)).await
+                    }
+                    (Body::Error { error, message }, true) => {
+                        out.write_all(&encode_error_chunk(h, *error, message)).await
+                    }
                 }
-                Ok(())
             })
             .await?;
             next = rx.try_recv().ok();

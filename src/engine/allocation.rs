@@ -1,0 +1,151 @@
+//! Allocation queries: which ranges of a device hold data and which read as
+//! zeros while taking no space, answered from the extent maps alone (no
+//! data is read). NBD's `base:allocation` block status is built on this.
+//!
+//! Invariants:
+//! 1. A run reported as [`Allocation::Zero`] reads as zeros: it is unmapped
+//!    in every layer (never written, or trimmed) or an explicit zero entry
+//!    (zeroed, or all-zero data, in a clone). Everything else is
+//!    [`Allocation::Data`]: written data in the WAL or in a chunk, of this
+//!    volume or, in a clone, inherited from a parent.
+//! 2. A volume's state lock is held only to copy at most `max_runs` map
+//!    pieces; parent views are immutable and are walked after it is
+//!    released.
+//! 3. Runs come out merged (adjacent runs differ), at most `max_runs` of
+//!    them, covering a prefix of the range that is never empty when the
+//!    range is not.
+
+use super::map::Loc;
+use super::volume::Inner;
+use super::{check_range, SECTOR};
+use crate::error::BlockError;
+
+/// How a run of bytes is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Allocation {
+    /// Bytes are stored (they may still happen to be zeros). Always a safe
+    /// answer: a device that cannot tell reports this.
+    Data,
+    /// Nothing is stored: the run reads as zeros and takes no space.
+    Zero,
+}
+
+/// A run of `len` bytes (a non-zero multiple of the sector size).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub len: u64,
+    pub state: Allocation,
+}
+
+impl Extent {
+    /// One run of `len` bytes, or none when `len` is 0.
+    pub fn whole(len: u64, state: Allocation) -> Vec<Extent> {
+        if len == 0 {
+            Vec::new()
+        } else {
+            vec![Extent { len, state }]
+        }
+    }
+}
+
+/// Collects merged runs, at most `max` of them (invariant 3).
+#[derive(Debug)]
+pub(crate) struct Runs {
+    out: Vec<Extent>,
+    max: usize,
+}
+
+impl Runs {
+    /// An empty collection of at most `max` runs (at least one).
+    pub fn new(max: usize) -> Runs {
+        Runs {
+            out: Vec::new(),
+            max: max.max(1),
+        }
+    }
+
+    /// The most runs this collection takes.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// Append `sectors` of `state`. Returns false, adding nothing, when
+    /// that needs a new run and there are `max` runs already.
+    pub fn push(&mut self, sectors: u64, state: Allocation) -> bool {
+        let len = sectors * SECTOR;
+        let full = self.out.len() >= self.max;
+        match self.out.last_mut() {
+            Some(last) if last.state == state => last.len += len,
+            _ if full => return false,
+            _ => self.out.push(Extent { len, state }),
+        }
+        true
+    }
+
+    pub fn into_vec(self) -> Vec<Extent> {
+        self.out
+    }
+}
+
+/// The allocation of bytes `[offset, offset+len)` of an open volume (see
+/// [`super::BlockDevice::allocation`]): the live map's view, so writes
+/// still in the WAL count as data and, in a clone, unmapped ranges take
+/// the parent chain's allocation.
+pub(crate) fn of_volume(
+    inner: &Inner,
+    offset: u64,
+    len: u64,
+    max_runs: usize,
+) -> Result<Vec<Extent>, BlockError> {
+    check_range(offset, len, inner.size)?;
+    let mut runs = Runs::new(max_runs);
+    // Invariant 2: one short lock to copy the pieces out.
+    let pieces = inner
+        .shared
+        .lock()
+        .live
+        .lookup_limited(offset / SECTOR, len / SECTOR, runs.max());
+    for p in pieces {
+        let more = match (p.loc, &inner.parent) {
+            (None, Some(parent)) => parent.allocation_into(p.start, p.len, &mut runs),
+            (None | Some(Loc::Zero), _) => runs.push(p.len, Allocation::Zero),
+            (Some(Loc::Wal(_) | Loc::Chunk { .. }), _) => runs.push(p.len, Allocation::Data),
+        };
+        if !more {
+            break;
+        }
+    }
+    Ok(runs.into_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_merge_and_stop_at_the_limit() {
+        let mut r = Runs::new(2);
+        assert!(r.push(1, Allocation::Data));
+        assert!(r.push(2, Allocation::Data));
+        assert!(r.push(1, Allocation::Zero));
+        assert!(r.push(3, Allocation::Zero), "merging needs no new run");
+        assert!(!r.push(1, Allocation::Data), "a third run is refused");
+        assert_eq!(
+            r.into_vec(),
+            vec![
+                Extent {
+                    len: 3 * SECTOR,
+                    state: Allocation::Data
+                },
+                Extent {
+                    len: 4 * SECTOR,
+                    state: Allocation::Zero
+                },
+            ]
+        );
+        let mut r = Runs::new(0);
+        assert!(r.push(1, Allocation::Zero), "at least one run");
+        assert!(!r.push(1, Allocation::Data));
+        assert_eq!(Extent::whole(0, Allocation::Data), vec![]);
+    }
+}
