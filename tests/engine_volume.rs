@@ -560,3 +560,64 @@ async fn close_during_outage_fails_clearly_and_the_wal_keeps_the_data() {
     assert_eq!(b, pattern(8, 16384));
     v.close().await.unwrap();
 }
+
+/// The allocation query (what NBD block status reports) against a model:
+/// many fragments (more map pieces than one lock hold copies), trims and
+/// all-zero writes as holes, the same answer from the WAL and from chunks,
+/// limits on the number of runs, and range checks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allocation_matches_a_model_from_wal_and_chunks() {
+    use shale::engine::{Allocation, Extent};
+    let dir = tempfile::tempdir().unwrap();
+    let store: DynStore = Arc::new(MemoryStore::new());
+    let cfg = EngineConfig {
+        max_unstored_bytes: 8 << 20,
+        ..small_cfg()
+    };
+    let v = open(&store, dir.path(), 1, cfg.clone()).await;
+    let whole = |st| Extent::whole(SIZE, st);
+    assert_eq!(v.allocation(0, SIZE, 16).unwrap(), whole(Allocation::Zero));
+    // Data in every other 1 KiB block of the first 3 MiB: 3072 runs.
+    let mut model = vec![false; (SIZE / 512) as usize];
+    for i in 0..1536u64 {
+        v.write(i * 2048, &pattern(i, 1024), false).await.unwrap();
+        model[(i * 4) as usize..(i * 4 + 2) as usize].fill(true);
+    }
+    // A trim and an all-zero write make holes.
+    v.trim(0, 2048).await.unwrap();
+    v.write(4096, &[0u8; 1024], false).await.unwrap();
+    model[0..2].fill(false);
+    model[8..10].fill(false);
+    let want: Vec<Extent> = {
+        let mut runs: Vec<Extent> = Vec::new();
+        for &data in &model {
+            let state = if data { Allocation::Data } else { Allocation::Zero };
+            match runs.last_mut() {
+                Some(r) if r.state == state => r.len += 512,
+                _ => runs.push(Extent { len: 512, state }),
+            }
+        }
+        runs
+    };
+    assert!(want.len() > 3000);
+    assert_eq!(v.allocation(0, SIZE, usize::MAX).unwrap(), want, "from the WAL");
+    // At most `max_runs` runs: a prefix of the full answer.
+    assert_eq!(v.allocation(0, SIZE, 10).unwrap(), want[..10]);
+    // A sub-range starting inside a run.
+    let sub = v.allocation(11 * 512, 1024, 8).unwrap();
+    assert_eq!(
+        sub,
+        [
+            Extent { len: 512, state: Allocation::Zero },
+            Extent { len: 512, state: Allocation::Data },
+        ]
+    );
+    // Range checks like a read.
+    assert!(matches!(v.allocation(SIZE, 512, 1), Err(BlockError::OutOfRange { .. })));
+    assert!(matches!(v.allocation(100, 512, 1), Err(BlockError::InvalidArgument(_))));
+    assert_eq!(v.allocation(512, 0, 1).unwrap(), vec![]);
+    v.close().await.unwrap();
+    let v = open(&store, dir.path(), 2, cfg).await;
+    assert_eq!(v.allocation(0, SIZE, usize::MAX).unwrap(), want, "from chunks");
+    v.close().await.unwrap();
+}

@@ -356,9 +356,11 @@ fn nbdcopy_and_qemu_img_convert_copy_a_sparse_volume_reading_only_its_data() {
     let out = dir.path().join("nbdcopy.raw");
     run_ok(Command::new("nbdcopy").arg(srv.uri("vol")).arg(&out));
     assert!(file_bytes(&out) == want, "nbdcopy copy differs");
+    // nbdcopy reads whole requests (256 KiB) that hold any data; without
+    // block status it would read all 64 MiB.
     let n = read.swap(0, Ordering::Relaxed);
     assert!(
-        (data_bytes..=2 * data_bytes).contains(&n),
+        (data_bytes..size / 8).contains(&n),
         "nbdcopy read {n} bytes of a {size}-byte volume holding {data_bytes}"
     );
 
@@ -372,7 +374,7 @@ fn nbdcopy_and_qemu_img_convert_copy_a_sparse_volume_reading_only_its_data() {
     assert!(file_bytes(&out) == want, "qemu-img convert copy differs");
     let n = read.swap(0, Ordering::Relaxed);
     assert!(
-        (data_bytes..=2 * data_bytes).contains(&n),
+        (data_bytes..size / 8).contains(&n),
         "qemu-img read {n} bytes of a {size}-byte volume holding {data_bytes}"
     );
     srv.stop().unwrap();

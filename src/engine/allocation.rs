@@ -8,12 +8,14 @@
 //!    (zeroed, or all-zero data, in a clone). Everything else is
 //!    [`Allocation::Data`]: written data in the WAL or in a chunk, of this
 //!    volume or, in a clone, inherited from a parent.
-//! 2. A volume's state lock is held only to copy at most `max_runs` map
-//!    pieces; parent views are immutable and are walked after it is
-//!    released.
+//! 2. A volume's state lock is held only to copy at most [`BATCH`] map
+//!    pieces at a time; parent views are immutable and are walked after it
+//!    is released.
 //! 3. Runs come out merged (adjacent runs differ), at most `max_runs` of
 //!    them, covering a prefix of the range that is never empty when the
-//!    range is not.
+//!    range is not. At most [`MAX_PIECES`] map pieces are looked at per
+//!    query, so a huge fragmented range costs bounded work (the answer then
+//!    covers less of it).
 
 use super::map::Loc;
 use super::volume::Inner;
@@ -48,11 +50,18 @@ impl Extent {
     }
 }
 
-/// Collects merged runs, at most `max` of them (invariant 3).
+/// Map pieces copied under one hold of a lock (invariant 2).
+pub(crate) const BATCH: usize = 1024;
+/// Map pieces one query looks at, over all layers (invariant 3).
+pub(crate) const MAX_PIECES: usize = 64 * BATCH;
+
+/// Collects merged runs, at most `max` of them, from at most
+/// [`MAX_PIECES`] map pieces (invariant 3).
 #[derive(Debug)]
 pub(crate) struct Runs {
     out: Vec<Extent>,
     max: usize,
+    pieces_left: usize,
 }
 
 impl Runs {
@@ -61,24 +70,24 @@ impl Runs {
         Runs {
             out: Vec::new(),
             max: max.max(1),
+            pieces_left: MAX_PIECES,
         }
     }
 
-    /// The most runs this collection takes.
-    pub fn max(&self) -> usize {
-        self.max
-    }
-
-    /// Append `sectors` of `state`. Returns false, adding nothing, when
-    /// that needs a new run and there are `max` runs already.
+    /// Append a map piece of `sectors` in `state`. Returns false, adding
+    /// nothing, when that needs a new run and there are `max` runs
+    /// already, or when [`MAX_PIECES`] pieces were taken (the first piece
+    /// is always taken).
     pub fn push(&mut self, sectors: u64, state: Allocation) -> bool {
         let len = sectors * SECTOR;
         let full = self.out.len() >= self.max;
         match self.out.last_mut() {
+            _ if self.pieces_left == 0 => return false,
             Some(last) if last.state == state => last.len += len,
             _ if full => return false,
             _ => self.out.push(Extent { len, state }),
         }
+        self.pieces_left -= 1;
         true
     }
 
@@ -99,20 +108,26 @@ pub(crate) fn of_volume(
 ) -> Result<Vec<Extent>, BlockError> {
     check_range(offset, len, inner.size)?;
     let mut runs = Runs::new(max_runs);
-    // Invariant 2: one short lock to copy the pieces out.
-    let pieces = inner
-        .shared
-        .lock()
-        .live
-        .lookup_limited(offset / SECTOR, len / SECTOR, runs.max());
-    for p in pieces {
-        let more = match (p.loc, &inner.parent) {
-            (None, Some(parent)) => parent.allocation_into(p.start, p.len, &mut runs),
-            (None | Some(Loc::Zero), _) => runs.push(p.len, Allocation::Zero),
-            (Some(Loc::Wal(_) | Loc::Chunk { .. }), _) => runs.push(p.len, Allocation::Data),
-        };
-        if !more {
-            break;
+    let (mut pos, end) = (offset / SECTOR, (offset + len) / SECTOR);
+    while pos < end {
+        // Invariant 2: a short lock to copy a batch of pieces out.
+        let pieces = inner
+            .shared
+            .lock()
+            .live
+            .lookup_limited(pos, end - pos, BATCH);
+        for p in pieces {
+            let more = match (p.loc, &inner.parent) {
+                (None, Some(parent)) => parent.allocation_into(p.start, p.len, &mut runs),
+                (None | Some(Loc::Zero), _) => runs.push(p.len, Allocation::Zero),
+                (Some(Loc::Wal(_) | Loc::Chunk { .. }), _) => {
+                    runs.push(p.len, Allocation::Data)
+                }
+            };
+            if !more {
+                return Ok(runs.into_vec());
+            }
+            pos = p.start + p.len;
         }
     }
     Ok(runs.into_vec())
@@ -147,5 +162,12 @@ mod tests {
         assert!(r.push(1, Allocation::Zero), "at least one run");
         assert!(!r.push(1, Allocation::Data));
         assert_eq!(Extent::whole(0, Allocation::Data), vec![]);
+        // The piece budget stops even merging pushes.
+        let mut r = Runs::new(1);
+        for _ in 0..MAX_PIECES {
+            assert!(r.push(1, Allocation::Data));
+        }
+        assert!(!r.push(1, Allocation::Data));
+        assert_eq!(r.into_vec()[0].len, MAX_PIECES as u64 * SECTOR);
     }
 }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use super::allocation::{Allocation, Extent, Runs};
+use super::allocation::{Allocation, Extent, Runs, BATCH};
 use super::checkpoint::{read_manifest, Checkpoint, ChunkInfo, Manifest};
 use super::chunk::{aligned_range, chunk_key, verify_blocks};
 use super::clone::load_chain;
@@ -249,26 +249,28 @@ impl SnapshotView {
 
     /// Append the allocation of sectors `[start, start+len)` to `runs`,
     /// following unmapped runs down the parent chain. Returns false when
-    /// `runs` (or the map lookup, bounded by `runs`' limit) stopped before
-    /// the end of the range; what was appended is then a prefix of it.
+    /// `runs` stopped taking pieces before the end of the range; what was
+    /// appended is then a prefix of it.
     pub(crate) fn allocation_into(&self, start: u64, len: u64, runs: &mut Runs) -> bool {
-        let mut covered = 0;
-        for p in self.map.lookup_limited(start, len, runs.max()) {
-            let more = match p.loc {
-                None => match &self.parent {
-                    Some(parent) => parent.allocation_into(p.start, p.len, runs),
-                    None => runs.push(p.len, Allocation::Zero),
-                },
-                // WAL locations never occur in a checkpoint's map.
-                Some(Loc::Zero | Loc::Wal(_)) => runs.push(p.len, Allocation::Zero),
-                Some(Loc::Chunk { .. }) => runs.push(p.len, Allocation::Data),
-            };
-            if !more {
-                return false;
+        let (mut pos, end) = (start, start + len);
+        while pos < end {
+            for p in self.map.lookup_limited(pos, end - pos, BATCH) {
+                let more = match p.loc {
+                    None => match &self.parent {
+                        Some(parent) => parent.allocation_into(p.start, p.len, runs),
+                        None => runs.push(p.len, Allocation::Zero),
+                    },
+                    // WAL locations never occur in a checkpoint's map.
+                    Some(Loc::Zero | Loc::Wal(_)) => runs.push(p.len, Allocation::Zero),
+                    Some(Loc::Chunk { .. }) => runs.push(p.len, Allocation::Data),
+                };
+                if !more {
+                    return false;
+                }
+                pos = p.start + p.len;
             }
-            covered += p.len;
         }
-        covered == len
+        true
     }
 
     /// Where every byte of the view comes from: ranges in ascending order
