@@ -591,7 +591,11 @@ async fn allocation_matches_a_model_from_wal_and_chunks() {
     let want: Vec<Extent> = {
         let mut runs: Vec<Extent> = Vec::new();
         for &data in &model {
-            let state = if data { Allocation::Data } else { Allocation::Zero };
+            let state = if data {
+                Allocation::Data
+            } else {
+                Allocation::Zero
+            };
             match runs.last_mut() {
                 Some(r) if r.state == state => r.len += 512,
                 _ => runs.push(Extent { len: 512, state }),
@@ -600,7 +604,11 @@ async fn allocation_matches_a_model_from_wal_and_chunks() {
         runs
     };
     assert!(want.len() > 3000);
-    assert_eq!(v.allocation(0, SIZE, usize::MAX).unwrap(), want, "from the WAL");
+    assert_eq!(
+        v.allocation(0, SIZE, usize::MAX).unwrap(),
+        want,
+        "from the WAL"
+    );
     // At most `max_runs` runs: a prefix of the full answer.
     assert_eq!(v.allocation(0, SIZE, 10).unwrap(), want[..10]);
     // A sub-range starting inside a run.
@@ -608,16 +616,32 @@ async fn allocation_matches_a_model_from_wal_and_chunks() {
     assert_eq!(
         sub,
         [
-            Extent { len: 512, state: Allocation::Zero },
-            Extent { len: 512, state: Allocation::Data },
+            Extent {
+                len: 512,
+                state: Allocation::Zero
+            },
+            Extent {
+                len: 512,
+                state: Allocation::Data
+            },
         ]
     );
     // Range checks like a read.
-    assert!(matches!(v.allocation(SIZE, 512, 1), Err(BlockError::OutOfRange { .. })));
-    assert!(matches!(v.allocation(100, 512, 1), Err(BlockError::InvalidArgument(_))));
+    assert!(matches!(
+        v.allocation(SIZE, 512, 1),
+        Err(BlockError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        v.allocation(100, 512, 1),
+        Err(BlockError::InvalidArgument(_))
+    ));
     assert_eq!(v.allocation(512, 0, 1).unwrap(), vec![]);
     v.close().await.unwrap();
     let v = open(&store, dir.path(), 2, cfg).await;
-    assert_eq!(v.allocation(0, SIZE, usize::MAX).unwrap(), want, "from chunks");
+    assert_eq!(
+        v.allocation(0, SIZE, usize::MAX).unwrap(),
+        want,
+        "from chunks"
+    );
     v.close().await.unwrap();
 }

@@ -494,17 +494,20 @@ async fn block_status(
             assert!(!msg.is_empty(), "errors carry a message");
             Err(error)
         }
-        reply => Ok(decode_block_status(&final_chunk(
-            reply,
-            handle,
-            REPLY_TYPE_BLOCK_STATUS,
-        ))
-        .unwrap()),
+        reply => {
+            Ok(decode_block_status(&final_chunk(reply, handle, REPLY_TYPE_BLOCK_STATUS)).unwrap())
+        }
     }
 }
 
 /// A structured read: `Ok(data)` or the error.
-async fn read(c: &mut RawClient, handle: u64, flags: u16, offset: u64, len: u32) -> Result<Vec<u8>, u32> {
+async fn read(
+    c: &mut RawClient,
+    handle: u64,
+    flags: u16,
+    offset: u64,
+    len: u32,
+) -> Result<Vec<u8>, u32> {
     c.send(CMD_READ, flags, handle, offset, len).await;
     match c.any_reply().await {
         AnyReply::Chunk(h, payload) if h.kind == REPLY_TYPE_ERROR => {
@@ -578,15 +581,24 @@ async fn block_status_and_structured_reads_over_a_raw_socket() {
     // Structured reads: one data chunk (also with DF), NONE for zero
     // bytes, error chunks for bad requests.
     let want = pattern(64 * K as usize, 5);
-    assert_eq!(read(&mut c, 20, 0, 0, 8192).await, Ok(want[..8192].to_vec()));
+    assert_eq!(
+        read(&mut c, 20, 0, 0, 8192).await,
+        Ok(want[..8192].to_vec())
+    );
     assert_eq!(
         read(&mut c, 21, CMD_FLAG_DF, 4096, 4096).await,
         Ok(want[4096..8192].to_vec())
     );
     assert_eq!(read(&mut c, 22, 0, 4096, 0).await, Ok(vec![]));
     assert_eq!(read(&mut c, 23, 0, SIZE, 512).await, Err(NBD_EINVAL));
-    assert_eq!(read(&mut c, 24, 0, 0, MAX_PAYLOAD + 512).await, Err(NBD_EINVAL));
-    assert_eq!(read(&mut c, 25, CMD_FLAG_NO_HOLE, 0, 512).await, Err(NBD_EINVAL));
+    assert_eq!(
+        read(&mut c, 24, 0, 0, MAX_PAYLOAD + 512).await,
+        Err(NBD_EINVAL)
+    );
+    assert_eq!(
+        read(&mut c, 25, CMD_FLAG_NO_HOLE, 0, 512).await,
+        Err(NBD_EINVAL)
+    );
     // Writes still get simple replies; their errors are error chunks.
     assert_eq!(c.write(30, 128 * K, &[9u8; 4096]).await, 0);
     c.send(CMD_WRITE, 0, 31, SIZE, 512).await;
@@ -595,7 +607,13 @@ async fn block_status_and_structured_reads_over_a_raw_socket() {
     assert_eq!(decode_error(&payload).unwrap().0, NBD_EINVAL);
     // Block status follows writes and trims.
     c.send(CMD_TRIM, 0, 32, 0, 32 * K as u32).await;
-    assert_eq!(c.any_reply().await, AnyReply::Simple { error: 0, handle: 32 });
+    assert_eq!(
+        c.any_reply().await,
+        AnyReply::Simple {
+            error: 0,
+            handle: 32
+        }
+    );
     assert_eq!(
         block_status(&mut c, 33, 0, 0, SIZE as u32).await,
         ok(vec![
@@ -625,7 +643,11 @@ async fn malformed_negotiation_gets_error_replies_and_block_status_einval() {
         let data = meta_data("a", &["base:allocation"]);
         assert_eq!(meta(&mut c, opt, &data).await, Err(REP_ERR_INVALID));
     }
-    assert_eq!(go(&mut c, "a").await & TFLAG_SEND_DF, 0, "no DF without structured replies");
+    assert_eq!(
+        go(&mut c, "a").await & TFLAG_SEND_DF,
+        0,
+        "no DF without structured replies"
+    );
     assert_eq!(block_status(&mut c, 1, 0, 0, 4096).await, Err(NBD_EINVAL));
     let (err, data) = c.read(2, 0, 512).await;
     assert_eq!((err, &data[..]), (0, &pattern(512, 5)[..]));
@@ -657,7 +679,11 @@ async fn malformed_negotiation_gets_error_replies_and_block_status_einval() {
             &meta_data("a", &["base:allocation", "nocolon"])[..],
             &not_utf8[..],
         ] {
-            assert_eq!(meta(&mut c, opt, bad).await, Err(REP_ERR_INVALID), "{bad:?}");
+            assert_eq!(
+                meta(&mut c, opt, bad).await,
+                Err(REP_ERR_INVALID),
+                "{bad:?}"
+            );
         }
         let unknown = meta_data("zzz", &["base:allocation"]);
         assert_eq!(meta(&mut c, opt, &unknown).await, Err(REP_ERR_UNKNOWN));
@@ -695,7 +721,13 @@ async fn malformed_negotiation_gets_error_replies_and_block_status_einval() {
     let mut c = RawClient::greet(&addr, CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES).await;
     structured(&mut c).await;
     let for_b = meta_data("b", &["base:allocation"]);
-    assert_eq!(meta(&mut c, OPT_SET_META_CONTEXT, &for_b).await.unwrap().len(), 1);
+    assert_eq!(
+        meta(&mut c, OPT_SET_META_CONTEXT, &for_b)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
     go(&mut c, "a").await;
     assert_eq!(block_status(&mut c, 1, 0, 0, 4096).await, Err(NBD_EINVAL));
     assert_eq!(read(&mut c, 2, 0, 0, 512).await, Ok(pattern(512, 5)));

@@ -120,9 +120,7 @@ pub(crate) fn of_volume(
             let more = match (p.loc, &inner.parent) {
                 (None, Some(parent)) => parent.allocation_into(p.start, p.len, &mut runs),
                 (None | Some(Loc::Zero), _) => runs.push(p.len, Allocation::Zero),
-                (Some(Loc::Wal(_) | Loc::Chunk { .. }), _) => {
-                    runs.push(p.len, Allocation::Data)
-                }
+                (Some(Loc::Wal(_) | Loc::Chunk { .. }), _) => runs.push(p.len, Allocation::Data),
             };
             if !more {
                 return Ok(runs.into_vec());

@@ -107,7 +107,12 @@ pub trait BlockDevice: Send + Sync {
     /// when `len > 0`), adjacent runs differing in [`Allocation`]. Checked
     /// like a read. The default says "data" for the whole range, which is
     /// always a safe answer (see [`Allocation`]).
-    fn allocation(&self, offset: u64, len: u64, max_runs: usize) -> Result<Vec<Extent>, BlockError> {
+    fn allocation(
+        &self,
+        offset: u64,
+        len: u64,
+        max_runs: usize,
+    ) -> Result<Vec<Extent>, BlockError> {
         check_range(offset, len, self.size())?;
         let _ = max_runs;
         Ok(Extent::whole(len, Allocation::Data))

@@ -383,7 +383,12 @@ impl BlockDevice for SnapshotView {
         Err(BlockError::ReadOnly)
     }
 
-    fn allocation(&self, offset: u64, len: u64, max_runs: usize) -> Result<Vec<Extent>, BlockError> {
+    fn allocation(
+        &self,
+        offset: u64,
+        len: u64,
+        max_runs: usize,
+    ) -> Result<Vec<Extent>, BlockError> {
         check_range(offset, len, self.size)?;
         let mut runs = Runs::new(max_runs);
         self.allocation_into(offset / SECTOR, len / SECTOR, &mut runs);

@@ -414,7 +414,10 @@ impl RawClient {
 /// A reply as read by [`RawClient::any_reply`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AnyReply {
-    Simple { error: u32, handle: u64 },
+    Simple {
+        error: u32,
+        handle: u64,
+    },
     /// A structured reply chunk and its payload.
     Chunk(ChunkHeader, Vec<u8>),
 }

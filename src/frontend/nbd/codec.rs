@@ -346,8 +346,10 @@ pub fn encode_block_status_chunk(handle: u64, context: u32, extents: &[(u32, u32
 
 /// Decode a block status payload: the context id and its descriptors.
 pub fn decode_block_status(payload: &[u8]) -> Result<(u32, Vec<(u32, u32)>), BadOption> {
-    if payload.len() < 12 || (payload.len() - 4) % 8 != 0 {
-        return Err(BadOption("block status payload is not 4 + 8n bytes (n > 0)"));
+    if payload.len() < 12 || !(payload.len() - 4).is_multiple_of(8) {
+        return Err(BadOption(
+            "block status payload is not 4 + 8n bytes (n > 0)",
+        ));
     }
     let extents = payload[4..]
         .chunks_exact(8)

@@ -247,9 +247,16 @@ fn block_status_span_rounds_up_and_checks_bounds() {
     let size = 1 << 20;
     assert_eq!(block_status_span(0, 512, size), Some(512));
     assert_eq!(block_status_span(0, 1, size), Some(512), "rounded up");
-    assert_eq!(block_status_span(4096, u32::MAX, 1 << 40), Some(MAX_STATUS_SPAN));
+    assert_eq!(
+        block_status_span(4096, u32::MAX, 1 << 40),
+        Some(MAX_STATUS_SPAN)
+    );
     assert_eq!(block_status_span(size - 512, 512, size), Some(512));
-    assert_eq!(block_status_span(size - 512, 513, size), None, "past the end");
+    assert_eq!(
+        block_status_span(size - 512, 513, size),
+        None,
+        "past the end"
+    );
     assert_eq!(block_status_span(size, 512, size), None);
     assert_eq!(block_status_span(1, 512, size), None, "unaligned offset");
     assert_eq!(block_status_span(0, 0, size), None);
@@ -271,7 +278,10 @@ fn structured_chunks_layout_and_round_trip() {
 
     let c = encode_block_status_chunk(9, META_ALLOCATION_ID, &[(4096, 0), (512, 3)]);
     let hdr = ChunkHeader::decode(c[..STRUCTURED_REPLY_LEN].try_into().unwrap()).unwrap();
-    assert_eq!((hdr.flags, hdr.kind, hdr.handle), (REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, 9));
+    assert_eq!(
+        (hdr.flags, hdr.kind, hdr.handle),
+        (REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, 9)
+    );
     assert_eq!(hdr.length as usize, c.len() - STRUCTURED_REPLY_LEN);
     assert_eq!(
         decode_block_status(&c[STRUCTURED_REPLY_LEN..]),
@@ -288,7 +298,10 @@ fn structured_chunks_layout_and_round_trip() {
     let none = encode_none_chunk(6);
     assert_eq!(none.len(), STRUCTURED_REPLY_LEN);
     let hdr = ChunkHeader::decode(none[..].try_into().unwrap()).unwrap();
-    assert_eq!((hdr.flags, hdr.kind, hdr.length), (REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0));
+    assert_eq!(
+        (hdr.flags, hdr.kind, hdr.length),
+        (REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0)
+    );
 
     // Error messages are cut to 4096 bytes on a character boundary.
     let long = "é".repeat(3000);

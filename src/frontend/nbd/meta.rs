@@ -19,9 +19,7 @@ pub fn names_allocation(query: &[u8], listing: bool) -> Result<bool, BadOption> 
     let query =
         std::str::from_utf8(query).map_err(|_| BadOption("metadata context query is not UTF-8"))?;
     match query.split_once(':') {
-        Some((namespace, _)) if namespace.is_empty() => {
-            Err(BadOption("metadata context query has an empty namespace"))
-        }
+        Some(("", _)) => Err(BadOption("metadata context query has an empty namespace")),
         None => Err(BadOption("metadata context query has no namespace")),
         Some(("base", "")) => Ok(listing),
         Some(_) => Ok(query == META_BASE_ALLOCATION),

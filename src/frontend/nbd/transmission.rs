@@ -437,7 +437,10 @@ fn block_status(
 
 /// Descriptors for `extents`; `Some(len)` (REQ_ONE) keeps only the first,
 /// cut to the largest whole block within `len`.
-fn status_descriptors(extents: &[Extent], req_one: Option<u32>) -> Result<Vec<(u32, u32)>, BlockError> {
+fn status_descriptors(
+    extents: &[Extent],
+    req_one: Option<u32>,
+) -> Result<Vec<(u32, u32)>, BlockError> {
     let flags = |state| match state {
         Allocation::Data => 0,
         Allocation::Zero => STATE_HOLE | STATE_ZERO,
