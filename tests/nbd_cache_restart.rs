@@ -51,7 +51,8 @@ fn cache_stays_warm_across_stop_and_kill_9() {
     let info: serde_json::Value =
         serde_json::from_str(&env.ok(&["volume", "info", "v", "--json"])).unwrap();
     let id = info["record"]["id"].as_u64().expect("volume id");
-    let chunks = env.path(&format!("data/store/volumes/{id:016x}/chunks"));
+    // The fs store keeps key `a/b/c` as `a.d/b.d/c.o`.
+    let chunks = env.path(&format!("data/store/volumes.d/{id:016x}.d/chunks.d"));
     let away = env.path("chunks.away");
     let sock = env.path("nbd.sock");
     let uri = format!("nbd+unix:///v?socket={}", sock.display());
@@ -82,4 +83,13 @@ fn cache_stays_warm_across_stop_and_kill_9() {
         assert_eq!(ratio, Some(1.0), "after {what}: {s}");
         server.stop();
     }
+    // Without the cache (what every restart was before it was kept), the
+    // same read fails: the chunks really are out of reach.
+    std::fs::remove_dir_all(&cache).unwrap();
+    let server = env.serve_nbd("v", &sock, "error");
+    std::fs::rename(&chunks, &away).unwrap();
+    let got = read_all(&uri, &copy);
+    std::fs::rename(&away, &chunks).unwrap();
+    assert!(got.is_err(), "read without chunks or cache succeeded");
+    server.stop();
 }
