@@ -74,13 +74,35 @@ pub type ChunkId = (u64, u64, u64);
 struct Entry {
     id: WindowId,
     len: u32,
-    /// Sectors of the window some read has used (reuse detection).
-    seen: u128,
+    /// Sectors of the window some read has used (reuse detection), as two
+    /// words (a `u128` would pad the entry to 16-byte alignment).
+    seen: [u64; 2],
+}
+
+/// A `u64` key that already is a hash.
+#[derive(Debug, Default, Clone, Copy)]
+struct Prehashed(u64);
+
+impl std::hash::Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ b as u64;
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
 }
 
 #[derive(Debug)]
 struct Index {
-    map: HashMap<WindowId, u32>,
+    /// `hash(id)` -> slot; the slot's entry holds the full id, compared on
+    /// every lookup. Two ids with one hash cannot be cached together (the
+    /// later one is not cached).
+    map: HashMap<u64, u32, BuildHasherDefault<Prehashed>>,
     slots: Vec<Option<Entry>>,
     policy: Policy,
     /// Stamp of the next entry (entries restored at open keep their order).
@@ -123,6 +145,10 @@ fn mask(used: &Range<u64>) -> u128 {
         (1u128 << (b - a)) - 1
     };
     ones << a
+}
+
+fn split(m: u128) -> [u64; 2] {
+    [m as u64, (m >> 64) as u64]
 }
 
 fn hash(id: &WindowId) -> u64 {
@@ -223,19 +249,33 @@ impl Cache {
                 .map_err(err)?;
         }
         let mut index = Index {
-            map: HashMap::with_capacity(n),
+            map: HashMap::with_capacity_and_hasher(n, Default::default()),
             slots: vec![None; n],
             policy: Policy::new(n),
             stamp: 1,
         };
         let mut restored: Vec<(u32, Record)> = found.records.into_iter().collect();
         restored.sort_by_key(|(_, r)| r.stamp);
+        let mut clear = Vec::new();
+        restored.retain(|&(s, r)| {
+            let fresh = !index.map.contains_key(&hash(&r.id));
+            if fresh {
+                index.map.insert(hash(&r.id), s);
+            } else {
+                clear.push(s);
+            }
+            fresh
+        });
+        for &s in &clear {
+            index_file
+                .write_all_at(&[0u8; RECORD], record_offset(s))
+                .map_err(err)?;
+        }
         for &(s, r) in &restored {
-            index.map.insert(r.id, s);
             index.slots[s as usize] = Some(Entry {
                 id: r.id,
                 len: r.len,
-                seen: 0,
+                seen: [0; 2],
             });
             index.policy.restore(s, hash(&r.id));
             index.stamp = index.stamp.max(r.stamp + 1);
@@ -280,7 +320,7 @@ impl Cache {
     /// ghost), independent of how full the cache is.
     pub fn index_bytes(&self) -> usize {
         let idx = self.lock();
-        idx.map.capacity() * (std::mem::size_of::<(WindowId, u32)>() + 1)
+        idx.map.capacity() * (std::mem::size_of::<(u64, u32)>() + 1)
             + idx.slots.len() * std::mem::size_of::<Option<Entry>>()
             + idx.policy.index_bytes()
     }
@@ -292,14 +332,15 @@ impl Cache {
         let end = offset.checked_add(dst.len() as u64)?;
         let hit = {
             let mut idx = self.lock();
-            let slot = *idx.map.get(id)?;
+            let slot = *idx.map.get(&hash(id))?;
             let e = idx.slots[slot as usize].as_mut()?;
-            if end > e.len as u64 {
+            if e.id != *id || end > e.len as u64 {
                 return None;
             }
             let m = mask(&used);
-            let reused = e.seen & m != 0;
-            e.seen |= m;
+            let seen = u128::from(e.seen[0]) | u128::from(e.seen[1]) << 64;
+            let reused = seen & m != 0;
+            e.seen = split(seen | m);
             if reused {
                 idx.policy.reused(slot);
             }
@@ -329,7 +370,7 @@ impl Cache {
         let Some(e) = idx.slots[hit.slot as usize].take() else {
             return false;
         };
-        idx.map.remove(&e.id);
+        idx.map.remove(&hash(&e.id));
         idx.policy.release(hit.slot);
         // Under the lock, so a later fill of the slot cannot be undone.
         let _ = self
@@ -346,14 +387,14 @@ impl Cache {
         }
         let (slot, gen, stamp) = {
             let mut idx = self.lock();
-            if idx.map.contains_key(id) {
+            if idx.map.contains_key(&hash(id)) {
                 return;
             }
             let Some((slot, evicted)) = idx.policy.victim() else {
                 return;
             };
             if let Some(old) = idx.slots[slot as usize].take() {
-                idx.map.remove(&old.id);
+                idx.map.remove(&hash(&old.id));
             }
             if evicted {
                 self.evictions.fetch_add(1, Ordering::Relaxed);
@@ -380,7 +421,7 @@ impl Cache {
         if idx.policy.gen(slot) != gen {
             return;
         }
-        if written.is_err() || idx.map.contains_key(id) {
+        if written.is_err() || idx.map.contains_key(&hash(id)) {
             // Failed, or another reader cached the same window meanwhile.
             idx.policy.release(slot);
             let _ = self
@@ -391,9 +432,9 @@ impl Cache {
         idx.slots[slot as usize] = Some(Entry {
             id: *id,
             len: rec.len,
-            seen: mask(&used),
+            seen: split(mask(&used)),
         });
-        idx.map.insert(*id, slot);
+        idx.map.insert(hash(id), slot);
         idx.policy.insert(slot, hash(id));
     }
 }
