@@ -57,16 +57,23 @@ impl Env {
             epoch,
             local_dir: self.dir.path().to_path_buf(),
         };
-        Volume::open(self.store.clone(), p, self.cfg.clone(), Arc::new(SystemClock))
-            .await
-            .expect("open volume")
+        Volume::open(
+            self.store.clone(),
+            p,
+            self.cfg.clone(),
+            Arc::new(SystemClock),
+        )
+        .await
+        .expect("open volume")
     }
 
     /// Chunk reads from the store fail from now on (the store is
     /// unreachable for data).
     fn cut_off_chunk_reads(&self) {
-        self.faulty
-            .set(FaultPoint::GetRange, FaultRule::share(Fault::Permanent, 1.0));
+        self.faulty.set(
+            FaultPoint::GetRange,
+            FaultRule::share(Fault::Permanent, 1.0),
+        );
     }
 
     fn cache_file(&self, name: &str) -> std::path::PathBuf {
@@ -160,7 +167,10 @@ async fn flipped_byte_in_the_cache_is_refetched() {
     assert!(read(&v, 0, model.len(), 4096).await == model);
     let s = v.stats();
     assert_eq!(s.cache_corrupt, 1, "{s:?}");
-    assert_eq!(s.store_reads, 1, "only the damaged window is refetched: {s:?}");
+    assert_eq!(
+        s.store_reads, 1,
+        "only the damaged window is refetched: {s:?}"
+    );
     // The refetched window replaced the damaged one.
     env.cut_off_chunk_reads();
     assert!(read(&v, 0, model.len(), 4096).await == model);
@@ -289,7 +299,11 @@ async fn boot_workload_measurement() {
             let s = v.stats();
             println!(
                 "{} restart, pass {pass}: store GETs {}, bytes from the cache {} of {len}",
-                if wipe { "cache wiped at" } else { "cache kept across" },
+                if wipe {
+                    "cache wiped at"
+                } else {
+                    "cache kept across"
+                },
                 s.store_reads,
                 s.cache_hit_bytes,
             );
@@ -306,7 +320,11 @@ async fn boot_workload_measurement() {
         }
         println!(
             "{}: hit ratio (bytes) {:.3}, store GETs {gets}",
-            if wipe { "wiped (as before)" } else { "kept (now)" },
+            if wipe {
+                "wiped (as before)"
+            } else {
+                "kept (now)"
+            },
             hit_bytes as f64 / (2 * len) as f64
         );
     }

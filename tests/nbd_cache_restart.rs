@@ -40,9 +40,8 @@ fn cache_stays_warm_across_stop_and_kill_9() {
         eprintln!("skipped: nbdcopy not installed");
         return;
     }
-    let env = CliEnv::with_config(
-        "data_dir: data\nengine:\n  chunk_size: 1MiB\n  cache_size: 64MiB\n",
-    );
+    let env =
+        CliEnv::with_config("data_dir: data\nengine:\n  chunk_size: 1MiB\n  cache_size: 64MiB\n");
     env.ok(&["volume", "create", "v", "--size", "16MiB"]);
     let image = env.path("image.raw");
     let data = pattern(SIZE, 7);
@@ -76,7 +75,8 @@ fn cache_stays_warm_across_stop_and_kill_9() {
         std::fs::rename(&chunks, &away).unwrap();
         let got = read_all(&uri, &copy);
         std::fs::rename(&away, &chunks).unwrap();
-        let got = got.unwrap_or_else(|e| panic!("after {what}: read without the chunks failed: {e}"));
+        let got =
+            got.unwrap_or_else(|e| panic!("after {what}: read without the chunks failed: {e}"));
         assert!(got == data, "after {what}: data differs");
         let s = status_json(&env);
         let ratio = s["volumes"][0]["cache_hit_ratio"].as_f64();

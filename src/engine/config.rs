@@ -131,7 +131,10 @@ impl EngineConfig {
             .as_ref()
             .is_some_and(|d| d.as_os_str().is_empty())
         {
-            return err("cache_dir", "must not be empty (null for the default)".into());
+            return err(
+                "cache_dir",
+                "must not be empty (null for the default)".into(),
+            );
         }
         if self.compact_below_percent > 90 {
             return err(

@@ -349,7 +349,10 @@ impl Cache {
                 gen: idx.policy.gen(slot),
             }
         };
-        match self.data.read_exact_at(dst, hit.slot as u64 * SLOT + offset) {
+        match self
+            .data
+            .read_exact_at(dst, hit.slot as u64 * SLOT + offset)
+        {
             Ok(()) => Some(hit),
             Err(e) => {
                 log::warn!("read cache: reading slot {}: {e}", hit.slot);

@@ -204,13 +204,15 @@ impl Policy {
         // Drop stale pairs once they outnumber the live ones.
         if self.small.len() > 2 * self.small_len + 16 {
             let slots = &self.slots;
-            self.small
-                .retain(|&(s, g)| slots[s as usize].gen == g && slots[s as usize].queue == Queue::Small);
+            self.small.retain(|&(s, g)| {
+                slots[s as usize].gen == g && slots[s as usize].queue == Queue::Small
+            });
         }
         if self.main.len() > 2 * self.main_len + 16 {
             let slots = &self.slots;
-            self.main
-                .retain(|&(s, g)| slots[s as usize].gen == g && slots[s as usize].queue == Queue::Main);
+            self.main.retain(|&(s, g)| {
+                slots[s as usize].gen == g && slots[s as usize].queue == Queue::Main
+            });
         }
     }
 

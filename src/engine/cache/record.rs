@@ -51,8 +51,7 @@ fn seal(b: &mut [u8; RECORD]) {
 }
 
 fn sealed(b: &[u8]) -> bool {
-    b.len() == RECORD
-        && crc32c::crc32c(&b[..RECORD - 4]).to_le_bytes() == b[RECORD - 4..]
+    b.len() == RECORD && crc32c::crc32c(&b[..RECORD - 4]).to_le_bytes() == b[RECORD - 4..]
 }
 
 fn u32_at(b: &[u8], at: usize) -> u32 {

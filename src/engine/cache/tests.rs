@@ -59,8 +59,14 @@ fn hit_miss_and_eviction() {
     c.put(&id(3, 0), &b, 0..0);
     let mut other = vec![0u8; 1000];
     for o in [
-        WindowId { volume: 8, ..id(3, 0) },
-        WindowId { epoch: 2, ..id(3, 0) },
+        WindowId {
+            volume: 8,
+            ..id(3, 0)
+        },
+        WindowId {
+            epoch: 2,
+            ..id(3, 0)
+        },
         WindowId { tag: 1, ..id(3, 0) },
     ] {
         assert!(c.get(&o, 0, &mut other, 0..0).is_none(), "{o:?}");
@@ -111,7 +117,10 @@ fn entries_survive_reopen_and_discard_is_persistent() {
     assert_eq!(c.restored(), 5);
     for s in 0..5 {
         let mut buf = vec![0u8; SLOT as usize];
-        assert!(c.get(&id(s, 0), 0, &mut buf, full()).is_some(), "window {s}");
+        assert!(
+            c.get(&id(s, 0), 0, &mut buf, full()).is_some(),
+            "window {s}"
+        );
         assert!(buf == pattern(s), "window {s} holds other bytes");
     }
     assert!(c.get(&id(5, 0), 0, &mut [0u8; 16], 0..0).is_none());
@@ -196,7 +205,9 @@ fn sequential_reads_inside_a_window_are_not_reuse() {
     c.put(&id(0, 0), &pattern(0), 0..4096);
     let mut b = vec![0u8; 4096];
     for k in 1..16 {
-        assert!(c.get(&id(0, 0), k * 4096, &mut b, k * 4096..(k + 1) * 4096).is_some());
+        assert!(c
+            .get(&id(0, 0), k * 4096, &mut b, k * 4096..(k + 1) * 4096)
+            .is_some());
     }
     // Window 1 is read twice at the same place: hot.
     c.put(&id(1, 0), &pattern(1), 0..4096);
@@ -227,7 +238,9 @@ fn another_owner_starts_cold_and_a_busy_directory_is_not_shared() {
     c.put(&id(1, 0), &pattern(1), full());
     assert!(Cache::open(dir.path(), 4 * SLOT, OWNER).unwrap().is_none());
     drop(c);
-    let c = Cache::open(dir.path(), 4 * SLOT, b"volume dir B").unwrap().unwrap();
+    let c = Cache::open(dir.path(), 4 * SLOT, b"volume dir B")
+        .unwrap()
+        .unwrap();
     assert_eq!(c.restored(), 0);
     assert!(c.get(&id(1, 0), 0, &mut [0u8; 8], 0..0).is_none());
     drop(c);
