@@ -329,3 +329,44 @@ async fn boot_workload_measurement() {
         );
     }
 }
+
+/// With `engine.cache_dir` set, the cache lives in `<cache_dir>/<id>/`
+/// (private), stays warm across a restart, and a different volume
+/// directory (another store's volume with the same id) finds it cold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_dir_holds_the_cache_privately() {
+    use std::os::unix::fs::PermissionsExt;
+    let caches = tempfile::tempdir().unwrap();
+    let mut c = cfg(4 << 20, 256 << 10);
+    c.cache_dir = Some(caches.path().to_path_buf());
+    let env = Env::new(8 << 20, c);
+    let model = fill(&env, 1, 1 << 20, 1).await;
+    let v = env.open(2).await;
+    assert!(read(&v, 0, model.len(), 256 << 10).await == model);
+    v.close().await.unwrap();
+    drop(v);
+    let dir = caches.path().join(format!("{ID:016x}"));
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700);
+    for f in ["data", "index", "owner", "lock"] {
+        assert_eq!(mode(&dir.join(f)), 0o600, "{f}");
+    }
+    assert!(
+        !env.cache_file("").exists(),
+        "nothing in the volume directory"
+    );
+    let v = env.open(3).await;
+    env.cut_off_chunk_reads();
+    assert!(read(&v, 0, model.len(), 64 << 10).await == model);
+    assert_eq!(v.stats().store_reads, 0);
+    v.close().await.unwrap();
+    drop(v);
+    // Another store's volume with the same id, sharing the cache_dir.
+    let other = Env::new(8 << 20, env.cfg.clone());
+    let model2 = fill(&other, 1, 1 << 20, 2).await;
+    let v = other.open(2).await;
+    assert_eq!(v.stats().cache_restored, 0);
+    assert!(read(&v, 0, model2.len(), 64 << 10).await == model2);
+    assert_eq!(v.stats().cache_corrupt, 0);
+    v.close().await.unwrap();
+}
