@@ -370,3 +370,30 @@ async fn cache_dir_holds_the_cache_privately() {
     assert_eq!(v.stats().cache_corrupt, 0);
     v.close().await.unwrap();
 }
+
+/// Chunk names repeat when a volume directory outlives its store (a new
+/// store starts again at epoch 1 and chunk 1, e.g. scratch volumes or a
+/// test rig): the kept entries name the same (volume, seq, epoch, window)
+/// as the new chunks, but their tag (block CRCs and layout) differs, so
+/// they never match, not even as a CRC failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_chunk_name_never_matches_the_old_entry() {
+    let mut env = Env::new(8 << 20, cfg(4 << 20, 256 << 10));
+    let old = fill(&env, 1, 1 << 20, 1).await;
+    let v = env.open(2).await;
+    assert!(read(&v, 0, old.len(), 256 << 10).await == old);
+    v.close().await.unwrap();
+    drop(v);
+    // A new, empty store; same local directory, same volume id.
+    let faulty = Arc::new(FaultyStore::new(MemoryStore::new(), 2));
+    env.store = faulty.clone();
+    env.faulty = faulty;
+    let new = fill(&env, 1, 1 << 20, 2).await;
+    let v = env.open(2).await;
+    assert!(v.stats().cache_restored > 0, "the old entries were kept");
+    assert!(read(&v, 0, new.len(), 64 << 10).await == new);
+    let s = v.stats();
+    assert_eq!(s.cache_corrupt, 0, "an old entry matched: {s:?}");
+    assert!(s.store_reads > 0, "{s:?}");
+    v.close().await.unwrap();
+}
