@@ -324,10 +324,12 @@ impl Config {
         };
         let mut nbd = file.nbd;
         nbd.resolve_paths(resolve);
+        let mut engine = file.engine;
+        engine.cache_dir = engine.cache_dir.map(resolve);
         Config {
             data_dir,
             store,
-            engine: file.engine,
+            engine,
             pool: file.pool,
             nbd,
             lease: file.lease,
@@ -380,6 +382,16 @@ impl Config {
     /// Local directory for one volume's WAL and cache.
     pub fn volume_dir(&self, id: u64) -> PathBuf {
         self.data_dir.join("volumes").join(format!("{id:016x}"))
+    }
+
+    /// One volume's read cache directory when `engine.cache_dir` puts it
+    /// outside [`Config::volume_dir`] (the engine's rule, see
+    /// `engine::volume`).
+    pub fn external_cache_dir(&self, id: u64) -> Option<PathBuf> {
+        self.engine
+            .cache_dir
+            .as_ref()
+            .map(|d| d.join(format!("{id:016x}")))
     }
 }
 

@@ -31,6 +31,7 @@ fn cfg(compact_below_percent: u64) -> EngineConfig {
         durability: Durability::Store,
         checkpoint_every_chunks: 2,
         cache_size: 0,
+        cache_dir: None,
         store_read_timeout_ms: 60_000,
         compact_below_percent,
     }

@@ -365,6 +365,7 @@ async fn run_seed(seed: u64, backend: Backend) {
         },
         checkpoint_every_chunks: 1 + rng.below(3),
         cache_size: if rng.chance(50) { 256 << 10 } else { 0 },
+        cache_dir: None,
         store_read_timeout_ms: 60_000,
         compact_below_percent: [0, 25, 60, 90][rng.below(4) as usize],
     };

@@ -23,6 +23,7 @@ fn cfg() -> EngineConfig {
         durability: Durability::Local,
         checkpoint_every_chunks: 4,
         cache_size: 8 << 20,
+        cache_dir: None,
         store_read_timeout_ms: 60_000,
         compact_below_percent: 0,
     }

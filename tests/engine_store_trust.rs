@@ -41,6 +41,7 @@ fn cfg() -> EngineConfig {
         durability: Durability::Local,
         checkpoint_every_chunks: 100,
         cache_size: 0,
+        cache_dir: None,
         store_read_timeout_ms: 60_000,
         compact_below_percent: 50,
     }

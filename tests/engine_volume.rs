@@ -25,6 +25,7 @@ fn small_cfg() -> EngineConfig {
         durability: Durability::Local,
         checkpoint_every_chunks: 2,
         cache_size: 1 << 20,
+        cache_dir: None,
         store_read_timeout_ms: 60_000,
         compact_below_percent: 25,
     }

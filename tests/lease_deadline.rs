@@ -37,6 +37,7 @@ fn engine_cfg() -> EngineConfig {
         durability: Durability::Local,
         checkpoint_every_chunks: 2,
         cache_size: 0,
+        cache_dir: None,
         store_read_timeout_ms: 60_000,
         compact_below_percent: 25,
     }

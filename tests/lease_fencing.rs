@@ -45,6 +45,7 @@ fn cfg(durability: Durability) -> EngineConfig {
         durability,
         checkpoint_every_chunks: 2,
         cache_size: 0,
+        cache_dir: None,
         store_read_timeout_ms: 60_000,
         compact_below_percent: 25,
     }

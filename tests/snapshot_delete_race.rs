@@ -33,6 +33,7 @@ fn cfg() -> EngineConfig {
         max_unstored_bytes: 1 << 20,
         checkpoint_every_chunks: 1,
         cache_size: 0,
+        cache_dir: None,
         compact_below_percent: 50,
         ..EngineConfig::default()
     }

@@ -274,6 +274,16 @@ async fn delete(cfg: &Config, catalog: &Catalog, name: &str, yes: bool) -> anyho
     let (_, removed) = catalog.delete(name, now_ms).await?;
     // This host's WAL and cache for the volume (ids are never reused, so
     // nothing else can be using the directory).
+    if let Some(cache) = cfg.external_cache_dir(rec.id) {
+        if let Err(e) = std::fs::remove_dir_all(&cache) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                eprintln!(
+                    "warning: the read cache {} of deleted volume {name:?} was not removed: {e}",
+                    cache.display()
+                );
+            }
+        }
+    }
     let local_dir = cfg.volume_dir(rec.id);
     match std::fs::remove_dir_all(&local_dir) {
         Ok(()) => {}

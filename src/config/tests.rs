@@ -63,6 +63,13 @@ fn store_defaults_to_data_dir_and_relative_paths_use_the_file_dir() {
         cfg.volume_dir(1),
         PathBuf::from("/base/volumes/0000000000000001")
     );
+    assert_eq!(cfg.external_cache_dir(1), None);
+    let cfg = parse("engine:\n  cache_dir: caches\n").unwrap();
+    assert_eq!(cfg.engine.cache_dir, Some(PathBuf::from("/base/caches")));
+    assert_eq!(
+        cfg.external_cache_dir(0x2a),
+        Some(PathBuf::from("/base/caches/000000000000002a"))
+    );
     let cfg = parse("data_dir: /abs\n").unwrap();
     assert_eq!(cfg.data_dir, PathBuf::from("/abs"));
     assert_eq!(
@@ -123,6 +130,10 @@ fn wrong_types_and_bad_syntax_are_parse_errors() {
 
 #[test]
 fn bounds_are_enforced_with_field_names() {
+    assert_eq!(
+        invalid_field("engine:\n  cache_dir: \"\"\n"),
+        "engine.cache_dir"
+    );
     assert_eq!(
         invalid_field("engine:\n  chunk_size: 1000\n"),
         "engine.chunk_size"

@@ -35,9 +35,14 @@ pub struct EngineConfig {
     pub durability: Durability,
     /// Write a checkpoint of the map after this many chunks. Default 64; 1..=100_000.
     pub checkpoint_every_chunks: u64,
-    /// Local read cache size in bytes; 0 disables it. Default 1 GiB.
+    /// Local read cache size in bytes, per volume; 0 disables it. Kept
+    /// across restarts. Default 1 GiB.
     #[serde(with = "crate::size::serde_bytes")]
     pub cache_size: u64,
+    /// Directory for the read caches (each volume's in a subdirectory
+    /// named by its id as 16 hex digits), e.g. a faster or larger disk.
+    /// Default `null`: `<data_dir>/volumes/<id>/cache`. Must not be empty.
+    pub cache_dir: Option<std::path::PathBuf>,
     /// How long a read of data held only in the store keeps retrying
     /// transient store errors before it fails with EIO, in milliseconds.
     /// Default 60000; 100..=3_600_000.
@@ -58,6 +63,7 @@ impl Default for EngineConfig {
             durability: Durability::Local,
             checkpoint_every_chunks: 64,
             cache_size: 1 << 30,
+            cache_dir: None,
             store_read_timeout_ms: 60_000,
             compact_below_percent: 25,
         }
@@ -118,6 +124,16 @@ impl EngineConfig {
             return err(
                 "store_read_timeout_ms",
                 format!("{} must be in 100..=3600000", self.store_read_timeout_ms),
+            );
+        }
+        if self
+            .cache_dir
+            .as_ref()
+            .is_some_and(|d| d.as_os_str().is_empty())
+        {
+            return err(
+                "cache_dir",
+                "must not be empty (null for the default)".into(),
             );
         }
         if self.compact_below_percent > 90 {

@@ -4,7 +4,8 @@
 //!
 //! Layout of one volume:
 //! - local: `<local_dir>/wal/<segment:016x>.wal` (WAL segments, see
-//!   [`wal`]), `<local_dir>/cache/data` (read cache, recreated at open),
+//!   [`wal`]), `<local_dir>/cache/{data,index,owner,lock}` (read cache, kept
+//!   across opens, see [`cache`]; or under `engine.cache_dir`),
 //!   `<local_dir>/wal.quarantine-e<epoch>-<secs>/` (a WAL that did not
 //!   extend the store's history, never applied; see `wal_open.rs`) and
 //!   `<local_dir>/wal.discarded-<secs>/` (copies kept by

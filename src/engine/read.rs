@@ -21,7 +21,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures::channel::oneshot;
 
-use super::cache::SLOT;
+use super::cache::{WindowId, SLOT};
 use super::checkpoint::ChunkInfo;
 use super::chunk::{aligned_range, chunk_key, verify_blocks, CRC_BLOCK};
 use super::map::{Loc, WalLoc};
@@ -178,20 +178,50 @@ async fn read_once(inner: &Inner, offset: u64, buf: &mut [u8]) -> Result<Attempt
         };
         dst.copy_from_slice(src);
         if let Some(cache) = &inner.cache {
+            let (r0, r1) = (*off, off + dst.len() as u64);
             for (i, win) in data.chunks(SLOT as usize).enumerate() {
-                cache.put(
-                    (*volume, info.seq, info.epoch),
-                    start / SLOT + i as u64,
-                    win,
-                );
+                let w = start / SLOT + i as u64;
+                let ws = w * SLOT;
+                // The part of the window this request used.
+                let used = r0.clamp(ws, ws + SLOT) - ws..r1.clamp(ws, ws + SLOT) - ws;
+                cache.put(&window_id(*volume, info, w), win, used);
             }
         }
     }
     Ok(if retry { Attempt::Retry } else { Attempt::Done })
 }
 
+/// Block CRCs per cache window.
+const CRCS_PER_WINDOW: usize = (SLOT / CRC_BLOCK) as usize;
+
+/// The cache's name for window `w` of chunk `info` of `volume`: the chunk
+/// identity plus a tag over the data area's position and length and the
+/// window's block CRCs, so an entry of any other object is a miss (cache
+/// invariant 1).
+fn window_id(volume: u64, info: &ChunkInfo, w: u64) -> WindowId {
+    let mut buf = [0u8; 16 + 4 * CRCS_PER_WINDOW];
+    buf[..8].copy_from_slice(&info.data_start.to_le_bytes());
+    buf[8..16].copy_from_slice(&info.data_len.to_le_bytes());
+    let first = usize::try_from(w)
+        .unwrap_or(usize::MAX)
+        .saturating_mul(CRCS_PER_WINDOW);
+    let crcs = info.crcs.get(first..).unwrap_or(&[]);
+    let n = crcs.len().min(CRCS_PER_WINDOW);
+    for (i, c) in crcs[..n].iter().enumerate() {
+        buf[16 + 4 * i..20 + 4 * i].copy_from_slice(&c.to_le_bytes());
+    }
+    WindowId {
+        volume,
+        seq: info.seq,
+        epoch: info.epoch,
+        window: w,
+        tag: crc32c::crc32c(&buf[..16 + 4 * n]),
+    }
+}
+
 /// Serve `dst` (chunk data at `off`) from the cache; false if any window
-/// is missing or fails its CRC.
+/// is missing or fails its CRC (such an entry is dropped and counted, and
+/// the caller refetches the window from the store).
 fn read_cached(inner: &Inner, volume: u64, info: &ChunkInfo, off: u64, dst: &mut [u8]) -> bool {
     let Some(cache) = &inner.cache else {
         return false;
@@ -207,9 +237,21 @@ fn read_cached(inner: &Inner, volume: u64, info: &ChunkInfo, off: u64, dst: &mut
         let to = end.min(ws + SLOT);
         let (a, b) = aligned_range(from, to - from, info.data_len);
         let got = &mut blocks[..(b - a) as usize];
-        if !cache.get((volume, info.seq, info.epoch), w, a - ws, got)
-            || verify_blocks(&info.crcs, a, got).is_err()
-        {
+        let ok = match cache.get(&window_id(volume, info, w), a - ws, got, from - ws..to - ws) {
+            None => false,
+            Some(hit) => {
+                let good = verify_blocks(&info.crcs, a, got).is_ok();
+                if !good && cache.discard(hit) {
+                    log::warn!(
+                        "read cache entry of {} (window {w}) failed its CRC check; refetching",
+                        chunk_key(volume, info.seq, info.epoch)
+                    );
+                    inner.counters.cache_corrupt.fetch_add(1, Ordering::Relaxed);
+                }
+                good
+            }
+        };
+        if !ok {
             inner.counters.cache_misses.fetch_add(1, Ordering::Relaxed);
             return false;
         }

@@ -93,6 +93,11 @@ pub struct VolumeStats {
     pub cache_hit_bytes: u64,
     /// Read cache windows evicted for new ones.
     pub cache_evictions: u64,
+    /// Read cache entries that failed their CRC check (damaged or stale)
+    /// and were dropped and refetched from the store.
+    pub cache_corrupt: u64,
+    /// Read cache windows found on disk at open (kept from the last run).
+    pub cache_restored: u64,
     /// Size of the read cache in bytes (0: disabled).
     pub cache_capacity_bytes: u64,
 }
@@ -115,6 +120,7 @@ pub(crate) struct Counters {
     pub destage_us: AtomicU64,
     pub checkpoint_us: AtomicU64,
     pub cache_hit_bytes: AtomicU64,
+    pub cache_corrupt: AtomicU64,
 }
 
 /// Whether acknowledgements may be given now (invariant 7). Implemented by
@@ -150,6 +156,24 @@ impl Shared {
     pub fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// The volume's read cache: in `<local_dir>/cache`, or
+/// `<engine.cache_dir>/<id as 16 hex digits>` when that is set; owned by
+/// the local directory's identity file (store, volume and directory ids),
+/// or by the directory's path where there is none (volumes opened without
+/// a claim, as tests do).
+fn open_cache(
+    params: &VolumeParams,
+    cfg: &EngineConfig,
+) -> Result<Option<super::cache::Cache>, EngineError> {
+    let dir = match &cfg.cache_dir {
+        Some(d) => d.join(format!("{:016x}", params.id)),
+        None => params.local_dir.join("cache"),
+    };
+    let owner = std::fs::read(params.local_dir.join("identity.json"))
+        .unwrap_or_else(|_| params.local_dir.as_os_str().as_encoded_bytes().to_vec());
+    super::cache::Cache::open(&dir, cfg.cache_size, &owner)
 }
 
 /// Everything the background tasks and the request paths share.
@@ -253,7 +277,7 @@ impl Volume {
             seg_limit,
             apply,
         )?;
-        let cache = super::cache::Cache::open(&params.local_dir.join("cache"), cfg.cache_size)?;
+        let cache = open_cache(&params, &cfg)?;
         let inner = Arc::new(Inner {
             id: params.id,
             size: params.size,
@@ -435,6 +459,8 @@ impl Volume {
             checkpoint_us: us(&c.checkpoint_us),
             cache_hit_bytes: us(&c.cache_hit_bytes),
             cache_evictions: self.inner.cache.as_ref().map_or(0, |c| c.evictions()),
+            cache_corrupt: us(&c.cache_corrupt),
+            cache_restored: self.inner.cache.as_ref().map_or(0, |c| c.restored()),
             cache_capacity_bytes: self.inner.cache.as_ref().map_or(0, |c| c.capacity()),
         }
     }

@@ -485,6 +485,20 @@ fn engine_families(vol: &Volume) -> Vec<Family> {
             s.cache_evictions as f64,
         ),
         f(
+            "cache_corrupt",
+            Counter,
+            None,
+            "Read cache entries that failed their CRC check (damaged or stale) and were refetched",
+            s.cache_corrupt as f64,
+        ),
+        f(
+            "cache_restored",
+            Gauge,
+            None,
+            "Read cache windows kept from the previous run when the volume was opened",
+            s.cache_restored as f64,
+        ),
+        f(
             "cache_capacity",
             Gauge,
             b,

@@ -13,6 +13,7 @@ pub fn destage_on_close(chunk_size: u64) -> EngineConfig {
         durability: Durability::Local,
         checkpoint_every_chunks: 100,
         cache_size: 1 << 20,
+        cache_dir: None,
         store_read_timeout_ms: 60_000,
         compact_below_percent: 25,
     }

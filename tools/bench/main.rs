@@ -237,6 +237,7 @@ async fn run_engine(root: &Path, size: u64, secs: u64) -> Result<Vec<(Measure, S
     let store: DynStore = Arc::new(FsStore::new(root.join("objects")));
     let cfg = EngineConfig {
         cache_size: 256 << 20,
+        cache_dir: None,
         store_read_timeout_ms: 60_000,
         ..EngineConfig::default()
     };

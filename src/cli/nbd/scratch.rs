@@ -21,6 +21,8 @@ pub struct Scratch {
     store: DynStore,
     prefix: String,
     local_dir: std::path::PathBuf,
+    /// The read cache when `engine.cache_dir` puts it outside `local_dir`.
+    cache_dir: Option<std::path::PathBuf>,
 }
 
 /// Open scratch volume number `index` of `size` bytes. Refuses if its
@@ -41,6 +43,12 @@ pub async fn open(cfg: &Config, index: u64, size: u64) -> anyhow::Result<Scratch
             local_dir.display()
         );
     }
+    // Scratch ids and epochs repeat from run to run, so a read cache left
+    // by an earlier run (outside the local directory) is dropped.
+    let cache_dir = cfg.external_cache_dir(id);
+    if let Some(d) = &cache_dir {
+        remove_if_present(d)?;
+    }
     let params = VolumeParams {
         id,
         size,
@@ -59,6 +67,7 @@ pub async fn open(cfg: &Config, index: u64, size: u64) -> anyhow::Result<Scratch
         store,
         prefix,
         local_dir,
+        cache_dir,
     })
 }
 
@@ -74,6 +83,19 @@ impl Scratch {
         }
         std::fs::remove_dir_all(&self.local_dir)
             .with_context(|| format!("removing {}", self.local_dir.display()))?;
+        if let Some(d) = &self.cache_dir {
+            remove_if_present(d)?;
+        }
         Ok(())
+    }
+}
+
+/// Remove directory `d` and what it holds; a missing one is fine.
+fn remove_if_present(d: &std::path::Path) -> anyhow::Result<()> {
+    match std::fs::remove_dir_all(d) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing {}", d.display()))
+        }
+        _ => Ok(()),
     }
 }

@@ -1,0 +1,515 @@
+//! Local read cache of chunk data, kept across restarts: a data file cut
+//! into fixed slots and an index file with one record per slot (see
+//! [`record`]), in a private directory (0700, files 0600). Eviction is
+//! S3-FIFO (see [`policy`]), so one large sequential read cannot flush the
+//! windows that are read again and again.
+//!
+//! Invariants:
+//! 1. A slot holds [`SLOT`] bytes (the last window of a chunk may be
+//!    shorter) of one chunk's data area, starting at a `SLOT`-aligned
+//!    offset, named by a [`WindowId`]: the chunk `(volume, seq, epoch)`,
+//!    the window index and a tag hashing the chunk's data-area position and
+//!    the block CRCs of that window. A chunk object key names one object for
+//!    the life of the store (create-only puts; epochs never repeat; a seq
+//!    is never reused within an epoch), so an entry can only ever match the
+//!    chunk it was read from; the tag is a second guard that makes an
+//!    entry of any other object a miss even if that ever failed. A deleted
+//!    chunk is never named by a map again, so its entries are never looked
+//!    up; they age out.
+//! 2. Filling a slot writes, in this order: a zero record (the slot is
+//!    free on disk), the data, the record. So after a crash of the process
+//!    (the page cache survives) a record always describes the data beside
+//!    it; after a power loss it may not, which invariant 3 covers.
+//! 3. The cache never vouches for data: callers verify what they read
+//!    against the chunk's block CRCs and treat a mismatch as a miss,
+//!    calling [`Cache::discard`] so the window is refetched (a slot may
+//!    also be reused while it is being read; `discard` then does nothing).
+//! 4. Opening never fails because of what the files hold: an unreadable,
+//!    foreign or damaged index header starts the cache cold (with a
+//!    warning); a damaged record frees its slot. Opening reads only the
+//!    index file, never the data.
+//! 5. Index memory is bounded: a fixed number of bytes per slot
+//!    ([`Cache::index_bytes`]).
+
+mod policy;
+mod record;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+use std::io::Read;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use policy::Policy;
+pub use record::WindowId;
+use record::{Decoded, Record, RECORD};
+
+use super::error::EngineError;
+
+/// Bytes per cache slot (a multiple of the chunk CRC block).
+pub const SLOT: u64 = 64 << 10;
+/// Granularity of the reuse bitmap: one bit per sector of a slot.
+const SEEN_UNIT: u64 = 512;
+const _: () = assert!(SLOT / SEEN_UNIT == 128);
+
+/// The data file, in the cache directory.
+pub const DATA_FILE: &str = "data";
+/// The index file, in the cache directory.
+pub const INDEX_FILE: &str = "index";
+/// Names the volume directory the cache belongs to (see [`Cache::open`]).
+pub const OWNER_FILE: &str = "owner";
+/// Held locked (`flock`) by the process using the cache.
+pub const LOCK_FILE: &str = "lock";
+/// Longest owner file read.
+const MAX_OWNER: u64 = 4096;
+
+/// A chunk object: `(volume, chunk seq, epoch)`.
+pub type ChunkId = (u64, u64, u64);
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    id: WindowId,
+    len: u32,
+    /// Sectors of the window some read has used (reuse detection), as two
+    /// words (a `u128` would pad the entry to 16-byte alignment).
+    seen: [u64; 2],
+}
+
+/// A `u64` key that already is a hash.
+#[derive(Debug, Default, Clone, Copy)]
+struct Prehashed(u64);
+
+impl std::hash::Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ b as u64;
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+#[derive(Debug)]
+struct Index {
+    /// `hash(id)` -> slot; the slot's entry holds the full id, compared on
+    /// every lookup. Two ids with one hash cannot be cached together (the
+    /// later one is not cached).
+    map: HashMap<u64, u32, BuildHasherDefault<Prehashed>>,
+    slots: Vec<Option<Entry>>,
+    policy: Policy,
+    /// Stamp of the next entry (entries restored at open keep their order).
+    stamp: u64,
+}
+
+/// A cache hit: which slot served it, to [`Cache::discard`] it if the
+/// data fails its check.
+#[derive(Debug, Clone, Copy)]
+pub struct Hit {
+    slot: u32,
+    gen: u32,
+}
+
+#[derive(Debug)]
+pub struct Cache {
+    _lock: nix::fcntl::Flock<File>,
+    data: File,
+    index_file: File,
+    index: Mutex<Index>,
+    /// Windows evicted to make room for others.
+    evictions: AtomicU64,
+    /// Entries found on disk at open.
+    restored: u64,
+}
+
+/// The sectors of a slot that `used` (byte offsets inside it) touches.
+fn mask(used: &Range<u64>) -> u128 {
+    if used.end <= used.start {
+        return 0;
+    }
+    let a = used.start.min(SLOT) / SEEN_UNIT;
+    let b = used.end.min(SLOT).div_ceil(SEEN_UNIT);
+    if b <= a {
+        return 0;
+    }
+    let ones = if b - a >= 128 {
+        u128::MAX
+    } else {
+        (1u128 << (b - a)) - 1
+    };
+    ones << a
+}
+
+fn split(m: u128) -> [u64; 2] {
+    [m as u64, (m >> 64) as u64]
+}
+
+fn hash(id: &WindowId) -> u64 {
+    BuildHasherDefault::<DefaultHasher>::default().hash_one(id)
+}
+
+impl Cache {
+    /// Open the cache of `size` bytes in `dir`, keeping the entries a
+    /// previous open left there (invariant 4) if the cache belongs to
+    /// `owner` (bytes naming the volume's local directory: its identity
+    /// file, which names the store, the volume and the directory). A cache
+    /// recorded for another owner starts cold. `None` when `size` is
+    /// smaller than one slot (cache disabled) or another process holds the
+    /// directory (logged; the volume runs without a cache).
+    pub fn open(dir: &Path, size: u64, owner: &[u8]) -> Result<Option<Cache>, EngineError> {
+        let n = (size / SLOT).min(u32::MAX as u64) as usize;
+        if n == 0 {
+            return Ok(None);
+        }
+        let err =
+            |e: std::io::Error| EngineError::LocalIo(format!("read cache {}: {e}", dir.display()));
+        crate::private::create_dir_all(dir).map_err(err)?;
+        let open = |name: &str| {
+            crate::private::open_options()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(dir.join(name))
+                .map_err(err)
+        };
+        let lock = match nix::fcntl::Flock::lock(
+            open(LOCK_FILE)?,
+            nix::fcntl::FlockArg::LockExclusiveNonblock,
+        ) {
+            Ok(lock) => lock,
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                log::warn!(
+                    "read cache {} is in use by another process; running without a read cache",
+                    dir.display()
+                );
+                return Ok(None);
+            }
+            Err((_, errno)) => return Err(err(std::io::Error::from(errno))),
+        };
+        let data = open(DATA_FILE)?;
+        let index_file = open(INDEX_FILE)?;
+        let data_len = data.metadata().map_err(err)?.len();
+        let owner_file = open(OWNER_FILE)?;
+        let mut recorded = Vec::new();
+        (&owner_file)
+            .take(MAX_OWNER)
+            .read_to_end(&mut recorded)
+            .map_err(err)?;
+        let loaded = if recorded == owner {
+            load(&index_file, n, data_len)
+        } else if recorded.is_empty() {
+            Ok(Found::default())
+        } else {
+            Err("it was recorded for another volume directory".to_string())
+        };
+        let found = match loaded {
+            Ok(found) => found,
+            Err(why) => {
+                log::warn!(
+                    "read cache {}: {why}; starting with an empty cache",
+                    dir.display()
+                );
+                Found::default()
+            }
+        };
+        if found.records.is_empty() {
+            // Whatever the files held is unknown: drop it.
+            index_file.set_len(0).map_err(err)?;
+            data.set_len(0).map_err(err)?;
+        }
+        if recorded != owner {
+            owner_file.set_len(0).map_err(err)?;
+            owner_file.write_all_at(owner, 0).map_err(err)?;
+        }
+        if found.dropped > 0 {
+            log::warn!(
+                "read cache {}: {} damaged or duplicate index records dropped",
+                dir.display(),
+                found.dropped
+            );
+        }
+        index_file
+            .set_len((n as u64 + 1) * RECORD as u64)
+            .map_err(err)?;
+        data.set_len(n as u64 * SLOT).map_err(err)?;
+        index_file
+            .write_all_at(&record::encode_file_header(SLOT as u32, n as u64), 0)
+            .map_err(err)?;
+        for &s in &found.clear {
+            index_file
+                .write_all_at(&[0u8; RECORD], record_offset(s))
+                .map_err(err)?;
+        }
+        let mut index = Index {
+            map: HashMap::with_capacity_and_hasher(n, Default::default()),
+            slots: vec![None; n],
+            policy: Policy::new(n),
+            stamp: 1,
+        };
+        let mut restored: Vec<(u32, Record)> = found.records.into_iter().collect();
+        restored.sort_by_key(|(_, r)| r.stamp);
+        let mut clear = Vec::new();
+        restored.retain(|&(s, r)| {
+            let fresh = !index.map.contains_key(&hash(&r.id));
+            if fresh {
+                index.map.insert(hash(&r.id), s);
+            } else {
+                clear.push(s);
+            }
+            fresh
+        });
+        for &s in &clear {
+            index_file
+                .write_all_at(&[0u8; RECORD], record_offset(s))
+                .map_err(err)?;
+        }
+        for &(s, r) in &restored {
+            index.slots[s as usize] = Some(Entry {
+                id: r.id,
+                len: r.len,
+                seen: [0; 2],
+            });
+            index.policy.restore(s, hash(&r.id));
+            index.stamp = index.stamp.max(r.stamp + 1);
+        }
+        if !restored.is_empty() {
+            log::info!(
+                "read cache {}: {} cached windows kept from the last run",
+                dir.display(),
+                restored.len()
+            );
+        }
+        Ok(Some(Cache {
+            _lock: lock,
+            data,
+            index_file,
+            index: Mutex::new(index),
+            evictions: AtomicU64::new(0),
+            restored: restored.len() as u64,
+        }))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Index> {
+        self.index.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Windows evicted so far.
+    pub fn evictions(&self) -> u64 {
+        self.evictions.load(Ordering::Relaxed)
+    }
+
+    /// Windows found on disk at open.
+    pub fn restored(&self) -> u64 {
+        self.restored
+    }
+
+    /// Bytes the cache holds when full.
+    pub fn capacity(&self) -> u64 {
+        self.lock().slots.len() as u64 * SLOT
+    }
+
+    /// Bytes of RAM the index takes (map, slot table, eviction queues and
+    /// ghost), independent of how full the cache is.
+    pub fn index_bytes(&self) -> usize {
+        let idx = self.lock();
+        idx.map.capacity() * (std::mem::size_of::<(u64, u32)>() + 1)
+            + idx.slots.len() * std::mem::size_of::<Option<Entry>>()
+            + idx.policy.index_bytes()
+    }
+
+    /// Read `dst.len()` bytes at `offset` within window `id` if it is
+    /// cached; `used` is the part of the window the caller's request needs
+    /// (for reuse detection). `None` on a miss.
+    pub fn get(&self, id: &WindowId, offset: u64, dst: &mut [u8], used: Range<u64>) -> Option<Hit> {
+        let end = offset.checked_add(dst.len() as u64)?;
+        let hit = {
+            let mut idx = self.lock();
+            let slot = *idx.map.get(&hash(id))?;
+            let e = idx.slots[slot as usize].as_mut()?;
+            if e.id != *id || end > e.len as u64 {
+                return None;
+            }
+            let m = mask(&used);
+            let seen = u128::from(e.seen[0]) | u128::from(e.seen[1]) << 64;
+            let reused = seen & m != 0;
+            e.seen = split(seen | m);
+            if reused {
+                idx.policy.reused(slot);
+            }
+            Hit {
+                slot,
+                gen: idx.policy.gen(slot),
+            }
+        };
+        match self
+            .data
+            .read_exact_at(dst, hit.slot as u64 * SLOT + offset)
+        {
+            Ok(()) => Some(hit),
+            Err(e) => {
+                log::warn!("read cache: reading slot {}: {e}", hit.slot);
+                self.discard(hit);
+                None
+            }
+        }
+    }
+
+    /// Drop the entry that served `hit` (its data failed the caller's
+    /// check). Returns false if the slot was reused meanwhile (nothing
+    /// dropped).
+    pub fn discard(&self, hit: Hit) -> bool {
+        let mut idx = self.lock();
+        if idx.policy.gen(hit.slot) != hit.gen {
+            return false;
+        }
+        let Some(e) = idx.slots[hit.slot as usize].take() else {
+            return false;
+        };
+        idx.map.remove(&hash(&e.id));
+        idx.policy.release(hit.slot);
+        // Under the lock, so a later fill of the slot cannot be undone.
+        let _ = self
+            .index_file
+            .write_all_at(&[0u8; RECORD], record_offset(hit.slot));
+        true
+    }
+
+    /// Store verified window `id` (at most [`SLOT`] bytes); `used` is the
+    /// part of it the caller's request needed.
+    pub fn put(&self, id: &WindowId, data: &[u8], used: Range<u64>) {
+        if data.is_empty() || data.len() as u64 > SLOT {
+            return;
+        }
+        let (slot, gen, stamp) = {
+            let mut idx = self.lock();
+            if idx.map.contains_key(&hash(id)) {
+                return;
+            }
+            let Some((slot, evicted)) = idx.policy.victim() else {
+                return;
+            };
+            if let Some(old) = idx.slots[slot as usize].take() {
+                idx.map.remove(&hash(&old.id));
+            }
+            if evicted {
+                self.evictions.fetch_add(1, Ordering::Relaxed);
+            }
+            let stamp = idx.stamp;
+            idx.stamp += 1;
+            (slot, idx.policy.gen(slot), stamp)
+        };
+        let rec = Record {
+            id: *id,
+            len: data.len() as u32,
+            stamp,
+        };
+        // Invariant 2.
+        let written = self
+            .index_file
+            .write_all_at(&[0u8; RECORD], record_offset(slot))
+            .and_then(|()| self.data.write_all_at(data, slot as u64 * SLOT))
+            .and_then(|()| {
+                self.index_file
+                    .write_all_at(&record::encode_record(&rec), record_offset(slot))
+            });
+        let mut idx = self.lock();
+        if idx.policy.gen(slot) != gen {
+            return;
+        }
+        if written.is_err() || idx.map.contains_key(&hash(id)) {
+            // Failed, or another reader cached the same window meanwhile.
+            idx.policy.release(slot);
+            let _ = self
+                .index_file
+                .write_all_at(&[0u8; RECORD], record_offset(slot));
+            return;
+        }
+        idx.slots[slot as usize] = Some(Entry {
+            id: *id,
+            len: rec.len,
+            seen: split(mask(&used)),
+        });
+        idx.map.insert(hash(id), slot);
+        idx.policy.insert(slot, hash(id));
+    }
+}
+
+fn record_offset(slot: u32) -> u64 {
+    (slot as u64 + 1) * RECORD as u64
+}
+
+/// What the index file holds for the first `n` slots.
+#[derive(Debug, Default)]
+struct Found {
+    records: HashMap<u32, Record>,
+    /// Slots whose records must be zeroed (damaged or duplicate).
+    clear: Vec<u32>,
+    dropped: usize,
+}
+
+/// Read the index file (invariant 4). `Err` = start cold, with the reason.
+fn load(file: &File, n: usize, data_len: u64) -> Result<Found, String> {
+    let len = file
+        .metadata()
+        .map_err(|e| format!("index unreadable: {e}"))?
+        .len();
+    if len == 0 {
+        return Ok(Found::default());
+    }
+    let mut head = [0u8; RECORD];
+    file.read_exact_at(&mut head, 0)
+        .map_err(|e| format!("index header unreadable ({len} bytes): {e}"))?;
+    let Some((slot_size, slots)) = record::decode_file_header(&head) else {
+        return Err("index header damaged".into());
+    };
+    if slot_size as u64 != SLOT {
+        return Err(format!("index made for {slot_size}-byte slots"));
+    }
+    let on_file = (len / RECORD as u64).saturating_sub(1);
+    if on_file < slots {
+        log::warn!("read cache index truncated: {on_file} of {slots} records");
+    }
+    let count = slots.min(on_file).min(n as u64) as usize;
+    let mut buf = vec![0u8; count * RECORD];
+    file.read_exact_at(&mut buf, RECORD as u64)
+        .map_err(|e| format!("index unreadable: {e}"))?;
+    let mut found = Found::default();
+    let mut by_id: HashMap<WindowId, u32> = HashMap::new();
+    for (s, b) in buf.chunks(RECORD).enumerate() {
+        let s = s as u32;
+        let r = match record::decode_record(b, SLOT as u32) {
+            Decoded::Free => continue,
+            Decoded::Entry(r) if s as u64 * SLOT + r.len as u64 <= data_len => r,
+            Decoded::Entry(_) | Decoded::Damaged => {
+                found.clear.push(s);
+                found.dropped += 1;
+                continue;
+            }
+        };
+        if let Some(&other) = by_id.get(&r.id) {
+            // Keep the newer of two records of one window.
+            let keep_new = found.records[&other].stamp < r.stamp;
+            let drop = if keep_new { other } else { s };
+            found.records.remove(&drop);
+            found.clear.push(drop);
+            found.dropped += 1;
+            if !keep_new {
+                continue;
+            }
+        }
+        by_id.insert(r.id, s);
+        found.records.insert(s, r);
+    }
+    Ok(found)
+}
+
+#[cfg(test)]
+mod tests;

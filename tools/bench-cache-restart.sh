@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Boot-like read workload across a server restart: a 200 MiB volume (random
+# data, imported with `shale volume import`) is read whole with nbdcopy
+# through `shale nbd serve`, the server is stopped (SIGTERM) and started
+# again, and the volume is read whole again. Prints, per pass, the store
+# GETs the server made and its read cache hit ratio (from `shale status
+# --json`), and checks the data.
+#
+# Usage: tools/bench-cache-restart.sh [SHALE_BINARY]   (default: the release build)
+# Run it with another build's binary for a before/after comparison.
+# Needs nbdcopy (libnbd-bin) and python3. Works in a temporary directory
+# under $BENCH_DIR (default /var/tmp), removed at the end.
+set -euo pipefail
+BIN=$(realpath "${1:-target/release/shale}")
+SIZE_MIB=${SIZE_MIB:-200}
+DIR=$(mktemp -d "${BENCH_DIR:-/var/tmp}/shale-cache-bench.XXXXXX")
+PID=
+cleanup() {
+    [ -n "$PID" ] && kill "$PID" 2>/dev/null || true
+    rm -rf "$DIR"
+}
+trap cleanup EXIT
+cd "$DIR"
+printf 'data_dir: data\n' > shale.yaml
+head -c $((SIZE_MIB << 20)) /dev/urandom > image.raw
+"$BIN" --config shale.yaml volume create v --size "${SIZE_MIB}MiB" > /dev/null
+"$BIN" --config shale.yaml volume import v image.raw > /dev/null 2>&1
+for pass in 1 2; do
+    "$BIN" --config shale.yaml nbd serve v --socket "$DIR/nbd.sock" > "serve.$pass" 2> "serve.$pass.log" &
+    PID=$!
+    for _ in $(seq 100); do grep -q listening "serve.$pass" && break; sleep 0.1; done
+    nbdcopy "nbd+unix:///v?socket=$DIR/nbd.sock" copy.raw
+    cmp -s copy.raw image.raw || { echo "pass $pass: data differs" >&2; exit 1; }
+    "$BIN" --config shale.yaml status v --json --sample-ms 0 > "status.$pass"
+    python3 - "status.$pass" "$pass" <<'PY'
+import json, sys
+s = json.load(open(sys.argv[1]))["volumes"][0]
+print(f"pass {sys.argv[2]}: store GETs {s['cost']['store_requests']['GET']}, "
+      f"cache hit ratio {s['cache_hit_ratio']}")
+PY
+    kill -TERM "$PID"
+    wait "$PID"
+    PID=
+done
