@@ -8,7 +8,7 @@
 
 mod nbd_support;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -35,24 +35,6 @@ const K: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
 /// `base:allocation` flags of a hole (unallocated, reads as zeros).
 const HOLE: u32 = STATE_HOLE | STATE_ZERO;
-
-async fn open_volume(root: &Path, id: u64, size: u64, epoch: u64) -> Arc<Volume> {
-    let store = Arc::new(FsStore::new(root.join("store")));
-    let params = VolumeParams {
-        id,
-        size,
-        epoch,
-        local_dir: root.join(format!("local-{id}")),
-    };
-    Volume::open(
-        store,
-        params,
-        EngineConfig::default(),
-        Arc::new(SystemClock),
-    )
-    .await
-    .expect("open volume")
-}
 
 /// A change applied through the engine before serving.
 #[derive(Clone)]

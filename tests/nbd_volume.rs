@@ -10,34 +10,12 @@ use std::process::Command;
 use std::sync::Arc;
 
 use nbd_support::*;
-use shale::clock::SystemClock;
-use shale::engine::config::EngineConfig;
-use shale::engine::volume::{Volume, VolumeParams};
 use shale::engine::BlockDevice;
 use shale::frontend::nbd::protocol::CMD_WRITE;
 use shale::frontend::nbd::ExportMap;
-use shale::store::fs::FsStore;
 use tokio::io::AsyncWriteExt;
 
 const MIB: u64 = 1 << 20;
-
-async fn open_volume(root: &Path, id: u64, size: u64, epoch: u64) -> Arc<Volume> {
-    let store = Arc::new(FsStore::new(root.join("store")));
-    let params = VolumeParams {
-        id,
-        size,
-        epoch,
-        local_dir: root.join(format!("local-{id}")),
-    };
-    Volume::open(
-        store,
-        params,
-        EngineConfig::default(),
-        Arc::new(SystemClock),
-    )
-    .await
-    .expect("open volume")
-}
 
 /// Serve volumes `(name, id, size)` from `root` at `epoch`. With `crash`,
 /// the volumes are dropped without `close` after the server stops.

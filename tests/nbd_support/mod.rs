@@ -439,3 +439,29 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
         })
         .collect()
 }
+
+/// Open (or create) volume `id` of `size` bytes on a local-directory store
+/// under `root`, with the default engine config, at writer `epoch`.
+pub async fn open_volume(
+    root: &Path,
+    id: u64,
+    size: u64,
+    epoch: u64,
+) -> Arc<shale::engine::volume::Volume> {
+    use shale::engine::volume::{Volume, VolumeParams};
+    let store = Arc::new(shale::store::fs::FsStore::new(root.join("store")));
+    let params = VolumeParams {
+        id,
+        size,
+        epoch,
+        local_dir: root.join(format!("local-{id}")),
+    };
+    Volume::open(
+        store,
+        params,
+        shale::engine::config::EngineConfig::default(),
+        Arc::new(shale::clock::SystemClock),
+    )
+    .await
+    .expect("open volume")
+}
