@@ -3,6 +3,9 @@
 //! clone hide the parent's data, chains of any depth, clear errors for a
 //! broken chain, and flatten (including crashes part-way through).
 
+#[path = "support/attach.rs"]
+mod attach;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -18,7 +21,7 @@ use shale::engine::clone::{copy_parent_data, finish_flatten};
 use shale::engine::config::EngineConfig;
 use shale::engine::snapshot::{find_snapshot, snapshot_key, ParentRef};
 use shale::engine::view::SnapshotView;
-use shale::engine::{BlockDevice, EngineError, Volume, VolumeParams};
+use shale::engine::{BlockDevice, EngineError, Volume};
 use shale::store::memory::MemoryStore;
 use shale::store::{DynStore, PutMode};
 
@@ -72,24 +75,14 @@ impl Env {
 
     async fn open(&self, name: &str) -> Result<Open, EngineError> {
         let rec = self.catalog.get(name).await.unwrap();
-        let lease = Lease::acquire(
-            self.store.clone(),
-            rec.id,
+        let (lease, params) = attach::lease_for(
+            &self.store,
+            &self.clock,
+            &self.data_dir,
+            &rec,
             "clone-test-server",
-            Duration::from_secs(60),
-            self.clock.clone(),
         )
-        .await
-        .unwrap();
-        let params = VolumeParams {
-            id: rec.id,
-            size: rec.size,
-            epoch: lease.epoch(),
-            local_dir: self
-                .data_dir
-                .join("volumes")
-                .join(format!("{:016x}", rec.id)),
-        };
+        .await;
         match Volume::open(self.store.clone(), params, engine_cfg(), self.clock.clone()).await {
             Ok(vol) => Ok(Open {
                 vol,

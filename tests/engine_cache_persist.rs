@@ -138,6 +138,17 @@ async fn restart_keeps_the_cache_warm(crash: bool) {
     v.close().await.unwrap();
 }
 
+/// Write 1 MiB (epoch 1), then read it all once at epoch 2 so the cache
+/// holds it, and close cleanly. Returns what was written.
+async fn fill_and_warm(env: &Env) -> Vec<u8> {
+    let model = fill(env, 1, 1 << 20, 1).await;
+    let v = env.open(2).await;
+    assert!(read(&v, 0, model.len(), 256 << 10).await == model);
+    v.close().await.unwrap();
+    drop(v);
+    model
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clean_restart_keeps_the_cache_warm() {
     restart_keeps_the_cache_warm(false).await;
@@ -153,11 +164,7 @@ async fn crash_keeps_the_cache_warm() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flipped_byte_in_the_cache_is_refetched() {
     let env = Env::new(8 << 20, cfg(4 << 20, 256 << 10));
-    let model = fill(&env, 1, 1 << 20, 1).await;
-    let v = env.open(2).await;
-    assert!(read(&v, 0, model.len(), 256 << 10).await == model);
-    v.close().await.unwrap();
-    drop(v);
+    let model = fill_and_warm(&env).await;
     // Slot 0 is the first filled; flip a byte inside it.
     let path = env.cache_file("data");
     let mut data = std::fs::read(&path).unwrap();
@@ -184,11 +191,7 @@ async fn flipped_byte_in_the_cache_is_refetched() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn damaged_index_starts_cold() {
     let env = Env::new(8 << 20, cfg(4 << 20, 256 << 10));
-    let model = fill(&env, 1, 1 << 20, 1).await;
-    let v = env.open(2).await;
-    assert!(read(&v, 0, model.len(), 256 << 10).await == model);
-    v.close().await.unwrap();
-    drop(v);
+    let model = fill_and_warm(&env).await;
     std::fs::write(env.cache_file("index"), vec![0xa5u8; 4096]).unwrap();
     let v = env.open(3).await;
     let s = v.stats();
@@ -281,7 +284,7 @@ async fn a_scan_leaves_the_hot_set_cached() {
 /// every restart did before the cache was kept) and once with it kept.
 /// Run with `cargo test --release --test engine_cache_persist -- --ignored --nocapture`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "measurement; prints numbers"]
+#[ignore = "a measurement for docs/read-cache.md, not a check: run with --ignored --nocapture"]
 async fn boot_workload_measurement() {
     let len: u64 = 200 << 20;
     let mut env = Env::new(256 << 20, cfg(1 << 30, 4 << 20));
@@ -340,11 +343,7 @@ async fn cache_dir_holds_the_cache_privately() {
     let mut c = cfg(4 << 20, 256 << 10);
     c.cache_dir = Some(caches.path().to_path_buf());
     let env = Env::new(8 << 20, c);
-    let model = fill(&env, 1, 1 << 20, 1).await;
-    let v = env.open(2).await;
-    assert!(read(&v, 0, model.len(), 256 << 10).await == model);
-    v.close().await.unwrap();
-    drop(v);
+    let model = fill_and_warm(&env).await;
     let dir = caches.path().join(format!("{ID:016x}"));
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&dir), 0o700);

@@ -8,20 +8,21 @@
 
 mod nbd_support;
 
+#[path = "support/attach.rs"]
+mod attach;
+
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use nbd_support::*;
-use shale::catalog::lease::Lease;
 use shale::catalog::snapshot::Snapshots;
 use shale::catalog::Catalog;
 use shale::clock::{DynClock, SystemClock};
 use shale::engine::config::EngineConfig;
-use shale::engine::volume::{Volume, VolumeParams};
+use shale::engine::volume::Volume;
 use shale::engine::{BlockDevice, Extent};
 use shale::error::BlockError;
 use shale::frontend::nbd::codec::*;
@@ -241,21 +242,8 @@ fn serve_clone(root: PathBuf, size: u64) -> (TestServer, Vec<u8>) {
             let data_dir = data_dir.clone();
             async move {
                 let rec = catalog.get(name).await.unwrap();
-                let lease = Lease::acquire(
-                    store.clone(),
-                    rec.id,
-                    "block-status-test",
-                    Duration::from_secs(60),
-                    clock.clone(),
-                )
-                .await
-                .unwrap();
-                let params = VolumeParams {
-                    id: rec.id,
-                    size: rec.size,
-                    epoch: lease.epoch(),
-                    local_dir: data_dir.join("volumes").join(format!("{:016x}", rec.id)),
-                };
+                let (lease, params) =
+                    attach::lease_for(&store, &clock, &data_dir, &rec, "block-status-test").await;
                 let vol = Volume::open(store, params, cfg, clock).await.unwrap();
                 (vol, lease)
             }

@@ -11,12 +11,14 @@
 //! name), and deleting a snapshot with clones is refused naming them.
 //! `SHALE_SNAP_SEED=<n>` runs one seed.
 
+#[path = "support/attach.rs"]
+mod attach;
 #[path = "support/rng.rs"]
 mod rng;
+
 use rng::Rng;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use shale::catalog::lease::Lease;
 use shale::catalog::snapshot::{SnapError, Snapshots};
@@ -24,7 +26,7 @@ use shale::catalog::{Catalog, CatalogError, VolumeRecord};
 use shale::clock::{DynClock, SystemClock};
 use shale::engine::clone::copy_parent_data;
 use shale::engine::config::EngineConfig;
-use shale::engine::{BlockDevice, Volume, VolumeParams};
+use shale::engine::{BlockDevice, Volume};
 use shale::store::fs::FsStore;
 use shale::store::memory::MemoryStore;
 use shale::store::DynStore;
@@ -72,24 +74,14 @@ impl Env {
     /// Attach `name` the way a server does: lease, then open at its epoch.
     async fn attach(&self, name: &str) -> (Arc<Volume>, Lease, VolumeRecord) {
         let rec = self.catalog.get(name).await.unwrap();
-        let lease = Lease::acquire(
-            self.store.clone(),
-            rec.id,
+        let (lease, params) = attach::lease_for(
+            &self.store,
+            &self.clock,
+            &self.data_dir,
+            &rec,
             "model-server",
-            Duration::from_secs(60),
-            self.clock.clone(),
         )
-        .await
-        .unwrap();
-        let params = VolumeParams {
-            id: rec.id,
-            size: rec.size,
-            epoch: lease.epoch(),
-            local_dir: self
-                .data_dir
-                .join("volumes")
-                .join(format!("{:016x}", rec.id)),
-        };
+        .await;
         let vol = Volume::open(self.store.clone(), params, engine_cfg(), self.clock.clone())
             .await
             .unwrap();
