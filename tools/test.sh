@@ -19,8 +19,20 @@ step() { printf '\n=== %s  %s\n' "$(date -u +%H:%M:%S)" "$*"; }
 step "cargo build --release --all-targets"
 cargo build --release --all-targets
 
-step "cargo test --release --no-fail-fast"
-cargo test --release --no-fail-fast
+# A hung test must fail this lane with its name, not eat CI's whole budget:
+# the harness names a test running for over 60 s, and the lane is stopped
+# after SHALE_TEST_TIMEOUT seconds (default 1800; a run takes ~10 minutes).
+test_timeout="${SHALE_TEST_TIMEOUT:-1800}"
+step "cargo test --release --no-fail-fast (stopped after ${test_timeout} s)"
+if timeout --kill-after=30 "$test_timeout" cargo test --release --no-fail-fast; then
+    :
+else
+    status=$?
+    if [[ $status == 124 || $status == 137 ]]; then
+        echo "cargo test did not finish in ${test_timeout} s: a test hangs (see 'has been running for over 60 seconds' above)" >&2
+    fi
+    exit "$status"
+fi
 
 # The soak in its short form (tools/soak.sh: SOAK_SECS, default 240 s):
 # fio verify on two volumes over NBD, live snapshots, deletes, clone +
