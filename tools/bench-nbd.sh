@@ -22,7 +22,9 @@
 # Environment: SHALE_BIN (default: build --release from this checkout),
 # SIZE (default 1G), RUNTIME (seconds, default 10), BENCH_DIR,
 # METRICS_OVERHEAD (default 0), ROUNDS (default 1: each job's median over
-# this many interleaved rounds).
+# this many interleaved rounds), S3 (default 0; 1 adds the S3 mode after the
+# table: destage to a local moto server against its raw PUT bandwidth in the
+# same run, tools/bench-s3-destage.sh).
 set -euo pipefail
 
 SIZE=${SIZE:-1G}
@@ -179,3 +181,10 @@ for name in jobs:
         line += f"{oi:>12.0f}{(si / oi if oi else float('nan')):>16.3f}"
     print(line)
 EOF
+
+# S3 mode: destage to a local S3 server against its raw PUT bandwidth, same
+# binary, same run (tools/bench-s3-destage.sh; SIZE_MIB, QD, CHUNK there).
+if [[ "${S3:-0}" == 1 ]]; then
+    echo
+    "$repo/tools/bench-s3-destage.sh" "$SHALE_BIN"
+fi
