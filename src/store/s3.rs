@@ -40,6 +40,7 @@ use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::ChecksumAlgorithm;
 use aws_sdk_s3::Client;
 use bytes::Bytes;
 
@@ -347,11 +348,16 @@ impl ObjectStore for S3Store {
     async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> StoreResult<Version> {
         let full = self.full_key(key)?;
         let upload = self.timeouts.for_upload(data.len());
+        // The body carries a CRC32C that the server verifies (a mismatch is
+        // refused), so the SigV4 SHA-256 of the payload is skipped: it cost
+        // ~12% of the server's CPU while destaging (perf), for an integrity
+        // check the checksum already gives.
         let mut req = self
             .client
             .put_object()
             .bucket(&self.bucket)
             .key(&full)
+            .checksum_algorithm(ChecksumAlgorithm::Crc32C)
             .body(ByteStream::from(data));
         let intent = match &mode {
             PutMode::Overwrite => Intent::Other,
@@ -364,6 +370,7 @@ impl ObjectStore for S3Store {
                 Intent::IfMatch
             }
         };
+        let req = req.customize().disable_payload_signing();
         let sent = match upload {
             None => req.send().await,
             Some((first_byte, attempt)) => {
@@ -372,8 +379,7 @@ impl ObjectStore for S3Store {
                     .read_timeout(first_byte)
                     .operation_attempt_timeout(attempt)
                     .build();
-                req.customize()
-                    .config_override(aws_sdk_s3::config::Builder::new().timeout_config(timeouts))
+                req.config_override(aws_sdk_s3::config::Builder::new().timeout_config(timeouts))
                     .send()
                     .await
             }
