@@ -38,7 +38,7 @@ use crate::store::{PutMode, StoreError, Version};
 /// Consecutive failures after which a pending `close` gives up.
 const CLOSE_GIVE_UP: u32 = 5;
 /// Chunk puts in flight at once.
-pub const MAX_INFLIGHT: usize = 4;
+pub const MAX_INFLIGHT: usize = 8;
 
 /// A chunk ready to put (kept for retries) and what applying it needs.
 struct Built {
