@@ -630,7 +630,7 @@ impl Writer {
                     sectors: *sectors,
                     data_crc: *crc,
                     more: *more,
-                    block_crcs: true,
+                    block_crcs: *kind == RecordKind::Write,
                 };
                 headers.push(h.encode());
                 let data_off = pos + (HEADER_LEN + table.len()) as u64;
