@@ -104,9 +104,9 @@ fn damaged_older_segment_fails_open_until_discard_wal() {
 
     // Flip one data byte of the 5th record of the older segment.
     let mut bytes = std::fs::read(&segs[0]).unwrap();
-    let rec_len = 48 + BLOCK;
+    let rec_len = 48 + 4 + BLOCK; // header, one block CRC, data
     let fifth = 48 + 4 * rec_len; // segment header, then 4 records
-    bytes[fifth + 48 + 100] ^= 0x40;
+    bytes[fifth + 48 + 4 + 100] ^= 0x40;
     std::fs::write(&segs[0], &bytes).unwrap();
     let before = snapshot_dir(&wal);
 

@@ -173,6 +173,7 @@ fn legacy_record(seq: u64, lba_block: u64, data: &[u8]) -> Vec<u8> {
         sectors: data.len() as u64 / 512,
         data_crc: crc32c::crc32c(data),
         more: false,
+        block_crcs: false,
     };
     let mut v = h.encode().to_vec();
     v.extend_from_slice(data);

@@ -61,8 +61,28 @@ fn wal_record(kind: RecordKind, seq: u64, lba: u64, data: &[u8]) -> Vec<u8> {
         },
         data_crc: crc32c::crc32c(data),
         more: false,
+        block_crcs: false,
     };
     let mut v = h.encode().to_vec();
+    v.extend_from_slice(data);
+    v
+}
+
+/// A write record with a CRC per 4 KiB block (the kind written now).
+fn wal_record_blocks(seq: u64, lba: u64, data: &[u8]) -> Vec<u8> {
+    let table = shale::engine::wal::record::block_table(data);
+    let h = RecordHeader {
+        kind: RecordKind::Write,
+        volume: 7,
+        seq,
+        lba,
+        sectors: data.len() as u64 / 512,
+        data_crc: crc32c::crc32c(&table),
+        more: false,
+        block_crcs: true,
+    };
+    let mut v = h.encode().to_vec();
+    v.extend_from_slice(&table);
     v.extend_from_slice(data);
     v
 }
@@ -145,6 +165,10 @@ fn seeds() -> Seeds {
     stamped.extend_from_slice(&wal);
     s.insert(("wal_record", "three-records"), wal);
     s.insert(("wal_record", "stamped-segment"), stamped);
+    s.insert(
+        ("wal_record", "block-crcs"),
+        wal_record_blocks(4, 64, &[9u8; 4096 + 1024]),
+    );
     // wal_replay: [segments, garbage] then 20-byte record descriptions.
     let mut replay = vec![1u8, 0];
     for (i, kind) in [0u8, 1, 2, 0].into_iter().enumerate() {

@@ -1,12 +1,13 @@
 //! WAL segment scan and replay from disk, with hostile records whose CRCs
 //! are valid: the input describes records (kind, flags, volume, sequence,
-//! LBA, sector count, data), the target encodes them with correct checksums
+//! LBA, sector count, data, one CRC or a CRC per 4 KiB block), the target
+//! encodes them with correct checksums
 //! into one or two segment files (with or without a segment header),
 //! optionally appends raw garbage, then scans, judges the lineage and
 //! replays.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use shale::engine::wal::record::{RecordHeader, RecordKind};
+use shale::engine::wal::record::{block_table, RecordHeader, RecordKind};
 use shale::engine::wal::replay::replay;
 use shale::engine::wal::scan::{scan, Lineage};
 use shale::engine::wal::{fs, segment};
@@ -47,18 +48,22 @@ fuzz_target!(|data: &[u8]| {
         let volume = if h[12] == 0xff { VOLUME + 1 } else { VOLUME };
         let data_len = if kind == RecordKind::Write { sectors as usize * 512 } else { 0 };
         let payload: Vec<u8> = (0..data_len).map(|j| h[13].wrapping_add(j as u8)).collect();
+        let block_crcs = h[16] & 2 == 2;
+        let table = if block_crcs && kind == RecordKind::Write { block_table(&payload) } else { Vec::new() };
         let hdr = RecordHeader {
             kind,
             volume,
             seq,
             lba: if h[14] & 1 == 1 { lba } else { lba % 4096 },
             sectors: if h[15] == 0xff { u64::MAX / 256 } else { sectors },
-            data_crc: crc32c::crc32c(&payload),
+            data_crc: crc32c::crc32c(if block_crcs { &table } else { &payload }),
             more: h[16] & 1 == 1,
+            block_crcs,
         };
         let n = files.len();
         let f = &mut files[i % 2 % n];
         f.extend_from_slice(&hdr.encode());
+        f.extend_from_slice(&table);
         f.extend_from_slice(&payload);
         i += 1;
     }

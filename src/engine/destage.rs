@@ -420,15 +420,25 @@ fn build_chunk(
             });
             continue;
         };
-        if let std::collections::hash_map::Entry::Vacant(slot) = rec_data.entry(w.seq) {
-            let file = files.get(&w.seg).ok_or(wal::WalError::SegmentGone(w.seg))?;
-            let whole = super::map::WalLoc { skip: 0, ..w };
-            let mut buf = vec![0u8; (w.rec_sectors * SECTOR) as usize];
-            wal::read_record(file.as_ref(), &whole, w.seg, &mut buf)?;
-            slot.insert(buf);
-        }
-        let rd = &rec_data[&w.seq];
-        let part = &rd[(w.skip * SECTOR) as usize..((w.skip + len) * SECTOR) as usize];
+        let file = files.get(&w.seg).ok_or(wal::WalError::SegmentGone(w.seg))?;
+        let piece;
+        let part: &[u8] = if w.block_crcs {
+            // Blocks check alone: read only the live part.
+            let mut buf = vec![0u8; (len * SECTOR) as usize];
+            wal::read_record(file.as_ref(), &w, w.seg, &mut buf)?;
+            piece = buf;
+            &piece
+        } else {
+            // One CRC over the whole record: read it once, whole.
+            if let std::collections::hash_map::Entry::Vacant(slot) = rec_data.entry(w.seq) {
+                let whole = super::map::WalLoc { skip: 0, ..w };
+                let mut buf = vec![0u8; (w.rec_sectors * SECTOR) as usize];
+                wal::read_record(file.as_ref(), &whole, w.seg, &mut buf)?;
+                slot.insert(buf);
+            }
+            let rd = &rec_data[&w.seq];
+            &rd[(w.skip * SECTOR) as usize..((w.skip + len) * SECTOR) as usize]
+        };
         // Split into runs of all-zero / non-zero sectors.
         let mut i = 0usize;
         let n = len as usize;

@@ -28,12 +28,17 @@ pub struct WalLoc {
     pub seg: u64,
     /// File offset of the record's first data byte.
     pub data_off: u64,
-    /// Length of the whole record's data in sectors (the CRC covers all of it).
+    /// Length of the whole record's data in sectors.
     pub rec_sectors: u64,
-    /// CRC32C of the whole record's data.
+    /// CRC32C of the whole record's data (`block_crcs` false), or of its
+    /// block CRC table (`block_crcs` true).
     pub crc: u32,
     /// Sectors of the record before the first sector this location names.
     pub skip: u64,
+    /// The record has a CRC per 4 KiB block, in a table just before
+    /// `data_off` (see [`super::wal::record`]); otherwise one CRC covers
+    /// all of its data and a read must read all of it.
+    pub block_crcs: bool,
 }
 
 /// Where a range of sectors lives.
@@ -111,6 +116,7 @@ struct WalRecord {
     data_off: u64,
     rec_sectors: u64,
     crc: u32,
+    block_crcs: bool,
 }
 
 /// Kinds of [`Slot`] (the top two bits of `len_kind`).
@@ -241,6 +247,7 @@ impl ExtentMap {
                     rec_sectors: r.rec_sectors,
                     crc: r.crc,
                     skip: u64::from(slot.off),
+                    block_crcs: r.block_crcs,
                 }),
                 // Unreachable by invariant 6; zeros would be wrong data, so
                 // name a record that cannot verify (its CRC check fails).
@@ -251,6 +258,7 @@ impl ExtentMap {
                     rec_sectors: 0,
                     crc: 0,
                     skip: u64::from(slot.off),
+                    block_crcs: false,
                 }),
             },
             _ => self.wide.get(&slot.id).copied().unwrap_or(Loc::Zero),
@@ -294,6 +302,7 @@ impl ExtentMap {
                     data_off: w.data_off,
                     rec_sectors: w.rec_sectors,
                     crc: w.crc,
+                    block_crcs: w.block_crcs,
                 };
                 if let Ok(skip) = u32::try_from(w.skip) {
                     let entry = self.records.entry(w.seq).or_insert((rec, 0));
@@ -673,6 +682,7 @@ mod tests {
             rec_sectors: 16,
             crc: 9,
             skip: 0,
+            block_crcs: true,
         };
         let mut m = ExtentMap::new();
         m.insert(0, 16, Loc::Wal(w));
@@ -720,6 +730,7 @@ mod tests {
             rec_sectors: 64,
             crc: 77,
             skip: 0,
+            block_crcs: false,
         };
         let mut m = ExtentMap::new();
         m.insert(100, 64, Loc::Wal(w));

@@ -142,8 +142,12 @@ pub enum Admission {
     Refused(String),
 }
 
-/// Largest WAL record payload; bigger writes are split.
-const MAX_RECORD: usize = 32 << 10;
+/// Largest WAL record payload; bigger writes are split (chained with the
+/// record flag `more`). As large as the biggest NBD request, so every
+/// frontend request is one record: one CRC pass, one channel send, one
+/// extent. Reads inside a big record stay small because the record has a
+/// CRC per 4 KiB block (see [`super::wal::record`]).
+const MAX_RECORD: usize = 32 << 20;
 
 /// State shared with the WAL writer thread.
 #[derive(Debug, Default)]
@@ -591,8 +595,8 @@ impl BlockDevice for Volume {
             return Ok(());
         }
         self.wait_for_room().await?;
-        // Records are at most MAX_RECORD so a small read inside a big write
-        // reads (and checks) little; all-zero pieces become zero records.
+        // One record per request (up to MAX_RECORD); an all-zero piece
+        // becomes a zero record.
         let recs = data
             .chunks(MAX_RECORD)
             .enumerate()

@@ -140,6 +140,8 @@ enum Req {
         lba: u64,
         sectors: u64,
         crc: u32,
+        /// The block CRC table (empty for trim and zero records).
+        table: Vec<u8>,
         data: Vec<u8>,
         sync: bool,
         more: bool,
@@ -290,7 +292,9 @@ impl Wal {
 
     /// Queue the records of one request so they get consecutive sequence
     /// numbers (every record but the last is flagged `more`); the last one
-    /// is synced when `sync`. Returns one future per record.
+    /// is synced when `sync`. Returns one future per record. Write records
+    /// are written with a CRC per 4 KiB block (kind 4, see [`record`]);
+    /// their CRCs are computed here, on the caller's thread.
     pub fn submit_many(
         &self,
         recs: Vec<NewRecord>,
@@ -305,11 +309,17 @@ impl Wal {
         for (i, r) in recs.into_iter().enumerate() {
             let (done, rx) = oneshot::channel();
             let last = i + 1 == n;
+            let table = if r.kind == RecordKind::Write {
+                record::block_table(&r.data)
+            } else {
+                Vec::new()
+            };
             tx.send(Req::Append {
                 kind: r.kind,
                 lba: r.lba,
                 sectors: r.sectors,
-                crc: crc32c::crc32c(&r.data),
+                crc: crc32c::crc32c(&table),
+                table,
                 data: r.data,
                 sync: sync && last,
                 more: !last,
@@ -389,14 +399,20 @@ impl Drop for Wal {
     }
 }
 
-/// Read `dst.len()` bytes of a record's data, verifying the record CRC.
+/// Read `dst.len()` bytes of a record's data, verifying its CRCs.
 /// `dst` receives sectors `[loc.skip, loc.skip + dst.len()/512)` of the record.
+/// A record with block CRCs is read and checked only in the blocks `dst`
+/// covers (their table entries and data); an old record is read whole.
+/// A mismatch is [`WalError::Corrupt`], never data.
 pub fn read_record(
     file: &dyn WalFile,
     loc: &WalLoc,
     seg: u64,
     dst: &mut [u8],
 ) -> Result<(), WalError> {
+    if loc.block_crcs {
+        return read_blocks(file, loc, seg, dst);
+    }
     let rec_len = (loc.rec_sectors * super::SECTOR) as usize;
     let mut buf = vec![0u8; rec_len];
     file.read_exact_at(&mut buf, loc.data_off)
@@ -413,6 +429,47 @@ pub fn read_record(
         off: loc.data_off,
     })?;
     dst.copy_from_slice(src);
+    Ok(())
+}
+
+/// [`read_record`] of a record with a CRC per block.
+fn read_blocks(file: &dyn WalFile, loc: &WalLoc, seg: u64, dst: &mut [u8]) -> Result<(), WalError> {
+    let corrupt = |off: u64| WalError::Corrupt { seg, off };
+    let block = record::BLOCK as u64;
+    let rec_len = loc.rec_sectors * super::SECTOR;
+    let start = loc.skip * super::SECTOR;
+    let end = start + dst.len() as u64;
+    if dst.is_empty() {
+        return Ok(());
+    }
+    if end > rec_len {
+        return Err(corrupt(loc.data_off));
+    }
+    let table_off = loc
+        .data_off
+        .checked_sub(record::blocks_of(rec_len) * 4)
+        .ok_or(corrupt(loc.data_off))?;
+    let (b0, b1) = (start / block, end.div_ceil(block));
+    let mut table = vec![0u8; ((b1 - b0) * 4) as usize];
+    file.read_exact_at(&mut table, table_off + b0 * 4)
+        .map_err(|e| io_err("read WAL", e))?;
+    let (r0, r1) = (b0 * block, (b1 * block).min(rec_len));
+    let check = |data: &[u8]| {
+        record::check_blocks(data, &table)
+            .map_err(|i| corrupt(loc.data_off + r0 + i as u64 * block))
+    };
+    if (r0, r1) == (start, end) {
+        // Whole blocks: straight into `dst`, no copy.
+        file.read_exact_at(dst, loc.data_off + r0)
+            .map_err(|e| io_err("read WAL", e))?;
+        return check(dst);
+    }
+    let mut buf = vec![0u8; (r1 - r0) as usize];
+    file.read_exact_at(&mut buf, loc.data_off + r0)
+        .map_err(|e| io_err("read WAL", e))?;
+    check(&buf)?;
+    let at = (start - r0) as usize;
+    dst.copy_from_slice(&buf[at..at + dst.len()]);
     Ok(())
 }
 
@@ -532,8 +589,10 @@ impl Writer {
         let mut total = 0u64;
         for r in batch {
             match r {
-                Req::Append { data, sync, .. } => {
-                    total += (HEADER_LEN + data.len()) as u64;
+                Req::Append {
+                    table, data, sync, ..
+                } => {
+                    total += (HEADER_LEN + table.len() + data.len()) as u64;
                     need_sync |= *sync;
                 }
                 Req::Sync { .. } => need_sync = true,
@@ -555,6 +614,7 @@ impl Writer {
                 lba,
                 sectors,
                 crc,
+                table,
                 data,
                 more,
                 ..
@@ -570,9 +630,10 @@ impl Writer {
                     sectors: *sectors,
                     data_crc: *crc,
                     more: *more,
+                    block_crcs: *kind == RecordKind::Write,
                 };
                 headers.push(h.encode());
-                let data_off = pos + HEADER_LEN as u64;
+                let data_off = pos + (HEADER_LEN + table.len()) as u64;
                 pos = data_off + data.len() as u64;
                 appended.push(Appended {
                     seq,
@@ -587,17 +648,21 @@ impl Writer {
                         rec_sectors: *sectors,
                         crc: *crc,
                         skip: 0,
+                        block_crcs: true,
                     }),
                 });
             }
         }
         if !appended.is_empty() {
-            let mut iov = Vec::with_capacity(headers.len() * 2);
+            let mut iov = Vec::with_capacity(headers.len() * 3);
             let mut hi = headers.iter();
             for r in batch {
-                if let Req::Append { data, .. } = r {
+                if let Req::Append { table, data, .. } = r {
                     if let Some(h) = hi.next() {
                         iov.push(IoSlice::new(h));
+                    }
+                    if !table.is_empty() {
+                        iov.push(IoSlice::new(table));
                     }
                     if !data.is_empty() {
                         iov.push(IoSlice::new(data));
@@ -658,3 +723,5 @@ fn write_all_vectored(
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_blocks;

@@ -168,6 +168,7 @@ pub fn replay(
                     rec_sectors: r.sectors,
                     crc: r.data_crc,
                     skip: 0,
+                    block_crcs: r.block_crcs,
                 }),
             });
             last_seq = r.seq;

@@ -22,6 +22,8 @@ pub struct RecMeta {
     pub sectors: u64,
     pub more: bool,
     pub data_crc: u32,
+    /// A write record with a CRC per block (its table ends at `data_off`).
+    pub block_crcs: bool,
     /// Offset of the record header in the segment.
     pub off: u64,
     /// Offset of its data.
@@ -143,6 +145,7 @@ fn scan_segment(fs: &DynWalFs, dir: &Path, id: u64, volume: u64) -> Result<SegSc
             sectors: h.sectors,
             more: h.more,
             data_crc: h.data_crc,
+            block_crcs: h.block_crcs,
             off: pos as u64,
             data_off: data.start as u64,
             end: data.end as u64,

@@ -10,25 +10,25 @@ use super::scan::scan;
 use super::segment::Stamp;
 use super::{read_record, Appended, NewRecord, Wal, WalError};
 
-const STAMP: Stamp = Stamp {
+pub(super) const STAMP: Stamp = Stamp {
     epoch: 2,
     base_epoch: 1,
 };
 
-fn data(seed: u8, sectors: usize) -> Vec<u8> {
+pub(super) fn data(seed: u8, sectors: usize) -> Vec<u8> {
     (0..sectors * 512)
         .map(|i| seed.wrapping_add(i as u8) | 1)
         .collect()
 }
 
-type Seen = Arc<Mutex<Vec<Appended>>>;
+pub(super) type Seen = Arc<Mutex<Vec<Appended>>>;
 
 /// Replay `dir` (its WAL must extend the history) and start the log.
 fn start(dir: &std::path::Path, after: u64, seg_limit: u64) -> (Wal, Seen, Vec<Appended>) {
     start_on(&real(), dir, after, seg_limit).unwrap()
 }
 
-fn replay_on(
+pub(super) fn replay_on(
     fs: &DynWalFs,
     dir: &std::path::Path,
     after: u64,
@@ -39,7 +39,7 @@ fn replay_on(
     Ok((rec, replayed))
 }
 
-fn start_on(
+pub(super) fn start_on(
     fs: &DynWalFs,
     dir: &std::path::Path,
     after: u64,
@@ -139,7 +139,7 @@ fn write_flushed(wal: &Wal, first: u64, n: u64) {
     }
 }
 
-fn seg_files(fs: &DynWalFs, dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+pub(super) fn seg_files(fs: &DynWalFs, dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut v: Vec<_> = fs.list(dir).unwrap().iter().map(|n| dir.join(n)).collect();
     v.sort();
     v
@@ -195,8 +195,9 @@ fn damage_in_an_older_segment_is_corruption_and_changes_nothing() {
     let segs = seg_files(&fs, dir);
     assert_eq!(segs.len(), 2);
 
-    // A bit flip in the third record of the oldest segment.
-    let rec_len = 48 + 1024;
+    // A bit flip in the third record of the oldest segment (each: header,
+    // one 4-byte block CRC, two sectors).
+    let rec_len = 48 + 4 + 1024;
     let third = 48 + 2 * rec_len;
     let mut b = contents(&fs, dir)[0].1.clone();
     b[third + 60] ^= 1;
