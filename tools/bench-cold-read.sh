@@ -20,7 +20,8 @@
 # Usage: tools/bench-cold-read.sh [SHALE_BINARY]   (default: target/release/shale)
 # Environment: SIZE_MIB (default 512), RAND_MIB (default SIZE_MIB / 2),
 # BS (default 1M), QD (default 8), READAHEAD (engine.readahead_max; unset:
-# the binary's default), BENCH_DIR. Needs moto_server, fio with the nbd
+# the binary's default), BENCH_DIR, PERF (a file: `perf record -g` of the
+# server during the sequential pass), KEEP (keep the work directory). Needs moto_server, fio with the nbd
 # engine, python3 with boto3.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -39,6 +40,7 @@ PID=
 cleanup() {
     [ -n "$PID" ] && kill "$PID" 2>/dev/null && wait "$PID" 2>/dev/null || true
     "$repo/tools/s3-server.sh" stop >/dev/null 2>&1 || true
+    [ -n "${KEEP:-}" ] && { echo "kept $DIR" >&2; return; }
     rm -rf "$DIR"
 }
 trap cleanup EXIT
@@ -85,12 +87,19 @@ PY
 
 serve() { # pass -> starts the server on a fresh socket, empty cache
     rm -rf "$DIR/cache"
-    RUST_LOG=warn "$BIN" --config shale.yaml nbd serve v --socket "$DIR/nbd.sock" > "serve.$1" 2> "serve.$1.log" &
+    RUST_LOG=${RUST_LOG:-warn} "$BIN" --config shale.yaml nbd serve v --socket "$DIR/nbd.sock" > "serve.$1" 2> "serve.$1.log" &
     PID=$!
     for _ in $(seq 300); do grep -q listening "serve.$1" && return 0; sleep 0.1; done
     echo "server did not start; see serve.$1.log" >&2; cat "serve.$1.log" >&2; exit 1
 }
-stop() {
+stop() { # pass -> prints the server's store GETs and shared / prefetched reads
+    "$BIN" --config shale.yaml status v --json --sample-ms 0 > "status.$1"
+    python3 - "status.$1" "$1" <<'PY' >&2
+import json, sys
+s = json.load(open(sys.argv[1]))["volumes"][0]
+m = {k: v for k, v in s.items() if "prefetch" in k or "shared" in k}
+print(f"  {sys.argv[2]}: store GETs {s['cost']['store_requests']['GET']} {m}")
+PY
     kill -TERM "$PID"; wait "$PID" || true; PID=
 }
 fio_mbs() { # rw size -> MB/s
@@ -101,8 +110,15 @@ fio_mbs() { # rw size -> MB/s
 }
 
 read -r RAW1 NOBJ OBJSIZE < <(raw_get)
-serve seq; SEQ=$(fio_mbs read "$SIZE_MIB"); stop
-serve rand; RAND=$(fio_mbs randread "$RAND_MIB"); stop
+serve seq
+if [ -n "${PERF:-}" ]; then # PERF=FILE: profile the server during the sequential pass
+    perf record -g -o "$PERF" -p "$PID" 2>/dev/null & PERF_PID=$!
+    sleep 0.5
+fi
+SEQ=$(fio_mbs read "$SIZE_MIB")
+[ -n "${PERF:-}" ] && { kill -INT "$PERF_PID"; wait "$PERF_PID" || true; }
+stop seq
+serve rand; RAND=$(fio_mbs randread "$RAND_MIB"); stop rand
 read -r RAW2 _ _ < <(raw_get)
 RAW=$(python3 -c "print(max($RAW1, $RAW2))")
 python3 - "$SEQ" "$RAND" "$RAW1" "$RAW2" "$RAW" "$NOBJ" "$OBJSIZE" "$SIZE_MIB" "$BS" "$QD" <<'PY'

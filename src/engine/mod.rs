@@ -51,6 +51,8 @@ pub mod limits;
 mod live_snapshot;
 pub mod map;
 pub mod memdisk;
+mod inflight;
+mod prefetch;
 mod read;
 mod recovery;
 pub mod scrub;
