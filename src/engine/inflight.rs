@@ -15,11 +15,11 @@
 //! 2. Every GET's bytes are CRC-checked ([`super::read::fetch_within`])
 //!    before anyone sees them, and go into the read cache (as
 //!    [`super::cache::Cache::put`] of each window) before the run leaves
-//!    this table, so a reader finds them in one or the other (if it looks
-//!    at the cache just before the put and at the table just after the
-//!    removal it sends a GET of its own: one extra request, never wrong
-//!    data). A read's own GET caches before the read gets its bytes; a
-//!    readahead GET hands its bytes to waiting reads first.
+//!    this table and before any waiting read gets them, so a read's data
+//!    is cached when the read returns, and a reader finds the bytes in the
+//!    cache or the table (if it looks at the cache just before the put and
+//!    at the table just after the removal it sends a GET of its own: one
+//!    extra request, never wrong data).
 //! 3. A run's table entries are removed by the task that ran its GET, and
 //!    only if they still belong to that run.
 //! 4. Waiting never blocks a thread: the GET runs on the runtime and
@@ -255,17 +255,6 @@ impl Inflight {
             let res: RunResult = fetch_within(budget, store, key.clone(), info.clone(), start, end)
                 .await
                 .map_err(FetchError::from);
-            // A readahead GET hands its bytes to the reads waiting on it
-            // before caching them (cache writes are off their path); a
-            // read's own GET caches first, so the read's data is cached
-            // when it returns.
-            let early = done.is_some();
-            let mut tx = Some(tx);
-            if early {
-                if let Some(tx) = tx.take() {
-                    let _ = tx.send(res.clone());
-                }
-            }
             if let (Ok(data), Some(cache)) = (&res, cache) {
                 let data = data.clone();
                 let info = info.clone();
@@ -300,9 +289,7 @@ impl Inflight {
             if let Some(d) = done {
                 d.finish(&key, &res);
             }
-            if let Some(tx) = tx {
-                let _ = tx.send(res);
-            }
+            let _ = tx.send(res);
         });
         (id, run)
     }

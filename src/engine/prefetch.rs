@@ -33,7 +33,10 @@
 //!    later fetches it itself), so at most the bound plus one GET
 //!    ([`super::inflight::MAX_RUN`]) is in flight.
 //! 4. Prefetch needs the read cache (its only destination): with
-//!    `cache_size: 0` or `readahead_max: 0` nothing is prefetched.
+//!    `cache_size: 0` or `readahead_max: 0` nothing is prefetched. A
+//!    stream's window is also capped at a twentieth of the cache (half its
+//!    small FIFO), so readahead cannot evict itself before it is read or
+//!    push the cache's hot set out.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -165,8 +168,15 @@ impl Prefetch {
     /// Called by every read of `[off, off+len)` before it resolves its own
     /// pieces: may send readahead GETs (never waits for them).
     pub fn on_read(&self, inner: &Inner, off: u64, len: u64) {
-        let max = inner.cfg.readahead_max;
-        if max == 0 || inner.cache.is_none() {
+        let Some(cache) = &inner.cache else {
+            return;
+        };
+        // Prefetched windows wait in the cache's small FIFO (a tenth of
+        // it) until read; a window evicted unread is a wasted GET and
+        // leaves a ghost entry that would send it to the main FIFO when
+        // read later. So a window stays within half of small.
+        let max = inner.cfg.readahead_max.min(cache.capacity() / 20) / SLOT * SLOT;
+        if max < SLOT {
             return;
         }
         let limit = inner.cfg.prefetch_max_in_flight;
