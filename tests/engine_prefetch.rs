@@ -207,7 +207,10 @@ async fn concurrent_readers_of_a_cold_window_send_one_get() {
     }
     let gets = fx.store.range_gets.load(Ordering::SeqCst) - before;
     assert_eq!(joined, 7, "seven readers joined the first one's GET");
-    assert_eq!(gets, 1, "eight concurrent readers of one window sent {gets} GETs");
+    assert_eq!(
+        gets, 1,
+        "eight concurrent readers of one window sent {gets} GETs"
+    );
     v.close().await.unwrap();
 }
 

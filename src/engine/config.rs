@@ -164,10 +164,7 @@ impl EngineConfig {
         if !(64 << 10..=4 << 30).contains(&self.prefetch_max_in_flight) {
             return err(
                 "prefetch_max_in_flight",
-                format!(
-                    "{} must be in 64 KiB..=4 GiB",
-                    self.prefetch_max_in_flight
-                ),
+                format!("{} must be in 64 KiB..=4 GiB", self.prefetch_max_in_flight),
             );
         }
         Ok(())

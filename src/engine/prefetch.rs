@@ -206,7 +206,10 @@ impl Prefetch {
                 },
             );
             self.bytes.fetch_add(sent, Ordering::Relaxed);
-            log::debug!("readahead: chunk {} windows {w0}..{w1}: sent {sent}", info.seq);
+            log::debug!(
+                "readahead: chunk {} windows {w0}..{w1}: sent {sent}",
+                info.seq
+            );
         }
     }
 }
@@ -248,7 +251,11 @@ mod tests {
         let mut s = Streams::default();
         for i in 0..100u64 {
             let off = (i * 7919 % 1000) * 64 * M;
-            assert_eq!(s.observe(off, M, SIZE, 32 * M, u64::MAX), Seen::New, "read {i}");
+            assert_eq!(
+                s.observe(off, M, SIZE, 32 * M, u64::MAX),
+                Seen::New,
+                "read {i}"
+            );
         }
     }
 
