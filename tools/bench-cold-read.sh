@@ -112,7 +112,8 @@ fio_mbs() { # rw size -> MB/s
 read -r RAW1 NOBJ OBJSIZE < <(raw_get)
 serve seq
 if [ -n "${PERF:-}" ]; then # PERF=FILE: profile the server during the sequential pass
-    perf record -g -o "$PERF" -p "$PID" 2>/dev/null & PERF_PID=$!
+    if [ -n "${PERF_ALL:-}" ]; then target=(-a); else target=(-p "$PID"); fi
+    perf record -g -o "$PERF" "${target[@]}" 2>/dev/null & PERF_PID=$!
     sleep 0.5
 fi
 SEQ=$(fio_mbs read "$SIZE_MIB")
