@@ -111,7 +111,7 @@ pub(super) fn chunk_pieces(
     len: u64,
 ) -> Vec<(u64, Arc<ChunkInfo>, u64, u64)> {
     let end = offset.saturating_add(len).min(inner.size);
-    if offset >= end || offset % SECTOR != 0 || end % SECTOR != 0 {
+    if offset >= end || !offset.is_multiple_of(SECTOR) || !end.is_multiple_of(SECTOR) {
         return Vec::new();
     }
     match resolve(inner, offset, end - offset) {
