@@ -89,16 +89,16 @@ serve() { # pass -> starts the server on a fresh socket, empty cache
     rm -rf "$DIR/cache"
     RUST_LOG=${RUST_LOG:-warn} "$BIN" --config shale.yaml nbd serve v --socket "$DIR/nbd.sock" > "serve.$1" 2> "serve.$1.log" &
     PID=$!
-    for _ in $(seq 300); do grep -q listening "serve.$1" && return 0; sleep 0.1; done
+    for _ in $(seq 300); do grep -qs listening "serve.$1" && return 0; sleep 0.1; done
     echo "server did not start; see serve.$1.log" >&2; cat "serve.$1.log" >&2; exit 1
 }
-stop() { # pass -> prints the server's store GETs and shared / prefetched reads
+stop() { # pass -> prints the server's store GETs and cache hit ratio
     "$BIN" --config shale.yaml status v --json --sample-ms 0 > "status.$1"
     python3 - "status.$1" "$1" <<'PY' >&2
 import json, sys
 s = json.load(open(sys.argv[1]))["volumes"][0]
-m = {k: v for k, v in s.items() if "prefetch" in k or "shared" in k}
-print(f"  {sys.argv[2]}: store GETs {s['cost']['store_requests']['GET']} {m}")
+print(f"  {sys.argv[2]}: store GETs {s['cost']['store_requests']['GET']}, "
+      f"cache hit ratio {s['cache_hit_ratio']}")
 PY
     kill -TERM "$PID"; wait "$PID" || true; PID=
 }
