@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# Cold reads from S3 (issue 13 item 5): how fast a volume is read right after
+# attach with an empty read cache, against the raw GET bandwidth of the same
+# S3 server measured in the same run with the same object size.
+#
+# Steps, in a temporary directory under $BENCH_DIR (default /var/tmp):
+#  1. start a local S3 server (moto, via tools/s3-server.sh);
+#  2. create a volume of $SIZE_MIB MiB on it and fill it with random data
+#     (`shale volume import`, which closes the volume: everything is
+#     destaged to chunk objects, the WAL is empty), and check that the
+#     bucket holds at least the volume's size in chunk objects;
+#  3. with an empty cache directory, start `shale nbd serve` and read the
+#     whole volume sequentially with fio (nbd engine, $BS requests, QD $QD);
+#  4. stop the server, empty the cache again, start it again and read
+#     $RAND_MIB MiB at random offsets (same request size and depth);
+#  5. GET the volume's chunk objects whole from the same server with $QD
+#     threads (python boto3): the raw GET bandwidth for that object size.
+# Prints MB/s of each pass, the raw GET MB/s and the ratios.
+#
+# Usage: tools/bench-cold-read.sh [SHALE_BINARY]   (default: target/release/shale)
+# Environment: SIZE_MIB (default 512), RAND_MIB (default SIZE_MIB / 2),
+# BS (default 1M), QD (default 8), READAHEAD (engine.readahead_max; unset:
+# the binary's default), BENCH_DIR, PERF (a file: `perf record -g` of the
+# server during the sequential pass), KEEP (keep the work directory). Needs moto_server, fio with the nbd
+# engine, python3 with boto3.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+BIN=$(realpath "${1:-$repo/target/release/shale}")
+SIZE_MIB=${SIZE_MIB:-512}
+RAND_MIB=${RAND_MIB:-$((SIZE_MIB / 2))}
+BS=${BS:-1M}
+QD=${QD:-8}
+for tool in fio python3 moto_server; do
+    command -v "$tool" >/dev/null || { echo "bench-cold-read: $tool is required" >&2; exit 1; }
+done
+python3 -c 'import boto3' 2>/dev/null || { echo "bench-cold-read: python3 boto3 is required" >&2; exit 1; }
+DIR=$(mktemp -d "${BENCH_DIR:-/var/tmp}/shale-cold-read.XXXXXX")
+export SHALE_S3_STATE=$DIR/s3
+PID=
+cleanup() {
+    [ -n "$PID" ] && kill "$PID" 2>/dev/null && wait "$PID" 2>/dev/null || true
+    "$repo/tools/s3-server.sh" stop >/dev/null 2>&1 || true
+    [ -n "${KEEP:-}" ] && { echo "kept $DIR" >&2; return; }
+    rm -rf "$DIR"
+}
+trap cleanup EXIT
+cd "$DIR"
+"$repo/tools/s3-server.sh" start >/dev/null
+ENDPOINT=$(cat "$SHALE_S3_STATE/endpoint")
+export AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_EC2_METADATA_DISABLED=true AWS_DEFAULT_REGION=us-east-1
+{
+    printf 'data_dir: data\nstore:\n  type: s3\n  bucket: shale\n  endpoint: %s\n  force_path_style: true\n' "$ENDPOINT"
+    printf 'engine:\n  cache_dir: %s/cache\n' "$DIR"
+    [ -n "${READAHEAD:-}" ] && printf '  readahead_max: %s\n' "$READAHEAD"
+    true
+} > shale.yaml
+head -c $((SIZE_MIB << 20)) /dev/urandom > image.raw
+"$BIN" --config shale.yaml volume create v --size "${SIZE_MIB}MiB" > /dev/null
+"$BIN" --config shale.yaml volume import v image.raw > /dev/null 2>&1
+rm -f image.raw
+
+raw_get() { # -> MB/s of whole-object GETs of the chunk objects, QD threads
+    python3 - "$ENDPOINT" "$QD" "$SIZE_MIB" <<'PY'
+import sys, time, boto3, botocore
+from concurrent.futures import ThreadPoolExecutor
+endpoint, qd, size_mib = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+s3 = boto3.client("s3", endpoint_url=endpoint,
+                  config=botocore.config.Config(max_pool_connections=qd * 2))
+keys = []
+for page in s3.get_paginator("list_objects_v2").paginate(Bucket="shale"):
+    keys += [(o["Key"], o["Size"]) for o in page.get("Contents", [])]
+# Chunk objects are the large ones; take as many bytes as the volume holds.
+chunks = sorted((k for k in keys if k[1] >= 1 << 20), key=lambda k: k[0])
+total = sum(s for _, s in chunks)
+if total < size_mib << 20:
+    sys.exit(f"only {total} bytes of chunk objects in the bucket; the volume is not destaged")
+def get(k):
+    return len(s3.get_object(Bucket="shale", Key=k[0])["Body"].read())
+t = time.monotonic()
+with ThreadPoolExecutor(qd) as ex:
+    got = sum(ex.map(get, chunks))
+dt = time.monotonic() - t
+sizes = sorted(s for _, s in chunks)
+print(f"{got / dt / 1e6:.1f} {len(chunks)} {sizes[len(sizes) // 2]}")
+PY
+}
+
+serve() { # pass -> starts the server on a fresh socket, empty cache
+    rm -rf "$DIR/cache"
+    RUST_LOG=${RUST_LOG:-warn} "$BIN" --config shale.yaml nbd serve v --socket "$DIR/nbd.sock" > "serve.$1" 2> "serve.$1.log" &
+    PID=$!
+    for _ in $(seq 300); do grep -qs listening "serve.$1" && return 0; sleep 0.1; done
+    echo "server did not start; see serve.$1.log" >&2; cat "serve.$1.log" >&2; exit 1
+}
+stop() { # pass -> prints the server's store GETs and cache hit ratio
+    "$BIN" --config shale.yaml status v --json --sample-ms 0 > "status.$1"
+    python3 - "status.$1" "$1" <<'PY' >&2
+import json, sys
+s = json.load(open(sys.argv[1]))["volumes"][0]
+print(f"  {sys.argv[2]}: store GETs {s['cost']['store_requests']['GET']}, "
+      f"cache hit ratio {s['cache_hit_ratio']}")
+PY
+    kill -TERM "$PID"; wait "$PID" || true; PID=
+}
+fio_mbs() { # rw size -> MB/s
+    fio --name=cold --ioengine=nbd --uri="nbd+unix:///v?socket=$DIR/nbd.sock" \
+        --rw="$1" --bs="$BS" --iodepth="$QD" --size="${SIZE_MIB}M" --io_size="$2M" \
+        --randrepeat=0 --output-format=json --output="fio.$1.json" >/dev/null
+    python3 -c 'import json,sys; j=json.load(open(sys.argv[1]))["jobs"][0]["read"]; print("%.1f" % (j["bw_bytes"] / 1e6))' "fio.$1.json"
+}
+
+read -r RAW1 NOBJ OBJSIZE < <(raw_get)
+serve seq
+if [ -n "${PERF:-}" ]; then # PERF=FILE: profile the server during the sequential pass
+    if [ -n "${PERF_ALL:-}" ]; then target=(-a); else target=(-p "$PID"); fi
+    perf record -g -o "$PERF" "${target[@]}" 2>/dev/null & PERF_PID=$!
+    sleep 0.5
+fi
+SEQ=$(fio_mbs read "$SIZE_MIB")
+[ -n "${PERF:-}" ] && { kill -INT "$PERF_PID"; wait "$PERF_PID" || true; }
+stop seq
+serve rand; RAND=$(fio_mbs randread "$RAND_MIB"); stop rand
+read -r RAW2 _ _ < <(raw_get)
+RAW=$(python3 -c "print(max($RAW1, $RAW2))")
+python3 - "$SEQ" "$RAND" "$RAW1" "$RAW2" "$RAW" "$NOBJ" "$OBJSIZE" "$SIZE_MIB" "$BS" "$QD" <<'PY'
+import sys
+seq, rand, raw1, raw2, raw = map(float, sys.argv[1:6])
+nobj, objsize, size, bs, qd = sys.argv[6:]
+print(f"volume {size} MiB on moto, cold cache, {bs} reads QD{qd}")
+print(f"raw GET: {raw:.1f} MB/s ({qd} threads, {nobj} objects, median {int(objsize) >> 10} KiB; "
+      f"before/after {raw1:.1f}/{raw2:.1f})")
+print(f"sequential read: {seq:.1f} MB/s = {seq / raw:.2f}x raw GET")
+print(f"random read:     {rand:.1f} MB/s = {rand / raw:.2f}x raw GET")
+PY
