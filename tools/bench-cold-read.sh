@@ -34,22 +34,11 @@ for tool in fio python3 moto_server; do
     command -v "$tool" >/dev/null || { echo "bench-cold-read: $tool is required" >&2; exit 1; }
 done
 python3 -c 'import boto3' 2>/dev/null || { echo "bench-cold-read: python3 boto3 is required" >&2; exit 1; }
-DIR=$(mktemp -d "${BENCH_DIR:-/var/tmp}/shale-cold-read.XXXXXX")
-export SHALE_S3_STATE=$DIR/s3
-PID=
-cleanup() {
-    [ -n "$PID" ] && kill "$PID" 2>/dev/null && wait "$PID" 2>/dev/null || true
-    "$repo/tools/s3-server.sh" stop >/dev/null 2>&1 || true
-    [ -n "${KEEP:-}" ] && { echo "kept $DIR" >&2; return; }
-    rm -rf "$DIR"
-}
-trap cleanup EXIT
-cd "$DIR"
-"$repo/tools/s3-server.sh" start >/dev/null
-ENDPOINT=$(cat "$SHALE_S3_STATE/endpoint")
-export AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_EC2_METADATA_DISABLED=true AWS_DEFAULT_REGION=us-east-1
+. "$repo/tools/bench-s3-common.sh"
+PID= SAMPLER=
+bench_s3_start cold-read
 {
-    printf 'data_dir: data\nstore:\n  type: s3\n  bucket: shale\n  endpoint: %s\n  force_path_style: true\n' "$ENDPOINT"
+    s3_store_yaml
     printf 'engine:\n  cache_dir: %s/cache\n' "$DIR"
     [ -n "${READAHEAD:-}" ] && printf '  readahead_max: %s\n' "$READAHEAD"
     true

@@ -36,23 +36,11 @@ python3 -c 'import boto3' 2>/dev/null || { echo "bench-s3-destage: python3 boto3
 fio --enghelp=nbd >/dev/null 2>&1 || { echo "bench-s3-destage: fio lacks the nbd engine" >&2; exit 1; }
 [ -x "$BIN" ] || { echo "bench-s3-destage: no shale binary at $BIN (cargo build --release)" >&2; exit 1; }
 
-DIR=$(mktemp -d "${BENCH_DIR:-/var/tmp}/shale-s3-destage.XXXXXX")
-export SHALE_S3_STATE=$DIR/s3
+. "$repo/tools/bench-s3-common.sh"
 PID= SAMPLER=
-cleanup() {
-    [ -n "$SAMPLER" ] && kill "$SAMPLER" 2>/dev/null || true
-    [ -n "$PID" ] && kill "$PID" 2>/dev/null && wait "$PID" 2>/dev/null || true
-    "$repo/tools/s3-server.sh" stop >/dev/null 2>&1 || true
-    [ -n "${KEEP:-}" ] && { echo "kept $DIR" >&2; return; }
-    rm -rf "$DIR"
-}
-trap cleanup EXIT
-cd "$DIR"
-"$repo/tools/s3-server.sh" start >/dev/null
-ENDPOINT=$(cat "$SHALE_S3_STATE/endpoint")
-export AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_EC2_METADATA_DISABLED=true AWS_DEFAULT_REGION=us-east-1
+bench_s3_start s3-destage
 {
-    printf 'data_dir: data\nstore:\n  type: s3\n  bucket: shale\n  endpoint: %s\n  force_path_style: true\n' "$ENDPOINT"
+    s3_store_yaml
     printf 'engine:\n  durability: store\n'
     [ -n "${CHUNK:-}" ] && printf '  chunk_size: %s\n' "$CHUNK"
     [ -n "${MAX_UNSTORED:-}" ] && printf '  max_unstored_bytes: %s\n' "$MAX_UNSTORED"
