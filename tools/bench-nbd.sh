@@ -21,7 +21,8 @@
 #
 # Environment: SHALE_BIN (default: build --release from this checkout),
 # SIZE (default 1G), RUNTIME (seconds, default 10), BENCH_DIR,
-# METRICS_OVERHEAD (default 0), ROUNDS (default 1: each job's median over
+# METRICS_OVERHEAD (default 0), JOBS (names of the jobs to run; default
+# all), ROUNDS (default 1: each job's median over
 # this many interleaved rounds), S3 (default 0; 1 adds the S3 mode after the
 # table: destage to a local moto server against its raw PUT bandwidth in the
 # same run, tools/bench-s3-destage.sh).
@@ -120,6 +121,15 @@ jobs=(
     "1m-read-qd8 --rw=read --bs=1m --iodepth=8"
     "4k-randwrite-qd1-fsync --rw=randwrite --bs=4k --iodepth=1 --fsync=1"
 )
+# JOBS="name ..." keeps only the named jobs (for a focused comparison).
+if [[ -n "${JOBS:-}" ]]; then
+    kept=()
+    for job in "${jobs[@]}"; do
+        [[ " $JOBS " == *" ${job%% *} "* ]] && kept+=("$job")
+    done
+    (( ${#kept[@]} )) || { echo "bench-nbd: JOBS matches no job" >&2; exit 1; }
+    jobs=("${kept[@]}")
+fi
 
 run_fio() { # uri name args... -> json file
     local uri=$1 out=$2
