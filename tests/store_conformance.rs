@@ -55,7 +55,7 @@ macro_rules! backend_tests {
                 put_get_overwrite, large_object_round_trip, empty_object,
                 create_on_absent_and_present, if_match_success_failure_missing,
                 ranged_reads, list_by_prefix_sorted, list_many_keys,
-                delete_is_idempotent, key_and_children_coexist,
+                delete_is_idempotent, versions_name_one_content, key_and_children_coexist,
                 unusual_key_characters, longest_keys_work, invalid_keys_rejected);
             backend_tests!(@shared $make; race_create, race_if_match, readers_never_see_torn_objects,
                 create_delete_churn_has_one_owner_at_a_time);

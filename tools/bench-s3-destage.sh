@@ -21,7 +21,9 @@
 # Environment: SIZE_MIB (default 1024), BS (default 1M), QD (default 8),
 # CHUNK (engine.chunk_size; unset: the default), MAX_UNSTORED
 # (engine.max_unstored_bytes; unset: the default), BENCH_DIR (default
-# /var/tmp), KEEP=1 keeps the work directory. Needs moto_server, fio with
+# /var/tmp), KEEP=1 keeps the work directory, PERF=1 records a perf profile
+# of the server during the fio run and prints its top symbols (perf.txt in
+# the work directory). Needs moto_server, fio with
 # the nbd engine, python3 with boto3.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -95,6 +97,10 @@ PID=$!
 for _ in $(seq 300); do grep -q listening serve.out && break; sleep 0.1; done
 grep -q listening serve.out || { echo "server did not start; see below" >&2; cat serve.log >&2; exit 1; }
 echo 0 > unstored.max
+PERF_PID=
+if [ -n "${PERF:-}" ]; then
+    perf record -F 499 -g -p "$PID" -o perf.data > /dev/null 2>&1 & PERF_PID=$!
+fi
 sample_unstored & SAMPLER=$!
 start=$(date +%s.%N)
 fio --name=destage --ioengine=nbd --uri="nbd+unix:///v?socket=$DIR/nbd.sock" \
@@ -102,6 +108,12 @@ fio --name=destage --ioengine=nbd --uri="nbd+unix:///v?socket=$DIR/nbd.sock" \
     --output-format=json --output=fio.json > /dev/null
 end=$(date +%s.%N)
 kill "$SAMPLER" 2>/dev/null || true; wait "$SAMPLER" 2>/dev/null || true; SAMPLER=
+if [ -n "$PERF_PID" ]; then
+    kill -INT "$PERF_PID"; wait "$PERF_PID" || true
+    perf report -i perf.data --no-children --percent-limit 1.5 --stdio -g none 2> /dev/null |
+        grep -v '^#' | grep -v '^$' > perf.txt || true
+    echo "perf profile of the server (top symbols; $DIR/perf.txt):"; head -n 25 perf.txt
+fi
 "$BIN" --config shale.yaml status v --json --sample-ms 0 > status.json
 kill -TERM "$PID"; wait "$PID" || true; PID=
 RAW2=$(raw_put "$CHUNK_BYTES")

@@ -53,6 +53,7 @@ pub mod map;
 pub mod memdisk;
 mod read;
 mod recovery;
+pub mod retain_index;
 pub mod scrub;
 pub mod snapshot;
 pub mod space;

@@ -166,8 +166,8 @@ pub async fn read_snapshot(
 }
 
 /// [`read_snapshot`], with the version of the object as read (for a
-/// compare-and-swap of it).
-async fn read_snapshot_versioned(
+/// compare-and-swap of it, or to key what is derived from it).
+pub(crate) async fn read_snapshot_versioned(
     store: &DynStore,
     volume: u64,
     id: u64,
@@ -257,16 +257,13 @@ pub enum RetainSet {
 }
 
 impl RetainSet {
-    /// Read the snapshots of `volume` now. Never fails: on any error the
-    /// answer is [`RetainSet::All`] (deleting nothing is always safe).
+    /// What the snapshots of `volume` name now (from the retention index
+    /// where it is current, see [`super::retain_index`]). Never fails: on
+    /// any error the answer is [`RetainSet::All`] (deleting nothing is
+    /// always safe).
     pub async fn load(store: &DynStore, volume: u64) -> RetainSet {
-        match list_snapshots(store, volume).await {
-            Ok(snaps) => RetainSet::Chunks(
-                snaps
-                    .iter()
-                    .flat_map(|s| s.checkpoint.chunks.iter().map(|c| (c.seq, c.epoch)))
-                    .collect(),
-            ),
+        match super::retain_index::retained_chunks(store, volume).await {
+            Ok(set) => RetainSet::Chunks(set),
             Err(e) => {
                 log::warn!(
                     "volume {volume:x}: cannot read its snapshots ({e}); deleting no chunks"

@@ -254,6 +254,43 @@ pub async fn delete_is_idempotent<S: ObjectStore + ?Sized>(s: &S) {
     assert_eq!(s.get("d/key").await.expect("get").data, b("again"));
 }
 
+/// A version names one content for its key: whatever happened in between
+/// (overwrite, delete and re-create), different bytes under a key never
+/// carry a version that key had before, and `list`, `head` and `get` report
+/// the same version. Caches of derived data keyed by `(key, version)` (the
+/// snapshot retention index) rely on this.
+pub async fn versions_name_one_content<S: ObjectStore + ?Sized>(s: &S) {
+    let mut seen = Vec::new();
+    let v1 = s
+        .put("v/k", b("first"), PutMode::Create)
+        .await
+        .expect("put");
+    seen.push(v1.clone());
+    let v2 = s
+        .put("v/k", b("second"), PutMode::Overwrite)
+        .await
+        .expect("overwrite");
+    assert!(
+        !seen.contains(&v2),
+        "overwrite with other bytes reused {v2:?}"
+    );
+    seen.push(v2);
+    s.delete("v/k").await.expect("delete");
+    let v3 = s
+        .put("v/k", b("third!"), PutMode::Create)
+        .await
+        .expect("re-create");
+    assert!(
+        !seen.contains(&v3),
+        "re-create with other bytes reused {v3:?}"
+    );
+    let listed = s.list("v/").await.expect("list");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].version, v3, "list reports the put's version");
+    assert_eq!(s.head("v/k").await.expect("head").version, v3);
+    assert_eq!(s.get("v/k").await.expect("get").version, v3);
+}
+
 pub async fn key_and_children_coexist<S: ObjectStore + ?Sized>(s: &S) {
     s.put("t/a", b("parent"), PutMode::Create)
         .await
