@@ -11,7 +11,7 @@
 #   4K randwrite QD32, 4K randread QD32, 1M seq write QD8, 1M seq read QD8,
 #   4K randwrite QD1 with fsync=1 (a FLUSH after every write).
 # Prints one table: job, shale IOPS and MB/s, qemu-nbd IOPS and MB/s, and
-# the shale/qemu-nbd IOPS ratio.
+# the shale/qemu-nbd IOPS ratio; then each server's peak RSS (VmHWM).
 #
 # With METRICS_OVERHEAD=1, a second shale server serves a second volume
 # without counting its block requests (the hidden benchmark flag
@@ -82,7 +82,8 @@ shale_port=$(free_port)
 "$SHALE_BIN" --config "$work/shale.yaml" volume create bench --size "$SIZE" >&2
 RUST_LOG=warn "$SHALE_BIN" --config "$work/shale.yaml" nbd serve \
     --listen "127.0.0.1:$shale_port" bench >"$work/shale.log" 2>&1 &
-pids+=($!)
+shale_pid=$!
+pids+=("$shale_pid")
 wait_port "$shale_port"
 targets=(shale)
 if [[ $METRICS_OVERHEAD == 1 ]]; then
@@ -111,6 +112,7 @@ if ! wait_port "$qemu_port"; then
     wait_port "$qemu_port"
 fi
 pids+=("$qpid")
+qemu_pid=$qpid
 echo "qemu-nbd ${qemu_opts[*]}" >&2
 
 # --- jobs ----------------------------------------------------------------
@@ -191,6 +193,10 @@ for name in jobs:
         line += f"{oi:>12.0f}{(si / oi if oi else float('nan')):>16.3f}"
     print(line)
 EOF
+
+# Peak resident memory of each server over the whole run (VmHWM).
+peak_mib() { awk '/^VmHWM/ { printf "%.0f", $2 / 1024 }' "/proc/$1/status" 2>/dev/null || echo "?"; }
+echo "peak RSS: shale $(peak_mib "$shale_pid") MiB, qemu-nbd $(peak_mib "$qemu_pid") MiB"
 
 # S3 mode: destage to a local S3 server against its raw PUT bandwidth, same
 # binary, same run (tools/bench-s3-destage.sh; SIZE_MIB, QD, CHUNK there).
