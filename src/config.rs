@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::engine::config::EngineConfig;
+use crate::engine::warm_start::WarmStartConfig;
 use crate::store::StoreConfig;
 
 /// Where [`Config::load`] looks when no path is given.
@@ -50,6 +51,9 @@ pub struct Config {
     pub lease: LeaseConfig,
     /// The metrics exporter (`shale exporter`).
     pub metrics: MetricsConfig,
+    /// Warm start of served volumes: what the first seconds after an
+    /// attach read is read back at the next attach.
+    pub warm_start: WarmStartConfig,
 }
 
 /// Lease timing (see README, "Leases"). With the defaults an idle volume
@@ -190,6 +194,7 @@ struct ConfigFile {
     nbd: NbdConfig,
     lease: LeaseConfig,
     metrics: MetricsConfig,
+    warm_start: WarmStartConfig,
 }
 
 /// Where a configuration came from, for error messages.
@@ -334,6 +339,7 @@ impl Config {
             nbd,
             lease: file.lease,
             metrics: file.metrics,
+            warm_start: file.warm_start,
         }
     }
 
@@ -371,6 +377,9 @@ impl Config {
         self.lease
             .validate()
             .map_err(|(field, reason)| invalid(field, reason))?;
+        self.warm_start
+            .validate()
+            .map_err(|e| invalid(&format!("warm_start.{}", e.field), e.reason))?;
         Ok(())
     }
 

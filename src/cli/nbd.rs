@@ -140,6 +140,7 @@ async fn open_exports(
         let vol = daemon::attach(cfg, &name)
             .await
             .with_context(|| format!("opening volume {name}"))?;
+        vol.volume.start_warm_start(&cfg.warm_start);
         let device = if args.no_request_metrics {
             vol.volume.clone()
         } else {

@@ -63,6 +63,7 @@ pub mod view;
 pub mod volume;
 pub mod wal;
 mod wal_open;
+pub mod warm_start;
 
 pub use allocation::{Allocation, Extent};
 pub use error::EngineError;

@@ -21,6 +21,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::channel::oneshot;
@@ -32,7 +33,7 @@ use super::recovery;
 use super::state::State;
 use super::wal::record::RecordKind;
 use super::wal::{NewRecord, Wal};
-use super::{check_range, read, BlockDevice, SECTOR};
+use super::{check_range, read, warm_start, BlockDevice, SECTOR};
 use crate::clock::DynClock;
 use crate::error::BlockError;
 use crate::store::DynStore;
@@ -207,6 +208,28 @@ pub struct Volume {
     pub(crate) inner: Arc<Inner>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     ack_gate: OnceLock<Arc<dyn AckGate>>,
+    warm: OnceLock<WarmStart>,
+}
+
+/// A running warm start ([`Volume::start_warm_start`]).
+struct WarmStart {
+    recorder: Arc<warm_start::Recorder>,
+    playback: Arc<warm_start::Playback>,
+    /// Playback, and the task that stores the recording when its window ends.
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl WarmStart {
+    fn abort(&self) {
+        for t in self
+            .tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            t.abort();
+        }
+    }
 }
 
 impl std::fmt::Debug for Volume {
@@ -307,12 +330,58 @@ impl Volume {
             inner,
             task: Mutex::new(Some(task)),
             ack_gate: OnceLock::new(),
+            warm: OnceLock::new(),
         }))
+    }
+
+    /// Start warm start ([`warm_start`]): read back in the background what
+    /// the previous attach recorded, and record the user reads of the next
+    /// `cfg.seconds` (stored when that window ends, or at close). Only the
+    /// first call takes effect; `seconds: 0` does nothing.
+    pub fn start_warm_start(&self, cfg: &warm_start::WarmStartConfig) {
+        if cfg.seconds == 0 {
+            return;
+        }
+        let recorder = Arc::new(warm_start::Recorder::new(self.inner.clock.monotonic(), cfg));
+        let playback = Arc::new(warm_start::Playback::default());
+        let w = WarmStart {
+            recorder: recorder.clone(),
+            playback: playback.clone(),
+            tasks: Mutex::new(Vec::new()),
+        };
+        if self.warm.set(w).is_err() {
+            return;
+        }
+        let play = self
+            .inner
+            .rt
+            .spawn(warm_start::play(self.inner.clone(), cfg.clone(), playback));
+        let inner = self.inner.clone();
+        let window = Duration::from_secs(cfg.seconds);
+        let record = self.inner.rt.spawn(async move {
+            tokio::time::sleep(window).await;
+            warm_start::store_recording(&inner, &recorder).await;
+        });
+        if let Some(w) = self.warm.get() {
+            w.tasks
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend([play, record]);
+        }
+    }
+
+    /// How far warm start playback got (`None` without warm start).
+    pub fn warm_start_progress(&self) -> Option<warm_start::Progress> {
+        self.warm.get().map(|w| w.playback.progress())
     }
 
     /// Flush, destage everything, write a final checkpoint and stop.
     /// Later requests fail with [`BlockError::Closed`].
     pub async fn close(&self) -> Result<(), EngineError> {
+        if let Some(w) = self.warm.get() {
+            w.abort();
+            warm_start::store_recording(&self.inner, &w.recorder).await;
+        }
         // A fenced volume may store nothing more (its destage task has
         // stopped or is stopping): keep the WAL as it is and say why.
         if let Some(why) = self.fenced() {
@@ -357,6 +426,9 @@ impl Volume {
     /// would: once this returns nothing more is written to the WAL or store
     /// by this volume. Meant for crash tests.
     pub async fn crash(&self) {
+        if let Some(w) = self.warm.get() {
+            w.abort();
+        }
         self.inner.wal.stop();
         let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(t) = task {
@@ -569,6 +641,9 @@ impl Volume {
 
 impl Drop for Volume {
     fn drop(&mut self) {
+        if let Some(w) = self.warm.get() {
+            w.abort();
+        }
         self.inner.wal.stop();
         let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(t) = task {
@@ -585,6 +660,10 @@ impl BlockDevice for Volume {
 
     async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
         check_range(offset, buf.len() as u64, self.inner.size)?;
+        if let Some(w) = self.warm.get() {
+            w.recorder
+                .note(self.inner.clock.monotonic(), offset, buf.len() as u64);
+        }
         read::read(&self.inner, offset, buf).await
     }
 

@@ -108,7 +108,10 @@ async fn attach_volume(config: Option<&Path>, name: &str) -> anyhow::Result<Atta
     let mut told = false;
     loop {
         match shale::daemon::attach(&cfg, name).await {
-            Ok(a) => return Ok(a),
+            Ok(a) => {
+                a.volume.start_warm_start(&cfg.warm_start);
+                return Ok(a);
+            }
             Err(DaemonError::Lease(LeaseError::Held { holder, .. }))
                 if held_by_dead_local_process(&holder) && Instant::now() < deadline =>
             {
