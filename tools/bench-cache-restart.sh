@@ -8,6 +8,11 @@
 #
 # Usage: tools/bench-cache-restart.sh [SHALE_BINARY]   (default: the release build)
 # Run it with another build's binary for a before/after comparison.
+# MOVE=1 removes the volume's local read cache before pass 2 (as if the
+# volume moved to another host), so pass 2 is served by warm start alone;
+# WARM_SECONDS sets warm_start.seconds (0 disables warm start) and WAIT the
+# seconds pass 2 waits after the attach before it reads (playback time).
+# Each pass also prints the wall time of its nbdcopy.
 # Needs nbdcopy (libnbd-bin) and python3. Works in a temporary directory
 # under $BENCH_DIR (default /var/tmp), removed at the end.
 set -euo pipefail
@@ -22,6 +27,7 @@ cleanup() {
 trap cleanup EXIT
 cd "$DIR"
 printf 'data_dir: data\n' > shale.yaml
+[ -n "${WARM_SECONDS:-}" ] && printf 'warm_start:\n  seconds: %s\n' "$WARM_SECONDS" >> shale.yaml
 head -c $((SIZE_MIB << 20)) /dev/urandom > image.raw
 "$BIN" --config shale.yaml volume create v --size "${SIZE_MIB}MiB" > /dev/null
 "$BIN" --config shale.yaml volume import v image.raw > /dev/null 2>&1
@@ -29,7 +35,10 @@ for pass in 1 2; do
     "$BIN" --config shale.yaml nbd serve v --socket "$DIR/nbd.sock" > "serve.$pass" 2> "serve.$pass.log" &
     PID=$!
     for _ in $(seq 100); do grep -q listening "serve.$pass" && break; sleep 0.1; done
+    [ "$pass" = 2 ] && sleep "${WAIT:-0}"
+    t0=$(date +%s.%N)
     nbdcopy "nbd+unix:///v?socket=$DIR/nbd.sock" copy.raw
+    echo "pass $pass: nbdcopy $(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$t0" "$(date +%s.%N)") s"
     cmp -s copy.raw image.raw || { echo "pass $pass: data differs" >&2; exit 1; }
     "$BIN" --config shale.yaml status v --json --sample-ms 0 > "status.$pass"
     python3 - "status.$pass" "$pass" <<'PY'
@@ -41,4 +50,8 @@ PY
     kill -TERM "$PID"
     wait "$PID"
     PID=
+    if [ "$pass" = 1 ] && [ "${MOVE:-0}" = 1 ]; then
+        rm -rf data/volumes/*/cache
+        echo "local read cache removed (MOVE=1)"
+    fi
 done
