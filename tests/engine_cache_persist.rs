@@ -27,6 +27,8 @@ fn cfg(cache_size: u64, chunk_size: u64) -> EngineConfig {
         cache_dir: None,
         store_read_timeout_ms: 60_000,
         compact_below_percent: 0,
+        readahead_max: 32 << 20,
+        prefetch_max_in_flight: 64 << 20,
     }
 }
 

@@ -100,6 +100,13 @@ pub struct VolumeStats {
     pub cache_restored: u64,
     /// Size of the read cache in bytes (0: disabled).
     pub cache_capacity_bytes: u64,
+    /// Bytes readahead sent store GETs for.
+    pub prefetch_bytes: u64,
+    /// Readahead GETs that failed (logged; reads fetch the data themselves).
+    pub prefetch_errors: u64,
+    /// Cache windows a read took from a GET already in flight (sent by
+    /// another read or by readahead) instead of sending its own.
+    pub fetch_shared: u64,
 }
 
 #[derive(Debug, Default)]
@@ -192,7 +199,11 @@ pub(crate) struct Inner {
     pub wal: Wal,
     pub shared: Arc<Shared>,
     pub counters: Counters,
-    pub cache: Option<super::cache::Cache>,
+    pub cache: Option<Arc<super::cache::Cache>>,
+    /// Chunk window GETs in flight, shared by concurrent readers.
+    pub fetches: Arc<super::inflight::Inflight>,
+    /// Readahead of sequential reads into the cache.
+    pub prefetch: super::prefetch::Prefetch,
     /// A clone's parent: unmapped ranges of `live` read from it.
     pub parent: Option<Arc<super::view::SnapshotView>>,
     /// The snapshot `parent` shows (as the manifest names it).
@@ -293,7 +304,9 @@ impl Volume {
             wal,
             shared,
             counters: Counters::default(),
-            cache,
+            cache: cache.map(Arc::new),
+            fetches: Default::default(),
+            prefetch: Default::default(),
             parent: rec.parent,
             parent_ref: rec.manifest.parent,
             close_tx: Mutex::new(None),
@@ -466,6 +479,9 @@ impl Volume {
             cache_corrupt: us(&c.cache_corrupt),
             cache_restored: self.inner.cache.as_ref().map_or(0, |c| c.restored()),
             cache_capacity_bytes: self.inner.cache.as_ref().map_or(0, |c| c.capacity()),
+            prefetch_bytes: us(&self.inner.prefetch.bytes),
+            prefetch_errors: us(&self.inner.prefetch.errors),
+            fetch_shared: us(&self.inner.fetches.joined),
         }
     }
 

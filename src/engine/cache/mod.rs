@@ -325,6 +325,15 @@ impl Cache {
             + idx.policy.index_bytes()
     }
 
+    /// Whether window `id` is cached (without counting a use).
+    pub fn contains(&self, id: &WindowId) -> bool {
+        let idx = self.lock();
+        idx.map
+            .get(&hash(id))
+            .and_then(|&s| idx.slots[s as usize].as_ref())
+            .is_some_and(|e| e.id == *id)
+    }
+
     /// Read `dst.len()` bytes at `offset` within window `id` if it is
     /// cached; `used` is the part of the window the caller's request needs
     /// (for reuse detection). `None` on a miss.
