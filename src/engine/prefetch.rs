@@ -192,8 +192,7 @@ impl Prefetch {
         log::debug!("readahead after {off}+{len}: [{from}, {to})");
         let pieces = super::read::chunk_pieces(inner, from, to - from);
         for (volume, info, data_off, data_len) in pieces {
-            let w0 = data_off / SLOT;
-            let w1 = (data_off + data_len).min(info.data_len).div_ceil(SLOT);
+            let (w0, w1) = super::read::windows(data_off, data_len, info.data_len);
             let (_, sent) = inner.fetches.fetch(
                 inner,
                 volume,

@@ -308,13 +308,11 @@ fn read_cached(inner: &Inner, volume: u64, info: &ChunkInfo, off: u64, dst: &mut
 }
 
 /// Cache windows `[w0, w1)` covering data bytes `[off, off+len)`.
-fn windows(off: u64, len: u64, data_len: u64) -> (u64, u64) {
+pub(super) fn windows(off: u64, len: u64, data_len: u64) -> (u64, u64) {
     let end = (off + len).min(data_len);
     (off / SLOT, end.div_ceil(SLOT))
 }
 
-/// Fetch and verify chunk data covering `[off, off+len)`; returns the
-/// verified bytes starting at the returned data-area offset.
 /// [`fetch`], retrying transient store errors (with backoff) until
 /// `budget` has passed; then the last error, or a timeout, is returned
 /// (the read fails with EIO). Other errors are returned at once.
@@ -348,6 +346,8 @@ pub(super) async fn fetch_within(
     }
 }
 
+/// Fetch and verify chunk data covering `[off, off+len)`; returns the
+/// verified bytes starting at the returned data-area offset.
 async fn fetch(
     store: crate::store::DynStore,
     key: String,
