@@ -398,3 +398,32 @@ async fn a_reused_chunk_name_never_matches_the_old_entry() {
     assert!(s.store_reads > 0, "{s:?}");
     v.close().await.unwrap();
 }
+
+/// Closing a volume releases its read cache at once, even while something
+/// still holds the volume (a request in flight, the destage task on its
+/// way out, a readahead GET still running): the next open in the same
+/// process finds the cache warm, not locked. This was the flake of
+/// `a_scan_leaves_the_hot_set_cached` and the other restart tests under
+/// CPU load: a reopen raced with the closed volume's last references and
+/// ran without a cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_releases_the_cache_while_the_volume_is_still_held() {
+    let env = Env::new(8 << 20, cfg(4 << 20, 256 << 10));
+    let model = fill(&env, 1, 1 << 20, 1).await;
+    let v = env.open(2).await;
+    assert!(read(&v, 0, model.len(), 256 << 10).await == model);
+    let held = v.clone();
+    v.close().await.unwrap();
+    drop(v);
+    let w = env.open(3).await;
+    let s = w.stats();
+    assert!(
+        s.cache_capacity_bytes > 0 && s.cache_restored > 0,
+        "the closed volume still holds its read cache: {s:?}"
+    );
+    env.cut_off_chunk_reads();
+    assert!(read(&w, 0, model.len(), 64 << 10).await == model);
+    assert_eq!(w.stats().store_reads, 0);
+    w.close().await.unwrap();
+    drop(held);
+}

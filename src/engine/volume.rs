@@ -324,8 +324,23 @@ impl Volume {
     }
 
     /// Flush, destage everything, write a final checkpoint and stop.
-    /// Later requests fail with [`BlockError::Closed`].
+    /// Later requests fail with [`BlockError::Closed`]. The read cache is
+    /// released when this returns, even if the volume is still referenced,
+    /// so the volume can be opened again at once.
     pub async fn close(&self) -> Result<(), EngineError> {
+        let res = self.close_volume().await;
+        self.release_cache();
+        res
+    }
+
+    /// Release the read cache's directory (cache invariant 6).
+    fn release_cache(&self) {
+        if let Some(c) = &self.inner.cache {
+            c.close();
+        }
+    }
+
+    async fn close_volume(&self) -> Result<(), EngineError> {
         // A fenced volume may store nothing more (its destage task has
         // stopped or is stopping): keep the WAL as it is and say why.
         if let Some(why) = self.fenced() {
@@ -376,9 +391,12 @@ impl Volume {
             t.abort();
             let _ = t.await;
         }
-        let mut st = self.inner.shared.lock();
-        st.closing = true;
-        st.wake_all();
+        {
+            let mut st = self.inner.shared.lock();
+            st.closing = true;
+            st.wake_all();
+        }
+        self.release_cache();
     }
 
     /// Fence the volume (its lease was lost): from now on every write, trim,
@@ -590,6 +608,7 @@ impl Drop for Volume {
         if let Some(t) = task {
             t.abort();
         }
+        self.release_cache();
     }
 }
 
