@@ -27,6 +27,8 @@ fn cfg(cache_size: u64, chunk_size: u64) -> EngineConfig {
         cache_dir: None,
         store_read_timeout_ms: 60_000,
         compact_below_percent: 0,
+        readahead_max: 32 << 20,
+        prefetch_max_in_flight: 64 << 20,
     }
 }
 
@@ -165,10 +167,17 @@ async fn crash_keeps_the_cache_warm() {
 async fn flipped_byte_in_the_cache_is_refetched() {
     let env = Env::new(8 << 20, cfg(4 << 20, 256 << 10));
     let model = fill_and_warm(&env).await;
-    // Slot 0 is the first filled; flip a byte inside it.
+    // Flip a byte inside the first slot holding at least 8 KiB (how the
+    // data was cut into chunks, so how long each window is, depends on
+    // destage timing; slot 0 may hold a window of a few blocks).
+    let index = std::fs::read(env.cache_file("index")).unwrap();
+    let slot = index[64..]
+        .chunks(64)
+        .position(|r| u32::from_le_bytes(r[4..8].try_into().unwrap()) >= 8192)
+        .expect("a cached window of at least 8 KiB");
     let path = env.cache_file("data");
     let mut data = std::fs::read(&path).unwrap();
-    data[5000] ^= 0x40;
+    data[slot * (64 << 10) + 5000] ^= 0x40;
     std::fs::write(&path, &data).unwrap();
     let v = env.open(3).await;
     assert!(read(&v, 0, model.len(), 4096).await == model);
@@ -395,4 +404,33 @@ async fn a_reused_chunk_name_never_matches_the_old_entry() {
     assert_eq!(s.cache_corrupt, 0, "an old entry matched: {s:?}");
     assert!(s.store_reads > 0, "{s:?}");
     v.close().await.unwrap();
+}
+
+/// Closing a volume releases its read cache at once, even while something
+/// still holds the volume (a request in flight, the destage task on its
+/// way out, a readahead GET still running): the next open in the same
+/// process finds the cache warm, not locked. This was the flake of
+/// `a_scan_leaves_the_hot_set_cached` and the other restart tests under
+/// CPU load: a reopen raced with the closed volume's last references and
+/// ran without a cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_releases_the_cache_while_the_volume_is_still_held() {
+    let env = Env::new(8 << 20, cfg(4 << 20, 256 << 10));
+    let model = fill(&env, 1, 1 << 20, 1).await;
+    let v = env.open(2).await;
+    assert!(read(&v, 0, model.len(), 256 << 10).await == model);
+    let held = v.clone();
+    v.close().await.unwrap();
+    drop(v);
+    let w = env.open(3).await;
+    let s = w.stats();
+    assert!(
+        s.cache_capacity_bytes > 0 && s.cache_restored > 0,
+        "the closed volume still holds its read cache: {s:?}"
+    );
+    env.cut_off_chunk_reads();
+    assert!(read(&w, 0, model.len(), 64 << 10).await == model);
+    assert_eq!(w.stats().store_reads, 0);
+    w.close().await.unwrap();
+    drop(held);
 }

@@ -34,6 +34,8 @@ fn cfg(compact_below_percent: u64) -> EngineConfig {
         cache_dir: None,
         store_read_timeout_ms: 60_000,
         compact_below_percent,
+        readahead_max: 32 << 20,
+        prefetch_max_in_flight: 64 << 20,
     }
 }
 

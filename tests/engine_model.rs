@@ -368,6 +368,8 @@ async fn run_seed(seed: u64, backend: Backend) {
         cache_dir: None,
         store_read_timeout_ms: 60_000,
         compact_below_percent: [0, 25, 60, 90][rng.below(4) as usize],
+        readahead_max: 32 << 20,
+        prefetch_max_in_flight: 64 << 20,
     };
     let mut run = Run {
         seed,

@@ -48,6 +48,8 @@ fn cfg(durability: Durability) -> EngineConfig {
         cache_dir: None,
         store_read_timeout_ms: 60_000,
         compact_below_percent: 25,
+        readahead_max: 32 << 20,
+        prefetch_max_in_flight: 64 << 20,
     }
 }
 

@@ -51,6 +51,17 @@ pub struct EngineConfig {
     /// fell below this percentage into a new object, so the sparse chunks
     /// can be deleted. 0 disables compaction. Default 25; 0..=90.
     pub compact_below_percent: u64,
+    /// Largest readahead window of a sequential read stream, in bytes:
+    /// data of the store ahead of the stream is fetched into the read
+    /// cache. 0 disables readahead (so does `cache_size: 0`). Default
+    /// 32 MiB; at most 1 GiB.
+    #[serde(with = "crate::size::serde_bytes")]
+    pub readahead_max: u64,
+    /// Bound on the bytes of readahead GETs in flight per volume (a GET
+    /// that would exceed it is not sent). Default 64 MiB; at least 64 KiB,
+    /// at most 4 GiB.
+    #[serde(with = "crate::size::serde_bytes")]
+    pub prefetch_max_in_flight: u64,
 }
 
 impl Default for EngineConfig {
@@ -66,6 +77,8 @@ impl Default for EngineConfig {
             cache_dir: None,
             store_read_timeout_ms: 60_000,
             compact_below_percent: 25,
+            readahead_max: 32 << 20,
+            prefetch_max_in_flight: 64 << 20,
         }
     }
 }
@@ -140,6 +153,18 @@ impl EngineConfig {
             return err(
                 "compact_below_percent",
                 format!("{} must be in 0..=90", self.compact_below_percent),
+            );
+        }
+        if self.readahead_max > 1 << 30 {
+            return err(
+                "readahead_max",
+                format!("{} must be at most 1 GiB", self.readahead_max),
+            );
+        }
+        if !(64 << 10..=4 << 30).contains(&self.prefetch_max_in_flight) {
+            return err(
+                "prefetch_max_in_flight",
+                format!("{} must be in 64 KiB..=4 GiB", self.prefetch_max_in_flight),
             );
         }
         Ok(())

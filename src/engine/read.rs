@@ -18,12 +18,14 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::channel::oneshot;
+use futures::future::{BoxFuture, FutureExt};
 
 use super::cache::{WindowId, SLOT};
 use super::checkpoint::ChunkInfo;
 use super::chunk::{aligned_range, chunk_key, verify_blocks, CRC_BLOCK};
+use super::inflight::{FetchError, Mode};
 use super::map::{Loc, WalLoc};
 use super::view::Resolved;
 use super::volume::Inner;
@@ -50,6 +52,7 @@ enum Attempt {
 const MAX_ATTEMPTS: usize = 4;
 
 pub(crate) async fn read(inner: &Inner, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+    inner.prefetch.on_read(inner, offset, buf.len() as u64);
     for _ in 0..MAX_ATTEMPTS {
         if let Attempt::Done = read_once(inner, offset, buf).await? {
             return Ok(());
@@ -98,6 +101,31 @@ fn resolve(inner: &Inner, offset: u64, len: u64) -> Result<Option<Vec<Piece>>, B
     Ok(Some(out))
 }
 
+/// The chunk pieces of volume bytes `[offset, offset+len)` (clipped to the
+/// volume) as `(volume, chunk, data offset, bytes)`, resolved through the
+/// map like a read (for readahead; other pieces and a range racing with
+/// chunk deletion yield nothing).
+pub(super) fn chunk_pieces(
+    inner: &Inner,
+    offset: u64,
+    len: u64,
+) -> Vec<(u64, Arc<ChunkInfo>, u64, u64)> {
+    let end = offset.saturating_add(len).min(inner.size);
+    if offset >= end || !offset.is_multiple_of(SECTOR) || !end.is_multiple_of(SECTOR) {
+        return Vec::new();
+    }
+    match resolve(inner, offset, end - offset) {
+        Ok(Some(pieces)) => pieces
+            .into_iter()
+            .filter_map(|(b0, b1, src)| match src {
+                Src::Chunk(volume, info, off) => Some((volume, info, off, (b1 - b0) as u64)),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
 async fn read_once(inner: &Inner, offset: u64, buf: &mut [u8]) -> Result<Attempt, BlockError> {
     let Some(pieces) = resolve(inner, offset, buf.len() as u64)? else {
         return Ok(Attempt::Retry);
@@ -118,16 +146,35 @@ async fn read_once(inner: &Inner, offset: u64, buf: &mut [u8]) -> Result<Attempt
     if fetches.is_empty() {
         return Ok(Attempt::Done);
     }
-    let mut waits = Vec::with_capacity(fetches.len());
+    let mut waits: Vec<BoxFuture<'static, Result<(u64, Bytes), FetchError>>> =
+        Vec::with_capacity(fetches.len());
     for (b0, b1, volume, info, off) in &fetches {
         let len = (b1 - b0) as u64;
-        let (start, end) = match inner.cache {
-            Some(_) => {
-                let (w0, w1) = windows(*off, len, info.data_len);
-                (w0 * SLOT, (w1 * SLOT).min(info.data_len))
-            }
-            None => aligned_range(*off, len, info.data_len),
-        };
+        if inner.cache.is_some() {
+            // Whole cache windows, shared with any GET already in flight.
+            let (w0, w1) = windows(*off, len, info.data_len);
+            let (parts, _) = inner.fetches.fetch(
+                inner,
+                *volume,
+                info,
+                w0..w1,
+                Mode::Read {
+                    used: *off..off + len,
+                },
+            );
+            waits.push(
+                async move {
+                    let mut out = BytesMut::new();
+                    for p in parts {
+                        out.extend_from_slice(&p.bytes().await?);
+                    }
+                    Ok((w0 * SLOT, out.freeze()))
+                }
+                .boxed(),
+            );
+            continue;
+        }
+        let (start, end) = aligned_range(*off, len, info.data_len);
         let (tx, rx) = oneshot::channel();
         let store = inner.store.clone();
         let key = chunk_key(*volume, info.seq, info.epoch);
@@ -135,38 +182,41 @@ async fn read_once(inner: &Inner, offset: u64, buf: &mut [u8]) -> Result<Attempt
         inner.counters.store_reads.fetch_add(1, Ordering::Relaxed);
         let budget = std::time::Duration::from_millis(inner.cfg.store_read_timeout_ms);
         inner.rt.spawn(async move {
-            let _ = tx.send(fetch_within(budget, store, key, info, start, end).await);
+            let res = fetch_within(budget, store, key, info, start, end).await;
+            let _ = tx.send(res.map_err(FetchError::from));
         });
-        waits.push((start, rx));
+        waits.push(
+            async move {
+                let data = rx.await.unwrap_or(Err(FetchError::Closed))?;
+                Ok((start, data))
+            }
+            .boxed(),
+        );
     }
-    let results = futures::future::join_all(
-        waits
-            .into_iter()
-            .map(|(s, rx)| async move { (s, rx.await) }),
-    )
-    .await;
+    let results = futures::future::join_all(waits).await;
     let mut retry = false;
-    for ((b0, b1, volume, info, off), (start, res)) in fetches.iter().zip(results) {
-        let data = match res {
-            Ok(Ok(d)) => d,
+    for ((b0, b1, volume, info, off), res) in fetches.iter().zip(results) {
+        let key = || chunk_key(*volume, info.seq, info.epoch);
+        let (start, data) = match res {
+            Ok(d) => d,
             // Only our own GC deletes chunks under our feet; a parent's
             // chunk is kept while we read through to it.
-            Ok(Err(StoreOrCrc::Store(StoreError::NotFound { .. }))) if *volume == inner.id => {
+            Err(FetchError::NotFound) if *volume == inner.id => {
                 retry = true;
                 continue;
             }
-            Ok(Err(StoreOrCrc::Store(e))) => {
-                return Err(BlockError::Io(format!(
-                    "reading {}: {e}",
-                    chunk_key(*volume, info.seq, info.epoch)
-                )))
+            Err(FetchError::NotFound) => {
+                return Err(BlockError::Io(format!("reading {}: not found", key())))
             }
-            Ok(Err(StoreOrCrc::Crc(e))) => {
-                let key = chunk_key(*volume, info.seq, info.epoch);
+            Err(FetchError::Store(e)) => {
+                return Err(BlockError::Io(format!("reading {}: {e}", key())))
+            }
+            Err(FetchError::Crc(e)) => {
+                let key = key();
                 super::damage::report(&key, &e);
                 return Err(BlockError::Io(format!("{key}: {e}")));
             }
-            Err(_) => return Err(BlockError::Closed),
+            Err(FetchError::Closed) => return Err(BlockError::Closed),
         };
         let s = (off - start) as usize;
         let dst = &mut buf[*b0..*b1];
@@ -177,16 +227,6 @@ async fn read_once(inner: &Inner, offset: u64, buf: &mut [u8]) -> Result<Attempt
             )));
         };
         dst.copy_from_slice(src);
-        if let Some(cache) = &inner.cache {
-            let (r0, r1) = (*off, off + dst.len() as u64);
-            for (i, win) in data.chunks(SLOT as usize).enumerate() {
-                let w = start / SLOT + i as u64;
-                let ws = w * SLOT;
-                // The part of the window this request used.
-                let used = r0.clamp(ws, ws + SLOT) - ws..r1.clamp(ws, ws + SLOT) - ws;
-                cache.put(&window_id(*volume, info, w), win, used);
-            }
-        }
     }
     Ok(if retry { Attempt::Retry } else { Attempt::Done })
 }
@@ -198,7 +238,7 @@ const CRCS_PER_WINDOW: usize = (SLOT / CRC_BLOCK) as usize;
 /// identity plus a tag over the data area's position and length and the
 /// window's block CRCs, so an entry of any other object is a miss (cache
 /// invariant 1).
-fn window_id(volume: u64, info: &ChunkInfo, w: u64) -> WindowId {
+pub(super) fn window_id(volume: u64, info: &ChunkInfo, w: u64) -> WindowId {
     let mut buf = [0u8; 16 + 4 * CRCS_PER_WINDOW];
     buf[..8].copy_from_slice(&info.data_start.to_le_bytes());
     buf[8..16].copy_from_slice(&info.data_len.to_le_bytes());
@@ -268,17 +308,15 @@ fn read_cached(inner: &Inner, volume: u64, info: &ChunkInfo, off: u64, dst: &mut
 }
 
 /// Cache windows `[w0, w1)` covering data bytes `[off, off+len)`.
-fn windows(off: u64, len: u64, data_len: u64) -> (u64, u64) {
+pub(super) fn windows(off: u64, len: u64, data_len: u64) -> (u64, u64) {
     let end = (off + len).min(data_len);
     (off / SLOT, end.div_ceil(SLOT))
 }
 
-/// Fetch and verify chunk data covering `[off, off+len)`; returns the
-/// verified bytes starting at the returned data-area offset.
 /// [`fetch`], retrying transient store errors (with backoff) until
 /// `budget` has passed; then the last error, or a timeout, is returned
 /// (the read fails with EIO). Other errors are returned at once.
-async fn fetch_within(
+pub(super) async fn fetch_within(
     budget: std::time::Duration,
     store: crate::store::DynStore,
     key: String,
@@ -308,6 +346,8 @@ async fn fetch_within(
     }
 }
 
+/// Fetch and verify chunk data covering `[off, off+len)`; returns the
+/// verified bytes starting at the returned data-area offset.
 async fn fetch(
     store: crate::store::DynStore,
     key: String,
@@ -323,7 +363,7 @@ async fn fetch(
     Ok(data)
 }
 
-enum StoreOrCrc {
+pub(super) enum StoreOrCrc {
     Store(StoreError),
     Crc(String),
 }

@@ -101,6 +101,13 @@ pub struct VolumeStats {
     pub cache_restored: u64,
     /// Size of the read cache in bytes (0: disabled).
     pub cache_capacity_bytes: u64,
+    /// Bytes readahead sent store GETs for.
+    pub prefetch_bytes: u64,
+    /// Readahead GETs that failed (logged; reads fetch the data themselves).
+    pub prefetch_errors: u64,
+    /// Cache windows a read took from a GET already in flight (sent by
+    /// another read or by readahead) instead of sending its own.
+    pub fetch_shared: u64,
 }
 
 #[derive(Debug, Default)]
@@ -193,7 +200,11 @@ pub(crate) struct Inner {
     pub wal: Wal,
     pub shared: Arc<Shared>,
     pub counters: Counters,
-    pub cache: Option<super::cache::Cache>,
+    pub cache: Option<Arc<super::cache::Cache>>,
+    /// Chunk window GETs in flight, shared by concurrent readers.
+    pub fetches: Arc<super::inflight::Inflight>,
+    /// Readahead of sequential reads into the cache.
+    pub prefetch: super::prefetch::Prefetch,
     /// A clone's parent: unmapped ranges of `live` read from it.
     pub parent: Option<Arc<super::view::SnapshotView>>,
     /// The snapshot `parent` shows (as the manifest names it).
@@ -316,7 +327,9 @@ impl Volume {
             wal,
             shared,
             counters: Counters::default(),
-            cache,
+            cache: cache.map(Arc::new),
+            fetches: Default::default(),
+            prefetch: Default::default(),
             parent: rec.parent,
             parent_ref: rec.manifest.parent,
             close_tx: Mutex::new(None),
@@ -376,12 +389,27 @@ impl Volume {
     }
 
     /// Flush, destage everything, write a final checkpoint and stop.
-    /// Later requests fail with [`BlockError::Closed`].
+    /// Later requests fail with [`BlockError::Closed`]. The read cache is
+    /// released when this returns, even if the volume is still referenced,
+    /// so the volume can be opened again at once.
     pub async fn close(&self) -> Result<(), EngineError> {
         if let Some(w) = self.warm.get() {
             w.abort();
             warm_start::store_recording(&self.inner, &w.recorder).await;
         }
+        let res = self.close_volume().await;
+        self.release_cache();
+        res
+    }
+
+    /// Release the read cache's directory (cache invariant 6).
+    fn release_cache(&self) {
+        if let Some(c) = &self.inner.cache {
+            c.close();
+        }
+    }
+
+    async fn close_volume(&self) -> Result<(), EngineError> {
         // A fenced volume may store nothing more (its destage task has
         // stopped or is stopping): keep the WAL as it is and say why.
         if let Some(why) = self.fenced() {
@@ -435,9 +463,12 @@ impl Volume {
             t.abort();
             let _ = t.await;
         }
-        let mut st = self.inner.shared.lock();
-        st.closing = true;
-        st.wake_all();
+        {
+            let mut st = self.inner.shared.lock();
+            st.closing = true;
+            st.wake_all();
+        }
+        self.release_cache();
     }
 
     /// Fence the volume (its lease was lost): from now on every write, trim,
@@ -538,6 +569,9 @@ impl Volume {
             cache_corrupt: us(&c.cache_corrupt),
             cache_restored: self.inner.cache.as_ref().map_or(0, |c| c.restored()),
             cache_capacity_bytes: self.inner.cache.as_ref().map_or(0, |c| c.capacity()),
+            prefetch_bytes: us(&self.inner.prefetch.bytes),
+            prefetch_errors: us(&self.inner.prefetch.errors),
+            fetch_shared: us(&self.inner.fetches.joined),
         }
     }
 
@@ -649,6 +683,7 @@ impl Drop for Volume {
         if let Some(t) = task {
             t.abort();
         }
+        self.release_cache();
     }
 }
 

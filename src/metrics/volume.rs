@@ -506,6 +506,27 @@ fn engine_families(vol: &Volume) -> Vec<Family> {
             s.cache_capacity_bytes as f64,
         ),
         f(
+            "prefetch",
+            Counter,
+            b,
+            "Bytes readahead of sequential reads fetched from the store into the read cache",
+            s.prefetch_bytes as f64,
+        ),
+        f(
+            "prefetch_errors",
+            Counter,
+            None,
+            "Readahead GETs that failed (logged; reads fetch the data themselves)",
+            s.prefetch_errors as f64,
+        ),
+        f(
+            "fetch_shared",
+            Counter,
+            None,
+            "Read cache windows a read took from a store GET already in flight instead of sending its own",
+            s.fetch_shared as f64,
+        ),
+        f(
             "map_extents",
             Gauge,
             None,

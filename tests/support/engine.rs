@@ -16,5 +16,7 @@ pub fn destage_on_close(chunk_size: u64) -> EngineConfig {
         cache_dir: None,
         store_read_timeout_ms: 60_000,
         compact_below_percent: 25,
+        readahead_max: 32 << 20,
+        prefetch_max_in_flight: 64 << 20,
     }
 }

@@ -30,6 +30,12 @@
 //!    index file, never the data.
 //! 5. Index memory is bounded: a fixed number of bytes per slot
 //!    ([`Cache::index_bytes`]).
+//! 6. [`Cache::close`] ends this cache's use of the directory: it waits for
+//!    file accesses in progress, releases the directory lock, and from then
+//!    on every `get` misses and every `put` / `discard` does nothing. So a
+//!    volume reopened right after its close finds the cache free even while
+//!    the closed volume is still referenced (a request in flight, a
+//!    background task ending, a readahead GET still running).
 
 mod policy;
 mod record;
@@ -42,7 +48,7 @@ use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock, RwLockReadGuard};
 
 use policy::Policy;
 pub use record::WindowId;
@@ -119,7 +125,9 @@ pub struct Hit {
 
 #[derive(Debug)]
 pub struct Cache {
-    _lock: nix::fcntl::Flock<File>,
+    /// The directory lock (`flock`); `None` once [`Cache::close`]d. Every
+    /// access to the files holds a read guard and checks it (invariant 6).
+    dir_lock: RwLock<Option<nix::fcntl::Flock<File>>>,
     data: File,
     index_file: File,
     index: Mutex<Index>,
@@ -288,7 +296,7 @@ impl Cache {
             );
         }
         Ok(Some(Cache {
-            _lock: lock,
+            dir_lock: RwLock::new(Some(lock)),
             data,
             index_file,
             index: Mutex::new(index),
@@ -299,6 +307,20 @@ impl Cache {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Index> {
         self.index.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A guard under which the files may be used; `None` once closed.
+    fn files(&self) -> Option<RwLockReadGuard<'_, Option<nix::fcntl::Flock<File>>>> {
+        let g = self.dir_lock.read().unwrap_or_else(|e| e.into_inner());
+        g.is_some().then_some(g)
+    }
+
+    /// Stop using the cache directory (invariant 6): wait for file accesses
+    /// in progress, then release the directory lock. Later calls do
+    /// nothing; what the files hold stays for the next open.
+    pub fn close(&self) {
+        let mut g = self.dir_lock.write().unwrap_or_else(|e| e.into_inner());
+        *g = None;
     }
 
     /// Windows evicted so far.
@@ -325,11 +347,21 @@ impl Cache {
             + idx.policy.index_bytes()
     }
 
+    /// Whether window `id` is cached (without counting a use).
+    pub fn contains(&self, id: &WindowId) -> bool {
+        let idx = self.lock();
+        idx.map
+            .get(&hash(id))
+            .and_then(|&s| idx.slots[s as usize].as_ref())
+            .is_some_and(|e| e.id == *id)
+    }
+
     /// Read `dst.len()` bytes at `offset` within window `id` if it is
     /// cached; `used` is the part of the window the caller's request needs
     /// (for reuse detection). `None` on a miss.
     pub fn get(&self, id: &WindowId, offset: u64, dst: &mut [u8], used: Range<u64>) -> Option<Hit> {
         let end = offset.checked_add(dst.len() as u64)?;
+        let _files = self.files()?;
         let hit = {
             let mut idx = self.lock();
             let slot = *idx.map.get(&hash(id))?;
@@ -356,7 +388,7 @@ impl Cache {
             Ok(()) => Some(hit),
             Err(e) => {
                 log::warn!("read cache: reading slot {}: {e}", hit.slot);
-                self.discard(hit);
+                self.drop_entry(hit);
                 None
             }
         }
@@ -366,6 +398,14 @@ impl Cache {
     /// check). Returns false if the slot was reused meanwhile (nothing
     /// dropped).
     pub fn discard(&self, hit: Hit) -> bool {
+        let Some(_files) = self.files() else {
+            return false;
+        };
+        self.drop_entry(hit)
+    }
+
+    /// [`Cache::discard`], with the files' guard held by the caller.
+    fn drop_entry(&self, hit: Hit) -> bool {
         let mut idx = self.lock();
         if idx.policy.gen(hit.slot) != hit.gen {
             return false;
@@ -388,6 +428,9 @@ impl Cache {
         if data.is_empty() || data.len() as u64 > SLOT {
             return;
         }
+        let Some(_files) = self.files() else {
+            return;
+        };
         let (slot, gen, stamp) = {
             let mut idx = self.lock();
             if idx.map.contains_key(&hash(id)) {

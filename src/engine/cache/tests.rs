@@ -247,3 +247,27 @@ fn another_owner_starts_cold_and_a_busy_directory_is_not_shared() {
     let c = Cache::open_test(dir.path(), 4 * SLOT).unwrap().unwrap();
     assert_eq!(c.restored(), 0);
 }
+
+/// Invariant 6: after `close`, the directory can be opened again while the
+/// closed cache is still referenced, and the closed cache neither serves
+/// nor stores anything more (a late put from a readahead GET cannot touch
+/// the files the new open owns).
+#[test]
+fn close_releases_the_directory_and_stops_all_file_access() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = std::sync::Arc::new(Cache::open_test(dir.path(), 4 * SLOT).unwrap().unwrap());
+    let held = a.clone();
+    a.put(&id(1, 0), &[1u8; 4096], 0..4096);
+    // Still open: a second open of the directory runs without a cache.
+    assert!(Cache::open_test(dir.path(), 4 * SLOT).unwrap().is_none());
+    a.close();
+    a.close();
+    let mut buf = [0u8; 16];
+    assert!(held.get(&id(1, 0), 0, &mut buf, 0..16).is_none());
+    held.put(&id(2, 0), &[2u8; 4096], 0..4096);
+    let b = Cache::open_test(dir.path(), 4 * SLOT).unwrap().unwrap();
+    assert_eq!(b.restored(), 1, "the late put was stored");
+    assert!(b.get(&id(1, 0), 0, &mut buf, 0..16).is_some());
+    assert_eq!(buf, [1u8; 16]);
+    assert!(b.get(&id(2, 0), 0, &mut buf, 0..16).is_none());
+}

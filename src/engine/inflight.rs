@@ -1,0 +1,318 @@
+//! Chunk window GETs in flight, shared: concurrent readers (and the
+//! prefetcher) of one cache window cost one store request.
+//!
+//! A GET covers a *run* of whole cache windows ([`SLOT`] bytes each, the
+//! last window of a chunk may be shorter) of one chunk object. While it is
+//! in flight, every window of the run is registered here under its chunk
+//! identity `(volume, seq, epoch, window)`; a reader that misses the cache
+//! for such a window waits on that GET instead of sending its own.
+//!
+//! Invariants:
+//! 1. An entry names an immutable chunk object (see the cache's invariant
+//!    1), so any reader that resolved a window of that chunk through the
+//!    map may take the bytes of a GET started by anyone: they are the same
+//!    bytes.
+//! 2. Every GET's bytes are CRC-checked ([`super::read::fetch_within`])
+//!    before anyone sees them, and go into the read cache (as
+//!    [`super::cache::Cache::put`] of each window) before the run leaves
+//!    this table and before any waiting read gets them, so a read's data
+//!    is cached when the read returns, and a reader finds the bytes in the
+//!    cache or the table (if it looks at the cache just before the put and
+//!    at the table just after the removal it sends a GET of its own: one
+//!    extra request, never wrong data).
+//! 3. A run's table entries are removed by the task that ran its GET, and
+//!    only if they still belong to that run.
+//! 4. Waiting never blocks a thread: the GET runs on the runtime and
+//!    waiters await a shared `oneshot`.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures::channel::oneshot;
+use futures::future::{BoxFuture, FutureExt, Shared};
+
+use super::cache::SLOT;
+use super::checkpoint::ChunkInfo;
+use super::chunk::chunk_key;
+use super::read::{fetch_within, window_id, StoreOrCrc};
+use super::volume::Inner;
+use crate::store::StoreError;
+
+/// The longest run one GET covers.
+pub const MAX_RUN: u64 = 8 << 20;
+
+/// A chunk window: `(volume, chunk seq, epoch, window number)`.
+type WinKey = (u64, u64, u64, u64);
+
+/// Why a shared GET failed (cloneable, since every waiter gets it).
+#[derive(Debug, Clone)]
+pub(crate) enum FetchError {
+    /// The chunk object is gone (deleted by GC after the map named it).
+    NotFound,
+    Store(String),
+    /// The bytes failed their block CRC check.
+    Crc(String),
+    /// The runtime dropped the GET (shutting down).
+    Closed,
+}
+
+impl From<StoreOrCrc> for FetchError {
+    fn from(e: StoreOrCrc) -> Self {
+        match e {
+            StoreOrCrc::Store(StoreError::NotFound { .. }) => FetchError::NotFound,
+            StoreOrCrc::Store(e) => FetchError::Store(e.to_string()),
+            StoreOrCrc::Crc(e) => FetchError::Crc(e),
+        }
+    }
+}
+
+type RunResult = Result<Bytes, FetchError>;
+type RunFuture = Shared<BoxFuture<'static, RunResult>>;
+
+/// One window's share of a GET.
+pub(crate) struct WindowWait {
+    run: RunFuture,
+    /// Offset of the window in the run's bytes.
+    at: usize,
+}
+
+impl WindowWait {
+    /// The window's bytes (at most [`SLOT`]).
+    pub async fn bytes(self) -> RunResult {
+        let data = self.run.await?;
+        let end = (self.at + SLOT as usize).min(data.len());
+        if self.at >= end {
+            return Err(FetchError::Store("chunk GET returned a short range".into()));
+        }
+        Ok(data.slice(self.at..end))
+    }
+}
+
+/// What [`Inflight::fetch`] does about windows of the range.
+pub(crate) enum Mode<'a> {
+    /// A foreground read: join GETs in flight, send GETs for the rest.
+    Read {
+        /// Data-area bytes the read uses (for the cache's reuse detection).
+        used: Range<u64>,
+    },
+    /// Readahead: skip windows cached or in flight; send GETs for the rest
+    /// only while `in_flight < limit` (counted in `in_flight`, and given
+    /// back when the GET ends).
+    Prefetch {
+        in_flight: &'a Arc<AtomicU64>,
+        limit: u64,
+        /// Counted on errors (which are logged, never returned).
+        errors: &'a Arc<AtomicU64>,
+    },
+}
+
+/// The table of GETs in flight, per volume.
+#[derive(Debug, Default)]
+pub(crate) struct Inflight {
+    map: Mutex<HashMap<WinKey, (u64, RunFuture, u64)>>,
+    next_run: AtomicU64,
+    /// Windows whose reader joined a GET another reader or the prefetcher
+    /// had sent.
+    pub joined: AtomicU64,
+}
+
+impl std::fmt::Debug for WindowWait {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WindowWait").field("at", &self.at).finish()
+    }
+}
+
+impl Inflight {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<WinKey, (u64, RunFuture, u64)>> {
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Windows `wins` of chunk `info` of `volume` (which the caller
+    /// resolved through the map). In [`Mode::Read`], one wait per window,
+    /// in order; in [`Mode::Prefetch`], none, and the bytes of the GETs
+    /// sent (0 when everything was cached, in flight or over the limit).
+    pub fn fetch(
+        self: &Arc<Self>,
+        inner: &Inner,
+        volume: u64,
+        info: &Arc<ChunkInfo>,
+        wins: Range<u64>,
+        mode: Mode<'_>,
+    ) -> (Vec<WindowWait>, u64) {
+        let last = info.data_len.div_ceil(SLOT);
+        let wins = wins.start..wins.end.min(last);
+        let mut waits = Vec::new();
+        let mut sent = 0u64;
+        let mut map = self.lock();
+        let mut w = wins.start;
+        while w < wins.end {
+            let key = (volume, info.seq, info.epoch, w);
+            if let Some((_, run, start)) = map.get(&key) {
+                if let Mode::Read { .. } = mode {
+                    self.joined.fetch_add(1, Ordering::Relaxed);
+                    waits.push(WindowWait {
+                        run: run.clone(),
+                        at: (w * SLOT - start) as usize,
+                    });
+                }
+                w += 1;
+                continue;
+            }
+            let cached = |w: u64| {
+                inner
+                    .cache
+                    .as_ref()
+                    .is_some_and(|c| c.contains(&window_id(volume, info, w)))
+            };
+            if let Mode::Prefetch { .. } = mode {
+                if cached(w) {
+                    w += 1;
+                    continue;
+                }
+            }
+            // A run of windows neither in flight nor (for prefetch) cached.
+            let mut end = w + 1;
+            while end < wins.end
+                && (end - w) * SLOT < MAX_RUN
+                && !map.contains_key(&(volume, info.seq, info.epoch, end))
+                && !(matches!(mode, Mode::Prefetch { .. }) && cached(end))
+            {
+                end += 1;
+            }
+            let (start, stop) = (w * SLOT, (end * SLOT).min(info.data_len));
+            let len = stop - start;
+            let (used, done): (Range<u64>, Option<Done>) = match &mode {
+                Mode::Read { used } => (used.clone(), None),
+                Mode::Prefetch {
+                    in_flight,
+                    limit,
+                    errors,
+                } => {
+                    if in_flight.load(Ordering::Relaxed) >= *limit {
+                        break;
+                    }
+                    in_flight.fetch_add(len, Ordering::Relaxed);
+                    sent += len;
+                    (
+                        0..0,
+                        Some(Done {
+                            in_flight: Arc::clone(in_flight),
+                            errors: Arc::clone(errors),
+                            len,
+                        }),
+                    )
+                }
+            };
+            let run = self.launch(inner, volume, info, w..end, used, done);
+            for x in w..end {
+                map.insert(
+                    (volume, info.seq, info.epoch, x),
+                    (run.0, run.1.clone(), start),
+                );
+                if let Mode::Read { .. } = mode {
+                    waits.push(WindowWait {
+                        run: run.1.clone(),
+                        at: ((x - w) * SLOT) as usize,
+                    });
+                }
+            }
+            w = end;
+        }
+        (waits, sent)
+    }
+
+    /// Send the GET of windows `wins` (called with the table locked; the
+    /// caller registers the run).
+    fn launch(
+        self: &Arc<Self>,
+        inner: &Inner,
+        volume: u64,
+        info: &Arc<ChunkInfo>,
+        wins: Range<u64>,
+        used: Range<u64>,
+        done: Option<Done>,
+    ) -> (u64, RunFuture) {
+        let id = self.next_run.fetch_add(1, Ordering::Relaxed);
+        let (start, end) = (wins.start * SLOT, (wins.end * SLOT).min(info.data_len));
+        let (tx, rx) = oneshot::channel::<RunResult>();
+        let run: RunFuture = rx
+            .map(|r| r.unwrap_or(Err(FetchError::Closed)))
+            .boxed()
+            .shared();
+        inner.counters.store_reads.fetch_add(1, Ordering::Relaxed);
+        let store = inner.store.clone();
+        let key = chunk_key(volume, info.seq, info.epoch);
+        let budget = std::time::Duration::from_millis(inner.cfg.store_read_timeout_ms);
+        // Weak: a GET outliving its volume (closed meanwhile) must not keep
+        // the cache directory locked against the next open.
+        let cache = inner.cache.as_ref().map(Arc::downgrade);
+        let info = info.clone();
+        let table = Arc::clone(self);
+        inner.rt.spawn(async move {
+            let res: RunResult = fetch_within(budget, store, key.clone(), info.clone(), start, end)
+                .await
+                .map_err(FetchError::from);
+            if let (Ok(data), Some(cache)) = (&res, cache) {
+                let data = data.clone();
+                let info = info.clone();
+                let wins = wins.clone();
+                let put = move || {
+                    let Some(cache) = cache.upgrade() else {
+                        return;
+                    };
+                    for (i, win) in data.chunks(SLOT as usize).enumerate() {
+                        let w = wins.start + i as u64;
+                        let ws = w * SLOT;
+                        // The part of the window the sending read used.
+                        let u = used.start.clamp(ws, ws + SLOT) - ws
+                            ..used.end.clamp(ws, ws + SLOT) - ws;
+                        cache.put(&window_id(volume, &info, w), win, u);
+                    }
+                };
+                // File writes: off the async workers.
+                if tokio::task::spawn_blocking(put).await.is_err() {
+                    log::warn!("read cache: caching {key} failed");
+                }
+            }
+            {
+                let mut map = table.lock();
+                for w in wins.clone() {
+                    let k = (volume, info.seq, info.epoch, w);
+                    if map.get(&k).is_some_and(|(r, _, _)| *r == id) {
+                        map.remove(&k);
+                    }
+                }
+            }
+            if let Some(d) = done {
+                d.finish(&key, &res);
+            }
+            let _ = tx.send(res);
+        });
+        (id, run)
+    }
+}
+
+/// Bookkeeping of a prefetch GET when it ends.
+struct Done {
+    in_flight: Arc<AtomicU64>,
+    errors: Arc<AtomicU64>,
+    len: u64,
+}
+
+impl Done {
+    fn finish(self, key: &str, res: &RunResult) {
+        self.in_flight.fetch_sub(self.len, Ordering::Relaxed);
+        match res {
+            Ok(_) => {}
+            // GC deleted the chunk after the map named it: nothing to read.
+            Err(FetchError::NotFound) => log::debug!("prefetch of {key}: object gone"),
+            Err(e) => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+                log::warn!("prefetch of {key} failed (the read will retry it): {e:?}");
+            }
+        }
+    }
+}
