@@ -13,6 +13,8 @@
 //! `SHALE_WRITE_OLD_FORMAT_FIXTURE=1` at the commit that added it (before
 //! the binary checkpoint format existed); the contents are deterministic
 //! ([`build`] describes them and the expected images follow from it).
+//! Running the generator with newer code writes the newer formats, which
+//! the test then refuses (it checks the fixture's magics).
 
 #[path = "support/attach.rs"]
 mod attach;
@@ -287,6 +289,8 @@ async fn old_format_store_opens_migrates_and_reopens() {
     w.zero(&mut want.c, 60 * K, 2 * K);
     env.write("c", |x| x.0 = w.0).await;
     check(&env, &want, "after writing").await;
+    let cps = env.magics("/checkpoints/").await;
+    assert_eq!(cps, vec!["SHALECP2".to_string(); 2], "migrated checkpoints");
     // A fresh environment (new data directory: no local WAL) sees the same.
     let env2 = Env::new(&store_dir, &tmp.path().join("data2"));
     check(&env2, &want, "from the store alone").await;
