@@ -29,6 +29,7 @@ use super::map::{ExtentMap, Loc};
 use super::snapshot::ParentRef;
 use crate::store::{DynStore, Object};
 
+pub mod capture;
 pub mod codec;
 
 /// Magic of the older JSON format (still decoded, no longer written).
@@ -246,25 +247,10 @@ impl Checkpoint {
         map: &ExtentMap,
         chunks: Vec<ChunkInfo>,
     ) -> Checkpoint {
-        let extents = map
-            .iter()
-            .filter_map(|(s, l, loc)| match loc {
-                Loc::Chunk { chunk, off } => Some((s, l, chunk, off)),
-                _ => None,
-            })
-            .collect();
-        let zeros = map
-            .iter()
-            .filter_map(|(s, l, loc)| matches!(loc, Loc::Zero).then_some((s, l)))
-            .collect();
+        let cp = capture::Capture::take(volume, epoch, chunk_seq, last_seq, map, Vec::new());
         Checkpoint {
-            volume,
-            epoch,
-            chunk_seq,
-            last_seq,
             chunks,
-            extents,
-            zeros,
+            ..cp.build()
         }
     }
 
