@@ -247,10 +247,15 @@ impl Checkpoint {
         map: &ExtentMap,
         chunks: Vec<ChunkInfo>,
     ) -> Checkpoint {
-        let cp = capture::Capture::take(volume, epoch, chunk_seq, last_seq, map, Vec::new());
+        let (extents, zeros) = capture::split(map);
         Checkpoint {
+            volume,
+            epoch,
+            chunk_seq,
+            last_seq,
             chunks,
-            ..cp.build()
+            extents,
+            zeros,
         }
     }
 

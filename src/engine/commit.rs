@@ -115,9 +115,11 @@ pub(crate) async fn checkpoint(inner: &Inner, root: &mut Root) -> Result<Checkpo
         Err(EngineError::Fenced(why)) => return Err(EngineError::Fenced(why)),
         Err(e) => log::warn!("volume {:x}: compaction skipped: {e}", inner.id),
     }
-    // Invariant 2: everything the checkpoint describes is copied in this
-    // one lock section (the map as of `last_chunk`, its chunk table); the
-    // build and encode run after it, a large map on a blocking thread.
+    // Invariant 2: everything the checkpoint describes is taken in this
+    // one lock section (the map as of `last_chunk`, shared copy-on-write,
+    // and its chunk table); walking and encoding the map run after it, a
+    // large map on a blocking thread. Nothing mutates `stored` until this
+    // task applies its next chunk, after the encode released the map.
     let (capture, dead, old_key) = {
         let st = inner.shared.lock();
         let mut chunks = Vec::with_capacity(st.chunks.len());

@@ -1,12 +1,14 @@
-//! Taking a checkpoint in two steps: a copy made while the state lock is
-//! held ([`Capture::take`]: one pass over the map into a flat vector, the
-//! chunk table as shared [`Arc`]s, no checksum array copied), and the work
-//! done after it is released ([`Capture::build`], [`Capture::encode`]:
-//! splitting, copying the chunk table, encoding).
+//! Taking a checkpoint in two steps: what is taken while the state lock is
+//! held ([`Capture::take`]: the stored map's `Arc`, which the state shares
+//! copy-on-write, and the chunk table as shared [`Arc`]s: O(chunks), no
+//! map entry or checksum array copied), and the work done after it is
+//! released ([`Capture::build`], [`Capture::encode`]: walking the map,
+//! copying the chunk table, encoding).
 //!
 //! Invariant: a [`Capture`] describes the map and chunk table as they stood
-//! in the one lock section that took it; nothing in it refers back to the
-//! state, so the state may change while it is built and encoded.
+//! in the one lock section that took it (a later change to the state's map
+//! copies it first, see `state.rs` invariant 2), and it releases the map
+//! as soon as it is encoded.
 
 use std::sync::Arc;
 
@@ -17,16 +19,6 @@ use crate::engine::map::{ExtentMap, Loc};
 /// on the async runtime ([`Capture::encode`]).
 pub const BLOCKING_ENCODE_ENTRIES: usize = 64 << 10;
 
-/// One map entry as copied: `chunk == 0` marks a zero range (no chunk has
-/// id 0, see `limits::valid_chunk_id`).
-#[derive(Debug, Clone, Copy)]
-struct Run {
-    start: u64,
-    len: u64,
-    chunk: u64,
-    off: u64,
-}
-
 /// A copy of what a checkpoint holds, taken under the state lock.
 #[derive(Debug)]
 pub struct Capture {
@@ -34,65 +26,55 @@ pub struct Capture {
     pub epoch: u64,
     pub chunk_seq: u64,
     pub last_seq: u64,
-    runs: Vec<Run>,
+    map: Arc<ExtentMap>,
     chunks: Vec<Arc<ChunkInfo>>,
 }
 
+/// The extents `(start, len, chunk, off)` and zero ranges of `map`, in
+/// order (other locations are skipped: a stored map holds none).
+pub fn split(map: &ExtentMap) -> (Vec<(u64, u64, u64, u64)>, Vec<(u64, u64)>) {
+    let mut extents = Vec::with_capacity(map.len());
+    let mut zeros = Vec::new();
+    for (s, l, loc) in map.iter() {
+        match loc {
+            Loc::Chunk { chunk, off } => extents.push((s, l, chunk, off)),
+            Loc::Zero => zeros.push((s, l)),
+            Loc::Wal(_) => {}
+        }
+    }
+    (extents, zeros)
+}
+
 impl Capture {
-    /// Copy `map` (only chunk and zero locations are kept; the stored map
-    /// holds no others) and the chunk table `chunks`. O(entries) with one
-    /// allocation for the map; the chunk infos are shared, not copied.
+    /// Take `map` (shared, not copied) and the chunk table `chunks`.
     pub fn take(
         volume: u64,
         epoch: u64,
         chunk_seq: u64,
         last_seq: u64,
-        map: &ExtentMap,
+        map: &Arc<ExtentMap>,
         chunks: Vec<Arc<ChunkInfo>>,
     ) -> Capture {
-        let mut runs = Vec::with_capacity(map.len());
-        for (start, len, loc) in map.iter() {
-            let (chunk, off) = match loc {
-                Loc::Chunk { chunk, off } => (chunk, off),
-                Loc::Zero => (0, 0),
-                Loc::Wal(_) => continue,
-            };
-            runs.push(Run {
-                start,
-                len,
-                chunk,
-                off,
-            });
-        }
         Capture {
             volume,
             epoch,
             chunk_seq,
             last_seq,
-            runs,
+            map: map.clone(),
             chunks,
         }
     }
 
-    /// Entries in the copied map.
+    /// Entries in the map.
     pub fn entries(&self) -> usize {
-        self.runs.len()
+        self.map.len()
     }
 
-    /// The checkpoint: extents and zero ranges split out in order, the
-    /// chunk table copied and sorted by sequence number.
+    /// The checkpoint (releasing the map): extents and zero ranges split
+    /// out in order, the chunk table copied and sorted by sequence number.
     pub fn build(self) -> Checkpoint {
-        let zeros_n = self.runs.iter().filter(|r| r.chunk == 0).count();
-        let mut extents = Vec::with_capacity(self.runs.len() - zeros_n);
-        let mut zeros = Vec::with_capacity(zeros_n);
-        for r in &self.runs {
-            if r.chunk == 0 {
-                zeros.push((r.start, r.len));
-            } else {
-                extents.push((r.start, r.len, r.chunk, r.off));
-            }
-        }
-        drop(self.runs);
+        let (extents, zeros) = split(&self.map);
+        drop(self.map);
         let mut chunks: Vec<ChunkInfo> = self.chunks.iter().map(|c| (**c).clone()).collect();
         chunks.sort_by_key(|c| c.seq);
         Checkpoint {
@@ -109,7 +91,7 @@ impl Capture {
     /// Build and encode; a large map ([`BLOCKING_ENCODE_ENTRIES`]) on a
     /// blocking thread so the async runtime keeps serving I/O meanwhile.
     pub async fn encode(self) -> Result<(Checkpoint, Vec<u8>), tokio::task::JoinError> {
-        let big = self.runs.len() > BLOCKING_ENCODE_ENTRIES;
+        let big = self.entries() > BLOCKING_ENCODE_ENTRIES;
         let work = move || {
             let cp = self.build();
             let bytes = cp.encode();
@@ -157,10 +139,13 @@ mod tests {
                 })
             })
             .collect();
+        let mut map = Arc::new(map);
         let capture = Capture::take(9, 2, 3, 77, &map, chunks);
         assert_eq!(capture.entries(), n as usize);
         let before: Vec<_> = map.iter().collect();
-        map.insert(0, 1 << 20, Loc::Zero);
+        // A change after the capture copies the map (copy-on-write).
+        Arc::make_mut(&mut map).insert(0, n * 16, Loc::Zero);
+        assert_eq!(map.len(), 1);
         let (cp, bytes) = capture.encode().await.unwrap();
         assert_eq!(
             cp.chunks.iter().map(|c| c.seq).collect::<Vec<_>>(),
@@ -171,5 +156,9 @@ mod tests {
         assert_eq!(dec, cp);
         let back = dec.to_map(n * 16).unwrap();
         assert_eq!(back.iter().collect::<Vec<_>>(), before);
+        // Encoding released the capture's share: no copy on the next change.
+        let p = Arc::as_ptr(&map);
+        Arc::make_mut(&mut map).insert(0, 8, Loc::Zero);
+        assert_eq!(Arc::as_ptr(&map), p);
     }
 }
