@@ -30,9 +30,12 @@ pub struct Capture {
     chunks: Vec<Arc<ChunkInfo>>,
 }
 
-/// The extents `(start, len, chunk, off)` and zero ranges of `map`, in
-/// order (other locations are skipped: a stored map holds none).
-pub fn split(map: &ExtentMap) -> (Vec<(u64, u64, u64, u64)>, Vec<(u64, u64)>) {
+/// Extents `(start, len, chunk, off)` and zero ranges `(start, len)`.
+pub type Split = (Vec<(u64, u64, u64, u64)>, Vec<(u64, u64)>);
+
+/// The extents and zero ranges of `map`, in order (other locations are
+/// skipped: a stored map holds none).
+pub fn split(map: &ExtentMap) -> Split {
     let mut extents = Vec::with_capacity(map.len());
     let mut zeros = Vec::new();
     for (s, l, loc) in map.iter() {
