@@ -214,6 +214,10 @@ fn seeds() -> Seeds {
         chunk::encode(&header, &data),
     );
     s.insert(("checkpoint_manifest", "checkpoint"), checkpoint().encode());
+    s.insert(
+        ("checkpoint_manifest", "checkpoint-json"),
+        checkpoint().encode_json(),
+    );
     let snap = SnapshotObject {
         id: 1,
         name: "mon".into(),
@@ -224,6 +228,7 @@ fn seeds() -> Seeds {
         deleting: false,
     };
     s.insert(("snapshot_object", "mon"), snap.encode());
+    s.insert(("snapshot_object", "mon-json"), snap.encode_json());
     let record = shale::catalog::VolumeRecord {
         id: 7,
         name: "data".into(),

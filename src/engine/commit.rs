@@ -12,6 +12,7 @@ use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 
+use super::checkpoint::capture::Capture;
 use super::checkpoint::{checkpoint_key, manifest_key, Checkpoint, Manifest};
 use super::chunk::chunk_key;
 use super::error::EngineError;
@@ -114,19 +115,23 @@ pub(crate) async fn checkpoint(inner: &Inner, root: &mut Root) -> Result<Checkpo
         Err(EngineError::Fenced(why)) => return Err(EngineError::Fenced(why)),
         Err(e) => log::warn!("volume {:x}: compaction skipped: {e}", inner.id),
     }
-    let (cp, dead, old_key) = {
+    // Invariant 2: everything the checkpoint describes is taken in this
+    // one lock section (the map as of `last_chunk`, shared copy-on-write,
+    // and its chunk table); walking and encoding the map run after it, a
+    // large map on a blocking thread. Nothing mutates `stored` until this
+    // task applies its next chunk, after the encode released the map.
+    let (capture, dead, old_key) = {
         let st = inner.shared.lock();
-        let mut chunks = Vec::new();
+        let mut chunks = Vec::with_capacity(st.chunks.len());
         let mut dead = Vec::new();
         for e in st.chunks.values() {
             if e.live_sectors > 0 {
-                chunks.push((*e.info).clone());
+                chunks.push(e.info.clone());
             } else {
                 dead.push((e.info.seq, e.info.epoch));
             }
         }
-        chunks.sort_by_key(|c| c.seq);
-        let cp = Checkpoint::from_map(
+        let capture = Capture::take(
             inner.id,
             inner.epoch,
             st.last_chunk,
@@ -134,12 +139,16 @@ pub(crate) async fn checkpoint(inner: &Inner, root: &mut Root) -> Result<Checkpo
             &st.stored,
             chunks,
         );
-        (cp, dead, st.checkpoint_key.clone())
+        (capture, dead, st.checkpoint_key.clone())
     };
+    let (cp, bytes) = capture
+        .encode()
+        .await
+        .map_err(|e| EngineError::Encode(e.to_string()))?;
     let key = checkpoint_key(inner.id, cp.chunk_seq, inner.epoch);
     inner
         .store
-        .put(&key, Bytes::from(cp.encode()), PutMode::Overwrite)
+        .put(&key, Bytes::from(bytes), PutMode::Overwrite)
         .await?;
     let m = Manifest {
         volume: inner.id,

@@ -37,6 +37,10 @@ pub enum EngineError {
     },
     #[error("manifest {key}: {reason}")]
     Manifest { key: String, reason: String },
+    /// A checkpoint's encoding task did not finish (it panicked, or the
+    /// runtime is shutting down).
+    #[error("checkpoint encoding failed: {0}")]
+    Encode(String),
     #[error("volume is fenced: {0}")]
     Fenced(String),
     #[error("volume is closed")]

@@ -154,7 +154,7 @@ pub async fn recover(
     state.committed_seq = state.stored_seq;
     state.taken_seq = state.stored_seq;
     state.next_chunk = state.last_chunk + 1;
-    state.live = state.stored.clone();
+    state.live = (*state.stored).clone();
 
     // Invariant 6: the WAL is judged against the manifest as read, and its
     // new segment names our epoch before we commit it.
@@ -228,7 +228,7 @@ async fn load_checkpoint(
             }
         }
     }
-    state.stored = map;
+    state.stored = std::sync::Arc::new(map);
     state.stored_seq = cp.last_seq;
     state.last_chunk = cp.chunk_seq;
     state.checkpoint_chunk = cp.chunk_seq;

@@ -6,6 +6,11 @@
 //!    WAL until its chunk is stored, then at the chunk.
 //! 2. `stored` is exactly the map recovery would build from the store alone
 //!    (checkpoint + chunks `..=last_chunk`); it holds only chunk locations.
+//!    It is shared copy-on-write: a checkpoint takes an `Arc` clone under
+//!    the lock (O(1)) and drops it once encoded; mutations go through
+//!    [`State::stored_mut`], which copies the map only if such a clone is
+//!    still alive (it is not in the engine: only the destage task mutates
+//!    `stored`, and it does not while its own checkpoint is encoding).
 //! 3. `pending` holds, in sequence order, every WAL record with
 //!    `seq > stored_seq`; its first record's seq is `stored_seq + 1`.
 //! 4. `chunks[c].live_sectors` counts the sectors of `stored` pointing at `c`.
@@ -61,7 +66,7 @@ pub struct ChunkEntry {
 #[derive(Debug, Default)]
 pub struct State {
     pub live: ExtentMap,
-    pub stored: ExtentMap,
+    pub stored: Arc<ExtentMap>,
     pub chunks: HashMap<u64, ChunkEntry>,
     pub pending: VecDeque<PendingRec>,
     pub pending_bytes: u64,
@@ -109,6 +114,12 @@ pub struct State {
 }
 
 impl State {
+    /// The stored map, for a change (invariant 2: copied first only if a
+    /// checkpoint still holds it).
+    pub fn stored_mut(&mut self) -> &mut ExtentMap {
+        Arc::make_mut(&mut self.stored)
+    }
+
     /// Wake every waiter; each re-checks its own condition.
     pub fn wake_all(&mut self) {
         for w in self.waiters.drain(..) {
@@ -171,16 +182,16 @@ impl State {
         for e in extents {
             let removed = match e.data_off {
                 Some(off) => {
-                    let r = self
-                        .stored
-                        .insert(e.lba, e.sectors, Loc::Chunk { chunk: seq, off });
+                    let r =
+                        self.stored_mut()
+                            .insert(e.lba, e.sectors, Loc::Chunk { chunk: seq, off });
                     if let Some(c) = self.chunks.get_mut(&seq) {
                         c.live_sectors += e.sectors;
                     }
                     r
                 }
-                None if self.keep_zeros => self.stored.insert(e.lba, e.sectors, Loc::Zero),
-                None => self.stored.remove(e.lba, e.sectors),
+                None if self.keep_zeros => self.stored_mut().insert(e.lba, e.sectors, Loc::Zero),
+                None => self.stored_mut().remove(e.lba, e.sectors),
             };
             self.uncount(removed);
         }

@@ -1,0 +1,482 @@
+//! The binary checkpoint format (`SHALECP2`).
+//!
+//! Layout (all fixed-width integers little-endian):
+//!
+//! ```text
+//! header  "SHALECP2" | version u32 (= 2) | volume u64 | epoch u64
+//!         | chunk_seq u64 | last_seq u64 | chunks u64 | crcs u64
+//!         | extents u64 | zeros u64 | crc32c u32 (of the bytes before it)
+//! page*   kind u8 | 0u8 x3 | records u32 | bytes u32 | crc32c u32 | payload
+//! ```
+//!
+//! A page's CRC covers its first 12 header bytes and its payload; a payload
+//! is at most [`MAX_PAGE_BYTES`]. Pages come in kind order, each kind's
+//! records in table order:
+//! - [`PAGE_CHUNKS`]: per chunk `seq, epoch, data_start, data_len` (varints);
+//! - [`PAGE_CRCS`]: the chunks' CRC arrays concatenated in chunk order, raw
+//!   u32 LE (chunk `i` has `data_len.div_ceil(CRC_BLOCK)` of them);
+//! - [`PAGE_EXTENTS`]: per extent `gap, len, chunk, off`: `gap` = start
+//!   minus the previous extent's end (0 for a page's first extent, so every
+//!   page decodes on its own), `chunk` = zigzag of the wrapping difference
+//!   from the previous extent's chunk (0 first), `off` = `sectors << 1` if
+//!   sector aligned, else `1` followed by the byte offset;
+//! - [`PAGE_ZEROS`]: per zero range `gap, len` (like extents).
+//!
+//! Kind numbers above [`PAGE_ZEROS`] are reserved (a later "delta" kind
+//! for incremental checkpoints); this decoder rejects them by name, so an
+//! old reader never misreads a newer checkpoint.
+//!
+//! Invariants of [`decode`]: every number is checked before it is used
+//! (counts against the bytes left, sums with `checked_add`), nothing is
+//! allocated beyond what the input's length can justify, and every failure
+//! is an error naming the page, never a panic. Semantic checks (chunk ids,
+//! lengths against chunk data) stay in [`Checkpoint::validate`] and
+//! [`Checkpoint::to_map`].
+
+use super::{Checkpoint, CheckpointError, ChunkInfo};
+use crate::engine::chunk::CRC_BLOCK;
+
+pub const MAGIC: &[u8; 8] = b"SHALECP2";
+const VERSION: u32 = 2;
+/// Header bytes, its CRC included.
+pub const HEADER_LEN: usize = 8 + 4 + 8 * 8 + 4;
+const PAGE_HEADER_LEN: usize = 16;
+/// Largest page payload.
+pub const MAX_PAGE_BYTES: usize = 64 << 10;
+
+pub const PAGE_CHUNKS: u8 = 1;
+pub const PAGE_CRCS: u8 = 2;
+pub const PAGE_EXTENTS: u8 = 3;
+pub const PAGE_ZEROS: u8 = 4;
+
+/// Smallest encoded record of each kind (bytes), for bounding counts.
+const MIN_CHUNK: u64 = 4;
+const MIN_CRC: u64 = 4;
+const MIN_EXTENT: u64 = 4;
+const MIN_ZERO: u64 = 2;
+
+fn put_varint(b: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        b.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    b.push(v as u8);
+}
+
+fn zigzag(v: u64) -> u64 {
+    let s = v as i64;
+    ((s << 1) ^ (s >> 63)) as u64
+}
+
+fn unzigzag(v: u64) -> u64 {
+    ((v >> 1) as i64 ^ -((v & 1) as i64)) as u64
+}
+
+/// Pages of one kind, cut at [`MAX_PAGE_BYTES`].
+struct PageWriter<'a> {
+    out: &'a mut Vec<u8>,
+    kind: u8,
+    page: Vec<u8>,
+    records: u32,
+}
+
+impl<'a> PageWriter<'a> {
+    fn new(out: &'a mut Vec<u8>, kind: u8) -> Self {
+        PageWriter {
+            out,
+            kind,
+            page: Vec::with_capacity(MAX_PAGE_BYTES),
+            records: 0,
+        }
+    }
+
+    /// True if a record of up to `len` bytes no longer fits: the caller
+    /// flushes and restarts its per-page delta state.
+    fn full(&self, len: usize) -> bool {
+        self.page.len() + len > MAX_PAGE_BYTES
+    }
+
+    fn flush(&mut self) {
+        if self.records == 0 {
+            return;
+        }
+        let start = self.out.len();
+        self.out.push(self.kind);
+        self.out.extend_from_slice(&[0; 3]);
+        self.out.extend_from_slice(&self.records.to_le_bytes());
+        self.out
+            .extend_from_slice(&(self.page.len() as u32).to_le_bytes());
+        let mut crc = crc32c::crc32c(&self.out[start..]);
+        crc = crc32c::crc32c_append(crc, &self.page);
+        self.out.extend_from_slice(&crc.to_le_bytes());
+        self.out.extend_from_slice(&self.page);
+        self.page.clear();
+        self.records = 0;
+    }
+}
+
+/// Longest varint.
+const VARINT_MAX: usize = 10;
+
+/// Encode `cp` in the binary format.
+pub fn encode(cp: &Checkpoint) -> Vec<u8> {
+    let crcs: u64 = cp.chunks.iter().map(|c| c.crcs.len() as u64).sum();
+    let mut out = Vec::with_capacity(
+        HEADER_LEN + cp.chunks.len() * 24 + crcs as usize * 4 + cp.extents.len() * 10,
+    );
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    for v in [
+        cp.volume,
+        cp.epoch,
+        cp.chunk_seq,
+        cp.last_seq,
+        cp.chunks.len() as u64,
+        crcs,
+        cp.extents.len() as u64,
+        cp.zeros.len() as u64,
+    ] {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    let crc = crc32c::crc32c(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+
+    let mut w = PageWriter::new(&mut out, PAGE_CHUNKS);
+    for c in &cp.chunks {
+        if w.full(4 * VARINT_MAX) {
+            w.flush();
+        }
+        for v in [c.seq, c.epoch, c.data_start, c.data_len] {
+            put_varint(&mut w.page, v);
+        }
+        w.records += 1;
+    }
+    w.flush();
+
+    let mut w = PageWriter::new(&mut out, PAGE_CRCS);
+    for x in cp.chunks.iter().flat_map(|c| c.crcs.iter()) {
+        if w.full(4) {
+            w.flush();
+        }
+        w.page.extend_from_slice(&x.to_le_bytes());
+        w.records += 1;
+    }
+    w.flush();
+
+    let mut w = PageWriter::new(&mut out, PAGE_EXTENTS);
+    let (mut end, mut chunk) = (0u64, 0u64);
+    for &(s, l, c, off) in &cp.extents {
+        if w.full(5 * VARINT_MAX) {
+            w.flush();
+            (end, chunk) = (0, 0);
+        }
+        put_varint(&mut w.page, s.wrapping_sub(end));
+        put_varint(&mut w.page, l);
+        put_varint(&mut w.page, zigzag(c.wrapping_sub(chunk)));
+        if off % crate::engine::SECTOR == 0 && off / crate::engine::SECTOR < 1 << 62 {
+            put_varint(&mut w.page, (off / crate::engine::SECTOR) << 1);
+        } else {
+            put_varint(&mut w.page, 1);
+            put_varint(&mut w.page, off);
+        }
+        w.records += 1;
+        (end, chunk) = (s.wrapping_add(l), c);
+    }
+    w.flush();
+
+    let mut w = PageWriter::new(&mut out, PAGE_ZEROS);
+    let mut end = 0u64;
+    for &(s, l) in &cp.zeros {
+        if w.full(2 * VARINT_MAX) {
+            w.flush();
+            end = 0;
+        }
+        put_varint(&mut w.page, s.wrapping_sub(end));
+        put_varint(&mut w.page, l);
+        w.records += 1;
+        end = s.wrapping_add(l);
+    }
+    w.flush();
+    out
+}
+
+/// Reads varints and fixed words from one page's payload.
+struct Reader<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl Reader<'_> {
+    fn varint(&mut self) -> Result<u64, String> {
+        let mut v = 0u64;
+        for i in 0..VARINT_MAX {
+            let Some(&byte) = self.b.get(self.at) else {
+                return Err(format!("record cut short at payload byte {}", self.at));
+            };
+            self.at += 1;
+            if i == VARINT_MAX - 1 && byte > 1 {
+                return Err(format!("varint overflows at payload byte {}", self.at));
+            }
+            v |= u64::from(byte & 0x7f) << (7 * i);
+            if byte & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(format!("varint too long at payload byte {}", self.at))
+    }
+
+    fn u32(&mut self) -> Result<u32, String> {
+        let w = self
+            .b
+            .get(self.at..self.at + 4)
+            .ok_or_else(|| format!("record cut short at payload byte {}", self.at))?;
+        self.at += 4;
+        Ok(u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
+    }
+}
+
+fn word(b: &[u8], at: usize) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(w)
+}
+
+fn word32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// Decode a binary checkpoint (the caller has seen [`MAGIC`]).
+pub fn decode(b: &[u8]) -> Result<Checkpoint, CheckpointError> {
+    let bad_header = |m: String| CheckpointError::Parse(format!("header: {m}"));
+    if b.len() < HEADER_LEN || &b[..8] != MAGIC {
+        return Err(CheckpointError::BadMagic);
+    }
+    let crc = word32(b, HEADER_LEN - 4);
+    if crc32c::crc32c(&b[..HEADER_LEN - 4]) != crc {
+        return Err(CheckpointError::Crc);
+    }
+    let version = word32(b, 8);
+    if version != VERSION {
+        return Err(bad_header(format!("unknown format version {version}")));
+    }
+    let h: Vec<u64> = (0..8).map(|i| word(b, 12 + 8 * i)).collect();
+    let (n_chunks, n_crcs, n_extents, n_zeros) = (h[4], h[5], h[6], h[7]);
+    // Every record takes at least a few bytes: counts the input cannot
+    // hold are refused before anything is allocated for them.
+    let body = (b.len() - HEADER_LEN) as u64;
+    let need = [
+        (n_chunks, MIN_CHUNK),
+        (n_crcs, MIN_CRC),
+        (n_extents, MIN_EXTENT),
+        (n_zeros, MIN_ZERO),
+    ]
+    .iter()
+    .try_fold(0u64, |acc, &(n, min)| {
+        n.checked_mul(min).and_then(|x| acc.checked_add(x))
+    });
+    if need.is_none_or(|need| need > body) {
+        return Err(bad_header(format!(
+            "counts ({n_chunks} chunks, {n_crcs} checksums, {n_extents} extents, {n_zeros} zero ranges) exceed the {body} bytes that follow"
+        )));
+    }
+    let mut cp = Checkpoint {
+        volume: h[0],
+        epoch: h[1],
+        chunk_seq: h[2],
+        last_seq: h[3],
+        chunks: Vec::with_capacity(n_chunks as usize),
+        extents: Vec::with_capacity(n_extents as usize),
+        zeros: Vec::with_capacity(n_zeros as usize),
+    };
+    // CRC arrays are filled in chunk order: (chunk index, CRCs still due).
+    let mut crc_fill = (0usize, 0u64);
+    let mut crcs_seen = 0u64;
+    let mut last_kind = 0u8;
+    let mut at = HEADER_LEN;
+    let mut page = 0usize;
+    while at < b.len() {
+        let err = |reason: String| CheckpointError::Page {
+            page,
+            offset: at,
+            reason,
+        };
+        let Some(ph) = b.get(at..at + PAGE_HEADER_LEN) else {
+            return Err(err("page header cut short".into()));
+        };
+        let kind = ph[0];
+        let records = u64::from(word32(ph, 4));
+        let len = word32(ph, 8) as usize;
+        let crc = word32(ph, 12);
+        if ph[1..4] != [0, 0, 0] {
+            return Err(err("reserved header bytes are not zero".into()));
+        }
+        if len > MAX_PAGE_BYTES {
+            return Err(err(format!(
+                "payload of {len} bytes exceeds the page limit"
+            )));
+        }
+        let start = at + PAGE_HEADER_LEN;
+        let Some(payload) = b.get(start..start + len) else {
+            return Err(err(format!("payload of {len} bytes runs past the end")));
+        };
+        let want = crc32c::crc32c_append(crc32c::crc32c(&ph[..12]), payload);
+        if want != crc {
+            return Err(err("checksum mismatch".into()));
+        }
+        if !(PAGE_CHUNKS..=PAGE_ZEROS).contains(&kind) {
+            return Err(err(format!(
+                "unknown page kind {kind} (written by a newer version?)"
+            )));
+        }
+        if kind < last_kind {
+            return Err(err(format!("page kind {kind} after kind {last_kind}")));
+        }
+        if records == 0 {
+            return Err(err("empty page".into()));
+        }
+        last_kind = kind;
+        let mut r = Reader { b: payload, at: 0 };
+        let over = |what: &str, have: usize, n: u64| {
+            err(format!(
+                "more {what} than the header's {n}; {have} before this page"
+            ))
+        };
+        match kind {
+            PAGE_CHUNKS => {
+                if records > n_chunks - cp.chunks.len() as u64 {
+                    return Err(over("chunks", cp.chunks.len(), n_chunks));
+                }
+                for _ in 0..records {
+                    let mut f = [0u64; 4];
+                    for x in &mut f {
+                        *x = r.varint().map_err(err)?;
+                    }
+                    let [seq, epoch, data_start, data_len] = f;
+                    // Bound the CRC array before allocating it.
+                    let n = data_len.div_ceil(CRC_BLOCK);
+                    if n > n_crcs {
+                        return Err(err(format!(
+                            "chunk {seq:#x}: {data_len} data bytes need more checksums than the header's {n_crcs}"
+                        )));
+                    }
+                    cp.chunks.push(ChunkInfo {
+                        seq,
+                        epoch,
+                        data_start,
+                        data_len,
+                        crcs: Vec::new(),
+                    });
+                }
+            }
+            PAGE_CRCS => {
+                if cp.chunks.len() as u64 != n_chunks {
+                    return Err(err(format!(
+                        "checksums after {} of {n_chunks} chunks",
+                        cp.chunks.len()
+                    )));
+                }
+                if records > n_crcs - crcs_seen {
+                    return Err(over("checksums", crcs_seen as usize, n_crcs));
+                }
+                crcs_seen += records;
+                for _ in 0..records {
+                    let x = r.u32().map_err(err)?;
+                    loop {
+                        let (i, due) = &mut crc_fill;
+                        let Some(c) = cp.chunks.get_mut(*i) else {
+                            return Err(err("more checksums than the chunks' data needs".into()));
+                        };
+                        if *due == 0 && c.crcs.is_empty() {
+                            *due = c.data_len.div_ceil(CRC_BLOCK);
+                            c.crcs.reserve_exact(*due as usize);
+                        }
+                        if *due == 0 {
+                            *i += 1;
+                            continue;
+                        }
+                        c.crcs.push(x);
+                        *due -= 1;
+                        if *due == 0 {
+                            *i += 1;
+                        }
+                        break;
+                    }
+                }
+            }
+            PAGE_EXTENTS => {
+                if records > n_extents - cp.extents.len() as u64 {
+                    return Err(over("extents", cp.extents.len(), n_extents));
+                }
+                let (mut end, mut chunk) = (0u64, 0u64);
+                for _ in 0..records {
+                    let gap = r.varint().map_err(err)?;
+                    let l = r.varint().map_err(err)?;
+                    let c = chunk.wrapping_add(unzigzag(r.varint().map_err(err)?));
+                    let o = r.varint().map_err(err)?;
+                    let off = match o {
+                        1 => r.varint().map_err(err)?,
+                        o if o & 1 == 0 => (o >> 1) * crate::engine::SECTOR,
+                        o => return Err(err(format!("bad offset code {o}"))),
+                    };
+                    let s = end
+                        .checked_add(gap)
+                        .ok_or_else(|| err(format!("extent start {end}+{gap} overflows")))?;
+                    end = s
+                        .checked_add(l)
+                        .ok_or_else(|| err(format!("extent {s}+{l} overflows")))?;
+                    chunk = c;
+                    cp.extents.push((s, l, c, off));
+                }
+            }
+            _ => {
+                if records > n_zeros - cp.zeros.len() as u64 {
+                    return Err(over("zero ranges", cp.zeros.len(), n_zeros));
+                }
+                let mut end = 0u64;
+                for _ in 0..records {
+                    let gap = r.varint().map_err(err)?;
+                    let l = r.varint().map_err(err)?;
+                    let s = end
+                        .checked_add(gap)
+                        .ok_or_else(|| err(format!("zero range start {end}+{gap} overflows")))?;
+                    end = s
+                        .checked_add(l)
+                        .ok_or_else(|| err(format!("zero range {s}+{l} overflows")))?;
+                    cp.zeros.push((s, l));
+                }
+            }
+        }
+        if r.at != payload.len() {
+            return Err(err(format!(
+                "{} bytes left after {records} records",
+                payload.len() - r.at
+            )));
+        }
+        at = start + len;
+        page += 1;
+    }
+    let short = |what: &str, have: u64, n: u64| {
+        CheckpointError::Parse(format!(
+            "ends after {have} of the header's {n} {what} (truncated?)"
+        ))
+    };
+    if cp.chunks.len() as u64 != n_chunks {
+        return Err(short("chunks", cp.chunks.len() as u64, n_chunks));
+    }
+    if crcs_seen != n_crcs {
+        return Err(short("checksums", crcs_seen, n_crcs));
+    }
+    if cp.extents.len() as u64 != n_extents {
+        return Err(short("extents", cp.extents.len() as u64, n_extents));
+    }
+    if cp.zeros.len() as u64 != n_zeros {
+        return Err(short("zero ranges", cp.zeros.len() as u64, n_zeros));
+    }
+    // Chunks whose data needs more checksums than were given are caught by
+    // `ChunkInfo::validate` (which counts them); a sum that matches the
+    // header but is spread wrongly shows there as well.
+    Ok(cp)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,175 @@
+//! Checkpoint and manifest tests (both encodings).
+use super::*;
+
+#[test]
+fn round_trip_and_corruption() {
+    let mut map = ExtentMap::new();
+    map.insert(0, 8, Loc::Chunk { chunk: 1, off: 0 });
+    map.insert(100, 4, Loc::Chunk { chunk: 2, off: 512 });
+    let chunks = vec![
+        ChunkInfo {
+            seq: 1,
+            epoch: 1,
+            data_start: 100,
+            data_len: 4096,
+            crcs: vec![1u32],
+        },
+        ChunkInfo {
+            seq: 2,
+            epoch: 1,
+            data_start: 100,
+            data_len: 4096,
+            crcs: vec![2u32],
+        },
+    ];
+    let cp = Checkpoint::from_map(5, 1, 2, 40, &map, chunks);
+    let enc = cp.encode();
+    let dec = Checkpoint::decode(&enc).unwrap();
+    assert_eq!(dec, cp);
+    let m2 = dec.to_map(1000).unwrap();
+    assert_eq!(
+        m2.iter().collect::<Vec<_>>(),
+        map.iter().collect::<Vec<_>>()
+    );
+    let mut bad = enc.clone();
+    let n = bad.len();
+    bad[n - 3] ^= 1;
+    assert!(
+        matches!(
+            Checkpoint::decode(&bad),
+            Err(CheckpointError::Page { page: 2, .. })
+        ),
+        "{:?}",
+        Checkpoint::decode(&bad)
+    );
+    // The JSON format still decodes, with its own checksum.
+    let json = cp.encode_json();
+    assert_eq!(Checkpoint::decode(&json).unwrap(), cp);
+    let mut bad = json.clone();
+    let n = bad.len();
+    bad[n - 3] ^= 1;
+    assert_eq!(Checkpoint::decode(&bad), Err(CheckpointError::Crc));
+    assert_eq!(
+        Checkpoint::decode(&enc[..5]),
+        Err(CheckpointError::BadMagic)
+    );
+    // Extents past the volume or naming unknown chunks are rejected.
+    assert!(dec.to_map(50).is_err());
+    let mut odd = dec.clone();
+    odd.extents.push((300, 1, 9, 0));
+    assert!(odd.to_map(1000).is_err());
+}
+
+#[test]
+fn manifest_json_rejects_unknown_fields() {
+    let m = Manifest {
+        volume: 1,
+        epoch: 2,
+        checkpoint: None,
+        checkpoint_chunk: 0,
+        last_chunk: 0,
+        last_seq: 0,
+        history_epoch: 2,
+        parent: None,
+    };
+    let j = serde_json::to_string(&m).unwrap();
+    assert_eq!(serde_json::from_str::<Manifest>(&j).unwrap(), m);
+    let extra = j.replace("{", "{\"x\":1,");
+    assert!(serde_json::from_str::<Manifest>(&extra).is_err());
+    assert_eq!(manifest_key(0x10), "volumes/0000000000000010/manifest");
+}
+
+/// A clone's manifest names its parent; manifests without the field
+/// (every volume that is not a clone, and older ones) parse as before
+/// and are written without it.
+#[test]
+fn manifest_parent_is_optional() {
+    let old = r#"{"volume":1,"epoch":2,"checkpoint":null,"checkpoint_chunk":0,"last_chunk":0,"last_seq":0,"history_epoch":2}"#;
+    let m: Manifest = serde_json::from_str(old).unwrap();
+    assert_eq!(m.parent, None);
+    assert_eq!(serde_json::to_string(&m).unwrap(), old);
+    let clone = Manifest {
+        parent: Some(ParentRef {
+            volume: 3,
+            snapshot: 4,
+        }),
+        ..m
+    };
+    let j = serde_json::to_string(&clone).unwrap();
+    assert!(j.contains(r#""parent":{"volume":3,"snapshot":4}"#), "{j}");
+    assert_eq!(serde_json::from_str::<Manifest>(&j).unwrap(), clone);
+}
+
+/// Zero ranges (clones) round-trip; a map without them encodes as
+/// before; zero ranges past the volume or over data are rejected.
+#[test]
+fn zero_ranges_round_trip() {
+    let mut map = ExtentMap::new();
+    map.insert(0, 8, Loc::Chunk { chunk: 1, off: 0 });
+    let chunks = vec![ChunkInfo {
+        seq: 1,
+        epoch: 1,
+        data_start: 100,
+        data_len: 4096,
+        crcs: vec![1u32],
+    }];
+    let plain = Checkpoint::from_map(5, 1, 1, 4, &map, chunks.clone());
+    assert!(plain.zeros.is_empty());
+    let json = String::from_utf8_lossy(&plain.encode_json()[12..]).to_string();
+    assert!(!json.contains("zeros"), "{json}");
+    map.insert(8, 4, Loc::Zero);
+    map.insert(20, 2, Loc::Zero);
+    let cp = Checkpoint::from_map(5, 1, 1, 4, &map, chunks);
+    assert_eq!(cp.zeros, vec![(8, 4), (20, 2)]);
+    let back = Checkpoint::decode(&cp.encode())
+        .unwrap()
+        .to_map(100)
+        .unwrap();
+    assert_eq!(
+        back.iter().collect::<Vec<_>>(),
+        map.iter().collect::<Vec<_>>()
+    );
+    assert!(cp.to_map(21).is_err());
+    let mut overlap = cp.clone();
+    overlap.zeros.push((4, 2));
+    assert!(overlap.to_map(100).is_err());
+    let mut empty = cp;
+    empty.zeros.push((50, 0));
+    assert!(empty.to_map(100).is_err());
+}
+
+/// Garbage and mutated checkpoints give errors, never panics.
+#[test]
+fn decoder_survives_random_input() {
+    for json in [false, true] {
+        survives_random_input(json);
+    }
+}
+
+fn survives_random_input(json: bool) {
+    let mut map = ExtentMap::new();
+    map.insert(0, 8, Loc::Chunk { chunk: 1, off: 0 });
+    map.insert(8, 8, Loc::Zero);
+    let chunks = vec![ChunkInfo {
+        seq: 1,
+        epoch: 1,
+        data_start: 100,
+        data_len: 4096,
+        crcs: vec![1u32],
+    }];
+    let cp = Checkpoint::from_map(5, 1, 1, 4, &map, chunks);
+    let enc = if json { cp.encode_json() } else { cp.encode() };
+    let mut x = 99u64;
+    for i in 0..3000 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let mut m = enc.clone();
+        let at = (x as usize) % m.len();
+        m[at] = (x >> 32) as u8;
+        let m = &m[..m.len() - i % 3];
+        if let Ok(cp) = Checkpoint::decode(m) {
+            let _ = cp.to_map(1 << 20);
+        }
+    }
+}
