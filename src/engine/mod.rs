@@ -57,6 +57,7 @@ mod read;
 mod recovery;
 pub mod retain_index;
 pub mod scrub;
+mod sealed;
 pub mod snapshot;
 pub mod space;
 mod state;

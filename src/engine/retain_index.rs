@@ -26,9 +26,8 @@ use bytes::Bytes;
 
 use super::error::EngineError;
 use super::limits::{get_capped, valid_chunk_id, MAX_METADATA_BYTES, MAX_SEQ};
-use super::snapshot::{
-    read_snapshot_versioned, snapshot_prefix, SnapshotDecodeError, SnapshotError,
-};
+use super::sealed::{seal, unseal, SealError};
+use super::snapshot::{read_snapshot_versioned, snapshot_id_of, snapshot_prefix, SnapshotError};
 use crate::store::{DynStore, PutMode, StoreError, Version};
 
 const MAGIC: &[u8; 8] = b"SHALERI1";
@@ -79,25 +78,17 @@ impl RetainIndex {
                 body.extend_from_slice(&epoch.to_le_bytes());
             }
         }
-        let mut out = Vec::with_capacity(body.len() + 12);
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
-        out.extend_from_slice(&body);
-        out
+        seal(MAGIC, &body)
     }
 
     /// Decode and check every number before it is used: counts fit in the
     /// bytes left, ids and chunk ids are in range and strictly ascending,
     /// versions are UTF-8 of bounded length.
     pub fn decode(b: &[u8]) -> Result<RetainIndex, IndexDecodeError> {
-        if b.len() < 12 || &b[..8] != MAGIC {
-            return Err(IndexDecodeError::BadMagic);
-        }
-        let crc = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
-        let body = &b[12..];
-        if crc32c::crc32c(body) != crc {
-            return Err(IndexDecodeError::Crc);
-        }
+        let body = unseal(MAGIC, b).map_err(|e| match e {
+            SealError::BadMagic => IndexDecodeError::BadMagic,
+            SealError::Crc => IndexDecodeError::Crc,
+        })?;
         let mut r = Reader { b: body, at: 0 };
         let count = r.u32()? as usize;
         // Each entry takes at least 14 bytes.
@@ -228,15 +219,7 @@ pub async fn retained_chunks(
     let old = read_index(store, volume).await;
     let mut new = RetainIndex::default();
     for meta in listing {
-        let id = u64::from_str_radix(&meta.key[prefix.len()..], 16)
-            .ok()
-            .filter(|_| meta.key.len() == prefix.len() + 16);
-        let Some(id) = id else {
-            return Err(SnapshotError::Corrupt {
-                key: meta.key.clone(),
-                source: SnapshotDecodeError::Invalid("not a snapshot key".into()),
-            });
-        };
+        let id = snapshot_id_of(&prefix, &meta.key)?;
         if let Some(e) = old.snapshots.get(&id).filter(|e| e.version == meta.version) {
             new.snapshots.insert(id, e.clone());
             continue;

@@ -276,6 +276,19 @@ pub enum SnapshotError {
     State { volume: u64, reason: String },
 }
 
+/// The snapshot id of `key`, listed under `prefix` ([`snapshot_prefix`]);
+/// anything but 16 hex digits there is an error (never skipped: it may be
+/// a snapshot holding chunks).
+pub(crate) fn snapshot_id_of(prefix: &str, key: &str) -> Result<u64, SnapshotError> {
+    key.strip_prefix(prefix)
+        .filter(|rest| rest.len() == 16)
+        .and_then(|rest| u64::from_str_radix(rest, 16).ok())
+        .ok_or_else(|| SnapshotError::Corrupt {
+            key: key.to_string(),
+            source: SnapshotDecodeError::Invalid("not a snapshot key".into()),
+        })
+}
+
 /// Every snapshot of `volume`, sorted by id. A snapshot that fails to
 /// decode is an error (it may hold chunks; never guess).
 pub async fn list_snapshots(
@@ -285,15 +298,7 @@ pub async fn list_snapshots(
     let prefix = snapshot_prefix(volume);
     let mut out = Vec::new();
     for meta in store.list(&prefix).await? {
-        let id = u64::from_str_radix(&meta.key[prefix.len()..], 16)
-            .ok()
-            .filter(|_| meta.key.len() == prefix.len() + 16);
-        let Some(id) = id else {
-            return Err(SnapshotError::Corrupt {
-                key: meta.key.clone(),
-                source: SnapshotDecodeError::Invalid("not a snapshot key".into()),
-            });
-        };
+        let id = snapshot_id_of(&prefix, &meta.key)?;
         match read_snapshot(store, volume, id).await {
             Ok(snap) => out.push(snap),
             Err(SnapshotError::Engine(EngineError::Store(StoreError::NotFound { .. })))

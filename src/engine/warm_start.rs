@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::EngineError;
 use super::limits::get_capped;
+use super::sealed::{seal, unseal, SealError};
 use super::volume::Inner;
 use crate::store::{PutMode, StoreError};
 
@@ -113,23 +114,19 @@ pub fn encode(ranges: &[(u64, u64)]) -> Vec<u8> {
         body.extend_from_slice(&off.to_le_bytes());
         body.extend_from_slice(&len.to_le_bytes());
     }
-    let mut out = MAGIC.to_vec();
-    out.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
-    out.extend_from_slice(&body);
-    out
+    seal(MAGIC, &body)
 }
 
 /// Decode and check ranges against a volume of `size` bytes: the count
 /// matches the bytes, every range is non-empty, inside the volume, and
 /// after the previous one.
 pub fn decode(b: &[u8], size: u64) -> Result<Vec<(u64, u64)>, WarmDecodeError> {
-    if b.len() < 16 || &b[..8] != MAGIC {
-        return Err(WarmDecodeError::BadMagic);
-    }
-    let crc = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
-    let body = &b[12..];
-    if crc32c::crc32c(body) != crc {
-        return Err(WarmDecodeError::Crc);
+    let body = unseal(MAGIC, b).map_err(|e| match e {
+        SealError::BadMagic => WarmDecodeError::BadMagic,
+        SealError::Crc => WarmDecodeError::Crc,
+    })?;
+    if body.len() < 4 {
+        return Err(WarmDecodeError::Malformed("no range count".into()));
     }
     let count = u32::from_le_bytes([body[0], body[1], body[2], body[3]]) as usize;
     let rest = &body[4..];
@@ -376,11 +373,13 @@ mod tests {
         // A count that does not match the bytes.
         let mut body = 5u32.to_le_bytes().to_vec();
         body.extend_from_slice(&[0u8; 16]);
-        let mut b = MAGIC.to_vec();
-        b.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
-        b.extend_from_slice(&body);
+        let b = seal(MAGIC, &body);
         assert!(matches!(
             decode(&b, 1 << 20),
+            Err(WarmDecodeError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode(&seal(MAGIC, &[1, 2]), 1 << 20),
             Err(WarmDecodeError::Malformed(_))
         ));
     }
