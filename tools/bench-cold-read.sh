@@ -15,7 +15,9 @@
 #     $RAND_MIB MiB at random offsets (same request size and depth);
 #  5. GET the volume's chunk objects whole from the same server with $QD
 #     threads (python boto3): the raw GET bandwidth for that object size.
-# Prints MB/s of each pass, the raw GET MB/s and the ratios.
+# Prints MB/s of each pass, the raw GET MB/s and the ratios, and the
+# server's CPU seconds per GiB read in each pass (from /proc, less noisy
+# than MB/s on a shared machine).
 #
 # Usage: tools/bench-cold-read.sh [SHALE_BINARY]   (default: target/release/shale)
 # Environment: SIZE_MIB (default 512), RAND_MIB (default SIZE_MIB / 2),
@@ -89,6 +91,9 @@ s = json.load(open(sys.argv[1]))["volumes"][0]
 print(f"  {sys.argv[2]}: store GETs {s['cost']['store_requests']['GET']}, "
       f"cache hit ratio {s['cache_hit_ratio']}")
 PY
+    # Server CPU (user + system) over the whole pass: less noisy than
+    # MB/s on a shared machine.
+    awk -v t="$(getconf CLK_TCK)" '{printf "%.2f\n", ($14 + $15) / t}' "/proc/$PID/stat" > "cpu.$1"
     kill -TERM "$PID"; wait "$PID" || true; PID=
 }
 fio_mbs() { # rw size -> MB/s
@@ -111,13 +116,16 @@ stop seq
 serve rand; RAND=$(fio_mbs randread "$RAND_MIB"); stop rand
 read -r RAW2 _ _ < <(raw_get)
 RAW=$(python3 -c "print(max($RAW1, $RAW2))")
-python3 - "$SEQ" "$RAND" "$RAW1" "$RAW2" "$RAW" "$NOBJ" "$OBJSIZE" "$SIZE_MIB" "$BS" "$QD" <<'PY'
+python3 - "$SEQ" "$RAND" "$RAW1" "$RAW2" "$RAW" "$NOBJ" "$OBJSIZE" "$SIZE_MIB" "$BS" "$QD" "$(cat cpu.seq)" "$(cat cpu.rand)" "$RAND_MIB" <<'PY'
 import sys
 seq, rand, raw1, raw2, raw = map(float, sys.argv[1:6])
-nobj, objsize, size, bs, qd = sys.argv[6:]
+nobj, objsize, size, bs, qd = sys.argv[6:11]
+cpu_seq, cpu_rand, rand_mib = float(sys.argv[11]), float(sys.argv[12]), int(sys.argv[13])
 print(f"volume {size} MiB on moto, cold cache, {bs} reads QD{qd}")
 print(f"raw GET: {raw:.1f} MB/s ({qd} threads, {nobj} objects, median {int(objsize) >> 10} KiB; "
       f"before/after {raw1:.1f}/{raw2:.1f})")
 print(f"sequential read: {seq:.1f} MB/s = {seq / raw:.2f}x raw GET")
 print(f"random read:     {rand:.1f} MB/s = {rand / raw:.2f}x raw GET")
+print(f"server CPU per GiB read: sequential {cpu_seq / (int(size) / 1024):.2f} s, "
+      f"random {cpu_rand / (rand_mib / 1024):.2f} s")
 PY

@@ -13,13 +13,14 @@
 //!    map may take the bytes of a GET started by anyone: they are the same
 //!    bytes.
 //! 2. Every GET's bytes are CRC-checked ([`super::read::fetch_within`])
-//!    before anyone sees them, and go into the read cache (as
-//!    [`super::cache::Cache::put`] of each window) before the run leaves
-//!    this table and before any waiting read gets them, so a read's data
-//!    is cached when the read returns, and a reader finds the bytes in the
-//!    cache or the table (if it looks at the cache just before the put and
-//!    at the table just after the removal it sends a GET of its own: one
-//!    extra request, never wrong data).
+//!    before anyone sees them, and go into the read cache (each window's
+//!    slot reserved, then the run's windows written together:
+//!    [`Cache::reserve`], [`Cache::fill_run`]) before the run leaves this
+//!    table and before any waiting read gets them, so a read's data is
+//!    cached when the read returns, and a reader finds the bytes in the
+//!    cache or the table (if it looks at the cache just before the fill
+//!    and at the table just after the removal it sends a GET of its own:
+//!    one extra request, never wrong data).
 //! 3. A run's table entries are removed by the task that ran its GET, and
 //!    only if they still belong to that run.
 //! 4. Waiting never blocks a thread: the GET runs on the runtime and
@@ -34,7 +35,7 @@ use bytes::Bytes;
 use futures::channel::oneshot;
 use futures::future::{BoxFuture, FutureExt, Shared};
 
-use super::cache::SLOT;
+use super::cache::{Cache, Reservation, SLOT};
 use super::checkpoint::ChunkInfo;
 use super::chunk::chunk_key;
 use super::read::{fetch_within, window_id, StoreOrCrc};
@@ -255,25 +256,20 @@ impl Inflight {
             let res: RunResult = fetch_within(budget, store, key.clone(), info.clone(), start, end)
                 .await
                 .map_err(FetchError::from);
-            if let (Ok(data), Some(cache)) = (&res, cache) {
-                let data = data.clone();
-                let info = info.clone();
-                let wins = wins.clone();
-                let put = move || {
-                    let Some(cache) = cache.upgrade() else {
-                        return;
-                    };
-                    for (i, win) in data.chunks(SLOT as usize).enumerate() {
-                        let w = wins.start + i as u64;
-                        let ws = w * SLOT;
-                        // The part of the window the sending read used.
-                        let u = used.start.clamp(ws, ws + SLOT) - ws
-                            ..used.end.clamp(ws, ws + SLOT) - ws;
-                        cache.put(&window_id(volume, &info, w), win, u);
-                    }
-                };
+            // Cache the windows, then free the table entries, then hand the
+            // bytes to the waiting reads (invariant 2).
+            let fills = match (&res, cache.and_then(|c| c.upgrade())) {
+                (Ok(data), Some(cache)) => Some(Fills::reserve(
+                    cache, volume, &info, wins.start, data, &used,
+                )),
+                _ => None,
+            };
+            if let Some(fills) = fills {
                 // File writes: off the async workers.
-                if tokio::task::spawn_blocking(put).await.is_err() {
+                if tokio::task::spawn_blocking(move || fills.write())
+                    .await
+                    .is_err()
+                {
                     log::warn!("read cache: caching {key} failed");
                 }
             }
@@ -292,6 +288,60 @@ impl Inflight {
             let _ = tx.send(res);
         });
         (id, run)
+    }
+}
+
+/// The cache windows of one GET, reserved and waiting to be written.
+/// Dropped unwritten (the blocking task never ran), it gives the slots
+/// back, so [`Cache::close`] never waits for them.
+struct Fills {
+    cache: Arc<Cache>,
+    windows: Vec<(Reservation, Bytes)>,
+}
+
+impl Fills {
+    /// Reserve a slot for each window of `data` (the bytes of windows
+    /// from `first` on of chunk `info`); `used` is the data-area range
+    /// the sending read needs.
+    fn reserve(
+        cache: Arc<Cache>,
+        volume: u64,
+        info: &ChunkInfo,
+        first: u64,
+        data: &Bytes,
+        used: &Range<u64>,
+    ) -> Fills {
+        let mut windows = Vec::new();
+        for (i, at) in (0..data.len()).step_by(SLOT as usize).enumerate() {
+            let win = data.slice(at..(at + SLOT as usize).min(data.len()));
+            let w = first + i as u64;
+            let ws = w * SLOT;
+            // The part of the window the sending read used.
+            let u = used.start.clamp(ws, ws + SLOT) - ws..used.end.clamp(ws, ws + SLOT) - ws;
+            if let Some(r) = cache.reserve(&window_id(volume, info, w), win.len() as u64, u) {
+                windows.push((r, win));
+            }
+        }
+        Fills { cache, windows }
+    }
+
+    fn write(mut self) {
+        let (reserved, bytes): (Vec<Reservation>, Vec<Bytes>) =
+            std::mem::take(&mut self.windows).into_iter().unzip();
+        self.cache.fill_run(
+            reserved
+                .into_iter()
+                .zip(bytes.iter().map(|b| &b[..]))
+                .collect(),
+        );
+    }
+}
+
+impl Drop for Fills {
+    fn drop(&mut self) {
+        for (r, _) in self.windows.drain(..) {
+            self.cache.abandon(r);
+        }
     }
 }
 

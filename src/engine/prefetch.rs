@@ -27,11 +27,12 @@
 //!    read waits on for longer than a table update, sends its GETs without
 //!    awaiting them, and its errors are counted
 //!    (`shale_prefetch_errors_total`) and logged, never returned.
-//! 3. Prefetch is bounded in bytes in flight: a stream asks for no more
-//!    than the room left under `engine.prefetch_max_in_flight`, and no GET
-//!    is sent while the bound is reached (the read that needs the data
-//!    later fetches it itself), so at most the bound plus one GET
-//!    ([`super::inflight::MAX_RUN`]) is in flight.
+//! 3. Prefetch is bounded in bytes in flight: a
+//!    stream asks for no more than the room left under
+//!    `engine.prefetch_max_in_flight`, and no GET is sent while the bound
+//!    is reached (the read that needs the data later fetches it itself),
+//!    so at most the bound plus one GET ([`super::inflight::MAX_RUN`]) is
+//!    in flight (a GET counts until its windows are in the cache).
 //! 4. Prefetch needs the read cache (its only destination): with
 //!    `cache_size: 0` or `readahead_max: 0` nothing is prefetched. A
 //!    stream's window is also capped at a twentieth of the cache (half its

@@ -15,6 +15,7 @@
 //!    own (same CRC checks, retries and read cache, keyed by volume);
 //!    `Loc::Zero` pieces read as zeros without I/O.
 
+use std::ops::Range;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -137,8 +138,10 @@ async fn read_once(inner: &Inner, offset: u64, buf: &mut [u8]) -> Result<Attempt
             Src::Zero => dst.fill(0),
             Src::Wal(file, loc) => wal::read_record(file.as_ref(), &loc, loc.seg, dst)?,
             Src::Chunk(volume, info, off) => {
-                if !read_cached(inner, volume, &info, off, dst) {
-                    fetches.push((b0, b1, volume, info, off));
+                for miss in read_cached(inner, volume, &info, off, dst) {
+                    let at = b0 + (miss.start - off) as usize;
+                    let len = (miss.end - miss.start) as usize;
+                    fetches.push((at, at + len, volume, info.clone(), miss.start));
                 }
             }
         }
@@ -259,17 +262,27 @@ pub(super) fn window_id(volume: u64, info: &ChunkInfo, w: u64) -> WindowId {
     }
 }
 
-/// Serve `dst` (chunk data at `off`) from the cache; false if any window
-/// is missing or fails its CRC (such an entry is dropped and counted, and
-/// the caller refetches the window from the store).
-fn read_cached(inner: &Inner, volume: u64, info: &ChunkInfo, off: u64, dst: &mut [u8]) -> bool {
+/// Serve what the cache holds of `dst` (chunk data at `off`), window by
+/// window; returns the data ranges it could not serve, in order, each a
+/// run of whole missing windows clipped to the request (an entry failing
+/// its CRC is dropped, counted and returned as missing, so the caller
+/// refetches it from the store). A piece counts as one cache hit when
+/// nothing is missing, else as one miss.
+fn read_cached(
+    inner: &Inner,
+    volume: u64,
+    info: &ChunkInfo,
+    off: u64,
+    dst: &mut [u8],
+) -> Vec<Range<u64>> {
+    let end = off + dst.len() as u64;
     let Some(cache) = &inner.cache else {
-        return false;
+        return std::iter::once(off..end).collect();
     };
     let (w0, w1) = windows(off, dst.len() as u64, info.data_len);
-    let end = off + dst.len() as u64;
     let mut blocks = vec![0u8; (SLOT as usize).min(dst.len() + 2 * CRC_BLOCK as usize)];
-    let mut filled = 0usize;
+    let mut missing: Vec<Range<u64>> = Vec::new();
+    let mut served = 0u64;
     for w in w0..w1 {
         let ws = w * SLOT;
         // The CRC blocks of this window that the request touches.
@@ -292,19 +305,26 @@ fn read_cached(inner: &Inner, volume: u64, info: &ChunkInfo, off: u64, dst: &mut
             }
         };
         if !ok {
-            inner.counters.cache_misses.fetch_add(1, Ordering::Relaxed);
-            return false;
+            match missing.last_mut() {
+                Some(m) if m.end == from => m.end = to,
+                _ => missing.push(from..to),
+            }
+            continue;
         }
         let n = (to - from) as usize;
         let s = (from - a) as usize;
-        dst[filled..filled + n].copy_from_slice(&got[s..s + n]);
-        filled += n;
+        let at = (from - off) as usize;
+        dst[at..at + n].copy_from_slice(&got[s..s + n]);
+        served += n as u64;
     }
-    inner.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
     let c = &inner.counters;
-    c.cache_hit_bytes
-        .fetch_add(filled as u64, Ordering::Relaxed);
-    true
+    if missing.is_empty() {
+        c.cache_hits.fetch_add(1, Ordering::Relaxed);
+    } else {
+        c.cache_misses.fetch_add(1, Ordering::Relaxed);
+    }
+    c.cache_hit_bytes.fetch_add(served, Ordering::Relaxed);
+    missing
 }
 
 /// Cache windows `[w0, w1)` covering data bytes `[off, off+len)`.

@@ -16,7 +16,10 @@
 //!    entry of any other object a miss even if that ever failed. A deleted
 //!    chunk is never named by a map again, so its entries are never looked
 //!    up; they age out.
-//! 2. Filling a slot writes, in this order: a zero record (the slot is
+//! 2. A slot is filled in two steps: [`Cache::reserve`] takes it for a
+//!    window (pending: lookups miss but count their use; it cannot be
+//!    evicted), then [`Cache::fill`] writes it (see [`direct`]) or
+//!    [`Cache::abandon`] frees it. Filling a slot writes, in this order: a zero record (the slot is
 //!    free on disk), the data, the record. So after a crash of the process
 //!    (the page cache survives) a record always describes the data beside
 //!    it; after a power loss it may not, which invariant 3 covers.
@@ -30,13 +33,16 @@
 //!    index file, never the data.
 //! 5. Index memory is bounded: a fixed number of bytes per slot
 //!    ([`Cache::index_bytes`]).
-//! 6. [`Cache::close`] ends this cache's use of the directory: it waits for
-//!    file accesses in progress, releases the directory lock, and from then
-//!    on every `get` misses and every `put` / `discard` does nothing. So a
+//! 6. [`Cache::close`] ends this cache's use of the directory: it waits
+//!    for reservations to be filled or abandoned (at most [`FILL_WAIT`])
+//!    and for file accesses in progress, releases the directory lock, and
+//!    from then on every `get` misses and every `put` / `reserve` /
+//!    `discard` does nothing. So a
 //!    volume reopened right after its close finds the cache free even while
 //!    the closed volume is still referenced (a request in flight, a
 //!    background task ending, a readahead GET still running).
 
+mod direct;
 mod policy;
 mod record;
 
@@ -48,7 +54,8 @@ use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock, RwLockReadGuard};
+use std::sync::{Condvar, Mutex, RwLock, RwLockReadGuard};
+use std::time::Duration;
 
 use policy::Policy;
 pub use record::WindowId;
@@ -83,6 +90,23 @@ struct Entry {
     /// Sectors of the window some read has used (reuse detection), as two
     /// words (a `u128` would pad the entry to 16-byte alignment).
     seen: [u64; 2],
+    /// Reserved ([`Cache::reserve`]) and its data not yet written: every
+    /// `get` misses, but still records which sectors it wanted.
+    pending: bool,
+    /// A `get` reused sectors while the entry was pending; applied to the
+    /// eviction policy when the fill lands.
+    reused_pending: bool,
+}
+
+/// A slot handed out by [`Cache::reserve`] for one window, to be given
+/// back to [`Cache::fill`] or [`Cache::abandon`] exactly once.
+#[derive(Debug)]
+#[must_use = "a reservation must be filled or abandoned"]
+pub struct Reservation {
+    id: WindowId,
+    slot: u32,
+    gen: u32,
+    stamp: u64,
 }
 
 /// A `u64` key that already is a hash.
@@ -129,8 +153,16 @@ pub struct Cache {
     /// access to the files holds a read guard and checks it (invariant 6).
     dir_lock: RwLock<Option<nix::fcntl::Flock<File>>>,
     data: File,
+    /// The data file opened again with `O_DIRECT` for fills, so filling
+    /// neither copies into the page cache nor holds the file's inode lock
+    /// while copying; `None` where the file system refuses `O_DIRECT`.
+    direct: Option<File>,
     index_file: File,
     index: Mutex<Index>,
+    /// Reservations not yet filled or abandoned; [`Cache::close`] waits
+    /// for them (a read's data is cached before its volume's close ends).
+    pending: Mutex<u64>,
+    pending_done: Condvar,
     /// Windows evicted to make room for others.
     evictions: AtomicU64,
     /// Entries found on disk at open.
@@ -284,6 +316,8 @@ impl Cache {
                 id: r.id,
                 len: r.len,
                 seen: [0; 2],
+                pending: false,
+                reused_pending: false,
             });
             index.policy.restore(s, hash(&r.id));
             index.stamp = index.stamp.max(r.stamp + 1);
@@ -295,11 +329,15 @@ impl Cache {
                 restored.len()
             );
         }
+        let direct = direct::open(&dir.join(DATA_FILE));
         Ok(Some(Cache {
             dir_lock: RwLock::new(Some(lock)),
             data,
+            direct,
             index_file,
             index: Mutex::new(index),
+            pending: Mutex::new(0),
+            pending_done: Condvar::new(),
             evictions: AtomicU64::new(0),
             restored: restored.len() as u64,
         }))
@@ -319,6 +357,7 @@ impl Cache {
     /// in progress, then release the directory lock. Later calls do
     /// nothing; what the files hold stays for the next open.
     pub fn close(&self) {
+        self.wait_for_fills();
         let mut g = self.dir_lock.write().unwrap_or_else(|e| e.into_inner());
         *g = None;
     }
@@ -347,7 +386,8 @@ impl Cache {
             + idx.policy.index_bytes()
     }
 
-    /// Whether window `id` is cached (without counting a use).
+    /// Whether window `id` is cached or being filled (without counting a
+    /// use).
     pub fn contains(&self, id: &WindowId) -> bool {
         let idx = self.lock();
         idx.map
@@ -373,6 +413,11 @@ impl Cache {
             let seen = u128::from(e.seen[0]) | u128::from(e.seen[1]) << 64;
             let reused = seen & m != 0;
             e.seen = split(seen | m);
+            if e.pending {
+                // Not written yet: a miss, but the use counts.
+                e.reused_pending |= reused;
+                return None;
+            }
             if reused {
                 idx.policy.reused(slot);
             }
@@ -425,65 +470,224 @@ impl Cache {
     /// Store verified window `id` (at most [`SLOT`] bytes); `used` is the
     /// part of it the caller's request needed.
     pub fn put(&self, id: &WindowId, data: &[u8], used: Range<u64>) {
-        if data.is_empty() || data.len() as u64 > SLOT {
-            return;
+        if let Some(r) = self.reserve(id, data.len() as u64, used) {
+            self.fill(r, data);
         }
-        let Some(_files) = self.files() else {
-            return;
-        };
-        let (slot, gen, stamp) = {
-            let mut idx = self.lock();
-            if idx.map.contains_key(&hash(id)) {
-                return;
-            }
-            let Some((slot, evicted)) = idx.policy.victim() else {
-                return;
-            };
-            if let Some(old) = idx.slots[slot as usize].take() {
-                idx.map.remove(&hash(&old.id));
-            }
-            if evicted {
-                self.evictions.fetch_add(1, Ordering::Relaxed);
-            }
-            let stamp = idx.stamp;
-            idx.stamp += 1;
-            (slot, idx.policy.gen(slot), stamp)
-        };
-        let rec = Record {
-            id: *id,
-            len: data.len() as u32,
-            stamp,
-        };
-        // Invariant 2.
-        let written = self
-            .index_file
-            .write_all_at(&[0u8; RECORD], record_offset(slot))
-            .and_then(|()| self.data.write_all_at(data, slot as u64 * SLOT))
-            .and_then(|()| {
-                self.index_file
-                    .write_all_at(&record::encode_record(&rec), record_offset(slot))
-            });
+    }
+
+    /// Hand out a slot for window `id` of `len` bytes (at most [`SLOT`]);
+    /// `used` is the part of it the caller's request needed. Until
+    /// [`Cache::fill`] the entry is pending: `get` misses (recording its
+    /// use), `contains` is true, and no other window can take the slot.
+    /// `None` when the window is cached or pending already, every slot is
+    /// being filled, [`MAX_PENDING`] windows are pending (the disk is
+    /// slower than the store: the window is served but not cached), or the
+    /// cache is closed.
+    pub fn reserve(&self, id: &WindowId, len: u64, used: Range<u64>) -> Option<Reservation> {
+        if len == 0 || len > SLOT || *self.pending_count() >= MAX_PENDING {
+            return None;
+        }
+        let _files = self.files()?;
         let mut idx = self.lock();
-        if idx.policy.gen(slot) != gen {
-            return;
+        if idx.map.contains_key(&hash(id)) {
+            return None;
         }
-        if written.is_err() || idx.map.contains_key(&hash(id)) {
-            // Failed, or another reader cached the same window meanwhile.
-            idx.policy.release(slot);
-            let _ = self
-                .index_file
-                .write_all_at(&[0u8; RECORD], record_offset(slot));
-            return;
+        let (slot, evicted) = idx.policy.victim()?;
+        if let Some(old) = idx.slots[slot as usize].take() {
+            idx.map.remove(&hash(&old.id));
         }
+        if evicted {
+            self.evictions.fetch_add(1, Ordering::Relaxed);
+        }
+        let stamp = idx.stamp;
+        idx.stamp += 1;
         idx.slots[slot as usize] = Some(Entry {
             id: *id,
-            len: rec.len,
+            len: len as u32,
             seen: split(mask(&used)),
+            pending: true,
+            reused_pending: false,
         });
         idx.map.insert(hash(id), slot);
-        idx.policy.insert(slot, hash(id));
+        let gen = idx.policy.gen(slot);
+        drop(idx);
+        *self.pending_count() += 1;
+        Some(Reservation {
+            id: *id,
+            slot,
+            gen,
+            stamp,
+        })
+    }
+
+    /// Write the data of reserved window `r` (exactly the length given to
+    /// [`Cache::reserve`]) and make the entry servable. On a write error,
+    /// or a wrong length, the slot is freed and the window stays uncached.
+    pub fn fill(&self, r: Reservation, data: &[u8]) {
+        self.fill_run(vec![(r, data)]);
+    }
+
+    /// [`Cache::fill`] of several windows; windows in consecutive slots
+    /// (every one but the last a whole [`SLOT`]) are written with one
+    /// write.
+    pub fn fill_run(&self, windows: Vec<(Reservation, &[u8])>) {
+        let Some(files) = self.files() else {
+            windows.into_iter().for_each(|(r, _)| self.abandon(r));
+            return;
+        };
+        let mut ok: Vec<(Reservation, &[u8])> = Vec::with_capacity(windows.len());
+        let mut bad = Vec::new();
+        {
+            let idx = self.lock();
+            for (r, data) in windows {
+                let fits = idx.slots[r.slot as usize]
+                    .as_ref()
+                    .is_some_and(|e| e.id == r.id && e.pending && e.len as usize == data.len());
+                if fits {
+                    ok.push((r, data));
+                } else {
+                    log::debug!("read cache: a fill does not match its reservation");
+                    bad.push(r);
+                }
+            }
+        }
+        let mut rest = ok.as_slice();
+        let mut written = Vec::with_capacity(ok.len());
+        while !rest.is_empty() {
+            let mut n = 1;
+            while n < rest.len()
+                && rest[n].0.slot == rest[n - 1].0.slot + 1
+                && rest[n - 1].1.len() as u64 == SLOT
+                && (n + 1) * SLOT as usize <= direct::MAX_WRITE
+            {
+                n += 1;
+            }
+            let res = self.write_slots(&rest[..n]);
+            if let Err(e) = &res {
+                log::debug!("read cache: filling slots from {}: {e}", rest[0].0.slot);
+            }
+            written.extend(std::iter::repeat_n(res.is_ok(), n));
+            rest = &rest[n..];
+        }
+        // `abandon` takes the files' guard itself.
+        drop(files);
+        bad.into_iter().for_each(|r| self.abandon(r));
+        for ((r, _), good) in ok.into_iter().zip(written) {
+            if good {
+                self.mark_filled(r);
+            } else {
+                self.abandon(r);
+            }
+        }
+    }
+
+    /// The entry of filled reservation `r` becomes servable and enters the
+    /// eviction policy (with the reuse seen while it was pending).
+    fn mark_filled(&self, r: Reservation) {
+        {
+            let mut idx = self.lock();
+            if idx.policy.gen(r.slot) == r.gen {
+                let h = hash(&r.id);
+                let reused = match idx.slots[r.slot as usize].as_mut() {
+                    Some(e) if e.id == r.id => {
+                        e.pending = false;
+                        Some(e.reused_pending)
+                    }
+                    _ => None,
+                };
+                if let Some(reused) = reused {
+                    idx.policy.insert(r.slot, h);
+                    if reused {
+                        idx.policy.reused(r.slot);
+                    }
+                }
+            }
+        }
+        self.fill_ended();
+    }
+
+    /// Give reserved slot `r` back without filling it.
+    pub fn abandon(&self, r: Reservation) {
+        {
+            let mut idx = self.lock();
+            if idx.policy.gen(r.slot) == r.gen {
+                if let Some(e) = idx.slots[r.slot as usize].take() {
+                    idx.map.remove(&hash(&e.id));
+                }
+                idx.policy.release(r.slot);
+                if let Some(_files) = self.files() {
+                    // Under the lock, so a later fill of the slot cannot be undone.
+                    let _ = self
+                        .index_file
+                        .write_all_at(&[0u8; RECORD], record_offset(r.slot));
+                }
+            }
+        }
+        self.fill_ended();
+    }
+
+    /// Invariant 2's writes for reserved windows in consecutive slots:
+    /// zero records, data, records.
+    fn write_slots(&self, run: &[(Reservation, &[u8])]) -> std::io::Result<()> {
+        for (r, _) in run {
+            self.index_file
+                .write_all_at(&[0u8; RECORD], record_offset(r.slot))?;
+        }
+        let at = run[0].0.slot as u64 * SLOT;
+        let parts: Vec<&[u8]> = run.iter().map(|(_, d)| *d).collect();
+        match &self.direct {
+            Some(f) => direct::write_at(f, &self.data, &parts, at)?,
+            None => {
+                let mut off = at;
+                for p in parts {
+                    self.data.write_all_at(p, off)?;
+                    off += p.len() as u64;
+                }
+            }
+        }
+        for (r, d) in run {
+            let rec = Record {
+                id: r.id,
+                len: d.len() as u32,
+                stamp: r.stamp,
+            };
+            self.index_file
+                .write_all_at(&record::encode_record(&rec), record_offset(r.slot))?;
+        }
+        Ok(())
+    }
+
+    fn pending_count(&self) -> std::sync::MutexGuard<'_, u64> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn fill_ended(&self) {
+        let mut n = self.pending_count();
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            self.pending_done.notify_all();
+        }
+    }
+
+    /// Wait (at most [`FILL_WAIT`]) until no reservation is outstanding.
+    fn wait_for_fills(&self) {
+        let n = self.pending_count();
+        let (n, timeout) = self
+            .pending_done
+            .wait_timeout_while(n, FILL_WAIT, |n| *n > 0)
+            .unwrap_or_else(|e| e.into_inner());
+        if timeout.timed_out() {
+            log::warn!("read cache: closing with {} window fills unfinished", *n);
+        }
     }
 }
+
+/// Most windows reserved and not yet filled: bounds the memory of
+/// windows waiting for their cache write (64 MiB).
+pub const MAX_PENDING: u64 = 1024;
+
+/// Longest [`Cache::close`] waits for fills in progress.
+const FILL_WAIT: Duration = Duration::from_secs(30);
 
 fn record_offset(slot: u32) -> u64 {
     (slot as u64 + 1) * RECORD as u64

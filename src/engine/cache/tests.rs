@@ -271,3 +271,96 @@ fn close_releases_the_directory_and_stops_all_file_access() {
     assert_eq!(buf, [1u8; 16]);
     assert!(b.get(&id(2, 0), 0, &mut buf, 0..16).is_none());
 }
+
+fn pattern_of(seed: u8) -> Vec<u8> {
+    (0..SLOT as usize)
+        .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+        .collect()
+}
+
+#[test]
+fn a_pending_window_misses_counts_its_use_and_cannot_be_reserved_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Cache::open_test(dir.path(), 4 * SLOT).unwrap().unwrap();
+    let data = pattern_of(1);
+    let r = c.reserve(&id(1, 0), SLOT, 0..4096).unwrap();
+    assert!(c.contains(&id(1, 0)), "a pending window counts as cached");
+    assert!(c.reserve(&id(1, 0), SLOT, 0..0).is_none(), "reserved twice");
+    let mut buf = vec![0u8; 4096];
+    // The same sectors again while pending: a miss, remembered as reuse.
+    assert!(c.get(&id(1, 0), 0, &mut buf, 0..4096).is_none());
+    c.fill(r, &data);
+    assert!(c.get(&id(1, 0), 0, &mut buf, 0..4096).is_some());
+    assert_eq!(buf, data[..4096]);
+    // A wrong length is refused and frees the slot.
+    let r = c.reserve(&id(2, 0), SLOT, 0..0).unwrap();
+    c.fill(r, &data[..100]);
+    assert!(!c.contains(&id(2, 0)));
+    // An abandoned reservation frees its slot.
+    let r = c.reserve(&id(3, 0), SLOT, 0..0).unwrap();
+    c.abandon(r);
+    assert!(!c.contains(&id(3, 0)));
+    assert!(c.get(&id(3, 0), 0, &mut buf, 0..0).is_none());
+}
+
+#[test]
+fn a_run_of_windows_is_filled_together_and_reads_back_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Cache::open_test(dir.path(), 8 * SLOT).unwrap().unwrap();
+    let wins: Vec<Vec<u8>> = (0..5u8)
+        .map(|w| {
+            let mut d = pattern_of(w);
+            if w == 4 {
+                d.truncate(5000); // the short last window of a chunk
+            }
+            d
+        })
+        .collect();
+    let reserved: Vec<Reservation> = (0..5)
+        .map(|w| {
+            c.reserve(&id(9, w), wins[w as usize].len() as u64, 0..0)
+                .unwrap()
+        })
+        .collect();
+    c.fill_run(
+        reserved
+            .into_iter()
+            .zip(wins.iter().map(|d| &d[..]))
+            .collect(),
+    );
+    for (w, d) in wins.iter().enumerate() {
+        let mut got = vec![0u8; d.len()];
+        assert!(
+            c.get(&id(9, w as u64), 0, &mut got, 0..0).is_some(),
+            "window {w}"
+        );
+        assert!(got == *d, "window {w} reads back other bytes");
+    }
+    // They survive a reopen with their lengths.
+    c.close();
+    drop(c);
+    let c = Cache::open_test(dir.path(), 8 * SLOT).unwrap().unwrap();
+    assert_eq!(c.restored(), 5);
+    let mut got = vec![0u8; 5000];
+    assert!(c.get(&id(9, 4), 0, &mut got, 0..0).is_some());
+    assert!(got == wins[4]);
+}
+
+#[test]
+fn close_waits_for_a_pending_fill() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = std::sync::Arc::new(Cache::open_test(dir.path(), 4 * SLOT).unwrap().unwrap());
+    let r = c.reserve(&id(1, 0), SLOT, 0..0).unwrap();
+    let filler = {
+        let c = c.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            c.fill(r, &pattern_of(1));
+        })
+    };
+    c.close();
+    filler.join().unwrap();
+    drop(c);
+    let c = Cache::open_test(dir.path(), 4 * SLOT).unwrap().unwrap();
+    assert_eq!(c.restored(), 1, "the fill landed before the close ended");
+}
