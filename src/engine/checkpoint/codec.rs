@@ -3,7 +3,7 @@
 //! Layout (all fixed-width integers little-endian):
 //!
 //! ```text
-//! header  "SHALECP2" | version u32 (= 2) | volume u64 | epoch u64
+//! header  "SHALECP2" | version u32 (2: full, 3: delta) | volume u64 | epoch u64
 //!         | chunk_seq u64 | last_seq u64 | chunks u64 | crcs u64
 //!         | extents u64 | zeros u64 | crc32c u32 (of the bytes before it)
 //! page*   kind u8 | 0u8 x3 | records u32 | bytes u32 | crc32c u32 | payload
@@ -23,23 +23,26 @@
 //! - [`PAGE_ZEROS`]: per zero range `gap, len` (like extents).
 //!
 //!
-//! A *delta* checkpoint (see [`super::delta`]) has the same header and
-//! pages (its chunks are the chunks it adds, its extents and zero ranges
+//! A *delta* checkpoint (see [`super::delta`]) has the same header, with
+//! version 3 (so neither a truncated delta nor an older reader takes it
+//! for a full map), and pages (its chunks are the chunks it adds, its extents and zero ranges
 //! the new contents of the ranges it changes) plus three more kinds, which
 //! a full checkpoint never holds:
 //! - [`PAGE_LINK`] (exactly one record, required in a delta): `position`
 //!   in the chain (1 for the first delta after the base), the
-//!   predecessor's `chunk_seq`, then the base's key and the predecessor's
-//!   key, each as `len` + UTF-8 bytes (at most [`MAX_KEY_BYTES`]);
+//!   predecessor's `chunk_seq`, the number of changed ranges and of
+//!   removed chunks (so a delta cut after a page boundary is refused),
+//!   then the base's key and the predecessor's key, each as `len` + UTF-8
+//!   bytes (at most [`MAX_KEY_BYTES`]);
 //! - [`PAGE_RANGES`]: per changed range `gap, len` (like zero ranges):
 //!   everything in them not covered by the delta's extents or zero ranges
 //!   is unmapped;
 //! - [`PAGE_REMOVED`]: per chunk removed from the table, the difference
 //!   from the previous removed id (ascending; the first against 0).
 //!
-//! Readers from before deltas existed reject kind 5 as "unknown page kind
-//! (written by a newer version?)", so they never misread a delta as a full
-//! map; kinds above [`PAGE_REMOVED`] are still rejected by name.
+//! Readers from before deltas existed reject version 3 ("unknown format
+//! version"), so they never misread a delta as a full map; kinds above
+//! [`PAGE_REMOVED`] are rejected by name.
 //!
 //! Invariants of [`decode`]: every number is checked before it is used
 //! (counts against the bytes left, sums with `checked_add`), nothing is
@@ -53,6 +56,8 @@ use crate::engine::chunk::CRC_BLOCK;
 
 pub const MAGIC: &[u8; 8] = b"SHALECP2";
 const VERSION: u32 = 2;
+/// Header version of a delta (which must hold a [`PAGE_LINK`] page).
+const DELTA_VERSION: u32 = 3;
 /// Header bytes, its CRC included.
 pub const HEADER_LEN: usize = 8 + 4 + 8 * 8 + 4;
 const PAGE_HEADER_LEN: usize = 16;
@@ -167,7 +172,8 @@ pub fn encode_with(cp: &Checkpoint, delta: Option<&DeltaPages>) -> Vec<u8> {
         HEADER_LEN + cp.chunks.len() * 24 + crcs as usize * 4 + cp.extents.len() * 10,
     );
     out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&VERSION.to_le_bytes());
+    let version = if delta.is_some() { DELTA_VERSION } else { VERSION };
+    out.extend_from_slice(&version.to_le_bytes());
     for v in [
         cp.volume,
         cp.epoch,
@@ -249,6 +255,8 @@ fn encode_delta_pages(out: &mut Vec<u8>, d: &DeltaPages) {
     let mut w = PageWriter::new(out, PAGE_LINK);
     put_varint(&mut w.page, d.position);
     put_varint(&mut w.page, d.prev_chunk_seq);
+    put_varint(&mut w.page, d.ranges.len() as u64);
+    put_varint(&mut w.page, d.removed.len() as u64);
     for k in [&d.base, &d.prev] {
         put_varint(&mut w.page, k.len() as u64);
         w.page.extend_from_slice(k.as_bytes());
@@ -351,7 +359,7 @@ pub fn decode_any(b: &[u8]) -> Result<(Checkpoint, Option<DeltaPages>), Checkpoi
         return Err(CheckpointError::Crc);
     }
     let version = word32(b, 8);
-    if version != VERSION {
+    if version != VERSION && version != DELTA_VERSION {
         return Err(bad_header(format!("unknown format version {version}")));
     }
     let h: Vec<u64> = (0..8).map(|i| word(b, 12 + 8 * i)).collect();
@@ -386,6 +394,8 @@ pub fn decode_any(b: &[u8]) -> Result<(Checkpoint, Option<DeltaPages>), Checkpoi
     // CRC arrays are filled in chunk order: (chunk index, CRCs still due).
     let mut crc_fill = (0usize, 0u64);
     let mut delta: Option<DeltaPages> = None;
+    // Ranges and removed chunks the link announces.
+    let (mut n_ranges, mut n_removed) = (0u64, 0u64);
     let mut crcs_seen = 0u64;
     let mut last_kind = 0u8;
     let mut at = HEADER_LEN;
@@ -538,6 +548,14 @@ pub fn decode_any(b: &[u8]) -> Result<(Checkpoint, Option<DeltaPages>), Checkpoi
                 }
                 let position = r.varint().map_err(err)?;
                 let prev_chunk_seq = r.varint().map_err(err)?;
+                n_ranges = r.varint().map_err(err)?;
+                n_removed = r.varint().map_err(err)?;
+                let left = (b.len() - start - len) as u64;
+                if n_ranges.checked_mul(2).and_then(|x| x.checked_add(n_removed)).is_none_or(|need| need > left) {
+                    return Err(err(format!(
+                        "link announces {n_ranges} ranges and {n_removed} removed chunks, more than the {left} bytes that follow"
+                    )));
+                }
                 if position == 0 || position > MAX_POSITION {
                     return Err(err(format!("chain position {position} is out of range")));
                 }
@@ -571,6 +589,9 @@ pub fn decode_any(b: &[u8]) -> Result<(Checkpoint, Option<DeltaPages>), Checkpoi
                 let Some(d) = delta.as_mut() else {
                     return Err(err("ranges without a link".into()));
                 };
+                if records > n_ranges - d.ranges.len() as u64 {
+                    return Err(over("ranges", d.ranges.len(), n_ranges));
+                }
                 let mut end = 0u64;
                 for _ in 0..records {
                     let gap = r.varint().map_err(err)?;
@@ -588,6 +609,9 @@ pub fn decode_any(b: &[u8]) -> Result<(Checkpoint, Option<DeltaPages>), Checkpoi
                 let Some(d) = delta.as_mut() else {
                     return Err(err("removed chunks without a link".into()));
                 };
+                if records > n_removed - d.removed.len() as u64 {
+                    return Err(over("removed chunks", d.removed.len(), n_removed));
+                }
                 let mut last = 0u64;
                 for _ in 0..records {
                     let gap = r.varint().map_err(err)?;
@@ -640,6 +664,21 @@ pub fn decode_any(b: &[u8]) -> Result<(Checkpoint, Option<DeltaPages>), Checkpoi
     }
     if cp.zeros.len() as u64 != n_zeros {
         return Err(short("zero ranges", cp.zeros.len() as u64, n_zeros));
+    }
+    if (version == DELTA_VERSION) != delta.is_some() {
+        return Err(CheckpointError::Parse(if delta.is_some() {
+            "a full checkpoint holds a delta link page".into()
+        } else {
+            "a delta ends before its link page (truncated?)".into()
+        }));
+    }
+    if let Some(d) = &delta {
+        if d.ranges.len() as u64 != n_ranges {
+            return Err(short("changed ranges", d.ranges.len() as u64, n_ranges));
+        }
+        if d.removed.len() as u64 != n_removed {
+            return Err(short("removed chunks", d.removed.len() as u64, n_removed));
+        }
     }
     // Chunks whose data needs more checksums than were given are caught by
     // `ChunkInfo::validate` (which counts them); a sum that matches the

@@ -325,3 +325,6 @@ fn within(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;
