@@ -93,11 +93,16 @@ impl ObjectStore for Watch {
             self.deleted.fetch_add(1, Ordering::SeqCst);
             let m = self.inner.get(&manifest_key(VOLUME)).await?;
             let m: Manifest = serde_json::from_slice(&m.data).expect("manifest");
-            let keys = chain::keys(&self.inner, &m, 1 << 30)
-                .await
-                .expect("committed chain readable");
-            if keys.iter().any(|k| k == key) {
-                self.violations.lock().unwrap().push(key.to_string());
+            match chain::keys(&self.inner, &m, 1 << 30).await {
+                Ok(keys) if keys.iter().any(|k| k == key) => {
+                    self.violations.lock().unwrap().push(key.to_string());
+                }
+                Ok(_) => {}
+                Err(e) => self
+                    .violations
+                    .lock()
+                    .unwrap()
+                    .push(format!("{key} (committed chain unreadable: {e})")),
             }
         }
         self.inner.delete(key).await
