@@ -14,6 +14,14 @@
 //! stores written before the binary format still open; their next
 //! checkpoint is binary.
 //!
+//! Checkpoints form a chain ([`delta`], [`chain`]; docs/checkpoints.md): a
+//! full checkpoint (the base) and up to `checkpoint_max_deltas` deltas,
+//! each holding only what changed since its predecessor. The manifest's
+//! `checkpoint` names the newest object of the chain and, when that is a
+//! delta, `checkpoint_base` names the base. [`Checkpoint::decode`] refuses
+//! a delta ([`CheckpointError::Delta`]); chains are read through
+//! [`chain::load`].
+//!
 //! A clone's manifest names its parent snapshot ([`ParentRef`]); in a clone,
 //! ranges trimmed or zeroed are kept in the map as [`Loc::Zero`] (the
 //! checkpoint's `zeros`), because an unmapped range reads its parent.

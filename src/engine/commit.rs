@@ -204,6 +204,7 @@ pub(crate) async fn checkpoint(
                 deltas: Vec::new(),
                 delta_bytes: 0,
                 chunk_seq,
+                extendable: true,
             };
         } else {
             st.chain.deltas.push(key.clone());
@@ -293,7 +294,7 @@ fn take(inner: &Inner) -> Taken {
 /// Whether the next checkpoint may be a delta of the chain at `pos`.
 fn delta_allowed(inner: &Inner, pos: &ChainPos) -> bool {
     let max = inner.cfg.checkpoint_max_deltas;
-    max > 0 && pos.base.is_some() && (pos.deltas.len() as u64) < max
+    max > 0 && pos.base.is_some() && pos.extendable && (pos.deltas.len() as u64) < max
 }
 
 /// Encode and store the checkpoint `t` describes, then commit a manifest

@@ -239,6 +239,7 @@ async fn load_checkpoint(
         deltas: loaded.delta_keys,
         delta_bytes: loaded.delta_bytes,
         chunk_seq: chain.chunk_seq,
+        extendable: !loaded.base_json,
     };
     Ok(prev_epoch)
 }

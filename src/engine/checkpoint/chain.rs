@@ -34,6 +34,9 @@ pub struct Loaded {
     /// Keys of the deltas after the base, oldest first.
     pub delta_keys: Vec<String>,
     pub delta_bytes: u64,
+    /// The base is in the older JSON format (`SHALECP1`): it is not
+    /// extended, the next checkpoint is a full binary one.
+    pub base_json: bool,
 }
 
 fn cp_err(key: &str, source: CheckpointError) -> EngineError {
@@ -43,6 +46,8 @@ fn cp_err(key: &str, source: CheckpointError) -> EngineError {
     }
 }
 
+/// Read and decode one object; its size is returned with the top bit set
+/// if it is in the older JSON format ([`JSON_FLAG`]).
 async fn read(
     store: &DynStore,
     key: &str,
@@ -60,8 +65,12 @@ async fn read(
         Err(e) => return Err(e),
     };
     let obj = CheckpointObject::decode(&o.data).map_err(|e| cp_err(key, e))?;
-    Ok((obj, o.data.len() as u64))
+    let json = !o.data.starts_with(super::codec::MAGIC);
+    Ok((obj, o.data.len() as u64 | if json { JSON_FLAG } else { 0 }))
 }
+
+/// Marks the size of a base in the older JSON format (see [`read`]).
+const JSON_FLAG: u64 = 1 << 63;
 
 /// Follow the chain manifest `m` names (it must name a checkpoint) back to
 /// its base; the base is read only if the manifest names it directly.
@@ -195,6 +204,8 @@ pub async fn load(
             }
         }
     };
+    let base_json = base_bytes & JSON_FLAG != 0;
+    let base_bytes = base_bytes & !JSON_FLAG;
     let mut chain = Chain::from_base(base, volume_sectors).map_err(|e| cp_err(&w.base_key, e))?;
     let mut delta_keys = Vec::with_capacity(w.deltas.len());
     let mut delta_bytes = 0;
@@ -219,7 +230,8 @@ pub async fn load(
         base_key: w.base_key,
         base_bytes,
         delta_keys,
-        delta_bytes,
+        delta_bytes: delta_bytes & !JSON_FLAG,
+        base_json,
     })
 }
 
@@ -236,6 +248,9 @@ pub struct ChainPos {
     pub delta_bytes: u64,
     /// `chunk_seq` of the newest object.
     pub chunk_seq: u64,
+    /// The base may be extended by deltas (false for a base in the older
+    /// JSON format: the next checkpoint rewrites it in the binary one).
+    pub extendable: bool,
 }
 
 impl ChainPos {
