@@ -17,9 +17,7 @@ use shale::engine::snapshot::SnapshotObject;
 use shale::engine::view::SnapshotView;
 use shale::engine::{BlockDevice, Volume, VolumeParams};
 use shale::store::memory::MemoryStore;
-use shale::store::{
-    DynStore, Object, ObjectMeta, ObjectStore, PutMode, StoreResult, Version,
-};
+use shale::store::{DynStore, Object, ObjectMeta, ObjectStore, PutMode, StoreResult, Version};
 
 const SIZE: u64 = 8 << 20;
 const BLOCK: u64 = 4096;
@@ -198,10 +196,7 @@ async fn chain_model_reads_back_exactly() {
                 }
                 85..=95 => v.flush().await.unwrap(),
                 96..=97 => {
-                    let snap = v
-                        .snapshot(&format!("s{i}"), i)
-                        .await
-                        .expect("snapshot");
+                    let snap = v.snapshot(&format!("s{i}"), i).await.expect("snapshot");
                     snaps.push((snap, model.clone()));
                 }
                 _ => {
@@ -209,7 +204,11 @@ async fn chain_model_reads_back_exactly() {
                     epoch += 1;
                     v = open(&store, dir.path(), epoch, cfg(8)).await;
                     let got = read_all(&v).await;
-                    assert_eq!(first_diff(&got, &model), None, "seed {seed} op {i} after reopen");
+                    assert_eq!(
+                        first_diff(&got, &model),
+                        None,
+                        "seed {seed} op {i} after reopen"
+                    );
                 }
             }
         }
@@ -223,15 +222,29 @@ async fn chain_model_reads_back_exactly() {
             let view = SnapshotView::new(store.clone(), &snap.checkpoint, SIZE).expect("view");
             let mut got = vec![0u8; SIZE as usize];
             view.read(0, &mut got).await.expect("read snapshot");
-            assert_eq!(first_diff(&got, want), None, "seed {seed} snapshot {}", snap.name);
+            assert_eq!(
+                first_diff(&got, want),
+                None,
+                "seed {seed} snapshot {}",
+                snap.name
+            );
         }
         let deltas = watch.delta_puts.load(Ordering::SeqCst);
         let bases = watch.base_puts.load(Ordering::SeqCst);
         assert!(deltas > 10, "seed {seed}: only {deltas} deltas written");
-        assert!(bases > 1, "seed {seed}: no rollover to a new base ({bases} bases)");
-        assert!(watch.deleted.load(Ordering::SeqCst) > 0, "no old chain deleted");
+        assert!(
+            bases > 1,
+            "seed {seed}: no rollover to a new base ({bases} bases)"
+        );
+        assert!(
+            watch.deleted.load(Ordering::SeqCst) > 0,
+            "no old chain deleted"
+        );
         let bad = watch.violations.lock().unwrap().clone();
-        assert!(bad.is_empty(), "deleted while still in the committed chain: {bad:?}");
+        assert!(
+            bad.is_empty(),
+            "deleted while still in the committed chain: {bad:?}"
+        );
     }
 }
 
@@ -266,7 +279,10 @@ async fn volume_with_deltas(dir: &Path) -> (DynStore, Vec<u8>, Manifest) {
 async fn missing_or_damaged_delta_fails_the_open() {
     let dir = tempfile::tempdir().unwrap();
     let (store, model, m) = volume_with_deltas(dir.path()).await;
-    let base = m.checkpoint_base.clone().expect("the manifest names a delta");
+    let base = m
+        .checkpoint_base
+        .clone()
+        .expect("the manifest names a delta");
     let keys = chain::keys(&store, &m, 1 << 30).await.unwrap();
     assert_eq!(keys[0], base);
     assert!(keys.len() >= 3, "chain {keys:?}");
@@ -294,7 +310,10 @@ async fn missing_or_damaged_delta_fails_the_open() {
         store.delete(key).await.unwrap();
         let e = open_err(epoch).await;
         epoch += 1;
-        assert!(e.contains(key.as_str()) && e.contains("missing"), "{key}: {e}");
+        assert!(
+            e.contains(key.as_str()) && e.contains("missing"),
+            "{key}: {e}"
+        );
         let mut bad = saved.to_vec();
         let at = bad.len() / 2;
         bad[at] ^= 0x40;
@@ -381,7 +400,10 @@ async fn rollover_keeps_only_the_committed_chain() {
     v.close().await.unwrap();
     let o = store.get(&manifest_key(VOLUME)).await.unwrap();
     let m: Manifest = serde_json::from_slice(&o.data).unwrap();
-    assert_eq!(m.checkpoint_base, None, "deltas disabled: a full checkpoint");
+    assert_eq!(
+        m.checkpoint_base, None,
+        "deltas disabled: a full checkpoint"
+    );
     let keys: Vec<_> = store.list(&checkpoint_prefix(VOLUME)).await.unwrap();
     assert_eq!(keys.len(), 1, "{keys:?}");
     let v = open(&store, dir.path(), 6, cfg(64)).await;

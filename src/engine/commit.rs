@@ -341,7 +341,12 @@ async fn write(
     let (key, bytes, full, extra) = match delta {
         Some((key, bytes)) => {
             let extra = if want_full {
-                Some(t.capture.encode_full().await.map_err(|e| EngineError::Encode(e.to_string()))?)
+                Some(
+                    t.capture
+                        .encode_full()
+                        .await
+                        .map_err(|e| EngineError::Encode(e.to_string()))?,
+                )
             } else {
                 drop(t.capture);
                 None
@@ -366,7 +371,11 @@ async fn write(
         volume: inner.id,
         epoch: inner.epoch,
         checkpoint: Some(key.clone()),
-        checkpoint_base: if full.is_some() { None } else { t.pos.base.clone() },
+        checkpoint_base: if full.is_some() {
+            None
+        } else {
+            t.pos.base.clone()
+        },
         checkpoint_chunk: chunk_seq,
         last_chunk: chunk_seq,
         last_seq,

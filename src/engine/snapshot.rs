@@ -551,13 +551,21 @@ pub(crate) async fn swap_checkpoint(
     conflict: &str,
 ) -> Result<(), SnapshotError> {
     // The superseded chain (base and deltas), named before the swap.
-    let old_keys = match crate::engine::checkpoint::chain::keys(store, old, MAX_METADATA_BYTES).await {
-        Ok(k) => k,
-        Err(e) => {
-            log::warn!("reading the old checkpoint chain of volume {:x}: {e}", old.volume);
-            old.checkpoint.iter().chain(&old.checkpoint_base).cloned().collect()
-        }
-    };
+    let old_keys =
+        match crate::engine::checkpoint::chain::keys(store, old, MAX_METADATA_BYTES).await {
+            Ok(k) => k,
+            Err(e) => {
+                log::warn!(
+                    "reading the old checkpoint chain of volume {:x}: {e}",
+                    old.volume
+                );
+                old.checkpoint
+                    .iter()
+                    .chain(&old.checkpoint_base)
+                    .cloned()
+                    .collect()
+            }
+        };
     store
         .put(key, Bytes::from(cp.encode()), PutMode::Overwrite)
         .await?;

@@ -271,7 +271,14 @@ pub async fn run(root: &Path, extents: u64, write_bytes: u64) -> Result<()> {
     );
     println!(
         "{:<22} {:>7} {:>9} {:>10} {:>15} {:>14} {:>12} {:>8}",
-        "checkpoints", "open s", "reopen s", "written", "checkpoint MiB", "manifest", "meta MiB/GiB", "meta %"
+        "checkpoints",
+        "open s",
+        "reopen s",
+        "written",
+        "checkpoint MiB",
+        "manifest",
+        "meta MiB/GiB",
+        "meta %"
     );
     for (name, max) in [("full (main)", 0u64), ("delta chain (max 64)", 64)] {
         let o = one(root, &seed, write_bytes, max).await?;

@@ -172,7 +172,11 @@ pub fn encode_with(cp: &Checkpoint, delta: Option<&DeltaPages>) -> Vec<u8> {
         HEADER_LEN + cp.chunks.len() * 24 + crcs as usize * 4 + cp.extents.len() * 10,
     );
     out.extend_from_slice(MAGIC);
-    let version = if delta.is_some() { DELTA_VERSION } else { VERSION };
+    let version = if delta.is_some() {
+        DELTA_VERSION
+    } else {
+        VERSION
+    };
     out.extend_from_slice(&version.to_le_bytes());
     for v in [
         cp.volume,
@@ -551,7 +555,11 @@ pub fn decode_any(b: &[u8]) -> Result<(Checkpoint, Option<DeltaPages>), Checkpoi
                 n_ranges = r.varint().map_err(err)?;
                 n_removed = r.varint().map_err(err)?;
                 let left = (b.len() - start - len) as u64;
-                if n_ranges.checked_mul(2).and_then(|x| x.checked_add(n_removed)).is_none_or(|need| need > left) {
+                if n_ranges
+                    .checked_mul(2)
+                    .and_then(|x| x.checked_add(n_removed))
+                    .is_none_or(|need| need > left)
+                {
                     return Err(err(format!(
                         "link announces {n_ranges} ranges and {n_removed} removed chunks, more than the {left} bytes that follow"
                     )));

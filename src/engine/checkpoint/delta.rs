@@ -160,7 +160,10 @@ impl Chain {
     pub fn apply(&mut self, d: &Delta) -> Result<(), CheckpointError> {
         let (b, p) = (&d.body, &d.pages);
         if b.volume != self.volume {
-            return bad(format!("names volume {:x}, not {:x}", b.volume, self.volume));
+            return bad(format!(
+                "names volume {:x}, not {:x}",
+                b.volume, self.volume
+            ));
         }
         if b.chunk_seq >= MAX_SEQ || b.last_seq >= MAX_SEQ {
             return bad(format!(
@@ -195,14 +198,21 @@ impl Chain {
             }
             end = e.unwrap_or(u64::MAX);
         }
-        within(&p.ranges, b.extents.iter().map(|&(s, l, _, _)| (s, l)), "extent")?;
+        within(
+            &p.ranges,
+            b.extents.iter().map(|&(s, l, _, _)| (s, l)),
+            "extent",
+        )?;
         within(&p.ranges, b.zeros.iter().copied(), "zero range")?;
         // Chunk table changes.
         let mut seen = std::collections::HashSet::new();
         for c in &b.chunks {
             c.validate().map_err(CheckpointError::Inconsistent)?;
             if !seen.insert(c.seq) || self.chunks.contains_key(&c.seq) {
-                return bad(format!("adds chunk {:#x}, which the table already holds", c.seq));
+                return bad(format!(
+                    "adds chunk {:#x}, which the table already holds",
+                    c.seq
+                ));
             }
             let normal = c.seq & COMPACTED_BIT == 0;
             if normal && (c.seq <= self.chunk_seq || c.seq > b.chunk_seq) {
@@ -240,7 +250,9 @@ impl Chain {
                 .and_then(|x| x.checked_add(off))
                 .is_some_and(|e| e <= info.data_len);
             if !fits {
-                return bad(format!("extent {s}+{l} lies outside the data of chunk {c:#x}"));
+                return bad(format!(
+                    "extent {s}+{l} lies outside the data of chunk {c:#x}"
+                ));
             }
         }
         // Everything checked: apply.
@@ -309,7 +321,9 @@ fn within(
     for (s, l) in items {
         let e = s.checked_add(l);
         if l == 0 || s < end || e.is_none() {
-            return bad(format!("{what} {s}+{l} is empty, overflows or out of order"));
+            return bad(format!(
+                "{what} {s}+{l} is empty, overflows or out of order"
+            ));
         }
         let e = e.unwrap_or(u64::MAX);
         while r < ranges.len() && ranges[r].0 + ranges[r].1 <= s {
@@ -319,7 +333,9 @@ fn within(
             .get(r)
             .is_some_and(|&(rs, rl)| rs <= s && e <= rs + rl);
         if !inside {
-            return bad(format!("{what} {s}+{l} lies outside the delta's changed ranges"));
+            return bad(format!(
+                "{what} {s}+{l} lies outside the delta's changed ranges"
+            ));
         }
         end = e;
     }

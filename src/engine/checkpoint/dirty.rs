@@ -34,11 +34,7 @@ impl DirtySet {
             }
         }
         // Ranges starting inside `[s, e]` merge.
-        let inside: Vec<(u64, u64)> = self
-            .ranges
-            .range(s..=e)
-            .map(|(&a, &b)| (a, b))
-            .collect();
+        let inside: Vec<(u64, u64)> = self.ranges.range(s..=e).map(|(&a, &b)| (a, b)).collect();
         for (a, b) in inside {
             self.ranges.remove(&a);
             e = e.max(b);

@@ -55,7 +55,14 @@ impl Writer {
                     let s = rng.below(SECTORS - 64);
                     let l = 1 + rng.below(63);
                     self.dirty.insert(s, l);
-                    self.map.insert(s, l, Loc::Chunk { chunk: seq, off: i * 32 * 1024 });
+                    self.map.insert(
+                        s,
+                        l,
+                        Loc::Chunk {
+                            chunk: seq,
+                            off: i * 32 * 1024,
+                        },
+                    );
                 }
             }
             2 => {
@@ -70,7 +77,9 @@ impl Writer {
             }
             _ => {
                 // Repoint every range of the oldest chunk into a compacted one.
-                let Some(&old) = self.table.keys().next() else { return };
+                let Some(&old) = self.table.keys().next() else {
+                    return;
+                };
                 self.next_compacted += 1;
                 let new = crate::engine::chunk::COMPACTED_BIT | self.next_compacted;
                 self.table.insert(new, info(new));
@@ -80,7 +89,9 @@ impl Writer {
                     .filter(|(_, _, l)| matches!(l, Loc::Chunk { chunk, .. } if *chunk == old))
                     .collect();
                 for (s, l, loc) in ranges {
-                    let Loc::Chunk { off, .. } = loc else { continue };
+                    let Loc::Chunk { off, .. } = loc else {
+                        continue;
+                    };
                     self.dirty.insert(s, l);
                     self.map.insert(s, l, Loc::Chunk { chunk: new, off });
                 }
@@ -149,7 +160,8 @@ fn chain_rebuilds_the_map_exactly() {
         let base_bytes = base.encode();
         w.committed = w.table.clone();
         w.dirty = DirtySet::new();
-        let mut chain = Chain::from_base(Checkpoint::decode(&base_bytes).unwrap(), SECTORS).unwrap();
+        let mut chain =
+            Chain::from_base(Checkpoint::decode(&base_bytes).unwrap(), SECTORS).unwrap();
         let mut prev = "base".to_string();
         for pos in 1..=20u64 {
             for _ in 0..rng.below(6) {
@@ -157,7 +169,12 @@ fn chain_rebuilds_the_map_exactly() {
             }
             let d = w.delta(pos, chain.chunk_seq, &prev);
             let enc = d.encode();
-            assert!(enc.len() < base_bytes.len(), "delta {} >= base {}", enc.len(), base_bytes.len());
+            assert!(
+                enc.len() < base_bytes.len(),
+                "delta {} >= base {}",
+                enc.len(),
+                base_bytes.len()
+            );
             let CheckpointObject::Delta(back) = CheckpointObject::decode(&enc).unwrap() else {
                 panic!("decoded as a full checkpoint");
             };
@@ -191,7 +208,14 @@ fn small_chain() -> (Chain, Delta) {
     map.insert(100, 8, Loc::Chunk { chunk: 2, off: 0 });
     let base = Checkpoint::from_map(7, 1, 2, 20, &map, vec![info(1), info(2)]);
     let chain = Chain::from_base(base, 1000).unwrap();
-    map.insert(4, 8, Loc::Chunk { chunk: 3, off: 4096 });
+    map.insert(
+        4,
+        8,
+        Loc::Chunk {
+            chunk: 3,
+            off: 4096,
+        },
+    );
     map.remove(100, 8);
     let d = Delta::capture(
         (7, 1, 3, 30),
@@ -215,14 +239,23 @@ fn bad_deltas_are_refused() {
         ("follows delta", Box::new(|d| d.pages.position = 2)),
         ("predecessor", Box::new(|d| d.pages.prev_chunk_seq = 1)),
         ("predecessor", Box::new(|d| d.body.last_seq = 5)),
-        ("past the volume", Box::new(|d| d.pages.ranges[1] = (996, 8))),
+        (
+            "past the volume",
+            Box::new(|d| d.pages.ranges[1] = (996, 8)),
+        ),
         ("out of order", Box::new(|d| d.pages.ranges.swap(0, 1))),
-        ("outside the delta's changed ranges", Box::new(|d| d.body.extents[0].0 = 3)),
+        (
+            "outside the delta's changed ranges",
+            Box::new(|d| d.body.extents[0].0 = 3),
+        ),
         ("already holds", Box::new(|d| d.body.chunks[0] = info(1))),
         ("outside chunks", Box::new(|d| d.body.chunks[0] = info(9))),
         ("does not hold", Box::new(|d| d.pages.removed = vec![5])),
         ("unknown chunk", Box::new(|d| d.body.extents[0].2 = 2)),
-        ("outside the data", Box::new(|d| d.body.extents[0].3 = 1 << 20)),
+        (
+            "outside the data",
+            Box::new(|d| d.body.extents[0].3 = 1 << 20),
+        ),
     ];
     for (want, mutate) in cases {
         let mut d = good.clone();
@@ -235,7 +268,17 @@ fn bad_deltas_are_refused() {
     chain.apply(&good).unwrap();
     assert_eq!(
         chain.map.iter().collect::<Vec<_>>(),
-        vec![(0, 4, Loc::Chunk { chunk: 1, off: 0 }), (4, 8, Loc::Chunk { chunk: 3, off: 4096 })]
+        vec![
+            (0, 4, Loc::Chunk { chunk: 1, off: 0 }),
+            (
+                4,
+                8,
+                Loc::Chunk {
+                    chunk: 3,
+                    off: 4096
+                }
+            )
+        ]
     );
     assert!(chain.finish().is_ok());
 }
@@ -258,7 +301,10 @@ fn damaged_deltas_fail_cleanly() {
     let (_, d) = small_chain();
     let enc = d.encode();
     for cut in 0..enc.len() {
-        assert!(CheckpointObject::decode(&enc[..cut]).is_err(), "cut at {cut}");
+        assert!(
+            CheckpointObject::decode(&enc[..cut]).is_err(),
+            "cut at {cut}"
+        );
     }
     for byte in 0..enc.len() {
         let mut m = enc.clone();
