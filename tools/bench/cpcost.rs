@@ -208,7 +208,7 @@ async fn one(
     for q in 0..32u64 {
         let v = v.clone();
         tasks.push(tokio::spawn(async move {
-            let mut rng = 0x1234_5678u64 ^ (q + 1) * 0x9E37_79B9_7F4A_7C15;
+            let mut rng = 0x1234_5678u64 ^ (q + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
             let mut buf = vec![0u8; BLOCK as usize];
             for i in 0..per_task {
                 let b = crate::next_rand(&mut rng) % blocks;

@@ -234,7 +234,8 @@ fn small_chain() -> (Chain, Delta) {
 fn bad_deltas_are_refused() {
     let (mut chain, good) = small_chain();
     let before: Vec<_> = chain.map.iter().collect();
-    let cases: Vec<(&str, Box<dyn Fn(&mut Delta)>)> = vec![
+    type Mutation = Box<dyn Fn(&mut Delta)>;
+    let cases: Vec<(&str, Mutation)> = vec![
         ("volume", Box::new(|d| d.body.volume = 8)),
         ("follows delta", Box::new(|d| d.pages.position = 2)),
         ("predecessor", Box::new(|d| d.pages.prev_chunk_seq = 1)),
