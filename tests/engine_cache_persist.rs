@@ -23,6 +23,7 @@ fn cfg(cache_size: u64, chunk_size: u64) -> EngineConfig {
         max_unstored_seconds: 3600,
         durability: Durability::Store,
         checkpoint_every_chunks: 4,
+        checkpoint_max_deltas: 64,
         cache_size,
         cache_dir: None,
         store_read_timeout_ms: 60_000,

@@ -30,6 +30,7 @@ fn cfg(compact_below_percent: u64) -> EngineConfig {
         max_unstored_seconds: 3600,
         durability: Durability::Store,
         checkpoint_every_chunks: 2,
+        checkpoint_max_deltas: 64,
         cache_size: 0,
         cache_dir: None,
         store_read_timeout_ms: 60_000,

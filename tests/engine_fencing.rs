@@ -26,6 +26,7 @@ fn cfg() -> EngineConfig {
         max_unstored_seconds: 3600,
         durability: Durability::Local,
         checkpoint_every_chunks: 100,
+        checkpoint_max_deltas: 64,
         cache_size: 1 << 20,
         cache_dir: None,
         store_read_timeout_ms: 60_000,

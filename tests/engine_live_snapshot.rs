@@ -35,6 +35,7 @@ fn busy_cfg() -> EngineConfig {
         max_unstored_seconds: 3600,
         durability: Durability::Local,
         checkpoint_every_chunks: 1,
+        checkpoint_max_deltas: 64,
         cache_size: 1 << 20,
         cache_dir: None,
         store_read_timeout_ms: 60_000,

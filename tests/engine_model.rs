@@ -364,6 +364,7 @@ async fn run_seed(seed: u64, backend: Backend) {
             Durability::Local
         },
         checkpoint_every_chunks: 1 + rng.below(3),
+        checkpoint_max_deltas: 64,
         cache_size: if rng.chance(50) { 256 << 10 } else { 0 },
         cache_dir: None,
         store_read_timeout_ms: 60_000,

@@ -74,6 +74,7 @@ fn cfg(cache_dir: &Path, readahead: u64, cache_size: u64) -> EngineConfig {
         max_unstored_seconds: 3600,
         durability: Durability::Local,
         checkpoint_every_chunks: 8,
+        checkpoint_max_deltas: 64,
         cache_size,
         cache_dir: Some(cache_dir.to_path_buf()),
         store_read_timeout_ms: 60_000,

@@ -24,6 +24,7 @@ fn small_cfg() -> EngineConfig {
         max_unstored_seconds: 3600,
         durability: Durability::Local,
         checkpoint_every_chunks: 2,
+        checkpoint_max_deltas: 64,
         cache_size: 1 << 20,
         cache_dir: None,
         store_read_timeout_ms: 60_000,
@@ -222,6 +223,7 @@ async fn newer_epoch_fences_the_old_writer() {
     let d2 = tempfile::tempdir().unwrap();
     let cfg = EngineConfig {
         checkpoint_every_chunks: 1,
+        checkpoint_max_deltas: 64,
         ..small_cfg()
     };
     let old = open(&store, d1.path(), 5, cfg.clone()).await;
@@ -441,6 +443,7 @@ async fn overwritten_chunks_are_garbage_collected() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = EngineConfig {
         checkpoint_every_chunks: 1,
+        checkpoint_max_deltas: 64,
         ..small_cfg()
     };
     let v = open(&store, dir.path(), 1, cfg.clone()).await;
@@ -506,6 +509,7 @@ async fn bad_parameters_are_clear_errors_and_lose_nothing() {
     let cfg2 = EngineConfig {
         durability: Durability::Store,
         checkpoint_every_chunks: 1000,
+        checkpoint_max_deltas: 64,
         ..small_cfg()
     };
     let d3 = tempfile::tempdir().unwrap();

@@ -7,6 +7,8 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use shale::engine::checkpoint::codec::DeltaPages;
+use shale::engine::checkpoint::delta::{CheckpointObject, Delta};
 use shale::engine::checkpoint::{Checkpoint, ChunkInfo};
 use shale::engine::chunk::{self, ChunkExtent, ChunkHeader};
 use shale::engine::snapshot::SnapshotObject;
@@ -218,6 +220,28 @@ fn seeds() -> Seeds {
         ("checkpoint_manifest", "checkpoint-json"),
         checkpoint().encode_json(),
     );
+    let delta = Delta {
+        body: Checkpoint {
+            chunk_seq: 4,
+            last_seq: 50,
+            chunks: vec![ChunkInfo {
+                seq: 4,
+                ..checkpoint().chunks[0].clone()
+            }],
+            extents: vec![(8, 8, 4, 0)],
+            zeros: vec![],
+            ..checkpoint()
+        },
+        pages: DeltaPages {
+            position: 1,
+            prev_chunk_seq: 0,
+            base: "volumes/0000000000000007/checkpoints/0000000000000000-00000002".into(),
+            prev: "volumes/0000000000000007/checkpoints/0000000000000000-00000002".into(),
+            ranges: vec![(0, 24)],
+            removed: vec![],
+        },
+    };
+    s.insert(("checkpoint_manifest", "checkpoint-delta"), delta.encode());
     let snap = SnapshotObject {
         id: 1,
         name: "mon".into(),
@@ -332,7 +356,7 @@ fn seeds_decode_and_match_the_committed_corpus() {
                 serde_json::from_slice::<shale::catalog::local_dir::LocalIdentity>(bytes).is_ok()
             }
             "chunk_header" => chunk::decode_header(bytes).is_ok(),
-            "checkpoint_manifest" => Checkpoint::decode(bytes).is_ok(),
+            "checkpoint_manifest" => CheckpointObject::decode(bytes).is_ok(),
             "snapshot_object" => SnapshotObject::decode(bytes).is_ok(),
             "catalog_records" => {
                 serde_json::from_slice::<shale::catalog::VolumeRecord>(bytes).is_ok()

@@ -36,6 +36,7 @@ fn engine_cfg() -> EngineConfig {
         max_unstored_seconds: 3600,
         durability: Durability::Local,
         checkpoint_every_chunks: 2,
+        checkpoint_max_deltas: 64,
         cache_size: 0,
         cache_dir: None,
         store_read_timeout_ms: 60_000,

@@ -32,6 +32,7 @@ fn cfg() -> EngineConfig {
         destage_interval_ms: 10,
         max_unstored_bytes: 1 << 20,
         checkpoint_every_chunks: 1,
+        checkpoint_max_deltas: 64,
         cache_size: 0,
         cache_dir: None,
         compact_below_percent: 50,

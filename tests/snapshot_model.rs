@@ -40,6 +40,7 @@ fn engine_cfg() -> EngineConfig {
         destage_interval_ms: 10,
         max_unstored_bytes: 1 << 20,
         checkpoint_every_chunks: 1,
+        checkpoint_max_deltas: 64,
         cache_size: 0,
         ..EngineConfig::default()
     }

@@ -14,6 +14,14 @@
 //! stores written before the binary format still open; their next
 //! checkpoint is binary.
 //!
+//! Checkpoints form a chain ([`delta`], [`chain`]; docs/checkpoints.md): a
+//! full checkpoint (the base) and up to `checkpoint_max_deltas` deltas,
+//! each holding only what changed since its predecessor. The manifest's
+//! `checkpoint` names the newest object of the chain and, when that is a
+//! delta, `checkpoint_base` names the base. [`Checkpoint::decode`] refuses
+//! a delta ([`CheckpointError::Delta`]); chains are read through
+//! [`chain::load`].
+//!
 //! A clone's manifest names its parent snapshot ([`ParentRef`]); in a clone,
 //! ranges trimmed or zeroed are kept in the map as [`Loc::Zero`] (the
 //! checkpoint's `zeros`), because an unmapped range reads its parent.
@@ -30,7 +38,10 @@ use super::snapshot::ParentRef;
 use crate::store::{DynStore, Object};
 
 pub mod capture;
+pub mod chain;
 pub mod codec;
+pub mod delta;
+pub mod dirty;
 
 /// Magic of the older JSON format (still decoded, no longer written).
 const CP_MAGIC_JSON: &[u8; 8] = b"SHALECP1";
@@ -41,8 +52,13 @@ const CP_MAGIC_JSON: &[u8; 8] = b"SHALECP1";
 pub struct Manifest {
     pub volume: u64,
     pub epoch: u64,
-    /// Key of the newest checkpoint, if any.
+    /// Key of the newest checkpoint, if any: a full checkpoint, or the
+    /// newest delta of a chain (see [`delta`]).
     pub checkpoint: Option<String>,
+    /// When `checkpoint` is a delta: the key of its chain's base (absent
+    /// otherwise, and in manifests written before deltas existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_base: Option<String>,
     /// Last chunk covered by that checkpoint (0: none).
     pub checkpoint_chunk: u64,
     /// Last chunk known to be in the store when the manifest was written.
@@ -73,6 +89,15 @@ pub fn checkpoint_key(volume: u64, chunk_seq: u64, epoch: u64) -> String {
     format!("{}{chunk_seq:016x}-{epoch:08x}", checkpoint_prefix(volume))
 }
 
+/// Key of delta `position` of a chain, ending at chunk `chunk_seq`: never
+/// the key of a base, nor of another delta of the same chain.
+pub fn delta_key(volume: u64, chunk_seq: u64, epoch: u64, position: u64) -> String {
+    format!(
+        "{}-delta-{position:04x}",
+        checkpoint_key(volume, chunk_seq, epoch)
+    )
+}
+
 impl Manifest {
     /// Check that the numbers agree with each other and stay in bounds
     /// ([`MAX_SEQ`]): the manifest names `volume`, its checkpoint chunk is
@@ -100,10 +125,13 @@ impl Manifest {
                 self.history_epoch, self.epoch
             ));
         }
-        if let Some(k) = &self.checkpoint {
+        for k in self.checkpoint.iter().chain(&self.checkpoint_base) {
             if !k.starts_with(&checkpoint_prefix(volume)) {
                 return Err(format!("checkpoint {k:?} is not one of this volume's"));
             }
+        }
+        if self.checkpoint_base.is_some() && self.checkpoint.is_none() {
+            return Err("names a checkpoint base but no checkpoint".into());
         }
         Ok(())
     }
@@ -170,6 +198,10 @@ pub enum CheckpointError {
     Parse(String),
     #[error("checkpoint is inconsistent: {0}")]
     Inconsistent(String),
+    #[error("is missing from the store ({0})")]
+    Missing(String),
+    #[error("is delta {0} of a chain, not a full checkpoint (read it through its chain)")]
+    Delta(u64),
     #[error("checkpoint page {page} (at byte {offset}): {reason}")]
     Page {
         page: usize,

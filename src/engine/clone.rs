@@ -83,6 +83,7 @@ pub async fn write_clone(
         volume: new_id,
         epoch: 0,
         checkpoint: None,
+        checkpoint_base: None,
         checkpoint_chunk: 0,
         last_chunk: 0,
         last_seq: 0,
@@ -270,6 +271,7 @@ pub async fn finish_flatten(
     );
     let new = Manifest {
         checkpoint: Some(key.clone()),
+        checkpoint_base: None,
         parent: None,
         ..m.clone()
     };

@@ -7,13 +7,26 @@
 //!    `last_chunk`; it is written before the manifest names it.
 //! 3. A chunk is deleted only after a committed checkpoint no longer
 //!    references it (it had no live sectors when the checkpoint was taken).
+//! 4. A checkpoint is a delta of the committed chain while the chain has
+//!    fewer than `checkpoint_max_deltas` deltas and its deltas, this one
+//!    included, add up to at most its base's bytes; otherwise it is a new
+//!    full base. Metadata written thus stays within about twice the delta
+//!    bytes, and open reads at most twice a base.
+//! 5. A new base never reuses a key of the chain the committed manifest
+//!    names, and the superseded chain is deleted only after the manifest
+//!    naming the new base is committed. A failed checkpoint hands its
+//!    dirty ranges back, so the next delta still carries them.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 
 use super::checkpoint::capture::Capture;
-use super::checkpoint::{checkpoint_key, manifest_key, Checkpoint, Manifest};
+use super::checkpoint::chain::ChainPos;
+use super::checkpoint::delta::Delta;
+use super::checkpoint::dirty::DirtySet;
+use super::checkpoint::{checkpoint_key, delta_key, manifest_key, Checkpoint, ChunkInfo, Manifest};
 use super::chunk::chunk_key;
 use super::error::EngineError;
 use super::volume::Inner;
@@ -97,16 +110,47 @@ pub(crate) async fn final_checkpoint(inner: &Inner, root: &mut Root) -> Result<(
         st.last_chunk > st.checkpoint_chunk
     };
     if due {
-        checkpoint(inner, root).await.map(drop)
+        checkpoint(inner, root, false).await.map(drop)
     } else {
         Ok(())
     }
 }
 
-/// Write a checkpoint of the store-side map, commit it, then delete the
-/// previous checkpoint and chunks nothing references any more. Returns the
-/// checkpoint committed.
-pub(crate) async fn checkpoint(inner: &Inner, root: &mut Root) -> Result<Checkpoint, EngineError> {
+/// What one checkpoint captured under the state lock.
+struct Taken {
+    capture: Capture,
+    /// Chunks of the new table that the committed one lacks.
+    added: Vec<ChunkInfo>,
+    /// Chunk ids of the committed table the new one lacks.
+    removed: Vec<u64>,
+    /// The new table: seq -> epoch.
+    table: HashMap<u64, u64>,
+    /// Chunks no range uses any more: deleted after the commit.
+    dead: Vec<(u64, u64)>,
+    dirty: DirtySet,
+    pos: ChainPos,
+}
+
+/// The object a checkpoint writes: a full one or the next delta.
+struct Written {
+    key: String,
+    bytes: usize,
+    /// `Some(full)` if it was a full checkpoint.
+    full: Option<Checkpoint>,
+    chunk_seq: u64,
+    last_seq: u64,
+}
+
+/// Write a checkpoint of the store-side map (a delta of the committed
+/// chain, or a new full one: see [`super::checkpoint::delta`]), commit it,
+/// then delete the chain it supersedes (after a new full one) and chunks
+/// nothing references any more. With `want_full`, returns the map as one
+/// full checkpoint (built from the captured map if a delta was written).
+pub(crate) async fn checkpoint(
+    inner: &Inner,
+    root: &mut Root,
+    want_full: bool,
+) -> Result<Option<Checkpoint>, EngineError> {
     let started = inner.clock.now();
     // Sparse chunks drained here lose their last live sector, so this very
     // checkpoint stops naming them and deletes them after it commits.
@@ -115,52 +159,27 @@ pub(crate) async fn checkpoint(inner: &Inner, root: &mut Root) -> Result<Checkpo
         Err(EngineError::Fenced(why)) => return Err(EngineError::Fenced(why)),
         Err(e) => log::warn!("volume {:x}: compaction skipped: {e}", inner.id),
     }
-    // Invariant 2: everything the checkpoint describes is taken in this
-    // one lock section (the map as of `last_chunk`, shared copy-on-write,
-    // and its chunk table); walking and encoding the map run after it, a
-    // large map on a blocking thread. Nothing mutates `stored` until this
-    // task applies its next chunk, after the encode released the map.
-    let (capture, dead, old_key) = {
-        let st = inner.shared.lock();
-        let mut chunks = Vec::with_capacity(st.chunks.len());
-        let mut dead = Vec::new();
-        for e in st.chunks.values() {
-            if e.live_sectors > 0 {
-                chunks.push(e.info.clone());
-            } else {
-                dead.push((e.info.seq, e.info.epoch));
-            }
+    let taken = take(inner);
+    let dead = taken.dead.clone();
+    let pos = taken.pos.clone();
+    let table = taken.table.clone();
+    // The dirty ranges are handed back if nothing was committed, so the
+    // next delta still carries them.
+    let dirty = taken.dirty.clone();
+    let (written, full) = match write(inner, root, taken, want_full).await {
+        Ok(w) => w,
+        Err(e) => {
+            inner.shared.lock().dirty.merge(dirty);
+            return Err(e);
         }
-        let capture = Capture::take(
-            inner.id,
-            inner.epoch,
-            st.last_chunk,
-            st.stored_seq,
-            &st.stored,
-            chunks,
-        );
-        (capture, dead, st.checkpoint_key.clone())
     };
-    let (cp, bytes) = capture
-        .encode()
-        .await
-        .map_err(|e| EngineError::Encode(e.to_string()))?;
-    let key = checkpoint_key(inner.id, cp.chunk_seq, inner.epoch);
-    inner
-        .store
-        .put(&key, Bytes::from(bytes), PutMode::Overwrite)
-        .await?;
-    let m = Manifest {
-        volume: inner.id,
-        epoch: inner.epoch,
-        checkpoint: Some(key.clone()),
-        checkpoint_chunk: cp.chunk_seq,
-        last_chunk: cp.chunk_seq,
-        last_seq: cp.last_seq,
-        history_epoch: inner.epoch,
-        parent: root.manifest.parent,
-    };
-    commit(inner, root, m).await?;
+    let Written {
+        key,
+        bytes,
+        full: new_base,
+        chunk_seq,
+        last_seq,
+    } = written;
     inner
         .counters
         .checkpoints_written
@@ -171,19 +190,39 @@ pub(crate) async fn checkpoint(inner: &Inner, root: &mut Root) -> Result<Checkpo
         .counters
         .checkpoint_us
         .fetch_add(took, Ordering::Relaxed);
+    let is_base = new_base.is_some();
     {
         let mut st = inner.shared.lock();
-        st.checkpoint_chunk = cp.chunk_seq;
+        st.checkpoint_chunk = chunk_seq;
         st.checkpoint_key = Some(key.clone());
-        st.committed_seq = st.committed_seq.max(cp.last_seq);
+        st.committed_seq = st.committed_seq.max(last_seq);
+        st.cp_table = table;
+        if is_base {
+            st.chain = ChainPos {
+                base: Some(key.clone()),
+                base_bytes: bytes as u64,
+                deltas: Vec::new(),
+                delta_bytes: 0,
+                chunk_seq,
+                extendable: true,
+            };
+        } else {
+            st.chain.deltas.push(key.clone());
+            st.chain.delta_bytes += bytes as u64;
+            st.chain.chunk_seq = chunk_seq;
+        }
         for (seq, _) in &dead {
             st.chunks.remove(seq);
         }
         st.wake_all();
     }
-    if let Some(old) = old_key.filter(|o| *o != key) {
-        if let Err(e) = inner.store.delete(&old).await {
-            log::warn!("deleting old checkpoint {old}: {e}");
+    // A superseded chain goes only after the manifest naming the new base
+    // is durable (the commit above).
+    if is_base {
+        for old in pos.keys().into_iter().filter(|o| *o != key) {
+            if let Err(e) = inner.store.delete(&old).await {
+                log::warn!("deleting old checkpoint {old}: {e}");
+            }
         }
     }
     // Snapshots may still name chunks the volume's own map dropped.
@@ -202,5 +241,156 @@ pub(crate) async fn checkpoint(inner: &Inner, root: &mut Root) -> Result<Checkpo
             Err(e) => log::warn!("deleting dead chunk {seq}: {e}"),
         }
     }
-    Ok(cp)
+    Ok(full.or(new_base.filter(|_| want_full)))
+}
+
+/// Invariant 2: everything the checkpoint describes is taken in this one
+/// lock section (the map as of `last_chunk`, shared copy-on-write, its
+/// chunk table and the ranges changed since the committed checkpoint);
+/// walking and encoding the map run after it. Nothing mutates `stored`
+/// until this task applies its next chunk.
+fn take(inner: &Inner) -> Taken {
+    let mut st = inner.shared.lock();
+    let mut chunks = Vec::with_capacity(st.chunks.len());
+    let mut dead = Vec::new();
+    let mut table = HashMap::with_capacity(st.chunks.len());
+    let mut added = Vec::new();
+    for e in st.chunks.values() {
+        if e.live_sectors > 0 {
+            chunks.push(e.info.clone());
+            table.insert(e.info.seq, e.info.epoch);
+            if st.cp_table.get(&e.info.seq) != Some(&e.info.epoch) {
+                added.push((*e.info).clone());
+            }
+        } else {
+            dead.push((e.info.seq, e.info.epoch));
+        }
+    }
+    let removed = st
+        .cp_table
+        .iter()
+        .filter(|(s, e)| table.get(s) != Some(e))
+        .map(|(&s, _)| s)
+        .collect();
+    let capture = Capture::take(
+        inner.id,
+        inner.epoch,
+        st.last_chunk,
+        st.stored_seq,
+        &st.stored,
+        chunks,
+    );
+    Taken {
+        capture,
+        added,
+        removed,
+        table,
+        dead,
+        dirty: std::mem::take(&mut st.dirty),
+        pos: st.chain.clone(),
+    }
+}
+
+/// Whether the next checkpoint may be a delta of the chain at `pos`.
+fn delta_allowed(inner: &Inner, pos: &ChainPos) -> bool {
+    let max = inner.cfg.checkpoint_max_deltas;
+    max > 0 && pos.base.is_some() && pos.extendable && (pos.deltas.len() as u64) < max
+}
+
+/// Encode and store the checkpoint `t` describes, then commit a manifest
+/// naming it. Returns what was written and, with `want_full` after a
+/// delta, the full checkpoint.
+async fn write(
+    inner: &Inner,
+    root: &mut Root,
+    t: Taken,
+    want_full: bool,
+) -> Result<(Written, Option<Checkpoint>), EngineError> {
+    let (chunk_seq, last_seq) = (t.capture.chunk_seq, t.capture.last_seq);
+    let mut full_key = checkpoint_key(inner.id, chunk_seq, inner.epoch);
+    let chain_keys = t.pos.keys();
+    let mut n = 0u64;
+    while chain_keys.contains(&full_key) {
+        // A new base must never overwrite an object of the chain the
+        // committed manifest still names.
+        n += 1;
+        full_key = format!(
+            "{}-base-{n:04x}",
+            checkpoint_key(inner.id, chunk_seq, inner.epoch)
+        );
+    }
+    let mut delta = None;
+    if delta_allowed(inner, &t.pos) {
+        let position = t.pos.deltas.len() as u64 + 1;
+        let base = t.pos.base.clone().unwrap_or_default();
+        let prev = t.pos.deltas.last().cloned().unwrap_or_else(|| base.clone());
+        let d = Delta::capture(
+            (inner.id, inner.epoch, chunk_seq, last_seq),
+            (position, t.pos.chunk_seq, base, prev),
+            t.capture.map(),
+            t.dirty.iter(),
+            t.added,
+            t.removed,
+        );
+        let bytes = d.encode();
+        // Amortised bound: the deltas since the base never outgrow it.
+        if t.pos.delta_bytes + bytes.len() as u64 <= t.pos.base_bytes {
+            delta = Some((delta_key(inner.id, chunk_seq, inner.epoch, position), bytes));
+        }
+    }
+    let (key, bytes, full, extra) = match delta {
+        Some((key, bytes)) => {
+            let extra = if want_full {
+                Some(
+                    t.capture
+                        .encode_full()
+                        .await
+                        .map_err(|e| EngineError::Encode(e.to_string()))?,
+                )
+            } else {
+                drop(t.capture);
+                None
+            };
+            (key, bytes, None, extra)
+        }
+        None => {
+            let (cp, bytes) = t
+                .capture
+                .encode()
+                .await
+                .map_err(|e| EngineError::Encode(e.to_string()))?;
+            (full_key, bytes, Some(cp), None)
+        }
+    };
+    let len = bytes.len();
+    inner
+        .store
+        .put(&key, Bytes::from(bytes), PutMode::Overwrite)
+        .await?;
+    let m = Manifest {
+        volume: inner.id,
+        epoch: inner.epoch,
+        checkpoint: Some(key.clone()),
+        checkpoint_base: if full.is_some() {
+            None
+        } else {
+            t.pos.base.clone()
+        },
+        checkpoint_chunk: chunk_seq,
+        last_chunk: chunk_seq,
+        last_seq,
+        history_epoch: inner.epoch,
+        parent: root.manifest.parent,
+    };
+    commit(inner, root, m).await?;
+    Ok((
+        Written {
+            key,
+            bytes: len,
+            full,
+            chunk_seq,
+            last_seq,
+        },
+        extra,
+    ))
 }

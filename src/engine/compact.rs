@@ -223,7 +223,7 @@ fn repoint(st: &mut State, info: Arc<ChunkInfo>, moved: &[(LiveRange, u64)]) {
             if !still(&p) {
                 continue;
             }
-            st.stored_mut().insert(p.start, p.len, target(&p));
+            st.stored_insert(p.start, p.len, target(&p));
             if let Some(e) = st.chunks.get_mut(&r.chunk) {
                 e.live_sectors = e.live_sectors.saturating_sub(p.len);
             }

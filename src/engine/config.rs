@@ -35,6 +35,10 @@ pub struct EngineConfig {
     pub durability: Durability,
     /// Write a checkpoint of the map after this many chunks. Default 64; 1..=100_000.
     pub checkpoint_every_chunks: u64,
+    /// Most delta checkpoints after a full one before the next full one
+    /// (a new full one is also written once the deltas add up to more
+    /// than it). 0 writes every checkpoint in full. Default 64; 0..=1000.
+    pub checkpoint_max_deltas: u64,
     /// Local read cache size in bytes, per volume; 0 disables it. Kept
     /// across restarts. Default 1 GiB.
     #[serde(with = "crate::size::serde_bytes")]
@@ -73,6 +77,7 @@ impl Default for EngineConfig {
             max_unstored_seconds: 30,
             durability: Durability::Local,
             checkpoint_every_chunks: 64,
+            checkpoint_max_deltas: 64,
             cache_size: 1 << 30,
             cache_dir: None,
             store_read_timeout_ms: 60_000,
@@ -131,6 +136,12 @@ impl EngineConfig {
             return err(
                 "checkpoint_every_chunks",
                 format!("{} must be in 1..=100000", self.checkpoint_every_chunks),
+            );
+        }
+        if self.checkpoint_max_deltas > 1000 {
+            return err(
+                "checkpoint_max_deltas",
+                format!("{} must be in 0..=1000", self.checkpoint_max_deltas),
             );
         }
         if !(100..=3_600_000).contains(&self.store_read_timeout_ms) {

@@ -146,7 +146,7 @@ pub(crate) async fn run(inner: Arc<Inner>, manifest: Manifest, version: Version)
                             )
                         };
                         let res = if due {
-                            checkpoint(&inner, &mut root).await.map(drop)
+                            checkpoint(&inner, &mut root, false).await.map(drop)
                         } else if want_commit {
                             commit_progress(&inner, &mut root).await
                         } else {

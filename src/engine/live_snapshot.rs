@@ -397,8 +397,13 @@ async fn serve_snapshot(inner: &Inner, root: &mut Root) -> Result<(), EngineErro
         st.snapshot_req.take()
     };
     let Some(req) = req else { return Ok(()) };
-    match checkpoint(inner, root).await {
+    match checkpoint(inner, root, true).await {
         Ok(cp) => {
+            let Some(cp) = cp else {
+                let e = EngineError::Encode("checkpoint returned no map".into());
+                let _ = req.reply.send(Err(failure(inner, &e)));
+                return Err(e);
+            };
             let parent = root.manifest.parent;
             let res = store_snapshot(
                 &inner.store,

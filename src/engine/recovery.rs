@@ -40,7 +40,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::checkpoint::{manifest_key, read_manifest, Checkpoint, ChunkInfo, Manifest};
+use super::checkpoint::{manifest_key, read_manifest, ChunkInfo, Manifest};
 use super::chunk::{chunk_key, chunk_prefix, decode_header, parse_chunk_name};
 use super::error::EngineError;
 use super::limits::{checkpoint_cap, get_capped, valid_chunk_id, MAX_CHUNK_OBJECT_BYTES};
@@ -85,6 +85,7 @@ async fn take_manifest(
                     volume: p.id,
                     epoch: p.epoch,
                     checkpoint: None,
+                    checkpoint_base: None,
                     checkpoint_chunk: 0,
                     last_chunk: 0,
                     last_seq: 0,
@@ -176,7 +177,9 @@ pub async fn recover(
     })
 }
 
-/// Load checkpoint `key` (named by `manifest`) into `state`, checking every
+/// Load the checkpoint chain `manifest` names (its newest object is
+/// `key`: a full checkpoint, or a delta applied over its base and earlier
+/// deltas, see [`super::checkpoint::chain`]) into `state`, checking every
 /// number first; returns the epoch of its last chunk.
 async fn load_checkpoint(
     store: &DynStore,
@@ -189,16 +192,17 @@ async fn load_checkpoint(
         key: key.to_string(),
         source,
     };
-    let o = get_capped(store, key, checkpoint_cap(p.size), "checkpoint").await?;
-    let cp = Checkpoint::decode(&o.data).map_err(cp_err)?;
-    if cp.volume != p.id || cp.chunk_seq != manifest.checkpoint_chunk {
+    let loaded =
+        super::checkpoint::chain::load(store, manifest, p.size / SECTOR, checkpoint_cap(p.size))
+            .await?;
+    let chain = loaded.chain;
+    if chain.volume != p.id || chain.chunk_seq != manifest.checkpoint_chunk {
         return Err(manifest_err(
             p.id,
             format!("checkpoint {key} does not match"),
         ));
     }
-    let map = cp.to_map(p.size / SECTOR).map_err(cp_err)?;
-    if let Some(c) = cp.chunks.iter().find(|c| c.epoch > p.epoch) {
+    if let Some(c) = chain.chunks.values().find(|c| c.epoch > p.epoch) {
         return Err(cp_err(super::checkpoint::CheckpointError::Inconsistent(
             format!(
                 "chunk {:#x} has epoch {}, newer than ours ({})",
@@ -206,13 +210,9 @@ async fn load_checkpoint(
             ),
         )));
     }
-    let prev_epoch = cp
-        .chunks
-        .iter()
-        .find(|c| c.seq == cp.chunk_seq)
-        .map_or(0, |c| c.epoch);
-    for info in cp.chunks {
-        let seq = info.seq;
+    let prev_epoch = chain.chunks.get(&chain.chunk_seq).map_or(0, |c| c.epoch);
+    for (seq, info) in chain.chunks {
+        state.cp_table.insert(seq, info.epoch);
         state.chunks.insert(
             seq,
             super::state::ChunkEntry {
@@ -221,18 +221,26 @@ async fn load_checkpoint(
             },
         );
     }
-    for (_, l, loc) in map.iter() {
+    for (_, l, loc) in chain.map.iter() {
         if let super::map::Loc::Chunk { chunk, .. } = loc {
             if let Some(e) = state.chunks.get_mut(&chunk) {
                 e.live_sectors += l;
             }
         }
     }
-    state.stored = std::sync::Arc::new(map);
-    state.stored_seq = cp.last_seq;
-    state.last_chunk = cp.chunk_seq;
-    state.checkpoint_chunk = cp.chunk_seq;
+    state.stored = std::sync::Arc::new(chain.map);
+    state.stored_seq = chain.last_seq;
+    state.last_chunk = chain.chunk_seq;
+    state.checkpoint_chunk = chain.chunk_seq;
     state.checkpoint_key = Some(key.to_string());
+    state.chain = super::checkpoint::chain::ChainPos {
+        base: Some(loaded.base_key),
+        base_bytes: loaded.base_bytes,
+        deltas: loaded.delta_keys,
+        delta_bytes: loaded.delta_bytes,
+        chunk_seq: chain.chunk_seq,
+        extendable: !loaded.base_json,
+    };
     Ok(prev_epoch)
 }
 

@@ -388,6 +388,14 @@ pub async fn load_checkpoint(store: &DynStore, m: &Manifest) -> Result<Checkpoin
     let volume = m.volume;
     let cp = match &m.checkpoint {
         None => Checkpoint::empty(volume, m.epoch, m.last_seq),
+        Some(_) if m.checkpoint_base.is_some() => {
+            // A chain: rebuilt from its base and deltas (no volume size is
+            // known here; ranges are still checked against overflow).
+            crate::engine::checkpoint::chain::load(store, m, u64::MAX, MAX_METADATA_BYTES)
+                .await?
+                .chain
+                .into_checkpoint()
+        }
         Some(k) => {
             let d = get_capped(store, k, MAX_METADATA_BYTES, "checkpoint").await?;
             let cp_err = |source| EngineError::Checkpoint {
@@ -510,6 +518,7 @@ pub async fn rollback(
     );
     let new = Manifest {
         checkpoint: Some(key.clone()),
+        checkpoint_base: None,
         checkpoint_chunk: m.last_chunk,
         ..m.clone()
     };
@@ -541,6 +550,22 @@ pub(crate) async fn swap_checkpoint(
     new: Manifest,
     conflict: &str,
 ) -> Result<(), SnapshotError> {
+    // The superseded chain (base and deltas), named before the swap.
+    let old_keys =
+        match crate::engine::checkpoint::chain::keys(store, old, MAX_METADATA_BYTES).await {
+            Ok(k) => k,
+            Err(e) => {
+                log::warn!(
+                    "reading the old checkpoint chain of volume {:x}: {e}",
+                    old.volume
+                );
+                old.checkpoint
+                    .iter()
+                    .chain(&old.checkpoint_base)
+                    .cloned()
+                    .collect()
+            }
+        };
     store
         .put(key, Bytes::from(cp.encode()), PutMode::Overwrite)
         .await?;
@@ -558,7 +583,7 @@ pub(crate) async fn swap_checkpoint(
         }
         Err(e) => return Err(e.into()),
     }
-    if let Some(prev) = old.checkpoint.as_deref().filter(|o| *o != key) {
+    for prev in old_keys.iter().filter(|o| *o != key) {
         if let Err(e) = store.delete(prev).await {
             log::warn!("deleting old checkpoint {prev}: {e}");
         }

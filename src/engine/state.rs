@@ -11,6 +11,10 @@
 //!    [`State::stored_mut`], which copies the map only if such a clone is
 //!    still alive (it is not in the engine: only the destage task mutates
 //!    `stored`, and it does not while its own checkpoint is encoding).
+//!    Every change goes through [`State::stored_insert`] or
+//!    [`State::stored_remove`], which mark the range in `dirty`: `dirty`
+//!    covers every range where `stored` may differ from the committed
+//!    checkpoint chain (what the next delta carries).
 //! 3. `pending` holds, in sequence order, every WAL record with
 //!    `seq > stored_seq`; its first record's seq is `stored_seq + 1`.
 //! 4. `chunks[c].live_sectors` counts the sectors of `stored` pointing at `c`.
@@ -87,6 +91,12 @@ pub struct State {
     /// Chunk covered by the newest committed checkpoint.
     pub checkpoint_chunk: u64,
     pub checkpoint_key: Option<String>,
+    /// Ranges of `stored` changed since the committed checkpoint.
+    pub dirty: super::checkpoint::dirty::DirtySet,
+    /// The committed chain's chunk table: seq -> epoch.
+    pub cp_table: HashMap<u64, u64>,
+    /// Where the committed chain stands (base, deltas, their sizes).
+    pub chain: super::checkpoint::chain::ChainPos,
     /// Tasks waiting for destage progress (backpressure, store flushes).
     pub waiters: Vec<oneshot::Sender<()>>,
     pub fenced: Option<String>,
@@ -116,8 +126,20 @@ pub struct State {
 impl State {
     /// The stored map, for a change (invariant 2: copied first only if a
     /// checkpoint still holds it).
-    pub fn stored_mut(&mut self) -> &mut ExtentMap {
+    fn stored_mut(&mut self) -> &mut ExtentMap {
         Arc::make_mut(&mut self.stored)
+    }
+
+    /// Map `[start, start+len)` of `stored` to `loc`, marking it dirty.
+    pub fn stored_insert(&mut self, start: u64, len: u64, loc: Loc) -> Vec<Piece> {
+        self.dirty.insert(start, len);
+        self.stored_mut().insert(start, len, loc)
+    }
+
+    /// Unmap `[start, start+len)` of `stored`, marking it dirty.
+    pub fn stored_remove(&mut self, start: u64, len: u64) -> Vec<Piece> {
+        self.dirty.insert(start, len);
+        self.stored_mut().remove(start, len)
     }
 
     /// Wake every waiter; each re-checks its own condition.
@@ -182,16 +204,14 @@ impl State {
         for e in extents {
             let removed = match e.data_off {
                 Some(off) => {
-                    let r =
-                        self.stored_mut()
-                            .insert(e.lba, e.sectors, Loc::Chunk { chunk: seq, off });
+                    let r = self.stored_insert(e.lba, e.sectors, Loc::Chunk { chunk: seq, off });
                     if let Some(c) = self.chunks.get_mut(&seq) {
                         c.live_sectors += e.sectors;
                     }
                     r
                 }
-                None if self.keep_zeros => self.stored_mut().insert(e.lba, e.sectors, Loc::Zero),
-                None => self.stored_mut().remove(e.lba, e.sectors),
+                None if self.keep_zeros => self.stored_insert(e.lba, e.sectors, Loc::Zero),
+                None => self.stored_remove(e.lba, e.sectors),
             };
             self.uncount(removed);
         }

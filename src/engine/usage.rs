@@ -138,6 +138,17 @@ pub async fn compute_detached(
             })?;
             let map = match &m.checkpoint {
                 None => ExtentMap::new(),
+                Some(k) if m.checkpoint_base.is_some() => {
+                    let cap = crate::engine::limits::checkpoint_cap(size);
+                    crate::engine::checkpoint::chain::load(store, &m, size / SECTOR, cap)
+                        .await
+                        .map_err(|e| UsageError::Corrupt {
+                            key: k.clone(),
+                            reason: e.to_string(),
+                        })?
+                        .chain
+                        .map
+                }
                 Some(k) => {
                     let d = store.get(k).await?;
                     let corrupt = |reason: String| UsageError::Corrupt {

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use shale::clock::SystemClock;
+mod cpcost;
 mod map;
 mod snapshots;
 
@@ -44,6 +45,14 @@ struct Args {
     /// random 4K extents (issue 11).
     #[arg(long, default_value_t = 0)]
     map_extents: u64,
+    /// Instead: metadata bytes written per GiB of 4K random writes into a
+    /// volume already holding this many fragmented extents, full
+    /// checkpoints against delta checkpoints, and its open time (issue 11).
+    #[arg(long, default_value_t = 0)]
+    checkpoint_cost: u64,
+    /// Bytes of 4K random writes for `--checkpoint-cost`.
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    cp_write: u64,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -319,6 +328,16 @@ fn main() -> Result<()> {
     let args = Args::parse();
     if args.map_extents > 0 {
         return map::run(args.map_extents);
+    }
+    if args.checkpoint_cost > 0 {
+        let root = args.dir.join(format!("shale-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&root).with_context(|| format!("create {}", root.display()))?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        let res = rt.block_on(cpcost::run(&root, args.checkpoint_cost, args.cp_write));
+        let _ = std::fs::remove_dir_all(&root);
+        return res;
     }
     if args.size < (64 << 20) || !args.size.is_multiple_of(1 << 20) {
         bail!("--size must be a multiple of 1 MiB and at least 64 MiB");

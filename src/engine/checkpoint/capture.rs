@@ -68,6 +68,21 @@ impl Capture {
         }
     }
 
+    /// The captured map.
+    pub fn map(&self) -> &ExtentMap {
+        &self.map
+    }
+
+    /// Build the full checkpoint (not encoded), a large map on a blocking
+    /// thread.
+    pub async fn encode_full(self) -> Result<Checkpoint, tokio::task::JoinError> {
+        if self.entries() > BLOCKING_ENCODE_ENTRIES {
+            tokio::task::spawn_blocking(move || self.build()).await
+        } else {
+            Ok(self.build())
+        }
+    }
+
     /// Entries in the map.
     pub fn entries(&self) -> usize {
         self.map.len()

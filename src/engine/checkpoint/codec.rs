@@ -3,7 +3,7 @@
 //! Layout (all fixed-width integers little-endian):
 //!
 //! ```text
-//! header  "SHALECP2" | version u32 (= 2) | volume u64 | epoch u64
+//! header  "SHALECP2" | version u32 (2: full, 3: delta) | volume u64 | epoch u64
 //!         | chunk_seq u64 | last_seq u64 | chunks u64 | crcs u64
 //!         | extents u64 | zeros u64 | crc32c u32 (of the bytes before it)
 //! page*   kind u8 | 0u8 x3 | records u32 | bytes u32 | crc32c u32 | payload
@@ -22,9 +22,27 @@
 //!   sector aligned, else `1` followed by the byte offset;
 //! - [`PAGE_ZEROS`]: per zero range `gap, len` (like extents).
 //!
-//! Kind numbers above [`PAGE_ZEROS`] are reserved (a later "delta" kind
-//! for incremental checkpoints); this decoder rejects them by name, so an
-//! old reader never misreads a newer checkpoint.
+//!
+//! A *delta* checkpoint (see [`super::delta`]) has the same header, with
+//! version 3 (so neither a truncated delta nor an older reader takes it
+//! for a full map), and pages (its chunks are the chunks it adds, its extents and zero ranges
+//! the new contents of the ranges it changes) plus three more kinds, which
+//! a full checkpoint never holds:
+//! - [`PAGE_LINK`] (exactly one record, required in a delta): `position`
+//!   in the chain (1 for the first delta after the base), the
+//!   predecessor's `chunk_seq`, the number of changed ranges and of
+//!   removed chunks (so a delta cut after a page boundary is refused),
+//!   then the base's key and the predecessor's key, each as `len` + UTF-8
+//!   bytes (at most [`MAX_KEY_BYTES`]);
+//! - [`PAGE_RANGES`]: per changed range `gap, len` (like zero ranges):
+//!   everything in them not covered by the delta's extents or zero ranges
+//!   is unmapped;
+//! - [`PAGE_REMOVED`]: per chunk removed from the table, the difference
+//!   from the previous removed id (ascending; the first against 0).
+//!
+//! Readers from before deltas existed reject version 3 ("unknown format
+//! version"), so they never misread a delta as a full map; kinds above
+//! [`PAGE_REMOVED`] are rejected by name.
 //!
 //! Invariants of [`decode`]: every number is checked before it is used
 //! (counts against the bytes left, sums with `checked_add`), nothing is
@@ -38,6 +56,8 @@ use crate::engine::chunk::CRC_BLOCK;
 
 pub const MAGIC: &[u8; 8] = b"SHALECP2";
 const VERSION: u32 = 2;
+/// Header version of a delta (which must hold a [`PAGE_LINK`] page).
+const DELTA_VERSION: u32 = 3;
 /// Header bytes, its CRC included.
 pub const HEADER_LEN: usize = 8 + 4 + 8 * 8 + 4;
 const PAGE_HEADER_LEN: usize = 16;
@@ -48,6 +68,28 @@ pub const PAGE_CHUNKS: u8 = 1;
 pub const PAGE_CRCS: u8 = 2;
 pub const PAGE_EXTENTS: u8 = 3;
 pub const PAGE_ZEROS: u8 = 4;
+pub const PAGE_LINK: u8 = 5;
+pub const PAGE_RANGES: u8 = 6;
+pub const PAGE_REMOVED: u8 = 7;
+/// Longest key a link record may name.
+pub const MAX_KEY_BYTES: usize = 1024;
+/// Highest chain position a link may hold.
+pub const MAX_POSITION: u64 = 1 << 16;
+
+/// The pages only a delta holds (see the module docs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeltaPages {
+    /// 1 for the first delta after the base.
+    pub position: u64,
+    /// `chunk_seq` of the predecessor (the base, or the previous delta).
+    pub prev_chunk_seq: u64,
+    pub base: String,
+    pub prev: String,
+    /// Changed ranges `(start, sectors)`, ascending and disjoint.
+    pub ranges: Vec<(u64, u64)>,
+    /// Chunk ids removed from the table, ascending.
+    pub removed: Vec<u64>,
+}
 
 /// Smallest encoded record of each kind (bytes), for bounding counts.
 const MIN_CHUNK: u64 = 4;
@@ -120,12 +162,22 @@ const VARINT_MAX: usize = 10;
 
 /// Encode `cp` in the binary format.
 pub fn encode(cp: &Checkpoint) -> Vec<u8> {
+    encode_with(cp, None)
+}
+
+/// Encode `cp`, with the delta pages `delta` if given.
+pub fn encode_with(cp: &Checkpoint, delta: Option<&DeltaPages>) -> Vec<u8> {
     let crcs: u64 = cp.chunks.iter().map(|c| c.crcs.len() as u64).sum();
     let mut out = Vec::with_capacity(
         HEADER_LEN + cp.chunks.len() * 24 + crcs as usize * 4 + cp.extents.len() * 10,
     );
     out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&VERSION.to_le_bytes());
+    let version = if delta.is_some() {
+        DELTA_VERSION
+    } else {
+        VERSION
+    };
+    out.extend_from_slice(&version.to_le_bytes());
     for v in [
         cp.volume,
         cp.epoch,
@@ -197,7 +249,51 @@ pub fn encode(cp: &Checkpoint) -> Vec<u8> {
         end = s.wrapping_add(l);
     }
     w.flush();
+    if let Some(d) = delta {
+        encode_delta_pages(&mut out, d);
+    }
     out
+}
+
+fn encode_delta_pages(out: &mut Vec<u8>, d: &DeltaPages) {
+    let mut w = PageWriter::new(out, PAGE_LINK);
+    put_varint(&mut w.page, d.position);
+    put_varint(&mut w.page, d.prev_chunk_seq);
+    put_varint(&mut w.page, d.ranges.len() as u64);
+    put_varint(&mut w.page, d.removed.len() as u64);
+    for k in [&d.base, &d.prev] {
+        put_varint(&mut w.page, k.len() as u64);
+        w.page.extend_from_slice(k.as_bytes());
+    }
+    w.records = 1;
+    w.flush();
+
+    let mut w = PageWriter::new(out, PAGE_RANGES);
+    let mut end = 0u64;
+    for &(s, l) in &d.ranges {
+        if w.full(2 * VARINT_MAX) {
+            w.flush();
+            end = 0;
+        }
+        put_varint(&mut w.page, s.wrapping_sub(end));
+        put_varint(&mut w.page, l);
+        w.records += 1;
+        end = s.wrapping_add(l);
+    }
+    w.flush();
+
+    let mut w = PageWriter::new(out, PAGE_REMOVED);
+    let mut last = 0u64;
+    for &c in &d.removed {
+        if w.full(VARINT_MAX) {
+            w.flush();
+            last = 0;
+        }
+        put_varint(&mut w.page, c.wrapping_sub(last));
+        w.records += 1;
+        last = c;
+    }
+    w.flush();
 }
 
 /// Reads varints and fixed words from one page's payload.
@@ -245,8 +341,19 @@ fn word32(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
-/// Decode a binary checkpoint (the caller has seen [`MAGIC`]).
+/// Decode a full binary checkpoint (the caller has seen [`MAGIC`]); a
+/// delta is refused ([`CheckpointError::Delta`]): it means nothing without
+/// its chain (see [`super::delta`]).
 pub fn decode(b: &[u8]) -> Result<Checkpoint, CheckpointError> {
+    match decode_any(b)? {
+        (cp, None) => Ok(cp),
+        (_, Some(d)) => Err(CheckpointError::Delta(d.position)),
+    }
+}
+
+/// Decode a full or delta checkpoint; a delta comes back with its
+/// [`DeltaPages`].
+pub fn decode_any(b: &[u8]) -> Result<(Checkpoint, Option<DeltaPages>), CheckpointError> {
     let bad_header = |m: String| CheckpointError::Parse(format!("header: {m}"));
     if b.len() < HEADER_LEN || &b[..8] != MAGIC {
         return Err(CheckpointError::BadMagic);
@@ -256,7 +363,7 @@ pub fn decode(b: &[u8]) -> Result<Checkpoint, CheckpointError> {
         return Err(CheckpointError::Crc);
     }
     let version = word32(b, 8);
-    if version != VERSION {
+    if version != VERSION && version != DELTA_VERSION {
         return Err(bad_header(format!("unknown format version {version}")));
     }
     let h: Vec<u64> = (0..8).map(|i| word(b, 12 + 8 * i)).collect();
@@ -290,6 +397,9 @@ pub fn decode(b: &[u8]) -> Result<Checkpoint, CheckpointError> {
     };
     // CRC arrays are filled in chunk order: (chunk index, CRCs still due).
     let mut crc_fill = (0usize, 0u64);
+    let mut delta: Option<DeltaPages> = None;
+    // Ranges and removed chunks the link announces.
+    let (mut n_ranges, mut n_removed) = (0u64, 0u64);
     let mut crcs_seen = 0u64;
     let mut last_kind = 0u8;
     let mut at = HEADER_LEN;
@@ -323,7 +433,7 @@ pub fn decode(b: &[u8]) -> Result<Checkpoint, CheckpointError> {
         if want != crc {
             return Err(err("checksum mismatch".into()));
         }
-        if !(PAGE_CHUNKS..=PAGE_ZEROS).contains(&kind) {
+        if !(PAGE_CHUNKS..=PAGE_REMOVED).contains(&kind) {
             return Err(err(format!(
                 "unknown page kind {kind} (written by a newer version?)"
             )));
@@ -333,6 +443,14 @@ pub fn decode(b: &[u8]) -> Result<Checkpoint, CheckpointError> {
         }
         if records == 0 {
             return Err(err("empty page".into()));
+        }
+        if kind > PAGE_LINK && delta.is_none() {
+            return Err(err(format!("page kind {kind} without a delta link page")));
+        }
+        // Every record of these kinds takes at least one byte per field:
+        // a count the payload cannot hold is refused before decoding.
+        if kind >= PAGE_LINK && records > len as u64 {
+            return Err(err(format!("{records} records cannot fit {len} bytes")));
         }
         last_kind = kind;
         let mut r = Reader { b: payload, at: 0 };
@@ -428,6 +546,89 @@ pub fn decode(b: &[u8]) -> Result<Checkpoint, CheckpointError> {
                     cp.extents.push((s, l, c, off));
                 }
             }
+            PAGE_LINK => {
+                if records != 1 || delta.is_some() {
+                    return Err(err("a delta has exactly one link record".into()));
+                }
+                let position = r.varint().map_err(err)?;
+                let prev_chunk_seq = r.varint().map_err(err)?;
+                n_ranges = r.varint().map_err(err)?;
+                n_removed = r.varint().map_err(err)?;
+                let left = (b.len() - start - len) as u64;
+                if n_ranges
+                    .checked_mul(2)
+                    .and_then(|x| x.checked_add(n_removed))
+                    .is_none_or(|need| need > left)
+                {
+                    return Err(err(format!(
+                        "link announces {n_ranges} ranges and {n_removed} removed chunks, more than the {left} bytes that follow"
+                    )));
+                }
+                if position == 0 || position > MAX_POSITION {
+                    return Err(err(format!("chain position {position} is out of range")));
+                }
+                let mut keys = Vec::with_capacity(2);
+                for what in ["base", "predecessor"] {
+                    let n = r.varint().map_err(err)?;
+                    if n == 0 || n > MAX_KEY_BYTES as u64 {
+                        return Err(err(format!("{what} key of {n} bytes")));
+                    }
+                    let n = n as usize;
+                    let raw = payload
+                        .get(r.at..r.at + n)
+                        .ok_or_else(|| err(format!("{what} key cut short")))?;
+                    r.at += n;
+                    let k = std::str::from_utf8(raw)
+                        .map_err(|_| err(format!("{what} key is not UTF-8")))?;
+                    keys.push(k.to_string());
+                }
+                let prev = keys.pop().unwrap_or_default();
+                let base = keys.pop().unwrap_or_default();
+                delta = Some(DeltaPages {
+                    position,
+                    prev_chunk_seq,
+                    base,
+                    prev,
+                    ranges: Vec::new(),
+                    removed: Vec::new(),
+                });
+            }
+            PAGE_RANGES => {
+                let Some(d) = delta.as_mut() else {
+                    return Err(err("ranges without a link".into()));
+                };
+                if records > n_ranges - d.ranges.len() as u64 {
+                    return Err(over("ranges", d.ranges.len(), n_ranges));
+                }
+                let mut end = 0u64;
+                for _ in 0..records {
+                    let gap = r.varint().map_err(err)?;
+                    let l = r.varint().map_err(err)?;
+                    let s = end
+                        .checked_add(gap)
+                        .ok_or_else(|| err(format!("range start {end}+{gap} overflows")))?;
+                    end = s
+                        .checked_add(l)
+                        .ok_or_else(|| err(format!("range {s}+{l} overflows")))?;
+                    d.ranges.push((s, l));
+                }
+            }
+            PAGE_REMOVED => {
+                let Some(d) = delta.as_mut() else {
+                    return Err(err("removed chunks without a link".into()));
+                };
+                if records > n_removed - d.removed.len() as u64 {
+                    return Err(over("removed chunks", d.removed.len(), n_removed));
+                }
+                let mut last = 0u64;
+                for _ in 0..records {
+                    let gap = r.varint().map_err(err)?;
+                    last = last
+                        .checked_add(gap)
+                        .ok_or_else(|| err(format!("removed chunk id {last}+{gap} overflows")))?;
+                    d.removed.push(last);
+                }
+            }
             _ => {
                 if records > n_zeros - cp.zeros.len() as u64 {
                     return Err(over("zero ranges", cp.zeros.len(), n_zeros));
@@ -472,10 +673,25 @@ pub fn decode(b: &[u8]) -> Result<Checkpoint, CheckpointError> {
     if cp.zeros.len() as u64 != n_zeros {
         return Err(short("zero ranges", cp.zeros.len() as u64, n_zeros));
     }
+    if (version == DELTA_VERSION) != delta.is_some() {
+        return Err(CheckpointError::Parse(if delta.is_some() {
+            "a full checkpoint holds a delta link page".into()
+        } else {
+            "a delta ends before its link page (truncated?)".into()
+        }));
+    }
+    if let Some(d) = &delta {
+        if d.ranges.len() as u64 != n_ranges {
+            return Err(short("changed ranges", d.ranges.len() as u64, n_ranges));
+        }
+        if d.removed.len() as u64 != n_removed {
+            return Err(short("removed chunks", d.removed.len() as u64, n_removed));
+        }
+    }
     // Chunks whose data needs more checksums than were given are caught by
     // `ChunkInfo::validate` (which counts them); a sum that matches the
     // header but is spread wrongly shows there as well.
-    Ok(cp)
+    Ok((cp, delta))
 }
 
 #[cfg(test)]

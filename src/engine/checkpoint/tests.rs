@@ -66,6 +66,7 @@ fn manifest_json_rejects_unknown_fields() {
         volume: 1,
         epoch: 2,
         checkpoint: None,
+        checkpoint_base: None,
         checkpoint_chunk: 0,
         last_chunk: 0,
         last_seq: 0,

@@ -230,12 +230,12 @@ fn hostile_headers_and_pages_are_refused() {
             assert!(matches!(e, CheckpointError::Parse(_)), "field {field}: {e}");
         }
     }
-    // A newer page kind (say, a future delta page) is named, not misread.
+    // A newer page kind is named, not misread.
     let mut m = enc.clone();
-    m[HEADER_LEN] = 5;
+    m[HEADER_LEN] = 8;
     reseal(&mut m);
     let e = decode(&m).unwrap_err().to_string();
-    assert!(e.contains("unknown page kind 5"), "{e}");
+    assert!(e.contains("unknown page kind 8"), "{e}");
     // A page claiming more records than the header allows.
     let mut m = enc.clone();
     m[HEADER_LEN + 4..HEADER_LEN + 8].copy_from_slice(&u32::MAX.to_le_bytes());
