@@ -140,25 +140,25 @@ pub fn plan(fs: &DynWalFs, dir: &Path, volume: u64, after: u64) -> Result<Discar
     let newest = scans.len().saturating_sub(1);
     let mut cut_at: Option<(usize, u64)> = None;
     let mut last_readable = 0;
+    let mut run_end = 0u64;
     for (i, s) in scans.iter().enumerate() {
-        if let (Some(f), Some(prev)) = (s.first_seq, i.checked_sub(1)) {
-            // Records missing between two segments (replay invariant 2a).
-            if f > last_readable + 1 && after > last_readable {
-                let p = &scans[prev];
-                return Err(WalError::Io(format!(
-                    "records after seq {last_readable} cannot be read ({} ends at offset {} but the \
-                     next segment starts at seq {f}); choose --after {last_readable} or lower",
-                    p.path.display(),
-                    p.good_len
-                )));
-            }
-        }
         if let Some(r) = s.records.iter().find(|r| r.seq > after) {
             cut_at = Some((i, r.off));
             break;
         }
         last_readable = s.records.last().map_or(last_readable, |r| r.seq);
-        if let Some(why) = &s.damage {
+        run_end = run_end.max(last_readable);
+        if let Some(f) = s.first_seq {
+            run_end = run_end.max(f.saturating_sub(1));
+        }
+        // A version 2 segment whose run ends before the next segment's
+        // first_seq lost records there (replay invariant 2a): damage.
+        let short = scans
+            .get(i + 1)
+            .and_then(|t| t.first_seq)
+            .filter(|&f| s.first_seq.is_some() && f > run_end + 1)
+            .map(|f| format!("its records end at seq {run_end}, the next segment starts at seq {f}"));
+        if let Some(why) = s.damage.clone().or(short) {
             if after > last_readable && i != newest {
                 return Err(WalError::Io(format!(
                     "records after seq {last_readable} cannot be read ({} is damaged at offset {}: {why}); \
@@ -185,13 +185,23 @@ pub fn plan(fs: &DynWalFs, dir: &Path, volume: u64, after: u64) -> Result<Discar
     Ok(out)
 }
 
+/// Offset just past the last byte of `s` that is not zero.
+fn written_end(s: &SegScan) -> u64 {
+    match read_all(s.file.as_ref()) {
+        Ok(b) => b.iter().rposition(|&x| x != 0).map_or(0, |p| p as u64 + 1),
+        Err(_) => s.len,
+    }
+}
+
 fn add_cut(out: &mut DiscardPlan, s: &SegScan, keep: u64, after: u64) {
     let restamp = s
         .first_seq
         .filter(|&f| f > after + 1 && keep >= SEG_HEADER_LEN as u64)
         .map(|_| after + 1);
     let len = if s.first_seq.is_some() {
-        s.good_len
+        // Past its run: the unreadable rest of what was written there
+        // (up to the last byte that is not zero), not the preallocation.
+        s.good_len.max(written_end(s))
     } else {
         s.len
     };

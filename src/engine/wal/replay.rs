@@ -82,7 +82,8 @@ fn judge(scans: &[SegScan], after_seq: u64) -> Result<Vec<Fate>, WalError> {
                     path: before.path.display().to_string(),
                     offset: before.good_len,
                     what: format!(
-                        "its records end at seq {run_end}, but the next segment starts at seq {f}"
+                        "expected the record after seq {run_end}, found the end of the segment's \
+                         records, but the next segment starts at seq {f}"
                     ),
                     last_good: prev,
                 });
