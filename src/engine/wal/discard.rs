@@ -152,12 +152,14 @@ pub fn plan(fs: &DynWalFs, dir: &Path, volume: u64, after: u64) -> Result<Discar
             run_end = run_end.max(f.saturating_sub(1));
         }
         // A version 2 segment whose run ends before the next segment's
-        // first_seq lost records there (replay invariant 2a): damage.
+        // first_seq lost records there (replay invariant 6): damage.
         let short = scans
             .get(i + 1)
             .and_then(|t| t.first_seq)
             .filter(|&f| s.first_seq.is_some() && f > run_end + 1)
-            .map(|f| format!("its records end at seq {run_end}, the next segment starts at seq {f}"));
+            .map(|f| {
+                format!("its records end at seq {run_end}, the next segment starts at seq {f}")
+            });
         if let Some(why) = s.damage.clone().or(short) {
             if after > last_readable && i != newest {
                 return Err(WalError::Io(format!(

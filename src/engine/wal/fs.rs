@@ -66,7 +66,11 @@ pub trait WalFile: Send + Sync + std::fmt::Debug {
 }
 
 /// `write_vectored_at` until every byte of `iov` is written.
-pub fn write_all_at<F: WalFile + ?Sized>(file: &F, iov: &[IoSlice<'_>], off: u64) -> io::Result<()> {
+pub fn write_all_at<F: WalFile + ?Sized>(
+    file: &F,
+    iov: &[IoSlice<'_>],
+    off: u64,
+) -> io::Result<()> {
     let mut owned: Vec<IoSlice<'_>> = iov.to_vec();
     let mut slices: &mut [IoSlice<'_>] = &mut owned;
     let mut off = off;
@@ -220,7 +224,10 @@ impl RealFile {
             return Ok(done.min(len));
         }
         let last = end - end % bs;
-        *t = (last, buf[(last - start) as usize..(end - start) as usize].to_vec());
+        *t = (
+            last,
+            buf[(last - start) as usize..(end - start) as usize].to_vec(),
+        );
         if padded > size {
             // The padding must not make the file longer than what was
             // written (rule 6).
@@ -288,12 +295,7 @@ impl WalFile for RealFile {
         }
         let l = libc::off_t::try_from(len)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "length too large"))?;
-        match nix::fcntl::fallocate(
-            &self.write,
-            nix::fcntl::FallocateFlags::empty(),
-            0,
-            l,
-        ) {
+        match nix::fcntl::fallocate(&self.write, nix::fcntl::FallocateFlags::empty(), 0, l) {
             Ok(()) => Ok(()),
             Err(nix::errno::Errno::EOPNOTSUPP) => self.read.set_len(len),
             Err(e) => Err(e.into()),

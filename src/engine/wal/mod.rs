@@ -264,13 +264,20 @@ fn create_segment(
 /// only leaves the pool smaller (rolls then create files).
 fn fill_pool(fs: &DynWalFs, dir: &Path, volume: u64, seg_limit: u64, reg: &mut Registry) {
     if let Some(cur) = reg.segs.get(&reg.current) {
-        if let Err(e) = cur.file.allocate(seg_limit).and_then(|_| cur.file.sync_data()) {
+        if let Err(e) = cur
+            .file
+            .allocate(seg_limit)
+            .and_then(|_| cur.file.sync_data())
+        {
             log::warn!("preallocating the WAL segment {}: {e}", cur.path.display());
         }
     }
     let mut created = false;
     while reg.spares.len() < POOL_MIN {
-        let id = reg.current.max(reg.spares.keys().next_back().copied().unwrap_or(0)) + 1;
+        let id = reg
+            .current
+            .max(reg.spares.keys().next_back().copied().unwrap_or(0))
+            + 1;
         let path = seg_path(dir, id);
         let made = fs.create(&path).and_then(|file| {
             let header = segment::encode_spare(volume);
@@ -531,8 +538,8 @@ impl Wal {
         // Its old records must never be read as a segment's again: the
         // spare header is durable before the file takes a new name.
         let header = segment::encode_spare(self.volume);
-        let made = write_all_vectored(s.file.as_ref(), &mut [IoSlice::new(&header)], 0)
-            .and_then(|_| {
+        let made =
+            write_all_vectored(s.file.as_ref(), &mut [IoSlice::new(&header)], 0).and_then(|_| {
                 s.file
                     .allocate(self.seg_limit)
                     .and_then(|_| s.file.sync_data())
@@ -543,7 +550,10 @@ impl Wal {
             return Err(e);
         }
         let mut reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
-        let id = reg.current.max(reg.spares.keys().next_back().copied().unwrap_or(0)) + 1;
+        let id = reg
+            .current
+            .max(reg.spares.keys().next_back().copied().unwrap_or(0))
+            + 1;
         let path = seg_path(&self.dir, id);
         self.fs
             .rename(&s.path, &path)
@@ -709,7 +719,11 @@ fn lock_broken(b: &Mutex<Option<WalError>>) -> std::sync::MutexGuard<'_, Option<
 
 /// The syncer thread: takes every queued job, syncs their files once, then
 /// acknowledges them all (so jobs queued during a sync share the next one).
-fn run_syncer(rx: mpsc::Receiver<SyncJob>, synced: Arc<AtomicU64>, broken: Arc<Mutex<Option<WalError>>>) {
+fn run_syncer(
+    rx: mpsc::Receiver<SyncJob>,
+    synced: Arc<AtomicU64>,
+    broken: Arc<Mutex<Option<WalError>>>,
+) {
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         while let Ok(j) = rx.try_recv() {

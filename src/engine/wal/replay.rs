@@ -10,14 +10,6 @@
 //!    the next one is started). Replay stops there and cuts that segment
 //!    (a version 2 segment is not cut: its run already ends there, and the
 //!    next segment's `first_seq` says so).
-//! 2a. A version 2 segment's run ends at the first thing that does not
-//!    continue it ([`super::scan`]). Records are missing there only if the
-//!    next segment's `first_seq` lies beyond the end of every run before
-//!    it (and beyond `after_seq + 1`): that is damage like any other
-//!    (invariant 3), named at the end of the previous segment's run.
-//! 2b. Spares (pool files) are no segments: a spare named just after the
-//!    last segment becomes the new current segment, spares named right
-//!    after that stay in the pool, any other spare is deleted.
 //! 3. Damage or a sequence gap anywhere else is corruption: replay fails
 //!    with [`WalError::Damaged`] naming the segment, the offset and what was
 //!    expected, and changes nothing on disk. (Damage in a segment whose
@@ -30,6 +22,14 @@
 //!    segment stamped with the writer's [`Stamp`] is created and made
 //!    durable, so the WAL names its new writer before that writer commits
 //!    its epoch as the manifest's `history_epoch`.
+//! 6. A version 2 segment's run ends at the first thing that does not
+//!    continue it ([`super::scan`]). Records are missing there only if the
+//!    next segment's `first_seq` lies beyond the end of every run before
+//!    it (and beyond `after_seq + 1`): that is damage like any other
+//!    (invariant 3), named at the end of the previous segment's run.
+//! 7. Spares (pool files) are no segments: a spare named just after the
+//!    last segment becomes the new current segment, spares named right
+//!    after that stay in the pool, any other spare is deleted.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -62,7 +62,7 @@ fn judge(scans: &[SegScan], after_seq: u64) -> Result<Vec<Fate>, WalError> {
     let mut prev = 0u64;
     let mut next = after_seq + 1;
     let newest = scans.iter().rposition(|s| !s.spare).unwrap_or(0);
-    // The end of every run so far (invariant 2a) and the last segment.
+    // The end of every run so far (invariant 6) and the last segment.
     let mut run_end = 0u64;
     let mut last_seg: Option<&SegScan> = None;
     for (i, s) in scans.iter().enumerate() {
@@ -185,7 +185,7 @@ pub fn replay(
     for (s, fate) in scans.into_iter().zip(fates) {
         let len = match fate {
             Fate::Spare => {
-                // Invariant 2b: only the run of names right after the
+                // Invariant 7: only the run of names right after the
                 // segments stays in the pool.
                 let expect = next_id + spares.len() as u64;
                 let expect = if spares.is_empty() || spares.contains_key(&next_id) {

@@ -170,7 +170,10 @@ fn scan_segment(fs: &DynWalFs, dir: &Path, id: u64, volume: u64) -> Result<SegSc
         };
         if let Some(want) = expect {
             if h.seq != want {
-                seg.run_end = Some(format!("a record of seq {} where seq {want} would be", h.seq));
+                seg.run_end = Some(format!(
+                    "a record of seq {} where seq {want} would be",
+                    h.seq
+                ));
                 break;
             }
             expect = Some(want + 1);

@@ -48,14 +48,18 @@ fn recycled_segments_replay_only_current_records(fs: &DynWalFs, dir: &Path, stal
     assert!(before.len() > 4, "the small limit rolls segments");
     // Everything up to seq 40 is in the store: segments become spares.
     wal.release_upto(40);
-    let seqs: Vec<u64> = (0..15).flat_map(|i| write_flushed(&wal, 100 + i, 1)).collect();
+    let seqs: Vec<u64> = (0..15)
+        .flat_map(|i| write_flushed(&wal, 100 + i, 1))
+        .collect();
     assert_eq!(seqs, (41..=55).collect::<Vec<_>>());
     drop(wal);
     let scans = scan(fs, dir, 9).unwrap();
     // Some recycled segment ends its run at a stale record.
-    let stale = scans
-        .iter()
-        .any(|s| s.run_end.as_deref().is_some_and(|w| w.contains("where seq")));
+    let stale = scans.iter().any(|s| {
+        s.run_end
+            .as_deref()
+            .is_some_and(|w| w.contains("where seq"))
+    });
     assert!(
         stale || !stale_at_tail,
         "a stale record follows a tail: {:?}",
@@ -189,7 +193,10 @@ impl WalFs for GatedSyncFs {
         self.0.list(dir)
     }
     fn create(&self, path: &Path) -> std::io::Result<SegFile> {
-        Ok(Arc::new(GatedSyncFile(self.0.create(path)?, self.1.clone())))
+        Ok(Arc::new(GatedSyncFile(
+            self.0.create(path)?,
+            self.1.clone(),
+        )))
     }
     fn open(&self, path: &Path) -> std::io::Result<SegFile> {
         Ok(Arc::new(GatedSyncFile(self.0.open(path)?, self.1.clone())))
@@ -240,7 +247,8 @@ fn power_loss_with_batches_in_flight_keeps_every_acknowledged_flush() {
             std::thread::yield_now();
         }
         // C is written and acknowledged while B's sync is in flight.
-        let c = futures::executor::block_on(wal.append(RecordKind::Write, 70, 1, data(70, 1), false));
+        let c =
+            futures::executor::block_on(wal.append(RecordKind::Write, 70, 1, data(70, 1), false));
         assert_eq!(c, Ok(6));
         assert!(!b_done.load(SeqCst), "B is still waiting for its sync");
         pfs.lose_power();
