@@ -26,8 +26,9 @@
 //! (a partial last block is padded with zeros and rewritten from an
 //! in-memory copy by the next write) and reads through a second, buffered
 //! descriptor; where the file system refuses O_DIRECT (tmpfs: EINVAL) it
-//! falls back to buffered `pwritev` and logs that once. The hot path pays
-//! one dynamic call per batch.
+//! falls back to buffered `pwritev` and logs that once (the environment
+//! variable `SHALE_WAL_NO_DIRECT`, a diagnostic knob for benchmarks, takes
+//! that path on purpose). The hot path pays one dynamic call per batch.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice};
@@ -160,7 +161,12 @@ impl RealFile {
         use std::os::unix::fs::OpenOptionsExt;
         let mut d = OpenOptions::new();
         d.read(true).write(true).custom_flags(libc::O_DIRECT);
-        let (write, tail) = match d.open(path) {
+        let direct = if std::env::var_os("SHALE_WAL_NO_DIRECT").is_some() {
+            Err(io::Error::from_raw_os_error(libc::EINVAL))
+        } else {
+            d.open(path)
+        };
+        let (write, tail) = match direct {
             Ok(f) => (f, Some(std::sync::Mutex::new((0, Vec::new())))),
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                 note_no_direct(path, &e);
