@@ -156,7 +156,7 @@ fn seeds() -> Seeds {
     let mut wal = wal_record(RecordKind::Write, 1, 0, &[7u8; 1024]);
     wal.extend(wal_record(RecordKind::Trim, 2, 16, &[]));
     wal.extend(wal_record(RecordKind::Zero, 3, 32, &[]));
-    let mut stamped = shale::engine::wal::segment::encode(
+    let mut stamped = shale::engine::wal::segment::encode_v1(
         7,
         shale::engine::wal::segment::Stamp {
             epoch: 2,

@@ -31,7 +31,12 @@ fuzz_target!(|data: &[u8]| {
                 base_epoch: u64::from(segments >> 4),
             };
             let volume = if segments & 4 == 4 { VOLUME + 1 } else { VOLUME };
-            f.extend_from_slice(&segment::encode(volume, stamp));
+            // Bit 3: version 2 headers (records must continue a run).
+            if segments & 8 == 8 {
+                f.extend_from_slice(&segment::encode(volume, stamp, 1 + n as u64));
+            } else {
+                f.extend_from_slice(&segment::encode_v1(volume, stamp));
+            }
         }
     }
     let mut i = 0usize;

@@ -137,7 +137,12 @@ pub(crate) async fn run(inner: Arc<Inner>, manifest: Manifest, version: Version)
                 match res {
                     Ok(()) => {
                         backoff = Duration::from_millis(10);
-                        apply(&inner, built);
+                        let stored_seq = apply(&inner, built);
+                        // Releasing recycles WAL segments (a write, an
+                        // fdatasync, a rename, a directory sync): not on
+                        // the runtime's threads.
+                        let w = inner.clone();
+                        let _ = tokio::task::spawn_blocking(move || w.wal.release_upto(stored_seq)).await;
                         let (due, want_commit) = {
                             let st = inner.shared.lock();
                             (
@@ -366,8 +371,9 @@ fn build(inner: &Inner, b: Batch) -> Result<Built, (EngineError, Taken)> {
     })
 }
 
-/// Point the maps at a stored chunk and release what it made durable.
-fn apply(inner: &Inner, b: Built) {
+/// Point the maps at a stored chunk; returns the seq up to which the
+/// store now holds every write (the caller releases the WAL up to it).
+fn apply(inner: &Inner, b: Built) -> u64 {
     let size = b.obj.len() as u64;
     let stored_seq = {
         let mut st = inner.shared.lock();
@@ -380,7 +386,6 @@ fn apply(inner: &Inner, b: Built) {
         st.wake_all();
         st.stored_seq
     };
-    inner.wal.release_upto(stored_seq);
     inner
         .counters
         .chunks_written
@@ -389,6 +394,7 @@ fn apply(inner: &Inner, b: Built) {
         .counters
         .chunk_bytes_written
         .fetch_add(size, Ordering::Relaxed);
+    stored_seq
 }
 
 /// Newest-wins extents and data of `recs`, all-zero sectors unmapped.

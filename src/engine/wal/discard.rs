@@ -6,13 +6,18 @@
 //! [`DiscardPlan::apply`] first copies every segment it changes into a
 //! side directory (so nothing is destroyed by mistake), then cuts them. A
 //! segment's header is kept even when all its records go, so the WAL still
-//! names the writers whose history it extends.
+//! names the writers whose history it extends. A version 2 segment (see
+//! [`super::segment`]) ends where its run of records ends, so only that
+//! much counts as its bytes; a kept version 2 header whose `first_seq`
+//! lies past the cut is restamped to start right after it, so the next
+//! open finds no records missing between segments.
 
 use std::io::IoSlice;
 use std::path::{Path, PathBuf};
 
 use super::fs::{read_all, DynWalFs};
 use super::scan::{scan, SegScan};
+use super::segment::{self, SEG_HEADER_LEN};
 use super::{io_err, sync_dir, write_all_vectored, WalError};
 
 /// One segment the discard changes.
@@ -21,8 +26,10 @@ pub struct Cut {
     pub path: PathBuf,
     /// Bytes kept at its start (0: the file is removed).
     pub keep: u64,
-    /// Its length now.
+    /// Its length now (a version 2 segment: the end of its records).
     pub len: u64,
+    /// Rewrite the (version 2) header's `first_seq` to this.
+    pub restamp: Option<u64>,
 }
 
 /// What discarding the records after `after` throws away.
@@ -75,6 +82,15 @@ impl DiscardPlan {
                 let f = fs
                     .open(&c.path)
                     .map_err(|e| io_err("open WAL segment", e))?;
+                if let Some(first) = c.restamp {
+                    let mut h = [0u8; SEG_HEADER_LEN];
+                    f.read_exact_at(&mut h, 0)
+                        .map_err(|e| io_err("read WAL segment header", e))?;
+                    let h = segment::restamp(&h, first).ok_or_else(|| {
+                        WalError::Io(format!("{} changed during the discard", c.path.display()))
+                    })?;
+                    write_all_vectored(f.as_ref(), &mut [IoSlice::new(&h)], 0)?;
+                }
                 f.set_len(c.keep)
                     .and_then(|_| f.sync_data())
                     .map_err(|e| io_err("truncate WAL segment", e))?;
@@ -120,16 +136,31 @@ pub fn plan(fs: &DynWalFs, dir: &Path, volume: u64, after: u64) -> Result<Discar
         bytes: 0,
         unreadable: 0,
     };
+    let scans: Vec<SegScan> = scans.into_iter().filter(|s| !s.spare).collect();
     let newest = scans.len().saturating_sub(1);
     let mut cut_at: Option<(usize, u64)> = None;
     let mut last_readable = 0;
+    let mut run_end = 0u64;
     for (i, s) in scans.iter().enumerate() {
         if let Some(r) = s.records.iter().find(|r| r.seq > after) {
             cut_at = Some((i, r.off));
             break;
         }
         last_readable = s.records.last().map_or(last_readable, |r| r.seq);
-        if let Some(why) = &s.damage {
+        run_end = run_end.max(last_readable);
+        if let Some(f) = s.first_seq {
+            run_end = run_end.max(f.saturating_sub(1));
+        }
+        // A version 2 segment whose run ends before the next segment's
+        // first_seq lost records there (replay invariant 6): damage.
+        let short = scans
+            .get(i + 1)
+            .and_then(|t| t.first_seq)
+            .filter(|&f| s.first_seq.is_some() && f > run_end + 1)
+            .map(|f| {
+                format!("its records end at seq {run_end}, the next segment starts at seq {f}")
+            });
+        if let Some(why) = s.damage.clone().or(short) {
             if after > last_readable && i != newest {
                 return Err(WalError::Io(format!(
                     "records after seq {last_readable} cannot be read ({} is damaged at offset {}: {why}); \
@@ -151,13 +182,32 @@ pub fn plan(fs: &DynWalFs, dir: &Path, volume: u64, after: u64) -> Result<Discar
         } else {
             s.header_len().min(s.good_len)
         };
-        add_cut(&mut out, s, keep);
+        add_cut(&mut out, s, keep, after);
     }
     Ok(out)
 }
 
-fn add_cut(out: &mut DiscardPlan, s: &SegScan, keep: u64) {
-    if keep >= s.len {
+/// Offset just past the last byte of `s` that is not zero.
+fn written_end(s: &SegScan) -> u64 {
+    match read_all(s.file.as_ref()) {
+        Ok(b) => b.iter().rposition(|&x| x != 0).map_or(0, |p| p as u64 + 1),
+        Err(_) => s.len,
+    }
+}
+
+fn add_cut(out: &mut DiscardPlan, s: &SegScan, keep: u64, after: u64) {
+    let restamp = s
+        .first_seq
+        .filter(|&f| f > after + 1 && keep >= SEG_HEADER_LEN as u64)
+        .map(|_| after + 1);
+    let len = if s.first_seq.is_some() {
+        // Past its run: the unreadable rest of what was written there
+        // (up to the last byte that is not zero), not the preallocation.
+        s.good_len.max(written_end(s))
+    } else {
+        s.len
+    };
+    if keep >= len && restamp.is_none() {
         return;
     }
     for r in s.records.iter().filter(|r| r.off >= keep) {
@@ -167,11 +217,12 @@ fn add_cut(out: &mut DiscardPlan, s: &SegScan, keep: u64) {
             Some((lo, hi)) => (lo.min(r.seq), hi.max(r.seq)),
         });
     }
-    out.bytes += s.len - keep;
-    out.unreadable += s.len - s.good_len.max(keep);
+    out.bytes += len.saturating_sub(keep);
+    out.unreadable += len.saturating_sub(s.good_len.max(keep));
     out.cuts.push(Cut {
         path: s.path.clone(),
         keep,
-        len: s.len,
+        len,
+        restamp,
     });
 }

@@ -10,9 +10,25 @@
 //!    directories) returned.
 //! 3. Reads see every write made before them, durable or not (a page cache).
 //! 4. An open [`WalFile`] stays usable after its name is removed.
+//! 5. [`WalFile::allocate`] makes the file at least `len` bytes long (new
+//!    bytes read as zeros); like a length change it is durable only after
+//!    [`WalFile::sync_data`].
+//! 6. A write may also zero the bytes after it up to the next 4 KiB
+//!    boundary (the real file pads O_DIRECT writes to whole blocks): a
+//!    writer only ever writes at the end of what it wrote before, so that
+//!    padding covers nothing anyone wrote. It never extends the file's
+//!    length past the end of the write.
+//! 7. [`WalFile::write_durable_at`] returns only once the written bytes,
+//!    and everything written to the file before, are durable (writers use
+//!    it only when nothing was unsynced before).
 //!
-//! The real implementation is plain `std::fs` with `pwritev`; the hot path
-//! pays one dynamic call per batch.
+//! The real implementation writes with O_DIRECT from 4 KiB-aligned buffers
+//! (a partial last block is padded with zeros and rewritten from an
+//! in-memory copy by the next write) and reads through a second, buffered
+//! descriptor; where the file system refuses O_DIRECT (tmpfs: EINVAL) it
+//! falls back to buffered `pwritev` and logs that once (the environment
+//! variable `SHALE_WAL_NO_DIRECT`, a diagnostic knob for benchmarks, takes
+//! that path on purpose). The hot path pays one dynamic call per batch.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice};
@@ -33,6 +49,43 @@ pub trait WalFile: Send + Sync + std::fmt::Debug {
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// Current size in bytes.
     fn size(&self) -> io::Result<u64>;
+    /// Make the file at least `len` bytes long, reserving the space
+    /// (`fallocate`; not durable until synced). Never shrinks it.
+    fn allocate(&self, len: u64) -> io::Result<()> {
+        if self.size()? < len {
+            self.set_len(len)?;
+        }
+        Ok(())
+    }
+    /// Write all of `iov` at `off` and return once it is durable (protocol
+    /// rule 7): `RWF_DSYNC` (a FUA write on devices that have it) where the
+    /// file supports it, else a write then [`WalFile::sync_data`].
+    fn write_durable_at(&self, iov: &[IoSlice<'_>], off: u64) -> io::Result<()> {
+        write_all_at(self, iov, off)?;
+        self.sync_data()
+    }
+}
+
+/// `write_vectored_at` until every byte of `iov` is written.
+pub fn write_all_at<F: WalFile + ?Sized>(
+    file: &F,
+    iov: &[IoSlice<'_>],
+    off: u64,
+) -> io::Result<()> {
+    let mut owned: Vec<IoSlice<'_>> = iov.to_vec();
+    let mut slices: &mut [IoSlice<'_>] = &mut owned;
+    let mut off = off;
+    // Linux accepts at most IOV_MAX (1024) slices per call.
+    while !slices.is_empty() {
+        let n = slices.len().min(1024);
+        let written = file.write_vectored_at(&slices[..n], off)?;
+        if written == 0 {
+            return Err(io::Error::new(io::ErrorKind::WriteZero, "wrote 0 bytes"));
+        }
+        off += written as u64;
+        IoSlice::advance_slices(&mut slices, written);
+    }
+    Ok(())
 }
 
 /// A shared open WAL file.
@@ -68,30 +121,191 @@ pub fn real() -> DynWalFs {
     Arc::new(RealFs)
 }
 
+/// Alignment (and granularity) of O_DIRECT writes.
+pub const DIRECT_BLOCK: u64 = 4096;
+
+/// An open segment: `write` is opened with O_DIRECT when the file system
+/// allows it, `read` is buffered.
 #[derive(Debug)]
-struct RealFile(File);
+struct RealFile {
+    write: File,
+    read: File,
+    /// `Some` when `write` has O_DIRECT: the bytes of the last partial
+    /// block written, `(block offset, bytes from it)`, so the next write
+    /// can rewrite that block without reading it back.
+    tail: Option<std::sync::Mutex<(u64, Vec<u8>)>>,
+}
+
+/// Log once that O_DIRECT was refused.
+fn note_no_direct(path: &Path, e: &io::Error) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        log::info!(
+            "the WAL's file system refuses O_DIRECT ({}: {e}); WAL writes go through the page cache",
+            path.display()
+        )
+    });
+}
+
+impl RealFile {
+    fn open(path: &Path, create: bool) -> io::Result<RealFile> {
+        let mut o = if create {
+            let mut o = crate::private::open_options();
+            o.create(true).truncate(true);
+            o
+        } else {
+            OpenOptions::new()
+        };
+        o.read(true).write(true);
+        let read = o.open(path)?;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut d = OpenOptions::new();
+        d.read(true).write(true).custom_flags(libc::O_DIRECT);
+        let direct = if std::env::var_os("SHALE_WAL_NO_DIRECT").is_some() {
+            Err(io::Error::from_raw_os_error(libc::EINVAL))
+        } else {
+            d.open(path)
+        };
+        let (write, tail) = match direct {
+            Ok(f) => (f, Some(std::sync::Mutex::new((0, Vec::new())))),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                note_no_direct(path, &e);
+                (read.try_clone()?, None)
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(RealFile { write, read, tail })
+    }
+
+    /// One aligned O_DIRECT write of `iov` at `off` (see the module docs,
+    /// rule 6); `flags` go to `pwritev2`.
+    fn write_direct(
+        &self,
+        tail: &std::sync::Mutex<(u64, Vec<u8>)>,
+        iov: &[IoSlice<'_>],
+        off: u64,
+        flags: libc::c_int,
+    ) -> io::Result<usize> {
+        let len: usize = iov.iter().map(|s| s.len()).sum();
+        let bs = DIRECT_BLOCK;
+        let start = off - off % bs;
+        let pre = (off - start) as usize;
+        let end = off + len as u64;
+        let padded = end.div_ceil(bs) * bs;
+        let total = (padded - start) as usize;
+        let mut t = tail.lock().unwrap_or_else(|e| e.into_inner());
+        let mut raw = vec![0u8; total + bs as usize];
+        let a = raw.as_ptr().align_offset(bs as usize);
+        let buf = &mut raw[a..a + total];
+        if pre > 0 {
+            if t.0 == start && t.1.len() >= pre {
+                buf[..pre].copy_from_slice(&t.1[..pre]);
+            } else {
+                FileExt::read_exact_at(&self.read, &mut buf[..pre], start)?;
+            }
+        }
+        let mut at = pre;
+        for s in iov {
+            buf[at..at + s.len()].copy_from_slice(s);
+            at += s.len();
+        }
+        let size = self.read.metadata()?.len();
+        let off_t = libc::off_t::try_from(start)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
+        let vec = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: total,
+        };
+        // SAFETY: `vec` points at `total` initialized bytes of `buf`, which
+        // outlives the call; the descriptor is open for writing.
+        let n = unsafe { libc::pwritev2(self.write.as_raw_fd(), &vec, 1, off_t, flags) };
+        if n < 0 {
+            *t = (0, Vec::new());
+            return Err(io::Error::last_os_error());
+        }
+        if (n as usize) < total {
+            // A short direct write: nothing to trust about the tail block.
+            *t = (0, Vec::new());
+            let done = (n as usize).saturating_sub(pre);
+            return Ok(done.min(len));
+        }
+        let last = end - end % bs;
+        *t = (
+            last,
+            buf[(last - start) as usize..(end - start) as usize].to_vec(),
+        );
+        if padded > size {
+            // The padding must not make the file longer than what was
+            // written (rule 6).
+            self.read.set_len(size.max(end))?;
+        }
+        Ok(len)
+    }
+}
+
+use std::os::fd::AsRawFd;
 
 impl WalFile for RealFile {
     fn write_vectored_at(&self, iov: &[IoSlice<'_>], off: u64) -> io::Result<usize> {
+        if let Some(tail) = &self.tail {
+            return self.write_direct(tail, iov, off, 0);
+        }
         let off = libc::off_t::try_from(off)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
-        nix::sys::uio::pwritev(&self.0, iov, off).map_err(io::Error::from)
+        nix::sys::uio::pwritev(&self.write, iov, off).map_err(io::Error::from)
+    }
+
+    fn write_durable_at(&self, iov: &[IoSlice<'_>], off: u64) -> io::Result<()> {
+        let Some(tail) = &self.tail else {
+            write_all_at(self, iov, off)?;
+            return self.sync_data();
+        };
+        let len: usize = iov.iter().map(|s| s.len()).sum();
+        let n = self.write_direct(tail, iov, off, libc::RWF_DSYNC)?;
+        if n == len {
+            return Ok(());
+        }
+        // Short: finish plainly, then sync.
+        let mut owned: Vec<IoSlice<'_>> = iov.to_vec();
+        let mut slices: &mut [IoSlice<'_>] = &mut owned;
+        IoSlice::advance_slices(&mut slices, n);
+        write_all_at(self, slices, off + n as u64)?;
+        self.sync_data()
     }
 
     fn read_exact_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
-        FileExt::read_exact_at(&self.0, buf, off)
+        FileExt::read_exact_at(&self.read, buf, off)
     }
 
     fn sync_data(&self) -> io::Result<()> {
-        self.0.sync_data()
+        self.write.sync_data()
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
-        self.0.set_len(len)
+        if let Some(t) = &self.tail {
+            let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
+            if t.0 + t.1.len() as u64 > len {
+                *t = (0, Vec::new());
+            }
+        }
+        self.read.set_len(len)
     }
 
     fn size(&self) -> io::Result<u64> {
-        Ok(self.0.metadata()?.len())
+        Ok(self.read.metadata()?.len())
+    }
+
+    fn allocate(&self, len: u64) -> io::Result<()> {
+        if self.size()? >= len {
+            return Ok(());
+        }
+        let l = libc::off_t::try_from(len)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "length too large"))?;
+        match nix::fcntl::fallocate(&self.write, nix::fcntl::FallocateFlags::empty(), 0, l) {
+            Ok(()) => Ok(()),
+            Err(nix::errno::Errno::EOPNOTSUPP) => self.read.set_len(len),
+            Err(e) => Err(e.into()),
+        }
     }
 }
 
@@ -116,18 +330,11 @@ impl WalFs for RealFs {
     }
 
     fn create(&self, path: &Path) -> io::Result<SegFile> {
-        let f = crate::private::open_options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)?;
-        Ok(Arc::new(RealFile(f)))
+        Ok(Arc::new(RealFile::open(path, true)?))
     }
 
     fn open(&self, path: &Path) -> io::Result<SegFile> {
-        let f = OpenOptions::new().read(true).write(true).open(path)?;
-        Ok(Arc::new(RealFile(f)))
+        Ok(Arc::new(RealFile::open(path, false)?))
     }
 
     fn remove(&self, path: &Path) -> io::Result<()> {

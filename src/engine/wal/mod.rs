@@ -5,11 +5,30 @@
 //! 1. Sequence numbers are assigned by the writer thread, strictly increasing
 //!    by one, in file order; a segment holds a contiguous run of them.
 //! 2. A record's completion is sent only after its bytes were written (and,
-//!    for FUA records and flushes, after `fdatasync`), and after the `apply`
-//!    callback saw it, so an acknowledged write is visible to readers.
+//!    for FUA records and flushes, after they are durable), and after the
+//!    `apply` callback saw it, so an acknowledged write is visible to
+//!    readers. Two batches can be in flight: the writer thread writes
+//!    batch N+1 while a syncer thread runs batch N's `fdatasync`; the
+//!    syncer acknowledges N's FUA records and flushes afterwards. A batch
+//!    that needs durability while nothing before it is unsynced is written
+//!    with [`fs::WalFile::write_durable_at`] (`RWF_DSYNC`, a FUA write)
+//!    and acknowledged at once; a flush with nothing unsynced costs no
+//!    `fdatasync` at all.
 //! 3. Before a new segment is started the previous one is `fdatasync`ed, so a
 //!    flush only has to sync the current segment, and only the newest
 //!    segment can hold a torn record (see [`replay`]).
+//! 7. Segments are preallocated to the segment size and recycled: a
+//!    released segment file (once no reader holds it) gets a spare header
+//!    ([`segment`]), is preallocated and synced, then renamed to the next
+//!    unused segment name and the directory synced, all on the caller of
+//!    [`Wal::release_upto`] (the destager), never on the writer thread.
+//!    A roll takes the spare named `current + 1` whose name is durable and
+//!    writes a version 2 header (`first_seq`) into it; only when the pool
+//!    is empty does it create a file and sync the directory. So in steady
+//!    state `fdatasync` never commits a size change and the write path
+//!    never syncs the directory. A recycled file holds stale records past
+//!    its tail; replay never takes them (their seqs cannot continue the
+//!    segment's run, see [`scan`]).
 //! 6. Every segment starts with a header naming the writer's epoch and the
 //!    history it extends ([`segment`]); replay applies a WAL only over that
 //!    history ([`crate::engine::wal_open`]).
@@ -127,12 +146,30 @@ struct Segment {
     len: u64,
 }
 
+/// A preallocated file waiting to become a segment (invariant 7).
+#[derive(Debug)]
+struct Spare {
+    file: SegFile,
+    path: PathBuf,
+    /// Its name was made durable (directory synced since the rename).
+    durable: bool,
+}
+
 /// Open segments, shared by the writer, readers and the destager.
 #[derive(Debug, Default)]
 struct Registry {
     segs: BTreeMap<u64, Segment>,
     current: u64,
+    /// The pool, named `current + 1, current + 2, ...`.
+    spares: BTreeMap<u64, Spare>,
+    /// Released segments not yet recycled (a reader may still hold them).
+    retired: Vec<Segment>,
 }
+
+/// Spares created at start.
+const POOL_MIN: usize = 2;
+/// Most spares kept; released segments beyond that are deleted.
+const POOL_MAX: usize = 4;
 
 enum Req {
     Append {
@@ -156,6 +193,9 @@ enum Req {
 /// Handle to the log. Dropping it stops the writer thread.
 pub struct Wal {
     fs: DynWalFs,
+    dir: PathBuf,
+    volume: u64,
+    seg_limit: u64,
     tx: Mutex<Option<mpsc::Sender<Req>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     registry: Arc<Mutex<Registry>>,
@@ -172,6 +212,8 @@ impl std::fmt::Debug for Wal {
 #[derive(Debug)]
 pub struct Recovered {
     segs: BTreeMap<u64, Segment>,
+    /// Spares found after the segments (invariant 7).
+    spares: BTreeMap<u64, Spare>,
     /// The new, empty segment to append to (in `segs`).
     current: u64,
     /// The next sequence number to assign.
@@ -197,12 +239,13 @@ fn create_segment(
     id: u64,
     volume: u64,
     stamp: segment::Stamp,
+    first_seq: u64,
 ) -> Result<Segment, WalError> {
     let path = seg_path(dir, id);
     let file = fs
         .create(&path)
         .map_err(|e| write_err("create WAL segment", e))?;
-    let header = segment::encode(volume, stamp);
+    let header = segment::encode(volume, stamp, first_seq);
     if let Err(e) = write_all_vectored(file.as_ref(), &mut [IoSlice::new(&header)], 0) {
         // Not in the registry yet: leave no half-made segment behind.
         let _ = fs.remove(&path);
@@ -214,6 +257,60 @@ fn create_segment(
         last_seq: 0,
         len: segment::SEG_HEADER_LEN as u64,
     })
+}
+
+/// At start: preallocate the current segment and create spares up to
+/// [`POOL_MIN`], then sync the directory once (invariant 7). A failure
+/// only leaves the pool smaller (rolls then create files).
+fn fill_pool(fs: &DynWalFs, dir: &Path, volume: u64, seg_limit: u64, reg: &mut Registry) {
+    if let Some(cur) = reg.segs.get(&reg.current) {
+        if let Err(e) = cur
+            .file
+            .allocate(seg_limit)
+            .and_then(|_| cur.file.sync_data())
+        {
+            log::warn!("preallocating the WAL segment {}: {e}", cur.path.display());
+        }
+    }
+    let mut created = false;
+    while reg.spares.len() < POOL_MIN {
+        let id = reg
+            .current
+            .max(reg.spares.keys().next_back().copied().unwrap_or(0))
+            + 1;
+        let path = seg_path(dir, id);
+        let made = fs.create(&path).and_then(|file| {
+            let header = segment::encode_spare(volume);
+            fs::write_all_at(file.as_ref(), &[IoSlice::new(&header)], 0)?;
+            file.allocate(seg_limit)?;
+            file.sync_data()?;
+            Ok(file)
+        });
+        match made {
+            Ok(file) => {
+                created = true;
+                reg.spares.insert(
+                    id,
+                    Spare {
+                        file,
+                        path,
+                        durable: false,
+                    },
+                );
+            }
+            Err(e) => {
+                log::warn!("creating a WAL spare {}: {e}", path.display());
+                let _ = fs.remove(&path);
+                break;
+            }
+        }
+    }
+    if created {
+        match sync_dir(fs, dir) {
+            Ok(()) => reg.spares.values_mut().for_each(|s| s.durable = true),
+            Err(e) => log::warn!("WAL spares stay unused: {e}"),
+        }
+    }
 }
 
 impl Wal {
@@ -228,13 +325,25 @@ impl Wal {
         seg_limit: u64,
         apply: ApplyFn,
     ) -> Result<Wal, WalError> {
-        let registry = Registry {
+        let mut registry = Registry {
             segs: recovered.segs,
             current: recovered.current,
+            spares: recovered.spares,
+            retired: Vec::new(),
         };
+        fill_pool(&fs, dir, volume, seg_limit, &mut registry);
         let registry = Arc::new(Mutex::new(registry));
         let last_seq = Arc::new(AtomicU64::new(recovered.next_seq - 1));
+        // Replay synced everything it kept.
+        let synced = Arc::new(AtomicU64::new(recovered.next_seq - 1));
+        let broken: Arc<Mutex<Option<WalError>>> = Arc::default();
         let (tx, rx) = mpsc::channel();
+        let (sync_tx, sync_rx) = mpsc::channel();
+        let (s2, b2) = (synced.clone(), broken.clone());
+        let syncer = std::thread::Builder::new()
+            .name(format!("shale-wsync-{volume:x}"))
+            .spawn(move || run_syncer(sync_rx, s2, b2))
+            .map_err(|e| io_err("spawn WAL syncer", e))?;
         let writer = Writer {
             fs: fs.clone(),
             dir: dir.to_path_buf(),
@@ -243,8 +352,12 @@ impl Wal {
             registry: registry.clone(),
             next_seq: recovered.next_seq,
             last_seq: last_seq.clone(),
+            synced,
+            force_sync: false,
             seg_limit,
-            broken: None,
+            broken,
+            sync_tx: Some(sync_tx),
+            syncer: Some(syncer),
             apply,
         };
         let thread = std::thread::Builder::new()
@@ -253,6 +366,9 @@ impl Wal {
             .map_err(|e| io_err("spawn WAL writer", e))?;
         Ok(Wal {
             fs,
+            dir: dir.to_path_buf(),
+            volume,
+            seg_limit,
             tx: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
             registry,
@@ -356,10 +472,12 @@ impl Wal {
         reg.segs.get(&seg).map(|s| s.file.clone())
     }
 
-    /// Delete every segment except the current one whose records all have
-    /// sequence numbers `<= seq` (they are durable in the store).
+    /// Release every segment except the current one whose records all have
+    /// sequence numbers `<= seq` (they are durable in the store): once no
+    /// reader holds its file, it is recycled into the pool or, when the
+    /// pool is full, deleted (invariant 7). Runs on the caller's thread.
     pub fn release_upto(&self, seq: u64) {
-        let doomed: Vec<Segment> = {
+        let ready: Vec<Segment> = {
             let mut reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
             let current = reg.current;
             let ids: Vec<u64> = reg
@@ -368,15 +486,87 @@ impl Wal {
                 .filter(|(&id, s)| id != current && s.last_seq <= seq)
                 .map(|(&id, _)| id)
                 .collect();
-            ids.into_iter()
-                .filter_map(|id| reg.segs.remove(&id))
-                .collect()
+            for id in ids {
+                if let Some(s) = reg.segs.remove(&id) {
+                    reg.retired.push(s);
+                }
+            }
+            // A segment whose file only the registry holds can be reused:
+            // readers take their clone under this lock.
+            let (ready, held) = std::mem::take(&mut reg.retired)
+                .into_iter()
+                .partition(|s| Arc::strong_count(&s.file) == 1);
+            reg.retired = held;
+            ready
         };
-        for s in doomed {
-            if let Err(e) = self.fs.remove(&s.path) {
-                log::warn!("removing WAL segment {}: {e}", s.path.display());
+        let mut renamed = Vec::new();
+        for s in ready {
+            match self.recycle(s) {
+                Ok(Some(id)) => renamed.push(id),
+                Ok(None) => {}
+                Err(e) => log::warn!("recycling a WAL segment: {e}"),
             }
         }
+        if renamed.is_empty() {
+            return;
+        }
+        if let Err(e) = sync_dir(&self.fs, &self.dir) {
+            log::warn!("WAL spares stay unused: {e}");
+            return;
+        }
+        let mut reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        for id in renamed {
+            if let Some(sp) = reg.spares.get_mut(&id) {
+                sp.durable = true;
+            }
+        }
+    }
+
+    /// Turn a released segment into a spare named after every segment and
+    /// spare (its name not yet durable); `None` when it was deleted.
+    fn recycle(&self, s: Segment) -> Result<Option<u64>, WalError> {
+        let full = {
+            let reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+            reg.spares.len() >= POOL_MAX
+        };
+        if full {
+            self.fs
+                .remove(&s.path)
+                .map_err(|e| io_err("remove WAL segment", e))?;
+            return Ok(None);
+        }
+        // Its old records must never be read as a segment's again: the
+        // spare header is durable before the file takes a new name.
+        let header = segment::encode_spare(self.volume);
+        let made =
+            write_all_vectored(s.file.as_ref(), &mut [IoSlice::new(&header)], 0).and_then(|_| {
+                s.file
+                    .allocate(self.seg_limit)
+                    .and_then(|_| s.file.sync_data())
+                    .map_err(|e| io_err("preallocate WAL spare", e))
+            });
+        if let Err(e) = made {
+            let _ = self.fs.remove(&s.path);
+            return Err(e);
+        }
+        let mut reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        let id = reg
+            .current
+            .max(reg.spares.keys().next_back().copied().unwrap_or(0))
+            + 1;
+        let path = seg_path(&self.dir, id);
+        self.fs
+            .rename(&s.path, &path)
+            .map_err(|e| io_err("rename WAL segment to a spare", e))?;
+        reg.spares.insert(
+            id,
+            Spare {
+                file: s.file,
+                path,
+                durable: false,
+            },
+        );
+        Ok(Some(id))
     }
 
     /// Stop the writer thread after the requests already queued; later
@@ -482,9 +672,100 @@ struct Writer {
     registry: Arc<Mutex<Registry>>,
     next_seq: u64,
     last_seq: Arc<AtomicU64>,
+    /// Highest seq known durable (written by the syncer too).
+    synced: Arc<AtomicU64>,
+    /// Bytes not covered by `synced` changed (a cut after ENOSPC): the
+    /// next flush must sync even if every seq is durable.
+    force_sync: bool,
     seg_limit: u64,
-    broken: Option<WalError>,
+    /// Set once an I/O error broke the log (invariant 5), by either thread.
+    broken: Arc<Mutex<Option<WalError>>>,
+    sync_tx: Option<mpsc::Sender<SyncJob>>,
+    syncer: Option<JoinHandle<()>>,
     apply: ApplyFn,
+}
+
+/// Who waits for a sync.
+enum Waiter {
+    Append(oneshot::Sender<Result<u64, WalError>>, u64),
+    Sync(oneshot::Sender<Result<(), WalError>>),
+}
+
+impl Waiter {
+    fn finish(self, res: &Result<(), WalError>) {
+        match self {
+            Waiter::Append(done, seq) => {
+                let _ = done.send(res.clone().map(|_| seq));
+            }
+            Waiter::Sync(done) => {
+                let _ = done.send(res.clone());
+            }
+        }
+    }
+}
+
+/// A batch's `fdatasync`, handed to the syncer thread (invariant 2).
+struct SyncJob {
+    /// The segment the batch was written to.
+    file: SegFile,
+    /// Every seq up to this one is in `file` or an older, synced segment.
+    upto: u64,
+    waiters: Vec<Waiter>,
+}
+
+fn lock_broken(b: &Mutex<Option<WalError>>) -> std::sync::MutexGuard<'_, Option<WalError>> {
+    b.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The syncer thread: takes every queued job, syncs their files once, then
+/// acknowledges them all (so jobs queued during a sync share the next one).
+fn run_syncer(
+    rx: mpsc::Receiver<SyncJob>,
+    synced: Arc<AtomicU64>,
+    broken: Arc<Mutex<Option<WalError>>>,
+) {
+    while let Ok(first) = rx.recv() {
+        let mut jobs = vec![first];
+        while let Ok(j) = rx.try_recv() {
+            jobs.push(j);
+        }
+        let upto = jobs.iter().map(|j| j.upto).max().unwrap_or(0);
+        // (Not held during the sync: the writer checks it per batch.)
+        let was_broken = lock_broken(&broken).clone();
+        let res = match was_broken {
+            Some(e) => Err(e),
+            None => {
+                let mut files: Vec<&SegFile> = Vec::new();
+                for j in &jobs {
+                    if !files.iter().any(|f| Arc::ptr_eq(f, &j.file)) {
+                        files.push(&j.file);
+                    }
+                }
+                files
+                    .into_iter()
+                    .try_for_each(|f| f.sync_data())
+                    .map_err(|e| io_err("sync WAL", e))
+            }
+        };
+        match &res {
+            Ok(()) => {
+                synced.fetch_max(upto, Ordering::AcqRel);
+            }
+            Err(e) => {
+                let mut b = lock_broken(&broken);
+                if b.is_none() {
+                    log::error!("WAL sync failed, log is now broken: {e}");
+                    *b = Some(e.clone());
+                }
+            }
+        }
+        // Drop the jobs' files before anyone hears back, so a released
+        // segment is not held here when its owner tries to recycle it.
+        let waiters: Vec<Waiter> = jobs.into_iter().flat_map(|j| j.waiters).collect();
+        for w in waiters {
+            w.finish(&res);
+        }
+    }
 }
 
 /// Most requests gathered into one write.
@@ -511,8 +792,13 @@ impl Writer {
             let stop = batch.iter().any(|r| matches!(r, Req::Stop));
             self.process(batch);
             if stop {
-                return;
+                break;
             }
+        }
+        // Let the syncer answer what it holds, then end it.
+        self.sync_tx = None;
+        if let Some(t) = self.syncer.take() {
+            let _ = t.join();
         }
     }
 
@@ -522,12 +808,44 @@ impl Writer {
         (reg.current, seg.file.clone(), seg.len)
     }
 
+    /// Sync the current segment and start the next one: the spare named
+    /// `current + 1` if the pool has it, else a new file (invariant 7).
     fn roll(&mut self, old: &dyn WalFile) -> Result<(), WalError> {
         old.sync_data().map_err(|e| io_err("sync WAL segment", e))?;
+        self.synced.fetch_max(self.next_seq - 1, Ordering::AcqRel);
         let mut reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
         let id = reg.current + 1;
-        let seg = create_segment(&self.fs, &self.dir, id, self.volume, self.stamp)?;
-        sync_dir(&self.fs, &self.dir)?;
+        let seg = match reg.spares.remove(&id) {
+            Some(sp) => {
+                if !sp.durable {
+                    // Its rename is not durable yet: the pool was empty.
+                    sync_dir(&self.fs, &self.dir)?;
+                }
+                let header = segment::encode(self.volume, self.stamp, self.next_seq);
+                write_all_vectored(sp.file.as_ref(), &mut [IoSlice::new(&header)], 0)?;
+                Segment {
+                    file: sp.file,
+                    path: sp.path,
+                    last_seq: 0,
+                    len: segment::SEG_HEADER_LEN as u64,
+                }
+            }
+            None => {
+                let seg = create_segment(
+                    &self.fs,
+                    &self.dir,
+                    id,
+                    self.volume,
+                    self.stamp,
+                    self.next_seq,
+                )?;
+                if let Err(e) = seg.file.allocate(self.seg_limit) {
+                    log::warn!("preallocating WAL segment {}: {e}", seg.path.display());
+                }
+                sync_dir(&self.fs, &self.dir)?;
+                seg
+            }
+        };
         reg.segs.insert(id, seg);
         reg.current = id;
         Ok(())
@@ -541,49 +859,68 @@ impl Writer {
             }
             Err(e) => {
                 log::error!("WAL write failed, log is now broken: {e}");
-                self.broken = Some(e.clone());
+                let mut b = lock_broken(&self.broken);
+                if b.is_none() {
+                    *b = Some(e.clone());
+                }
             }
             Ok(_) => {}
         }
-        let mut seqs = result.as_ref().ok().map(|s| s.iter());
+        let durable = matches!(&result, Ok((_, true)));
+        let written = self.next_seq - 1;
+        let mut seqs = result.as_ref().ok().map(|(s, _)| s.iter());
+        let mut waiters = Vec::new();
+        let clean = |w: &Writer| !w.force_sync && w.synced.load(Ordering::Acquire) >= written;
         for r in batch {
             match r {
-                Req::Append { done, .. } => {
-                    let res = match seqs.as_mut().and_then(|s| s.next()) {
-                        Some(&seq) => Ok(seq),
-                        None => Err(result.as_ref().err().cloned().unwrap_or(WalError::Stopped)),
-                    };
-                    let _ = done.send(res);
-                }
-                Req::Sync { done } => {
-                    let res = match &result {
-                        // The batch's records were refused, but what the
-                        // log already holds can still be made durable.
-                        Err(WalError::NoSpace(_)) => self.sync_current(),
-                        other => other.as_ref().map(|_| ()).map_err(|e| e.clone()),
-                    };
-                    let _ = done.send(res);
-                }
+                Req::Append { done, sync, .. } => match seqs.as_mut().and_then(|s| s.next()) {
+                    Some(&seq) if sync && !durable => waiters.push(Waiter::Append(done, seq)),
+                    Some(&seq) => {
+                        let _ = done.send(Ok(seq));
+                    }
+                    None => {
+                        let e = result.as_ref().err().cloned().unwrap_or(WalError::Stopped);
+                        let _ = done.send(Err(e));
+                    }
+                },
+                Req::Sync { done } => match &result {
+                    // The batch's records were refused, but what the log
+                    // already holds can still be made durable.
+                    Err(WalError::NoSpace(_)) | Ok(_) if durable || clean(self) => {
+                        let _ = done.send(Ok(()));
+                    }
+                    Err(WalError::NoSpace(_)) | Ok(_) => waiters.push(Waiter::Sync(done)),
+                    Err(e) => {
+                        let _ = done.send(Err(e.clone()));
+                    }
+                },
                 Req::Stop => {}
+            }
+        }
+        if !waiters.is_empty() {
+            self.force_sync = false;
+            let (_, file, _) = self.current();
+            let job = SyncJob {
+                file,
+                upto: written,
+                waiters,
+            };
+            if let Some(tx) = &self.sync_tx {
+                if let Err(mpsc::SendError(job)) = tx.send(job) {
+                    for w in job.waiters {
+                        w.finish(&Err(WalError::Stopped));
+                    }
+                }
             }
         }
     }
 
-    /// `fdatasync` the current segment; a failure breaks the log.
-    fn sync_current(&mut self) -> Result<(), WalError> {
-        let (_, file, _) = self.current();
-        file.sync_data().map_err(|e| {
-            let e = io_err("sync WAL", e);
-            log::error!("WAL sync failed, log is now broken: {e}");
-            self.broken = Some(e.clone());
-            e
-        })
-    }
-
-    /// Write every append of the batch with one `pwritev`; returns their seqs.
-    fn write_batch(&mut self, batch: &[Req]) -> Result<Vec<u64>, WalError> {
-        if let Some(e) = &self.broken {
-            return Err(e.clone());
+    /// Write every append of the batch with one `pwritev`; returns their
+    /// seqs and whether the write itself made them durable.
+    fn write_batch(&mut self, batch: &[Req]) -> Result<(Vec<u64>, bool), WalError> {
+        let was_broken = lock_broken(&self.broken).clone();
+        if let Some(e) = was_broken {
+            return Err(e);
         }
         let mut need_sync = false;
         let mut total = 0u64;
@@ -606,6 +943,7 @@ impl Writer {
         }
         let mut headers = Vec::new();
         let mut appended = Vec::new();
+        let mut durable = false;
         let mut pos = off;
         let first_seq = self.next_seq;
         for r in batch {
@@ -669,20 +1007,29 @@ impl Writer {
                     }
                 }
             }
-            if let Err(e) = write_all_vectored(file.as_ref(), &mut iov, off) {
+            // Nothing unsynced before this batch: one durable (FUA) write
+            // replaces write + fdatasync (invariant 2).
+            durable = need_sync
+                && !self.force_sync
+                && self.synced.load(Ordering::Acquire) >= first_seq - 1;
+            let res = if durable {
+                file.write_durable_at(&iov, off)
+                    .map_err(|e| write_err("write WAL", e))
+            } else {
+                write_all_vectored(file.as_ref(), &mut iov, off)
+            };
+            if let Err(e) = res {
                 if let WalError::NoSpace(_) = e {
                     // Invariant 5: give the sequence numbers back and cut
                     // off whatever part of the batch reached the file, so
                     // the next batch continues the log exactly here.
                     self.next_seq = first_seq;
+                    self.force_sync = true;
                     file.set_len(off)
                         .map_err(|c| io_err("cut WAL segment after ENOSPC", c))?;
                 }
                 return Err(e);
             }
-        }
-        if need_sync {
-            file.sync_data().map_err(|e| io_err("sync WAL", e))?;
         }
         if let Some(last) = appended.last() {
             {
@@ -693,9 +1040,12 @@ impl Writer {
                 }
             }
             self.last_seq.store(last.seq, Ordering::Release);
+            if durable {
+                self.synced.fetch_max(last.seq, Ordering::AcqRel);
+            }
             (self.apply)(&appended);
         }
-        Ok(appended.iter().map(|a| a.seq).collect())
+        Ok((appended.iter().map(|a| a.seq).collect(), durable))
     }
 }
 
@@ -725,3 +1075,5 @@ fn write_all_vectored(
 mod tests;
 #[cfg(test)]
 mod tests_blocks;
+#[cfg(test)]
+mod tests_recycle;

@@ -10,6 +10,12 @@
 //!
 //! Simplification: directories themselves (not their entries) are taken as
 //! durable once created.
+//!
+//! [`PowerLossFs::padded`] also models the real file's O_DIRECT writes
+//! (protocol rule 6 of [`super::fs`]): every write zeroes the rest of its
+//! last 4 KiB block, up to the file's length. Preallocation
+//! ([`WalFile::allocate`]) extends the file with zeros, durable at the
+//! next sync like any length change.
 
 use std::collections::BTreeMap;
 use std::io::{self, IoSlice};
@@ -22,6 +28,18 @@ use super::fs::{SegFile, WalFile, WalFs};
 struct Node {
     data: Vec<u8>,
     synced: Vec<u8>,
+    /// The byte range changed since the last sync (so a sync of a big
+    /// preallocated file copies only what changed).
+    dirty: Option<(usize, usize)>,
+}
+
+impl Node {
+    fn touch(&mut self, lo: usize, hi: usize) {
+        self.dirty = Some(match self.dirty {
+            None => (lo, hi),
+            Some((a, b)) => (a.min(lo), b.max(hi)),
+        });
+    }
 }
 
 type NodeRef = Arc<Mutex<Node>>;
@@ -40,10 +58,11 @@ struct Dir {
 #[derive(Debug, Default, Clone)]
 pub struct PowerLossFs {
     dirs: Arc<Mutex<BTreeMap<PathBuf, Dir>>>,
+    padded: bool,
 }
 
 #[derive(Debug)]
-struct MemFile(NodeRef);
+struct MemFile(NodeRef, bool);
 
 fn not_found(path: &Path) -> io::Error {
     io::Error::new(
@@ -67,6 +86,15 @@ impl PowerLossFs {
         PowerLossFs::default()
     }
 
+    /// A file system whose writes pad their last block with zeros, as the
+    /// real one does with O_DIRECT (see the module docs).
+    pub fn padded() -> PowerLossFs {
+        PowerLossFs {
+            padded: true,
+            ..PowerLossFs::default()
+        }
+    }
+
     fn dirs(&self) -> MutexGuard<'_, BTreeMap<PathBuf, Dir>> {
         self.dirs.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -80,6 +108,7 @@ impl PowerLossFs {
             for n in d.now.values() {
                 let mut n = lock(n);
                 n.data = n.synced.clone();
+                n.dirty = None;
             }
         }
     }
@@ -130,6 +159,16 @@ impl WalFile for MemFile {
             n.data[pos..end].copy_from_slice(s);
             pos = end;
         }
+        let mut hi = pos;
+        if self.1 {
+            let block = super::fs::DIRECT_BLOCK as usize;
+            let pad_end = pos.div_ceil(block).saturating_mul(block).min(n.data.len());
+            if pad_end > pos {
+                n.data[pos..pad_end].fill(0);
+                hi = pad_end;
+            }
+        }
+        n.touch(start, hi);
         Ok(pos - start)
     }
 
@@ -145,14 +184,24 @@ impl WalFile for MemFile {
 
     fn sync_data(&self) -> io::Result<()> {
         let mut n = lock(&self.0);
-        n.synced = n.data.clone();
+        let len = n.data.len();
+        if let Some((lo, hi)) = n.dirty.take() {
+            let Node { data, synced, .. } = &mut *n;
+            synced.resize(len, 0);
+            let (lo, hi) = (lo.min(len), hi.min(len));
+            synced[lo..hi].copy_from_slice(&data[lo..hi]);
+        }
+        n.synced.truncate(len);
         Ok(())
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         let len = usize::try_from(len)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "length too large"))?;
-        lock(&self.0).data.resize(len, 0);
+        let mut n = lock(&self.0);
+        let old = n.data.len();
+        n.data.resize(len, 0);
+        n.touch(old.min(len), old.max(len));
         Ok(())
     }
 
@@ -183,12 +232,17 @@ impl WalFs for PowerLossFs {
         let mut dirs = self.dirs();
         let d = dirs.get_mut(&dir).ok_or_else(|| not_found(&dir))?;
         let node = d.now.entry(name).or_default().clone();
-        lock(&node).data.clear();
-        Ok(Arc::new(MemFile(node)))
+        {
+            let mut n = lock(&node);
+            let old = n.data.len();
+            n.data.clear();
+            n.touch(0, old);
+        }
+        Ok(Arc::new(MemFile(node, self.padded)))
     }
 
     fn open(&self, path: &Path) -> io::Result<SegFile> {
-        Ok(Arc::new(MemFile(self.node(path)?)))
+        Ok(Arc::new(MemFile(self.node(path)?, self.padded)))
     }
 
     fn remove(&self, path: &Path) -> io::Result<()> {

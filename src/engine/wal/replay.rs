@@ -7,7 +7,9 @@
 //!    `after_seq + 1, after_seq + 2, ...` without a gap.
 //! 2. Only the newest segment may end in a torn or unreadable record (it is
 //!    the only one that can hold unsynced data: a segment is synced before
-//!    the next one is started). Replay stops there and cuts that segment.
+//!    the next one is started). Replay stops there and cuts that segment
+//!    (a version 2 segment is not cut: its run already ends there, and the
+//!    next segment's `first_seq` says so).
 //! 3. Damage or a sequence gap anywhere else is corruption: replay fails
 //!    with [`WalError::Damaged`] naming the segment, the offset and what was
 //!    expected, and changes nothing on disk. (Damage in a segment whose
@@ -20,6 +22,14 @@
 //!    segment stamped with the writer's [`Stamp`] is created and made
 //!    durable, so the WAL names its new writer before that writer commits
 //!    its epoch as the manifest's `history_epoch`.
+//! 6. A version 2 segment's run ends at the first thing that does not
+//!    continue it ([`super::scan`]). Records are missing there only if the
+//!    next segment's `first_seq` lies beyond the end of every run before
+//!    it (and beyond `after_seq + 1`): that is damage like any other
+//!    (invariant 3), named at the end of the previous segment's run.
+//! 7. Spares (pool files) are no segments: a spare named just after the
+//!    last segment becomes the new current segment, spares named right
+//!    after that stay in the pool, any other spare is deleted.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -27,8 +37,11 @@ use std::path::Path;
 use super::fs::DynWalFs;
 use super::record::RecordKind;
 use super::scan::SegScan;
-use super::segment::Stamp;
-use super::{create_segment, io_err, sync_dir, Appended, Recovered, Segment, WalError};
+use super::segment::{self, Stamp};
+use super::{
+    create_segment, io_err, seg_path, sync_dir, write_all_vectored, Appended, Recovered, Segment,
+    Spare, WalError,
+};
 use crate::engine::map::WalLoc;
 
 /// What replay does with one segment.
@@ -38,6 +51,8 @@ enum Fate {
     /// Keep the first `n` bytes (a torn tail).
     Cut(u64),
     Delete,
+    /// A spare of the pool.
+    Spare,
 }
 
 /// Check the order of the records and the place of any damage
@@ -46,7 +61,10 @@ fn judge(scans: &[SegScan], after_seq: u64) -> Result<Vec<Fate>, WalError> {
     let mut fates = Vec::with_capacity(scans.len());
     let mut prev = 0u64;
     let mut next = after_seq + 1;
-    let newest = scans.len().saturating_sub(1);
+    let newest = scans.iter().rposition(|s| !s.spare).unwrap_or(0);
+    // The end of every run so far (invariant 6) and the last segment.
+    let mut run_end = 0u64;
+    let mut last_seg: Option<&SegScan> = None;
     for (i, s) in scans.iter().enumerate() {
         let damaged = |off: u64, what: String, last_good: u64| WalError::Damaged {
             path: s.path.display().to_string(),
@@ -54,6 +72,30 @@ fn judge(scans: &[SegScan], after_seq: u64) -> Result<Vec<Fate>, WalError> {
             what,
             last_good,
         };
+        if s.spare {
+            fates.push(Fate::Spare);
+            continue;
+        }
+        if let (Some(f), Some(before)) = (s.first_seq, last_seg) {
+            if f > run_end + 1 && f > after_seq + 1 {
+                return Err(WalError::Damaged {
+                    path: before.path.display().to_string(),
+                    offset: before.good_len,
+                    what: format!(
+                        "expected the record after seq {run_end}, found the end of the segment's \
+                         records, but the next segment starts at seq {f}"
+                    ),
+                    last_good: prev,
+                });
+            }
+        }
+        last_seg = Some(s);
+        if let Some(f) = s.first_seq {
+            run_end = run_end.max(f.saturating_sub(1));
+        }
+        if let Some(r) = s.records.last() {
+            run_end = run_end.max(r.seq);
+        }
         for r in &s.records {
             if r.seq <= prev {
                 return Err(damaged(
@@ -93,6 +135,7 @@ fn judge(scans: &[SegScan], after_seq: u64) -> Result<Vec<Fate>, WalError> {
             Some(why) => {
                 let next_first = scans[i + 1..]
                     .iter()
+                    .filter(|t| !t.spare)
                     .flat_map(|t| t.records.first())
                     .map(|r| r.seq)
                     .next();
@@ -132,11 +175,39 @@ pub fn replay(
     let fates = judge(&scans, after_seq)?;
     fs.create_dir_all(dir)
         .map_err(|e| io_err("create WAL directory", e))?;
-    let next_id = scans.last().map_or(1, |s| s.id + 1);
+    let next_id = scans
+        .iter()
+        .rfind(|s| !s.spare)
+        .map_or_else(|| scans.first().map_or(1, |s| s.id), |s| s.id + 1);
     let mut next_seq = after_seq + 1;
     let mut segs = BTreeMap::new();
+    let mut spares = BTreeMap::new();
     for (s, fate) in scans.into_iter().zip(fates) {
         let len = match fate {
+            Fate::Spare => {
+                // Invariant 7: only the run of names right after the
+                // segments stays in the pool.
+                let expect = next_id + spares.len() as u64;
+                let expect = if spares.is_empty() || spares.contains_key(&next_id) {
+                    expect
+                } else {
+                    expect + 1
+                };
+                if s.id == expect || (spares.is_empty() && s.id == next_id + 1) {
+                    spares.insert(
+                        s.id,
+                        Spare {
+                            file: s.file,
+                            path: s.path,
+                            durable: true,
+                        },
+                    );
+                } else {
+                    fs.remove(&s.path)
+                        .map_err(|e| io_err("delete WAL spare", e))?;
+                }
+                continue;
+            }
             Fate::Delete => {
                 fs.remove(&s.path)
                     .map_err(|e| io_err("delete WAL segment", e))?;
@@ -148,6 +219,7 @@ pub fn replay(
                     .map_err(|e| io_err("truncate WAL segment", e))?;
                 n
             }
+            Fate::Keep if s.first_seq.is_some() => s.good_len,
             Fate::Keep => s.len,
         };
         s.file
@@ -185,7 +257,21 @@ pub fn replay(
         );
     }
     sync_dir(fs, dir)?;
-    let current = create_segment(fs, dir, next_id, volume, stamp)?;
+    let current = match spares.remove(&next_id) {
+        Some(sp) => {
+            // A spare of the pool becomes the new current segment.
+            let header = segment::encode(volume, stamp, next_seq);
+            write_all_vectored(sp.file.as_ref(), &mut [std::io::IoSlice::new(&header)], 0)?;
+            Segment {
+                file: sp.file,
+                path: sp.path,
+                last_seq: 0,
+                len: segment::SEG_HEADER_LEN as u64,
+            }
+        }
+        None => create_segment(fs, dir, next_id, volume, stamp, next_seq)?,
+    };
+    debug_assert_eq!(current.path, seg_path(dir, next_id));
     current
         .file
         .sync_data()
@@ -194,6 +280,7 @@ pub fn replay(
     segs.insert(next_id, current);
     Ok(Recovered {
         segs,
+        spares,
         current: next_id,
         next_seq,
         stamp,

@@ -4,6 +4,14 @@
 //! A scan never trusts the files: a record of another volume fails the scan
 //! (the directory belongs to someone else), anything unreadable is reported
 //! as damage at an offset, and nothing on disk is touched.
+//!
+//! A version 2 segment ([`super::segment`]) is read as the run of records
+//! `first_seq, first_seq + 1, ...` from its header on; the first thing
+//! that does not continue the run (zeros of the preallocation, padding, a
+//! torn record, a stale record of the file's earlier life) ends it. That
+//! end is not damage by itself: [`super::replay`] decides from the next
+//! segment's `first_seq` whether records are missing. Spares (pool files)
+//! hold no records.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -45,8 +53,15 @@ pub struct SegScan {
     pub good_len: u64,
     /// The file's length.
     pub len: u64,
-    /// Why reading stopped before `len`, if it did.
+    /// Why reading stopped before `len`, if it did (version 1 and legacy
+    /// segments: their files end where their records end).
     pub damage: Option<String>,
+    /// Version 2: the seq the run starts at.
+    pub first_seq: Option<u64>,
+    /// Version 2: why the run ended before `len` (not damage by itself).
+    pub run_end: Option<String>,
+    /// A spare of the pool: no records, not a segment.
+    pub spare: bool,
 }
 
 impl SegScan {
@@ -108,16 +123,31 @@ fn scan_segment(fs: &DynWalFs, dir: &Path, id: u64, volume: u64) -> Result<SegSc
         good_len: 0,
         len: buf.len() as u64,
         damage: None,
+        first_seq: None,
+        run_end: None,
+        spare: false,
     };
     let mut pos = match segment::decode(&buf) {
         Head::Empty => return Ok(seg),
         Head::Legacy => 0,
-        Head::Stamped { volume: v, stamp } => {
+        Head::Stamped {
+            volume: v,
+            stamp,
+            first_seq,
+        } => {
             if v != volume {
                 return Err(foreign(&seg.path, v, volume));
             }
             seg.stamp = Some(stamp);
+            seg.first_seq = first_seq;
             SEG_HEADER_LEN
+        }
+        Head::Spare { volume: v } => {
+            if v != volume {
+                return Err(foreign(&seg.path, v, volume));
+            }
+            seg.spare = true;
+            return Ok(seg);
         }
         Head::Damaged(why) => {
             seg.damage = Some(why);
@@ -125,14 +155,29 @@ fn scan_segment(fs: &DynWalFs, dir: &Path, id: u64, volume: u64) -> Result<SegSc
         }
     };
     seg.good_len = pos as u64;
+    let mut expect = seg.first_seq;
     while pos < buf.len() {
         let (h, data) = match decode_at(&buf, pos) {
             Ok(r) => r,
+            Err(e) if expect.is_some() => {
+                seg.run_end = Some(e.to_string());
+                break;
+            }
             Err(e) => {
                 seg.damage = Some(e.to_string());
                 break;
             }
         };
+        if let Some(want) = expect {
+            if h.seq != want {
+                seg.run_end = Some(format!(
+                    "a record of seq {} where seq {want} would be",
+                    h.seq
+                ));
+                break;
+            }
+            expect = Some(want + 1);
+        }
         if h.volume != volume {
             // A whole, checksummed record of another volume is no torn
             // write: the directory is shared by mistake. Touch nothing.

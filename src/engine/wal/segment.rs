@@ -2,9 +2,22 @@
 //!
 //! Layout (little endian), 48 bytes at offset 0, records follow:
 //! `magic u32 ("SHWS") | version u16 | flags u16 | volume u64 | epoch u64 |
-//!  base_epoch u64 | reserved u64 | reserved u32 | header_crc u32`.
-//! `header_crc` is CRC32C over the 44 bytes before it; version is 1, flags
-//! and reserved fields are 0 and ignored when read.
+//!  base_epoch u64 | first_seq u64 | reserved u32 | header_crc u32`.
+//! `header_crc` is CRC32C over the 44 bytes before it.
+//!
+//! Version 1 (written before segments were preallocated and recycled): the
+//! `first_seq` field is reserved (0, ignored) and the file ends where its
+//! records end. Version 2 (written now): the file is preallocated and may
+//! be a recycled one, so past its last record it holds zeros, padding or
+//! stale records of an earlier life. Its records are exactly the run
+//! `first_seq, first_seq + 1, ...` read from offset 48: the first thing
+//! that is not the next record of that run (unreadable, or another seq)
+//! ends the segment (see [`super::scan`]). Stale records can never
+//! continue the run: a file is recycled only once all its records are in
+//! the store, so their seqs are below every seq written later.
+//! Flag bit 0 (version 2 only) marks a spare: a preallocated file waiting
+//! in the pool to become a segment; it holds no records whatever follows
+//! the header. Other flag bits are 0 and ignored.
 //!
 //! Segments written before headers existed ("legacy") start directly with
 //! a record (its magic "SHWL") or are empty; they are still read.
@@ -19,7 +32,9 @@ use super::record::MAGIC as RECORD_MAGIC;
 
 pub const SEG_MAGIC: u32 = 0x5357_4853; // "SHWS"
 pub const SEG_HEADER_LEN: usize = 48;
-const VERSION: u16 = 1;
+const VERSION_1: u16 = 1;
+const VERSION: u16 = 2;
+const FLAG_SPARE: u16 = 1;
 
 /// Who wrote a segment, over which history.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,22 +52,70 @@ pub enum Head {
     Empty,
     /// A legacy segment: records start at offset 0.
     Legacy,
-    /// A header of this volume (or another: the caller checks `volume`).
-    Stamped { volume: u64, stamp: Stamp },
+    /// A header of this volume (or another: the caller checks `volume`);
+    /// `first_seq` is `Some` for version 2 (records must continue its run).
+    Stamped {
+        volume: u64,
+        stamp: Stamp,
+        first_seq: Option<u64>,
+    },
+    /// A spare of the pool (version 2, flag bit 0): no records.
+    Spare { volume: u64 },
     /// Neither a whole header nor a record: a torn or damaged start.
     Damaged(String),
 }
 
-pub fn encode(volume: u64, stamp: Stamp) -> [u8; SEG_HEADER_LEN] {
+fn encode_raw(
+    version: u16,
+    flags: u16,
+    volume: u64,
+    stamp: Stamp,
+    first_seq: u64,
+) -> [u8; SEG_HEADER_LEN] {
     let mut b = [0u8; SEG_HEADER_LEN];
     b[0..4].copy_from_slice(&SEG_MAGIC.to_le_bytes());
-    b[4..6].copy_from_slice(&VERSION.to_le_bytes());
+    b[4..6].copy_from_slice(&version.to_le_bytes());
+    b[6..8].copy_from_slice(&flags.to_le_bytes());
     b[8..16].copy_from_slice(&volume.to_le_bytes());
     b[16..24].copy_from_slice(&stamp.epoch.to_le_bytes());
     b[24..32].copy_from_slice(&stamp.base_epoch.to_le_bytes());
+    b[32..40].copy_from_slice(&first_seq.to_le_bytes());
     let crc = crc32c::crc32c(&b[..44]);
     b[44..48].copy_from_slice(&crc.to_le_bytes());
     b
+}
+
+/// The header of a segment whose first record will be `first_seq`.
+pub fn encode(volume: u64, stamp: Stamp, first_seq: u64) -> [u8; SEG_HEADER_LEN] {
+    encode_raw(VERSION, 0, volume, stamp, first_seq)
+}
+
+/// The header of a spare (a pool file holding no records).
+pub fn encode_spare(volume: u64) -> [u8; SEG_HEADER_LEN] {
+    let none = Stamp {
+        epoch: 0,
+        base_epoch: 0,
+    };
+    encode_raw(VERSION, FLAG_SPARE, volume, none, 0)
+}
+
+/// A version 1 header, as releases before recycling wrote (for tests and
+/// fuzz seeds of old segments; never written by the log).
+pub fn encode_v1(volume: u64, stamp: Stamp) -> [u8; SEG_HEADER_LEN] {
+    encode_raw(VERSION_1, 0, volume, stamp, 0)
+}
+
+/// `header` (a whole version 2 header) with its `first_seq` set to
+/// `first_seq`; `None` if it is no version 2 segment header.
+pub fn restamp(header: &[u8], first_seq: u64) -> Option<[u8; SEG_HEADER_LEN]> {
+    match decode(header) {
+        Head::Stamped {
+            volume,
+            stamp,
+            first_seq: Some(_),
+        } => Some(encode(volume, stamp, first_seq)),
+        _ => None,
+    }
 }
 
 fn u64_at(b: &[u8], o: usize) -> u64 {
@@ -84,15 +147,25 @@ pub fn decode(buf: &[u8]) -> Head {
         return Head::Damaged("segment header checksum mismatch".into());
     }
     let version = u16::from_le_bytes([h[4], h[5]]);
-    if version != VERSION {
-        return Head::Damaged(format!("unknown segment header version {version}"));
-    }
-    Head::Stamped {
-        volume: u64_at(h, 8),
-        stamp: Stamp {
-            epoch: u64_at(h, 16),
-            base_epoch: u64_at(h, 24),
+    let flags = u16::from_le_bytes([h[6], h[7]]);
+    let volume = u64_at(h, 8);
+    let stamp = Stamp {
+        epoch: u64_at(h, 16),
+        base_epoch: u64_at(h, 24),
+    };
+    match version {
+        VERSION_1 => Head::Stamped {
+            volume,
+            stamp,
+            first_seq: None,
         },
+        VERSION if flags & FLAG_SPARE != 0 => Head::Spare { volume },
+        VERSION => Head::Stamped {
+            volume,
+            stamp,
+            first_seq: Some(u64_at(h, 32)),
+        },
+        _ => Head::Damaged(format!("unknown segment header version {version}")),
     }
 }
 
@@ -106,14 +179,24 @@ mod tests {
             epoch: 7,
             base_epoch: 5,
         };
-        let b = encode(42, s);
+        let b = encode(42, s, 77);
         assert_eq!(
             decode(&b),
             Head::Stamped {
                 volume: 42,
-                stamp: s
+                stamp: s,
+                first_seq: Some(77),
             }
         );
+        assert_eq!(
+            decode(&encode_v1(42, s)),
+            Head::Stamped {
+                volume: 42,
+                stamp: s,
+                first_seq: None,
+            }
+        );
+        assert_eq!(decode(&encode_spare(42)), Head::Spare { volume: 42 });
         assert_eq!(decode(&[]), Head::Empty);
         assert_eq!(decode(&RECORD_MAGIC.to_le_bytes()), Head::Legacy);
         for cut in [1, 3, 4, 20, 47] {

@@ -120,8 +120,13 @@ fn concurrent_appends_replay_and_release() {
         101
     );
     wal.release_upto(100);
-    let left = std::fs::read_dir(dir.path()).unwrap().count();
+    let left = segments(&real(), dir.path()).len();
     assert_eq!(left, 1, "only the current segment stays");
+    let files = std::fs::read_dir(dir.path()).unwrap().count();
+    assert!(
+        files <= 1 + super::POOL_MAX,
+        "released segments are recycled into a bounded pool: {files} files"
+    );
 }
 
 /// Append `n` flushed 2-sector writes starting at lba `first`.
@@ -137,6 +142,16 @@ fn write_flushed(wal: &Wal, first: u64, n: u64) {
     for w in wal.submit_many(recs, true).unwrap() {
         futures::executor::block_on(w).unwrap();
     }
+}
+
+/// The segments of `dir` (not the spares of the pool), oldest first.
+pub(super) fn segments(fs: &DynWalFs, dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    scan(fs, dir, 9)
+        .unwrap()
+        .into_iter()
+        .filter(|s| !s.spare)
+        .map(|s| s.path)
+        .collect()
 }
 
 pub(super) fn seg_files(fs: &DynWalFs, dir: &std::path::Path) -> Vec<std::path::PathBuf> {
@@ -157,27 +172,36 @@ fn contents(fs: &DynWalFs, dir: &std::path::Path) -> Vec<(std::path::PathBuf, Ve
         .collect()
 }
 
+/// A torn last record ends the newest segment's run: replay keeps the
+/// records before it, and the next segment starts right after them.
 #[test]
-fn torn_tail_of_the_newest_segment_is_cut() {
+fn torn_tail_of_the_newest_segment_ends_the_log() {
     let dir = tempfile::tempdir().unwrap();
     let (wal, _, _) = start(dir.path(), 0, 1 << 20);
     write_flushed(&wal, 0, 3);
     drop(wal);
-    let seg = seg_files(&real(), dir.path()).pop().unwrap();
-    let len = std::fs::metadata(&seg).unwrap().len();
-    // Cut the last record in half: a torn write.
-    let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
-    f.set_len(len - 300).unwrap();
+    let newest = scan(&real(), dir.path(), 9)
+        .unwrap()
+        .into_iter()
+        .rfind(|s| !s.spare)
+        .unwrap();
+    let end = newest.records.last().unwrap().end;
+    // Tear the last record: its last 300 bytes never reached the disk.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&newest.path)
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0u8; 300], end - 300).unwrap();
+    drop(f);
     let (rec, replayed) = replay_on(&real(), dir.path(), 0).unwrap();
     assert_eq!(replayed.len(), 2);
     assert!(replayed[0].more && replayed[1].more, "flags survive");
     assert_eq!(rec.next_seq, 3);
-    let cut_len = std::fs::metadata(&seg).unwrap().len();
-    assert!(cut_len < len - 300, "torn record removed");
     drop(rec);
     // A second replay sees exactly the same, with no error.
-    let (_, again) = replay_on(&real(), dir.path(), 0).unwrap();
+    let (rec, again) = replay_on(&real(), dir.path(), 0).unwrap();
     assert_eq!(again.len(), 2);
+    assert_eq!(rec.next_seq, 3);
 }
 
 #[test]
@@ -192,7 +216,7 @@ fn damage_in_an_older_segment_is_corruption_and_changes_nothing() {
     assert_eq!(replayed.len(), 4);
     write_flushed(&wal, 10, 3);
     drop(wal);
-    let segs = seg_files(&fs, dir);
+    let segs = segments(&fs, dir);
     assert_eq!(segs.len(), 2);
 
     // A bit flip in the third record of the oldest segment (each: header,

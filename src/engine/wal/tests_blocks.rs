@@ -8,7 +8,7 @@ use std::sync::Arc;
 use super::fs::DynWalFs;
 use super::power_loss::PowerLossFs;
 use super::record::{RecordHeader, RecordKind, HEADER_LEN};
-use super::tests::{data, replay_on, seg_files, start_on, STAMP};
+use super::tests::{data, replay_on, segments, start_on, STAMP};
 use super::{read_record, segment, Appended, WalError};
 use crate::engine::map::WalLoc;
 
@@ -144,7 +144,7 @@ fn records_of_the_previous_release_replay() {
     let dir = Path::new(DIR);
     fs.create_dir_all(dir).unwrap();
     let d = data(9, 192);
-    let mut seg = segment::encode(9, STAMP).to_vec();
+    let mut seg = segment::encode_v1(9, STAMP).to_vec();
     for i in 0..3u64 {
         let piece = &d[(i * 32768) as usize..((i + 1) * 32768) as usize];
         seg.extend(old_record(
@@ -203,5 +203,5 @@ fn records_of_the_previous_release_replay() {
         seqs,
         [(1, false), (2, false), (3, false), (4, false), (5, true)]
     );
-    assert_eq!(seg_files(&fs, dir).len(), 3);
+    assert_eq!(segments(&fs, dir).len(), 3);
 }
