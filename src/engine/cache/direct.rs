@@ -54,7 +54,7 @@ thread_local! {
 }
 
 /// Largest direct write (longer runs of windows are written in parts).
-pub const MAX_WRITE: usize = 8 << 20;
+pub const MAX_WRITE: usize = 1 << 20;
 const _: () = assert!(MAX_WRITE.is_multiple_of(SLOT as usize));
 
 /// Open `path` (which exists) for direct writes; `None` where the file

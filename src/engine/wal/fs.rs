@@ -186,6 +186,26 @@ impl RealFile {
         off: u64,
         flags: libc::c_int,
     ) -> io::Result<usize> {
+        SCRATCH.with(|raw| {
+            let mut raw = raw.borrow_mut();
+            let res = self.write_direct_with(tail, iov, off, flags, &mut raw);
+            if raw.len() > MAX_SCRATCH {
+                *raw = Vec::new();
+            }
+            res
+        })
+    }
+
+    /// [`RealFile::write_direct`] through the buffer `raw` (grown as
+    /// needed; every byte written is set here).
+    fn write_direct_with(
+        &self,
+        tail: &std::sync::Mutex<(u64, Vec<u8>)>,
+        iov: &[IoSlice<'_>],
+        off: u64,
+        flags: libc::c_int,
+        raw: &mut Vec<u8>,
+    ) -> io::Result<usize> {
         let len: usize = iov.iter().map(|s| s.len()).sum();
         let bs = DIRECT_BLOCK;
         let start = off - off % bs;
@@ -194,7 +214,9 @@ impl RealFile {
         let padded = end.div_ceil(bs) * bs;
         let total = (padded - start) as usize;
         let mut t = tail.lock().unwrap_or_else(|e| e.into_inner());
-        let mut raw = vec![0u8; total + bs as usize];
+        if raw.len() < total + bs as usize {
+            raw.resize(total + bs as usize, 0);
+        }
         let a = raw.as_ptr().align_offset(bs as usize);
         let buf = &mut raw[a..a + total];
         if pre > 0 {
@@ -209,6 +231,8 @@ impl RealFile {
             buf[at..at + s.len()].copy_from_slice(s);
             at += s.len();
         }
+        // Padding up to the block boundary (the buffer is reused).
+        buf[at..].fill(0);
         let size = self.read.metadata()?.len();
         let off_t = libc::off_t::try_from(start)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
@@ -244,6 +268,15 @@ impl RealFile {
 }
 
 use std::os::fd::AsRawFd;
+
+thread_local! {
+    /// The writer thread's buffer for direct writes, reused across
+    /// batches (a fresh allocation per batch grew the heap).
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Largest direct-write buffer kept between writes.
+const MAX_SCRATCH: usize = 8 << 20;
 
 impl WalFile for RealFile {
     fn write_vectored_at(&self, iov: &[IoSlice<'_>], off: u64) -> io::Result<usize> {
