@@ -321,6 +321,30 @@ impl Reader<'_> {
         Err(format!("varint too long at payload byte {}", self.at))
     }
 
+    /// `records` ranges stored as (gap from the previous end, length)
+    /// varint pairs, appended to `out` as `(start, len)`; `what` names
+    /// them in errors. Every add is overflow-checked.
+    fn ranges(
+        &mut self,
+        records: u64,
+        what: &str,
+        out: &mut Vec<(u64, u64)>,
+    ) -> Result<(), String> {
+        let mut end = 0u64;
+        for _ in 0..records {
+            let gap = self.varint()?;
+            let l = self.varint()?;
+            let s = end
+                .checked_add(gap)
+                .ok_or_else(|| format!("{what} start {end}+{gap} overflows"))?;
+            end = s
+                .checked_add(l)
+                .ok_or_else(|| format!("{what} {s}+{l} overflows"))?;
+            out.push((s, l));
+        }
+        Ok(())
+    }
+
     fn u32(&mut self) -> Result<u32, String> {
         let w = self
             .b
@@ -600,18 +624,7 @@ pub fn decode_any(b: &[u8]) -> Result<(Checkpoint, Option<DeltaPages>), Checkpoi
                 if records > n_ranges - d.ranges.len() as u64 {
                     return Err(over("ranges", d.ranges.len(), n_ranges));
                 }
-                let mut end = 0u64;
-                for _ in 0..records {
-                    let gap = r.varint().map_err(err)?;
-                    let l = r.varint().map_err(err)?;
-                    let s = end
-                        .checked_add(gap)
-                        .ok_or_else(|| err(format!("range start {end}+{gap} overflows")))?;
-                    end = s
-                        .checked_add(l)
-                        .ok_or_else(|| err(format!("range {s}+{l} overflows")))?;
-                    d.ranges.push((s, l));
-                }
+                r.ranges(records, "range", &mut d.ranges).map_err(err)?;
             }
             PAGE_REMOVED => {
                 let Some(d) = delta.as_mut() else {
@@ -633,18 +646,8 @@ pub fn decode_any(b: &[u8]) -> Result<(Checkpoint, Option<DeltaPages>), Checkpoi
                 if records > n_zeros - cp.zeros.len() as u64 {
                     return Err(over("zero ranges", cp.zeros.len(), n_zeros));
                 }
-                let mut end = 0u64;
-                for _ in 0..records {
-                    let gap = r.varint().map_err(err)?;
-                    let l = r.varint().map_err(err)?;
-                    let s = end
-                        .checked_add(gap)
-                        .ok_or_else(|| err(format!("zero range start {end}+{gap} overflows")))?;
-                    end = s
-                        .checked_add(l)
-                        .ok_or_else(|| err(format!("zero range {s}+{l} overflows")))?;
-                    cp.zeros.push((s, l));
-                }
+                r.ranges(records, "zero range", &mut cp.zeros)
+                    .map_err(err)?;
             }
         }
         if r.at != payload.len() {
