@@ -123,8 +123,9 @@ boot() {
     fi
     local append="console=ttyS0 panic=-1 loglevel=4 shale.boot=$n shale.cycle=$cycle shale.prev=$prev"
     append+=" shale.seed=$SEED shale.blocks=$BLOCKS shale.gen0=$gen0 shale.budget=$budget shale.killafter=$killafter"
+    local start=$SECONDS attempt
+    for attempt in 1 2; do
     : > "$log"
-    local start=$SECONDS
     qemu-system-x86_64 \
         -accel tcg -cpu qemu64,-cx16 -smp 2 -m "$MEM" \
         -nodefaults -no-user-config -display none -serial stdio -no-reboot \
@@ -160,6 +161,17 @@ boot() {
     kill -9 "$QEMU_PID" 2>/dev/null || true
     wait "$QEMU_PID" 2>/dev/null || true
     QEMU_PID=
+    # The emulated guest kernel itself sometimes panics while booting
+    # (seen once: enqueue_timer under TCG), before the guest ran anything
+    # of ours and so before it touched the disk: boot it once more.
+    if [ "$attempt" = 1 ] && [ -z "$CUT_HOW" ] && grep -aq 'Kernel panic' "$log" \
+        && ! grep -aq '^CC \|^POWER\|^FAIL\|CC SCAN' "$log"; then
+        echo "power-loss: boot $n: the guest kernel panicked before our init ran; booting again"
+        cp "$log" "$log.panic"
+        continue
+    fi
+    break
+    done
     echo "power-loss: boot $n ($cycle) ended after $(( SECONDS - start )) s: ${CUT_HOW:-guest powered off}"
     grep -a 'CC ' "$log" >> "$LEDGER" || true
     "$CHECK" line NOTE "boot $n ended: ${CUT_HOW:-powered off}" >> "$LEDGER"
