@@ -24,8 +24,7 @@ use anyhow::{Context, Result};
 use async_trait::async_trait;
 use bytes::Bytes;
 use shale::clock::SystemClock;
-use shale::engine::checkpoint::{checkpoint_key, manifest_key, Checkpoint, ChunkInfo, Manifest};
-use shale::engine::chunk::CRC_BLOCK;
+use shale::engine::checkpoint::{checkpoint_key, manifest_key, Checkpoint, Manifest};
 use shale::engine::config::EngineConfig;
 use shale::engine::map::{ExtentMap, Loc};
 use shale::engine::{BlockDevice, Volume, VolumeParams};
@@ -114,18 +113,7 @@ fn seed_checkpoint(extents: u64) -> (Checkpoint, u64) {
         written += 1;
     }
     let n_chunks = written.div_ceil(PER_CHUNK);
-    let data_len = PER_CHUNK * BLOCK;
-    let chunks = (1..=n_chunks)
-        .map(|seq| ChunkInfo {
-            seq,
-            epoch: 1,
-            data_start: 4096,
-            data_len,
-            crcs: (0..data_len / CRC_BLOCK)
-                .map(|_| crate::next_rand(&mut rng) as u32)
-                .collect(),
-        })
-        .collect();
+    let chunks = crate::map::fake_chunks(n_chunks, &mut rng);
     let cp = Checkpoint::from_map(VOLUME, 1, n_chunks, written, &map, chunks);
     (cp, blocks * BLOCK)
 }

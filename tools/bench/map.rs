@@ -25,6 +25,23 @@ const SECTOR: u64 = 512;
 const PER_CHUNK: u64 = 1024;
 
 /// Resident set size of this process in bytes.
+/// Chunks 1..=`n` of [`PER_CHUNK`] blocks each, with random block
+/// checksums (real ones look random; they matter to the encoded size).
+pub fn fake_chunks(n: u64, rng: &mut u64) -> Vec<ChunkInfo> {
+    let data_len = PER_CHUNK * BLOCK;
+    (1..=n)
+        .map(|seq| ChunkInfo {
+            seq,
+            epoch: 1,
+            data_start: 4096,
+            data_len,
+            crcs: (0..data_len / CRC_BLOCK)
+                .map(|_| crate::next_rand(rng) as u32)
+                .collect(),
+        })
+        .collect()
+}
+
 fn rss() -> Result<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").context("read /proc/self/statm")?;
     let pages: u64 = statm
@@ -63,19 +80,7 @@ pub fn run(extents: u64) -> Result<()> {
     );
 
     let n_chunks = written.div_ceil(PER_CHUNK);
-    let data_len = PER_CHUNK * BLOCK;
-    let chunks: Vec<ChunkInfo> = (1..=n_chunks)
-        .map(|seq| ChunkInfo {
-            seq,
-            epoch: 1,
-            data_start: 4096,
-            data_len,
-            // Real checksums look random (they matter to JSON's size).
-            crcs: (0..data_len / CRC_BLOCK)
-                .map(|_| crate::next_rand(&mut rng) as u32)
-                .collect(),
-        })
-        .collect();
+    let chunks = fake_chunks(n_chunks, &mut rng);
     let chunks: Vec<Arc<ChunkInfo>> = chunks.into_iter().map(Arc::new).collect();
     let volume_sectors = blocks * (BLOCK / SECTOR);
     let map = Arc::new(map);

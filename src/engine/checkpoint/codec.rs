@@ -236,9 +236,20 @@ pub fn encode_with(cp: &Checkpoint, delta: Option<&DeltaPages>) -> Vec<u8> {
     }
     w.flush();
 
-    let mut w = PageWriter::new(&mut out, PAGE_ZEROS);
+    put_ranges(&mut out, PAGE_ZEROS, &cp.zeros);
+    if let Some(d) = delta {
+        encode_delta_pages(&mut out, d);
+    }
+    out
+}
+
+/// Pages of `kind` holding `(start, len)` ranges as (gap from the previous
+/// end, length) varint pairs; the gap restarts from 0 on each page, so a
+/// page decodes on its own (see [`Reader::ranges`]).
+fn put_ranges(out: &mut Vec<u8>, kind: u8, ranges: &[(u64, u64)]) {
+    let mut w = PageWriter::new(out, kind);
     let mut end = 0u64;
-    for &(s, l) in &cp.zeros {
+    for &(s, l) in ranges {
         if w.full(2 * VARINT_MAX) {
             w.flush();
             end = 0;
@@ -249,10 +260,6 @@ pub fn encode_with(cp: &Checkpoint, delta: Option<&DeltaPages>) -> Vec<u8> {
         end = s.wrapping_add(l);
     }
     w.flush();
-    if let Some(d) = delta {
-        encode_delta_pages(&mut out, d);
-    }
-    out
 }
 
 fn encode_delta_pages(out: &mut Vec<u8>, d: &DeltaPages) {
@@ -268,19 +275,7 @@ fn encode_delta_pages(out: &mut Vec<u8>, d: &DeltaPages) {
     w.records = 1;
     w.flush();
 
-    let mut w = PageWriter::new(out, PAGE_RANGES);
-    let mut end = 0u64;
-    for &(s, l) in &d.ranges {
-        if w.full(2 * VARINT_MAX) {
-            w.flush();
-            end = 0;
-        }
-        put_varint(&mut w.page, s.wrapping_sub(end));
-        put_varint(&mut w.page, l);
-        w.records += 1;
-        end = s.wrapping_add(l);
-    }
-    w.flush();
+    put_ranges(out, PAGE_RANGES, &d.ranges);
 
     let mut w = PageWriter::new(out, PAGE_REMOVED);
     let mut last = 0u64;
