@@ -256,6 +256,47 @@ async fn sequential_reads_are_fetched_ahead_and_random_reads_are_not() {
     v.close().await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefetched_windows_are_read_from_memory_and_abandoned_streams_give_room() {
+    // Readahead holds prefetched windows in memory until they are read,
+    // counted against prefetch_max_in_flight (2 MiB here). Six streams are
+    // each read for 1 MiB and abandoned with readahead left unread; if
+    // unread windows kept their budget, later streams would prefetch
+    // nothing.
+    let size = 16 << 20;
+    let mut fx = Fixture::new(size);
+    let (v, data) = cold_volume(&mut fx, 1 << 20).await;
+    let piece = 64usize << 10;
+    for stream in 0..6usize {
+        let base = stream * (size as usize / 6) / piece * piece;
+        let before = v.stats();
+        for i in 0..16 {
+            let at = base + i * piece;
+            let mut b = vec![0u8; piece];
+            v.read(at as u64, &mut b).await.unwrap();
+            assert!(b == data[at..at + piece], "stream {stream} read {i}");
+        }
+        // Let its readahead GETs land (staged, unread).
+        for _ in 0..1000 {
+            if fx.store.waiting.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let after = v.stats();
+        assert!(
+            after.prefetch_bytes > before.prefetch_bytes,
+            "stream {stream} prefetched nothing: {after:?}"
+        );
+        assert!(
+            after.prefetch_hit_bytes > before.prefetch_hit_bytes,
+            "stream {stream} took nothing from memory: {after:?}"
+        );
+    }
+    v.close().await.unwrap();
+}
+
 /// Reference disk and volume agree on `[at, at+len)`.
 async fn check(v: &Volume, model: &[u8], at: u64, len: usize, what: &str) {
     let mut b = vec![0u8; len];

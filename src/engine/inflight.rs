@@ -25,8 +25,16 @@
 //!    only if they still belong to that run.
 //! 4. Waiting never blocks a thread: the GET runs on the runtime and
 //!    waiters await a shared `oneshot`.
+//! 5. A prefetch run, once cached, stays in the table as *staged* bytes
+//!    until a read takes its windows ([`Inflight::take_staged`]: the bytes
+//!    are handed over from memory, so a sequential reader does not read
+//!    back from the cache file what was just written there) or until it is
+//!    evicted, oldest first ([`Inflight::evict_staged`]). Staged bytes stay
+//!    counted in the prefetcher's in-flight budget, so prefetched data in
+//!    memory (in flight or staged) is bounded by
+//!    `engine.prefetch_max_in_flight` plus one run.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -47,6 +55,52 @@ pub const MAX_RUN: u64 = 8 << 20;
 
 /// A chunk window: `(volume, chunk seq, epoch, window number)`.
 type WinKey = (u64, u64, u64, u64);
+
+/// A window's entry: the run it belongs to, the run's bytes (a shared
+/// future) and the data-area offset where the run starts.
+type Entry = (u64, RunFuture, u64);
+
+/// A cached prefetch run whose windows wait in memory for a read
+/// (invariant 5).
+#[derive(Debug)]
+struct Staged {
+    /// `(volume, chunk seq, epoch)` of the run's chunk.
+    chunk: (u64, u64, u64),
+    /// The run's windows not yet taken.
+    left: Vec<u64>,
+    /// The run's bytes, from data-area offset `start` to `stop`.
+    data: Bytes,
+    start: u64,
+    stop: u64,
+    /// The prefetcher's budget the bytes are counted in.
+    in_flight: Arc<AtomicU64>,
+}
+
+impl Staged {
+    /// Bytes of window `w` of the run.
+    fn window_len(&self, w: u64) -> u64 {
+        self.stop.min((w + 1) * SLOT).saturating_sub(w * SLOT)
+    }
+
+    /// Give window `w`'s bytes back to the budget.
+    fn release(&self, w: u64) {
+        let len = self.window_len(w);
+        // Saturating: the budget is only ever a bound, never a reason to panic.
+        let _ = self
+            .in_flight
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                Some(v.saturating_sub(len))
+            });
+    }
+}
+
+/// The table's contents, under one lock.
+#[derive(Debug, Default)]
+struct Table {
+    windows: HashMap<WinKey, Entry>,
+    /// Staged runs by run id (ids grow, so the first is the oldest).
+    staged: BTreeMap<u64, Staged>,
+}
 
 /// Why a shared GET failed (cloneable, since every waiter gets it).
 #[derive(Debug, Clone)]
@@ -113,7 +167,7 @@ pub(crate) enum Mode<'a> {
 /// The table of GETs in flight, per volume.
 #[derive(Debug, Default)]
 pub(crate) struct Inflight {
-    map: Mutex<HashMap<WinKey, (u64, RunFuture, u64)>>,
+    table: Mutex<Table>,
     next_run: AtomicU64,
     /// Windows whose reader joined a GET another reader or the prefetcher
     /// had sent.
@@ -127,8 +181,49 @@ impl std::fmt::Debug for WindowWait {
 }
 
 impl Inflight {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<WinKey, (u64, RunFuture, u64)>> {
-        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The bytes of window `w` of chunk `info` of `volume` if a staged
+    /// prefetch run holds them (CRC-checked when fetched); the window
+    /// leaves the table and its bytes leave the prefetch budget.
+    pub fn take_staged(&self, volume: u64, info: &ChunkInfo, w: u64) -> Option<Bytes> {
+        let key = (volume, info.seq, info.epoch, w);
+        let mut table = self.lock();
+        let run = table.windows.get(&key)?.0;
+        let staged = table.staged.get_mut(&run)?;
+        if !staged.left.contains(&w) {
+            return None;
+        }
+        let at = usize::try_from(w * SLOT - staged.start).ok()?;
+        let end = (at + SLOT as usize).min(staged.data.len());
+        let bytes = (at < end).then(|| staged.data.slice(at..end));
+        staged.left.retain(|&x| x != w);
+        staged.release(w);
+        if staged.left.is_empty() {
+            table.staged.remove(&run);
+        }
+        table.windows.remove(&key);
+        bytes
+    }
+
+    /// Drop the oldest staged run (its windows stay in the read cache) and
+    /// give its bytes back to the budget; false when nothing is staged.
+    pub fn evict_staged(&self) -> bool {
+        let mut table = self.lock();
+        let Some((run, staged)) = table.staged.pop_first() else {
+            return false;
+        };
+        let (volume, seq, epoch) = staged.chunk;
+        for &w in &staged.left {
+            let key = (volume, seq, epoch, w);
+            if table.windows.get(&key).is_some_and(|(r, _, _)| *r == run) {
+                table.windows.remove(&key);
+            }
+            staged.release(w);
+        }
+        true
     }
 
     /// Windows `wins` of chunk `info` of `volume` (which the caller
@@ -147,7 +242,8 @@ impl Inflight {
         let wins = wins.start..wins.end.min(last);
         let mut waits = Vec::new();
         let mut sent = 0u64;
-        let mut map = self.lock();
+        let mut table = self.lock();
+        let map = &mut table.windows;
         let mut w = wins.start;
         while w < wins.end {
             let key = (volume, info.seq, info.epoch, w);
@@ -274,16 +370,48 @@ impl Inflight {
                 }
             }
             {
-                let mut map = table.lock();
+                let mut guard = table.lock();
+                let t = &mut *guard;
+                let mut mine = Vec::new();
                 for w in wins.clone() {
                     let k = (volume, info.seq, info.epoch, w);
-                    if map.get(&k).is_some_and(|(r, _, _)| *r == id) {
-                        map.remove(&k);
+                    if t.windows.get(&k).is_some_and(|(r, _, _)| *r == id) {
+                        mine.push(w);
+                    }
+                }
+                // A cached prefetch run waits in memory for its reader
+                // (invariant 5); every other run leaves the table.
+                let stage = match (&done, &res) {
+                    (Some(d), Ok(data)) if !mine.is_empty() => Some(Staged {
+                        chunk: (volume, info.seq, info.epoch),
+                        left: mine.clone(),
+                        data: data.clone(),
+                        start,
+                        stop: end,
+                        in_flight: Arc::clone(&d.in_flight),
+                    }),
+                    _ => None,
+                };
+                match stage {
+                    Some(staged) => {
+                        // Windows given up before staging leave the budget now.
+                        for w in wins.clone().filter(|w| !mine.contains(w)) {
+                            staged.release(w);
+                        }
+                        t.staged.insert(id, staged);
+                    }
+                    None => {
+                        for w in mine {
+                            t.windows.remove(&(volume, info.seq, info.epoch, w));
+                        }
+                        if let Some(d) = &done {
+                            d.release();
+                        }
                     }
                 }
             }
             if let Some(d) = done {
-                d.finish(&key, &res);
+                d.report(&key, &res);
             }
             let _ = tx.send(res);
         });
@@ -353,8 +481,18 @@ struct Done {
 }
 
 impl Done {
-    fn finish(self, key: &str, res: &RunResult) {
-        self.in_flight.fetch_sub(self.len, Ordering::Relaxed);
+    /// Give the whole GET's bytes back to the budget (it was not staged).
+    fn release(&self) {
+        let len = self.len;
+        let _ = self
+            .in_flight
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                Some(v.saturating_sub(len))
+            });
+    }
+
+    /// Count and log the GET's failure, if it failed.
+    fn report(self, key: &str, res: &RunResult) {
         match res {
             Ok(_) => {}
             // GC deleted the chunk after the map named it: nothing to read.

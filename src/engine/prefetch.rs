@@ -17,7 +17,9 @@
 //!
 //! Invariants:
 //! 1. Prefetched data goes only into the read cache, keyed by immutable
-//!    chunk identity plus a tag over the window's block CRCs. A read always
+//!    chunk identity plus a tag over the window's block CRCs, and into
+//!    memory until read (staged in the in-flight table under the same chunk
+//!    identity, [`super::inflight`] invariant 5). A read always
 //!    resolves its range through the map first and takes from the cache
 //!    only windows of the chunks the map names, so prefetched data can
 //!    never be newer or older than the map says: if the range was written
@@ -32,7 +34,8 @@
 //!    `engine.prefetch_max_in_flight`, and no GET is sent while the bound
 //!    is reached (the read that needs the data later fetches it itself),
 //!    so at most the bound plus one GET ([`super::inflight::MAX_RUN`]) is
-//!    in flight (a GET counts until its windows are in the cache).
+//!    in flight (a GET counts until its windows are read, or dropped from
+//!    memory: when a stream needs room the oldest staged run goes).
 //! 4. Prefetch needs the read cache (its only destination): with
 //!    `cache_size: 0` or `readahead_max: 0` nothing is prefetched. A
 //!    stream's window is also capped at a twentieth of the cache (half its
@@ -181,7 +184,11 @@ impl Prefetch {
             return;
         }
         let limit = inner.cfg.prefetch_max_in_flight;
-        let room = limit.saturating_sub(self.in_flight.load(Ordering::Relaxed));
+        let room = || limit.saturating_sub(self.in_flight.load(Ordering::Relaxed));
+        // Staged windows nobody read yet make room for a new window; they
+        // are still in the cache.
+        while room() < max.min(limit / 2) && inner.fetches.evict_staged() {}
+        let room = room();
         let seen = self
             .streams
             .lock()

@@ -288,6 +288,19 @@ fn read_cached(
         // The CRC blocks of this window that the request touches.
         let from = off.max(ws);
         let to = end.min(ws + SLOT);
+        if let Some(win) = inner.fetches.take_staged(volume, info, w) {
+            // Prefetched bytes not read yet, checked when fetched.
+            if let Some(src) = win.get((from - ws) as usize..(to - ws) as usize) {
+                let at = (from - off) as usize;
+                dst[at..at + src.len()].copy_from_slice(src);
+                served += src.len() as u64;
+                inner
+                    .counters
+                    .prefetch_hit_bytes
+                    .fetch_add(src.len() as u64, Ordering::Relaxed);
+                continue;
+            }
+        }
         let (a, b) = aligned_range(from, to - from, info.data_len);
         let got = &mut blocks[..(b - a) as usize];
         let ok = match cache.get(&window_id(volume, info, w), a - ws, got, from - ws..to - ws) {

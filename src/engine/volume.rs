@@ -103,6 +103,9 @@ pub struct VolumeStats {
     pub cache_capacity_bytes: u64,
     /// Bytes readahead sent store GETs for.
     pub prefetch_bytes: u64,
+    /// Bytes reads took from prefetched data still in memory (a part of
+    /// `cache_hit_bytes`).
+    pub prefetch_hit_bytes: u64,
     /// Readahead GETs that failed (logged; reads fetch the data themselves).
     pub prefetch_errors: u64,
     /// Cache windows a read took from a GET already in flight (sent by
@@ -128,6 +131,7 @@ pub(crate) struct Counters {
     pub destage_us: AtomicU64,
     pub checkpoint_us: AtomicU64,
     pub cache_hit_bytes: AtomicU64,
+    pub prefetch_hit_bytes: AtomicU64,
     pub cache_corrupt: AtomicU64,
 }
 
@@ -570,6 +574,7 @@ impl Volume {
             cache_restored: self.inner.cache.as_ref().map_or(0, |c| c.restored()),
             cache_capacity_bytes: self.inner.cache.as_ref().map_or(0, |c| c.capacity()),
             prefetch_bytes: us(&self.inner.prefetch.bytes),
+            prefetch_hit_bytes: us(&c.prefetch_hit_bytes),
             prefetch_errors: us(&self.inner.prefetch.errors),
             fetch_shared: us(&self.inner.fetches.joined),
         }

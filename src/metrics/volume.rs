@@ -513,6 +513,13 @@ fn engine_families(vol: &Volume) -> Vec<Family> {
             s.prefetch_bytes as f64,
         ),
         f(
+            "prefetch_hit",
+            Counter,
+            b,
+            "Bytes reads took from readahead data still in memory (part of the cache hit bytes)",
+            s.prefetch_hit_bytes as f64,
+        ),
+        f(
             "prefetch_errors",
             Counter,
             None,

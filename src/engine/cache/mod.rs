@@ -280,6 +280,16 @@ impl Cache {
             .set_len((n as u64 + 1) * RECORD as u64)
             .map_err(err)?;
         data.set_len(n as u64 * SLOT).map_err(err)?;
+        // Reads take exact windows: kernel readahead around them would read
+        // (and, in the sparse file, zero-fill) neighbouring slots for nothing.
+        if let Err(e) = nix::fcntl::posix_fadvise(
+            &data,
+            0,
+            0,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_RANDOM,
+        ) {
+            log::debug!("read cache {}: fadvise(RANDOM): {e}", dir.display());
+        }
         index_file
             .write_all_at(&record::encode_file_header(SLOT as u32, n as u64), 0)
             .map_err(err)?;
