@@ -23,7 +23,7 @@
 # Environment: SIZE_MIB (default 512), RAND_MIB (default SIZE_MIB / 2),
 # BS (default 1M), QD (default 8), READAHEAD (engine.readahead_max; unset:
 # the binary's default), BENCH_DIR, PERF (a file: `perf record -g` of the
-# server during the sequential pass), KEEP (keep the work directory). Needs moto_server, fio with the nbd
+# server during the sequential pass, or the random one with PERF_PASS=rand), KEEP (keep the work directory). Needs moto_server, fio with the nbd
 # engine, python3 with boto3.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -104,16 +104,18 @@ fio_mbs() { # rw size -> MB/s
 }
 
 read -r RAW1 NOBJ OBJSIZE < <(raw_get)
-serve seq
-if [ -n "${PERF:-}" ]; then # PERF=FILE: profile the server during the sequential pass
+perf_start() { # pass: profile the server during that pass if PERF is set and PERF_PASS names it
+    [ -n "${PERF:-}" ] && [ "${PERF_PASS:-seq}" = "$1" ] || return 0
     if [ -n "${PERF_ALL:-}" ]; then target=(-a); else target=(-p "$PID"); fi
     perf record -g -o "$PERF" "${target[@]}" 2>/dev/null & PERF_PID=$!
     sleep 0.5
-fi
-SEQ=$(fio_mbs read "$SIZE_MIB")
-[ -n "${PERF:-}" ] && { kill -INT "$PERF_PID"; wait "$PERF_PID" || true; }
-stop seq
-serve rand; RAND=$(fio_mbs randread "$RAND_MIB"); stop rand
+}
+perf_stop() {
+    [ -n "${PERF_PID:-}" ] || return 0
+    kill -INT "$PERF_PID"; wait "$PERF_PID" || true; PERF_PID=
+}
+serve seq; perf_start seq; SEQ=$(fio_mbs read "$SIZE_MIB"); perf_stop; stop seq
+serve rand; perf_start rand; RAND=$(fio_mbs randread "$RAND_MIB"); perf_stop; stop rand
 read -r RAW2 _ _ < <(raw_get)
 RAW=$(python3 -c "print(max($RAW1, $RAW2))")
 python3 - "$SEQ" "$RAND" "$RAW1" "$RAW2" "$RAW" "$NOBJ" "$OBJSIZE" "$SIZE_MIB" "$BS" "$QD" "$(cat cpu.seq)" "$(cat cpu.rand)" "$RAND_MIB" <<'PY'

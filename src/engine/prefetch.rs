@@ -40,7 +40,7 @@
 //!    `cache_size: 0` or `readahead_max: 0` nothing is prefetched. A
 //!    stream's window is also capped at a twentieth of the cache (half its
 //!    small FIFO), so readahead cannot evict itself before it is read or
-//!    push the cache's hot set out.
+//!    push the cache's hot set out, and at half `prefetch_max_in_flight`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -178,16 +178,26 @@ impl Prefetch {
         // Prefetched windows wait in the cache's small FIFO (a tenth of
         // it) until read; a window evicted unread is a wasted GET and
         // leaves a ghost entry that would send it to the main FIFO when
-        // read later. So a window stays within half of small.
-        let max = inner.cfg.readahead_max.min(cache.capacity() / 20) / SLOT * SLOT;
+        // read later. So a window stays within half of small. It also
+        // stays within half the prefetch budget, so one stream's unread
+        // readahead (at most a window and a GET) never has to be dropped
+        // from memory to make room for its own next half window.
+        let limit = inner.cfg.prefetch_max_in_flight;
+        let max = inner
+            .cfg
+            .readahead_max
+            .min(cache.capacity() / 20)
+            .min(limit / 2)
+            / SLOT
+            * SLOT;
         if max < SLOT {
             return;
         }
-        let limit = inner.cfg.prefetch_max_in_flight;
         let room = || limit.saturating_sub(self.in_flight.load(Ordering::Relaxed));
-        // Staged windows nobody read yet make room for a new window; they
-        // are still in the cache.
-        while room() < max.min(limit / 2) && inner.fetches.evict_staged() {}
+        // Several streams: staged windows nobody read yet (the oldest
+        // first) make room for the next half window; they are still in
+        // the cache.
+        while room() < max / 2 && inner.fetches.evict_staged() {}
         let room = room();
         let seen = self
             .streams
