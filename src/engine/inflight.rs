@@ -84,14 +84,16 @@ impl Staged {
 
     /// Give window `w`'s bytes back to the budget.
     fn release(&self, w: u64) {
-        let len = self.window_len(w);
-        // Saturating: the budget is only ever a bound, never a reason to panic.
-        let _ = self
-            .in_flight
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
-                Some(v.saturating_sub(len))
-            });
+        give_back(&self.in_flight, self.window_len(w));
     }
+}
+
+/// Take `len` bytes off a prefetch budget (saturating: the budget is only
+/// ever a bound, never a reason to panic).
+fn give_back(budget: &AtomicU64, len: u64) {
+    let _ = budget.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+        Some(v.saturating_sub(len))
+    });
 }
 
 /// The table's contents, under one lock.
@@ -483,12 +485,7 @@ struct Done {
 impl Done {
     /// Give the whole GET's bytes back to the budget (it was not staged).
     fn release(&self) {
-        let len = self.len;
-        let _ = self
-            .in_flight
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
-                Some(v.saturating_sub(len))
-            });
+        give_back(&self.in_flight, self.len);
     }
 
     /// Count and log the GET's failure, if it failed.
