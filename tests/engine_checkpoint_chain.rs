@@ -412,3 +412,52 @@ async fn rollover_keeps_only_the_committed_chain() {
     assert_eq!(first_diff(&read_all(&v).await, &model), None);
     v.close().await.unwrap();
 }
+
+/// Checkpoint objects no manifest names (a crash or a lost swap between
+/// uploading a checkpoint and committing the manifest, or a failed delete
+/// of a superseded chain) are deleted when the volume next opens; the
+/// committed chain, objects of a newer epoch and keys that are not
+/// checkpoint names are kept, and the volume reads back the model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unnamed_checkpoint_objects_are_deleted_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, model, m) = volume_with_deltas(dir.path()).await;
+    let chain_keys = chain::keys(&store, &m, 1 << 30).await.unwrap();
+    let body = store.get(&chain_keys[0]).await.unwrap().data;
+    let prefix = checkpoint_prefix(VOLUME);
+    let orphans = [
+        format!("{prefix}0000000000000003-00000001"),
+        format!("{prefix}0000000000000005-00000001-delta-0001"),
+        format!("{prefix}0000000000000007-00000002"),
+        format!("{prefix}0000000000000007-00000002-base-0001"),
+    ];
+    let kept = [
+        format!("{prefix}0000000000000009-00000063"),
+        format!("{prefix}notes"),
+    ];
+    for k in orphans.iter().chain(&kept) {
+        store
+            .put(k, body.clone(), PutMode::Overwrite)
+            .await
+            .unwrap();
+    }
+    let v = open(&store, dir.path(), 2, cfg(64)).await;
+    assert_eq!(first_diff(&read_all(&v).await, &model), None);
+    let have: Vec<String> = store
+        .list(&prefix)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    for k in &orphans {
+        assert!(!have.contains(k), "orphan {k} survived the open: {have:?}");
+    }
+    for k in chain_keys.iter().chain(&kept) {
+        assert!(have.contains(k), "{k} was deleted: {have:?}");
+    }
+    v.close().await.unwrap();
+    let v = open(&store, dir.path(), 3, cfg(64)).await;
+    assert_eq!(first_diff(&read_all(&v).await, &model), None);
+    v.close().await.unwrap();
+}

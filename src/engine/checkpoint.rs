@@ -42,6 +42,7 @@ pub mod chain;
 pub mod codec;
 pub mod delta;
 pub mod dirty;
+pub mod orphans;
 
 /// Magic of the older JSON format (still decoded, no longer written).
 const CP_MAGIC_JSON: &[u8; 8] = b"SHALECP1";

@@ -152,6 +152,18 @@ pub async fn recover(
     };
     apply_later_chunks(store, p, &mut state, prev_epoch, bound, volume_sectors).await?;
     state.next_compacted = super::compact::clean_orphans(store, p.id, p.epoch, &state).await?;
+    let chain_keys = state
+        .chain
+        .keys()
+        .into_iter()
+        .chain(manifest.checkpoint.clone());
+    super::checkpoint::orphans::delete_orphan_checkpoints(
+        store,
+        p.id,
+        p.epoch,
+        &chain_keys.collect(),
+    )
+    .await?;
     state.committed_seq = state.stored_seq;
     state.taken_seq = state.stored_seq;
     state.next_chunk = state.last_chunk + 1;
