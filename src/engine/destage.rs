@@ -229,7 +229,13 @@ pub(crate) async fn run(inner: Arc<Inner>, manifest: Manifest, version: Version)
                 }
             }
             Err((stage, e)) => {
-                let delay = backoff;
+                // A failed build (the local WAL did not read) is retried
+                // after the backoff and a tick, the loop's own pace; a
+                // failed put after the backoff.
+                let delay = match stage {
+                    Stage::Records(_) => backoff + tick,
+                    Stage::Built(_) => backoff,
+                };
                 if fail(&inner, e, &mut backoff, false).await {
                     return;
                 }
