@@ -116,9 +116,23 @@ pub fn block_crcs(data: &[u8]) -> Vec<u32> {
 
 /// Encode a chunk. `extents` with data index into `data`.
 pub fn encode(h: &ChunkHeader, data: &[u8]) -> Vec<u8> {
-    let crcs = block_crcs(data);
-    let header_len = FIXED_LEN + EXTENT_LEN * h.extents.len() + 4 * crcs.len() + 4;
-    let mut b = Vec::with_capacity(header_len + data.len());
+    // `fill` appends exactly `data.len()` bytes: this cannot fail.
+    encode_with(h, data.len(), |out| out.extend_from_slice(data)).unwrap_or_default()
+}
+
+/// Encode a chunk whose `data_len`-byte data area `fill` appends to the
+/// object being built, so the data is copied once, straight into place.
+/// `h.block_crcs`, `h.data_len` and `h.header_len` are ignored (computed).
+/// Errs, building nothing, if `fill` appended any other number of bytes.
+pub fn encode_with(
+    h: &ChunkHeader,
+    data_len: usize,
+    fill: impl FnOnce(&mut Vec<u8>),
+) -> Result<Vec<u8>, ChunkError> {
+    let n_blocks = data_len.div_ceil(CRC_BLOCK as usize);
+    let header_len = FIXED_LEN + EXTENT_LEN * h.extents.len() + 4 * n_blocks + 4;
+    let crcs_at = header_len - 4 - 4 * n_blocks;
+    let mut b = Vec::with_capacity(header_len + data_len);
     b.extend_from_slice(MAGIC);
     b.extend_from_slice(&VERSION.to_le_bytes());
     b.extend_from_slice(&(header_len as u32).to_le_bytes());
@@ -126,20 +140,27 @@ pub fn encode(h: &ChunkHeader, data: &[u8]) -> Vec<u8> {
         b.extend_from_slice(&v.to_le_bytes());
     }
     b.extend_from_slice(&(h.extents.len() as u32).to_le_bytes());
-    b.extend_from_slice(&(crcs.len() as u32).to_le_bytes());
-    b.extend_from_slice(&(data.len() as u64).to_le_bytes());
+    b.extend_from_slice(&(n_blocks as u32).to_le_bytes());
+    b.extend_from_slice(&(data_len as u64).to_le_bytes());
     for e in &h.extents {
         b.extend_from_slice(&e.lba.to_le_bytes());
         b.extend_from_slice(&e.sectors.to_le_bytes());
         b.extend_from_slice(&e.data_off.unwrap_or(ZERO_OFF).to_le_bytes());
     }
-    for c in &crcs {
-        b.extend_from_slice(&c.to_le_bytes());
+    // Block CRCs and header CRC: filled in once the data is in place.
+    b.resize(header_len, 0);
+    fill(&mut b);
+    if b.len() != header_len + data_len {
+        return Err(ChunkError::Inconsistent("data area length"));
     }
-    let crc = crc32c::crc32c(&b);
-    b.extend_from_slice(&crc.to_le_bytes());
-    b.extend_from_slice(data);
-    b
+    let (head, data) = b.split_at_mut(header_len);
+    for (i, block) in data.chunks(CRC_BLOCK as usize).enumerate() {
+        let at = crcs_at + 4 * i;
+        head[at..at + 4].copy_from_slice(&crc32c::crc32c(block).to_le_bytes());
+    }
+    let crc = crc32c::crc32c(&head[..header_len - 4]);
+    head[header_len - 4..].copy_from_slice(&crc.to_le_bytes());
+    Ok(b)
 }
 
 struct Reader<'a> {
@@ -339,6 +360,30 @@ mod tests {
             verify_blocks(&d.block_crcs, 4096, &bad),
             Err(ChunkError::DataCrc(1))
         );
+    }
+
+    #[test]
+    fn encode_with_matches_encode_and_checks_the_length() {
+        let (h, data) = sample();
+        let mut lied = h.clone();
+        lied.data_len = 1;
+        lied.block_crcs = vec![7];
+        let obj = encode_with(&lied, data.len(), |b| {
+            b.extend_from_slice(&data[..100]);
+            b.extend_from_slice(&data[100..]);
+        })
+        .unwrap();
+        assert_eq!(obj, encode(&h, &data));
+        assert_eq!(decode_header(&obj).unwrap().data_len, data.len() as u64);
+        let short = encode_with(&h, data.len(), |b| b.extend_from_slice(&data[1..]));
+        assert_eq!(short, Err(ChunkError::Inconsistent("data area length")));
+        let bare = ChunkHeader {
+            extents: Vec::new(),
+            ..h
+        };
+        let empty = encode_with(&bare, 0, |_| {}).unwrap();
+        let d = decode_header(&empty).unwrap();
+        assert_eq!((d.data_len, d.block_crcs.len()), (0, 0));
     }
 
     #[test]

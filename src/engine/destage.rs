@@ -6,14 +6,18 @@
 //!    `pending`), and is never cut inside a write request; so any set of
 //!    landed chunks read in order up to the first gap is a prefix of the
 //!    history (recovery stops at the first gap).
-//! 2. Up to [`MAX_INFLIGHT`] puts run at once, but chunks are applied to
-//!    the maps strictly in chunk order, and only after their put succeeded;
-//!    the WAL space is released only then.
+//! 2. Up to [`MAX_INFLIGHT`] chunks are on their way at once (being built,
+//!    then put), but chunks are applied to the maps strictly in chunk
+//!    order, and only after their put succeeded; the WAL space is released
+//!    only then (on the WAL's releaser thread, not in this task).
 //! 3. A failed put is retried with the very same bytes, so a put that
-//!    landed despite an error is recognised (identical content) on retry.
+//!    landed despite an error is recognised (identical content) on retry;
+//!    a failed build is retried from the very same records.
 //! 4. All puts run inside this task: aborting it stops every store write.
+//!    Chunks are built on the blocking pool ([`build`]), at most
+//!    [`MAX_BUILDS`] at once, never on the runtime's threads.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -22,23 +26,28 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::stream::{FuturesOrdered, StreamExt};
+use tokio::sync::Semaphore;
 
+use self::build::Batch;
 use super::checkpoint::{ChunkInfo, Manifest};
-use super::chunk::{chunk_key, decode_header, encode, ChunkExtent, ChunkHeader};
+use super::chunk::{chunk_key, decode_header, ChunkExtent};
 use super::commit::{checkpoint, commit_progress, final_checkpoint, Root};
 use super::error::EngineError;
 use super::live_snapshot;
-use super::map::{ExtentMap, Loc};
-use super::state::{PendingRec, State};
+use super::state::State;
 use super::volume::Inner;
-use super::wal::record::RecordKind;
-use super::{wal, SECTOR};
 use crate::store::{PutMode, StoreError, Version};
+
+mod build;
+mod newest;
 
 /// Consecutive failures after which a pending `close` gives up.
 const CLOSE_GIVE_UP: u32 = 5;
-/// Chunk puts in flight at once.
+/// Chunks on their way to the store at once.
 pub const MAX_INFLIGHT: usize = 8;
+/// Chunks being built at once (each holds a chunk's worth of WAL reads
+/// and its object: memory, and the blocking pool's threads).
+pub const MAX_BUILDS: usize = 2;
 
 /// A chunk ready to put (kept for retries) and what applying it needs.
 struct Built {
@@ -51,20 +60,60 @@ struct Built {
     cost: u64,
 }
 
-type PutFuture = Pin<Box<dyn Future<Output = (Built, Result<(), EngineError>)> + Send>>;
+/// Where a chunk is on its way: records to build, or bytes to put.
+enum Stage {
+    Records(Arc<Batch>),
+    Built(Built),
+}
 
-fn put_future(inner: Arc<Inner>, built: Built, delay: Duration) -> PutFuture {
+/// How a chunk's way to the store ended: stored, or where it failed.
+type ChunkResult = Result<Built, (Stage, EngineError)>;
+type ChunkFuture = Pin<Box<dyn Future<Output = ChunkResult> + Send>>;
+
+/// Build (unless built) and put one chunk, after `delay`.
+fn chunk_future(
+    inner: Arc<Inner>,
+    builds: Arc<Semaphore>,
+    stage: Stage,
+    delay: Duration,
+) -> ChunkFuture {
     Box::pin(async move {
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
+        let built = match stage {
+            Stage::Built(b) => b,
+            Stage::Records(batch) => match build_off_runtime(&inner, &builds, &batch).await {
+                Ok(b) => b,
+                Err(e) => return Err((Stage::Records(batch), e)),
+            },
+        };
         let started = inner.clock.now();
         let res = put_create(&inner, &built.key, built.obj.clone()).await;
         let took = inner.clock.now().saturating_sub(started).as_micros();
         let took = u64::try_from(took).unwrap_or(u64::MAX);
         inner.counters.destage_us.fetch_add(took, Ordering::Relaxed);
-        (built, res)
+        match res {
+            Ok(()) => Ok(built),
+            Err(e) => Err((Stage::Built(built), e)),
+        }
     })
+}
+
+/// [`build`] on the blocking pool, at most [`MAX_BUILDS`] at once.
+async fn build_off_runtime(
+    inner: &Arc<Inner>,
+    builds: &Semaphore,
+    batch: &Arc<Batch>,
+) -> Result<Built, EngineError> {
+    let _permit = builds
+        .acquire()
+        .await
+        .map_err(|_| EngineError::LocalIo("chunk builds stopped".into()))?;
+    let (i, b) = (inner.clone(), batch.clone());
+    tokio::task::spawn_blocking(move || build(&i, &b))
+        .await
+        .map_err(|e| EngineError::LocalIo(format!("chunk build did not finish: {e}")))?
 }
 
 /// The task body; runs until close, fencing or abort.
@@ -74,31 +123,32 @@ pub(crate) async fn run(inner: Arc<Inner>, manifest: Manifest, version: Version)
     let _requests = live_snapshot::StopGuard::new(inner.clone());
     let tick = Duration::from_millis(inner.cfg.destage_interval_ms.clamp(5, 100));
     let mut backoff = Duration::from_millis(10);
-    let mut inflight: FuturesOrdered<PutFuture> = FuturesOrdered::new();
+    let mut inflight: FuturesOrdered<ChunkFuture> = FuturesOrdered::new();
+    // Chunks that finished while the loop was busy (checkpointing), in
+    // chunk order: handled before anything from `inflight`.
+    let mut ready: VecDeque<ChunkResult> = VecDeque::new();
+    let builds = Arc::new(Semaphore::new(MAX_BUILDS));
     loop {
         if let Err(e) = check_not_fenced(&inner) {
             fail(&inner, e, &mut backoff, false).await;
             return;
         }
         // Start puts for every chunk that is due, up to the limit.
-        while inflight.len() < MAX_INFLIGHT {
+        while inflight.len() + ready.len() < MAX_INFLIGHT {
             let batch = {
                 let mut st = inner.shared.lock();
                 next_batch(&inner, &mut st)
             };
             let Some(batch) = batch else { break };
-            match build(&inner, batch) {
-                Ok(b) => inflight.push_back(put_future(inner.clone(), b, Duration::ZERO)),
-                Err((e, taken)) => {
-                    untake(&inner, &taken);
-                    if fail(&inner, e, &mut backoff, true).await {
-                        return;
-                    }
-                    break;
-                }
-            }
+            let stage = Stage::Records(Arc::new(batch));
+            inflight.push_back(chunk_future(
+                inner.clone(),
+                builds.clone(),
+                stage,
+                Duration::ZERO,
+            ));
         }
-        if inflight.is_empty() {
+        if inflight.is_empty() && ready.is_empty() {
             let (closing, idle, want_commit) = {
                 let st = inner.shared.lock();
                 let want = st.store_target > st.committed_seq && st.stored_seq > st.committed_seq;
@@ -131,53 +181,83 @@ pub(crate) async fn run(inner: Arc<Inner>, manifest: Manifest, version: Version)
             }
             continue;
         }
-        tokio::select! {
-            done = inflight.next() => {
-                let Some((built, res)) = done else { continue };
-                match res {
-                    Ok(()) => {
-                        backoff = Duration::from_millis(10);
-                        let stored_seq = apply(&inner, built);
-                        // Releasing recycles WAL segments (a write, an
-                        // fdatasync, a rename, a directory sync): not on
-                        // the runtime's threads.
-                        let w = inner.clone();
-                        let _ = tokio::task::spawn_blocking(move || w.wal.release_upto(stored_seq)).await;
-                        let (due, want_commit) = {
-                            let st = inner.shared.lock();
-                            (
-                                st.last_chunk - st.checkpoint_chunk >= inner.cfg.checkpoint_every_chunks,
-                                st.store_target > st.committed_seq && st.stored_seq >= st.store_target,
-                            )
-                        };
-                        let res = if due {
-                            checkpoint(&inner, &mut root, false).await.map(drop)
-                        } else if want_commit {
-                            commit_progress(&inner, &mut root).await
-                        } else {
-                            Ok(())
-                        };
-                        let res = match res {
-                            Ok(()) => live_snapshot::serve(&inner, &mut root).await,
-                            Err(e) => Err(e),
-                        };
-                        if let Err(e) = res {
-                            if fail(&inner, e, &mut backoff, true).await {
-                                return;
-                            }
-                        }
+        let done = match ready.pop_front() {
+            Some(done) => done,
+            None => tokio::select! {
+                done = inflight.next() => match done {
+                    Some(done) => done,
+                    None => continue,
+                },
+                _ = inner.shared.notify.notified() => continue,
+                _ = tokio::time::sleep(tick) => continue,
+            },
+        };
+        match done {
+            Ok(built) => {
+                backoff = Duration::from_millis(10);
+                let stored_seq = apply(&inner, built);
+                // Releasing recycles WAL segments (a write, an
+                // fdatasync, a rename, a directory sync): on the
+                // WAL's releaser thread, not in this loop.
+                inner.wal.release_upto_later(stored_seq);
+                let (due, want_commit) = {
+                    let st = inner.shared.lock();
+                    (
+                        st.last_chunk - st.checkpoint_chunk >= inner.cfg.checkpoint_every_chunks,
+                        st.store_target > st.committed_seq && st.stored_seq >= st.store_target,
+                    )
+                };
+                let work = async {
+                    let res = if due {
+                        checkpoint(&inner, &mut root, false).await.map(drop)
+                    } else if want_commit {
+                        commit_progress(&inner, &mut root).await
+                    } else {
+                        Ok(())
+                    };
+                    match res {
+                        Ok(()) => live_snapshot::serve(&inner, &mut root).await,
+                        Err(e) => Err(e),
                     }
-                    Err(e) => {
-                        let delay = backoff;
-                        if fail(&inner, e, &mut backoff, false).await {
-                            return;
-                        }
-                        inflight.push_front(put_future(inner.clone(), built, delay));
+                };
+                // The chunks on their way keep moving meanwhile.
+                let res = driving(work, &mut inflight, &mut ready).await;
+                if let Err(e) = res {
+                    if fail(&inner, e, &mut backoff, true).await {
+                        return;
                     }
                 }
             }
-            _ = inner.shared.notify.notified() => {}
-            _ = tokio::time::sleep(tick) => {}
+            Err((stage, e)) => {
+                // A failed build (the local WAL did not read) is retried
+                // after the backoff and a tick, the loop's own pace; a
+                // failed put after the backoff.
+                let delay = match stage {
+                    Stage::Records(_) => backoff + tick,
+                    Stage::Built(_) => backoff,
+                };
+                if fail(&inner, e, &mut backoff, false).await {
+                    return;
+                }
+                inflight.push_front(chunk_future(inner.clone(), builds.clone(), stage, delay));
+            }
+        }
+    }
+}
+
+/// Run `work` while the chunks in `inflight` keep moving; those that
+/// finish meanwhile are queued on `ready`, in chunk order.
+async fn driving<T>(
+    work: impl Future<Output = T>,
+    inflight: &mut FuturesOrdered<ChunkFuture>,
+    ready: &mut VecDeque<ChunkResult>,
+) -> T {
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            biased;
+            out = &mut work => return out,
+            Some(done) = inflight.next(), if !inflight.is_empty() => ready.push_back(done),
         }
     }
 }
@@ -241,14 +321,6 @@ fn finish(inner: &Inner, res: Result<(), EngineError>) {
     inner.shared.lock().wake_all();
 }
 
-struct Batch {
-    seq: u64,
-    recs: Vec<PendingRec>,
-    files: HashMap<u64, wal::fs::SegFile>,
-    cost: u64,
-    prev_taken_seq: u64,
-}
-
 /// Take the records for the next chunk, if destage is due.
 fn next_batch(inner: &Inner, st: &mut State) -> Option<Batch> {
     let start = st.pending.partition_point(|p| p.seq <= st.taken_seq);
@@ -291,7 +363,6 @@ fn next_batch(inner: &Inner, st: &mut State) -> Option<Batch> {
     recs.truncate(cut);
     let last = recs.last()?.seq;
     let seq = st.next_chunk;
-    let prev_taken_seq = st.taken_seq;
     st.next_chunk += 1;
     st.taken_seq = last;
     st.taken_bytes += cut_bytes;
@@ -300,59 +371,17 @@ fn next_batch(inner: &Inner, st: &mut State) -> Option<Batch> {
         recs,
         files,
         cost: cut_bytes,
-        prev_taken_seq,
     })
 }
 
-/// Give back the batch just taken (its chunk could not be built).
-fn untake(inner: &Inner, b: &Taken) {
-    let mut st = inner.shared.lock();
-    st.next_chunk -= 1;
-    st.taken_bytes -= b.cost;
-    st.taken_seq = b.prev_taken_seq;
-}
-
-/// What taking a batch changed, so it can be given back.
-struct Taken {
-    cost: u64,
-    prev_taken_seq: u64,
-}
-
-fn build(inner: &Inner, b: Batch) -> Result<Built, (EngineError, Taken)> {
-    let taken = Taken {
-        cost: b.cost,
-        prev_taken_seq: b.prev_taken_seq,
-    };
-    let (Some(first), Some(last)) = (b.recs.first(), b.recs.last()) else {
-        return Err((EngineError::LocalIo("empty destage batch".into()), taken));
-    };
-    let (extents, data) = match build_chunk(&b.recs, &b.files) {
-        Ok(r) => r,
-        Err(e) => return Err((e, taken)),
-    };
+/// Build the chunk of `b` ([`build::build`]) and what applying it needs.
+fn build(inner: &Inner, b: &Batch) -> Result<Built, EngineError> {
+    let obj = build::build(inner.id, inner.epoch, b)?;
     let key = chunk_key(inner.id, b.seq, inner.epoch);
-    let header = ChunkHeader {
-        volume: inner.id,
-        epoch: inner.epoch,
-        chunk_seq: b.seq,
-        first_seq: first.seq,
-        last_seq: last.seq,
-        extents,
-        block_crcs: Vec::new(),
-        data_len: data.len() as u64,
-        header_len: 0,
-    };
-    let obj = encode(&header, &data);
-    let decoded = match decode_header(&obj) {
-        Ok(d) => d,
-        Err(source) => {
-            let e = EngineError::Chunk {
-                key: key.clone(),
-                source,
-            };
-            return Err((e, taken));
-        }
-    };
+    let decoded = decode_header(&obj.bytes).map_err(|source| EngineError::Chunk {
+        key: key.clone(),
+        source,
+    })?;
     let info = Arc::new(ChunkInfo {
         seq: b.seq,
         epoch: inner.epoch,
@@ -362,10 +391,10 @@ fn build(inner: &Inner, b: Batch) -> Result<Built, (EngineError, Taken)> {
     });
     Ok(Built {
         seq: b.seq,
-        last_seq: last.seq,
+        last_seq: obj.last_seq,
         key,
-        obj: Bytes::from(obj),
-        extents: header.extents,
+        obj: Bytes::from(obj.bytes),
+        extents: obj.extents,
         info,
         cost: b.cost,
     })
@@ -395,79 +424,6 @@ fn apply(inner: &Inner, b: Built) -> u64 {
         .chunk_bytes_written
         .fetch_add(size, Ordering::Relaxed);
     stored_seq
-}
-
-/// Newest-wins extents and data of `recs`, all-zero sectors unmapped.
-fn build_chunk(
-    recs: &[PendingRec],
-    files: &HashMap<u64, wal::fs::SegFile>,
-) -> Result<(Vec<ChunkExtent>, Vec<u8>), EngineError> {
-    let mut mini = ExtentMap::new();
-    for r in recs {
-        match (r.kind, r.loc) {
-            (RecordKind::Write, Some(w)) => {
-                mini.insert(r.lba, r.sectors, Loc::Wal(w));
-            }
-            _ => {
-                mini.insert(r.lba, r.sectors, Loc::Zero);
-            }
-        }
-    }
-    let mut extents = Vec::new();
-    let mut data = Vec::new();
-    let mut rec_data: HashMap<u64, Vec<u8>> = HashMap::new();
-    let s = SECTOR as usize;
-    for (lba, len, loc) in mini.iter() {
-        let Loc::Wal(w) = loc else {
-            extents.push(ChunkExtent {
-                lba,
-                sectors: len,
-                data_off: None,
-            });
-            continue;
-        };
-        let file = files.get(&w.seg).ok_or(wal::WalError::SegmentGone(w.seg))?;
-        let piece;
-        let part: &[u8] = if w.block_crcs {
-            // Blocks check alone: read only the live part.
-            let mut buf = vec![0u8; (len * SECTOR) as usize];
-            wal::read_record(file.as_ref(), &w, w.seg, &mut buf)?;
-            piece = buf;
-            &piece
-        } else {
-            // One CRC over the whole record: read it once, whole.
-            if let std::collections::hash_map::Entry::Vacant(slot) = rec_data.entry(w.seq) {
-                let whole = super::map::WalLoc { skip: 0, ..w };
-                let mut buf = vec![0u8; (w.rec_sectors * SECTOR) as usize];
-                wal::read_record(file.as_ref(), &whole, w.seg, &mut buf)?;
-                slot.insert(buf);
-            }
-            let rd = &rec_data[&w.seq];
-            &rd[(w.skip * SECTOR) as usize..((w.skip + len) * SECTOR) as usize]
-        };
-        // Split into runs of all-zero / non-zero sectors.
-        let mut i = 0usize;
-        let n = len as usize;
-        while i < n {
-            let zero = part[i * s..(i + 1) * s].iter().all(|&b| b == 0);
-            let mut j = i + 1;
-            while j < n && part[j * s..(j + 1) * s].iter().all(|&b| b == 0) == zero {
-                j += 1;
-            }
-            let data_off = (!zero).then(|| {
-                let off = data.len() as u64;
-                data.extend_from_slice(&part[i * s..j * s]);
-                off
-            });
-            extents.push(ChunkExtent {
-                lba: lba + i as u64,
-                sectors: (j - i) as u64,
-                data_off,
-            });
-            i = j;
-        }
-    }
-    Ok((extents, data))
 }
 
 /// Create `key`; an existing object with identical bytes (our own earlier

@@ -25,7 +25,9 @@
 //!    durable before unlinking the object (see `locks::DirCounter`).
 //! 3. Objects are replaced whole: the new bytes go to a temporary file in the
 //!    same directory, which is fsynced, renamed over the object, and then the
-//!    directory is fsynced. A reader opens the file once and reads header and
+//!    directory is fsynced. A put or delete returns only after a directory
+//!    fsync that started after its rename or unlink; concurrent ones share
+//!    such fsyncs (group commit, [`dirsync`]). A reader opens the file once and reads header and
 //!    data through that one descriptor, so it sees exactly one version.
 //! 4. All file I/O runs on tokio's blocking pool, never on the reactor.
 
@@ -40,12 +42,14 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+use self::dirsync::DirSyncs;
 use self::locks::{DirCounter, KeyLock};
 use super::{
     check_range, validate_key, validate_prefix, Object, ObjectMeta, ObjectStore, PutMode,
     StoreError, StoreResult, Version,
 };
 
+mod dirsync;
 mod locks;
 
 const MAGIC: &[u8; 8] = b"SHALEOB1";
@@ -60,6 +64,7 @@ static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 #[derive(Debug, Clone)]
 pub struct FsStore {
     root: Arc<PathBuf>,
+    syncs: Arc<DirSyncs>,
 }
 
 impl FsStore {
@@ -67,6 +72,7 @@ impl FsStore {
     pub fn new(root: impl Into<PathBuf>) -> Self {
         FsStore {
             root: Arc::new(root.into()),
+            syncs: Arc::new(DirSyncs::new()),
         }
     }
 
@@ -200,15 +206,15 @@ fn corrupt(path: &Path, why: &str) -> StoreError {
     StoreError::Permanent(format!("corrupt object file {}: {why}", path.display()))
 }
 
-fn fsync_dir(dir: &Path) -> StoreResult<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
+fn fsync_dir(syncs: &DirSyncs, dir: &Path) -> StoreResult<()> {
+    syncs
+        .sync(dir)
         .map_err(|e| io_err("cannot fsync directory", dir, e))
 }
 
 /// Create `dir` and its missing ancestors below `root` (and `root` itself),
 /// fsyncing each parent that gained an entry so the new path is durable.
-fn make_dirs(root: &Path, dir: &Path) -> StoreResult<()> {
+fn make_dirs(syncs: &DirSyncs, root: &Path, dir: &Path) -> StoreResult<()> {
     if dir.is_dir() {
         return Ok(());
     }
@@ -222,7 +228,7 @@ fn make_dirs(root: &Path, dir: &Path) -> StoreResult<()> {
         let parent = current.clone();
         current.push(component);
         match crate::private::create_new_dir(&current) {
-            Ok(()) => fsync_dir(&parent)?,
+            Ok(()) => fsync_dir(syncs, &parent)?,
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(io_err("cannot create directory", &current, e)),
         }
@@ -248,7 +254,7 @@ fn check_precondition(key: &str, mode: &PutMode, current: Option<&ObjectFile>) -
 /// rename it over the object, then fsync the directory. The caller holds the
 /// key lock, so no live writer uses the temporary file: one left by a crashed
 /// writer is simply truncated and reused.
-fn replace_object(p: &KeyPaths, generation: u64, data: &[u8]) -> StoreResult<()> {
+fn replace_object(syncs: &DirSyncs, p: &KeyPaths, generation: u64, data: &[u8]) -> StoreResult<()> {
     let temp = p.dir.join(format!("{}{OBJECT_SUFFIX}.tmp", p.last));
     let write = || -> io::Result<()> {
         let mut f = crate::private::open_options()
@@ -269,12 +275,18 @@ fn replace_object(p: &KeyPaths, generation: u64, data: &[u8]) -> StoreResult<()>
         let _ = fs::remove_file(&temp);
         return Err(io_err("cannot write object", &p.object, e));
     }
-    fsync_dir(&p.dir)
+    fsync_dir(syncs, &p.dir)
 }
 
-fn put_blocking(root: &Path, key: &str, data: Bytes, mode: PutMode) -> StoreResult<Version> {
+fn put_blocking(
+    syncs: &DirSyncs,
+    root: &Path,
+    key: &str,
+    data: Bytes,
+    mode: PutMode,
+) -> StoreResult<Version> {
     let p = key_paths(root, key)?;
-    make_dirs(root, &p.dir)?;
+    make_dirs(syncs, root, &p.dir)?;
     let lock = KeyLock::acquire(&p.lock)?;
     let current = ObjectFile::open(&p.object)?;
     if let Err(e) = check_precondition(key, &mode, current.as_ref()) {
@@ -293,12 +305,12 @@ fn put_blocking(root: &Path, key: &str, data: Bytes, mode: PutMode) -> StoreResu
         counter.write(next, false)?;
         next
     };
-    replace_object(&p, generation, &data)?;
+    replace_object(syncs, &p, generation, &data)?;
     drop(lock);
     Ok(Version(generation.to_string()))
 }
 
-fn delete_blocking(root: &Path, key: &str) -> StoreResult<()> {
+fn delete_blocking(syncs: &DirSyncs, root: &Path, key: &str) -> StoreResult<()> {
     let p = key_paths(root, key)?;
     if !p.object.exists() {
         return Ok(());
@@ -317,7 +329,7 @@ fn delete_blocking(root: &Path, key: &str) -> StoreResult<()> {
         }
     }
     lock.remove()?;
-    fsync_dir(&p.dir)
+    fsync_dir(syncs, &p.dir)
 }
 
 /// Collect objects under `dir` (whose keys start with `key_prefix`) whose
@@ -406,7 +418,8 @@ impl ObjectStore for FsStore {
 
     async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> StoreResult<Version> {
         let key = key.to_string();
-        self.blocking(move |root| put_blocking(root, &key, data, mode))
+        let syncs = self.syncs.clone();
+        self.blocking(move |root| put_blocking(&syncs, root, &key, data, mode))
             .await
     }
 
@@ -431,7 +444,9 @@ impl ObjectStore for FsStore {
 
     async fn delete(&self, key: &str) -> StoreResult<()> {
         let key = key.to_string();
-        self.blocking(move |root| delete_blocking(root, &key)).await
+        let syncs = self.syncs.clone();
+        self.blocking(move |root| delete_blocking(&syncs, root, &key))
+            .await
     }
 }
 

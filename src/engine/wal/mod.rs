@@ -21,7 +21,9 @@
 //!    released segment file (once no reader holds it) gets a spare header
 //!    ([`segment`]), is preallocated and synced, then renamed to the next
 //!    unused segment name and the directory synced, all on the caller of
-//!    [`Wal::release_upto`] (the destager), never on the writer thread.
+//!    [`Wal::release_upto`] or on the releaser thread
+//!    ([`Wal::release_upto_later`], what the destager uses), never on the
+//!    writer thread.
 //!    A roll takes the spare named `current + 1` whose name is durable and
 //!    writes a version 2 header (`first_seq`) into it; only when the pool
 //!    is empty does it create a file and sync the directory. So in steady
@@ -34,8 +36,8 @@
 //!    history ([`crate::engine::wal_open`]).
 //!
 //! All file access goes through the [`fs::WalFs`] seam.
-//! 4. A segment file is deleted only through [`Wal::release_upto`], which the
-//!    engine calls once every record in it is durable in the object store.
+//! 4. A segment file is deleted only through [`Wal::release_upto`] (or
+//!    [`Wal::release_upto_later`]), which the engine calls once every record in it is durable in the object store.
 //! 5. Once an I/O error happens the log is broken: every later request fails.
 //!    Except a full file system (ENOSPC, EDQUOT) while writing records or
 //!    starting a segment: the batch fails with [`WalError::NoSpace`], its
@@ -64,9 +66,11 @@ pub mod fs;
 pub mod power_loss;
 pub mod quarantine;
 pub mod record;
+mod releaser;
 pub mod replay;
 pub mod scan;
 pub mod segment;
+pub mod span;
 
 /// WAL failures.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -192,10 +196,8 @@ enum Req {
 
 /// Handle to the log. Dropping it stops the writer thread.
 pub struct Wal {
-    fs: DynWalFs,
-    dir: PathBuf,
-    volume: u64,
-    seg_limit: u64,
+    recycler: Arc<releaser::Recycler>,
+    releaser: releaser::Releaser,
     tx: Mutex<Option<mpsc::Sender<Req>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     registry: Arc<Mutex<Registry>>,
@@ -364,11 +366,17 @@ impl Wal {
             .name(format!("shale-wal-{volume:x}"))
             .spawn(move || writer.run(rx))
             .map_err(|e| io_err("spawn WAL writer", e))?;
-        Ok(Wal {
+        let recycler = Arc::new(releaser::Recycler {
             fs,
             dir: dir.to_path_buf(),
             volume,
             seg_limit,
+            registry: registry.clone(),
+        });
+        let releaser = releaser::Releaser::start(recycler.clone())?;
+        Ok(Wal {
+            recycler,
+            releaser,
             tx: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
             registry,
@@ -477,100 +485,18 @@ impl Wal {
     /// reader holds its file, it is recycled into the pool or, when the
     /// pool is full, deleted (invariant 7). Runs on the caller's thread.
     pub fn release_upto(&self, seq: u64) {
-        let ready: Vec<Segment> = {
-            let mut reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
-            let current = reg.current;
-            let ids: Vec<u64> = reg
-                .segs
-                .iter()
-                .filter(|(&id, s)| id != current && s.last_seq <= seq)
-                .map(|(&id, _)| id)
-                .collect();
-            for id in ids {
-                if let Some(s) = reg.segs.remove(&id) {
-                    reg.retired.push(s);
-                }
-            }
-            // A segment whose file only the registry holds can be reused:
-            // readers take their clone under this lock.
-            let (ready, held) = std::mem::take(&mut reg.retired)
-                .into_iter()
-                .partition(|s| Arc::strong_count(&s.file) == 1);
-            reg.retired = held;
-            ready
-        };
-        let mut renamed = Vec::new();
-        for s in ready {
-            match self.recycle(s) {
-                Ok(Some(id)) => renamed.push(id),
-                Ok(None) => {}
-                Err(e) => log::warn!("recycling a WAL segment: {e}"),
-            }
-        }
-        if renamed.is_empty() {
-            return;
-        }
-        if let Err(e) = sync_dir(&self.fs, &self.dir) {
-            log::warn!("WAL spares stay unused: {e}");
-            return;
-        }
-        let mut reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
-        for id in renamed {
-            if let Some(sp) = reg.spares.get_mut(&id) {
-                sp.durable = true;
-            }
-        }
+        self.recycler.release_upto(seq);
     }
 
-    /// Turn a released segment into a spare named after every segment and
-    /// spare (its name not yet durable); `None` when it was deleted.
-    fn recycle(&self, s: Segment) -> Result<Option<u64>, WalError> {
-        let full = {
-            let reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
-            reg.spares.len() >= POOL_MAX
-        };
-        if full {
-            self.fs
-                .remove(&s.path)
-                .map_err(|e| io_err("remove WAL segment", e))?;
-            return Ok(None);
-        }
-        // Its old records must never be read as a segment's again: the
-        // spare header is durable before the file takes a new name.
-        let header = segment::encode_spare(self.volume);
-        let made =
-            write_all_vectored(s.file.as_ref(), &mut [IoSlice::new(&header)], 0).and_then(|_| {
-                s.file
-                    .allocate(self.seg_limit)
-                    .and_then(|_| s.file.sync_data())
-                    .map_err(|e| io_err("preallocate WAL spare", e))
-            });
-        if let Err(e) = made {
-            let _ = self.fs.remove(&s.path);
-            return Err(e);
-        }
-        let mut reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
-        let id = reg
-            .current
-            .max(reg.spares.keys().next_back().copied().unwrap_or(0))
-            + 1;
-        let path = seg_path(&self.dir, id);
-        self.fs
-            .rename(&s.path, &path)
-            .map_err(|e| io_err("rename WAL segment to a spare", e))?;
-        reg.spares.insert(
-            id,
-            Spare {
-                file: s.file,
-                path,
-                durable: false,
-            },
-        );
-        Ok(Some(id))
+    /// [`Wal::release_upto`] on the WAL's releaser thread: returns at once
+    /// (see [`releaser`]); [`Wal::stop`] waits for what was queued.
+    pub fn release_upto_later(&self, seq: u64) {
+        self.releaser.request(seq);
     }
 
     /// Stop the writer thread after the requests already queued; later
-    /// requests fail with [`WalError::Stopped`]. Waits for the thread.
+    /// requests fail with [`WalError::Stopped`]. Waits for the thread, and
+    /// for the releases already queued; nothing touches the log after.
     pub fn stop(&self) {
         let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(tx) = tx {
@@ -580,6 +506,7 @@ impl Wal {
         if let Some(t) = thread {
             let _ = t.join();
         }
+        self.releaser.stop();
     }
 }
 
