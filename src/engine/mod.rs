@@ -35,6 +35,7 @@ use async_trait::async_trait;
 use crate::error::BlockError;
 
 mod allocation;
+pub mod bench_support;
 pub mod cache;
 pub mod checkpoint;
 pub mod chunk;
