@@ -98,13 +98,14 @@ impl MapBench {
         self.st.stored.len()
     }
 
-    /// Entries held for what reads see beyond the store-side map.
+    /// Entries held for what reads see beyond the store-side map (the
+    /// overlay of ranges still in the WAL).
     pub fn live_entries(&self) -> usize {
-        self.st.live.len()
+        self.st.overlay.len()
     }
 
     /// Pieces a read of `[lba, lba+sectors)` resolves to.
     pub fn lookup(&self, lba: u64, sectors: u64) -> usize {
-        self.st.live.lookup(lba, sectors).len()
+        self.st.view_lookup(lba, sectors).len()
     }
 }

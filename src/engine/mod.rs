@@ -50,6 +50,7 @@ pub mod error;
 mod fenced_delete;
 mod inflight;
 pub mod limits;
+pub mod live;
 mod live_snapshot;
 pub mod map;
 pub mod memdisk;
