@@ -233,9 +233,31 @@ impl State {
         m
     }
 
-    /// Entries held in memory: the stored map's and the overlay's.
+    /// Mapped runs of the view (what one merged map of it would hold):
+    /// `stored`'s entries, corrected over each run of overlay entries.
+    /// O(overlay entries × log extents).
     pub fn extent_count(&self) -> usize {
-        self.stored.len() + self.overlay.len()
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for (s, l, _) in self.overlay.iter() {
+            match runs.last_mut() {
+                Some((rs, rl)) if *rs + *rl == s => *rl += l,
+                _ => runs.push((s, l)),
+            }
+        }
+        let mapped = |ps: Vec<Piece>| ps.iter().filter(|p| p.loc.is_some()).count();
+        // One mapped piece over `[at-1, at+1)`: an entry crosses `at`.
+        let crosses = |at: u64| {
+            let ps = self.stored.lookup(at.saturating_sub(1), 2);
+            at > 0 && ps.len() == 1 && ps[0].loc.is_some()
+        };
+        let mut n = self.stored.len() as i64;
+        for (a, l) in runs {
+            let b = a + l;
+            n += mapped(self.view_lookup(a, l)) as i64;
+            n -= mapped(self.stored.lookup(a, l)) as i64;
+            n += i64::from(crosses(a)) + i64::from(crosses(b));
+        }
+        usize::try_from(n).unwrap_or(0)
     }
 
     /// Wake every waiter; each re-checks its own condition.

@@ -546,7 +546,7 @@ impl ExtentMap {
         // range), then those starting inside it.
         let entries = self
             .entries
-            .from_pred(start)
+            .pred_and_after(start)
             .take_while(|&(s, _)| s < end)
             .filter(|(s, slot)| s + slot.len() > start)
             .map(|(s, slot)| (s, slot.len(), self.loc_of(&slot)));

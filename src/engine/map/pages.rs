@@ -182,7 +182,7 @@ impl Pages {
 
     /// The last entry with a key below `key` (if any), then every entry
     /// from `key` on, ascending: one search for a range lookup.
-    pub fn from_pred(&self, key: u64) -> Iter<'_> {
+    pub fn pred_and_after(&self, key: u64) -> Iter<'_> {
         let (leaf, pos) = match self.firsts.partition_point(|&f| f < key).checked_sub(1) {
             None => (0, 0),
             // `keys[0] < key` (invariant 1), so the count is at least one.
