@@ -114,8 +114,7 @@ pub(crate) fn of_volume(
         let pieces = inner
             .shared
             .lock()
-            .live
-            .lookup_limited(pos, end - pos, BATCH);
+            .view_lookup_limited(pos, end - pos, BATCH);
         for p in pieces {
             let more = match (p.loc, &inner.parent) {
                 (None, Some(parent)) => parent.allocation_into(p.start, p.len, &mut runs),

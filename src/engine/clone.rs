@@ -126,8 +126,7 @@ pub fn read_through_ranges(vol: &Volume) -> Result<Vec<(u64, u64)>, EngineError>
     let sectors = vol.inner.size / SECTOR;
     let unmapped: Vec<(u64, u64)> = {
         let st = vol.inner.shared.lock();
-        st.live
-            .lookup(0, sectors)
+        st.view_lookup(0, sectors)
             .into_iter()
             .filter(|p| p.loc.is_none())
             .map(|p| (p.start, p.len))

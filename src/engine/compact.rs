@@ -200,8 +200,9 @@ fn pick(
     (sources, ranges)
 }
 
-/// Point the parts of `stored` and `live` that still hold the moved bytes
-/// at the new object (invariant 3) and fix the live counts.
+/// Point the parts of `stored` that still hold the moved bytes at the new
+/// object (invariant 3) and fix the live counts (the overlay holds no
+/// chunk locations: reads see the change through `stored`).
 fn repoint(st: &mut State, info: Arc<ChunkInfo>, moved: &[(LiveRange, u64)]) {
     let new = info.seq;
     st.chunks.entry(new).or_insert(ChunkEntry {
@@ -229,11 +230,6 @@ fn repoint(st: &mut State, info: Arc<ChunkInfo>, moved: &[(LiveRange, u64)]) {
             }
             if let Some(e) = st.chunks.get_mut(&new) {
                 e.live_sectors += p.len;
-            }
-        }
-        for p in st.live.lookup(r.lba, r.sectors) {
-            if still(&p) {
-                st.live.insert(p.start, p.len, target(&p));
             }
         }
     }

@@ -35,6 +35,7 @@ use async_trait::async_trait;
 use crate::error::BlockError;
 
 mod allocation;
+pub mod bench_support;
 pub mod cache;
 pub mod checkpoint;
 pub mod chunk;
@@ -49,6 +50,7 @@ pub mod error;
 mod fenced_delete;
 mod inflight;
 pub mod limits;
+pub mod live;
 mod live_snapshot;
 pub mod map;
 pub mod memdisk;

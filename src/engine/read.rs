@@ -73,7 +73,7 @@ fn resolve(inner: &Inner, offset: u64, len: u64) -> Result<Option<Vec<Piece>>, B
         let b0 = ((start * SECTOR) - offset) as usize;
         (b0, b0 + (sectors * SECTOR) as usize)
     };
-    for p in st.live.lookup(offset / SECTOR, len / SECTOR) {
+    for p in st.view_lookup(offset / SECTOR, len / SECTOR) {
         let (b0, b1) = at(p.start, p.len);
         let src = match (p.loc, &inner.parent) {
             (None, Some(parent)) => {

@@ -167,7 +167,7 @@ pub async fn recover(
     state.committed_seq = state.stored_seq;
     state.taken_seq = state.stored_seq;
     state.next_chunk = state.last_chunk + 1;
-    state.live = (*state.stored).clone();
+    // The view starts as `stored` alone; WAL replay lays the overlay.
 
     // Invariant 6: the WAL is judged against the manifest as read, and its
     // new segment names our epoch before we commit it.

@@ -20,8 +20,10 @@
 //! collection deletes or rewrites them; `used` is the data the volume keeps.
 //!
 //! Invariants:
-//! 1. `used` is exact after every map change: the live [`ExtentMap`] keeps
-//!    its data and shared counters itself, whatever code path mutates it.
+//! 1. `used` is exact after every map change: the stored [`ExtentMap`]
+//!    keeps its data and shared counters itself, and the overlay of WAL
+//!    ranges over it keeps the bytes it hides (see [`super::live`]), so
+//!    the live view's counters are exact whatever code path mutates them.
 //! 2. A write is admitted only if `used + inflight + growth <= allowance`,
 //!    where `growth` = its non-zero bytes − the live data it displaces that
 //!    no snapshot holds, and `allowance = max(limit, reserve)`. Otherwise it
@@ -224,8 +226,8 @@ pub struct SpaceUsage {
 impl State {
     /// Live data plus data held only by snapshots (see the module docs).
     pub fn used_bytes(&self) -> u64 {
-        let refs = self.live.tracked().map_or(0, |s| s.bytes());
-        (self.live.data_bytes() + refs).saturating_sub(self.live.shared_bytes())
+        let refs = self.tracked().map_or(0, |s| s.bytes());
+        (self.view_data_bytes() + refs).saturating_sub(self.view_shared_bytes())
     }
 }
 
@@ -260,7 +262,7 @@ pub(crate) fn admit(
         });
     };
     let new_bytes: u64 = recs.iter().map(|r| r.data.len() as u64).sum();
-    let (data, shared_bytes) = st.live.data_in(offset / SECTOR, len / SECTOR);
+    let (data, shared_bytes) = st.view_data_in(offset / SECTOR, len / SECTOR);
     let freed = data - shared_bytes;
     let growth = new_bytes.saturating_sub(freed);
     if growth > 0 {
@@ -299,7 +301,7 @@ impl Volume {
     pub fn space_usage(&self) -> SpaceUsage {
         let st = self.inner.shared.lock();
         let used = st.used_bytes();
-        let live = st.live.data_bytes();
+        let live = st.view_data_bytes();
         SpaceUsage {
             used,
             live,
@@ -323,7 +325,7 @@ impl Volume {
     /// snapshot of this volume was created or deleted).
     pub fn set_snapshots(&self, snaps: &[SnapshotObject]) {
         let refs = Arc::new(refs_of(snaps));
-        self.inner.shared.lock().live.track(Some(refs));
+        self.inner.shared.lock().track(Some(refs));
     }
 
     /// Re-read the volume's snapshots from the store and account against

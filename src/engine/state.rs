@@ -2,8 +2,12 @@
 //! across I/O.
 //!
 //! Invariants:
-//! 1. `live` is what reads see: every acknowledged write, pointing at the
-//!    WAL until its chunk is stored, then at the chunk.
+//! 1. The view (`overlay` over `stored`, see [`super::live`]) is what
+//!    reads see: every acknowledged write, pointing at the WAL until its
+//!    chunk is stored, then at the chunk. `overlay` holds only what
+//!    `stored` does not yet: callers read the view through the `view_*`
+//!    methods and never change `overlay` or `stored` except through
+//!    `State` methods (which keep the overlay's counters exact).
 //! 2. `stored` is exactly the map recovery would build from the store alone
 //!    (checkpoint + chunks `..=last_chunk`); it holds only chunk locations.
 //!    It is shared copy-on-write: a checkpoint takes an `Arc` clone under
@@ -20,7 +24,8 @@
 //! 4. `chunks[c].live_sectors` counts the sectors of `stored` pointing at `c`.
 //! 5. With `keep_zeros` (a clone: unmapped ranges read its parent), trims,
 //!    zeroing and all-zero data leave [`Loc::Zero`] in `live` and `stored`;
-//!    without it they unmap, and neither map ever holds `Loc::Zero`.
+//!    without it they unmap: `stored` never holds `Loc::Zero` and the
+//!    view never shows it (the overlay's `Zero` entries read as unmapped).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -30,7 +35,9 @@ use futures::channel::oneshot;
 
 use super::checkpoint::ChunkInfo;
 use super::chunk::ChunkExtent;
+use super::live::Overlay;
 use super::map::{ExtentMap, Loc, Piece, WalLoc};
+use super::space::LocSet;
 use super::wal::record::RecordKind;
 use super::wal::Appended;
 use super::SECTOR;
@@ -69,7 +76,8 @@ pub struct ChunkEntry {
 
 #[derive(Debug, Default)]
 pub struct State {
-    pub live: ExtentMap,
+    /// Ranges whose newest change is still in the WAL (invariant 1).
+    pub overlay: Overlay,
     pub stored: Arc<ExtentMap>,
     pub chunks: HashMap<u64, ChunkEntry>,
     pub pending: VecDeque<PendingRec>,
@@ -124,22 +132,132 @@ pub struct State {
 }
 
 impl State {
-    /// The stored map, for a change (invariant 2: copied first only if a
-    /// checkpoint still holds it).
-    fn stored_mut(&mut self) -> &mut ExtentMap {
-        Arc::make_mut(&mut self.stored)
+    /// Change `[start, start+len)` of the stored map (invariant 2: the
+    /// map is copied first, O(leaves), only if a checkpoint still holds
+    /// it), marking it dirty and keeping the overlay's counters exact.
+    fn stored_change(
+        &mut self,
+        start: u64,
+        len: u64,
+        change: impl FnOnce(&mut ExtentMap) -> Vec<Piece>,
+    ) -> Vec<Piece> {
+        self.dirty.insert(start, len);
+        let stored = Arc::make_mut(&mut self.stored);
+        self.overlay.change_stored(stored, start, len, change)
     }
 
     /// Map `[start, start+len)` of `stored` to `loc`, marking it dirty.
     pub fn stored_insert(&mut self, start: u64, len: u64, loc: Loc) -> Vec<Piece> {
-        self.dirty.insert(start, len);
-        self.stored_mut().insert(start, len, loc)
+        self.stored_change(start, len, |m| m.insert(start, len, loc))
     }
 
     /// Unmap `[start, start+len)` of `stored`, marking it dirty.
     pub fn stored_remove(&mut self, start: u64, len: u64) -> Vec<Piece> {
-        self.dirty.insert(start, len);
-        self.stored_mut().remove(start, len)
+        self.stored_change(start, len, |m| m.remove(start, len))
+    }
+
+    /// What reads see over `[start, start+len)`: pieces in order, holes as
+    /// `loc: None` (invariant 1).
+    pub fn view_lookup(&self, start: u64, len: u64) -> Vec<Piece> {
+        self.view_lookup_limited(start, len, usize::MAX)
+    }
+
+    /// [`State::view_lookup`], stopping after `max` pieces (at least one):
+    /// they then cover a prefix of the range.
+    pub fn view_lookup_limited(&self, start: u64, len: u64, max: usize) -> Vec<Piece> {
+        if self.overlay.is_empty() {
+            // Everything is stored (the common case between bursts).
+            return self.stored.lookup_limited(start, len, max);
+        }
+        self.overlay
+            .lookup_limited(&self.stored, self.keep_zeros, start, len, max)
+    }
+
+    /// Data bytes the view maps (WAL or chunk locations).
+    pub fn view_data_bytes(&self) -> u64 {
+        self.overlay.data_bytes(&self.stored)
+    }
+
+    /// Data bytes of the view whose chunk location lies in the tracked
+    /// set (see [`super::space`]).
+    pub fn view_shared_bytes(&self) -> u64 {
+        self.overlay.shared_bytes(&self.stored)
+    }
+
+    /// Data bytes of the view in `[start, start+len)`, and how many of
+    /// them lie in the tracked set.
+    pub fn view_data_in(&self, start: u64, len: u64) -> (u64, u64) {
+        self.overlay.data_in(&self.stored, start, len)
+    }
+
+    /// The tracked location set (snapshot references), if any.
+    pub fn tracked(&self) -> Option<&Arc<LocSet>> {
+        self.stored.tracked()
+    }
+
+    /// Count shared bytes against `set` from now on (`None`: stop).
+    pub fn track(&mut self, set: Option<Arc<LocSet>>) {
+        Arc::make_mut(&mut self.stored).track(set);
+        self.overlay.recount(&self.stored);
+    }
+
+    /// Every mapped run of the view in ascending order (holes left out;
+    /// `Zero` runs only in a clone). O(extents): for tests.
+    #[cfg(test)]
+    pub fn view_extents(&self) -> Vec<(u64, u64, Loc)> {
+        let mut out = Vec::new();
+        let mut pos = 0u64;
+        loop {
+            let pieces = self.view_lookup_limited(pos, u64::MAX - pos, 4096);
+            let Some(last) = pieces.last() else { break };
+            pos = last.start + last.len;
+            out.extend(
+                pieces
+                    .into_iter()
+                    .filter_map(|p| p.loc.map(|loc| (p.start, p.len, loc))),
+            );
+            if pos == u64::MAX {
+                break;
+            }
+        }
+        out
+    }
+
+    /// The view as one map (tests; O(extents)).
+    #[cfg(test)]
+    pub fn view_map(&self) -> ExtentMap {
+        let mut m = ExtentMap::new();
+        for (s, l, loc) in self.view_extents() {
+            m.insert(s, l, loc);
+        }
+        m
+    }
+
+    /// Mapped runs of the view (what one merged map of it would hold):
+    /// `stored`'s entries, corrected over each run of overlay entries.
+    /// O(overlay entries × log extents).
+    pub fn extent_count(&self) -> usize {
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for (s, l, _) in self.overlay.iter() {
+            match runs.last_mut() {
+                Some((rs, rl)) if *rs + *rl == s => *rl += l,
+                _ => runs.push((s, l)),
+            }
+        }
+        let mapped = |ps: Vec<Piece>| ps.iter().filter(|p| p.loc.is_some()).count();
+        // One mapped piece over `[at-1, at+1)`: an entry crosses `at`.
+        let crosses = |at: u64| {
+            let ps = self.stored.lookup(at.saturating_sub(1), 2);
+            at > 0 && ps.len() == 1 && ps[0].loc.is_some()
+        };
+        let mut n = self.stored.len() as i64;
+        for (a, l) in runs {
+            let b = a + l;
+            n += mapped(self.view_lookup(a, l)) as i64;
+            n -= mapped(self.stored.lookup(a, l)) as i64;
+            n += i64::from(crosses(a)) + i64::from(crosses(b));
+        }
+        usize::try_from(n).unwrap_or(0)
     }
 
     /// Wake every waiter; each re-checks its own condition.
@@ -154,9 +272,9 @@ impl State {
         for a in recs {
             match (a.kind, a.loc) {
                 (RecordKind::Write, Some(loc)) => {
-                    self.live.insert(a.lba, a.sectors, Loc::Wal(loc));
+                    self.overlay.set_wal(&self.stored, a.lba, a.sectors, loc);
                 }
-                _ => self.zero_live(a.lba, a.sectors),
+                _ => self.overlay.set_zero(&self.stored, a.lba, a.sectors, a.seq),
             }
             let p = PendingRec {
                 seq: a.seq,
@@ -169,15 +287,6 @@ impl State {
             };
             self.pending_bytes += p.cost();
             self.pending.push_back(p);
-        }
-    }
-
-    /// Make `[lba, lba+sectors)` of the live map read as zeros.
-    fn zero_live(&mut self, lba: u64, sectors: u64) {
-        if self.keep_zeros {
-            self.live.insert(lba, sectors, Loc::Zero);
-        } else {
-            self.live.remove(lba, sectors);
         }
     }
 
@@ -217,23 +326,13 @@ impl State {
         }
     }
 
-    /// Move live-map ranges that still point at WAL records `<= last_seq`
-    /// over to the chunk (or zero them where the chunk has zeros).
-    pub fn apply_chunk_to_live(&mut self, chunk: u64, last_seq: u64, extents: &[ChunkExtent]) {
+    /// Drop the overlay where chunk `_chunk` (already applied to `stored`,
+    /// holding WAL records `..= last_seq`) now holds the newest change:
+    /// ranges still at those records (overlay invariant 2).
+    pub fn apply_chunk_to_live(&mut self, _chunk: u64, last_seq: u64, extents: &[ChunkExtent]) {
         for e in extents {
-            for p in self.live.lookup(e.lba, e.sectors) {
-                let Some(Loc::Wal(w)) = p.loc else { continue };
-                if w.seq > last_seq {
-                    continue;
-                }
-                match e.data_off {
-                    Some(off) => {
-                        let off = off + (p.start - e.lba) * SECTOR;
-                        self.live.insert(p.start, p.len, Loc::Chunk { chunk, off });
-                    }
-                    None => self.zero_live(p.start, p.len),
-                }
-            }
+            self.overlay
+                .drop_through(&self.stored, e.lba, e.sectors, last_seq);
         }
     }
 

@@ -291,7 +291,7 @@ impl Volume {
             .map_err(|e| EngineError::LocalIo(format!("{}: {e}", params.local_dir.display())))?;
         let mut rec = recovery::recover(&store, &params, clock.now(), &fs).await?;
         let refs = super::space::load_snapshot_refs(&store, params.id).await;
-        rec.state.live.track(refs);
+        rec.state.track(refs);
         let shared = Arc::new(Shared {
             state: Mutex::new(rec.state),
             notify: tokio::sync::Notify::new(),
@@ -534,7 +534,7 @@ impl Volume {
             (
                 st.pending_bytes,
                 st.stored_seq,
-                st.live.len() as u64,
+                st.extent_count() as u64,
                 oldest,
             )
         };

@@ -20,6 +20,7 @@ use shale::clock::SystemClock;
 mod cpcost;
 mod map;
 mod snapshots;
+mod volmap;
 
 use shale::engine::config::EngineConfig;
 use shale::engine::{BlockDevice, Volume, VolumeParams};
@@ -45,6 +46,11 @@ struct Args {
     /// random 4K extents (issue 11).
     #[arg(long, default_value_t = 0)]
     map_extents: u64,
+    /// Instead: memory per extent and lookup time of a volume's maps
+    /// (store-side map and what reads see) after this many random 4K
+    /// extents, built through the volume state's write and destage path.
+    #[arg(long, default_value_t = 0)]
+    volume_extents: u64,
     /// Instead: metadata bytes written per GiB of 4K random writes into a
     /// volume already holding this many fragmented extents, full
     /// checkpoints against delta checkpoints, and its open time (issue 11).
@@ -326,6 +332,9 @@ fn run_file(root: &Path, size: u64, secs: u64) -> Result<Vec<Measure>> {
 fn main() -> Result<()> {
     env_logger::init();
     let args = Args::parse();
+    if args.volume_extents > 0 {
+        return volmap::run(args.volume_extents);
+    }
     if args.map_extents > 0 {
         return map::run(args.map_extents);
     }

@@ -150,7 +150,7 @@ async fn open_id(store: &DynStore, dir: &Path, id: u64, epoch: u64) -> Arc<Volum
 
 /// `used` and per-snapshot unique bytes counted location by location.
 fn brute_force(vol: &Volume, snaps: &[SnapshotObject]) -> (u64, Vec<u64>) {
-    let live = locations(&vol.inner.shared.lock().live);
+    let live = locations(&vol.inner.shared.lock().view_map());
     let sets: Vec<_> = snaps
         .iter()
         .map(|s| checkpoint_locations(&s.checkpoint))
@@ -183,7 +183,7 @@ fn check(vol: &Volume, snaps: &[SnapshotObject], what: &str) {
     assert_eq!(got.used, used, "{what}: used");
     assert_eq!(got.used, got.live + got.snapshot_only, "{what}");
     let cps: Vec<&Checkpoint> = snaps.iter().map(|s| &s.checkpoint).collect();
-    let from_maps = usage_of(&vol.inner.shared.lock().live, &cps);
+    let from_maps = usage_of(&vol.inner.shared.lock().view_map(), &cps);
     assert_eq!(from_maps.used, used, "{what}: usage_of");
     assert_eq!(from_maps.live, got.live, "{what}: usage_of live");
     assert_eq!(from_maps.snapshot_unique, unique, "{what}: unique");

@@ -13,11 +13,16 @@
 //!    [`ExtentMap::shared_bytes`] counts the data bytes whose chunk location
 //!    lies in that set (see [`super::space`]).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::space::LocSet;
 use super::SECTOR;
+
+mod pages;
+
+use pages::Pages;
+pub use pages::CAP as LEAF_ENTRIES;
 
 /// Where a WAL record's data lives in the local log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,6 +149,13 @@ struct Slot {
 }
 
 impl Slot {
+    /// Filler for unused leaf positions.
+    const EMPTY: Slot = Slot {
+        id: 0,
+        off: 0,
+        len_kind: 0,
+    };
+
     fn len(&self) -> u64 {
         u64::from(self.len_kind) & MAX_ENTRY_SECTORS
     }
@@ -157,9 +169,13 @@ impl Slot {
 /// 6. Each entry is a 16-byte [`Slot`] of at most [`MAX_ENTRY_SECTORS`];
 ///    a WAL record's location fields are stored once in `records`, with the
 ///    number of entries naming it; a record with no entries is dropped.
+/// 7. Entries live in copy-on-write leaves of up to [`LEAF_ENTRIES`]
+///    (see [`pages`]): 24 bytes an entry, leaves kept dense; a clone
+///    copies one pointer per leaf and shares the leaves until either side
+///    changes one.
 #[derive(Debug, Clone, Default)]
 pub struct ExtentMap {
-    entries: BTreeMap<u64, Slot>,
+    entries: Pages,
     /// WAL records named by entries, and how many entries name each.
     records: HashMap<u64, (WalRecord, u32)>,
     /// Locations too wide for a slot, by the id their slot holds.
@@ -182,7 +198,18 @@ impl ExtentMap {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.entries.len() == 0
+    }
+
+    /// Number of leaves holding the entries.
+    pub fn leaf_count(&self) -> usize {
+        self.entries.leaf_count()
+    }
+
+    /// Heap bytes of the entries' leaves and their index (allocator
+    /// overhead and the WAL record side table not included).
+    pub fn entry_heap_bytes(&self) -> usize {
+        self.entries.heap_bytes()
     }
 
     /// A map of `runs` `(start, len, loc)`, which must be in ascending
@@ -227,7 +254,7 @@ impl ExtentMap {
                 done += n;
             }
         }
-        map.entries = slots.into_iter().collect();
+        map.entries = Pages::from_sorted(&slots);
         Ok(map)
     }
 
@@ -277,7 +304,7 @@ impl ExtentMap {
 
     /// Remove the entry keyed at `start`: its length and location.
     fn take(&mut self, start: u64) -> Option<(u64, Loc)> {
-        let slot = self.entries.remove(&start)?;
+        let slot = self.entries.remove(start)?;
         let loc = self.loc_of(&slot);
         self.release(&slot);
         Some((slot.len(), loc))
@@ -341,10 +368,9 @@ impl ExtentMap {
     /// The entry starting before `start` that reaches into it, if any.
     fn covering(&self, start: u64) -> Option<(u64, u64, Loc)> {
         self.entries
-            .range(..start)
-            .next_back()
-            .filter(|(&s, slot)| s + slot.len() > start)
-            .map(|(&s, slot)| (s, slot.len(), self.loc_of(slot)))
+            .pred(start)
+            .filter(|(s, slot)| s + slot.len() > start)
+            .map(|(s, slot)| (s, slot.len(), self.loc_of(&slot)))
     }
 
     /// Bytes mapped to data (`Wal` or `Chunk` locations).
@@ -417,7 +443,7 @@ impl ExtentMap {
     pub fn iter(&self) -> impl Iterator<Item = (u64, u64, Loc)> + '_ {
         self.entries
             .iter()
-            .map(|(&s, slot)| (s, slot.len(), self.loc_of(slot)))
+            .map(|(s, slot)| (s, slot.len(), self.loc_of(&slot)))
     }
 
     /// Unmap `[start, start+len)`; returns the mapped pieces it displaced.
@@ -440,7 +466,12 @@ impl ExtentMap {
                 self.put(end, s + l - end, loc.advance(end - s));
             }
         }
-        let inside: Vec<u64> = self.entries.range(start..end).map(|(&s, _)| s).collect();
+        let inside: Vec<u64> = self
+            .entries
+            .range_from(start)
+            .map(|(s, _)| s)
+            .take_while(|&s| s < end)
+            .collect();
         for s in inside {
             let Some((l, loc)) = self.take(s) else {
                 continue;
@@ -478,8 +509,8 @@ impl ExtentMap {
         }
         let (mut start, mut len, loc) = (start + done, len - done, loc.advance(done));
         let mut loc_start = loc;
-        if let Some((&ps, pslot)) = self.entries.range(..start).next_back() {
-            let (pl, ploc) = (pslot.len(), self.loc_of(pslot));
+        if let Some((ps, pslot)) = self.entries.pred(start) {
+            let (pl, ploc) = (pslot.len(), self.loc_of(&pslot));
             if ps + pl == start && pl + len <= MAX_ENTRY_SECTORS && ploc.continued_by(pl, &loc) {
                 self.take(ps);
                 start = ps;
@@ -487,8 +518,8 @@ impl ExtentMap {
                 loc_start = ploc;
             }
         }
-        if let Some(nslot) = self.entries.get(&(start + len)) {
-            let (nl, nloc) = (nslot.len(), self.loc_of(nslot));
+        if let Some(nslot) = self.entries.get(start + len) {
+            let (nl, nloc) = (nslot.len(), self.loc_of(&nslot));
             if len + nl <= MAX_ENTRY_SECTORS && loc_start.continued_by(len, &nloc) {
                 self.take(start + len);
                 len += nl;
@@ -511,12 +542,15 @@ impl ExtentMap {
         let max = max.max(1);
         let mut out = Vec::new();
         let mut pos = start;
-        let first = self.covering(start);
-        let rest = self
+        // One search: the entry before `start` (kept if it reaches into the
+        // range), then those starting inside it.
+        let entries = self
             .entries
-            .range(start..end)
-            .map(|(&s, slot)| (s, slot.len(), self.loc_of(slot)));
-        for (s, l, loc) in first.into_iter().chain(rest) {
+            .pred_and_after(start)
+            .take_while(|&(s, _)| s < end)
+            .filter(|(s, slot)| s + slot.len() > start)
+            .map(|(s, slot)| (s, slot.len(), self.loc_of(&slot)));
+        for (s, l, loc) in entries {
             if out.len() >= max {
                 return out;
             }
@@ -821,5 +855,135 @@ mod tests {
         }
         let pieces = m.lookup(0, n);
         assert_eq!(pieces.iter().map(|p| p.len).sum::<u64>(), n);
+    }
+
+    /// Random operations over several leaves against a per-sector model:
+    /// contents, merging across leaf boundaries (every run of continuing
+    /// sectors is one entry unless split by the entry cap) and both
+    /// counters exact after every call.
+    #[test]
+    fn paged_random_against_model_with_exact_counters() {
+        let n = 40_000u64;
+        let mut set = LocSet::new();
+        set.insert(1, 0, 2000 * 512);
+        let set = Arc::new(set);
+        let mut m = ExtentMap::new();
+        m.track(Some(set.clone()));
+        let mut model: Vec<Option<Loc>> = vec![None; n as usize];
+        let mut x: u64 = 0x9e3779b97f4a7c15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let data = |l: &Option<Loc>| matches!(l, Some(Loc::Chunk { .. }) | Some(Loc::Wal(_)));
+        for i in 0..20_000u64 {
+            let s = next() % n;
+            let l = 1 + next() % (n - s).min(if i % 50 == 0 { 3000 } else { 8 });
+            match next() % 6 {
+                0 => {
+                    m.remove(s, l);
+                    for k in s..s + l {
+                        model[k as usize] = None;
+                    }
+                }
+                1 => {
+                    m.insert(s, l, Loc::Zero);
+                    for k in s..s + l {
+                        model[k as usize] = Some(Loc::Zero);
+                    }
+                }
+                _ => {
+                    // Chunk offsets follow the sector, so neighbours often
+                    // continue each other and must merge.
+                    let loc = chunk(1 + next() % 2, s * 512);
+                    m.insert(s, l, loc);
+                    for k in s..s + l {
+                        model[k as usize] = Some(loc.advance(k - s));
+                    }
+                }
+            }
+            let want_data = model.iter().filter(|l| data(l)).count() as u64 * 512;
+            assert_eq!(m.data_bytes(), want_data, "step {i}");
+            if i % 200 == 0 {
+                let want_shared: u64 = model
+                    .iter()
+                    .map(|l| match l {
+                        Some(Loc::Chunk { chunk, off }) => set.overlap(*chunk, *off, 512),
+                        _ => 0,
+                    })
+                    .sum();
+                assert_eq!(m.shared_bytes(), want_shared, "step {i}");
+                assert_eq!(flat(&m, n), model, "step {i}");
+                m.entries.check();
+                // Fully merged: no entry is continued by the next one.
+                let all: Vec<_> = m.iter().collect();
+                for w in all.windows(2) {
+                    let (s0, l0, loc0) = w[0];
+                    assert!(
+                        !(s0 + l0 == w[1].0 && loc0.continued_by(l0, &w[1].2)),
+                        "step {i}: unmerged {w:?}"
+                    );
+                }
+            }
+        }
+        assert!(m.leaf_count() > 4, "the test spans several leaves");
+    }
+
+    #[test]
+    fn merge_across_a_leaf_boundary() {
+        // Every other block mapped: many entries over several leaves.
+        let mut m = ExtentMap::new();
+        let blocks = 4 * LEAF_ENTRIES as u64;
+        for b in 0..blocks {
+            m.insert(b * 16, 8, chunk(1, b * 16 * 512));
+        }
+        assert_eq!(m.len() as u64, blocks);
+        assert!(m.leaf_count() >= 4);
+        // Fill the holes: all of it continues, so it collapses to one entry
+        // (entries merge with neighbours in other leaves too).
+        for b in 0..blocks {
+            m.insert(b * 16 + 8, 8, chunk(1, (b * 16 + 8) * 512));
+            m.entries.check();
+        }
+        assert_eq!(m.len(), 1);
+        assert_eq!(m.leaf_count(), 1);
+        assert_eq!(m.data_bytes(), blocks * 16 * 512);
+    }
+
+    #[test]
+    fn clone_is_a_snapshot() {
+        let mut m = ExtentMap::new();
+        for b in 0..3000u64 {
+            m.insert(b * 16, 8, chunk(b, 0));
+        }
+        let snap = m.clone();
+        let before: Vec<_> = snap.iter().collect();
+        m.insert(0, 16 * 3000, chunk(9, 0));
+        assert_eq!(m.len(), 1);
+        assert_eq!(snap.iter().collect::<Vec<_>>(), before);
+        assert_eq!(snap.data_bytes(), 3000 * 8 * 512);
+    }
+
+    #[test]
+    fn random_fragmented_map_stays_under_32_bytes_an_entry() {
+        let mut m = ExtentMap::new();
+        let mut x: u64 = 12345;
+        let blocks = 400_000u64;
+        let mut written = 0;
+        while m.len() < 100_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            m.insert(
+                (x % blocks) * 8,
+                8,
+                chunk(1 + written / 1024, written % 1024 * 4096),
+            );
+            written += 1;
+        }
+        let per = m.entry_heap_bytes() as f64 / m.len() as f64;
+        assert!(per <= 32.0, "{per:.1} bytes per entry");
     }
 }
