@@ -124,6 +124,18 @@ impl Measure {
 }
 
 /// Small per-worker RNG (xorshift64).
+/// Resident set size of this process in bytes (from /proc/self/statm).
+pub(crate) fn rss() -> Result<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").context("read /proc/self/statm")?;
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .context("statm has no rss field")?
+        .parse()
+        .context("statm rss")?;
+    Ok(pages * 4096)
+}
+
 fn next_rand(x: &mut u64) -> u64 {
     *x ^= *x << 13;
     *x ^= *x >> 7;

@@ -42,23 +42,12 @@ pub fn fake_chunks(n: u64, rng: &mut u64) -> Vec<ChunkInfo> {
         .collect()
 }
 
-fn rss() -> Result<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").context("read /proc/self/statm")?;
-    let pages: u64 = statm
-        .split_whitespace()
-        .nth(1)
-        .context("statm has no rss field")?
-        .parse()
-        .context("statm rss")?;
-    Ok(pages * 4096)
-}
-
 pub fn run(extents: u64) -> Result<()> {
     // A volume 4x the written blocks, so most writes land apart.
     let blocks = extents * 4;
     // Seeded, so runs compare.
     let mut rng = 0x5eed_1234_abcd_0001u64;
-    let before = rss()?;
+    let before = crate::rss()?;
     let t = Instant::now();
     let mut map = ExtentMap::new();
     let mut written = 0u64;
@@ -70,7 +59,7 @@ pub fn run(extents: u64) -> Result<()> {
         written += 1;
     }
     let build = t.elapsed();
-    let after = rss()?;
+    let after = crate::rss()?;
     let per_extent = after.saturating_sub(before) as f64 / map.len() as f64;
     println!(
         "map: {} extents from {written} random 4K writes in {:.2} s; RSS +{:.1} MiB = {per_extent:.1} bytes per extent",

@@ -8,7 +8,7 @@
 
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use shale::engine::bench_support::MapBench;
 
@@ -17,22 +17,11 @@ const SECTORS: u64 = 8;
 const PER_CHUNK: u64 = 1024;
 const LOOKUPS: u64 = 1_000_000;
 
-fn rss() -> Result<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").context("read /proc/self/statm")?;
-    let pages: u64 = statm
-        .split_whitespace()
-        .nth(1)
-        .context("statm has no rss field")?
-        .parse()
-        .context("statm rss")?;
-    Ok(pages * 4096)
-}
-
 pub fn run(extents: u64) -> Result<()> {
     // A volume 4x the written blocks, so most writes land apart.
     let blocks = extents * 4;
     let mut rng = 0x5eed_1234_abcd_0002u64;
-    let before = rss()?;
+    let before = crate::rss()?;
     let t = Instant::now();
     let mut vol = MapBench::new();
     let mut written = 0u64;
@@ -44,7 +33,7 @@ pub fn run(extents: u64) -> Result<()> {
         vol.destage();
     }
     let build = t.elapsed();
-    let after = rss()?;
+    let after = crate::rss()?;
     let n = vol.stored_extents() as f64;
     let grown = after.saturating_sub(before) as f64;
     println!(

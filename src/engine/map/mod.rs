@@ -588,6 +588,19 @@ impl ExtentMap {
 mod tests {
     use super::*;
 
+    /// A WAL location at the start of record `seq` (CRC fixed at 9).
+    fn wal_loc(seq: u64, seg: u64, data_off: u64, rec_sectors: u64, block_crcs: bool) -> WalLoc {
+        WalLoc {
+            seq,
+            seg,
+            data_off,
+            rec_sectors,
+            crc: 9,
+            skip: 0,
+            block_crcs,
+        }
+    }
+
     fn chunk(c: u64, off: u64) -> Loc {
         Loc::Chunk { chunk: c, off }
     }
@@ -709,15 +722,7 @@ mod tests {
 
     #[test]
     fn wal_locations_split_keep_skip() {
-        let w = WalLoc {
-            seq: 5,
-            seg: 1,
-            data_off: 48,
-            rec_sectors: 16,
-            crc: 9,
-            skip: 0,
-            block_crcs: true,
-        };
+        let w = wal_loc(5, 1, 48, 16, true);
         let mut m = ExtentMap::new();
         m.insert(0, 16, Loc::Wal(w));
         m.remove(4, 4);
@@ -757,15 +762,7 @@ mod tests {
 
     #[test]
     fn wal_records_are_kept_while_named_and_dropped_after() {
-        let w = WalLoc {
-            seq: 9,
-            seg: 2,
-            data_off: 4096,
-            rec_sectors: 64,
-            crc: 77,
-            skip: 0,
-            block_crcs: false,
-        };
+        let w = wal_loc(9, 2, 4096, 64, false);
         let mut m = ExtentMap::new();
         m.insert(100, 64, Loc::Wal(w));
         m.insert(110, 4, chunk(1, 0)); // splits the record's entry in two
