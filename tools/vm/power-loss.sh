@@ -124,7 +124,7 @@ boot() {
     local append="console=ttyS0 panic=-1 loglevel=4 shale.boot=$n shale.cycle=$cycle shale.prev=$prev"
     append+=" shale.seed=$SEED shale.blocks=$BLOCKS shale.gen0=$gen0 shale.budget=$budget shale.killafter=$killafter"
     local start=$SECONDS attempt
-    for attempt in 1 2; do
+    for attempt in 1 2 3 4; do
     : > "$log"
     qemu-system-x86_64 \
         -accel tcg -cpu qemu64,-cx16 -smp 2 -m "$MEM" \
@@ -162,9 +162,9 @@ boot() {
     wait "$QEMU_PID" 2>/dev/null || true
     QEMU_PID=
     # The emulated guest kernel itself sometimes panics while booting
-    # (seen once: enqueue_timer under TCG), before the guest ran anything
-    # of ours and so before it touched the disk: boot it once more.
-    if [ "$attempt" = 1 ] && [ -z "$CUT_HOW" ] && grep -aq 'Kernel panic' "$log" \
+    # (seen: enqueue_timer, int3 in sched_clock_cpu, under TCG), before the guest ran anything
+    # of ours and so before it touched the disk: boot it again, up to 3 more times.
+    if [ "$attempt" -lt 4 ] && [ -z "$CUT_HOW" ] && grep -aq 'Kernel panic' "$log" \
         && ! grep -aq '^CC \|^POWER\|^FAIL\|CC SCAN' "$log"; then
         echo "power-loss: boot $n: the guest kernel panicked before our init ran; booting again"
         cp "$log" "$log.panic"
