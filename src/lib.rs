@@ -16,4 +16,6 @@ pub mod pool;
 pub mod private;
 pub mod size;
 pub mod store;
+#[cfg(test)]
+mod test_rng;
 pub mod transfer;

@@ -257,6 +257,7 @@ fn joins(a: &Piece, b: &Piece) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use crate::test_rng::xorshift;
     use std::collections::HashMap;
     use std::sync::Arc;
     use std::time::Duration;
@@ -395,13 +396,6 @@ mod tests {
             }
             out
         }
-    }
-
-    fn xorshift(x: &mut u64) -> u64 {
-        *x ^= *x << 13;
-        *x ^= *x >> 7;
-        *x ^= *x << 17;
-        *x
     }
 
     fn random_run(keep_zeros: bool, seed: u64) {

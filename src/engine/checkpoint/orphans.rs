@@ -18,6 +18,7 @@
 use std::collections::HashSet;
 
 use super::checkpoint_prefix;
+use crate::engine::chunk::parse_chunk_name;
 use crate::engine::error::EngineError;
 use crate::store::DynStore;
 
@@ -27,29 +28,15 @@ use crate::store::DynStore;
 /// base whose natural key the committed chain held. `None` if it is none
 /// of these.
 pub fn parse_checkpoint_name(name: &str) -> Option<(u64, u64)> {
-    let (seq, rest) = name.split_once('-')?;
-    let (epoch, delta) = match rest.split_once('-') {
-        Some((epoch, tail)) => (
-            epoch,
-            Some(
-                tail.strip_prefix("delta-")
-                    .or_else(|| tail.strip_prefix("base-"))?,
-            ),
-        ),
-        None => (rest, None),
+    let base = match name
+        .rsplit_once("-delta-")
+        .or_else(|| name.rsplit_once("-base-"))
+    {
+        Some((base, n)) if !n.is_empty() && u64::from_str_radix(n, 16).is_ok() => base,
+        Some(_) => return None,
+        None => name,
     };
-    if seq.len() != 16 || epoch.is_empty() {
-        return None;
-    }
-    if let Some(position) = delta {
-        if position.is_empty() || u64::from_str_radix(position, 16).is_err() {
-            return None;
-        }
-    }
-    Some((
-        u64::from_str_radix(seq, 16).ok()?,
-        u64::from_str_radix(epoch, 16).ok()?,
-    ))
+    parse_chunk_name(base)
 }
 
 /// Delete the checkpoint objects of `volume` at epoch `<= epoch` that are

@@ -825,12 +825,7 @@ mod tests {
         let mut m = ExtentMap::new();
         let mut model: Vec<Option<Loc>> = vec![None; n as usize];
         let mut x: u64 = 0x9e3779b97f4a7c15;
-        let mut next = || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut next = || crate::test_rng::xorshift(&mut x);
         for i in 0..3000u64 {
             let s = next() % n;
             let l = 1 + next() % (n - s).min(40);
@@ -868,12 +863,7 @@ mod tests {
         m.track(Some(set.clone()));
         let mut model: Vec<Option<Loc>> = vec![None; n as usize];
         let mut x: u64 = 0x9e3779b97f4a7c15;
-        let mut next = || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut next = || crate::test_rng::xorshift(&mut x);
         let data = |l: &Option<Loc>| matches!(l, Some(Loc::Chunk { .. }) | Some(Loc::Wal(_)));
         for i in 0..20_000u64 {
             let s = next() % n;
@@ -970,9 +960,7 @@ mod tests {
         let blocks = 400_000u64;
         let mut written = 0;
         while m.len() < 100_000 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
+            crate::test_rng::xorshift(&mut x);
             m.insert(
                 (x % blocks) * 8,
                 8,

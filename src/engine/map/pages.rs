@@ -112,6 +112,17 @@ impl std::fmt::Debug for Pages {
     }
 }
 
+/// Insert `key` at position `pos` of the run `front` then `back`, where a
+/// split left `cut` entries in `front` (a key at `pos <= cut` stays in
+/// front, so the front leaf's first key never changes here).
+fn insert_across(front: &mut Leaf, back: &mut Leaf, cut: usize, pos: usize, key: u64, slot: Slot) {
+    if pos <= cut {
+        front.insert_at(pos, key, slot);
+    } else {
+        back.insert_at(pos - cut, key, slot);
+    }
+}
+
 impl Pages {
     pub fn len(&self) -> usize {
         self.len
@@ -276,11 +287,7 @@ impl Pages {
             src.n = keep;
             // `pos < CAP`, so landing in `dst` (`pos > keep`) needs
             // `m >= 2`, hence `room >= 3 > m`: `dst` has room.
-            if pos <= keep {
-                src.insert_at(pos, key, slot);
-            } else {
-                dst.insert_at(pos - keep, key, slot);
-            }
+            insert_across(src, dst, keep, pos, key, slot);
             self.firsts[i] = src.keys[0];
             self.firsts[i + 1] = dst.keys[0];
             return;
@@ -295,11 +302,7 @@ impl Pages {
             let half = CAP / 2;
             new.append(src, half, CAP);
             src.n = half;
-            if pos <= half {
-                src.insert_at(pos, key, slot);
-            } else {
-                new.insert_at(pos - half, key, slot);
-            }
+            insert_across(src, &mut new, half, pos, key, slot);
         }
         self.firsts[i] = src.keys[0];
         self.firsts.insert(i + 1, new.keys[0]);
@@ -487,12 +490,7 @@ mod tests {
         let mut p = Pages::default();
         let mut model = BTreeMap::new();
         let mut x: u64 = 0x2545f4914f6cdd1d;
-        let mut next = || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut next = || crate::test_rng::xorshift(&mut x);
         for i in 0..60_000u64 {
             let k = next() % 5000;
             if next() % 3 == 0 {
