@@ -38,6 +38,9 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 SHALE=${1:-${CARGO_TARGET_DIR:-$ROOT/target}/release/shale}
 CHECK=$(dirname "$SHALE")/shale-crashcheck
+# Boots of one cycle at most when the emulated guest kernel panics before
+# our init runs (see boot()).
+MAX_BOOTS=4
 CYCLES=${SHALE_POWER_CYCLES:-6}
 SEED=${SHALE_POWER_SEED:-$(( (RANDOM << 30) ^ (RANDOM << 15) ^ RANDOM ))}
 BLOCKS=${SHALE_POWER_BLOCKS:-1024}
@@ -124,7 +127,7 @@ boot() {
     local append="console=ttyS0 panic=-1 loglevel=4 shale.boot=$n shale.cycle=$cycle shale.prev=$prev"
     append+=" shale.seed=$SEED shale.blocks=$BLOCKS shale.gen0=$gen0 shale.budget=$budget shale.killafter=$killafter"
     local start=$SECONDS attempt
-    for attempt in 1 2 3 4; do
+    for attempt in $(seq "$MAX_BOOTS"); do
     : > "$log"
     qemu-system-x86_64 \
         -accel tcg -cpu qemu64,-cx16 -smp 2 -m "$MEM" \
@@ -163,8 +166,8 @@ boot() {
     QEMU_PID=
     # The emulated guest kernel itself sometimes panics while booting
     # (seen: enqueue_timer, int3 in sched_clock_cpu, under TCG), before the guest ran anything
-    # of ours and so before it touched the disk: boot it again, up to 3 more times.
-    if [ "$attempt" -lt 4 ] && [ -z "$CUT_HOW" ] && grep -aq 'Kernel panic' "$log" \
+    # of ours and so before it touched the disk: boot it again, up to MAX_BOOTS boots.
+    if [ "$attempt" -lt "$MAX_BOOTS" ] && [ -z "$CUT_HOW" ] && grep -aq 'Kernel panic' "$log" \
         && ! grep -aq '^CC \|^POWER\|^FAIL\|CC SCAN' "$log"; then
         echo "power-loss: boot $n: the guest kernel panicked before our init ran; booting again"
         cp "$log" "$log.panic"

@@ -66,8 +66,9 @@ trap 'rc=$?; [ -z "$QEMU_PID" ] || kill "$QEMU_PID" 2>/dev/null || true; cleanup
 trap 'exit 130' INT TERM
 # The emulated guest kernel itself sometimes panics while booting under TCG
 # (seen: int3 in sched_clock_cpu, enqueue_timer), before our init printed
-# GUEST-INIT and so before any test ran: boot it again, at most three more times.
-for attempt in 1 2 3 4; do
+# GUEST-INIT and so before any test ran: boot it again, up to MAX_BOOTS boots.
+MAX_BOOTS=4
+for attempt in $(seq "$MAX_BOOTS"); do
 : > "$LOG"
 timeout --kill-after=10 "$TIMEOUT" qemu-system-x86_64 \
     -accel tcg -cpu qemu64,-cx16 -smp 2 -m "$MEM" \
@@ -83,7 +84,7 @@ QEMU_RC=$?
 set -e
 wait "$TAIL_PID" 2>/dev/null || true
 QEMU_PID=
-if [ "$attempt" -lt 4 ] && grep -aq 'Kernel panic' "$LOG" && ! grep -aq '^GUEST-INIT' "$LOG"; then
+if [ "$attempt" -lt "$MAX_BOOTS" ] && grep -aq 'Kernel panic' "$LOG" && ! grep -aq '^GUEST-INIT' "$LOG"; then
     echo "run.sh: the guest kernel panicked before our init ran (attempt $attempt); booting again"
     continue
 fi
