@@ -107,7 +107,7 @@ read -r RAW1 NOBJ OBJSIZE < <(raw_get)
 perf_start() { # pass: profile the server during that pass if PERF is set and PERF_PASS names it
     [ -n "${PERF:-}" ] && [ "${PERF_PASS:-seq}" = "$1" ] || return 0
     if [ -n "${PERF_ALL:-}" ]; then target=(-a); else target=(-p "$PID"); fi
-    perf record -g -o "$PERF" "${target[@]}" 2>/dev/null & PERF_PID=$!
+    perf record --call-graph "${PERF_CG:-fp}" -o "$PERF" "${target[@]}" 2>/dev/null & PERF_PID=$!
     sleep 0.5
 }
 perf_stop() {
