@@ -22,8 +22,11 @@
 # Usage: tools/bench-cold-read.sh [SHALE_BINARY]   (default: target/release/shale)
 # Environment: SIZE_MIB (default 512), RAND_MIB (default SIZE_MIB / 2),
 # BS (default 1M), QD (default 8), READAHEAD (engine.readahead_max; unset:
-# the binary's default), BENCH_DIR, PERF (a file: `perf record -g` of the
-# server during the sequential pass, or the random one with PERF_PASS=rand), KEEP (keep the work directory). Needs moto_server, fio with the nbd
+# the binary's default), BENCH_DIR, PERF (a file: `perf record` of the
+# server during the sequential pass, or the random one with PERF_PASS=rand;
+# PERF_CG is perf's --call-graph mode, default fp: `dwarf,16384` names the
+# callers in a release build without frame pointers), KEEP (keep the work
+# directory). Needs moto_server, fio with the nbd
 # engine, python3 with boto3.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -107,7 +110,7 @@ read -r RAW1 NOBJ OBJSIZE < <(raw_get)
 perf_start() { # pass: profile the server during that pass if PERF is set and PERF_PASS names it
     [ -n "${PERF:-}" ] && [ "${PERF_PASS:-seq}" = "$1" ] || return 0
     if [ -n "${PERF_ALL:-}" ]; then target=(-a); else target=(-p "$PID"); fi
-    perf record -g -o "$PERF" "${target[@]}" 2>/dev/null & PERF_PID=$!
+    perf record --call-graph "${PERF_CG:-fp}" -o "$PERF" "${target[@]}" 2>/dev/null & PERF_PID=$!
     sleep 0.5
 }
 perf_stop() {

@@ -426,7 +426,9 @@ impl Inflight {
 /// back, so [`Cache::close`] never waits for them.
 struct Fills {
     cache: Arc<Cache>,
-    windows: Vec<(Reservation, Bytes)>,
+    /// The GET's bytes; each window's are a range of them.
+    data: Bytes,
+    windows: Vec<(Reservation, Range<usize>)>,
 }
 
 impl Fills {
@@ -443,7 +445,7 @@ impl Fills {
     ) -> Fills {
         let mut windows = Vec::new();
         for (i, at) in (0..data.len()).step_by(SLOT as usize).enumerate() {
-            let win = data.slice(at..(at + SLOT as usize).min(data.len()));
+            let win = at..(at + SLOT as usize).min(data.len());
             let w = first + i as u64;
             let ws = w * SLOT;
             // The part of the window the sending read used.
@@ -452,18 +454,16 @@ impl Fills {
                 windows.push((r, win));
             }
         }
-        Fills { cache, windows }
+        Fills {
+            cache,
+            data: data.clone(),
+            windows,
+        }
     }
 
     fn write(mut self) {
-        let (reserved, bytes): (Vec<Reservation>, Vec<Bytes>) =
-            std::mem::take(&mut self.windows).into_iter().unzip();
-        self.cache.fill_run(
-            reserved
-                .into_iter()
-                .zip(bytes.iter().map(|b| &b[..]))
-                .collect(),
-        );
+        let windows = std::mem::take(&mut self.windows);
+        self.cache.fill_run(&self.data, windows);
     }
 }
 

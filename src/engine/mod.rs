@@ -97,7 +97,9 @@ pub const SECTOR: u64 = 512;
 pub trait BlockDevice: Send + Sync {
     /// Size of the device in bytes (a multiple of [`SECTOR`]).
     fn size(&self) -> u64;
-    /// Fill `buf` with the bytes at `offset`.
+    /// Fill `buf` with the bytes at `offset`. On `Ok`, every byte of `buf`
+    /// was written: callers may pass a reused buffer holding stale bytes
+    /// (the NBD server does, [`crate::frontend::nbd::buffers`]).
     async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError>;
     /// Write `data` at `offset`; durable on return when `fua`.
     async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BlockError>;

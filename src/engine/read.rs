@@ -19,7 +19,7 @@ use std::ops::Range;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::channel::oneshot;
 use futures::future::{BoxFuture, FutureExt};
 
@@ -127,6 +127,11 @@ pub(super) fn chunk_pieces(
     }
 }
 
+/// What one fetch of a read yields: the data-area offset of its first
+/// byte and its bytes in parts (one per cache window when shared), copied
+/// straight into the request buffer, never concatenated first.
+type Fetched = (u64, Vec<Bytes>);
+
 async fn read_once(inner: &Inner, offset: u64, buf: &mut [u8]) -> Result<Attempt, BlockError> {
     let Some(pieces) = resolve(inner, offset, buf.len() as u64)? else {
         return Ok(Attempt::Retry);
@@ -149,7 +154,7 @@ async fn read_once(inner: &Inner, offset: u64, buf: &mut [u8]) -> Result<Attempt
     if fetches.is_empty() {
         return Ok(Attempt::Done);
     }
-    let mut waits: Vec<BoxFuture<'static, Result<(u64, Bytes), FetchError>>> =
+    let mut waits: Vec<BoxFuture<'static, Result<Fetched, FetchError>>> =
         Vec::with_capacity(fetches.len());
     for (b0, b1, volume, info, off) in &fetches {
         let len = (b1 - b0) as u64;
@@ -167,11 +172,11 @@ async fn read_once(inner: &Inner, offset: u64, buf: &mut [u8]) -> Result<Attempt
             );
             waits.push(
                 async move {
-                    let mut out = BytesMut::new();
+                    let mut out = Vec::with_capacity(parts.len());
                     for p in parts {
-                        out.extend_from_slice(&p.bytes().await?);
+                        out.push(p.bytes().await?);
                     }
-                    Ok((w0 * SLOT, out.freeze()))
+                    Ok((w0 * SLOT, out))
                 }
                 .boxed(),
             );
@@ -191,7 +196,7 @@ async fn read_once(inner: &Inner, offset: u64, buf: &mut [u8]) -> Result<Attempt
         waits.push(
             async move {
                 let data = rx.await.unwrap_or(Err(FetchError::Closed))?;
-                Ok((start, data))
+                Ok((start, vec![data]))
             }
             .boxed(),
         );
@@ -221,17 +226,36 @@ async fn read_once(inner: &Inner, offset: u64, buf: &mut [u8]) -> Result<Attempt
             }
             Err(FetchError::Closed) => return Err(BlockError::Closed),
         };
-        let s = (off - start) as usize;
-        let dst = &mut buf[*b0..*b1];
-        let Some(src) = data.get(s..s + dst.len()) else {
+        if !copy_parts(&data, off - start, &mut buf[*b0..*b1]) {
             return Err(BlockError::Io(format!(
                 "chunk {} returned a short range",
                 info.seq
             )));
-        };
-        dst.copy_from_slice(src);
+        }
     }
     Ok(if retry { Attempt::Retry } else { Attempt::Done })
+}
+
+/// Fill `dst` from `parts` (consecutive byte runs, the first starting
+/// `skip` bytes before `dst`'s first byte); false if they end before
+/// `dst` is full.
+fn copy_parts(parts: &[Bytes], skip: u64, dst: &mut [u8]) -> bool {
+    let mut skip = usize::try_from(skip).unwrap_or(usize::MAX);
+    let mut at = 0;
+    for p in parts {
+        if at == dst.len() {
+            break;
+        }
+        if skip >= p.len() {
+            skip -= p.len();
+            continue;
+        }
+        let n = (p.len() - skip).min(dst.len() - at);
+        dst[at..at + n].copy_from_slice(&p[skip..skip + n]);
+        at += n;
+        skip = 0;
+    }
+    at == dst.len()
 }
 
 /// Block CRCs per cache window.
@@ -399,4 +423,28 @@ async fn fetch(
 pub(super) enum StoreOrCrc {
     Store(StoreError),
     Crc(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_parts_takes_the_right_bytes_across_parts() {
+        let all: Vec<u8> = (0..300u32).map(|i| (i % 251) as u8).collect();
+        let parts: Vec<Bytes> = [0..100, 100..130, 130..300]
+            .into_iter()
+            .map(|r| Bytes::copy_from_slice(&all[r]))
+            .collect();
+        for skip in [0usize, 1, 99, 100, 129, 130, 200] {
+            for len in [0usize, 1, 30, 300 - skip] {
+                let mut dst = vec![0xffu8; len];
+                assert!(copy_parts(&parts, skip as u64, &mut dst), "{skip}+{len}");
+                assert_eq!(dst, &all[skip..skip + len], "{skip}+{len}");
+            }
+        }
+        let mut dst = vec![0u8; 2];
+        assert!(!copy_parts(&parts, 299, &mut dst), "past the end");
+        assert!(!copy_parts(&parts, 1000, &mut dst), "far past the end");
+    }
 }

@@ -25,6 +25,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+pub mod aligned;
 pub mod faulty;
 pub mod fs;
 pub mod memory;

@@ -44,6 +44,7 @@ use aws_sdk_s3::types::ChecksumAlgorithm;
 use aws_sdk_s3::Client;
 use bytes::Bytes;
 
+use super::aligned::PooledBuf;
 use super::{
     check_range, validate_key, validate_prefix, Object, ObjectMeta, ObjectStore, PutMode,
     StoreConfig, StoreError, StoreResult, Version,
@@ -293,6 +294,32 @@ async fn read_body(op: &str, key: &str, body: ByteStream) -> StoreResult<Bytes> 
         .map_err(|e| StoreError::Transient(format!("S3 {op} {key}: reading body: {e}")))
 }
 
+/// A body of exactly `len` bytes, received straight into a pooled
+/// page-aligned buffer ([`PooledBuf`]: the read cache writes it to disk from
+/// there); `None` if the body is longer or shorter.
+async fn read_body_aligned(
+    op: &str,
+    key: &str,
+    mut body: ByteStream,
+    len: usize,
+) -> StoreResult<Option<Bytes>> {
+    let mut buf = PooledBuf::take(len);
+    let dst = buf.bytes_mut();
+    let mut at = 0;
+    while let Some(part) = body
+        .try_next()
+        .await
+        .map_err(|e| StoreError::Transient(format!("S3 {op} {key}: reading body: {e}")))?
+    {
+        let Some(to) = dst.get_mut(at..at + part.len()) else {
+            return Ok(None);
+        };
+        to.copy_from_slice(&part);
+        at += part.len();
+    }
+    Ok((at == len).then(|| buf.freeze()))
+}
+
 #[async_trait]
 impl ObjectStore for S3Store {
     async fn get(&self, key: &str) -> StoreResult<Object> {
@@ -337,12 +364,12 @@ impl ObjectStore for S3Store {
                     map_err("GetObject", key, Intent::Read, e)
                 }
             })?;
-        let data = read_body("GetObject", key, out.body).await?;
-        // S3 clips a range that runs past the end instead of refusing it.
-        if data.len() as u64 != range.end - range.start {
-            return Err(invalid());
-        }
-        Ok(data)
+        // S3 clips a range that runs past the end instead of refusing it:
+        // a body of any other length than asked for is refused.
+        let len = usize::try_from(range.end - range.start).map_err(|_| invalid())?;
+        read_body_aligned("GetObject", key, out.body, len)
+            .await?
+            .ok_or_else(invalid)
     }
 
     async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> StoreResult<Version> {

@@ -7,7 +7,10 @@
 //!    [`ALIGN`]-aligned buffer, and its length is a multiple of [`ALIGN`]:
 //!    the windows' bytes (one or more windows of consecutive slots, every
 //!    one but the last a whole slot) followed by zeros up to the next
-//!    boundary. Slots are [`super::SLOT`] bytes, a multiple of [`ALIGN`],
+//!    boundary. Bytes already in aligned memory with an aligned length (a
+//!    GET body received into a [`crate::store::aligned::PooledBuf`]) are
+//!    written from where they are; others are copied into a per-thread
+//!    aligned buffer first. Slots are [`super::SLOT`] bytes, a multiple of [`ALIGN`],
 //!    so the padding stays inside the last window's own slot (and the
 //!    index record's length says where the window's bytes end).
 //! 2. Where the file system refuses a direct write (`EINVAL`), the window
@@ -20,32 +23,11 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
 use super::SLOT;
+use crate::store::aligned::{AlignedBuf, PAGE};
 
 /// Alignment of direct writes (offset, buffer and length).
-pub const ALIGN: usize = 4096;
+pub const ALIGN: usize = PAGE;
 const _: () = assert!((SLOT as usize).is_multiple_of(ALIGN));
-
-/// One aligned page of a buffer.
-#[derive(Clone, Copy)]
-#[repr(C, align(4096))]
-struct Page([u8; ALIGN]);
-
-/// A zeroed buffer of whole [`Page`]s.
-struct AlignedBuf(Box<[Page]>);
-
-impl AlignedBuf {
-    fn new(len: usize) -> AlignedBuf {
-        AlignedBuf(vec![Page([0; ALIGN]); len.div_ceil(ALIGN)].into_boxed_slice())
-    }
-
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        let len = self.0.len() * ALIGN;
-        // SAFETY: `Page` is `repr(C)` around a byte array whose size equals
-        // its alignment, so the boxed slice is `len` contiguous, initialised
-        // bytes with no padding, owned by `self` and borrowed mutably here.
-        unsafe { std::slice::from_raw_parts_mut(self.0.as_mut_ptr().cast::<u8>(), len) }
-    }
-}
 
 thread_local! {
     /// A buffer per thread that fills the cache, grown to the largest
@@ -76,40 +58,32 @@ pub fn open(path: &Path) -> Option<File> {
     }
 }
 
-/// Write `parts` back to back at `at` (a multiple of [`ALIGN`]; together
-/// at most [`MAX_WRITE`] bytes) through `direct`, padded with zeros
-/// (invariant 1); through `buffered` when the direct write is refused
-/// (invariant 2) or the request does not fit it.
-pub fn write_at(direct: &File, buffered: &File, parts: &[&[u8]], at: u64) -> io::Result<()> {
-    let len: usize = parts.iter().map(|p| p.len()).sum();
-    let buffered_write = || {
-        let mut off = at;
-        for p in parts {
-            buffered.write_all_at(p, off)?;
-            off += p.len() as u64;
-        }
-        Ok(())
-    };
+/// Write `data` at `at` (a multiple of [`ALIGN`]; at most [`MAX_WRITE`]
+/// bytes) through `direct`, padded with zeros (invariant 1); through
+/// `buffered` when the direct write is refused (invariant 2) or the
+/// request does not fit it.
+pub fn write_at(direct: &File, buffered: &File, data: &[u8], at: u64) -> io::Result<()> {
+    let len = data.len();
     if len > MAX_WRITE || !at.is_multiple_of(ALIGN as u64) {
-        return buffered_write();
+        return buffered.write_all_at(data, at);
     }
-    let padded = len.div_ceil(ALIGN) * ALIGN;
-    let res = BUF.with(|buf| {
-        let mut buf = buf.borrow_mut();
-        if buf.0.len() * ALIGN < padded {
-            *buf = AlignedBuf::new(padded);
-        }
-        let bytes = &mut buf.bytes_mut()[..padded];
-        let mut n = 0;
-        for p in parts {
-            bytes[n..n + p.len()].copy_from_slice(p);
-            n += p.len();
-        }
-        bytes[n..].fill(0);
-        direct.write_all_at(bytes, at)
-    });
+    let res = if (data.as_ptr() as usize).is_multiple_of(ALIGN) && len.is_multiple_of(ALIGN) {
+        direct.write_all_at(data, at)
+    } else {
+        let padded = len.div_ceil(ALIGN) * ALIGN;
+        BUF.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            if buf.capacity() < padded {
+                *buf = AlignedBuf::new(padded);
+            }
+            let bytes = &mut buf.bytes_mut()[..padded];
+            bytes[..len].copy_from_slice(data);
+            bytes[len..].fill(0);
+            direct.write_all_at(bytes, at)
+        })
+    };
     match res {
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => buffered_write(),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => buffered.write_all_at(data, at),
         other => other,
     }
 }
@@ -134,17 +108,11 @@ mod tests {
         buffered.write_all_at(&[0xee; SLOT as usize], SLOT).unwrap();
         let data: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
         match open(&path) {
-            Some(direct) => write_at(&direct, &buffered, &[&data], SLOT).unwrap(),
+            Some(direct) => write_at(&direct, &buffered, &data, SLOT).unwrap(),
             None => eprintln!("no O_DIRECT here: testing the buffered fallback only"),
         }
         let fallback = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-        write_at(
-            &fallback,
-            &buffered,
-            &[&data[..100], &data[100..]],
-            2 * SLOT,
-        )
-        .unwrap();
+        write_at(&fallback, &buffered, &data, 2 * SLOT).unwrap();
         for slot in [1, 2] {
             let mut got = vec![0u8; SLOT as usize];
             buffered.read_exact_at(&mut got, slot * SLOT).unwrap();
@@ -165,6 +133,43 @@ mod tests {
         assert!(
             first.iter().all(|&b| b == 0),
             "the slot before is untouched"
+        );
+    }
+
+    #[test]
+    fn aligned_bytes_are_written_from_where_they_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data");
+        let buffered = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        buffered.set_len(4 * SLOT).unwrap();
+        let mut src = AlignedBuf::new(3 * SLOT as usize);
+        for (i, b) in src.bytes_mut().iter_mut().enumerate() {
+            *b = (i % 253) as u8;
+        }
+        let direct = open(&path);
+        let file = direct.as_ref().unwrap_or(&buffered);
+        // Two whole windows from aligned memory, then one from an
+        // unaligned address (copied first).
+        write_at(file, &buffered, &src.bytes()[..2 * SLOT as usize], SLOT).unwrap();
+        write_at(
+            file,
+            &buffered,
+            &src.bytes()[1..SLOT as usize + 1],
+            3 * SLOT,
+        )
+        .unwrap();
+        let mut got = vec![0u8; 3 * SLOT as usize];
+        buffered.read_exact_at(&mut got, SLOT).unwrap();
+        assert_eq!(&got[..2 * SLOT as usize], &src.bytes()[..2 * SLOT as usize]);
+        assert_eq!(
+            &got[2 * SLOT as usize..],
+            &src.bytes()[1..SLOT as usize + 1]
         );
     }
 }

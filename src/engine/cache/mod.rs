@@ -534,27 +534,31 @@ impl Cache {
     /// [`Cache::reserve`]) and make the entry servable. On a write error,
     /// or a wrong length, the slot is freed and the window stays uncached.
     pub fn fill(&self, r: Reservation, data: &[u8]) {
-        self.fill_run(vec![(r, data)]);
+        self.fill_run(data, vec![(r, 0..data.len())]);
     }
 
-    /// [`Cache::fill`] of several windows; windows in consecutive slots
-    /// (every one but the last a whole [`SLOT`]) are written with one
-    /// write.
-    pub fn fill_run(&self, windows: Vec<(Reservation, &[u8])>) {
+    /// [`Cache::fill`] of several windows, the bytes of each a range of
+    /// `data`; windows in consecutive slots whose bytes follow each other
+    /// in `data` (every one but the last a whole [`SLOT`]) are written with
+    /// one write, straight from `data` when it is page-aligned
+    /// ([`direct::write_at`]).
+    pub fn fill_run(&self, data: &[u8], windows: Vec<(Reservation, Range<usize>)>) {
         let Some(files) = self.files() else {
             windows.into_iter().for_each(|(r, _)| self.abandon(r));
             return;
         };
-        let mut ok: Vec<(Reservation, &[u8])> = Vec::with_capacity(windows.len());
+        let mut ok: Vec<(Reservation, Range<usize>)> = Vec::with_capacity(windows.len());
         let mut bad = Vec::new();
         {
             let idx = self.lock();
-            for (r, data) in windows {
-                let fits = idx.slots[r.slot as usize]
-                    .as_ref()
-                    .is_some_and(|e| e.id == r.id && e.pending && e.len as usize == data.len());
+            for (r, range) in windows {
+                let fits = range.end <= data.len()
+                    && range.start <= range.end
+                    && idx.slots[r.slot as usize].as_ref().is_some_and(|e| {
+                        e.id == r.id && e.pending && e.len as usize == range.len()
+                    });
                 if fits {
-                    ok.push((r, data));
+                    ok.push((r, range));
                 } else {
                     log::debug!("read cache: a fill does not match its reservation");
                     bad.push(r);
@@ -568,11 +572,13 @@ impl Cache {
             while n < rest.len()
                 && rest[n].0.slot == rest[n - 1].0.slot + 1
                 && rest[n - 1].1.len() as u64 == SLOT
+                && rest[n].1.start == rest[n - 1].1.end
                 && (n + 1) * SLOT as usize <= direct::MAX_WRITE
             {
                 n += 1;
             }
-            let res = self.write_slots(&rest[..n]);
+            let bytes = &data[rest[0].1.start..rest[n - 1].1.end];
+            let res = self.write_slots(bytes, &rest[..n]);
             if let Err(e) = &res {
                 log::debug!("read cache: filling slots from {}: {e}", rest[0].0.slot);
             }
@@ -638,33 +644,31 @@ impl Cache {
 
     /// Invariant 2's writes for reserved windows in consecutive slots:
     /// zero records, data, records.
-    fn write_slots(&self, run: &[(Reservation, &[u8])]) -> std::io::Result<()> {
-        for (r, _) in run {
-            self.index_file
-                .write_all_at(&[0u8; RECORD], record_offset(r.slot))?;
-        }
+    fn write_slots(
+        &self,
+        bytes: &[u8],
+        run: &[(Reservation, Range<usize>)],
+    ) -> std::io::Result<()> {
+        // The run's slots are consecutive, so are their records: one
+        // write of zero records, then the data, then one of the records.
+        let first = record_offset(run[0].0.slot);
+        self.index_file
+            .write_all_at(&vec![0u8; RECORD * run.len()], first)?;
         let at = run[0].0.slot as u64 * SLOT;
-        let parts: Vec<&[u8]> = run.iter().map(|(_, d)| *d).collect();
         match &self.direct {
-            Some(f) => direct::write_at(f, &self.data, &parts, at)?,
-            None => {
-                let mut off = at;
-                for p in parts {
-                    self.data.write_all_at(p, off)?;
-                    off += p.len() as u64;
-                }
-            }
+            Some(f) => direct::write_at(f, &self.data, bytes, at)?,
+            None => self.data.write_all_at(bytes, at)?,
         }
-        for (r, d) in run {
+        let mut records = Vec::with_capacity(RECORD * run.len());
+        for (r, range) in run {
             let rec = Record {
                 id: r.id,
-                len: d.len() as u32,
+                len: range.len() as u32,
                 stamp: r.stamp,
             };
-            self.index_file
-                .write_all_at(&record::encode_record(&rec), record_offset(r.slot))?;
+            records.extend_from_slice(&record::encode_record(&rec));
         }
-        Ok(())
+        self.index_file.write_all_at(&records, first)
     }
 
     fn pending_count(&self) -> std::sync::MutexGuard<'_, u64> {

@@ -322,12 +322,13 @@ fn a_run_of_windows_is_filled_together_and_reads_back_exactly() {
                 .unwrap()
         })
         .collect();
-    c.fill_run(
-        reserved
-            .into_iter()
-            .zip(wins.iter().map(|d| &d[..]))
-            .collect(),
-    );
+    let data: Vec<u8> = wins.concat();
+    let mut at = 0;
+    let ranges = wins.iter().map(|d| {
+        at += d.len();
+        at - d.len()..at
+    });
+    c.fill_run(&data, reserved.into_iter().zip(ranges).collect());
     for (w, d) in wins.iter().enumerate() {
         let mut got = vec![0u8; d.len()];
         assert!(

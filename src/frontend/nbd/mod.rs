@@ -17,10 +17,11 @@
 //! encode/decode), [`meta`] (metadata context queries), [`export`] (name →
 //! device), [`access`] (who may connect and open what), [`tls`] and
 //! [`cert_name`] (STARTTLS with client certificates), [`handshake`]
-//! (negotiation), [`transmission`] (request loop, limits), [`server`]
-//! (listeners, admission, shutdown).
+//! (negotiation), [`transmission`] (request loop, limits), [`buffers`]
+//! (reused read buffers), [`server`] (listeners, admission, shutdown).
 
 pub mod access;
+pub mod buffers;
 pub mod cert_name;
 pub mod codec;
 pub mod export;

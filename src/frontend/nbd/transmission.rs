@@ -35,6 +35,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
+use super::buffers::ReadBuffers;
 use super::codec::*;
 use super::export::Export;
 use super::protocol::*;
@@ -210,6 +211,7 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let (tx, rx) = mpsc::unbounded_channel::<Reply>();
+    let buffers = Arc::new(ReadBuffers::default());
     // Aborted if this future is dropped (the server's shutdown deadline),
     // so a writer stuck on a client that does not read dies with it.
     let mut writer_task = AbortOnDrop(tokio::spawn(write_replies(
@@ -217,6 +219,7 @@ where
         rx,
         limits.request_timeout,
         features.structured,
+        Arc::clone(&buffers),
     )));
     let budget = Budget::new(&limits, global);
     let mut tasks = JoinSet::new();
@@ -319,8 +322,9 @@ where
         let device = export.device.clone();
         let tx = tx.clone();
         let name = export.name.clone();
+        let buffers = Arc::clone(&buffers);
         tasks.spawn(async move {
-            let body = execute(device.as_ref(), op, payload).await;
+            let body = execute(device.as_ref(), op, payload, &buffers).await;
             if let Body::Error { error, message } = &body {
                 log::debug!("{name}: {op:?} failed with NBD error {error}: {message}");
             }
@@ -374,11 +378,17 @@ async fn skip_bytes<R: AsyncRead + Unpin>(reader: &mut R, n: u32) -> std::io::Re
     Ok(())
 }
 
-/// Run one operation and say what to answer.
-async fn execute(device: &dyn BlockDevice, op: Op, payload: Vec<u8>) -> Body {
+/// Run one operation and say what to answer. A read fills a buffer of
+/// the connection's pool ([`ReadBuffers`]).
+async fn execute(
+    device: &dyn BlockDevice,
+    op: Op,
+    payload: Vec<u8>,
+    buffers: &ReadBuffers,
+) -> Body {
     let result: Result<Body, BlockError> = match op {
         Op::Read { offset, len } => {
-            let mut buf = vec![0u8; len as usize];
+            let mut buf = buffers.take(len as usize);
             device
                 .read(offset, &mut buf)
                 .await
@@ -486,12 +496,14 @@ fn client_message(e: &BlockError) -> String {
 /// Write replies as they come; batch whatever is ready into one flush.
 /// Each reply, and each flush, must complete within `timeout`. With
 /// `structured`, reads, block status and errors go out as structured
-/// reply chunks (see the module docs).
+/// reply chunks (see the module docs). The buffer of a read, once
+/// written, goes back to `buffers`.
 async fn write_replies<W: AsyncWrite + Unpin>(
     writer: W,
     mut rx: mpsc::UnboundedReceiver<Reply>,
     timeout: Duration,
     structured: bool,
+    buffers: Arc<ReadBuffers>,
 ) -> std::io::Result<()> {
     let mut out = BufWriter::with_capacity(256 << 10, writer);
     while let Some(first) = rx.recv().await {
@@ -528,6 +540,9 @@ async fn write_replies<W: AsyncWrite + Unpin>(
                 }
             })
             .await?;
+            if let Body::Data { data, .. } = reply.body {
+                buffers.give(data);
+            }
             next = rx.try_recv().ok();
         }
         within(timeout, "writing replies", out.flush()).await?;
