@@ -19,6 +19,7 @@ use clap::Parser;
 use shale::clock::SystemClock;
 mod cpcost;
 mod map;
+mod replay;
 mod snapshots;
 mod volmap;
 
@@ -59,6 +60,16 @@ struct Args {
     /// Bytes of 4K random writes for `--checkpoint-cost`.
     #[arg(long, default_value = "1GiB", value_parser = parse_size)]
     cp_write: u64,
+    /// Instead: open time of a volume whose WAL holds this many bytes of
+    /// flushed writes not yet in the store (the process crashed), with
+    /// the WAL cold and warm in the page cache; reads a sample back after
+    /// each replay (issue 11).
+    #[arg(long, value_parser = parse_size)]
+    wal_replay: Option<u64>,
+    /// Write size for `--wal-replay`: 4KiB writes go to random distinct
+    /// blocks, larger ones are sequential.
+    #[arg(long, default_value = "4KiB", value_parser = parse_size)]
+    replay_bs: u64,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -349,6 +360,17 @@ fn main() -> Result<()> {
     }
     if args.map_extents > 0 {
         return map::run(args.map_extents);
+    }
+    if let Some(bytes) = args.wal_replay {
+        let root = args.dir.join(format!("shale-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&root).with_context(|| format!("create {}", root.display()))?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        let res = rt.block_on(replay::run(&root, bytes, args.replay_bs));
+        drop(rt);
+        let _ = std::fs::remove_dir_all(&root);
+        return res;
     }
     if args.checkpoint_cost > 0 {
         let root = args.dir.join(format!("shale-bench-{}", std::process::id()));
