@@ -221,6 +221,19 @@ impl PerfCtl {
     }
 }
 
+/// User plus system CPU seconds of this process so far.
+fn cpu_seconds() -> f64 {
+    // SAFETY: `getrusage` only writes the struct we pass, which is valid
+    // and fully initialized (zeroed) memory.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; RUSAGE_SELF is a valid `who`.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return 0.0;
+    }
+    let s = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    s(ru.ru_utime) + s(ru.ru_stime)
+}
+
 /// Bytes and file count of the WAL directory; with `evict`, sync each
 /// file and drop it from the page cache.
 fn wal_files(dir: &Path, evict: bool) -> Result<(u64, u64)> {
@@ -291,14 +304,15 @@ pub async fn run(root: &Path, wal_bytes: u64, bs: u64) -> Result<()> {
         wal_size >> 20
     );
     println!(
-        "{:<6} {:>9} {:>9} {:>8} {:>9} {:>12} {:>10}",
-        "cache", "records", "WAL MiB", "open s", "MB/s", "RSS MiB", "verified"
+        "{:<6} {:>9} {:>9} {:>8} {:>7} {:>9} {:>12} {:>10}",
+        "cache", "records", "WAL MiB", "open s", "CPU s", "MB/s", "RSS MiB", "verified"
     );
     let mut perf = PerfCtl::from_env()?;
     for (epoch, cold) in [(2u64, true), (3, false)] {
         wal_files(&wal_dir, cold)?;
         let rss0 = crate::rss()?;
         perf.send("enable\n")?;
+        let cpu0 = cpu_seconds();
         let t = Instant::now();
         let v = Volume::open(
             dyn_store.clone(),
@@ -309,6 +323,7 @@ pub async fn run(root: &Path, wal_bytes: u64, bs: u64) -> Result<()> {
         .await
         .context("reopen (replay)")?;
         let open_s = t.elapsed().as_secs_f64();
+        let cpu_s = cpu_seconds() - cpu0;
         perf.send("disable\n")?;
         let rss1 = crate::rss()?;
         let replayed = v.stats().unstored_bytes;
@@ -321,11 +336,12 @@ pub async fn run(root: &Path, wal_bytes: u64, bs: u64) -> Result<()> {
         v.crash().await;
         drop(v);
         println!(
-            "{:<6} {:>9} {:>9} {:>8.3} {:>9.0} {:>5} (+{:>4}) {:>10}",
+            "{:<6} {:>9} {:>9} {:>8.3} {:>7.3} {:>9.0} {:>5} (+{:>4}) {:>10}",
             if cold { "cold" } else { "warm" },
             ops,
             replayed >> 20,
             open_s,
+            cpu_s,
             wal_size as f64 / open_s / 1e6,
             rss1 >> 20,
             rss1.saturating_sub(rss0) >> 20,
