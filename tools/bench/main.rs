@@ -19,6 +19,7 @@ use clap::Parser;
 use shale::clock::SystemClock;
 mod cpcost;
 mod map;
+mod openbig;
 mod replay;
 mod snapshots;
 mod volmap;
@@ -60,6 +61,11 @@ struct Args {
     /// Bytes of 4K random writes for `--checkpoint-cost`.
     #[arg(long, default_value = "1GiB", value_parser = parse_size)]
     cp_write: u64,
+    /// Instead: open time and memory of a volume whose checkpoint holds
+    /// this many fragmented 4K extents, seeded in one sorted pass (fast
+    /// enough for 100M; issue 11).
+    #[arg(long, default_value_t = 0)]
+    open_extents: u64,
     /// Instead: open time of a volume whose WAL holds this many bytes of
     /// flushed writes not yet in the store (the process crashed), with
     /// the WAL cold and warm in the page cache; reads a sample back after
@@ -360,6 +366,17 @@ fn main() -> Result<()> {
     }
     if args.map_extents > 0 {
         return map::run(args.map_extents);
+    }
+    if args.open_extents > 0 {
+        let root = args.dir.join(format!("shale-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&root).with_context(|| format!("create {}", root.display()))?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        let res = rt.block_on(openbig::run(&root, args.open_extents));
+        drop(rt);
+        let _ = std::fs::remove_dir_all(&root);
+        return res;
     }
     if let Some(bytes) = args.wal_replay {
         let root = args.dir.join(format!("shale-bench-{}", std::process::id()));

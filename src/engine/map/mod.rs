@@ -257,13 +257,17 @@ impl ExtentMap {
 
     /// A map of `runs` `(start, len, loc)`, which must be in ascending
     /// order, non-empty and non-overlapping (the first offending run is
-    /// returned otherwise). Built in one pass: O(n) after the check, with
-    /// full tree nodes, so it takes less memory than inserting one by one.
+    /// returned otherwise). Built in one pass: O(n), streaming (runs are
+    /// merged and packed as they come, straight into full leaves, so
+    /// nothing but the map itself is held), and it takes less memory than
+    /// inserting one by one.
     pub fn from_sorted(
         runs: impl IntoIterator<Item = (u64, u64, Loc)>,
     ) -> Result<ExtentMap, (u64, u64)> {
         let mut map = ExtentMap::new();
-        let mut merged: Vec<(u64, u64, Loc)> = Vec::new();
+        let mut pages = pages::Builder::default();
+        // The run being merged (invariant 4), not yet packed.
+        let mut open: Option<(u64, u64, Loc)> = None;
         let mut end = 0u64;
         for (s, l, loc) in runs {
             let e = s.checked_add(l).filter(|_| l > 0 && s >= end);
@@ -277,7 +281,7 @@ impl ExtentMap {
                 loc: Some(loc),
             }
             .data_bytes();
-            match merged.last_mut() {
+            match &mut open {
                 Some((ps, pl, ploc))
                     if *ps + *pl == s
                         && *pl + l <= MAX_ENTRY_SECTORS
@@ -285,20 +289,30 @@ impl ExtentMap {
                 {
                     *pl += l
                 }
-                _ => merged.push((s, l, loc)),
+                _ => {
+                    if let Some(run) = open.replace((s, l, loc)) {
+                        map.pack_run(&mut pages, run);
+                    }
+                }
             }
         }
-        let mut slots = Vec::with_capacity(merged.len());
-        for (s, l, loc) in merged {
-            let mut done = 0;
-            while done < l {
-                let n = (l - done).min(MAX_ENTRY_SECTORS);
-                slots.push((s + done, map.pack(n, loc.advance(done))));
-                done += n;
-            }
+        if let Some(run) = open {
+            map.pack_run(&mut pages, run);
         }
-        map.entries = Pages::from_sorted(&slots);
+        map.entries = pages.finish();
         Ok(map)
+    }
+
+    /// Pack run `(s, l, loc)` into `pages` as entries of at most
+    /// [`MAX_ENTRY_SECTORS`].
+    fn pack_run(&mut self, pages: &mut pages::Builder, (s, l, loc): (u64, u64, Loc)) {
+        let mut done = 0;
+        while done < l {
+            let n = (l - done).min(MAX_ENTRY_SECTORS);
+            let slot = self.pack(n, loc.advance(done));
+            pages.push(s + done, slot);
+            done += n;
+        }
     }
 
     /// The location a slot names.
