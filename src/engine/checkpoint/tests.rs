@@ -174,3 +174,24 @@ fn survives_random_input(json: bool) {
         }
     }
 }
+
+#[test]
+fn find_seq_finds_dense_and_sparse_numbers_and_nothing_else() {
+    use super::find_seq;
+    let dense: Vec<u64> = (5..15).collect();
+    for (i, &s) in dense.iter().enumerate() {
+        assert_eq!(find_seq(&dense, s), Some(i));
+    }
+    assert_eq!(find_seq(&dense, 4), None, "below the first");
+    assert_eq!(find_seq(&dense, 15), None, "past the last");
+    // Holes (deleted chunks) and a compaction id far above: the guess
+    // misses, bisection finds them.
+    let sparse = [1, 2, 7, 9, 1 << 62];
+    for (i, &s) in sparse.iter().enumerate() {
+        assert_eq!(find_seq(&sparse, s), Some(i));
+    }
+    for s in [0, 3, 8, 10, u64::MAX] {
+        assert_eq!(find_seq(&sparse, s), None, "{s}");
+    }
+    assert_eq!(find_seq(&[], 1), None);
+}
