@@ -248,10 +248,16 @@ impl ChunkInfo {
 /// otherwise bisection. Per extent of a fragmented map, the chunk is
 /// random: the guess saves the cache misses of a search.
 pub(crate) fn find_seq(seqs: &[u64], seq: u64) -> Option<usize> {
-    let guess = seq.checked_sub(*seqs.first()?)?;
-    match usize::try_from(guess).ok().and_then(|g| seqs.get(g)) {
-        Some(&s) if s == seq => usize::try_from(guess).ok(),
-        _ => seqs.binary_search(&seq).ok(),
+    find_seq_by(seqs, seq, |&s| s)
+}
+
+/// [`find_seq`] over entries whose seq is `key(entry)`.
+pub(crate) fn find_seq_by<T>(entries: &[T], seq: u64, key: impl Fn(&T) -> u64) -> Option<usize> {
+    let guess = seq.checked_sub(key(entries.first()?))?;
+    let guess = usize::try_from(guess).ok();
+    match guess.and_then(|g| entries.get(g)) {
+        Some(e) if key(e) == seq => guess,
+        _ => entries.binary_search_by_key(&seq, key).ok(),
     }
 }
 
@@ -328,9 +334,9 @@ impl Checkpoint {
         let mut data_lens: Vec<(u64, u64)> =
             self.chunks.iter().map(|c| (c.seq, c.data_len)).collect();
         data_lens.sort_unstable();
-        let seqs: Vec<u64> = data_lens.iter().map(|&(seq, _)| seq).collect();
         let extent = |&(s, l, c, off): &(u64, u64, u64, u64)| {
-            let data_len = find_seq(&seqs, c)
+            // Seq and length side by side: one cache miss, not two.
+            let data_len = find_seq_by(&data_lens, c, |&(seq, _)| seq)
                 .map(|i| data_lens[i].1)
                 .ok_or_else(|| CheckpointError::Inconsistent(format!("unknown chunk {c}")))?;
             let fits_data = l
