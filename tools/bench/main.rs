@@ -6,6 +6,12 @@
 //! write+flush QD1. Then the same patterns as pwrite/pread/fdatasync on a
 //! plain file in the same directory, with one thread per queue slot.
 //! Prints a table with both and their ratio.
+//!
+//! Other modes, each instead of that: `--snapshots N`, `--map-extents N`,
+//! `--volume-extents N`, `--checkpoint-cost N [--cp-write BYTES]`,
+//! `--open-extents N` (open time of a fragmented volume, [`openbig`]) and
+//! `--wal-replay BYTES [--replay-bs 4KiB|1MiB]` (open time of a crashed
+//! volume replaying its WAL, [`replay`]); see the README's Benchmarks.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
