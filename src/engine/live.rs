@@ -161,7 +161,7 @@ impl Overlay {
     /// e.g. began tracking another set). O(overlay entries).
     pub fn recount(&mut self, stored: &ExtentMap) {
         let mut shadow = (0, 0);
-        for (s, l, _) in self.map.iter() {
+        for (s, l) in self.map.ranges() {
             add(&mut shadow, stored.data_in(s, l));
         }
         self.shadow = shadow;

@@ -223,22 +223,26 @@ async fn load_checkpoint(
         )));
     }
     let prev_epoch = chain.chunks.get(&chain.chunk_seq).map_or(0, |c| c.epoch);
-    for (seq, info) in chain.chunks {
+    // Live sectors per chunk, counted against the chunk list in seq order
+    // (one hash lookup per extent was a tenth of the open).
+    let seqs: Vec<u64> = chain.chunks.keys().copied().collect();
+    let mut live = vec![0u64; seqs.len()];
+    for (_, l, loc) in chain.map.iter() {
+        if let super::map::Loc::Chunk { chunk, .. } = loc {
+            if let Some(i) = super::checkpoint::find_seq(&seqs, chunk) {
+                live[i] += l;
+            }
+        }
+    }
+    for ((seq, info), live_sectors) in chain.chunks.into_iter().zip(live) {
         state.cp_table.insert(seq, info.epoch);
         state.chunks.insert(
             seq,
             super::state::ChunkEntry {
                 info: Arc::new(info),
-                live_sectors: 0,
+                live_sectors,
             },
         );
-    }
-    for (_, l, loc) in chain.map.iter() {
-        if let super::map::Loc::Chunk { chunk, .. } = loc {
-            if let Some(e) = state.chunks.get_mut(&chunk) {
-                e.live_sectors += l;
-            }
-        }
     }
     state.stored = std::sync::Arc::new(chain.map);
     state.stored_seq = chain.last_seq;

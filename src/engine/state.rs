@@ -197,6 +197,11 @@ impl State {
 
     /// Count shared bytes against `set` from now on (`None`: stop).
     pub fn track(&mut self, set: Option<Arc<LocSet>>) {
+        if set.is_none() && self.stored.tracked().is_none() {
+            // Nothing tracked before or after: no count changes (and no
+            // pass over the maps, which open would pay per extent).
+            return;
+        }
         Arc::make_mut(&mut self.stored).track(set);
         self.overlay.recount(&self.stored);
     }

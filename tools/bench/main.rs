@@ -6,6 +6,12 @@
 //! write+flush QD1. Then the same patterns as pwrite/pread/fdatasync on a
 //! plain file in the same directory, with one thread per queue slot.
 //! Prints a table with both and their ratio.
+//!
+//! Other modes, each instead of that: `--snapshots N`, `--map-extents N`,
+//! `--volume-extents N`, `--checkpoint-cost N [--cp-write BYTES]`,
+//! `--open-extents N` (open time of a fragmented volume, [`openbig`]) and
+//! `--wal-replay BYTES [--replay-bs 4KiB|1MiB]` (open time of a crashed
+//! volume replaying its WAL, [`replay`]); see the README's Benchmarks.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -19,6 +25,8 @@ use clap::Parser;
 use shale::clock::SystemClock;
 mod cpcost;
 mod map;
+mod openbig;
+mod replay;
 mod snapshots;
 mod volmap;
 
@@ -59,6 +67,21 @@ struct Args {
     /// Bytes of 4K random writes for `--checkpoint-cost`.
     #[arg(long, default_value = "1GiB", value_parser = parse_size)]
     cp_write: u64,
+    /// Instead: open time and memory of a volume whose checkpoint holds
+    /// this many fragmented 4K extents, seeded in one sorted pass (fast
+    /// enough for 100M; issue 11).
+    #[arg(long, default_value_t = 0)]
+    open_extents: u64,
+    /// Instead: open time of a volume whose WAL holds this many bytes of
+    /// flushed writes not yet in the store (the process crashed), with
+    /// the WAL cold and warm in the page cache; reads a sample back after
+    /// each replay (issue 11).
+    #[arg(long, value_parser = parse_size)]
+    wal_replay: Option<u64>,
+    /// Write size for `--wal-replay`: 4KiB writes go to random distinct
+    /// blocks, larger ones are sequential.
+    #[arg(long, default_value = "4KiB", value_parser = parse_size)]
+    replay_bs: u64,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -349,6 +372,28 @@ fn main() -> Result<()> {
     }
     if args.map_extents > 0 {
         return map::run(args.map_extents);
+    }
+    if args.open_extents > 0 {
+        let root = args.dir.join(format!("shale-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&root).with_context(|| format!("create {}", root.display()))?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        let res = rt.block_on(openbig::run(&root, args.open_extents));
+        drop(rt);
+        let _ = std::fs::remove_dir_all(&root);
+        return res;
+    }
+    if let Some(bytes) = args.wal_replay {
+        let root = args.dir.join(format!("shale-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&root).with_context(|| format!("create {}", root.display()))?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        let res = rt.block_on(replay::run(&root, bytes, args.replay_bs));
+        drop(rt);
+        let _ = std::fs::remove_dir_all(&root);
+        return res;
     }
     if args.checkpoint_cost > 0 {
         let root = args.dir.join(format!("shale-bench-{}", std::process::id()));

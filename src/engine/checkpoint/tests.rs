@@ -174,3 +174,100 @@ fn survives_random_input(json: bool) {
         }
     }
 }
+
+#[test]
+fn find_seq_finds_dense_and_sparse_numbers_and_nothing_else() {
+    use super::find_seq;
+    let dense: Vec<u64> = (5..15).collect();
+    for (i, &s) in dense.iter().enumerate() {
+        assert_eq!(find_seq(&dense, s), Some(i));
+    }
+    assert_eq!(find_seq(&dense, 4), None, "below the first");
+    assert_eq!(find_seq(&dense, 15), None, "past the last");
+    // Holes (deleted chunks) and a compaction id far above: the guess
+    // misses, bisection finds them.
+    let sparse = [1, 2, 7, 9, 1 << 62];
+    for (i, &s) in sparse.iter().enumerate() {
+        assert_eq!(find_seq(&sparse, s), Some(i));
+    }
+    for s in [0, 3, 8, 10, u64::MAX] {
+        assert_eq!(find_seq(&sparse, s), None, "{s}");
+    }
+    assert_eq!(find_seq(&[], 1), None);
+}
+
+/// `to_map` merges the sorted extent and zero lists as it builds the map;
+/// lists out of order take the sort path and give the same map; a bad
+/// run anywhere (even after many good ones) fails it.
+#[test]
+fn to_map_merges_sorted_lists_and_checks_every_run() {
+    let chunk = |seq| ChunkInfo {
+        seq,
+        epoch: 1,
+        data_start: 100,
+        data_len: 1 << 20,
+        crcs: vec![0u32; 256],
+    };
+    let mut cp = Checkpoint {
+        volume: 5,
+        epoch: 1,
+        chunk_seq: 9,
+        last_seq: 40,
+        chunks: vec![chunk(3), chunk(1), chunk(9)],
+        extents: (0..600u64)
+            .map(|i| (i * 16, 8, [1, 3, 9][i as usize % 3], (i % 64) * 4096))
+            .collect(),
+        zeros: (0..600u64).map(|i| (i * 16 + 8, 4)).collect(),
+    };
+    let sorted = cp.to_map(1 << 20).unwrap();
+    assert_eq!(sorted.len(), 1200);
+    let mut want = ExtentMap::new();
+    for &(s, l, c, off) in &cp.extents {
+        want.insert(s, l, Loc::Chunk { chunk: c, off });
+    }
+    for &(s, l) in &cp.zeros {
+        want.insert(s, l, Loc::Zero);
+    }
+    assert_eq!(
+        sorted.iter().collect::<Vec<_>>(),
+        want.iter().collect::<Vec<_>>()
+    );
+    let mut shuffled = cp.clone();
+    shuffled.extents.reverse();
+    shuffled.zeros.swap(0, 599);
+    let via_sort = shuffled.to_map(1 << 20).unwrap();
+    assert_eq!(
+        via_sort.iter().collect::<Vec<_>>(),
+        want.iter().collect::<Vec<_>>()
+    );
+    // An unknown chunk, an extent past its chunk's data, a zero range past
+    // the volume, an overlap: each near the end of its list.
+    let good = cp.clone();
+    cp.extents[598].2 = 2;
+    assert!(cp
+        .to_map(1 << 20)
+        .unwrap_err()
+        .to_string()
+        .contains("unknown chunk 2"));
+    cp = good.clone();
+    cp.extents[599].3 = 1 << 20;
+    assert!(cp
+        .to_map(1 << 20)
+        .unwrap_err()
+        .to_string()
+        .contains("outside the data"));
+    cp = good.clone();
+    cp.zeros[599] = (u64::MAX - 1, 4);
+    assert!(cp
+        .to_map(1 << 20)
+        .unwrap_err()
+        .to_string()
+        .contains("zero range"));
+    cp = good;
+    cp.zeros[598].1 = 9;
+    assert!(cp
+        .to_map(1 << 20)
+        .unwrap_err()
+        .to_string()
+        .contains("overlaps"));
+}

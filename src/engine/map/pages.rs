@@ -103,6 +103,40 @@ pub(super) struct Pages {
     len: usize,
 }
 
+/// Builds [`Pages`] from entries pushed in strictly ascending key order
+/// (the caller's duty), in full leaves, without holding them twice.
+#[derive(Default)]
+pub(super) struct Builder {
+    pages: Pages,
+    leaf: Option<Box<Leaf>>,
+}
+
+impl Builder {
+    pub fn push(&mut self, key: u64, slot: Slot) {
+        let leaf = self.leaf.get_or_insert_with(|| Box::new(Leaf::new()));
+        leaf.keys[leaf.n] = key;
+        leaf.slots[leaf.n] = slot;
+        leaf.n += 1;
+        if leaf.n == CAP {
+            self.seal();
+        }
+    }
+
+    /// Move the leaf being filled (if it holds anything) into the pages.
+    fn seal(&mut self) {
+        if let Some(leaf) = self.leaf.take().filter(|l| l.n > 0) {
+            self.pages.firsts.push(leaf.keys[0]);
+            self.pages.len += leaf.n;
+            self.pages.leaves.push(Arc::from(leaf));
+        }
+    }
+
+    pub fn finish(mut self) -> Pages {
+        self.seal();
+        self.pages
+    }
+}
+
 impl std::fmt::Debug for Pages {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pages")
@@ -141,21 +175,15 @@ impl Pages {
             + self.leaves.capacity() * std::mem::size_of::<Arc<Leaf>>()
     }
 
-    /// Build from entries in strictly ascending key order, in full leaves.
+    /// Build from entries in strictly ascending key order, in full leaves
+    /// (tests; the map streams through [`Builder`]).
+    #[cfg(test)]
     pub fn from_sorted(items: &[(u64, Slot)]) -> Pages {
-        let mut pages = Pages::default();
-        for part in items.chunks(CAP) {
-            let mut leaf = Leaf::new();
-            for (i, &(k, s)) in part.iter().enumerate() {
-                leaf.keys[i] = k;
-                leaf.slots[i] = s;
-            }
-            leaf.n = part.len();
-            pages.firsts.push(part[0].0);
-            pages.leaves.push(Arc::new(leaf));
+        let mut b = Builder::default();
+        for &(k, s) in items {
+            b.push(k, s);
         }
-        pages.len = items.len();
-        pages
+        b.finish()
     }
 
     /// The leaf whose key range would hold `key`: the last one starting at

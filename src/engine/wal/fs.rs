@@ -385,9 +385,16 @@ impl WalFs for RealFs {
 
 /// Read a whole file.
 pub fn read_all(file: &dyn WalFile) -> io::Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    read_all_into(file, &mut buf)?;
+    Ok(buf)
+}
+
+/// [`read_all`] into `buf`, whose allocation is reused: it is resized to
+/// the file's length (only new bytes are zeroed) and then overwritten.
+pub fn read_all_into(file: &dyn WalFile, buf: &mut Vec<u8>) -> io::Result<()> {
     let len = usize::try_from(file.size()?)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "file too large"))?;
-    let mut buf = vec![0u8; len];
-    file.read_exact_at(&mut buf, 0)?;
-    Ok(buf)
+    buf.resize(len, 0);
+    file.read_exact_at(buf, 0)
 }

@@ -15,8 +15,9 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 
-use super::fs::{read_all, DynWalFs, SegFile};
+use super::fs::{read_all_into, DynWalFs, SegFile};
 use super::record::{decode_at, RecordKind};
 use super::segment::{self, Head, Stamp, SEG_HEADER_LEN};
 use super::{io_err, seg_path, WalError};
@@ -85,6 +86,12 @@ pub fn parse_seg_name(name: &str) -> Option<u64> {
 }
 
 /// Read every segment of `dir` (none if it is missing), oldest first.
+///
+/// Reading and checking overlap: a helper thread reads the next segment
+/// (opens it and reads it whole) while this one decodes the last, and at
+/// most [`READ_AHEAD`] read segments wait, so memory stays a few segments
+/// whatever the WAL's size. The helper only reads; every decision is taken
+/// here, in segment order, exactly as if read one by one.
 pub fn scan(fs: &DynWalFs, dir: &Path, volume: u64) -> Result<Vec<SegScan>, WalError> {
     let mut ids: Vec<u64> = fs
         .list(dir)
@@ -94,10 +101,62 @@ pub fn scan(fs: &DynWalFs, dir: &Path, volume: u64) -> Result<Vec<SegScan>, WalE
         .collect();
     ids.sort_unstable();
     let mut out = Vec::with_capacity(ids.len());
-    for id in ids {
-        out.push(scan_segment(fs, dir, id, volume)?);
-    }
+    std::thread::scope(|sc| {
+        // Buffers go round: empty ones to the reader, read ones back.
+        let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
+        let (read_tx, read_rx) = mpsc::sync_channel::<Read>(READ_AHEAD);
+        for _ in 0..=READ_AHEAD {
+            let _ = free_tx.send(Vec::new());
+        }
+        let ids = &ids;
+        std::thread::Builder::new()
+            .name("wal-scan-read".into())
+            .spawn_scoped(sc, move || {
+                for &id in ids {
+                    // Either end gone: the scan stopped early.
+                    let Ok(mut buf) = free_rx.recv() else { return };
+                    let read = read_segment(fs, dir, id, &mut buf).map(|file| (file, buf));
+                    if read_tx.send((id, read)).is_err() {
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| io_err("start the WAL scan reader", e))?;
+        for _ in 0..ids.len() {
+            let (id, read) = read_rx
+                .recv()
+                .map_err(|_| io_err("WAL scan reader", "stopped before the last segment"))?;
+            let (file, buf) = read?;
+            out.push(scan_segment(dir, id, volume, file, &buf)?);
+            let _ = free_tx.send(buf);
+        }
+        Ok::<(), WalError>(())
+    })?;
     Ok(out)
+}
+
+/// Segments read ahead of the one being decoded.
+const READ_AHEAD: usize = 1;
+
+/// A segment as the reader hands it over: its id, and its open file and
+/// whole contents (or why they could not be read).
+type Read = (u64, Result<(SegFile, Vec<u8>), WalError>);
+
+/// Open segment `id` of `dir` and read all of it into `buf` (reusing its
+/// allocation: bytes are only zeroed where `buf` grows).
+fn read_segment(
+    fs: &DynWalFs,
+    dir: &Path,
+    id: u64,
+    buf: &mut Vec<u8>,
+) -> Result<SegFile, WalError> {
+    let path = seg_path(dir, id);
+    let file = fs
+        .open(&path)
+        .map_err(|e| io_err(&format!("open WAL segment {}", path.display()), e))?;
+    read_all_into(file.as_ref(), buf)
+        .map_err(|e| io_err(&format!("read WAL segment {}", path.display()), e))?;
+    Ok(file)
 }
 
 fn foreign(path: &Path, found: u64, volume: u64) -> WalError {
@@ -107,13 +166,15 @@ fn foreign(path: &Path, found: u64, volume: u64) -> WalError {
     ))
 }
 
-fn scan_segment(fs: &DynWalFs, dir: &Path, id: u64, volume: u64) -> Result<SegScan, WalError> {
+/// Decode segment `id`, whose file is `file` and whole contents `buf`.
+fn scan_segment(
+    dir: &Path,
+    id: u64,
+    volume: u64,
+    file: SegFile,
+    buf: &[u8],
+) -> Result<SegScan, WalError> {
     let path = seg_path(dir, id);
-    let file = fs
-        .open(&path)
-        .map_err(|e| io_err(&format!("open WAL segment {}", path.display()), e))?;
-    let buf = read_all(file.as_ref())
-        .map_err(|e| io_err(&format!("read WAL segment {}", path.display()), e))?;
     let mut seg = SegScan {
         id,
         path,
@@ -127,7 +188,7 @@ fn scan_segment(fs: &DynWalFs, dir: &Path, id: u64, volume: u64) -> Result<SegSc
         run_end: None,
         spare: false,
     };
-    let mut pos = match segment::decode(&buf) {
+    let mut pos = match segment::decode(buf) {
         Head::Empty => return Ok(seg),
         Head::Legacy => 0,
         Head::Stamped {
@@ -157,7 +218,7 @@ fn scan_segment(fs: &DynWalFs, dir: &Path, id: u64, volume: u64) -> Result<SegSc
     seg.good_len = pos as u64;
     let mut expect = seg.first_seq;
     while pos < buf.len() {
-        let (h, data) = match decode_at(&buf, pos) {
+        let (h, data) = match decode_at(buf, pos) {
             Ok(r) => r,
             Err(e) if expect.is_some() => {
                 seg.run_end = Some(e.to_string());

@@ -439,3 +439,31 @@ fn enospc_refuses_the_records_but_not_a_flush_in_the_same_batch() {
     assert_eq!(seqs, [1, 2]);
     assert_eq!(replayed[1].lba, 24);
 }
+
+/// The scan reads ahead on a helper thread: over many segments it still
+/// returns them oldest first with every record, and a segment it cannot
+/// read midway fails the scan (naming it) instead of hanging or skipping.
+#[test]
+fn scan_reads_many_segments_in_order_and_fails_on_an_unreadable_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _, _) = start(dir.path(), 0, 16 << 10);
+    for i in 0..40 {
+        write_flushed(&wal, i * 10, 10);
+    }
+    drop(wal);
+    let scans = scan(&real(), dir.path(), 9).unwrap();
+    let segs: Vec<&super::scan::SegScan> = scans.iter().filter(|s| !s.spare).collect();
+    assert!(segs.len() >= 6, "{} segments", segs.len());
+    assert!(scans.windows(2).all(|w| w[0].id < w[1].id));
+    let seqs: Vec<u64> = segs
+        .iter()
+        .flat_map(|s| &s.records)
+        .map(|r| r.seq)
+        .collect();
+    assert_eq!(seqs, (1..=400).collect::<Vec<_>>());
+    let middle = segs[segs.len() / 2].path.clone();
+    std::fs::remove_file(&middle).unwrap();
+    std::fs::create_dir(&middle).unwrap();
+    let e = scan(&real(), dir.path(), 9).unwrap_err();
+    assert!(e.to_string().contains(&middle.display().to_string()), "{e}");
+}
