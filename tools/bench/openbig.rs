@@ -14,8 +14,8 @@
 //! volume is opened (timed: manifest, checkpoint decode, map build,
 //! empty WAL), the process RSS growth is reported, and the open volume's
 //! extent count and last seq are checked against the seed. A checkpoint
-//! over the engine's cap on metadata objects (1 GiB; about 99M such
-//! extents) cannot open: then the decode and map build an open would do
+//! over the engine's cap on metadata objects (`checkpoint_cap`) cannot
+//! open: then the decode and map build an open would do
 //! are timed in process instead, and the output says so.
 
 use std::path::Path;
