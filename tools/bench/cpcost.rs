@@ -24,7 +24,7 @@ use anyhow::{Context, Result};
 use async_trait::async_trait;
 use bytes::Bytes;
 use shale::clock::SystemClock;
-use shale::engine::checkpoint::{checkpoint_key, manifest_key, Checkpoint, Manifest};
+use shale::engine::checkpoint::Checkpoint;
 use shale::engine::config::EngineConfig;
 use shale::engine::map::{ExtentMap, Loc};
 use shale::engine::{BlockDevice, Volume, VolumeParams};
@@ -144,28 +144,14 @@ async fn one(
         manifest_puts: AtomicU64::new(0),
         chunk_bytes: AtomicU64::new(0),
     });
-    let key = checkpoint_key(VOLUME, *chunk_seq, 1);
-    store
-        .put(&key, Bytes::from(cp_bytes.clone()), PutMode::Overwrite)
-        .await?;
-    let m = Manifest {
-        volume: VOLUME,
-        epoch: 1,
-        checkpoint: Some(key),
-        checkpoint_base: None,
-        checkpoint_chunk: *chunk_seq,
-        last_chunk: *chunk_seq,
-        last_seq: *last_seq,
-        history_epoch: 1,
-        parent: None,
-    };
-    store
-        .put(
-            &manifest_key(VOLUME),
-            Bytes::from(serde_json::to_vec(&m)?),
-            PutMode::Create,
-        )
-        .await?;
+    crate::map::seed_checkpoint(
+        store.as_ref(),
+        VOLUME,
+        Bytes::from(cp_bytes.clone()),
+        *chunk_seq,
+        *last_seq,
+    )
+    .await?;
     let cfg = EngineConfig {
         cache_size: 0,
         readahead_max: 0,

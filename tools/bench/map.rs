@@ -42,6 +42,42 @@ pub fn fake_chunks(n: u64, rng: &mut u64) -> Vec<ChunkInfo> {
         .collect()
 }
 
+/// Put `checkpoint` (encoded, of volume `volume`, chunks up to `chunk_seq`,
+/// ops up to `last_seq`) into `store` with a manifest naming it, as the
+/// volume's epoch-1 writer would have left them: the volume then opens
+/// from that checkpoint alone.
+pub async fn seed_checkpoint(
+    store: &dyn shale::store::ObjectStore,
+    volume: u64,
+    checkpoint: bytes::Bytes,
+    chunk_seq: u64,
+    last_seq: u64,
+) -> Result<()> {
+    use shale::engine::checkpoint::{checkpoint_key, manifest_key, Manifest};
+    use shale::store::PutMode;
+    let key = checkpoint_key(volume, chunk_seq, 1);
+    store.put(&key, checkpoint, PutMode::Overwrite).await?;
+    let m = Manifest {
+        volume,
+        epoch: 1,
+        checkpoint: Some(key),
+        checkpoint_base: None,
+        checkpoint_chunk: chunk_seq,
+        last_chunk: chunk_seq,
+        last_seq,
+        history_epoch: 1,
+        parent: None,
+    };
+    store
+        .put(
+            &manifest_key(volume),
+            bytes::Bytes::from(serde_json::to_vec(&m)?),
+            PutMode::Create,
+        )
+        .await?;
+    Ok(())
+}
+
 pub fn run(extents: u64) -> Result<()> {
     // A volume 4x the written blocks, so most writes land apart.
     let blocks = extents * 4;

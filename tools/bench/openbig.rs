@@ -25,13 +25,13 @@ use std::time::Instant;
 use anyhow::{ensure, Context, Result};
 use bytes::Bytes;
 use shale::clock::SystemClock;
-use shale::engine::checkpoint::{checkpoint_key, manifest_key, Checkpoint, Manifest};
+use shale::engine::checkpoint::Checkpoint;
 use shale::engine::config::EngineConfig;
 use shale::engine::limits::checkpoint_cap;
 use shale::engine::map::{ExtentMap, Loc};
 use shale::engine::{Volume, VolumeParams};
 use shale::store::memory::MemoryStore;
-use shale::store::{DynStore, ObjectStore, PutMode};
+use shale::store::DynStore;
 
 const BLOCK: u64 = 4096;
 const SECTOR: u64 = 512;
@@ -96,26 +96,7 @@ pub async fn run(root: &Path, extents: u64) -> Result<()> {
     drop(cp);
     let size = extents * 4 * BLOCK;
     let store = Arc::new(MemoryStore::new());
-    let key = checkpoint_key(VOLUME, n_chunks, 1);
-    store.put(&key, bytes.clone(), PutMode::Overwrite).await?;
-    let m = Manifest {
-        volume: VOLUME,
-        epoch: 1,
-        checkpoint: Some(key),
-        checkpoint_base: None,
-        checkpoint_chunk: n_chunks,
-        last_chunk: n_chunks,
-        last_seq: extents,
-        history_epoch: 1,
-        parent: None,
-    };
-    store
-        .put(
-            &manifest_key(VOLUME),
-            Bytes::from(serde_json::to_vec(&m)?),
-            PutMode::Create,
-        )
-        .await?;
+    crate::map::seed_checkpoint(store.as_ref(), VOLUME, bytes.clone(), n_chunks, extents).await?;
     println!(
         "seed: {map_len} extents in a {} GiB volume, {n_chunks} chunks, checkpoint {:.1} MiB \
          (built in {:.1} s; RSS {} MiB with the seed's write order and checkpoint)",

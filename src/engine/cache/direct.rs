@@ -93,17 +93,23 @@ mod tests {
     use super::*;
     use std::os::unix::fs::FileExt;
 
-    #[test]
-    fn a_short_window_is_written_whole_and_padded_inside_its_slot() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("data");
-        let buffered = std::fs::OpenOptions::new()
+    /// A new, empty file at `path`, opened for reading and writing
+    /// through the page cache.
+    fn scratch(path: &std::path::Path) -> std::fs::File {
+        std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
-            .open(&path)
-            .unwrap();
+            .open(path)
+            .unwrap()
+    }
+
+    #[test]
+    fn a_short_window_is_written_whole_and_padded_inside_its_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data");
+        let buffered = scratch(&path);
         buffered.set_len(3 * SLOT).unwrap();
         buffered.write_all_at(&[0xee; SLOT as usize], SLOT).unwrap();
         let data: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
@@ -140,13 +146,7 @@ mod tests {
     fn aligned_bytes_are_written_from_where_they_are() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("data");
-        let buffered = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
+        let buffered = scratch(&path);
         buffered.set_len(4 * SLOT).unwrap();
         let mut src = AlignedBuf::new(3 * SLOT as usize);
         for (i, b) in src.bytes_mut().iter_mut().enumerate() {
