@@ -239,9 +239,32 @@ pub enum ConfigError {
     },
 }
 
+/// The read cache's size when the configuration does not set one: none
+/// for the local-directory store (its chunk files are already on local
+/// disk, read through the page cache: a second local copy would only cost
+/// disk writes and space), [`EngineConfig`]'s default for an object store
+/// across a network.
+pub fn default_cache_size(store: &StoreConfig) -> u64 {
+    match store {
+        StoreConfig::Fs { .. } => 0,
+        _ => EngineConfig::default().cache_size,
+    }
+}
+
+/// Whether YAML `text` sets `engine.cache_size` (unparsable text: no; the
+/// real parse reports it).
+fn cache_size_given(text: &str) -> bool {
+    let Ok(doc) = serde_yaml_ng::from_str::<serde_yaml_ng::Value>(text) else {
+        return false;
+    };
+    doc.get("engine")
+        .and_then(|e| e.get("cache_size"))
+        .is_some()
+}
+
 impl Default for Config {
     fn default() -> Self {
-        Config::from_file(ConfigFile::default(), None)
+        Config::from_file(ConfigFile::default(), None, false)
     }
 }
 
@@ -303,13 +326,15 @@ impl Config {
             })?
         };
         let file = file.unwrap_or_default();
-        let cfg = Config::from_file(file, base);
+        let cfg = Config::from_file(file, base, cache_size_given(text));
         cfg.validate(&origin)?;
         Ok(cfg)
     }
 
     /// Fill in defaults that depend on other fields and resolve paths.
-    fn from_file(file: ConfigFile, base: Option<&Path>) -> Config {
+    /// `cache_size_given`: the file sets `engine.cache_size` (else the
+    /// default depends on the store, see [`default_cache_size`]).
+    fn from_file(file: ConfigFile, base: Option<&Path>, cache_size_given: bool) -> Config {
         let resolve = |p: PathBuf| match base {
             // `components()` drops `.` segments, so `data_dir: .` gives a clean path.
             Some(b) if p.is_relative() && !p.as_os_str().is_empty() => {
@@ -331,6 +356,9 @@ impl Config {
         nbd.resolve_paths(resolve);
         let mut engine = file.engine;
         engine.cache_dir = engine.cache_dir.map(resolve);
+        if !cache_size_given {
+            engine.cache_size = default_cache_size(&store);
+        }
         Config {
             data_dir,
             store,

@@ -12,6 +12,7 @@ pub mod error;
 pub mod frontend;
 pub mod host;
 pub mod metrics;
+mod nowait;
 pub mod pool;
 pub mod private;
 pub mod size;

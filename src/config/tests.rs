@@ -274,3 +274,30 @@ fn duplicate_keys_and_non_mapping_documents_are_rejected() {
         );
     }
 }
+
+#[test]
+fn the_read_cache_defaults_off_for_the_local_directory_store_only() {
+    // The local-directory store's chunk files are already on local disk.
+    assert_eq!(parse("").unwrap().engine.cache_size, 0);
+    assert_eq!(parse("data_dir: /d\n").unwrap().engine.cache_size, 0);
+    assert_eq!(
+        parse("store: {type: fs, path: /s}\n")
+            .unwrap()
+            .engine
+            .cache_size,
+        0
+    );
+    // An object store across a network gets the engine's default.
+    let s3 = parse("store: {type: s3, bucket: bkt, endpoint: 'http://127.0.0.1:5000'}\n").unwrap();
+    assert_eq!(s3.engine.cache_size, EngineConfig::default().cache_size);
+    assert!(s3.engine.cache_size > 0);
+    // A size the file sets is kept, for either store (even with other
+    // engine keys around it).
+    let fs = parse("engine:\n  chunk_size: 1MiB\n  cache_size: 64MiB\n").unwrap();
+    assert_eq!(fs.engine.cache_size, 64 << 20);
+    let s3_off = parse(
+        "store: {type: s3, bucket: bkt, endpoint: 'http://127.0.0.1:5000'}\nengine:\n  cache_size: 0\n",
+    )
+    .unwrap();
+    assert_eq!(s3_off.engine.cache_size, 0);
+}

@@ -23,7 +23,7 @@ use bytes::Bytes;
 use futures::channel::oneshot;
 use futures::future::{BoxFuture, FutureExt};
 
-use super::cache::{WindowId, SLOT};
+use super::cache::{Cache, Hit, Served, Wait, WindowId, SLOT};
 use super::checkpoint::ChunkInfo;
 use super::chunk::{aligned_range, chunk_key, verify_blocks, CRC_BLOCK};
 use super::inflight::{FetchError, Mode};
@@ -137,19 +137,80 @@ async fn read_once(inner: &Inner, offset: u64, buf: &mut [u8]) -> Result<Attempt
         return Ok(Attempt::Retry);
     };
     let mut fetches = Vec::new();
+    // Reads the page cache could not serve at once, done off this thread.
+    let mut slow = Vec::new();
+    // Per chunk piece: whether any of it went to the store (a cache miss).
+    let mut missed: Vec<bool> = Vec::new();
+    let mut served = 0u64;
     for (b0, b1, src) in pieces {
         let dst = &mut buf[b0..b1];
         match src {
             Src::Zero => dst.fill(0),
-            Src::Wal(file, loc) => wal::read_record(file.as_ref(), &loc, loc.seg, dst)?,
+            Src::Wal(file, loc) => {
+                if !wal::read_record_cached(file.as_ref(), &loc, loc.seg, dst)? {
+                    slow.push(Slow::Wal { b0, b1, file, loc });
+                }
+            }
             Src::Chunk(volume, info, off) => {
-                for miss in read_cached(inner, volume, &info, off, dst) {
+                let cached = read_cached(inner, volume, &info, off, dst);
+                let piece = missed.len();
+                missed.push(!cached.missing.is_empty());
+                served += cached.served;
+                for miss in cached.missing {
                     let at = b0 + (miss.start - off) as usize;
                     let len = (miss.end - miss.start) as usize;
                     fetches.push((at, at + len, volume, info.clone(), miss.start));
                 }
+                for w in cached.deferred {
+                    let at = b0 + (w.from - off) as usize;
+                    let len = (w.to - w.from) as usize;
+                    slow.push(Slow::Window {
+                        b0: at,
+                        b1: at + len,
+                        piece,
+                        volume,
+                        info: info.clone(),
+                        w,
+                    });
+                }
             }
         }
+    }
+    for (item, res) in slow.iter().zip(read_slow(inner, &slow).await) {
+        let (b0, b1) = item.bytes();
+        match (item, res?) {
+            (_, SlowRead::Data(data)) => {
+                buf[b0..b1].copy_from_slice(&data);
+                served += data.len() as u64;
+            }
+            (
+                Slow::Window {
+                    piece,
+                    volume,
+                    info,
+                    w,
+                    ..
+                },
+                got,
+            ) => {
+                if let SlowRead::Corrupt = got {
+                    inner.counters.cache_corrupt.fetch_add(1, Ordering::Relaxed);
+                }
+                missed[*piece] = true;
+                fetches.push((b0, b1, *volume, info.clone(), w.from));
+            }
+            (Slow::Wal { .. }, _) => {
+                return Err(BlockError::Io("a WAL read returned no data".into()))
+            }
+        }
+    }
+    if inner.cache.is_some() {
+        let c = &inner.counters;
+        let misses = missed.iter().filter(|&&m| m).count() as u64;
+        c.cache_hits
+            .fetch_add(missed.len() as u64 - misses, Ordering::Relaxed);
+        c.cache_misses.fetch_add(misses, Ordering::Relaxed);
+        c.cache_hit_bytes.fetch_add(served, Ordering::Relaxed);
     }
     if fetches.is_empty() {
         return Ok(Attempt::Done);
@@ -286,27 +347,51 @@ pub(super) fn window_id(volume: u64, info: &ChunkInfo, w: u64) -> WindowId {
     }
 }
 
-/// Serve what the cache holds of `dst` (chunk data at `off`), window by
-/// window; returns the data ranges it could not serve, in order, each a
-/// run of whole missing windows clipped to the request (an entry failing
-/// its CRC is dropped, counted and returned as missing, so the caller
-/// refetches it from the store). A piece counts as one cache hit when
-/// nothing is missing, else as one miss.
-fn read_cached(
-    inner: &Inner,
-    volume: u64,
-    info: &ChunkInfo,
-    off: u64,
-    dst: &mut [u8],
-) -> Vec<Range<u64>> {
+/// What the cache served of one chunk piece at once.
+struct Cached {
+    /// Data ranges it does not hold, in order, each a run of whole
+    /// windows clipped to the piece.
+    missing: Vec<Range<u64>>,
+    /// Windows it holds but only on disk, not in the page cache: read off
+    /// the frontend's thread ([`read_slow`]).
+    deferred: Vec<Deferred>,
+    /// Bytes served.
+    served: u64,
+}
+
+/// A cached window to read later: the entry, and the data bytes
+/// `[from, to)` of the request it serves, within CRC blocks `[a, b)`.
+#[derive(Clone, Copy)]
+struct Deferred {
+    hit: Hit,
+    window: u64,
+    a: u64,
+    b: u64,
+    from: u64,
+    to: u64,
+}
+
+/// Serve what the cache holds of `dst` (chunk data at `off`) from the
+/// page cache, window by window; windows only on disk are deferred, the
+/// rest missing, each a run of whole missing windows clipped to the
+/// request (an entry failing its CRC is dropped, counted and returned as
+/// missing, so the caller refetches it from the store).
+fn read_cached(inner: &Inner, volume: u64, info: &ChunkInfo, off: u64, dst: &mut [u8]) -> Cached {
     let end = off + dst.len() as u64;
     let Some(cache) = &inner.cache else {
-        return std::iter::once(off..end).collect();
+        return Cached {
+            missing: std::iter::once(off..end).collect(),
+            deferred: Vec::new(),
+            served: 0,
+        };
     };
     let (w0, w1) = windows(off, dst.len() as u64, info.data_len);
     let mut blocks = vec![0u8; (SLOT as usize).min(dst.len() + 2 * CRC_BLOCK as usize)];
-    let mut missing: Vec<Range<u64>> = Vec::new();
-    let mut served = 0u64;
+    let mut out = Cached {
+        missing: Vec::new(),
+        deferred: Vec::new(),
+        served: 0,
+    };
     for w in w0..w1 {
         let ws = w * SLOT;
         // The CRC blocks of this window that the request touches.
@@ -317,7 +402,7 @@ fn read_cached(
             if let Some(src) = win.get((from - ws) as usize..(to - ws) as usize) {
                 let at = (from - off) as usize;
                 dst[at..at + src.len()].copy_from_slice(src);
-                served += src.len() as u64;
+                out.served += src.len() as u64;
                 inner
                     .counters
                     .prefetch_hit_bytes
@@ -327,24 +412,30 @@ fn read_cached(
         }
         let (a, b) = aligned_range(from, to - from, info.data_len);
         let got = &mut blocks[..(b - a) as usize];
-        let ok = match cache.get(&window_id(volume, info, w), a - ws, got, from - ws..to - ws) {
-            None => false,
-            Some(hit) => {
-                let good = verify_blocks(&info.crcs, a, got).is_ok();
-                if !good && cache.discard(hit) {
-                    log::warn!(
-                        "read cache entry of {} (window {w}) failed its CRC check; refetching",
-                        chunk_key(volume, info.seq, info.epoch)
-                    );
-                    inner.counters.cache_corrupt.fetch_add(1, Ordering::Relaxed);
-                }
-                good
+        let id = window_id(volume, info, w);
+        let served = cache.lookup(&id, b - ws, from - ws..to - ws).map(|hit| {
+            let res = cache.read_hit(hit, a - ws, got, Wait::Never);
+            (hit, res)
+        });
+        let ok = match served {
+            None | Some((_, Served::Failed)) => false,
+            Some((hit, Served::WouldBlock)) => {
+                out.deferred.push(Deferred {
+                    hit,
+                    window: w,
+                    a,
+                    b,
+                    from,
+                    to,
+                });
+                continue;
             }
+            Some((hit, Served::Read)) => checked_hit(inner, cache, volume, info, w, hit, a, got),
         };
         if !ok {
-            match missing.last_mut() {
+            match out.missing.last_mut() {
                 Some(m) if m.end == from => m.end = to,
-                _ => missing.push(from..to),
+                _ => out.missing.push(from..to),
             }
             continue;
         }
@@ -352,16 +443,132 @@ fn read_cached(
         let s = (from - a) as usize;
         let at = (from - off) as usize;
         dst[at..at + n].copy_from_slice(&got[s..s + n]);
-        served += n as u64;
+        out.served += n as u64;
     }
-    let c = &inner.counters;
-    if missing.is_empty() {
-        c.cache_hits.fetch_add(1, Ordering::Relaxed);
-    } else {
-        c.cache_misses.fetch_add(1, Ordering::Relaxed);
+    out
+}
+
+/// Whether the bytes `got` that `hit` (window `w`) served from data offset
+/// `a` pass their CRCs; an entry that fails is dropped and counted.
+#[allow(clippy::too_many_arguments)]
+fn checked_hit(
+    inner: &Inner,
+    cache: &Cache,
+    volume: u64,
+    info: &ChunkInfo,
+    w: u64,
+    hit: Hit,
+    a: u64,
+    got: &[u8],
+) -> bool {
+    let good = verify_blocks(&info.crcs, a, got).is_ok();
+    if !good && cache.discard(hit) {
+        log::warn!(
+            "read cache entry of {} (window {w}) failed its CRC check; refetching",
+            chunk_key(volume, info.seq, info.epoch)
+        );
+        inner.counters.cache_corrupt.fetch_add(1, Ordering::Relaxed);
     }
-    c.cache_hit_bytes.fetch_add(served, Ordering::Relaxed);
-    missing
+    good
+}
+
+/// A read the page cache could not serve: a WAL record's bytes, or a
+/// cached window's (of chunk piece number `piece`), for request bytes
+/// `[b0, b1)`.
+enum Slow {
+    Wal {
+        b0: usize,
+        b1: usize,
+        file: wal::fs::SegFile,
+        loc: WalLoc,
+    },
+    Window {
+        b0: usize,
+        b1: usize,
+        piece: usize,
+        volume: u64,
+        info: Arc<ChunkInfo>,
+        w: Deferred,
+    },
+}
+
+impl Slow {
+    /// The request bytes `[b0, b1)` it fills.
+    fn bytes(&self) -> (usize, usize) {
+        match *self {
+            Slow::Wal { b0, b1, .. } | Slow::Window { b0, b1, .. } => (b0, b1),
+        }
+    }
+}
+
+/// What reading a [`Slow`] piece off the frontend's thread gave.
+enum SlowRead {
+    /// The piece's bytes, checked.
+    Data(Vec<u8>),
+    /// A cached window gone or unreadable since the lookup: a miss.
+    Missing,
+    /// A cached window failing its CRC: dropped, a miss.
+    Corrupt,
+}
+
+/// Read every slow piece on the blocking pool, in parallel, so no
+/// frontend thread waits for the disk.
+async fn read_slow(inner: &Inner, slow: &[Slow]) -> Vec<Result<SlowRead, BlockError>> {
+    let mut waits = Vec::with_capacity(slow.len());
+    for item in slow {
+        let job: Box<dyn FnOnce() -> Result<SlowRead, BlockError> + Send> = match item {
+            Slow::Wal { b0, b1, file, loc } => {
+                let (file, loc, len) = (file.clone(), *loc, b1 - b0);
+                Box::new(move || {
+                    let mut data = vec![0u8; len];
+                    wal::read_record(file.as_ref(), &loc, loc.seg, &mut data)?;
+                    Ok(SlowRead::Data(data))
+                })
+            }
+            Slow::Window {
+                volume, info, w, ..
+            } => {
+                let Some(cache) = inner.cache.clone() else {
+                    waits.push(futures::future::ready(Ok(SlowRead::Missing)).boxed());
+                    continue;
+                };
+                let (volume, info, w) = (*volume, info.clone(), *w);
+                Box::new(move || Ok(read_deferred(&cache, volume, &info, &w)))
+            }
+        };
+        let (tx, rx) = oneshot::channel();
+        inner.rt.spawn_blocking(move || {
+            let _ = tx.send(job());
+        });
+        waits.push(async move { rx.await.unwrap_or(Err(BlockError::Closed)) }.boxed());
+    }
+    futures::future::join_all(waits).await
+}
+
+/// Read deferred window `w` of chunk `info` of `volume` from the cache,
+/// waiting for the disk, and check it (blocking: on the blocking pool).
+fn read_deferred(cache: &Cache, volume: u64, info: &ChunkInfo, w: &Deferred) -> SlowRead {
+    let mut got = vec![0u8; (w.b - w.a) as usize];
+    let ws = w.window * SLOT;
+    if cache.read_hit(w.hit, w.a - ws, &mut got, Wait::Block) != Served::Read {
+        return SlowRead::Missing;
+    }
+    if verify_blocks(&info.crcs, w.a, &got).is_err() {
+        if !cache.discard(w.hit) {
+            // The slot was reused since the lookup: not this entry's fault.
+            return SlowRead::Missing;
+        }
+        log::warn!(
+            "read cache entry of {} (window {}) failed its CRC check; refetching",
+            chunk_key(volume, info.seq, info.epoch),
+            w.window
+        );
+        return SlowRead::Corrupt;
+    }
+    let s = (w.from - w.a) as usize;
+    got.truncate(s + (w.to - w.from) as usize);
+    got.drain(..s);
+    SlowRead::Data(got)
 }
 
 /// Cache windows `[w0, w1)` covering data bytes `[off, off+len)`.

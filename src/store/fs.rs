@@ -167,6 +167,29 @@ impl ObjectFile {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_err("cannot open", path, e)),
         };
+        let mut blocking = |f: &File, buf: &mut [u8]| f.read_exact_at(buf, 0).map(|()| true);
+        ObjectFile::with_header(file, path, &mut blocking)
+    }
+
+    /// [`ObjectFile::open`] only if neither the path lookup nor the header
+    /// read needs the disk; `None` otherwise, or on any error (the
+    /// blocking open then reports it).
+    fn open_cached(path: &Path) -> Option<ObjectFile> {
+        let file = crate::nowait::open_cached(path)?;
+        let mut cached = |f: &File, buf: &mut [u8]| crate::nowait::read_cached_at(f, buf, 0);
+        ObjectFile::with_header(file, path, &mut cached)
+            .ok()
+            .flatten()
+    }
+
+    /// Check the header of the object open as `file`, read with
+    /// `read_header` (`Ok(false)`: it declined, and so does this with
+    /// `None`).
+    fn with_header(
+        file: File,
+        path: &Path,
+        read_header: &mut dyn FnMut(&File, &mut [u8]) -> io::Result<bool>,
+    ) -> StoreResult<Option<ObjectFile>> {
         let len = file
             .metadata()
             .map_err(|e| io_err("cannot stat", path, e))?
@@ -175,8 +198,9 @@ impl ObjectFile {
         if len < HEADER_LEN {
             return Err(corrupt(path, "shorter than its header"));
         }
-        file.read_exact_at(&mut header, 0)
-            .map_err(|e| io_err("cannot read", path, e))?;
+        if !read_header(&file, &mut header).map_err(|e| io_err("cannot read", path, e))? {
+            return Ok(None);
+        }
         if &header[..8] != MAGIC {
             return Err(corrupt(path, "bad magic"));
         }
@@ -200,6 +224,25 @@ impl ObjectFile {
             .map_err(|e| io_err("cannot read", path, e))?;
         Ok(Bytes::from(buf))
     }
+
+    /// [`ObjectFile::read`] only if the page cache holds every byte.
+    fn read_cached(&self, range: Range<u64>) -> Option<Bytes> {
+        let mut buf = vec![0u8; (range.end - range.start) as usize];
+        match crate::nowait::read_cached_at(&self.file, &mut buf, HEADER_LEN + range.start) {
+            Ok(true) => Some(Bytes::from(buf)),
+            _ => None,
+        }
+    }
+}
+
+/// Bytes `range` of object `key` if they can be read without waiting for
+/// the disk (path, header and data all cached); `None` otherwise, also on
+/// any error, which the blocking read then reports.
+fn cached_range(root: &Path, key: &str, range: &Range<u64>) -> Option<Bytes> {
+    let p = key_paths(root, key).ok()?;
+    let obj = ObjectFile::open_cached(&p.object)?;
+    check_range(key, range, obj.size).ok()?;
+    obj.read_cached(range.clone())
 }
 
 fn corrupt(path: &Path, why: &str) -> StoreError {
@@ -407,6 +450,11 @@ impl ObjectStore for FsStore {
     }
 
     async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
+        // Served on this thread when nothing needs the disk (no handoff to
+        // the blocking pool); otherwise read there.
+        if let Some(data) = cached_range(&self.root, key, &range) {
+            return Ok(data);
+        }
         let key = key.to_string();
         self.blocking(move |root| {
             let (obj, path) = open_existing(root, &key)?;

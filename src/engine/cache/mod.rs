@@ -139,6 +139,26 @@ struct Index {
     stamp: u64,
 }
 
+/// Whether [`Cache::read_hit`] may wait for the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// Read, waiting for the disk if needed.
+    Block,
+    /// Read only what the page cache holds.
+    Never,
+}
+
+/// What [`Cache::read_hit`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Served {
+    /// Every byte was read (still to be checked by the caller).
+    Read,
+    /// Not read: it needs the disk, and the caller said not to wait.
+    WouldBlock,
+    /// Not read: the entry is gone or unreadable (a miss).
+    Failed,
+}
+
 /// A cache hit: which slot served it, to [`Cache::discard`] it if the
 /// data fails its check.
 #[derive(Debug, Clone, Copy)]
@@ -411,40 +431,65 @@ impl Cache {
     /// (for reuse detection). `None` on a miss.
     pub fn get(&self, id: &WindowId, offset: u64, dst: &mut [u8], used: Range<u64>) -> Option<Hit> {
         let end = offset.checked_add(dst.len() as u64)?;
+        let hit = self.lookup(id, end, used)?;
+        match self.read_hit(hit, offset, dst, Wait::Block) {
+            Served::Read => Some(hit),
+            Served::WouldBlock | Served::Failed => None,
+        }
+    }
+
+    /// Find window `id` holding at least `end` bytes and count the use of
+    /// `used` (the part of the window the caller's request needs, for
+    /// reuse detection); `None` on a miss. Reads nothing: the caller reads
+    /// the entry with [`Cache::read_hit`].
+    pub fn lookup(&self, id: &WindowId, end: u64, used: Range<u64>) -> Option<Hit> {
         let _files = self.files()?;
-        let hit = {
-            let mut idx = self.lock();
-            let slot = *idx.map.get(&hash(id))?;
-            let e = idx.slots[slot as usize].as_mut()?;
-            if e.id != *id || end > e.len as u64 {
-                return None;
-            }
-            let m = mask(&used);
-            let seen = u128::from(e.seen[0]) | u128::from(e.seen[1]) << 64;
-            let reused = seen & m != 0;
-            e.seen = split(seen | m);
-            if e.pending {
-                // Not written yet: a miss, but the use counts.
-                e.reused_pending |= reused;
-                return None;
-            }
-            if reused {
-                idx.policy.reused(slot);
-            }
-            Hit {
-                slot,
-                gen: idx.policy.gen(slot),
-            }
+        let mut idx = self.lock();
+        let slot = *idx.map.get(&hash(id))?;
+        let e = idx.slots[slot as usize].as_mut()?;
+        if e.id != *id || end > e.len as u64 {
+            return None;
+        }
+        let m = mask(&used);
+        let seen = u128::from(e.seen[0]) | u128::from(e.seen[1]) << 64;
+        let reused = seen & m != 0;
+        e.seen = split(seen | m);
+        if e.pending {
+            // Not written yet: a miss, but the use counts.
+            e.reused_pending |= reused;
+            return None;
+        }
+        if reused {
+            idx.policy.reused(slot);
+        }
+        Some(Hit {
+            slot,
+            gen: idx.policy.gen(slot),
+        })
+    }
+
+    /// Read `dst.len()` bytes at `offset` of the entry [`Cache::lookup`]
+    /// found. With [`Wait::Never`] only from the page cache
+    /// ([`Served::WouldBlock`] otherwise, the entry kept). A failed read
+    /// drops the entry. The slot may have been reused since the lookup:
+    /// the caller checks the bytes (invariant 3) and [`Cache::discard`]s
+    /// the hit if they are wrong.
+    pub fn read_hit(&self, hit: Hit, offset: u64, dst: &mut [u8], wait: Wait) -> Served {
+        let Some(_files) = self.files() else {
+            return Served::Failed;
         };
-        match self
-            .data
-            .read_exact_at(dst, hit.slot as u64 * SLOT + offset)
-        {
-            Ok(()) => Some(hit),
+        let at = hit.slot as u64 * SLOT + offset;
+        let res = match wait {
+            Wait::Block => self.data.read_exact_at(dst, at).map(|()| true),
+            Wait::Never => crate::nowait::read_cached_at(&self.data, dst, at),
+        };
+        match res {
+            Ok(true) => Served::Read,
+            Ok(false) => Served::WouldBlock,
             Err(e) => {
                 log::warn!("read cache: reading slot {}: {e}", hit.slot);
                 self.drop_entry(hit);
-                None
+                Served::Failed
             }
         }
     }

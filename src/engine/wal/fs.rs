@@ -43,6 +43,12 @@ pub trait WalFile: Send + Sync + std::fmt::Debug {
     fn write_vectored_at(&self, iov: &[IoSlice<'_>], off: u64) -> io::Result<usize>;
     /// Fill `buf` from `off`; fails if the file ends before.
     fn read_exact_at(&self, buf: &mut [u8], off: u64) -> io::Result<()>;
+    /// [`WalFile::read_exact_at`] only if it needs no disk read (the page
+    /// cache holds every byte); `Ok(false)` otherwise, and then `buf` may
+    /// hold anything. The default cannot tell and always says `false`.
+    fn read_cached_at(&self, _buf: &mut [u8], _off: u64) -> io::Result<bool> {
+        Ok(false)
+    }
     /// Make the file's data (and length) durable (`fdatasync`).
     fn sync_data(&self) -> io::Result<()>;
     /// Cut or extend the file to `len` bytes (not durable until synced).
@@ -308,6 +314,10 @@ impl WalFile for RealFile {
 
     fn read_exact_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
         FileExt::read_exact_at(&self.read, buf, off)
+    }
+
+    fn read_cached_at(&self, buf: &mut [u8], off: u64) -> io::Result<bool> {
+        crate::nowait::read_cached_at(&self.read, buf, off)
     }
 
     fn sync_data(&self) -> io::Result<()> {

@@ -9,7 +9,7 @@ use super::fs::DynWalFs;
 use super::power_loss::PowerLossFs;
 use super::record::{RecordHeader, RecordKind, HEADER_LEN};
 use super::tests::{data, replay_on, segments, start_on, STAMP};
-use super::{read_record, segment, Appended, WalError};
+use super::{read_record, read_record_cached, segment, Appended, WalError};
 use crate::engine::map::WalLoc;
 
 const DIR: &str = "/vol/wal";
@@ -204,4 +204,49 @@ fn records_of_the_previous_release_replay() {
         [(1, false), (2, false), (3, false), (4, false), (5, true)]
     );
     assert_eq!(segments(&fs, dir).len(), 3);
+}
+
+/// The page-cache-only read gives the blocking read's bytes or declines,
+/// never other bytes: a file system that cannot tell always declines, and
+/// on a real one a record read once (so cached) is served, checked.
+#[test]
+fn a_cached_read_serves_cached_records_and_declines_otherwise() {
+    let fake: DynWalFs = Arc::new(PowerLossFs::new());
+    let d = data(5, 64);
+    let loc = write(&fake, 0, 0, d.clone()).loc.unwrap();
+    let path = Path::new(DIR).join(format!("{:016x}.wal", loc.seg));
+    let f = fake.open(&path).unwrap();
+    let mut b = vec![0u8; 4096];
+    assert!(!read_record_cached(f.as_ref(), &loc, loc.seg, &mut b).unwrap());
+
+    let dir = tempfile::tempdir().unwrap();
+    let real = super::fs::real();
+    let (wal, seen, _) = start_on(&real, dir.path(), 0, 64 << 20).unwrap();
+    futures::executor::block_on(wal.append(RecordKind::Write, 8, 64, d.clone(), true)).unwrap();
+    drop(wal);
+    let loc = seen.lock().unwrap().last().unwrap().loc.unwrap();
+    let f = real
+        .open(&dir.path().join(format!("{:016x}.wal", loc.seg)))
+        .unwrap();
+    for (skip, n) in [(0u64, 64usize), (3, 5), (8, 8), (60, 4)] {
+        let want = &d[skip as usize * 512..(skip as usize + n) * 512];
+        let loc = WalLoc { skip, ..loc };
+        let mut got = vec![0u8; n * 512];
+        read_record(f.as_ref(), &loc, loc.seg, &mut got).unwrap();
+        assert!(got == want, "blocking read of sectors {skip}+{n}");
+        // Just read through the page cache: served from it.
+        let mut cached = vec![0u8; n * 512];
+        assert!(read_record_cached(f.as_ref(), &loc, loc.seg, &mut cached).unwrap());
+        assert!(cached == want, "cached read of sectors {skip}+{n}");
+    }
+    // A damaged cached block is an error, never data.
+    f.write_vectored_at(&[IoSlice::new(&[0xaa])], loc.data_off + 4096 + 9)
+        .unwrap();
+    let loc = WalLoc { skip: 8, ..loc };
+    // Read it all back in through the page cache (the write bypassed it).
+    let mut all = vec![0u8; (loc.data_off + 64 * 512) as usize];
+    f.read_exact_at(&mut all, 0).unwrap();
+    let mut got = vec![0u8; 4096];
+    let err = read_record_cached(f.as_ref(), &loc, loc.seg, &mut got).unwrap_err();
+    assert!(matches!(err, WalError::Corrupt { .. }), "{err:?}");
 }
