@@ -48,19 +48,37 @@ fn stamped(block: u64, gen: u64) -> Vec<u8> {
     b
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cached_reads_return_the_block_asked_for() {
+/// A fresh volume `id` on a memory store, its local directory in a
+/// temporary directory (kept alive by the caller).
+async fn open_volume(id: u64) -> (Arc<Volume>, tempfile::TempDir) {
     let store: DynStore = Arc::new(MemoryStore::new());
     let dir = tempfile::tempdir().unwrap();
     let params = VolumeParams {
-        id: 0x51,
+        id,
         size: SIZE,
         epoch: 1,
         local_dir: dir.path().to_path_buf(),
     };
-    let v = Volume::open(store.clone(), params, cfg(), Arc::new(SystemClock))
+    let v = Volume::open(store, params, cfg(), Arc::new(SystemClock))
         .await
         .unwrap();
+    (v, dir)
+}
+
+/// Wait until everything written is in the store.
+async fn wait_destaged(v: &Volume) {
+    for _ in 0..500 {
+        if v.stats().unstored_bytes == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(v.stats().unstored_bytes, 0, "destage did not finish");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_reads_return_the_block_asked_for() {
+    let (v, _dir) = open_volume(0x51).await;
     let blocks = SIZE / BLOCK as u64;
     let mut written = std::collections::BTreeMap::new();
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
@@ -75,13 +93,7 @@ async fn cached_reads_return_the_block_asked_for() {
         written.insert(block, gen);
     }
     v.flush().await.unwrap();
-    for _ in 0..500 {
-        if v.stats().unstored_bytes == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(v.stats().unstored_bytes, 0, "destage did not finish");
+    wait_destaged(&v).await;
     // Twice: the first pass fills the cache windows, the second is served
     // from them at every offset.
     for pass in 0..2 {
@@ -153,17 +165,7 @@ fn evict_page_cache(dir: &std::path::Path) {
 /// worker thread all complete.
 #[tokio::test(flavor = "current_thread")]
 async fn reads_that_need_the_disk_return_the_right_bytes() {
-    let store: DynStore = Arc::new(MemoryStore::new());
-    let dir = tempfile::tempdir().unwrap();
-    let params = VolumeParams {
-        id: 0x52,
-        size: SIZE,
-        epoch: 1,
-        local_dir: dir.path().to_path_buf(),
-    };
-    let v = Volume::open(store.clone(), params, cfg(), Arc::new(SystemClock))
-        .await
-        .unwrap();
+    let (v, dir) = open_volume(0x52).await;
     let blocks: Vec<u64> = (0..64u64).map(|i| i * 37 % (SIZE / BLOCK as u64)).collect();
     for (gen, &block) in blocks.iter().enumerate() {
         v.write(block * BLOCK as u64, &stamped(block, gen as u64), false)
@@ -194,13 +196,7 @@ async fn reads_that_need_the_disk_return_the_right_bytes() {
     // From the WAL (written with direct I/O, then evicted).
     evict_page_cache(dir.path());
     check(v.clone(), "from the WAL").await;
-    for _ in 0..500 {
-        if v.stats().unstored_bytes == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(v.stats().unstored_bytes, 0, "destage did not finish");
+    wait_destaged(&v).await;
     // Fill the cache from the store, then read it back from disk.
     check(v.clone(), "from the store").await;
     let (reads, hits) = (v.stats().store_reads, v.stats().cache_hits);
