@@ -1,9 +1,11 @@
-//! The destage task sizes its chunk puts in flight from the store
-//! (issue 12): never more than the store asks for
-//! (`ObjectStore::puts_in_flight`), and it starts at the local-directory
-//! window (8) even for a store that asks for more, growing only once
-//! chunks land faster with more in flight. Chunk puts are held at a gate
-//! while the writer keeps far ahead, so the task fills its whole window.
+//! Bounds on destage (issue 12), with chunk puts held at a gate while the
+//! writer keeps far ahead:
+//! - the destage task sizes its chunk puts in flight from the store: never
+//!   more than the store asks for (`ObjectStore::puts_in_flight`), and it
+//!   starts at the local-directory window (8) even for a store that asks
+//!   for more, growing only once chunks land faster with more in flight;
+//! - concurrent writers arriving together do not pass the unstored bound
+//!   together (`engine.max_unstored_bytes`).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -164,4 +166,56 @@ async fn a_store_asking_for_many_starts_at_the_local_window() {
     // Nothing lands while the gate holds, so the window cannot grow.
     let peak = peak_puts(32, DEFAULT_PUTS_IN_FLIGHT).await;
     assert_eq!(peak, DEFAULT_PUTS_IN_FLIGHT);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_do_not_pass_the_unstored_bound_together() {
+    let store = GatedPuts::new(DEFAULT_PUTS_IN_FLIGHT);
+    let local = tempfile::tempdir().unwrap();
+    let bound = 16 * CHUNK;
+    let cfg = EngineConfig {
+        max_unstored_bytes: bound,
+        ..cfg()
+    };
+    let params = VolumeParams {
+        id: 0x13,
+        size: 64 * CHUNK,
+        epoch: 1,
+        local_dir: local.path().to_path_buf(),
+    };
+    let dyn_store: DynStore = store.clone();
+    let vol = Arc::new(
+        Volume::open(dyn_store, params, cfg, Arc::new(SystemClock))
+            .await
+            .unwrap(),
+    );
+    // 32 writes of a chunk each, twice the bound, all checked against it
+    // in one poll (before any of them is logged).
+    let done = Arc::new(AtomicUsize::new(0));
+    let writes = (0..32u64).map(|i| {
+        let (vol, done) = (vol.clone(), done.clone());
+        async move {
+            let data = vec![(i as u8) | 1; CHUNK as usize];
+            vol.write(i * CHUNK, &data, false).await.unwrap();
+            done.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    let all = tokio::spawn(futures::future::join_all(writes));
+    // Wait until the writes that fit are acknowledged (no store put lands
+    // meanwhile: nothing leaves the unstored bytes).
+    for _ in 0..20_000 {
+        if vol.stats().unstored_bytes >= bound {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // Give writers that slipped past the bound the chance to land.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let unstored = vol.stats().unstored_bytes;
+    assert_eq!(unstored, bound, "unstored bytes against the bound");
+    assert_eq!(done.load(Ordering::SeqCst), 16);
+    store.hold.store(false, Ordering::SeqCst);
+    all.await.unwrap();
+    assert_eq!(done.load(Ordering::SeqCst), 32);
+    vol.close().await.unwrap();
 }
