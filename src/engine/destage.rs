@@ -7,9 +7,10 @@
 //!    landed chunks read in order up to the first gap is a prefix of the
 //!    history (recovery stops at the first gap).
 //! 2. Up to the window's limit of chunks are on their way at once (being
-//!    built, then put; [`window`]: it grows from [`DEFAULT_PUTS_IN_FLIGHT`]
-//!    towards the store's [`ObjectStore::puts_in_flight`] while throughput
-//!    grows), but chunks are applied to the maps strictly in chunk order, and only after their put succeeded; the WAL space is released
+//!    built, then put; [`window`]: at least [`DEFAULT_PUTS_IN_FLIGHT`],
+//!    growing towards the store's [`ObjectStore::puts_in_flight`] while
+//!    throughput grows), but chunks are applied to the maps strictly in
+//!    chunk order, and only after their put succeeded; the WAL space is released
 //!    only then (on the WAL's releaser thread, not in this task).
 //! 3. A failed put is retried with the very same bytes, so a put that
 //!    landed despite an error is recognised (identical content) on retry;
