@@ -180,8 +180,10 @@ impl Shared {
 /// Room under the unstored bound taken by one admitted request until its
 /// records are in the pending queue (or it failed): counted in
 /// [`State::admitted_bytes`] meanwhile; dropping it gives the room back
-/// and wakes the writers waiting for room (a failed request's room is free
-/// again, and nothing else would wake them).
+/// and wakes the writers waiting for room: a failed request's room is free
+/// again, and a logged one's records counted twice (pending and here)
+/// until now, so writers refused meanwhile may fit; nothing else would
+/// wake them while the store holds every put back.
 struct Room {
     shared: Arc<Shared>,
     bytes: u64,
