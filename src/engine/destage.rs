@@ -6,9 +6,11 @@
 //!    `pending`), and is never cut inside a write request; so any set of
 //!    landed chunks read in order up to the first gap is a prefix of the
 //!    history (recovery stops at the first gap).
-//! 2. Up to [`MAX_INFLIGHT`] chunks are on their way at once (being built,
-//!    then put), but chunks are applied to the maps strictly in chunk
-//!    order, and only after their put succeeded; the WAL space is released
+//! 2. Up to the window's limit of chunks are on their way at once (being
+//!    built, then put; [`window`]: at least [`DEFAULT_PUTS_IN_FLIGHT`],
+//!    growing towards the store's [`ObjectStore::puts_in_flight`] while
+//!    throughput grows), but chunks are applied to the maps strictly in
+//!    chunk order, and only after their put succeeded; the WAL space is released
 //!    only then (on the WAL's releaser thread, not in this task).
 //! 3. A failed put is retried with the very same bytes, so a put that
 //!    landed despite an error is recognised (identical content) on retry;
@@ -36,15 +38,16 @@ use super::error::EngineError;
 use super::live_snapshot;
 use super::state::State;
 use super::volume::Inner;
+#[cfg(doc)]
+use crate::store::{ObjectStore, DEFAULT_PUTS_IN_FLIGHT};
 use crate::store::{PutMode, StoreError, Version};
 
 mod build;
 mod newest;
+mod window;
 
 /// Consecutive failures after which a pending `close` gives up.
 const CLOSE_GIVE_UP: u32 = 5;
-/// Chunks on their way to the store at once.
-pub const MAX_INFLIGHT: usize = 8;
 /// Chunks being built at once (each holds a chunk's worth of WAL reads
 /// and its object: memory, and the blocking pool's threads).
 pub const MAX_BUILDS: usize = 2;
@@ -128,18 +131,26 @@ pub(crate) async fn run(inner: Arc<Inner>, manifest: Manifest, version: Version)
     // chunk order: handled before anything from `inflight`.
     let mut ready: VecDeque<ChunkResult> = VecDeque::new();
     let builds = Arc::new(Semaphore::new(MAX_BUILDS));
+    let mut window = window::Window::new(window::limits(
+        inner.store.puts_in_flight(),
+        inner.cfg.max_unstored_bytes,
+        inner.cfg.chunk_size,
+    ));
     loop {
         if let Err(e) = check_not_fenced(&inner) {
             fail(&inner, e, &mut backoff, false).await;
             return;
         }
         // Start puts for every chunk that is due, up to the limit.
-        while inflight.len() + ready.len() < MAX_INFLIGHT {
+        while inflight.len() + ready.len() < window.limit() {
             let batch = {
                 let mut st = inner.shared.lock();
                 next_batch(&inner, &mut st)
             };
-            let Some(batch) = batch else { break };
+            let Some(batch) = batch else {
+                window.starved();
+                break;
+            };
             let stage = Stage::Records(Arc::new(batch));
             inflight.push_back(chunk_future(
                 inner.clone(),
@@ -195,6 +206,7 @@ pub(crate) async fn run(inner: Arc<Inner>, manifest: Manifest, version: Version)
         match done {
             Ok(built) => {
                 backoff = Duration::from_millis(10);
+                window.stored(inner.clock.now(), built.obj.len() as u64);
                 let stored_seq = apply(&inner, built);
                 // Releasing recycles WAL segments (a write, an
                 // fdatasync, a rename, a directory sync): on the
@@ -229,6 +241,7 @@ pub(crate) async fn run(inner: Arc<Inner>, manifest: Manifest, version: Version)
                 }
             }
             Err((stage, e)) => {
+                window.failed();
                 // A failed build (the local WAL did not read) is retried
                 // after the backoff and a tick, the loop's own pace; a
                 // failed put after the backoff.

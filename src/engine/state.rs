@@ -82,6 +82,10 @@ pub struct State {
     pub chunks: HashMap<u64, ChunkEntry>,
     pub pending: VecDeque<PendingRec>,
     pub pending_bytes: u64,
+    /// Room under the unstored bound held by requests admitted and not
+    /// yet in `pending` (`volume::Room`): the bound is checked against
+    /// `pending_bytes + admitted_bytes`.
+    pub admitted_bytes: u64,
     /// Last op sequence number durable in the store.
     pub stored_seq: u64,
     /// Last chunk durable in the store (and applied).

@@ -7,7 +7,10 @@
 //! 2. `flush` syncs the WAL; with `durability: store` it then waits until a
 //!    manifest commit covers every write acknowledged before it.
 //! 3. While the unstored data is at its bound (bytes or age), new writes wait
-//!    for destage; they never fail because of the bound.
+//!    for destage; they never fail because of the bound. The byte bound is
+//!    checked against the unstored bytes plus those of requests already
+//!    admitted and not yet logged ([`Room`]), so concurrent writers cannot
+//!    pass it together: unstored bytes exceed it by less than one request.
 //! 4. Once fenced, no write or flush is acknowledged again.
 //! 5. All futures here are runtime-agnostic: they wait only on
 //!    `futures::channel::oneshot`, never on tokio timers or I/O.
@@ -171,6 +174,26 @@ pub(crate) struct Shared {
 impl Shared {
     pub fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Room under the unstored bound taken by one admitted request until its
+/// records are in the pending queue (or it failed): counted in
+/// [`State::admitted_bytes`] meanwhile; dropping it gives the room back
+/// and wakes the writers waiting for room: a failed request's room is free
+/// again, and a logged one's records counted twice (pending and here)
+/// until now, so writers refused meanwhile may fit; nothing else would
+/// wake them while the store holds every put back.
+struct Room {
+    shared: Arc<Shared>,
+    bytes: u64,
+}
+
+impl Drop for Room {
+    fn drop(&mut self) {
+        let mut st = self.shared.lock();
+        st.admitted_bytes -= self.bytes;
+        st.wake_all();
     }
 }
 
@@ -598,8 +621,10 @@ impl Volume {
     }
 
     /// Wait while the unstored data is at its bound (invariant 3) or a
-    /// snapshot holds writes back (invariant 6).
-    async fn wait_for_room(&self) -> Result<(), BlockError> {
+    /// snapshot holds writes back (invariant 6); then take `cost` bytes of
+    /// room (at least what the request's records will count) until the
+    /// returned [`Room`] is dropped, once the records are logged.
+    async fn wait_for_room(&self, cost: u64) -> Result<Room, BlockError> {
         let cfg = &self.inner.cfg;
         let mut waiting_since = None;
         loop {
@@ -610,14 +635,19 @@ impl Volume {
                 let too_old = st.pending.front().is_some_and(|p| {
                     now.saturating_sub(p.at).as_secs() >= cfg.max_unstored_seconds
                 });
-                if !st.writes_paused && st.pending_bytes < cfg.max_unstored_bytes && !too_old {
+                let used = st.pending_bytes + st.admitted_bytes;
+                if !st.writes_paused && used < cfg.max_unstored_bytes && !too_old {
                     if let Some(since) = waiting_since {
                         let waited = now.saturating_sub(since).as_micros();
                         let waited = u64::try_from(waited).unwrap_or(u64::MAX);
                         let c = &self.inner.counters;
                         c.backpressure_us.fetch_add(waited, Ordering::Relaxed);
                     }
-                    return Ok(());
+                    st.admitted_bytes += cost;
+                    return Ok(Room {
+                        shared: self.inner.shared.clone(),
+                        bytes: cost,
+                    });
                 }
                 waiting_since.get_or_insert(now);
                 let (tx, rx) = oneshot::channel();
@@ -664,12 +694,14 @@ impl Volume {
         if len == 0 {
             return Ok(());
         }
-        self.wait_for_room().await?;
+        // Trims and zeroes count one sector (`PendingRec::cost`).
+        let room = self.wait_for_room(SECTOR).await?;
         let seq = self
             .inner
             .wal
             .append(kind, offset / SECTOR, len / SECTOR, data, fua)
             .await?;
+        drop(room);
         Self::gate_fenced(&self.inner.shared.lock())?;
         if fua && self.inner.cfg.durability == Durability::Store {
             self.wait_store(seq).await?;
@@ -713,7 +745,9 @@ impl BlockDevice for Volume {
         if len == 0 {
             return Ok(());
         }
-        self.wait_for_room().await?;
+        // `len` is at least what the records count (a zero piece counts
+        // one sector).
+        let room = self.wait_for_room(len).await?;
         // One record per request (up to MAX_RECORD); an all-zero piece
         // becomes a zero record.
         let recs = data
@@ -739,6 +773,7 @@ impl BlockDevice for Volume {
         for w in waits {
             last = last.max(w.await?);
         }
+        drop(room);
         // A fence that raced with the WAL append wins: nothing is
         // acknowledged after `fence` returned (invariant 4).
         Self::gate_fenced(&self.inner.shared.lock())?;

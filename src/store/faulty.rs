@@ -394,4 +394,8 @@ impl<S: ObjectStore> ObjectStore for FaultyStore<S> {
         self.apply(FaultPoint::Delete, key, self.inner.delete(key))
             .await
     }
+
+    fn puts_in_flight(&self) -> usize {
+        self.inner.puts_in_flight()
+    }
 }

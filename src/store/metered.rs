@@ -289,6 +289,10 @@ impl<S: ObjectStore> ObjectStore for MeteredStore<S> {
         self.metrics.record(Method::Delete, t, &r);
         r
     }
+
+    fn puts_in_flight(&self) -> usize {
+        self.inner.puts_in_flight()
+    }
 }
 
 /// Open the configured backend as [`super::open`] does, with this

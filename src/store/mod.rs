@@ -108,7 +108,18 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
     async fn list(&self, prefix: &str) -> StoreResult<Vec<ObjectMeta>>;
     /// Remove an object; succeeds if it is already gone.
     async fn delete(&self, key: &str) -> StoreResult<()>;
+    /// How many chunk-sized `put`s the backend can usefully have in
+    /// flight at once: a hint callers may stay below (the destage task
+    /// grows towards it while throughput grows). Default
+    /// [`DEFAULT_PUTS_IN_FLIGHT`]; decorators pass the backend's on.
+    fn puts_in_flight(&self) -> usize {
+        DEFAULT_PUTS_IN_FLIGHT
+    }
 }
+
+/// [`ObjectStore::puts_in_flight`] of a backend that does not say: a local
+/// directory (more puts than this only queue at the disk).
+pub const DEFAULT_PUTS_IN_FLIGHT: usize = 8;
 
 /// A shared handle to any store.
 pub type DynStore = Arc<dyn ObjectStore>;
@@ -133,6 +144,9 @@ impl<T: ObjectStore + ?Sized> ObjectStore for Arc<T> {
     }
     async fn delete(&self, key: &str) -> StoreResult<()> {
         (**self).delete(key).await
+    }
+    fn puts_in_flight(&self) -> usize {
+        (**self).puts_in_flight()
     }
 }
 
@@ -342,6 +356,38 @@ mod tests {
         for p in ["/a", "a//", "../a", "a/./b", "a\tb"] {
             assert!(validate_prefix(p).is_err(), "{p:?} should be rejected");
         }
+    }
+
+    /// S3 asks for more puts in flight than a local directory, and every
+    /// decorator stack `open` builds passes the backend's wish on.
+    #[tokio::test]
+    async fn puts_in_flight_reaches_the_caller_through_the_decorators() {
+        let s3 = StoreConfig::S3 {
+            bucket: "b".into(),
+            prefix: String::new(),
+            endpoint: Some("http://127.0.0.1:9".into()),
+            region: default_region(),
+            force_path_style: true,
+            request_timeout_ms: default_request_timeout_ms(),
+            min_upload_rate: default_min_upload_rate(),
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let fs = StoreConfig::Fs {
+            path: dir.path().join("objects"),
+        };
+        for (cfg, want) in [
+            (&s3, s3::PUTS_IN_FLIGHT),
+            (&fs, DEFAULT_PUTS_IN_FLIGHT),
+            (&StoreConfig::Memory, DEFAULT_PUTS_IN_FLIGHT),
+        ] {
+            assert_eq!(open_backend(cfg).await.unwrap().puts_in_flight(), want);
+            assert_eq!(open(cfg).await.unwrap().puts_in_flight(), want);
+            let (metered, _) = metered::open(cfg).await.unwrap();
+            assert_eq!(metered.puts_in_flight(), want);
+            let faulty = faulty::FaultyStore::new(metered, 1);
+            assert_eq!(faulty.puts_in_flight(), want);
+        }
+        const { assert!(s3::PUTS_IN_FLIGHT > DEFAULT_PUTS_IN_FLIGHT) };
     }
 
     #[test]

@@ -243,6 +243,10 @@ impl<S: ObjectStore> ObjectStore for RetryStore<S> {
     async fn delete(&self, key: &str) -> StoreResult<()> {
         self.run("delete", || self.inner.delete(key)).await
     }
+
+    fn puts_in_flight(&self) -> usize {
+        self.inner.puts_in_flight()
+    }
 }
 
 #[cfg(test)]

@@ -76,6 +76,12 @@ pub struct S3Settings {
     pub min_upload_rate: u64,
 }
 
+/// [`ObjectStore::puts_in_flight`] of S3: one connection carries a few
+/// tens of MB/s, so a chunk upload stream needs many at once to fill a
+/// fast link. Not more: uploads sharing a slow link must each keep
+/// [`S3Settings::min_upload_rate`] to beat their timeouts.
+pub const PUTS_IN_FLIGHT: usize = 32;
+
 /// Default of [`S3Settings::request_timeout`], in milliseconds.
 pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 5_000;
 /// Default of [`S3Settings::min_upload_rate`], in bytes per second.
@@ -483,6 +489,10 @@ impl ObjectStore for S3Store {
                 other => Err(other),
             },
         }
+    }
+
+    fn puts_in_flight(&self) -> usize {
+        PUTS_IN_FLIGHT
     }
 }
 

@@ -1,0 +1,220 @@
+//! Bounds on destage (issue 12), with chunk puts held at a gate while the
+//! writer keeps far ahead:
+//! - the destage task sizes its chunk puts in flight from the store: never
+//!   more than the store asks for (`ObjectStore::puts_in_flight`), and a
+//!   store that asks for 32 gets 16 at first, more only once chunks land
+//!   faster with more in flight;
+//! - concurrent writers arriving together do not pass the unstored bound
+//!   together (`engine.max_unstored_bytes`).
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use shale::clock::SystemClock;
+use shale::engine::config::{Durability, EngineConfig};
+use shale::engine::{BlockDevice, Volume, VolumeParams};
+use shale::store::memory::MemoryStore;
+use shale::store::{
+    DynStore, Object, ObjectMeta, ObjectStore, PutMode, StoreResult, Version,
+    DEFAULT_PUTS_IN_FLIGHT,
+};
+
+const CHUNK: u64 = 64 << 10;
+
+/// Asks for `hint` puts in flight; holds chunk puts while `hold` is set,
+/// counting those on their way and the most seen at once.
+#[derive(Debug)]
+struct GatedPuts {
+    inner: MemoryStore,
+    hint: usize,
+    hold: AtomicBool,
+    active: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+impl GatedPuts {
+    fn new(hint: usize) -> Arc<GatedPuts> {
+        Arc::new(GatedPuts {
+            inner: MemoryStore::new(),
+            hint,
+            hold: AtomicBool::new(true),
+            active: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
+        })
+    }
+}
+
+#[async_trait]
+impl ObjectStore for GatedPuts {
+    async fn get(&self, key: &str) -> StoreResult<Object> {
+        self.inner.get(key).await
+    }
+    async fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> StoreResult<Bytes> {
+        self.inner.get_range(key, range).await
+    }
+    async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> StoreResult<Version> {
+        if !key.contains("/chunks/") {
+            return self.inner.put(key, data, mode).await;
+        }
+        let now = self.active.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak.fetch_max(now, Ordering::SeqCst);
+        while self.hold.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let r = self.inner.put(key, data, mode).await;
+        self.active.fetch_sub(1, Ordering::SeqCst);
+        r
+    }
+    async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
+        self.inner.head(key).await
+    }
+    async fn list(&self, prefix: &str) -> StoreResult<Vec<ObjectMeta>> {
+        self.inner.list(prefix).await
+    }
+    async fn delete(&self, key: &str) -> StoreResult<()> {
+        self.inner.delete(key).await
+    }
+    fn puts_in_flight(&self) -> usize {
+        self.hint
+    }
+}
+
+fn cfg() -> EngineConfig {
+    EngineConfig {
+        chunk_size: CHUNK,
+        destage_interval_ms: 10,
+        max_unstored_bytes: 16 << 20,
+        max_unstored_seconds: 3600,
+        durability: Durability::Local,
+        checkpoint_every_chunks: 1000,
+        checkpoint_max_deltas: 64,
+        cache_size: 0,
+        cache_dir: None,
+        store_read_timeout_ms: 60_000,
+        compact_below_percent: 0,
+        readahead_max: 0,
+        prefetch_max_in_flight: 64 << 20,
+    }
+}
+
+/// Write 64 chunks' worth with chunk puts held; returns the most chunk
+/// puts seen at once once the window is full, after checking every write
+/// reads back once the gate opens and the volume closes cleanly.
+async fn peak_puts(hint: usize, expect_full: usize) -> usize {
+    let store = GatedPuts::new(hint);
+    let local = tempfile::tempdir().unwrap();
+    let params = VolumeParams {
+        id: 0x12,
+        size: 64 * CHUNK,
+        epoch: 1,
+        local_dir: local.path().to_path_buf(),
+    };
+    let dyn_store: DynStore = store.clone();
+    let vol = Volume::open(dyn_store, params, cfg(), Arc::new(SystemClock))
+        .await
+        .unwrap();
+    let block = |i: u64| vec![(i as u8) | 1; CHUNK as usize];
+    for i in 0..64 {
+        vol.write(i * CHUNK, &block(i), false).await.unwrap();
+    }
+    // Wait (without a deadline on success: the window fills as soon as
+    // the task has taken that many chunks) until the window is full.
+    for _ in 0..20_000 {
+        if store.active.load(Ordering::SeqCst) >= expect_full {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(store.active.load(Ordering::SeqCst), expect_full);
+    // Give a task that ignored the window the chance to start more.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let peak = store.peak.load(Ordering::SeqCst);
+    store.hold.store(false, Ordering::SeqCst);
+    vol.close().await.unwrap();
+    let vol = Volume::open(
+        store.clone(),
+        VolumeParams {
+            id: 0x12,
+            size: 64 * CHUNK,
+            epoch: 2,
+            local_dir: local.path().to_path_buf(),
+        },
+        cfg(),
+        Arc::new(SystemClock),
+    )
+    .await
+    .unwrap();
+    let mut buf = vec![0; CHUNK as usize];
+    for i in 0..64 {
+        vol.read(i * CHUNK, &mut buf).await.unwrap();
+        assert!(buf == block(i), "block {i} reads back wrong");
+    }
+    vol.close().await.unwrap();
+    peak
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_asking_for_few_puts_gets_no_more() {
+    assert_eq!(peak_puts(3, 3).await, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_asking_for_many_starts_at_16() {
+    // Nothing lands while the gate holds, so the window cannot grow.
+    assert_eq!(peak_puts(32, 16).await, 16);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_do_not_pass_the_unstored_bound_together() {
+    let store = GatedPuts::new(DEFAULT_PUTS_IN_FLIGHT);
+    let local = tempfile::tempdir().unwrap();
+    let bound = 16 * CHUNK;
+    let cfg = EngineConfig {
+        max_unstored_bytes: bound,
+        ..cfg()
+    };
+    let params = VolumeParams {
+        id: 0x13,
+        size: 64 * CHUNK,
+        epoch: 1,
+        local_dir: local.path().to_path_buf(),
+    };
+    let dyn_store: DynStore = store.clone();
+    let vol = Arc::new(
+        Volume::open(dyn_store, params, cfg, Arc::new(SystemClock))
+            .await
+            .unwrap(),
+    );
+    // 32 writes of a chunk each, twice the bound, all checked against it
+    // in one poll (before any of them is logged).
+    let done = Arc::new(AtomicUsize::new(0));
+    let writes = (0..32u64).map(|i| {
+        let (vol, done) = (vol.clone(), done.clone());
+        async move {
+            let data = vec![(i as u8) | 1; CHUNK as usize];
+            vol.write(i * CHUNK, &data, false).await.unwrap();
+            done.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    let all = tokio::spawn(futures::future::join_all(writes));
+    // Wait until the writes that fit are acknowledged (no store put lands
+    // meanwhile: nothing leaves the unstored bytes).
+    for _ in 0..20_000 {
+        if vol.stats().unstored_bytes >= bound {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // Give writers that slipped past the bound the chance to land.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let unstored = vol.stats().unstored_bytes;
+    assert_eq!(unstored, bound, "unstored bytes against the bound");
+    assert_eq!(done.load(Ordering::SeqCst), 16);
+    store.hold.store(false, Ordering::SeqCst);
+    all.await.unwrap();
+    assert_eq!(done.load(Ordering::SeqCst), 32);
+    vol.close().await.unwrap();
+}
