@@ -100,22 +100,34 @@ fn cfg() -> EngineConfig {
     }
 }
 
+/// Open volume `id` (64 chunks) on `store` at `epoch`, its local
+/// directory in `local`.
+async fn open(
+    store: &Arc<GatedPuts>,
+    local: &std::path::Path,
+    id: u64,
+    epoch: u64,
+    cfg: EngineConfig,
+) -> Arc<Volume> {
+    let params = VolumeParams {
+        id,
+        size: 64 * CHUNK,
+        epoch,
+        local_dir: local.to_path_buf(),
+    };
+    let dyn_store: DynStore = store.clone();
+    Volume::open(dyn_store, params, cfg, Arc::new(SystemClock))
+        .await
+        .unwrap()
+}
+
 /// Write 64 chunks' worth with chunk puts held; returns the most chunk
 /// puts seen at once once the window is full, after checking every write
 /// reads back once the gate opens and the volume closes cleanly.
 async fn peak_puts(hint: usize, expect_full: usize) -> usize {
     let store = GatedPuts::new(hint);
     let local = tempfile::tempdir().unwrap();
-    let params = VolumeParams {
-        id: 0x12,
-        size: 64 * CHUNK,
-        epoch: 1,
-        local_dir: local.path().to_path_buf(),
-    };
-    let dyn_store: DynStore = store.clone();
-    let vol = Volume::open(dyn_store, params, cfg(), Arc::new(SystemClock))
-        .await
-        .unwrap();
+    let vol = open(&store, local.path(), 0x12, 1, cfg()).await;
     let block = |i: u64| vec![(i as u8) | 1; CHUNK as usize];
     for i in 0..64 {
         vol.write(i * CHUNK, &block(i), false).await.unwrap();
@@ -134,19 +146,7 @@ async fn peak_puts(hint: usize, expect_full: usize) -> usize {
     let peak = store.peak.load(Ordering::SeqCst);
     store.hold.store(false, Ordering::SeqCst);
     vol.close().await.unwrap();
-    let vol = Volume::open(
-        store.clone(),
-        VolumeParams {
-            id: 0x12,
-            size: 64 * CHUNK,
-            epoch: 2,
-            local_dir: local.path().to_path_buf(),
-        },
-        cfg(),
-        Arc::new(SystemClock),
-    )
-    .await
-    .unwrap();
+    let vol = open(&store, local.path(), 0x12, 2, cfg()).await;
     let mut buf = vec![0; CHUNK as usize];
     for i in 0..64 {
         vol.read(i * CHUNK, &mut buf).await.unwrap();
@@ -176,18 +176,7 @@ async fn concurrent_writers_do_not_pass_the_unstored_bound_together() {
         max_unstored_bytes: bound,
         ..cfg()
     };
-    let params = VolumeParams {
-        id: 0x13,
-        size: 64 * CHUNK,
-        epoch: 1,
-        local_dir: local.path().to_path_buf(),
-    };
-    let dyn_store: DynStore = store.clone();
-    let vol = Arc::new(
-        Volume::open(dyn_store, params, cfg, Arc::new(SystemClock))
-            .await
-            .unwrap(),
-    );
+    let vol = open(&store, local.path(), 0x13, 1, cfg).await;
     // 32 writes of a chunk each, twice the bound, all checked against it
     // in one poll (before any of them is logged).
     let done = Arc::new(AtomicUsize::new(0));
