@@ -30,6 +30,7 @@ fn cfg(cache_size: u64, chunk_size: u64) -> EngineConfig {
         compact_below_percent: 0,
         readahead_max: 32 << 20,
         prefetch_max_in_flight: 64 << 20,
+        wal_memory: 32 << 20,
     }
 }
 

@@ -122,6 +122,7 @@ fn cfg(max_deltas: u64) -> EngineConfig {
         compact_below_percent: 25,
         readahead_max: 0,
         prefetch_max_in_flight: 64 << 20,
+        wal_memory: 32 << 20,
     }
 }
 

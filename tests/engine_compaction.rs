@@ -37,6 +37,7 @@ fn cfg(compact_below_percent: u64) -> EngineConfig {
         compact_below_percent,
         readahead_max: 32 << 20,
         prefetch_max_in_flight: 64 << 20,
+        wal_memory: 32 << 20,
     }
 }
 

@@ -42,6 +42,7 @@ fn busy_cfg() -> EngineConfig {
         compact_below_percent: 25,
         readahead_max: 32 << 20,
         prefetch_max_in_flight: 64 << 20,
+        wal_memory: 32 << 20,
     }
 }
 

@@ -371,6 +371,7 @@ async fn run_seed(seed: u64, backend: Backend) {
         compact_below_percent: [0, 25, 60, 90][rng.below(4) as usize],
         readahead_max: 32 << 20,
         prefetch_max_in_flight: 64 << 20,
+        wal_memory: 32 << 20,
     };
     let mut run = Run {
         seed,

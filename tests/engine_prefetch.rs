@@ -81,6 +81,7 @@ fn cfg(cache_dir: &Path, readahead: u64, cache_size: u64) -> EngineConfig {
         compact_below_percent: 25,
         readahead_max: readahead,
         prefetch_max_in_flight: 2 << 20,
+        wal_memory: 32 << 20,
     }
 }
 

@@ -31,6 +31,7 @@ fn small_cfg() -> EngineConfig {
         compact_below_percent: 25,
         readahead_max: 32 << 20,
         prefetch_max_in_flight: 64 << 20,
+        wal_memory: 32 << 20,
     }
 }
 

@@ -43,6 +43,7 @@ fn engine_cfg() -> EngineConfig {
         compact_below_percent: 25,
         readahead_max: 32 << 20,
         prefetch_max_in_flight: 64 << 20,
+        wal_memory: 32 << 20,
     }
 }
 

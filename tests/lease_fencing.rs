@@ -51,6 +51,7 @@ fn cfg(durability: Durability) -> EngineConfig {
         compact_below_percent: 25,
         readahead_max: 32 << 20,
         prefetch_max_in_flight: 64 << 20,
+        wal_memory: 32 << 20,
     }
 }
 

@@ -131,6 +131,8 @@ impl WalFs for TroubleFs {
     }
 }
 
+/// Every WAL read goes to the files (`wal_memory: 0`): these tests make
+/// them fail.
 fn cfg(destage_interval_ms: u64) -> EngineConfig {
     EngineConfig {
         chunk_size: 64 << 10,
@@ -138,6 +140,7 @@ fn cfg(destage_interval_ms: u64) -> EngineConfig {
         max_unstored_bytes: 64 << 20,
         max_unstored_seconds: 3600,
         cache_size: 1 << 20,
+        wal_memory: 0,
         ..EngineConfig::default()
     }
 }

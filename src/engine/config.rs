@@ -66,6 +66,14 @@ pub struct EngineConfig {
     /// at most 4 GiB.
     #[serde(with = "crate::size::serde_bytes")]
     pub prefetch_max_in_flight: u64,
+    /// Bytes of the newest WAL records kept in memory after they are
+    /// written (the WAL is written with O_DIRECT, so the page cache does
+    /// not hold them): destage builds chunks and reads of fresh data are
+    /// served from memory instead of reading the disk back. Records leave
+    /// once they are in the store. 0 keeps none. Default 32 MiB; at most
+    /// 4 GiB.
+    #[serde(with = "crate::size::serde_bytes")]
+    pub wal_memory: u64,
 }
 
 impl Default for EngineConfig {
@@ -84,6 +92,7 @@ impl Default for EngineConfig {
             compact_below_percent: 25,
             readahead_max: 32 << 20,
             prefetch_max_in_flight: 64 << 20,
+            wal_memory: 32 << 20,
         }
     }
 }
@@ -176,6 +185,12 @@ impl EngineConfig {
             return err(
                 "prefetch_max_in_flight",
                 format!("{} must be in 64 KiB..=4 GiB", self.prefetch_max_in_flight),
+            );
+        }
+        if self.wal_memory > 4 << 30 {
+            return err(
+                "wal_memory",
+                format!("{} must be at most 4 GiB", self.wal_memory),
             );
         }
         Ok(())

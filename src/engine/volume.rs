@@ -340,6 +340,7 @@ impl Volume {
             params.id,
             rec.wal,
             seg_limit,
+            cfg.wal_memory,
             apply,
         )?;
         let cache = open_cache(&params, &cfg)?;

@@ -35,6 +35,12 @@
 //!    history it extends ([`segment`]); replay applies a WAL only over that
 //!    history ([`crate::engine::wal_open`]).
 //!
+//! 8. Once a batch is written, its bytes move to the [`tail`] (at most
+//!    `tail_bytes` of the newest, until the store holds their records);
+//!    [`Wal::segment_file`] hands out files whose reads take from it what
+//!    it holds, so the destager and readers of fresh records need no disk
+//!    read. The tail only ever holds bytes the file holds too.
+//!
 //! All file access goes through the [`fs::WalFs`] seam.
 //! 4. A segment file is deleted only through [`Wal::release_upto`] (or
 //!    [`Wal::release_upto_later`]), which the engine calls once every record in it is durable in the object store.
@@ -71,6 +77,7 @@ pub mod replay;
 pub mod scan;
 pub mod segment;
 pub mod span;
+pub mod tail;
 
 /// WAL failures.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -202,6 +209,7 @@ pub struct Wal {
     thread: Mutex<Option<JoinHandle<()>>>,
     registry: Arc<Mutex<Registry>>,
     last_seq: Arc<AtomicU64>,
+    tail: Arc<tail::Tail>,
 }
 
 impl std::fmt::Debug for Wal {
@@ -318,15 +326,19 @@ fn fill_pool(fs: &DynWalFs, dir: &Path, volume: u64, seg_limit: u64, reg: &mut R
 impl Wal {
     /// Start the log in `dir` after recovery, appending to the fresh
     /// segment replay created.
-    /// `seg_limit` is the size at which a new segment is started.
+    /// `seg_limit` is the size at which a new segment is started;
+    /// `tail_bytes` bounds the newest written bytes kept in memory for
+    /// readers ([`tail`]; 0 keeps none).
     pub fn start(
         fs: DynWalFs,
         dir: &Path,
         volume: u64,
         recovered: Recovered,
         seg_limit: u64,
+        tail_bytes: u64,
         apply: ApplyFn,
     ) -> Result<Wal, WalError> {
+        let tail = Arc::new(tail::Tail::new(tail_bytes));
         let mut registry = Registry {
             segs: recovered.segs,
             current: recovered.current,
@@ -360,6 +372,7 @@ impl Wal {
             broken,
             sync_tx: Some(sync_tx),
             syncer: Some(syncer),
+            tail: tail.clone(),
             apply,
         };
         let thread = std::thread::Builder::new()
@@ -381,6 +394,7 @@ impl Wal {
             thread: Mutex::new(Some(thread)),
             registry,
             last_seq,
+            tail,
         })
     }
 
@@ -474,10 +488,23 @@ impl Wal {
     }
 
     /// The open file of segment `seg` (kept alive by the `Arc` even if the
-    /// segment is released meanwhile).
+    /// segment is released meanwhile), for reading: what the tail holds
+    /// is read from memory ([`tail::TailFile`]).
     pub fn segment_file(&self, seg: u64) -> Option<SegFile> {
-        let reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
-        reg.segs.get(&seg).map(|s| s.file.clone())
+        let file = {
+            let reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+            reg.segs.get(&seg).map(|s| s.file.clone())?
+        };
+        Some(Arc::new(tail::TailFile {
+            tail: self.tail.clone(),
+            seg,
+            file,
+        }))
+    }
+
+    /// Bytes of the newest records held in memory ([`tail`]).
+    pub fn tail_bytes(&self) -> u64 {
+        self.tail.bytes()
     }
 
     /// Release every segment except the current one whose records all have
@@ -485,12 +512,14 @@ impl Wal {
     /// reader holds its file, it is recycled into the pool or, when the
     /// pool is full, deleted (invariant 7). Runs on the caller's thread.
     pub fn release_upto(&self, seq: u64) {
+        self.tail.forget_through(seq);
         self.recycler.release_upto(seq);
     }
 
     /// [`Wal::release_upto`] on the WAL's releaser thread: returns at once
     /// (see [`releaser`]); [`Wal::stop`] waits for what was queued.
     pub fn release_upto_later(&self, seq: u64) {
+        self.tail.forget_through(seq);
         self.releaser.request(seq);
     }
 
@@ -646,6 +675,8 @@ struct Writer {
     broken: Arc<Mutex<Option<WalError>>>,
     sync_tx: Option<mpsc::Sender<SyncJob>>,
     syncer: Option<JoinHandle<()>>,
+    /// Written bytes kept for readers ([`tail`]).
+    tail: Arc<tail::Tail>,
     apply: ApplyFn,
 }
 
@@ -815,8 +846,8 @@ impl Writer {
         Ok(())
     }
 
-    fn process(&mut self, batch: Vec<Req>) {
-        let result = self.write_batch(&batch);
+    fn process(&mut self, mut batch: Vec<Req>) {
+        let result = self.write_batch(&mut batch);
         match &result {
             Err(e @ WalError::NoSpace(_)) => {
                 log::error!("WAL write failed, the requests fail with ENOSPC: {e}");
@@ -880,15 +911,17 @@ impl Writer {
     }
 
     /// Write every append of the batch with one `pwritev`; returns their
-    /// seqs and whether the write itself made them durable.
-    fn write_batch(&mut self, batch: &[Req]) -> Result<(Vec<u64>, bool), WalError> {
+    /// seqs and whether the write itself made them durable. Once written,
+    /// the records' bytes move to the tail (their data is not needed
+    /// after the write).
+    fn write_batch(&mut self, batch: &mut [Req]) -> Result<(Vec<u64>, bool), WalError> {
         let was_broken = lock_broken(&self.broken).clone();
         if let Some(e) = was_broken {
             return Err(e);
         }
         let mut need_sync = false;
         let mut total = 0u64;
-        for r in batch {
+        for r in batch.iter() {
             match r {
                 Req::Append {
                     table, data, sync, ..
@@ -910,7 +943,7 @@ impl Writer {
         let mut durable = false;
         let mut pos = off;
         let first_seq = self.next_seq;
-        for r in batch {
+        for r in batch.iter() {
             if let Req::Append {
                 kind,
                 lba,
@@ -958,7 +991,7 @@ impl Writer {
         if !appended.is_empty() {
             let mut iov = Vec::with_capacity(headers.len() * 3);
             let mut hi = headers.iter();
-            for r in batch {
+            for r in batch.iter() {
                 if let Req::Append { table, data, .. } = r {
                     if let Some(h) = hi.next() {
                         iov.push(IoSlice::new(h));
@@ -996,6 +1029,7 @@ impl Writer {
             }
         }
         if let Some(last) = appended.last() {
+            self.keep_in_tail(batch, headers, seg_id, off, last.seq);
             {
                 let mut reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
                 if let Some(s) = reg.segs.get_mut(&seg_id) {
@@ -1010,6 +1044,44 @@ impl Writer {
             (self.apply)(&appended);
         }
         Ok((appended.iter().map(|a| a.seq).collect(), durable))
+    }
+}
+
+impl Writer {
+    /// Move the bytes of a batch written at `off` of `seg` (its record
+    /// `headers` in order, then each record's table and data) to the
+    /// tail, before readers learn where the records are.
+    fn keep_in_tail(
+        &self,
+        batch: &mut [Req],
+        headers: Vec<[u8; HEADER_LEN]>,
+        seg: u64,
+        off: u64,
+        last_seq: u64,
+    ) {
+        if self.tail.budget() == 0 {
+            return;
+        }
+        let mut parts = Vec::with_capacity(headers.len() * 3);
+        let mut hi = headers.into_iter();
+        for r in batch.iter_mut() {
+            if let Req::Append { table, data, .. } = r {
+                if let Some(h) = hi.next() {
+                    parts.push(h.to_vec());
+                }
+                for part in [std::mem::take(table), std::mem::take(data)] {
+                    if !part.is_empty() {
+                        parts.push(part);
+                    }
+                }
+            }
+        }
+        self.tail.push(tail::Entry {
+            seg,
+            off,
+            last_seq,
+            parts,
+        });
     }
 }
 

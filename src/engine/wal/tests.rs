@@ -54,6 +54,7 @@ pub(super) fn start_on(
         9,
         rec,
         seg_limit,
+        0,
         Box::new(move |b: &[Appended]| s2.lock().unwrap().extend_from_slice(b)),
     )?;
     Ok((wal, seen, replayed))
