@@ -157,7 +157,7 @@ impl Tail {
                 if e.seg != seg || e.off > at {
                     return false;
                 }
-                covering.push(e.clone());
+                covering.push((e.clone(), *l));
                 at = e.off + l;
                 if at >= end {
                     break;
@@ -168,9 +168,9 @@ impl Tail {
             }
         }
         let mut filled = 0usize;
-        for e in covering {
+        for (e, len) in covering {
             let at = off + filled as u64;
-            let n = ((e.off + e.len() - at) as usize).min(dst.len() - filled);
+            let n = ((e.off + len - at) as usize).min(dst.len() - filled);
             e.copy_to(at, &mut dst[filled..filled + n]);
             filled += n;
         }
