@@ -13,7 +13,10 @@
 //!    that needs durability while nothing before it is unsynced is written
 //!    with [`fs::WalFile::write_durable_at`] (`RWF_DSYNC`, a FUA write)
 //!    and acknowledged at once; a flush with nothing unsynced costs no
-//!    `fdatasync` at all.
+//!    `fdatasync` at all, and is answered on the caller's thread
+//!    ([`durable`]). A plain batch is written so too when a flush is
+//!    expected to follow it ([`durable::FlushHint`]: after each of the
+//!    last plain batches a flush came before the next write).
 //! 3. Before a new segment is started the previous one is `fdatasync`ed, so a
 //!    flush only has to sync the current segment, and only the newest
 //!    segment can hold a torn record (see [`replay`]).
@@ -68,6 +71,7 @@ use fs::{DynWalFs, SegFile, WalFile};
 use record::{RecordHeader, RecordKind, HEADER_LEN};
 
 pub mod discard;
+mod durable;
 pub mod fs;
 pub mod power_loss;
 pub mod quarantine;
@@ -209,6 +213,8 @@ pub struct Wal {
     thread: Mutex<Option<JoinHandle<()>>>,
     registry: Arc<Mutex<Registry>>,
     last_seq: Arc<AtomicU64>,
+    marks: Arc<durable::Marks>,
+    broken: Arc<Mutex<Option<WalError>>>,
     tail: Arc<tail::Tail>,
 }
 
@@ -349,11 +355,11 @@ impl Wal {
         let registry = Arc::new(Mutex::new(registry));
         let last_seq = Arc::new(AtomicU64::new(recovered.next_seq - 1));
         // Replay synced everything it kept.
-        let synced = Arc::new(AtomicU64::new(recovered.next_seq - 1));
+        let marks = Arc::new(durable::Marks::new(recovered.next_seq - 1));
         let broken: Arc<Mutex<Option<WalError>>> = Arc::default();
         let (tx, rx) = mpsc::channel();
         let (sync_tx, sync_rx) = mpsc::channel();
-        let (s2, b2) = (synced.clone(), broken.clone());
+        let (s2, b2) = (marks.clone(), broken.clone());
         let syncer = std::thread::Builder::new()
             .name(format!("shale-wsync-{volume:x}"))
             .spawn(move || run_syncer(sync_rx, s2, b2))
@@ -366,10 +372,10 @@ impl Wal {
             registry: registry.clone(),
             next_seq: recovered.next_seq,
             last_seq: last_seq.clone(),
-            synced,
-            force_sync: false,
+            marks: marks.clone(),
+            hint: durable::FlushHint::default(),
             seg_limit,
-            broken,
+            broken: broken.clone(),
             sync_tx: Some(sync_tx),
             syncer: Some(syncer),
             tail: tail.clone(),
@@ -394,6 +400,8 @@ impl Wal {
             thread: Mutex::new(Some(thread)),
             registry,
             last_seq,
+            marks,
+            broken,
             tail,
         })
     }
@@ -469,8 +477,20 @@ impl Wal {
         Ok(waits)
     }
 
-    /// Make every record written so far durable.
+    /// Make every record written so far durable. When nothing is
+    /// unsynced this returns at once, on the caller's thread (durable
+    /// invariant 2).
     pub async fn sync(&self) -> Result<(), WalError> {
+        self.marks.flushes.fetch_add(1, Ordering::AcqRel);
+        if let Some(e) = lock_broken(&self.broken).clone() {
+            return Err(e);
+        }
+        if self
+            .marks
+            .all_durable(self.last_seq.load(Ordering::Acquire))
+        {
+            return Ok(());
+        }
         let (done, rx) = oneshot::channel();
         self.send(Req::Sync { done })?;
         rx.await.unwrap_or(Err(WalError::Stopped))
@@ -665,11 +685,10 @@ struct Writer {
     registry: Arc<Mutex<Registry>>,
     next_seq: u64,
     last_seq: Arc<AtomicU64>,
-    /// Highest seq known durable (written by the syncer too).
-    synced: Arc<AtomicU64>,
-    /// Bytes not covered by `synced` changed (a cut after ENOSPC): the
-    /// next flush must sync even if every seq is durable.
-    force_sync: bool,
+    /// What is durable (written by the syncer and read by flushers too).
+    marks: Arc<durable::Marks>,
+    /// Whether to write the next plain batch durably.
+    hint: durable::FlushHint,
     seg_limit: u64,
     /// Set once an I/O error broke the log (invariant 5), by either thread.
     broken: Arc<Mutex<Option<WalError>>>,
@@ -705,6 +724,8 @@ struct SyncJob {
     file: SegFile,
     /// Every seq up to this one is in `file` or an older, synced segment.
     upto: u64,
+    /// Segment cuts made before the job was sent (its sync covers them).
+    cuts: u64,
     waiters: Vec<Waiter>,
 }
 
@@ -716,7 +737,7 @@ fn lock_broken(b: &Mutex<Option<WalError>>) -> std::sync::MutexGuard<'_, Option<
 /// acknowledges them all (so jobs queued during a sync share the next one).
 fn run_syncer(
     rx: mpsc::Receiver<SyncJob>,
-    synced: Arc<AtomicU64>,
+    marks: Arc<durable::Marks>,
     broken: Arc<Mutex<Option<WalError>>>,
 ) {
     while let Ok(first) = rx.recv() {
@@ -725,6 +746,7 @@ fn run_syncer(
             jobs.push(j);
         }
         let upto = jobs.iter().map(|j| j.upto).max().unwrap_or(0);
+        let cuts = jobs.iter().map(|j| j.cuts).max().unwrap_or(0);
         // (Not held during the sync: the writer checks it per batch.)
         let was_broken = lock_broken(&broken).clone();
         let res = match was_broken {
@@ -744,7 +766,8 @@ fn run_syncer(
         };
         match &res {
             Ok(()) => {
-                synced.fetch_max(upto, Ordering::AcqRel);
+                marks.synced.fetch_max(upto, Ordering::AcqRel);
+                marks.cuts_synced_upto(cuts);
             }
             Err(e) => {
                 let mut b = lock_broken(&broken);
@@ -806,8 +829,12 @@ impl Writer {
     /// Sync the current segment and start the next one: the spare named
     /// `current + 1` if the pool has it, else a new file (invariant 7).
     fn roll(&mut self, old: &dyn WalFile) -> Result<(), WalError> {
+        let cuts = self.marks.cuts();
         old.sync_data().map_err(|e| io_err("sync WAL segment", e))?;
-        self.synced.fetch_max(self.next_seq - 1, Ordering::AcqRel);
+        self.marks
+            .synced
+            .fetch_max(self.next_seq - 1, Ordering::AcqRel);
+        self.marks.cuts_synced_upto(cuts);
         let mut reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
         let id = reg.current + 1;
         let seg = match reg.spares.remove(&id) {
@@ -865,7 +892,7 @@ impl Writer {
         let written = self.next_seq - 1;
         let mut seqs = result.as_ref().ok().map(|(s, _)| s.iter());
         let mut waiters = Vec::new();
-        let clean = |w: &Writer| !w.force_sync && w.synced.load(Ordering::Acquire) >= written;
+        let clean = |w: &Writer| w.marks.all_durable(written);
         for r in batch {
             match r {
                 Req::Append { done, sync, .. } => match seqs.as_mut().and_then(|s| s.next()) {
@@ -893,11 +920,11 @@ impl Writer {
             }
         }
         if !waiters.is_empty() {
-            self.force_sync = false;
             let (_, file, _) = self.current();
             let job = SyncJob {
                 file,
                 upto: written,
+                cuts: self.marks.cuts(),
                 waiters,
             };
             if let Some(tx) = &self.sync_tx {
@@ -1005,10 +1032,15 @@ impl Writer {
                 }
             }
             // Nothing unsynced before this batch: one durable (FUA) write
-            // replaces write + fdatasync (invariant 2).
-            durable = need_sync
-                && !self.force_sync
-                && self.synced.load(Ordering::Acquire) >= first_seq - 1;
+            // replaces write + fdatasync (invariant 2). A plain batch is
+            // written so too when a flush is expected to follow it
+            // ([`durable::FlushHint`]).
+            let flush_expected = self
+                .hint
+                .before_writes(self.marks.flushes.load(Ordering::Acquire));
+            durable = (need_sync || flush_expected)
+                && !self.marks.cut_pending()
+                && self.marks.synced.load(Ordering::Acquire) >= first_seq - 1;
             let res = if durable {
                 file.write_durable_at(&iov, off)
                     .map_err(|e| write_err("write WAL", e))
@@ -1021,7 +1053,7 @@ impl Writer {
                     // off whatever part of the batch reached the file, so
                     // the next batch continues the log exactly here.
                     self.next_seq = first_seq;
-                    self.force_sync = true;
+                    self.marks.cut();
                     file.set_len(off)
                         .map_err(|c| io_err("cut WAL segment after ENOSPC", c))?;
                 }
@@ -1039,7 +1071,15 @@ impl Writer {
             }
             self.last_seq.store(last.seq, Ordering::Release);
             if durable {
-                self.synced.fetch_max(last.seq, Ordering::AcqRel);
+                self.marks.synced.fetch_max(last.seq, Ordering::AcqRel);
+            }
+            if need_sync {
+                self.hint.after_durable_request();
+            } else {
+                // Read before any record of the batch is acknowledged, so
+                // a flush sent after an acknowledgement counts as following.
+                self.hint
+                    .after_plain(self.marks.flushes.load(Ordering::Acquire));
             }
             (self.apply)(&appended);
         }
@@ -1111,5 +1151,7 @@ fn write_all_vectored(
 mod tests;
 #[cfg(test)]
 mod tests_blocks;
+#[cfg(test)]
+mod tests_flush;
 #[cfg(test)]
 mod tests_recycle;
