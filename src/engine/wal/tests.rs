@@ -468,3 +468,43 @@ fn scan_reads_many_segments_in_order_and_fails_on_an_unreadable_one() {
     let e = scan(&real(), dir.path(), 9).unwrap_err();
     assert!(e.to_string().contains(&middle.display().to_string()), "{e}");
 }
+
+/// A file system that forwards everything to `inner` and hands out every
+/// file it creates or opens through `wrap` (tests put counters or gates
+/// on the files this way).
+pub(super) struct WrapFs {
+    pub inner: super::fs::DynWalFs,
+    pub wrap: Box<dyn Fn(super::fs::SegFile) -> super::fs::SegFile + Send + Sync>,
+}
+
+impl std::fmt::Debug for WrapFs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WrapFs")
+            .field("inner", &self.inner)
+            .finish()
+    }
+}
+
+impl super::fs::WalFs for WrapFs {
+    fn create_dir_all(&self, dir: &std::path::Path) -> std::io::Result<()> {
+        self.inner.create_dir_all(dir)
+    }
+    fn list(&self, dir: &std::path::Path) -> std::io::Result<Vec<String>> {
+        self.inner.list(dir)
+    }
+    fn create(&self, path: &std::path::Path) -> std::io::Result<super::fs::SegFile> {
+        Ok((self.wrap)(self.inner.create(path)?))
+    }
+    fn open(&self, path: &std::path::Path) -> std::io::Result<super::fs::SegFile> {
+        Ok((self.wrap)(self.inner.open(path)?))
+    }
+    fn remove(&self, path: &std::path::Path) -> std::io::Result<()> {
+        self.inner.remove(path)
+    }
+    fn rename(&self, from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+        self.inner.rename(from, to)
+    }
+    fn sync_dir(&self, dir: &std::path::Path) -> std::io::Result<()> {
+        self.inner.sync_dir(dir)
+    }
+}

@@ -7,10 +7,10 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 
-use super::fs::{DynWalFs, SegFile, WalFile, WalFs};
+use super::fs::{DynWalFs, SegFile, WalFile};
 use super::power_loss::PowerLossFs;
 use super::record::RecordKind;
-use super::tests::{data, replay_on, start_on};
+use super::tests::{data, replay_on, start_on, WrapFs};
 use super::WalError;
 
 const DIR: &str = "/vol/wal";
@@ -27,9 +27,6 @@ struct Counts {
     /// While set, plain writes fail with ENOSPC.
     full: AtomicBool,
 }
-
-#[derive(Debug)]
-struct CountingFs(PowerLossFs, Arc<Counts>);
 
 #[derive(Debug)]
 struct CountingFile(SegFile, Arc<Counts>);
@@ -61,34 +58,14 @@ impl WalFile for CountingFile {
     }
 }
 
-impl WalFs for CountingFs {
-    fn create_dir_all(&self, dir: &Path) -> std::io::Result<()> {
-        self.0.create_dir_all(dir)
-    }
-    fn list(&self, dir: &Path) -> std::io::Result<Vec<String>> {
-        self.0.list(dir)
-    }
-    fn create(&self, path: &Path) -> std::io::Result<SegFile> {
-        Ok(Arc::new(CountingFile(self.0.create(path)?, self.1.clone())))
-    }
-    fn open(&self, path: &Path) -> std::io::Result<SegFile> {
-        Ok(Arc::new(CountingFile(self.0.open(path)?, self.1.clone())))
-    }
-    fn remove(&self, path: &Path) -> std::io::Result<()> {
-        self.0.remove(path)
-    }
-    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
-        self.0.rename(from, to)
-    }
-    fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
-        self.0.sync_dir(dir)
-    }
-}
-
 fn counting() -> (PowerLossFs, Arc<Counts>, DynWalFs) {
     let pfs = PowerLossFs::padded();
     let counts = Arc::new(Counts::default());
-    let fs: DynWalFs = Arc::new(CountingFs(pfs.clone(), counts.clone()));
+    let c = counts.clone();
+    let fs: DynWalFs = Arc::new(WrapFs {
+        inner: Arc::new(pfs.clone()),
+        wrap: Box::new(move |f| Arc::new(CountingFile(f, c.clone()))),
+    });
     (pfs, counts, fs)
 }
 

@@ -6,11 +6,11 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Condvar, Mutex};
 
-use super::fs::{real, DynWalFs, SegFile, WalFile, WalFs};
+use super::fs::{real, DynWalFs, SegFile, WalFile};
 use super::power_loss::PowerLossFs;
 use super::record::RecordKind;
 use super::scan::scan;
-use super::tests::{data, replay_on, segments, start_on};
+use super::tests::{data, replay_on, segments, start_on, WrapFs};
 use super::{read_record, NewRecord, Wal};
 
 const DIR: &str = "/vol/wal";
@@ -156,9 +156,6 @@ struct SyncGate {
 }
 
 #[derive(Debug)]
-struct GatedSyncFs(PowerLossFs, Arc<SyncGate>);
-
-#[derive(Debug)]
 struct GatedSyncFile(SegFile, Arc<SyncGate>);
 
 impl WalFile for GatedSyncFile {
@@ -185,31 +182,13 @@ impl WalFile for GatedSyncFile {
     }
 }
 
-impl WalFs for GatedSyncFs {
-    fn create_dir_all(&self, dir: &Path) -> std::io::Result<()> {
-        self.0.create_dir_all(dir)
-    }
-    fn list(&self, dir: &Path) -> std::io::Result<Vec<String>> {
-        self.0.list(dir)
-    }
-    fn create(&self, path: &Path) -> std::io::Result<SegFile> {
-        Ok(Arc::new(GatedSyncFile(
-            self.0.create(path)?,
-            self.1.clone(),
-        )))
-    }
-    fn open(&self, path: &Path) -> std::io::Result<SegFile> {
-        Ok(Arc::new(GatedSyncFile(self.0.open(path)?, self.1.clone())))
-    }
-    fn remove(&self, path: &Path) -> std::io::Result<()> {
-        self.0.remove(path)
-    }
-    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
-        self.0.rename(from, to)
-    }
-    fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
-        self.0.sync_dir(dir)
-    }
+/// `pfs` with every file's `fdatasync` held while `gate` is held.
+fn gated_sync(pfs: &PowerLossFs, gate: &Arc<SyncGate>) -> DynWalFs {
+    let g = gate.clone();
+    Arc::new(WrapFs {
+        inner: Arc::new(pfs.clone()),
+        wrap: Box::new(move |f| Arc::new(GatedSyncFile(f, g.clone()))),
+    })
 }
 
 /// While batch B's `fdatasync` runs, batch C is written and acknowledged
@@ -220,7 +199,7 @@ impl WalFs for GatedSyncFs {
 fn power_loss_with_batches_in_flight_keeps_every_acknowledged_flush() {
     let pfs = PowerLossFs::padded();
     let gate = Arc::new(SyncGate::default());
-    let fs: DynWalFs = Arc::new(GatedSyncFs(pfs.clone(), gate.clone()));
+    let fs: DynWalFs = gated_sync(&pfs, &gate);
     let dir = Path::new(DIR);
     let (wal, _, _) = start_on(&fs, dir, 0, 1 << 20).unwrap();
     // A: durable and acknowledged.
@@ -271,7 +250,7 @@ fn power_loss_with_batches_in_flight_keeps_every_acknowledged_flush() {
 fn a_flush_syncs_only_when_something_is_unsynced() {
     let pfs = PowerLossFs::new();
     let gate = Arc::new(SyncGate::default());
-    let fs: DynWalFs = Arc::new(GatedSyncFs(pfs.clone(), gate.clone()));
+    let fs: DynWalFs = gated_sync(&pfs, &gate);
     let dir = Path::new(DIR);
     let (wal, _, _) = start_on(&fs, dir, 0, 1 << 20).unwrap();
     futures::executor::block_on(wal.sync()).unwrap();
