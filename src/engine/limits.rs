@@ -126,9 +126,7 @@ mod tests {
                 epoch: 1,
                 data_start: 4096,
                 data_len: PER_CHUNK * 4096,
-                crcs: (0..PER_CHUNK * 4096 / CRC_BLOCK)
-                    .map(|_| crate::test_rng::xorshift(&mut rng) as u32)
-                    .collect(),
+                table_crc: crate::test_rng::xorshift(&mut rng) as u32,
             })
             .collect();
         let cp = Checkpoint::from_map(1, 1, n_chunks, N, &map, chunks);
