@@ -102,7 +102,6 @@ mod tests {
     /// in another chunk run, one CRC per 4 KiB of chunk data.
     fn fragmented_checkpoint_bytes_per_extent() -> f64 {
         use crate::engine::checkpoint::{Checkpoint, ChunkInfo};
-        use crate::engine::chunk::CRC_BLOCK;
         use crate::engine::map::{ExtentMap, Loc};
         const N: u64 = 100_000;
         const PER_CHUNK: u64 = 1024;

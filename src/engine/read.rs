@@ -25,8 +25,8 @@ use futures::future::{BoxFuture, FutureExt};
 
 use super::cache::{Cache, Hit, Served, Wait, WindowId, SLOT};
 use super::checkpoint::ChunkInfo;
-use super::crc_table::{CrcTables, Table, TableError};
 use super::chunk::{aligned_range, chunk_key, verify_blocks, CRC_BLOCK};
+use super::crc_table::{CrcTables, Table, TableError};
 use super::inflight::{FetchError, Mode};
 use super::map::{Loc, WalLoc};
 use super::view::Resolved;

@@ -37,7 +37,12 @@ fn hit_miss_and_eviction() {
     let mut buf = vec![0u8; SLOT as usize];
     assert!(c.get(&id(1, 0), 0, &mut buf, full()).is_none());
     c.put(&id(1, 0), &crate::engine::chunk::block_crcs(&a), &a, full());
-    c.put(&id(2, 5), &crate::engine::chunk::block_crcs(&b), &b, 0..1000);
+    c.put(
+        &id(2, 5),
+        &crate::engine::chunk::block_crcs(&b),
+        &b,
+        0..1000,
+    );
     assert!(c.get(&id(1, 0), 0, &mut buf, full()).is_some());
     let mut part = vec![0u8; 4096];
     assert!(c.get(&id(1, 0), 8192, &mut part, 8192..12288).is_some());
@@ -110,7 +115,12 @@ fn entries_survive_reopen_and_discard_is_persistent() {
     {
         let c = Cache::open_test(dir.path(), 8 * SLOT).unwrap().unwrap();
         for s in 0..6 {
-            c.put(&id(s, 0), &crate::engine::chunk::block_crcs(&pattern(s)), &pattern(s), full());
+            c.put(
+                &id(s, 0),
+                &crate::engine::chunk::block_crcs(&pattern(s)),
+                &pattern(s),
+                full(),
+            );
         }
         let mut buf = vec![0u8; 16];
         let hit = c.get(&id(5, 0), 0, &mut buf, 0..16).unwrap();
@@ -149,7 +159,12 @@ fn damaged_index_starts_cold_or_drops_records() {
     let fill = || {
         let c = Cache::open_test(dir.path(), 4 * SLOT).unwrap().unwrap();
         for s in 0..4 {
-            c.put(&id(s, 0), &crate::engine::chunk::block_crcs(&pattern(s)), &pattern(s), full());
+            c.put(
+                &id(s, 0),
+                &crate::engine::chunk::block_crcs(&pattern(s)),
+                &pattern(s),
+                full(),
+            );
         }
     };
     let index = dir.path().join(INDEX_FILE);
@@ -177,7 +192,12 @@ fn damaged_index_starts_cold_or_drops_records() {
             assert!(c.get(&id(s, 0), 0, &mut [0u8; 8], 0..0).is_none());
         }
         // And it works.
-        c.put(&id(9, 0), &crate::engine::chunk::block_crcs(&pattern(9)), &pattern(9), full());
+        c.put(
+            &id(9, 0),
+            &crate::engine::chunk::block_crcs(&pattern(9)),
+            &pattern(9),
+            full(),
+        );
         let mut buf = vec![0u8; SLOT as usize];
         assert!(c.get(&id(9, 0), 0, &mut buf, full()).is_some());
         assert!(buf == pattern(9));
@@ -207,7 +227,12 @@ fn sequential_reads_inside_a_window_are_not_reuse() {
     let c = Cache::open_test(dir.path(), 20 * SLOT).unwrap().unwrap();
     // Window 0 is read 4 KiB at a time, front to back (as a scan does):
     // never reused, so a later flood pushes it out.
-    c.put(&id(0, 0), &crate::engine::chunk::block_crcs(&pattern(0)), &pattern(0), 0..4096);
+    c.put(
+        &id(0, 0),
+        &crate::engine::chunk::block_crcs(&pattern(0)),
+        &pattern(0),
+        0..4096,
+    );
     let mut b = vec![0u8; 4096];
     for k in 1..16 {
         assert!(c
@@ -215,10 +240,20 @@ fn sequential_reads_inside_a_window_are_not_reuse() {
             .is_some());
     }
     // Window 1 is read twice at the same place: hot.
-    c.put(&id(1, 0), &crate::engine::chunk::block_crcs(&pattern(1)), &pattern(1), 0..4096);
+    c.put(
+        &id(1, 0),
+        &crate::engine::chunk::block_crcs(&pattern(1)),
+        &pattern(1),
+        0..4096,
+    );
     assert!(c.get(&id(1, 0), 0, &mut b, 0..4096).is_some());
     for s in 100..200 {
-        c.put(&id(s, 0), &crate::engine::chunk::block_crcs(&pattern(s)), &pattern(s), full());
+        c.put(
+            &id(s, 0),
+            &crate::engine::chunk::block_crcs(&pattern(s)),
+            &pattern(s),
+            full(),
+        );
     }
     assert!(c.get(&id(0, 0), 0, &mut b, 0..0).is_none());
     assert!(c.get(&id(1, 0), 0, &mut b, 0..0).is_some());
@@ -240,7 +275,12 @@ fn index_memory_per_gib_is_bounded() {
 fn another_owner_starts_cold_and_a_busy_directory_is_not_shared() {
     let dir = tempfile::tempdir().unwrap();
     let c = Cache::open_test(dir.path(), 4 * SLOT).unwrap().unwrap();
-    c.put(&id(1, 0), &crate::engine::chunk::block_crcs(&pattern(1)), &pattern(1), full());
+    c.put(
+        &id(1, 0),
+        &crate::engine::chunk::block_crcs(&pattern(1)),
+        &pattern(1),
+        full(),
+    );
     assert!(Cache::open(dir.path(), 4 * SLOT, OWNER).unwrap().is_none());
     drop(c);
     let c = Cache::open(dir.path(), 4 * SLOT, b"volume dir B")
@@ -262,14 +302,24 @@ fn close_releases_the_directory_and_stops_all_file_access() {
     let dir = tempfile::tempdir().unwrap();
     let a = std::sync::Arc::new(Cache::open_test(dir.path(), 4 * SLOT).unwrap().unwrap());
     let held = a.clone();
-    a.put(&id(1, 0), &crate::engine::chunk::block_crcs(&[1u8; 4096]), &[1u8; 4096], 0..4096);
+    a.put(
+        &id(1, 0),
+        &crate::engine::chunk::block_crcs(&[1u8; 4096]),
+        &[1u8; 4096],
+        0..4096,
+    );
     // Still open: a second open of the directory runs without a cache.
     assert!(Cache::open_test(dir.path(), 4 * SLOT).unwrap().is_none());
     a.close();
     a.close();
     let mut buf = [0u8; 16];
     assert!(held.get(&id(1, 0), 0, &mut buf, 0..16).is_none());
-    held.put(&id(2, 0), &crate::engine::chunk::block_crcs(&[2u8; 4096]), &[2u8; 4096], 0..4096);
+    held.put(
+        &id(2, 0),
+        &crate::engine::chunk::block_crcs(&[2u8; 4096]),
+        &[2u8; 4096],
+        0..4096,
+    );
     let b = Cache::open_test(dir.path(), 4 * SLOT).unwrap().unwrap();
     assert_eq!(b.restored(), 1, "the late put was stored");
     assert!(b.get(&id(1, 0), 0, &mut buf, 0..16).is_some());
@@ -288,9 +338,14 @@ fn a_pending_window_misses_counts_its_use_and_cannot_be_reserved_twice() {
     let dir = tempfile::tempdir().unwrap();
     let c = Cache::open_test(dir.path(), 4 * SLOT).unwrap().unwrap();
     let data = pattern_of(1);
-    let r = c.reserve(&id(1, 0), &zero_crcs(SLOT), SLOT, 0..4096).unwrap();
+    let r = c
+        .reserve(&id(1, 0), &zero_crcs(SLOT), SLOT, 0..4096)
+        .unwrap();
     assert!(c.contains(&id(1, 0)), "a pending window counts as cached");
-    assert!(c.reserve(&id(1, 0), &zero_crcs(SLOT), SLOT, 0..0).is_none(), "reserved twice");
+    assert!(
+        c.reserve(&id(1, 0), &zero_crcs(SLOT), SLOT, 0..0).is_none(),
+        "reserved twice"
+    );
     let mut buf = vec![0u8; 4096];
     // The same sectors again while pending: a miss, remembered as reuse.
     assert!(c.get(&id(1, 0), 0, &mut buf, 0..4096).is_none());
@@ -323,8 +378,13 @@ fn a_run_of_windows_is_filled_together_and_reads_back_exactly() {
         .collect();
     let reserved: Vec<Reservation> = (0..5)
         .map(|w| {
-            c.reserve(&id(9, w), &zero_crcs(wins[w as usize].len() as u64), wins[w as usize].len() as u64, 0..0)
-                .unwrap()
+            c.reserve(
+                &id(9, w),
+                &zero_crcs(wins[w as usize].len() as u64),
+                wins[w as usize].len() as u64,
+                0..0,
+            )
+            .unwrap()
         })
         .collect();
     let data: Vec<u8> = wins.concat();

@@ -544,9 +544,7 @@ pub fn decode_any(b: &[u8]) -> Result<(Checkpoint, Option<DeltaPages>), Checkpoi
             }
             PAGE_CRCS => {
                 if !old {
-                    return Err(err(format!(
-                        "version {version} holds no checksum pages"
-                    )));
+                    return Err(err(format!("version {version} holds no checksum pages")));
                 }
                 if cp.chunks.len() as u64 != n_chunks {
                     return Err(err(format!(
