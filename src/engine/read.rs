@@ -472,7 +472,7 @@ fn checked_hit(
     a: u64,
     got: &[u8],
 ) -> bool {
-    let good = verify_blocks(&hit.crcs(), a, got).is_ok();
+    let good = verify_blocks(hit.crcs(), a, got).is_ok();
     if !good && cache.discard(hit) {
         log::warn!(
             "read cache entry of {} (window {w}) failed its CRC check; refetching",
@@ -564,7 +564,7 @@ fn read_deferred(cache: &Cache, volume: u64, info: &ChunkInfo, w: &Deferred) -> 
     if cache.read_hit(w.hit, w.a - ws, &mut got, Wait::Block) != Served::Read {
         return SlowRead::Missing;
     }
-    if verify_blocks(&w.hit.crcs(), w.a - ws, &got).is_err() {
+    if verify_blocks(w.hit.crcs(), w.a - ws, &got).is_err() {
         if !cache.discard(w.hit) {
             // The slot was reused since the lookup: not this entry's fault.
             return SlowRead::Missing;
