@@ -9,7 +9,8 @@
 //! chunk `chunk_seq` (which ends at op sequence `last_seq`) plus the table of
 //! chunks it references. [`Checkpoint::encode`] writes the binary format
 //! (`"SHALECP2"`, pages of at most 64 KiB each with its own CRC; see
-//! [`codec`]); [`Checkpoint::decode`] also reads the older JSON format
+//! [`codec`]; chunks carry their CRC table's CRC, not the table, which
+//! stays in the chunk header: [`super::crc_table`]); [`Checkpoint::decode`] also reads the older JSON format
 //! (`"SHALECP1" | crc32c u32 | json`, the CRC covering the JSON bytes), so
 //! stores written before the binary format still open; their next
 //! checkpoint is binary.

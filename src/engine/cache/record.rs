@@ -23,8 +23,10 @@
 //! 1. [`decode_record`] accepts a record only if its magic and CRC match
 //!    and its numbers are in range (`1 <= len <= slot_size`); anything
 //!    else is a free slot, never an entry.
-//! 2. The record never vouches for the data: readers still check every
-//!    byte served against the chunk's block CRCs.
+//! 2. The record never vouches for the data: readers check every byte
+//!    served against the block CRCs the record carries (copied from a
+//!    chunk table verified against its table CRC before the window was
+//!    reserved).
 
 use crate::engine::chunk::CRC_BLOCK;
 
