@@ -139,3 +139,77 @@ fn the_budget_bounds_memory_and_evicts_the_least_recently_used() {
         assert_eq!(tiny.bytes(), 0);
     });
 }
+
+/// The read path's fetch ([`crate::engine::read::fetch_within`]) across
+/// many chunks with a budget of two tables: tables are evicted and read
+/// again, and every read returns exactly the bytes written; a chunk whose
+/// table CRC does not match is refused naming its key.
+#[test]
+fn reads_across_many_chunks_with_a_tiny_budget_get_exact_bytes() {
+    use crate::engine::read::{fetch_within, StoreOrCrc};
+    rt().block_on(async {
+        let mem = Arc::new(MemoryStore::new());
+        let mut chunks = Vec::new();
+        for seq in 1..=12u64 {
+            let bytes = data(seq as u8 | 1, 8 * 4096 + 1000 * seq as usize);
+            let info = put_chunk(mem.as_ref(), seq, &bytes).await;
+            chunks.push((Arc::new(info), bytes));
+        }
+        let store: DynStore = mem;
+        let budget = 2 * entry_bytes(12);
+        let tables = Arc::new(CrcTables::new(budget));
+        let mut rng = 12345u64;
+        for _ in 0..200 {
+            let x = crate::test_rng::xorshift(&mut rng);
+            let (info, bytes) = &chunks[(x % 12) as usize];
+            let blocks = info.data_len.div_ceil(CRC_BLOCK);
+            let first = (x >> 8) % blocks;
+            let n = 1 + (x >> 16) % (blocks - first);
+            let start = first * CRC_BLOCK;
+            let end = ((first + n) * CRC_BLOCK).min(info.data_len);
+            let key = chunk_key(VOLUME, info.seq, info.epoch);
+            let budget_t = std::time::Duration::from_secs(10);
+            let Ok((got, table)) = fetch_within(
+                budget_t,
+                store.clone(),
+                &tables,
+                VOLUME,
+                key,
+                info.clone(),
+                start,
+                end,
+            )
+            .await
+            else {
+                panic!("fetch of chunk {} failed", info.seq);
+            };
+            assert_eq!(&got[..], &bytes[start as usize..end as usize]);
+            assert_eq!(&*table, &chunk::block_crcs(bytes)[..]);
+            assert!(tables.bytes() <= budget);
+        }
+        assert!(
+            tables.header_gets() > 12,
+            "no table was evicted and read again"
+        );
+        // A table CRC the header does not match: refused, naming the key.
+        let mut bad = (*chunks[3].0).clone();
+        bad.table_crc ^= 0x100;
+        let key = chunk_key(VOLUME, bad.seq, bad.epoch);
+        let res = fetch_within(
+            std::time::Duration::from_secs(10),
+            store.clone(),
+            &tables,
+            VOLUME,
+            key.clone(),
+            Arc::new(bad),
+            0,
+            4096,
+        )
+        .await;
+        match res {
+            Err(StoreOrCrc::Crc(e)) => assert!(e.contains(&key), "{e}"),
+            Err(StoreOrCrc::Store(e)) => panic!("a store error: {e}"),
+            Ok(_) => panic!("a corrupt chunk was served"),
+        }
+    });
+}
