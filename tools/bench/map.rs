@@ -158,7 +158,7 @@ pub fn run(extents: u64) -> Result<()> {
             .context("checkpoint to map")?;
         let to_map = t.elapsed();
         println!(
-            "{}: {:.1} MiB ({:.2} bytes per extent, checksums included); build {:.0} ms, encode {:.0} ms; open: decode {:.0} ms, map {:.0} ms ({} extents)",
+            "{}: {:.1} MiB ({:.2} bytes per extent, chunk table CRCs included); build {:.0} ms, encode {:.0} ms; open: decode {:.0} ms, map {:.0} ms ({} extents)",
             if json { "json SHALECP1" } else { "binary SHALECP2" },
             bytes.len() as f64 / (1 << 20) as f64,
             bytes.len() as f64 / extents as f64,
