@@ -343,11 +343,10 @@ async fn restore_and_check(store: &DynStore, dir: &Path, key: &str, original: By
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_checkpoint_numbers_are_refused() {
     type Mutate = fn(&mut Checkpoint);
-    let cases: [(&str, Mutate); 5] = [
+    let cases: [(&str, Mutate); 4] = [
         ("last_seq", |cp| cp.last_seq = u64::MAX),
         ("data_start", |cp| cp.chunks[0].data_start = u64::MAX - 8),
         ("data_len", |cp| cp.chunks[0].data_len = u64::MAX),
-        ("crcs", |cp| cp.chunks[0].crcs.clear()),
         ("chunk seq", |cp| {
             cp.chunks[0].seq = u64::MAX;
             for e in &mut cp.extents {

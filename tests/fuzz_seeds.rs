@@ -100,7 +100,7 @@ fn checkpoint() -> Checkpoint {
             epoch: 2,
             data_start: 128,
             data_len: 4096,
-            crcs: vec![0xdead_beef],
+            table_crc: 0xdead_beef,
         }],
         extents: vec![(0, 8, 3, 0)],
         zeros: vec![(64, 8)],

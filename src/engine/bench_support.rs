@@ -84,7 +84,7 @@ impl MapBench {
             epoch: 1,
             data_start: 4096,
             data_len: off,
-            crcs: Vec::new(),
+            table_crc: 0,
         });
         self.st.apply_chunk_to_stored(info, &extents);
         self.st.apply_chunk_to_live(seq, self.seq, &extents);

@@ -9,7 +9,8 @@
 //! chunk `chunk_seq` (which ends at op sequence `last_seq`) plus the table of
 //! chunks it references. [`Checkpoint::encode`] writes the binary format
 //! (`"SHALECP2"`, pages of at most 64 KiB each with its own CRC; see
-//! [`codec`]); [`Checkpoint::decode`] also reads the older JSON format
+//! [`codec`]; chunks carry their CRC table's CRC, not the table, which
+//! stays in the chunk header: [`super::crc_table`]); [`Checkpoint::decode`] also reads the older JSON format
 //! (`"SHALECP1" | crc32c u32 | json`, the CRC covering the JSON bytes), so
 //! stores written before the binary format still open; their next
 //! checkpoint is binary.
@@ -160,16 +161,85 @@ pub async fn read_manifest(
     Ok((Manifest::parse(volume, &o.data)?, o))
 }
 
-/// What the engine knows about one stored chunk.
+/// What the engine knows about one stored chunk. The chunk's block-CRC
+/// table (one CRC32C per [`CRC_BLOCK`] of the data area) stays in the
+/// chunk object's header; only its CRC is kept here, and readers get the
+/// table through [`super::crc_table::CrcTables`], which checks it against
+/// `table_crc`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "ChunkInfoJson", into = "ChunkInfoJson")]
 pub struct ChunkInfo {
     pub seq: u64,
     pub epoch: u64,
     /// Offset of the data area in the object.
     pub data_start: u64,
     pub data_len: u64,
-    /// CRC32C per [`super::chunk::CRC_BLOCK`] of the data area.
-    pub crcs: Vec<u32>,
+    /// [`super::chunk::table_crc`] of the chunk's block-CRC table.
+    pub table_crc: u32,
+}
+
+/// A chunk as the JSON format (`SHALECP1`) spells it: older objects list
+/// the CRCs (`crcs`), newer ones only their table's CRC (`table_crc`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChunkInfoJson {
+    seq: u64,
+    epoch: u64,
+    data_start: u64,
+    data_len: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    crcs: Option<Vec<u32>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    table_crc: Option<u32>,
+}
+
+impl TryFrom<ChunkInfoJson> for ChunkInfo {
+    type Error = String;
+
+    /// A listed table must have one CRC per [`CRC_BLOCK`] of the data
+    /// (and agree with `table_crc` if both are given); one of them is
+    /// required.
+    fn try_from(j: ChunkInfoJson) -> Result<Self, String> {
+        let table_crc = match (&j.crcs, j.table_crc) {
+            (Some(crcs), t) => {
+                if crcs.len() as u64 != j.data_len.div_ceil(CRC_BLOCK) {
+                    return Err(format!(
+                        "chunk {:#x}: {} checksums for {} bytes of data",
+                        j.seq,
+                        crcs.len(),
+                        j.data_len
+                    ));
+                }
+                let c = super::chunk::table_crc(crcs);
+                if t.is_some_and(|t| t != c) {
+                    return Err(format!("chunk {:#x}: table CRC disagrees", j.seq));
+                }
+                c
+            }
+            (None, Some(t)) => t,
+            (None, None) => return Err(format!("chunk {:#x}: no checksums", j.seq)),
+        };
+        Ok(ChunkInfo {
+            seq: j.seq,
+            epoch: j.epoch,
+            data_start: j.data_start,
+            data_len: j.data_len,
+            table_crc,
+        })
+    }
+}
+
+impl From<ChunkInfo> for ChunkInfoJson {
+    fn from(c: ChunkInfo) -> Self {
+        ChunkInfoJson {
+            seq: c.seq,
+            epoch: c.epoch,
+            data_start: c.data_start,
+            data_len: c.data_len,
+            crcs: None,
+            table_crc: Some(c.table_crc),
+        }
+    }
 }
 
 /// A serialized store-side map.
@@ -214,7 +284,8 @@ pub enum CheckpointError {
 impl ChunkInfo {
     /// Check the numbers against each other and the chunk format: a valid
     /// chunk id, a data area that starts after a header and ends within
-    /// [`MAX_DATA_LEN`], one CRC per [`CRC_BLOCK`] of it.
+    /// [`MAX_DATA_LEN`] (the CRC table itself is checked against
+    /// `table_crc` when it is read from the chunk header).
     pub fn validate(&self) -> Result<(), String> {
         if !valid_chunk_id(self.seq) {
             return Err(format!("chunk id {:#x} is out of range", self.seq));
@@ -229,14 +300,6 @@ impl ChunkInfo {
             return Err(format!(
                 "chunk {:#x}: data length {} is out of range",
                 self.seq, self.data_len
-            ));
-        }
-        if self.crcs.len() as u64 != self.data_len.div_ceil(CRC_BLOCK) {
-            return Err(format!(
-                "chunk {:#x}: {} checksums for {} bytes of data",
-                self.seq,
-                self.crcs.len(),
-                self.data_len
             ));
         }
         Ok(())

@@ -282,6 +282,14 @@ pub fn aligned_range(off: u64, len: u64, data_len: u64) -> (u64, u64) {
     (start, end.min(data_len))
 }
 
+/// CRC32C of a chunk's block-CRC table (its u32s little-endian, in
+/// order): what checkpoints and [`super::checkpoint::ChunkInfo`] keep
+/// instead of the table itself, to check a table read from the header.
+pub fn table_crc(crcs: &[u32]) -> u32 {
+    crcs.iter()
+        .fold(0, |crc, x| crc32c::crc32c_append(crc, &x.to_le_bytes()))
+}
+
 /// Verify `data`, which starts at the block-aligned data-area offset `start`.
 pub fn verify_blocks(crcs: &[u32], start: u64, data: &[u8]) -> Result<(), ChunkError> {
     let first = start / CRC_BLOCK;

@@ -87,7 +87,8 @@ pub(crate) async fn compact(inner: &Inner) -> Result<(), EngineError> {
             .store
             .get_range(&key, info.data_start..info.data_start + info.data_len)
             .await?;
-        verify_blocks(&info.crcs, 0, &body).map_err(|source| EngineError::Chunk {
+        let table = inner.tables.get(&inner.store, inner.id, info).await?;
+        verify_blocks(&table, 0, &body).map_err(|source| EngineError::Chunk {
             key: key.clone(),
             source,
         })?;
@@ -131,8 +132,11 @@ pub(crate) async fn compact(inner: &Inner) -> Result<(), EngineError> {
         epoch: inner.epoch,
         data_start: decoded.header_len,
         data_len: decoded.data_len,
-        crcs: decoded.block_crcs,
+        table_crc: super::chunk::table_crc(&decoded.block_crcs),
     });
+    inner
+        .tables
+        .insert(inner.id, &info, decoded.block_crcs.into());
     let drained = {
         let mut st = inner.shared.lock();
         repoint(&mut st, info, &moved);

@@ -400,8 +400,13 @@ fn build(inner: &Inner, b: &Batch) -> Result<Built, EngineError> {
         epoch: inner.epoch,
         data_start: decoded.header_len,
         data_len: decoded.data_len,
-        crcs: decoded.block_crcs,
+        table_crc: super::chunk::table_crc(&decoded.block_crcs),
     });
+    // Destage has the table at hand: readers of the fresh chunk need no
+    // header GET.
+    inner
+        .tables
+        .insert(inner.id, &info, decoded.block_crcs.into());
     Ok(Built {
         seq: b.seq,
         last_seq: obj.last_seq,

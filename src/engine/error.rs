@@ -20,6 +20,10 @@ pub enum EngineError {
     Wal(#[from] WalError),
     #[error("chunk {key}: {source}")]
     Chunk { key: String, source: ChunkError },
+    /// A chunk's block-CRC table could not be read, or its header is
+    /// corrupt (the error names the key).
+    #[error(transparent)]
+    CrcTable(#[from] super::crc_table::TableError),
     #[error("checkpoint {key}: {source}")]
     Checkpoint {
         key: String,

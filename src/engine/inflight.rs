@@ -46,7 +46,7 @@ use futures::future::{BoxFuture, FutureExt, Shared};
 use super::cache::{Cache, Reservation, SLOT};
 use super::checkpoint::ChunkInfo;
 use super::chunk::chunk_key;
-use super::read::{fetch_within, window_id, StoreOrCrc};
+use super::read::{fetch_within, window_crcs, window_id, StoreOrCrc};
 use super::volume::Inner;
 use crate::store::StoreError;
 
@@ -350,18 +350,30 @@ impl Inflight {
         let cache = inner.cache.as_ref().map(Arc::downgrade);
         let info = info.clone();
         let table = Arc::clone(self);
+        let tables = inner.tables.clone();
         inner.rt.spawn(async move {
-            let res: RunResult = fetch_within(budget, store, key.clone(), info.clone(), start, end)
-                .await
-                .map_err(FetchError::from);
-            // Cache the windows, then free the table entries, then hand the
-            // bytes to the waiting reads (invariant 2).
-            let fills = match (&res, cache.and_then(|c| c.upgrade())) {
-                (Ok(data), Some(cache)) => Some(Fills::reserve(
-                    cache, volume, &info, wins.start, data, &used,
+            let got = fetch_within(
+                budget,
+                store,
+                &tables,
+                volume,
+                key.clone(),
+                info.clone(),
+                start,
+                end,
+            )
+            .await
+            .map_err(FetchError::from);
+            // Cache the windows (with their block CRCs from the verified
+            // table), then free the table entries, then hand the bytes to
+            // the waiting reads (invariant 2).
+            let fills = match (&got, cache.and_then(|c| c.upgrade())) {
+                (Ok((data, crcs)), Some(cache)) => Some(Fills::reserve(
+                    cache, volume, &info, crcs, wins.start, data, &used,
                 )),
                 _ => None,
             };
+            let res: RunResult = got.map(|(data, _)| data);
             if let Some(fills) = fills {
                 // File writes: off the async workers.
                 if tokio::task::spawn_blocking(move || fills.write())
@@ -439,6 +451,7 @@ impl Fills {
         cache: Arc<Cache>,
         volume: u64,
         info: &ChunkInfo,
+        table: &[u32],
         first: u64,
         data: &Bytes,
         used: &Range<u64>,
@@ -450,7 +463,9 @@ impl Fills {
             let ws = w * SLOT;
             // The part of the window the sending read used.
             let u = used.start.clamp(ws, ws + SLOT) - ws..used.end.clamp(ws, ws + SLOT) - ws;
-            if let Some(r) = cache.reserve(&window_id(volume, info, w), win.len() as u64, u) {
+            let id = window_id(volume, info, w);
+            let crcs = window_crcs(table, w);
+            if let Some(r) = cache.reserve(&id, crcs, win.len() as u64, u) {
                 windows.push((r, win));
             }
         }

@@ -102,7 +102,6 @@ mod tests {
     /// in another chunk run, one CRC per 4 KiB of chunk data.
     fn fragmented_checkpoint_bytes_per_extent() -> f64 {
         use crate::engine::checkpoint::{Checkpoint, ChunkInfo};
-        use crate::engine::chunk::CRC_BLOCK;
         use crate::engine::map::{ExtentMap, Loc};
         const N: u64 = 100_000;
         const PER_CHUNK: u64 = 1024;
@@ -126,9 +125,7 @@ mod tests {
                 epoch: 1,
                 data_start: 4096,
                 data_len: PER_CHUNK * 4096,
-                crcs: (0..PER_CHUNK * 4096 / CRC_BLOCK)
-                    .map(|_| crate::test_rng::xorshift(&mut rng) as u32)
-                    .collect(),
+                table_crc: crate::test_rng::xorshift(&mut rng) as u32,
             })
             .collect();
         let cp = Checkpoint::from_map(1, 1, n_chunks, N, &map, chunks);

@@ -364,7 +364,7 @@ mod tests {
                 epoch: 1,
                 data_start: 4096,
                 data_len: off,
-                crcs: Vec::new(),
+                table_crc: 0,
             });
             self.chunks.insert(chunk, runs);
             self.st.apply_chunk_to_stored(info, &extents);

@@ -43,6 +43,7 @@ pub mod clone;
 mod commit;
 mod compact;
 pub mod config;
+pub mod crc_table;
 pub mod damage;
 mod destage;
 pub mod diff;

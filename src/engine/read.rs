@@ -26,6 +26,7 @@ use futures::future::{BoxFuture, FutureExt};
 use super::cache::{Cache, Hit, Served, Wait, WindowId, SLOT};
 use super::checkpoint::ChunkInfo;
 use super::chunk::{aligned_range, chunk_key, verify_blocks, CRC_BLOCK};
+use super::crc_table::{CrcTables, Table, TableError};
 use super::inflight::{FetchError, Mode};
 use super::map::{Loc, WalLoc};
 use super::view::Resolved;
@@ -250,9 +251,10 @@ async fn read_once(inner: &Inner, offset: u64, buf: &mut [u8]) -> Result<Attempt
         let info = info.clone();
         inner.counters.store_reads.fetch_add(1, Ordering::Relaxed);
         let budget = std::time::Duration::from_millis(inner.cfg.store_read_timeout_ms);
+        let (tables, volume) = (inner.tables.clone(), *volume);
         inner.rt.spawn(async move {
-            let res = fetch_within(budget, store, key, info, start, end).await;
-            let _ = tx.send(res.map_err(FetchError::from));
+            let res = fetch_within(budget, store, &tables, volume, key, info, start, end).await;
+            let _ = tx.send(res.map(|(data, _)| data).map_err(FetchError::from));
         });
         waits.push(
             async move {
@@ -320,31 +322,36 @@ fn copy_parts(parts: &[Bytes], skip: u64, dst: &mut [u8]) -> bool {
 }
 
 /// Block CRCs per cache window.
-const CRCS_PER_WINDOW: usize = (SLOT / CRC_BLOCK) as usize;
+pub(super) const CRCS_PER_WINDOW: usize = (SLOT / CRC_BLOCK) as usize;
 
 /// The cache's name for window `w` of chunk `info` of `volume`: the chunk
-/// identity plus a tag over the data area's position and length and the
-/// window's block CRCs, so an entry of any other object is a miss (cache
-/// invariant 1).
+/// identity plus a tag over the data area's position and length, the
+/// chunk's table CRC and the window number, so an entry of any other
+/// object is a miss (cache invariant 1). Needs no CRC table: a cached
+/// window is found and checked with no store access.
 pub(super) fn window_id(volume: u64, info: &ChunkInfo, w: u64) -> WindowId {
-    let mut buf = [0u8; 16 + 4 * CRCS_PER_WINDOW];
+    let mut buf = [0u8; 28];
     buf[..8].copy_from_slice(&info.data_start.to_le_bytes());
     buf[8..16].copy_from_slice(&info.data_len.to_le_bytes());
-    let first = usize::try_from(w)
-        .unwrap_or(usize::MAX)
-        .saturating_mul(CRCS_PER_WINDOW);
-    let crcs = info.crcs.get(first..).unwrap_or(&[]);
-    let n = crcs.len().min(CRCS_PER_WINDOW);
-    for (i, c) in crcs[..n].iter().enumerate() {
-        buf[16 + 4 * i..20 + 4 * i].copy_from_slice(&c.to_le_bytes());
-    }
+    buf[16..20].copy_from_slice(&info.table_crc.to_le_bytes());
+    buf[20..28].copy_from_slice(&w.to_le_bytes());
     WindowId {
         volume,
         seq: info.seq,
         epoch: info.epoch,
         window: w,
-        tag: crc32c::crc32c(&buf[..16 + 4 * n]),
+        tag: crc32c::crc32c(&buf),
     }
+}
+
+/// The block CRCs of window `w` in the chunk's `table` (at most
+/// [`CRCS_PER_WINDOW`]; fewer for a chunk's short last window).
+pub(super) fn window_crcs(table: &[u32], w: u64) -> &[u32] {
+    let first = usize::try_from(w)
+        .unwrap_or(usize::MAX)
+        .saturating_mul(CRCS_PER_WINDOW);
+    let crcs = table.get(first..).unwrap_or(&[]);
+    &crcs[..crcs.len().min(CRCS_PER_WINDOW)]
 }
 
 /// What the cache served of one chunk piece at once.
@@ -430,7 +437,9 @@ fn read_cached(inner: &Inner, volume: u64, info: &ChunkInfo, off: u64, dst: &mut
                 });
                 continue;
             }
-            Some((hit, Served::Read)) => checked_hit(inner, cache, volume, info, w, hit, a, got),
+            Some((hit, Served::Read)) => {
+                checked_hit(inner, cache, volume, info, w, hit, a - ws, got)
+            }
         };
         if !ok {
             match out.missing.last_mut() {
@@ -448,8 +457,10 @@ fn read_cached(inner: &Inner, volume: u64, info: &ChunkInfo, off: u64, dst: &mut
     out
 }
 
-/// Whether the bytes `got` that `hit` (window `w`) served from data offset
-/// `a` pass their CRCs; an entry that fails is dropped and counted.
+/// Whether the bytes `got` that `hit` (window `w`) served from offset `a`
+/// within the window pass the window's block CRCs the cache holds (kept
+/// from a table verified against the chunk's table CRC); an entry that
+/// fails is dropped and counted.
 #[allow(clippy::too_many_arguments)]
 fn checked_hit(
     inner: &Inner,
@@ -461,7 +472,7 @@ fn checked_hit(
     a: u64,
     got: &[u8],
 ) -> bool {
-    let good = verify_blocks(&info.crcs, a, got).is_ok();
+    let good = verify_blocks(hit.crcs(), a, got).is_ok();
     if !good && cache.discard(hit) {
         log::warn!(
             "read cache entry of {} (window {w}) failed its CRC check; refetching",
@@ -553,7 +564,7 @@ fn read_deferred(cache: &Cache, volume: u64, info: &ChunkInfo, w: &Deferred) -> 
     if cache.read_hit(w.hit, w.a - ws, &mut got, Wait::Block) != Served::Read {
         return SlowRead::Missing;
     }
-    if verify_blocks(&info.crcs, w.a, &got).is_err() {
+    if verify_blocks(w.hit.crcs(), w.a - ws, &got).is_err() {
         if !cache.discard(w.hit) {
             // The slot was reused since the lookup: not this entry's fault.
             return SlowRead::Missing;
@@ -580,18 +591,21 @@ pub(super) fn windows(off: u64, len: u64, data_len: u64) -> (u64, u64) {
 /// [`fetch`], retrying transient store errors (with backoff) until
 /// `budget` has passed; then the last error, or a timeout, is returned
 /// (the read fails with EIO). Other errors are returned at once.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn fetch_within(
     budget: std::time::Duration,
     store: crate::store::DynStore,
+    tables: &Arc<CrcTables>,
+    volume: u64,
     key: String,
     info: Arc<ChunkInfo>,
     start: u64,
     end: u64,
-) -> Result<Bytes, StoreOrCrc> {
+) -> Result<(Bytes, Table), StoreOrCrc> {
     let attempts = async {
         let mut backoff = std::time::Duration::from_millis(10);
         loop {
-            match fetch(store.clone(), key.clone(), info.clone(), start, end).await {
+            match fetch(&store, tables, volume, &key, &info, start, end).await {
                 Err(StoreOrCrc::Store(e)) if e.is_transient() => {
                     log::warn!("reading {key} failed (will retry): {e}");
                     tokio::time::sleep(backoff).await;
@@ -610,21 +624,37 @@ pub(super) async fn fetch_within(
     }
 }
 
-/// Fetch and verify chunk data covering `[off, off+len)`; returns the
-/// verified bytes starting at the returned data-area offset.
+/// Fetch and verify chunk data `[start, end)` (block aligned) against the
+/// chunk's CRC table (from `tables`, which may read the header first);
+/// returns the verified bytes and the table.
 async fn fetch(
-    store: crate::store::DynStore,
-    key: String,
-    info: Arc<ChunkInfo>,
+    store: &crate::store::DynStore,
+    tables: &Arc<CrcTables>,
+    volume: u64,
+    key: &str,
+    info: &ChunkInfo,
     start: u64,
     end: u64,
-) -> Result<Bytes, StoreOrCrc> {
+) -> Result<(Bytes, Table), StoreOrCrc> {
+    let table = tables
+        .get(store, volume, info)
+        .await
+        .map_err(StoreOrCrc::from)?;
     let data = store
-        .get_range(&key, info.data_start + start..info.data_start + end)
+        .get_range(key, info.data_start + start..info.data_start + end)
         .await
         .map_err(StoreOrCrc::Store)?;
-    verify_blocks(&info.crcs, start, &data).map_err(|e| StoreOrCrc::Crc(e.to_string()))?;
-    Ok(data)
+    verify_blocks(&table, start, &data).map_err(|e| StoreOrCrc::Crc(e.to_string()))?;
+    Ok((data, table))
+}
+
+impl From<TableError> for StoreOrCrc {
+    fn from(e: TableError) -> Self {
+        match e.store_error() {
+            Some(s) => StoreOrCrc::Store(s),
+            None => StoreOrCrc::Crc(e.to_string()),
+        }
+    }
 }
 
 pub(super) enum StoreOrCrc {

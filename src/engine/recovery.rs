@@ -60,6 +60,8 @@ pub struct Recovered {
     pub wal: wal::Recovered,
     /// What unmapped ranges read through to (clones only).
     pub parent: Option<Arc<SnapshotView>>,
+    /// Block-CRC tables, holding those of the chunks read during recovery.
+    pub tables: Arc<super::crc_table::CrcTables>,
 }
 
 fn manifest_err(volume: u64, reason: impl Into<String>) -> EngineError {
@@ -150,7 +152,17 @@ pub async fn recover(
         after_chunk: manifest.last_chunk,
         min_epoch: manifest.history_epoch,
     };
-    apply_later_chunks(store, p, &mut state, prev_epoch, bound, volume_sectors).await?;
+    let tables = Arc::new(super::crc_table::CrcTables::default());
+    apply_later_chunks(
+        store,
+        p,
+        &mut state,
+        &tables,
+        prev_epoch,
+        bound,
+        volume_sectors,
+    )
+    .await?;
     state.next_compacted = super::compact::clean_orphans(store, p.id, p.epoch, &state).await?;
     let chain_keys = state
         .chain
@@ -186,6 +198,7 @@ pub async fn recover(
         manifest_version,
         wal,
         parent,
+        tables,
     })
 }
 
@@ -309,6 +322,7 @@ async fn apply_later_chunks(
     store: &DynStore,
     p: &VolumeParams,
     state: &mut State,
+    tables: &super::crc_table::CrcTables,
     mut prev_epoch: u64,
     bound: HistoryBound,
     volume_sectors: u64,
@@ -397,8 +411,9 @@ async fn apply_later_chunks(
             epoch,
             data_start: h.header_len,
             data_len: h.data_len,
-            crcs: h.block_crcs.clone(),
+            table_crc: super::chunk::table_crc(&h.block_crcs),
         });
+        tables.insert(p.id, &info, h.block_crcs.clone().into());
         state.apply_chunk_to_stored(info, &h.extents);
         state.stored_seq = h.last_seq;
         state.last_chunk = seq;

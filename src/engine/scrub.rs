@@ -368,7 +368,7 @@ async fn check_chunk(
                 Some("it names another chunk")
             } else if h.header_len != info.data_start || h.data_len != info.data_len {
                 Some("its lengths differ from the checkpoint's")
-            } else if h.block_crcs != info.crcs {
+            } else if super::chunk::table_crc(&h.block_crcs) != info.table_crc {
                 Some("its checksums differ from the checkpoint's")
             } else {
                 None
@@ -376,7 +376,7 @@ async fn check_chunk(
             if let Some(why) = mismatch {
                 return Err(Fault::Header(why.to_string()));
             }
-            (info.data_start, info.data_len, info.crcs.clone())
+            (info.data_start, info.data_len, h.block_crcs)
         }
         None => {
             // Newer than the checkpoint: the header is the only reference.

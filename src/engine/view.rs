@@ -20,6 +20,7 @@ use super::allocation::{Allocation, Extent, Runs, BATCH};
 use super::checkpoint::{read_manifest, Checkpoint, ChunkInfo, Manifest};
 use super::chunk::{aligned_range, chunk_key, verify_blocks};
 use super::clone::load_chain;
+use super::crc_table::CrcTables;
 use super::error::EngineError;
 use super::map::{ExtentMap, Loc};
 use super::snapshot::{load_checkpoint, ParentRef, SnapshotError, SnapshotObject};
@@ -102,6 +103,8 @@ pub struct SnapshotView {
     chunks: HashMap<u64, Arc<ChunkInfo>>,
     /// What unmapped ranges read through to (invariant 3).
     parent: Option<Arc<SnapshotView>>,
+    /// The block-CRC tables of the chunks read (from their headers).
+    tables: Arc<CrcTables>,
 }
 
 impl std::fmt::Debug for SnapshotView {
@@ -134,6 +137,7 @@ impl SnapshotView {
             .map(|c| (c.seq, Arc::new(c.clone())))
             .collect();
         Ok(SnapshotView {
+            tables: Arc::new(CrcTables::default()),
             store,
             volume: cp.volume,
             size,
@@ -328,12 +332,17 @@ impl SnapshotView {
         let len = dst.len() as u64;
         let (start, end) = aligned_range(off, len, info.data_len);
         let key = chunk_key(volume, info.seq, info.epoch);
+        let table = self
+            .tables
+            .get(&self.store, volume, info)
+            .await
+            .map_err(|e| BlockError::Io(e.to_string()))?;
         let data = self
             .store
             .get_range(&key, info.data_start + start..info.data_start + end)
             .await
             .map_err(|e| BlockError::Io(format!("reading {key}: {e}")))?;
-        verify_blocks(&info.crcs, start, &data).map_err(|e| {
+        verify_blocks(&table, start, &data).map_err(|e| {
             super::damage::report(&key, &e);
             BlockError::Io(format!("{key}: {e}"))
         })?;

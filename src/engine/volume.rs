@@ -230,6 +230,8 @@ pub(crate) struct Inner {
     pub cache: Option<Arc<super::cache::Cache>>,
     /// Chunk window GETs in flight, shared by concurrent readers.
     pub fetches: Arc<super::inflight::Inflight>,
+    /// Chunk block-CRC tables, read from chunk headers on first use.
+    pub tables: Arc<super::crc_table::CrcTables>,
     /// Readahead of sequential reads into the cache.
     pub prefetch: super::prefetch::Prefetch,
     /// A clone's parent: unmapped ranges of `live` read from it.
@@ -357,6 +359,7 @@ impl Volume {
             counters: Counters::default(),
             cache: cache.map(Arc::new),
             fetches: Default::default(),
+            tables: rec.tables.clone(),
             prefetch: Default::default(),
             parent: rec.parent,
             parent_ref: rec.manifest.parent,

@@ -166,7 +166,7 @@ pub async fn run(root: &Path, extents: u64) -> Result<()> {
         st.stored_seq
     );
     println!(
-        "open: {open_s:.2} s; RSS +{} MiB ({:.1} B/extent, chunk checksums included; peak \
+        "open: {open_s:.2} s; RSS +{} MiB ({:.1} B/extent, chunk table CRCs included, tables in chunk headers; peak \
          during the open +{} MiB; {} MiB before, {} MiB at start); {} extents in its map",
         after.saturating_sub(before) >> 20,
         after.saturating_sub(before) as f64 / extents as f64,

@@ -8,8 +8,8 @@
 //! 1. A slot holds [`SLOT`] bytes (the last window of a chunk may be
 //!    shorter) of one chunk's data area, starting at a `SLOT`-aligned
 //!    offset, named by a [`WindowId`]: the chunk `(volume, seq, epoch)`,
-//!    the window index and a tag hashing the chunk's data-area position and
-//!    the block CRCs of that window. A chunk object key names one object for
+//!    the window index and a tag hashing the chunk's data-area position,
+//!    its block-CRC table's CRC and the window index. A chunk object key names one object for
 //!    the life of the store (create-only puts; epochs never repeat; a seq
 //!    is never reused within an epoch), so an entry can only ever match the
 //!    chunk it was read from; the tag is a second guard that makes an
@@ -23,8 +23,11 @@
 //!    free on disk), the data, the record. So after a crash of the process
 //!    (the page cache survives) a record always describes the data beside
 //!    it; after a power loss it may not, which invariant 3 covers.
-//! 3. The cache never vouches for data: callers verify what they read
-//!    against the chunk's block CRCs and treat a mismatch as a miss,
+//! 3. The cache never vouches for data: each entry keeps its window's
+//!    block CRCs (in its index record, under the record's CRC, copied
+//!    from a chunk CRC table checked against the chunk's table CRC, so
+//!    they need no store access after a restart); callers verify what
+//!    they read against them ([`Hit::crcs`]) and treat a mismatch as a miss,
 //!    calling [`Cache::discard`] so the window is refetched (a slot may
 //!    also be reused while it is being read; `discard` then does nothing).
 //! 4. Opening never fails because of what the files hold: an unreadable,
@@ -59,7 +62,7 @@ use std::time::Duration;
 
 use policy::Policy;
 pub use record::WindowId;
-use record::{Decoded, Record, RECORD};
+use record::{crcs_for, Crcs, Decoded, Record, RECORD};
 
 use super::error::EngineError;
 
@@ -87,6 +90,10 @@ pub type ChunkId = (u64, u64, u64);
 struct Entry {
     id: WindowId,
     len: u32,
+    /// The window's block CRCs (checked against its chunk's table CRC
+    /// before the entry was reserved): what served bytes are checked
+    /// against.
+    crcs: Crcs,
     /// Sectors of the window some read has used (reuse detection), as two
     /// words (a `u128` would pad the entry to 16-byte alignment).
     seen: [u64; 2],
@@ -104,6 +111,7 @@ struct Entry {
 #[must_use = "a reservation must be filled or abandoned"]
 pub struct Reservation {
     id: WindowId,
+    crcs: Crcs,
     slot: u32,
     gen: u32,
     stamp: u64,
@@ -165,6 +173,15 @@ pub enum Served {
 pub struct Hit {
     slot: u32,
     gen: u32,
+    crcs: Crcs,
+}
+
+impl Hit {
+    /// The block CRCs of the window that served the hit, the first for
+    /// the window's first byte: check served bytes against these.
+    pub fn crcs(&self) -> &[u32] {
+        self.crcs.as_slice()
+    }
 }
 
 #[derive(Debug)]
@@ -345,6 +362,7 @@ impl Cache {
             index.slots[s as usize] = Some(Entry {
                 id: r.id,
                 len: r.len,
+                crcs: r.crcs,
                 seen: [0; 2],
                 pending: false,
                 reused_pending: false,
@@ -454,6 +472,7 @@ impl Cache {
         let seen = u128::from(e.seen[0]) | u128::from(e.seen[1]) << 64;
         let reused = seen & m != 0;
         e.seen = split(seen | m);
+        let crcs = e.crcs;
         if e.pending {
             // Not written yet: a miss, but the use counts.
             e.reused_pending |= reused;
@@ -465,6 +484,7 @@ impl Cache {
         Some(Hit {
             slot,
             gen: idx.policy.gen(slot),
+            crcs,
         })
     }
 
@@ -522,26 +542,38 @@ impl Cache {
         true
     }
 
-    /// Store verified window `id` (at most [`SLOT`] bytes); `used` is the
-    /// part of it the caller's request needed.
-    pub fn put(&self, id: &WindowId, data: &[u8], used: Range<u64>) {
-        if let Some(r) = self.reserve(id, data.len() as u64, used) {
+    /// Store verified window `id` (at most [`SLOT`] bytes) with its block
+    /// CRCs `crcs`; `used` is the part of it the caller's request needed.
+    pub fn put(&self, id: &WindowId, crcs: &[u32], data: &[u8], used: Range<u64>) {
+        if let Some(r) = self.reserve(id, crcs, data.len() as u64, used) {
             self.fill(r, data);
         }
     }
 
-    /// Hand out a slot for window `id` of `len` bytes (at most [`SLOT`]);
+    /// Hand out a slot for window `id` of `len` bytes (at most [`SLOT`])
+    /// whose block CRCs are `crcs` (one per started [`CRC_BLOCK`] of
+    /// `len`, taken from a table checked against its chunk's table CRC);
     /// `used` is the part of it the caller's request needed. Until
     /// [`Cache::fill`] the entry is pending: `get` misses (recording its
     /// use), `contains` is true, and no other window can take the slot.
     /// `None` when the window is cached or pending already, every slot is
     /// being filled, [`MAX_PENDING`] windows are pending (the disk is
-    /// slower than the store: the window is served but not cached), or the
-    /// cache is closed.
-    pub fn reserve(&self, id: &WindowId, len: u64, used: Range<u64>) -> Option<Reservation> {
+    /// slower than the store: the window is served but not cached),
+    /// `crcs` does not fit `len`, or the cache is closed.
+    pub fn reserve(
+        &self,
+        id: &WindowId,
+        crcs: &[u32],
+        len: u64,
+        used: Range<u64>,
+    ) -> Option<Reservation> {
         if len == 0 || len > SLOT || *self.pending_count() >= MAX_PENDING {
             return None;
         }
+        if crcs.len() != crcs_for(len) {
+            return None;
+        }
+        let crcs = Crcs::new(crcs)?;
         let _files = self.files()?;
         let mut idx = self.lock();
         if idx.map.contains_key(&hash(id)) {
@@ -559,6 +591,7 @@ impl Cache {
         idx.slots[slot as usize] = Some(Entry {
             id: *id,
             len: len as u32,
+            crcs,
             seen: split(mask(&used)),
             pending: true,
             reused_pending: false,
@@ -569,6 +602,7 @@ impl Cache {
         *self.pending_count() += 1;
         Some(Reservation {
             id: *id,
+            crcs,
             slot,
             gen,
             stamp,
@@ -710,6 +744,7 @@ impl Cache {
                 id: r.id,
                 len: range.len() as u32,
                 stamp: r.stamp,
+                crcs: r.crcs,
             };
             records.extend_from_slice(&record::encode_record(&rec));
         }

@@ -4,25 +4,72 @@
 //! cached data.
 //!
 //! ```text
-//! file header (64 bytes): magic "SHALERC1" | version u32 | slot_size u32 |
-//!                         slots u64 | zeros | crc32c u32 (of bytes 0..60)
-//! record i (64 bytes, at 64 + 64 * i):
+//! file header (128 bytes): magic "SHALERC1" | version u32 (2) | slot_size u32 |
+//!                          slots u64 | zeros | crc32c u32 (of bytes 0..124)
+//! record i (128 bytes, at 128 + 128 * i):
 //!     magic u32 | len u32 | volume u64 | seq u64 | epoch u64 | window u64 |
-//!     stamp u64 | tag u32 | zeros (8) | crc32c u32 (of bytes 0..60)
+//!     stamp u64 | tag u32 | block crcs u32 x 16 | zeros (8) |
+//!     crc32c u32 (of bytes 0..124)
 //! ```
-//! All integers little-endian. An all-zero record is a free slot.
+//! All integers little-endian. An all-zero record is a free slot. The
+//! block CRCs are those of the window's [`CRC_BLOCK`]s (`len` rounded up
+//! to blocks of them; the rest zero), copied from a chunk CRC table that
+//! was checked against the chunk's table CRC when the window was fetched:
+//! readers check cached bytes against them, so a cache restarted with the
+//! store unreachable still verifies what it serves. Version 1 files (64-byte
+//! records without CRCs) start cold.
 //!
 //! Invariants:
 //! 1. [`decode_record`] accepts a record only if its magic and CRC match
 //!    and its numbers are in range (`1 <= len <= slot_size`); anything
 //!    else is a free slot, never an entry.
-//! 2. The record never vouches for the data: readers still check every
-//!    byte served against the chunk's block CRCs.
+//! 2. The record never vouches for the data: readers check every byte
+//!    served against the block CRCs the record carries (copied from a
+//!    chunk table verified against its table CRC before the window was
+//!    reserved).
+
+use crate::engine::chunk::CRC_BLOCK;
 
 /// Bytes of the file header and of each record.
-pub const RECORD: usize = 64;
+pub const RECORD: usize = 128;
 const FILE_MAGIC: &[u8; 8] = b"SHALERC1";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
+/// Most block CRCs a window has (a 64 KiB slot of 4 KiB blocks).
+pub const WINDOW_CRCS: usize = 16;
+const CRCS_AT: usize = 52;
+const ZEROS_AT: usize = CRCS_AT + 4 * WINDOW_CRCS;
+
+/// The block CRCs of one cached window (fixed size: index memory per slot
+/// stays constant).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Crcs {
+    n: u8,
+    v: [u32; WINDOW_CRCS],
+}
+
+impl Crcs {
+    /// `crcs` if there are at most [`WINDOW_CRCS`] of them.
+    pub fn new(crcs: &[u32]) -> Option<Crcs> {
+        if crcs.len() > WINDOW_CRCS {
+            return None;
+        }
+        let mut v = [0; WINDOW_CRCS];
+        v[..crcs.len()].copy_from_slice(crcs);
+        Some(Crcs {
+            n: crcs.len() as u8,
+            v,
+        })
+    }
+
+    pub fn as_slice(&self) -> &[u32] {
+        &self.v[..self.n as usize]
+    }
+}
+
+/// Block CRCs a window of `len` bytes has.
+pub fn crcs_for(len: u64) -> usize {
+    len.div_ceil(CRC_BLOCK) as usize
+}
 const RECORD_MAGIC: u32 = 0x544f_4c53; // "SLOT"
 
 /// What a slot holds: window `window` of chunk `(volume, seq, epoch)`
@@ -36,13 +83,14 @@ pub struct WindowId {
     pub tag: u32,
 }
 
-/// A decoded record: the window, its length in bytes and its insertion
-/// stamp (larger = newer).
+/// A decoded record: the window, its length in bytes, its insertion
+/// stamp (larger = newer) and its block CRCs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Record {
     pub id: WindowId,
     pub len: u32,
     pub stamp: u64,
+    pub crcs: Crcs,
 }
 
 fn seal(b: &mut [u8; RECORD]) {
@@ -95,6 +143,9 @@ pub fn encode_record(r: &Record) -> [u8; RECORD] {
     b[32..40].copy_from_slice(&r.id.window.to_le_bytes());
     b[40..48].copy_from_slice(&r.stamp.to_le_bytes());
     b[48..52].copy_from_slice(&r.id.tag.to_le_bytes());
+    for (i, c) in r.crcs.v.iter().enumerate() {
+        b[CRCS_AT + 4 * i..CRCS_AT + 4 * i + 4].copy_from_slice(&c.to_le_bytes());
+    }
     seal(&mut b);
     b
 }
@@ -118,7 +169,19 @@ pub fn decode_record(b: &[u8], slot_size: u32) -> Decoded {
         return Decoded::Damaged;
     }
     let len = u32_at(b, 4);
-    if len == 0 || len > slot_size || b[52..60].iter().any(|&x| x != 0) {
+    if len == 0 || len > slot_size || b[ZEROS_AT..RECORD - 4].iter().any(|&x| x != 0) {
+        return Decoded::Damaged;
+    }
+    let n = crcs_for(u64::from(len));
+    if n > WINDOW_CRCS {
+        return Decoded::Damaged;
+    }
+    let mut v = [0u32; WINDOW_CRCS];
+    for (i, c) in v.iter_mut().enumerate() {
+        *c = u32_at(b, CRCS_AT + 4 * i);
+    }
+    // CRCs past the window's blocks must be zero, as written.
+    if v[n..].iter().any(|&c| c != 0) {
         return Decoded::Damaged;
     }
     Decoded::Entry(Record {
@@ -131,6 +194,7 @@ pub fn decode_record(b: &[u8], slot_size: u32) -> Decoded {
         },
         len,
         stamp: u64_at(b, 40),
+        crcs: Crcs { n: n as u8, v },
     })
 }
 
@@ -148,13 +212,18 @@ mod tests {
                 window: 2,
                 tag: 0xdead_beef,
             },
-            len: 4096,
+            len: 4096 + 100,
             stamp: 11,
+            crcs: Crcs::new(&[0x1234_5678, 0x9abc_def0]).unwrap(),
         };
         let b = encode_record(&r);
         assert_eq!(decode_record(&b, 65536), Decoded::Entry(r));
         assert_eq!(decode_record(&[0u8; RECORD], 65536), Decoded::Free);
         assert_eq!(decode_record(&b, 1024), Decoded::Damaged);
+        let Decoded::Entry(back) = decode_record(&b, 65536) else {
+            panic!("not an entry");
+        };
+        assert_eq!(back.crcs.as_slice(), &[0x1234_5678, 0x9abc_def0]);
         for i in 0..RECORD {
             let mut bad = b;
             bad[i] ^= 0x10;

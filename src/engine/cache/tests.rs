@@ -18,6 +18,11 @@ fn id(seq: u64, window: u64) -> WindowId {
     }
 }
 
+/// Block CRCs for a window of `len` bytes (the cache only stores them).
+fn zero_crcs(len: u64) -> Vec<u32> {
+    vec![0; record::crcs_for(len)]
+}
+
 fn full() -> Range<u64> {
     0..SLOT
 }
@@ -31,8 +36,13 @@ fn hit_miss_and_eviction() {
     let b = vec![2u8; 1000];
     let mut buf = vec![0u8; SLOT as usize];
     assert!(c.get(&id(1, 0), 0, &mut buf, full()).is_none());
-    c.put(&id(1, 0), &a, full());
-    c.put(&id(2, 5), &b, 0..1000);
+    c.put(&id(1, 0), &crate::engine::chunk::block_crcs(&a), &a, full());
+    c.put(
+        &id(2, 5),
+        &crate::engine::chunk::block_crcs(&b),
+        &b,
+        0..1000,
+    );
     assert!(c.get(&id(1, 0), 0, &mut buf, full()).is_some());
     let mut part = vec![0u8; 4096];
     assert!(c.get(&id(1, 0), 8192, &mut part, 8192..12288).is_some());
@@ -44,7 +54,7 @@ fn hit_miss_and_eviction() {
     // Past the stored length of a short window: a miss.
     assert!(c.get(&id(2, 5), 0, &mut part, 0..0).is_none());
     // A third window evicts one of the two.
-    c.put(&id(3, 0), &a, full());
+    c.put(&id(3, 0), &crate::engine::chunk::block_crcs(&a), &a, full());
     let hits = [(1, 0), (2, 5), (3, 0)]
         .iter()
         .filter(|&&(ch, w)| c.get(&id(ch, w), 0, &mut [0u8; 10], 0..0).is_some())
@@ -56,7 +66,7 @@ fn hit_miss_and_eviction() {
     // another window.
     let dir = tempfile::tempdir().unwrap();
     let c = Cache::open_test(dir.path(), 2 * SLOT).unwrap().unwrap();
-    c.put(&id(3, 0), &b, 0..0);
+    c.put(&id(3, 0), &crate::engine::chunk::block_crcs(&b), &b, 0..0);
     let mut other = vec![0u8; 1000];
     for o in [
         WindowId {
@@ -85,7 +95,7 @@ fn reads_inside_a_window_honour_the_offset() {
     for (i, b) in d.iter_mut().enumerate() {
         *b = (i / 4096) as u8;
     }
-    c.put(&id(4, 2), &d, full());
+    c.put(&id(4, 2), &crate::engine::chunk::block_crcs(&d), &d, full());
     for block in [0u64, 3, 15] {
         let mut inside = vec![0xffu8; 4096];
         assert!(c.get(&id(4, 2), block * 4096, &mut inside, 0..0).is_some());
@@ -105,7 +115,12 @@ fn entries_survive_reopen_and_discard_is_persistent() {
     {
         let c = Cache::open_test(dir.path(), 8 * SLOT).unwrap().unwrap();
         for s in 0..6 {
-            c.put(&id(s, 0), &pattern(s), full());
+            c.put(
+                &id(s, 0),
+                &crate::engine::chunk::block_crcs(&pattern(s)),
+                &pattern(s),
+                full(),
+            );
         }
         let mut buf = vec![0u8; 16];
         let hit = c.get(&id(5, 0), 0, &mut buf, 0..16).unwrap();
@@ -144,7 +159,12 @@ fn damaged_index_starts_cold_or_drops_records() {
     let fill = || {
         let c = Cache::open_test(dir.path(), 4 * SLOT).unwrap().unwrap();
         for s in 0..4 {
-            c.put(&id(s, 0), &pattern(s), full());
+            c.put(
+                &id(s, 0),
+                &crate::engine::chunk::block_crcs(&pattern(s)),
+                &pattern(s),
+                full(),
+            );
         }
     };
     let index = dir.path().join(INDEX_FILE);
@@ -172,7 +192,12 @@ fn damaged_index_starts_cold_or_drops_records() {
             assert!(c.get(&id(s, 0), 0, &mut [0u8; 8], 0..0).is_none());
         }
         // And it works.
-        c.put(&id(9, 0), &pattern(9), full());
+        c.put(
+            &id(9, 0),
+            &crate::engine::chunk::block_crcs(&pattern(9)),
+            &pattern(9),
+            full(),
+        );
         let mut buf = vec![0u8; SLOT as usize];
         assert!(c.get(&id(9, 0), 0, &mut buf, full()).is_some());
         assert!(buf == pattern(9));
@@ -202,7 +227,12 @@ fn sequential_reads_inside_a_window_are_not_reuse() {
     let c = Cache::open_test(dir.path(), 20 * SLOT).unwrap().unwrap();
     // Window 0 is read 4 KiB at a time, front to back (as a scan does):
     // never reused, so a later flood pushes it out.
-    c.put(&id(0, 0), &pattern(0), 0..4096);
+    c.put(
+        &id(0, 0),
+        &crate::engine::chunk::block_crcs(&pattern(0)),
+        &pattern(0),
+        0..4096,
+    );
     let mut b = vec![0u8; 4096];
     for k in 1..16 {
         assert!(c
@@ -210,10 +240,20 @@ fn sequential_reads_inside_a_window_are_not_reuse() {
             .is_some());
     }
     // Window 1 is read twice at the same place: hot.
-    c.put(&id(1, 0), &pattern(1), 0..4096);
+    c.put(
+        &id(1, 0),
+        &crate::engine::chunk::block_crcs(&pattern(1)),
+        &pattern(1),
+        0..4096,
+    );
     assert!(c.get(&id(1, 0), 0, &mut b, 0..4096).is_some());
     for s in 100..200 {
-        c.put(&id(s, 0), &pattern(s), full());
+        c.put(
+            &id(s, 0),
+            &crate::engine::chunk::block_crcs(&pattern(s)),
+            &pattern(s),
+            full(),
+        );
     }
     assert!(c.get(&id(0, 0), 0, &mut b, 0..0).is_none());
     assert!(c.get(&id(1, 0), 0, &mut b, 0..0).is_some());
@@ -235,7 +275,12 @@ fn index_memory_per_gib_is_bounded() {
 fn another_owner_starts_cold_and_a_busy_directory_is_not_shared() {
     let dir = tempfile::tempdir().unwrap();
     let c = Cache::open_test(dir.path(), 4 * SLOT).unwrap().unwrap();
-    c.put(&id(1, 0), &pattern(1), full());
+    c.put(
+        &id(1, 0),
+        &crate::engine::chunk::block_crcs(&pattern(1)),
+        &pattern(1),
+        full(),
+    );
     assert!(Cache::open(dir.path(), 4 * SLOT, OWNER).unwrap().is_none());
     drop(c);
     let c = Cache::open(dir.path(), 4 * SLOT, b"volume dir B")
@@ -257,14 +302,24 @@ fn close_releases_the_directory_and_stops_all_file_access() {
     let dir = tempfile::tempdir().unwrap();
     let a = std::sync::Arc::new(Cache::open_test(dir.path(), 4 * SLOT).unwrap().unwrap());
     let held = a.clone();
-    a.put(&id(1, 0), &[1u8; 4096], 0..4096);
+    a.put(
+        &id(1, 0),
+        &crate::engine::chunk::block_crcs(&[1u8; 4096]),
+        &[1u8; 4096],
+        0..4096,
+    );
     // Still open: a second open of the directory runs without a cache.
     assert!(Cache::open_test(dir.path(), 4 * SLOT).unwrap().is_none());
     a.close();
     a.close();
     let mut buf = [0u8; 16];
     assert!(held.get(&id(1, 0), 0, &mut buf, 0..16).is_none());
-    held.put(&id(2, 0), &[2u8; 4096], 0..4096);
+    held.put(
+        &id(2, 0),
+        &crate::engine::chunk::block_crcs(&[2u8; 4096]),
+        &[2u8; 4096],
+        0..4096,
+    );
     let b = Cache::open_test(dir.path(), 4 * SLOT).unwrap().unwrap();
     assert_eq!(b.restored(), 1, "the late put was stored");
     assert!(b.get(&id(1, 0), 0, &mut buf, 0..16).is_some());
@@ -283,9 +338,14 @@ fn a_pending_window_misses_counts_its_use_and_cannot_be_reserved_twice() {
     let dir = tempfile::tempdir().unwrap();
     let c = Cache::open_test(dir.path(), 4 * SLOT).unwrap().unwrap();
     let data = pattern_of(1);
-    let r = c.reserve(&id(1, 0), SLOT, 0..4096).unwrap();
+    let r = c
+        .reserve(&id(1, 0), &zero_crcs(SLOT), SLOT, 0..4096)
+        .unwrap();
     assert!(c.contains(&id(1, 0)), "a pending window counts as cached");
-    assert!(c.reserve(&id(1, 0), SLOT, 0..0).is_none(), "reserved twice");
+    assert!(
+        c.reserve(&id(1, 0), &zero_crcs(SLOT), SLOT, 0..0).is_none(),
+        "reserved twice"
+    );
     let mut buf = vec![0u8; 4096];
     // The same sectors again while pending: a miss, remembered as reuse.
     assert!(c.get(&id(1, 0), 0, &mut buf, 0..4096).is_none());
@@ -293,11 +353,11 @@ fn a_pending_window_misses_counts_its_use_and_cannot_be_reserved_twice() {
     assert!(c.get(&id(1, 0), 0, &mut buf, 0..4096).is_some());
     assert_eq!(buf, data[..4096]);
     // A wrong length is refused and frees the slot.
-    let r = c.reserve(&id(2, 0), SLOT, 0..0).unwrap();
+    let r = c.reserve(&id(2, 0), &zero_crcs(SLOT), SLOT, 0..0).unwrap();
     c.fill(r, &data[..100]);
     assert!(!c.contains(&id(2, 0)));
     // An abandoned reservation frees its slot.
-    let r = c.reserve(&id(3, 0), SLOT, 0..0).unwrap();
+    let r = c.reserve(&id(3, 0), &zero_crcs(SLOT), SLOT, 0..0).unwrap();
     c.abandon(r);
     assert!(!c.contains(&id(3, 0)));
     assert!(c.get(&id(3, 0), 0, &mut buf, 0..0).is_none());
@@ -318,8 +378,13 @@ fn a_run_of_windows_is_filled_together_and_reads_back_exactly() {
         .collect();
     let reserved: Vec<Reservation> = (0..5)
         .map(|w| {
-            c.reserve(&id(9, w), wins[w as usize].len() as u64, 0..0)
-                .unwrap()
+            c.reserve(
+                &id(9, w),
+                &zero_crcs(wins[w as usize].len() as u64),
+                wins[w as usize].len() as u64,
+                0..0,
+            )
+            .unwrap()
         })
         .collect();
     let data: Vec<u8> = wins.concat();
@@ -351,7 +416,7 @@ fn a_run_of_windows_is_filled_together_and_reads_back_exactly() {
 fn close_waits_for_a_pending_fill() {
     let dir = tempfile::tempdir().unwrap();
     let c = std::sync::Arc::new(Cache::open_test(dir.path(), 4 * SLOT).unwrap().unwrap());
-    let r = c.reserve(&id(1, 0), SLOT, 0..0).unwrap();
+    let r = c.reserve(&id(1, 0), &zero_crcs(SLOT), SLOT, 0..0).unwrap();
     let filler = {
         let c = c.clone();
         std::thread::spawn(move || {

@@ -153,7 +153,7 @@ mod tests {
                     epoch: 1,
                     data_start: 4096,
                     data_len: 1 << 20,
-                    crcs: vec![seq as u32; 256],
+                    table_crc: seq as u32,
                 })
             })
             .collect();

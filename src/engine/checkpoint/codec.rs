@@ -3,8 +3,9 @@
 //! Layout (all fixed-width integers little-endian):
 //!
 //! ```text
-//! header  "SHALECP2" | version u32 (2: full, 3: delta) | volume u64 | epoch u64
-//!         | chunk_seq u64 | last_seq u64 | chunks u64 | crcs u64
+//! header  "SHALECP2" | version u32 (4: full, 5: delta; 2 and 3 are the
+//!         older full and delta) | volume u64 | epoch u64
+//!         | chunk_seq u64 | last_seq u64 | chunks u64 | crcs u64 (0 from 4 on)
 //!         | extents u64 | zeros u64 | crc32c u32 (of the bytes before it)
 //! page*   kind u8 | 0u8 x3 | records u32 | bytes u32 | crc32c u32 | payload
 //! ```
@@ -12,9 +13,14 @@
 //! A page's CRC covers its first 12 header bytes and its payload; a payload
 //! is at most [`MAX_PAGE_BYTES`]. Pages come in kind order, each kind's
 //! records in table order:
-//! - [`PAGE_CHUNKS`]: per chunk `seq, epoch, data_start, data_len` (varints);
-//! - [`PAGE_CRCS`]: the chunks' CRC arrays concatenated in chunk order, raw
-//!   u32 LE (chunk `i` has `data_len.div_ceil(CRC_BLOCK)` of them);
+//! - [`PAGE_CHUNKS`]: per chunk `seq, epoch, data_start, data_len`
+//!   (varints), then (versions 4 and 5) `table_crc` as a raw u32 LE: the
+//!   CRC32C of the chunk's block-CRC table, which stays in the chunk
+//!   object's header ([`crate::engine::chunk::table_crc`]);
+//! - [`PAGE_CRCS`] (versions 2 and 3 only, still decoded): the chunks' CRC
+//!   arrays concatenated in chunk order, raw u32 LE (chunk `i` has
+//!   `data_len.div_ceil(CRC_BLOCK)` of them); the decoder keeps only each
+//!   chunk's table CRC, computed as the array streams by;
 //! - [`PAGE_EXTENTS`]: per extent `gap, len, chunk, off`: `gap` = start
 //!   minus the previous extent's end (0 for a page's first extent, so every
 //!   page decodes on its own), `chunk` = zigzag of the wrapping difference
@@ -24,7 +30,7 @@
 //!
 //!
 //! A *delta* checkpoint (see [`super::delta`]) has the same header, with
-//! version 3 (so neither a truncated delta nor an older reader takes it
+//! version 5 (3 in the older format) (so neither a truncated delta nor an older reader takes it
 //! for a full map), and pages (its chunks are the chunks it adds, its extents and zero ranges
 //! the new contents of the ranges it changes) plus three more kinds, which
 //! a full checkpoint never holds:
@@ -40,7 +46,7 @@
 //! - [`PAGE_REMOVED`]: per chunk removed from the table, the difference
 //!   from the previous removed id (ascending; the first against 0).
 //!
-//! Readers from before deltas existed reject version 3 ("unknown format
+//! Readers from before deltas existed reject versions 3 and 5 ("unknown format
 //! version"), so they never misread a delta as a full map; kinds above
 //! [`PAGE_REMOVED`] are rejected by name.
 //!
@@ -55,9 +61,12 @@ use super::{Checkpoint, CheckpointError, ChunkInfo};
 use crate::engine::chunk::CRC_BLOCK;
 
 pub const MAGIC: &[u8; 8] = b"SHALECP2";
-const VERSION: u32 = 2;
+const VERSION: u32 = 4;
 /// Header version of a delta (which must hold a [`PAGE_LINK`] page).
-const DELTA_VERSION: u32 = 3;
+const DELTA_VERSION: u32 = 5;
+/// The older full and delta versions: CRC tables listed in [`PAGE_CRCS`].
+const OLD_VERSION: u32 = 2;
+const OLD_DELTA_VERSION: u32 = 3;
 /// Header bytes, its CRC included.
 pub const HEADER_LEN: usize = 8 + 4 + 8 * 8 + 4;
 const PAGE_HEADER_LEN: usize = 16;
@@ -167,15 +176,27 @@ pub fn encode(cp: &Checkpoint) -> Vec<u8> {
 
 /// Encode `cp`, with the delta pages `delta` if given.
 pub fn encode_with(cp: &Checkpoint, delta: Option<&DeltaPages>) -> Vec<u8> {
-    let crcs: u64 = cp.chunks.iter().map(|c| c.crcs.len() as u64).sum();
+    encode_any(cp, delta, None)
+}
+
+/// Encode `cp` in the older versions (2 full, 3 delta) that list every
+/// chunk's CRC table (`tables[i]` is chunk `i`'s): no longer written by the
+/// engine; kept for compatibility tests, fuzz seeds and fixtures.
+pub fn encode_old(cp: &Checkpoint, delta: Option<&DeltaPages>, tables: &[Vec<u32>]) -> Vec<u8> {
+    encode_any(cp, delta, Some(tables))
+}
+
+fn encode_any(cp: &Checkpoint, delta: Option<&DeltaPages>, tables: Option<&[Vec<u32>]>) -> Vec<u8> {
+    let crcs: u64 = tables.map_or(0, |t| t.iter().map(|c| c.len() as u64).sum());
     let mut out = Vec::with_capacity(
         HEADER_LEN + cp.chunks.len() * 24 + crcs as usize * 4 + cp.extents.len() * 10,
     );
     out.extend_from_slice(MAGIC);
-    let version = if delta.is_some() {
-        DELTA_VERSION
-    } else {
-        VERSION
+    let version = match (delta.is_some(), tables.is_some()) {
+        (true, false) => DELTA_VERSION,
+        (false, false) => VERSION,
+        (true, true) => OLD_DELTA_VERSION,
+        (false, true) => OLD_VERSION,
     };
     out.extend_from_slice(&version.to_le_bytes());
     for v in [
@@ -195,18 +216,21 @@ pub fn encode_with(cp: &Checkpoint, delta: Option<&DeltaPages>) -> Vec<u8> {
 
     let mut w = PageWriter::new(&mut out, PAGE_CHUNKS);
     for c in &cp.chunks {
-        if w.full(4 * VARINT_MAX) {
+        if w.full(4 * VARINT_MAX + 4) {
             w.flush();
         }
         for v in [c.seq, c.epoch, c.data_start, c.data_len] {
             put_varint(&mut w.page, v);
+        }
+        if tables.is_none() {
+            w.page.extend_from_slice(&c.table_crc.to_le_bytes());
         }
         w.records += 1;
     }
     w.flush();
 
     let mut w = PageWriter::new(&mut out, PAGE_CRCS);
-    for x in cp.chunks.iter().flat_map(|c| c.crcs.iter()) {
+    for x in tables.unwrap_or_default().iter().flatten() {
         if w.full(4) {
             w.flush();
         }
@@ -382,16 +406,24 @@ pub fn decode_any(b: &[u8]) -> Result<(Checkpoint, Option<DeltaPages>), Checkpoi
         return Err(CheckpointError::Crc);
     }
     let version = word32(b, 8);
-    if version != VERSION && version != DELTA_VERSION {
+    if ![VERSION, DELTA_VERSION, OLD_VERSION, OLD_DELTA_VERSION].contains(&version) {
         return Err(bad_header(format!("unknown format version {version}")));
     }
+    let old = version == OLD_VERSION || version == OLD_DELTA_VERSION;
+    let is_delta = version == DELTA_VERSION || version == OLD_DELTA_VERSION;
     let h: Vec<u64> = (0..8).map(|i| word(b, 12 + 8 * i)).collect();
     let (n_chunks, n_crcs, n_extents, n_zeros) = (h[4], h[5], h[6], h[7]);
+    if !old && n_crcs != 0 {
+        return Err(bad_header(format!(
+            "version {version} lists {n_crcs} checksums (it keeps none)"
+        )));
+    }
+    let min_chunk = if old { MIN_CHUNK } else { MIN_CHUNK + 4 };
     // Every record takes at least a few bytes: counts the input cannot
     // hold are refused before anything is allocated for them.
     let body = (b.len() - HEADER_LEN) as u64;
     let need = [
-        (n_chunks, MIN_CHUNK),
+        (n_chunks, min_chunk),
         (n_crcs, MIN_CRC),
         (n_extents, MIN_EXTENT),
         (n_zeros, MIN_ZERO),
@@ -414,8 +446,9 @@ pub fn decode_any(b: &[u8]) -> Result<(Checkpoint, Option<DeltaPages>), Checkpoi
         extents: Vec::with_capacity(n_extents as usize),
         zeros: Vec::with_capacity(n_zeros as usize),
     };
-    // CRC arrays are filled in chunk order: (chunk index, CRCs still due).
-    let mut crc_fill = (0usize, 0u64);
+    // Old versions: CRC arrays stream by in chunk order; each chunk keeps
+    // only the CRC of its array.
+    let mut crc_fill = CrcFill::default();
     let mut delta: Option<DeltaPages> = None;
     // Ranges and removed chunks the link announces.
     let (mut n_ranges, mut n_removed) = (0u64, 0u64);
@@ -489,23 +522,30 @@ pub fn decode_any(b: &[u8]) -> Result<(Checkpoint, Option<DeltaPages>), Checkpoi
                         *x = r.varint().map_err(err)?;
                     }
                     let [seq, epoch, data_start, data_len] = f;
-                    // Bound the CRC array before allocating it.
-                    let n = data_len.div_ceil(CRC_BLOCK);
-                    if n > n_crcs {
-                        return Err(err(format!(
-                            "chunk {seq:#x}: {data_len} data bytes need more checksums than the header's {n_crcs}"
-                        )));
-                    }
+                    let table_crc = if old {
+                        let n = data_len.div_ceil(CRC_BLOCK);
+                        if n > n_crcs {
+                            return Err(err(format!(
+                                "chunk {seq:#x}: {data_len} data bytes need more checksums than the header's {n_crcs}"
+                            )));
+                        }
+                        0
+                    } else {
+                        r.u32().map_err(err)?
+                    };
                     cp.chunks.push(ChunkInfo {
                         seq,
                         epoch,
                         data_start,
                         data_len,
-                        crcs: Vec::new(),
+                        table_crc,
                     });
                 }
             }
             PAGE_CRCS => {
+                if !old {
+                    return Err(err(format!("version {version} holds no checksum pages")));
+                }
                 if cp.chunks.len() as u64 != n_chunks {
                     return Err(err(format!(
                         "checksums after {} of {n_chunks} chunks",
@@ -518,26 +558,7 @@ pub fn decode_any(b: &[u8]) -> Result<(Checkpoint, Option<DeltaPages>), Checkpoi
                 crcs_seen += records;
                 for _ in 0..records {
                     let x = r.u32().map_err(err)?;
-                    loop {
-                        let (i, due) = &mut crc_fill;
-                        let Some(c) = cp.chunks.get_mut(*i) else {
-                            return Err(err("more checksums than the chunks' data needs".into()));
-                        };
-                        if *due == 0 && c.crcs.is_empty() {
-                            *due = c.data_len.div_ceil(CRC_BLOCK);
-                            c.crcs.reserve_exact(*due as usize);
-                        }
-                        if *due == 0 {
-                            *i += 1;
-                            continue;
-                        }
-                        c.crcs.push(x);
-                        *due -= 1;
-                        if *due == 0 {
-                            *i += 1;
-                        }
-                        break;
-                    }
+                    crc_fill.push(&mut cp.chunks, x).map_err(err)?;
                 }
             }
             PAGE_EXTENTS => {
@@ -671,7 +692,12 @@ pub fn decode_any(b: &[u8]) -> Result<(Checkpoint, Option<DeltaPages>), Checkpoi
     if cp.zeros.len() as u64 != n_zeros {
         return Err(short("zero ranges", cp.zeros.len() as u64, n_zeros));
     }
-    if (version == DELTA_VERSION) != delta.is_some() {
+    if old {
+        crc_fill
+            .finish(&mut cp.chunks)
+            .map_err(CheckpointError::Parse)?;
+    }
+    if is_delta != delta.is_some() {
         return Err(CheckpointError::Parse(if delta.is_some() {
             "a full checkpoint holds a delta link page".into()
         } else {
@@ -686,10 +712,62 @@ pub fn decode_any(b: &[u8]) -> Result<(Checkpoint, Option<DeltaPages>), Checkpoi
             return Err(short("removed chunks", d.removed.len() as u64, n_removed));
         }
     }
-    // Chunks whose data needs more checksums than were given are caught by
-    // `ChunkInfo::validate` (which counts them); a sum that matches the
-    // header but is spread wrongly shows there as well.
     Ok((cp, delta))
+}
+
+/// The old versions' CRC arrays as they stream by: the chunk being
+/// filled, the CRCs it still needs, and the CRC of its array so far.
+#[derive(Default)]
+struct CrcFill {
+    i: usize,
+    started: bool,
+    due: u64,
+    crc: u32,
+}
+
+impl CrcFill {
+    /// Start chunk `c` if not started; true if it needs no more CRCs (its
+    /// table CRC is then set).
+    fn start(&mut self, c: &mut ChunkInfo) -> bool {
+        if !self.started {
+            (self.started, self.due, self.crc) = (true, c.data_len.div_ceil(CRC_BLOCK), 0);
+        }
+        if self.due == 0 {
+            c.table_crc = self.crc;
+            (self.i, self.started) = (self.i + 1, false);
+            return true;
+        }
+        false
+    }
+
+    /// The next CRC of the stream.
+    fn push(&mut self, chunks: &mut [ChunkInfo], x: u32) -> Result<(), String> {
+        loop {
+            let Some(c) = chunks.get_mut(self.i) else {
+                return Err("more checksums than the chunks' data needs".into());
+            };
+            if self.start(c) {
+                continue;
+            }
+            self.crc = crc32c::crc32c_append(self.crc, &x.to_le_bytes());
+            self.due -= 1;
+            self.start(c);
+            return Ok(());
+        }
+    }
+
+    /// After the last CRC: every chunk got all it needs.
+    fn finish(&mut self, chunks: &mut [ChunkInfo]) -> Result<(), String> {
+        while let Some(c) = chunks.get_mut(self.i) {
+            if !self.start(c) {
+                return Err(format!(
+                    "chunk {:#x}: fewer checksums than its {} bytes of data need",
+                    c.seq, c.data_len
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -12,14 +12,14 @@ fn round_trip_and_corruption() {
             epoch: 1,
             data_start: 100,
             data_len: 4096,
-            crcs: vec![1u32],
+            table_crc: 1,
         },
         ChunkInfo {
             seq: 2,
             epoch: 1,
             data_start: 100,
             data_len: 4096,
-            crcs: vec![2u32],
+            table_crc: 2,
         },
     ];
     let cp = Checkpoint::from_map(5, 1, 2, 40, &map, chunks);
@@ -37,7 +37,7 @@ fn round_trip_and_corruption() {
     assert!(
         matches!(
             Checkpoint::decode(&bad),
-            Err(CheckpointError::Page { page: 2, .. })
+            Err(CheckpointError::Page { page: 1, .. })
         ),
         "{:?}",
         Checkpoint::decode(&bad)
@@ -112,7 +112,7 @@ fn zero_ranges_round_trip() {
         epoch: 1,
         data_start: 100,
         data_len: 4096,
-        crcs: vec![1u32],
+        table_crc: 1,
     }];
     let plain = Checkpoint::from_map(5, 1, 1, 4, &map, chunks.clone());
     assert!(plain.zeros.is_empty());
@@ -156,7 +156,7 @@ fn survives_random_input(json: bool) {
         epoch: 1,
         data_start: 100,
         data_len: 4096,
-        crcs: vec![1u32],
+        table_crc: 1,
     }];
     let cp = Checkpoint::from_map(5, 1, 1, 4, &map, chunks);
     let enc = if json { cp.encode_json() } else { cp.encode() };
@@ -206,7 +206,7 @@ fn to_map_merges_sorted_lists_and_checks_every_run() {
         epoch: 1,
         data_start: 100,
         data_len: 1 << 20,
-        crcs: vec![0u32; 256],
+        table_crc: 0,
     };
     let mut cp = Checkpoint {
         volume: 5,

@@ -63,7 +63,7 @@ fn snapshot(id: u64, seqs: &[u64]) -> SnapshotObject {
             epoch: 1,
             data_start: crate::engine::chunk::MIN_HEADER_LEN,
             data_len: 0,
-            crcs: Vec::new(),
+            table_crc: 0,
         })
         .collect();
     SnapshotObject {

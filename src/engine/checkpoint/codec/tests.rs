@@ -1,7 +1,7 @@
 //! Binary checkpoint codec: round trips, page splitting, and hostile input.
 
 use super::*;
-use crate::engine::chunk::COMPACTED_BIT;
+use crate::engine::chunk::{table_crc, COMPACTED_BIT};
 use crate::engine::map::{ExtentMap, Loc};
 
 struct Rng(u64);
@@ -31,9 +31,7 @@ fn random_checkpoint(seed: u64, n: usize, nchunks: u64) -> Checkpoint {
                 epoch: 1 + rng.below(3),
                 data_start: 100 + rng.below(1000),
                 data_len,
-                crcs: (0..data_len.div_ceil(CRC_BLOCK))
-                    .map(|_| rng.next() as u32)
-                    .collect(),
+                table_crc: table_crc(&table_of(seq, data_len)),
             }
         })
         .collect();
@@ -65,6 +63,22 @@ fn random_checkpoint(seed: u64, n: usize, nchunks: u64) -> Checkpoint {
         extents,
         zeros,
     }
+}
+
+/// A chunk's block-CRC table, derived from its id and length.
+fn table_of(seq: u64, data_len: u64) -> Vec<u32> {
+    let mut rng = Rng(seq.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    (0..data_len.div_ceil(CRC_BLOCK))
+        .map(|_| rng.next() as u32)
+        .collect()
+}
+
+/// The tables of `cp`'s chunks, in chunk order (for the old versions).
+fn tables_of(cp: &Checkpoint) -> Vec<Vec<u32>> {
+    cp.chunks
+        .iter()
+        .map(|c| table_of(c.seq, c.data_len))
+        .collect()
 }
 
 /// Recompute the header CRC and every page CRC (walking pages by their
@@ -135,12 +149,17 @@ fn random_maps_round_trip_across_pages() {
             assert!(len <= MAX_PAGE_BYTES && records > 0, "kind {kind}");
         }
     }
-    // The big one spans several pages of checksums and extents, in order.
-    let enc = encode(&random_checkpoint(4, 40_000, 60));
+    // The big one spans several pages of extents, in order, and none of
+    // checksums; in the old version, several of checksums.
+    let cp = random_checkpoint(4, 40_000, 60);
+    let enc = encode(&cp);
     let kinds: Vec<u8> = pages(&enc).iter().map(|p| p.0).collect();
+    assert!(!kinds.contains(&PAGE_CRCS), "{kinds:?}");
+    let old = encode_old(&cp, None, &tables_of(&cp));
+    let old_kinds: Vec<u8> = pages(&old).iter().map(|p| p.0).collect();
     assert!(
-        kinds.iter().filter(|&&k| k == PAGE_CRCS).count() > 1,
-        "{kinds:?}"
+        old_kinds.iter().filter(|&&k| k == PAGE_CRCS).count() > 1,
+        "{old_kinds:?}"
     );
     assert!(
         kinds.iter().filter(|&&k| k == PAGE_EXTENTS).count() > 1,
@@ -167,9 +186,98 @@ fn extents_are_compact() {
     assert!(per * 3.0 < json, "{per} vs {json}");
 }
 
+/// Versions 2 (full) and 3 (delta) still decode: each chunk's table CRC is
+/// computed from the CRCs listed, which then take no memory.
+#[test]
+fn old_versions_decode_to_table_crcs() {
+    for (seed, n, nchunks) in [(11, 0, 0), (12, 5, 1), (13, 3000, 30)] {
+        let cp = random_checkpoint(seed, n, nchunks);
+        let old = encode_old(&cp, None, &tables_of(&cp));
+        assert_eq!(word32(&old, 8), OLD_VERSION);
+        assert_eq!(decode(&old).unwrap(), cp, "seed {seed}");
+        let d = DeltaPages {
+            position: 2,
+            prev_chunk_seq: 1,
+            base: "b".into(),
+            prev: "p".into(),
+            ranges: vec![(0, 8), (100, 1)],
+            removed: vec![3, 9],
+        };
+        let old = encode_old(&cp, Some(&d), &tables_of(&cp));
+        assert_eq!(word32(&old, 8), OLD_DELTA_VERSION);
+        assert_eq!(decode_any(&old).unwrap(), (cp.clone(), Some(d.clone())));
+        let new = encode_with(&cp, Some(&d));
+        assert_eq!(word32(&new, 8), DELTA_VERSION);
+        assert_eq!(decode_any(&new).unwrap(), (cp, Some(d)));
+    }
+}
+
+/// The new encoding drops the CRC tables: smaller than the old one by the
+/// CRC bytes, less the 4 bytes of table CRC each chunk now carries.
+#[test]
+fn checkpoints_shrink_by_the_crc_bytes() {
+    let cp = random_checkpoint(14, 2000, 40);
+    let tables = tables_of(&cp);
+    let crc_bytes: usize = tables.iter().map(|t| 4 * t.len()).sum();
+    let old = encode_old(&cp, None, &tables).len();
+    let new = encode(&cp).len();
+    assert!(crc_bytes > 40_000, "{crc_bytes}");
+    assert!(
+        old - new >= crc_bytes - 4 * cp.chunks.len(),
+        "old {old}, new {new}, CRC bytes {crc_bytes}"
+    );
+}
+
+/// Old-version specific damage: fewer or more CRCs than the chunks' data
+/// needs, and a count the header does not announce, are refused; so are a
+/// CRC count and a CRC page in the new version.
+#[test]
+fn bad_crc_counts_are_refused() {
+    let cp = random_checkpoint(15, 20, 3);
+    let mut tables = tables_of(&cp);
+    let mut short = tables.clone();
+    short[0].pop();
+    let e = decode(&encode_old(&cp, None, &short))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("fewer checksums"), "{e}");
+    tables[0].push(7);
+    let e = decode(&encode_old(&cp, None, &tables))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("more checksums"), "{e}");
+    // New version: a CRC count in the header.
+    let mut m = encode(&cp);
+    m[12 + 8 * 5..12 + 8 * 6].copy_from_slice(&1u64.to_le_bytes());
+    reseal(&mut m);
+    let e = decode(&m).unwrap_err().to_string();
+    assert!(e.contains("keeps none"), "{e}");
+    // New version: an old CRC page spliced in (header says version 4).
+    let mut m = encode_old(&cp, None, &tables_of(&cp));
+    m[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    m[12 + 8 * 5..12 + 8 * 6].copy_from_slice(&0u64.to_le_bytes());
+    reseal(&mut m);
+    assert!(decode(&m).is_err());
+    // An unknown version is named.
+    let mut m = encode(&cp);
+    m[8..12].copy_from_slice(&6u32.to_le_bytes());
+    reseal(&mut m);
+    let e = decode(&m).unwrap_err().to_string();
+    assert!(e.contains("unknown format version 6"), "{e}");
+}
+
 #[test]
 fn every_truncation_and_bit_flip_is_an_error() {
     let cp = random_checkpoint(6, 300, 4);
+    let old = encode_old(&cp, None, &tables_of(&cp));
+    for cut in 0..old.len() {
+        assert!(decode(&old[..cut]).is_err(), "old, cut at {cut}");
+    }
+    for byte in 0..old.len() {
+        let mut m = old.clone();
+        m[byte] ^= 1 << (byte % 8);
+        assert!(decode(&m).is_err(), "old, flip {byte} decoded");
+    }
     let enc = encode(&cp);
     for cut in 0..enc.len() {
         assert!(decode(&enc[..cut]).is_err(), "cut at {cut}");
