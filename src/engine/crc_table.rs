@@ -262,7 +262,9 @@ impl CrcTables {
             None
         };
         if let Some(why) = why {
-            log::error!("chunk {key}: {why}");
+            // Once per key however many reads hit it (the read path
+            // reports the same key again: also deduplicated).
+            super::damage::report(&key, &why);
             return Err(corrupt(volume, info, why));
         }
         Ok(h.block_crcs.into())
