@@ -14,9 +14,7 @@
 //!    with [`fs::WalFile::write_durable_at`] (`RWF_DSYNC`, a FUA write)
 //!    and acknowledged at once; a flush with nothing unsynced costs no
 //!    `fdatasync` at all, and is answered on the caller's thread
-//!    ([`durable`]). A plain batch is written so too when a flush is
-//!    expected to follow it ([`durable::FlushHint`]: after each of the
-//!    last plain batches a flush came before the next write).
+//!    ([`durable`]).
 //! 3. Before a new segment is started the previous one is `fdatasync`ed, so a
 //!    flush only has to sync the current segment, and only the newest
 //!    segment can hold a torn record (see [`replay`]).
@@ -373,7 +371,6 @@ impl Wal {
             next_seq: recovered.next_seq,
             last_seq: last_seq.clone(),
             marks: marks.clone(),
-            hint: durable::FlushHint::default(),
             seg_limit,
             broken: broken.clone(),
             sync_tx: Some(sync_tx),
@@ -481,7 +478,6 @@ impl Wal {
     /// unsynced this returns at once, on the caller's thread (durable
     /// invariant 2).
     pub async fn sync(&self) -> Result<(), WalError> {
-        self.marks.flushes.fetch_add(1, Ordering::AcqRel);
         if let Some(e) = lock_broken(&self.broken).clone() {
             return Err(e);
         }
@@ -687,8 +683,6 @@ struct Writer {
     last_seq: Arc<AtomicU64>,
     /// What is durable (written by the syncer and read by flushers too).
     marks: Arc<durable::Marks>,
-    /// Whether to write the next plain batch durably.
-    hint: durable::FlushHint,
     seg_limit: u64,
     /// Set once an I/O error broke the log (invariant 5), by either thread.
     broken: Arc<Mutex<Option<WalError>>>,
@@ -1032,13 +1026,8 @@ impl Writer {
                 }
             }
             // Nothing unsynced before this batch: one durable (FUA) write
-            // replaces write + fdatasync (invariant 2). A plain batch is
-            // written so too when a flush is expected to follow it
-            // ([`durable::FlushHint`]).
-            let flush_expected = self
-                .hint
-                .before_writes(self.marks.flushes.load(Ordering::Acquire));
-            durable = (need_sync || flush_expected)
+            // replaces write + fdatasync (invariant 2).
+            durable = need_sync
                 && !self.marks.cut_pending()
                 && self.marks.synced.load(Ordering::Acquire) >= first_seq - 1;
             let res = if durable {
@@ -1072,14 +1061,6 @@ impl Writer {
             self.last_seq.store(last.seq, Ordering::Release);
             if durable {
                 self.marks.synced.fetch_max(last.seq, Ordering::AcqRel);
-            }
-            if need_sync {
-                self.hint.after_durable_request();
-            } else {
-                // Read before any record of the batch is acknowledged, so
-                // a flush sent after an acknowledgement counts as following.
-                self.hint
-                    .after_plain(self.marks.flushes.load(Ordering::Acquire));
             }
             (self.apply)(&appended);
         }
