@@ -23,12 +23,15 @@ use shale::store::{DynStore, Object, ObjectMeta, ObjectStore, PutMode, StoreResu
 
 const CHUNK: u64 = 256 << 10;
 
-/// Counts ranged GETs of chunk data; while `hold` is set they wait until
-/// it is cleared; `delay` slows each of them.
+/// Counts ranged GETs of chunk data, and apart from them the GETs of chunk
+/// headers (ranges from offset 0: a chunk's block-CRC table, read once per
+/// chunk); while `hold` is set they wait until it is cleared; `delay`
+/// slows each of them.
 #[derive(Debug, Default)]
 struct GateStore {
     inner: MemoryStore,
     range_gets: AtomicU64,
+    header_gets: AtomicU64,
     waiting: AtomicU64,
     hold: AtomicBool,
     delay_us: AtomicU64,
@@ -40,7 +43,11 @@ impl ObjectStore for GateStore {
         self.inner.get(key).await
     }
     async fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> StoreResult<Bytes> {
-        self.range_gets.fetch_add(1, Ordering::SeqCst);
+        if range.start == 0 {
+            self.header_gets.fetch_add(1, Ordering::SeqCst);
+        } else {
+            self.range_gets.fetch_add(1, Ordering::SeqCst);
+        }
         self.waiting.fetch_add(1, Ordering::SeqCst);
         while self.hold.load(Ordering::SeqCst) {
             tokio::time::sleep(Duration::from_millis(1)).await;
@@ -181,6 +188,7 @@ async fn concurrent_readers_of_a_cold_window_send_one_get() {
     let (v, data) = cold_volume(&mut fx, 0).await;
     fx.store.hold.store(true, Ordering::SeqCst);
     let before = fx.store.range_gets.load(Ordering::SeqCst);
+    let headers_before = fx.store.header_gets.load(Ordering::SeqCst);
     let shared_before = v.stats().fetch_shared;
     // Eight readers of different 4 KiB blocks of one 64 KiB window.
     let base = 3 * CHUNK + (64 << 10);
@@ -213,6 +221,8 @@ async fn concurrent_readers_of_a_cold_window_send_one_get() {
         gets, 1,
         "eight concurrent readers of one window sent {gets} GETs"
     );
+    let headers = fx.store.header_gets.load(Ordering::SeqCst) - headers_before;
+    assert!(headers <= 1, "one chunk's header read {headers} times");
     v.close().await.unwrap();
 }
 
@@ -223,6 +233,7 @@ async fn sequential_reads_are_fetched_ahead_and_random_reads_are_not() {
     let (v, data) = cold_volume(&mut fx, 1 << 20).await;
     // Reads 1 MiB apart (further than any read's length): no stream.
     let before = fx.store.range_gets.load(Ordering::SeqCst);
+    let headers_before = fx.store.header_gets.load(Ordering::SeqCst);
     for i in [5u64, 1, 7, 3, 0, 6, 2, 4] {
         let at = i * (1 << 20) + 4096 * i;
         let mut b = vec![0u8; 4096];
@@ -231,6 +242,8 @@ async fn sequential_reads_are_fetched_ahead_and_random_reads_are_not() {
     }
     assert_eq!(v.stats().prefetch_bytes, 0, "random reads prefetched");
     assert_eq!(fx.store.range_gets.load(Ordering::SeqCst) - before, 8);
+    // Each read is in another chunk: at most one header GET each.
+    assert!(fx.store.header_gets.load(Ordering::SeqCst) - headers_before <= 8);
     v.close().await.unwrap();
     fx.drop_cache();
     let v = fx.open(1 << 20).await;
