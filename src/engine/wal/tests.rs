@@ -313,19 +313,27 @@ fn replay_makes_what_it_keeps_durable() {
     assert_eq!(replayed.len(), 5, "replayed records survive the power cut");
 }
 
-/// A file system whose writes can be held at a gate, and fail with ENOSPC
-/// while `full` is set.
+/// Files whose writes can be held at a gate, and fail with ENOSPC while
+/// `full` is set; `fdatasync` calls are counted.
 #[derive(Debug, Default)]
-struct Gate {
-    full: std::sync::atomic::AtomicBool,
-    held: Mutex<bool>,
-    cv: std::sync::Condvar,
+pub(super) struct Gate {
+    pub full: std::sync::atomic::AtomicBool,
+    pub held: Mutex<bool>,
+    pub cv: std::sync::Condvar,
     /// Writes waiting at the gate.
-    waiting: std::sync::atomic::AtomicU64,
+    pub waiting: std::sync::atomic::AtomicU64,
+    /// `fdatasync` calls.
+    pub syncs: std::sync::atomic::AtomicU64,
 }
 
-#[derive(Debug)]
-struct GatedFs(Arc<Gate>);
+/// `inner` with every file behind `gate`.
+pub(super) fn gated(inner: DynWalFs, gate: &Arc<Gate>) -> DynWalFs {
+    let g = gate.clone();
+    Arc::new(WrapFs {
+        inner,
+        wrap: Box::new(move |f| Arc::new(GatedFile(f, g.clone()))),
+    })
+}
 
 #[derive(Debug)]
 struct GatedFile(super::fs::SegFile, Arc<Gate>);
@@ -348,6 +356,9 @@ impl super::fs::WalFile for GatedFile {
         self.0.read_exact_at(buf, off)
     }
     fn sync_data(&self) -> std::io::Result<()> {
+        self.1
+            .syncs
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.0.sync_data()
     }
     fn set_len(&self, len: u64) -> std::io::Result<()> {
@@ -355,32 +366,6 @@ impl super::fs::WalFile for GatedFile {
     }
     fn size(&self) -> std::io::Result<u64> {
         self.0.size()
-    }
-}
-
-impl super::fs::WalFs for GatedFs {
-    fn create_dir_all(&self, dir: &std::path::Path) -> std::io::Result<()> {
-        super::fs::RealFs.create_dir_all(dir)
-    }
-    fn list(&self, dir: &std::path::Path) -> std::io::Result<Vec<String>> {
-        super::fs::RealFs.list(dir)
-    }
-    fn create(&self, path: &std::path::Path) -> std::io::Result<super::fs::SegFile> {
-        let f = super::fs::RealFs.create(path)?;
-        Ok(Arc::new(GatedFile(f, self.0.clone())))
-    }
-    fn open(&self, path: &std::path::Path) -> std::io::Result<super::fs::SegFile> {
-        let f = super::fs::RealFs.open(path)?;
-        Ok(Arc::new(GatedFile(f, self.0.clone())))
-    }
-    fn remove(&self, path: &std::path::Path) -> std::io::Result<()> {
-        super::fs::RealFs.remove(path)
-    }
-    fn rename(&self, from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
-        super::fs::RealFs.rename(from, to)
-    }
-    fn sync_dir(&self, dir: &std::path::Path) -> std::io::Result<()> {
-        super::fs::RealFs.sync_dir(dir)
     }
 }
 
@@ -392,7 +377,7 @@ fn enospc_refuses_the_records_but_not_a_flush_in_the_same_batch() {
     use std::sync::atomic::Ordering::SeqCst;
     let dir = tempfile::tempdir().unwrap();
     let gate = Arc::new(Gate::default());
-    let fs: DynWalFs = Arc::new(GatedFs(gate.clone()));
+    let fs: DynWalFs = gated(real(), &gate);
     let (wal, _, _) = start_on(&fs, dir.path(), 0, 1 << 20).unwrap();
     let one = futures::executor::block_on(wal.append(RecordKind::Write, 0, 1, data(1, 1), false));
     assert_eq!(one, Ok(1));
