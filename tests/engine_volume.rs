@@ -653,3 +653,41 @@ async fn allocation_matches_a_model_from_wal_and_chunks() {
     );
     v.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owned_writes_land_like_borrowed_ones() {
+    let store: DynStore = Arc::new(MemoryStore::new());
+    let dir = tempfile::tempdir().unwrap();
+    let v = open(&store, dir.path(), 1, small_cfg()).await;
+    let mut model = vec![0u8; SIZE as usize];
+    for i in 0..30u64 {
+        let off = (i * 53 % 1900) * 512;
+        let data = pattern(i, 512 * (1 + (i as usize % 23)));
+        model[off as usize..off as usize + data.len()].copy_from_slice(&data);
+        v.write_owned(off, data, i % 7 == 0).await.unwrap();
+    }
+    // An all-zero buffer over data: the range reads as zeros.
+    v.write_owned(4096, vec![0u8; 8192], false).await.unwrap();
+    model[4096..12288].fill(0);
+    v.write_owned(0, Vec::new(), false).await.unwrap();
+    assert_eq!(read_all(&v).await, model);
+    // Bad requests fail as with `write` and change nothing.
+    assert!(matches!(
+        v.write_owned(SIZE, vec![1u8; 512], false).await,
+        Err(BlockError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        v.write_owned(100, vec![1u8; 512], false).await,
+        Err(BlockError::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        v.write_owned(0, vec![1u8; 100], false).await,
+        Err(BlockError::InvalidArgument(_))
+    ));
+    assert_eq!(read_all(&v).await, model);
+    v.close().await.unwrap();
+    drop(v);
+    let v = open(&store, dir.path(), 2, small_cfg()).await;
+    assert_eq!(read_all(&v).await, model, "after reopen");
+    v.close().await.unwrap();
+}

@@ -104,6 +104,12 @@ pub trait BlockDevice: Send + Sync {
     async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError>;
     /// Write `data` at `offset`; durable on return when `fua`.
     async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BlockError>;
+    /// [`BlockDevice::write`] of a buffer the caller gives away, so a
+    /// device that keeps the bytes (a WAL record) need not copy them. Same
+    /// contract as `write`; the default lends the buffer to it.
+    async fn write_owned(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), BlockError> {
+        self.write(offset, &data, fua).await
+    }
     /// Make every completed write durable.
     async fn flush(&self) -> Result<(), BlockError>;
     /// Discard a range: it reads as zeros afterwards and its space may be freed.

@@ -728,6 +728,57 @@ impl Drop for Volume {
     }
 }
 
+/// The record of `piece`, written at byte `offset`: a zero record when
+/// every byte is zero, else a write record holding the bytes (moved when
+/// owned, copied when borrowed).
+fn new_record(offset: u64, piece: std::borrow::Cow<'_, [u8]>) -> NewRecord {
+    let zero = piece.iter().all(|&b| b == 0);
+    NewRecord {
+        kind: if zero {
+            RecordKind::Zero
+        } else {
+            RecordKind::Write
+        },
+        lba: offset / SECTOR,
+        sectors: piece.len() as u64 / SECTOR,
+        data: if zero { Vec::new() } else { piece.into_owned() },
+    }
+}
+
+impl Volume {
+    /// Log `recs`, the records of a checked write of `len` bytes at
+    /// `offset`, once the unstored bound has room; durable on return when
+    /// `fua`.
+    async fn write_records(
+        &self,
+        offset: u64,
+        len: u64,
+        recs: Vec<NewRecord>,
+        fua: bool,
+    ) -> Result<(), BlockError> {
+        if len == 0 {
+            return Ok(());
+        }
+        // `len` is at least what the records count (a zero piece counts
+        // one sector).
+        let room = self.wait_for_room(len).await?;
+        let _space = super::space::admit(&self.inner.shared, offset, len, &recs)?;
+        let waits = self.inner.wal.submit_many(recs, fua)?;
+        let mut last = 0;
+        for w in waits {
+            last = last.max(w.await?);
+        }
+        drop(room);
+        // A fence that raced with the WAL append wins: nothing is
+        // acknowledged after `fence` returned (invariant 4).
+        Self::gate_fenced(&self.inner.shared.lock())?;
+        if fua && self.inner.cfg.durability == Durability::Store {
+            self.wait_store(last).await?;
+        }
+        self.admit_ack().await
+    }
+}
+
 #[async_trait]
 impl BlockDevice for Volume {
     fn size(&self) -> u64 {
@@ -744,47 +795,31 @@ impl BlockDevice for Volume {
     }
 
     async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BlockError> {
-        let len = data.len() as u64;
-        check_range(offset, len, self.inner.size)?;
-        if len == 0 {
-            return Ok(());
-        }
-        // `len` is at least what the records count (a zero piece counts
-        // one sector).
-        let room = self.wait_for_room(len).await?;
-        // One record per request (up to MAX_RECORD); an all-zero piece
-        // becomes a zero record.
+        check_range(offset, data.len() as u64, self.inner.size)?;
+        // One record per request (up to MAX_RECORD).
         let recs = data
             .chunks(MAX_RECORD)
             .enumerate()
             .map(|(i, piece)| {
-                let zero = piece.iter().all(|&b| b == 0);
-                NewRecord {
-                    kind: if zero {
-                        RecordKind::Zero
-                    } else {
-                        RecordKind::Write
-                    },
-                    lba: (offset + (i * MAX_RECORD) as u64) / SECTOR,
-                    sectors: piece.len() as u64 / SECTOR,
-                    data: if zero { Vec::new() } else { piece.to_vec() },
-                }
+                new_record(
+                    offset + (i * MAX_RECORD) as u64,
+                    std::borrow::Cow::Borrowed(piece),
+                )
             })
-            .collect::<Vec<_>>();
-        let _space = super::space::admit(&self.inner.shared, offset, len, &recs)?;
-        let waits = self.inner.wal.submit_many(recs, fua)?;
-        let mut last = 0;
-        for w in waits {
-            last = last.max(w.await?);
+            .collect();
+        self.write_records(offset, data.len() as u64, recs, fua)
+            .await
+    }
+
+    async fn write_owned(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), BlockError> {
+        if data.len() > MAX_RECORD {
+            return self.write(offset, &data, fua).await;
         }
-        drop(room);
-        // A fence that raced with the WAL append wins: nothing is
-        // acknowledged after `fence` returned (invariant 4).
-        Self::gate_fenced(&self.inner.shared.lock())?;
-        if fua && self.inner.cfg.durability == Durability::Store {
-            self.wait_store(last).await?;
-        }
-        self.admit_ack().await
+        check_range(offset, data.len() as u64, self.inner.size)?;
+        let len = data.len() as u64;
+        // The buffer becomes the record's data: no copy.
+        let recs = vec![new_record(offset, std::borrow::Cow::Owned(data))];
+        self.write_records(offset, len, recs, fua).await
     }
 
     async fn flush(&self) -> Result<(), BlockError> {

@@ -212,6 +212,14 @@ impl BlockDevice for MeteredDevice {
         r
     }
 
+    async fn write_owned(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), BlockError> {
+        let t = Instant::now();
+        let len = data.len() as u64;
+        let r = self.inner.write_owned(offset, data, fua).await;
+        self.metrics.record(Op::Write, len, t, &r);
+        r
+    }
+
     async fn flush(&self) -> Result<(), BlockError> {
         let t = Instant::now();
         let r = self.inner.flush().await;

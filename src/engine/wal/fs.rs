@@ -25,7 +25,8 @@
 //! The real implementation writes with O_DIRECT from 4 KiB-aligned buffers
 //! (a partial last block is padded with zeros and rewritten from an
 //! in-memory copy by the next write) and reads through a second, buffered
-//! descriptor; where the file system refuses O_DIRECT (tmpfs: EINVAL) it
+//! descriptor, except [`WalFile::read_range`] (destage's span reads), which
+//! reads with O_DIRECT into a page-aligned pooled buffer; where the file system refuses O_DIRECT (tmpfs: EINVAL) it
 //! falls back to buffered `pwritev` and logs that once (the environment
 //! variable `SHALE_WAL_NO_DIRECT`, a diagnostic knob for benchmarks, takes
 //! that path on purpose). The hot path pays one dynamic call per batch.
@@ -36,6 +37,10 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
+use bytes::Bytes;
+
+use crate::store::aligned::PooledBuf;
+
 /// An open file of the WAL (read and write).
 pub trait WalFile: Send + Sync + std::fmt::Debug {
     /// Write the slices at `off`, in order; returns the bytes written
@@ -43,6 +48,17 @@ pub trait WalFile: Send + Sync + std::fmt::Debug {
     fn write_vectored_at(&self, iov: &[IoSlice<'_>], off: u64) -> io::Result<usize>;
     /// Fill `buf` from `off`; fails if the file ends before.
     fn read_exact_at(&self, buf: &mut [u8], off: u64) -> io::Result<()>;
+    /// `[off, off + len)` as shared bytes in a page-aligned pooled buffer
+    /// (never zeroed first: every byte handed out was read). The real file
+    /// reads with O_DIRECT when it writes that way, so the bytes come
+    /// straight from the disk into the buffer, with no page-cache copy;
+    /// the default reads with [`WalFile::read_exact_at`]. Fails if the
+    /// file ends before.
+    fn read_range(&self, off: u64, len: usize) -> io::Result<Bytes> {
+        let mut buf = PooledBuf::take(len);
+        self.read_exact_at(buf.bytes_mut(), off)?;
+        Ok(buf.freeze())
+    }
     /// [`WalFile::read_exact_at`] only if it needs no disk read (the page
     /// cache holds every byte); `Ok(false)` otherwise, and then `buf` may
     /// hold anything. The default cannot tell and always says `false`.
@@ -316,6 +332,62 @@ impl WalFile for RealFile {
         FileExt::read_exact_at(&self.read, buf, off)
     }
 
+    fn read_range(&self, off: u64, len: usize) -> io::Result<Bytes> {
+        if self.tail.is_none() {
+            let mut buf = PooledBuf::take(len);
+            FileExt::read_exact_at(&self.read, buf.bytes_mut(), off)?;
+            return Ok(buf.freeze());
+        }
+        let bs = DIRECT_BLOCK;
+        let start = off - off % bs;
+        let pre = (off - start) as usize;
+        let end = off
+            .checked_add(len as u64)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "range too large"))?;
+        let total = (end.div_ceil(bs) * bs - start) as usize;
+        let mut buf = PooledBuf::take(total);
+        let mut got = 0usize;
+        // O_DIRECT: aligned offsets and lengths in an aligned buffer; the
+        // last read may stop at the end of the file, past what is asked.
+        while got < pre + len {
+            if got as u64 % bs != 0 {
+                break;
+            }
+            let dst = &mut buf.bytes_mut()[got..];
+            let at = libc::off_t::try_from(start + got as u64)
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
+            // SAFETY: `dst` is a live, writable, page-aligned region of
+            // `dst.len()` bytes (a whole number of blocks from a block
+            // boundary of `buf`), exclusively borrowed for the call.
+            let n = unsafe {
+                libc::pread(
+                    self.write.as_raw_fd(),
+                    dst.as_mut_ptr().cast(),
+                    dst.len(),
+                    at,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if n == 0 {
+                break;
+            }
+            got += n as usize;
+        }
+        if got < pre + len {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the file ends before the range read",
+            ));
+        }
+        Ok(buf.freeze().slice(pre..pre + len))
+    }
+
     fn read_cached_at(&self, buf: &mut [u8], off: u64) -> io::Result<bool> {
         crate::nowait::read_cached_at(&self.read, buf, off)
     }
@@ -407,4 +479,47 @@ pub fn read_all_into(file: &dyn WalFile, buf: &mut Vec<u8>) -> io::Result<()> {
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "file too large"))?;
     buf.resize(len, 0);
     file.read_exact_at(buf, 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bytes that differ at every offset (so a misplaced read shows).
+    fn pattern(len: usize, salt: u8) -> Vec<u8> {
+        (0..len).map(|i| (i % 251) as u8 ^ salt).collect()
+    }
+
+    #[test]
+    fn read_range_returns_exactly_the_written_bytes_at_any_alignment() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = real().create(&dir.path().join("seg")).unwrap();
+        // Appends of odd sizes, as the log makes them: the file ends
+        // inside a block, and every later write rewrites that block.
+        let mut written = Vec::new();
+        for (i, len) in [100usize, 4096, 7000, 1, 12_345].into_iter().enumerate() {
+            let part = pattern(len, i as u8);
+            write_all_at(f.as_ref(), &[IoSlice::new(&part)], written.len() as u64).unwrap();
+            written.extend_from_slice(&part);
+        }
+        assert_eq!(f.size().unwrap(), written.len() as u64);
+        let end = written.len();
+        for (off, len) in [
+            (0, end),
+            (0, 1),
+            (99, 2),
+            (4095, 4098),
+            (4196, 7000),
+            (end - 1, 1),
+            (end - 5000, 5000),
+            (5000, 0),
+        ] {
+            let got = f.read_range(off as u64, len).unwrap();
+            assert_eq!(&got[..], &written[off..off + len], "range {off}+{len}");
+        }
+        // Past the end of the file: an error, not short or stale bytes.
+        let past = f.read_range((end - 10) as u64, 11).unwrap_err();
+        assert_eq!(past.kind(), io::ErrorKind::UnexpectedEof);
+        assert!(f.read_range(end as u64 + 4096, 1).is_err());
+    }
 }

@@ -18,7 +18,7 @@ use crate::engine::SECTOR;
 pub struct Span {
     pub seg: u64,
     pub off: u64,
-    pub buf: Vec<u8>,
+    pub buf: bytes::Bytes,
 }
 
 /// The file range a record's data and CRCs occupy: from its block CRC
@@ -34,7 +34,9 @@ pub fn extent_of(loc: &WalLoc) -> Option<(u64, u64)> {
     Some((start, loc.data_off.checked_add(len)?))
 }
 
-/// Read `[start, end)` of segment `seg` with one read.
+/// Read `[start, end)` of segment `seg` with one read
+/// ([`super::fs::WalFile::read_range`]: no zeroing, and no page-cache copy
+/// on the real file).
 pub fn read_span(
     file: &dyn super::fs::WalFile,
     seg: u64,
@@ -45,8 +47,8 @@ pub fn read_span(
         .checked_sub(start)
         .and_then(|l| usize::try_from(l).ok())
         .ok_or_else(|| io_err("read WAL span", format!("bad range {start}..{end}")))?;
-    let mut buf = vec![0u8; len];
-    file.read_exact_at(&mut buf, start)
+    let buf = file
+        .read_range(start, len)
         .map_err(|e| io_err("read WAL", e))?;
     Ok(Span {
         seg,
@@ -116,6 +118,13 @@ pub fn record_in_span<'a>(
 mod tests {
     use super::*;
 
+    /// Flip one bit of the byte at `at` of `span`.
+    fn flip(span: &mut Span, at: usize) {
+        let mut b = span.buf.to_vec();
+        b[at] ^= 1;
+        span.buf = b.into();
+    }
+
     /// A span holding two block-CRC records (3 blocks + 1 sector, and 1
     /// sector) after some leading bytes, and their locations.
     fn two_records() -> (Span, WalLoc, WalLoc) {
@@ -143,7 +152,7 @@ mod tests {
         let span = Span {
             seg: 3,
             off: 1000,
-            buf,
+            buf: buf.into(),
         };
         (span, locs[0], locs[1])
     }
@@ -164,7 +173,7 @@ mod tests {
         let (mut span, a, b) = two_records();
         // Damage block 2 of record `a` (sectors 16..24).
         let at = (a.data_off - span.off) as usize + 2 * 4096 + 17;
-        span.buf[at] ^= 1;
+        flip(&mut span, at);
         assert!(matches!(
             record_in_span(&span, &a, 25),
             Err(WalError::Corrupt { seg: 3, off }) if off == a.data_off + 8192
@@ -174,7 +183,7 @@ mod tests {
         record_in_span(&span, &b, 1).unwrap();
         // A damaged table fails the table CRC.
         let t = (a.data_off - span.off) as usize - 1;
-        span.buf[t] ^= 1;
+        flip(&mut span, t);
         assert!(record_in_span(&span, &a, 1).is_err());
     }
 
@@ -204,7 +213,7 @@ mod tests {
         let short = Span {
             seg: 3,
             off: span.off,
-            buf: span.buf[..span.buf.len() - 1].to_vec(),
+            buf: span.buf.slice(..span.buf.len() - 1),
         };
         assert!(record_in_span(&short, &b, 1).is_err());
     }
@@ -226,10 +235,10 @@ mod tests {
         let mut span = Span {
             seg: 0,
             off: 0,
-            buf,
+            buf: buf.into(),
         };
         assert_eq!(record_in_span(&span, &loc, 2).unwrap(), &data[512..1536]);
-        span.buf[64 + 2000] ^= 1;
+        flip(&mut span, 64 + 2000);
         assert!(record_in_span(&span, &loc, 1).is_err());
     }
 }

@@ -200,6 +200,15 @@ impl WalFile for TailFile {
         self.file.read_exact_at(buf, off)
     }
 
+    fn read_range(&self, off: u64, len: usize) -> io::Result<bytes::Bytes> {
+        let mut buf = crate::store::aligned::PooledBuf::take(len);
+        if self.tail.read(self.seg, off, buf.bytes_mut()) {
+            return Ok(buf.freeze());
+        }
+        drop(buf);
+        self.file.read_range(off, len)
+    }
+
     fn read_cached_at(&self, buf: &mut [u8], off: u64) -> io::Result<bool> {
         if self.tail.read(self.seg, off, buf) {
             return Ok(true);

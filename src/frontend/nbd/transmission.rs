@@ -31,6 +31,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::BufMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
@@ -309,13 +310,10 @@ where
         };
         let payload = match op {
             Op::Write { len, .. } => {
-                let mut buf = vec![0u8; len as usize];
-                if let Err(e) =
-                    within(timeout, "a request payload", reader.read_exact(&mut buf)).await
-                {
-                    break Err(e.into());
+                match within(timeout, "a request payload", read_payload(&mut reader, len)).await {
+                    Ok(buf) => buf,
+                    Err(e) => break Err(e.into()),
                 }
-                buf
             }
             _ => Vec::new(),
         };
@@ -370,6 +368,20 @@ async fn acquire(
     }
 }
 
+/// Exactly `len` payload bytes, read straight into a fresh buffer (never
+/// zeroed first: every byte handed out was read from the client).
+async fn read_payload<R: AsyncRead + Unpin>(reader: &mut R, len: u32) -> std::io::Result<Vec<u8>> {
+    let len = len as usize;
+    let mut buf = Vec::with_capacity(len);
+    while buf.len() < len {
+        let room = len - buf.len();
+        if reader.read_buf(&mut (&mut buf).limit(room)).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(buf)
+}
+
 async fn skip_bytes<R: AsyncRead + Unpin>(reader: &mut R, n: u32) -> std::io::Result<()> {
     let copied = tokio::io::copy(&mut reader.take(n.into()), &mut tokio::io::sink()).await?;
     if copied < u64::from(n) {
@@ -395,7 +407,7 @@ async fn execute(
                 .map(|()| Body::Data { offset, data: buf })
         }
         Op::Write { offset, fua, .. } => device
-            .write(offset, &payload, fua)
+            .write_owned(offset, payload, fua)
             .await
             .map(|()| Body::Done),
         Op::Flush => device.flush().await.map(|()| Body::Done),
