@@ -8,8 +8,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use shale::clock::SystemClock;
-use shale::engine::chunk::chunk_prefix;
 use shale::engine::config::{Durability, EngineConfig};
+use shale::engine::layout::chunk_prefix;
 use shale::engine::{BlockDevice, Volume, VolumeParams};
 use shale::store::memory::MemoryStore;
 use shale::store::{DynStore, ObjectStore, PutMode};

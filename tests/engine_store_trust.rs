@@ -15,12 +15,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use shale::clock::SystemClock;
-use shale::engine::checkpoint::{manifest_key, Checkpoint, Manifest};
-use shale::engine::chunk::{
-    chunk_key, chunk_prefix, compacted_prefix, encode, parse_chunk_name, ChunkExtent, ChunkHeader,
-};
+use shale::engine::checkpoint::{Checkpoint, Manifest};
+use shale::engine::chunk::{encode, ChunkExtent, ChunkHeader};
 use shale::engine::config::{Durability, EngineConfig};
-use shale::engine::snapshot::{snapshot_key, SnapshotObject};
+use shale::engine::layout::{
+    chunk_key, chunk_prefix, compacted_prefix, manifest_key, parse_chunk_name, snapshot_key,
+};
+use shale::engine::snapshot::SnapshotObject;
 use shale::engine::{BlockDevice, Volume, VolumeParams};
 use shale::store::faulty::{FaultPoint, FaultyStore};
 use shale::store::memory::MemoryStore;

@@ -19,10 +19,11 @@ use std::time::{Duration, Instant};
 
 use cli_support::CliEnv;
 use nbd_support::{have_tool, run_ok};
-use shale::catalog::lease::{lease_key, read_lease, AcquireOptions, HolderId, Lease};
+use shale::catalog::lease::{read_lease, AcquireOptions, HolderId, Lease};
 use shale::catalog::local_dir::read_identity;
 use shale::catalog::Catalog;
 use shale::clock::{DynClock, SystemClock};
+use shale::engine::layout::lease_key;
 use shale::store::fs::FsStore;
 use shale::store::{DynStore, ObjectStore, PutMode};
 

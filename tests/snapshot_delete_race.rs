@@ -11,12 +11,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use shale::catalog::lease::{lease_key, Lease};
+use shale::catalog::lease::Lease;
 use shale::catalog::snapshot::{SnapError, Snapshots};
 use shale::catalog::{Catalog, VolumeRecord};
 use shale::clock::{DynClock, SystemClock};
 use shale::control::{socket_path, ControlServer};
 use shale::engine::config::EngineConfig;
+use shale::engine::layout::lease_key;
 use shale::engine::{BlockDevice, Volume, VolumeParams};
 use shale::store::faulty::{FaultPoint, FaultyStore};
 use shale::store::memory::MemoryStore;

@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use shale::catalog::lease::{lease_key, read_lease, Lease, LeaseError};
+use shale::catalog::lease::{read_lease, Lease, LeaseError};
 use shale::clock::{DynClock, ManualClock};
+use shale::engine::layout::lease_key;
 use shale::store::fs::FsStore;
 use shale::store::memory::MemoryStore;
 use shale::store::s3::S3Store;

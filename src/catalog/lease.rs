@@ -52,8 +52,8 @@ use futures::channel::oneshot as ack_oneshot;
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::local_dir::LocalDirClaim;
-use crate::catalog::volume_prefix;
 use crate::clock::DynClock;
+use crate::engine::layout::lease_key;
 use crate::engine::volume::{AckGate, Admission};
 use crate::host;
 use crate::store::{DynStore, PutMode, StoreError, Version};
@@ -173,11 +173,6 @@ pub enum LeaseError {
     Contended { volume_id: u64 },
     #[error("lease store error: {0}")]
     Store(#[from] StoreError),
-}
-
-/// The store key of volume `volume_id`'s lease.
-pub fn lease_key(volume_id: u64) -> String {
-    format!("{}lease", volume_prefix(volume_id))
 }
 
 fn now_ms(clock: &DynClock) -> u64 {

@@ -30,11 +30,10 @@ use bytes::Bytes;
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
+use crate::engine::layout::STORE_ID_KEY;
 use crate::host::MAX_ID_LEN;
 use crate::store::{DynStore, PutMode, StoreError};
 
-/// The store's identity object.
-pub const STORE_ID_KEY: &str = "catalog/store-id";
 /// The file in a volume's local directory naming its store and volume.
 pub const IDENTITY_FILE: &str = "identity.json";
 /// The file in a volume's local directory its opener holds locked.

@@ -30,12 +30,12 @@ pub mod lease;
 pub mod local_dir;
 pub mod snapshot;
 
+use crate::engine::layout::{
+    catalog_record_key, parse_catalog_record_key, volume_prefix, CATALOG_VOLUMES_PREFIX,
+    NEXT_ID_KEY,
+};
 use crate::store::{DynStore, PutMode, StoreError, Version};
 
-/// Prefix of every catalog object.
-pub const CATALOG_PREFIX: &str = "catalog/";
-const VOLUMES_PREFIX: &str = "catalog/volumes/";
-const NEXT_ID_KEY: &str = "catalog/next-id";
 /// Volume sizes are multiples of this.
 pub const SIZE_ALIGN: u64 = 4096;
 /// Largest volume size (1 PiB).
@@ -44,11 +44,6 @@ pub const MAX_VOLUME_SIZE: u64 = 1 << 50;
 pub const MAX_NAME_LEN: usize = 64;
 /// Attempts at the id counter's compare-and-swap before giving up.
 const ID_CAS_ATTEMPTS: u32 = 1000;
-
-/// The store prefix holding all of one volume's objects: `volumes/<id:016x>/`.
-pub fn volume_prefix(id: u64) -> String {
-    format!("volumes/{id:016x}/")
-}
 
 /// Lifecycle state of a volume record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -177,10 +172,6 @@ pub fn validate_size(size: u64) -> Result<(), CatalogError> {
     Ok(())
 }
 
-fn record_key(name: &str) -> String {
-    format!("{VOLUMES_PREFIX}{name}")
-}
-
 /// Volume records in an object store.
 #[derive(Debug, Clone)]
 pub struct Catalog {
@@ -208,7 +199,7 @@ impl Catalog {
     ) -> Result<VolumeRecord, CatalogError> {
         validate_name(name)?;
         validate_size(size)?;
-        let key = record_key(name);
+        let key = catalog_record_key(name);
         // Cheap early check so a duplicate name does not use up an id; the
         // create-only put below is what makes uniqueness hold under races.
         match self.store.head(&key).await {
@@ -250,8 +241,10 @@ impl Catalog {
     /// Every volume, sorted by name.
     pub async fn list(&self) -> Result<Vec<VolumeRecord>, CatalogError> {
         let mut out = Vec::new();
-        for meta in self.store.list(VOLUMES_PREFIX).await? {
-            let name = &meta.key[VOLUMES_PREFIX.len()..];
+        for meta in self.store.list(CATALOG_VOLUMES_PREFIX).await? {
+            // Listed under the prefix, so the name is there (an empty one
+            // fails like any other invalid name).
+            let name = parse_catalog_record_key(&meta.key).unwrap_or_default();
             match self.get_versioned(name).await {
                 Ok((rec, _)) => out.push(rec),
                 // Deleted between the listing and the read.
@@ -282,7 +275,7 @@ impl Catalog {
         now_ms: u64,
     ) -> Result<(VolumeRecord, Usage), CatalogError> {
         validate_name(name)?;
-        let key = record_key(name);
+        let key = catalog_record_key(name);
         let (mut record, was_ready) = self.mark_deleting(name).await?;
         let clones = self.clones_of_volume(name).await?;
         if !clones.is_empty() {
@@ -339,7 +332,7 @@ impl Catalog {
 
     /// Forget a flattened clone's parent (compare-and-swap on the record).
     pub async fn clear_parent(&self, name: &str) -> Result<VolumeRecord, CatalogError> {
-        let key = record_key(name);
+        let key = catalog_record_key(name);
         for _ in 0..ID_CAS_ATTEMPTS {
             let (mut record, version) = self.get_versioned(name).await?;
             if record.parent.is_none() {
@@ -375,7 +368,7 @@ impl Catalog {
         name: &str,
         state: VolumeState,
     ) -> Result<VolumeRecord, CatalogError> {
-        let key = record_key(name);
+        let key = catalog_record_key(name);
         for _ in 0..ID_CAS_ATTEMPTS {
             let (before, version) = self.get_versioned(name).await?;
             if before.state == state {
@@ -398,7 +391,7 @@ impl Catalog {
 
     async fn get_versioned(&self, name: &str) -> Result<(VolumeRecord, Version), CatalogError> {
         validate_name(name)?;
-        let key = record_key(name);
+        let key = catalog_record_key(name);
         let obj = match self.store.get(&key).await {
             Ok(obj) => obj,
             Err(StoreError::NotFound { .. }) => {

@@ -7,7 +7,8 @@ use shale::catalog::lease::read_lease;
 use shale::catalog::Catalog;
 use shale::clock::{Clock, SystemClock};
 use shale::config::Config;
-use shale::engine::checkpoint::{manifest_key, Manifest};
+use shale::engine::checkpoint::Manifest;
+use shale::engine::layout::manifest_key;
 use shale::engine::wal::{discard, fs};
 use shale::store::StoreError;
 

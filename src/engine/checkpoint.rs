@@ -33,6 +33,7 @@ use serde::{Deserialize, Serialize};
 
 use super::chunk::{CRC_BLOCK, MAX_DATA_LEN, MIN_HEADER_LEN};
 use super::error::EngineError;
+use super::layout::{checkpoint_prefix, manifest_key};
 use super::limits::{get_capped, valid_chunk_id, MAX_MANIFEST_BYTES, MAX_SEQ};
 use super::map::{ExtentMap, Loc};
 use super::snapshot::ParentRef;
@@ -76,28 +77,6 @@ pub struct Manifest {
     /// (absent in volumes that are not clones, and after a flatten).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<ParentRef>,
-}
-
-pub fn manifest_key(volume: u64) -> String {
-    format!("volumes/{volume:016x}/manifest")
-}
-
-/// Prefix of every checkpoint key of `volume`.
-pub fn checkpoint_prefix(volume: u64) -> String {
-    format!("volumes/{volume:016x}/checkpoints/")
-}
-
-pub fn checkpoint_key(volume: u64, chunk_seq: u64, epoch: u64) -> String {
-    format!("{}{chunk_seq:016x}-{epoch:08x}", checkpoint_prefix(volume))
-}
-
-/// Key of delta `position` of a chain, ending at chunk `chunk_seq`: never
-/// the key of a base, nor of another delta of the same chain.
-pub fn delta_key(volume: u64, chunk_seq: u64, epoch: u64, position: u64) -> String {
-    format!(
-        "{}-delta-{position:04x}",
-        checkpoint_key(volume, chunk_seq, epoch)
-    )
 }
 
 impl Manifest {

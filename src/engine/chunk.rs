@@ -74,39 +74,6 @@ pub enum ChunkError {
 /// break its chain.
 pub const COMPACTED_BIT: u64 = 1 << 63;
 
-/// Key of chunk `seq` written in `epoch` (a compaction object when `seq`
-/// has [`COMPACTED_BIT`]).
-pub fn chunk_key(volume: u64, seq: u64, epoch: u64) -> String {
-    let prefix = if seq & COMPACTED_BIT != 0 {
-        compacted_prefix(volume)
-    } else {
-        chunk_prefix(volume)
-    };
-    format!("{prefix}{seq:016x}-{epoch:08x}")
-}
-
-/// Prefix under which every compaction object of `volume` lives.
-pub fn compacted_prefix(volume: u64) -> String {
-    format!("volumes/{volume:016x}/compacted/")
-}
-
-/// Prefix under which every chunk of `volume` lives.
-pub fn chunk_prefix(volume: u64) -> String {
-    format!("volumes/{volume:016x}/chunks/")
-}
-
-/// `(seq, epoch)` from a chunk key's last segment.
-pub fn parse_chunk_name(name: &str) -> Option<(u64, u64)> {
-    let (s, e) = name.split_once('-')?;
-    if s.len() != 16 {
-        return None;
-    }
-    Some((
-        u64::from_str_radix(s, 16).ok()?,
-        u64::from_str_radix(e, 16).ok()?,
-    ))
-}
-
 /// CRC32C of each [`CRC_BLOCK`] block of `data`.
 pub fn block_crcs(data: &[u8]) -> Vec<u32> {
     data.chunks(CRC_BLOCK as usize)
@@ -407,26 +374,6 @@ mod tests {
         for cut in [0, 7, 40, hl - 1] {
             assert!(decode_header(&obj[..cut]).is_err(), "cut at {cut}");
         }
-    }
-
-    #[test]
-    fn keys_parse() {
-        let k = chunk_key(0xab, 17, 3);
-        assert_eq!(
-            k,
-            "volumes/00000000000000ab/chunks/0000000000000011-00000003"
-        );
-        let name = k.rsplit('/').next().unwrap();
-        assert_eq!(parse_chunk_name(name), Some((17, 3)));
-        assert_eq!(parse_chunk_name("zz-1"), None);
-        let c = chunk_key(0xab, COMPACTED_BIT | 5, 3);
-        assert_eq!(
-            c,
-            "volumes/00000000000000ab/compacted/8000000000000005-00000003"
-        );
-        let name = c.rsplit('/').next().unwrap();
-        assert_eq!(parse_chunk_name(name), Some((COMPACTED_BIT | 5, 3)));
-        assert_eq!(parse_chunk_name("0000000000000011"), None);
     }
 
     /// Garbage and mutated headers give errors, never panics.

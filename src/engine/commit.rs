@@ -26,9 +26,9 @@ use super::checkpoint::capture::Capture;
 use super::checkpoint::chain::ChainPos;
 use super::checkpoint::delta::Delta;
 use super::checkpoint::dirty::DirtySet;
-use super::checkpoint::{checkpoint_key, delta_key, manifest_key, Checkpoint, ChunkInfo, Manifest};
-use super::chunk::chunk_key;
+use super::checkpoint::{Checkpoint, ChunkInfo, Manifest};
 use super::error::EngineError;
+use super::layout::{checkpoint_base_key, checkpoint_key, chunk_key, delta_key, manifest_key};
 use super::volume::Inner;
 use crate::store::{PutMode, StoreError, Version};
 
@@ -314,10 +314,7 @@ async fn write(
         // A new base must never overwrite an object of the chain the
         // committed manifest still names.
         n += 1;
-        full_key = format!(
-            "{}-base-{n:04x}",
-            checkpoint_key(inner.id, chunk_seq, inner.epoch)
-        );
+        full_key = checkpoint_base_key(inner.id, chunk_seq, inner.epoch, n);
     }
     let mut delta = None;
     if delta_allowed(inner, &t.pos) {

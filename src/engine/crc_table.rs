@@ -22,7 +22,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use futures::future::{BoxFuture, FutureExt, Shared};
 
 use super::checkpoint::ChunkInfo;
-use super::chunk::{chunk_key, decode_header, table_crc, CRC_BLOCK};
+use super::chunk::{decode_header, table_crc, CRC_BLOCK};
+use super::layout::chunk_key;
 use crate::store::{DynStore, StoreError};
 
 /// Default byte budget (16 MiB: the tables of 16 GiB of chunk data).

@@ -32,9 +32,10 @@ use tokio::sync::Semaphore;
 
 use self::build::Batch;
 use super::checkpoint::{ChunkInfo, Manifest};
-use super::chunk::{chunk_key, decode_header, ChunkExtent};
+use super::chunk::{decode_header, ChunkExtent};
 use super::commit::{checkpoint, commit_progress, final_checkpoint, Root};
 use super::error::EngineError;
+use super::layout::chunk_key;
 use super::live_snapshot;
 use super::state::State;
 use super::volume::Inner;

@@ -41,13 +41,12 @@ use std::time::Duration;
 use futures::channel::oneshot;
 
 use super::checkpoint::read_manifest;
-use super::chunk::{chunk_prefix, parse_chunk_name};
 use super::commit::{checkpoint, Root};
 use super::error::EngineError;
 use super::fenced_delete::FencedDeleter;
+use super::layout::{chunk_prefix, parse_chunk_name, snapshot_key};
 use super::snapshot::{
-    find_snapshot, set_deleting, snapshot_key, store_snapshot, RetainSet, SnapshotError,
-    SnapshotObject,
+    find_snapshot, set_deleting, store_snapshot, RetainSet, SnapshotError, SnapshotObject,
 };
 use super::state::State;
 use super::volume::{Inner, Volume};

@@ -11,15 +11,14 @@
 //!   `<local_dir>/wal.discarded-<secs>/` (copies kept by
 //!   [`wal::discard`]);
 //! - store: `volumes/<id:016x>/manifest` (root, compare-and-swap only),
-//!   `volumes/<id:016x>/chunks/<seq:016x>-<epoch:08x>` (immutable chunk
-//!   objects, see [`chunk`]), `volumes/<id:016x>/compacted/<id:016x>-<epoch:08x>`
-//!   (compaction objects: live data of sparse chunks, high-bit ids outside
-//!   the chunk sequence, see `compact.rs`),
-//!   `volumes/<id:016x>/checkpoints/<chunk:016x>-<epoch:08x>`
-//!   (serialized store-side map, see [`checkpoint`]),
-//!   `volumes/<id:016x>/snapshots/<snap:016x>` (see [`snapshot`]). A clone's
-//!   manifest names its parent snapshot; unmapped ranges read through to it
-//!   (see [`clone`]).
+//!   `volumes/<id:016x>/chunks/` (immutable chunk objects, see [`chunk`]),
+//!   `volumes/<id:016x>/compacted/` (compaction objects: live data of
+//!   sparse chunks, high-bit ids outside the chunk sequence, see
+//!   `compact.rs`), `volumes/<id:016x>/checkpoints/` (serialized
+//!   store-side map, see [`checkpoint`]), `volumes/<id:016x>/snapshots/`
+//!   (see [`snapshot`]); every key is spelled and parsed in [`layout`],
+//!   which lists them all. A clone's manifest names its parent snapshot;
+//!   unmapped ranges read through to it (see [`clone`]).
 //!
 //! Data flow: write → WAL record (group commit) → live map points at the
 //! WAL → destage packs records into a chunk → put → maps point at the chunk
@@ -50,6 +49,7 @@ pub mod diff;
 pub mod error;
 mod fenced_delete;
 mod inflight;
+pub mod layout;
 pub mod limits;
 pub mod live;
 mod live_snapshot;

@@ -25,9 +25,10 @@ use futures::future::{BoxFuture, FutureExt};
 
 use super::cache::{Cache, Hit, Served, Wait, WindowId, SLOT};
 use super::checkpoint::ChunkInfo;
-use super::chunk::{aligned_range, chunk_key, verify_blocks, CRC_BLOCK};
+use super::chunk::{aligned_range, verify_blocks, CRC_BLOCK};
 use super::crc_table::{CrcTables, Table, TableError};
 use super::inflight::{FetchError, Mode};
+use super::layout::chunk_key;
 use super::map::{Loc, WalLoc};
 use super::view::Resolved;
 use super::volume::Inner;

@@ -40,9 +40,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::checkpoint::{manifest_key, read_manifest, ChunkInfo, Manifest};
-use super::chunk::{chunk_key, chunk_prefix, decode_header, parse_chunk_name};
+use super::checkpoint::{read_manifest, ChunkInfo, Manifest};
+use super::chunk::decode_header;
 use super::error::EngineError;
+use super::layout::{chunk_key, chunk_prefix, manifest_key, parse_chunk_name};
 use super::limits::{checkpoint_cap, get_capped, valid_chunk_id, MAX_CHUNK_OBJECT_BYTES};
 use super::state::State;
 use super::view::SnapshotView;

@@ -25,19 +25,15 @@ use std::collections::{BTreeMap, HashSet};
 use bytes::Bytes;
 
 use super::error::EngineError;
+use super::layout::{retain_index_key, snapshot_prefix};
 use super::limits::{get_capped, valid_chunk_id, MAX_METADATA_BYTES, MAX_SEQ};
 use super::sealed::{seal, unseal, SealError};
-use super::snapshot::{read_snapshot_versioned, snapshot_id_of, snapshot_prefix, SnapshotError};
+use super::snapshot::{read_snapshot_versioned, snapshot_id_of, SnapshotError};
 use crate::store::{DynStore, PutMode, StoreError, Version};
 
 const MAGIC: &[u8; 8] = b"SHALERI1";
 /// Longest store version kept (S3 ETags are 34 bytes, quotes included).
 const MAX_VERSION_LEN: usize = 1024;
-
-/// Key of the retention index of `volume`.
-pub fn retain_index_key(volume: u64) -> String {
-    format!("volumes/{volume:016x}/retain-index")
-}
 
 /// One snapshot's entry: its store version and the chunks it names.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -219,7 +215,7 @@ pub async fn retained_chunks(
     let old = read_index(store, volume).await;
     let mut new = RetainIndex::default();
     for meta in listing {
-        let id = snapshot_id_of(&prefix, &meta.key)?;
+        let id = snapshot_id_of(volume, &meta.key)?;
         if let Some(e) = old.snapshots.get(&id).filter(|e| e.version == meta.version) {
             new.snapshots.insert(id, e.clone());
             continue;

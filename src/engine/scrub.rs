@@ -20,8 +20,9 @@ use std::time::{Duration, Instant};
 use futures::stream::{self, StreamExt};
 
 use super::checkpoint::{read_manifest, ChunkInfo, Manifest};
-use super::chunk::{chunk_key, chunk_prefix, decode_header, parse_chunk_name, CRC_BLOCK};
+use super::chunk::{decode_header, CRC_BLOCK};
 use super::error::EngineError;
+use super::layout::{chunk_key, chunk_prefix, parse_chunk_key};
 use super::snapshot::{SnapshotError, SnapshotObject};
 use super::view::{Resolved, SnapshotView};
 use super::SECTOR;
@@ -147,8 +148,7 @@ async fn newer_chunks(store: &DynStore, m: &Manifest) -> Result<Vec<PlannedChunk
     let listed = store.list(&chunk_prefix(m.volume)).await?;
     let mut newest: BTreeMap<u64, u64> = BTreeMap::new();
     for o in listed {
-        let name = o.key.rsplit('/').next().unwrap_or_default();
-        let Some((seq, epoch)) = parse_chunk_name(name) else {
+        let Some((seq, epoch)) = parse_chunk_key(m.volume, &o.key) else {
             continue;
         };
         if seq <= m.checkpoint_chunk || epoch > m.epoch {

@@ -35,10 +35,13 @@ use std::collections::HashSet;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::checkpoint::{checkpoint_key, manifest_key, read_manifest, Checkpoint, Manifest};
-use super::chunk::{chunk_prefix, parse_chunk_name};
+use super::checkpoint::{read_manifest, Checkpoint, Manifest};
 use super::error::EngineError;
 use super::fenced_delete::FencedDeleter;
+use super::layout::{
+    checkpoint_key, chunk_prefix, manifest_key, parse_chunk_name, parse_snapshot_key, snapshot_key,
+    snapshot_prefix,
+};
 use super::limits::{get_capped, MAX_METADATA_BYTES, MAX_SEQ};
 use crate::store::{DynStore, PutMode, StoreError};
 
@@ -58,16 +61,6 @@ struct SnapshotMeta {
     parent: Option<ParentRef>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     deleting: bool,
-}
-
-/// Prefix of every snapshot object of `volume`.
-pub fn snapshot_prefix(volume: u64) -> String {
-    format!("volumes/{volume:016x}/snapshots/")
-}
-
-/// Key of snapshot `snap` of `volume`.
-pub fn snapshot_key(volume: u64, snap: u64) -> String {
-    format!("{}{snap:016x}", snapshot_prefix(volume))
 }
 
 /// The snapshot a clone reads through to: snapshot id `snapshot` of volume
@@ -276,17 +269,14 @@ pub enum SnapshotError {
     State { volume: u64, reason: String },
 }
 
-/// The snapshot id of `key`, listed under `prefix` ([`snapshot_prefix`]);
-/// anything but 16 hex digits there is an error (never skipped: it may be
+/// The snapshot id of `key`, listed under [`snapshot_prefix`]`(volume)`;
+/// anything but a snapshot key there is an error (never skipped: it may be
 /// a snapshot holding chunks).
-pub(crate) fn snapshot_id_of(prefix: &str, key: &str) -> Result<u64, SnapshotError> {
-    key.strip_prefix(prefix)
-        .filter(|rest| rest.len() == 16)
-        .and_then(|rest| u64::from_str_radix(rest, 16).ok())
-        .ok_or_else(|| SnapshotError::Corrupt {
-            key: key.to_string(),
-            source: SnapshotDecodeError::Invalid("not a snapshot key".into()),
-        })
+pub(crate) fn snapshot_id_of(volume: u64, key: &str) -> Result<u64, SnapshotError> {
+    parse_snapshot_key(volume, key).ok_or_else(|| SnapshotError::Corrupt {
+        key: key.to_string(),
+        source: SnapshotDecodeError::Invalid("not a snapshot key".into()),
+    })
 }
 
 /// Every snapshot of `volume`, sorted by id. A snapshot that fails to
@@ -298,7 +288,7 @@ pub async fn list_snapshots(
     let prefix = snapshot_prefix(volume);
     let mut out = Vec::new();
     for meta in store.list(&prefix).await? {
-        let id = snapshot_id_of(&prefix, &meta.key)?;
+        let id = snapshot_id_of(volume, &meta.key)?;
         match read_snapshot(store, volume, id).await {
             Ok(snap) => out.push(snap),
             Err(SnapshotError::Engine(EngineError::Store(StoreError::NotFound { .. })))

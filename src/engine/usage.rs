@@ -16,17 +16,13 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::checkpoint::{manifest_key, Checkpoint, Manifest};
+use super::checkpoint::{Checkpoint, Manifest};
+use super::layout::{manifest_key, usage_key};
 use super::map::ExtentMap;
 use super::snapshot::{list_snapshots, SnapshotError, SnapshotObject};
 use super::space::{usage_of, MapUsage, SpaceUsage};
 use super::SECTOR;
 use crate::store::{DynStore, PutMode, StoreError};
-
-/// Key of volume `id`'s usage object.
-pub fn usage_key(id: u64) -> String {
-    format!("volumes/{id:016x}/usage")
-}
 
 /// A volume's space as last published (bytes).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

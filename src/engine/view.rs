@@ -18,10 +18,11 @@ use async_trait::async_trait;
 
 use super::allocation::{Allocation, Extent, Runs, BATCH};
 use super::checkpoint::{read_manifest, Checkpoint, ChunkInfo, Manifest};
-use super::chunk::{aligned_range, chunk_key, verify_blocks};
+use super::chunk::{aligned_range, verify_blocks};
 use super::clone::load_chain;
 use super::crc_table::CrcTables;
 use super::error::EngineError;
+use super::layout::chunk_key;
 use super::map::{ExtentMap, Loc};
 use super::snapshot::{load_checkpoint, ParentRef, SnapshotError, SnapshotObject};
 use super::{check_range, BlockDevice, SECTOR};

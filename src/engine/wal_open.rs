@@ -20,8 +20,8 @@
 
 use std::time::Duration;
 
-use super::chunk::chunk_key;
 use super::error::EngineError;
+use super::layout::chunk_key;
 use super::map::Loc;
 use super::state::State;
 use super::volume::VolumeParams;

@@ -27,6 +27,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::error::EngineError;
+use super::layout::warm_start_key;
 use super::limits::get_capped;
 use super::sealed::{seal, unseal, SealError};
 use super::volume::Inner;
@@ -89,11 +90,6 @@ impl WarmStartConfig {
         }
         Ok(())
     }
-}
-
-/// Key of the warm start object of `volume`.
-pub fn warm_start_key(volume: u64) -> String {
-    format!("volumes/{volume:016x}/warm-start")
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

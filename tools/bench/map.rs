@@ -50,7 +50,8 @@ pub async fn seed_checkpoint(
     chunk_seq: u64,
     last_seq: u64,
 ) -> Result<()> {
-    use shale::engine::checkpoint::{checkpoint_key, manifest_key, Manifest};
+    use shale::engine::checkpoint::Manifest;
+    use shale::engine::layout::{checkpoint_key, manifest_key};
     use shale::store::PutMode;
     let key = checkpoint_key(volume, chunk_seq, 1);
     store.put(&key, checkpoint, PutMode::Overwrite).await?;

@@ -21,8 +21,9 @@
 //!    running flatten again finishes the job.
 
 use super::{parse_spec, SnapError, Snapshots};
-use crate::catalog::{encode, record_key, validate_name, CatalogError, VolumeRecord, VolumeState};
+use crate::catalog::{encode, validate_name, CatalogError, VolumeRecord, VolumeState};
 use crate::engine::clone::{copy_parent_data, finish_flatten, write_clone, CopyStats};
+use crate::engine::layout::{catalog_record_key, volume_prefix};
 use crate::engine::snapshot as snap;
 use crate::store::{PutMode, StoreError};
 
@@ -73,7 +74,7 @@ impl Snapshots {
         if s.deleting {
             return Err(being_deleted(parent.id, &canonical));
         }
-        let key = record_key(new_name);
+        let key = catalog_record_key(new_name);
         match self.store().head(&key).await {
             Ok(_) => {
                 return Err(CatalogError::AlreadyExists {
@@ -153,7 +154,7 @@ impl Snapshots {
     /// Best-effort removal of a fresh volume id's objects (nobody else can
     /// know the id yet).
     async fn remove_objects(&self, id: u64) {
-        match self.store().list(&crate::catalog::volume_prefix(id)).await {
+        match self.store().list(&volume_prefix(id)).await {
             Ok(objects) => {
                 for meta in objects {
                     let _ = self.store().delete(&meta.key).await;
@@ -253,7 +254,7 @@ mod tests {
         let (_dir, store, snaps) = fixture();
         let rec = snaps.catalog.create("p", 1 << 20, false, 0).await.unwrap();
         let s = snaps.create("p@s", 0).await.unwrap();
-        let skey = snap::snapshot_key(rec.id, s.id);
+        let skey = crate::engine::layout::snapshot_key(rec.id, s.id);
         let before = store.get(&skey).await.unwrap().data;
         snaps.clone_volume("p@s", "c", 0).await.unwrap();
         let e = snaps

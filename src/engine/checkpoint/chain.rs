@@ -77,11 +77,11 @@ const JSON_FLAG: u64 = 1 << 63;
 pub async fn walk(store: &DynStore, m: &Manifest, cap: u64) -> Result<Walk, EngineError> {
     let Some(newest) = m.checkpoint.clone() else {
         return Err(EngineError::Manifest {
-            key: super::manifest_key(m.volume),
+            key: crate::engine::layout::manifest_key(m.volume),
             reason: "names no checkpoint".into(),
         });
     };
-    let manifest = super::manifest_key(m.volume);
+    let manifest = crate::engine::layout::manifest_key(m.volume);
     let (obj, bytes) = read(store, &newest, cap, &manifest).await?;
     let d = match obj {
         CheckpointObject::Full(cp) => {
@@ -218,7 +218,7 @@ pub async fn load(
     let chain = chain.finish().map_err(|e| cp_err(&newest, e))?;
     if chain.volume != m.volume || chain.chunk_seq != m.checkpoint_chunk {
         return Err(EngineError::Manifest {
-            key: super::manifest_key(m.volume),
+            key: crate::engine::layout::manifest_key(m.volume),
             reason: format!(
                 "checkpoint {newest} (volume {:x}, chunk {}) does not match",
                 chain.volume, chain.chunk_seq

@@ -3,7 +3,7 @@
 //! A checkpoint object is written before the manifest names it (see
 //! [`crate::engine::commit`]), so a crash, a lost compare-and-swap or a
 //! failed delete of a superseded chain leaves objects under
-//! [`super::checkpoint_prefix`] that nothing will ever read. Without this
+//! [`checkpoint_prefix`] that nothing will ever read. Without this
 //! sweep they stay in the store for good.
 //!
 //! Invariants:
@@ -17,27 +17,9 @@
 
 use std::collections::HashSet;
 
-use super::checkpoint_prefix;
-use crate::engine::chunk::parse_chunk_name;
 use crate::engine::error::EngineError;
+use crate::engine::layout::{checkpoint_prefix, parse_checkpoint_key};
 use crate::store::DynStore;
-
-/// The chunk sequence and writer epoch in a checkpoint key's name (the part
-/// after [`checkpoint_prefix`]): `{seq:016x}-{epoch:x}` for a base,
-/// followed by `-delta-{position:x}` for a delta or `-base-{n:x}` for a
-/// base whose natural key the committed chain held. `None` if it is none
-/// of these.
-pub fn parse_checkpoint_name(name: &str) -> Option<(u64, u64)> {
-    let base = match name
-        .rsplit_once("-delta-")
-        .or_else(|| name.rsplit_once("-base-"))
-    {
-        Some((base, n)) if !n.is_empty() && u64::from_str_radix(n, 16).is_ok() => base,
-        Some(_) => return None,
-        None => name,
-    };
-    parse_chunk_name(base)
-}
 
 /// Delete the checkpoint objects of `volume` at epoch `<= epoch` that are
 /// not in `keep` (the committed chain); returns how many went.
@@ -53,7 +35,7 @@ pub(crate) async fn delete_orphan_checkpoints(
         if keep.contains(&meta.key) {
             continue;
         }
-        let Some((_, e)) = parse_checkpoint_name(&meta.key[prefix.len()..]) else {
+        let Some((_, e)) = parse_checkpoint_key(volume, &meta.key) else {
             log::warn!("ignoring unexpected object {}", meta.key);
             continue;
         };
@@ -68,40 +50,4 @@ pub(crate) async fn delete_orphan_checkpoints(
         deleted += 1;
     }
     Ok(deleted)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::engine::checkpoint::{checkpoint_key, delta_key};
-
-    #[test]
-    fn names_of_bases_and_deltas_parse_back() {
-        let p = checkpoint_prefix(7);
-        let base = checkpoint_key(7, 0x1234, 9);
-        let delta = delta_key(7, 0x1235, 0x1_0000_0001, 3);
-        let renamed = format!("{base}-base-0002");
-        assert_eq!(
-            parse_checkpoint_name(&renamed[p.len()..]),
-            Some((0x1234, 9))
-        );
-        assert_eq!(parse_checkpoint_name(&base[p.len()..]), Some((0x1234, 9)));
-        assert_eq!(
-            parse_checkpoint_name(&delta[p.len()..]),
-            Some((0x1235, 0x1_0000_0001))
-        );
-        for bad in [
-            "",
-            "00000000000012",
-            "0000000000001234-",
-            "0000000000001234-zz",
-            "0000000000001234-00000009-other-1",
-            "0000000000001234-00000009-delta-",
-            "0000000000001234-00000009-delta-q",
-            "0000000000001234-00000009-base-",
-            "12-00000009",
-        ] {
-            assert_eq!(parse_checkpoint_name(bad), None, "{bad:?}");
-        }
-    }
 }

@@ -6,7 +6,8 @@ use async_trait::async_trait;
 
 use super::*;
 use crate::engine::checkpoint::{Checkpoint, ChunkInfo};
-use crate::engine::snapshot::{snapshot_key, RetainSet, SnapshotObject};
+use crate::engine::layout::snapshot_key;
+use crate::engine::snapshot::{RetainSet, SnapshotObject};
 use crate::store::memory::MemoryStore;
 use crate::store::{Object, ObjectMeta, ObjectStore, StoreResult};
 
