@@ -350,7 +350,7 @@ impl WalFile for RealFile {
         // O_DIRECT: aligned offsets and lengths in an aligned buffer; the
         // last read may stop at the end of the file, past what is asked.
         while got < pre + len {
-            if got as u64 % bs != 0 {
+            if !(got as u64).is_multiple_of(bs) {
                 break;
             }
             let dst = &mut buf.bytes_mut()[got..];
