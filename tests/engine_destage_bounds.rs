@@ -208,3 +208,51 @@ async fn concurrent_writers_do_not_pass_the_unstored_bound_together() {
     assert_eq!(done.load(Ordering::SeqCst), 32);
     vol.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_wait_at_the_backlog_destage_can_use() {
+    // A store taking 3 puts at once, no WAL memory tail: destage can use
+    // 3 chunks in flight plus 2, so writes wait at 5 chunks of unstored
+    // data, far below the configured 16 MiB.
+    let store = GatedPuts::new(3);
+    let local = tempfile::tempdir().unwrap();
+    let no_tail = EngineConfig {
+        wal_memory: 0,
+        ..cfg()
+    };
+    let vol = open(&store, local.path(), 0x14, 1, no_tail).await;
+    let bound = 5 * CHUNK;
+    assert_eq!(vol.stats().max_unstored_bytes, bound);
+    let done = Arc::new(AtomicUsize::new(0));
+    let writer = {
+        let (vol, done) = (vol.clone(), done.clone());
+        tokio::spawn(async move {
+            for i in 0..16u64 {
+                let data = vec![(i as u8) | 1; CHUNK as usize];
+                vol.write(i * CHUNK, &data, false).await.unwrap();
+                done.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    };
+    for _ in 0..20_000 {
+        if vol.stats().unstored_bytes >= bound {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // Give a write that ignored the bound the chance to land.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(vol.stats().unstored_bytes, bound);
+    assert_eq!(done.load(Ordering::SeqCst), 5);
+    store.hold.store(false, Ordering::SeqCst);
+    writer.await.unwrap();
+    assert_eq!(done.load(Ordering::SeqCst), 16);
+    vol.close().await.unwrap();
+    let vol = open(&store, local.path(), 0x14, 2, cfg()).await;
+    let mut buf = vec![0; CHUNK as usize];
+    for i in 0..16u64 {
+        vol.read(i * CHUNK, &mut buf).await.unwrap();
+        assert!(buf == vec![(i as u8) | 1; CHUNK as usize], "chunk {i}");
+    }
+    vol.close().await.unwrap();
+}

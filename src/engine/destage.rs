@@ -45,7 +45,7 @@ use crate::store::{PutMode, StoreError, Version};
 
 mod build;
 mod newest;
-mod window;
+pub(crate) mod window;
 
 /// Consecutive failures after which a pending `close` gives up.
 const CLOSE_GIVE_UP: u32 = 5;

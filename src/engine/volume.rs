@@ -8,6 +8,8 @@
 //!    manifest commit covers every write acknowledged before it.
 //! 3. While the unstored data is at its bound (bytes or age), new writes wait
 //!    for destage; they never fail because of the bound. The byte bound is
+//!    `engine.max_unstored_bytes`, or less when destage cannot use that much
+//!    ([`super::destage::window::backlog_bound`]). The byte bound is
 //!    checked against the unstored bytes plus those of requests already
 //!    admitted and not yet logged ([`Room`]), so concurrent writers cannot
 //!    pass it together: unstored bytes exceed it by less than one request.
@@ -84,7 +86,9 @@ pub struct VolumeStats {
     pub last_snapshot_pause_us: u64,
     /// Age of the oldest acknowledged write not yet in the store, in ms.
     pub oldest_unstored_ms: u64,
-    /// The configured bounds on unstored data (`engine.max_unstored_*`).
+    /// The bounds on unstored data in force: `engine.max_unstored_seconds`,
+    /// and `engine.max_unstored_bytes` or less
+    /// ([`super::destage::window::backlog_bound`]).
     pub max_unstored_bytes: u64,
     pub max_unstored_seconds: u64,
     /// Total time writes waited for room (unstored bound or a snapshot), µs.
@@ -221,6 +225,9 @@ pub(crate) struct Inner {
     pub size: u64,
     pub epoch: u64,
     pub cfg: EngineConfig,
+    /// Unstored bytes at which writes wait: `cfg.max_unstored_bytes` or
+    /// less ([`super::destage::window::backlog_bound`]).
+    pub unstored_bound: u64,
     pub clock: DynClock,
     pub store: DynStore,
     pub rt: tokio::runtime::Handle,
@@ -346,10 +353,20 @@ impl Volume {
             apply,
         )?;
         let cache = open_cache(&params, &cfg)?;
+        let unstored_bound = {
+            use super::destage::window;
+            let l = window::limits(
+                store.puts_in_flight(),
+                cfg.max_unstored_bytes,
+                cfg.chunk_size,
+            );
+            window::backlog_bound(l, cfg.chunk_size, cfg.wal_memory, cfg.max_unstored_bytes)
+        };
         let inner = Arc::new(Inner {
             id: params.id,
             size: params.size,
             epoch: params.epoch,
+            unstored_bound,
             cfg,
             clock,
             store,
@@ -590,7 +607,7 @@ impl Volume {
             snapshots_taken: c.snapshots_taken.load(Ordering::Relaxed),
             last_snapshot_pause_us: c.last_snapshot_pause_us.load(Ordering::Relaxed),
             oldest_unstored_ms,
-            max_unstored_bytes: cfg.max_unstored_bytes,
+            max_unstored_bytes: self.inner.unstored_bound,
             max_unstored_seconds: cfg.max_unstored_seconds,
             backpressure_us: us(&c.backpressure_us),
             destage_us: us(&c.destage_us),
@@ -640,7 +657,7 @@ impl Volume {
                     now.saturating_sub(p.at).as_secs() >= cfg.max_unstored_seconds
                 });
                 let used = st.pending_bytes + st.admitted_bytes;
-                if !st.writes_paused && used < cfg.max_unstored_bytes && !too_old {
+                if !st.writes_paused && used < self.inner.unstored_bound && !too_old {
                     if let Some(since) = waiting_since {
                         let waited = now.saturating_sub(since).as_micros();
                         let waited = u64::try_from(waited).unwrap_or(u64::MAX);

@@ -348,7 +348,7 @@ fn engine_families(vol: &Volume) -> Vec<Family> {
             "unstored_limit",
             Gauge,
             b,
-            "Bound on unstored bytes (engine.max_unstored_bytes)",
+            "Bound on unstored bytes in force (engine.max_unstored_bytes, or less when destage cannot use that much)",
             s.max_unstored_bytes as f64,
         ),
         f(
