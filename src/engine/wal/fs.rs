@@ -25,9 +25,10 @@
 //! The real implementation writes with O_DIRECT from 4 KiB-aligned buffers
 //! (a partial last block is padded with zeros and rewritten from an
 //! in-memory copy by the next write) and reads through a second, buffered
-//! descriptor, except [`WalFile::read_range`] (destage's span reads), which
-//! reads with O_DIRECT into a page-aligned pooled buffer; where the file system refuses O_DIRECT (tmpfs: EINVAL) it
-//! falls back to buffered `pwritev` and logs that once (the environment
+//! descriptor, except [`WalFile::read_range`] (destage's span reads),
+//! which reads with O_DIRECT into a page-aligned pooled buffer; where the
+//! file system refuses O_DIRECT (tmpfs: EINVAL) it falls back to
+//! buffered `pwritev` and logs that once (the environment
 //! variable `SHALE_WAL_NO_DIRECT`, a diagnostic knob for benchmarks, takes
 //! that path on purpose). The hot path pays one dynamic call per batch.
 
@@ -55,9 +56,7 @@ pub trait WalFile: Send + Sync + std::fmt::Debug {
     /// the default reads with [`WalFile::read_exact_at`]. Fails if the
     /// file ends before.
     fn read_range(&self, off: u64, len: usize) -> io::Result<Bytes> {
-        let mut buf = PooledBuf::take(len);
-        self.read_exact_at(buf.bytes_mut(), off)?;
-        Ok(buf.freeze())
+        read_pooled(len, |buf| self.read_exact_at(buf, off))
     }
     /// [`WalFile::read_exact_at`] only if it needs no disk read (the page
     /// cache holds every byte); `Ok(false)` otherwise, and then `buf` may
@@ -108,6 +107,14 @@ pub fn write_all_at<F: WalFile + ?Sized>(
         IoSlice::advance_slices(&mut slices, written);
     }
     Ok(())
+}
+
+/// `len` bytes filled by `read` in a buffer of the aligned pool (not
+/// zeroed first: `read` must fill all of it or fail).
+fn read_pooled(len: usize, read: impl FnOnce(&mut [u8]) -> io::Result<()>) -> io::Result<Bytes> {
+    let mut buf = PooledBuf::take(len);
+    read(buf.bytes_mut())?;
+    Ok(buf.freeze())
 }
 
 /// A shared open WAL file.
@@ -334,9 +341,7 @@ impl WalFile for RealFile {
 
     fn read_range(&self, off: u64, len: usize) -> io::Result<Bytes> {
         if self.tail.is_none() {
-            let mut buf = PooledBuf::take(len);
-            FileExt::read_exact_at(&self.read, buf.bytes_mut(), off)?;
-            return Ok(buf.freeze());
+            return read_pooled(len, |buf| FileExt::read_exact_at(&self.read, buf, off));
         }
         let bs = DIRECT_BLOCK;
         let start = off - off % bs;
@@ -344,40 +349,21 @@ impl WalFile for RealFile {
         let end = off
             .checked_add(len as u64)
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "range too large"))?;
-        let total = (end.div_ceil(bs) * bs - start) as usize;
-        let mut buf = PooledBuf::take(total);
+        let mut buf = PooledBuf::take((end.div_ceil(bs) * bs - start) as usize);
+        // O_DIRECT: whole blocks from a block boundary into the aligned
+        // buffer; a read may stop at the end of the file, past what is
+        // asked (after that `got` is no longer a block multiple).
         let mut got = 0usize;
-        // O_DIRECT: aligned offsets and lengths in an aligned buffer; the
-        // last read may stop at the end of the file, past what is asked.
-        while got < pre + len {
-            if !(got as u64).is_multiple_of(bs) {
-                break;
+        while got < pre + len && (got as u64).is_multiple_of(bs) {
+            match self
+                .write
+                .read_at(&mut buf.bytes_mut()[got..], start + got as u64)
+            {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
             }
-            let dst = &mut buf.bytes_mut()[got..];
-            let at = libc::off_t::try_from(start + got as u64)
-                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
-            // SAFETY: `dst` is a live, writable, page-aligned region of
-            // `dst.len()` bytes (a whole number of blocks from a block
-            // boundary of `buf`), exclusively borrowed for the call.
-            let n = unsafe {
-                libc::pread(
-                    self.write.as_raw_fd(),
-                    dst.as_mut_ptr().cast(),
-                    dst.len(),
-                    at,
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            if n == 0 {
-                break;
-            }
-            got += n as usize;
         }
         if got < pre + len {
             return Err(io::Error::new(
