@@ -9,9 +9,12 @@
 //! it); nothing is asserted about how long anything took.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_trait::async_trait;
+use bytes::Bytes;
 use shale::clock::SystemClock;
 use shale::engine::checkpoint::Manifest;
 use shale::engine::config::{Durability, EngineConfig};
@@ -20,7 +23,7 @@ use shale::engine::view::SnapshotView;
 use shale::engine::{BlockDevice, Volume, VolumeParams};
 use shale::store::faulty::{FaultPoint, FaultyStore, Hold};
 use shale::store::memory::MemoryStore;
-use shale::store::{DynStore, ObjectStore};
+use shale::store::{DynStore, Object, ObjectMeta, ObjectStore, PutMode, StoreResult, Version};
 
 const ID: u64 = 0x3c;
 const BLOCK: u64 = 4096;
@@ -30,12 +33,24 @@ const SIZE: u64 = 256 * BLOCK;
 const PATIENCE: Duration = Duration::from_secs(60);
 
 fn cfg(checkpoint_every_chunks: u64, compact_below_percent: u64) -> EngineConfig {
+    cfg_with(
+        checkpoint_every_chunks,
+        compact_below_percent,
+        Durability::Local,
+    )
+}
+
+fn cfg_with(
+    checkpoint_every_chunks: u64,
+    compact_below_percent: u64,
+    durability: Durability,
+) -> EngineConfig {
     EngineConfig {
         chunk_size: CHUNK,
         destage_interval_ms: 10,
         max_unstored_bytes: 16 << 20,
         max_unstored_seconds: 3600,
-        durability: Durability::Local,
+        durability,
         checkpoint_every_chunks,
         checkpoint_max_deltas: 64,
         cache_size: 0,
@@ -123,7 +138,7 @@ async fn wait_applied(v: &Volume, chunks: u64, what: &str) {
     }
 }
 
-/// Fill `blocks` with writes, so a checkpoint becomes due (every 2 chunks),
+/// Write two chunks' worth, so a checkpoint becomes due (every 2 chunks),
 /// hold its upload, then write 8 more chunks' worth: they must be stored
 /// and applied while the checkpoint waits. Returns what was written.
 async fn held_checkpoint(
@@ -131,8 +146,18 @@ async fn held_checkpoint(
     faulty: &FaultyStore<MemoryStore>,
     dir: &Path,
 ) -> (Arc<Volume>, Model, Arc<Hold>) {
+    held_checkpoint_with(store, faulty, dir, Durability::Local).await
+}
+
+/// [`held_checkpoint`] with `durability`.
+async fn held_checkpoint_with(
+    store: &DynStore,
+    faulty: &FaultyStore<MemoryStore>,
+    dir: &Path,
+    durability: Durability,
+) -> (Arc<Volume>, Model, Arc<Hold>) {
     let hold = faulty.hold(FaultPoint::Put, &checkpoint_prefix(ID));
-    let v = open(store, dir, 1, cfg(2, 0)).await;
+    let v = open(store, dir, 1, cfg_with(2, 0, durability)).await;
     let mut model = Model::new();
     // Two chunks' worth (16 blocks each): the checkpoint comes due.
     for b in 0..32 {
@@ -283,6 +308,92 @@ async fn a_snapshot_asked_during_a_held_checkpoint_holds_every_write() {
     view.read(0, &mut got).await.expect("read snapshot");
     assert!(got == model.0, "the snapshot holds every write");
     v.close().await.unwrap();
+    let v = open(&store, dir.path(), 2, cfg(2, 0)).await;
+    model.check(&v, "after reopen").await;
+    v.close().await.unwrap();
+}
+
+/// Counts manifest puts in flight (and the most at once) over a store.
+#[derive(Debug)]
+struct ManifestPuts {
+    inner: Arc<FaultyStore<MemoryStore>>,
+    active: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+#[async_trait]
+impl ObjectStore for ManifestPuts {
+    async fn get(&self, key: &str) -> StoreResult<Object> {
+        self.inner.get(key).await
+    }
+    async fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> StoreResult<Bytes> {
+        self.inner.get_range(key, range).await
+    }
+    async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> StoreResult<Version> {
+        if key != manifest_key(ID) {
+            return self.inner.put(key, data, mode).await;
+        }
+        let now = self.active.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak.fetch_max(now, Ordering::SeqCst);
+        // Give a second writer, if there were one, time to overlap.
+        tokio::task::yield_now().await;
+        let r = self.inner.put(key, data, mode).await;
+        self.active.fetch_sub(1, Ordering::SeqCst);
+        r
+    }
+    async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
+        self.inner.head(key).await
+    }
+    async fn list(&self, prefix: &str) -> StoreResult<Vec<ObjectMeta>> {
+        self.inner.list(prefix).await
+    }
+    async fn delete(&self, key: &str) -> StoreResult<()> {
+        self.inner.delete(key).await
+    }
+}
+
+/// With `durability: store`, flushes made while a checkpoint is held are
+/// answered once a manifest covers them (after the hold opens); manifest
+/// writes never overlap, and the manifest then covers every write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_flushes_during_a_held_checkpoint_wait_for_a_covering_commit() {
+    let faulty = Arc::new(FaultyStore::new(MemoryStore::new(), 5));
+    let counting = Arc::new(ManifestPuts {
+        inner: faulty.clone(),
+        active: AtomicUsize::new(0),
+        peak: AtomicUsize::new(0),
+    });
+    let store: DynStore = counting.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let (v, model, hold) =
+        held_checkpoint_with(&store, &faulty, dir.path(), Durability::Store).await;
+    let last = v.stats().last_seq;
+    // Several flushes at once, each asking for a commit.
+    let flushes: Vec<_> = (0..4)
+        .map(|_| {
+            let v = v.clone();
+            tokio::spawn(async move { v.flush().await })
+        })
+        .collect();
+    hold.release();
+    for f in flushes {
+        tokio::time::timeout(PATIENCE, f)
+            .await
+            .expect("flush finished")
+            .unwrap()
+            .expect("flush");
+    }
+    let m = manifest(&store).await;
+    assert!(
+        m.last_seq >= last,
+        "the manifest covers every flushed write: {m:?}"
+    );
+    v.close().await.unwrap();
+    assert_eq!(
+        counting.peak.load(Ordering::SeqCst),
+        1,
+        "one manifest write at a time"
+    );
     let v = open(&store, dir.path(), 2, cfg(2, 0)).await;
     model.check(&v, "after reopen").await;
     v.close().await.unwrap();
