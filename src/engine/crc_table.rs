@@ -3,7 +3,9 @@
 //! A chunk's table (one CRC32C per [`CRC_BLOCK`] of its data area) lives in
 //! the chunk object's header; the map and checkpoints keep only its CRC
 //! ([`ChunkInfo::table_crc`]). Readers get the table here: from memory,
-//! or by a ranged GET of the header when the chunk is first read.
+//! or by a ranged GET of the header when the chunk is first read (a reader
+//! of the data area's start takes its data in the same GET, since header
+//! and data lie back to back: [`CrcTables::get_with_data`]).
 //!
 //! Invariants:
 //! 1. A table is handed out only if it hashes to the `table_crc` the caller
@@ -19,6 +21,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
 
 use super::checkpoint::ChunkInfo;
@@ -195,51 +198,80 @@ impl CrcTables {
         volume: u64,
         info: &ChunkInfo,
     ) -> Result<Table, TableError> {
+        Ok(self.get_with_data(store, volume, info, 0).await?.0)
+    }
+
+    /// Like [`CrcTables::get`], but when this call is the one that reads
+    /// the header, its GET also takes the first `data_end` bytes of the
+    /// chunk's data area (the header and the data lie back to back in the
+    /// object, so a cold chunk read from its start costs one request, not
+    /// a header GET and then a data GET), returned unverified as the
+    /// second element (the caller checks them against the table). `None`
+    /// when the table came from memory or from another caller's GET (or
+    /// `data_end` is 0).
+    pub async fn get_with_data(
+        self: &Arc<Self>,
+        store: &DynStore,
+        volume: u64,
+        info: &ChunkInfo,
+        data_end: u64,
+    ) -> Result<(Table, Option<Bytes>), TableError> {
         if let Some(t) = self.cached(volume, info) {
-            return Ok(t);
+            return Ok((t, None));
         }
         let id = (volume, info.seq, info.epoch);
-        let flight = {
+        let data_end = data_end.min(info.data_len);
+        let (flight, data) = {
             let mut flights = lock(&self.flights);
             match flights.get(&id) {
-                Some(f) => f.clone(),
+                Some(f) => (f.clone(), None),
                 None => {
                     let (this, store, info) = (Arc::clone(self), store.clone(), info.clone());
+                    let (tx, rx) = futures::channel::oneshot::channel();
                     let f = async move {
-                        let res = this.read_header(&store, volume, &info).await;
-                        if let Ok(t) = &res {
+                        let res = this.read_header(&store, volume, &info, data_end).await;
+                        let res = res.map(|(t, data)| {
                             this.insert(volume, &info, t.clone());
-                        }
+                            let _ = tx.send(data);
+                            t
+                        });
                         lock(&this.flights).remove(&(volume, info.seq, info.epoch));
                         res
                     }
                     .boxed()
                     .shared();
                     flights.insert(id, f.clone());
-                    f
+                    (f, Some(rx))
                 }
             }
         };
         let t = flight.await?;
+        // The flight sent its data before it ended (when it succeeded).
+        let data = match data {
+            Some(mut rx) => rx.try_recv().ok().flatten().filter(|d| !d.is_empty()),
+            None => None,
+        };
         // A flight for an older table CRC (a reused name: never in a real
         // store) is not this chunk's table.
         if table_crc(&t) != info.table_crc {
             return Err(corrupt(volume, info, "its CRC table changed".into()));
         }
-        Ok(t)
+        Ok((t, data))
     }
 
-    /// Read and check the header of chunk `info` (invariant 1).
+    /// Read and check the header of chunk `info` (invariant 1), with the
+    /// first `data_end` bytes of its data area (unchecked) in the same GET.
     async fn read_header(
         &self,
         store: &DynStore,
         volume: u64,
         info: &ChunkInfo,
-    ) -> Result<Table, TableError> {
+        data_end: u64,
+    ) -> Result<(Table, Bytes), TableError> {
         let key = chunk_key(volume, info.seq, info.epoch);
         self.header_gets.fetch_add(1, Ordering::Relaxed);
-        let head = store
-            .get_range(&key, 0..info.data_start)
+        let got = store
+            .get_range(&key, 0..info.data_start + data_end)
             .await
             .map_err(|e| TableError::Store {
                 key: key.clone(),
@@ -247,7 +279,11 @@ impl CrcTables {
                 not_found: matches!(e, StoreError::NotFound { .. }),
                 reason: e.to_string(),
             })?;
-        let h = decode_header(&head).map_err(|e| corrupt(volume, info, e.to_string()))?;
+        let split = usize::try_from(info.data_start).unwrap_or(usize::MAX);
+        let Some(head) = got.get(..split) else {
+            return Err(corrupt(volume, info, "its header is short".into()));
+        };
+        let h = decode_header(head).map_err(|e| corrupt(volume, info, e.to_string()))?;
         let why = if h.chunk_seq != info.seq || h.epoch != info.epoch {
             Some("its header names another chunk".to_string())
         } else if h.header_len != info.data_start || h.data_len != info.data_len {
@@ -268,7 +304,7 @@ impl CrcTables {
             super::damage::report(&key, &why);
             return Err(corrupt(volume, info, why));
         }
-        Ok(h.block_crcs.into())
+        Ok((h.block_crcs.into(), got.slice(split..)))
     }
 }
 

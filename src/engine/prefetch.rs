@@ -7,13 +7,19 @@
 //! the stream's readahead window, doubling up to `engine.readahead_max`; a
 //! read that skips ahead inside the window halves it; a read far from every
 //! stream starts a new one with no readahead, so random reads prefetch
-//! nothing. When a continuing read leaves less than half a window fetched
-//! ahead of it, the next window's worth of volume range is resolved through
-//! the map and the chunk windows in it that are neither cached nor already
+//! nothing. When a continuing read leaves an eighth of its window or more
+//! not yet fetched ahead of it, that volume range is resolved through the
+//! map and the chunk windows in it that are neither cached nor already
 //! being fetched are fetched with large GETs (runs of whole cache windows,
 //! up to a whole chunk), through the shared in-flight table
 //! ([`super::inflight`]), so a read that catches up with a prefetch waits
-//! for that GET instead of sending its own.
+//! for that GET instead of sending its own. So the GETs in flight stay near
+//! a whole window (refilled in eighths), not between half a window and a
+//! window. The chunk the range ends in is fetched on to its end (by at most
+//! one refill step, and only over volume bytes that continue it), so a
+//! chunk is one GET, not two split between refills; with the CRC table read
+//! in the same GET ([`super::crc_table::CrcTables::get_with_data`]), a cold
+//! chunk read sequentially costs one request.
 //!
 //! Invariants:
 //! 1. Prefetched data goes only into the read cache, keyed by immutable
@@ -47,6 +53,7 @@ use std::sync::{Arc, Mutex};
 
 use super::cache::SLOT;
 use super::inflight::Mode;
+use super::read::ChunkPiece;
 use super::volume::Inner;
 
 /// Sequential streams tracked at once, per volume.
@@ -78,6 +85,12 @@ pub enum Seen {
     Skip,
     /// Fetch volume bytes `[from, to)` ahead of the read.
     Fetch { from: u64, to: u64 },
+}
+
+/// The least a stream with readahead `window` asks for at once: an eighth
+/// of the window (at least a cache window).
+fn refill(window: u64) -> u64 {
+    (window / 8).max(SLOT)
 }
 
 /// The stream detector (pure: no I/O; unit tested on its own).
@@ -130,7 +143,10 @@ impl Streams {
         .min(max);
         s.next = s.next.max(end);
         let from = s.issued.max(s.next);
-        if s.window == 0 || from >= size || from - s.next >= s.window / 2 {
+        // Refill as soon as an eighth of the window is free, so the GETs
+        // in flight stay near a whole window's worth instead of swinging
+        // between half a window and a window.
+        if s.window == 0 || from >= size || s.next + s.window < from + refill(s.window) {
             return Seen::Ahead;
         }
         let to = s
@@ -143,6 +159,15 @@ impl Streams {
         }
         s.issued = to;
         Seen::Fetch { from, to }
+    }
+
+    /// The stream whose readahead was sent up to `to` had it sent up to
+    /// `more` (the fetch went on to the end of a chunk), so its next
+    /// refill starts there.
+    pub fn issued_more(&mut self, to: u64, more: u64) {
+        if let Some(s) = self.streams.iter_mut().find(|s| s.issued == to) {
+            s.issued = more;
+        }
     }
 
     /// The current window of the stream whose furthest read ended at
@@ -208,9 +233,17 @@ impl Prefetch {
             return;
         };
         log::debug!("readahead after {off}+{len}: [{from}, {to})");
-        let pieces = super::read::chunk_pieces(inner, from, to - from);
-        for (volume, info, data_off, data_len) in pieces {
-            let (w0, w1) = super::read::windows(data_off, data_len, info.data_len);
+        let mut pieces = super::read::chunk_pieces(inner, from, to - from);
+        let grown = finish_chunk(inner, &mut pieces, to, refill(max));
+        if grown > 0 {
+            self.streams
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .issued_more(to, to + grown);
+        }
+        for p in pieces {
+            let (w0, w1) = super::read::windows(p.off, p.len, p.info.data_len);
+            let (volume, info) = (p.volume, p.info);
             let (_, sent) = inner.fetches.fetch(
                 inner,
                 volume,
@@ -229,6 +262,42 @@ impl Prefetch {
             );
         }
     }
+}
+
+/// Grow the last of the `pieces` of a readahead range that ends at volume
+/// byte `to` over the volume bytes after `to` that continue it in the same
+/// chunk (up to the chunk's end): the rest of that chunk is what the stream
+/// reads next, and fetched now it is one GET with the rest, instead of a
+/// second GET of the chunk's tail in the next batch (which finds these
+/// windows in flight and skips them). It grows by at most `cap` bytes (a
+/// refill step: the stream's readahead in memory stays within its window
+/// plus one step, so it never crowds out its own staged windows).
+/// Returns the bytes it grew by.
+fn finish_chunk(inner: &Inner, pieces: &mut [ChunkPiece], to: u64, cap: u64) -> u64 {
+    let Some(last) = pieces.last_mut() else {
+        return 0;
+    };
+    let rest = last
+        .info
+        .data_len
+        .saturating_sub(last.off + last.len)
+        .min(cap);
+    if last.at + last.len != to || rest == 0 {
+        return 0;
+    }
+    let len = last.len;
+    for next in super::read::chunk_pieces(inner, to, rest) {
+        let continues = next.at == last.at + last.len
+            && next.volume == last.volume
+            && next.info.seq == last.info.seq
+            && next.info.epoch == last.info.epoch
+            && next.off == last.off + last.len;
+        if !continues {
+            break;
+        }
+        last.len += next.len;
+    }
+    last.len - len
 }
 
 #[cfg(test)]
@@ -260,6 +329,31 @@ mod tests {
         assert_eq!(windows[0], 2 * M);
         assert!(windows.windows(2).all(|w| w[0] <= w[1]), "{windows:?}");
         assert_eq!(*windows.last().unwrap(), 32 * M);
+    }
+
+    #[test]
+    fn a_stream_at_full_window_keeps_nearly_a_window_fetched_ahead() {
+        // Once the window is at its max, every read leaves at least seven
+        // eighths of it (less the read) fetched ahead: readahead refills
+        // in small steps instead of waiting until half the window is
+        // read (before, what was fetched ahead fell to half the window).
+        let max = 32 * M;
+        let mut s = Streams::default();
+        let mut fetched_to = 0;
+        for i in 0..200u64 {
+            if let Seen::Fetch { from, to } = s.observe(i * M, M, SIZE, max, u64::MAX) {
+                assert!(from >= fetched_to.max((i + 1) * M), "read {i} refetched");
+                assert!(to - from >= refill(max).min(to - from), "read {i}");
+                fetched_to = to;
+            }
+            if i >= 8 {
+                let ahead = fetched_to - (i + 1) * M;
+                assert!(
+                    ahead >= max - refill(max) - M,
+                    "read {i}: only {ahead} bytes fetched ahead"
+                );
+            }
+        }
     }
 
     #[test]

@@ -104,15 +104,22 @@ fn resolve(inner: &Inner, offset: u64, len: u64) -> Result<Option<Vec<Piece>>, B
     Ok(Some(out))
 }
 
+/// A piece of a volume range held in a chunk: volume bytes
+/// `[at, at+len)` are the chunk's data bytes `[off, off+len)`.
+#[derive(Debug, Clone)]
+pub(super) struct ChunkPiece {
+    pub at: u64,
+    /// The volume whose chunk it is (this one or a parent).
+    pub volume: u64,
+    pub info: Arc<ChunkInfo>,
+    pub off: u64,
+    pub len: u64,
+}
+
 /// The chunk pieces of volume bytes `[offset, offset+len)` (clipped to the
-/// volume) as `(volume, chunk, data offset, bytes)`, resolved through the
-/// map like a read (for readahead; other pieces and a range racing with
-/// chunk deletion yield nothing).
-pub(super) fn chunk_pieces(
-    inner: &Inner,
-    offset: u64,
-    len: u64,
-) -> Vec<(u64, Arc<ChunkInfo>, u64, u64)> {
+/// volume), in order, resolved through the map like a read (for readahead;
+/// other pieces and a range racing with chunk deletion yield nothing).
+pub(super) fn chunk_pieces(inner: &Inner, offset: u64, len: u64) -> Vec<ChunkPiece> {
     let end = offset.saturating_add(len).min(inner.size);
     if offset >= end || !offset.is_multiple_of(SECTOR) || !end.is_multiple_of(SECTOR) {
         return Vec::new();
@@ -121,7 +128,13 @@ pub(super) fn chunk_pieces(
         Ok(Some(pieces)) => pieces
             .into_iter()
             .filter_map(|(b0, b1, src)| match src {
-                Src::Chunk(volume, info, off) => Some((volume, info, off, (b1 - b0) as u64)),
+                Src::Chunk(volume, info, off) => Some(ChunkPiece {
+                    at: offset + b0 as u64,
+                    volume,
+                    info,
+                    off,
+                    len: (b1 - b0) as u64,
+                }),
                 _ => None,
             })
             .collect(),
@@ -626,8 +639,12 @@ pub(super) async fn fetch_within(
 }
 
 /// Fetch and verify chunk data `[start, end)` (block aligned) against the
-/// chunk's CRC table (from `tables`, which may read the header first);
-/// returns the verified bytes and the table.
+/// chunk's CRC table; returns the verified bytes and the table.
+///
+/// The table comes from `tables`; a cold chunk costs no extra round trip
+/// for it: a range from the data area's start is read with the header in
+/// one GET ([`CrcTables::get_with_data`]), any other range is read while
+/// the header GET runs, and checked once both are in.
 async fn fetch(
     store: &crate::store::DynStore,
     tables: &Arc<CrcTables>,
@@ -637,14 +654,37 @@ async fn fetch(
     start: u64,
     end: u64,
 ) -> Result<(Bytes, Table), StoreOrCrc> {
-    let table = tables
-        .get(store, volume, info)
-        .await
-        .map_err(StoreOrCrc::from)?;
-    let data = store
-        .get_range(key, info.data_start + start..info.data_start + end)
-        .await
-        .map_err(StoreOrCrc::Store)?;
+    let get_data = || async {
+        store
+            .get_range(key, info.data_start + start..info.data_start + end)
+            .await
+            .map_err(StoreOrCrc::Store)
+    };
+    let (table, data) = match tables.cached(volume, info) {
+        Some(table) => (table, get_data().await?),
+        None if start == 0 => {
+            let (table, with_header) = tables
+                .get_with_data(store, volume, info, end)
+                .await
+                .map_err(StoreOrCrc::from)?;
+            match with_header {
+                Some(data) => (table, data),
+                // Another reader's GET brought the table: read the data.
+                None => (table, get_data().await?),
+            }
+        }
+        None => {
+            let (table, data) = futures::join!(tables.get(store, volume, info), get_data());
+            (table.map_err(StoreOrCrc::from)?, data?)
+        }
+    };
+    if data.len() as u64 != end - start {
+        return Err(StoreOrCrc::Store(StoreError::Permanent(format!(
+            "{key}: read {} bytes of data where {} were asked for",
+            data.len(),
+            end - start
+        ))));
+    }
     verify_blocks(&table, start, &data).map_err(|e| StoreOrCrc::Crc(e.to_string()))?;
     Ok((data, table))
 }

@@ -213,3 +213,41 @@ fn reads_across_many_chunks_with_a_tiny_budget_get_exact_bytes() {
         }
     });
 }
+
+/// A cold chunk read from its data start gets the header and the data in
+/// one GET; the table is kept, so the next call reads nothing and returns
+/// no data; concurrent plain `get`s join that GET.
+#[test]
+fn the_header_and_the_first_data_come_in_one_get() {
+    rt().block_on(async {
+        let faulty = Arc::new(FaultyStore::new(MemoryStore::new(), 1));
+        let bytes = data(9, 64 << 10);
+        let info = put_chunk(faulty.as_ref(), 6, &bytes).await;
+        let store: DynStore = faulty.clone();
+        let tables = Arc::new(CrcTables::new(1 << 20));
+        let hold = faulty.hold(FaultPoint::GetRange, "");
+        let first = tables.get_with_data(&store, VOLUME, &info, 16 << 10);
+        let joined = futures::future::join_all((0..4).map(|_| tables.get(&store, VOLUME, &info)));
+        let (res, joined, ()) = tokio::join!(first, joined, async {
+            hold.reached().await;
+            hold.release();
+        });
+        let (t, got) = res.unwrap();
+        assert_eq!(&*t, &chunk::block_crcs(&bytes)[..]);
+        assert_eq!(got.as_deref(), Some(&bytes[..16 << 10]));
+        for j in joined {
+            assert_eq!(&*j.unwrap(), &chunk::block_crcs(&bytes)[..]);
+        }
+        assert_eq!(
+            tables.header_gets(),
+            1,
+            "one GET for header, data and joiners"
+        );
+        let (_, again) = tables
+            .get_with_data(&store, VOLUME, &info, 16 << 10)
+            .await
+            .unwrap();
+        assert!(again.is_none(), "a cached table came with data");
+        assert_eq!(tables.header_gets(), 1, "a warm table sent a GET");
+    });
+}
