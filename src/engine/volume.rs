@@ -474,16 +474,18 @@ impl Volume {
         }
         let synced = self.inner.wal.sync().await;
         let (tx, rx) = oneshot::channel();
-        {
-            let mut st = self.inner.shared.lock();
-            st.closing = true;
-            st.wake_all();
-        }
+        // The sender is in place before anyone can see `closing`: a close
+        // finished at once (nothing to store) still finds it to answer.
         *self
             .inner
             .close_tx
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        {
+            let mut st = self.inner.shared.lock();
+            st.closing = true;
+            st.wake_all();
+        }
         self.inner.shared.notify.notify_one();
         // Fenced meanwhile, and the destage task may have ended before it
         // could see our sender: answer for it (if it took the sender, it
