@@ -18,6 +18,21 @@
 //! 3. Before a new segment is started the previous one is `fdatasync`ed, so a
 //!    flush only has to sync the current segment, and only the newest
 //!    segment can hold a torn record (see [`replay`]).
+//! 4. A segment file is deleted only through [`Wal::release_upto`] (or
+//!    [`Wal::release_upto_later`]), which the engine calls once every
+//!    record in it is durable in the object store.
+//! 5. Once an I/O error happens the log is broken: every later request fails.
+//!    Except a full file system (ENOSPC, EDQUOT) while writing records or
+//!    starting a segment: the batch fails with [`WalError::NoSpace`], its
+//!    sequence numbers are given back and the segment is cut back to where
+//!    the batch began (so no part of it can be replayed), and the log goes
+//!    on; later batches succeed once there is space again (a flush in the
+//!    refused batch still syncs what the log holds). A failed
+//!    `fdatasync` always breaks the log (the page cache can no longer be
+//!    trusted to hold what was written).
+//! 6. Every segment starts with a header naming the writer's epoch and the
+//!    history it extends ([`segment`]); replay applies a WAL only over that
+//!    history ([`crate::engine::wal_open`]).
 //! 7. Segments are preallocated to the segment size and recycled: a
 //!    released segment file (once no reader holds it) gets a spare header
 //!    ([`segment`]), is preallocated and synced, then renamed to the next
@@ -32,28 +47,20 @@
 //!    never syncs the directory. A recycled file holds stale records past
 //!    its tail; replay never takes them (their seqs cannot continue the
 //!    segment's run, see [`scan`]).
-//! 6. Every segment starts with a header naming the writer's epoch and the
-//!    history it extends ([`segment`]); replay applies a WAL only over that
-//!    history ([`crate::engine::wal_open`]).
-//!
 //! 8. Once a batch is written, its bytes move to the [`tail`] (at most
 //!    `tail_bytes` of the newest, until the store holds their records);
 //!    [`Wal::segment_file`] hands out files whose reads take from it what
 //!    it holds, so the destager and readers of fresh records need no disk
 //!    read. The tail only ever holds bytes the file holds too.
+//! 9. A flush sent while the writer holds no append (every append sent
+//!    was answered) goes straight to the syncer ([`Wal::sync_directly`]):
+//!    the writes it must cover were acknowledged, so they are written, and
+//!    their seqs are at most the `last_seq` it read before the current
+//!    segment (older segments were synced when the writer moved on,
+//!    invariant 3). Appends are counted as queued before they are sent and
+//!    uncounted before any of them is answered.
 //!
 //! All file access goes through the [`fs::WalFs`] seam.
-//! 4. A segment file is deleted only through [`Wal::release_upto`] (or
-//!    [`Wal::release_upto_later`]), which the engine calls once every record in it is durable in the object store.
-//! 5. Once an I/O error happens the log is broken: every later request fails.
-//!    Except a full file system (ENOSPC, EDQUOT) while writing records or
-//!    starting a segment: the batch fails with [`WalError::NoSpace`], its
-//!    sequence numbers are given back and the segment is cut back to where
-//!    the batch began (so no part of it can be replayed), and the log goes
-//!    on; later batches succeed once there is space again (a flush in the
-//!    refused batch still syncs what the log holds). A failed
-//!    `fdatasync` always breaks the log (the page cache can no longer be
-//!    trusted to hold what was written).
 
 use std::collections::BTreeMap;
 use std::io::IoSlice;
@@ -214,7 +221,17 @@ pub struct Wal {
     marks: Arc<durable::Marks>,
     broken: Arc<Mutex<Option<WalError>>>,
     tail: Arc<tail::Tail>,
+    /// The syncer's queue, shared with the writer (which closes it when it
+    /// stops): a flush with nothing queued goes straight to the syncer.
+    sync_tx: SyncQueue,
+    /// Appends sent to the writer and not yet answered (invariant 9).
+    queued: Arc<AtomicU64>,
+    /// Flushes handed straight to the syncer (invariant 9).
+    direct_syncs: AtomicU64,
 }
+
+/// The syncer's queue; `None` once the writer stopped.
+type SyncQueue = Arc<Mutex<Option<mpsc::Sender<SyncJob>>>>;
 
 impl std::fmt::Debug for Wal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -357,6 +374,8 @@ impl Wal {
         let broken: Arc<Mutex<Option<WalError>>> = Arc::default();
         let (tx, rx) = mpsc::channel();
         let (sync_tx, sync_rx) = mpsc::channel();
+        let sync_tx: SyncQueue = Arc::new(Mutex::new(Some(sync_tx)));
+        let queued = Arc::new(AtomicU64::new(0));
         let (s2, b2) = (marks.clone(), broken.clone());
         let syncer = std::thread::Builder::new()
             .name(format!("shale-wsync-{volume:x}"))
@@ -373,7 +392,8 @@ impl Wal {
             marks: marks.clone(),
             seg_limit,
             broken: broken.clone(),
-            sync_tx: Some(sync_tx),
+            sync_tx: sync_tx.clone(),
+            queued: queued.clone(),
             syncer: Some(syncer),
             tail: tail.clone(),
             apply,
@@ -400,6 +420,9 @@ impl Wal {
             marks,
             broken,
             tail,
+            sync_tx,
+            queued,
+            direct_syncs: AtomicU64::new(0),
         })
     }
 
@@ -449,6 +472,8 @@ impl Wal {
         };
         let n = recs.len();
         let mut waits = Vec::with_capacity(n);
+        // Counted before they are sent, so a flush never overtakes them.
+        self.queued.fetch_add(n as u64, Ordering::AcqRel);
         for (i, r) in recs.into_iter().enumerate() {
             let (done, rx) = oneshot::channel();
             let last = i + 1 == n;
@@ -468,7 +493,11 @@ impl Wal {
                 more: !last,
                 done,
             })
-            .map_err(|_| WalError::Stopped)?;
+            .map_err(|_| {
+                // The writer is gone: what was not sent is not queued.
+                self.queued.fetch_sub((n - i) as u64, Ordering::AcqRel);
+                WalError::Stopped
+            })?;
             waits.push(async move { rx.await.unwrap_or(Err(WalError::Stopped)) });
         }
         Ok(waits)
@@ -488,8 +517,67 @@ impl Wal {
             return Ok(());
         }
         let (done, rx) = oneshot::channel();
+        let done = match self.sync_directly(done) {
+            Ok(()) => return rx.await.unwrap_or(Err(WalError::Stopped)),
+            Err(done) => done,
+        };
         self.send(Req::Sync { done })?;
         rx.await.unwrap_or(Err(WalError::Stopped))
+    }
+
+    /// Hand a flush straight to the syncer when the writer holds no
+    /// append (invariant 9): the records it must cover are all written,
+    /// so the writer thread need not relay it. Gives `done` back when the
+    /// writer must order it (appends queued, a cut not yet synced, or the
+    /// syncer gone).
+    fn sync_directly(
+        &self,
+        done: oneshot::Sender<Result<(), WalError>>,
+    ) -> Result<(), oneshot::Sender<Result<(), WalError>>> {
+        if self.queued.load(Ordering::Acquire) != 0 {
+            return Err(done);
+        }
+        // Read before the file: every record up to `upto` is in the
+        // segment current after this load, or in an older one, which was
+        // synced before the writer moved on (invariant 3).
+        let upto = self.last_seq.load(Ordering::Acquire);
+        let cuts = self.marks.cuts();
+        if self.marks.cut_pending() {
+            return Err(done);
+        }
+        let file = {
+            let reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+            match reg.segs.get(&reg.current) {
+                Some(seg) => seg.file.clone(),
+                None => return Err(done),
+            }
+        };
+        let queue = self.sync_tx.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(tx) = queue.as_ref() else {
+            return Err(done);
+        };
+        let job = SyncJob {
+            file,
+            upto,
+            cuts,
+            waiters: vec![Waiter::Sync(done)],
+        };
+        match tx.send(job) {
+            Ok(()) => {
+                self.direct_syncs.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(mpsc::SendError(job)) => {
+                for w in job.waiters {
+                    w.finish(&Err(WalError::Stopped));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Flushes that went straight to the syncer so far (invariant 9).
+    pub fn direct_syncs(&self) -> u64 {
+        self.direct_syncs.load(Ordering::Relaxed)
     }
 
     /// Highest sequence number written so far.
@@ -686,7 +774,9 @@ struct Writer {
     seg_limit: u64,
     /// Set once an I/O error broke the log (invariant 5), by either thread.
     broken: Arc<Mutex<Option<WalError>>>,
-    sync_tx: Option<mpsc::Sender<SyncJob>>,
+    sync_tx: SyncQueue,
+    /// Appends sent and not yet answered ([`Wal::sync_directly`]).
+    queued: Arc<AtomicU64>,
     syncer: Option<JoinHandle<()>>,
     /// Written bytes kept for readers ([`tail`]).
     tail: Arc<tail::Tail>,
@@ -808,7 +898,10 @@ impl Writer {
             }
         }
         // Let the syncer answer what it holds, then end it.
-        self.sync_tx = None;
+        self.sync_tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         if let Some(t) = self.syncer.take() {
             let _ = t.join();
         }
@@ -883,6 +976,13 @@ impl Writer {
             Ok(_) => {}
         }
         let durable = matches!(&result, Ok((_, true)));
+        // Answered from here on (before any answer goes out, so a flush
+        // sent after an acknowledged write finds nothing queued).
+        let appends = batch
+            .iter()
+            .filter(|r| matches!(r, Req::Append { .. }))
+            .count();
+        self.queued.fetch_sub(appends as u64, Ordering::AcqRel);
         let written = self.next_seq - 1;
         let mut seqs = result.as_ref().ok().map(|(s, _)| s.iter());
         let mut waiters = Vec::new();
@@ -921,11 +1021,15 @@ impl Writer {
                 cuts: self.marks.cuts(),
                 waiters,
             };
-            if let Some(tx) = &self.sync_tx {
-                if let Err(mpsc::SendError(job)) = tx.send(job) {
-                    for w in job.waiters {
-                        w.finish(&Err(WalError::Stopped));
-                    }
+            let queue = self.sync_tx.lock().unwrap_or_else(|e| e.into_inner());
+            let sent = match queue.as_ref() {
+                Some(tx) => tx.send(job).map_err(|mpsc::SendError(job)| job),
+                None => Err(job),
+            };
+            drop(queue);
+            if let Err(job) = sent {
+                for w in job.waiters {
+                    w.finish(&Err(WalError::Stopped));
                 }
             }
         }
