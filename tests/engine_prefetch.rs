@@ -22,6 +22,7 @@ use bytes::Bytes;
 use shale::clock::SystemClock;
 use shale::engine::config::{Durability, EngineConfig};
 use shale::engine::{BlockDevice, Volume, VolumeParams};
+use shale::store::fs::FsStore;
 use shale::store::memory::MemoryStore;
 use shale::store::{DynStore, Object, ObjectMeta, ObjectStore, PutMode, StoreResult, Version};
 
@@ -395,6 +396,92 @@ async fn a_cold_read_inside_a_chunk_does_not_wait_for_the_header_first() {
     assert_eq!(headers, 1, "the chunk's header is read once");
     assert_eq!(sent, 1, "the data GET waited for the header GET");
     assert!(b == data[at as usize..at as usize + 8192], "wrong data");
+    v.close().await.unwrap();
+}
+
+/// Whether files in `dir` can be opened with `O_DIRECT` (not on tmpfs).
+fn direct_io_works(dir: &Path) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join("direct-probe");
+    std::fs::write(&path, [0u8; 4096]).unwrap();
+    let ok = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path)
+        .is_ok();
+    std::fs::remove_file(&path).unwrap();
+    ok
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_read_fills_the_cache_from_where_the_get_put_the_bytes() {
+    // On the local-directory store, a cold sequential read (a header GET
+    // with the chunk's data, then readahead GETs) fills the read cache
+    // with `O_DIRECT` straight from the GET buffers: no byte is copied
+    // into an aligned buffer first. (Before: the data after a header of
+    // any length, and every body read into an ordinary allocation, were
+    // copied: about as many bytes as were cached.)
+    let local = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    if !direct_io_works(cache.path()) {
+        eprintln!(
+            "no O_DIRECT in {}: nothing to check",
+            cache.path().display()
+        );
+        return;
+    }
+    let store: DynStore = Arc::new(FsStore::new(local.path().join("store")));
+    let size: u64 = 8 << 20;
+    let data = pattern(11, size as usize);
+    let open = |epoch: u64| {
+        let params = VolumeParams {
+            id: 0x51,
+            size,
+            epoch,
+            local_dir: local.path().join("vol"),
+        };
+        Volume::open(
+            store.clone(),
+            params,
+            cfg(cache.path(), 1 << 20, 64 << 20),
+            Arc::new(SystemClock),
+        )
+    };
+    let v = open(1).await.unwrap();
+    for at in (0..size as usize).step_by(CHUNK as usize) {
+        v.write(at as u64, &data[at..at + CHUNK as usize], false)
+            .await
+            .unwrap();
+    }
+    wait_destaged(&v).await;
+    v.close().await.unwrap();
+    for e in std::fs::read_dir(cache.path()).unwrap() {
+        std::fs::remove_dir_all(e.unwrap().path()).unwrap();
+    }
+    let v = open(2).await.unwrap();
+    let piece = 128usize << 10;
+    for i in 0..size as usize / piece {
+        let mut b = vec![0u8; piece];
+        v.read((i * piece) as u64, &mut b).await.unwrap();
+        assert!(b == data[i * piece..(i + 1) * piece], "read {i}");
+    }
+    v.close().await.unwrap();
+    let s = v.stats();
+    assert!(s.store_reads > 0, "the read was not cold: {s:?}");
+    assert_eq!(
+        s.cache_fill_copied_bytes, 0,
+        "cache fills copied through the aligned buffer: {s:?}"
+    );
+    // The fills did land: the next open finds them.
+    let v = open(3).await.unwrap();
+    let s = v.stats();
+    assert!(
+        s.cache_restored >= size / (64 << 10) / 2,
+        "few windows were cached: {s:?}"
+    );
+    let mut b = vec![0u8; piece];
+    v.read(size / 2, &mut b).await.unwrap();
+    assert!(b == data[size as usize / 2..size as usize / 2 + piece]);
     v.close().await.unwrap();
 }
 

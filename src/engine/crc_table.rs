@@ -270,8 +270,11 @@ impl CrcTables {
     ) -> Result<(Table, Bytes), TableError> {
         let key = chunk_key(volume, info.seq, info.epoch);
         self.header_gets.fetch_add(1, Ordering::Relaxed);
+        // Placed so the data area starts on a page boundary: the read
+        // cache writes its windows with `O_DIRECT` from where they landed
+        // instead of copying them into an aligned buffer first.
         let got = store
-            .get_range(&key, 0..info.data_start + data_end)
+            .get_range_placed(&key, 0..info.data_start + data_end, info.data_start)
             .await
             .map_err(|e| TableError::Store {
                 key: key.clone(),

@@ -106,6 +106,9 @@ pub struct VolumeStats {
     pub cache_corrupt: u64,
     /// Read cache windows found on disk at open (kept from the last run).
     pub cache_restored: u64,
+    /// Bytes of read cache fills copied into an aligned buffer before
+    /// their `O_DIRECT` write (GET bodies that did not land page-aligned).
+    pub cache_fill_copied_bytes: u64,
     /// Size of the read cache in bytes (0: disabled).
     pub cache_capacity_bytes: u64,
     /// Bytes readahead sent store GETs for.
@@ -618,6 +621,11 @@ impl Volume {
             cache_evictions: self.inner.cache.as_ref().map_or(0, |c| c.evictions()),
             cache_corrupt: us(&c.cache_corrupt),
             cache_restored: self.inner.cache.as_ref().map_or(0, |c| c.restored()),
+            cache_fill_copied_bytes: self
+                .inner
+                .cache
+                .as_ref()
+                .map_or(0, |c| c.fill_copied_bytes()),
             cache_capacity_bytes: self.inner.cache.as_ref().map_or(0, |c| c.capacity()),
             prefetch_bytes: us(&self.inner.prefetch.bytes),
             prefetch_hit_bytes: us(&c.prefetch_hit_bytes),

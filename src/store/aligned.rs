@@ -18,6 +18,13 @@
 //!    asked for).
 //! 3. The free pool holds at most [`POOL_BYTES`] of buffers (oldest
 //!    dropped first), so it bounds the memory kept idle.
+//! 4. A [`PooledBuf`] taken with a lead ([`PooledBuf::take_placed`]) starts
+//!    `lead` bytes (less than a [`PAGE`]) into its aligned buffer: its byte
+//!    `i` lies at an address `lead + i` past a page boundary. A body whose
+//!    page-sized blocks begin at some offset `o` (a chunk's data area, after
+//!    a header of any length) is received at the lead
+//!    [`PooledBuf::lead_for`] gives, so those blocks land page-aligned and
+//!    go to the read cache with `O_DIRECT` without a copy.
 
 use std::sync::Mutex;
 
@@ -100,6 +107,8 @@ impl Pool {
 /// dropped (also as the owner of the [`Bytes`] made by [`PooledBuf::freeze`]).
 pub struct PooledBuf {
     buf: AlignedBuf,
+    /// Where the bytes start in `buf` (invariant 4; less than [`PAGE`]).
+    lead: usize,
     len: usize,
     pool: &'static Pool,
 }
@@ -108,24 +117,41 @@ impl PooledBuf {
     /// A buffer of `len` bytes (invariant 2): a free one that fits without
     /// wasting more than its length, else a new one.
     pub fn take(len: usize) -> PooledBuf {
-        PooledBuf::take_from(&POOL, len)
+        PooledBuf::take_from(&POOL, len, 0)
     }
 
-    fn take_from(pool: &'static Pool, len: usize) -> PooledBuf {
+    /// A buffer of `len` bytes whose first byte lies `lead % PAGE` bytes
+    /// past a page boundary (invariant 4).
+    pub fn take_placed(len: usize, lead: usize) -> PooledBuf {
+        PooledBuf::take_from(&POOL, len, lead % PAGE)
+    }
+
+    /// The lead that puts object offset `page_at` on a page boundary, for
+    /// a body that starts at object offset `start` (`page_at` may lie
+    /// before or after it: offsets a whole number of pages apart share a
+    /// lead).
+    pub fn lead_for(start: u64, page_at: u64) -> usize {
+        // PAGE divides 2^64, so the wrapped difference has the right residue.
+        (start.wrapping_sub(page_at) % PAGE as u64) as usize
+    }
+
+    fn take_from(pool: &'static Pool, len: usize, lead: usize) -> PooledBuf {
+        let need = lead + len;
         let found = {
             let mut free = pool.free();
-            let fits = |b: &AlignedBuf| b.capacity() >= len && b.capacity() <= 2 * len.max(PAGE);
+            let fits = |b: &AlignedBuf| b.capacity() >= need && b.capacity() <= 2 * need.max(PAGE);
             free.iter().position(fits).map(|i| free.remove(i))
         };
         PooledBuf {
-            buf: found.unwrap_or_else(|| AlignedBuf::new(len)),
+            buf: found.unwrap_or_else(|| AlignedBuf::new(need)),
+            lead,
             len,
             pool,
         }
     }
 
     pub fn bytes_mut(&mut self) -> &mut [u8] {
-        &mut self.buf.bytes_mut()[..self.len]
+        &mut self.buf.bytes_mut()[self.lead..self.lead + self.len]
     }
 
     /// The bytes, shared; the buffer returns to the pool when the last
@@ -137,7 +163,7 @@ impl PooledBuf {
 
 impl AsRef<[u8]> for PooledBuf {
     fn as_ref(&self) -> &[u8] {
-        &self.buf.bytes()[..self.len]
+        &self.buf.bytes()[self.lead..self.lead + self.len]
     }
 }
 
@@ -159,7 +185,7 @@ mod tests {
     #[test]
     fn buffers_are_aligned_exact_and_reused() {
         let pool = own_pool();
-        let mut a = PooledBuf::take_from(pool, 3 * PAGE + 5);
+        let mut a = PooledBuf::take_from(pool, 3 * PAGE + 5, 0);
         assert_eq!(a.bytes_mut().len(), 3 * PAGE + 5);
         assert_eq!(a.bytes_mut().as_ptr() as usize % PAGE, 0);
         a.bytes_mut().fill(9);
@@ -171,19 +197,46 @@ mod tests {
         drop(bytes);
         assert_eq!(tail.len(), 2 * PAGE + 5, "a slice keeps the buffer alive");
         drop(tail);
-        let mut b = PooledBuf::take_from(pool, 2 * PAGE);
+        let mut b = PooledBuf::take_from(pool, 2 * PAGE, 0);
         assert_eq!(b.bytes_mut().as_ptr(), ptr, "the freed buffer was reused");
         assert_eq!(b.bytes_mut().len(), 2 * PAGE);
         // Too large for what is asked: a new buffer.
-        let mut c = PooledBuf::take_from(pool, 1);
+        let mut c = PooledBuf::take_from(pool, 1, 0);
         assert!(c.bytes_mut().iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn a_placed_buffer_puts_the_chosen_byte_on_a_page_boundary() {
+        let pool = own_pool();
+        for at in [0u64, 1, 100, 4095, 4096, 4097, 12_345] {
+            let lead = PooledBuf::lead_for(0, at);
+            assert_eq!(lead, PooledBuf::lead_for(1 << 30, (1 << 30) + at));
+            assert_eq!(lead, PooledBuf::lead_for(at + 3 * PAGE as u64, 2 * at));
+            assert!(lead < PAGE, "{at}");
+            let mut b = PooledBuf::take_from(pool, 3 * PAGE, lead);
+            let bytes = b.bytes_mut();
+            assert_eq!(bytes.len(), 3 * PAGE);
+            for (i, x) in bytes.iter_mut().enumerate() {
+                *x = (i % 251) as u8;
+            }
+            if (at as usize) < bytes.len() {
+                let p = bytes[at as usize..].as_ptr() as usize;
+                assert_eq!(p % PAGE, 0, "byte {at} of a body with lead {lead}");
+            }
+            let frozen = b.freeze();
+            assert_eq!(frozen.len(), 3 * PAGE);
+            assert!(frozen
+                .iter()
+                .enumerate()
+                .all(|(i, &x)| x == (i % 251) as u8));
+        }
     }
 
     #[test]
     fn the_pool_stays_within_its_bound() {
         let pool = own_pool();
         let bufs: Vec<PooledBuf> = (0..3 * POOL_BYTES / (1 << 20))
-            .map(|_| PooledBuf::take_from(pool, 1 << 20))
+            .map(|_| PooledBuf::take_from(pool, 1 << 20, 0))
             .collect();
         drop(bufs);
         let held: usize = pool.free().iter().map(AlignedBuf::capacity).sum();

@@ -364,6 +364,16 @@ impl<S: ObjectStore> ObjectStore for FaultyStore<S> {
             .await
     }
 
+    async fn get_range_placed(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        page_at: u64,
+    ) -> StoreResult<Bytes> {
+        let op = self.inner.get_range_placed(key, range, page_at);
+        self.apply(FaultPoint::GetRange, key, op).await
+    }
+
     async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> StoreResult<Version> {
         self.wait_if_held(FaultPoint::Put, key).await;
         let fault = self.pick(FaultPoint::Put, key);

@@ -44,6 +44,7 @@ use bytes::Bytes;
 
 use self::dirsync::DirSyncs;
 use self::locks::{DirCounter, KeyLock};
+use super::aligned::PooledBuf;
 use super::{
     check_range, validate_key, validate_prefix, Object, ObjectMeta, ObjectStore, PutMode,
     StoreError, StoreResult, Version,
@@ -225,24 +226,43 @@ impl ObjectFile {
         Ok(Bytes::from(buf))
     }
 
-    /// [`ObjectFile::read`] only if the page cache holds every byte.
-    fn read_cached(&self, range: Range<u64>) -> Option<Bytes> {
-        let mut buf = vec![0u8; (range.end - range.start) as usize];
-        match crate::nowait::read_cached_at(&self.file, &mut buf, HEADER_LEN + range.start) {
-            Ok(true) => Some(Bytes::from(buf)),
+    /// [`ObjectFile::read`] into a pooled page-aligned buffer with object
+    /// offset `page_at` on a page boundary (see
+    /// [`ObjectStore::get_range_placed`]).
+    fn read_placed(&self, path: &Path, range: Range<u64>, page_at: u64) -> StoreResult<Bytes> {
+        let mut buf = placed(&range, page_at);
+        self.file
+            .read_exact_at(buf.bytes_mut(), HEADER_LEN + range.start)
+            .map_err(|e| io_err("cannot read", path, e))?;
+        Ok(buf.freeze())
+    }
+
+    /// [`ObjectFile::read_placed`] only if the page cache holds every byte.
+    fn read_cached(&self, range: Range<u64>, page_at: u64) -> Option<Bytes> {
+        let mut buf = placed(&range, page_at);
+        match crate::nowait::read_cached_at(&self.file, buf.bytes_mut(), HEADER_LEN + range.start) {
+            Ok(true) => Some(buf.freeze()),
             _ => None,
         }
     }
 }
 
+/// A pooled buffer for the bytes of `range`, placed so that object offset
+/// `page_at` lies on a page boundary (filled whole by its reader before it
+/// is frozen: [`PooledBuf`] invariant 2).
+fn placed(range: &Range<u64>, page_at: u64) -> PooledBuf {
+    let len = (range.end - range.start) as usize;
+    PooledBuf::take_placed(len, PooledBuf::lead_for(range.start, page_at))
+}
+
 /// Bytes `range` of object `key` if they can be read without waiting for
 /// the disk (path, header and data all cached); `None` otherwise, also on
 /// any error, which the blocking read then reports.
-fn cached_range(root: &Path, key: &str, range: &Range<u64>) -> Option<Bytes> {
+fn cached_range(root: &Path, key: &str, range: &Range<u64>, page_at: u64) -> Option<Bytes> {
     let p = key_paths(root, key).ok()?;
     let obj = ObjectFile::open_cached(&p.object)?;
     check_range(key, range, obj.size).ok()?;
-    obj.read_cached(range.clone())
+    obj.read_cached(range.clone(), page_at)
 }
 
 fn corrupt(path: &Path, why: &str) -> StoreError {
@@ -450,16 +470,26 @@ impl ObjectStore for FsStore {
     }
 
     async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
+        let page_at = range.start;
+        self.get_range_placed(key, range, page_at).await
+    }
+
+    async fn get_range_placed(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        page_at: u64,
+    ) -> StoreResult<Bytes> {
         // Served on this thread when nothing needs the disk (no handoff to
         // the blocking pool); otherwise read there.
-        if let Some(data) = cached_range(&self.root, key, &range) {
+        if let Some(data) = cached_range(&self.root, key, &range, page_at) {
             return Ok(data);
         }
         let key = key.to_string();
         self.blocking(move |root| {
             let (obj, path) = open_existing(root, &key)?;
             check_range(&key, &range, obj.size)?;
-            obj.read(&path, range)
+            obj.read_placed(&path, range, page_at)
         })
         .await
     }

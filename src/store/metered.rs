@@ -232,6 +232,15 @@ impl<S: ObjectStore> MeteredStore<S> {
     pub fn new(inner: S, metrics: Arc<StoreMetrics>) -> Self {
         MeteredStore { inner, metrics }
     }
+
+    /// Count a ranged read that started at `t`, and its bytes.
+    fn record_read(&self, t: Instant, r: &StoreResult<Bytes>) {
+        self.metrics.record(Method::Get, t, r);
+        if let Ok(b) = r {
+            let n = b.len() as u64;
+            self.metrics.read_bytes.fetch_add(n, Ordering::Relaxed);
+        }
+    }
 }
 
 #[async_trait]
@@ -250,11 +259,19 @@ impl<S: ObjectStore> ObjectStore for MeteredStore<S> {
     async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
         let t = Instant::now();
         let r = self.inner.get_range(key, range).await;
-        self.metrics.record(Method::Get, t, &r);
-        if let Ok(b) = &r {
-            let n = b.len() as u64;
-            self.metrics.read_bytes.fetch_add(n, Ordering::Relaxed);
-        }
+        self.record_read(t, &r);
+        r
+    }
+
+    async fn get_range_placed(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        page_at: u64,
+    ) -> StoreResult<Bytes> {
+        let t = Instant::now();
+        let r = self.inner.get_range_placed(key, range, page_at).await;
+        self.record_read(t, &r);
         r
     }
 

@@ -100,6 +100,22 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
     async fn get(&self, key: &str) -> StoreResult<Object>;
     /// Read `range` (byte offsets, end exclusive) of an object.
     async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes>;
+    /// [`ObjectStore::get_range`], with a placement hint: where the
+    /// backend can, the returned bytes lie in memory so that object offset
+    /// `page_at` (and so every [`aligned::PAGE`] after it) is page-aligned,
+    /// letting the read cache write them with `O_DIRECT` from where they
+    /// are (a chunk's data area after a header of any length). The bytes
+    /// are the same either way; the default ignores the hint. Decorators
+    /// pass it on.
+    async fn get_range_placed(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        page_at: u64,
+    ) -> StoreResult<Bytes> {
+        let _ = page_at;
+        self.get_range(key, range).await
+    }
     /// Write a whole object; returns the new version.
     async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> StoreResult<Version>;
     /// Size and version of an object.
@@ -132,6 +148,14 @@ impl<T: ObjectStore + ?Sized> ObjectStore for Arc<T> {
     }
     async fn get_range(&self, key: &str, range: Range<u64>) -> StoreResult<Bytes> {
         (**self).get_range(key, range).await
+    }
+    async fn get_range_placed(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        page_at: u64,
+    ) -> StoreResult<Bytes> {
+        (**self).get_range_placed(key, range, page_at).await
     }
     async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> StoreResult<Version> {
         (**self).put(key, data, mode).await

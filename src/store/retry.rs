@@ -214,6 +214,18 @@ impl<S: ObjectStore> ObjectStore for RetryStore<S> {
             .await
     }
 
+    async fn get_range_placed(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        page_at: u64,
+    ) -> StoreResult<Bytes> {
+        self.run("get_range", || {
+            self.inner.get_range_placed(key, range.clone(), page_at)
+        })
+        .await
+    }
+
     async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> StoreResult<Version> {
         let data = &data;
         let mut op = || self.inner.put(key, data.clone(), mode.clone());

@@ -61,15 +61,19 @@ pub fn open(path: &Path) -> Option<File> {
 /// Write `data` at `at` (a multiple of [`ALIGN`]; at most [`MAX_WRITE`]
 /// bytes) through `direct`, padded with zeros (invariant 1); through
 /// `buffered` when the direct write is refused (invariant 2) or the
-/// request does not fit it.
-pub fn write_at(direct: &File, buffered: &File, data: &[u8], at: u64) -> io::Result<()> {
+/// request does not fit it. Returns how many bytes of `data` were copied
+/// into the aligned buffer first (0 when written from where they are, or
+/// through the page cache).
+pub fn write_at(direct: &File, buffered: &File, data: &[u8], at: u64) -> io::Result<usize> {
     let len = data.len();
     if len > MAX_WRITE || !at.is_multiple_of(ALIGN as u64) {
-        return buffered.write_all_at(data, at);
+        return buffered.write_all_at(data, at).map(|()| 0);
     }
+    let mut copied = 0;
     let res = if (data.as_ptr() as usize).is_multiple_of(ALIGN) && len.is_multiple_of(ALIGN) {
         direct.write_all_at(data, at)
     } else {
+        copied = len;
         let padded = len.div_ceil(ALIGN) * ALIGN;
         BUF.with(|buf| {
             let mut buf = buf.borrow_mut();
@@ -83,8 +87,10 @@ pub fn write_at(direct: &File, buffered: &File, data: &[u8], at: u64) -> io::Res
         })
     };
     match res {
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => buffered.write_all_at(data, at),
-        other => other,
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            buffered.write_all_at(data, at).map(|()| copied)
+        }
+        other => other.map(|()| copied),
     }
 }
 
@@ -114,7 +120,10 @@ mod tests {
         buffered.write_all_at(&[0xee; SLOT as usize], SLOT).unwrap();
         let data: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
         match open(&path) {
-            Some(direct) => write_at(&direct, &buffered, &data, SLOT).unwrap(),
+            Some(direct) => {
+                let copied = write_at(&direct, &buffered, &data, SLOT).unwrap();
+                assert_eq!(copied, data.len(), "a short window is copied to be padded");
+            }
             None => eprintln!("no O_DIRECT here: testing the buffered fallback only"),
         }
         let fallback = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
@@ -156,14 +165,18 @@ mod tests {
         let file = direct.as_ref().unwrap_or(&buffered);
         // Two whole windows from aligned memory, then one from an
         // unaligned address (copied first).
-        write_at(file, &buffered, &src.bytes()[..2 * SLOT as usize], SLOT).unwrap();
-        write_at(
+        let copied = write_at(file, &buffered, &src.bytes()[..2 * SLOT as usize], SLOT).unwrap();
+        assert_eq!(copied, 0, "aligned bytes are not copied");
+        let copied = write_at(
             file,
             &buffered,
             &src.bytes()[1..SLOT as usize + 1],
             3 * SLOT,
         )
         .unwrap();
+        if direct.is_some() {
+            assert_eq!(copied, SLOT as usize, "unaligned bytes are copied first");
+        }
         let mut got = vec![0u8; 3 * SLOT as usize];
         buffered.read_exact_at(&mut got, SLOT).unwrap();
         assert_eq!(&got[..2 * SLOT as usize], &src.bytes()[..2 * SLOT as usize]);

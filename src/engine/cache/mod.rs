@@ -202,6 +202,10 @@ pub struct Cache {
     pending_done: Condvar,
     /// Windows evicted to make room for others.
     evictions: AtomicU64,
+    /// Bytes copied into an aligned buffer before their direct write
+    /// ([`direct::write_at`]): fills from memory that was not
+    /// page-aligned.
+    fill_copied: AtomicU64,
     /// Entries found on disk at open.
     restored: u64,
 }
@@ -387,6 +391,7 @@ impl Cache {
             pending: Mutex::new(0),
             pending_done: Condvar::new(),
             evictions: AtomicU64::new(0),
+            fill_copied: AtomicU64::new(0),
             restored: restored.len() as u64,
         }))
     }
@@ -413,6 +418,12 @@ impl Cache {
     /// Windows evicted so far.
     pub fn evictions(&self) -> u64 {
         self.evictions.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of fills copied into an aligned buffer before being written
+    /// (0 for bytes that arrived page-aligned, and without `O_DIRECT`).
+    pub fn fill_copied_bytes(&self) -> u64 {
+        self.fill_copied.load(Ordering::Relaxed)
     }
 
     /// Windows found on disk at open.
@@ -735,7 +746,10 @@ impl Cache {
             .write_all_at(&vec![0u8; RECORD * run.len()], first)?;
         let at = run[0].0.slot as u64 * SLOT;
         match &self.direct {
-            Some(f) => direct::write_at(f, &self.data, bytes, at)?,
+            Some(f) => {
+                let copied = direct::write_at(f, &self.data, bytes, at)?;
+                self.fill_copied.fetch_add(copied as u64, Ordering::Relaxed);
+            }
             None => self.data.write_all_at(bytes, at)?,
         }
         let mut records = Vec::with_capacity(RECORD * run.len());
