@@ -1,4 +1,6 @@
-//! Manifest commits and checkpoints (with the simple GC they allow).
+//! Manifest commits and checkpoints (with the simple GC they allow). All
+//! of it runs in the meta task ([`super::meta`]), which owns [`Root`];
+//! the destage task applies chunks to the maps meanwhile.
 //!
 //! Invariants:
 //! 1. The manifest is only replaced by compare-and-swap; losing the swap to
@@ -247,8 +249,12 @@ pub(crate) async fn checkpoint(
 /// Invariant 2: everything the checkpoint describes is taken in this one
 /// lock section (the map as of `last_chunk`, shared copy-on-write, its
 /// chunk table and the ranges changed since the committed checkpoint);
-/// walking and encoding the map run after it. Nothing mutates `stored`
-/// until this task applies its next chunk.
+/// walking and encoding the map run after it. Chunks the destage task
+/// applies meanwhile change the state's own map (copied first, once, while
+/// the capture holds it: `state.rs` invariant 2) and mark their ranges in
+/// the state's fresh dirty set, so the next checkpoint carries them; a
+/// chunk they empty is deleted only by a later checkpoint (this one still
+/// names it). Only the meta task removes entries of `chunks`.
 fn take(inner: &Inner) -> Taken {
     let mut st = inner.shared.lock();
     let mut chunks = Vec::with_capacity(st.chunks.len());
