@@ -398,3 +398,97 @@ async fn store_flushes_during_a_held_checkpoint_wait_for_a_covering_commit() {
     model.check(&v, "after reopen").await;
     v.close().await.unwrap();
 }
+
+/// Hold the first checkpoint and write until destage stops at the lag
+/// bound (`destage.rs` invariant 6: here 32 chunks, the least bound); fails
+/// if destage runs past it. Returns the volume and what was written.
+async fn lagging(
+    store: &DynStore,
+    faulty: &FaultyStore<MemoryStore>,
+    dir: &Path,
+) -> (Arc<Volume>, Model, Arc<Hold>) {
+    let hold = faulty.hold(FaultPoint::Put, &checkpoint_prefix(ID));
+    let v = open(store, dir, 1, cfg(2, 0)).await;
+    let mut model = Model::new();
+    for b in 0..32 {
+        model.write(&v, b, 1).await;
+    }
+    reached(&hold, "the checkpoint").await;
+    // Three passes over the volume: 48 more chunks' worth of 16 blocks.
+    for i in 0..3 * (SIZE / BLOCK) {
+        model
+            .write(&v, i % (SIZE / BLOCK), 2 + i / (SIZE / BLOCK))
+            .await;
+    }
+    let give_up = tokio::time::Instant::now() + PATIENCE;
+    while v.stats().chunks_written < 32 {
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "destage never reached the bound: {:?}",
+            v.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Time for destage to run on if nothing stopped it (it never needs
+    // this long to store 16 more chunks in memory; a slow machine can only
+    // hide the bug, never fail the test falsely).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let s = v.stats();
+    assert_eq!(s.checkpoints_written, 0, "the checkpoint is still held");
+    assert!(
+        s.stored_seq < s.last_seq && s.chunks_written < 48,
+        "destage ran past the bound while the checkpoint was held: {s:?}"
+    );
+    (v, model, hold)
+}
+
+/// Destage runs ahead of a held checkpoint only so far, then waits; once
+/// the hold opens it stores the rest, and every write reads back. Without
+/// the bound, a store slow at checkpoints let each checkpoint find more
+/// dead chunks to delete than the last (the soak's first reopen found
+/// 1,378 orphans where main leaves a handful).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destage_waits_for_a_checkpoint_that_lags_too_far() {
+    let faulty = Arc::new(FaultyStore::new(MemoryStore::new(), 5));
+    let store: DynStore = faulty.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let (v, model, hold) = lagging(&store, &faulty, dir.path()).await;
+    hold.release();
+    wait_applied(&v, 48, "after the hold opened").await;
+    tokio::time::timeout(PATIENCE, v.close())
+        .await
+        .expect("close finished")
+        .expect("close");
+    let v = open(&store, dir.path(), 2, cfg(2, 0)).await;
+    model.check(&v, "after reopen").await;
+    v.close().await.unwrap();
+}
+
+/// A crash at the lag bound: the reopened volume starts with its chain of
+/// chunks already at the bound past its (absent) checkpoint, so its first
+/// checkpoint must come without waiting for a new chunk (which could never
+/// come: destage waits for that checkpoint). Before, the soak's writes
+/// hung here after the first kill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reopen_at_the_lag_bound_checkpoints_and_writes_go_on() {
+    let faulty = Arc::new(FaultyStore::new(MemoryStore::new(), 6));
+    let store: DynStore = faulty.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let (v, mut model, _hold) = lagging(&store, &faulty, dir.path()).await;
+    v.crash().await;
+    let v = open(&store, dir.path(), 2, cfg(2, 0)).await;
+    model.check(&v, "after the crash").await;
+    for b in 0..SIZE / BLOCK {
+        model.write(&v, b, 9).await;
+    }
+    let before = v.stats();
+    wait_applied(&v, before.chunks_written + 1, "writes after the reopen").await;
+    assert!(v.stats().checkpoints_written >= 1, "{:?}", v.stats());
+    tokio::time::timeout(PATIENCE, v.close())
+        .await
+        .expect("close finished")
+        .expect("close");
+    let v = open(&store, dir.path(), 3, cfg(2, 0)).await;
+    model.check(&v, "after the last reopen").await;
+    v.close().await.unwrap();
+}

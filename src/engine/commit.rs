@@ -32,6 +32,7 @@ use super::checkpoint::{Checkpoint, ChunkInfo, Manifest};
 use super::error::EngineError;
 use super::layout::{checkpoint_base_key, checkpoint_key, chunk_key, delta_key, manifest_key};
 use super::volume::Inner;
+use crate::store::delete_many::{delete_many, DELETES_IN_FLIGHT};
 use crate::store::{PutMode, StoreError, Version};
 
 /// The manifest as last committed, with its version.
@@ -218,6 +219,8 @@ pub(crate) async fn checkpoint(
         }
         st.wake_all();
     }
+    // Destage may wait for this checkpoint (`destage.rs` invariant 6).
+    inner.shared.notify.notify_one();
     // A superseded chain goes only after the manifest naming the new base
     // is durable (the commit above).
     if is_base {
@@ -229,20 +232,22 @@ pub(crate) async fn checkpoint(
     }
     // Snapshots may still name chunks the volume's own map dropped.
     let retain = super::snapshot::RetainSet::load(&inner.store, inner.id).await;
-    for (seq, epoch) in dead {
-        if retain.keeps(seq, epoch) {
-            continue;
-        }
-        match inner.store.delete(&chunk_key(inner.id, seq, epoch)).await {
-            Ok(()) => {
-                inner
-                    .counters
-                    .chunks_deleted
-                    .fetch_add(1, Ordering::Relaxed);
-            }
-            Err(e) => log::warn!("deleting dead chunk {seq}: {e}"),
-        }
+    let doomed: Vec<String> = dead
+        .into_iter()
+        .filter(|&(seq, epoch)| !retain.keeps(seq, epoch))
+        .map(|(seq, epoch)| chunk_key(inner.id, seq, epoch))
+        .collect();
+    let tried = doomed.len() as u64;
+    // Many at once: a checkpoint that drops hundreds of chunks must not
+    // fall behind the chunks destage keeps storing meanwhile.
+    let failed = delete_many(&*inner.store, doomed, DELETES_IN_FLIGHT).await;
+    for (key, e) in &failed {
+        log::warn!("deleting dead chunk {key}: {e} (the next open deletes it as an orphan)");
     }
+    inner
+        .counters
+        .chunks_deleted
+        .fetch_add(tried - failed.len() as u64, Ordering::Relaxed);
     Ok(full.or(new_base.filter(|_| want_full)))
 }
 

@@ -29,6 +29,11 @@
 //!    stored chunk without waiting for a manifest to name it: recovery
 //!    finds stored chunks after the manifest's `last_chunk` by listing
 //!    (`recovery.rs` invariant 2).
+//! 6. Destage runs ahead of the meta task by a bounded amount: no chunk
+//!    starts while `last_chunk` is [`max_meta_lag`] or more past the
+//!    committed checkpoint. Without it, a store slow at checkpoints and
+//!    deletes lets each checkpoint find more dead chunks to delete than the
+//!    last, and a crash then leaves them all behind as orphans.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -162,6 +167,9 @@ pub(crate) async fn run(inner: Arc<Inner>, meta: MetaSender) {
         while inflight.len() < window.limit() {
             let batch = {
                 let mut st = inner.shared.lock();
+                if meta_lags(&inner, &st) {
+                    break;
+                }
                 next_batch(&inner, &mut st)
             };
             let Some(batch) = batch else {
@@ -258,6 +266,24 @@ pub(crate) async fn run(inner: Arc<Inner>, meta: MetaSender) {
             }
         }
     }
+}
+
+/// Checkpoints' worth of chunks the meta task may lag behind destage.
+const META_LAG_CHECKPOINTS: u64 = 4;
+/// The least lag allowed, whatever `checkpoint_every_chunks` says.
+const MIN_META_LAG: u64 = 32;
+
+/// Whether the chunks applied since the committed checkpoint reach the
+/// bound of invariant 6: no new chunk starts until the meta task catches up.
+fn meta_lags(inner: &Inner, st: &State) -> bool {
+    st.last_chunk.saturating_sub(st.checkpoint_chunk) >= max_meta_lag(&inner.cfg)
+}
+
+/// Invariant 6's bound for `cfg`.
+pub(crate) fn max_meta_lag(cfg: &super::config::EngineConfig) -> u64 {
+    cfg.checkpoint_every_chunks
+        .saturating_mul(META_LAG_CHECKPOINTS)
+        .max(MIN_META_LAG)
 }
 
 /// Hand the requests taken by [`live_snapshot::take_due`] to the meta

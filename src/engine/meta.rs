@@ -147,7 +147,13 @@ enum Round {
 /// or the end of the destage task.
 pub(crate) async fn run(inner: Arc<Inner>, mut root: Root, rx: MetaReceiver) {
     let mut rx = rx.0;
-    let mut owed = Owed::default();
+    // Recovery may hand over a chain of chunks already far past the
+    // checkpoint: a checkpoint is then due before any new chunk is applied
+    // (destage waits for it at the lag bound, `destage.rs` invariant 6).
+    let mut owed = Owed {
+        applied: inner.shared.lock().last_chunk,
+        ..Owed::default()
+    };
     let mut backoff = Duration::from_millis(10);
     loop {
         if owed.idle(&inner, &root) {
