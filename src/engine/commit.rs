@@ -1,4 +1,6 @@
-//! Manifest commits and checkpoints (with the simple GC they allow).
+//! Manifest commits and checkpoints (with the simple GC they allow). All
+//! of it runs in the meta task ([`super::meta`]), which owns [`Root`];
+//! the destage task applies chunks to the maps meanwhile.
 //!
 //! Invariants:
 //! 1. The manifest is only replaced by compare-and-swap; losing the swap to
@@ -30,6 +32,7 @@ use super::checkpoint::{Checkpoint, ChunkInfo, Manifest};
 use super::error::EngineError;
 use super::layout::{checkpoint_base_key, checkpoint_key, chunk_key, delta_key, manifest_key};
 use super::volume::Inner;
+use crate::store::delete_many::{delete_many, DELETES_IN_FLIGHT};
 use crate::store::{PutMode, StoreError, Version};
 
 /// The manifest as last committed, with its version.
@@ -216,6 +219,8 @@ pub(crate) async fn checkpoint(
         }
         st.wake_all();
     }
+    // Destage may wait for this checkpoint (`destage.rs` invariant 6).
+    inner.shared.notify.notify_one();
     // A superseded chain goes only after the manifest naming the new base
     // is durable (the commit above).
     if is_base {
@@ -227,28 +232,34 @@ pub(crate) async fn checkpoint(
     }
     // Snapshots may still name chunks the volume's own map dropped.
     let retain = super::snapshot::RetainSet::load(&inner.store, inner.id).await;
-    for (seq, epoch) in dead {
-        if retain.keeps(seq, epoch) {
-            continue;
-        }
-        match inner.store.delete(&chunk_key(inner.id, seq, epoch)).await {
-            Ok(()) => {
-                inner
-                    .counters
-                    .chunks_deleted
-                    .fetch_add(1, Ordering::Relaxed);
-            }
-            Err(e) => log::warn!("deleting dead chunk {seq}: {e}"),
-        }
+    let doomed: Vec<String> = dead
+        .into_iter()
+        .filter(|&(seq, epoch)| !retain.keeps(seq, epoch))
+        .map(|(seq, epoch)| chunk_key(inner.id, seq, epoch))
+        .collect();
+    let tried = doomed.len() as u64;
+    // Many at once: a checkpoint that drops hundreds of chunks must not
+    // fall behind the chunks destage keeps storing meanwhile.
+    let failed = delete_many(&*inner.store, doomed, DELETES_IN_FLIGHT).await;
+    for (key, e) in &failed {
+        log::warn!("deleting dead chunk {key}: {e} (the next open deletes it as an orphan)");
     }
+    inner
+        .counters
+        .chunks_deleted
+        .fetch_add(tried - failed.len() as u64, Ordering::Relaxed);
     Ok(full.or(new_base.filter(|_| want_full)))
 }
 
 /// Invariant 2: everything the checkpoint describes is taken in this one
 /// lock section (the map as of `last_chunk`, shared copy-on-write, its
 /// chunk table and the ranges changed since the committed checkpoint);
-/// walking and encoding the map run after it. Nothing mutates `stored`
-/// until this task applies its next chunk.
+/// walking and encoding the map run after it. Chunks the destage task
+/// applies meanwhile change the state's own map (copied first, once, while
+/// the capture holds it: `state.rs` invariant 2) and mark their ranges in
+/// the state's fresh dirty set, so the next checkpoint carries them; a
+/// chunk they empty is deleted only by a later checkpoint (this one still
+/// names it). Only the meta task removes entries of `chunks`.
 fn take(inner: &Inner) -> Taken {
     let mut st = inner.shared.lock();
     let mut chunks = Vec::with_capacity(st.chunks.len());

@@ -2,8 +2,10 @@
 //! the sparse chunks lose their last live sector and are deleted by the
 //! normal checkpoint path.
 //!
-//! Runs inside the destage task, right before a checkpoint (the task owns
-//! the store-side map, so no chunk is applied meanwhile).
+//! Runs inside the meta task, right before a checkpoint. The destage task
+//! keeps applying chunks meanwhile: compaction changes the maps only in
+//! one lock section, and only where they still hold the bytes it copied
+//! (invariant 3), so a chunk applied while it reads or puts wins.
 //!
 //! Invariants:
 //! 1. A compaction object's id has [`COMPACTED_BIT`] set and its key lives
@@ -242,7 +244,7 @@ fn repoint(st: &mut State, info: Arc<ChunkInfo>, moved: &[(LiveRange, u64)]) {
 /// snapshots) both leave out, of the deleter's epoch or older only, with
 /// fencing re-checked as it goes ([`FencedDeleter`]). Only for a caller
 /// that writes the volume and runs no compaction meanwhile (a detached
-/// volume under its lease, or the destage task itself). Returns how many
+/// volume under its lease, or the meta task itself). Returns how many
 /// were deleted.
 pub(crate) async fn delete_unnamed(
     deleter: &mut FencedDeleter<'_>,

@@ -1,5 +1,8 @@
 //! The destage task: packs WAL records into chunk objects, puts them
-//! (several at a time), applies them in order, and triggers checkpoints.
+//! (several at a time), applies them in order, and tells the meta task
+//! ([`super::meta`]), which writes checkpoints and the manifest, what
+//! happened. It never waits for the meta task: puts start and chunks are
+//! applied while a checkpoint uploads.
 //!
 //! Invariants:
 //! 1. Chunk `n` holds exactly the records following chunk `n-1`'s (a run of
@@ -15,11 +18,24 @@
 //! 3. A failed put is retried with the very same bytes, so a put that
 //!    landed despite an error is recognised (identical content) on retry;
 //!    a failed build is retried from the very same records.
-//! 4. All puts run inside this task: aborting it stops every store write.
-//!    Chunks are built on the blocking pool ([`build`]), at most
+//! 4. All chunk puts run inside this task, and every other store write of
+//!    the open volume in the meta task: aborting both stops every store
+//!    write. Chunks are built on the blocking pool ([`build`]), at most
 //!    [`MAX_BUILDS`] at once, never on the runtime's threads.
+//! 5. The meta task learns of a chunk ([`Command::ChunkApplied`]) only
+//!    after it is applied, and of the close ([`Command::Close`]) only once
+//!    every write is stored and applied; a snapshot request goes to it
+//!    only once every op it needs is stored. The WAL is released up to a
+//!    stored chunk without waiting for a manifest to name it: recovery
+//!    finds stored chunks after the manifest's `last_chunk` by listing
+//!    (`recovery.rs` invariant 2).
+//! 6. Destage runs ahead of the meta task by a bounded amount: no chunk
+//!    starts while `last_chunk` is [`max_meta_lag`] or more past the
+//!    committed checkpoint. Without it, a store slow at checkpoints and
+//!    deletes lets each checkpoint find more dead chunks to delete than the
+//!    last, and a crash then leaves them all behind as orphans.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -31,17 +47,17 @@ use futures::stream::{FuturesOrdered, StreamExt};
 use tokio::sync::Semaphore;
 
 use self::build::Batch;
-use super::checkpoint::{ChunkInfo, Manifest};
+use super::checkpoint::ChunkInfo;
 use super::chunk::{decode_header, ChunkExtent};
-use super::commit::{checkpoint, commit_progress, final_checkpoint, Root};
 use super::error::EngineError;
 use super::layout::chunk_key;
 use super::live_snapshot;
+use super::meta::{Command, MetaSender};
 use super::state::State;
 use super::volume::Inner;
 #[cfg(doc)]
 use crate::store::{ObjectStore, DEFAULT_PUTS_IN_FLIGHT};
-use crate::store::{PutMode, StoreError, Version};
+use crate::store::{PutMode, StoreError};
 
 mod build;
 mod newest;
@@ -120,32 +136,40 @@ async fn build_off_runtime(
         .map_err(|e| EngineError::LocalIo(format!("chunk build did not finish: {e}")))?
 }
 
-/// The task body; runs until close, fencing or abort.
-pub(crate) async fn run(inner: Arc<Inner>, manifest: Manifest, version: Version) {
-    let mut root = Root { manifest, version };
+/// The task body; runs until close, fencing or abort. Everything that
+/// writes the manifest (commits, checkpoints, snapshots, GC, the final
+/// checkpoint) runs in the meta task ([`super::meta`]), which `meta`
+/// tells what happened and which this loop never waits for.
+pub(crate) async fn run(inner: Arc<Inner>, meta: MetaSender) {
     // However the task ends, a snapshot request left behind is answered.
     let _requests = live_snapshot::StopGuard::new(inner.clone());
     let tick = Duration::from_millis(inner.cfg.destage_interval_ms.clamp(5, 100));
     let mut backoff = Duration::from_millis(10);
     let mut inflight: FuturesOrdered<ChunkFuture> = FuturesOrdered::new();
-    // Chunks that finished while the loop was busy (checkpointing), in
-    // chunk order: handled before anything from `inflight`.
-    let mut ready: VecDeque<ChunkResult> = VecDeque::new();
     let builds = Arc::new(Semaphore::new(MAX_BUILDS));
     let mut window = window::Window::new(window::limits(
         inner.store.puts_in_flight(),
         inner.cfg.max_unstored_bytes,
         inner.cfg.chunk_size,
     ));
+    // The newest store position a commit was asked for (asked once).
+    let mut commit_asked = 0;
     loop {
         if let Err(e) = check_not_fenced(&inner) {
             fail(&inner, e, &mut backoff, false).await;
             return;
         }
+        let due = live_snapshot::take_due(&mut inner.shared.lock());
+        if !forward_requests(&meta, due) {
+            return meta_gone(&inner);
+        }
         // Start puts for every chunk that is due, up to the limit.
-        while inflight.len() + ready.len() < window.limit() {
+        while inflight.len() < window.limit() {
             let batch = {
                 let mut st = inner.shared.lock();
+                if meta_lags(&inner, &st) {
+                    break;
+                }
                 next_batch(&inner, &mut st)
             };
             let Some(batch) = batch else {
@@ -160,31 +184,31 @@ pub(crate) async fn run(inner: Arc<Inner>, manifest: Manifest, version: Version)
                 Duration::ZERO,
             ));
         }
-        if inflight.is_empty() && ready.is_empty() {
-            let (closing, idle, want_commit) = {
-                let st = inner.shared.lock();
+        if inflight.is_empty() {
+            // One look at the state: a request made before the close
+            // began is forwarded before the close.
+            let (closing, idle, want_commit, stored_seq, due) = {
+                let mut st = inner.shared.lock();
                 let want = st.store_target > st.committed_seq && st.stored_seq > st.committed_seq;
-                (st.closing, st.pending.is_empty(), want)
+                let due = live_snapshot::take_due(&mut st);
+                (st.closing, st.pending.is_empty(), want, st.stored_seq, due)
             };
-            if want_commit {
-                if let Err(e) = commit_progress(&inner, &mut root).await {
-                    if fail(&inner, e, &mut backoff, true).await {
-                        return;
-                    }
-                }
-                continue;
+            if !forward_requests(&meta, due) {
+                return meta_gone(&inner);
             }
-            if live_snapshot::due(&inner) {
-                if let Err(e) = live_snapshot::serve(&inner, &mut root).await {
-                    if fail(&inner, e, &mut backoff, true).await {
-                        return;
-                    }
+            if want_commit && stored_seq > commit_asked {
+                commit_asked = stored_seq;
+                if !meta.send(Command::CommitWanted { upto: stored_seq }) {
+                    return meta_gone(&inner);
                 }
-                continue;
             }
             if closing && idle {
-                let res = final_checkpoint(&inner, &mut root).await;
-                finish(&inner, res);
+                // Every write is stored and applied, none can come: the
+                // meta task writes the final checkpoint and answers the
+                // close (after the commands sent before this one).
+                if !meta.send(Command::Close) {
+                    meta_gone(&inner);
+                }
                 return;
             }
             tokio::select! {
@@ -193,52 +217,37 @@ pub(crate) async fn run(inner: Arc<Inner>, manifest: Manifest, version: Version)
             }
             continue;
         }
-        let done = match ready.pop_front() {
-            Some(done) => done,
-            None => tokio::select! {
-                done = inflight.next() => match done {
-                    Some(done) => done,
-                    None => continue,
-                },
-                _ = inner.shared.notify.notified() => continue,
-                _ = tokio::time::sleep(tick) => continue,
+        let done = tokio::select! {
+            done = inflight.next() => match done {
+                Some(done) => done,
+                None => continue,
             },
+            _ = inner.shared.notify.notified() => continue,
+            _ = tokio::time::sleep(tick) => continue,
         };
         match done {
             Ok(built) => {
                 backoff = Duration::from_millis(10);
                 window.stored(inner.clock.now(), built.obj.len() as u64);
+                let chunk = built.seq;
                 let stored_seq = apply(&inner, built);
                 // Releasing recycles WAL segments (a write, an
                 // fdatasync, a rename, a directory sync): on the
-                // WAL's releaser thread, not in this loop.
+                // WAL's releaser thread, not in this loop. The chunk is
+                // stored: recovery finds it after the manifest's last
+                // chunk, committed or not.
                 inner.wal.release_upto_later(stored_seq);
-                let (due, want_commit) = {
+                let want_commit = {
                     let st = inner.shared.lock();
-                    (
-                        st.last_chunk - st.checkpoint_chunk >= inner.cfg.checkpoint_every_chunks,
-                        st.store_target > st.committed_seq && st.stored_seq >= st.store_target,
-                    )
+                    st.store_target > st.committed_seq && st.stored_seq >= st.store_target
                 };
-                let work = async {
-                    let res = if due {
-                        checkpoint(&inner, &mut root, false).await.map(drop)
-                    } else if want_commit {
-                        commit_progress(&inner, &mut root).await
-                    } else {
-                        Ok(())
-                    };
-                    match res {
-                        Ok(()) => live_snapshot::serve(&inner, &mut root).await,
-                        Err(e) => Err(e),
-                    }
-                };
-                // The chunks on their way keep moving meanwhile.
-                let res = driving(work, &mut inflight, &mut ready).await;
-                if let Err(e) = res {
-                    if fail(&inner, e, &mut backoff, true).await {
-                        return;
-                    }
+                let mut told = meta.send(Command::ChunkApplied { chunk });
+                if told && want_commit {
+                    commit_asked = stored_seq;
+                    told = meta.send(Command::CommitWanted { upto: stored_seq });
+                }
+                if !told {
+                    return meta_gone(&inner);
                 }
             }
             Err((stage, e)) => {
@@ -259,27 +268,54 @@ pub(crate) async fn run(inner: Arc<Inner>, manifest: Manifest, version: Version)
     }
 }
 
-/// Run `work` while the chunks in `inflight` keep moving; those that
-/// finish meanwhile are queued on `ready`, in chunk order.
-async fn driving<T>(
-    work: impl Future<Output = T>,
-    inflight: &mut FuturesOrdered<ChunkFuture>,
-    ready: &mut VecDeque<ChunkResult>,
-) -> T {
-    tokio::pin!(work);
-    loop {
-        tokio::select! {
-            biased;
-            out = &mut work => return out,
-            Some(done) = inflight.next(), if !inflight.is_empty() => ready.push_back(done),
-        }
-    }
+/// Checkpoints' worth of chunks the meta task may lag behind destage.
+const META_LAG_CHECKPOINTS: u64 = 4;
+/// The least lag allowed, whatever `checkpoint_every_chunks` says.
+const MIN_META_LAG: u64 = 32;
+
+/// Whether the chunks applied since the committed checkpoint reach the
+/// bound of invariant 6: no new chunk starts until the meta task catches up.
+fn meta_lags(inner: &Inner, st: &State) -> bool {
+    st.last_chunk.saturating_sub(st.checkpoint_chunk) >= max_meta_lag(&inner.cfg)
+}
+
+/// Invariant 6's bound for `cfg`.
+pub(crate) fn max_meta_lag(cfg: &super::config::EngineConfig) -> u64 {
+    cfg.checkpoint_every_chunks
+        .saturating_mul(META_LAG_CHECKPOINTS)
+        .max(MIN_META_LAG)
+}
+
+/// Hand the requests taken by [`live_snapshot::take_due`] to the meta
+/// task; false if it has ended (the requests are then dropped: their
+/// callers get an error).
+fn forward_requests(meta: &MetaSender, due: live_snapshot::Due) -> bool {
+    let (snapshot, gc) = due;
+    let gc_told = gc.is_none_or(|gc| meta.send(Command::CollectGarbage(gc)));
+    let snapshot_told = snapshot.is_none_or(|req| meta.send(Command::Snapshot(req)));
+    gc_told && snapshot_told
+}
+
+/// The meta task ended before the destage task (it was fenced, or a close
+/// gave up): nothing more can be committed, so destage stops too. A close
+/// still waiting is answered.
+fn meta_gone(inner: &Inner) {
+    let res = match check_not_fenced(inner) {
+        Err(e) => Err(e),
+        Ok(()) => Err(EngineError::Closed),
+    };
+    finish(inner, res);
 }
 
 /// Record a failure. Returns true when the task must stop (fenced, or a
 /// close gave up); otherwise doubles the backoff, after waiting it out if
 /// `wait` (a failed put instead waits inside its retry).
-async fn fail(inner: &Inner, e: EngineError, backoff: &mut Duration, wait: bool) -> bool {
+pub(crate) async fn fail(
+    inner: &Inner,
+    e: EngineError,
+    backoff: &mut Duration,
+    wait: bool,
+) -> bool {
     live_snapshot::refuse(inner, &e);
     if let EngineError::Fenced(why) = e {
         log::error!("volume {:x} fenced: {why}", inner.id);
@@ -288,6 +324,8 @@ async fn fail(inner: &Inner, e: EngineError, backoff: &mut Duration, wait: bool)
             st.fenced = Some(why.clone());
             st.wake_all();
         }
+        // The other task (destage or meta) stops at its next look.
+        inner.shared.notify.notify_one();
         finish(inner, Err(EngineError::Fenced(why)));
         return true;
     }
@@ -323,7 +361,7 @@ pub(crate) fn check_not_fenced(inner: &Inner) -> Result<(), EngineError> {
 }
 
 /// Report the end of a close, if one is waiting.
-fn finish(inner: &Inner, res: Result<(), EngineError>) {
+pub(crate) fn finish(inner: &Inner, res: Result<(), EngineError>) {
     let tx = inner
         .close_tx
         .lock()

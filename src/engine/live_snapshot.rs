@@ -7,10 +7,12 @@
 //! 2. The WAL is synced: every write acknowledged before the call is
 //!    durable, and its sequence number is at most the WAL's last one, `S`.
 //! 3. The destage task is asked (`State::snapshot_req`) to store everything
-//!    up to `S`; once `stored_seq >= S` it commits a checkpoint and, in the
-//!    same task before any later checkpoint can delete a chunk, writes the
-//!    snapshot object from that checkpoint ([`store_snapshot`]). The object
-//!    put is the commit point: on any error there is no snapshot.
+//!    up to `S`; once `stored_seq >= S` it hands the request to the meta
+//!    task ([`super::meta`]), which commits a checkpoint and, before any
+//!    later checkpoint can delete a chunk (it runs them all, one at a
+//!    time), writes the snapshot object from that checkpoint
+//!    ([`store_snapshot`]). The object put is the commit point: on any
+//!    error there is no snapshot.
 //! 4. Writes resume, whatever the outcome; the pause is logged and counted.
 //!
 //! Deleting a snapshot of the open volume: a delete that may still be
@@ -19,7 +21,7 @@
 //! counts it as retained), and the caller removes the object once nothing
 //! needs it back; [`Volume::delete_snapshot`] removes it at once. The
 //! removal is the commit point. Then [`Volume::collect_garbage`] has the
-//! destage task, between its checkpoints, delete every chunk that neither
+//! meta task, between its checkpoints, delete every chunk that neither
 //! the committed checkpoint nor any remaining snapshot names (chunks after
 //! the checkpoint are kept: recovery may still apply them). The live map
 //! only points at chunks of the store-side map, so no reader loses data.
@@ -29,7 +31,10 @@
 //!   fails at once).
 //! - A destage failure while a request waits fails the snapshot (the
 //!   store may be down for long; writes must not wait for it).
-//! - A request never outlives the destage task: [`StopGuard`] answers it.
+//! - A request never outlives the destage task: [`StopGuard`] answers it
+//!   while it waits in the state; once handed to the meta task, the meta
+//!   task answers it or drops it when it ends (the caller then gets an
+//!   error).
 //! - The snapshot is a prefix of the write history (chunks are never cut
 //!   inside a request), holding at least every op up to `S`.
 
@@ -54,11 +59,13 @@ use crate::store::StoreError;
 
 type Reply = Result<SnapshotObject, SnapshotError>;
 
-/// A request to the destage task to delete unreferenced chunks; the answer
+/// A request to delete unreferenced chunks (destage hands it to the meta
+/// task); the answer
 /// is how many it deleted, or why it stopped.
 pub(crate) type GcRequest = oneshot::Sender<Result<u64, String>>;
 
-/// A snapshot the destage task is asked to take.
+/// A snapshot asked of the destage task (which hands it to the meta task
+/// once its ops are stored).
 #[derive(Debug)]
 pub(crate) struct SnapshotRequest {
     /// Every op up to this sequence number must be in the snapshot.
@@ -168,8 +175,8 @@ impl Volume {
 
     /// Delete every chunk of this open volume that neither its committed
     /// checkpoint nor any snapshot names (after a snapshot delete). Returns
-    /// how many were deleted. Runs in the destage task, between its
-    /// checkpoints and snapshot creations.
+    /// how many were deleted. Runs in the meta task ([`super::meta`]),
+    /// between its checkpoints and snapshot creations.
     pub async fn collect_garbage(&self) -> Result<u64, SnapshotError> {
         let inner = &self.inner;
         {
@@ -285,30 +292,33 @@ pub(crate) fn wants_more(st: &State) -> bool {
         .is_some_and(|r| r.target > st.taken_seq)
 }
 
-/// A GC request waits, or a snapshot request whose ops are all stored.
-pub(crate) fn due(inner: &Inner) -> bool {
-    let st = inner.shared.lock();
-    st.gc_req.is_some()
-        || st
-            .snapshot_req
-            .as_ref()
-            .is_some_and(|r| st.stored_seq >= r.target)
+/// Requests taken out of the state for the meta task.
+pub(crate) type Due = (Option<SnapshotRequest>, Option<GcRequest>);
+
+/// In the destage task: take the requests the meta task can serve now
+/// (a GC request, a snapshot request whose ops are all stored) out of the
+/// state, to send them on ([`super::meta::Command`]).
+pub(crate) fn take_due(st: &mut State) -> Due {
+    let snapshot_due = st
+        .snapshot_req
+        .as_ref()
+        .is_some_and(|r| st.stored_seq >= r.target);
+    let snapshot = if snapshot_due {
+        st.snapshot_req.take()
+    } else {
+        None
+    };
+    (snapshot, st.gc_req.take())
 }
 
-/// In the destage task: serve what is due (see [`serve_snapshot`] and
-/// [`serve_gc`]).
-pub(crate) async fn serve(inner: &Inner, root: &mut Root) -> Result<(), EngineError> {
-    serve_gc(inner).await;
-    serve_snapshot(inner, root).await
-}
-
-/// If a GC request waits, delete every chunk at or before the committed
-/// checkpoint that neither the volume's map nor any snapshot names.
-async fn serve_gc(inner: &Inner) {
-    let req = inner.shared.lock().gc_req.take();
-    if let Some(req) = req {
-        let _ = req.send(collect_unreferenced(inner).await);
+/// In the meta task: delete every chunk at or before the committed
+/// checkpoint that neither the volume's map nor any snapshot names, and
+/// answer `req` (unless its caller went away).
+pub(crate) async fn serve_gc(inner: &Inner, req: GcRequest) {
+    if req.is_canceled() {
+        return;
     }
+    let _ = req.send(collect_unreferenced(inner).await);
 }
 
 async fn collect_unreferenced(inner: &Inner) -> Result<u64, String> {
@@ -380,22 +390,18 @@ async fn delete_listed(
     Ok(())
 }
 
-/// If a snapshot request is due, commit a checkpoint and write the
-/// snapshot object from it, then answer. A checkpoint failure is also
-/// returned, for the task's own error handling.
-async fn serve_snapshot(inner: &Inner, root: &mut Root) -> Result<(), EngineError> {
-    let req = {
-        let mut st = inner.shared.lock();
-        let due = st
-            .snapshot_req
-            .as_ref()
-            .is_some_and(|r| st.stored_seq >= r.target);
-        if !due {
-            return Ok(());
-        }
-        st.snapshot_req.take()
-    };
-    let Some(req) = req else { return Ok(()) };
+/// In the meta task: commit a checkpoint and write the snapshot object of
+/// `req` (all of whose ops are stored) from it, then answer. A checkpoint
+/// failure is also returned, for the task's own error handling. A request
+/// whose caller went away is dropped unserved.
+pub(crate) async fn serve_snapshot(
+    inner: &Inner,
+    root: &mut Root,
+    req: SnapshotRequest,
+) -> Result<(), EngineError> {
+    if req.reply.is_canceled() {
+        return Ok(());
+    }
     match checkpoint(inner, root, true).await {
         Ok(cp) => {
             let Some(cp) = cp else {
@@ -460,7 +466,14 @@ async fn manifest_holder_epoch(inner: &Inner) -> Result<u64, EngineError> {
     Ok(m.history_epoch)
 }
 
-/// In the destage task, on any failure: waiting requests fail with it.
+/// Fail snapshot request `req` with `e` (the meta task, on a failure while
+/// it waits there).
+pub(crate) fn refuse_snapshot(inner: &Inner, req: SnapshotRequest, e: &EngineError) {
+    let _ = req.reply.send(Err(failure(inner, e)));
+}
+
+/// In the destage or meta task, on any failure: requests waiting in the
+/// state fail with it.
 pub(crate) fn refuse(inner: &Inner, e: &EngineError) {
     let (req, gc) = {
         let mut st = inner.shared.lock();

@@ -55,6 +55,7 @@ pub mod live;
 mod live_snapshot;
 pub mod map;
 pub mod memdisk;
+mod meta;
 mod prefetch;
 mod read;
 mod recovery;

@@ -39,6 +39,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::stream::{self, StreamExt};
 
 use super::checkpoint::{read_manifest, ChunkInfo, Manifest};
 use super::chunk::decode_header;
@@ -51,6 +52,7 @@ use super::volume::VolumeParams;
 use super::wal;
 use super::wal_open;
 use super::SECTOR;
+use crate::store::delete_many::{delete_many, DELETES_IN_FLIGHT};
 use crate::store::{DynStore, PutMode, StoreError, Version};
 
 /// What recovery hands to the running volume.
@@ -332,6 +334,7 @@ async fn apply_later_chunks(
     let mut found: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
     let prefix = chunk_prefix(p.id);
     let retain = super::snapshot::RetainSet::load(store, p.id).await;
+    let mut orphans = Vec::new();
     for meta in store.list(&prefix).await? {
         let name = &meta.key[prefix.len()..];
         match parse_chunk_name(name) {
@@ -350,26 +353,64 @@ async fn apply_later_chunks(
                     .get(&seq)
                     .is_some_and(|c| c.info.epoch == epoch);
                 if !known && epoch <= p.epoch && !retain.keeps(seq, epoch) {
-                    log::warn!("deleting orphan chunk {}", meta.key);
-                    store.delete(&meta.key).await?;
+                    orphans.push(meta.key);
                 }
             }
             None => log::warn!("ignoring unexpected object {}", meta.key),
         }
     }
+    delete_orphans(store, orphans).await?;
     let listed_epochs: Vec<u64> = found.values().flatten().copied().collect();
     // seq -> the epoch the chain took there.
     let mut used: BTreeMap<u64, u64> = BTreeMap::new();
+    let pick = |seq: u64, prev_epoch: u64| {
+        found.get(&seq).and_then(|es| {
+            es.iter()
+                .copied()
+                .filter(|&e| e <= p.epoch && e >= prev_epoch && bound.admits(seq, e))
+                .max()
+        })
+    };
+    // The listed run of chunks after the checkpoint, read ahead several
+    // at once and taken in order while the chain follows it (epochs only
+    // rise along the chain, so a later pick differs only where the chain
+    // leaves the run; reads ahead are then dropped).
+    let run: Vec<(u64, u64)> = (state.last_chunk + 1..)
+        .map_while(|seq| pick(seq, prev_epoch).map(|e| (seq, e)))
+        .collect();
+    let mut ahead = Box::pin(
+        stream::iter(run)
+            .map(|(seq, epoch)| async move {
+                let key = chunk_key(p.id, seq, epoch);
+                let got = get_capped(store, &key, MAX_CHUNK_OBJECT_BYTES, "chunk").await;
+                (seq, epoch, key, got)
+            })
+            .buffered(CHAIN_READS_IN_FLIGHT),
+    );
+    let mut ahead_follows = true;
     loop {
         let seq = state.last_chunk + 1;
         let admissible = |e: u64| e <= p.epoch && e >= prev_epoch && bound.admits(seq, e);
-        let listed = found
-            .get(&seq)
-            .and_then(|es| es.iter().copied().filter(|&e| admissible(e)).max());
+        let listed = pick(seq, prev_epoch);
         let next = match listed {
             Some(epoch) => {
-                let key = chunk_key(p.id, seq, epoch);
-                let o = get_capped(store, &key, MAX_CHUNK_OBJECT_BYTES, "chunk").await?;
+                let mut read_ahead = None;
+                if ahead_follows {
+                    match ahead.next().await {
+                        Some((s, e, key, got)) if s == seq && e == epoch => {
+                            read_ahead = Some((key, got?))
+                        }
+                        _ => ahead_follows = false,
+                    }
+                }
+                let (key, o) = match read_ahead {
+                    Some(read) => read,
+                    None => {
+                        let key = chunk_key(p.id, seq, epoch);
+                        let o = get_capped(store, &key, MAX_CHUNK_OBJECT_BYTES, "chunk").await?;
+                        (key, o)
+                    }
+                };
                 Some((epoch, key, o))
             }
             None => {
@@ -455,6 +496,31 @@ async fn apply_later_chunks(
     }
     Ok(())
 }
+
+/// Delete the chunks a crash left behind that no history names (dead
+/// chunks whose checkpoint committed but whose delete never ran), many at
+/// once: a crash during a large checkpoint's deletes can leave hundreds,
+/// and the volume does not serve until they are gone. The first failure
+/// fails the open, as a failed listing does.
+async fn delete_orphans(store: &DynStore, keys: Vec<String>) -> Result<(), EngineError> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    log::warn!(
+        "deleting {} orphan chunks, from {} to {}",
+        keys.len(),
+        keys[0],
+        keys[keys.len() - 1]
+    );
+    let failed = delete_many(&**store, keys, DELETES_IN_FLIGHT).await;
+    match failed.into_iter().next() {
+        Some((_, e)) => Err(e.into()),
+        None => Ok(()),
+    }
+}
+
+/// Chunks of the chain after the checkpoint read at once during open.
+const CHAIN_READS_IN_FLIGHT: usize = 8;
 
 /// Most epochs tried for one missing chunk number besides the hints.
 const PROBE_SPAN: u64 = 64;

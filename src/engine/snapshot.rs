@@ -26,7 +26,7 @@
 //! 3. Operations here run on a *detached* volume: the caller holds its lease
 //!    and passes the lease's epoch, and nothing else writes the volume.
 //!    The exception is [`store_snapshot`], which an open volume also calls
-//!    from its destage task (see `engine/live_snapshot.rs`).
+//!    from its meta task (see `engine/live_snapshot.rs`).
 //! 4. A snapshot of a clone records the clone's parent ([`ParentRef`]), so
 //!    its view reads through to the same parent as the clone did.
 

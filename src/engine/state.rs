@@ -13,8 +13,10 @@
 //!    It is shared copy-on-write: a checkpoint takes an `Arc` clone under
 //!    the lock (O(1)) and drops it once encoded; mutations go through
 //!    [`State::stored_mut`], which copies the map only if such a clone is
-//!    still alive (it is not in the engine: only the destage task mutates
-//!    `stored`, and it does not while its own checkpoint is encoding).
+//!    still alive (a checkpoint of the meta task encoding or uploading
+//!    while the destage task applies a chunk, or compaction re-points
+//!    ranges: the first change copies the map's leaf index, O(leaves), and
+//!    each changed leaf).
 //!    Every change goes through [`State::stored_insert`] or
 //!    [`State::stored_remove`], which mark the range in `dirty`: `dirty`
 //!    covers every range where `stored` may differ from the committed

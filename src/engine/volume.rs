@@ -31,9 +31,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::channel::oneshot;
 
+use super::commit::Root;
 use super::config::{Durability, EngineConfig};
 use super::destage;
 use super::error::EngineError;
+use super::meta;
 use super::recovery;
 use super::state::State;
 use super::wal::record::RecordKind;
@@ -248,7 +250,7 @@ pub(crate) struct Inner {
     pub parent: Option<Arc<super::view::SnapshotView>>,
     /// The snapshot `parent` shows (as the manifest names it).
     pub parent_ref: Option<super::snapshot::ParentRef>,
-    /// Where the destage task reports the end of a `close`.
+    /// Where the destage or meta task reports the end of a `close`.
     pub close_tx: Mutex<Option<oneshot::Sender<Result<(), EngineError>>>>,
 }
 
@@ -256,7 +258,8 @@ pub(crate) struct Inner {
 /// background work at once, like a crash (the WAL keeps what was written).
 pub struct Volume {
     pub(crate) inner: Arc<Inner>,
-    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The destage and meta tasks: aborting both stops every store write.
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     ack_gate: OnceLock<Arc<dyn AckGate>>,
     warm: OnceLock<WarmStart>,
 }
@@ -385,14 +388,19 @@ impl Volume {
             parent_ref: rec.manifest.parent,
             close_tx: Mutex::new(None),
         });
-        let task = rt.spawn(destage::run(
-            inner.clone(),
-            rec.manifest,
-            rec.manifest_version,
-        ));
+        // The meta task owns the manifest; destage tells it what happened.
+        let (to_meta, meta_rx) = meta::channel();
+        let root = Root {
+            manifest: rec.manifest,
+            version: rec.manifest_version,
+        };
+        let tasks = vec![
+            rt.spawn(meta::run(inner.clone(), root, meta_rx)),
+            rt.spawn(destage::run(inner.clone(), to_meta)),
+        ];
         Ok(Arc::new(Volume {
             inner,
-            task: Mutex::new(Some(task)),
+            tasks: Mutex::new(tasks),
             ack_gate: OnceLock::new(),
             warm: OnceLock::new(),
         }))
@@ -511,9 +519,11 @@ impl Volume {
             w.abort();
         }
         self.inner.wal.stop();
-        let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(t) = task {
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in &tasks {
             t.abort();
+        }
+        for t in tasks {
             let _ = t.await;
         }
         {
@@ -747,8 +757,12 @@ impl Drop for Volume {
             w.abort();
         }
         self.inner.wal.stop();
-        let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(t) = task {
+        for t in self
+            .tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
             t.abort();
         }
         self.release_cache();

@@ -26,6 +26,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 pub mod aligned;
+pub mod delete_many;
 pub mod faulty;
 pub mod fs;
 pub mod memory;
