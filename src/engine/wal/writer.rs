@@ -38,7 +38,7 @@ pub(super) struct Writer {
     /// Set once an I/O error broke the log (invariant 5), by either thread.
     pub(super) broken: Arc<Mutex<Option<WalError>>>,
     pub(super) sync_tx: SyncQueue,
-    /// Appends sent and not yet answered ([`Wal::sync_directly`]).
+    /// Appends sent and not yet answered ([`super::Wal::sync_directly`]).
     pub(super) queued: Arc<AtomicU64>,
     pub(super) syncer: Option<JoinHandle<()>>,
     /// Written bytes kept for readers ([`tail`]).
