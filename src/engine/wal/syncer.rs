@@ -1,0 +1,105 @@
+//! The syncer thread: runs a written batch's `fdatasync` while the writer
+//! writes the next batch, then acknowledges the batch's FUA records and
+//! flushes (invariant 2 of the [WAL](super)); flushes with nothing queued
+//! come here straight from [`super::Wal::sync_directly`] (invariant 9). A
+//! failed sync breaks the log (invariant 5).
+
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc, Mutex};
+
+use futures::channel::oneshot;
+
+use super::fs::SegFile;
+use super::{durable, io_err, WalError};
+
+/// The syncer's queue; `None` once the writer stopped.
+pub(super) type SyncQueue = Arc<Mutex<Option<mpsc::Sender<SyncJob>>>>;
+
+/// Who waits for a sync.
+pub(super) enum Waiter {
+    Append(oneshot::Sender<Result<u64, WalError>>, u64),
+    Sync(oneshot::Sender<Result<(), WalError>>),
+}
+
+impl Waiter {
+    pub(super) fn finish(self, res: &Result<(), WalError>) {
+        match self {
+            Waiter::Append(done, seq) => {
+                let _ = done.send(res.clone().map(|_| seq));
+            }
+            Waiter::Sync(done) => {
+                let _ = done.send(res.clone());
+            }
+        }
+    }
+}
+
+/// A batch's `fdatasync`, handed to the syncer thread (invariant 2).
+pub(super) struct SyncJob {
+    /// The segment the batch was written to.
+    pub(super) file: SegFile,
+    /// Every seq up to this one is in `file` or an older, synced segment.
+    pub(super) upto: u64,
+    /// Segment cuts made before the job was sent (its sync covers them).
+    pub(super) cuts: u64,
+    pub(super) waiters: Vec<Waiter>,
+}
+
+pub(super) fn lock_broken(
+    b: &Mutex<Option<WalError>>,
+) -> std::sync::MutexGuard<'_, Option<WalError>> {
+    b.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The syncer thread: takes every queued job, syncs their files once, then
+/// acknowledges them all (so jobs queued during a sync share the next one).
+pub(super) fn run_syncer(
+    rx: mpsc::Receiver<SyncJob>,
+    marks: Arc<durable::Marks>,
+    broken: Arc<Mutex<Option<WalError>>>,
+) {
+    while let Ok(first) = rx.recv() {
+        let mut jobs = vec![first];
+        while let Ok(j) = rx.try_recv() {
+            jobs.push(j);
+        }
+        let upto = jobs.iter().map(|j| j.upto).max().unwrap_or(0);
+        let cuts = jobs.iter().map(|j| j.cuts).max().unwrap_or(0);
+        // (Not held during the sync: the writer checks it per batch.)
+        let was_broken = lock_broken(&broken).clone();
+        let res = match was_broken {
+            Some(e) => Err(e),
+            None => {
+                let mut files: Vec<&SegFile> = Vec::new();
+                for j in &jobs {
+                    if !files.iter().any(|f| Arc::ptr_eq(f, &j.file)) {
+                        files.push(&j.file);
+                    }
+                }
+                files
+                    .into_iter()
+                    .try_for_each(|f| f.sync_data())
+                    .map_err(|e| io_err("sync WAL", e))
+            }
+        };
+        match &res {
+            Ok(()) => {
+                marks.synced.fetch_max(upto, Ordering::AcqRel);
+                marks.cuts_synced_upto(cuts);
+            }
+            Err(e) => {
+                let mut b = lock_broken(&broken);
+                if b.is_none() {
+                    log::error!("WAL sync failed, log is now broken: {e}");
+                    *b = Some(e.clone());
+                }
+            }
+        }
+        // Drop the jobs' files before anyone hears back, so a released
+        // segment is not held here when its owner tries to recycle it.
+        let waiters: Vec<Waiter> = jobs.into_iter().flat_map(|j| j.waiters).collect();
+        for w in waiters {
+            w.finish(&res);
+        }
+    }
+}

@@ -1,0 +1,387 @@
+//! The writer thread: gathers queued requests into batches, gives their
+//! records sequence numbers in file order (invariant 1 of the [WAL](super)),
+//! writes each batch with one `pwritev` or one durable write, answers what
+//! needs no sync and hands the rest to the [syncer](super::syncer)
+//! (invariant 2), uncounting appends before answering any (invariant 9),
+//! syncs a segment before starting the next from the pool (invariants 3
+//! and 7), breaks the log on an I/O error or gives a refused batch's seqs
+//! back on a full file system (invariant 5), and moves written bytes to
+//! the tail (invariant 8).
+
+use std::io::IoSlice;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+
+use super::fs::{DynWalFs, SegFile, WalFile};
+use super::record::{RecordHeader, RecordKind, HEADER_LEN};
+use super::syncer::{lock_broken, SyncJob, SyncQueue, Waiter};
+use super::{
+    create_segment, durable, io_err, segment, sync_dir, tail, write_all_vectored, write_err,
+    Appended, ApplyFn, Registry, Req, Segment, WalError,
+};
+use crate::engine::map::WalLoc;
+
+/// State owned by the writer thread.
+pub(super) struct Writer {
+    pub(super) fs: DynWalFs,
+    pub(super) dir: PathBuf,
+    pub(super) volume: u64,
+    pub(super) stamp: segment::Stamp,
+    pub(super) registry: Arc<Mutex<Registry>>,
+    pub(super) next_seq: u64,
+    pub(super) last_seq: Arc<AtomicU64>,
+    /// What is durable (written by the syncer and read by flushers too).
+    pub(super) marks: Arc<durable::Marks>,
+    pub(super) seg_limit: u64,
+    /// Set once an I/O error broke the log (invariant 5), by either thread.
+    pub(super) broken: Arc<Mutex<Option<WalError>>>,
+    pub(super) sync_tx: SyncQueue,
+    /// Appends sent and not yet answered ([`super::Wal::sync_directly`]).
+    pub(super) queued: Arc<AtomicU64>,
+    pub(super) syncer: Option<JoinHandle<()>>,
+    /// Written bytes kept for readers ([`tail`]).
+    pub(super) tail: Arc<tail::Tail>,
+    pub(super) apply: ApplyFn,
+}
+
+/// Most requests gathered into one write.
+const MAX_BATCH: usize = 256;
+/// Most data bytes gathered into one write.
+const MAX_BATCH_BYTES: usize = 8 << 20;
+
+impl Writer {
+    pub(super) fn run(mut self, rx: mpsc::Receiver<Req>) {
+        while let Ok(first) = rx.recv() {
+            let mut batch = vec![first];
+            let mut bytes = 0usize;
+            while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+                match rx.try_recv() {
+                    Ok(r) => {
+                        if let Req::Append { data, .. } = &r {
+                            bytes += data.len();
+                        }
+                        batch.push(r);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let stop = batch.iter().any(|r| matches!(r, Req::Stop));
+            self.process(batch);
+            if stop {
+                break;
+            }
+        }
+        // Let the syncer answer what it holds, then end it.
+        self.sync_tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(t) = self.syncer.take() {
+            let _ = t.join();
+        }
+    }
+
+    fn current(&self) -> (u64, SegFile, u64) {
+        let reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        let seg = &reg.segs[&reg.current];
+        (reg.current, seg.file.clone(), seg.len)
+    }
+
+    /// Sync the current segment and start the next one: the spare named
+    /// `current + 1` if the pool has it, else a new file (invariant 7).
+    fn roll(&mut self, old: &dyn WalFile) -> Result<(), WalError> {
+        let cuts = self.marks.cuts();
+        old.sync_data().map_err(|e| io_err("sync WAL segment", e))?;
+        self.marks
+            .synced
+            .fetch_max(self.next_seq - 1, Ordering::AcqRel);
+        self.marks.cuts_synced_upto(cuts);
+        let mut reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        let id = reg.current + 1;
+        let seg = match reg.spares.remove(&id) {
+            Some(sp) => {
+                if !sp.durable {
+                    // Its rename is not durable yet: the pool was empty.
+                    sync_dir(&self.fs, &self.dir)?;
+                }
+                let header = segment::encode(self.volume, self.stamp, self.next_seq);
+                write_all_vectored(sp.file.as_ref(), &mut [IoSlice::new(&header)], 0)?;
+                Segment {
+                    file: sp.file,
+                    path: sp.path,
+                    last_seq: 0,
+                    len: segment::SEG_HEADER_LEN as u64,
+                }
+            }
+            None => {
+                let seg = create_segment(
+                    &self.fs,
+                    &self.dir,
+                    id,
+                    self.volume,
+                    self.stamp,
+                    self.next_seq,
+                )?;
+                if let Err(e) = seg.file.allocate(self.seg_limit) {
+                    log::warn!("preallocating WAL segment {}: {e}", seg.path.display());
+                }
+                sync_dir(&self.fs, &self.dir)?;
+                seg
+            }
+        };
+        reg.segs.insert(id, seg);
+        reg.current = id;
+        Ok(())
+    }
+
+    fn process(&mut self, mut batch: Vec<Req>) {
+        let result = self.write_batch(&mut batch);
+        match &result {
+            Err(e @ WalError::NoSpace(_)) => {
+                log::error!("WAL write failed, the requests fail with ENOSPC: {e}");
+            }
+            Err(e) => {
+                log::error!("WAL write failed, log is now broken: {e}");
+                let mut b = lock_broken(&self.broken);
+                if b.is_none() {
+                    *b = Some(e.clone());
+                }
+            }
+            Ok(_) => {}
+        }
+        let durable = matches!(&result, Ok((_, true)));
+        // Answered from here on (before any answer goes out, so a flush
+        // sent after an acknowledged write finds nothing queued).
+        let appends = batch
+            .iter()
+            .filter(|r| matches!(r, Req::Append { .. }))
+            .count();
+        self.queued.fetch_sub(appends as u64, Ordering::AcqRel);
+        let written = self.next_seq - 1;
+        let mut seqs = result.as_ref().ok().map(|(s, _)| s.iter());
+        let mut waiters = Vec::new();
+        let clean = |w: &Writer| w.marks.all_durable(written);
+        for r in batch {
+            match r {
+                Req::Append { done, sync, .. } => match seqs.as_mut().and_then(|s| s.next()) {
+                    Some(&seq) if sync && !durable => waiters.push(Waiter::Append(done, seq)),
+                    Some(&seq) => {
+                        let _ = done.send(Ok(seq));
+                    }
+                    None => {
+                        let e = result.as_ref().err().cloned().unwrap_or(WalError::Stopped);
+                        let _ = done.send(Err(e));
+                    }
+                },
+                Req::Sync { done } => match &result {
+                    // The batch's records were refused, but what the log
+                    // already holds can still be made durable.
+                    Err(WalError::NoSpace(_)) | Ok(_) if durable || clean(self) => {
+                        let _ = done.send(Ok(()));
+                    }
+                    Err(WalError::NoSpace(_)) | Ok(_) => waiters.push(Waiter::Sync(done)),
+                    Err(e) => {
+                        let _ = done.send(Err(e.clone()));
+                    }
+                },
+                Req::Stop => {}
+            }
+        }
+        if !waiters.is_empty() {
+            let (_, file, _) = self.current();
+            let job = SyncJob {
+                file,
+                upto: written,
+                cuts: self.marks.cuts(),
+                waiters,
+            };
+            let queue = self.sync_tx.lock().unwrap_or_else(|e| e.into_inner());
+            let sent = match queue.as_ref() {
+                Some(tx) => tx.send(job).map_err(|mpsc::SendError(job)| job),
+                None => Err(job),
+            };
+            drop(queue);
+            if let Err(job) = sent {
+                for w in job.waiters {
+                    w.finish(&Err(WalError::Stopped));
+                }
+            }
+        }
+    }
+
+    /// Write every append of the batch with one `pwritev`; returns their
+    /// seqs and whether the write itself made them durable. Once written,
+    /// the records' bytes move to the tail (their data is not needed
+    /// after the write).
+    fn write_batch(&mut self, batch: &mut [Req]) -> Result<(Vec<u64>, bool), WalError> {
+        let was_broken = lock_broken(&self.broken).clone();
+        if let Some(e) = was_broken {
+            return Err(e);
+        }
+        let mut need_sync = false;
+        let mut total = 0u64;
+        for r in batch.iter() {
+            match r {
+                Req::Append {
+                    table, data, sync, ..
+                } => {
+                    total += (HEADER_LEN + table.len() + data.len()) as u64;
+                    need_sync |= *sync;
+                }
+                Req::Sync { .. } => need_sync = true,
+                Req::Stop => {}
+            }
+        }
+        let (mut seg_id, mut file, mut off) = self.current();
+        if off > 0 && off + total > self.seg_limit {
+            self.roll(file.as_ref())?;
+            (seg_id, file, off) = self.current();
+        }
+        let mut headers = Vec::new();
+        let mut appended = Vec::new();
+        let mut durable = false;
+        let mut pos = off;
+        let first_seq = self.next_seq;
+        for r in batch.iter() {
+            if let Req::Append {
+                kind,
+                lba,
+                sectors,
+                crc,
+                table,
+                data,
+                more,
+                ..
+            } = r
+            {
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                let h = RecordHeader {
+                    kind: *kind,
+                    volume: self.volume,
+                    seq,
+                    lba: *lba,
+                    sectors: *sectors,
+                    data_crc: *crc,
+                    more: *more,
+                    block_crcs: *kind == RecordKind::Write,
+                };
+                headers.push(h.encode());
+                let data_off = pos + (HEADER_LEN + table.len()) as u64;
+                pos = data_off + data.len() as u64;
+                appended.push(Appended {
+                    seq,
+                    kind: *kind,
+                    lba: *lba,
+                    sectors: *sectors,
+                    more: *more,
+                    loc: (*kind == RecordKind::Write).then_some(WalLoc {
+                        seq,
+                        seg: seg_id,
+                        data_off,
+                        rec_sectors: *sectors,
+                        crc: *crc,
+                        skip: 0,
+                        block_crcs: true,
+                    }),
+                });
+            }
+        }
+        if !appended.is_empty() {
+            let mut iov = Vec::with_capacity(headers.len() * 3);
+            let mut hi = headers.iter();
+            for r in batch.iter() {
+                if let Req::Append { table, data, .. } = r {
+                    if let Some(h) = hi.next() {
+                        iov.push(IoSlice::new(h));
+                    }
+                    if !table.is_empty() {
+                        iov.push(IoSlice::new(table));
+                    }
+                    if !data.is_empty() {
+                        iov.push(IoSlice::new(data));
+                    }
+                }
+            }
+            // Nothing unsynced before this batch: one durable (FUA) write
+            // replaces write + fdatasync (invariant 2).
+            durable = need_sync
+                && !self.marks.cut_pending()
+                && self.marks.synced.load(Ordering::Acquire) >= first_seq - 1;
+            let res = if durable {
+                file.write_durable_at(&iov, off)
+                    .map_err(|e| write_err("write WAL", e))
+            } else {
+                write_all_vectored(file.as_ref(), &mut iov, off)
+            };
+            if let Err(e) = res {
+                if let WalError::NoSpace(_) = e {
+                    // Invariant 5: give the sequence numbers back and cut
+                    // off whatever part of the batch reached the file, so
+                    // the next batch continues the log exactly here.
+                    self.next_seq = first_seq;
+                    self.marks.cut();
+                    file.set_len(off)
+                        .map_err(|c| io_err("cut WAL segment after ENOSPC", c))?;
+                }
+                return Err(e);
+            }
+        }
+        if let Some(last) = appended.last() {
+            self.keep_in_tail(batch, headers, seg_id, off, last.seq);
+            {
+                let mut reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(s) = reg.segs.get_mut(&seg_id) {
+                    s.len = pos;
+                    s.last_seq = last.seq;
+                }
+            }
+            self.last_seq.store(last.seq, Ordering::Release);
+            if durable {
+                self.marks.synced.fetch_max(last.seq, Ordering::AcqRel);
+            }
+            (self.apply)(&appended);
+        }
+        Ok((appended.iter().map(|a| a.seq).collect(), durable))
+    }
+}
+
+impl Writer {
+    /// Move the bytes of a batch written at `off` of `seg` (its record
+    /// `headers` in order, then each record's table and data) to the
+    /// tail, before readers learn where the records are.
+    fn keep_in_tail(
+        &self,
+        batch: &mut [Req],
+        headers: Vec<[u8; HEADER_LEN]>,
+        seg: u64,
+        off: u64,
+        last_seq: u64,
+    ) {
+        if self.tail.budget() == 0 {
+            return;
+        }
+        let mut parts = Vec::with_capacity(headers.len() * 3);
+        let mut hi = headers.into_iter();
+        for r in batch.iter_mut() {
+            if let Req::Append { table, data, .. } = r {
+                if let Some(h) = hi.next() {
+                    parts.push(h.to_vec());
+                }
+                for part in [std::mem::take(table), std::mem::take(data)] {
+                    if !part.is_empty() {
+                        parts.push(part);
+                    }
+                }
+            }
+        }
+        self.tail.push(tail::Entry {
+            seg,
+            off,
+            last_seq,
+            parts,
+        });
+    }
+}
