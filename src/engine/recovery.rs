@@ -363,11 +363,14 @@ async fn apply_later_chunks(
     let listed_epochs: Vec<u64> = found.values().flatten().copied().collect();
     // seq -> the epoch the chain took there.
     let mut used: BTreeMap<u64, u64> = BTreeMap::new();
+    // Whether chunk `seq` at epoch `e` may follow a chain at `prev_epoch`.
+    let admits =
+        |seq: u64, prev_epoch: u64, e: u64| e <= p.epoch && e >= prev_epoch && bound.admits(seq, e);
     let pick = |seq: u64, prev_epoch: u64| {
         found.get(&seq).and_then(|es| {
             es.iter()
                 .copied()
-                .filter(|&e| e <= p.epoch && e >= prev_epoch && bound.admits(seq, e))
+                .filter(|&e| admits(seq, prev_epoch, e))
                 .max()
         })
     };
@@ -390,7 +393,7 @@ async fn apply_later_chunks(
     let mut ahead_follows = true;
     loop {
         let seq = state.last_chunk + 1;
-        let admissible = |e: u64| e <= p.epoch && e >= prev_epoch && bound.admits(seq, e);
+        let admissible = |e: u64| admits(seq, prev_epoch, e);
         let listed = pick(seq, prev_epoch);
         let next = match listed {
             Some(epoch) => {
