@@ -59,6 +59,10 @@
 //!    segment (older segments were synced when the writer moved on,
 //!    invariant 3). Appends are counted as queued before they are sent and
 //!    uncounted before any of them is answered.
+//! 10. A write alone in its batch is written durably, like a FUA write,
+//!    when the client has been flushing after every write
+//!    ([`flush_pattern`]): the flush that follows is then answered on the
+//!    caller's thread. This only ever makes a write durable sooner.
 //!
 //! All file access goes through the [`fs::WalFs`] seam.
 
@@ -77,6 +81,7 @@ use record::RecordKind;
 
 pub mod discard;
 mod durable;
+mod flush_pattern;
 pub mod fs;
 pub mod power_loss;
 pub mod quarantine;
@@ -235,6 +240,8 @@ pub struct Wal {
     queued: Arc<AtomicU64>,
     /// Flushes handed straight to the syncer (invariant 9).
     direct_syncs: AtomicU64,
+    /// Whether writes are each followed by a flush (invariant 10).
+    pattern: Arc<flush_pattern::FlushPattern>,
 }
 
 impl std::fmt::Debug for Wal {
@@ -380,6 +387,7 @@ impl Wal {
         let (sync_tx, sync_rx) = mpsc::channel();
         let sync_tx: SyncQueue = Arc::new(Mutex::new(Some(sync_tx)));
         let queued = Arc::new(AtomicU64::new(0));
+        let pattern = Arc::new(flush_pattern::FlushPattern::default());
         let (s2, b2) = (marks.clone(), broken.clone());
         let syncer = std::thread::Builder::new()
             .name(format!("shale-wsync-{volume:x}"))
@@ -401,6 +409,7 @@ impl Wal {
             syncer: Some(syncer),
             tail: tail.clone(),
             apply,
+            pattern: pattern.clone(),
         };
         let thread = std::thread::Builder::new()
             .name(format!("shale-wal-{volume:x}"))
@@ -427,6 +436,7 @@ impl Wal {
             sync_tx,
             queued,
             direct_syncs: AtomicU64::new(0),
+            pattern,
         })
     }
 
@@ -514,6 +524,7 @@ impl Wal {
         if let Some(e) = lock_broken(&self.broken).clone() {
             return Err(e);
         }
+        self.pattern.flushed();
         if self
             .marks
             .all_durable(self.last_seq.load(Ordering::Acquire))

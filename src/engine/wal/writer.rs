@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 
+use super::flush_pattern::FlushPattern;
 use super::fs::{DynWalFs, SegFile, WalFile};
 use super::record::{RecordHeader, RecordKind, HEADER_LEN};
 use super::syncer::{lock_broken, SyncJob, SyncQueue, Waiter};
@@ -44,6 +45,8 @@ pub(super) struct Writer {
     /// Written bytes kept for readers ([`tail`]).
     pub(super) tail: Arc<tail::Tail>,
     pub(super) apply: ApplyFn,
+    /// Whether writes are each followed by a flush (invariant 10).
+    pub(super) pattern: Arc<FlushPattern>,
 }
 
 /// Most requests gathered into one write.
@@ -222,6 +225,7 @@ impl Writer {
         }
         let mut need_sync = false;
         let mut total = 0u64;
+        let mut appends = 0u64;
         for r in batch.iter() {
             match r {
                 Req::Append {
@@ -229,11 +233,14 @@ impl Writer {
                 } => {
                     total += (HEADER_LEN + table.len() + data.len()) as u64;
                     need_sync |= *sync;
+                    appends += 1;
                 }
                 Req::Sync { .. } => need_sync = true,
                 Req::Stop => {}
             }
         }
+        // Invariant 10: a flush is expected right after this write.
+        need_sync |= self.pattern.expects_flush(appends);
         let (mut seg_id, mut file, mut off) = self.current();
         if off > 0 && off + total > self.seg_limit {
             self.roll(file.as_ref())?;
