@@ -280,6 +280,30 @@ async fn replies_come_back_out_of_order_when_requests_finish_out_of_order() {
     assert!(data.iter().all(|&b| b == 0));
 }
 
+/// A flush is first polled on the connection's reading task (invariant 7
+/// of the transmission): one the device answers at once gets its reply
+/// from there, and one that must wait is handed to a task of its own and
+/// still answered once the device lets it go, while other requests
+/// overtake it.
+#[tokio::test]
+async fn a_flush_that_must_wait_is_answered_once_it_can() {
+    let disk = Arc::new(GatedDisk::new(SIZE, vec![]));
+    let exports =
+        ExportMap::new([("g".to_string(), disk.clone() as Arc<dyn BlockDevice>)]).unwrap();
+    let srv = TestServer::start(exports);
+    let _release = ReleaseOnDrop(disk.gate.clone());
+    let (mut c, _) = RawClient::connect(&srv.addr(), "g").await;
+    assert_eq!(c.flush(1).await, 0, "a flush answered at once");
+    disk.flush_gated
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    c.send(CMD_FLUSH, 0, 2, 0, 0).await;
+    disk.entered.acquire().await.unwrap().forget();
+    assert_eq!(c.write(3, 0, &[7u8; 512]).await, 0, "overtakes the flush");
+    disk.gate.add_permits(1);
+    assert_eq!(c.reply().await, (0, 2), "the held flush is answered");
+    assert_eq!(disk.events(), ["flush", "write 0", "flush"]);
+}
+
 #[tokio::test]
 async fn shutdown_finishes_requests_in_flight_then_flushes() {
     let disk = Arc::new(GatedDisk::new(SIZE, vec![0]));

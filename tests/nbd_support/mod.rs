@@ -199,6 +199,8 @@ pub struct GatedDisk {
     pub entered: Arc<Semaphore>,
     /// Offsets whose reads and writes wait at the gate.
     pub gated_offsets: Vec<u64>,
+    /// When set, flushes wait at the gate too.
+    pub flush_gated: std::sync::atomic::AtomicBool,
     pub log: Mutex<Vec<String>>,
 }
 
@@ -209,6 +211,7 @@ impl GatedDisk {
             gate: Arc::new(Semaphore::new(0)),
             entered: Arc::new(Semaphore::new(0)),
             gated_offsets,
+            flush_gated: Default::default(),
             log: Mutex::new(Vec::new()),
         }
     }
@@ -245,6 +248,10 @@ impl BlockDevice for GatedDisk {
         self.inner.write(offset, data, fua).await
     }
     async fn flush(&self) -> Result<(), BlockError> {
+        if self.flush_gated.load(std::sync::atomic::Ordering::SeqCst) {
+            self.entered.add_permits(1);
+            self.gate.acquire().await.unwrap().forget();
+        }
         self.record("flush".into());
         Ok(())
     }
