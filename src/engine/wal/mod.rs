@@ -60,9 +60,9 @@
 //!    invariant 3). Appends are counted as queued before they are sent and
 //!    uncounted before any of them is answered.
 //! 10. A write alone in its batch is written durably, like a FUA write,
-//!    when the client has been flushing after every write
-//!    ([`flush_pattern`]): the flush that follows is then answered on the
-//!    caller's thread. This only ever makes a write durable sooner.
+//!     when the client has been flushing after every write
+//!     ([`flush_pattern`]): the flush that follows is then answered on the
+//!     caller's thread. This only ever makes a write durable sooner.
 //!
 //! All file access goes through the [`fs::WalFs`] seam.
 
