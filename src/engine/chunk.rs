@@ -68,12 +68,6 @@ pub enum ChunkError {
     DataCrc(u64),
 }
 
-/// Chunk ids with this bit set name compaction objects
-/// ([`super::compact`]): they live under [`compacted_prefix`], outside the
-/// normal chunk sequence that recovery replays, so they never form or
-/// break its chain.
-pub const COMPACTED_BIT: u64 = 1 << 63;
-
 /// CRC32C of each [`CRC_BLOCK`] block of `data`.
 pub fn block_crcs(data: &[u8]) -> Vec<u32> {
     data.chunks(CRC_BLOCK as usize)

@@ -32,10 +32,11 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::checkpoint::ChunkInfo;
-use super::chunk::{decode_header, encode, verify_blocks, ChunkExtent, ChunkHeader, COMPACTED_BIT};
+use super::chunk::{decode_header, encode, verify_blocks, ChunkExtent, ChunkHeader};
 use super::error::EngineError;
 use super::fenced_delete::FencedDeleter;
 use super::layout::{chunk_key, compacted_prefix, parse_chunk_name};
+use super::limits::COMPACTED_BIT;
 use super::map::Loc;
 use super::snapshot::RetainSet;
 use super::state::{ChunkEntry, State};

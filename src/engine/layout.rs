@@ -35,7 +35,7 @@
 //!    canonical spelling of its numbers (wrong prefix, width, case or
 //!    characters, a sign, trailing text) gives `None`, never a panic.
 
-use super::chunk::COMPACTED_BIT;
+use super::limits::COMPACTED_BIT;
 
 /// Prefix of every catalog object.
 pub const CATALOG_PREFIX: &str = "catalog/";

@@ -264,8 +264,7 @@ mod tests {
 
     use super::super::checkpoint::ChunkInfo;
     use super::super::chunk::ChunkExtent;
-    use super::super::map::{Loc, WalLoc};
-    use super::super::space::LocSet;
+    use super::super::map::{Loc, LocSet, WalLoc};
     use super::super::state::State;
     use super::super::wal::record::RecordKind;
     use super::super::wal::Appended;

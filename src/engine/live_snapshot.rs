@@ -45,7 +45,7 @@ use std::time::Duration;
 
 use futures::channel::oneshot;
 
-use super::checkpoint::read_manifest;
+use super::checkpoint::chain::read_manifest;
 use super::commit::{checkpoint, Root};
 use super::error::EngineError;
 use super::fenced_delete::FencedDeleter;

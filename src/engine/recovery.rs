@@ -41,11 +41,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::stream::{self, StreamExt};
 
-use super::checkpoint::{read_manifest, ChunkInfo, Manifest};
+use super::capped::get_capped;
+use super::checkpoint::chain::read_manifest;
+use super::checkpoint::{ChunkInfo, Manifest};
 use super::chunk::decode_header;
 use super::error::EngineError;
 use super::layout::{chunk_key, chunk_prefix, manifest_key, parse_chunk_name};
-use super::limits::{checkpoint_cap, get_capped, valid_chunk_id, MAX_CHUNK_OBJECT_BYTES};
+use super::limits::{checkpoint_cap, valid_chunk_id, MAX_CHUNK_OBJECT_BYTES};
 use super::state::State;
 use super::view::SnapshotView;
 use super::volume::VolumeParams;
@@ -338,7 +340,7 @@ async fn apply_later_chunks(
     for meta in store.list(&prefix).await? {
         let name = &meta.key[prefix.len()..];
         match parse_chunk_name(name) {
-            Some((seq, _)) if !valid_chunk_id(seq) || seq & super::chunk::COMPACTED_BIT != 0 => {
+            Some((seq, _)) if !valid_chunk_id(seq) || seq & super::limits::COMPACTED_BIT != 0 => {
                 log::warn!(
                     "ignoring chunk object {} with an out-of-range number",
                     meta.key

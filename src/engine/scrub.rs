@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 
 use futures::stream::{self, StreamExt};
 
-use super::checkpoint::{read_manifest, ChunkInfo, Manifest};
+use super::checkpoint::chain::read_manifest;
+use super::checkpoint::{ChunkInfo, Manifest};
 use super::chunk::{decode_header, CRC_BLOCK};
 use super::error::EngineError;
 use super::layout::{chunk_key, chunk_prefix, parse_chunk_key};

@@ -17,14 +17,15 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use super::allocation::{Allocation, Extent, Runs, BATCH};
-use super::checkpoint::{read_manifest, Checkpoint, ChunkInfo, Manifest};
+use super::checkpoint::chain::read_manifest;
+use super::checkpoint::{Checkpoint, ChunkInfo, Manifest, ParentRef};
 use super::chunk::{aligned_range, verify_blocks};
 use super::clone::load_chain;
 use super::crc_table::CrcTables;
 use super::error::EngineError;
 use super::layout::chunk_key;
 use super::map::{ExtentMap, Loc};
-use super::snapshot::{load_checkpoint, ParentRef, SnapshotError, SnapshotObject};
+use super::snapshot::{load_checkpoint, SnapshotError, SnapshotObject};
 use super::{check_range, BlockDevice, SECTOR};
 use crate::error::BlockError;
 use crate::store::DynStore;

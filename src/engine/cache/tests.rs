@@ -3,7 +3,7 @@ use super::*;
 const OWNER: &[u8] = b"volume dir A";
 
 impl Cache {
-    fn open_test(dir: &Path, size: u64) -> Result<Option<Cache>, EngineError> {
+    fn open_test(dir: &Path, size: u64) -> Result<Option<Cache>, OpenError> {
         Cache::open(dir, size, OWNER)
     }
 }

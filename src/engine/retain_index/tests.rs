@@ -101,7 +101,11 @@ fn index_round_trips_and_rejects_damage() {
         3,
         Entry {
             version: Version("\"etag-3\"".into()),
-            chunks: vec![(1, 1), (2, 1), (5 | crate::engine::chunk::COMPACTED_BIT, 2)],
+            chunks: vec![
+                (1, 1),
+                (2, 1),
+                (5 | crate::engine::limits::COMPACTED_BIT, 2),
+            ],
         },
     );
     idx.snapshots.insert(
