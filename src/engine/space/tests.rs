@@ -6,7 +6,7 @@ use super::*;
 use crate::clock::SystemClock;
 use crate::engine::config::EngineConfig;
 use crate::engine::map::LocSet;
-use crate::engine::snapshot::{delete_snapshot, list_snapshots, take_snapshot, SnapshotObject};
+use crate::engine::snapshot::{delete_snapshot, take_snapshot, SnapshotObject};
 use crate::engine::{BlockDevice, Volume, VolumeParams};
 use crate::error::BlockError;
 use crate::store::memory::MemoryStore;
