@@ -28,7 +28,15 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[(&str, &[&str])] = &[
     (
         "format: chunk ids and bounds, object keys, the chunk codec, config",
-        &["limits", "layout", "chunk", "sealed", "config", "damage"],
+        &[
+            "format",
+            "format::limits",
+            "format::layout",
+            "format::chunk",
+            "format::sealed",
+            "config",
+            "damage",
+        ],
     ),
     (
         "map: the extent map, its WAL overlay, chunk location sets",

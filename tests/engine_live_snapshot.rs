@@ -312,7 +312,7 @@ async fn fenced_or_closed_volumes_take_no_snapshot() {
 
 /// Keys of the volume's chunk objects.
 async fn chunk_keys(store: &DynStore) -> std::collections::BTreeSet<String> {
-    let prefix = shale::engine::layout::chunk_prefix(VOLUME);
+    let prefix = shale::engine::format::layout::chunk_prefix(VOLUME);
     store
         .list(&prefix)
         .await
@@ -326,7 +326,7 @@ fn snapshot_chunk_keys(snap: &SnapshotObject) -> Vec<String> {
     snap.checkpoint
         .chunks
         .iter()
-        .map(|c| shale::engine::layout::chunk_key(VOLUME, c.seq, c.epoch))
+        .map(|c| shale::engine::format::layout::chunk_key(VOLUME, c.seq, c.epoch))
         .collect()
 }
 

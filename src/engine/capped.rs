@@ -1,5 +1,5 @@
 //! Reading a whole object from the store under a size cap (the caps are
-//! in [`super::limits`]): a corrupt or hostile object can make the engine
+//! in [`super::format::limits`]): a corrupt or hostile object can make the engine
 //! refuse it, never allocate without bound.
 
 use super::error::EngineError;

@@ -31,9 +31,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::chunk::{CRC_BLOCK, MAX_DATA_LEN, MIN_HEADER_LEN};
-use super::layout::{checkpoint_prefix, manifest_key};
-use super::limits::{valid_chunk_id, MAX_SEQ};
+use super::format::chunk::{CRC_BLOCK, MAX_DATA_LEN, MIN_HEADER_LEN};
+use super::format::layout::{checkpoint_prefix, manifest_key};
+use super::format::limits::{valid_chunk_id, MAX_SEQ};
 use super::map::{ExtentMap, Loc, LocSet};
 
 pub mod capture;
@@ -168,7 +168,7 @@ pub struct ChunkInfo {
     /// Offset of the data area in the object.
     pub data_start: u64,
     pub data_len: u64,
-    /// [`super::chunk::table_crc`] of the chunk's block-CRC table.
+    /// [`super::format::chunk::table_crc`] of the chunk's block-CRC table.
     pub table_crc: u32,
 }
 
@@ -204,7 +204,7 @@ impl TryFrom<ChunkInfoJson> for ChunkInfo {
                         j.data_len
                     ));
                 }
-                let c = super::chunk::table_crc(crcs);
+                let c = super::format::chunk::table_crc(crcs);
                 if t.is_some_and(|t| t != c) {
                     return Err(format!("chunk {:#x}: table CRC disagrees", j.seq));
                 }
@@ -336,7 +336,7 @@ impl Checkpoint {
             if !seen.insert(c.seq) {
                 return bad(format!("chunk {:#x} is listed twice", c.seq));
             }
-            if c.seq & super::limits::COMPACTED_BIT == 0 && c.seq > self.chunk_seq {
+            if c.seq & super::format::limits::COMPACTED_BIT == 0 && c.seq > self.chunk_seq {
                 return bad(format!(
                     "chunk {} lies after the checkpoint's chunk {}",
                     c.seq, self.chunk_seq

@@ -24,7 +24,7 @@ use bytes::Bytes;
 
 use super::checkpoint::{Checkpoint, Manifest, ParentRef};
 use super::error::EngineError;
-use super::layout::{checkpoint_key, manifest_key, snapshot_key};
+use super::format::layout::{checkpoint_key, manifest_key, snapshot_key};
 use super::snapshot::{
     committed_checkpoint, list_snapshots, swap_checkpoint, SnapshotError, SnapshotObject,
 };

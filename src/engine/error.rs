@@ -2,8 +2,8 @@
 
 use super::cache::OpenError as CacheOpenError;
 use super::checkpoint::{CheckpointError, ManifestError};
-use super::chunk::ChunkError;
 use super::config::ConfigError;
+use super::format::chunk::ChunkError;
 use super::wal::WalError;
 use crate::error::BlockError;
 use crate::store::StoreError;

@@ -263,7 +263,7 @@ mod tests {
     use std::time::Duration;
 
     use super::super::checkpoint::ChunkInfo;
-    use super::super::chunk::ChunkExtent;
+    use super::super::format::chunk::ChunkExtent;
     use super::super::map::{Loc, LocSet, WalLoc};
     use super::super::state::State;
     use super::super::wal::record::RecordKind;

@@ -40,11 +40,11 @@ use super::checkpoint::chain::read_manifest;
 use super::checkpoint::{Checkpoint, Manifest, ParentRef};
 use super::error::EngineError;
 use super::fenced_delete::FencedDeleter;
-use super::layout::{
+use super::format::layout::{
     checkpoint_key, chunk_prefix, manifest_key, parse_chunk_name, parse_snapshot_key, snapshot_key,
     snapshot_prefix,
 };
-use super::limits::{MAX_METADATA_BYTES, MAX_SEQ};
+use super::format::limits::{MAX_METADATA_BYTES, MAX_SEQ};
 use crate::store::{DynStore, PutMode, StoreError};
 
 /// Magic of the older all-JSON format (still decoded, no longer written).

@@ -13,8 +13,8 @@ use super::delta::{Chain, CheckpointObject, Delta};
 use super::{Checkpoint, CheckpointError, Manifest};
 use crate::engine::capped::get_capped;
 use crate::engine::error::EngineError;
-use crate::engine::layout::manifest_key;
-use crate::engine::limits::MAX_MANIFEST_BYTES;
+use crate::engine::format::layout::manifest_key;
+use crate::engine::format::limits::MAX_MANIFEST_BYTES;
 use crate::store::{DynStore, Object, StoreError};
 
 /// Read the manifest of `volume` (at most [`MAX_MANIFEST_BYTES`]) and

@@ -7,12 +7,12 @@
 //! years), so it is corruption or an attack: the object is refused with an
 //! error naming it, before any arithmetic could wrap and before anything is
 //! deleted because of it. Objects are read under these caps by
-//! [`super::capped::get_capped`].
+//! [`crate::engine::capped::get_capped`].
 
-/// Chunk ids with this bit set name compaction objects
-/// ([`super::compact`]): they live under [`super::layout::compacted_prefix`],
-/// outside the normal chunk sequence that recovery replays, so they never
-/// form or break its chain.
+/// Chunk ids with this bit set name compaction objects (see
+/// `engine/compact.rs`): they live under
+/// [`super::layout::compacted_prefix`], outside the normal chunk sequence
+/// that recovery replays, so they never form or break its chain.
 pub const COMPACTED_BIT: u64 = 1 << 63;
 
 /// Op sequence numbers, chunk numbers and the low bits of compaction ids
