@@ -32,7 +32,7 @@
 //! ([`format::limits`]).
 //!
 //! The modules form layers whose imports point one way, bottom first:
-//! [`format`] (chunk ids and bounds, object keys, the chunk codec),
+//! [`format`](mod@format) (chunk ids and bounds, object keys, the chunk codec),
 //! [`map`], [`wal`], the metadata codecs ([`checkpoint`], [`crc_table`]),
 //! [`cache`] and [`space`], [`error`], then the rest (not sorted yet).
 //! `tests/engine_layers.rs` holds the table and enforces it.

@@ -1,6 +1,6 @@
 //! Space accounting of one volume: how much it uses with its snapshots.
 //! The admission check that fails a write needing space the pool lacks
-//! with ENOSPC is in [`super::space_admission`].
+//! with ENOSPC is in `space_admission.rs`.
 //!
 //! Definitions (bytes, counted in whole sectors):
 //! - *live data*: sectors of the live map mapped to data (`Wal` or `Chunk`).
@@ -115,7 +115,7 @@ pub struct SpaceState {
     /// keeping `used` within it is always admitted.
     pub reserve: u64,
     /// Growth admitted for writes still in progress (see
-    /// [`super::space_admission`], invariant 3).
+    /// `space_admission.rs`, invariant 3).
     pub inflight: u64,
 }
 
