@@ -34,7 +34,9 @@
 //! The modules form layers whose imports point one way, bottom first:
 //! [`format`](mod@format) (chunk ids and bounds, object keys, the chunk codec),
 //! [`map`], [`wal`], the metadata codecs ([`checkpoint`], [`crc_table`]),
-//! [`cache`] and [`space`], [`error`], then the rest (not sorted yet).
+//! [`cache`] and [`space`], [`error`], the metadata store I/O ([`capped`],
+//! [`checkpoint::chain`], [`checkpoint::orphans`], `fenced_delete`), then
+//! the rest (not sorted yet).
 //! `tests/engine_layers.rs` holds the table and enforces it.
 
 use async_trait::async_trait;
