@@ -16,10 +16,11 @@ use shale::catalog::lease::Lease;
 use shale::catalog::snapshot::{SnapError, Snapshots};
 use shale::catalog::{Catalog, CatalogError};
 use shale::clock::{DynClock, SystemClock};
+use shale::engine::checkpoint::ParentRef;
 use shale::engine::clone::{copy_parent_data, finish_flatten};
 use shale::engine::config::EngineConfig;
-use shale::engine::layout::{chunk_prefix, snapshot_key, volume_prefix};
-use shale::engine::snapshot::{find_snapshot, ParentRef};
+use shale::engine::format::layout::{chunk_prefix, snapshot_key, volume_prefix};
+use shale::engine::snapshot::find_snapshot;
 use shale::engine::view::SnapshotView;
 use shale::engine::{BlockDevice, EngineError, Volume};
 use shale::store::memory::MemoryStore;
@@ -253,7 +254,7 @@ async fn broken_parent_chains_fail_clearly() {
 
     // A flipped byte in a parent chunk: the clone's read fails (EIO).
     let c = &s.checkpoint.chunks[0];
-    let key = shale::engine::layout::chunk_key(p.id, c.seq, c.epoch);
+    let key = shale::engine::format::layout::chunk_key(p.id, c.seq, c.epoch);
     let good = env.store.get(&key).await.unwrap().data;
     let mut bad = good.to_vec();
     bad[c.data_start as usize + 10] ^= 0xff;

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use shale::clock::SystemClock;
 use shale::engine::checkpoint::{chain, Manifest};
 use shale::engine::config::{Durability, EngineConfig};
-use shale::engine::layout::{checkpoint_prefix, manifest_key};
+use shale::engine::format::layout::{checkpoint_prefix, manifest_key};
 use shale::engine::snapshot::SnapshotObject;
 use shale::engine::view::SnapshotView;
 use shale::engine::{BlockDevice, Volume, VolumeParams};

@@ -215,7 +215,7 @@ async fn crash_and_reopen_keep_content() {
         let named = cp
             .chunks
             .iter()
-            .filter(|c| c.seq & shale::engine::chunk::COMPACTED_BIT != 0)
+            .filter(|c| c.seq & shale::engine::format::limits::COMPACTED_BIT != 0)
             .count();
         assert_eq!(referenced, named, "seed {seed}: orphan compaction objects");
     }
@@ -280,7 +280,7 @@ async fn snapshots_keep_their_content() {
     let compacted = |cp: &shale::engine::checkpoint::Checkpoint| -> usize {
         cp.chunks
             .iter()
-            .filter(|c| c.seq & shale::engine::chunk::COMPACTED_BIT != 0)
+            .filter(|c| c.seq & shale::engine::format::limits::COMPACTED_BIT != 0)
             .count()
     };
     let held: usize = snaps.iter().map(|(s, _)| compacted(&s.checkpoint)).sum();

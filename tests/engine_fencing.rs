@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use shale::clock::SystemClock;
 use shale::engine::config::{Durability, EngineConfig};
-use shale::engine::layout::chunk_prefix;
+use shale::engine::format::layout::chunk_prefix;
 use shale::engine::{BlockDevice, Volume, VolumeParams};
 use shale::store::memory::MemoryStore;
 use shale::store::{DynStore, ObjectStore, PutMode};

@@ -312,7 +312,7 @@ async fn fenced_or_closed_volumes_take_no_snapshot() {
 
 /// Keys of the volume's chunk objects.
 async fn chunk_keys(store: &DynStore) -> std::collections::BTreeSet<String> {
-    let prefix = shale::engine::layout::chunk_prefix(VOLUME);
+    let prefix = shale::engine::format::layout::chunk_prefix(VOLUME);
     store
         .list(&prefix)
         .await
@@ -326,7 +326,7 @@ fn snapshot_chunk_keys(snap: &SnapshotObject) -> Vec<String> {
     snap.checkpoint
         .chunks
         .iter()
-        .map(|c| shale::engine::layout::chunk_key(VOLUME, c.seq, c.epoch))
+        .map(|c| shale::engine::format::layout::chunk_key(VOLUME, c.seq, c.epoch))
         .collect()
 }
 
@@ -421,7 +421,7 @@ async fn deleting_a_snapshot_of_an_open_volume_frees_only_its_chunks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_of_an_open_clone_reads_through_to_its_parent() {
-    use shale::engine::snapshot::ParentRef;
+    use shale::engine::checkpoint::ParentRef;
     const CLONE: u64 = 0x52;
     let store: DynStore = Arc::new(MemoryStore::new());
     let dir = tempfile::tempdir().unwrap();

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use shale::clock::SystemClock;
 use shale::engine::config::{Durability, EngineConfig};
-use shale::engine::layout::warm_start_key;
+use shale::engine::format::layout::warm_start_key;
 use shale::engine::warm_start::WarmStartConfig;
 use shale::engine::{BlockDevice, Volume, VolumeParams};
 use shale::store::faulty::{Fault, FaultPoint, FaultRule, FaultyStore};

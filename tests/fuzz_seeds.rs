@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use shale::engine::checkpoint::codec::DeltaPages;
 use shale::engine::checkpoint::delta::{CheckpointObject, Delta};
 use shale::engine::checkpoint::{Checkpoint, ChunkInfo};
-use shale::engine::chunk::{self, ChunkExtent, ChunkHeader};
+use shale::engine::format::chunk::{self, ChunkExtent, ChunkHeader};
 use shale::engine::snapshot::SnapshotObject;
 use shale::engine::wal::record::{RecordHeader, RecordKind};
 use shale::frontend::nbd::codec::{InfoRequest, MetaContextRequest, OptionHeader, Request};

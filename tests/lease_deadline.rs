@@ -13,7 +13,7 @@ use shale::catalog::lease::{read_lease, Lease, LeaseError, Renewer};
 use shale::clock::{DynClock, ManualClock};
 use shale::daemon::spawn_fencing_renewer;
 use shale::engine::config::{Durability, EngineConfig};
-use shale::engine::layout::lease_key;
+use shale::engine::format::layout::lease_key;
 use shale::engine::volume::Admission;
 use shale::engine::{BlockDevice, Volume, VolumeParams};
 use shale::error::BlockError;

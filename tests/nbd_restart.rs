@@ -23,7 +23,7 @@ use shale::catalog::lease::{read_lease, AcquireOptions, HolderId, Lease};
 use shale::catalog::local_dir::read_identity;
 use shale::catalog::Catalog;
 use shale::clock::{DynClock, SystemClock};
-use shale::engine::layout::lease_key;
+use shale::engine::format::layout::lease_key;
 use shale::store::fs::FsStore;
 use shale::store::{DynStore, ObjectStore, PutMode};
 

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use cli_support::CliEnv;
 use shale::catalog::Catalog;
 use shale::daemon::attach;
-use shale::engine::layout::chunk_prefix;
+use shale::engine::format::layout::chunk_prefix;
 use shale::engine::BlockDevice;
 use shale::store::{DynStore, PutMode};
 

@@ -17,7 +17,7 @@ use shale::catalog::{Catalog, VolumeRecord};
 use shale::clock::{DynClock, SystemClock};
 use shale::control::{socket_path, ControlServer};
 use shale::engine::config::EngineConfig;
-use shale::engine::layout::lease_key;
+use shale::engine::format::layout::lease_key;
 use shale::engine::{BlockDevice, Volume, VolumeParams};
 use shale::store::faulty::{FaultPoint, FaultyStore};
 use shale::store::memory::MemoryStore;

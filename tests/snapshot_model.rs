@@ -548,7 +548,7 @@ async fn refusals_are_clear_and_change_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_objects_fail_safe() {
     use bytes::Bytes;
-    use shale::engine::layout::snapshot_key;
+    use shale::engine::format::layout::snapshot_key;
     use shale::engine::snapshot::list_snapshots;
     use shale::store::PutMode;
 
@@ -586,7 +586,7 @@ async fn corrupt_objects_fail_safe() {
         .await
         .unwrap();
     let c = &snap.checkpoint.chunks[0];
-    let key = shale::engine::layout::chunk_key(rec.id, c.seq, c.epoch);
+    let key = shale::engine::format::layout::chunk_key(rec.id, c.seq, c.epoch);
     let mut data = env.store.get(&key).await.unwrap().data.to_vec();
     let at = (c.data_start + 100) as usize;
     data[at] ^= 0xff;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use shale::catalog::lease::{read_lease, Lease, LeaseError};
 use shale::clock::{DynClock, ManualClock};
-use shale::engine::layout::lease_key;
+use shale::engine::format::layout::lease_key;
 use shale::store::fs::FsStore;
 use shale::store::memory::MemoryStore;
 use shale::store::s3::S3Store;

@@ -53,7 +53,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::catalog::local_dir::LocalDirClaim;
 use crate::clock::DynClock;
-use crate::engine::layout::lease_key;
+use crate::engine::format::layout::lease_key;
 use crate::engine::volume::{AckGate, Admission};
 use crate::host;
 use crate::store::{DynStore, PutMode, StoreError, Version};

@@ -30,7 +30,7 @@ use bytes::Bytes;
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
-use crate::engine::layout::STORE_ID_KEY;
+use crate::engine::format::layout::STORE_ID_KEY;
 use crate::host::MAX_ID_LEN;
 use crate::store::{DynStore, PutMode, StoreError};
 

@@ -30,7 +30,7 @@ pub mod lease;
 pub mod local_dir;
 pub mod snapshot;
 
-use crate::engine::layout::{
+use crate::engine::format::layout::{
     catalog_record_key, parse_catalog_record_key, volume_prefix, CATALOG_VOLUMES_PREFIX,
     NEXT_ID_KEY,
 };

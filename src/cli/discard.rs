@@ -8,7 +8,7 @@ use shale::catalog::Catalog;
 use shale::clock::{Clock, SystemClock};
 use shale::config::Config;
 use shale::engine::checkpoint::Manifest;
-use shale::engine::layout::manifest_key;
+use shale::engine::format::layout::manifest_key;
 use shale::engine::wal::{discard, fs};
 use shale::store::StoreError;
 

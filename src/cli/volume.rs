@@ -218,7 +218,7 @@ async fn list(catalog: &Catalog, json: bool) -> anyhow::Result<()> {
 async fn info(cfg: &Config, catalog: &Catalog, name: &str, json: bool) -> anyhow::Result<()> {
     let rec = catalog.get(name).await?;
     let usage = catalog.usage(&rec).await?;
-    let prefix = shale::engine::layout::volume_prefix(rec.id);
+    let prefix = shale::engine::format::layout::volume_prefix(rec.id);
     let local_dir = cfg.volume_dir(rec.id);
     let space = super::pool::volume_space(catalog, &rec).await;
     if json {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use super::checkpoint::dirty::DirtySet;
 use super::checkpoint::ChunkInfo;
-use super::chunk::ChunkExtent;
+use super::format::chunk::ChunkExtent;
 use super::map::WalLoc;
 use super::state::State;
 use super::wal::record::RecordKind;

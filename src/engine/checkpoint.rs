@@ -31,13 +31,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::chunk::{CRC_BLOCK, MAX_DATA_LEN, MIN_HEADER_LEN};
-use super::error::EngineError;
-use super::layout::{checkpoint_prefix, manifest_key};
-use super::limits::{get_capped, valid_chunk_id, MAX_MANIFEST_BYTES, MAX_SEQ};
-use super::map::{ExtentMap, Loc};
-use super::snapshot::ParentRef;
-use crate::store::{DynStore, Object};
+use super::format::chunk::{CRC_BLOCK, MAX_DATA_LEN, MIN_HEADER_LEN};
+use super::format::layout::{checkpoint_prefix, manifest_key};
+use super::format::limits::{valid_chunk_id, MAX_SEQ};
+use super::map::{ExtentMap, Loc, LocSet};
 
 pub mod capture;
 pub mod chain;
@@ -118,8 +115,8 @@ impl Manifest {
     }
 
     /// Parse and [`validate`](Manifest::validate) the manifest of `volume`.
-    pub fn parse(volume: u64, data: &[u8]) -> Result<Manifest, EngineError> {
-        let err = |reason: String| EngineError::Manifest {
+    pub fn parse(volume: u64, data: &[u8]) -> Result<Manifest, ManifestError> {
+        let err = |reason: String| ManifestError {
             key: manifest_key(volume),
             reason,
         };
@@ -130,14 +127,32 @@ impl Manifest {
     }
 }
 
-/// Read the manifest of `volume` (at most [`MAX_MANIFEST_BYTES`]) and
-/// check it; returns it with the object (for its version).
-pub async fn read_manifest(
-    store: &DynStore,
-    volume: u64,
-) -> Result<(Manifest, Object), EngineError> {
-    let o = get_capped(store, &manifest_key(volume), MAX_MANIFEST_BYTES, "manifest").await?;
-    Ok((Manifest::parse(volume, &o.data)?, o))
+/// A manifest that does not parse or whose numbers disagree
+/// ([`Manifest::validate`]).
+#[derive(Debug, thiserror::Error)]
+#[error("manifest {key}: {reason}")]
+pub struct ManifestError {
+    pub key: String,
+    pub reason: String,
+}
+
+/// The snapshot a clone reads through to: snapshot id `snapshot` of volume
+/// id `volume` (ids, never names: names may be reused after a delete).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParentRef {
+    pub volume: u64,
+    pub snapshot: u64,
+}
+
+impl std::fmt::Display for ParentRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "snapshot {:016x} of volume {:016x}",
+            self.snapshot, self.volume
+        )
+    }
 }
 
 /// What the engine knows about one stored chunk. The chunk's block-CRC
@@ -153,7 +168,7 @@ pub struct ChunkInfo {
     /// Offset of the data area in the object.
     pub data_start: u64,
     pub data_len: u64,
-    /// [`super::chunk::table_crc`] of the chunk's block-CRC table.
+    /// [`super::format::chunk::table_crc`] of the chunk's block-CRC table.
     pub table_crc: u32,
 }
 
@@ -189,7 +204,7 @@ impl TryFrom<ChunkInfoJson> for ChunkInfo {
                         j.data_len
                     ));
                 }
-                let c = super::chunk::table_crc(crcs);
+                let c = super::format::chunk::table_crc(crcs);
                 if t.is_some_and(|t| t != c) {
                     return Err(format!("chunk {:#x}: table CRC disagrees", j.seq));
                 }
@@ -321,7 +336,7 @@ impl Checkpoint {
             if !seen.insert(c.seq) {
                 return bad(format!("chunk {:#x} is listed twice", c.seq));
             }
-            if c.seq & super::chunk::COMPACTED_BIT == 0 && c.seq > self.chunk_seq {
+            if c.seq & super::format::limits::COMPACTED_BIT == 0 && c.seq > self.chunk_seq {
                 return bad(format!(
                     "chunk {} lies after the checkpoint's chunk {}",
                     c.seq, self.chunk_seq
@@ -329,6 +344,14 @@ impl Checkpoint {
             }
         }
         Ok(())
+    }
+
+    /// Add every chunk location this checkpoint's extents reference to
+    /// `set`.
+    pub fn add_locations(&self, set: &mut LocSet) {
+        for &(_, len, chunk, off) in &self.extents {
+            set.insert(chunk, off, len.saturating_mul(super::SECTOR));
+        }
     }
 
     /// Capture `map` (which must hold only chunk and zero locations).

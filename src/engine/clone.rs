@@ -22,11 +22,11 @@ use std::collections::HashSet;
 
 use bytes::Bytes;
 
-use super::checkpoint::{Checkpoint, Manifest};
+use super::checkpoint::{Checkpoint, Manifest, ParentRef};
 use super::error::EngineError;
-use super::layout::{checkpoint_key, manifest_key, snapshot_key};
+use super::format::layout::{checkpoint_key, manifest_key, snapshot_key};
 use super::snapshot::{
-    committed_checkpoint, list_snapshots, swap_checkpoint, ParentRef, SnapshotError, SnapshotObject,
+    committed_checkpoint, list_snapshots, swap_checkpoint, SnapshotError, SnapshotObject,
 };
 use super::view::{Resolved, SnapshotView};
 use super::volume::Volume;

@@ -30,7 +30,9 @@ use super::checkpoint::delta::Delta;
 use super::checkpoint::dirty::DirtySet;
 use super::checkpoint::{Checkpoint, ChunkInfo, Manifest};
 use super::error::EngineError;
-use super::layout::{checkpoint_base_key, checkpoint_key, chunk_key, delta_key, manifest_key};
+use super::format::layout::{
+    checkpoint_base_key, checkpoint_key, chunk_key, delta_key, manifest_key,
+};
 use super::volume::Inner;
 use crate::store::delete_many::{delete_many, DELETES_IN_FLIGHT};
 use crate::store::{PutMode, StoreError, Version};

@@ -32,10 +32,11 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::checkpoint::ChunkInfo;
-use super::chunk::{decode_header, encode, verify_blocks, ChunkExtent, ChunkHeader, COMPACTED_BIT};
 use super::error::EngineError;
 use super::fenced_delete::FencedDeleter;
-use super::layout::{chunk_key, compacted_prefix, parse_chunk_name};
+use super::format::chunk::{decode_header, encode, verify_blocks, ChunkExtent, ChunkHeader};
+use super::format::layout::{chunk_key, compacted_prefix, parse_chunk_name};
+use super::format::limits::COMPACTED_BIT;
 use super::map::Loc;
 use super::snapshot::RetainSet;
 use super::state::{ChunkEntry, State};
@@ -132,7 +133,7 @@ pub(crate) async fn compact(inner: &Inner) -> Result<(), EngineError> {
         epoch: inner.epoch,
         data_start: decoded.header_len,
         data_len: decoded.data_len,
-        table_crc: super::chunk::table_crc(&decoded.block_crcs),
+        table_crc: super::format::chunk::table_crc(&decoded.block_crcs),
     });
     inner
         .tables
@@ -292,7 +293,7 @@ pub(crate) async fn clean_orphans(
             log::warn!("ignoring unexpected object {}", meta.key);
             continue;
         };
-        if !super::limits::valid_chunk_id(seq) || seq & COMPACTED_BIT == 0 {
+        if !super::format::limits::valid_chunk_id(seq) || seq & COMPACTED_BIT == 0 {
             log::warn!(
                 "ignoring compaction object {} with an out-of-range id",
                 meta.key

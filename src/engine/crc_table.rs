@@ -25,8 +25,8 @@ use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
 
 use super::checkpoint::ChunkInfo;
-use super::chunk::{decode_header, table_crc, CRC_BLOCK};
-use super::layout::chunk_key;
+use super::format::chunk::{decode_header, table_crc, CRC_BLOCK};
+use super::format::layout::chunk_key;
 use crate::store::{DynStore, StoreError};
 
 /// Default byte budget (16 MiB: the tables of 16 GiB of chunk data).

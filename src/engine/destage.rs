@@ -48,9 +48,9 @@ use tokio::sync::Semaphore;
 
 use self::build::Batch;
 use super::checkpoint::ChunkInfo;
-use super::chunk::{decode_header, ChunkExtent};
 use super::error::EngineError;
-use super::layout::chunk_key;
+use super::format::chunk::{decode_header, ChunkExtent};
+use super::format::layout::chunk_key;
 use super::live_snapshot;
 use super::meta::{Command, MetaSender};
 use super::state::State;
@@ -439,7 +439,7 @@ fn build(inner: &Inner, b: &Batch) -> Result<Built, EngineError> {
         epoch: inner.epoch,
         data_start: decoded.header_len,
         data_len: decoded.data_len,
-        table_crc: super::chunk::table_crc(&decoded.block_crcs),
+        table_crc: super::format::chunk::table_crc(&decoded.block_crcs),
     });
     // Destage has the table at hand: readers of the fresh chunk need no
     // header GET.

@@ -1,8 +1,9 @@
 //! The engine's precise error type; converts into the edge [`BlockError`].
 
-use super::checkpoint::CheckpointError;
-use super::chunk::ChunkError;
+use super::cache::OpenError as CacheOpenError;
+use super::checkpoint::{CheckpointError, ManifestError};
 use super::config::ConfigError;
+use super::format::chunk::ChunkError;
 use super::wal::WalError;
 use crate::error::BlockError;
 use crate::store::StoreError;
@@ -71,5 +72,20 @@ impl From<EngineError> for BlockError {
 impl From<WalError> for BlockError {
     fn from(e: WalError) -> BlockError {
         EngineError::Wal(e).into()
+    }
+}
+
+impl From<CacheOpenError> for EngineError {
+    fn from(e: CacheOpenError) -> EngineError {
+        EngineError::LocalIo(e.to_string())
+    }
+}
+
+impl From<ManifestError> for EngineError {
+    fn from(e: ManifestError) -> EngineError {
+        EngineError::Manifest {
+            key: e.key,
+            reason: e.reason,
+        }
     }
 }

@@ -13,7 +13,7 @@
 //!    after a takeover, all of them of older epochs and unreferenced when
 //!    the takeover's recovery read the store.
 
-use super::checkpoint::read_manifest;
+use super::checkpoint::chain::read_manifest;
 use super::error::EngineError;
 use crate::store::{DynStore, StoreError};
 

@@ -45,7 +45,7 @@ use futures::future::{BoxFuture, FutureExt, Shared};
 
 use super::cache::{Cache, Reservation, SLOT};
 use super::checkpoint::ChunkInfo;
-use super::layout::chunk_key;
+use super::format::layout::chunk_key;
 use super::read::{fetch_within, window_crcs, window_id, StoreOrCrc};
 use super::volume::Inner;
 use crate::store::StoreError;

@@ -263,9 +263,8 @@ mod tests {
     use std::time::Duration;
 
     use super::super::checkpoint::ChunkInfo;
-    use super::super::chunk::ChunkExtent;
-    use super::super::map::{Loc, WalLoc};
-    use super::super::space::LocSet;
+    use super::super::format::chunk::ChunkExtent;
+    use super::super::map::{Loc, LocSet, WalLoc};
     use super::super::state::State;
     use super::super::wal::record::RecordKind;
     use super::super::wal::Appended;

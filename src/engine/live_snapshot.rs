@@ -45,11 +45,11 @@ use std::time::Duration;
 
 use futures::channel::oneshot;
 
-use super::checkpoint::read_manifest;
+use super::checkpoint::chain::read_manifest;
 use super::commit::{checkpoint, Root};
 use super::error::EngineError;
 use super::fenced_delete::FencedDeleter;
-use super::layout::{chunk_prefix, parse_chunk_name, snapshot_key};
+use super::format::layout::{chunk_prefix, parse_chunk_name, snapshot_key};
 use super::snapshot::{
     find_snapshot, set_deleting, store_snapshot, RetainSet, SnapshotError, SnapshotObject,
 };

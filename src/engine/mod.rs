@@ -11,12 +11,14 @@
 //!   `<local_dir>/wal.discarded-<secs>/` (copies kept by
 //!   [`wal::discard`]);
 //! - store: `volumes/<id:016x>/manifest` (root, compare-and-swap only),
-//!   `volumes/<id:016x>/chunks/` (immutable chunk objects, see [`chunk`]),
+//!   `volumes/<id:016x>/chunks/` (immutable chunk objects, see
+//!   [`format::chunk`]),
 //!   `volumes/<id:016x>/compacted/` (compaction objects: live data of
 //!   sparse chunks, high-bit ids outside the chunk sequence, see
 //!   `compact.rs`), `volumes/<id:016x>/checkpoints/` (serialized
 //!   store-side map, see [`checkpoint`]), `volumes/<id:016x>/snapshots/`
-//!   (see [`snapshot`]); every key is spelled and parsed in [`layout`],
+//!   (see [`snapshot`]); every key is spelled and parsed in
+//!   [`format::layout`],
 //!   which lists them all. A clone's manifest names its parent snapshot;
 //!   unmapped ranges read through to it (see [`clone`]).
 //!
@@ -27,7 +29,15 @@
 //! Recovery: manifest → checkpoint → later chunks in order up to the first
 //! gap (a chunk missing from the listing is read directly first) → WAL
 //! records newer than the store. Every number read back is checked first
-//! ([`limits`]).
+//! ([`format::limits`]).
+//!
+//! The modules form layers whose imports point one way, bottom first:
+//! [`format`](mod@format) (chunk ids and bounds, object keys, the chunk codec),
+//! [`map`], [`wal`], the metadata codecs ([`checkpoint`], [`crc_table`]),
+//! [`cache`] and [`space`], [`error`], the metadata store I/O ([`capped`],
+//! [`checkpoint::chain`], [`checkpoint::orphans`], `fenced_delete`), then
+//! the rest (not sorted yet).
+//! `tests/engine_layers.rs` holds the table and enforces it.
 
 use async_trait::async_trait;
 
@@ -36,8 +46,8 @@ use crate::error::BlockError;
 mod allocation;
 pub mod bench_support;
 pub mod cache;
+pub mod capped;
 pub mod checkpoint;
-pub mod chunk;
 pub mod clone;
 mod commit;
 mod compact;
@@ -48,9 +58,8 @@ mod destage;
 pub mod diff;
 pub mod error;
 mod fenced_delete;
+pub mod format;
 mod inflight;
-pub mod layout;
-pub mod limits;
 pub mod live;
 mod live_snapshot;
 pub mod map;
@@ -61,9 +70,9 @@ mod read;
 mod recovery;
 pub mod retain_index;
 pub mod scrub;
-mod sealed;
 pub mod snapshot;
 pub mod space;
+mod space_admission;
 mod state;
 pub mod usage;
 pub mod view;

@@ -25,10 +25,10 @@ use futures::future::{BoxFuture, FutureExt};
 
 use super::cache::{Cache, Hit, Served, Wait, WindowId, SLOT};
 use super::checkpoint::ChunkInfo;
-use super::chunk::{aligned_range, verify_blocks, CRC_BLOCK};
 use super::crc_table::{CrcTables, Table, TableError};
+use super::format::chunk::{aligned_range, verify_blocks, CRC_BLOCK};
+use super::format::layout::chunk_key;
 use super::inflight::{FetchError, Mode};
-use super::layout::chunk_key;
 use super::map::{Loc, WalLoc};
 use super::view::Resolved;
 use super::volume::Inner;

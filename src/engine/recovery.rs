@@ -25,7 +25,7 @@
 //! 4. A chunk or checkpoint that fails its checksum fails the open: it is
 //!    bit rot the operator must see, never silently skipped. So does one
 //!    whose numbers are out of range or contradict each other (see
-//!    [`super::limits`]), or a metadata object too large to be real;
+//!    [`super::format::limits`]), or a metadata object too large to be real;
 //!    the error names the object, and nothing is deleted or replayed.
 //! 5. A clone (its manifest names a parent) opens only with its whole
 //!    parent chain readable; its maps keep zeroed ranges as `Loc::Zero`.
@@ -41,11 +41,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::stream::{self, StreamExt};
 
-use super::checkpoint::{read_manifest, ChunkInfo, Manifest};
-use super::chunk::decode_header;
+use super::capped::get_capped;
+use super::checkpoint::chain::read_manifest;
+use super::checkpoint::{ChunkInfo, Manifest};
 use super::error::EngineError;
-use super::layout::{chunk_key, chunk_prefix, manifest_key, parse_chunk_name};
-use super::limits::{checkpoint_cap, get_capped, valid_chunk_id, MAX_CHUNK_OBJECT_BYTES};
+use super::format::chunk::decode_header;
+use super::format::layout::{chunk_key, chunk_prefix, manifest_key, parse_chunk_name};
+use super::format::limits::{checkpoint_cap, valid_chunk_id, MAX_CHUNK_OBJECT_BYTES};
 use super::state::State;
 use super::view::SnapshotView;
 use super::volume::VolumeParams;
@@ -338,7 +340,9 @@ async fn apply_later_chunks(
     for meta in store.list(&prefix).await? {
         let name = &meta.key[prefix.len()..];
         match parse_chunk_name(name) {
-            Some((seq, _)) if !valid_chunk_id(seq) || seq & super::chunk::COMPACTED_BIT != 0 => {
+            Some((seq, _))
+                if !valid_chunk_id(seq) || seq & super::format::limits::COMPACTED_BIT != 0 =>
+            {
                 log::warn!(
                     "ignoring chunk object {} with an out-of-range number",
                     meta.key
@@ -456,7 +460,7 @@ async fn apply_later_chunks(
             epoch,
             data_start: h.header_len,
             data_len: h.data_len,
-            table_crc: super::chunk::table_crc(&h.block_crcs),
+            table_crc: super::format::chunk::table_crc(&h.block_crcs),
         });
         tables.insert(p.id, &info, h.block_crcs.clone().into());
         state.apply_chunk_to_stored(info, &h.extents);

@@ -24,10 +24,11 @@ use std::collections::{BTreeMap, HashSet};
 
 use bytes::Bytes;
 
+use super::capped::get_capped;
 use super::error::EngineError;
-use super::layout::{retain_index_key, snapshot_prefix};
-use super::limits::{get_capped, valid_chunk_id, MAX_METADATA_BYTES, MAX_SEQ};
-use super::sealed::{seal, unseal, SealError};
+use super::format::layout::{retain_index_key, snapshot_prefix};
+use super::format::limits::{valid_chunk_id, MAX_METADATA_BYTES, MAX_SEQ};
+use super::format::sealed::{seal, unseal, SealError};
 use super::snapshot::{read_snapshot_versioned, snapshot_id_of, SnapshotError};
 use crate::store::{DynStore, PutMode, StoreError, Version};
 

@@ -19,10 +19,11 @@ use std::time::{Duration, Instant};
 
 use futures::stream::{self, StreamExt};
 
-use super::checkpoint::{read_manifest, ChunkInfo, Manifest};
-use super::chunk::{decode_header, CRC_BLOCK};
+use super::checkpoint::chain::read_manifest;
+use super::checkpoint::{ChunkInfo, Manifest};
 use super::error::EngineError;
-use super::layout::{chunk_key, chunk_prefix, parse_chunk_key};
+use super::format::chunk::{decode_header, CRC_BLOCK};
+use super::format::layout::{chunk_key, chunk_prefix, parse_chunk_key};
 use super::snapshot::{SnapshotError, SnapshotObject};
 use super::view::{Resolved, SnapshotView};
 use super::SECTOR;
@@ -368,7 +369,7 @@ async fn check_chunk(
                 Some("it names another chunk")
             } else if h.header_len != info.data_start || h.data_len != info.data_len {
                 Some("its lengths differ from the checkpoint's")
-            } else if super::chunk::table_crc(&h.block_crcs) != info.table_crc {
+            } else if super::format::chunk::table_crc(&h.block_crcs) != info.table_crc {
                 Some("its checksums differ from the checkpoint's")
             } else {
                 None
@@ -384,7 +385,7 @@ async fn check_chunk(
             pacer.take(probe).await;
             let mut head = store.get_range(&key, 0..probe).await.map_err(store_fault)?;
             let mut h = decode_header(&head);
-            if matches!(h, Err(super::chunk::ChunkError::Truncated)) && probe < size {
+            if matches!(h, Err(super::format::chunk::ChunkError::Truncated)) && probe < size {
                 pacer.take(size - probe).await;
                 head = store.get(&key).await.map_err(store_fault)?.data;
                 h = decode_header(&head);

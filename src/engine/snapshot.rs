@@ -35,14 +35,16 @@ use std::collections::HashSet;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::checkpoint::{read_manifest, Checkpoint, Manifest};
+use super::capped::get_capped;
+use super::checkpoint::chain::read_manifest;
+use super::checkpoint::{Checkpoint, Manifest, ParentRef};
 use super::error::EngineError;
 use super::fenced_delete::FencedDeleter;
-use super::layout::{
+use super::format::layout::{
     checkpoint_key, chunk_prefix, manifest_key, parse_chunk_name, parse_snapshot_key, snapshot_key,
     snapshot_prefix,
 };
-use super::limits::{get_capped, MAX_METADATA_BYTES, MAX_SEQ};
+use super::format::limits::{MAX_METADATA_BYTES, MAX_SEQ};
 use crate::store::{DynStore, PutMode, StoreError};
 
 /// Magic of the older all-JSON format (still decoded, no longer written).
@@ -61,25 +63,6 @@ struct SnapshotMeta {
     parent: Option<ParentRef>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     deleting: bool,
-}
-
-/// The snapshot a clone reads through to: snapshot id `snapshot` of volume
-/// id `volume` (ids, never names: names may be reused after a delete).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ParentRef {
-    pub volume: u64,
-    pub snapshot: u64,
-}
-
-impl std::fmt::Display for ParentRef {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "snapshot {:016x} of volume {:016x}",
-            self.snapshot, self.volume
-        )
-    }
 }
 
 /// A stored snapshot.

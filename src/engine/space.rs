@@ -1,11 +1,13 @@
-//! Space accounting of one volume, and the admission check that fails a
-//! write needing space the pool lacks with ENOSPC before anything is logged.
+//! Space accounting of one volume: how much it uses with its snapshots.
+//! The admission check that fails a write needing space the pool lacks
+//! with ENOSPC is in `space_admission.rs`.
 //!
 //! Definitions (bytes, counted in whole sectors):
 //! - *live data*: sectors of the live map mapped to data (`Wal` or `Chunk`).
 //!   `Zero` and unmapped sectors take no space.
 //! - *snapshot refs* `S`: the set of chunk locations `(chunk, offset)` that
-//!   any snapshot of the volume references (a [`LocSet`]). A chunk location
+//!   any snapshot of the volume references (a
+//!   [`LocSet`](super::map::LocSet)). A chunk location
 //!   holds the data of exactly one sector, so two maps share a sector's
 //!   space exactly when they reference the same location.
 //! - *used* = live data + `|S|` − (live data whose location is in `S`):
@@ -19,111 +21,14 @@
 //! Physical chunk objects may hold more bytes than `used` until garbage
 //! collection deletes or rewrites them; `used` is the data the volume keeps.
 //!
-//! Invariants:
-//! 1. `used` is exact after every map change: the stored [`ExtentMap`]
-//!    keeps its data and shared counters itself, and the overlay of WAL
-//!    ranges over it keeps the bytes it hides (see [`super::live`]), so
-//!    the live view's counters are exact whatever code path mutates them.
-//! 2. A write is admitted only if `used + inflight + growth <= allowance`,
-//!    where `growth` = its non-zero bytes − the live data it displaces that
-//!    no snapshot holds, and `allowance = max(limit, reserve)`. Otherwise it
-//!    fails with [`BlockError::NoSpace`] and nothing is logged or changed.
-//! 3. Trims and write_zeroes never grow `used` and are always admitted.
-//! 4. Growth admitted for a write stays counted in `inflight` until the
-//!    write returns, so concurrent writes cannot together exceed the
-//!    allowance.
-
-use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+//! Invariant: `used` is exact after every map change: the stored
+//! [`ExtentMap`] keeps its data and shared counters itself, and the overlay
+//! of WAL ranges over it keeps the bytes it hides (see [`super::live`]), so
+//! the live view's counters are exact whatever code path mutates them.
 
 use super::checkpoint::Checkpoint;
-use super::map::ExtentMap;
-use super::snapshot::{list_snapshots, SnapshotObject};
-use super::state::State;
-use super::volume::{Shared, Volume};
-use super::wal::NewRecord;
+use super::map::{ExtentMap, Loc};
 use super::SECTOR;
-use crate::error::BlockError;
-use crate::store::DynStore;
-
-/// A set of chunk locations, kept as disjoint byte intervals per chunk.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct LocSet {
-    /// chunk seq → interval start → interval end (exclusive); intervals of
-    /// one chunk neither overlap nor touch.
-    chunks: HashMap<u64, BTreeMap<u64, u64>>,
-    bytes: u64,
-}
-
-impl LocSet {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// The locations every extent of `checkpoints` references.
-    pub fn from_checkpoints<'a>(checkpoints: impl IntoIterator<Item = &'a Checkpoint>) -> Self {
-        let mut set = LocSet::new();
-        for cp in checkpoints {
-            set.add_checkpoint(cp);
-        }
-        set
-    }
-
-    /// Add every location `cp`'s extents reference.
-    pub fn add_checkpoint(&mut self, cp: &Checkpoint) {
-        for &(_, len, chunk, off) in &cp.extents {
-            self.insert(chunk, off, len.saturating_mul(SECTOR));
-        }
-    }
-
-    /// Total bytes in the set.
-    pub fn bytes(&self) -> u64 {
-        self.bytes
-    }
-
-    /// Add `[off, off+len)` of `chunk`.
-    pub fn insert(&mut self, chunk: u64, off: u64, len: u64) {
-        if len == 0 {
-            return;
-        }
-        let ivs = self.chunks.entry(chunk).or_default();
-        let (mut start, mut end) = (off, off.saturating_add(len));
-        if let Some((&s, &e)) = ivs.range(..=start).next_back() {
-            if e >= start {
-                ivs.remove(&s);
-                self.bytes -= e - s;
-                start = s;
-                end = end.max(e);
-            }
-        }
-        let following: Vec<(u64, u64)> = ivs.range(start..=end).map(|(&s, &e)| (s, e)).collect();
-        for (s, e) in following {
-            ivs.remove(&s);
-            self.bytes -= e - s;
-            end = end.max(e);
-        }
-        ivs.insert(start, end);
-        self.bytes += end - start;
-    }
-
-    /// Bytes of `[off, off+len)` of `chunk` that lie in the set.
-    pub fn overlap(&self, chunk: u64, off: u64, len: u64) -> u64 {
-        let Some(ivs) = self.chunks.get(&chunk) else {
-            return 0;
-        };
-        let end = off.saturating_add(len);
-        let mut n = 0;
-        if let Some((_, &e)) = ivs.range(..off).next_back() {
-            if e > off {
-                n += e.min(end) - off;
-            }
-        }
-        for (&s, &e) in ivs.range(off..end) {
-            n += e.min(end) - s;
-        }
-        n
-    }
-}
 
 /// Space of a volume with its snapshots, computed from maps.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -156,7 +61,7 @@ pub fn usage_of(live: &ExtentMap, snaps: &[&Checkpoint]) -> MapUsage {
         }
     }
     for (_, len, loc) in live.iter() {
-        if let super::map::Loc::Chunk { chunk, off } = loc {
+        if let Loc::Chunk { chunk, off } = loc {
             push(chunk, off, len * SECTOR, live_idx);
         }
     }
@@ -209,11 +114,12 @@ pub struct SpaceState {
     /// Bytes reserved for this volume (a thick volume's size): a write
     /// keeping `used` within it is always admitted.
     pub reserve: u64,
-    /// Growth admitted for writes still in progress (invariant 4).
+    /// Growth admitted for writes still in progress (see
+    /// `space_admission.rs`, invariant 3).
     pub inflight: u64,
 }
 
-/// A volume's space, as [`Volume::space_usage`] reports it.
+/// A volume's space, as [`super::volume::Volume::space_usage`] reports it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SpaceUsage {
     pub used: u64,
@@ -221,120 +127,6 @@ pub struct SpaceUsage {
     pub snapshot_only: u64,
     pub limit: Option<u64>,
     pub reserve: u64,
-}
-
-impl State {
-    /// Live data plus data held only by snapshots (see the module docs).
-    pub fn used_bytes(&self) -> u64 {
-        let refs = self.tracked().map_or(0, |s| s.bytes());
-        (self.view_data_bytes() + refs).saturating_sub(self.view_shared_bytes())
-    }
-}
-
-/// Growth admitted for one write; given back when dropped.
-pub(crate) struct Grant {
-    shared: Arc<Shared>,
-    bytes: u64,
-}
-
-impl Drop for Grant {
-    fn drop(&mut self) {
-        if self.bytes > 0 {
-            let mut st = self.shared.lock();
-            st.space.inflight = st.space.inflight.saturating_sub(self.bytes);
-        }
-    }
-}
-
-/// Admit a write of `recs` (covering `[offset, offset+len)` bytes) or fail
-/// with [`BlockError::NoSpace`] (invariant 2).
-pub(crate) fn admit(
-    shared: &Arc<Shared>,
-    offset: u64,
-    len: u64,
-    recs: &[NewRecord],
-) -> Result<Grant, BlockError> {
-    let mut st = shared.lock();
-    let Some(limit) = st.space.limit else {
-        return Ok(Grant {
-            shared: shared.clone(),
-            bytes: 0,
-        });
-    };
-    let new_bytes: u64 = recs.iter().map(|r| r.data.len() as u64).sum();
-    let (data, shared_bytes) = st.view_data_in(offset / SECTOR, len / SECTOR);
-    let freed = data - shared_bytes;
-    let growth = new_bytes.saturating_sub(freed);
-    if growth > 0 {
-        let allowance = limit.max(st.space.reserve);
-        let after = st.used_bytes() + st.space.inflight + growth;
-        if after > allowance {
-            return Err(BlockError::NoSpace);
-        }
-        st.space.inflight += growth;
-    }
-    Ok(Grant {
-        shared: shared.clone(),
-        bytes: growth,
-    })
-}
-
-/// The locations the snapshots of `volume` reference, or `None` (with a
-/// warning) when they cannot be read: `used` then leaves out data held only
-/// by snapshots.
-pub(crate) async fn load_snapshot_refs(store: &DynStore, volume: u64) -> Option<Arc<LocSet>> {
-    match list_snapshots(store, volume).await {
-        Ok(snaps) => Some(Arc::new(refs_of(&snaps))),
-        Err(e) => {
-            log::warn!("volume {volume:x}: cannot read its snapshots for space accounting: {e}");
-            None
-        }
-    }
-}
-
-fn refs_of(snaps: &[SnapshotObject]) -> LocSet {
-    LocSet::from_checkpoints(snaps.iter().map(|s| &s.checkpoint))
-}
-
-impl Volume {
-    /// The volume's space now (exact; see the module docs).
-    pub fn space_usage(&self) -> SpaceUsage {
-        let st = self.inner.shared.lock();
-        let used = st.used_bytes();
-        let live = st.view_data_bytes();
-        SpaceUsage {
-            used,
-            live,
-            snapshot_only: used.saturating_sub(live),
-            limit: st.space.limit,
-            reserve: st.space.reserve,
-        }
-    }
-
-    /// Set how many bytes the volume may use (`None`: unlimited).
-    pub fn set_space_limit(&self, limit: Option<u64>) {
-        self.inner.shared.lock().space.limit = limit;
-    }
-
-    /// Set the bytes reserved for the volume (a thick volume's size).
-    pub fn set_space_reserve(&self, bytes: u64) {
-        self.inner.shared.lock().space.reserve = bytes;
-    }
-
-    /// Account against the snapshots in `snaps` from now on (call after a
-    /// snapshot of this volume was created or deleted).
-    pub fn set_snapshots(&self, snaps: &[SnapshotObject]) {
-        let refs = Arc::new(refs_of(snaps));
-        self.inner.shared.lock().track(Some(refs));
-    }
-
-    /// Re-read the volume's snapshots from the store and account against
-    /// them (see [`Volume::set_snapshots`]).
-    pub async fn reload_snapshots(&self) -> Result<(), super::snapshot::SnapshotError> {
-        let snaps = list_snapshots(&self.inner.store, self.inner.id).await?;
-        self.set_snapshots(&snaps);
-        Ok(())
-    }
 }
 
 #[cfg(test)]

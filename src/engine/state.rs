@@ -36,10 +36,10 @@ use std::time::Duration;
 use futures::channel::oneshot;
 
 use super::checkpoint::ChunkInfo;
-use super::chunk::ChunkExtent;
+use super::format::chunk::ChunkExtent;
 use super::live::Overlay;
+use super::map::LocSet;
 use super::map::{ExtentMap, Loc, Piece, WalLoc};
-use super::space::LocSet;
 use super::wal::record::RecordKind;
 use super::wal::Appended;
 use super::SECTOR;

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint::{Checkpoint, Manifest};
-use super::layout::{manifest_key, usage_key};
+use super::format::layout::{manifest_key, usage_key};
 use super::map::ExtentMap;
 use super::snapshot::{list_snapshots, SnapshotError, SnapshotObject};
 use super::space::{usage_of, MapUsage, SpaceUsage};
@@ -135,7 +135,7 @@ pub async fn compute_detached(
             let map = match &m.checkpoint {
                 None => ExtentMap::new(),
                 Some(k) if m.checkpoint_base.is_some() => {
-                    let cap = crate::engine::limits::checkpoint_cap(size);
+                    let cap = crate::engine::format::limits::checkpoint_cap(size);
                     crate::engine::checkpoint::chain::load(store, &m, size / SECTOR, cap)
                         .await
                         .map_err(|e| UsageError::Corrupt {

@@ -221,7 +221,7 @@ fn open_cache(
     };
     let owner = std::fs::read(params.local_dir.join("identity.json"))
         .unwrap_or_else(|_| params.local_dir.as_os_str().as_encoded_bytes().to_vec());
-    super::cache::Cache::open(&dir, cfg.cache_size, &owner)
+    Ok(super::cache::Cache::open(&dir, cfg.cache_size, &owner)?)
 }
 
 /// Everything the background tasks and the request paths share.
@@ -249,7 +249,7 @@ pub(crate) struct Inner {
     /// A clone's parent: unmapped ranges of `live` read from it.
     pub parent: Option<Arc<super::view::SnapshotView>>,
     /// The snapshot `parent` shows (as the manifest names it).
-    pub parent_ref: Option<super::snapshot::ParentRef>,
+    pub parent_ref: Option<super::checkpoint::ParentRef>,
     /// Where the destage or meta task reports the end of a `close`.
     pub close_tx: Mutex<Option<oneshot::Sender<Result<(), EngineError>>>>,
 }
@@ -328,7 +328,7 @@ impl Volume {
         crate::private::create_dir_all(&params.local_dir)
             .map_err(|e| EngineError::LocalIo(format!("{}: {e}", params.local_dir.display())))?;
         let mut rec = recovery::recover(&store, &params, clock.now(), &fs).await?;
-        let refs = super::space::load_snapshot_refs(&store, params.id).await;
+        let refs = super::space_admission::load_snapshot_refs(&store, params.id).await;
         rec.state.track(refs);
         let shared = Arc::new(Shared {
             state: Mutex::new(rec.state),
@@ -575,7 +575,7 @@ impl Volume {
 
     /// The snapshot this volume (a clone) reads through to, if any; a
     /// snapshot taken of its map must record it.
-    pub fn parent(&self) -> Option<super::snapshot::ParentRef> {
+    pub fn parent(&self) -> Option<super::checkpoint::ParentRef> {
         self.inner.parent_ref
     }
 
@@ -803,7 +803,7 @@ impl Volume {
         // `len` is at least what the records count (a zero piece counts
         // one sector).
         let room = self.wait_for_room(len).await?;
-        let _space = super::space::admit(&self.inner.shared, offset, len, &recs)?;
+        let _space = super::space_admission::admit(&self.inner.shared, offset, len, &recs)?;
         let waits = self.inner.wal.submit_many(recs, fua)?;
         let mut last = 0;
         for w in waits {

@@ -21,7 +21,7 @@
 use std::time::Duration;
 
 use super::error::EngineError;
-use super::layout::chunk_key;
+use super::format::layout::chunk_key;
 use super::map::Loc;
 use super::state::State;
 use super::volume::VolumeParams;

@@ -26,10 +26,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use super::capped::get_capped;
 use super::error::EngineError;
-use super::layout::warm_start_key;
-use super::limits::get_capped;
-use super::sealed::{seal, unseal, SealError};
+use super::format::layout::warm_start_key;
+use super::format::sealed::{seal, unseal, SealError};
 use super::volume::Inner;
 use crate::store::{PutMode, StoreError};
 

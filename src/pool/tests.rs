@@ -69,7 +69,7 @@ async fn unreadable_usage_charges_the_whole_size() {
     catalog
         .store()
         .put(
-            &crate::engine::layout::usage_key(v.id),
+            &crate::engine::format::layout::usage_key(v.id),
             bytes::Bytes::from_static(b"not json"),
             crate::store::PutMode::Overwrite,
         )

@@ -33,7 +33,7 @@ use super::{status, PoolError};
 use crate::catalog::{Catalog, VolumeRecord};
 use crate::clock::DynClock;
 use crate::config::PoolConfig;
-use crate::engine::layout::snapshot_prefix;
+use crate::engine::format::layout::snapshot_prefix;
 use crate::engine::usage::{publish, VolumeUsage};
 use crate::engine::Volume;
 use crate::size::format_size;

@@ -51,7 +51,7 @@ pub async fn seed_checkpoint(
     last_seq: u64,
 ) -> Result<()> {
     use shale::engine::checkpoint::Manifest;
-    use shale::engine::layout::{checkpoint_key, manifest_key};
+    use shale::engine::format::layout::{checkpoint_key, manifest_key};
     use shale::store::PutMode;
     let key = checkpoint_key(volume, chunk_seq, 1);
     store.put(&key, checkpoint, PutMode::Overwrite).await?;

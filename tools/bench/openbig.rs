@@ -27,7 +27,7 @@ use bytes::Bytes;
 use shale::clock::SystemClock;
 use shale::engine::checkpoint::Checkpoint;
 use shale::engine::config::EngineConfig;
-use shale::engine::limits::checkpoint_cap;
+use shale::engine::format::limits::checkpoint_cap;
 use shale::engine::map::{ExtentMap, Loc};
 use shale::engine::{Volume, VolumeParams};
 use shale::store::memory::MemoryStore;

@@ -23,7 +23,7 @@
 use super::{parse_spec, SnapError, Snapshots};
 use crate::catalog::{encode, validate_name, CatalogError, VolumeRecord, VolumeState};
 use crate::engine::clone::{copy_parent_data, finish_flatten, write_clone, CopyStats};
-use crate::engine::layout::{catalog_record_key, volume_prefix};
+use crate::engine::format::layout::{catalog_record_key, volume_prefix};
 use crate::engine::snapshot as snap;
 use crate::store::{PutMode, StoreError};
 
@@ -254,7 +254,7 @@ mod tests {
         let (_dir, store, snaps) = fixture();
         let rec = snaps.catalog.create("p", 1 << 20, false, 0).await.unwrap();
         let s = snaps.create("p@s", 0).await.unwrap();
-        let skey = crate::engine::layout::snapshot_key(rec.id, s.id);
+        let skey = crate::engine::format::layout::snapshot_key(rec.id, s.id);
         let before = store.get(&skey).await.unwrap().data;
         snaps.clone_volume("p@s", "c", 0).await.unwrap();
         let e = snaps

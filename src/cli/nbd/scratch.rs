@@ -33,7 +33,7 @@ pub async fn open(cfg: &Config, index: u64, size: u64) -> anyhow::Result<Scratch
     let store = shale::store::open(&cfg.store)
         .await
         .context("opening the store")?;
-    let prefix = shale::engine::layout::volume_prefix(id);
+    let prefix = shale::engine::format::layout::volume_prefix(id);
     let existing = store.list(&prefix).await.context("listing the store")?;
     let local_dir = cfg.volume_dir(id);
     if !existing.is_empty() || local_dir.exists() {

@@ -55,7 +55,7 @@ use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
 use std::io::Read;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, RwLock, RwLockReadGuard};
 use std::time::Duration;
@@ -64,7 +64,14 @@ use policy::Policy;
 pub use record::WindowId;
 use record::{crcs_for, Crcs, Decoded, Record, RECORD};
 
-use super::error::EngineError;
+/// The cache directory or one of its files could not be created, opened
+/// or sized.
+#[derive(Debug, thiserror::Error)]
+#[error("read cache {}: {source}", dir.display())]
+pub struct OpenError {
+    pub dir: PathBuf,
+    pub source: std::io::Error,
+}
 
 /// Bytes per cache slot (a multiple of the chunk CRC block).
 pub const SLOT: u64 = 64 << 10;
@@ -244,13 +251,15 @@ impl Cache {
     /// recorded for another owner starts cold. `None` when `size` is
     /// smaller than one slot (cache disabled) or another process holds the
     /// directory (logged; the volume runs without a cache).
-    pub fn open(dir: &Path, size: u64, owner: &[u8]) -> Result<Option<Cache>, EngineError> {
+    pub fn open(dir: &Path, size: u64, owner: &[u8]) -> Result<Option<Cache>, OpenError> {
         let n = (size / SLOT).min(u32::MAX as u64) as usize;
         if n == 0 {
             return Ok(None);
         }
-        let err =
-            |e: std::io::Error| EngineError::LocalIo(format!("read cache {}: {e}", dir.display()));
+        let err = |source: std::io::Error| OpenError {
+            dir: dir.to_path_buf(),
+            source,
+        };
         crate::private::create_dir_all(dir).map_err(err)?;
         let open = |name: &str| {
             crate::private::open_options()

@@ -28,7 +28,7 @@
 //!    chunk table verified against its table CRC before the window was
 //!    reserved).
 
-use crate::engine::chunk::CRC_BLOCK;
+use crate::engine::format::chunk::CRC_BLOCK;
 
 /// Bytes of the file header and of each record.
 pub const RECORD: usize = 128;

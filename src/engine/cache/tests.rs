@@ -3,7 +3,7 @@ use super::*;
 const OWNER: &[u8] = b"volume dir A";
 
 impl Cache {
-    fn open_test(dir: &Path, size: u64) -> Result<Option<Cache>, EngineError> {
+    fn open_test(dir: &Path, size: u64) -> Result<Option<Cache>, OpenError> {
         Cache::open(dir, size, OWNER)
     }
 }
@@ -36,10 +36,15 @@ fn hit_miss_and_eviction() {
     let b = vec![2u8; 1000];
     let mut buf = vec![0u8; SLOT as usize];
     assert!(c.get(&id(1, 0), 0, &mut buf, full()).is_none());
-    c.put(&id(1, 0), &crate::engine::chunk::block_crcs(&a), &a, full());
+    c.put(
+        &id(1, 0),
+        &crate::engine::format::chunk::block_crcs(&a),
+        &a,
+        full(),
+    );
     c.put(
         &id(2, 5),
-        &crate::engine::chunk::block_crcs(&b),
+        &crate::engine::format::chunk::block_crcs(&b),
         &b,
         0..1000,
     );
@@ -54,7 +59,12 @@ fn hit_miss_and_eviction() {
     // Past the stored length of a short window: a miss.
     assert!(c.get(&id(2, 5), 0, &mut part, 0..0).is_none());
     // A third window evicts one of the two.
-    c.put(&id(3, 0), &crate::engine::chunk::block_crcs(&a), &a, full());
+    c.put(
+        &id(3, 0),
+        &crate::engine::format::chunk::block_crcs(&a),
+        &a,
+        full(),
+    );
     let hits = [(1, 0), (2, 5), (3, 0)]
         .iter()
         .filter(|&&(ch, w)| c.get(&id(ch, w), 0, &mut [0u8; 10], 0..0).is_some())
@@ -66,7 +76,12 @@ fn hit_miss_and_eviction() {
     // another window.
     let dir = tempfile::tempdir().unwrap();
     let c = Cache::open_test(dir.path(), 2 * SLOT).unwrap().unwrap();
-    c.put(&id(3, 0), &crate::engine::chunk::block_crcs(&b), &b, 0..0);
+    c.put(
+        &id(3, 0),
+        &crate::engine::format::chunk::block_crcs(&b),
+        &b,
+        0..0,
+    );
     let mut other = vec![0u8; 1000];
     for o in [
         WindowId {
@@ -95,7 +110,12 @@ fn reads_inside_a_window_honour_the_offset() {
     for (i, b) in d.iter_mut().enumerate() {
         *b = (i / 4096) as u8;
     }
-    c.put(&id(4, 2), &crate::engine::chunk::block_crcs(&d), &d, full());
+    c.put(
+        &id(4, 2),
+        &crate::engine::format::chunk::block_crcs(&d),
+        &d,
+        full(),
+    );
     for block in [0u64, 3, 15] {
         let mut inside = vec![0xffu8; 4096];
         assert!(c.get(&id(4, 2), block * 4096, &mut inside, 0..0).is_some());
@@ -117,7 +137,7 @@ fn entries_survive_reopen_and_discard_is_persistent() {
         for s in 0..6 {
             c.put(
                 &id(s, 0),
-                &crate::engine::chunk::block_crcs(&pattern(s)),
+                &crate::engine::format::chunk::block_crcs(&pattern(s)),
                 &pattern(s),
                 full(),
             );
@@ -161,7 +181,7 @@ fn damaged_index_starts_cold_or_drops_records() {
         for s in 0..4 {
             c.put(
                 &id(s, 0),
-                &crate::engine::chunk::block_crcs(&pattern(s)),
+                &crate::engine::format::chunk::block_crcs(&pattern(s)),
                 &pattern(s),
                 full(),
             );
@@ -194,7 +214,7 @@ fn damaged_index_starts_cold_or_drops_records() {
         // And it works.
         c.put(
             &id(9, 0),
-            &crate::engine::chunk::block_crcs(&pattern(9)),
+            &crate::engine::format::chunk::block_crcs(&pattern(9)),
             &pattern(9),
             full(),
         );
@@ -229,7 +249,7 @@ fn sequential_reads_inside_a_window_are_not_reuse() {
     // never reused, so a later flood pushes it out.
     c.put(
         &id(0, 0),
-        &crate::engine::chunk::block_crcs(&pattern(0)),
+        &crate::engine::format::chunk::block_crcs(&pattern(0)),
         &pattern(0),
         0..4096,
     );
@@ -242,7 +262,7 @@ fn sequential_reads_inside_a_window_are_not_reuse() {
     // Window 1 is read twice at the same place: hot.
     c.put(
         &id(1, 0),
-        &crate::engine::chunk::block_crcs(&pattern(1)),
+        &crate::engine::format::chunk::block_crcs(&pattern(1)),
         &pattern(1),
         0..4096,
     );
@@ -250,7 +270,7 @@ fn sequential_reads_inside_a_window_are_not_reuse() {
     for s in 100..200 {
         c.put(
             &id(s, 0),
-            &crate::engine::chunk::block_crcs(&pattern(s)),
+            &crate::engine::format::chunk::block_crcs(&pattern(s)),
             &pattern(s),
             full(),
         );
@@ -277,7 +297,7 @@ fn another_owner_starts_cold_and_a_busy_directory_is_not_shared() {
     let c = Cache::open_test(dir.path(), 4 * SLOT).unwrap().unwrap();
     c.put(
         &id(1, 0),
-        &crate::engine::chunk::block_crcs(&pattern(1)),
+        &crate::engine::format::chunk::block_crcs(&pattern(1)),
         &pattern(1),
         full(),
     );
@@ -304,7 +324,7 @@ fn close_releases_the_directory_and_stops_all_file_access() {
     let held = a.clone();
     a.put(
         &id(1, 0),
-        &crate::engine::chunk::block_crcs(&[1u8; 4096]),
+        &crate::engine::format::chunk::block_crcs(&[1u8; 4096]),
         &[1u8; 4096],
         0..4096,
     );
@@ -316,7 +336,7 @@ fn close_releases_the_directory_and_stops_all_file_access() {
     assert!(held.get(&id(1, 0), 0, &mut buf, 0..16).is_none());
     held.put(
         &id(2, 0),
-        &crate::engine::chunk::block_crcs(&[2u8; 4096]),
+        &crate::engine::format::chunk::block_crcs(&[2u8; 4096]),
         &[2u8; 4096],
         0..4096,
     );

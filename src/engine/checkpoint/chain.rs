@@ -1,4 +1,5 @@
-//! Reading a volume's checkpoint chain from the store (see [`super::delta`]).
+//! Reading a volume's root ([`read_manifest`]) and checkpoint chain from
+//! the store (see [`super::delta`]).
 //!
 //! [`walk`] follows the links from the newest object the manifest names
 //! back to the base, checking at each step that the delta names the base
@@ -10,9 +11,21 @@
 
 use super::delta::{Chain, CheckpointObject, Delta};
 use super::{Checkpoint, CheckpointError, Manifest};
+use crate::engine::capped::get_capped;
 use crate::engine::error::EngineError;
-use crate::engine::limits::get_capped;
-use crate::store::{DynStore, StoreError};
+use crate::engine::format::layout::manifest_key;
+use crate::engine::format::limits::MAX_MANIFEST_BYTES;
+use crate::store::{DynStore, Object, StoreError};
+
+/// Read the manifest of `volume` (at most [`MAX_MANIFEST_BYTES`]) and
+/// check it; returns it with the object (for its version).
+pub async fn read_manifest(
+    store: &DynStore,
+    volume: u64,
+) -> Result<(Manifest, Object), EngineError> {
+    let o = get_capped(store, &manifest_key(volume), MAX_MANIFEST_BYTES, "manifest").await?;
+    Ok((Manifest::parse(volume, &o.data)?, o))
+}
 
 /// The deltas of a chain, oldest first, with the base's key.
 #[derive(Debug)]
@@ -77,11 +90,11 @@ const JSON_FLAG: u64 = 1 << 63;
 pub async fn walk(store: &DynStore, m: &Manifest, cap: u64) -> Result<Walk, EngineError> {
     let Some(newest) = m.checkpoint.clone() else {
         return Err(EngineError::Manifest {
-            key: crate::engine::layout::manifest_key(m.volume),
+            key: manifest_key(m.volume),
             reason: "names no checkpoint".into(),
         });
     };
-    let manifest = crate::engine::layout::manifest_key(m.volume);
+    let manifest = manifest_key(m.volume);
     let (obj, bytes) = read(store, &newest, cap, &manifest).await?;
     let d = match obj {
         CheckpointObject::Full(cp) => {
@@ -218,7 +231,7 @@ pub async fn load(
     let chain = chain.finish().map_err(|e| cp_err(&newest, e))?;
     if chain.volume != m.volume || chain.chunk_seq != m.checkpoint_chunk {
         return Err(EngineError::Manifest {
-            key: crate::engine::layout::manifest_key(m.volume),
+            key: manifest_key(m.volume),
             reason: format!(
                 "checkpoint {newest} (volume {:x}, chunk {}) does not match",
                 chain.volume, chain.chunk_seq

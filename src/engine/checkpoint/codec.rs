@@ -16,7 +16,7 @@
 //! - [`PAGE_CHUNKS`]: per chunk `seq, epoch, data_start, data_len`
 //!   (varints), then (versions 4 and 5) `table_crc` as a raw u32 LE: the
 //!   CRC32C of the chunk's block-CRC table, which stays in the chunk
-//!   object's header ([`crate::engine::chunk::table_crc`]);
+//!   object's header ([`crate::engine::format::chunk::table_crc`]);
 //! - [`PAGE_CRCS`] (versions 2 and 3 only, still decoded): the chunks' CRC
 //!   arrays concatenated in chunk order, raw u32 LE (chunk `i` has
 //!   `data_len.div_ceil(CRC_BLOCK)` of them); the decoder keeps only each
@@ -58,7 +58,7 @@
 //! [`Checkpoint::to_map`].
 
 use super::{Checkpoint, CheckpointError, ChunkInfo};
-use crate::engine::chunk::CRC_BLOCK;
+use crate::engine::format::chunk::CRC_BLOCK;
 
 pub const MAGIC: &[u8; 8] = b"SHALECP2";
 const VERSION: u32 = 4;

@@ -30,8 +30,8 @@ use std::collections::BTreeMap;
 
 use super::codec::{self, DeltaPages};
 use super::{Checkpoint, CheckpointError, ChunkInfo};
-use crate::engine::chunk::COMPACTED_BIT;
-use crate::engine::limits::MAX_SEQ;
+use crate::engine::format::limits::COMPACTED_BIT;
+use crate::engine::format::limits::MAX_SEQ;
 use crate::engine::map::{ExtentMap, Loc};
 use crate::engine::SECTOR;
 

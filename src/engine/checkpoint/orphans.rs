@@ -18,7 +18,7 @@
 use std::collections::HashSet;
 
 use crate::engine::error::EngineError;
-use crate::engine::layout::{checkpoint_prefix, parse_checkpoint_key};
+use crate::engine::format::layout::{checkpoint_prefix, parse_checkpoint_key};
 use crate::store::DynStore;
 
 /// Delete the checkpoint objects of `volume` at epoch `<= epoch` that are

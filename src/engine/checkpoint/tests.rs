@@ -1,6 +1,6 @@
 //! Checkpoint and manifest tests (both encodings).
 use super::*;
-use crate::engine::layout::manifest_key;
+use crate::engine::format::layout::manifest_key;
 
 #[test]
 fn round_trip_and_corruption() {

@@ -1,7 +1,7 @@
 //! CRC table cache: verified fills, the byte budget, one GET per miss.
 
 use super::*;
-use crate::engine::chunk::{self, ChunkHeader};
+use crate::engine::format::chunk::{self, ChunkHeader};
 use crate::store::faulty::{FaultPoint, FaultyStore};
 use crate::store::memory::MemoryStore;
 use crate::store::{ObjectStore, PutMode};

@@ -13,9 +13,9 @@
 use std::collections::HashMap;
 
 use super::newest::{resolve, Piece};
-use crate::engine::chunk::{self, ChunkExtent, ChunkHeader};
 use crate::engine::error::EngineError;
-use crate::engine::layout::chunk_key;
+use crate::engine::format::chunk::{self, ChunkExtent, ChunkHeader};
+use crate::engine::format::layout::chunk_key;
 use crate::engine::state::PendingRec;
 use crate::engine::wal::record::RecordKind;
 use crate::engine::wal::span::{extent_of, read_span, record_in_span, Span};

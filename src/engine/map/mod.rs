@@ -17,11 +17,12 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
-use super::space::LocSet;
 use super::SECTOR;
 
+mod locset;
 mod pages;
 
+pub use locset::LocSet;
 use pages::Pages;
 pub use pages::CAP as LEAF_ENTRIES;
 

@@ -6,7 +6,7 @@ use async_trait::async_trait;
 
 use super::*;
 use crate::engine::checkpoint::{Checkpoint, ChunkInfo};
-use crate::engine::layout::snapshot_key;
+use crate::engine::format::layout::snapshot_key;
 use crate::engine::snapshot::{RetainSet, SnapshotObject};
 use crate::store::memory::MemoryStore;
 use crate::store::{Object, ObjectMeta, ObjectStore, StoreResult};
@@ -62,7 +62,7 @@ fn snapshot(id: u64, seqs: &[u64]) -> SnapshotObject {
         .map(|&seq| ChunkInfo {
             seq,
             epoch: 1,
-            data_start: crate::engine::chunk::MIN_HEADER_LEN,
+            data_start: crate::engine::format::chunk::MIN_HEADER_LEN,
             data_len: 0,
             table_crc: 0,
         })
@@ -101,7 +101,11 @@ fn index_round_trips_and_rejects_damage() {
         3,
         Entry {
             version: Version("\"etag-3\"".into()),
-            chunks: vec![(1, 1), (2, 1), (5 | crate::engine::chunk::COMPACTED_BIT, 2)],
+            chunks: vec![
+                (1, 1),
+                (2, 1),
+                (5 | crate::engine::format::limits::COMPACTED_BIT, 2),
+            ],
         },
     );
     idx.snapshots.insert(

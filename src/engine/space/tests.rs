@@ -5,10 +5,12 @@ use std::sync::Arc;
 use super::*;
 use crate::clock::SystemClock;
 use crate::engine::config::EngineConfig;
-use crate::engine::map::Loc;
-use crate::engine::snapshot::{delete_snapshot, take_snapshot};
-use crate::engine::{BlockDevice, VolumeParams};
+use crate::engine::map::LocSet;
+use crate::engine::snapshot::{delete_snapshot, take_snapshot, SnapshotObject};
+use crate::engine::{BlockDevice, Volume, VolumeParams};
+use crate::error::BlockError;
 use crate::store::memory::MemoryStore;
+use crate::store::DynStore;
 
 const SIZE: u64 = 1 << 20;
 const ID: u64 = 7;

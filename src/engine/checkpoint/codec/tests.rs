@@ -1,7 +1,8 @@
 //! Binary checkpoint codec: round trips, page splitting, and hostile input.
 
 use super::*;
-use crate::engine::chunk::{table_crc, COMPACTED_BIT};
+use crate::engine::format::chunk::table_crc;
+use crate::engine::format::limits::COMPACTED_BIT;
 use crate::engine::map::{ExtentMap, Loc};
 
 struct Rng(u64);

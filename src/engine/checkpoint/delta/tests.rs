@@ -79,7 +79,7 @@ impl Writer {
                     return;
                 };
                 self.next_compacted += 1;
-                let new = crate::engine::chunk::COMPACTED_BIT | self.next_compacted;
+                let new = crate::engine::format::limits::COMPACTED_BIT | self.next_compacted;
                 self.table.insert(new, info(new));
                 let ranges: Vec<_> = self
                     .map

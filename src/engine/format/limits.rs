@@ -6,11 +6,14 @@
 //! second, sequence numbers reach [`MAX_SEQ`] after more than ten thousand
 //! years), so it is corruption or an attack: the object is refused with an
 //! error naming it, before any arithmetic could wrap and before anything is
-//! deleted because of it.
+//! deleted because of it. Objects are read under these caps by
+//! [`crate::engine::capped::get_capped`].
 
-use super::chunk::COMPACTED_BIT;
-use super::error::EngineError;
-use crate::store::{DynStore, Object};
+/// Chunk ids with this bit set name compaction objects (see
+/// `engine/compact.rs`): they live under
+/// [`super::layout::compacted_prefix`], outside the normal chunk sequence
+/// that recovery replays, so they never form or break its chain.
+pub const COMPACTED_BIT: u64 = 1 << 63;
 
 /// Op sequence numbers, chunk numbers and the low bits of compaction ids
 /// are below this, so `n + 1` (and sums of a few of them) never wrap.
@@ -49,41 +52,9 @@ pub fn valid_chunk_id(id: u64) -> bool {
     (1..MAX_SEQ).contains(&n)
 }
 
-/// Read `key` whole if it is at most `cap` bytes; `what` names the kind of
-/// object in the error. The size is checked before the read (by `head`) and
-/// again after it (the object may have been replaced in between).
-pub async fn get_capped(
-    store: &DynStore,
-    key: &str,
-    cap: u64,
-    what: &'static str,
-) -> Result<Object, EngineError> {
-    let too_large = |size: u64| EngineError::Oversized {
-        what,
-        key: key.to_string(),
-        size,
-        cap,
-    };
-    let meta = store.head(key).await?;
-    if meta.size > cap {
-        return Err(too_large(meta.size));
-    }
-    let obj = store.get(key).await?;
-    if obj.data.len() as u64 > cap {
-        return Err(too_large(obj.data.len() as u64));
-    }
-    Ok(obj)
-}
-
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
-    use bytes::Bytes;
-
     use super::*;
-    use crate::store::memory::MemoryStore;
-    use crate::store::PutMode;
 
     #[test]
     fn chunk_ids() {
@@ -152,26 +123,5 @@ mod tests {
                 cap / (1 << 20) as f64
             );
         }
-    }
-
-    #[tokio::test]
-    async fn oversized_objects_are_refused_by_name() {
-        let store: DynStore = Arc::new(MemoryStore::new());
-        store
-            .put("a/b", Bytes::from(vec![1u8; 100]), PutMode::Create)
-            .await
-            .unwrap();
-        assert_eq!(
-            get_capped(&store, "a/b", 100, "x")
-                .await
-                .unwrap()
-                .data
-                .len(),
-            100
-        );
-        let e = get_capped(&store, "a/b", 99, "manifest").await.unwrap_err();
-        let msg = e.to_string();
-        assert!(msg.contains("a/b") && msg.contains("larger"), "{msg}");
-        assert!(get_capped(&store, "a/c", 99, "x").await.is_err());
     }
 }

@@ -13,7 +13,7 @@
 //! checked in [`CRC_BLOCK`] blocks (the last one may be short), so any
 //! sector-aligned part of it can be fetched and verified on its own.
 
-use super::SECTOR;
+use crate::engine::SECTOR;
 
 pub const MAGIC: &[u8; 8] = b"SHALECK1";
 pub const VERSION: u32 = 1;
@@ -67,12 +67,6 @@ pub enum ChunkError {
     #[error("chunk data checksum mismatch in block {0}")]
     DataCrc(u64),
 }
-
-/// Chunk ids with this bit set name compaction objects
-/// ([`super::compact`]): they live under [`compacted_prefix`], outside the
-/// normal chunk sequence that recovery replays, so they never form or
-/// break its chain.
-pub const COMPACTED_BIT: u64 = 1 << 63;
 
 /// CRC32C of each [`CRC_BLOCK`] block of `data`.
 pub fn block_crcs(data: &[u8]) -> Vec<u32> {
@@ -250,7 +244,7 @@ pub fn aligned_range(off: u64, len: u64, data_len: u64) -> (u64, u64) {
 }
 
 /// CRC32C of a chunk's block-CRC table (its u32s little-endian, in
-/// order): what checkpoints and [`super::checkpoint::ChunkInfo`] keep
+/// order): what checkpoints and [`crate::engine::checkpoint::ChunkInfo`] keep
 /// instead of the table itself, to check a table read from the header.
 pub fn table_crc(crcs: &[u32]) -> u32 {
     crcs.iter()

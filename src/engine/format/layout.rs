@@ -10,17 +10,17 @@
 //! | `catalog/store-id` | [`crate::catalog::local_dir`] (the store's identity) |
 //! | `catalog/next-id` | [`crate::catalog`] (the volume id counter) |
 //! | `catalog/volumes/<name>` | [`crate::catalog`] (one record per volume) |
-//! | `volumes/<id:016x>/manifest` | [`super::checkpoint`], [`super::commit`] (the volume's root) |
+//! | `volumes/<id:016x>/manifest` | [`crate::engine::checkpoint`], [`crate::engine::commit`] (the volume's root) |
 //! | `volumes/<id:016x>/lease` | [`crate::catalog::lease`] (the writer's lease) |
 //! | `volumes/<id:016x>/chunks/<seq:016x>-<epoch:08x>` | destage (chunk objects) |
 //! | `volumes/<id:016x>/compacted/<id:016x>-<epoch:08x>` | compaction (ids with [`COMPACTED_BIT`]) |
 //! | `volumes/<id:016x>/checkpoints/<chunk:016x>-<epoch:08x>` | checkpoint commit (a base) |
 //! | `…/checkpoints/<chunk:016x>-<epoch:08x>-base-<n:04x>` | checkpoint commit (a base whose natural key the committed chain holds) |
 //! | `…/checkpoints/<chunk:016x>-<epoch:08x>-delta-<pos:04x>` | checkpoint commit (a delta) |
-//! | `volumes/<id:016x>/snapshots/<snap:016x>` | [`super::snapshot`] |
-//! | `volumes/<id:016x>/retain-index` | [`super::retain_index`] |
-//! | `volumes/<id:016x>/warm-start` | [`super::warm_start`] |
-//! | `volumes/<id:016x>/usage` | [`super::usage`] |
+//! | `volumes/<id:016x>/snapshots/<snap:016x>` | [`crate::engine::snapshot`] |
+//! | `volumes/<id:016x>/retain-index` | [`crate::engine::retain_index`] |
+//! | `volumes/<id:016x>/warm-start` | [`crate::engine::warm_start`] |
+//! | `volumes/<id:016x>/usage` | [`crate::engine::usage`] |
 //!
 //! Invariants:
 //! 1. Numbers are lowercase hex with a minimum width (`016x`, `08x`,
@@ -35,7 +35,7 @@
 //!    canonical spelling of its numbers (wrong prefix, width, case or
 //!    characters, a sign, trailing text) gives `None`, never a panic.
 
-use super::chunk::COMPACTED_BIT;
+use super::limits::COMPACTED_BIT;
 
 /// Prefix of every catalog object.
 pub const CATALOG_PREFIX: &str = "catalog/";

@@ -1,0 +1,14 @@
+//! The bottom layer of the engine: what stored objects look like and the
+//! bounds their numbers must keep, with no I/O and no import from any
+//! other engine module (see `tests/engine_layers.rs`).
+//!
+//! - [`limits`]: the chunk id space ([`limits::COMPACTED_BIT`],
+//!   [`limits::MAX_SEQ`]) and the size caps of objects read back;
+//! - [`layout`]: every object key, spelled and parsed in one place;
+//! - [`chunk`]: the chunk object codec;
+//! - `sealed`: the framing of small binary metadata objects.
+
+pub mod chunk;
+pub mod layout;
+pub mod limits;
+pub(crate) mod sealed;
