@@ -28,6 +28,14 @@ fn write(wal: &super::Wal, lba: u64) -> Result<u64, WalError> {
     futures::executor::block_on(wal.append(RecordKind::Write, lba, 1, data(lba as u8, 1), false))
 }
 
+/// Write blocks `0..rounds`, each followed by a flush.
+fn commit_loop(wal: &super::Wal, rounds: u64) {
+    for lba in 0..rounds {
+        write(wal, lba).unwrap();
+        futures::executor::block_on(wal.sync()).unwrap();
+    }
+}
+
 /// A flush while the writer thread is stuck writing a record nobody was
 /// told about yet is answered at once, on the caller's thread: every
 /// acknowledged write is durable, and the stuck one was not acknowledged.
@@ -161,10 +169,7 @@ fn a_write_in_a_commit_loop_is_durable_as_written() {
     let (pfs, gate, fs) = gated_pfs();
     let dir = Path::new(DIR);
     let (wal, _, _) = start_on(&fs, dir, 0, 1 << 20).unwrap();
-    for lba in 0..3 {
-        write(&wal, lba).unwrap();
-        futures::executor::block_on(wal.sync()).unwrap();
-    }
+    commit_loop(&wal, 3);
     let syncs = gate.syncs.load(SeqCst);
     write(&wal, 3).unwrap();
     assert_eq!(
@@ -193,10 +198,7 @@ fn a_write_in_a_commit_loop_is_durable_as_written() {
 fn writes_without_a_flush_each_are_not_made_durable() {
     let (_pfs, gate, fs) = gated_pfs();
     let (wal, _, _) = start_on(&fs, Path::new(DIR), 0, 1 << 20).unwrap();
-    for lba in 0..3 {
-        write(&wal, lba).unwrap();
-        futures::executor::block_on(wal.sync()).unwrap();
-    }
+    commit_loop(&wal, 3);
     let syncs = gate.syncs.load(SeqCst);
     for lba in 3..8 {
         write(&wal, lba).unwrap();

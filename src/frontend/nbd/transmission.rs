@@ -327,7 +327,7 @@ where
         let tx = tx.clone();
         let name = export.name.clone();
         let buffers = Arc::clone(&buffers);
-        let mut run = Box::pin(async move {
+        let run = async move {
             let body = execute(device.as_ref(), op, payload, &buffers).await;
             if let Body::Error { error, message } = &body {
                 log::debug!("{name}: {op:?} failed with NBD error {error}: {message}");
@@ -337,9 +337,15 @@ where
                 body,
                 _permits: permits,
             });
-        });
-        // Invariant 7: a flush that needs no wait is answered right here.
-        if !matches!(op, Op::Flush) || (&mut run).now_or_never().is_none() {
+        };
+        // Invariant 7: a flush that needs no wait is answered right here
+        // (only a flush is boxed to be polled first).
+        if matches!(op, Op::Flush) {
+            let mut run = Box::pin(run);
+            if (&mut run).now_or_never().is_none() {
+                tasks.spawn(run);
+            }
+        } else {
             tasks.spawn(run);
         }
     };
