@@ -63,6 +63,14 @@
 //!     when the client has been flushing after every write
 //!     ([`flush_pattern`]): the flush that follows is then answered on the
 //!     caller's thread. This only ever makes a write durable sooner.
+//! 11. Such a write, sent from a tokio task while nothing else is queued,
+//!     is written by its caller ([`writer::Writer::lead`]): it takes the
+//!     writer's lock, which the writer thread holds while it writes a
+//!     batch, so the log still has one writer at a time and invariants
+//!     1-10 hold unchanged. The caller blocks for one durable write
+//!     instead of waking the writer thread and being woken back, which at
+//!     queue depth one is most of a commit's latency. Never on a ublk
+//!     queue thread (not a tokio task): that thread must not block.
 //!
 //! All file access goes through the [`fs::WalFs`] seam.
 
@@ -98,7 +106,7 @@ mod writer;
 
 pub use read::{read_record, read_record_cached};
 use syncer::{lock_broken, run_syncer, SyncJob, SyncQueue, Waiter};
-use writer::Writer;
+use writer::{SharedWriter, Writer};
 
 /// WAL failures.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -227,6 +235,8 @@ pub struct Wal {
     recycler: Arc<releaser::Recycler>,
     releaser: releaser::Releaser,
     tx: Mutex<Option<mpsc::Sender<Req>>>,
+    /// Shared with the writer thread; a caller may lead (invariant 11).
+    writer: SharedWriter,
     thread: Mutex<Option<JoinHandle<()>>>,
     registry: Arc<Mutex<Registry>>,
     last_seq: Arc<AtomicU64>,
@@ -406,14 +416,16 @@ impl Wal {
             broken: broken.clone(),
             sync_tx: sync_tx.clone(),
             queued: queued.clone(),
-            syncer: Some(syncer),
             tail: tail.clone(),
             apply,
             pattern: pattern.clone(),
+            stopped: false,
         };
+        let writer = Arc::new(Mutex::new(writer));
+        let thread_writer = writer.clone();
         let thread = std::thread::Builder::new()
             .name(format!("shale-wal-{volume:x}"))
-            .spawn(move || writer.run(rx))
+            .spawn(move || writer::run(thread_writer, rx, syncer))
             .map_err(|e| io_err("spawn WAL writer", e))?;
         let recycler = Arc::new(releaser::Recycler {
             fs,
@@ -427,6 +439,7 @@ impl Wal {
             recycler,
             releaser,
             tx: Mutex::new(Some(tx)),
+            writer,
             thread: Mutex::new(Some(thread)),
             registry,
             last_seq,
@@ -480,14 +493,18 @@ impl Wal {
         recs: Vec<NewRecord>,
         sync: bool,
     ) -> Result<Vec<impl std::future::Future<Output = Result<u64, WalError>>>, WalError> {
-        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(tx) = tx.as_ref() else {
-            return Err(WalError::Stopped);
+        // A clone, so a leading caller holds no lock other senders need.
+        let tx = {
+            let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+            tx.as_ref().cloned().ok_or(WalError::Stopped)?
         };
         let n = recs.len();
+        let may_lead = n == 1 && self.pattern.predicts_flush() && on_runtime_task();
         let mut waits = Vec::with_capacity(n);
         // Counted before they are sent, so a flush never overtakes them.
-        self.queued.fetch_add(n as u64, Ordering::AcqRel);
+        let before = self.queued.fetch_add(n as u64, Ordering::AcqRel);
+        // Invariant 11: only with nothing else queued.
+        let lead = may_lead && before == 0;
         for (i, r) in recs.into_iter().enumerate() {
             let (done, rx) = oneshot::channel();
             let last = i + 1 == n;
@@ -496,7 +513,7 @@ impl Wal {
             } else {
                 Vec::new()
             };
-            tx.send(Req::Append {
+            let req = Req::Append {
                 kind: r.kind,
                 lba: r.lba,
                 sectors: r.sectors,
@@ -506,12 +523,19 @@ impl Wal {
                 sync: sync && last,
                 more: !last,
                 done,
-            })
-            .map_err(|_| {
-                // The writer is gone: what was not sent is not queued.
-                self.queued.fetch_sub((n - i) as u64, Ordering::AcqRel);
-                WalError::Stopped
-            })?;
+            };
+            let req = if lead {
+                Writer::lead(&self.writer, req).err()
+            } else {
+                Some(req)
+            };
+            if let Some(req) = req {
+                tx.send(req).map_err(|_| {
+                    // The writer is gone: what was not sent is not queued.
+                    self.queued.fetch_sub((n - i) as u64, Ordering::AcqRel);
+                    WalError::Stopped
+                })?;
+            }
             waits.push(async move { rx.await.unwrap_or(Err(WalError::Stopped)) });
         }
         Ok(waits)
@@ -662,6 +686,13 @@ impl Drop for Wal {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Whether the caller runs inside a tokio task (a runtime worker, where
+/// blocking for one write delays only that task), not on a ublk queue
+/// thread or another thread that must not block (invariant 11).
+fn on_runtime_task() -> bool {
+    tokio::task::try_id().is_some()
 }
 
 /// `pwritev` until every slice is written.

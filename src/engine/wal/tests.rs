@@ -324,6 +324,8 @@ pub(super) struct Gate {
     pub waiting: std::sync::atomic::AtomicU64,
     /// `fdatasync` calls.
     pub syncs: std::sync::atomic::AtomicU64,
+    /// The name of the thread of each write, in order.
+    pub writer_threads: Mutex<Vec<String>>,
 }
 
 /// `inner` with every file behind `gate`.
@@ -347,6 +349,9 @@ impl super::fs::WalFile for GatedFile {
             held = self.1.cv.wait(held).unwrap();
         }
         self.1.waiting.fetch_sub(1, SeqCst);
+        drop(held);
+        let thread = std::thread::current().name().unwrap_or("").to_string();
+        self.1.writer_threads.lock().unwrap().push(thread);
         if self.1.full.load(SeqCst) {
             return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
         }

@@ -219,3 +219,52 @@ fn writes_without_a_flush_each_are_not_made_durable() {
         "the streak ended: no write was made durable"
     );
 }
+
+/// In a commit loop run by a tokio task, the predicted write is written
+/// by the task's own thread (invariant 11): no hand-off to the writer
+/// thread and back. It is still durable as written. The same loop run
+/// outside a tokio task (as a ublk queue thread is) keeps the hand-off.
+/// Before, every write was written by the writer thread.
+#[test]
+fn a_predicted_write_from_a_tokio_task_is_written_by_its_caller() {
+    let (pfs, gate, fs) = gated_pfs();
+    let dir = Path::new(DIR);
+    let (wal, _, _) = start_on(&fs, dir, 0, 1 << 20).unwrap();
+    let wal = Arc::new(wal);
+    gate.writer_threads.lock().unwrap().clear();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("test-worker")
+        .build()
+        .unwrap();
+    let in_task = wal.clone();
+    rt.block_on(rt.spawn(async move {
+        for lba in 0..4 {
+            in_task
+                .append(RecordKind::Write, lba, 1, data(lba as u8, 1), false)
+                .await
+                .unwrap();
+            in_task.sync().await.unwrap();
+        }
+    }))
+    .unwrap();
+    let threads = std::mem::take(&mut *gate.writer_threads.lock().unwrap());
+    let wal_thread = "shale-wal-9";
+    assert_eq!(threads[..2], [wal_thread, wal_thread], "{threads:?}");
+    assert_eq!(threads[2..], ["test-worker", "test-worker"], "{threads:?}");
+    // Outside a tokio task the writer thread writes, predicted or not.
+    commit_loop(&wal, 2);
+    let threads = gate.writer_threads.lock().unwrap().clone();
+    assert_eq!(threads, [wal_thread, wal_thread], "{threads:?}");
+    let syncs = gate.syncs.load(SeqCst);
+    assert_eq!(wal.sync().now_or_never(), Some(Ok(())));
+    assert_eq!(gate.syncs.load(SeqCst), syncs, "nothing was left unsynced");
+    drop(rt);
+    drop(Arc::into_inner(wal));
+    pfs.lose_power();
+    let (_, replayed) = replay_on(&fs, dir, 0).unwrap();
+    assert_eq!(
+        replayed.iter().map(|a| a.seq).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5, 6]
+    );
+}

@@ -7,6 +7,10 @@
 //! and 7), breaks the log on an I/O error or gives a refused batch's seqs
 //! back on a full file system (invariant 5), and moves written bytes to
 //! the tail (invariant 8).
+//!
+//! The writer is shared behind a mutex: the thread locks it per batch, and
+//! a caller may take it to write its own lone record ([`Writer::lead`],
+//! invariant 11). Whoever holds the lock is the only one writing the log.
 
 use std::io::IoSlice;
 use std::path::PathBuf;
@@ -41,12 +45,20 @@ pub(super) struct Writer {
     pub(super) sync_tx: SyncQueue,
     /// Appends sent and not yet answered ([`super::Wal::sync_directly`]).
     pub(super) queued: Arc<AtomicU64>,
-    pub(super) syncer: Option<JoinHandle<()>>,
     /// Written bytes kept for readers ([`tail`]).
     pub(super) tail: Arc<tail::Tail>,
     pub(super) apply: ApplyFn,
     /// Whether writes are each followed by a flush (invariant 10).
     pub(super) pattern: Arc<FlushPattern>,
+    /// Set by the thread as it ends: nothing writes the log after.
+    pub(super) stopped: bool,
+}
+
+/// The writer, shared by its thread and callers that lead (invariant 11).
+pub(super) type SharedWriter = Arc<Mutex<Writer>>;
+
+fn lock(writer: &SharedWriter) -> std::sync::MutexGuard<'_, Writer> {
+    writer.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Most requests gathered into one write.
@@ -54,36 +66,55 @@ const MAX_BATCH: usize = 256;
 /// Most data bytes gathered into one write.
 const MAX_BATCH_BYTES: usize = 8 << 20;
 
-impl Writer {
-    pub(super) fn run(mut self, rx: mpsc::Receiver<Req>) {
-        while let Ok(first) = rx.recv() {
-            let mut batch = vec![first];
-            let mut bytes = 0usize;
-            while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
-                match rx.try_recv() {
-                    Ok(r) => {
-                        if let Req::Append { data, .. } = &r {
-                            bytes += data.len();
-                        }
-                        batch.push(r);
+/// Body of the writer thread: gathers what callers send into batches and
+/// writes each under the writer's lock (so a leading caller waits, or
+/// finds the lock taken and queues), until a stop; then marks the writer
+/// stopped, lets the `syncer` answer what it holds and ends it.
+pub(super) fn run(writer: SharedWriter, rx: mpsc::Receiver<Req>, syncer: JoinHandle<()>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        let mut bytes = 0usize;
+        while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(r) => {
+                    if let Req::Append { data, .. } = &r {
+                        bytes += data.len();
                     }
-                    Err(_) => break,
+                    batch.push(r);
                 }
-            }
-            let stop = batch.iter().any(|r| matches!(r, Req::Stop));
-            self.process(batch);
-            if stop {
-                break;
+                Err(_) => break,
             }
         }
-        // Let the syncer answer what it holds, then end it.
-        self.sync_tx
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        if let Some(t) = self.syncer.take() {
-            let _ = t.join();
+        let stop = batch.iter().any(|r| matches!(r, Req::Stop));
+        let mut w = lock(&writer);
+        w.process(batch);
+        if stop {
+            w.stopped = true;
+            break;
         }
+    }
+    lock(&writer).stopped = true;
+    // Let the syncer answer what it holds, then end it.
+    let queue = lock(&writer).sync_tx.clone();
+    queue.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let _ = syncer.join();
+}
+
+impl Writer {
+    /// Write `req`, an append alone, on the caller's thread if the writer
+    /// is free and still running (invariant 11); else give it back. The
+    /// caller counted it as queued; once this returns `Ok` it was answered.
+    pub(super) fn lead(writer: &SharedWriter, req: Req) -> Result<(), Req> {
+        let mut w = match writer.try_lock() {
+            Ok(w) => w,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Err(req),
+        };
+        if w.stopped {
+            return Err(req);
+        }
+        w.process(vec![req]);
+        Ok(())
     }
 
     fn current(&self) -> (u64, SegFile, u64) {

@@ -30,8 +30,12 @@
 //! 7. A flush is first polled on the reading task: one with nothing left
 //!    to sync (the device answers it without waiting) is answered without
 //!    a task of its own, saving a spawn and a wake-up of another worker.
-//!    Only a flush: other requests do work before their first wait (CRCs,
-//!    copies) that would hold up reading the next request.
+//!    So is a write sent while nothing else of the connection is in
+//!    flight (a client at queue depth one, waiting for it): the device
+//!    may write it at once ([`crate::engine::wal`] invariant 11). Reads,
+//!    and writes among others in flight, are spawned: their work before
+//!    the first wait (CRCs, copies) would hold up reading the next
+//!    request.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -338,9 +342,10 @@ where
                 _permits: permits,
             });
         };
-        // Invariant 7: a flush that needs no wait is answered right here
-        // (only a flush is boxed to be polled first).
-        if matches!(op, Op::Flush) {
+        // Invariant 7: a flush, or a write with nothing else in flight,
+        // that needs no wait is answered right here (only those are boxed
+        // to be polled first).
+        if matches!(op, Op::Flush) || (matches!(op, Op::Write { .. }) && tasks.is_empty()) {
             let mut run = Box::pin(run);
             if (&mut run).now_or_never().is_none() {
                 tasks.spawn(run);
