@@ -224,7 +224,8 @@ fn writes_without_a_flush_each_are_not_made_durable() {
 /// by the task's own thread (invariant 11): no hand-off to the writer
 /// thread and back. It is still durable as written. The same loop run
 /// outside a tokio task (as a ublk queue thread is) keeps the hand-off.
-/// Before, every write was written by the writer thread.
+/// A lone FUA write from a task is also written by its caller. Before,
+/// every write was written by the writer thread.
 #[test]
 fn a_predicted_write_from_a_tokio_task_is_written_by_its_caller() {
     let (pfs, gate, fs) = gated_pfs();
@@ -254,17 +255,31 @@ fn a_predicted_write_from_a_tokio_task_is_written_by_its_caller() {
     assert_eq!(threads[2..], ["test-worker", "test-worker"], "{threads:?}");
     // Outside a tokio task the writer thread writes, predicted or not.
     commit_loop(&wal, 2);
-    let threads = gate.writer_threads.lock().unwrap().clone();
+    let threads = std::mem::take(&mut *gate.writer_threads.lock().unwrap());
     assert_eq!(threads, [wal_thread, wal_thread], "{threads:?}");
     let syncs = gate.syncs.load(SeqCst);
     assert_eq!(wal.sync().now_or_never(), Some(Ok(())));
     assert_eq!(gate.syncs.load(SeqCst), syncs, "nothing was left unsynced");
+    // End the streak (two writes in one flush), so the next write is
+    // not predicted: a FUA write from a task is written by its caller.
+    write(&wal, 7).unwrap();
+    write(&wal, 8).unwrap();
+    futures::executor::block_on(wal.sync()).unwrap();
+    gate.writer_threads.lock().unwrap().clear();
+    let in_task = wal.clone();
+    rt.block_on(rt.spawn(async move {
+        let fua = in_task.append(RecordKind::Write, 9, 1, data(9, 1), true);
+        fua.await.unwrap();
+    }))
+    .unwrap();
+    let threads = gate.writer_threads.lock().unwrap().clone();
+    assert_eq!(threads, ["test-worker"], "{threads:?}");
     drop(rt);
     drop(Arc::into_inner(wal));
     pfs.lose_power();
     let (_, replayed) = replay_on(&fs, dir, 0).unwrap();
     assert_eq!(
         replayed.iter().map(|a| a.seq).collect::<Vec<_>>(),
-        [1, 2, 3, 4, 5, 6]
+        (1..=9).collect::<Vec<_>>()
     );
 }
