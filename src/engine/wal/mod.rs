@@ -63,8 +63,9 @@
 //!     when the client has been flushing after every write
 //!     ([`flush_pattern`]): the flush that follows is then answered on the
 //!     caller's thread. This only ever makes a write durable sooner.
-//! 11. Such a write, or a FUA write, alone in its request and sent from a
-//!     tokio task while nothing else is queued, is written by its caller ([`writer::Writer::lead`]): it takes the
+//! 11. Such a write, or a FUA write, alone in its request, of at most
+//!     [`LEAD_MAX_BYTES`], and sent from a tokio task while nothing else is
+//!     queued, is written by its caller ([`writer::Writer::lead`]): it takes the
 //!     writer's lock, which the writer thread holds while it writes a
 //!     batch, so the log still has one writer at a time and invariants
 //!     1-10 hold unchanged. The caller blocks for one durable write
@@ -499,7 +500,10 @@ impl Wal {
             tx.as_ref().cloned().ok_or(WalError::Stopped)?
         };
         let n = recs.len();
-        let may_lead = n == 1 && (sync || self.pattern.predicts_flush()) && on_runtime_task();
+        let may_lead = n == 1
+            && recs[0].data.len() <= LEAD_MAX_BYTES
+            && (sync || self.pattern.predicts_flush())
+            && on_runtime_task();
         let mut waits = Vec::with_capacity(n);
         // Counted before they are sent, so a flush never overtakes them.
         let before = self.queued.fetch_add(n as u64, Ordering::AcqRel);
@@ -687,6 +691,11 @@ impl Drop for Wal {
         self.stop();
     }
 }
+
+/// Largest record a caller writes itself (invariant 11): the hand-off
+/// matters little next to a bigger write, and each leading thread keeps a
+/// direct-write buffer the size of what it wrote.
+const LEAD_MAX_BYTES: usize = 64 << 10;
 
 /// Whether the caller runs inside a tokio task (a runtime worker, where
 /// blocking for one write delays only that task), not on a ublk queue
