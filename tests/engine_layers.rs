@@ -22,9 +22,9 @@ use std::path::{Path, PathBuf};
 ///    cycle (the last layer, `rest`, is not sorted yet).
 /// 3. Every engine module is in some unit: a new module must be placed.
 ///
-/// A unit may sit above its parent: `checkpoint` (the codecs) is low,
-/// its children `checkpoint::chain` and `checkpoint::orphans` read and
-/// delete objects in the store and sit above `error`.
+/// A unit may sit above its parent: `meta` (the manifest store, the
+/// checkpoint chain) is low, its child `meta::task` (the task that drives
+/// checkpoints and snapshots of an open volume) sits in the rest.
 ///
 /// Items defined in the engine root (`SECTOR`, `check_range`,
 /// `BlockDevice`) may be used from any layer; the root's re-exports
@@ -57,13 +57,8 @@ const LAYERS: &[(&str, &[&str])] = &[
         &["error"],
     ),
     (
-        "metadata store I/O: capped reads, manifest and checkpoint chain, orphans, fenced deletes",
-        &[
-            "capped",
-            "checkpoint::chain",
-            "checkpoint::orphans",
-            "fenced_delete",
-        ],
+        "metadata store I/O: capped reads, the manifest store and checkpoint chain, fenced deletes",
+        &["capped", "meta", "fenced_delete"],
     ),
     (
         "rest: not sorted yet",
@@ -78,7 +73,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "inflight",
             "live_snapshot",
             "memdisk",
-            "meta",
+            "meta::task",
             "prefetch",
             "read",
             "recovery",

@@ -36,15 +36,16 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::capped::get_capped;
-use super::checkpoint::chain::read_manifest;
 use super::checkpoint::{Checkpoint, Manifest, ParentRef};
 use super::error::EngineError;
 use super::fenced_delete::FencedDeleter;
 use super::format::layout::{
-    checkpoint_key, chunk_prefix, manifest_key, parse_chunk_name, parse_snapshot_key, snapshot_key,
+    checkpoint_key, chunk_prefix, parse_chunk_name, parse_snapshot_key, snapshot_key,
     snapshot_prefix,
 };
 use super::format::limits::{MAX_METADATA_BYTES, MAX_SEQ};
+use super::meta::manifest::{self, read_manifest, Put, WriteError};
+use super::meta::prepare;
 use crate::store::{DynStore, PutMode, StoreError};
 
 /// Magic of the older all-JSON format (still decoded, no longer written).
@@ -252,6 +253,17 @@ pub enum SnapshotError {
     State { volume: u64, reason: String },
 }
 
+impl From<WriteError> for SnapshotError {
+    /// A store failure stays [`SnapshotError::Store`]; a refused write is
+    /// the engine's [`EngineError::Manifest`].
+    fn from(e: WriteError) -> SnapshotError {
+        match e {
+            WriteError::Store(e) => SnapshotError::Store(e),
+            refused => SnapshotError::Engine(refused.into()),
+        }
+    }
+}
+
 /// The snapshot id of `key`, listed under [`snapshot_prefix`]`(volume)`;
 /// anything but a snapshot key there is an error (never skipped: it may be
 /// a snapshot holding chunks).
@@ -364,7 +376,7 @@ pub async fn load_checkpoint(store: &DynStore, m: &Manifest) -> Result<Checkpoin
         Some(_) if m.checkpoint_base.is_some() => {
             // A chain: rebuilt from its base and deltas (no volume size is
             // known here; ranges are still checked against overflow).
-            crate::engine::checkpoint::chain::load(store, m, u64::MAX, MAX_METADATA_BYTES)
+            crate::engine::meta::chain::load(store, m, u64::MAX, MAX_METADATA_BYTES)
                 .await?
                 .chain
                 .into_checkpoint()
@@ -489,12 +501,7 @@ pub async fn rollback(
         checkpoint_key(volume, m.last_chunk, epoch),
         snap.id
     );
-    let new = Manifest {
-        checkpoint: Some(key.clone()),
-        checkpoint_base: None,
-        checkpoint_chunk: m.last_chunk,
-        ..m.clone()
-    };
+    let new = prepare::rolled_back(&m, key.clone());
     swap_checkpoint(
         store,
         &m,
@@ -524,37 +531,31 @@ pub(crate) async fn swap_checkpoint(
     conflict: &str,
 ) -> Result<(), SnapshotError> {
     // The superseded chain (base and deltas), named before the swap.
-    let old_keys =
-        match crate::engine::checkpoint::chain::keys(store, old, MAX_METADATA_BYTES).await {
-            Ok(k) => k,
-            Err(e) => {
-                log::warn!(
-                    "reading the old checkpoint chain of volume {:x}: {e}",
-                    old.volume
-                );
-                old.checkpoint
-                    .iter()
-                    .chain(&old.checkpoint_base)
-                    .cloned()
-                    .collect()
-            }
-        };
+    let old_keys = match crate::engine::meta::chain::keys(store, old, MAX_METADATA_BYTES).await {
+        Ok(k) => k,
+        Err(e) => {
+            log::warn!(
+                "reading the old checkpoint chain of volume {:x}: {e}",
+                old.volume
+            );
+            old.checkpoint
+                .iter()
+                .chain(&old.checkpoint_base)
+                .cloned()
+                .collect()
+        }
+    };
     store
         .put(key, Bytes::from(cp.encode()), PutMode::Overwrite)
         .await?;
-    let data = Bytes::from(serde_json::to_vec(&new).unwrap_or_default());
-    match store
-        .put(&manifest_key(old.volume), data, PutMode::IfMatch(version))
-        .await
-    {
-        Ok(_) => {}
-        Err(StoreError::PreconditionFailed { .. }) => {
+    match manifest::swap(store, old, version, &new).await? {
+        Put::Stored(_) => {}
+        Put::Conflict => {
             return Err(SnapshotError::State {
                 volume: old.volume,
                 reason: conflict.to_string(),
             })
         }
-        Err(e) => return Err(e.into()),
     }
     for prev in old_keys.iter().filter(|o| *o != key) {
         if let Err(e) = store.delete(prev).await {

@@ -31,11 +31,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::channel::oneshot;
 
-use super::commit::Root;
 use super::config::{Durability, EngineConfig};
 use super::destage;
 use super::error::EngineError;
 use super::meta;
+use super::meta::manifest::Root;
 use super::recovery;
 use super::state::State;
 use super::wal::record::RecordKind;
@@ -389,13 +389,13 @@ impl Volume {
             close_tx: Mutex::new(None),
         });
         // The meta task owns the manifest; destage tells it what happened.
-        let (to_meta, meta_rx) = meta::channel();
+        let (to_meta, meta_rx) = meta::task::channel();
         let root = Root {
             manifest: rec.manifest,
             version: rec.manifest_version,
         };
         let tasks = vec![
-            rt.spawn(meta::run(inner.clone(), root, meta_rx)),
+            rt.spawn(meta::task::run(inner.clone(), root, meta_rx)),
             rt.spawn(destage::run(inner.clone(), to_meta)),
         ];
         Ok(Arc::new(Volume {
