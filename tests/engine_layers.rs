@@ -22,7 +22,8 @@ use std::path::{Path, PathBuf};
 ///    cycle (the last layer, `rest`, is not sorted yet).
 /// 3. Every engine module is in some unit: a new module must be placed.
 ///
-/// A unit may sit above its parent: `meta` (the manifest store, the
+/// A unit may sit above its parent: `format::snapshot` (the snapshot
+/// codec) holds a checkpoint and sits with the checkpoint codec; `meta` (the manifest store, the
 /// checkpoint chain) is low, its child `meta::task` (the task that drives
 /// checkpoints and snapshots of an open volume) sits in the rest.
 ///
@@ -48,8 +49,8 @@ const LAYERS: &[(&str, &[&str])] = &[
     ),
     ("wal: the write-ahead log", &["wal"]),
     (
-        "metadata codecs: checkpoint and manifest objects, chunk CRC tables",
-        &["checkpoint", "crc_table"],
+        "metadata codecs: checkpoint, manifest and snapshot objects, chunk CRC tables",
+        &["checkpoint", "crc_table", "format::snapshot"],
     ),
     ("cache and space accounting", &["cache", "space"]),
     (
