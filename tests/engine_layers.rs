@@ -44,8 +44,8 @@ const LAYERS: &[(&str, &[&str])] = &[
         ],
     ),
     (
-        "map: the extent map, its WAL overlay, chunk location sets",
-        &["map", "live"],
+        "map: the extent map, its WAL overlay, chunk location sets, allocation runs",
+        &["map", "live", "allocation"],
     ),
     ("wal: the write-ahead log", &["wal"]),
     (
@@ -64,7 +64,6 @@ const LAYERS: &[(&str, &[&str])] = &[
     (
         "rest: not sorted yet",
         &[
-            "allocation",
             "bench_support",
             "clone",
             "commit",
