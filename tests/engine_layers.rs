@@ -22,9 +22,10 @@ use std::path::{Path, PathBuf};
 ///    cycle (the last layer, `rest`, is not sorted yet).
 /// 3. Every engine module is in some unit: a new module must be placed.
 ///
-/// A unit may sit above its parent: `checkpoint` (the codecs) is low,
-/// its children `checkpoint::chain` and `checkpoint::orphans` read and
-/// delete objects in the store and sit above `error`.
+/// A unit may sit above its parent: `format::snapshot` (the snapshot
+/// codec) holds a checkpoint and sits with the checkpoint codec; `meta` (the manifest store, the
+/// checkpoint chain) is low, its child `meta::task` (the task that drives
+/// checkpoints and snapshots of an open volume) sits in the rest.
 ///
 /// Items defined in the engine root (`SECTOR`, `check_range`,
 /// `BlockDevice`) may be used from any layer; the root's re-exports
@@ -43,13 +44,13 @@ const LAYERS: &[(&str, &[&str])] = &[
         ],
     ),
     (
-        "map: the extent map, its WAL overlay, chunk location sets",
-        &["map", "live"],
+        "map: the extent map, its WAL overlay, chunk location sets, allocation runs",
+        &["map", "live", "allocation"],
     ),
     ("wal: the write-ahead log", &["wal"]),
     (
-        "metadata codecs: checkpoint and manifest objects, chunk CRC tables",
-        &["checkpoint", "crc_table"],
+        "metadata codecs: checkpoint, manifest and snapshot objects, chunk CRC tables",
+        &["checkpoint", "crc_table", "format::snapshot"],
     ),
     ("cache and space accounting", &["cache", "space"]),
     (
@@ -57,18 +58,12 @@ const LAYERS: &[(&str, &[&str])] = &[
         &["error"],
     ),
     (
-        "metadata store I/O: capped reads, manifest and checkpoint chain, orphans, fenced deletes",
-        &[
-            "capped",
-            "checkpoint::chain",
-            "checkpoint::orphans",
-            "fenced_delete",
-        ],
+        "metadata store I/O: capped reads, the manifest store and checkpoint chain, fenced deletes",
+        &["capped", "meta", "fenced_delete"],
     ),
     (
         "rest: not sorted yet",
         &[
-            "allocation",
             "bench_support",
             "clone",
             "commit",
@@ -78,7 +73,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "inflight",
             "live_snapshot",
             "memdisk",
-            "meta",
+            "meta::task",
             "prefetch",
             "read",
             "recovery",

@@ -17,10 +17,7 @@
 //!    query, so a huge fragmented range costs bounded work (the answer then
 //!    covers less of it).
 
-use super::map::Loc;
-use super::volume::Inner;
-use super::{check_range, SECTOR};
-use crate::error::BlockError;
+use super::SECTOR;
 
 /// How a run of bytes is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,40 +91,6 @@ impl Runs {
     pub fn into_vec(self) -> Vec<Extent> {
         self.out
     }
-}
-
-/// The allocation of bytes `[offset, offset+len)` of an open volume (see
-/// [`super::BlockDevice::allocation`]): the live map's view, so writes
-/// still in the WAL count as data and, in a clone, unmapped ranges take
-/// the parent chain's allocation.
-pub(crate) fn of_volume(
-    inner: &Inner,
-    offset: u64,
-    len: u64,
-    max_runs: usize,
-) -> Result<Vec<Extent>, BlockError> {
-    check_range(offset, len, inner.size)?;
-    let mut runs = Runs::new(max_runs);
-    let (mut pos, end) = (offset / SECTOR, (offset + len) / SECTOR);
-    while pos < end {
-        // Invariant 2: a short lock to copy a batch of pieces out.
-        let pieces = inner
-            .shared
-            .lock()
-            .view_lookup_limited(pos, end - pos, BATCH);
-        for p in pieces {
-            let more = match (p.loc, &inner.parent) {
-                (None, Some(parent)) => parent.allocation_into(p.start, p.len, &mut runs),
-                (None | Some(Loc::Zero), _) => runs.push(p.len, Allocation::Zero),
-                (Some(Loc::Wal(_) | Loc::Chunk { .. }), _) => runs.push(p.len, Allocation::Data),
-            };
-            if !more {
-                return Ok(runs.into_vec());
-            }
-            pos = p.start + p.len;
-        }
-    }
-    Ok(runs.into_vec())
 }
 
 #[cfg(test)]

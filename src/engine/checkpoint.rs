@@ -15,13 +15,13 @@
 //! stores written before the binary format still open; their next
 //! checkpoint is binary.
 //!
-//! Checkpoints form a chain ([`delta`], [`chain`]; docs/checkpoints.md): a
+//! Checkpoints form a chain ([`delta`], [`super::meta::chain`]; docs/checkpoints.md): a
 //! full checkpoint (the base) and up to `checkpoint_max_deltas` deltas,
 //! each holding only what changed since its predecessor. The manifest's
 //! `checkpoint` names the newest object of the chain and, when that is a
 //! delta, `checkpoint_base` names the base. [`Checkpoint::decode`] refuses
 //! a delta ([`CheckpointError::Delta`]); chains are read through
-//! [`chain::load`].
+//! [`super::meta::chain::load`].
 //!
 //! A clone's manifest names its parent snapshot ([`ParentRef`]); in a clone,
 //! ranges trimmed or zeroed are kept in the map as [`Loc::Zero`] (the
@@ -37,11 +37,9 @@ use super::format::limits::{valid_chunk_id, MAX_SEQ};
 use super::map::{ExtentMap, Loc, LocSet};
 
 pub mod capture;
-pub mod chain;
 pub mod codec;
 pub mod delta;
 pub mod dirty;
-pub mod orphans;
 
 /// Magic of the older JSON format (still decoded, no longer written).
 const CP_MAGIC_JSON: &[u8; 8] = b"SHALECP1";

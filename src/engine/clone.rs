@@ -20,18 +20,18 @@
 
 use std::collections::HashSet;
 
-use bytes::Bytes;
-
-use super::checkpoint::{Checkpoint, Manifest, ParentRef};
+use super::checkpoint::{Checkpoint, ParentRef};
 use super::error::EngineError;
-use super::format::layout::{checkpoint_key, manifest_key, snapshot_key};
+use super::format::layout::{checkpoint_key, snapshot_key};
+use super::meta::manifest::{self, Put};
+use super::meta::prepare;
 use super::snapshot::{
     committed_checkpoint, list_snapshots, swap_checkpoint, SnapshotError, SnapshotObject,
 };
 use super::view::{Resolved, SnapshotView};
 use super::volume::Volume;
 use super::{BlockDevice, SECTOR};
-use crate::store::{DynStore, PutMode, StoreError};
+use crate::store::{DynStore, StoreError};
 
 /// Bytes read and written at a time while flattening.
 const COPY_PIECE: usize = 1 << 20;
@@ -79,31 +79,17 @@ pub async fn write_clone(
     snap: &SnapshotObject,
     new_id: u64,
 ) -> Result<(), SnapshotError> {
-    let m = Manifest {
-        volume: new_id,
-        epoch: 0,
-        checkpoint: None,
-        checkpoint_base: None,
-        checkpoint_chunk: 0,
-        last_chunk: 0,
-        last_seq: 0,
-        history_epoch: 0,
-        parent: Some(ParentRef {
-            volume: snap.volume,
-            snapshot: snap.id,
-        }),
+    let parent = ParentRef {
+        volume: snap.volume,
+        snapshot: snap.id,
     };
-    let data = Bytes::from(serde_json::to_vec(&m).unwrap_or_default());
-    match store
-        .put(&manifest_key(new_id), data, PutMode::Create)
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(StoreError::AlreadyExists { .. }) => Err(SnapshotError::State {
+    let m = prepare::fresh(new_id, 0, Some(parent));
+    match manifest::create(store, &m).await? {
+        Put::Stored(_) => Ok(()),
+        Put::Conflict => Err(SnapshotError::State {
             volume: new_id,
             reason: "already has a manifest; a clone needs a fresh volume".into(),
         }),
-        Err(e) => Err(e.into()),
     }
 }
 
@@ -268,12 +254,7 @@ pub async fn finish_flatten(
         "{}-flatten",
         checkpoint_key(volume, m.checkpoint_chunk, epoch)
     );
-    let new = Manifest {
-        checkpoint: Some(key.clone()),
-        checkpoint_base: None,
-        parent: None,
-        ..m.clone()
-    };
+    let new = prepare::flattened(&m, key.clone());
     let conflict = format!(
         "the manifest changed during the flatten (is the volume attached?); \
          it still reads through {parent}"

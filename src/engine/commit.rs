@@ -1,5 +1,5 @@
 //! Manifest commits and checkpoints (with the simple GC they allow). All
-//! of it runs in the meta task ([`super::meta`]), which owns [`Root`];
+//! of it runs in the meta task ([`super::meta::task`]), which owns [`Root`];
 //! the destage task applies chunks to the maps meanwhile.
 //!
 //! Invariants:
@@ -25,68 +25,25 @@ use std::sync::atomic::Ordering;
 use bytes::Bytes;
 
 use super::checkpoint::capture::Capture;
-use super::checkpoint::chain::ChainPos;
 use super::checkpoint::delta::Delta;
 use super::checkpoint::dirty::DirtySet;
 use super::checkpoint::{Checkpoint, ChunkInfo, Manifest};
 use super::error::EngineError;
-use super::format::layout::{
-    checkpoint_base_key, checkpoint_key, chunk_key, delta_key, manifest_key,
-};
+use super::format::layout::{checkpoint_base_key, checkpoint_key, chunk_key, delta_key};
+use super::meta::chain::ChainPos;
+use super::meta::manifest::{self, Root};
+use super::meta::prepare;
 use super::volume::Inner;
 use crate::store::delete_many::{delete_many, DELETES_IN_FLIGHT};
-use crate::store::{PutMode, StoreError, Version};
+use crate::store::PutMode;
 
-/// The manifest as last committed, with its version.
-pub(crate) struct Root {
-    pub manifest: Manifest,
-    pub version: Version,
-}
-
-/// Replace the manifest with `m` by compare-and-swap.
+/// Replace the manifest with `m` by compare-and-swap, as the open
+/// volume's writer ([`super::meta::manifest::commit`]).
 pub(crate) async fn commit(inner: &Inner, root: &mut Root, m: Manifest) -> Result<(), EngineError> {
-    let key = manifest_key(inner.id);
-    let data = Bytes::from(serde_json::to_vec(&m).unwrap_or_default());
-    for _ in 0..3 {
-        super::destage::check_not_fenced(inner)?;
-        match inner
-            .store
-            .put(&key, data.clone(), PutMode::IfMatch(root.version.clone()))
-            .await
-        {
-            Ok(v) => {
-                root.version = v;
-                root.manifest = m;
-                return Ok(());
-            }
-            Err(StoreError::PreconditionFailed { .. }) => {
-                // Our own earlier attempt may have landed; only another
-                // epoch's write means we lost the volume.
-                let cur = inner.store.get(&key).await?;
-                let theirs: Option<Manifest> = serde_json::from_slice(&cur.data).ok();
-                match theirs {
-                    Some(t) if t.volume == inner.id && t.epoch == inner.epoch => {
-                        root.version = cur.version;
-                    }
-                    Some(t) => {
-                        return Err(EngineError::Fenced(format!(
-                            "manifest taken over by epoch {}",
-                            t.epoch
-                        )))
-                    }
-                    None => {
-                        return Err(EngineError::Fenced(
-                            "manifest replaced by something unreadable".into(),
-                        ))
-                    }
-                }
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Err(EngineError::Fenced(
-        "manifest keeps changing under us".into(),
-    ))
+    manifest::commit(&inner.store, inner.epoch, root, m, || {
+        super::destage::check_not_fenced(inner)
+    })
+    .await
 }
 
 /// Commit the current store position without a new checkpoint.
@@ -95,13 +52,7 @@ pub(crate) async fn commit_progress(inner: &Inner, root: &mut Root) -> Result<()
         let st = inner.shared.lock();
         (st.last_chunk, st.stored_seq)
     };
-    let m = Manifest {
-        last_chunk,
-        last_seq,
-        epoch: inner.epoch,
-        history_epoch: inner.epoch,
-        ..root.manifest.clone()
-    };
+    let m = prepare::at_position(&root.manifest, inner.epoch, last_chunk, last_seq);
     commit(inner, root, m).await?;
     let mut st = inner.shared.lock();
     st.committed_seq = st.committed_seq.max(last_seq);
@@ -377,21 +328,19 @@ async fn write(
         .store
         .put(&key, Bytes::from(bytes), PutMode::Overwrite)
         .await?;
-    let m = Manifest {
-        volume: inner.id,
-        epoch: inner.epoch,
-        checkpoint: Some(key.clone()),
-        checkpoint_base: if full.is_some() {
-            None
-        } else {
-            t.pos.base.clone()
-        },
-        checkpoint_chunk: chunk_seq,
-        last_chunk: chunk_seq,
-        last_seq,
-        history_epoch: inner.epoch,
-        parent: root.manifest.parent,
+    let base = if full.is_some() {
+        None
+    } else {
+        t.pos.base.clone()
     };
+    let m = prepare::with_checkpoint(
+        &root.manifest,
+        inner.epoch,
+        key.clone(),
+        base,
+        chunk_seq,
+        last_seq,
+    );
     commit(inner, root, m).await?;
     Ok((
         Written {

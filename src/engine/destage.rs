@@ -1,6 +1,6 @@
 //! The destage task: packs WAL records into chunk objects, puts them
 //! (several at a time), applies them in order, and tells the meta task
-//! ([`super::meta`]), which writes checkpoints and the manifest, what
+//! ([`super::meta::task`]), which writes checkpoints and the manifest, what
 //! happened. It never waits for the meta task: puts start and chunks are
 //! applied while a checkpoint uploads.
 //!
@@ -52,7 +52,7 @@ use super::error::EngineError;
 use super::format::chunk::{decode_header, ChunkExtent};
 use super::format::layout::chunk_key;
 use super::live_snapshot;
-use super::meta::{Command, MetaSender};
+use super::meta::task::{Command, MetaSender};
 use super::state::State;
 use super::volume::Inner;
 #[cfg(doc)]
@@ -138,7 +138,7 @@ async fn build_off_runtime(
 
 /// The task body; runs until close, fencing or abort. Everything that
 /// writes the manifest (commits, checkpoints, snapshots, GC, the final
-/// checkpoint) runs in the meta task ([`super::meta`]), which `meta`
+/// checkpoint) runs in the meta task ([`super::meta::task`]), which `meta`
 /// tells what happened and which this loop never waits for.
 pub(crate) async fn run(inner: Arc<Inner>, meta: MetaSender) {
     // However the task ends, a snapshot request left behind is answered.

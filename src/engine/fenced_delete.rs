@@ -13,8 +13,8 @@
 //!    after a takeover, all of them of older epochs and unreferenced when
 //!    the takeover's recovery read the store.
 
-use super::checkpoint::chain::read_manifest;
 use super::error::EngineError;
+use super::meta::manifest::read_manifest;
 use crate::store::{DynStore, StoreError};
 
 /// Deletes between two reads of the manifest.

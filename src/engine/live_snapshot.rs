@@ -8,7 +8,7 @@
 //!    durable, and its sequence number is at most the WAL's last one, `S`.
 //! 3. The destage task is asked (`State::snapshot_req`) to store everything
 //!    up to `S`; once `stored_seq >= S` it hands the request to the meta
-//!    task ([`super::meta`]), which commits a checkpoint and, before any
+//!    task ([`super::meta::task`]), which commits a checkpoint and, before any
 //!    later checkpoint can delete a chunk (it runs them all, one at a
 //!    time), writes the snapshot object from that checkpoint
 //!    ([`store_snapshot`]). The object put is the commit point: on any
@@ -45,11 +45,11 @@ use std::time::Duration;
 
 use futures::channel::oneshot;
 
-use super::checkpoint::chain::read_manifest;
-use super::commit::{checkpoint, Root};
+use super::commit::checkpoint;
 use super::error::EngineError;
 use super::fenced_delete::FencedDeleter;
 use super::format::layout::{chunk_prefix, parse_chunk_name, snapshot_key};
+use super::meta::manifest::{read_manifest, Root};
 use super::snapshot::{
     find_snapshot, set_deleting, store_snapshot, RetainSet, SnapshotError, SnapshotObject,
 };
@@ -175,7 +175,7 @@ impl Volume {
 
     /// Delete every chunk of this open volume that neither its committed
     /// checkpoint nor any snapshot names (after a snapshot delete). Returns
-    /// how many were deleted. Runs in the meta task ([`super::meta`]),
+    /// how many were deleted. Runs in the meta task ([`super::meta::task`]),
     /// between its checkpoints and snapshot creations.
     pub async fn collect_garbage(&self) -> Result<u64, SnapshotError> {
         let inner = &self.inner;
@@ -297,7 +297,7 @@ pub(crate) type Due = (Option<SnapshotRequest>, Option<GcRequest>);
 
 /// In the destage task: take the requests the meta task can serve now
 /// (a GC request, a snapshot request whose ops are all stored) out of the
-/// state, to send them on ([`super::meta::Command`]).
+/// state, to send them on ([`super::meta::task::Command`]).
 pub(crate) fn take_due(st: &mut State) -> Due {
     let snapshot_due = st
         .snapshot_req

@@ -35,8 +35,8 @@
 //! [`format`](mod@format) (chunk ids and bounds, object keys, the chunk codec),
 //! [`map`], [`wal`], the metadata codecs ([`checkpoint`], [`crc_table`]),
 //! [`cache`] and [`space`], [`error`], the metadata store I/O ([`capped`],
-//! [`checkpoint::chain`], [`checkpoint::orphans`], `fenced_delete`), then
-//! the rest (not sorted yet).
+//! [`meta`]: the manifest store and checkpoint chain, `fenced_delete`),
+//! then the rest (not sorted yet).
 //! `tests/engine_layers.rs` holds the table and enforces it.
 
 use async_trait::async_trait;
@@ -64,7 +64,7 @@ pub mod live;
 mod live_snapshot;
 pub mod map;
 pub mod memdisk;
-mod meta;
+pub mod meta;
 mod prefetch;
 mod read;
 mod recovery;

@@ -38,16 +38,16 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures::stream::{self, StreamExt};
 
 use super::capped::get_capped;
-use super::checkpoint::chain::read_manifest;
 use super::checkpoint::{ChunkInfo, Manifest};
 use super::error::EngineError;
 use super::format::chunk::decode_header;
 use super::format::layout::{chunk_key, chunk_prefix, manifest_key, parse_chunk_name};
 use super::format::limits::{checkpoint_cap, valid_chunk_id, MAX_CHUNK_OBJECT_BYTES};
+use super::meta::manifest::{read_manifest, Put};
+use super::meta::{self, prepare};
 use super::state::State;
 use super::view::SnapshotView;
 use super::volume::VolumeParams;
@@ -55,7 +55,7 @@ use super::wal;
 use super::wal_open;
 use super::SECTOR;
 use crate::store::delete_many::{delete_many, DELETES_IN_FLIGHT};
-use crate::store::{DynStore, PutMode, StoreError, Version};
+use crate::store::{DynStore, StoreError, Version};
 
 /// What recovery hands to the running volume.
 pub struct Recovered {
@@ -81,29 +81,16 @@ async fn take_manifest(
     store: &DynStore,
     p: &VolumeParams,
 ) -> Result<(Manifest, Version), EngineError> {
-    let key = manifest_key(p.id);
     // A lower-epoch writer may still land one last update while we open
     // (its crash left a request in flight): re-read and try again then.
     for _ in 0..5 {
-        let (mut m, ver) = match read_manifest(store, p.id).await {
+        let (m, ver) = match read_manifest(store, p.id).await {
             Ok((m, o)) => (m, o.version),
             Err(EngineError::Store(StoreError::NotFound { .. })) => {
-                let m = Manifest {
-                    volume: p.id,
-                    epoch: p.epoch,
-                    checkpoint: None,
-                    checkpoint_base: None,
-                    checkpoint_chunk: 0,
-                    last_chunk: 0,
-                    last_seq: 0,
-                    history_epoch: p.epoch,
-                    parent: None,
-                };
-                let data = Bytes::from(serde_json::to_vec(&m).unwrap_or_default());
-                match store.put(&key, data, PutMode::Create).await {
-                    Ok(v) => return Ok((m, v)),
-                    Err(StoreError::AlreadyExists { .. }) => continue,
-                    Err(e) => return Err(e.into()),
+                let m = prepare::fresh(p.id, p.epoch, None);
+                match meta::manifest::create(store, &m).await? {
+                    Put::Stored(v) => return Ok((m, v)),
+                    Put::Conflict => continue,
                 }
             }
             Err(e) => return Err(e),
@@ -117,12 +104,10 @@ async fn take_manifest(
         if m.epoch == p.epoch {
             return Ok((m, ver));
         }
-        m.epoch = p.epoch;
-        let data = Bytes::from(serde_json::to_vec(&m).unwrap_or_default());
-        match store.put(&key, data, PutMode::IfMatch(ver)).await {
-            Ok(v) => return Ok((m, v)),
-            Err(StoreError::PreconditionFailed { .. }) => continue,
-            Err(e) => return Err(e.into()),
+        let ours = prepare::taken_over(&m, p.epoch);
+        match meta::manifest::swap(store, &m, ver, &ours).await? {
+            Put::Stored(v) => return Ok((ours, v)),
+            Put::Conflict => continue,
         }
     }
     Err(EngineError::Fenced(
@@ -174,13 +159,8 @@ pub async fn recover(
         .keys()
         .into_iter()
         .chain(manifest.checkpoint.clone());
-    super::checkpoint::orphans::delete_orphan_checkpoints(
-        store,
-        p.id,
-        p.epoch,
-        &chain_keys.collect(),
-    )
-    .await?;
+    super::meta::orphans::delete_orphan_checkpoints(store, p.id, p.epoch, &chain_keys.collect())
+        .await?;
     state.committed_seq = state.stored_seq;
     state.taken_seq = state.stored_seq;
     state.next_chunk = state.last_chunk + 1;
@@ -209,7 +189,7 @@ pub async fn recover(
 
 /// Load the checkpoint chain `manifest` names (its newest object is
 /// `key`: a full checkpoint, or a delta applied over its base and earlier
-/// deltas, see [`super::checkpoint::chain`]) into `state`, checking every
+/// deltas, see [`super::meta::chain`]) into `state`, checking every
 /// number first; returns the epoch of its last chunk.
 async fn load_checkpoint(
     store: &DynStore,
@@ -223,8 +203,7 @@ async fn load_checkpoint(
         source,
     };
     let loaded =
-        super::checkpoint::chain::load(store, manifest, p.size / SECTOR, checkpoint_cap(p.size))
-            .await?;
+        super::meta::chain::load(store, manifest, p.size / SECTOR, checkpoint_cap(p.size)).await?;
     let chain = loaded.chain;
     if chain.volume != p.id || chain.chunk_seq != manifest.checkpoint_chunk {
         return Err(manifest_err(
@@ -267,7 +246,7 @@ async fn load_checkpoint(
     state.last_chunk = chain.chunk_seq;
     state.checkpoint_chunk = chain.chunk_seq;
     state.checkpoint_key = Some(key.to_string());
-    state.chain = super::checkpoint::chain::ChainPos {
+    state.chain = super::meta::chain::ChainPos {
         base: Some(loaded.base_key),
         base_bytes: loaded.base_bytes,
         deltas: loaded.delta_keys,
@@ -300,25 +279,15 @@ async fn commit_history(
     version: Version,
     state: &State,
 ) -> Result<(Manifest, Version), EngineError> {
-    let m = Manifest {
-        last_chunk: state.last_chunk,
-        last_seq: state.stored_seq,
-        history_epoch: p.epoch,
-        ..manifest.clone()
-    };
+    let m = prepare::at_position(&manifest, p.epoch, state.last_chunk, state.stored_seq);
     if m == manifest {
         return Ok((m, version));
     }
-    let data = Bytes::from(serde_json::to_vec(&m).unwrap_or_default());
-    match store
-        .put(&manifest_key(p.id), data, PutMode::IfMatch(version))
-        .await
-    {
-        Ok(v) => Ok((m, v)),
-        Err(StoreError::PreconditionFailed { .. }) => Err(EngineError::Fenced(
+    match meta::manifest::swap(store, &manifest, version, &m).await? {
+        Put::Stored(v) => Ok((m, v)),
+        Put::Conflict => Err(EngineError::Fenced(
             "manifest changed while recovering (another writer took over)".into(),
         )),
-        Err(e) => Err(e.into()),
     }
 }
 

@@ -110,7 +110,7 @@ pub struct State {
     /// The committed chain's chunk table: seq -> epoch.
     pub cp_table: HashMap<u64, u64>,
     /// Where the committed chain stands (base, deltas, their sizes).
-    pub chain: super::checkpoint::chain::ChainPos,
+    pub chain: super::meta::chain::ChainPos,
     /// Tasks waiting for destage progress (backpressure, store flushes).
     pub waiters: Vec<oneshot::Sender<()>>,
     pub fenced: Option<String>,

@@ -136,7 +136,7 @@ pub async fn compute_detached(
                 None => ExtentMap::new(),
                 Some(k) if m.checkpoint_base.is_some() => {
                     let cap = crate::engine::format::limits::checkpoint_cap(size);
-                    crate::engine::checkpoint::chain::load(store, &m, size / SECTOR, cap)
+                    crate::engine::meta::chain::load(store, &m, size / SECTOR, cap)
                         .await
                         .map_err(|e| UsageError::Corrupt {
                             key: k.clone(),

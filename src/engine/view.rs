@@ -17,7 +17,6 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use super::allocation::{Allocation, Extent, Runs, BATCH};
-use super::checkpoint::chain::read_manifest;
 use super::checkpoint::{Checkpoint, ChunkInfo, Manifest, ParentRef};
 use super::clone::load_chain;
 use super::crc_table::CrcTables;
@@ -25,6 +24,7 @@ use super::error::EngineError;
 use super::format::chunk::{aligned_range, verify_blocks};
 use super::format::layout::chunk_key;
 use super::map::{ExtentMap, Loc};
+use super::meta::manifest::read_manifest;
 use super::snapshot::{load_checkpoint, SnapshotError, SnapshotObject};
 use super::{check_range, BlockDevice, SECTOR};
 use crate::error::BlockError;

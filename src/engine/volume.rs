@@ -31,11 +31,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::channel::oneshot;
 
-use super::commit::Root;
+use super::allocation::{Allocation, Extent, Runs, BATCH};
 use super::config::{Durability, EngineConfig};
 use super::destage;
 use super::error::EngineError;
+use super::map::Loc;
 use super::meta;
+use super::meta::manifest::Root;
 use super::recovery;
 use super::state::State;
 use super::wal::record::RecordKind;
@@ -389,13 +391,13 @@ impl Volume {
             close_tx: Mutex::new(None),
         });
         // The meta task owns the manifest; destage tells it what happened.
-        let (to_meta, meta_rx) = meta::channel();
+        let (to_meta, meta_rx) = meta::task::channel();
         let root = Root {
             manifest: rec.manifest,
             version: rec.manifest_version,
         };
         let tasks = vec![
-            rt.spawn(meta::run(inner.clone(), root, meta_rx)),
+            rt.spawn(meta::task::run(inner.clone(), root, meta_rx)),
             rt.spawn(destage::run(inner.clone(), to_meta)),
         ];
         Ok(Arc::new(Volume {
@@ -888,7 +890,41 @@ impl BlockDevice for Volume {
         offset: u64,
         len: u64,
         max_runs: usize,
-    ) -> Result<Vec<super::Extent>, BlockError> {
-        super::allocation::of_volume(&self.inner, offset, len, max_runs)
+    ) -> Result<Vec<Extent>, BlockError> {
+        allocation_of(&self.inner, offset, len, max_runs)
     }
+}
+
+/// The allocation of bytes `[offset, offset+len)` of an open volume (see
+/// [`BlockDevice::allocation`]): the live map's view, so writes
+/// still in the WAL count as data and, in a clone, unmapped ranges take
+/// the parent chain's allocation.
+fn allocation_of(
+    inner: &Inner,
+    offset: u64,
+    len: u64,
+    max_runs: usize,
+) -> Result<Vec<Extent>, BlockError> {
+    check_range(offset, len, inner.size)?;
+    let mut runs = Runs::new(max_runs);
+    let (mut pos, end) = (offset / SECTOR, (offset + len) / SECTOR);
+    while pos < end {
+        // `allocation.rs` invariant 2: a short lock to copy a batch of pieces out.
+        let pieces = inner
+            .shared
+            .lock()
+            .view_lookup_limited(pos, end - pos, BATCH);
+        for p in pieces {
+            let more = match (p.loc, &inner.parent) {
+                (None, Some(parent)) => parent.allocation_into(p.start, p.len, &mut runs),
+                (None | Some(Loc::Zero), _) => runs.push(p.len, Allocation::Zero),
+                (Some(Loc::Wal(_) | Loc::Chunk { .. }), _) => runs.push(p.len, Allocation::Data),
+            };
+            if !more {
+                return Ok(runs.into_vec());
+            }
+            pos = p.start + p.len;
+        }
+    }
+    Ok(runs.into_vec())
 }

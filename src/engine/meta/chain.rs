@@ -1,5 +1,5 @@
-//! Reading a volume's root ([`read_manifest`]) and checkpoint chain from
-//! the store (see [`super::delta`]).
+//! Reading a volume's checkpoint chain from the store (see
+//! [`crate::engine::checkpoint::delta`]).
 //!
 //! [`walk`] follows the links from the newest object the manifest names
 //! back to the base, checking at each step that the delta names the base
@@ -9,23 +9,13 @@
 //! error naming its key, never skipped: a chain with a hole cannot be
 //! rebuilt.
 
-use super::delta::{Chain, CheckpointObject, Delta};
-use super::{Checkpoint, CheckpointError, Manifest};
 use crate::engine::capped::get_capped;
+use crate::engine::checkpoint::codec::MAGIC;
+use crate::engine::checkpoint::delta::{Chain, CheckpointObject, Delta};
+use crate::engine::checkpoint::{Checkpoint, CheckpointError, Manifest};
 use crate::engine::error::EngineError;
 use crate::engine::format::layout::manifest_key;
-use crate::engine::format::limits::MAX_MANIFEST_BYTES;
-use crate::store::{DynStore, Object, StoreError};
-
-/// Read the manifest of `volume` (at most [`MAX_MANIFEST_BYTES`]) and
-/// check it; returns it with the object (for its version).
-pub async fn read_manifest(
-    store: &DynStore,
-    volume: u64,
-) -> Result<(Manifest, Object), EngineError> {
-    let o = get_capped(store, &manifest_key(volume), MAX_MANIFEST_BYTES, "manifest").await?;
-    Ok((Manifest::parse(volume, &o.data)?, o))
-}
+use crate::store::{DynStore, StoreError};
 
 /// The deltas of a chain, oldest first, with the base's key.
 #[derive(Debug)]
@@ -78,7 +68,7 @@ async fn read(
         Err(e) => return Err(e),
     };
     let obj = CheckpointObject::decode(&o.data).map_err(|e| cp_err(key, e))?;
-    let json = !o.data.starts_with(super::codec::MAGIC);
+    let json = !o.data.starts_with(MAGIC);
     Ok((obj, o.data.len() as u64 | if json { JSON_FLAG } else { 0 }))
 }
 

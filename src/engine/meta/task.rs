@@ -10,7 +10,7 @@
 //! Invariants:
 //! 1. Only this task writes the manifest of the open volume, one write at
 //!    a time (each commit is awaited before the next starts), always by
-//!    compare-and-swap ([`super::commit::commit`]).
+//!    compare-and-swap ([`super::manifest::commit`]).
 //! 2. It names only stored chunks: a checkpoint captures the store-side
 //!    map, to which destage applies a chunk only after its put succeeded,
 //!    and a progress commit names `last_chunk` and `stored_seq`, which only
@@ -36,11 +36,12 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use super::commit::{checkpoint, commit_progress, final_checkpoint, Root};
-use super::destage::{check_not_fenced, fail, finish};
-use super::error::EngineError;
-use super::live_snapshot::{self, GcRequest, SnapshotRequest};
-use super::volume::Inner;
+use super::manifest::Root;
+use crate::engine::commit::{checkpoint, commit_progress, final_checkpoint};
+use crate::engine::destage::{check_not_fenced, fail, finish};
+use crate::engine::error::EngineError;
+use crate::engine::live_snapshot::{self, GcRequest, SnapshotRequest};
+use crate::engine::volume::Inner;
 
 /// What the destage task tells the meta task.
 #[derive(Debug)]

@@ -1,7 +1,7 @@
 //! Checkpoint objects no manifest names, deleted when a volume opens.
 //!
 //! A checkpoint object is written before the manifest names it (see
-//! [`crate::engine::commit`]), so a crash, a lost compare-and-swap or a
+//! `commit.rs`), so a crash, a lost compare-and-swap or a
 //! failed delete of a superseded chain leaves objects under
 //! [`checkpoint_prefix`] that nothing will ever read. Without this
 //! sweep they stay in the store for good.

@@ -1,0 +1,172 @@
+//! The manifest store: every read and write of a volume's manifest
+//! (`volumes/<id>/manifest`, the volume's root) goes through here.
+//!
+//! Invariants:
+//! 1. A manifest is created only with `PutMode::Create` and replaced only
+//!    by compare-and-swap (`PutMode::IfMatch` on the version last read or
+//!    written), so a writer that lost the volume cannot commit.
+//! 2. Every write is checked first ([`super::invariants`]); a manifest that
+//!    fails the checks is never sent, and the caller gets
+//!    [`WriteError::Refused`].
+//! 3. What is read is capped ([`MAX_MANIFEST_BYTES`]) and validated before
+//!    it is returned ([`Manifest::parse`]).
+
+use bytes::Bytes;
+
+use super::invariants::{check_create, check_swap};
+use crate::engine::capped::get_capped;
+use crate::engine::checkpoint::Manifest;
+use crate::engine::error::EngineError;
+use crate::engine::format::layout::manifest_key;
+use crate::engine::format::limits::MAX_MANIFEST_BYTES;
+use crate::store::{DynStore, Object, PutMode, StoreError, Version};
+
+/// The manifest as last committed, with its version.
+pub(crate) struct Root {
+    pub manifest: Manifest,
+    pub version: Version,
+}
+
+/// How a create or a compare-and-swap ended, when the store answered.
+#[derive(Debug)]
+#[must_use]
+pub enum Put {
+    /// Written; the manifest's new version.
+    Stored(Version),
+    /// Not written: a manifest already exists (create), or the manifest
+    /// changed since the version given (swap).
+    Conflict,
+}
+
+/// A manifest write that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The manifest failed the checks run before every write (invariant 2).
+    #[error("manifest {key}: refusing to write it: {reason}")]
+    Refused { key: String, reason: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<WriteError> for EngineError {
+    fn from(e: WriteError) -> EngineError {
+        match e {
+            WriteError::Refused { key, reason } => EngineError::Manifest {
+                key,
+                reason: format!("refusing to write it: {reason}"),
+            },
+            WriteError::Store(e) => EngineError::Store(e),
+        }
+    }
+}
+
+/// Read the manifest of `volume` (at most [`MAX_MANIFEST_BYTES`]) and
+/// check it; returns it with the object (for its version).
+pub async fn read_manifest(
+    store: &DynStore,
+    volume: u64,
+) -> Result<(Manifest, Object), EngineError> {
+    let o = get_capped(store, &manifest_key(volume), MAX_MANIFEST_BYTES, "manifest").await?;
+    Ok((Manifest::parse(volume, &o.data)?, o))
+}
+
+fn encode(m: &Manifest) -> Bytes {
+    Bytes::from(serde_json::to_vec(m).unwrap_or_default())
+}
+
+/// Create `m` as the first manifest of `m.volume`.
+pub async fn create(store: &DynStore, m: &Manifest) -> Result<Put, WriteError> {
+    let key = manifest_key(m.volume);
+    check_create(m.volume, m).map_err(|reason| WriteError::Refused {
+        key: key.clone(),
+        reason,
+    })?;
+    match store.put(&key, encode(m), PutMode::Create).await {
+        Ok(v) => Ok(Put::Stored(v)),
+        Err(StoreError::AlreadyExists { .. }) => Ok(Put::Conflict),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Replace `old` (stored at `version`) with `new` by compare-and-swap.
+pub async fn swap(
+    store: &DynStore,
+    old: &Manifest,
+    version: Version,
+    new: &Manifest,
+) -> Result<Put, WriteError> {
+    let key = manifest_key(old.volume);
+    check_swap(old, new).map_err(|reason| WriteError::Refused {
+        key: key.clone(),
+        reason,
+    })?;
+    match store
+        .put(&key, encode(new), PutMode::IfMatch(version))
+        .await
+    {
+        Ok(v) => Ok(Put::Stored(v)),
+        Err(StoreError::PreconditionFailed { .. }) => Ok(Put::Conflict),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The open volume's writer (at `epoch`) replaces the manifest in `root`
+/// with `m` by compare-and-swap; `check_not_fenced` runs before each
+/// attempt. A lost swap is retried when the manifest found is still our
+/// own (an earlier attempt of ours may have landed); another epoch's
+/// manifest, or one that does not parse, means the volume was taken over:
+/// [`EngineError::Fenced`].
+pub(crate) async fn commit(
+    store: &DynStore,
+    epoch: u64,
+    root: &mut Root,
+    m: Manifest,
+    check_not_fenced: impl Fn() -> Result<(), EngineError>,
+) -> Result<(), EngineError> {
+    let volume = root.manifest.volume;
+    let key = manifest_key(volume);
+    check_swap(&root.manifest, &m).map_err(|reason| WriteError::Refused {
+        key: key.clone(),
+        reason,
+    })?;
+    let data = encode(&m);
+    for _ in 0..3 {
+        check_not_fenced()?;
+        match store
+            .put(&key, data.clone(), PutMode::IfMatch(root.version.clone()))
+            .await
+        {
+            Ok(v) => {
+                root.version = v;
+                root.manifest = m;
+                return Ok(());
+            }
+            Err(StoreError::PreconditionFailed { .. }) => {
+                // Our own earlier attempt may have landed; only another
+                // epoch's write means we lost the volume.
+                let cur = store.get(&key).await?;
+                let theirs: Option<Manifest> = serde_json::from_slice(&cur.data).ok();
+                match theirs {
+                    Some(t) if t.volume == volume && t.epoch == epoch => {
+                        root.version = cur.version;
+                    }
+                    Some(t) => {
+                        return Err(EngineError::Fenced(format!(
+                            "manifest taken over by epoch {}",
+                            t.epoch
+                        )))
+                    }
+                    None => {
+                        return Err(EngineError::Fenced(
+                            "manifest replaced by something unreadable".into(),
+                        ))
+                    }
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(EngineError::Fenced(
+        "manifest keeps changing under us".into(),
+    ))
+}
