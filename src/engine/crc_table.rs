@@ -21,12 +21,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
 
 use super::checkpoint::ChunkInfo;
 use super::format::chunk::{decode_header, table_crc, CRC_BLOCK};
 use super::format::layout::chunk_key;
-use crate::store::{DynStore, StoreError, Summed};
+use crate::store::{DynStore, StoreError};
 
 /// Default byte budget (16 MiB: the tables of 16 GiB of chunk data).
 pub const DEFAULT_BUDGET: usize = 16 << 20;
@@ -205,9 +206,7 @@ impl CrcTables {
     /// chunk's data area (the header and the data lie back to back in the
     /// object, so a cold chunk read from its start costs one request, not
     /// a header GET and then a data GET), returned unverified as the
-    /// second element with the CRC32C of each of their [`CRC_BLOCK`]s,
-    /// summed as they arrived ([`crate::store::ObjectStore::get_range_summed`];
-    /// the caller checks the sums against the table). `None`
+    /// second element (the caller checks them against the table). `None`
     /// when the table came from memory or from another caller's GET (or
     /// `data_end` is 0).
     pub async fn get_with_data(
@@ -216,7 +215,7 @@ impl CrcTables {
         volume: u64,
         info: &ChunkInfo,
         data_end: u64,
-    ) -> Result<(Table, Option<Summed>), TableError> {
+    ) -> Result<(Table, Option<Bytes>), TableError> {
         if let Some(t) = self.cached(volume, info) {
             return Ok((t, None));
         }
@@ -249,7 +248,7 @@ impl CrcTables {
         let t = flight.await?;
         // The flight sent its data before it ended (when it succeeded).
         let data = match data {
-            Some(mut rx) => rx.try_recv().ok().flatten().filter(|d| !d.data.is_empty()),
+            Some(mut rx) => rx.try_recv().ok().flatten().filter(|d| !d.is_empty()),
             None => None,
         };
         // A flight for an older table CRC (a reused name: never in a real
@@ -261,27 +260,21 @@ impl CrcTables {
     }
 
     /// Read and check the header of chunk `info` (invariant 1), with the
-    /// first `data_end` bytes of its data area (unchecked, with their block
-    /// sums) in the same GET.
+    /// first `data_end` bytes of its data area (unchecked) in the same GET.
     async fn read_header(
         &self,
         store: &DynStore,
         volume: u64,
         info: &ChunkInfo,
         data_end: u64,
-    ) -> Result<(Table, Summed), TableError> {
+    ) -> Result<(Table, Bytes), TableError> {
         let key = chunk_key(volume, info.seq, info.epoch);
         self.header_gets.fetch_add(1, Ordering::Relaxed);
         // Placed so the data area starts on a page boundary: the read
         // cache writes its windows with `O_DIRECT` from where they landed
         // instead of copying them into an aligned buffer first.
         let got = store
-            .get_range_summed(
-                &key,
-                0..info.data_start + data_end,
-                info.data_start,
-                CRC_BLOCK as usize,
-            )
+            .get_range_placed(&key, 0..info.data_start + data_end, info.data_start)
             .await
             .map_err(|e| TableError::Store {
                 key: key.clone(),
@@ -290,7 +283,7 @@ impl CrcTables {
                 reason: e.to_string(),
             })?;
         let split = usize::try_from(info.data_start).unwrap_or(usize::MAX);
-        let Some(head) = got.data.get(..split) else {
+        let Some(head) = got.get(..split) else {
             return Err(corrupt(volume, info, "its header is short".into()));
         };
         let h = decode_header(head).map_err(|e| corrupt(volume, info, e.to_string()))?;
@@ -314,11 +307,7 @@ impl CrcTables {
             super::damage::report(&key, &why);
             return Err(corrupt(volume, info, why));
         }
-        let data = Summed {
-            data: got.data.slice(split..),
-            sums: got.sums,
-        };
-        Ok((h.block_crcs.into(), data))
+        Ok((h.block_crcs.into(), got.slice(split..)))
     }
 }
 

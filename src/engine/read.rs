@@ -26,7 +26,7 @@ use futures::future::{BoxFuture, FutureExt};
 use super::cache::{Cache, Hit, Served, Wait, WindowId, SLOT};
 use super::checkpoint::ChunkInfo;
 use super::crc_table::{CrcTables, Table, TableError};
-use super::format::chunk::{aligned_range, verify_blocks, ChunkError, CRC_BLOCK};
+use super::format::chunk::{aligned_range, verify_blocks, CRC_BLOCK};
 use super::format::layout::chunk_key;
 use super::inflight::{FetchError, Mode};
 use super::map::{Loc, WalLoc};
@@ -34,7 +34,7 @@ use super::view::Resolved;
 use super::volume::Inner;
 use super::{wal, SECTOR};
 use crate::error::BlockError;
-use crate::store::{StoreError, Summed};
+use crate::store::StoreError;
 
 enum Src {
     Zero,
@@ -653,9 +653,7 @@ pub(super) async fn fetch_within(
 /// The table comes from `tables`; a cold chunk costs no extra round trip
 /// for it: a range from the data area's start is read with the header in
 /// one GET ([`CrcTables::get_with_data`]), any other range is read while
-/// the header GET runs, and checked once both are in. The bytes are summed
-/// block by block as they arrive ([`crate::store::ObjectStore::get_range_summed`])
-/// and the sums compared with the table ([`verify_sums`]).
+/// the header GET runs, and checked once both are in.
 async fn fetch(
     store: &crate::store::DynStore,
     tables: &Arc<CrcTables>,
@@ -666,13 +664,12 @@ async fn fetch(
     end: u64,
 ) -> Result<(Bytes, Table), StoreOrCrc> {
     let get_data = || async {
-        let at = info.data_start + start;
         store
-            .get_range_summed(key, at..info.data_start + end, at, CRC_BLOCK as usize)
+            .get_range(key, info.data_start + start..info.data_start + end)
             .await
             .map_err(StoreOrCrc::Store)
     };
-    let (table, got) = match tables.cached(volume, info) {
+    let (table, data) = match tables.cached(volume, info) {
         Some(table) => (table, get_data().await?),
         None if start == 0 => {
             let (table, with_header) = tables
@@ -680,7 +677,7 @@ async fn fetch(
                 .await
                 .map_err(StoreOrCrc::from)?;
             match with_header {
-                Some(got) => (table, got),
+                Some(data) => (table, data),
                 // Another reader's GET brought the table: read the data.
                 None => (table, get_data().await?),
             }
@@ -690,7 +687,6 @@ async fn fetch(
             (table.map_err(StoreOrCrc::from)?, data?)
         }
     };
-    let Summed { data, sums } = got;
     if data.len() as u64 != end - start {
         return Err(StoreOrCrc::Store(StoreError::Permanent(format!(
             "{key}: read {} bytes of data where {} were asked for",
@@ -698,36 +694,8 @@ async fn fetch(
             end - start
         ))));
     }
-    verify_sums(&table, start, data.len(), &sums).map_err(StoreOrCrc::Crc)?;
+    verify_blocks(&table, start, &data).map_err(|e| StoreOrCrc::Crc(e.to_string()))?;
     Ok((data, table))
-}
-
-/// Check the block sums `sums` of `len` bytes of chunk data from offset
-/// `start` (a multiple of [`CRC_BLOCK`]; one sum per block, the last
-/// block may be short) against the chunk's CRC `table`: every block must
-/// have its sum, and every sum must equal the table's.
-pub(super) fn verify_sums(
-    table: &[u32],
-    start: u64,
-    len: usize,
-    sums: &[u32],
-) -> Result<(), String> {
-    let first = start / CRC_BLOCK;
-    let blocks = len.div_ceil(CRC_BLOCK as usize);
-    if sums.len() != blocks || !start.is_multiple_of(CRC_BLOCK) {
-        return Err(format!(
-            "{} block sums for {blocks} blocks of data at {start}",
-            sums.len()
-        ));
-    }
-    for (i, &sum) in sums.iter().enumerate() {
-        let idx = first + i as u64;
-        match table.get(usize::try_from(idx).unwrap_or(usize::MAX)) {
-            Some(&crc) if crc == sum => {}
-            _ => return Err(ChunkError::DataCrc(idx).to_string()),
-        }
-    }
-    Ok(())
 }
 
 impl From<TableError> for StoreOrCrc {
@@ -747,35 +715,6 @@ pub(super) enum StoreOrCrc {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn verify_sums_wants_every_block_summed_as_the_table_says() {
-        let data: Vec<u8> = (0..3 * CRC_BLOCK as usize + 512)
-            .map(|i| (i % 249) as u8)
-            .collect();
-        let sums = crate::store::block_sums(&data, CRC_BLOCK as usize);
-        assert_eq!(sums.len(), 4);
-        // The table of a chunk whose data starts with two other blocks.
-        let mut table = vec![1, 2];
-        table.extend_from_slice(&sums);
-        let start = 2 * CRC_BLOCK;
-        assert_eq!(verify_sums(&table, start, data.len(), &sums), Ok(()));
-        // A wrong sum names its block.
-        let mut bad = sums.clone();
-        bad[2] ^= 1;
-        let err = verify_sums(&table, start, data.len(), &bad).unwrap_err();
-        assert_eq!(err, ChunkError::DataCrc(4).to_string());
-        // A block without a sum, or a sum too many, is refused.
-        assert!(verify_sums(&table, start, data.len(), &sums[..3]).is_err());
-        let mut more = sums.clone();
-        more.push(0);
-        assert!(verify_sums(&table, start, data.len(), &more).is_err());
-        // Data past the table's end, or an unaligned start, is refused.
-        assert!(verify_sums(&table[..5], start, data.len(), &sums).is_err());
-        assert!(verify_sums(&table, start + 512, data.len(), &sums).is_err());
-        // Sums at the wrong offset do not match.
-        assert!(verify_sums(&table, CRC_BLOCK, data.len(), &sums).is_err());
-    }
 
     #[test]
     fn copy_parts_takes_the_right_bytes_across_parts() {

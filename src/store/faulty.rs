@@ -35,7 +35,7 @@ use bytes::Bytes;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
-use super::{Object, ObjectMeta, ObjectStore, PutMode, StoreError, StoreResult, Summed, Version};
+use super::{Object, ObjectMeta, ObjectStore, PutMode, StoreError, StoreResult, Version};
 
 /// The named fault points: one per store operation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -371,17 +371,6 @@ impl<S: ObjectStore> ObjectStore for FaultyStore<S> {
         page_at: u64,
     ) -> StoreResult<Bytes> {
         let op = self.inner.get_range_placed(key, range, page_at);
-        self.apply(FaultPoint::GetRange, key, op).await
-    }
-
-    async fn get_range_summed(
-        &self,
-        key: &str,
-        range: Range<u64>,
-        page_at: u64,
-        block: usize,
-    ) -> StoreResult<Summed> {
-        let op = self.inner.get_range_summed(key, range, page_at, block);
         self.apply(FaultPoint::GetRange, key, op).await
     }
 

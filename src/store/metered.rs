@@ -24,7 +24,7 @@ use bytes::Bytes;
 use super::retry::{RetryPolicy, RetryStats, RetryStore};
 use super::{
     DynStore, Object, ObjectMeta, ObjectStore, PutMode, StoreConfig, StoreError, StoreResult,
-    Summed, Version,
+    Version,
 };
 use crate::metrics::histogram::Histogram;
 use crate::metrics::report::{Family, Kind, Sample, Unit};
@@ -272,26 +272,6 @@ impl<S: ObjectStore> ObjectStore for MeteredStore<S> {
         let t = Instant::now();
         let r = self.inner.get_range_placed(key, range, page_at).await;
         self.record_read(t, &r);
-        r
-    }
-
-    async fn get_range_summed(
-        &self,
-        key: &str,
-        range: Range<u64>,
-        page_at: u64,
-        block: usize,
-    ) -> StoreResult<Summed> {
-        let t = Instant::now();
-        let r = self
-            .inner
-            .get_range_summed(key, range, page_at, block)
-            .await;
-        self.metrics.record(Method::Get, t, &r);
-        if let Ok(s) = &r {
-            let n = s.data.len() as u64;
-            self.metrics.read_bytes.fetch_add(n, Ordering::Relaxed);
-        }
         r
     }
 

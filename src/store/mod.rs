@@ -64,38 +64,6 @@ pub struct Object {
     pub version: Version,
 }
 
-/// Bytes of a range and the CRC32C of each of its blocks
-/// ([`ObjectStore::get_range_summed`]).
-#[derive(Debug, Clone)]
-pub struct Summed {
-    pub data: Bytes,
-    /// `sums[i]` is the CRC32C of `data[skip + i * block..]`, at most
-    /// `block` bytes of it (the last piece may be shorter), where `skip`
-    /// is where the summed part starts in `data`.
-    pub sums: Vec<u32>,
-}
-
-impl Summed {
-    /// Sum `data` after its first `skip` bytes in `block`-byte pieces.
-    pub fn of(data: Bytes, skip: usize, block: usize) -> Summed {
-        let sums = block_sums(data.get(skip..).unwrap_or(&[]), block);
-        Summed { data, sums }
-    }
-}
-
-/// The CRC32C of each `block`-byte piece of `data` (the last may be
-/// shorter); a `block` of 0 counts as 1.
-pub fn block_sums(data: &[u8], block: usize) -> Vec<u32> {
-    data.chunks(block.max(1)).map(crc32c::crc32c).collect()
-}
-
-/// Where object offset `page_at` lies in the bytes of `range` (0 when it
-/// lies before the range; the range's length when after it).
-pub fn sum_skip(range: &Range<u64>, page_at: u64) -> usize {
-    let len = range.end.saturating_sub(range.start);
-    usize::try_from(page_at.saturating_sub(range.start).min(len)).unwrap_or(usize::MAX)
-}
-
 /// Errors from a store backend.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -149,25 +117,6 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
         let _ = page_at;
         self.get_range(key, range).await
     }
-    /// [`ObjectStore::get_range_placed`], also returning the CRC32C of
-    /// each `block`-byte piece of the returned bytes from object offset
-    /// `page_at` on ([`Summed`]). Where the backend can (S3), each piece
-    /// is summed as it arrives, while its bytes are still in the CPU's
-    /// cache, instead of in a second pass over the whole range. The sums
-    /// are always of exactly the returned bytes: the default sums them
-    /// after [`ObjectStore::get_range_placed`], so a decorator that
-    /// changes bytes must not pass this call on. Pure pass-through
-    /// decorators pass it on.
-    async fn get_range_summed(
-        &self,
-        key: &str,
-        range: Range<u64>,
-        page_at: u64,
-        block: usize,
-    ) -> StoreResult<Summed> {
-        let data = self.get_range_placed(key, range.clone(), page_at).await?;
-        Ok(Summed::of(data, sum_skip(&range, page_at), block))
-    }
     /// Write a whole object; returns the new version.
     async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> StoreResult<Version>;
     /// Size and version of an object.
@@ -208,15 +157,6 @@ impl<T: ObjectStore + ?Sized> ObjectStore for Arc<T> {
         page_at: u64,
     ) -> StoreResult<Bytes> {
         (**self).get_range_placed(key, range, page_at).await
-    }
-    async fn get_range_summed(
-        &self,
-        key: &str,
-        range: Range<u64>,
-        page_at: u64,
-        block: usize,
-    ) -> StoreResult<Summed> {
-        (**self).get_range_summed(key, range, page_at, block).await
     }
     async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> StoreResult<Version> {
         (**self).put(key, data, mode).await

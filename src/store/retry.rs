@@ -33,7 +33,7 @@ use bytes::Bytes;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
-use super::{Object, ObjectMeta, ObjectStore, PutMode, StoreError, StoreResult, Summed, Version};
+use super::{Object, ObjectMeta, ObjectStore, PutMode, StoreError, StoreResult, Version};
 
 /// How hard to retry. Defaults: base 50 ms, cap 5 s, 12 attempts, 60 s.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -222,20 +222,6 @@ impl<S: ObjectStore> ObjectStore for RetryStore<S> {
     ) -> StoreResult<Bytes> {
         self.run("get_range", || {
             self.inner.get_range_placed(key, range.clone(), page_at)
-        })
-        .await
-    }
-
-    async fn get_range_summed(
-        &self,
-        key: &str,
-        range: Range<u64>,
-        page_at: u64,
-        block: usize,
-    ) -> StoreResult<Summed> {
-        self.run("get_range", || {
-            self.inner
-                .get_range_summed(key, range.clone(), page_at, block)
         })
         .await
     }

@@ -46,8 +46,8 @@ use bytes::Bytes;
 
 use super::aligned::PooledBuf;
 use super::{
-    check_range, sum_skip, validate_key, validate_prefix, Object, ObjectMeta, ObjectStore, PutMode,
-    StoreConfig, StoreError, StoreResult, Summed, Version,
+    check_range, validate_key, validate_prefix, Object, ObjectMeta, ObjectStore, PutMode,
+    StoreConfig, StoreError, StoreResult, Version,
 };
 
 /// Where and how to reach the bucket.
@@ -238,64 +238,6 @@ impl S3Store {
         validate_key(key)?;
         Ok(format!("{}{key}", self.prefix))
     }
-
-    /// A ranged GET of `range` placed for `page_at`
-    /// ([`ObjectStore::get_range_placed`]), summed as
-    /// [`read_body_aligned`] says when `sums` is set.
-    async fn ranged_get(
-        &self,
-        key: &str,
-        range: Range<u64>,
-        page_at: u64,
-        sums: Option<(usize, usize)>,
-    ) -> StoreResult<Summed> {
-        let full = self.full_key(key)?;
-        if range.start >= range.end {
-            let meta = self.head(key).await?;
-            check_range(key, &range, meta.size)?;
-            return Ok(Summed {
-                data: Bytes::new(),
-                sums: Vec::new(),
-            });
-        }
-        let invalid = || StoreError::InvalidRange {
-            key: key.to_string(),
-            start: range.start,
-            end: range.end,
-        };
-        let out = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(&full)
-            .range(format!("bytes={}-{}", range.start, range.end - 1))
-            // Every caller checks a range against CRCs of its own (a chunk's
-            // block-CRC table, its header's table CRC), and S3 sends a
-            // checksum for a range only when it is the whole object: the
-            // SDK's check of it cost ~1.5% of the server's CPU in a cold
-            // sequential read (perf) and guarded nothing more.
-            .customize()
-            .config_override(
-                aws_sdk_s3::config::Builder::new()
-                    .response_checksum_validation(ResponseChecksumValidation::WhenRequired),
-            )
-            .send()
-            .await
-            .map_err(|e| {
-                if e.raw_response().map(|r| r.status().as_u16()) == Some(416) {
-                    invalid()
-                } else {
-                    map_err("GetObject", key, Intent::Read, e)
-                }
-            })?;
-        // S3 clips a range that runs past the end instead of refusing it:
-        // a body of any other length than asked for is refused.
-        let len = usize::try_from(range.end - range.start).map_err(|_| invalid())?;
-        let lead = PooledBuf::lead_for(range.start, page_at);
-        read_body_aligned("GetObject", key, out.body, len, lead, sums)
-            .await?
-            .ok_or_else(invalid)
-    }
 }
 
 const TRANSIENT_CODES: [&str; 8] = [
@@ -361,23 +303,17 @@ async fn read_body(op: &str, key: &str, body: ByteStream) -> StoreResult<Bytes> 
 /// A body of exactly `len` bytes, received straight into a pooled
 /// page-aligned buffer ([`PooledBuf`]: the read cache writes it to disk from
 /// there), starting `lead` bytes past a page boundary; `None` if the body
-/// is longer or shorter. With `sums = Some((skip, block))`, the body after
-/// its first `skip` bytes is also summed in `block`-byte pieces
-/// ([`Summed`]), each piece as soon as its last byte is in the buffer
-/// (still in the CPU's cache), from the buffer (so exactly the bytes
-/// returned).
+/// is longer or shorter.
 async fn read_body_aligned(
     op: &str,
     key: &str,
     mut body: ByteStream,
     len: usize,
     lead: usize,
-    sums: Option<(usize, usize)>,
-) -> StoreResult<Option<Summed>> {
+) -> StoreResult<Option<Bytes>> {
     let mut buf = PooledBuf::take_placed(len, lead);
     let dst = buf.bytes_mut();
     let mut at = 0;
-    let mut summer = sums.map(|(skip, block)| Summer::new(skip.min(len), block, len));
     while let Some(part) = body
         .try_next()
         .await
@@ -388,62 +324,8 @@ async fn read_body_aligned(
         };
         to.copy_from_slice(&part);
         at += part.len();
-        if let Some(s) = &mut summer {
-            s.sum_up_to(dst, at);
-        }
     }
-    if at != len {
-        return Ok(None);
-    }
-    let sums = match summer {
-        Some(mut s) => {
-            s.finish(dst);
-            s.sums
-        }
-        None => Vec::new(),
-    };
-    Ok(Some(Summed {
-        data: buf.freeze(),
-        sums,
-    }))
-}
-
-/// Block sums of a body taken as it arrives ([`read_body_aligned`]).
-struct Summer {
-    /// Where the next piece to sum starts in the body.
-    next: usize,
-    block: usize,
-    sums: Vec<u32>,
-}
-
-impl Summer {
-    fn new(skip: usize, block: usize, len: usize) -> Summer {
-        let block = block.max(1);
-        Summer {
-            next: skip,
-            block,
-            sums: Vec::with_capacity((len - skip).div_ceil(block)),
-        }
-    }
-
-    /// Sum every whole piece that ends at or before `at` in `body`.
-    fn sum_up_to(&mut self, body: &[u8], at: usize) {
-        while self.next + self.block <= at {
-            let piece = &body[self.next..self.next + self.block];
-            self.sums.push(crc32c::crc32c(piece));
-            self.next += self.block;
-        }
-    }
-
-    /// Sum the rest of `body` (all of it has arrived): whole pieces, then
-    /// a shorter last one.
-    fn finish(&mut self, body: &[u8]) {
-        self.sum_up_to(body, body.len());
-        if self.next < body.len() {
-            self.sums.push(crc32c::crc32c(&body[self.next..]));
-            self.next = body.len();
-        }
-    }
+    Ok((at == len).then(|| buf.freeze()))
 }
 
 #[async_trait]
@@ -474,19 +356,49 @@ impl ObjectStore for S3Store {
         range: Range<u64>,
         page_at: u64,
     ) -> StoreResult<Bytes> {
-        Ok(self.ranged_get(key, range, page_at, None).await?.data)
-    }
-
-    async fn get_range_summed(
-        &self,
-        key: &str,
-        range: Range<u64>,
-        page_at: u64,
-        block: usize,
-    ) -> StoreResult<Summed> {
-        let skip = sum_skip(&range, page_at);
-        self.ranged_get(key, range, page_at, Some((skip, block)))
+        let full = self.full_key(key)?;
+        if range.start >= range.end {
+            let meta = self.head(key).await?;
+            check_range(key, &range, meta.size)?;
+            return Ok(Bytes::new());
+        }
+        let invalid = || StoreError::InvalidRange {
+            key: key.to_string(),
+            start: range.start,
+            end: range.end,
+        };
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .range(format!("bytes={}-{}", range.start, range.end - 1))
+            // Every caller checks a range against CRCs of its own (a chunk's
+            // block-CRC table, its header's table CRC), and S3 sends a
+            // checksum for a range only when it is the whole object: the
+            // SDK's check of it cost ~1.5% of the server's CPU in a cold
+            // sequential read (perf) and guarded nothing more.
+            .customize()
+            .config_override(
+                aws_sdk_s3::config::Builder::new()
+                    .response_checksum_validation(ResponseChecksumValidation::WhenRequired),
+            )
+            .send()
             .await
+            .map_err(|e| {
+                if e.raw_response().map(|r| r.status().as_u16()) == Some(416) {
+                    invalid()
+                } else {
+                    map_err("GetObject", key, Intent::Read, e)
+                }
+            })?;
+        // S3 clips a range that runs past the end instead of refusing it:
+        // a body of any other length than asked for is refused.
+        let len = usize::try_from(range.end - range.start).map_err(|_| invalid())?;
+        let lead = PooledBuf::lead_for(range.start, page_at);
+        read_body_aligned("GetObject", key, out.body, len, lead)
+            .await?
+            .ok_or_else(invalid)
     }
 
     async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> StoreResult<Version> {
@@ -623,24 +535,6 @@ mod tests {
 
     fn mapped(status: u16, code: &str, intent: Intent) -> StoreError {
         map_err("PutObject", "k", intent, service(status, code))
-    }
-
-    #[test]
-    fn a_body_summed_as_it_arrives_gets_the_sums_of_its_blocks() {
-        let body: Vec<u8> = (0..5 * 4096 + 100).map(|i| (i % 253) as u8).collect();
-        for skip in [0usize, 1, 4096, 4133, body.len()] {
-            for part in [1usize, 1000, 4096, 5000, 3 * 4096 + 7, body.len()] {
-                let mut s = Summer::new(skip, 4096, body.len());
-                let mut at = 0;
-                while at < body.len() {
-                    at = (at + part).min(body.len());
-                    s.sum_up_to(&body, at);
-                }
-                s.finish(&body);
-                let want = crate::store::block_sums(&body[skip..], 4096);
-                assert_eq!(s.sums, want, "skip {skip}, parts of {part}");
-            }
-        }
     }
 
     #[test]
