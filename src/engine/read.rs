@@ -407,7 +407,11 @@ fn read_cached(inner: &Inner, volume: u64, info: &ChunkInfo, off: u64, dst: &mut
         };
     };
     let (w0, w1) = windows(off, dst.len() as u64, info.data_len);
-    let mut blocks = vec![0u8; (SLOT as usize).min(dst.len() + 2 * CRC_BLOCK as usize)];
+    // Room for one window's CRC blocks read from the cache, allocated at
+    // the first hit (a read served from prefetched memory or missing the
+    // cache, as every read of a cold volume does, needs none).
+    let mut blocks = Vec::new();
+    let room = (SLOT as usize).min(dst.len() + 2 * CRC_BLOCK as usize);
     let mut out = Cached {
         missing: Vec::new(),
         deferred: Vec::new(),
@@ -432,12 +436,17 @@ fn read_cached(inner: &Inner, volume: u64, info: &ChunkInfo, off: u64, dst: &mut
             }
         }
         let (a, b) = aligned_range(from, to - from, info.data_len);
-        let got = &mut blocks[..(b - a) as usize];
+        let len = (b - a) as usize;
         let id = window_id(volume, info, w);
         let served = cache.lookup(&id, b - ws, from - ws..to - ws).map(|hit| {
-            let res = cache.read_hit(hit, a - ws, got, Wait::Never);
+            if blocks.is_empty() {
+                blocks = vec![0u8; room];
+            }
+            let res = cache.read_hit(hit, a - ws, &mut blocks[..len], Wait::Never);
             (hit, res)
         });
+        // What a hit read (nothing on a miss: `blocks` may be empty then).
+        let got = blocks.get(..len).unwrap_or(&[]);
         let ok = match served {
             None | Some((_, Served::Failed)) => false,
             Some((hit, Served::WouldBlock)) => {
