@@ -37,17 +37,7 @@ mod tests {
     use crate::engine::format::layout::checkpoint_key;
 
     fn manifest(volume: u64, epoch: u64) -> Manifest {
-        Manifest {
-            volume,
-            epoch,
-            checkpoint: None,
-            checkpoint_base: None,
-            checkpoint_chunk: 0,
-            last_chunk: 0,
-            last_seq: 0,
-            history_epoch: epoch,
-            parent: None,
-        }
+        super::super::prepare::fresh(volume, epoch, None)
     }
 
     #[test]
