@@ -494,11 +494,6 @@ impl Wal {
         recs: Vec<NewRecord>,
         sync: bool,
     ) -> Result<Vec<impl std::future::Future<Output = Result<u64, WalError>>>, WalError> {
-        // A clone, so a leading caller holds no lock other senders need.
-        let tx = {
-            let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
-            tx.as_ref().cloned().ok_or(WalError::Stopped)?
-        };
         let n = recs.len();
         let may_lead = n == 1
             && recs[0].data.len() <= LEAD_MAX_BYTES
@@ -534,7 +529,7 @@ impl Wal {
                 Some(req)
             };
             if let Some(req) = req {
-                tx.send(req).map_err(|_| {
+                self.send(req).map_err(|_| {
                     // The writer is gone: what was not sent is not queued.
                     self.queued.fetch_sub((n - i) as u64, Ordering::AcqRel);
                     WalError::Stopped

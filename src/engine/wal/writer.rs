@@ -89,13 +89,16 @@ pub(super) fn run(writer: SharedWriter, rx: mpsc::Receiver<Req>, syncer: JoinHan
         let mut w = lock(&writer);
         w.process(batch);
         if stop {
-            w.stopped = true;
             break;
         }
     }
-    lock(&writer).stopped = true;
+    // Under one lock: no caller leads after this.
+    let queue = {
+        let mut w = lock(&writer);
+        w.stopped = true;
+        w.sync_tx.clone()
+    };
     // Let the syncer answer what it holds, then end it.
-    let queue = lock(&writer).sync_tx.clone();
     queue.lock().unwrap_or_else(|e| e.into_inner()).take();
     let _ = syncer.join();
 }
