@@ -215,18 +215,14 @@ impl RealFile {
         off: u64,
         flags: libc::c_int,
     ) -> io::Result<usize> {
-        SCRATCH.with(|raw| {
-            let mut raw = raw.borrow_mut();
-            let res = self.write_direct_with(tail, iov, off, flags, &mut raw);
-            if raw.len() > MAX_SCRATCH {
-                *raw = Vec::new();
-            }
-            res
-        })
+        SCRATCH.with(|raw| self.write_direct_with(tail, iov, off, flags, &mut raw.borrow_mut()))
     }
 
     /// [`RealFile::write_direct`] through the buffer `raw` (grown as
-    /// needed; every byte written is set here).
+    /// needed, up to [`MAX_DIRECT_WRITE`] and a block; every byte written
+    /// is set here). Writes at most up to the block boundary
+    /// [`MAX_DIRECT_WRITE`] bytes past the block `off` lies in, and says
+    /// so by a short count (callers loop), so the buffer stays small.
     fn write_direct_with(
         &self,
         tail: &std::sync::Mutex<(u64, Vec<u8>)>,
@@ -235,10 +231,13 @@ impl RealFile {
         flags: libc::c_int,
         raw: &mut Vec<u8>,
     ) -> io::Result<usize> {
-        let len: usize = iov.iter().map(|s| s.len()).sum();
         let bs = DIRECT_BLOCK;
         let start = off - off % bs;
         let pre = (off - start) as usize;
+        let asked: usize = iov.iter().map(|s| s.len()).sum();
+        // `start` and the cap are whole blocks, so a cut write ends on a
+        // block boundary and the next one starts on it.
+        let len = asked.min(MAX_DIRECT_WRITE - pre);
         let end = off + len as u64;
         let padded = end.div_ceil(bs) * bs;
         let total = (padded - start) as usize;
@@ -257,8 +256,9 @@ impl RealFile {
         }
         let mut at = pre;
         for s in iov {
-            buf[at..at + s.len()].copy_from_slice(s);
-            at += s.len();
+            let n = s.len().min(pre + len - at);
+            buf[at..at + n].copy_from_slice(&s[..n]);
+            at += n;
         }
         // Padding up to the block boundary (the buffer is reused).
         buf[at..].fill(0);
@@ -304,8 +304,11 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Largest direct-write buffer kept between writes.
-const MAX_SCRATCH: usize = 8 << 20;
+/// Most bytes one direct write covers, from the block its offset lies in
+/// (a multiple of [`DIRECT_BLOCK`]): a batch of many megabytes is written
+/// in pieces of this size, so the writer's buffer never grows past it
+/// (a buffer the size of the batch was regrown and zeroed per batch).
+const MAX_DIRECT_WRITE: usize = 1 << 20;
 
 impl WalFile for RealFile {
     fn write_vectored_at(&self, iov: &[IoSlice<'_>], off: u64) -> io::Result<usize> {
@@ -507,5 +510,39 @@ mod tests {
         let past = f.read_range((end - 10) as u64, 11).unwrap_err();
         assert_eq!(past.kind(), io::ErrorKind::UnexpectedEof);
         assert!(f.read_range(end as u64 + 4096, 1).is_err());
+    }
+
+    #[test]
+    fn a_write_of_many_megabytes_goes_in_capped_pieces_and_reads_back_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = real().create(&dir.path().join("seg")).unwrap();
+        let head = pattern(777, 1);
+        write_all_at(f.as_ref(), &[IoSlice::new(&head)], 0).unwrap();
+        // Three slices, 3.5 MiB in all, from an offset inside a block.
+        let parts = [pattern(5 << 19, 2), pattern(1 << 20, 3), pattern(4097, 4)];
+        let iov: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
+        let one = f.write_vectored_at(&iov, head.len() as u64).unwrap();
+        assert!(
+            one > 0 && one <= MAX_DIRECT_WRITE,
+            "one write of {one} bytes"
+        );
+        write_all_at(f.as_ref(), &iov, head.len() as u64).unwrap();
+        let mut written = head.clone();
+        parts.iter().for_each(|p| written.extend_from_slice(p));
+        // A durable write of several pieces after it.
+        let more = pattern(3 << 20, 5);
+        f.write_durable_at(&[IoSlice::new(&more)], written.len() as u64)
+            .unwrap();
+        written.extend_from_slice(&more);
+        assert_eq!(f.size().unwrap(), written.len() as u64);
+        let got = f.read_range(0, written.len()).unwrap();
+        assert!(got[..] == written[..], "the bytes read back differ");
+        SCRATCH.with(|raw| {
+            let cap = MAX_DIRECT_WRITE + 2 * DIRECT_BLOCK as usize;
+            assert!(
+                raw.borrow().len() <= cap,
+                "the direct-write buffer grew past its cap"
+            );
+        });
     }
 }
