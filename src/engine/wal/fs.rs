@@ -36,6 +36,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -163,7 +164,20 @@ struct RealFile {
     /// block written, `(block offset, bytes from it)`, so the next write
     /// can rewrite that block without reading it back.
     tail: Option<std::sync::Mutex<(u64, Vec<u8>)>>,
+    /// The file's length as this handle last saw it, or [`LEN_UNKNOWN`]
+    /// (at open, and after this handle changed the length). A direct
+    /// write that ends within it asks the kernel for no length: on
+    /// kernels with fine-grained timestamps a `statx` before each write
+    /// makes that write dirty the inode, which an `O_DSYNC` write then
+    /// writes too (measured here: 20% fewer `O_DSYNC` writes per second
+    /// with an `fstat` after each). Only the writer changes a segment's
+    /// length while it writes it (module docs, rule 6), through this
+    /// handle.
+    len_seen: std::sync::atomic::AtomicU64,
 }
+
+/// [`RealFile::len_seen`] when the length is not known.
+const LEN_UNKNOWN: u64 = u64::MAX;
 
 /// Log once that O_DIRECT was refused.
 fn note_no_direct(path: &Path, e: &io::Error) {
@@ -203,7 +217,12 @@ impl RealFile {
             }
             Err(e) => return Err(e),
         };
-        Ok(RealFile { write, read, tail })
+        Ok(RealFile {
+            write,
+            read,
+            tail,
+            len_seen: std::sync::atomic::AtomicU64::new(LEN_UNKNOWN),
+        })
     }
 
     /// One aligned O_DIRECT write of `iov` at `off` (see the module docs,
@@ -262,7 +281,13 @@ impl RealFile {
         }
         // Padding up to the block boundary (the buffer is reused).
         buf[at..].fill(0);
-        let size = self.read.metadata()?.len();
+        // The length before this write, when the padded write may pass it.
+        let seen = self.len_seen.load(Ordering::Relaxed);
+        let size = if seen == LEN_UNKNOWN || padded > seen {
+            Some(self.read.metadata()?.len())
+        } else {
+            None
+        };
         let off_t = libc::off_t::try_from(start)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
         let vec = libc::iovec {
@@ -287,10 +312,13 @@ impl RealFile {
             last,
             buf[(last - start) as usize..(end - start) as usize].to_vec(),
         );
-        if padded > size {
-            // The padding must not make the file longer than what was
-            // written (rule 6).
-            self.read.set_len(size.max(end))?;
+        if let Some(size) = size {
+            if padded > size {
+                // The padding must not make the file longer than what was
+                // written (rule 6).
+                self.read.set_len(size.max(end))?;
+            }
+            self.len_seen.store(size.max(end), Ordering::Relaxed);
         }
         Ok(len)
     }
@@ -392,6 +420,7 @@ impl WalFile for RealFile {
                 *t = (0, Vec::new());
             }
         }
+        self.len_seen.store(LEN_UNKNOWN, Ordering::Relaxed);
         self.read.set_len(len)
     }
 
@@ -544,5 +573,30 @@ mod tests {
                 "the direct-write buffer grew past its cap"
             );
         });
+    }
+
+    #[test]
+    fn the_length_stays_exact_when_writes_follow_a_cut_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = real().create(&dir.path().join("seg")).unwrap();
+        let mut want = pattern(10_000, 1);
+        write_all_at(f.as_ref(), &[IoSlice::new(&want)], 0).unwrap();
+        // Appends inside a preallocated length leave it as it is.
+        f.allocate(65_536).unwrap();
+        for salt in [2, 3] {
+            let part = pattern(100, salt);
+            write_all_at(f.as_ref(), &[IoSlice::new(&part)], want.len() as u64).unwrap();
+            want.extend_from_slice(&part);
+            assert_eq!(f.size().unwrap(), 65_536);
+        }
+        // A cut back, then an append whose padded block passes the new
+        // end: the file ends exactly where that append does (rule 6).
+        want.truncate(10_150);
+        f.set_len(10_150).unwrap();
+        let part = pattern(100, 4);
+        write_all_at(f.as_ref(), &[IoSlice::new(&part)], 10_150).unwrap();
+        want.extend_from_slice(&part);
+        assert_eq!(f.size().unwrap(), 10_250);
+        assert!(f.read_range(0, 10_250).unwrap()[..] == want[..]);
     }
 }
