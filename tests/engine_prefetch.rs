@@ -493,7 +493,7 @@ static CHECKS: AtomicU64 = AtomicU64::new(0);
 
 /// Reference disk and volume agree on `[at, at+len)`.
 async fn check(v: &Volume, model: &[u8], at: u64, len: usize, what: &str) {
-    let b = if CHECKS.fetch_add(1, Ordering::Relaxed) % 2 == 0 {
+    let b = if CHECKS.fetch_add(1, Ordering::Relaxed).is_multiple_of(2) {
         let mut b = vec![0u8; len];
         v.read(at, &mut b).await.unwrap();
         b
