@@ -10,7 +10,9 @@
 //! - Model: random writes, sequential and random reads and restarts while
 //!   readahead GETs are in flight (slowed by the store) never return data of
 //!   a newer or older write than the map says: every read equals an
-//!   in-memory reference disk.
+//!   in-memory reference disk (reads through `read` and `read_parts` alike).
+//! - `read_parts` of a range of WAL data, a hole and cold chunk data
+//!   equals `read`, and hands over the fetched chunk bytes uncopied.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -485,10 +487,22 @@ async fn a_cold_read_fills_the_cache_from_where_the_get_put_the_bytes() {
     v.close().await.unwrap();
 }
 
+/// Calls of [`check`] so far: every other one reads through
+/// `read_parts` (shared, uncopied bytes) instead of `read`.
+static CHECKS: AtomicU64 = AtomicU64::new(0);
+
 /// Reference disk and volume agree on `[at, at+len)`.
 async fn check(v: &Volume, model: &[u8], at: u64, len: usize, what: &str) {
-    let mut b = vec![0u8; len];
-    v.read(at, &mut b).await.unwrap();
+    let b = if CHECKS.fetch_add(1, Ordering::Relaxed).is_multiple_of(2) {
+        let mut b = vec![0u8; len];
+        v.read(at, &mut b).await.unwrap();
+        b
+    } else {
+        // A lent buffer of stale bytes: none of them may show.
+        let parts = v.read_parts(at, vec![0xa5; len]).await.unwrap();
+        assert_eq!(parts.len(), len, "{what}");
+        parts.to_vec()
+    };
     if b != model[at as usize..at as usize + len] {
         let first = (0..len)
             .find(|&i| b[i] != model[at as usize + i])
@@ -582,4 +596,56 @@ async fn prefetch_never_returns_other_writes_than_the_map_says() {
         assert_eq!(s.prefetch_errors, 0, "{s:?}");
         v.close().await.unwrap();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_parts_of_wal_hole_and_chunk_data_equals_read() {
+    let size: u64 = 4 << 20;
+    let mut fx = Fixture::new(size);
+    let (v, mut model) = cold_volume(&mut fx, 0).await;
+    // Volume bytes [1 MiB, 1 MiB + 64 KiB) in the WAL, the next 64 KiB a
+    // hole, the rest of the range cold chunk data (not read since the open).
+    let wal_at = 1u64 << 20;
+    let d = pattern(99, 64 << 10);
+    v.write(wal_at, &d, false).await.unwrap();
+    model[wal_at as usize..][..d.len()].copy_from_slice(&d);
+    let hole = wal_at + (64 << 10);
+    v.trim(hole, 64 << 10).await.unwrap();
+    model[hole as usize..][..64 << 10].fill(0);
+    let (at, len) = (wal_at, 512usize << 10);
+    let want = &model[at as usize..at as usize + len];
+    let gets = fx.store.range_gets.load(Ordering::SeqCst);
+    // A lent buffer of stale bytes: every byte sent must be the volume's.
+    let parts = v.read_parts(at, vec![0xa5; len]).await.unwrap();
+    assert!(
+        fx.store.range_gets.load(Ordering::SeqCst) > gets,
+        "the chunk data was cold"
+    );
+    assert_eq!(parts.len(), len);
+    assert!(parts.to_vec() == want, "read_parts differs from the model");
+    assert!(parts.count() > 1, "WAL, hole and chunk bytes in one part");
+    // The fetched chunk bytes were handed over, not copied: the lent
+    // buffer still holds its stale bytes there.
+    let lent = parts.into_buf();
+    let chunk_from = (hole + (64 << 10) - at) as usize;
+    assert!(
+        lent[chunk_from..].iter().all(|&b| b == 0xa5),
+        "fetched chunk bytes were copied into the lent buffer"
+    );
+    // `read` of the same range, now partly cached, agrees.
+    let mut b = vec![0u8; len];
+    v.read(at, &mut b).await.unwrap();
+    assert!(b == want, "read differs from the model");
+    // And so does read_parts served from the cache.
+    let again = v.read_parts(at, vec![0x5a; len]).await.unwrap();
+    assert!(again.to_vec() == want, "cached read_parts differs");
+    // Out of range and misaligned: the same errors as read.
+    let mut one = vec![0u8; 4096];
+    let e1 = v.read(size, &mut one).await.unwrap_err();
+    let e2 = v.read_parts(size, vec![0; 4096]).await.unwrap_err();
+    assert_eq!(e1, e2);
+    let e1 = v.read(1, &mut one).await.unwrap_err();
+    let e2 = v.read_parts(1, vec![0; 4096]).await.unwrap_err();
+    assert_eq!(e1, e2);
+    v.close().await.unwrap();
 }

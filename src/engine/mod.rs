@@ -39,7 +39,10 @@
 //! then the rest (not sorted yet).
 //! `tests/engine_layers.rs` holds the table and enforces it.
 
+use std::ops::Range;
+
 use async_trait::async_trait;
+use bytes::Bytes;
 
 use crate::error::BlockError;
 
@@ -112,6 +115,16 @@ pub trait BlockDevice: Send + Sync {
     /// was written: callers may pass a reused buffer holding stale bytes
     /// (the NBD server does, [`crate::frontend::nbd::buffers`]).
     async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError>;
+    /// [`BlockDevice::read`] of `buf.len()` bytes at `offset` into a
+    /// buffer the caller lends (it may hold stale bytes), answered as
+    /// [`ReadParts`]: runs of that buffer and bytes the device shares
+    /// instead of copying them (data it fetched and checked), so a frontend
+    /// can send them as they are. Same contract and errors as `read`; the
+    /// default reads into the whole buffer.
+    async fn read_parts(&self, offset: u64, mut buf: Vec<u8>) -> Result<ReadParts, BlockError> {
+        self.read(offset, &mut buf).await?;
+        Ok(ReadParts::whole(buf))
+    }
     /// Write `data` at `offset`; durable on return when `fua`.
     async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BlockError>;
     /// [`BlockDevice::write`] of a buffer the caller gives away, so a
@@ -146,6 +159,102 @@ pub trait BlockDevice: Send + Sync {
     }
 }
 
+/// The bytes of one read ([`BlockDevice::read_parts`]), in order: runs of
+/// the buffer the caller lent, and shared bytes.
+///
+/// Invariant: the parts cover the read exactly once, in order (every byte
+/// of it is in one part, and the parts' lengths sum to its length).
+#[derive(Debug, Default)]
+pub struct ReadParts {
+    buf: Vec<u8>,
+    parts: Vec<ReadPart>,
+}
+
+#[derive(Debug)]
+enum ReadPart {
+    /// A run of the lent buffer.
+    Lent(Range<usize>),
+    Shared(Bytes),
+}
+
+impl ReadParts {
+    /// All of `buf`, as one part (none when it is empty).
+    pub fn whole(buf: Vec<u8>) -> ReadParts {
+        let parts = if buf.is_empty() {
+            Vec::new()
+        } else {
+            vec![ReadPart::Lent(0..buf.len())]
+        };
+        ReadParts { buf, parts }
+    }
+
+    /// The read of `buf.len()` bytes whose byte ranges starting at the
+    /// offsets of `shared` are those shared bytes and whose other bytes are
+    /// `buf`'s. `None` if a shared run overlaps another or ends past
+    /// `buf.len()` (the caller's bug: nothing is guessed).
+    pub fn with_shared(buf: Vec<u8>, mut shared: Vec<(usize, Bytes)>) -> Option<ReadParts> {
+        shared.sort_by_key(|(at, _)| *at);
+        let mut parts = Vec::with_capacity(2 * shared.len() + 1);
+        let mut at = 0;
+        for (start, bytes) in shared {
+            if start < at {
+                return None;
+            }
+            if start > at {
+                parts.push(ReadPart::Lent(at..start));
+            }
+            at = start.checked_add(bytes.len())?;
+            if !bytes.is_empty() {
+                parts.push(ReadPart::Shared(bytes));
+            }
+        }
+        if at > buf.len() {
+            return None;
+        }
+        if at < buf.len() {
+            parts.push(ReadPart::Lent(at..buf.len()));
+        }
+        Some(ReadParts { buf, parts })
+    }
+
+    /// Bytes of the read.
+    pub fn len(&self) -> usize {
+        self.slices().map(<[u8]>::len).sum()
+    }
+
+    /// Whether the read has no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.parts.is_empty()
+    }
+
+    /// The parts' bytes, in order.
+    pub fn slices(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        self.parts.iter().map(|p| match p {
+            ReadPart::Lent(r) => &self.buf[r.clone()],
+            ReadPart::Shared(b) => &b[..],
+        })
+    }
+
+    /// Number of parts.
+    pub fn count(&self) -> usize {
+        self.parts.len()
+    }
+
+    /// The whole read in one buffer (copies the shared parts).
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.len());
+        for s in self.slices() {
+            out.extend_from_slice(s);
+        }
+        out
+    }
+
+    /// The lent buffer back (to be lent again), shared parts dropped.
+    pub fn into_buf(self) -> Vec<u8> {
+        self.buf
+    }
+}
+
 /// Check alignment and bounds of a ranged request against a device size.
 pub fn check_range(offset: u64, len: u64, size: u64) -> Result<(), BlockError> {
     if !offset.is_multiple_of(SECTOR) || !len.is_multiple_of(SECTOR) {
@@ -162,6 +271,38 @@ pub fn check_range(offset: u64, len: u64, size: u64) -> Result<(), BlockError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn read_parts_cover_the_read_in_order() {
+        let buf: Vec<u8> = (0..100u8).collect();
+        let shared = vec![
+            (60, Bytes::from_static(&[200; 10])),
+            (0, Bytes::from_static(&[201; 5])),
+            (70, Bytes::from_static(&[202; 30])),
+        ];
+        let parts = ReadParts::with_shared(buf.clone(), shared).unwrap();
+        let mut want = buf.clone();
+        want[60..70].fill(200);
+        want[..5].fill(201);
+        want[70..].fill(202);
+        assert_eq!(parts.len(), 100);
+        assert_eq!(parts.to_vec(), want);
+        assert_eq!(parts.count(), 4, "{parts:?}");
+        assert_eq!(parts.into_buf(), buf, "the lent buffer comes back");
+        let whole = ReadParts::whole(vec![7; 9]);
+        assert_eq!((whole.len(), whole.count()), (9, 1));
+        assert!(ReadParts::whole(Vec::new()).is_empty());
+    }
+
+    #[test]
+    fn read_parts_refuse_overlaps_and_overruns() {
+        let b = |n| Bytes::from(vec![1u8; n]);
+        assert!(ReadParts::with_shared(vec![0; 10], vec![(0, b(6)), (5, b(2))]).is_none());
+        assert!(ReadParts::with_shared(vec![0; 10], vec![(8, b(3))]).is_none());
+        assert!(ReadParts::with_shared(vec![0; 10], vec![(usize::MAX, b(3))]).is_none());
+        let exact = ReadParts::with_shared(vec![0; 10], vec![(0, b(10))]).unwrap();
+        assert_eq!((exact.len(), exact.count()), (10, 1));
+    }
 
     #[test]
     fn range_checks() {

@@ -14,6 +14,10 @@
 //!    chain to the parents' chunks, which are then read like the volume's
 //!    own (same CRC checks, retries and read cache, keyed by volume);
 //!    `Loc::Zero` pieces read as zeros without I/O.
+//! 5. [`read_parts`] answers the same bytes as [`read`], after the same
+//!    checks: it only hands over bytes that were already checked and held
+//!    in memory (a staged prefetch window, a GET's bytes, a slow piece's
+//!    buffer) as they are instead of copying them into the caller's buffer.
 
 use std::ops::Range;
 use std::sync::atomic::Ordering;
@@ -32,7 +36,7 @@ use super::inflight::{FetchError, Mode};
 use super::map::{Loc, WalLoc};
 use super::view::Resolved;
 use super::volume::Inner;
-use super::{wal, SECTOR};
+use super::{wal, ReadParts, SECTOR};
 use crate::error::BlockError;
 use crate::store::StoreError;
 
@@ -55,15 +59,84 @@ enum Attempt {
 const MAX_ATTEMPTS: usize = 4;
 
 pub(crate) async fn read(inner: &Inner, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+    read_with(inner, offset, buf, None).await
+}
+
+/// [`read`] of `buf.len()` bytes, handing over checked bytes held in
+/// memory instead of copying them into `buf` (invariant 5).
+pub(crate) async fn read_parts(
+    inner: &Inner,
+    offset: u64,
+    mut buf: Vec<u8>,
+) -> Result<ReadParts, BlockError> {
+    let mut shared = Vec::new();
+    read_with(inner, offset, &mut buf, Some(&mut shared)).await?;
+    ReadParts::with_shared(buf, shared)
+        .ok_or_else(|| BlockError::Io(format!("read at {offset}: its parts overlap")))
+}
+
+/// Read into `buf`, or with `shared`, partly into `shared` ([`Out`]).
+async fn read_with(
+    inner: &Inner,
+    offset: u64,
+    buf: &mut [u8],
+    mut shared: Option<&mut Vec<(usize, Bytes)>>,
+) -> Result<(), BlockError> {
     inner.prefetch.on_read(inner, offset, buf.len() as u64);
     for _ in 0..MAX_ATTEMPTS {
-        if let Attempt::Done = read_once(inner, offset, buf).await? {
+        // An attempt that starts over fills every byte again.
+        if let Some(s) = shared.as_deref_mut() {
+            s.clear();
+        }
+        let mut out = Out {
+            buf: &mut *buf,
+            shared: shared.as_deref_mut(),
+        };
+        if let Attempt::Done = read_once(inner, offset, &mut out).await? {
             return Ok(());
         }
     }
     Err(BlockError::Io(format!(
         "read at {offset} kept racing with chunk deletion"
     )))
+}
+
+/// Where one attempt of a read puts its bytes: request bytes go into
+/// `buf`, except that with `shared`, checked bytes held in memory are
+/// listed there (with their request offset) instead of copied.
+struct Out<'a> {
+    buf: &'a mut [u8],
+    shared: Option<&'a mut Vec<(usize, Bytes)>>,
+}
+
+impl Out<'_> {
+    /// Request bytes `[at, at + src.len())` are `src`.
+    fn put(&mut self, at: usize, src: Bytes) {
+        match self.shared.as_deref_mut() {
+            Some(list) => list.push((at, src)),
+            None => self.buf[at..at + src.len()].copy_from_slice(&src),
+        }
+    }
+
+    /// Request bytes `[b0, b1)` from `parts` (consecutive byte runs, the
+    /// first starting `skip` bytes before `b0`); false if they end first.
+    fn put_parts(&mut self, parts: &[Bytes], skip: u64, b0: usize, b1: usize) -> bool {
+        match self.shared.as_deref_mut() {
+            Some(list) => match share_parts(parts, skip, b1 - b0) {
+                Some(runs) => {
+                    let mut at = b0;
+                    for run in runs {
+                        let n = run.len();
+                        list.push((at, run));
+                        at += n;
+                    }
+                    true
+                }
+                None => false,
+            },
+            None => copy_parts(parts, skip, &mut self.buf[b0..b1]),
+        }
+    }
 }
 
 /// The request's pieces as `(b0, b1, source)`; `Ok(None)` when a piece
@@ -147,8 +220,8 @@ pub(super) fn chunk_pieces(inner: &Inner, offset: u64, len: u64) -> Vec<ChunkPie
 /// straight into the request buffer, never concatenated first.
 type Fetched = (u64, Vec<Bytes>);
 
-async fn read_once(inner: &Inner, offset: u64, buf: &mut [u8]) -> Result<Attempt, BlockError> {
-    let Some(pieces) = resolve(inner, offset, buf.len() as u64)? else {
+async fn read_once(inner: &Inner, offset: u64, out: &mut Out<'_>) -> Result<Attempt, BlockError> {
+    let Some(pieces) = resolve(inner, offset, out.buf.len() as u64)? else {
         return Ok(Attempt::Retry);
     };
     let mut fetches = Vec::new();
@@ -158,16 +231,15 @@ async fn read_once(inner: &Inner, offset: u64, buf: &mut [u8]) -> Result<Attempt
     let mut missed: Vec<bool> = Vec::new();
     let mut served = 0u64;
     for (b0, b1, src) in pieces {
-        let dst = &mut buf[b0..b1];
         match src {
-            Src::Zero => dst.fill(0),
+            Src::Zero => out.buf[b0..b1].fill(0),
             Src::Wal(file, loc) => {
-                if !wal::read_record_cached(file.as_ref(), &loc, loc.seg, dst)? {
+                if !wal::read_record_cached(file.as_ref(), &loc, loc.seg, &mut out.buf[b0..b1])? {
                     slow.push(Slow::Wal { b0, b1, file, loc });
                 }
             }
             Src::Chunk(volume, info, off) => {
-                let cached = read_cached(inner, volume, &info, off, dst);
+                let cached = read_cached(inner, volume, &info, off, out, b0..b1);
                 let piece = missed.len();
                 missed.push(!cached.missing.is_empty());
                 served += cached.served;
@@ -195,8 +267,11 @@ async fn read_once(inner: &Inner, offset: u64, buf: &mut [u8]) -> Result<Attempt
         let (b0, b1) = item.bytes();
         match (item, res?) {
             (_, SlowRead::Data(data)) => {
-                buf[b0..b1].copy_from_slice(&data);
+                if data.len() != b1 - b0 {
+                    return Err(BlockError::Io("a slow read returned a short range".into()));
+                }
                 served += data.len() as u64;
+                out.put(b0, Bytes::from(data));
             }
             (
                 Slow::Window {
@@ -303,7 +378,7 @@ async fn read_once(inner: &Inner, offset: u64, buf: &mut [u8]) -> Result<Attempt
             }
             Err(FetchError::Closed) => return Err(BlockError::Closed),
         };
-        if !copy_parts(&data, off - start, &mut buf[*b0..*b1]) {
+        if !out.put_parts(&data, off - start, *b0, *b1) {
             return Err(BlockError::Io(format!(
                 "chunk {} returned a short range",
                 info.seq
@@ -333,6 +408,28 @@ fn copy_parts(parts: &[Bytes], skip: u64, dst: &mut [u8]) -> bool {
         skip = 0;
     }
     at == dst.len()
+}
+
+/// The runs of `parts` (as in [`copy_parts`]) that make up `len` bytes
+/// from `skip`, shared, not copied; `None` if the parts end first.
+fn share_parts(parts: &[Bytes], skip: u64, len: usize) -> Option<Vec<Bytes>> {
+    let mut skip = usize::try_from(skip).unwrap_or(usize::MAX);
+    let mut left = len;
+    let mut out = Vec::new();
+    for p in parts {
+        if left == 0 {
+            break;
+        }
+        if skip >= p.len() {
+            skip -= p.len();
+            continue;
+        }
+        let n = (p.len() - skip).min(left);
+        out.push(p.slice(skip..skip + n));
+        left -= n;
+        skip = 0;
+    }
+    (left == 0).then_some(out)
 }
 
 /// Block CRCs per cache window.
@@ -392,13 +489,23 @@ struct Deferred {
     to: u64,
 }
 
-/// Serve what the cache holds of `dst` (chunk data at `off`) from the
-/// page cache, window by window; windows only on disk are deferred, the
+/// Serve what the cache holds of request bytes `piece` (chunk data at
+/// `off`) from staged prefetch windows or the page cache, window by
+/// window, into `out`; windows only on disk are deferred, the
 /// rest missing, each a run of whole missing windows clipped to the
 /// request (an entry failing its CRC is dropped, counted and returned as
 /// missing, so the caller refetches it from the store).
-fn read_cached(inner: &Inner, volume: u64, info: &ChunkInfo, off: u64, dst: &mut [u8]) -> Cached {
-    let end = off + dst.len() as u64;
+fn read_cached(
+    inner: &Inner,
+    volume: u64,
+    info: &ChunkInfo,
+    off: u64,
+    out_to: &mut Out<'_>,
+    piece: Range<usize>,
+) -> Cached {
+    let b0 = piece.start;
+    let piece_len = piece.len();
+    let end = off + piece_len as u64;
     let Some(cache) = &inner.cache else {
         return Cached {
             missing: std::iter::once(off..end).collect(),
@@ -406,12 +513,12 @@ fn read_cached(inner: &Inner, volume: u64, info: &ChunkInfo, off: u64, dst: &mut
             served: 0,
         };
     };
-    let (w0, w1) = windows(off, dst.len() as u64, info.data_len);
+    let (w0, w1) = windows(off, piece_len as u64, info.data_len);
     // Room for one window's CRC blocks read from the cache, allocated at
     // the first hit (a read served from prefetched memory or missing the
     // cache, as every read of a cold volume does, needs none).
     let mut blocks = Vec::new();
-    let room = (SLOT as usize).min(dst.len() + 2 * CRC_BLOCK as usize);
+    let room = (SLOT as usize).min(piece_len + 2 * CRC_BLOCK as usize);
     let mut out = Cached {
         missing: Vec::new(),
         deferred: Vec::new(),
@@ -424,14 +531,15 @@ fn read_cached(inner: &Inner, volume: u64, info: &ChunkInfo, off: u64, dst: &mut
         let to = end.min(ws + SLOT);
         if let Some(win) = inner.fetches.take_staged(volume, info, w) {
             // Prefetched bytes not read yet, checked when fetched.
-            if let Some(src) = win.get((from - ws) as usize..(to - ws) as usize) {
-                let at = (from - off) as usize;
-                dst[at..at + src.len()].copy_from_slice(src);
-                out.served += src.len() as u64;
+            let (s, e) = ((from - ws) as usize, (to - ws) as usize);
+            if s <= e && e <= win.len() {
+                let n = (e - s) as u64;
+                out_to.put(b0 + (from - off) as usize, win.slice(s..e));
+                out.served += n;
                 inner
                     .counters
                     .prefetch_hit_bytes
-                    .fetch_add(src.len() as u64, Ordering::Relaxed);
+                    .fetch_add(n, Ordering::Relaxed);
                 continue;
             }
         }
@@ -473,8 +581,8 @@ fn read_cached(inner: &Inner, volume: u64, info: &ChunkInfo, off: u64, dst: &mut
         }
         let n = (to - from) as usize;
         let s = (from - a) as usize;
-        let at = (from - off) as usize;
-        dst[at..at + n].copy_from_slice(&got[s..s + n]);
+        let at = b0 + (from - off) as usize;
+        out_to.buf[at..at + n].copy_from_slice(&got[s..s + n]);
         out.served += n as u64;
     }
     out

@@ -42,7 +42,7 @@ use super::recovery;
 use super::state::State;
 use super::wal::record::RecordKind;
 use super::wal::{NewRecord, Wal};
-use super::{check_range, read, warm_start, BlockDevice, SECTOR};
+use super::{check_range, read, warm_start, BlockDevice, ReadParts, SECTOR};
 use crate::clock::DynClock;
 use crate::error::BlockError;
 use crate::store::DynStore;
@@ -835,6 +835,15 @@ impl BlockDevice for Volume {
                 .note(self.inner.clock.monotonic(), offset, buf.len() as u64);
         }
         read::read(&self.inner, offset, buf).await
+    }
+
+    async fn read_parts(&self, offset: u64, buf: Vec<u8>) -> Result<ReadParts, BlockError> {
+        check_range(offset, buf.len() as u64, self.inner.size)?;
+        if let Some(w) = self.warm.get() {
+            w.recorder
+                .note(self.inner.clock.monotonic(), offset, buf.len() as u64);
+        }
+        read::read_parts(&self.inner, offset, buf).await
     }
 
     async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BlockError> {

@@ -17,7 +17,7 @@ use async_trait::async_trait;
 
 use super::histogram::Histogram;
 use super::report::{Family, Kind, Sample, Unit};
-use crate::engine::BlockDevice;
+use crate::engine::{BlockDevice, ReadParts};
 use crate::error::BlockError;
 
 /// Request operations, as labelled (`op="..."`).
@@ -202,6 +202,19 @@ impl BlockDevice for MeteredDevice {
         let len = buf.len() as u64;
         let r = self.inner.read(offset, buf).await;
         self.metrics.record(Op::Read, len, t, &r);
+        r
+    }
+
+    async fn read_parts(&self, offset: u64, buf: Vec<u8>) -> Result<ReadParts, BlockError> {
+        let t = Instant::now();
+        let len = buf.len() as u64;
+        let r = self.inner.read_parts(offset, buf).await;
+        self.metrics.record(
+            Op::Read,
+            len,
+            t,
+            &r.as_ref().map(|_| ()).map_err(Clone::clone),
+        );
         r
     }
 

@@ -8,9 +8,11 @@
 //! Invariants:
 //! 1. A buffer only ever moves between requests of one connection (the
 //!    pool belongs to the connection and is dropped with it), and only
-//!    into a device read, which overwrites every byte of it on success
-//!    ([`crate::engine::BlockDevice::read`]); a failed read's buffer is
-//!    never sent. So no byte of one read is ever sent as part of another.
+//!    into a device read, which overwrites every byte of it that the
+//!    reply sends on success ([`crate::engine::BlockDevice::read_parts`]:
+//!    only the runs of the lent buffer it names are sent); a failed read's
+//!    buffer is never sent. So no byte of one read is ever sent as part of
+//!    another.
 //! 2. The pool holds at most [`POOL_BYTES`] of capacity; buffers beyond it
 //!    are freed.
 

@@ -36,7 +36,12 @@
 //!    and writes among others in flight, are spawned: their work before
 //!    the first wait (CRCs, copies) would hold up reading the next
 //!    request.
+//! 8. A read is answered with the parts the device gave
+//!    ([`BlockDevice::read_parts`]): the reply's header and the parts go
+//!    out in vectored writes, so bytes the device shares (fetched chunk
+//!    data) reach the socket without a copy into a reply buffer.
 
+use std::io::IoSlice;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -51,7 +56,7 @@ use super::codec::*;
 use super::export::Export;
 use super::protocol::*;
 use super::{wait_true, ConnError};
-use crate::engine::{Allocation, BlockDevice, Extent};
+use crate::engine::{Allocation, BlockDevice, Extent, ReadParts};
 use crate::error::BlockError;
 
 /// Bounds that keep clients from exhausting the server.
@@ -128,7 +133,7 @@ enum Body {
     /// Success without payload.
     Done,
     /// Bytes read at `offset`.
-    Data { offset: u64, data: Vec<u8> },
+    Data { offset: u64, data: ReadParts },
     /// `base:allocation` descriptors `(length, flags)`.
     Extents(Vec<(u32, u32)>),
     /// NBD error value (not 0) and a message for structured replies.
@@ -411,7 +416,7 @@ async fn skip_bytes<R: AsyncRead + Unpin>(reader: &mut R, n: u32) -> std::io::Re
     Ok(())
 }
 
-/// Run one operation and say what to answer. A read fills a buffer of
+/// Run one operation and say what to answer. A read is lent a buffer of
 /// the connection's pool ([`ReadBuffers`]).
 async fn execute(
     device: &dyn BlockDevice,
@@ -421,11 +426,15 @@ async fn execute(
 ) -> Body {
     let result: Result<Body, BlockError> = match op {
         Op::Read { offset, len } => {
-            let mut buf = buffers.take(len as usize);
-            device
-                .read(offset, &mut buf)
-                .await
-                .map(|()| Body::Data { offset, data: buf })
+            let buf = buffers.take(len as usize);
+            match device.read_parts(offset, buf).await {
+                Ok(data) if data.len() == len as usize => Ok(Body::Data { offset, data }),
+                Ok(data) => Err(BlockError::Io(format!(
+                    "read of {len} bytes at {offset} returned {}",
+                    data.len()
+                ))),
+                Err(e) => Err(e),
+            }
         }
         Op::Write { offset, fua, .. } => device
             .write_owned(offset, payload, fua)
@@ -547,8 +556,7 @@ async fn write_replies<W: AsyncWrite + Unpin>(
                 match (&reply.body, structured) {
                     (Body::Done, _) => out.write_all(&encode_simple_reply(h, 0)).await,
                     (Body::Data { data, .. }, false) => {
-                        out.write_all(&encode_simple_reply(h, 0)).await?;
-                        out.write_all(data).await
+                        write_parts(&mut out, &encode_simple_reply(h, 0), data).await
                     }
                     (Body::Data { data, .. }, true) if data.is_empty() => {
                         out.write_all(&encode_none_chunk(h)).await
@@ -556,8 +564,7 @@ async fn write_replies<W: AsyncWrite + Unpin>(
                     (Body::Data { offset, data }, true) => {
                         // At most MAX_PAYLOAD bytes (classify).
                         let head = encode_data_chunk_head(h, *offset, data.len() as u32);
-                        out.write_all(&head).await?;
-                        out.write_all(data).await
+                        write_parts(&mut out, &head, data).await
                     }
                     // Only with `base:allocation`, which needs structured replies.
                     (Body::Extents(d), _) => {
@@ -574,11 +581,40 @@ async fn write_replies<W: AsyncWrite + Unpin>(
             })
             .await?;
             if let Body::Data { data, .. } = reply.body {
-                buffers.give(data);
+                buffers.give(data.into_buf());
             }
             next = rx.try_recv().ok();
         }
         within(timeout, "writing replies", out.flush()).await?;
     }
     within(timeout, "closing the connection", out.shutdown()).await
+}
+
+/// Slices one vectored write passes at most (Linux's `IOV_MAX`).
+const MAX_SLICES: usize = 1024;
+
+/// Write `head` and then every part of `data`, in vectored writes: through
+/// a [`BufWriter`], parts together larger than its buffer go straight to
+/// the socket, uncopied (invariant 8).
+async fn write_parts<W: AsyncWrite + Unpin>(
+    out: &mut W,
+    head: &[u8],
+    data: &ReadParts,
+) -> std::io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = std::iter::once(head)
+        .chain(data.slices())
+        .map(IoSlice::new)
+        .collect();
+    let mut left = &mut slices[..];
+    IoSlice::advance_slices(&mut left, 0);
+    while !left.is_empty() {
+        let n = out
+            .write_vectored(&left[..left.len().min(MAX_SLICES)])
+            .await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut left, n);
+    }
+    Ok(())
 }
