@@ -110,6 +110,54 @@ fn engine_imports_point_down() {
     );
 }
 
+/// The manifest store (`engine::meta::manifest`) is the one place that
+/// reads and writes a volume's manifest: outside `engine::format` (which
+/// spells the key) and `engine::meta`, no code in `src/` names
+/// `manifest_key` (test items excepted).
+#[test]
+fn only_the_manifest_store_names_the_manifest_key() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    // The manifest codec still lives in `engine::checkpoint` (with its tests).
+    let owners = [
+        src.join("engine/format"),
+        src.join("engine/meta"),
+        src.join("engine/checkpoint.rs"),
+        src.join("engine/checkpoint/tests.rs"),
+    ];
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let mut found = Vec::new();
+    for f in files
+        .iter()
+        .filter(|f| !owners.iter().any(|o| f.starts_with(o)))
+    {
+        let text = std::fs::read_to_string(f).unwrap();
+        for t in tokens(&strip_test_items(&code_only(&text))) {
+            if t.text == "manifest_key" {
+                found.push(format!("{}:{}", f.display(), t.line));
+            }
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "manifest_key outside engine::format and engine::meta (read and write \
+         the manifest through engine::meta::manifest):\n{}",
+        found.join("\n")
+    );
+}
+
+/// Every `.rs` file under `dir`.
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            rust_files(&p, out);
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            out.push(p);
+        }
+    }
+}
+
 /// The checker sees what it must: grouped and nested `use` trees, inline
 /// paths, `self` in a group, and nothing inside comments, literals or
 /// test items.

@@ -44,7 +44,7 @@ use super::capped::get_capped;
 use super::checkpoint::{ChunkInfo, Manifest};
 use super::error::EngineError;
 use super::format::chunk::decode_header;
-use super::format::layout::{chunk_key, chunk_prefix, manifest_key, parse_chunk_name};
+use super::format::layout::{chunk_key, chunk_prefix, parse_chunk_name};
 use super::format::limits::{checkpoint_cap, valid_chunk_id, MAX_CHUNK_OBJECT_BYTES};
 use super::meta::manifest::{read_manifest, Put};
 use super::meta::{self, prepare};
@@ -67,13 +67,6 @@ pub struct Recovered {
     pub parent: Option<Arc<SnapshotView>>,
     /// Block-CRC tables, holding those of the chunks read during recovery.
     pub tables: Arc<super::crc_table::CrcTables>,
-}
-
-fn manifest_err(volume: u64, reason: impl Into<String>) -> EngineError {
-    EngineError::Manifest {
-        key: manifest_key(volume),
-        reason: reason.into(),
-    }
 }
 
 /// Read (or create) the manifest and raise its epoch to ours.
@@ -206,7 +199,7 @@ async fn load_checkpoint(
         super::meta::chain::load(store, manifest, p.size / SECTOR, checkpoint_cap(p.size)).await?;
     let chain = loaded.chain;
     if chain.volume != p.id || chain.chunk_seq != manifest.checkpoint_chunk {
-        return Err(manifest_err(
+        return Err(meta::manifest::invalid(
             p.id,
             format!("checkpoint {key} does not match"),
         ));
@@ -439,7 +432,7 @@ async fn apply_later_chunks(
         used.insert(seq, epoch);
     }
     if state.last_chunk < bound.after_chunk {
-        return Err(manifest_err(
+        return Err(meta::manifest::invalid(
             p.id,
             format!(
                 "chunks up to {} are committed, but chunk {} (prefix {prefix}) is missing \

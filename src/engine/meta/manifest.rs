@@ -70,6 +70,27 @@ pub async fn read_manifest(
     Ok((Manifest::parse(volume, &o.data)?, o))
 }
 
+/// Read the manifest of `volume` like [`read_manifest`]; `None` when the
+/// volume has none (it was never opened).
+pub async fn read_manifest_if_any(
+    store: &DynStore,
+    volume: u64,
+) -> Result<Option<(Manifest, Object)>, EngineError> {
+    match read_manifest(store, volume).await {
+        Ok(found) => Ok(Some(found)),
+        Err(EngineError::Store(StoreError::NotFound { .. })) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The error for a manifest of `volume` that is refused for `reason`.
+pub fn invalid(volume: u64, reason: impl Into<String>) -> EngineError {
+    EngineError::Manifest {
+        key: manifest_key(volume),
+        reason: reason.into(),
+    }
+}
+
 fn encode(m: &Manifest) -> Bytes {
     Bytes::from(serde_json::to_vec(m).unwrap_or_default())
 }
