@@ -20,9 +20,10 @@
 
 use std::collections::HashSet;
 
-use super::checkpoint::{Checkpoint, ParentRef};
+use super::checkpoint::Checkpoint;
 use super::error::EngineError;
 use super::format::layout::{checkpoint_key, snapshot_key};
+use super::format::manifest::ParentRef;
 use super::meta::manifest::{self, Put};
 use super::meta::prepare;
 use super::snapshot::{

@@ -41,11 +41,12 @@ use std::time::Duration;
 use futures::stream::{self, StreamExt};
 
 use super::capped::get_capped;
-use super::checkpoint::{ChunkInfo, Manifest};
+use super::checkpoint::ChunkInfo;
 use super::error::EngineError;
 use super::format::chunk::decode_header;
 use super::format::layout::{chunk_key, chunk_prefix, parse_chunk_name};
 use super::format::limits::{checkpoint_cap, valid_chunk_id, MAX_CHUNK_OBJECT_BYTES};
+use super::format::manifest::Manifest;
 use super::meta::manifest::{read_manifest, Put};
 use super::meta::{self, prepare};
 use super::state::State;

@@ -30,7 +30,7 @@
 use std::collections::HashSet;
 
 use super::capped::get_capped;
-use super::checkpoint::{Checkpoint, Manifest, ParentRef};
+use super::checkpoint::Checkpoint;
 use super::error::EngineError;
 use super::fenced_delete::FencedDeleter;
 use super::format::layout::{
@@ -38,6 +38,7 @@ use super::format::layout::{
     snapshot_prefix,
 };
 use super::format::limits::MAX_METADATA_BYTES;
+use super::format::manifest::{Manifest, ParentRef};
 pub use super::format::snapshot::{SnapshotDecodeError, SnapshotObject};
 use super::meta::manifest::{self, read_manifest, Put, WriteError};
 use super::meta::prepare;

@@ -17,12 +17,13 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use super::allocation::{Allocation, Extent, Runs, BATCH};
-use super::checkpoint::{Checkpoint, ChunkInfo, Manifest, ParentRef};
+use super::checkpoint::{Checkpoint, ChunkInfo};
 use super::clone::load_chain;
 use super::crc_table::CrcTables;
 use super::error::EngineError;
 use super::format::chunk::{aligned_range, verify_blocks};
 use super::format::layout::chunk_key;
+use super::format::manifest::{Manifest, ParentRef};
 use super::map::{ExtentMap, Loc};
 use super::meta::manifest::read_manifest;
 use super::snapshot::{load_checkpoint, SnapshotError, SnapshotObject};

@@ -11,14 +11,12 @@
 //! 3. What is read is capped ([`MAX_MANIFEST_BYTES`]) and validated before
 //!    it is returned ([`Manifest::parse`]).
 
-use bytes::Bytes;
-
 use super::invariants::{check_create, check_swap};
 use crate::engine::capped::get_capped;
-use crate::engine::checkpoint::Manifest;
 use crate::engine::error::EngineError;
 use crate::engine::format::layout::manifest_key;
 use crate::engine::format::limits::MAX_MANIFEST_BYTES;
+use crate::engine::format::manifest::Manifest;
 use crate::store::{DynStore, Object, PutMode, StoreError, Version};
 
 /// The manifest as last committed, with its version.
@@ -91,10 +89,6 @@ pub fn invalid(volume: u64, reason: impl Into<String>) -> EngineError {
     }
 }
 
-fn encode(m: &Manifest) -> Bytes {
-    Bytes::from(serde_json::to_vec(m).unwrap_or_default())
-}
-
 /// Create `m` as the first manifest of `m.volume`.
 pub async fn create(store: &DynStore, m: &Manifest) -> Result<Put, WriteError> {
     let key = manifest_key(m.volume);
@@ -102,7 +96,7 @@ pub async fn create(store: &DynStore, m: &Manifest) -> Result<Put, WriteError> {
         key: key.clone(),
         reason,
     })?;
-    match store.put(&key, encode(m), PutMode::Create).await {
+    match store.put(&key, m.encode(), PutMode::Create).await {
         Ok(v) => Ok(Put::Stored(v)),
         Err(StoreError::AlreadyExists { .. }) => Ok(Put::Conflict),
         Err(e) => Err(e.into()),
@@ -122,7 +116,7 @@ pub async fn swap(
         reason,
     })?;
     match store
-        .put(&key, encode(new), PutMode::IfMatch(version))
+        .put(&key, new.encode(), PutMode::IfMatch(version))
         .await
     {
         Ok(v) => Ok(Put::Stored(v)),
@@ -150,7 +144,7 @@ pub(crate) async fn commit(
         key: key.clone(),
         reason,
     })?;
-    let data = encode(&m);
+    let data = m.encode();
     for _ in 0..3 {
         check_not_fenced()?;
         match store
