@@ -25,7 +25,9 @@ use std::path::{Path, PathBuf};
 /// A unit may sit above its parent: `format::snapshot` (the snapshot
 /// codec) holds a checkpoint and sits with the checkpoint codec; `meta` (the manifest store, the
 /// checkpoint chain) is low, its child `meta::task` (the task that drives
-/// checkpoints and snapshots of an open volume) sits in the rest.
+/// checkpoints and snapshots of an open volume) sits in the rest; so does
+/// `snapshot` (taking, rolling back and deleting snapshots), above its
+/// child `snapshot::store` (reading them).
 ///
 /// Items defined in the engine root (`SECTOR`, `check_range`,
 /// `BlockDevice`) may be used from any layer; the root's re-exports
@@ -63,6 +65,15 @@ const LAYERS: &[(&str, &[&str])] = &[
         &["capped", "meta", "fenced_delete"],
     ),
     (
+        "stored snapshots: reading snapshot objects and parent chains, the retention index, \
+         read-only snapshot views and their diffs",
+        &["snapshot::store", "retain_index", "view", "diff"],
+    ),
+    (
+        "detached volume tools: space computed from the store, scrub",
+        &["usage", "scrub"],
+    ),
+    (
         "rest: not sorted yet",
         &[
             "bench_support",
@@ -70,7 +81,6 @@ const LAYERS: &[(&str, &[&str])] = &[
             "commit",
             "compact",
             "destage",
-            "diff",
             "inflight",
             "live_snapshot",
             "memdisk",
@@ -78,13 +88,9 @@ const LAYERS: &[(&str, &[&str])] = &[
             "prefetch",
             "read",
             "recovery",
-            "retain_index",
-            "scrub",
             "snapshot",
             "space_admission",
             "state",
-            "usage",
-            "view",
             "volume",
             "wal_open",
             "warm_start",

@@ -185,7 +185,7 @@ pub(crate) async fn checkpoint(
         }
     }
     // Snapshots may still name chunks the volume's own map dropped.
-    let retain = super::snapshot::RetainSet::load(&inner.store, inner.id).await;
+    let retain = super::retain_index::RetainSet::load(&inner.store, inner.id).await;
     let doomed: Vec<String> = dead
         .into_iter()
         .filter(|&(seq, epoch)| !retain.keeps(seq, epoch))

@@ -298,7 +298,7 @@ async fn apply_later_chunks(
     // seq -> epochs listed.
     let mut found: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
     let prefix = chunk_prefix(p.id);
-    let retain = super::snapshot::RetainSet::load(store, p.id).await;
+    let retain = super::retain_index::RetainSet::load(store, p.id).await;
     let mut orphans = Vec::new();
     for meta in store.list(&prefix).await? {
         let name = &meta.key[prefix.len()..];

@@ -18,15 +18,15 @@ use async_trait::async_trait;
 
 use super::allocation::{Allocation, Extent, Runs, BATCH};
 use super::checkpoint::{Checkpoint, ChunkInfo};
-use super::clone::load_chain;
 use super::crc_table::CrcTables;
 use super::error::EngineError;
 use super::format::chunk::{aligned_range, verify_blocks};
 use super::format::layout::chunk_key;
 use super::format::manifest::{Manifest, ParentRef};
+use super::format::snapshot::SnapshotObject;
 use super::map::{ExtentMap, Loc};
 use super::meta::manifest::read_manifest;
-use super::snapshot::{load_checkpoint, SnapshotError, SnapshotObject};
+use super::snapshot::store::{load_chain, load_checkpoint, SnapshotError};
 use super::{check_range, BlockDevice, SECTOR};
 use crate::error::BlockError;
 use crate::store::DynStore;
