@@ -16,11 +16,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use shale::clock::SystemClock;
-use shale::engine::checkpoint::Manifest;
 use shale::engine::config::{Durability, EngineConfig};
 use shale::engine::format::layout::{
     checkpoint_prefix, chunk_prefix, compacted_prefix, manifest_key,
 };
+use shale::engine::format::manifest::Manifest;
 use shale::engine::view::SnapshotView;
 use shale::engine::{BlockDevice, Volume, VolumeParams};
 use shale::store::faulty::{FaultPoint, FaultyStore, Hold};

@@ -25,19 +25,22 @@ use std::path::{Path, PathBuf};
 /// A unit may sit above its parent: `format::snapshot` (the snapshot
 /// codec) holds a checkpoint and sits with the checkpoint codec; `meta` (the manifest store, the
 /// checkpoint chain) is low, its child `meta::task` (the task that drives
-/// checkpoints and snapshots of an open volume) sits in the rest.
+/// checkpoints and snapshots of an open volume) sits in the rest; so does
+/// `snapshot` (taking, rolling back and deleting snapshots), above its
+/// child `snapshot::store` (reading them).
 ///
 /// Items defined in the engine root (`SECTOR`, `check_range`,
 /// `BlockDevice`) may be used from any layer; the root's re-exports
 /// (`engine::EngineError`) count as the module they come from.
 const LAYERS: &[(&str, &[&str])] = &[
     (
-        "format: chunk ids and bounds, object keys, the chunk codec, config",
+        "format: chunk ids and bounds, object keys, the chunk and manifest codecs, config",
         &[
             "format",
             "format::limits",
             "format::layout",
             "format::chunk",
+            "format::manifest",
             "format::sealed",
             "config",
             "damage",
@@ -49,7 +52,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ),
     ("wal: the write-ahead log", &["wal"]),
     (
-        "metadata codecs: checkpoint, manifest and snapshot objects, chunk CRC tables",
+        "metadata codecs: checkpoint and snapshot objects, chunk CRC tables",
         &["checkpoint", "crc_table", "format::snapshot"],
     ),
     ("cache and space accounting", &["cache", "space"]),
@@ -62,6 +65,15 @@ const LAYERS: &[(&str, &[&str])] = &[
         &["capped", "meta", "fenced_delete"],
     ),
     (
+        "stored snapshots: reading snapshot objects and parent chains, the retention index, \
+         read-only snapshot views and their diffs",
+        &["snapshot::store", "retain_index", "view", "diff"],
+    ),
+    (
+        "detached volume tools: space computed from the store, scrub",
+        &["usage", "scrub"],
+    ),
+    (
         "rest: not sorted yet",
         &[
             "bench_support",
@@ -69,7 +81,6 @@ const LAYERS: &[(&str, &[&str])] = &[
             "commit",
             "compact",
             "destage",
-            "diff",
             "inflight",
             "live_snapshot",
             "memdisk",
@@ -77,13 +88,9 @@ const LAYERS: &[(&str, &[&str])] = &[
             "prefetch",
             "read",
             "recovery",
-            "retain_index",
-            "scrub",
             "snapshot",
             "space_admission",
             "state",
-            "usage",
-            "view",
             "volume",
             "wal_open",
             "warm_start",
@@ -108,6 +115,48 @@ fn engine_imports_point_down() {
         "engine import layering (see LAYERS in tests/engine_layers.rs):\n{}",
         problems.join("\n")
     );
+}
+
+/// The manifest store (`engine::meta::manifest`) is the one place that
+/// reads and writes a volume's manifest: outside `engine::format` (which
+/// spells the key) and `engine::meta`, no code in `src/` names
+/// `manifest_key` (test items excepted).
+#[test]
+fn only_the_manifest_store_names_the_manifest_key() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let owners = [src.join("engine/format"), src.join("engine/meta")];
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let mut found = Vec::new();
+    for f in files
+        .iter()
+        .filter(|f| !owners.iter().any(|o| f.starts_with(o)))
+    {
+        let text = std::fs::read_to_string(f).unwrap();
+        for t in tokens(&strip_test_items(&code_only(&text))) {
+            if t.text == "manifest_key" {
+                found.push(format!("{}:{}", f.display(), t.line));
+            }
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "manifest_key outside engine::format and engine::meta (read and write \
+         the manifest through engine::meta::manifest):\n{}",
+        found.join("\n")
+    );
+}
+
+/// Every `.rs` file under `dir`.
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            rust_files(&p, out);
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            out.push(p);
+        }
+    }
 }
 
 /// The checker sees what it must: grouped and nested `use` trees, inline

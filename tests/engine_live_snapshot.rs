@@ -421,7 +421,7 @@ async fn deleting_a_snapshot_of_an_open_volume_frees_only_its_chunks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_of_an_open_clone_reads_through_to_its_parent() {
-    use shale::engine::checkpoint::ParentRef;
+    use shale::engine::format::manifest::ParentRef;
     const CLONE: u64 = 0x52;
     let store: DynStore = Arc::new(MemoryStore::new());
     let dir = tempfile::tempdir().unwrap();

@@ -15,12 +15,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use shale::clock::SystemClock;
-use shale::engine::checkpoint::{Checkpoint, Manifest};
+use shale::engine::checkpoint::Checkpoint;
 use shale::engine::config::{Durability, EngineConfig};
 use shale::engine::format::chunk::{encode, ChunkExtent, ChunkHeader};
 use shale::engine::format::layout::{
     chunk_key, chunk_prefix, compacted_prefix, manifest_key, parse_chunk_name, snapshot_key,
 };
+use shale::engine::format::manifest::Manifest;
 use shale::engine::snapshot::SnapshotObject;
 use shale::engine::{BlockDevice, Volume, VolumeParams};
 use shale::store::faulty::{FaultPoint, FaultyStore};

@@ -2,7 +2,8 @@
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use shale::engine::checkpoint::delta::{Chain, CheckpointObject};
-use shale::engine::checkpoint::{Checkpoint, Manifest};
+use shale::engine::checkpoint::Checkpoint;
+use shale::engine::format::manifest::Manifest;
 
 fuzz_target!(|data: &[u8]| {
     // Every format (binary SHALECP2 full and delta, JSON SHALECP1); a

@@ -2,15 +2,13 @@
 //! damaged local WAL. Says exactly what it throws away before doing it.
 use std::io::{IsTerminal, Write};
 
-use anyhow::Context;
 use shale::catalog::lease::read_lease;
 use shale::catalog::Catalog;
 use shale::clock::{Clock, SystemClock};
 use shale::config::Config;
-use shale::engine::checkpoint::Manifest;
-use shale::engine::format::layout::manifest_key;
+use shale::engine::meta::manifest::read_manifest_if_any;
 use shale::engine::wal::{discard, fs};
-use shale::store::StoreError;
+use shale::engine::EngineError;
 
 pub async fn discard_wal(
     cfg: &Config,
@@ -33,13 +31,13 @@ pub async fn discard_wal(
             lease.epoch
         );
     }
-    let stored = match store.get(&manifest_key(rec.id)).await {
-        Ok(o) => Some(
-            serde_json::from_slice::<Manifest>(&o.data)
-                .with_context(|| format!("manifest of volume {name:?} does not parse"))?
-                .last_seq,
-        ),
-        Err(StoreError::NotFound { .. }) => None,
+    let stored = match read_manifest_if_any(&store, rec.id).await {
+        Ok(found) => found.map(|(m, _)| m.last_seq),
+        Err(e @ EngineError::Manifest { .. }) => {
+            return Err(anyhow::Error::new(e)
+                .context(format!("manifest of volume {name:?} does not parse")))
+        }
+        Err(EngineError::Store(e)) => return Err(e.into()),
         Err(e) => return Err(e.into()),
     };
     let local_dir = cfg.volume_dir(rec.id);

@@ -1,9 +1,5 @@
-//! Manifest and checkpoint objects.
-//!
-//! The manifest (`volumes/<id>/manifest`, JSON) is the volume's root: the
-//! writer epoch and the newest checkpoint. It is created with
-//! `PutMode::Create` and only ever replaced with `PutMode::IfMatch`, so a
-//! writer that lost the volume to a newer epoch cannot commit.
+//! Checkpoint objects. (The manifest, the volume's root, is in
+//! [`super::format::manifest`]; it is re-exported here.)
 //!
 //! A checkpoint holds the store-side extent map exactly as it stands after
 //! chunk `chunk_seq` (which ends at op sequence `last_seq`) plus the table of
@@ -32,9 +28,10 @@
 use serde::{Deserialize, Serialize};
 
 use super::format::chunk::{CRC_BLOCK, MAX_DATA_LEN, MIN_HEADER_LEN};
-use super::format::layout::{checkpoint_prefix, manifest_key};
 use super::format::limits::{valid_chunk_id, MAX_SEQ};
 use super::map::{ExtentMap, Loc, LocSet};
+
+pub use super::format::manifest::{Manifest, ManifestError, ParentRef};
 
 pub mod capture;
 pub mod codec;
@@ -43,115 +40,6 @@ pub mod dirty;
 
 /// Magic of the older JSON format (still decoded, no longer written).
 const CP_MAGIC_JSON: &[u8; 8] = b"SHALECP1";
-
-/// The volume's root object.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Manifest {
-    pub volume: u64,
-    pub epoch: u64,
-    /// Key of the newest checkpoint, if any: a full checkpoint, or the
-    /// newest delta of a chain (see [`delta`]).
-    pub checkpoint: Option<String>,
-    /// When `checkpoint` is a delta: the key of its chain's base (absent
-    /// otherwise, and in manifests written before deltas existed).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub checkpoint_base: Option<String>,
-    /// Last chunk covered by that checkpoint (0: none).
-    pub checkpoint_chunk: u64,
-    /// Last chunk known to be in the store when the manifest was written.
-    pub last_chunk: u64,
-    /// Last op sequence number in the store when the manifest was written.
-    pub last_seq: u64,
-    /// Epoch that owns the history after `last_chunk`: a chunk with a
-    /// higher sequence number is valid only if its epoch is at least this
-    /// (0 in manifests written before the field existed: no bound).
-    #[serde(default)]
-    pub history_epoch: u64,
-    /// The snapshot a clone reads through to where its own map is unmapped
-    /// (absent in volumes that are not clones, and after a flatten).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub parent: Option<ParentRef>,
-}
-
-impl Manifest {
-    /// Check that the numbers agree with each other and stay in bounds
-    /// ([`MAX_SEQ`]): the manifest names `volume`, its checkpoint chunk is
-    /// at most its last chunk, its history epoch at most its epoch, and its
-    /// checkpoint is one of the volume's checkpoint keys.
-    pub fn validate(&self, volume: u64) -> Result<(), String> {
-        if self.volume != volume {
-            return Err(format!("names volume {:x}", self.volume));
-        }
-        if self.last_chunk >= MAX_SEQ || self.last_seq >= MAX_SEQ {
-            return Err(format!(
-                "last chunk {} or last sequence number {} is out of range",
-                self.last_chunk, self.last_seq
-            ));
-        }
-        if self.checkpoint_chunk > self.last_chunk {
-            return Err(format!(
-                "checkpoint chunk {} lies after the last chunk {}",
-                self.checkpoint_chunk, self.last_chunk
-            ));
-        }
-        if self.history_epoch > self.epoch {
-            return Err(format!(
-                "history epoch {} is newer than the epoch {}",
-                self.history_epoch, self.epoch
-            ));
-        }
-        for k in self.checkpoint.iter().chain(&self.checkpoint_base) {
-            if !k.starts_with(&checkpoint_prefix(volume)) {
-                return Err(format!("checkpoint {k:?} is not one of this volume's"));
-            }
-        }
-        if self.checkpoint_base.is_some() && self.checkpoint.is_none() {
-            return Err("names a checkpoint base but no checkpoint".into());
-        }
-        Ok(())
-    }
-
-    /// Parse and [`validate`](Manifest::validate) the manifest of `volume`.
-    pub fn parse(volume: u64, data: &[u8]) -> Result<Manifest, ManifestError> {
-        let err = |reason: String| ManifestError {
-            key: manifest_key(volume),
-            reason,
-        };
-        let m: Manifest =
-            serde_json::from_slice(data).map_err(|e| err(format!("does not parse: {e}")))?;
-        m.validate(volume).map_err(err)?;
-        Ok(m)
-    }
-}
-
-/// A manifest that does not parse or whose numbers disagree
-/// ([`Manifest::validate`]).
-#[derive(Debug, thiserror::Error)]
-#[error("manifest {key}: {reason}")]
-pub struct ManifestError {
-    pub key: String,
-    pub reason: String,
-}
-
-/// The snapshot a clone reads through to: snapshot id `snapshot` of volume
-/// id `volume` (ids, never names: names may be reused after a delete).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ParentRef {
-    pub volume: u64,
-    pub snapshot: u64,
-}
-
-impl std::fmt::Display for ParentRef {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "snapshot {:016x} of volume {:016x}",
-            self.snapshot, self.volume
-        )
-    }
-}
 
 /// What the engine knows about one stored chunk. The chunk's block-CRC
 /// table (one CRC32C per [`CRC_BLOCK`] of the data area) stays in the

@@ -18,58 +18,24 @@
 //!    parent: such a snapshot would lose its parent's protection from
 //!    deletion (the catalog only sees the volume record's parent).
 
-use std::collections::HashSet;
-
-use super::checkpoint::{Checkpoint, ParentRef};
+use super::checkpoint::Checkpoint;
 use super::error::EngineError;
-use super::format::layout::{checkpoint_key, snapshot_key};
+use super::format::layout::checkpoint_key;
+use super::format::manifest::ParentRef;
+use super::format::snapshot::SnapshotObject;
 use super::meta::manifest::{self, Put};
 use super::meta::prepare;
-use super::snapshot::{
-    committed_checkpoint, list_snapshots, swap_checkpoint, SnapshotError, SnapshotObject,
-};
+use super::snapshot::store::{committed_checkpoint, list_snapshots, SnapshotError};
+use super::snapshot::swap_checkpoint;
 use super::view::{Resolved, SnapshotView};
 use super::volume::Volume;
 use super::{BlockDevice, SECTOR};
-use crate::store::{DynStore, StoreError};
+use crate::store::DynStore;
 
 /// Bytes read and written at a time while flattening.
 const COPY_PIECE: usize = 1 << 20;
 /// Granularity at which all-zero data is skipped while flattening.
 const ZERO_BLOCK: usize = 64 << 10;
-
-/// The snapshots from `first` down to the root of its chain (`first` at
-/// index 0, each next one the previous one's parent).
-pub(crate) async fn load_chain(
-    store: &DynStore,
-    first: ParentRef,
-) -> Result<Vec<SnapshotObject>, EngineError> {
-    let mut chain = Vec::new();
-    let mut seen = HashSet::new();
-    let mut next = Some(first);
-    while let Some(p) = next {
-        let err = |reason: String| EngineError::Parent {
-            volume: p.volume,
-            reason,
-        };
-        if !seen.insert(p) {
-            return Err(err(format!("the parent chain loops back to {p}")));
-        }
-        let key = snapshot_key(p.volume, p.snapshot);
-        let snap = match super::snapshot::read_snapshot(store, p.volume, p.snapshot).await {
-            Ok(s) => s,
-            Err(SnapshotError::Engine(EngineError::Store(StoreError::NotFound { .. }))) => {
-                return Err(err(format!("{p} is missing ({key} not found)")))
-            }
-            Err(SnapshotError::Engine(e)) => return Err(e),
-            Err(SnapshotError::Store(e)) => return Err(e.into()),
-            Err(e) => return Err(err(e.to_string())),
-        };
-        next = snap.parent;
-        chain.push(snap);
-    }
-    Ok(chain)
-}
 
 /// Make `new_id` a clone of `snap`: create its manifest (no checkpoint, no
 /// chunks) naming `snap` as its parent. `new_id` must be fresh: the

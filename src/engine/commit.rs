@@ -27,9 +27,10 @@ use bytes::Bytes;
 use super::checkpoint::capture::Capture;
 use super::checkpoint::delta::Delta;
 use super::checkpoint::dirty::DirtySet;
-use super::checkpoint::{Checkpoint, ChunkInfo, Manifest};
+use super::checkpoint::{Checkpoint, ChunkInfo};
 use super::error::EngineError;
 use super::format::layout::{checkpoint_base_key, checkpoint_key, chunk_key, delta_key};
+use super::format::manifest::Manifest;
 use super::meta::chain::ChainPos;
 use super::meta::manifest::{self, Root};
 use super::meta::prepare;
@@ -184,7 +185,7 @@ pub(crate) async fn checkpoint(
         }
     }
     // Snapshots may still name chunks the volume's own map dropped.
-    let retain = super::snapshot::RetainSet::load(&inner.store, inner.id).await;
+    let retain = super::retain_index::RetainSet::load(&inner.store, inner.id).await;
     let doomed: Vec<String> = dead
         .into_iter()
         .filter(|&(seq, epoch)| !retain.keeps(seq, epoch))

@@ -38,7 +38,7 @@ use super::format::chunk::{decode_header, encode, verify_blocks, ChunkExtent, Ch
 use super::format::layout::{chunk_key, compacted_prefix, parse_chunk_name};
 use super::format::limits::COMPACTED_BIT;
 use super::map::Loc;
-use super::snapshot::RetainSet;
+use super::retain_index::RetainSet;
 use super::state::{ChunkEntry, State};
 use super::volume::Inner;
 use super::SECTOR;

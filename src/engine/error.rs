@@ -1,9 +1,10 @@
 //! The engine's precise error type; converts into the edge [`BlockError`].
 
 use super::cache::OpenError as CacheOpenError;
-use super::checkpoint::{CheckpointError, ManifestError};
+use super::checkpoint::CheckpointError;
 use super::config::ConfigError;
 use super::format::chunk::ChunkError;
+use super::format::manifest::ManifestError;
 use super::wal::WalError;
 use crate::error::BlockError;
 use crate::store::StoreError;

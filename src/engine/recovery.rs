@@ -41,11 +41,12 @@ use std::time::Duration;
 use futures::stream::{self, StreamExt};
 
 use super::capped::get_capped;
-use super::checkpoint::{ChunkInfo, Manifest};
+use super::checkpoint::ChunkInfo;
 use super::error::EngineError;
 use super::format::chunk::decode_header;
-use super::format::layout::{chunk_key, chunk_prefix, manifest_key, parse_chunk_name};
+use super::format::layout::{chunk_key, chunk_prefix, parse_chunk_name};
 use super::format::limits::{checkpoint_cap, valid_chunk_id, MAX_CHUNK_OBJECT_BYTES};
+use super::format::manifest::Manifest;
 use super::meta::manifest::{read_manifest, Put};
 use super::meta::{self, prepare};
 use super::state::State;
@@ -67,13 +68,6 @@ pub struct Recovered {
     pub parent: Option<Arc<SnapshotView>>,
     /// Block-CRC tables, holding those of the chunks read during recovery.
     pub tables: Arc<super::crc_table::CrcTables>,
-}
-
-fn manifest_err(volume: u64, reason: impl Into<String>) -> EngineError {
-    EngineError::Manifest {
-        key: manifest_key(volume),
-        reason: reason.into(),
-    }
 }
 
 /// Read (or create) the manifest and raise its epoch to ours.
@@ -206,7 +200,7 @@ async fn load_checkpoint(
         super::meta::chain::load(store, manifest, p.size / SECTOR, checkpoint_cap(p.size)).await?;
     let chain = loaded.chain;
     if chain.volume != p.id || chain.chunk_seq != manifest.checkpoint_chunk {
-        return Err(manifest_err(
+        return Err(meta::manifest::invalid(
             p.id,
             format!("checkpoint {key} does not match"),
         ));
@@ -304,7 +298,7 @@ async fn apply_later_chunks(
     // seq -> epochs listed.
     let mut found: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
     let prefix = chunk_prefix(p.id);
-    let retain = super::snapshot::RetainSet::load(store, p.id).await;
+    let retain = super::retain_index::RetainSet::load(store, p.id).await;
     let mut orphans = Vec::new();
     for meta in store.list(&prefix).await? {
         let name = &meta.key[prefix.len()..];
@@ -439,7 +433,7 @@ async fn apply_later_chunks(
         used.insert(seq, epoch);
     }
     if state.last_chunk < bound.after_chunk {
-        return Err(manifest_err(
+        return Err(meta::manifest::invalid(
             p.id,
             format!(
                 "chunks up to {} are committed, but chunk {} (prefix {prefix}) is missing \

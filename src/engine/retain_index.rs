@@ -29,7 +29,7 @@ use super::error::EngineError;
 use super::format::layout::{retain_index_key, snapshot_prefix};
 use super::format::limits::{valid_chunk_id, MAX_METADATA_BYTES, MAX_SEQ};
 use super::format::sealed::{seal, unseal, SealError};
-use super::snapshot::{read_snapshot_versioned, snapshot_id_of, SnapshotError};
+use super::snapshot::store::{read_snapshot_versioned, snapshot_id_of, SnapshotError};
 use crate::store::{DynStore, PutMode, StoreError, Version};
 
 const MAGIC: &[u8; 8] = b"SHALERI1";
@@ -252,6 +252,40 @@ pub async fn retained_chunks(
         }
     }
     Ok(set)
+}
+
+/// Chunks `(seq, epoch)` the deleter must keep because snapshots name them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RetainSet {
+    /// The snapshots could not all be read: keep every chunk.
+    All,
+    Chunks(HashSet<(u64, u64)>),
+}
+
+impl RetainSet {
+    /// What the snapshots of `volume` name now (from the retention index
+    /// where it is current, see [`retained_chunks`]). Never fails: on
+    /// any error the answer is [`RetainSet::All`] (deleting nothing is
+    /// always safe).
+    pub async fn load(store: &DynStore, volume: u64) -> RetainSet {
+        match retained_chunks(store, volume).await {
+            Ok(set) => RetainSet::Chunks(set),
+            Err(e) => {
+                log::warn!(
+                    "volume {volume:x}: cannot read its snapshots ({e}); deleting no chunks"
+                );
+                RetainSet::All
+            }
+        }
+    }
+
+    /// True if chunk `(seq, epoch)` must be kept.
+    pub fn keeps(&self, seq: u64, epoch: u64) -> bool {
+        match self {
+            RetainSet::All => true,
+            RetainSet::Chunks(set) => set.contains(&(seq, epoch)),
+        }
+    }
 }
 
 #[cfg(test)]

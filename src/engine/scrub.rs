@@ -19,12 +19,14 @@ use std::time::{Duration, Instant};
 
 use futures::stream::{self, StreamExt};
 
-use super::checkpoint::{ChunkInfo, Manifest};
+use super::checkpoint::ChunkInfo;
 use super::error::EngineError;
 use super::format::chunk::{decode_header, CRC_BLOCK};
 use super::format::layout::{chunk_key, chunk_prefix, parse_chunk_key};
+use super::format::manifest::Manifest;
+use super::format::snapshot::SnapshotObject;
 use super::meta::manifest::read_manifest;
-use super::snapshot::{SnapshotError, SnapshotObject};
+use super::snapshot::store::SnapshotError;
 use super::view::{Resolved, SnapshotView};
 use super::SECTOR;
 use crate::store::{DynStore, StoreError};

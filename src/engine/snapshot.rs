@@ -29,216 +29,24 @@
 
 use std::collections::HashSet;
 
-use super::capped::get_capped;
-use super::checkpoint::{Checkpoint, Manifest, ParentRef};
-use super::error::EngineError;
+use super::checkpoint::Checkpoint;
 use super::fenced_delete::FencedDeleter;
-use super::format::layout::{
-    checkpoint_key, chunk_prefix, parse_chunk_name, parse_snapshot_key, snapshot_key,
-    snapshot_prefix,
-};
+use super::format::layout::{checkpoint_key, chunk_prefix, parse_chunk_name, snapshot_key};
 use super::format::limits::MAX_METADATA_BYTES;
+use super::format::manifest::{Manifest, ParentRef};
 pub use super::format::snapshot::{SnapshotDecodeError, SnapshotObject};
-use super::meta::manifest::{self, read_manifest, Put, WriteError};
+use super::meta::manifest::{self, Put};
 use super::meta::prepare;
+pub use super::retain_index::RetainSet;
 use crate::store::{DynStore, PutMode, StoreError};
 use bytes::Bytes;
+pub(crate) use store::read_snapshot_versioned;
+pub use store::{
+    committed_checkpoint, find_snapshot, list_snapshots, load_checkpoint, read_snapshot,
+    SnapshotError,
+};
 
-/// Read snapshot `id` of `volume` (at most [`MAX_METADATA_BYTES`]), decode
-/// and [validate](SnapshotObject::validate) it.
-pub async fn read_snapshot(
-    store: &DynStore,
-    volume: u64,
-    id: u64,
-) -> Result<SnapshotObject, SnapshotError> {
-    Ok(read_snapshot_versioned(store, volume, id).await?.0)
-}
-
-/// [`read_snapshot`], with the version of the object as read (for a
-/// compare-and-swap of it, or to key what is derived from it).
-pub(crate) async fn read_snapshot_versioned(
-    store: &DynStore,
-    volume: u64,
-    id: u64,
-) -> Result<(SnapshotObject, crate::store::Version), SnapshotError> {
-    let key = snapshot_key(volume, id);
-    let obj = get_capped(store, &key, MAX_METADATA_BYTES, "snapshot object").await?;
-    let corrupt = |source| SnapshotError::Corrupt {
-        key: key.clone(),
-        source,
-    };
-    let snap = SnapshotObject::decode(&obj.data).map_err(corrupt)?;
-    snap.validate(volume, id).map_err(corrupt)?;
-    Ok((snap, obj.version))
-}
-
-/// Failures of snapshot operations.
-#[derive(Debug, thiserror::Error)]
-pub enum SnapshotError {
-    #[error(transparent)]
-    Engine(#[from] EngineError),
-    #[error("object store: {0}")]
-    Store(#[from] StoreError),
-    #[error("snapshot object {key}: {source}")]
-    Corrupt {
-        key: String,
-        source: SnapshotDecodeError,
-    },
-    #[error("volume {volume:016x} has no snapshot named {name:?}")]
-    NotFound { volume: u64, name: String },
-    #[error("volume {volume:016x} already has a snapshot named {name:?}")]
-    AlreadyExists { volume: u64, name: String },
-    #[error("volume {volume:016x}: {reason}")]
-    State { volume: u64, reason: String },
-}
-
-impl From<WriteError> for SnapshotError {
-    /// A store failure stays [`SnapshotError::Store`]; a refused write is
-    /// the engine's [`EngineError::Manifest`].
-    fn from(e: WriteError) -> SnapshotError {
-        match e {
-            WriteError::Store(e) => SnapshotError::Store(e),
-            refused => SnapshotError::Engine(refused.into()),
-        }
-    }
-}
-
-/// The snapshot id of `key`, listed under [`snapshot_prefix`]`(volume)`;
-/// anything but a snapshot key there is an error (never skipped: it may be
-/// a snapshot holding chunks).
-pub(crate) fn snapshot_id_of(volume: u64, key: &str) -> Result<u64, SnapshotError> {
-    parse_snapshot_key(volume, key).ok_or_else(|| SnapshotError::Corrupt {
-        key: key.to_string(),
-        source: SnapshotDecodeError::Invalid("not a snapshot key".into()),
-    })
-}
-
-/// Every snapshot of `volume`, sorted by id. A snapshot that fails to
-/// decode is an error (it may hold chunks; never guess).
-pub async fn list_snapshots(
-    store: &DynStore,
-    volume: u64,
-) -> Result<Vec<SnapshotObject>, SnapshotError> {
-    let prefix = snapshot_prefix(volume);
-    let mut out = Vec::new();
-    for meta in store.list(&prefix).await? {
-        let id = snapshot_id_of(volume, &meta.key)?;
-        match read_snapshot(store, volume, id).await {
-            Ok(snap) => out.push(snap),
-            Err(SnapshotError::Engine(EngineError::Store(StoreError::NotFound { .. })))
-            | Err(SnapshotError::Store(StoreError::NotFound { .. })) => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    out.sort_by_key(|s| s.id);
-    Ok(out)
-}
-
-/// The snapshot of `volume` named `name`.
-pub async fn find_snapshot(
-    store: &DynStore,
-    volume: u64,
-    name: &str,
-) -> Result<SnapshotObject, SnapshotError> {
-    list_snapshots(store, volume)
-        .await?
-        .into_iter()
-        .find(|s| s.name == name)
-        .ok_or_else(|| SnapshotError::NotFound {
-            volume,
-            name: name.to_string(),
-        })
-}
-
-/// Chunks `(seq, epoch)` the deleter must keep because snapshots name them.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RetainSet {
-    /// The snapshots could not all be read: keep every chunk.
-    All,
-    Chunks(HashSet<(u64, u64)>),
-}
-
-impl RetainSet {
-    /// What the snapshots of `volume` name now (from the retention index
-    /// where it is current, see [`super::retain_index`]). Never fails: on
-    /// any error the answer is [`RetainSet::All`] (deleting nothing is
-    /// always safe).
-    pub async fn load(store: &DynStore, volume: u64) -> RetainSet {
-        match super::retain_index::retained_chunks(store, volume).await {
-            Ok(set) => RetainSet::Chunks(set),
-            Err(e) => {
-                log::warn!(
-                    "volume {volume:x}: cannot read its snapshots ({e}); deleting no chunks"
-                );
-                RetainSet::All
-            }
-        }
-    }
-
-    /// True if chunk `(seq, epoch)` must be kept.
-    pub fn keeps(&self, seq: u64, epoch: u64) -> bool {
-        match self {
-            RetainSet::All => true,
-            RetainSet::Chunks(set) => set.contains(&(seq, epoch)),
-        }
-    }
-}
-
-/// The volume's committed manifest and checkpoint (an empty checkpoint if
-/// it has none). Fails unless the checkpoint covers every stored chunk,
-/// which holds right after a clean `close`.
-pub async fn committed_checkpoint(
-    store: &DynStore,
-    volume: u64,
-) -> Result<(Manifest, crate::store::Version, Checkpoint), SnapshotError> {
-    let (m, o) = read_manifest(store, volume).await?;
-    if m.volume != volume || m.checkpoint_chunk != m.last_chunk {
-        return Err(SnapshotError::State {
-            volume,
-            reason: format!(
-                "manifest is not fully checkpointed (checkpoint chunk {}, last chunk {})",
-                m.checkpoint_chunk, m.last_chunk
-            ),
-        });
-    }
-    let cp = load_checkpoint(store, &m).await?;
-    Ok((m, o.version, cp))
-}
-
-/// The checkpoint manifest `m` names (an empty one if it names none),
-/// validated and checked to belong to it. It covers the chunks up to
-/// `m.checkpoint_chunk`, which may lag `m.last_chunk`.
-pub async fn load_checkpoint(store: &DynStore, m: &Manifest) -> Result<Checkpoint, SnapshotError> {
-    let volume = m.volume;
-    let cp = match &m.checkpoint {
-        None => Checkpoint::empty(volume, m.epoch, m.last_seq),
-        Some(_) if m.checkpoint_base.is_some() => {
-            // A chain: rebuilt from its base and deltas (no volume size is
-            // known here; ranges are still checked against overflow).
-            crate::engine::meta::chain::load(store, m, u64::MAX, MAX_METADATA_BYTES)
-                .await?
-                .chain
-                .into_checkpoint()
-        }
-        Some(k) => {
-            let d = get_capped(store, k, MAX_METADATA_BYTES, "checkpoint").await?;
-            let cp_err = |source| EngineError::Checkpoint {
-                key: k.clone(),
-                source,
-            };
-            let cp = Checkpoint::decode(&d.data).map_err(cp_err)?;
-            cp.validate().map_err(cp_err)?;
-            if cp.volume != volume || cp.chunk_seq != m.checkpoint_chunk {
-                return Err(SnapshotError::State {
-                    volume,
-                    reason: format!("checkpoint {k} does not match the manifest"),
-                });
-            }
-            cp
-        }
-    };
-    Ok(cp)
-}
+pub mod store;
 
 /// Store a snapshot named `name` of the volume's committed state. The
 /// volume must have been closed cleanly just before (see
@@ -487,20 +295,5 @@ pub async fn remove_snapshot(store: &DynStore, volume: u64, id: u64) -> Result<(
     match store.delete(&snapshot_key(volume, id)).await {
         Ok(()) | Err(StoreError::NotFound { .. }) => Ok(()),
         Err(e) => Err(e.into()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn retain_set_keeps() {
-        let all = RetainSet::All;
-        assert!(all.keeps(1, 1));
-        let some = RetainSet::Chunks([(1, 2)].into_iter().collect());
-        assert!(some.keeps(1, 2));
-        assert!(!some.keeps(1, 3));
-        assert!(!some.keeps(2, 2));
     }
 }

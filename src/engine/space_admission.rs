@@ -14,8 +14,9 @@
 
 use std::sync::Arc;
 
+use super::format::snapshot::SnapshotObject;
 use super::map::LocSet;
-use super::snapshot::{list_snapshots, SnapshotError, SnapshotObject};
+use super::snapshot::store::{list_snapshots, SnapshotError};
 use super::space::SpaceUsage;
 use super::state::State;
 use super::volume::{Shared, Volume};

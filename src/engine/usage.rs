@@ -16,10 +16,13 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::checkpoint::{Checkpoint, Manifest};
-use super::format::layout::{manifest_key, usage_key};
+use super::checkpoint::Checkpoint;
+use super::error::EngineError;
+use super::format::layout::usage_key;
+use super::format::snapshot::SnapshotObject;
 use super::map::ExtentMap;
-use super::snapshot::{list_snapshots, SnapshotError, SnapshotObject};
+use super::meta::manifest::read_manifest_if_any;
+use super::snapshot::store::{list_snapshots, SnapshotError};
 use super::space::{usage_of, MapUsage, SpaceUsage};
 use super::SECTOR;
 use crate::store::{DynStore, PutMode, StoreError};
@@ -70,6 +73,10 @@ pub enum UsageError {
     Corrupt { key: String, reason: String },
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
+    /// The manifest could not be read (for example: larger than any real
+    /// one can be).
+    #[error(transparent)]
+    Manifest(EngineError),
 }
 
 /// Write `u` as volume `u.volume`'s usage object.
@@ -123,15 +130,12 @@ pub async fn compute_detached(
     id: u64,
     size: u64,
 ) -> Result<DetachedSpace, UsageError> {
-    let key = manifest_key(id);
-    let (map, complete) = match store.get(&key).await {
-        Err(StoreError::NotFound { .. }) => (ExtentMap::new(), true),
-        Err(e) => return Err(e.into()),
-        Ok(o) => {
-            let m: Manifest = serde_json::from_slice(&o.data).map_err(|e| UsageError::Corrupt {
-                key: key.clone(),
-                reason: e.to_string(),
-            })?;
+    let found = read_manifest_if_any(store, id)
+        .await
+        .map_err(manifest_error)?;
+    let (map, complete) = match found {
+        None => (ExtentMap::new(), true),
+        Some((m, _)) => {
             let map = match &m.checkpoint {
                 None => ExtentMap::new(),
                 Some(k) if m.checkpoint_base.is_some() => {
@@ -167,6 +171,18 @@ pub async fn compute_detached(
         snapshots,
         complete,
     })
+}
+
+/// A manifest read's error as a [`UsageError`]: the store's own errors
+/// stay [`UsageError::Store`], a manifest that does not parse or whose
+/// numbers disagree is [`UsageError::Corrupt`], one refused for its size
+/// is [`UsageError::Manifest`].
+fn manifest_error(e: EngineError) -> UsageError {
+    match e {
+        EngineError::Store(e) => UsageError::Store(e),
+        EngineError::Manifest { key, reason } => UsageError::Corrupt { key, reason },
+        other => UsageError::Manifest(other),
+    }
 }
 
 /// Compute a detached volume's space from the store and publish it (after

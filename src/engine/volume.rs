@@ -251,7 +251,7 @@ pub(crate) struct Inner {
     /// A clone's parent: unmapped ranges of `live` read from it.
     pub parent: Option<Arc<super::view::SnapshotView>>,
     /// The snapshot `parent` shows (as the manifest names it).
-    pub parent_ref: Option<super::checkpoint::ParentRef>,
+    pub parent_ref: Option<super::format::manifest::ParentRef>,
     /// Where the destage or meta task reports the end of a `close`.
     pub close_tx: Mutex<Option<oneshot::Sender<Result<(), EngineError>>>>,
 }
@@ -577,7 +577,7 @@ impl Volume {
 
     /// The snapshot this volume (a clone) reads through to, if any; a
     /// snapshot taken of its map must record it.
-    pub fn parent(&self) -> Option<super::checkpoint::ParentRef> {
+    pub fn parent(&self) -> Option<super::format::manifest::ParentRef> {
         self.inner.parent_ref
     }
 

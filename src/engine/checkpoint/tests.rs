@@ -1,6 +1,5 @@
-//! Checkpoint and manifest tests (both encodings).
+//! Checkpoint tests (both encodings).
 use super::*;
-use crate::engine::format::layout::manifest_key;
 
 #[test]
 fn round_trip_and_corruption() {
@@ -59,47 +58,6 @@ fn round_trip_and_corruption() {
     let mut odd = dec.clone();
     odd.extents.push((300, 1, 9, 0));
     assert!(odd.to_map(1000).is_err());
-}
-
-#[test]
-fn manifest_json_rejects_unknown_fields() {
-    let m = Manifest {
-        volume: 1,
-        epoch: 2,
-        checkpoint: None,
-        checkpoint_base: None,
-        checkpoint_chunk: 0,
-        last_chunk: 0,
-        last_seq: 0,
-        history_epoch: 2,
-        parent: None,
-    };
-    let j = serde_json::to_string(&m).unwrap();
-    assert_eq!(serde_json::from_str::<Manifest>(&j).unwrap(), m);
-    let extra = j.replace("{", "{\"x\":1,");
-    assert!(serde_json::from_str::<Manifest>(&extra).is_err());
-    assert_eq!(manifest_key(0x10), "volumes/0000000000000010/manifest");
-}
-
-/// A clone's manifest names its parent; manifests without the field
-/// (every volume that is not a clone, and older ones) parse as before
-/// and are written without it.
-#[test]
-fn manifest_parent_is_optional() {
-    let old = r#"{"volume":1,"epoch":2,"checkpoint":null,"checkpoint_chunk":0,"last_chunk":0,"last_seq":0,"history_epoch":2}"#;
-    let m: Manifest = serde_json::from_str(old).unwrap();
-    assert_eq!(m.parent, None);
-    assert_eq!(serde_json::to_string(&m).unwrap(), old);
-    let clone = Manifest {
-        parent: Some(ParentRef {
-            volume: 3,
-            snapshot: 4,
-        }),
-        ..m
-    };
-    let j = serde_json::to_string(&clone).unwrap();
-    assert!(j.contains(r#""parent":{"volume":3,"snapshot":4}"#), "{j}");
-    assert_eq!(serde_json::from_str::<Manifest>(&j).unwrap(), clone);
 }
 
 /// Zero ranges (clones) round-trip; a map without them encodes as

@@ -7,6 +7,7 @@
 //!   [`limits::MAX_SEQ`]) and the size caps of objects read back;
 //! - [`layout`]: every object key, spelled and parsed in one place;
 //! - [`chunk`]: the chunk object codec;
+//! - [`manifest`]: the manifest object (a volume's root) codec;
 //! - `sealed`: the framing of small binary metadata objects;
 //! - [`snapshot`]: the snapshot object codec (above the rest of `format`:
 //!   it holds a checkpoint).
@@ -14,5 +15,6 @@
 pub mod chunk;
 pub mod layout;
 pub mod limits;
+pub mod manifest;
 pub(crate) mod sealed;
 pub mod snapshot;

@@ -12,7 +12,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::checkpoint::{Checkpoint, ParentRef};
+use super::manifest::ParentRef;
+use crate::engine::checkpoint::Checkpoint;
 use crate::engine::format::limits::MAX_SEQ;
 
 /// Magic of the older all-JSON format (still decoded, no longer written).

@@ -12,9 +12,10 @@
 use crate::engine::capped::get_capped;
 use crate::engine::checkpoint::codec::MAGIC;
 use crate::engine::checkpoint::delta::{Chain, CheckpointObject, Delta};
-use crate::engine::checkpoint::{Checkpoint, CheckpointError, Manifest};
+use crate::engine::checkpoint::{Checkpoint, CheckpointError};
 use crate::engine::error::EngineError;
 use crate::engine::format::layout::manifest_key;
+use crate::engine::format::manifest::Manifest;
 use crate::store::{DynStore, StoreError};
 
 /// The deltas of a chain, oldest first, with the base's key.

@@ -11,7 +11,7 @@
 //! 3. A replacement never lowers the epoch: a writer can only hand the
 //!    volume to itself or a newer epoch.
 
-use crate::engine::checkpoint::Manifest;
+use crate::engine::format::manifest::Manifest;
 
 /// Why `m` may not be created as the first manifest of `volume`.
 pub fn check_create(volume: u64, m: &Manifest) -> Result<(), String> {

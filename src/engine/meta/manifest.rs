@@ -11,14 +11,12 @@
 //! 3. What is read is capped ([`MAX_MANIFEST_BYTES`]) and validated before
 //!    it is returned ([`Manifest::parse`]).
 
-use bytes::Bytes;
-
 use super::invariants::{check_create, check_swap};
 use crate::engine::capped::get_capped;
-use crate::engine::checkpoint::Manifest;
 use crate::engine::error::EngineError;
 use crate::engine::format::layout::manifest_key;
 use crate::engine::format::limits::MAX_MANIFEST_BYTES;
+use crate::engine::format::manifest::Manifest;
 use crate::store::{DynStore, Object, PutMode, StoreError, Version};
 
 /// The manifest as last committed, with its version.
@@ -70,8 +68,25 @@ pub async fn read_manifest(
     Ok((Manifest::parse(volume, &o.data)?, o))
 }
 
-fn encode(m: &Manifest) -> Bytes {
-    Bytes::from(serde_json::to_vec(m).unwrap_or_default())
+/// Read the manifest of `volume` like [`read_manifest`]; `None` when the
+/// volume has none (it was never opened).
+pub async fn read_manifest_if_any(
+    store: &DynStore,
+    volume: u64,
+) -> Result<Option<(Manifest, Object)>, EngineError> {
+    match read_manifest(store, volume).await {
+        Ok(found) => Ok(Some(found)),
+        Err(EngineError::Store(StoreError::NotFound { .. })) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The error for a manifest of `volume` that is refused for `reason`.
+pub fn invalid(volume: u64, reason: impl Into<String>) -> EngineError {
+    EngineError::Manifest {
+        key: manifest_key(volume),
+        reason: reason.into(),
+    }
 }
 
 /// Create `m` as the first manifest of `m.volume`.
@@ -81,7 +96,7 @@ pub async fn create(store: &DynStore, m: &Manifest) -> Result<Put, WriteError> {
         key: key.clone(),
         reason,
     })?;
-    match store.put(&key, encode(m), PutMode::Create).await {
+    match store.put(&key, m.encode(), PutMode::Create).await {
         Ok(v) => Ok(Put::Stored(v)),
         Err(StoreError::AlreadyExists { .. }) => Ok(Put::Conflict),
         Err(e) => Err(e.into()),
@@ -101,7 +116,7 @@ pub async fn swap(
         reason,
     })?;
     match store
-        .put(&key, encode(new), PutMode::IfMatch(version))
+        .put(&key, new.encode(), PutMode::IfMatch(version))
         .await
     {
         Ok(v) => Ok(Put::Stored(v)),
@@ -129,7 +144,7 @@ pub(crate) async fn commit(
         key: key.clone(),
         reason,
     })?;
-    let data = encode(&m);
+    let data = m.encode();
     for _ in 0..3 {
         check_not_fenced()?;
         match store

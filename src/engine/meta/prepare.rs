@@ -1,7 +1,7 @@
 //! The manifests the engine writes, built in one place from the one they
 //! replace. Pure functions: [`super::manifest`] checks and writes them.
 
-use crate::engine::checkpoint::{Manifest, ParentRef};
+use crate::engine::format::manifest::{Manifest, ParentRef};
 
 /// The first manifest of `volume`: no checkpoint, no chunks. A volume
 /// opened for the first time is created at its writer's epoch; a clone is

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use super::*;
 use crate::engine::checkpoint::{Checkpoint, ChunkInfo};
 use crate::engine::format::layout::snapshot_key;
-use crate::engine::snapshot::{RetainSet, SnapshotObject};
+use crate::engine::format::snapshot::SnapshotObject;
 use crate::store::memory::MemoryStore;
 use crate::store::{Object, ObjectMeta, ObjectStore, StoreResult};
 
@@ -313,4 +313,14 @@ async fn no_snapshots_write_no_index_and_a_bad_snapshot_fails() {
         .unwrap();
     assert!(retained_chunks(&store, VOL).await.is_err());
     assert_eq!(RetainSet::load(&store, VOL).await, RetainSet::All);
+}
+
+#[test]
+fn retain_set_keeps() {
+    let all = RetainSet::All;
+    assert!(all.keeps(1, 1));
+    let some = RetainSet::Chunks([(1, 2)].into_iter().collect());
+    assert!(some.keeps(1, 2));
+    assert!(!some.keeps(1, 3));
+    assert!(!some.keeps(2, 2));
 }
