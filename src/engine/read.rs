@@ -388,34 +388,18 @@ async fn read_once(inner: &Inner, offset: u64, out: &mut Out<'_>) -> Result<Atte
     Ok(if retry { Attempt::Retry } else { Attempt::Done })
 }
 
-/// Fill `dst` from `parts` (consecutive byte runs, the first starting
-/// `skip` bytes before `dst`'s first byte); false if they end before
-/// `dst` is full.
-fn copy_parts(parts: &[Bytes], skip: u64, dst: &mut [u8]) -> bool {
-    let mut skip = usize::try_from(skip).unwrap_or(usize::MAX);
-    let mut at = 0;
-    for p in parts {
-        if at == dst.len() {
-            break;
-        }
-        if skip >= p.len() {
-            skip -= p.len();
-            continue;
-        }
-        let n = (p.len() - skip).min(dst.len() - at);
-        dst[at..at + n].copy_from_slice(&p[skip..skip + n]);
-        at += n;
-        skip = 0;
-    }
-    at == dst.len()
-}
-
-/// The runs of `parts` (as in [`copy_parts`]) that make up `len` bytes
-/// from `skip`, shared, not copied; `None` if the parts end first.
-fn share_parts(parts: &[Bytes], skip: u64, len: usize) -> Option<Vec<Bytes>> {
+/// Walk the runs of `parts` (consecutive byte runs, the first starting
+/// `skip` bytes before the wanted ones) that make up `len` bytes: `run`
+/// gets each part and the range of it wanted, in order. False if the
+/// parts end first.
+fn walk_parts(
+    parts: &[Bytes],
+    skip: u64,
+    len: usize,
+    mut run: impl FnMut(&Bytes, Range<usize>),
+) -> bool {
     let mut skip = usize::try_from(skip).unwrap_or(usize::MAX);
     let mut left = len;
-    let mut out = Vec::new();
     for p in parts {
         if left == 0 {
             break;
@@ -425,11 +409,29 @@ fn share_parts(parts: &[Bytes], skip: u64, len: usize) -> Option<Vec<Bytes>> {
             continue;
         }
         let n = (p.len() - skip).min(left);
-        out.push(p.slice(skip..skip + n));
+        run(p, skip..skip + n);
         left -= n;
         skip = 0;
     }
-    (left == 0).then_some(out)
+    left == 0
+}
+
+/// Fill `dst` from `parts` ([`walk_parts`] of `dst.len()` bytes); false
+/// if they end before `dst` is full.
+fn copy_parts(parts: &[Bytes], skip: u64, dst: &mut [u8]) -> bool {
+    let mut at = 0;
+    walk_parts(parts, skip, dst.len(), |p, r| {
+        let n = r.len();
+        dst[at..at + n].copy_from_slice(&p[r]);
+        at += n;
+    })
+}
+
+/// The runs of `parts` ([`walk_parts`] of `len` bytes), shared, not
+/// copied; `None` if the parts end first.
+fn share_parts(parts: &[Bytes], skip: u64, len: usize) -> Option<Vec<Bytes>> {
+    let mut out = Vec::new();
+    walk_parts(parts, skip, len, |p, r| out.push(p.slice(r))).then_some(out)
 }
 
 /// Block CRCs per cache window.

@@ -297,6 +297,17 @@ impl std::fmt::Debug for Volume {
 }
 
 impl Volume {
+    /// What every read does first: check the range, and note it for the
+    /// warm-start recording.
+    fn admit_read(&self, offset: u64, len: usize) -> Result<(), BlockError> {
+        check_range(offset, len as u64, self.inner.size)?;
+        if let Some(w) = self.warm.get() {
+            w.recorder
+                .note(self.inner.clock.monotonic(), offset, len as u64);
+        }
+        Ok(())
+    }
+
     /// Open (recovering as needed) a volume. Must be called inside a tokio
     /// runtime: the destage task and store reads run on it.
     pub async fn open(
@@ -829,20 +840,12 @@ impl BlockDevice for Volume {
     }
 
     async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
-        check_range(offset, buf.len() as u64, self.inner.size)?;
-        if let Some(w) = self.warm.get() {
-            w.recorder
-                .note(self.inner.clock.monotonic(), offset, buf.len() as u64);
-        }
+        self.admit_read(offset, buf.len())?;
         read::read(&self.inner, offset, buf).await
     }
 
     async fn read_parts(&self, offset: u64, buf: Vec<u8>) -> Result<ReadParts, BlockError> {
-        check_range(offset, buf.len() as u64, self.inner.size)?;
-        if let Some(w) = self.warm.get() {
-            w.recorder
-                .note(self.inner.clock.monotonic(), offset, buf.len() as u64);
-        }
+        self.admit_read(offset, buf.len())?;
         read::read_parts(&self.inner, offset, buf).await
     }
 

@@ -100,12 +100,12 @@ impl RequestMetrics {
     }
 
     /// Count a completed request.
-    pub fn record(&self, op: Op, bytes: u64, started: Instant, result: &Result<(), BlockError>) {
+    pub fn record<T>(&self, op: Op, bytes: u64, started: Instant, result: &Result<T, BlockError>) {
         let m = self.op(op);
         m.latency.observe(started.elapsed());
         m.requests.fetch_add(1, Ordering::Relaxed);
         match result {
-            Ok(()) => {
+            Ok(_) => {
                 m.bytes.fetch_add(bytes, Ordering::Relaxed);
             }
             Err(e) => {
@@ -209,12 +209,7 @@ impl BlockDevice for MeteredDevice {
         let t = Instant::now();
         let len = buf.len() as u64;
         let r = self.inner.read_parts(offset, buf).await;
-        self.metrics.record(
-            Op::Read,
-            len,
-            t,
-            &r.as_ref().map(|_| ()).map_err(Clone::clone),
-        );
+        self.metrics.record(Op::Read, len, t, &r);
         r
     }
 
