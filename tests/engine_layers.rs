@@ -74,26 +74,43 @@ const LAYERS: &[(&str, &[&str])] = &[
         &["usage", "scrub"],
     ),
     (
+        "volume state: requests to the background tasks, the state under the volume's \
+         lock, the read path's tables (GETs in flight, readahead streams)",
+        &["task_request", "state", "read_state"],
+    ),
+    (
+        "volume core: what an open volume's tasks and request paths share (Inner, \
+         Shared, Counters, VolumeParams)",
+        &["volume_core"],
+    ),
+    (
+        "request paths: reads, shared GETs, readahead, warm start, space admission, \
+         opening the WAL",
+        &[
+            "read",
+            "inflight",
+            "prefetch",
+            "warm_start",
+            "space_admission",
+            "wal_open",
+        ],
+    ),
+    (
+        "test and bench aids: an in-memory block device, state for benchmarks",
+        &["memdisk", "bench_support"],
+    ),
+    (
         "rest: not sorted yet",
         &[
-            "bench_support",
             "clone",
             "commit",
             "compact",
             "destage",
-            "inflight",
             "live_snapshot",
-            "memdisk",
             "meta::task",
-            "prefetch",
-            "read",
             "recovery",
             "snapshot",
-            "space_admission",
-            "state",
             "volume",
-            "wal_open",
-            "warm_start",
         ],
     ),
 ];

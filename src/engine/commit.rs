@@ -34,7 +34,7 @@ use super::format::manifest::Manifest;
 use super::meta::chain::ChainPos;
 use super::meta::manifest::{self, Root};
 use super::meta::prepare;
-use super::volume::Inner;
+use super::volume_core::Inner;
 use crate::store::delete_many::{delete_many, DELETES_IN_FLIGHT};
 use crate::store::PutMode;
 

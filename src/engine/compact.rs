@@ -40,7 +40,7 @@ use super::format::limits::COMPACTED_BIT;
 use super::map::Loc;
 use super::retain_index::RetainSet;
 use super::state::{ChunkEntry, State};
-use super::volume::Inner;
+use super::volume_core::Inner;
 use super::SECTOR;
 use crate::store::DynStore;
 

@@ -54,7 +54,7 @@ use super::format::layout::chunk_key;
 use super::live_snapshot;
 use super::meta::task::{Command, MetaSender};
 use super::state::State;
-use super::volume::Inner;
+use super::volume_core::Inner;
 #[cfg(doc)]
 use crate::store::{ObjectStore, DEFAULT_PUTS_IN_FLIGHT};
 use crate::store::{PutMode, StoreError};

@@ -34,47 +34,24 @@
 //!    memory (in flight or staged) is bounded by
 //!    `engine.prefetch_max_in_flight` plus one run.
 
-use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::channel::oneshot;
-use futures::future::{BoxFuture, FutureExt, Shared};
+use futures::future::FutureExt;
 
 use super::cache::{Cache, Reservation, SLOT};
 use super::checkpoint::ChunkInfo;
 use super::format::layout::chunk_key;
 use super::read::{fetch_within, window_crcs, window_id, StoreOrCrc};
-use super::volume::Inner;
+use super::read_state::{FetchError, Inflight, Mode, RunFuture, RunResult, Staged, Table};
+use super::volume_core::Inner;
 use crate::store::StoreError;
 
 /// The longest run one GET covers.
 pub const MAX_RUN: u64 = 8 << 20;
-
-/// A chunk window: `(volume, chunk seq, epoch, window number)`.
-type WinKey = (u64, u64, u64, u64);
-
-/// A window's entry: the run it belongs to, the run's bytes (a shared
-/// future) and the data-area offset where the run starts.
-type Entry = (u64, RunFuture, u64);
-
-/// A cached prefetch run whose windows wait in memory for a read
-/// (invariant 5).
-#[derive(Debug)]
-struct Staged {
-    /// `(volume, chunk seq, epoch)` of the run's chunk.
-    chunk: (u64, u64, u64),
-    /// The run's windows not yet taken.
-    left: Vec<u64>,
-    /// The run's bytes, from data-area offset `start` to `stop`.
-    data: Bytes,
-    start: u64,
-    stop: u64,
-    /// The prefetcher's budget the bytes are counted in.
-    in_flight: Arc<AtomicU64>,
-}
 
 impl Staged {
     /// Bytes of window `w` of the run.
@@ -96,26 +73,6 @@ fn give_back(budget: &AtomicU64, len: u64) {
     });
 }
 
-/// The table's contents, under one lock.
-#[derive(Debug, Default)]
-struct Table {
-    windows: HashMap<WinKey, Entry>,
-    /// Staged runs by run id (ids grow, so the first is the oldest).
-    staged: BTreeMap<u64, Staged>,
-}
-
-/// Why a shared GET failed (cloneable, since every waiter gets it).
-#[derive(Debug, Clone)]
-pub(crate) enum FetchError {
-    /// The chunk object is gone (deleted by GC after the map named it).
-    NotFound,
-    Store(String),
-    /// The bytes failed their block CRC check.
-    Crc(String),
-    /// The runtime dropped the GET (shutting down).
-    Closed,
-}
-
 impl From<StoreOrCrc> for FetchError {
     fn from(e: StoreOrCrc) -> Self {
         match e {
@@ -125,9 +82,6 @@ impl From<StoreOrCrc> for FetchError {
         }
     }
 }
-
-type RunResult = Result<Bytes, FetchError>;
-type RunFuture = Shared<BoxFuture<'static, RunResult>>;
 
 /// One window's share of a GET.
 pub(crate) struct WindowWait {
@@ -146,34 +100,6 @@ impl WindowWait {
         }
         Ok(data.slice(self.at..end))
     }
-}
-
-/// What [`Inflight::fetch`] does about windows of the range.
-pub(crate) enum Mode<'a> {
-    /// A foreground read: join GETs in flight, send GETs for the rest.
-    Read {
-        /// Data-area bytes the read uses (for the cache's reuse detection).
-        used: Range<u64>,
-    },
-    /// Readahead: skip windows cached or in flight; send GETs for the rest
-    /// only while `in_flight < limit` (counted in `in_flight`, and given
-    /// back when the GET ends).
-    Prefetch {
-        in_flight: &'a Arc<AtomicU64>,
-        limit: u64,
-        /// Counted on errors (which are logged, never returned).
-        errors: &'a Arc<AtomicU64>,
-    },
-}
-
-/// The table of GETs in flight, per volume.
-#[derive(Debug, Default)]
-pub(crate) struct Inflight {
-    table: Mutex<Table>,
-    next_run: AtomicU64,
-    /// Windows whose reader joined a GET another reader or the prefetcher
-    /// had sent.
-    pub joined: AtomicU64,
 }
 
 impl std::fmt::Debug for WindowWait {

@@ -54,26 +54,10 @@ use super::snapshot::{
     find_snapshot, set_deleting, store_snapshot, RetainSet, SnapshotError, SnapshotObject,
 };
 use super::state::State;
-use super::volume::{Inner, Volume};
+use super::task_request::{GcRequest, Reply, SnapshotRequest};
+use super::volume::Volume;
+use super::volume_core::Inner;
 use crate::store::StoreError;
-
-type Reply = Result<SnapshotObject, SnapshotError>;
-
-/// A request to delete unreferenced chunks (destage hands it to the meta
-/// task); the answer
-/// is how many it deleted, or why it stopped.
-pub(crate) type GcRequest = oneshot::Sender<Result<u64, String>>;
-
-/// A snapshot asked of the destage task (which hands it to the meta task
-/// once its ops are stored).
-#[derive(Debug)]
-pub(crate) struct SnapshotRequest {
-    /// Every op up to this sequence number must be in the snapshot.
-    target: u64,
-    name: String,
-    created_ms: u64,
-    reply: oneshot::Sender<Reply>,
-}
 
 impl Volume {
     /// Take snapshot `name` of this open volume, crash-consistent at a flush

@@ -36,7 +36,13 @@
 //! [`map`], [`wal`], the metadata codecs ([`checkpoint`], [`crc_table`]),
 //! [`cache`] and [`space`], [`error`], the metadata store I/O ([`capped`],
 //! [`meta`]: the manifest store and checkpoint chain, `fenced_delete`),
-//! then the rest (not sorted yet).
+//! stored snapshots ([`snapshot::store`], [`retain_index`], [`view`],
+//! [`diff`]), detached volume tools ([`usage`], [`scrub`]), an open
+//! volume's state (`task_request`, `state`, `read_state`), its core
+//! (`volume_core`: what its tasks and request paths share), the request
+//! paths (`read`, `inflight`, `prefetch`, [`warm_start`],
+//! `space_admission`, `wal_open`), test and bench aids, then the rest (not
+//! sorted yet).
 //! `tests/engine_layers.rs` holds the table and enforces it.
 
 use std::ops::Range;
@@ -70,6 +76,7 @@ pub mod memdisk;
 pub mod meta;
 mod prefetch;
 mod read;
+mod read_state;
 mod recovery;
 pub mod retain_index;
 pub mod scrub;
@@ -77,16 +84,19 @@ pub mod snapshot;
 pub mod space;
 mod space_admission;
 mod state;
+mod task_request;
 pub mod usage;
 pub mod view;
 pub mod volume;
+mod volume_core;
 pub mod wal;
 mod wal_open;
 pub mod warm_start;
 
 pub use allocation::{Allocation, Extent};
 pub use error::EngineError;
-pub use volume::{Volume, VolumeParams, VolumeStats};
+pub use volume::{Volume, VolumeStats};
+pub use volume_core::VolumeParams;
 
 /// Bytes per sector: the addressing unit of every request.
 pub const SECTOR: u64 = 512;

@@ -48,31 +48,17 @@
 //!    small FIFO), so readahead cannot evict itself before it is read or
 //!    push the cache's hot set out, and at half `prefetch_max_in_flight`.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 
 use super::cache::SLOT;
-use super::inflight::Mode;
 use super::read::ChunkPiece;
-use super::volume::Inner;
+use super::read_state::{Mode, Prefetch, Stream, Streams};
+use super::volume_core::Inner;
 
 /// Sequential streams tracked at once, per volume.
 pub const MAX_STREAMS: usize = 8;
 /// Readahead of a stream's first continuing read (then doubled).
 pub const FIRST_WINDOW: u64 = 512 << 10;
-
-/// One sequential stream.
-#[derive(Debug, Clone, Copy)]
-struct Stream {
-    /// Where the stream's furthest read ended (volume bytes).
-    next: u64,
-    /// Readahead window, bytes (0 until the stream is seen to continue).
-    window: u64,
-    /// Volume bytes up to which readahead was sent.
-    issued: u64,
-    /// Last use, for replacement.
-    tick: u64,
-}
 
 /// What a read means for the streams.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,13 +77,6 @@ pub enum Seen {
 /// of the window (at least a cache window).
 fn refill(window: u64) -> u64 {
     (window / 8).max(SLOT)
-}
-
-/// The stream detector (pure: no I/O; unit tested on its own).
-#[derive(Debug, Default)]
-pub struct Streams {
-    streams: Vec<Stream>,
-    tick: u64,
 }
 
 impl Streams {
@@ -179,18 +158,6 @@ impl Streams {
             .find(|s| s.next == next)
             .map(|s| s.window)
     }
-}
-
-/// A volume's prefetcher.
-#[derive(Debug, Default)]
-pub(crate) struct Prefetch {
-    streams: Mutex<Streams>,
-    /// Bytes of prefetch GETs in flight (invariant 3).
-    in_flight: Arc<AtomicU64>,
-    /// Prefetch GETs that failed.
-    pub errors: Arc<AtomicU64>,
-    /// Bytes prefetch GETs were sent for.
-    pub bytes: AtomicU64,
 }
 
 impl Prefetch {

@@ -51,7 +51,7 @@ use super::meta::manifest::{read_manifest, Put};
 use super::meta::{self, prepare};
 use super::state::State;
 use super::view::SnapshotView;
-use super::volume::VolumeParams;
+use super::volume_core::VolumeParams;
 use super::wal;
 use super::wal_open;
 use super::SECTOR;

@@ -1,6 +1,7 @@
 //! The space admission of an open volume: a write needing space the pool
-//! lacks fails with ENOSPC before anything is logged; and the volume's
-//! space API. What `used` counts is defined in [`super::space`].
+//! lacks fails with ENOSPC before anything is logged. The volume's space
+//! API is in `volume/space.rs`. What `used` counts is defined in
+//! [`super::space`].
 //!
 //! Invariants:
 //! 1. A write is admitted only if `used + inflight + growth <= allowance`,
@@ -16,10 +17,9 @@ use std::sync::Arc;
 
 use super::format::snapshot::SnapshotObject;
 use super::map::LocSet;
-use super::snapshot::store::{list_snapshots, SnapshotError};
-use super::space::SpaceUsage;
+use super::snapshot::store::list_snapshots;
 use super::state::State;
-use super::volume::{Shared, Volume};
+use super::volume_core::Shared;
 use super::wal::NewRecord;
 use super::SECTOR;
 use crate::error::BlockError;
@@ -95,51 +95,10 @@ pub(crate) async fn load_snapshot_refs(store: &DynStore, volume: u64) -> Option<
 }
 
 /// The chunk locations the checkpoints of `snaps` reference.
-fn refs_of(snaps: &[SnapshotObject]) -> LocSet {
+pub(crate) fn refs_of(snaps: &[SnapshotObject]) -> LocSet {
     let mut set = LocSet::new();
     for s in snaps {
         s.checkpoint.add_locations(&mut set);
     }
     set
-}
-
-impl Volume {
-    /// The volume's space now (exact; see the module docs).
-    pub fn space_usage(&self) -> SpaceUsage {
-        let st = self.inner.shared.lock();
-        let used = st.used_bytes();
-        let live = st.view_data_bytes();
-        SpaceUsage {
-            used,
-            live,
-            snapshot_only: used.saturating_sub(live),
-            limit: st.space.limit,
-            reserve: st.space.reserve,
-        }
-    }
-
-    /// Set how many bytes the volume may use (`None`: unlimited).
-    pub fn set_space_limit(&self, limit: Option<u64>) {
-        self.inner.shared.lock().space.limit = limit;
-    }
-
-    /// Set the bytes reserved for the volume (a thick volume's size).
-    pub fn set_space_reserve(&self, bytes: u64) {
-        self.inner.shared.lock().space.reserve = bytes;
-    }
-
-    /// Account against the snapshots in `snaps` from now on (call after a
-    /// snapshot of this volume was created or deleted).
-    pub fn set_snapshots(&self, snaps: &[SnapshotObject]) {
-        let refs = Arc::new(refs_of(snaps));
-        self.inner.shared.lock().track(Some(refs));
-    }
-
-    /// Re-read the volume's snapshots from the store and account against
-    /// them (see [`Volume::set_snapshots`]).
-    pub async fn reload_snapshots(&self) -> Result<(), SnapshotError> {
-        let snaps = list_snapshots(&self.inner.store, self.inner.id).await?;
-        self.set_snapshots(&snaps);
-        Ok(())
-    }
 }

@@ -40,6 +40,7 @@ use super::format::chunk::ChunkExtent;
 use super::live::Overlay;
 use super::map::LocSet;
 use super::map::{ExtentMap, Loc, Piece, WalLoc};
+use super::task_request::{GcRequest, SnapshotRequest};
 use super::wal::record::RecordKind;
 use super::wal::Appended;
 use super::SECTOR;
@@ -123,9 +124,9 @@ pub struct State {
     /// A snapshot is being taken: new writes, trims and zeroes wait.
     pub writes_paused: bool,
     /// The snapshot the destage task is asked to take, not yet served.
-    pub snapshot_req: Option<super::live_snapshot::SnapshotRequest>,
+    pub snapshot_req: Option<SnapshotRequest>,
     /// A request to the destage task to delete unreferenced chunks.
-    pub gc_req: Option<super::live_snapshot::GcRequest>,
+    pub gc_req: Option<GcRequest>,
     /// The destage task has ended: nobody will serve a snapshot request.
     pub destage_stopped: bool,
     /// The pool's terms for this volume (see [`super::space`]).

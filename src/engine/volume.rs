@@ -23,9 +23,8 @@
 //!    acknowledgement deadline, see `catalog::lease`); a refusal fails the
 //!    request with [`BlockError::Fenced`].
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -40,6 +39,7 @@ use super::meta;
 use super::meta::manifest::Root;
 use super::recovery;
 use super::state::State;
+use super::volume_core::{Counters, Inner, Shared};
 use super::wal::record::RecordKind;
 use super::wal::{NewRecord, Wal};
 use super::{check_range, read, warm_start, BlockDevice, ReadParts, SECTOR};
@@ -47,17 +47,9 @@ use crate::clock::DynClock;
 use crate::error::BlockError;
 use crate::store::DynStore;
 
-/// Identity and placement of a volume.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VolumeParams {
-    pub id: u64,
-    /// Size in bytes; a non-zero multiple of 512.
-    pub size: u64,
-    /// Writer epoch from the lease; every open must use a new, higher one.
-    pub epoch: u64,
-    /// Local directory for the WAL and read cache of this volume.
-    pub local_dir: PathBuf,
-}
+mod space;
+
+pub use super::volume_core::VolumeParams;
 
 /// Counters describing a volume (see [`Volume::stats`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -127,28 +119,6 @@ pub struct VolumeStats {
     pub fetch_shared: u64,
 }
 
-#[derive(Debug, Default)]
-pub(crate) struct Counters {
-    pub chunks_written: AtomicU64,
-    pub chunk_bytes_written: AtomicU64,
-    pub checkpoints_written: AtomicU64,
-    pub chunks_deleted: AtomicU64,
-    pub chunks_compacted: AtomicU64,
-    pub compacted_bytes_written: AtomicU64,
-    pub destage_errors: AtomicU64,
-    pub store_reads: AtomicU64,
-    pub cache_hits: AtomicU64,
-    pub cache_misses: AtomicU64,
-    pub snapshots_taken: AtomicU64,
-    pub last_snapshot_pause_us: AtomicU64,
-    pub backpressure_us: AtomicU64,
-    pub destage_us: AtomicU64,
-    pub checkpoint_us: AtomicU64,
-    pub cache_hit_bytes: AtomicU64,
-    pub prefetch_hit_bytes: AtomicU64,
-    pub cache_corrupt: AtomicU64,
-}
-
 /// Whether acknowledgements may be given now (invariant 7). Implemented by
 /// the lease (`catalog::lease`); the engine only asks.
 pub trait AckGate: Send + Sync {
@@ -174,19 +144,6 @@ pub enum Admission {
 /// extent. Reads inside a big record stay small because the record has a
 /// CRC per 4 KiB block (see [`super::wal::record`]).
 const MAX_RECORD: usize = 32 << 20;
-
-/// State shared with the WAL writer thread.
-#[derive(Debug, Default)]
-pub(crate) struct Shared {
-    pub state: Mutex<State>,
-    pub notify: tokio::sync::Notify,
-}
-
-impl Shared {
-    pub fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
 
 /// Room under the unstored bound taken by one admitted request until its
 /// records are in the pending queue (or it failed): counted in
@@ -224,36 +181,6 @@ fn open_cache(
     let owner = std::fs::read(params.local_dir.join("identity.json"))
         .unwrap_or_else(|_| params.local_dir.as_os_str().as_encoded_bytes().to_vec());
     Ok(super::cache::Cache::open(&dir, cfg.cache_size, &owner)?)
-}
-
-/// Everything the background tasks and the request paths share.
-pub(crate) struct Inner {
-    pub id: u64,
-    pub size: u64,
-    pub epoch: u64,
-    pub cfg: EngineConfig,
-    /// Unstored bytes at which writes wait: `cfg.max_unstored_bytes` or
-    /// less ([`super::destage::window::backlog_bound`]).
-    pub unstored_bound: u64,
-    pub clock: DynClock,
-    pub store: DynStore,
-    pub rt: tokio::runtime::Handle,
-    pub wal: Wal,
-    pub shared: Arc<Shared>,
-    pub counters: Counters,
-    pub cache: Option<Arc<super::cache::Cache>>,
-    /// Chunk window GETs in flight, shared by concurrent readers.
-    pub fetches: Arc<super::inflight::Inflight>,
-    /// Chunk block-CRC tables, read from chunk headers on first use.
-    pub tables: Arc<super::crc_table::CrcTables>,
-    /// Readahead of sequential reads into the cache.
-    pub prefetch: super::prefetch::Prefetch,
-    /// A clone's parent: unmapped ranges of `live` read from it.
-    pub parent: Option<Arc<super::view::SnapshotView>>,
-    /// The snapshot `parent` shows (as the manifest names it).
-    pub parent_ref: Option<super::format::manifest::ParentRef>,
-    /// Where the destage or meta task reports the end of a `close`.
-    pub close_tx: Mutex<Option<oneshot::Sender<Result<(), EngineError>>>>,
 }
 
 /// An open volume. Dropping it without [`Volume::close`] stops its

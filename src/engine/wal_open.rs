@@ -24,7 +24,7 @@ use super::error::EngineError;
 use super::format::layout::chunk_key;
 use super::map::Loc;
 use super::state::State;
-use super::volume::VolumeParams;
+use super::volume_core::VolumeParams;
 use super::wal::fs::DynWalFs;
 use super::wal::record::RecordKind;
 use super::wal::scan::{record_span, scan, Lineage, SegScan};

@@ -30,7 +30,7 @@ use super::capped::get_capped;
 use super::error::EngineError;
 use super::format::layout::warm_start_key;
 use super::format::sealed::{seal, unseal, SealError};
-use super::volume::Inner;
+use super::volume_core::Inner;
 use crate::store::{PutMode, StoreError};
 
 const MAGIC: &[u8; 8] = b"SHALEWS1";

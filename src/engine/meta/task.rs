@@ -40,8 +40,9 @@ use super::manifest::Root;
 use crate::engine::commit::{checkpoint, commit_progress, final_checkpoint};
 use crate::engine::destage::{check_not_fenced, fail, finish};
 use crate::engine::error::EngineError;
-use crate::engine::live_snapshot::{self, GcRequest, SnapshotRequest};
-use crate::engine::volume::Inner;
+use crate::engine::live_snapshot;
+use crate::engine::task_request::{GcRequest, SnapshotRequest};
+use crate::engine::volume_core::Inner;
 
 /// What the destage task tells the meta task.
 #[derive(Debug)]
