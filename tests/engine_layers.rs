@@ -18,16 +18,17 @@ use std::path::{Path, PathBuf};
 ///
 /// Rules:
 /// 1. A unit uses only units of its own layer or of lower layers.
-/// 2. The units of every layer but the last import each other without a
-///    cycle (the last layer, `rest`, is not sorted yet).
+/// 2. The units of every layer import each other without a cycle.
 /// 3. Every engine module is in some unit: a new module must be placed.
 ///
 /// A unit may sit above its parent: `format::snapshot` (the snapshot
 /// codec) holds a checkpoint and sits with the checkpoint codec; `meta` (the manifest store, the
 /// checkpoint chain) is low, its child `meta::task` (the task that drives
-/// checkpoints and snapshots of an open volume) sits in the rest; so does
-/// `snapshot` (taking, rolling back and deleting snapshots), above its
-/// child `snapshot::store` (reading them).
+/// checkpoints and snapshots of an open volume) sits with the background
+/// tasks; `snapshot` (taking, rolling back and deleting snapshots) sits
+/// above its child `snapshot::store` (reading them). A child may also be
+/// part of its parent's unit: `volume/snapshot.rs` and `volume/space.rs`
+/// (the façade's snapshot and space API) are in the unit `volume`.
 ///
 /// Items defined in the engine root (`SECTOR`, `check_range`,
 /// `BlockDevice`) may be used from any layer; the root's re-exports
@@ -70,6 +71,11 @@ const LAYERS: &[(&str, &[&str])] = &[
         &["snapshot::store", "retain_index", "view", "diff"],
     ),
     (
+        "snapshot operations on a stored volume: taking, rolling back and deleting \
+         snapshots, deleting the compaction objects nothing names",
+        &["compaction_gc", "snapshot"],
+    ),
+    (
         "detached volume tools: space computed from the store, scrub",
         &["usage", "scrub"],
     ),
@@ -100,18 +106,20 @@ const LAYERS: &[(&str, &[&str])] = &[
         &["memdisk", "bench_support"],
     ),
     (
-        "rest: not sorted yet",
-        &[
-            "clone",
-            "commit",
-            "compact",
-            "destage",
-            "live_snapshot",
-            "meta::task",
-            "recovery",
-            "snapshot",
-            "volume",
-        ],
+        "store side of an open volume: compaction, checkpoints and manifest commits",
+        &["compact", "commit"],
+    ),
+    (
+        "open-volume snapshots (served in the meta task) and recovery at open",
+        &["live_snapshot", "recovery"],
+    ),
+    (
+        "background tasks: destage, the meta task",
+        &["destage", "meta::task"],
+    ),
+    (
+        "the façade: an open volume, and cloning one",
+        &["volume", "clone"],
     ),
 ];
 
@@ -397,8 +405,7 @@ impl Layers {
                 ));
             }
         }
-        let last = self.names.len() - 1;
-        for layer in 0..last {
+        for layer in 0..self.names.len() {
             let members: BTreeSet<String> = self
                 .units
                 .iter()

@@ -42,7 +42,7 @@ use crate::store::PutMode;
 /// volume's writer ([`super::meta::manifest::commit`]).
 pub(crate) async fn commit(inner: &Inner, root: &mut Root, m: Manifest) -> Result<(), EngineError> {
     manifest::commit(&inner.store, inner.epoch, root, m, || {
-        super::destage::check_not_fenced(inner)
+        inner.check_not_fenced()
     })
     .await
 }

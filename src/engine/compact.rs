@@ -33,7 +33,6 @@ use bytes::Bytes;
 
 use super::checkpoint::ChunkInfo;
 use super::error::EngineError;
-use super::fenced_delete::FencedDeleter;
 use super::format::chunk::{decode_header, encode, verify_blocks, ChunkExtent, ChunkHeader};
 use super::format::layout::{chunk_key, compacted_prefix, parse_chunk_name};
 use super::format::limits::COMPACTED_BIT;
@@ -127,7 +126,7 @@ pub(crate) async fn compact(inner: &Inner) -> Result<(), EngineError> {
         source,
     })?;
     let size = obj.len() as u64;
-    super::destage::put_create(inner, &key, Bytes::from(obj)).await?;
+    inner.put_create(&key, Bytes::from(obj)).await?;
     let info = Arc::new(ChunkInfo {
         seq: id,
         epoch: inner.epoch,
@@ -238,36 +237,6 @@ fn repoint(st: &mut State, info: Arc<ChunkInfo>, moved: &[(LiveRange, u64)]) {
             }
         }
     }
-}
-
-/// Delete the compaction objects of `deleter`'s volume that `named` (the
-/// chunks the volume's committed or in-memory map names) and `retain` (its
-/// snapshots) both leave out, of the deleter's epoch or older only, with
-/// fencing re-checked as it goes ([`FencedDeleter`]). Only for a caller
-/// that writes the volume and runs no compaction meanwhile (a detached
-/// volume under its lease, or the meta task itself). Returns how many
-/// were deleted.
-pub(crate) async fn delete_unnamed(
-    deleter: &mut FencedDeleter<'_>,
-    store: &DynStore,
-    volume: u64,
-    named: &HashSet<(u64, u64)>,
-    retain: &RetainSet,
-) -> Result<u64, EngineError> {
-    let prefix = compacted_prefix(volume);
-    let mut deleted = 0;
-    for meta in store.list(&prefix).await? {
-        let Some((seq, epoch)) = parse_chunk_name(&meta.key[prefix.len()..]) else {
-            continue;
-        };
-        if named.contains(&(seq, epoch)) || retain.keeps(seq, epoch) {
-            continue;
-        }
-        if deleter.delete(&meta.key, epoch).await? {
-            deleted += 1;
-        }
-    }
-    Ok(deleted)
 }
 
 /// At open: delete compaction objects of this volume that neither the

@@ -52,12 +52,11 @@ use super::error::EngineError;
 use super::format::chunk::{decode_header, ChunkExtent};
 use super::format::layout::chunk_key;
 use super::live_snapshot;
-use super::meta::task::{Command, MetaSender};
 use super::state::State;
+use super::task_request::{Command, MetaSender};
 use super::volume_core::Inner;
 #[cfg(doc)]
 use crate::store::{ObjectStore, DEFAULT_PUTS_IN_FLIGHT};
-use crate::store::{PutMode, StoreError};
 
 mod build;
 mod newest;
@@ -109,7 +108,7 @@ fn chunk_future(
             },
         };
         let started = inner.clock.now();
-        let res = put_create(&inner, &built.key, built.obj.clone()).await;
+        let res = inner.put_create(&built.key, built.obj.clone()).await;
         let took = inner.clock.now().saturating_sub(started).as_micros();
         let took = u64::try_from(took).unwrap_or(u64::MAX);
         inner.counters.destage_us.fetch_add(took, Ordering::Relaxed);
@@ -155,7 +154,7 @@ pub(crate) async fn run(inner: Arc<Inner>, meta: MetaSender) {
     // The newest store position a commit was asked for (asked once).
     let mut commit_asked = 0;
     loop {
-        if let Err(e) = check_not_fenced(&inner) {
+        if let Err(e) = inner.check_not_fenced() {
             fail(&inner, e, &mut backoff, false).await;
             return;
         }
@@ -300,11 +299,11 @@ fn forward_requests(meta: &MetaSender, due: live_snapshot::Due) -> bool {
 /// gave up): nothing more can be committed, so destage stops too. A close
 /// still waiting is answered.
 fn meta_gone(inner: &Inner) {
-    let res = match check_not_fenced(inner) {
+    let res = match inner.check_not_fenced() {
         Err(e) => Err(e),
         Ok(()) => Err(EngineError::Closed),
     };
-    finish(inner, res);
+    inner.finish_close(res);
 }
 
 /// Record a failure. Returns true when the task must stop (fenced, or a
@@ -326,7 +325,7 @@ pub(crate) async fn fail(
         }
         // The other task (destage or meta) stops at its next look.
         inner.shared.notify.notify_one();
-        finish(inner, Err(EngineError::Fenced(why)));
+        inner.finish_close(Err(EngineError::Fenced(why)));
         return true;
     }
     inner
@@ -340,7 +339,7 @@ pub(crate) async fn fail(
         st.closing && st.destage_failures >= CLOSE_GIVE_UP
     };
     if give_up {
-        finish(inner, Err(e));
+        inner.finish_close(Err(e));
         return true;
     }
     let delay = *backoff;
@@ -349,28 +348,6 @@ pub(crate) async fn fail(
         tokio::time::sleep(delay).await;
     }
     false
-}
-
-/// Err once the volume was fenced ([`super::Volume::fence`]): a fenced
-/// volume stores nothing more.
-pub(crate) fn check_not_fenced(inner: &Inner) -> Result<(), EngineError> {
-    match &inner.shared.lock().fenced {
-        Some(why) => Err(EngineError::Fenced(why.clone())),
-        None => Ok(()),
-    }
-}
-
-/// Report the end of a close, if one is waiting.
-pub(crate) fn finish(inner: &Inner, res: Result<(), EngineError>) {
-    let tx = inner
-        .close_tx
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .take();
-    if let Some(tx) = tx {
-        let _ = tx.send(res);
-    }
-    inner.shared.lock().wake_all();
 }
 
 /// Take the records for the next chunk, if destage is due.
@@ -481,24 +458,4 @@ fn apply(inner: &Inner, b: Built) -> u64 {
         .chunk_bytes_written
         .fetch_add(size, Ordering::Relaxed);
     stored_seq
-}
-
-/// Create `key`; an existing object with identical bytes (our own earlier
-/// attempt) counts as success, any other content means another writer.
-pub(crate) async fn put_create(inner: &Inner, key: &str, obj: Bytes) -> Result<(), EngineError> {
-    check_not_fenced(inner)?;
-    match inner.store.put(key, obj.clone(), PutMode::Create).await {
-        Ok(_) => Ok(()),
-        Err(StoreError::AlreadyExists { .. }) => {
-            let cur = inner.store.get(key).await?;
-            if cur.data == obj {
-                Ok(())
-            } else {
-                Err(EngineError::Fenced(format!(
-                    "{key} was written by another writer"
-                )))
-            }
-        }
-        Err(e) => Err(e.into()),
-    }
 }

@@ -37,12 +37,16 @@
 //! [`cache`] and [`space`], [`error`], the metadata store I/O ([`capped`],
 //! [`meta`]: the manifest store and checkpoint chain, `fenced_delete`),
 //! stored snapshots ([`snapshot::store`], [`retain_index`], [`view`],
-//! [`diff`]), detached volume tools ([`usage`], [`scrub`]), an open
+//! [`diff`]), snapshot operations on a stored volume ([`snapshot`],
+//! `compaction_gc`), detached volume tools ([`usage`], [`scrub`]), an open
 //! volume's state (`task_request`, `state`, `read_state`), its core
 //! (`volume_core`: what its tasks and request paths share), the request
 //! paths (`read`, `inflight`, `prefetch`, [`warm_start`],
-//! `space_admission`, `wal_open`), test and bench aids, then the rest (not
-//! sorted yet).
+//! `space_admission`, `wal_open`), test and bench aids, compaction and
+//! checkpoint commits, open-volume snapshots and recovery, the background
+//! tasks (`destage`, `meta::task`), and on top the façade ([`volume`],
+//! [`clone`]). No layer imports a higher one, and no units import each
+//! other in a cycle.
 //! `tests/engine_layers.rs` holds the table and enforces it.
 
 use std::ops::Range;
@@ -60,6 +64,7 @@ pub mod checkpoint;
 pub mod clone;
 mod commit;
 mod compact;
+mod compaction_gc;
 pub mod config;
 pub mod crc_table;
 pub mod damage;

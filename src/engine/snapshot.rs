@@ -242,7 +242,7 @@ pub async fn collect_garbage(
         }
         deleter.delete(&meta.key, e).await?;
     }
-    super::compact::delete_unnamed(&mut deleter, store, volume, &live, &retain).await?;
+    super::compaction_gc::delete_unnamed(&mut deleter, store, volume, &live, &retain).await?;
     Ok(deleter.deleted)
 }
 

@@ -39,6 +39,7 @@ use super::meta;
 use super::meta::manifest::Root;
 use super::recovery;
 use super::state::State;
+use super::task_request;
 use super::volume_core::{Counters, Inner, Shared};
 use super::wal::record::RecordKind;
 use super::wal::{NewRecord, Wal};
@@ -47,6 +48,7 @@ use crate::clock::DynClock;
 use crate::error::BlockError;
 use crate::store::DynStore;
 
+mod snapshot;
 mod space;
 
 pub use super::volume_core::VolumeParams;
@@ -329,7 +331,7 @@ impl Volume {
             close_tx: Mutex::new(None),
         });
         // The meta task owns the manifest; destage tells it what happened.
-        let (to_meta, meta_rx) = meta::task::channel();
+        let (to_meta, meta_rx) = task_request::channel();
         let root = Root {
             manifest: rec.manifest,
             version: rec.manifest_version,

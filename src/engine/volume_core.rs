@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use bytes::Bytes;
 use futures::channel::oneshot;
 
 use super::cache::Cache;
@@ -20,7 +21,7 @@ use super::state::State;
 use super::view::SnapshotView;
 use super::wal::Wal;
 use crate::clock::DynClock;
-use crate::store::DynStore;
+use crate::store::{DynStore, PutMode, StoreError};
 
 /// Identity and placement of a volume.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,4 +100,49 @@ pub(crate) struct Inner {
     pub parent_ref: Option<ParentRef>,
     /// Where the destage or meta task reports the end of a `close`.
     pub close_tx: Mutex<Option<oneshot::Sender<Result<(), EngineError>>>>,
+}
+
+impl Inner {
+    /// Err once the volume was fenced ([`super::Volume::fence`]): a fenced
+    /// volume stores nothing more.
+    pub fn check_not_fenced(&self) -> Result<(), EngineError> {
+        match &self.shared.lock().fenced {
+            Some(why) => Err(EngineError::Fenced(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Report the end of a close, if one is waiting.
+    pub fn finish_close(&self, res: Result<(), EngineError>) {
+        let tx = self
+            .close_tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(tx) = tx {
+            let _ = tx.send(res);
+        }
+        self.shared.lock().wake_all();
+    }
+
+    /// Create `key`; an existing object with identical bytes (our own
+    /// earlier attempt) counts as success, any other content means another
+    /// writer.
+    pub async fn put_create(&self, key: &str, obj: Bytes) -> Result<(), EngineError> {
+        self.check_not_fenced()?;
+        match self.store.put(key, obj.clone(), PutMode::Create).await {
+            Ok(_) => Ok(()),
+            Err(StoreError::AlreadyExists { .. }) => {
+                let cur = self.store.get(key).await?;
+                if cur.data == obj {
+                    Ok(())
+                } else {
+                    Err(EngineError::Fenced(format!(
+                        "{key} was written by another writer"
+                    )))
+                }
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
 }

@@ -3,7 +3,8 @@
 //! the destage loop: progress commits, checkpoints (with the compaction
 //! that precedes them), snapshot and garbage-collection requests, and the
 //! final checkpoint at close. The destage task tells it what happened
-//! through a typed channel ([`Command`], [`MetaSender`]) and never waits
+//! through a typed channel ([`Command`],
+//! [`MetaSender`](crate::engine::task_request::MetaSender)) and never waits
 //! for it, so chunk puts start and chunks are applied while a checkpoint
 //! uploads.
 //!
@@ -38,51 +39,11 @@ use tokio::sync::mpsc;
 
 use super::manifest::Root;
 use crate::engine::commit::{checkpoint, commit_progress, final_checkpoint};
-use crate::engine::destage::{check_not_fenced, fail, finish};
+use crate::engine::destage::fail;
 use crate::engine::error::EngineError;
 use crate::engine::live_snapshot;
-use crate::engine::task_request::{GcRequest, SnapshotRequest};
+use crate::engine::task_request::{Command, GcRequest, MetaReceiver, SnapshotRequest};
 use crate::engine::volume_core::Inner;
-
-/// What the destage task tells the meta task.
-#[derive(Debug)]
-pub(crate) enum Command {
-    /// Chunk `chunk` is stored and applied to the maps.
-    ChunkApplied { chunk: u64 },
-    /// A `durability: store` flush waits: commit the store position, which
-    /// holds every op up to `upto`.
-    CommitWanted { upto: u64 },
-    /// Take this snapshot: every op it must hold is stored.
-    Snapshot(SnapshotRequest),
-    /// Delete the chunks nothing names any more.
-    CollectGarbage(GcRequest),
-    /// Every write is stored and applied, and none can come: write the
-    /// final checkpoint, answer the close, end.
-    Close,
-}
-
-/// The destage task's end of the channel.
-pub(crate) struct MetaSender(mpsc::UnboundedSender<Command>);
-
-/// The meta task's end of the channel.
-pub(crate) struct MetaReceiver(mpsc::UnboundedReceiver<Command>);
-
-/// A new channel. Unbounded: the destage task sends at most one
-/// [`Command::ChunkApplied`] per chunk and each other command once per
-/// event (it never repeats a [`Command::CommitWanted`] for the same
-/// position), and the meta task takes every queued command at once.
-pub(crate) fn channel() -> (MetaSender, MetaReceiver) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    (MetaSender(tx), MetaReceiver(rx))
-}
-
-impl MetaSender {
-    /// Send `cmd`; false if the meta task has ended.
-    #[must_use]
-    pub fn send(&self, cmd: Command) -> bool {
-        self.0.send(cmd).is_ok()
-    }
-}
 
 /// The work the commands received so far ask for.
 #[derive(Default)]
@@ -181,7 +142,7 @@ pub(crate) async fn run(inner: Arc<Inner>, mut root: Root, rx: MetaReceiver) {
             // or it gave up and answered the close itself).
             return;
         }
-        if let Err(e) = check_not_fenced(&inner) {
+        if let Err(e) = inner.check_not_fenced() {
             owed.refuse(&inner, &e);
             fail(&inner, e, &mut backoff, false).await;
             return;
@@ -217,7 +178,7 @@ async fn round(inner: &Inner, root: &mut Root, owed: &mut Owed) -> Result<Round,
     }
     if owed.close {
         let res = final_checkpoint(inner, root).await;
-        finish(inner, res);
+        inner.finish_close(res);
         return Ok(Round::Closed);
     }
     Ok(Round::Continue)

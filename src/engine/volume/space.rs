@@ -1,4 +1,4 @@
-//! The space API of an open volume (over [`super::super::space_admission`],
+//! The space API of an open volume (over [`crate::engine::space_admission`],
 //! which admits writes against it).
 
 use std::sync::Arc;
