@@ -89,11 +89,7 @@ impl Volume {
     /// clears the mark ([`crate::engine::snapshot::set_deleting`]) to undo.
     pub async fn begin_snapshot_delete(&self, name: &str) -> Result<SnapshotObject, SnapshotError> {
         let inner = &self.inner;
-        {
-            let mut st = inner.shared.lock();
-            claim(inner, &mut st)?;
-        }
-        let _busy = Busy(inner);
+        let _busy = Busy::take(inner)?;
         let snap = find_snapshot(&inner.store, inner.id, name).await?;
         set_deleting(&inner.store, inner.id, snap.id, true).await
     }
@@ -103,11 +99,7 @@ impl Volume {
     /// Its chunks stay until [`Volume::collect_garbage`].
     pub async fn delete_snapshot(&self, name: &str) -> Result<SnapshotObject, SnapshotError> {
         let inner = &self.inner;
-        {
-            let mut st = inner.shared.lock();
-            claim(inner, &mut st)?;
-        }
-        let _busy = Busy(inner);
+        let _busy = Busy::take(inner)?;
         let snap = find_snapshot(&inner.store, inner.id, name).await?;
         match inner.store.delete(&snapshot_key(inner.id, snap.id)).await {
             Ok(()) | Err(StoreError::NotFound { .. }) => {}
@@ -123,11 +115,7 @@ impl Volume {
     /// between its checkpoints and snapshot creations.
     pub async fn collect_garbage(&self) -> Result<u64, SnapshotError> {
         let inner = &self.inner;
-        {
-            let mut st = inner.shared.lock();
-            claim(inner, &mut st)?;
-        }
-        let _busy = Busy(inner);
+        let _busy = Busy::take(inner)?;
         let not_freed = |why: String| SnapshotError::State {
             volume: inner.id,
             reason: format!(
@@ -169,6 +157,14 @@ fn claim(inner: &Inner, st: &mut State) -> Result<(), SnapshotError> {
 
 /// Gives the slot back (and withdraws an unserved GC request) on drop.
 struct Busy<'a>(&'a Inner);
+
+impl<'a> Busy<'a> {
+    /// Take the slot ([`claim`]); it is held until the guard drops.
+    fn take(inner: &'a Inner) -> Result<Busy<'a>, SnapshotError> {
+        claim(inner, &mut inner.shared.lock())?;
+        Ok(Busy(inner))
+    }
+}
 
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
