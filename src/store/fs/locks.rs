@@ -148,8 +148,11 @@ impl DirCounter {
     }
 }
 
-/// Which directory a path names now: (device, inode).
-fn dir_id(dir: &Path) -> StoreResult<(u64, u64)> {
+/// A directory's identity: (device, inode).
+type DirId = (u64, u64);
+
+/// Which directory `dir` names now.
+fn dir_id(dir: &Path) -> StoreResult<DirId> {
     let m = fs::metadata(dir).map_err(|e| io_err("cannot stat directory", dir, e))?;
     Ok((m.dev(), m.ino()))
 }
@@ -161,16 +164,17 @@ fn dir_id(dir: &Path) -> StoreResult<(u64, u64)> {
 /// taken for the one that was synced.
 #[derive(Debug, Default)]
 pub(super) struct SyncedCounters {
-    dirs: std::sync::Mutex<std::collections::HashMap<PathBuf, ((u64, u64), u64)>>,
+    /// Per path: the directory synced and the value it holds durably.
+    dirs: std::sync::Mutex<std::collections::HashMap<PathBuf, (DirId, u64)>>,
 }
 
 impl SyncedCounters {
-    fn covers(&self, dir: &Path, id: (u64, u64), generation: u64) -> bool {
+    fn covers(&self, dir: &Path, id: DirId, generation: u64) -> bool {
         let dirs = self.dirs.lock().unwrap_or_else(|e| e.into_inner());
         matches!(dirs.get(dir), Some(&(seen, value)) if seen == id && value >= generation)
     }
 
-    fn note(&self, dir: &Path, id: (u64, u64), value: u64) {
+    fn note(&self, dir: &Path, id: DirId, value: u64) {
         let mut dirs = self.dirs.lock().unwrap_or_else(|e| e.into_inner());
         let entry = dirs.entry(dir.to_path_buf()).or_insert((id, value));
         if entry.0 != id || entry.1 < value {
