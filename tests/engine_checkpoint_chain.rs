@@ -19,7 +19,11 @@ use shale::engine::snapshot::SnapshotObject;
 use shale::engine::view::SnapshotView;
 use shale::engine::{BlockDevice, Volume, VolumeParams};
 use shale::store::memory::MemoryStore;
-use shale::store::{DynStore, Object, ObjectMeta, ObjectStore, PutMode, StoreResult, Version};
+use shale::store::{DynStore, PutMode, StoreResult};
+
+#[path = "support/hooked_store.rs"]
+mod hooked_store;
+use hooked_store::{Hooked, StoreHook};
 
 const SIZE: u64 = 8 << 20;
 const BLOCK: u64 = 4096;
@@ -42,9 +46,8 @@ impl Rng {
 
 /// Records checkpoint writes and checks every checkpoint delete against
 /// the chain the latest committed manifest names.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Watch {
-    inner: DynStore,
     delta_puts: AtomicU64,
     base_puts: AtomicU64,
     /// Checkpoint objects deleted while the committed chain still used them.
@@ -52,27 +55,9 @@ struct Watch {
     deleted: AtomicU64,
 }
 
-impl Watch {
-    fn new() -> Arc<Watch> {
-        Arc::new(Watch {
-            inner: Arc::new(MemoryStore::new()),
-            delta_puts: AtomicU64::new(0),
-            base_puts: AtomicU64::new(0),
-            violations: Mutex::new(Vec::new()),
-            deleted: AtomicU64::new(0),
-        })
-    }
-}
-
 #[async_trait]
-impl ObjectStore for Watch {
-    async fn get(&self, key: &str) -> StoreResult<Object> {
-        self.inner.get(key).await
-    }
-    async fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> StoreResult<Bytes> {
-        self.inner.get_range(key, range).await
-    }
-    async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> StoreResult<Version> {
+impl StoreHook for Watch {
+    async fn before_put(&self, _inner: &DynStore, key: &str) -> StoreResult<()> {
         if key.starts_with(&checkpoint_prefix(VOLUME)) {
             if key.contains("-delta-") {
                 self.delta_puts.fetch_add(1, Ordering::SeqCst);
@@ -80,32 +65,28 @@ impl ObjectStore for Watch {
                 self.base_puts.fetch_add(1, Ordering::SeqCst);
             }
         }
-        self.inner.put(key, data, mode).await
+        Ok(())
     }
-    async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
-        self.inner.head(key).await
-    }
-    async fn list(&self, prefix: &str) -> StoreResult<Vec<ObjectMeta>> {
-        self.inner.list(prefix).await
-    }
-    async fn delete(&self, key: &str) -> StoreResult<()> {
-        if key.starts_with(&checkpoint_prefix(VOLUME)) {
-            self.deleted.fetch_add(1, Ordering::SeqCst);
-            let m = self.inner.get(&manifest_key(VOLUME)).await?;
-            let m: Manifest = serde_json::from_slice(&m.data).expect("manifest");
-            match chain::keys(&self.inner, &m, 1 << 30).await {
-                Ok(keys) if keys.iter().any(|k| k == key) => {
-                    self.violations.lock().unwrap().push(key.to_string());
-                }
-                Ok(_) => {}
-                Err(e) => self
-                    .violations
-                    .lock()
-                    .unwrap()
-                    .push(format!("{key} (committed chain unreadable: {e})")),
-            }
+
+    async fn before_delete(&self, inner: &DynStore, key: &str) -> StoreResult<()> {
+        if !key.starts_with(&checkpoint_prefix(VOLUME)) {
+            return Ok(());
         }
-        self.inner.delete(key).await
+        self.deleted.fetch_add(1, Ordering::SeqCst);
+        let m = inner.get(&manifest_key(VOLUME)).await?;
+        let m = Manifest::parse(VOLUME, &m.data).expect("manifest");
+        match chain::keys(inner, &m, 1 << 30).await {
+            Ok(keys) if keys.iter().any(|k| k == key) => {
+                self.violations.lock().unwrap().push(key.to_string());
+            }
+            Ok(_) => {}
+            Err(e) => self
+                .violations
+                .lock()
+                .unwrap()
+                .push(format!("{key} (committed chain unreadable: {e})")),
+        }
+        Ok(())
     }
 }
 
@@ -163,8 +144,9 @@ fn first_diff(a: &[u8], b: &[u8]) -> Option<usize> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chain_model_reads_back_exactly() {
     for seed in [1u64, 2, 3] {
-        let watch = Watch::new();
-        let store: DynStore = watch.clone();
+        let hooked = Hooked::new(Arc::new(MemoryStore::new()), Watch::default());
+        let store: DynStore = hooked.clone();
+        let watch = &hooked.hook;
         let dir = tempfile::tempdir().unwrap();
         let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
         let mut model = vec![0u8; SIZE as usize];

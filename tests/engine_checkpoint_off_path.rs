@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use shale::clock::SystemClock;
 use shale::engine::config::{Durability, EngineConfig};
 use shale::engine::format::layout::{
@@ -25,7 +24,11 @@ use shale::engine::view::SnapshotView;
 use shale::engine::{BlockDevice, Volume, VolumeParams};
 use shale::store::faulty::{FaultPoint, FaultyStore, Hold};
 use shale::store::memory::MemoryStore;
-use shale::store::{DynStore, Object, ObjectMeta, ObjectStore, PutMode, StoreResult, Version};
+use shale::store::{DynStore, StoreResult};
+
+#[path = "support/hooked_store.rs"]
+mod hooked_store;
+use hooked_store::{Hooked, StoreHook};
 
 const ID: u64 = 0x3c;
 const BLOCK: u64 = 4096;
@@ -315,42 +318,29 @@ async fn a_snapshot_asked_during_a_held_checkpoint_holds_every_write() {
     v.close().await.unwrap();
 }
 
-/// Counts manifest puts in flight (and the most at once) over a store.
-#[derive(Debug)]
+/// Counts manifest puts in flight (and the most at once).
+#[derive(Debug, Default)]
 struct ManifestPuts {
-    inner: Arc<FaultyStore<MemoryStore>>,
     active: AtomicUsize,
     peak: AtomicUsize,
 }
 
 #[async_trait]
-impl ObjectStore for ManifestPuts {
-    async fn get(&self, key: &str) -> StoreResult<Object> {
-        self.inner.get(key).await
-    }
-    async fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> StoreResult<Bytes> {
-        self.inner.get_range(key, range).await
-    }
-    async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> StoreResult<Version> {
-        if key != manifest_key(ID) {
-            return self.inner.put(key, data, mode).await;
+impl StoreHook for ManifestPuts {
+    async fn before_put(&self, _inner: &DynStore, key: &str) -> StoreResult<()> {
+        if key == manifest_key(ID) {
+            let now = self.active.fetch_add(1, Ordering::SeqCst) + 1;
+            self.peak.fetch_max(now, Ordering::SeqCst);
+            // Give a second writer, if there were one, time to overlap.
+            tokio::task::yield_now().await;
         }
-        let now = self.active.fetch_add(1, Ordering::SeqCst) + 1;
-        self.peak.fetch_max(now, Ordering::SeqCst);
-        // Give a second writer, if there were one, time to overlap.
-        tokio::task::yield_now().await;
-        let r = self.inner.put(key, data, mode).await;
-        self.active.fetch_sub(1, Ordering::SeqCst);
-        r
+        Ok(())
     }
-    async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
-        self.inner.head(key).await
-    }
-    async fn list(&self, prefix: &str) -> StoreResult<Vec<ObjectMeta>> {
-        self.inner.list(prefix).await
-    }
-    async fn delete(&self, key: &str) -> StoreResult<()> {
-        self.inner.delete(key).await
+
+    fn after_put(&self, key: &str) {
+        if key == manifest_key(ID) {
+            self.active.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 }
 
@@ -360,11 +350,7 @@ impl ObjectStore for ManifestPuts {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_flushes_during_a_held_checkpoint_wait_for_a_covering_commit() {
     let faulty = Arc::new(FaultyStore::new(MemoryStore::new(), 5));
-    let counting = Arc::new(ManifestPuts {
-        inner: faulty.clone(),
-        active: AtomicUsize::new(0),
-        peak: AtomicUsize::new(0),
-    });
+    let counting = Hooked::new(faulty.clone(), ManifestPuts::default());
     let store: DynStore = counting.clone();
     let dir = tempfile::tempdir().unwrap();
     let (v, model, hold) =
@@ -392,7 +378,7 @@ async fn store_flushes_during_a_held_checkpoint_wait_for_a_covering_commit() {
     );
     v.close().await.unwrap();
     assert_eq!(
-        counting.peak.load(Ordering::SeqCst),
+        counting.hook.peak.load(Ordering::SeqCst),
         1,
         "one manifest write at a time"
     );

@@ -12,15 +12,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use shale::clock::SystemClock;
 use shale::engine::config::{Durability, EngineConfig};
 use shale::engine::{BlockDevice, Volume, VolumeParams};
 use shale::store::memory::MemoryStore;
-use shale::store::{
-    DynStore, Object, ObjectMeta, ObjectStore, PutMode, StoreResult, Version,
-    DEFAULT_PUTS_IN_FLIGHT,
-};
+use shale::store::{DynStore, StoreResult, DEFAULT_PUTS_IN_FLIGHT};
+
+#[path = "support/hooked_store.rs"]
+mod hooked_store;
+use hooked_store::{Hooked, StoreHook};
 
 const CHUNK: u64 = 64 << 10;
 
@@ -28,7 +28,6 @@ const CHUNK: u64 = 64 << 10;
 /// counting those on their way and the most seen at once.
 #[derive(Debug)]
 struct GatedPuts {
-    inner: MemoryStore,
     hint: usize,
     hold: AtomicBool,
     active: AtomicUsize,
@@ -36,49 +35,43 @@ struct GatedPuts {
 }
 
 impl GatedPuts {
-    fn new(hint: usize) -> Arc<GatedPuts> {
-        Arc::new(GatedPuts {
-            inner: MemoryStore::new(),
+    fn new(hint: usize) -> Arc<Hooked<GatedPuts>> {
+        let gate = GatedPuts {
             hint,
             hold: AtomicBool::new(true),
             active: AtomicUsize::new(0),
             peak: AtomicUsize::new(0),
-        })
+        };
+        Hooked::new(Arc::new(MemoryStore::new()), gate)
     }
 }
 
+/// Only chunk puts are counted and held.
+fn is_chunk(key: &str) -> bool {
+    key.contains("/chunks/")
+}
+
 #[async_trait]
-impl ObjectStore for GatedPuts {
-    async fn get(&self, key: &str) -> StoreResult<Object> {
-        self.inner.get(key).await
-    }
-    async fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> StoreResult<Bytes> {
-        self.inner.get_range(key, range).await
-    }
-    async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> StoreResult<Version> {
-        if !key.contains("/chunks/") {
-            return self.inner.put(key, data, mode).await;
+impl StoreHook for GatedPuts {
+    async fn before_put(&self, _inner: &DynStore, key: &str) -> StoreResult<()> {
+        if is_chunk(key) {
+            let now = self.active.fetch_add(1, Ordering::SeqCst) + 1;
+            self.peak.fetch_max(now, Ordering::SeqCst);
+            while self.hold.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
         }
-        let now = self.active.fetch_add(1, Ordering::SeqCst) + 1;
-        self.peak.fetch_max(now, Ordering::SeqCst);
-        while self.hold.load(Ordering::SeqCst) {
-            tokio::time::sleep(Duration::from_millis(1)).await;
+        Ok(())
+    }
+
+    fn after_put(&self, key: &str) {
+        if is_chunk(key) {
+            self.active.fetch_sub(1, Ordering::SeqCst);
         }
-        let r = self.inner.put(key, data, mode).await;
-        self.active.fetch_sub(1, Ordering::SeqCst);
-        r
     }
-    async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
-        self.inner.head(key).await
-    }
-    async fn list(&self, prefix: &str) -> StoreResult<Vec<ObjectMeta>> {
-        self.inner.list(prefix).await
-    }
-    async fn delete(&self, key: &str) -> StoreResult<()> {
-        self.inner.delete(key).await
-    }
-    fn puts_in_flight(&self) -> usize {
-        self.hint
+
+    fn puts_in_flight(&self) -> Option<usize> {
+        Some(self.hint)
     }
 }
 
@@ -104,7 +97,7 @@ fn cfg() -> EngineConfig {
 /// Open volume `id` (64 chunks) on `store` at `epoch`, its local
 /// directory in `local`.
 async fn open(
-    store: &Arc<GatedPuts>,
+    store: &Arc<Hooked<GatedPuts>>,
     local: &std::path::Path,
     id: u64,
     epoch: u64,
@@ -136,16 +129,16 @@ async fn peak_puts(hint: usize, expect_full: usize) -> usize {
     // Wait (without a deadline on success: the window fills as soon as
     // the task has taken that many chunks) until the window is full.
     for _ in 0..20_000 {
-        if store.active.load(Ordering::SeqCst) >= expect_full {
+        if store.hook.active.load(Ordering::SeqCst) >= expect_full {
             break;
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    assert_eq!(store.active.load(Ordering::SeqCst), expect_full);
+    assert_eq!(store.hook.active.load(Ordering::SeqCst), expect_full);
     // Give a task that ignored the window the chance to start more.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let peak = store.peak.load(Ordering::SeqCst);
-    store.hold.store(false, Ordering::SeqCst);
+    let peak = store.hook.peak.load(Ordering::SeqCst);
+    store.hook.hold.store(false, Ordering::SeqCst);
     vol.close().await.unwrap();
     let vol = open(&store, local.path(), 0x12, 2, cfg()).await;
     let mut buf = vec![0; CHUNK as usize];
@@ -203,7 +196,7 @@ async fn concurrent_writers_do_not_pass_the_unstored_bound_together() {
     let unstored = vol.stats().unstored_bytes;
     assert_eq!(unstored, bound, "unstored bytes against the bound");
     assert_eq!(done.load(Ordering::SeqCst), 16);
-    store.hold.store(false, Ordering::SeqCst);
+    store.hook.hold.store(false, Ordering::SeqCst);
     all.await.unwrap();
     assert_eq!(done.load(Ordering::SeqCst), 32);
     vol.close().await.unwrap();
@@ -244,7 +237,7 @@ async fn writes_wait_at_the_backlog_destage_can_use() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(vol.stats().unstored_bytes, bound);
     assert_eq!(done.load(Ordering::SeqCst), 5);
-    store.hold.store(false, Ordering::SeqCst);
+    store.hook.hold.store(false, Ordering::SeqCst);
     writer.await.unwrap();
     assert_eq!(done.load(Ordering::SeqCst), 16);
     vol.close().await.unwrap();

@@ -18,11 +18,12 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+#[path = "support/hooked_store.rs"]
+mod hooked_store;
 #[path = "support/s3.rs"]
 mod s3_support;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use shale::clock::SystemClock;
 use shale::engine::config::{Durability, EngineConfig};
 use shale::engine::{BlockDevice, Volume, VolumeParams};
@@ -31,9 +32,9 @@ use shale::store::fs::FsStore;
 use shale::store::memory::MemoryStore;
 use shale::store::retry::{RetryPolicy, RetryStore};
 use shale::store::s3::S3Store;
-use shale::store::{
-    DynStore, Object, ObjectMeta, ObjectStore, PutMode, StoreError, StoreResult, Version,
-};
+use shale::store::{DynStore, StoreError, StoreResult};
+
+use hooked_store::{Hooked, StoreHook};
 
 const SIZE: u64 = 1 << 20;
 const SECTORS: u64 = SIZE / 512;
@@ -62,18 +63,11 @@ impl Rng {
 /// Fails every call once frozen; freezes itself after a set number of puts.
 #[derive(Debug)]
 struct CrashStore {
-    inner: DynStore,
     puts_left: AtomicI64,
     frozen: AtomicBool,
 }
 
 impl CrashStore {
-    fn check(&self) -> StoreResult<()> {
-        if self.frozen.load(Ordering::SeqCst) {
-            return Err(StoreError::Transient("crashed".into()));
-        }
-        Ok(())
-    }
     fn arm(&self, puts: i64) {
         self.puts_left.store(puts, Ordering::SeqCst);
     }
@@ -87,17 +81,15 @@ impl CrashStore {
 }
 
 #[async_trait]
-impl ObjectStore for CrashStore {
-    async fn get(&self, key: &str) -> StoreResult<Object> {
-        self.check()?;
-        self.inner.get(key).await
+impl StoreHook for CrashStore {
+    fn check(&self) -> StoreResult<()> {
+        if self.frozen.load(Ordering::SeqCst) {
+            return Err(StoreError::Transient("crashed".into()));
+        }
+        Ok(())
     }
-    async fn get_range(&self, key: &str, range: std::ops::Range<u64>) -> StoreResult<Bytes> {
-        self.check()?;
-        self.inner.get_range(key, range).await
-    }
-    async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> StoreResult<Version> {
-        self.check()?;
+
+    async fn before_put(&self, _inner: &DynStore, _key: &str) -> StoreResult<()> {
         let left = self.puts_left.load(Ordering::SeqCst);
         if left == 0 {
             self.freeze();
@@ -106,19 +98,7 @@ impl ObjectStore for CrashStore {
         if left > 0 {
             self.puts_left.fetch_sub(1, Ordering::SeqCst);
         }
-        self.inner.put(key, data, mode).await
-    }
-    async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
-        self.check()?;
-        self.inner.head(key).await
-    }
-    async fn list(&self, prefix: &str) -> StoreResult<Vec<ObjectMeta>> {
-        self.check()?;
-        self.inner.list(prefix).await
-    }
-    async fn delete(&self, key: &str) -> StoreResult<()> {
-        self.check()?;
-        self.inner.delete(key).await
+        Ok(())
     }
 }
 
@@ -181,7 +161,7 @@ struct Run {
     seed: u64,
     backend: Backend,
     rng: Rng,
-    crash: Arc<CrashStore>,
+    crash: Arc<Hooked<CrashStore>>,
     store: DynStore,
     local: PathBuf,
     cfg: EngineConfig,
@@ -345,11 +325,13 @@ async fn run_seed(seed: u64, backend: Backend) {
         max_attempts: 30,
         max_elapsed: Duration::from_secs(20),
     };
-    let crash = Arc::new(CrashStore {
-        inner: Arc::new(RetryStore::new(faulty, policy, seed)),
-        puts_left: AtomicI64::new(-1),
-        frozen: AtomicBool::new(false),
-    });
+    let crash = Hooked::new(
+        Arc::new(RetryStore::new(faulty, policy, seed)),
+        CrashStore {
+            puts_left: AtomicI64::new(-1),
+            frozen: AtomicBool::new(false),
+        },
+    );
     let local_root = tempfile::tempdir().unwrap();
     let local = local_root.path().join("vol");
     dirs.push(local_root);
@@ -415,13 +397,13 @@ async fn run_seed(seed: u64, backend: Backend) {
         // Crash, possibly after letting a few more puts through (so the
         // crash lands between a chunk and its checkpoint or manifest).
         if run.rng.chance(70) {
-            run.crash.arm(run.rng.below(4) as i64);
+            run.crash.hook.arm(run.rng.below(4) as i64);
             tokio::time::sleep(Duration::from_millis(run.rng.below(30))).await;
         }
-        run.crash.freeze();
+        run.crash.hook.freeze();
         v.crash().await;
         drop(v);
-        run.crash.thaw();
+        run.crash.hook.thaw();
         if mode < 7 {
             if run.rng.chance(40) {
                 run.tear_wal_tail();

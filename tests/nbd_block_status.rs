@@ -23,7 +23,7 @@ use shale::catalog::Catalog;
 use shale::clock::{DynClock, SystemClock};
 use shale::engine::config::EngineConfig;
 use shale::engine::volume::Volume;
-use shale::engine::{BlockDevice, Extent};
+use shale::engine::BlockDevice;
 use shale::error::BlockError;
 use shale::frontend::nbd::codec::*;
 use shale::frontend::nbd::protocol::*;
@@ -71,36 +71,17 @@ fn image(size: u64, edits: &[Edit]) -> Vec<u8> {
     img
 }
 
-/// A device that counts the bytes read through it; everything else,
-/// block status included, goes to the volume.
-struct Counting {
-    inner: Arc<Volume>,
-    read: Arc<AtomicU64>,
-}
+/// Counts the bytes read through a device; everything else, block status
+/// included, goes to the volume.
+struct CountReads(Arc<AtomicU64>);
 
 #[async_trait]
-impl BlockDevice for Counting {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
-        self.read.fetch_add(buf.len() as u64, Ordering::Relaxed);
-        self.inner.read(offset, buf).await
-    }
-    async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BlockError> {
-        self.inner.write(offset, data, fua).await
-    }
-    async fn flush(&self) -> Result<(), BlockError> {
-        self.inner.flush().await
-    }
-    async fn trim(&self, offset: u64, len: u64) -> Result<(), BlockError> {
-        self.inner.trim(offset, len).await
-    }
-    async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), BlockError> {
-        self.inner.write_zeroes(offset, len, fua).await
-    }
-    fn allocation(&self, offset: u64, len: u64, max: usize) -> Result<Vec<Extent>, BlockError> {
-        self.inner.allocation(offset, len, max)
+impl DeviceHook for CountReads {
+    async fn before(&self, op: DeviceOp) -> Result<(), BlockError> {
+        if let DeviceOp::Read { len, .. } = op {
+            self.0.fetch_add(len, Ordering::Relaxed);
+        }
+        Ok(())
     }
 }
 
@@ -125,9 +106,9 @@ fn serve(
         apply(vols[0].1.as_ref(), &edits).await;
         let devices = vols.iter().enumerate().map(|(i, (name, v))| {
             let dev: Arc<dyn BlockDevice> = if i == 0 {
-                Arc::new(Counting {
+                Arc::new(HookedDevice {
                     inner: v.clone(),
-                    read: counter.clone(),
+                    hook: CountReads(counter.clone()),
                 })
             } else {
                 v.clone()

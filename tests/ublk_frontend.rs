@@ -4,6 +4,10 @@
 
 use std::sync::Arc;
 
+#[path = "support/hooked_device.rs"]
+mod hooked_device;
+use hooked_device::{DeviceHook, DeviceOp, HookedDevice};
+
 use libublk::sys;
 use shale::engine::memdisk::MemDisk;
 use shale::engine::BlockDevice;
@@ -320,41 +324,31 @@ fn device_links_point_at_the_block_device() {
     remove_link(&links, "vol1", 5).unwrap();
 }
 
-/// A device whose reads complete on another thread, like the volume
-/// engine's object-store side.
-struct SlowDisk(MemDisk);
+/// Makes reads complete on another thread, like the volume engine's
+/// object-store side.
+struct ReadsWokenElsewhere;
 
 #[async_trait::async_trait]
-impl BlockDevice for SlowDisk {
-    fn size(&self) -> u64 {
-        self.0.size()
-    }
-    async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
-        let (tx, rx) = futures::channel::oneshot::channel();
-        std::thread::spawn(move || {
-            let _ = tx.send(());
-        });
-        rx.await.map_err(|_| BlockError::Closed)?;
-        self.0.read(offset, buf).await
-    }
-    async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BlockError> {
-        self.0.write(offset, data, fua).await
-    }
-    async fn flush(&self) -> Result<(), BlockError> {
-        self.0.flush().await
-    }
-    async fn trim(&self, offset: u64, len: u64) -> Result<(), BlockError> {
-        self.0.trim(offset, len).await
-    }
-    async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), BlockError> {
-        self.0.write_zeroes(offset, len, fua).await
+impl DeviceHook for ReadsWokenElsewhere {
+    async fn before(&self, op: DeviceOp) -> Result<(), BlockError> {
+        if let DeviceOp::Read { .. } = op {
+            let (tx, rx) = futures::channel::oneshot::channel();
+            std::thread::spawn(move || {
+                let _ = tx.send(());
+            });
+            rx.await.map_err(|_| BlockError::Closed)?;
+        }
+        Ok(())
     }
 }
 
 #[test]
 fn engine_future_woken_from_another_thread_reaches_the_queue_executor() {
     use shale::frontend::ublk::executor::{QueueExecutor, WakeFd};
-    let disk: Arc<dyn BlockDevice> = Arc::new(SlowDisk(MemDisk::new(MIB)));
+    let disk: Arc<dyn BlockDevice> = Arc::new(HookedDevice {
+        inner: Arc::new(MemDisk::new(MIB)),
+        hook: ReadsWokenElsewhere,
+    });
     let fd = Arc::new(WakeFd::new().unwrap());
     let mut ex = QueueExecutor::new(fd.clone());
     let results = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));

@@ -22,7 +22,9 @@
 //!    across delete and re-create: each directory's counter file `.gen`
 //!    records at least the highest generation handed out in it; a write takes
 //!    `max(counter, current object's) + 1`, and `delete` makes the counter
-//!    durable before unlinking the object (see `locks::DirCounter`).
+//!    durably at least the object's generation before unlinking it (see
+//!    `locks::DirCounter::raise_durably`; a sync already made covers later
+//!    deletes of older objects, so deletes need not each fsync).
 //! 3. Objects are replaced whole: the new bytes go to a temporary file in the
 //!    same directory, which is fsynced, renamed over the object, and then the
 //!    directory is fsynced. A put or delete returns only after a directory
@@ -43,7 +45,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use self::dirsync::DirSyncs;
-use self::locks::{DirCounter, KeyLock};
+use self::locks::{DirCounter, KeyLock, SyncedCounters};
 use super::aligned::PooledBuf;
 use super::{
     check_range, validate_key, validate_prefix, Object, ObjectMeta, ObjectStore, PutMode,
@@ -66,6 +68,7 @@ static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 pub struct FsStore {
     root: Arc<PathBuf>,
     syncs: Arc<DirSyncs>,
+    synced_counters: Arc<SyncedCounters>,
 }
 
 impl FsStore {
@@ -74,6 +77,7 @@ impl FsStore {
         FsStore {
             root: Arc::new(root.into()),
             syncs: Arc::new(DirSyncs::new()),
+            synced_counters: Arc::default(),
         }
     }
 
@@ -365,7 +369,7 @@ fn put_blocking(
         let next = highest
             .checked_add(1)
             .ok_or_else(|| StoreError::Permanent(format!("generation overflow on {key}")))?;
-        counter.write(next, false)?;
+        counter.write(next)?;
         next
     };
     replace_object(syncs, &p, generation, &data)?;
@@ -373,18 +377,19 @@ fn put_blocking(
     Ok(Version(generation.to_string()))
 }
 
-fn delete_blocking(syncs: &DirSyncs, root: &Path, key: &str) -> StoreResult<()> {
+fn delete_blocking(
+    syncs: &DirSyncs,
+    synced: &SyncedCounters,
+    root: &Path,
+    key: &str,
+) -> StoreResult<()> {
     let p = key_paths(root, key)?;
     if !p.object.exists() {
         return Ok(());
     }
     let lock = KeyLock::acquire(&p.lock)?;
     if let Some(current) = ObjectFile::open(&p.object)? {
-        {
-            let counter = DirCounter::lock(&p.dir)?;
-            let highest = counter.read()?.max(current.generation);
-            counter.write(highest, true)?;
-        }
+        DirCounter::raise_durably(&p.dir, current.generation, synced)?;
         match fs::remove_file(&p.object) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -522,8 +527,8 @@ impl ObjectStore for FsStore {
 
     async fn delete(&self, key: &str) -> StoreResult<()> {
         let key = key.to_string();
-        let syncs = self.syncs.clone();
-        self.blocking(move |root| delete_blocking(&syncs, root, &key))
+        let (syncs, synced) = (self.syncs.clone(), self.synced_counters.clone());
+        self.blocking(move |root| delete_blocking(&syncs, &synced, root, &key))
             .await
     }
 }

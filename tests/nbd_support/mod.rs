@@ -12,6 +12,10 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use shale::engine::memdisk::MemDisk;
 use shale::engine::BlockDevice;
+
+#[path = "../support/hooked_device.rs"]
+mod hooked_device;
+pub use hooked_device::{DeviceHook, DeviceOp, HookedDevice};
 use shale::error::BlockError;
 use shale::frontend::nbd::codec::*;
 use shale::frontend::nbd::protocol::*;
@@ -191,9 +195,11 @@ impl Drop for TestServer {
 }
 
 /// A device that records operations and can hold writes and reads at a
-/// gate until the test releases them.
-pub struct GatedDisk {
-    pub inner: MemDisk,
+/// gate until the test releases them: a [`MemDisk`] with a [`Gate`].
+pub type GatedDisk = HookedDevice<MemDisk, Gate>;
+
+/// The hook of a [`GatedDisk`].
+pub struct Gate {
     pub gate: Arc<Semaphore>,
     /// Gains a permit each time a request reaches the gate.
     pub entered: Arc<Semaphore>,
@@ -206,20 +212,28 @@ pub struct GatedDisk {
 
 impl GatedDisk {
     pub fn new(size: u64, gated_offsets: Vec<u64>) -> GatedDisk {
-        GatedDisk {
-            inner: MemDisk::new(size),
-            gate: Arc::new(Semaphore::new(0)),
-            entered: Arc::new(Semaphore::new(0)),
-            gated_offsets,
-            flush_gated: Default::default(),
-            log: Mutex::new(Vec::new()),
+        HookedDevice {
+            inner: Arc::new(MemDisk::new(size)),
+            hook: Gate {
+                gate: Arc::new(Semaphore::new(0)),
+                entered: Arc::new(Semaphore::new(0)),
+                gated_offsets,
+                flush_gated: Default::default(),
+                log: Mutex::new(Vec::new()),
+            },
         }
+    }
+}
+
+impl Gate {
+    async fn wait(&self) {
+        self.entered.add_permits(1);
+        self.gate.acquire().await.unwrap().forget();
     }
 
     async fn pass(&self, offset: u64) {
         if self.gated_offsets.contains(&offset) {
-            self.entered.add_permits(1);
-            self.gate.acquire().await.unwrap().forget();
+            self.wait().await;
         }
     }
 
@@ -233,35 +247,27 @@ impl GatedDisk {
 }
 
 #[async_trait]
-impl BlockDevice for GatedDisk {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
-        self.pass(offset).await;
-        self.record(format!("read {offset}"));
-        self.inner.read(offset, buf).await
-    }
-    async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BlockError> {
-        self.pass(offset).await;
-        self.record(format!("write {offset}"));
-        self.inner.write(offset, data, fua).await
-    }
-    async fn flush(&self) -> Result<(), BlockError> {
-        if self.flush_gated.load(std::sync::atomic::Ordering::SeqCst) {
-            self.entered.add_permits(1);
-            self.gate.acquire().await.unwrap().forget();
+impl DeviceHook for Gate {
+    async fn before(&self, op: DeviceOp) -> Result<(), BlockError> {
+        match op {
+            DeviceOp::Read { offset, .. } => {
+                self.pass(offset).await;
+                self.record(format!("read {offset}"));
+            }
+            DeviceOp::Write { offset, .. } => {
+                self.pass(offset).await;
+                self.record(format!("write {offset}"));
+            }
+            DeviceOp::Flush => {
+                if self.flush_gated.load(std::sync::atomic::Ordering::SeqCst) {
+                    self.wait().await;
+                }
+                self.record("flush".into());
+            }
+            DeviceOp::Trim { offset, .. } => self.record(format!("trim {offset}")),
+            DeviceOp::Zero { offset, .. } => self.record(format!("zero {offset}")),
         }
-        self.record("flush".into());
         Ok(())
-    }
-    async fn trim(&self, offset: u64, len: u64) -> Result<(), BlockError> {
-        self.record(format!("trim {offset}"));
-        self.inner.trim(offset, len).await
-    }
-    async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), BlockError> {
-        self.record(format!("zero {offset}"));
-        self.inner.write_zeroes(offset, len, fua).await
     }
 }
 

@@ -157,26 +157,27 @@ pub(crate) async fn commit(
                 return Ok(());
             }
             Err(StoreError::PreconditionFailed { .. }) => {
-                // Our own earlier attempt may have landed; only another
-                // epoch's write means we lost the volume.
-                let cur = store.get(&key).await?;
-                let theirs: Option<Manifest> = serde_json::from_slice(&cur.data).ok();
-                match theirs {
-                    Some(t) if t.volume == volume && t.epoch == epoch => {
-                        root.version = cur.version;
-                    }
-                    Some(t) => {
+                // Our own earlier attempt may have landed; another
+                // epoch's write, or anything the manifest store would
+                // not write (too large, unparsable, failing the checks:
+                // invariant 2), means we lost the volume. A store error
+                // is returned as it is: the volume may still be ours.
+                let (theirs, found) = match read_manifest(store, volume).await {
+                    Ok(found) => found,
+                    Err(EngineError::Store(e)) => return Err(EngineError::Store(e)),
+                    Err(e) => {
                         return Err(EngineError::Fenced(format!(
-                            "manifest taken over by epoch {}",
-                            t.epoch
+                            "manifest replaced by something unreadable: {e}"
                         )))
                     }
-                    None => {
-                        return Err(EngineError::Fenced(
-                            "manifest replaced by something unreadable".into(),
-                        ))
-                    }
+                };
+                if theirs.epoch != epoch {
+                    return Err(EngineError::Fenced(format!(
+                        "manifest taken over by epoch {}",
+                        theirs.epoch
+                    )));
                 }
+                root.version = found.version;
             }
             Err(e) => return Err(e.into()),
         }
@@ -184,4 +185,101 @@ pub(crate) async fn commit(
     Err(EngineError::Fenced(
         "manifest keeps changing under us".into(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::engine::meta::prepare::fresh;
+    use crate::store::memory::MemoryStore;
+
+    /// A store holding `m` as the manifest of its volume, and its root.
+    async fn stored(m: &Manifest) -> (DynStore, Root) {
+        let store: DynStore = Arc::new(MemoryStore::new());
+        let Put::Stored(version) = create(&store, m).await.unwrap() else {
+            panic!("a fresh store has no manifest");
+        };
+        let root = Root {
+            manifest: m.clone(),
+            version,
+        };
+        (store, root)
+    }
+
+    fn at_chunk(m: &Manifest, last_chunk: u64) -> Manifest {
+        Manifest {
+            last_chunk,
+            last_seq: last_chunk * 10,
+            ..m.clone()
+        }
+    }
+
+    /// After a lost swap, a manifest of our own epoch that fails the
+    /// checks (here: its checkpoint chunk lies after its last chunk) was
+    /// not written by the manifest store: the commit is fenced and leaves
+    /// it in place, rather than taking it for our own earlier attempt and
+    /// writing over it.
+    #[tokio::test]
+    async fn a_competing_manifest_that_fails_the_checks_fences_the_commit() {
+        let m = fresh(7, 3, None);
+        let (store, mut root) = stored(&m).await;
+        let bad = Manifest {
+            checkpoint_chunk: 9,
+            ..at_chunk(&m, 2)
+        };
+        let key = manifest_key(7);
+        let cur = store.get(&key).await.unwrap();
+        store
+            .put(&key, bad.encode(), PutMode::IfMatch(cur.version))
+            .await
+            .unwrap();
+        let e = commit(&store, 3, &mut root, at_chunk(&m, 4), || Ok(()))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, EngineError::Fenced(r) if r.contains("unreadable")),
+            "{e}"
+        );
+        assert_eq!(store.get(&key).await.unwrap().data, bad.encode());
+    }
+
+    /// After a lost swap, a valid manifest of our own epoch is our earlier
+    /// attempt: the commit retries on its version and lands; another
+    /// epoch's manifest fences it.
+    #[tokio::test]
+    async fn a_lost_swap_retries_on_our_epoch_and_is_fenced_by_another() {
+        let m = fresh(7, 3, None);
+        let (store, mut root) = stored(&m).await;
+        let key = manifest_key(7);
+        let ours = at_chunk(&m, 2);
+        let cur = store.get(&key).await.unwrap();
+        store
+            .put(&key, ours.encode(), PutMode::IfMatch(cur.version))
+            .await
+            .unwrap();
+        commit(&store, 3, &mut root, at_chunk(&m, 4), || Ok(()))
+            .await
+            .unwrap();
+        let (now, _) = read_manifest(&store, 7).await.unwrap();
+        assert_eq!(now.last_chunk, 4);
+
+        let theirs = Manifest {
+            epoch: 5,
+            ..at_chunk(&m, 4)
+        };
+        let cur = store.get(&key).await.unwrap();
+        store
+            .put(&key, theirs.encode(), PutMode::IfMatch(cur.version))
+            .await
+            .unwrap();
+        let e = commit(&store, 3, &mut root, at_chunk(&m, 6), || Ok(()))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, EngineError::Fenced(r) if r.contains("epoch 5")),
+            "{e}"
+        );
+    }
 }
