@@ -22,7 +22,8 @@
 # Usage: tools/bench-cold-read.sh [SHALE_BINARY]   (default: target/release/shale)
 # Environment: SIZE_MIB (default 512), RAND_MIB (default SIZE_MIB / 2),
 # BS (default 1M), QD (default 8), READAHEAD (engine.readahead_max; unset:
-# the binary's default), BENCH_DIR, PERF (a file: `perf record` of the
+# the binary's default), PREFETCH_MAX (engine.prefetch_max_in_flight; a
+# stream's window is capped at half of it), BENCH_DIR, PERF (a file: `perf record` of the
 # server during the sequential pass, or the random one with PERF_PASS=rand;
 # PERF_CG is perf's --call-graph mode, default fp: `dwarf,16384` names the
 # callers in a release build without frame pointers), KEEP (keep the work
@@ -46,6 +47,7 @@ bench_s3_start cold-read
     s3_store_yaml
     printf 'engine:\n  cache_dir: %s/cache\n' "$DIR"
     [ -n "${READAHEAD:-}" ] && printf '  readahead_max: %s\n' "$READAHEAD"
+    [ -n "${PREFETCH_MAX:-}" ] && printf '  prefetch_max_in_flight: %s\n' "$PREFETCH_MAX"
     true
 } > shale.yaml
 head -c $((SIZE_MIB << 20)) /dev/urandom > image.raw
