@@ -68,7 +68,8 @@
 //!     queued, is written by its caller ([`writer::Writer::lead`]): it takes the
 //!     writer's lock, which the writer thread holds while it writes a
 //!     batch, so the log still has one writer at a time and invariants
-//!     1-10 hold unchanged. The caller blocks for one durable write
+//!     1-10 hold unchanged. The lock is dropped before any answer goes
+//!     out, so a caller woken by its answer finds it free. The caller blocks for one durable write
 //!     instead of waking the writer thread and being woken back, which at
 //!     queue depth one is most of a commit's latency. Never on a ublk
 //!     queue thread (not a tokio task): that thread must not block.

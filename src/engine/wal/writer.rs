@@ -11,12 +11,16 @@
 //! The writer is shared behind a mutex: the thread locks it per batch, and
 //! a caller may take it to write its own lone record ([`Writer::lead`],
 //! invariant 11). Whoever holds the lock is the only one writing the log.
+//! Answers are decided under the lock and sent after it is dropped
+//! ([`Answers`]).
 
 use std::io::IoSlice;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
+
+use futures::channel::oneshot;
 
 use super::flush_pattern::FlushPattern;
 use super::fs::{DynWalFs, SegFile, WalFile};
@@ -86,8 +90,8 @@ pub(super) fn run(writer: SharedWriter, rx: mpsc::Receiver<Req>, syncer: JoinHan
             }
         }
         let stop = batch.iter().any(|r| matches!(r, Req::Stop));
-        let mut w = lock(&writer);
-        w.process(batch);
+        let answers = lock(&writer).process(batch);
+        answers.deliver();
         if stop {
             break;
         }
@@ -103,6 +107,56 @@ pub(super) fn run(writer: SharedWriter, rx: mpsc::Receiver<Req>, syncer: JoinHan
     let _ = syncer.join();
 }
 
+/// One answer decided under the writer's lock.
+enum Answer {
+    Append(
+        oneshot::Sender<Result<u64, WalError>>,
+        Result<u64, WalError>,
+    ),
+    Sync(oneshot::Sender<Result<(), WalError>>, Result<(), WalError>),
+}
+
+/// What a processed batch owes its callers. Delivered after the writer's
+/// lock is dropped, so a caller woken by its answer finds the lock free
+/// and may lead its next write (invariant 11) instead of racing the
+/// writer thread for it. Appends were uncounted before, so a flush sent
+/// after an answer still finds nothing queued (invariant 9).
+#[must_use]
+pub(super) struct Answers {
+    now: Vec<Answer>,
+    /// The batch's sync, for the syncer (invariant 2).
+    job: Option<SyncJob>,
+    sync_tx: SyncQueue,
+}
+
+impl Answers {
+    /// Answer what needs no sync and hand the rest to the syncer.
+    pub(super) fn deliver(self) {
+        for a in self.now {
+            match a {
+                Answer::Append(done, res) => {
+                    let _ = done.send(res);
+                }
+                Answer::Sync(done, res) => {
+                    let _ = done.send(res);
+                }
+            }
+        }
+        let Some(job) = self.job else { return };
+        let queue = self.sync_tx.lock().unwrap_or_else(|e| e.into_inner());
+        let sent = match queue.as_ref() {
+            Some(tx) => tx.send(job).map_err(|mpsc::SendError(job)| job),
+            None => Err(job),
+        };
+        drop(queue);
+        if let Err(job) = sent {
+            for w in job.waiters {
+                w.finish(&Err(WalError::Stopped));
+            }
+        }
+    }
+}
+
 impl Writer {
     /// Write `req`, an append alone, on the caller's thread if the writer
     /// is free and still running (invariant 11); else give it back. The
@@ -116,7 +170,9 @@ impl Writer {
         if w.stopped {
             return Err(req);
         }
-        w.process(vec![req]);
+        let answers = w.process(vec![req]);
+        drop(w);
+        answers.deliver();
         Ok(())
     }
 
@@ -173,7 +229,9 @@ impl Writer {
         Ok(())
     }
 
-    fn process(&mut self, mut batch: Vec<Req>) {
+    /// Write `batch` and decide every answer under the lock; the caller
+    /// delivers them after dropping it ([`Answers`]).
+    fn process(&mut self, mut batch: Vec<Req>) -> Answers {
         let result = self.write_batch(&mut batch);
         match &result {
             Err(e @ WalError::NoSpace(_)) => {
@@ -198,54 +256,45 @@ impl Writer {
         self.queued.fetch_sub(appends as u64, Ordering::AcqRel);
         let written = self.next_seq - 1;
         let mut seqs = result.as_ref().ok().map(|(s, _)| s.iter());
+        let mut answers = Answers {
+            now: Vec::new(),
+            job: None,
+            sync_tx: self.sync_tx.clone(),
+        };
         let mut waiters = Vec::new();
         let clean = |w: &Writer| w.marks.all_durable(written);
         for r in batch {
             match r {
                 Req::Append { done, sync, .. } => match seqs.as_mut().and_then(|s| s.next()) {
                     Some(&seq) if sync && !durable => waiters.push(Waiter::Append(done, seq)),
-                    Some(&seq) => {
-                        let _ = done.send(Ok(seq));
-                    }
+                    Some(&seq) => answers.now.push(Answer::Append(done, Ok(seq))),
                     None => {
                         let e = result.as_ref().err().cloned().unwrap_or(WalError::Stopped);
-                        let _ = done.send(Err(e));
+                        answers.now.push(Answer::Append(done, Err(e)));
                     }
                 },
                 Req::Sync { done } => match &result {
                     // The batch's records were refused, but what the log
                     // already holds can still be made durable.
                     Err(WalError::NoSpace(_)) | Ok(_) if durable || clean(self) => {
-                        let _ = done.send(Ok(()));
+                        answers.now.push(Answer::Sync(done, Ok(())));
                     }
                     Err(WalError::NoSpace(_)) | Ok(_) => waiters.push(Waiter::Sync(done)),
-                    Err(e) => {
-                        let _ = done.send(Err(e.clone()));
-                    }
+                    Err(e) => answers.now.push(Answer::Sync(done, Err(e.clone()))),
                 },
                 Req::Stop => {}
             }
         }
         if !waiters.is_empty() {
             let (_, file, _) = self.current();
-            let job = SyncJob {
+            answers.job = Some(SyncJob {
                 file,
                 upto: written,
                 cuts: self.marks.cuts(),
                 waiters,
-            };
-            let queue = self.sync_tx.lock().unwrap_or_else(|e| e.into_inner());
-            let sent = match queue.as_ref() {
-                Some(tx) => tx.send(job).map_err(|mpsc::SendError(job)| job),
-                None => Err(job),
-            };
-            drop(queue);
-            if let Err(job) = sent {
-                for w in job.waiters {
-                    w.finish(&Err(WalError::Stopped));
-                }
-            }
+            });
         }
+        answers
     }
 
     /// Write every append of the batch with one `pwritev`; returns their
