@@ -597,3 +597,115 @@ async fn writes_wait_while_a_snapshot_is_taken_and_reads_go_on() {
     gated.open.add_permits(100);
     v.close().await.unwrap();
 }
+
+/// A snapshot waiting for the destage task to store its ops fails when
+/// the meta task fails meanwhile (here: every checkpoint put), as one
+/// failing in destage would; it does not wait for the store to come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_meta_task_failure_fails_a_snapshot_still_waiting_for_its_chunks() {
+    use shale::engine::format::layout::{checkpoint_prefix, chunk_key, parse_chunk_key};
+    use shale::store::faulty::{Fault, FaultPoint, FaultRule};
+
+    let faulty = Arc::new(FaultyStore::new(MemoryStore::new(), 11));
+    let store: DynStore = faulty.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let v = open(&store, dir.path(), 1).await;
+    // Every checkpoint put fails from now on: the checkpoint due after the
+    // next chunk fails, and the meta task retries it again and again.
+    faulty.set_scoped(
+        FaultPoint::Put,
+        FaultRule::share(Fault::Transient, 1.0),
+        &checkpoint_prefix(VOLUME),
+    );
+    v.write(0, &op_data(6, 1), false).await.unwrap();
+    while v.stats().unstored_bytes > 0 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    // The next chunk's put waits: the snapshot's last write cannot be
+    // stored, so its request stays with the destage task.
+    let next = chunk_keys(&store)
+        .await
+        .iter()
+        .filter_map(|k| parse_chunk_key(VOLUME, k))
+        .map(|(seq, _)| seq)
+        .max()
+        .expect("a chunk is stored")
+        + 1;
+    let held = faulty.hold(FaultPoint::Put, &chunk_key(VOLUME, next, 1));
+    v.write(BLOCK, &op_data(6, 2), false).await.unwrap();
+    let taking = tokio::spawn({
+        let v = v.clone();
+        async move { v.snapshot("waiting", 1).await }
+    });
+    held.reached().await;
+    let err = taking
+        .await
+        .unwrap()
+        .expect_err("the meta task keeps failing");
+    assert!(err.to_string().contains("no snapshot was taken"), "{err}");
+    faulty.clear(FaultPoint::Put);
+    held.release();
+    let snap = v.snapshot("later", 2).await.expect("the store is back");
+    assert_eq!(
+        &read_view(&store, &snap).await[BLOCK as usize..2 * BLOCK as usize],
+        &op_data(6, 2)[..]
+    );
+    v.close().await.unwrap();
+    let names: Vec<String> = list_snapshots(&store, VOLUME)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(names, ["later"]);
+}
+
+/// A snapshot or GC asked while the volume closes is answered, never left
+/// waiting: served before the final checkpoint, or refused, at whatever
+/// point of the close it comes (each round yields a different number of
+/// times before closing). The close succeeds either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_and_gc_requests_racing_a_close_are_answered() {
+    for round in 0..24u64 {
+        let store: DynStore = Arc::new(MemoryStore::new());
+        let dir = tempfile::tempdir().unwrap();
+        let v = open(&store, dir.path(), 1).await;
+        v.write(0, &op_data(7, round), false).await.unwrap();
+        let gc = round % 2 == 1;
+        let asking = tokio::spawn({
+            let v = v.clone();
+            async move {
+                if gc {
+                    v.collect_garbage().await.map(|_| None)
+                } else {
+                    v.snapshot("racing", round).await.map(Some)
+                }
+            }
+        });
+        for _ in 0..round / 2 {
+            tokio::task::yield_now().await;
+        }
+        v.close().await.expect("close");
+        let answer = asking.await.unwrap();
+        let taken = list_snapshots(&store, VOLUME).await.unwrap();
+        match answer {
+            Ok(Some(snap)) => {
+                assert_eq!(taken.len(), 1, "round {round}");
+                assert_eq!(taken[0].id, snap.id, "round {round}");
+                assert_eq!(
+                    &read_view(&store, &snap).await[..BLOCK as usize],
+                    &op_data(7, round)[..],
+                    "round {round}"
+                );
+            }
+            Ok(None) => assert!(taken.is_empty(), "round {round}"),
+            Err(e) => {
+                assert!(taken.is_empty(), "round {round}: {e}");
+                assert!(
+                    e.to_string().contains(&EngineError::Closed.to_string()),
+                    "round {round}: {e:?}"
+                );
+            }
+        }
+    }
+}

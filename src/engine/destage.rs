@@ -24,8 +24,12 @@
 //!    [`MAX_BUILDS`] at once, never on the runtime's threads.
 //! 5. The meta task learns of a chunk ([`Command::ChunkApplied`]) only
 //!    after it is applied, and of the close ([`Command::Close`]) only once
-//!    every write is stored and applied; a snapshot request goes to it
-//!    only once every op it needs is stored. The WAL is released up to a
+//!    every write is stored and applied; a snapshot request (which the
+//!    façade sends this task on its own channel,
+//!    [`DestageCommand`](super::task_request::DestageCommand)) goes to it
+//!    only once every op it needs is stored, and a request sent before the
+//!    close began goes to it before the close (`live_snapshot.rs`
+//!    invariant 3). The WAL is released up to a
 //!    stored chunk without waiting for a manifest to name it: recovery
 //!    finds stored chunks after the manifest's `last_chunk` by listing
 //!    (`recovery.rs` invariant 2).
@@ -51,9 +55,9 @@ use super::checkpoint::ChunkInfo;
 use super::error::EngineError;
 use super::format::chunk::{decode_header, ChunkExtent};
 use super::format::layout::chunk_key;
-use super::live_snapshot;
+use super::live_snapshot::{self, Requests};
 use super::state::State;
-use super::task_request::{Command, MetaSender};
+use super::task_request::{Command, DestageReceiver, MetaSender};
 use super::volume_core::Inner;
 #[cfg(doc)]
 use crate::store::{ObjectStore, DEFAULT_PUTS_IN_FLIGHT};
@@ -138,10 +142,11 @@ async fn build_off_runtime(
 /// The task body; runs until close, fencing or abort. Everything that
 /// writes the manifest (commits, checkpoints, snapshots, GC, the final
 /// checkpoint) runs in the meta task ([`super::meta::task`]), which `meta`
-/// tells what happened and which this loop never waits for.
-pub(crate) async fn run(inner: Arc<Inner>, meta: MetaSender) {
-    // However the task ends, a snapshot request left behind is answered.
-    let _requests = live_snapshot::StopGuard::new(inner.clone());
+/// tells what happened and which this loop never waits for. The façade's
+/// snapshot and GC requests come on `requests`; however the task ends,
+/// those it still holds are dropped with it (their callers get an error).
+pub(crate) async fn run(inner: Arc<Inner>, meta: MetaSender, requests: DestageReceiver) {
+    let mut requests = Requests::new(inner.id, requests);
     let tick = Duration::from_millis(inner.cfg.destage_interval_ms.clamp(5, 100));
     let mut backoff = Duration::from_millis(10);
     let mut inflight: FuturesOrdered<ChunkFuture> = FuturesOrdered::new();
@@ -155,10 +160,12 @@ pub(crate) async fn run(inner: Arc<Inner>, meta: MetaSender) {
     let mut commit_asked = 0;
     loop {
         if let Err(e) = inner.check_not_fenced() {
+            requests.refuse(&e);
             fail(&inner, e, &mut backoff, false).await;
             return;
         }
-        let due = live_snapshot::take_due(&mut inner.shared.lock());
+        requests.take_queued();
+        let due = requests.take_due(inner.shared.lock().stored_seq);
         if !forward_requests(&meta, due) {
             return meta_gone(&inner);
         }
@@ -169,7 +176,8 @@ pub(crate) async fn run(inner: Arc<Inner>, meta: MetaSender) {
                 if meta_lags(&inner, &st) {
                     break;
                 }
-                next_batch(&inner, &mut st)
+                let wants_more = requests.wants_more(st.taken_seq);
+                next_batch(&inner, &mut st, wants_more)
             };
             let Some(batch) = batch else {
                 window.starved();
@@ -184,12 +192,14 @@ pub(crate) async fn run(inner: Arc<Inner>, meta: MetaSender) {
             ));
         }
         if inflight.is_empty() {
-            // One look at the state: a request made before the close
-            // began is forwarded before the close.
+            // One look at the state, taking in the queued requests under
+            // its lock: a request sent before the close began is forwarded
+            // before the close (`live_snapshot.rs` invariant 3).
             let (closing, idle, want_commit, stored_seq, due) = {
-                let mut st = inner.shared.lock();
+                let st = inner.shared.lock();
                 let want = st.store_target > st.committed_seq && st.stored_seq > st.committed_seq;
-                let due = live_snapshot::take_due(&mut st);
+                requests.take_queued();
+                let due = requests.take_due(st.stored_seq);
                 (st.closing, st.pending.is_empty(), want, st.stored_seq, due)
             };
             if !forward_requests(&meta, due) {
@@ -212,6 +222,7 @@ pub(crate) async fn run(inner: Arc<Inner>, meta: MetaSender) {
             }
             tokio::select! {
                 _ = inner.shared.notify.notified() => {}
+                _ = requests.recv() => {}
                 _ = tokio::time::sleep(tick) => {}
             }
             continue;
@@ -222,6 +233,7 @@ pub(crate) async fn run(inner: Arc<Inner>, meta: MetaSender) {
                 None => continue,
             },
             _ = inner.shared.notify.notified() => continue,
+            _ = requests.recv() => continue,
             _ = tokio::time::sleep(tick) => continue,
         };
         match done {
@@ -258,6 +270,7 @@ pub(crate) async fn run(inner: Arc<Inner>, meta: MetaSender) {
                     Stage::Records(_) => backoff + tick,
                     Stage::Built(_) => backoff,
                 };
+                requests.refuse(&e);
                 if fail(&inner, e, &mut backoff, false).await {
                     return;
                 }
@@ -285,14 +298,19 @@ pub(crate) fn max_meta_lag(cfg: &super::config::EngineConfig) -> u64 {
         .max(MIN_META_LAG)
 }
 
-/// Hand the requests taken by [`live_snapshot::take_due`] to the meta
-/// task; false if it has ended (the requests are then dropped: their
-/// callers get an error).
+/// Hand the requests taken by [`Requests::take_due`] to the meta task;
+/// false if it has ended (the requests are then dropped: their callers
+/// get an error).
 fn forward_requests(meta: &MetaSender, due: live_snapshot::Due) -> bool {
-    let (snapshot, gc) = due;
-    let gc_told = gc.is_none_or(|gc| meta.send(Command::CollectGarbage(gc)));
-    let snapshot_told = snapshot.is_none_or(|req| meta.send(Command::Snapshot(req)));
-    gc_told && snapshot_told
+    let gcs_told = due
+        .gcs
+        .into_iter()
+        .all(|gc| meta.send(Command::CollectGarbage(gc)));
+    let snapshots_told = due
+        .snapshots
+        .into_iter()
+        .all(|req| meta.send(Command::Snapshot(req)));
+    gcs_told && snapshots_told
 }
 
 /// The meta task ended before the destage task (it was fenced, or a close
@@ -306,16 +324,16 @@ fn meta_gone(inner: &Inner) {
     inner.finish_close(res);
 }
 
-/// Record a failure. Returns true when the task must stop (fenced, or a
-/// close gave up); otherwise doubles the backoff, after waiting it out if
-/// `wait` (a failed put instead waits inside its retry).
+/// Record a failure (the caller has failed the requests it holds with
+/// it). Returns true when the task must stop (fenced, or a close gave up);
+/// otherwise doubles the backoff, after waiting it out if `wait` (a failed
+/// put instead waits inside its retry).
 pub(crate) async fn fail(
     inner: &Inner,
     e: EngineError,
     backoff: &mut Duration,
     wait: bool,
 ) -> bool {
-    live_snapshot::refuse(inner, &e);
     if let EngineError::Fenced(why) = e {
         log::error!("volume {:x} fenced: {why}", inner.id);
         {
@@ -350,8 +368,9 @@ pub(crate) async fn fail(
     false
 }
 
-/// Take the records for the next chunk, if destage is due.
-fn next_batch(inner: &Inner, st: &mut State) -> Option<Batch> {
+/// Take the records for the next chunk, if destage is due (`wants_more`:
+/// a snapshot waits for records not yet taken, [`Requests::wants_more`]).
+fn next_batch(inner: &Inner, st: &mut State, wants_more: bool) -> Option<Batch> {
     let start = st.pending.partition_point(|p| p.seq <= st.taken_seq);
     let front = st.pending.get(start)?;
     let age = inner.clock.now().saturating_sub(front.at);
@@ -360,7 +379,7 @@ fn next_batch(inner: &Inner, st: &mut State) -> Option<Batch> {
         || age >= Duration::from_millis(inner.cfg.destage_interval_ms)
         || !st.waiters.is_empty()
         || st.store_target > st.taken_seq
-        || live_snapshot::wants_more(st)
+        || wants_more
         || st.closing;
     if !due {
         return None;

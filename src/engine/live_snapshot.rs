@@ -7,11 +7,13 @@
 //!    they wait in `wait_for_room`, never fail). Reads and flushes go on.
 //! 2. The WAL is synced: every write acknowledged before the call is
 //!    durable, and its sequence number is at most the WAL's last one, `S`.
-//! 3. The destage task is asked (`State::snapshot_req`) to store everything
-//!    up to `S`; once `stored_seq >= S` it hands the request to the meta
-//!    task ([`super::meta::task`]), which commits a checkpoint and, before any
-//!    later checkpoint can delete a chunk (it runs them all, one at a
-//!    time), writes the snapshot object from that checkpoint
+//! 3. The destage task is asked, by a command on its channel
+//!    ([`super::task_request::DestageCommand::Snapshot`]), to store
+//!    everything up to `S`. It holds the request ([`Requests`]; chunks are
+//!    cut at once while it waits) until `stored_seq >= S`, then hands it
+//!    to the meta task ([`super::meta::task`]), which commits a checkpoint
+//!    and, before any later checkpoint can delete a chunk (it runs them
+//!    all, one at a time), writes the snapshot object from that checkpoint
 //!    ([`store_snapshot`]). The object put is the commit point: on any
 //!    error there is no snapshot.
 //! 4. Writes resume, whatever the outcome; the pause is logged and counted.
@@ -28,20 +30,33 @@
 //! only points at chunks of the store-side map, so no reader loses data.
 //!
 //! Invariants:
-//! - One snapshot create or delete at a time per volume (a second call
-//!   fails at once).
-//! - A destage failure while a request waits fails the snapshot (the
-//!   store may be down for long; writes must not wait for it).
-//! - A request never outlives the destage task: [`StopGuard`] answers it
-//!   while it waits in the state; once handed to the meta task, the meta
-//!   task answers it or drops it when it ends (the caller then gets an
-//!   error).
-//! - The snapshot is a prefix of the write history (chunks are never cut
-//!   inside a request), holding at least every op up to `S`.
+//! 1. One snapshot create, delete or GC at a time per volume (a second
+//!    call fails at once): the façade sends one request per operation,
+//!    and frees the slot only once the request is answered or its caller
+//!    went away.
+//! 2. A failure of the destage or the meta task while a request waits
+//!    fails it (the store may be down for long; writes must not wait for
+//!    it): the destage task fails those it holds on its own failures and
+//!    on the meta task's ([`super::task_request::DestageCommand::Refuse`];
+//!    fencing it sees itself), the meta task those handed to it.
+//! 3. A request never outlives the tasks: one the destage task holds, or
+//!    one still queued on its channel, is dropped with the task (its
+//!    reply sender goes away, so the caller gets an error); once handed to
+//!    the meta task, that task answers it or drops it when it ends. A
+//!    request sent while the volume is not closing is taken in before the
+//!    destage task sees the close (the façade sends under the state lock,
+//!    and the destage task takes queued commands under it when it looks at
+//!    `closing`), so it is served before the final checkpoint.
+//! 4. A request whose caller went away (its reply receiver dropped) is
+//!    dropped unserved by whichever task holds it, and no longer makes
+//!    destage cut chunks early.
+//! 5. The snapshot is a prefix of the write history (chunks are never cut
+//!    inside a request), holding at least every op up to `S`.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+
+use tokio::sync::mpsc;
 
 use super::commit::checkpoint;
 use super::error::EngineError;
@@ -49,35 +64,123 @@ use super::fenced_delete::FencedDeleter;
 use super::format::layout::{chunk_prefix, parse_chunk_name, snapshot_key};
 use super::meta::manifest::{read_manifest, Root};
 use super::snapshot::{store_snapshot, RetainSet, SnapshotError, SnapshotObject};
-use super::state::State;
-use super::task_request::{GcRequest, Reply, SnapshotRequest};
+use super::task_request::{DestageCommand, DestageReceiver, GcRequest, Reply, SnapshotRequest};
 use super::volume_core::Inner;
 
-/// A request waits whose ops are not all taken into chunks yet (destage
-/// should cut a chunk now rather than wait for its size or timer).
-pub(crate) fn wants_more(st: &State) -> bool {
-    st.snapshot_req
-        .as_ref()
-        .is_some_and(|r| r.target > st.taken_seq)
+/// The façade's requests as the destage task holds them: its end of the
+/// destage channel, the snapshots waiting for their ops to be stored, and
+/// the GC requests to hand on to the meta task. It lives in the destage
+/// task and is dropped with it, and with it every request held or still
+/// queued: their callers get an error (invariant 3).
+pub(crate) struct Requests {
+    /// The volume's id, for the errors.
+    volume: u64,
+    rx: DestageReceiver,
+    /// Nothing can send any more (the volume and the meta task are gone).
+    closed: bool,
+    /// Snapshots whose ops are not all stored yet, in arrival order.
+    snapshots: VecDeque<SnapshotRequest>,
+    gcs: Vec<GcRequest>,
 }
 
-/// Requests taken out of the state for the meta task.
-pub(crate) type Due = (Option<SnapshotRequest>, Option<GcRequest>);
+/// Requests the meta task can serve now, to be sent on to it
+/// ([`super::task_request::Command`]).
+#[derive(Default)]
+pub(crate) struct Due {
+    pub gcs: Vec<GcRequest>,
+    pub snapshots: Vec<SnapshotRequest>,
+}
 
-/// In the destage task: take the requests the meta task can serve now
-/// (a GC request, a snapshot request whose ops are all stored) out of the
-/// state, to send them on ([`super::task_request::Command`]).
-pub(crate) fn take_due(st: &mut State) -> Due {
-    let snapshot_due = st
-        .snapshot_req
-        .as_ref()
-        .is_some_and(|r| st.stored_seq >= r.target);
-    let snapshot = if snapshot_due {
-        st.snapshot_req.take()
-    } else {
-        None
-    };
-    (snapshot, st.gc_req.take())
+impl Requests {
+    pub fn new(volume: u64, rx: DestageReceiver) -> Requests {
+        Requests {
+            volume,
+            rx,
+            closed: false,
+            snapshots: VecDeque::new(),
+            gcs: Vec::new(),
+        }
+    }
+
+    /// Wait for the next command and take it in; never ends once nothing
+    /// can send. Cancel-safe (for `select!`): nothing is awaited after a
+    /// command is received.
+    pub async fn recv(&mut self) {
+        if self.closed {
+            return std::future::pending().await;
+        }
+        match self.rx.0.recv().await {
+            Some(cmd) => self.take_in(cmd),
+            None => self.closed = true,
+        }
+    }
+
+    /// Take in every command already queued, without waiting.
+    pub fn take_queued(&mut self) {
+        loop {
+            match self.rx.0.try_recv() {
+                Ok(cmd) => self.take_in(cmd),
+                Err(mpsc::error::TryRecvError::Empty) => return,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    self.closed = true;
+                    return;
+                }
+            }
+        }
+    }
+
+    fn take_in(&mut self, cmd: DestageCommand) {
+        match cmd {
+            DestageCommand::Snapshot(req) => self.snapshots.push_back(req),
+            DestageCommand::CollectGarbage(gc) => self.gcs.push(gc),
+            DestageCommand::Refuse { why } => {
+                let volume = self.volume;
+                self.refuse_with(|| failed(volume, &why), &why);
+            }
+        }
+    }
+
+    /// A snapshot waits whose ops are not all taken into chunks yet
+    /// (destage should cut a chunk now rather than wait for its size or
+    /// timer). A request whose caller went away does not count.
+    pub fn wants_more(&self, taken_seq: u64) -> bool {
+        self.snapshots
+            .iter()
+            .any(|r| r.target > taken_seq && !r.reply.is_canceled())
+    }
+
+    /// Take out the requests the meta task can serve now: every GC
+    /// request, and every snapshot whose ops are all stored (up to
+    /// `stored_seq`). Requests whose callers went away are dropped.
+    pub fn take_due(&mut self, stored_seq: u64) -> Due {
+        self.snapshots.retain(|r| !r.reply.is_canceled());
+        self.gcs.retain(|gc| !gc.is_canceled());
+        let (due, waiting): (VecDeque<_>, VecDeque<_>) = self
+            .snapshots
+            .drain(..)
+            .partition(|r| r.target <= stored_seq);
+        self.snapshots = waiting;
+        Due {
+            gcs: std::mem::take(&mut self.gcs),
+            snapshots: due.into(),
+        }
+    }
+
+    /// A failure of the destage task or the meta task: every request held
+    /// fails with `e` (invariant 2).
+    pub fn refuse(&mut self, e: &EngineError) {
+        let volume = self.volume;
+        self.refuse_with(|| failure(volume, e), &e.to_string());
+    }
+
+    fn refuse_with(&mut self, snapshot_error: impl Fn() -> SnapshotError, why: &str) {
+        for req in self.snapshots.drain(..) {
+            let _ = req.reply.send(Err(snapshot_error()));
+        }
+        for gc in self.gcs.drain(..) {
+            let _ = gc.send(Err(why.to_string()));
+        }
+    }
 }
 
 /// In the meta task: delete every chunk at or before the committed
@@ -175,7 +278,7 @@ pub(crate) async fn serve_snapshot(
         Ok(cp) => {
             let Some(cp) = cp else {
                 let e = EngineError::Encode("checkpoint returned no map".into());
-                let _ = req.reply.send(Err(failure(inner, &e)));
+                let _ = req.reply.send(Err(failure(inner.id, &e)));
                 return Err(e);
             };
             let parent = root.manifest.parent;
@@ -196,7 +299,7 @@ pub(crate) async fn serve_snapshot(
             Ok(())
         }
         Err(e) => {
-            let _ = req.reply.send(Err(failure(inner, &e)));
+            let _ = req.reply.send(Err(failure(inner.id, &e)));
             Err(e)
         }
     }
@@ -238,51 +341,148 @@ async fn manifest_holder_epoch(inner: &Inner) -> Result<u64, EngineError> {
 /// Fail snapshot request `req` with `e` (the meta task, on a failure while
 /// it waits there).
 pub(crate) fn refuse_snapshot(inner: &Inner, req: SnapshotRequest, e: &EngineError) {
-    let _ = req.reply.send(Err(failure(inner, e)));
+    let _ = req.reply.send(Err(failure(inner.id, e)));
 }
 
-/// In the destage or meta task, on any failure: requests waiting in the
-/// state fail with it.
-pub(crate) fn refuse(inner: &Inner, e: &EngineError) {
-    let (req, gc) = {
-        let mut st = inner.shared.lock();
-        (st.snapshot_req.take(), st.gc_req.take())
-    };
-    if let Some(req) = req {
-        let _ = req.reply.send(Err(failure(inner, e)));
-    }
-    if let Some(gc) = gc {
-        let _ = gc.send(Err(e.to_string()));
-    }
-}
-
-fn failure(inner: &Inner, e: &EngineError) -> SnapshotError {
+/// How a failure `e` of the destage or meta task fails a snapshot of
+/// volume `volume`.
+fn failure(volume: u64, e: &EngineError) -> SnapshotError {
     match e {
         EngineError::Fenced(why) => EngineError::Fenced(why.clone()).into(),
-        other => SnapshotError::State {
-            volume: inner.id,
-            reason: format!("no snapshot was taken: storing the volume's data failed: {other}"),
-        },
+        other => failed(volume, &other.to_string()),
     }
 }
 
-/// Marks the destage task's end and drops any request left (its sender
-/// goes away, so the waiting [`super::Volume::snapshot`] returns an error).
-pub(crate) struct StopGuard(Arc<Inner>);
-
-impl StopGuard {
-    pub fn new(inner: Arc<Inner>) -> StopGuard {
-        StopGuard(inner)
+/// How a failure other than fencing, for reason `why`, fails a snapshot
+/// of volume `volume`.
+fn failed(volume: u64, why: &str) -> SnapshotError {
+    SnapshotError::State {
+        volume,
+        reason: format!("no snapshot was taken: storing the volume's data failed: {why}"),
     }
 }
 
-impl Drop for StopGuard {
-    fn drop(&mut self) {
-        let reqs = {
-            let mut st = self.0.shared.lock();
-            st.destage_stopped = true;
-            (st.snapshot_req.take(), st.gc_req.take())
+#[cfg(test)]
+mod tests {
+    use futures::channel::oneshot;
+
+    use super::*;
+    use crate::engine::task_request::{destage_channel, DestageSender};
+
+    /// A snapshot request for every op up to `target`, and its caller's end.
+    fn snapshot(target: u64) -> (SnapshotRequest, oneshot::Receiver<Reply>) {
+        let (reply, rx) = oneshot::channel();
+        let req = SnapshotRequest {
+            target,
+            name: format!("s{target}"),
+            created_ms: 1,
+            reply,
         };
+        (req, rx)
+    }
+
+    fn requests() -> (DestageSender, Requests) {
+        let (tx, rx) = destage_channel();
+        (tx, Requests::new(7, rx))
+    }
+
+    #[test]
+    fn a_snapshot_is_held_until_its_ops_are_stored() {
+        let (tx, mut reqs) = requests();
+        let (req, _caller) = snapshot(10);
+        assert!(tx.send(DestageCommand::Snapshot(req)));
+        reqs.take_queued();
+        assert!(reqs.wants_more(9), "its ops are not all in chunks yet");
+        assert!(!reqs.wants_more(10));
+        assert!(reqs.take_due(9).snapshots.is_empty(), "op 10 is not stored");
+        let due = reqs.take_due(10);
+        assert_eq!(
+            due.snapshots.iter().map(|r| r.target).collect::<Vec<_>>(),
+            [10]
+        );
+        assert!(
+            reqs.take_due(u64::MAX).snapshots.is_empty(),
+            "handed on once"
+        );
+    }
+
+    #[test]
+    fn a_request_whose_caller_went_away_is_dropped_and_cuts_no_chunk() {
+        let (tx, mut reqs) = requests();
+        let (gone, caller) = snapshot(10);
+        drop(caller);
+        let (gc, gc_caller) = oneshot::channel();
+        drop(gc_caller);
+        let (live, _live_caller) = snapshot(5);
+        assert!(tx.send(DestageCommand::Snapshot(gone)));
+        assert!(tx.send(DestageCommand::CollectGarbage(gc)));
+        assert!(tx.send(DestageCommand::Snapshot(live)));
+        reqs.take_queued();
+        assert!(
+            !reqs.wants_more(9),
+            "only the withdrawn request wants op 10"
+        );
+        let due = reqs.take_due(u64::MAX);
+        assert!(due.gcs.is_empty());
+        assert_eq!(
+            due.snapshots.iter().map(|r| r.target).collect::<Vec<_>>(),
+            [5]
+        );
+    }
+
+    #[test]
+    fn a_meta_task_failure_fails_every_request_held() {
+        let (tx, mut reqs) = requests();
+        let (req, mut caller) = snapshot(10);
+        let (gc, mut gc_caller) = oneshot::channel();
+        assert!(tx.send(DestageCommand::Snapshot(req)));
+        assert!(tx.send(DestageCommand::CollectGarbage(gc)));
+        assert!(tx.send(DestageCommand::Refuse {
+            why: "checkpoint put failed".into()
+        }));
+        reqs.take_queued();
+        match caller.try_recv() {
+            Ok(Some(Err(SnapshotError::State { volume: 7, reason }))) => {
+                assert!(reason.contains("checkpoint put failed"), "{reason}");
+            }
+            other => panic!("snapshot not failed: {other:?}"),
+        }
+        assert_eq!(
+            gc_caller.try_recv(),
+            Ok(Some(Err("checkpoint put failed".to_string())))
+        );
+        let due = reqs.take_due(u64::MAX);
+        assert!(due.snapshots.is_empty() && due.gcs.is_empty());
+    }
+
+    #[test]
+    fn a_destage_failure_fails_a_snapshot_with_its_error() {
+        let (tx, mut reqs) = requests();
+        let (req, mut caller) = snapshot(10);
+        assert!(tx.send(DestageCommand::Snapshot(req)));
+        reqs.take_queued();
+        reqs.refuse(&EngineError::Fenced("lease lost".into()));
+        match caller.try_recv() {
+            Ok(Some(Err(SnapshotError::Engine(EngineError::Fenced(why))))) => {
+                assert_eq!(why, "lease lost");
+            }
+            other => panic!("snapshot not failed as fenced: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn requests_left_when_the_destage_task_ends_are_answered_with_an_error() {
+        let (tx, mut reqs) = requests();
+        let (held, mut held_caller) = snapshot(10);
+        assert!(tx.send(DestageCommand::Snapshot(held)));
+        reqs.take_queued();
+        let (queued, mut queued_caller) = snapshot(11);
+        assert!(tx.send(DestageCommand::Snapshot(queued)));
         drop(reqs);
+        assert!(held_caller.try_recv().is_err(), "held request dropped");
+        assert!(queued_caller.try_recv().is_err(), "queued request dropped");
+        let (late, mut late_caller) = snapshot(12);
+        assert!(!tx.send(DestageCommand::Snapshot(late)), "nobody receives");
+        assert!(late_caller.try_recv().is_err(), "late request dropped");
     }
 }

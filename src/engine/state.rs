@@ -40,7 +40,6 @@ use super::format::chunk::ChunkExtent;
 use super::live::Overlay;
 use super::map::LocSet;
 use super::map::{ExtentMap, Loc, Piece, WalLoc};
-use super::task_request::{GcRequest, SnapshotRequest};
 use super::wal::record::RecordKind;
 use super::wal::Appended;
 use super::SECTOR;
@@ -118,17 +117,12 @@ pub struct State {
     pub closing: bool,
     /// Consecutive failed destage attempts.
     pub destage_failures: u32,
-    /// A snapshot create or delete of the open volume is running (one at
-    /// a time, see `live_snapshot.rs`).
+    /// A snapshot create, delete or GC of the open volume is running (one
+    /// at a time, see `live_snapshot.rs`; its requests go to the destage
+    /// task on a channel, not through this state).
     pub snapshot_busy: bool,
     /// A snapshot is being taken: new writes, trims and zeroes wait.
     pub writes_paused: bool,
-    /// The snapshot the destage task is asked to take, not yet served.
-    pub snapshot_req: Option<SnapshotRequest>,
-    /// A request to the destage task to delete unreferenced chunks.
-    pub gc_req: Option<GcRequest>,
-    /// The destage task has ended: nobody will serve a snapshot request.
-    pub destage_stopped: bool,
     /// The pool's terms for this volume (see [`super::space`]).
     pub space: super::space::SpaceState,
     /// The volume has a parent: zeroed ranges stay mapped (invariant 5).

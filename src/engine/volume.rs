@@ -189,6 +189,9 @@ fn open_cache(
 /// background work at once, like a crash (the WAL keeps what was written).
 pub struct Volume {
     pub(crate) inner: Arc<Inner>,
+    /// The snapshot API's requests to the destage task
+    /// (`volume/snapshot.rs`, `live_snapshot.rs`).
+    to_destage: task_request::DestageSender,
     /// The destage and meta tasks: aborting both stops every store write.
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     ack_gate: OnceLock<Arc<dyn AckGate>>,
@@ -331,17 +334,25 @@ impl Volume {
             close_tx: Mutex::new(None),
         });
         // The meta task owns the manifest; destage tells it what happened.
-        let (to_meta, meta_rx) = task_request::channel();
+        // The snapshot API asks destage for snapshots and GC.
+        let (to_meta, meta_rx) = task_request::meta_channel();
+        let (to_destage, destage_rx) = task_request::destage_channel();
         let root = Root {
             manifest: rec.manifest,
             version: rec.manifest_version,
         };
         let tasks = vec![
-            rt.spawn(meta::task::run(inner.clone(), root, meta_rx)),
-            rt.spawn(destage::run(inner.clone(), to_meta)),
+            rt.spawn(meta::task::run(
+                inner.clone(),
+                root,
+                meta_rx,
+                to_destage.clone(),
+            )),
+            rt.spawn(destage::run(inner.clone(), to_meta, destage_rx)),
         ];
         Ok(Arc::new(Volume {
             inner,
+            to_destage,
             tasks: Mutex::new(tasks),
             ack_gate: OnceLock::new(),
             warm: OnceLock::new(),

@@ -23,13 +23,15 @@
 //!    every write, and the close is answered only after it.
 //! 4. Failures are handled as in the destage task ([`fail`]): fencing ends
 //!    the task (the destage task sees it and ends too); any other failure
-//!    fails the waiting snapshot and GC requests, backs off, and the work
-//!    still owed is retried; while closing, repeated failures give up. A
+//!    fails the waiting snapshot and GC requests, those handed to this
+//!    task and, through a [`DestageCommand::Refuse`], those the destage
+//!    task still holds; it backs off, and the work still owed is retried; while closing, repeated failures give up. A
 //!    failed final checkpoint ends the close with its error, as before.
 //! 5. The task ends with the destage task (its sender dropped) unless a
 //!    close is owed, on fencing, on giving up, and after the close.
-//! 6. A snapshot request whose caller went away (its reply channel closed)
-//!    is dropped unserved, as it would have been before it left the state.
+//! 6. A snapshot or GC request whose caller went away (its reply channel
+//!    closed) is dropped unserved, as the destage task drops it while it
+//!    holds it.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -42,7 +44,9 @@ use crate::engine::commit::{checkpoint, commit_progress, final_checkpoint};
 use crate::engine::destage::fail;
 use crate::engine::error::EngineError;
 use crate::engine::live_snapshot;
-use crate::engine::task_request::{Command, GcRequest, MetaReceiver, SnapshotRequest};
+use crate::engine::task_request::{
+    Command, DestageCommand, DestageSender, GcRequest, MetaReceiver, SnapshotRequest,
+};
 use crate::engine::volume_core::Inner;
 
 /// The work the commands received so far ask for.
@@ -107,8 +111,14 @@ enum Round {
 }
 
 /// The task body: runs until the close is answered, fencing, giving up,
-/// or the end of the destage task.
-pub(crate) async fn run(inner: Arc<Inner>, mut root: Root, rx: MetaReceiver) {
+/// or the end of the destage task. `to_destage` carries its failures to
+/// the requests the destage task holds (invariant 4).
+pub(crate) async fn run(
+    inner: Arc<Inner>,
+    mut root: Root,
+    rx: MetaReceiver,
+    to_destage: DestageSender,
+) {
     let mut rx = rx.0;
     // Recovery may hand over a chain of chunks already far past the
     // checkpoint: a checkpoint is then due before any new chunk is applied
@@ -152,6 +162,7 @@ pub(crate) async fn run(inner: Arc<Inner>, mut root: Root, rx: MetaReceiver) {
             Ok(Round::Closed) => return,
             Err(e) => {
                 owed.refuse(&inner, &e);
+                refuse_held_by_destage(&to_destage, &e);
                 if fail(&inner, e, &mut backoff, true).await {
                     return;
                 }
@@ -182,4 +193,15 @@ async fn round(inner: &Inner, root: &mut Root, owed: &mut Owed) -> Result<Round,
         return Ok(Round::Closed);
     }
     Ok(Round::Continue)
+}
+
+/// Have the destage task fail the requests it holds with `e` (invariant
+/// 4). Not for fencing, which the destage task sees itself and answers
+/// with the fencing error.
+fn refuse_held_by_destage(to_destage: &DestageSender, e: &EngineError) {
+    if matches!(e, EngineError::Fenced(_)) {
+        return;
+    }
+    // The destage task may have ended: it then holds nothing.
+    let _ = to_destage.send(DestageCommand::Refuse { why: e.to_string() });
 }

@@ -1,7 +1,9 @@
 //! The snapshot API of an open volume: taking a snapshot, deleting one,
-//! collecting the chunks nothing names any more. The protocol and its
-//! invariants are in `live_snapshot.rs`, whose functions the destage and
-//! meta tasks run to serve these requests.
+//! collecting the chunks nothing names any more. Snapshots and GC are
+//! asked of the destage task by a command on its channel
+//! ([`DestageCommand`]). The protocol and its invariants are in
+//! `live_snapshot.rs`, whose functions the destage and meta tasks run to
+//! serve these requests.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -15,7 +17,7 @@ use crate::engine::format::snapshot::SnapshotObject;
 use crate::engine::snapshot::set_deleting;
 use crate::engine::snapshot::store::{find_snapshot, SnapshotError};
 use crate::engine::state::State;
-use crate::engine::task_request::SnapshotRequest;
+use crate::engine::task_request::{DestageCommand, SnapshotRequest};
 use crate::engine::volume_core::Inner;
 use crate::store::StoreError;
 
@@ -42,18 +44,16 @@ impl Volume {
         };
         inner.wal.sync().await.map_err(EngineError::from)?;
         let target = inner.wal.last_seq();
+        // Declared after `pause`, so dropped before it: a dropped call's
+        // request is seen withdrawn (`live_snapshot.rs` invariant 4)
+        // before the slot is free for the next.
         let (tx, rx) = oneshot::channel();
-        {
-            let mut st = inner.shared.lock();
-            refuse_unless_running(&st)?;
-            st.snapshot_req = Some(SnapshotRequest {
-                target,
-                name: name.to_string(),
-                created_ms,
-                reply: tx,
-            });
-        }
-        inner.shared.notify.notify_one();
+        self.send_request(DestageCommand::Snapshot(SnapshotRequest {
+            target,
+            name: name.to_string(),
+            created_ms,
+            reply: tx,
+        }))?;
         let res = match rx.await {
             Ok(res) => res,
             Err(_) => Err(stopped_error(inner)),
@@ -123,14 +123,9 @@ impl Volume {
             ),
         };
         let (tx, rx) = oneshot::channel();
-        {
-            let mut st = inner.shared.lock();
-            if let Err(e) = refuse_unless_running(&st) {
-                return Err(not_freed(e.to_string()));
-            }
-            st.gc_req = Some(tx);
+        if let Err(e) = self.send_request(DestageCommand::CollectGarbage(tx)) {
+            return Err(not_freed(e.to_string()));
         }
-        inner.shared.notify.notify_one();
         let res = rx.await;
         // Snapshot objects a caller removed since are no longer counted.
         self.account_snapshots().await;
@@ -138,6 +133,25 @@ impl Volume {
             Ok(Ok(n)) => Ok(n),
             Ok(Err(why)) => Err(not_freed(why)),
             Err(_) => Err(not_freed(stopped_error(inner).to_string())),
+        }
+    }
+}
+
+impl Volume {
+    /// Send `cmd` to the destage task, unless the volume is fenced or
+    /// closing or the task has ended. Sent under the state lock, so a
+    /// request sent before the close began reaches the destage task before
+    /// it sees the close (`live_snapshot.rs` invariant 3).
+    fn send_request(&self, cmd: DestageCommand) -> Result<(), SnapshotError> {
+        let sent = {
+            let st = self.inner.shared.lock();
+            refuse_unless_running(&st)?;
+            self.to_destage.send(cmd)
+        };
+        if sent {
+            Ok(())
+        } else {
+            Err(stopped_error(&self.inner))
         }
     }
 }
@@ -155,7 +169,8 @@ fn claim(inner: &Inner, st: &mut State) -> Result<(), SnapshotError> {
     Ok(())
 }
 
-/// Gives the slot back (and withdraws an unserved GC request) on drop.
+/// Gives the slot back on drop. A GC request not yet answered is then
+/// withdrawn: its reply receiver, a local of the call, is dropped first.
 struct Busy<'a>(&'a Inner);
 
 impl<'a> Busy<'a> {
@@ -168,18 +183,17 @@ impl<'a> Busy<'a> {
 
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
-        let mut st = self.0.shared.lock();
-        st.snapshot_busy = false;
-        st.gc_req = None;
+        self.0.shared.lock().snapshot_busy = false;
     }
 }
 
-/// Fenced, closing or without a destage task: no snapshot can be taken.
+/// Fenced or closing: no snapshot can be taken (without a destage task
+/// neither, which [`Volume::send_request`] finds when its send fails).
 fn refuse_unless_running(st: &State) -> Result<(), SnapshotError> {
     if let Some(why) = &st.fenced {
         return Err(EngineError::Fenced(why.clone()).into());
     }
-    if st.closing || st.destage_stopped {
+    if st.closing {
         return Err(SnapshotError::Engine(EngineError::Closed));
     }
     Ok(())
@@ -194,7 +208,8 @@ fn stopped_error(inner: &Inner) -> SnapshotError {
 }
 
 /// Holds writes back while alive; on drop (success, error or a dropped
-/// future) withdraws an unserved request, lets writes go and logs the pause.
+/// future) frees the slot, lets writes go and logs the pause. An unserved
+/// request is withdrawn by then: its reply receiver was dropped first.
 struct Pause<'a> {
     inner: &'a Inner,
     name: &'a str,
@@ -207,7 +222,6 @@ impl Drop for Pause<'_> {
             let mut st = self.inner.shared.lock();
             st.writes_paused = false;
             st.snapshot_busy = false;
-            st.snapshot_req = None;
             st.wake_all();
         }
         let paused = self.inner.clock.now().saturating_sub(self.started);
