@@ -27,8 +27,11 @@
 # server during the sequential pass, or the random one with PERF_PASS=rand;
 # PERF_CG is perf's --call-graph mode, default fp: `dwarf,16384` names the
 # callers in a release build without frame pointers), KEEP (keep the work
-# directory). Needs moto_server, fio with the nbd
-# engine, python3 with boto3.
+# directory), NICE (run the whole benchmark, moto and the raw GET client
+# included, at that niceness, e.g. -10 as root: on a machine shared with
+# builds, their load otherwise moves every figure by 2x between runs; both
+# sides of the ratio run at the same priority). Needs moto_server, fio
+# with the nbd engine, python3 with boto3.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 BIN=$(realpath "${1:-$repo/target/release/shale}")
@@ -36,6 +39,9 @@ SIZE_MIB=${SIZE_MIB:-512}
 RAND_MIB=${RAND_MIB:-$((SIZE_MIB / 2))}
 BS=${BS:-1M}
 QD=${QD:-8}
+if [ -n "${NICE:-}" ]; then
+    renice -n "$NICE" -p $$ >/dev/null || { echo "bench-cold-read: cannot renice to $NICE" >&2; exit 1; }
+fi
 for tool in fio python3 moto_server; do
     command -v "$tool" >/dev/null || { echo "bench-cold-read: $tool is required" >&2; exit 1; }
 done

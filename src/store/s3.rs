@@ -304,6 +304,14 @@ async fn read_body(op: &str, key: &str, body: ByteStream) -> StoreResult<Bytes> 
 /// page-aligned buffer ([`PooledBuf`]: the read cache writes it to disk from
 /// there), starting `lead` bytes past a page boundary; `None` if the body
 /// is longer or shorter.
+///
+/// Each frame hyper hands over (a slice of its socket read buffer) is
+/// copied once, to its place in the buffer: the body is never gathered
+/// into an intermediate allocation first. That copy is the only one in
+/// user space between the socket and the cache fill; avoiding it would
+/// need the socket read into our buffer, below the SDK's HTTP client.
+/// An overlong body is refused at the first frame that runs past `len`,
+/// without reading the rest.
 async fn read_body_aligned(
     op: &str,
     key: &str,
@@ -522,6 +530,7 @@ impl ObjectStore for S3Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::aligned::PAGE;
     use aws_sdk_s3::config::http::HttpResponse;
     use aws_sdk_s3::error::{ConnectorError, ErrorMetadata};
     use aws_sdk_s3::operation::put_object::PutObjectError;
@@ -603,6 +612,102 @@ mod tests {
         let (first, attempt) = t.for_upload(256 << 20).unwrap();
         assert_eq!(first, Duration::from_secs(133));
         assert_eq!(attempt, Duration::from_secs(138));
+    }
+
+    /// A body delivered as `frames` (an `Err` frame fails the stream there).
+    fn body_of(frames: Vec<Result<Vec<u8>, std::io::Error>>) -> ByteStream {
+        use http_body_util::StreamBody;
+        use hyper::body::Frame;
+        let frames = frames
+            .into_iter()
+            .map(|f| f.map(|b| Frame::data(Bytes::from(b))));
+        ByteStream::from_body_1_x(StreamBody::new(futures::stream::iter(frames)))
+    }
+
+    /// `len` bytes of a recognisable pattern.
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 + i / 4096) as u8).collect()
+    }
+
+    #[tokio::test]
+    async fn a_body_in_many_small_frames_lands_intact_where_it_was_placed() {
+        let len = (2 << 20) + 12_345; // a huge-page mapped pool buffer
+        let want = pattern(len);
+        for lead in [0, 1, 517, 4095] {
+            // Frames of uneven sizes, some empty, none aligned.
+            let mut frames = Vec::new();
+            let (mut at, mut step) = (0, 1);
+            while at < len {
+                let end = (at + step).min(len);
+                frames.push(Ok(want[at..end].to_vec()));
+                if step % 5 == 0 {
+                    frames.push(Ok(Vec::new()));
+                }
+                at = end;
+                step = step * 3 % 70_001 + 1;
+            }
+            assert!(frames.len() > 50, "{} frames", frames.len());
+            let got = read_body_aligned("GetObject", "k", body_of(frames), len, lead)
+                .await
+                .unwrap()
+                .expect("exact length");
+            assert_eq!(got.len(), len);
+            assert!(got[..] == want[..], "lead {lead}: bytes differ");
+            assert_eq!(
+                got.as_ptr() as usize % PAGE,
+                lead,
+                "the body does not start {lead} bytes past a page boundary"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_short_or_overlong_body_is_refused() {
+        let want = pattern(100_000);
+        let split = |b: &[u8]| -> Vec<Result<Vec<u8>, std::io::Error>> {
+            b.chunks(30_000).map(|c| Ok(c.to_vec())).collect()
+        };
+        // Short by one byte.
+        let got = read_body_aligned(
+            "GetObject",
+            "k",
+            body_of(split(&want[..99_999])),
+            100_000,
+            0,
+        );
+        assert!(got.await.unwrap().is_none(), "short body accepted");
+        // Empty.
+        let got = read_body_aligned("GetObject", "k", body_of(Vec::new()), 100_000, 0);
+        assert!(got.await.unwrap().is_none(), "empty body accepted");
+        // One byte too many, in the last frame or in a frame of its own.
+        let mut long = want.clone();
+        long.push(1);
+        let got = read_body_aligned("GetObject", "k", body_of(split(&long)), 100_000, 0);
+        assert!(got.await.unwrap().is_none(), "overlong body accepted");
+        let mut frames = split(&want);
+        frames.push(Ok(vec![1]));
+        let got = read_body_aligned("GetObject", "k", body_of(frames), 100_000, 0);
+        assert!(got.await.unwrap().is_none(), "extra frame accepted");
+        // Exactly right, for contrast.
+        let got = read_body_aligned("GetObject", "k", body_of(split(&want)), 100_000, 0);
+        assert!(got.await.unwrap().is_some_and(|b| b[..] == want[..]));
+    }
+
+    #[tokio::test]
+    async fn a_body_that_breaks_off_is_a_transient_error() {
+        let frames = vec![
+            Ok(pattern(40_000)),
+            Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "reset",
+            )),
+            Ok(pattern(60_000)),
+        ];
+        let e = read_body_aligned("GetObject", "k", body_of(frames), 100_000, 0)
+            .await
+            .unwrap_err();
+        assert!(e.is_transient(), "{e:?}");
+        assert!(e.to_string().contains("reading body"), "{e}");
     }
 
     #[test]
