@@ -33,7 +33,7 @@ fuzz_target!(|data: &[u8]| {
             let volume = if segments & 4 == 4 { VOLUME + 1 } else { VOLUME };
             // Bit 3: version 2 headers (records must continue a run).
             if segments & 8 == 8 {
-                f.extend_from_slice(&segment::encode(volume, stamp, 1 + n as u64));
+                f.extend_from_slice(&segment::encode_v2(volume, stamp, 1 + n as u64));
             } else {
                 f.extend_from_slice(&segment::encode_v1(volume, stamp));
             }

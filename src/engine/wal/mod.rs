@@ -45,8 +45,11 @@
 //!    is empty does it create a file and sync the directory. So in steady
 //!    state `fdatasync` never commits a size change and the write path
 //!    never syncs the directory. A recycled file holds stale records past
-//!    its tail; replay never takes them (their seqs cannot continue the
-//!    segment's run, see [`scan`]).
+//!    its tail; replay never takes them: each time a file becomes a
+//!    segment it gets a fresh incarnation, and a record checks only in the
+//!    incarnation it was written for ([`segment`]). (Their seqs alone would
+//!    not tell: after a power cut the next writer reuses the seqs of
+//!    records that reached a file whose new header did not.)
 //! 8. Once a batch is written, its bytes move to the [`tail`] (at most
 //!    `tail_bytes` of the newest, until the store holds their records);
 //!    [`Wal::segment_file`] hands out files whose reads take from it what
@@ -186,6 +189,9 @@ struct Segment {
     /// Highest sequence number in the segment; 0 when empty.
     last_seq: u64,
     len: u64,
+    /// What its record headers are written for ([`segment`]); only the
+    /// current segment is written.
+    incarnation: u32,
 }
 
 /// A preallocated file waiting to become a segment (invariant 7).
@@ -285,8 +291,8 @@ fn sync_dir(fs: &DynWalFs, dir: &Path) -> Result<(), WalError> {
         .map_err(|e| io_err("sync WAL directory", e))
 }
 
-/// Create segment `id` holding only its header (the data is not synced;
-/// the first flush into it syncs both).
+/// Create segment `id` holding only its header, of a fresh incarnation
+/// (the data is not synced; the first flush into it syncs both).
 fn create_segment(
     fs: &DynWalFs,
     dir: &Path,
@@ -299,7 +305,8 @@ fn create_segment(
     let file = fs
         .create(&path)
         .map_err(|e| write_err("create WAL segment", e))?;
-    let header = segment::encode(volume, stamp, first_seq);
+    let incarnation = segment::new_incarnation();
+    let header = segment::encode(volume, stamp, first_seq, incarnation);
     if let Err(e) = write_all_vectored(file.as_ref(), &mut [IoSlice::new(&header)], 0) {
         // Not in the registry yet: leave no half-made segment behind.
         let _ = fs.remove(&path);
@@ -310,6 +317,27 @@ fn create_segment(
         path,
         last_seq: 0,
         len: segment::SEG_HEADER_LEN as u64,
+        incarnation,
+    })
+}
+
+/// Make the spare `sp` segment `first_seq` on, of a fresh incarnation, by
+/// writing its header (not synced; the first flush into it syncs it).
+fn promote_spare(
+    sp: Spare,
+    volume: u64,
+    stamp: segment::Stamp,
+    first_seq: u64,
+) -> Result<Segment, WalError> {
+    let incarnation = segment::new_incarnation();
+    let header = segment::encode(volume, stamp, first_seq, incarnation);
+    write_all_vectored(sp.file.as_ref(), &mut [IoSlice::new(&header)], 0)?;
+    Ok(Segment {
+        file: sp.file,
+        path: sp.path,
+        last_seq: 0,
+        len: segment::SEG_HEADER_LEN as u64,
+        incarnation,
     })
 }
 

@@ -3,7 +3,11 @@
 //! Layout (little endian), 48-byte header then the body:
 //! `magic u32 | kind u16 | flags u16 | volume u64 | seq u64 | lba u64 |
 //!  sectors u64 | data_crc u32 | header_crc u32`.
-//! `header_crc` is CRC32C over the 44 bytes before it. `Trim` and `Zero`
+//! `header_crc` is CRC32C over the 44 bytes before it, started from the
+//! segment's incarnation (a random number its version 3 header names; 0
+//! in older segments, which is plain CRC32C), so a record written into a
+//! file in an earlier life of that file never checks in a later one (see
+//! [`super::segment`]). `Trim` and `Zero`
 //! records are header-only. Write records carry `sectors * 512` data bytes
 //! in one of two on-disk kinds:
 //! - kind 1 ("whole", written by releases before block CRCs; still read):
@@ -123,7 +127,14 @@ impl RecordHeader {
         }
     }
 
+    /// The header as written into a segment of incarnation 0 (before
+    /// version 3).
     pub fn encode(&self) -> [u8; HEADER_LEN] {
+        self.encode_for(0)
+    }
+
+    /// The header as written into a segment of `incarnation`.
+    pub fn encode_for(&self, incarnation: u32) -> [u8; HEADER_LEN] {
         let mut b = [0u8; HEADER_LEN];
         b[0..4].copy_from_slice(&MAGIC.to_le_bytes());
         b[4..6].copy_from_slice(&self.kind_u16().to_le_bytes());
@@ -133,7 +144,7 @@ impl RecordHeader {
         b[24..32].copy_from_slice(&self.lba.to_le_bytes());
         b[32..40].copy_from_slice(&self.sectors.to_le_bytes());
         b[40..44].copy_from_slice(&self.data_crc.to_le_bytes());
-        let crc = crc32c::crc32c(&b[..44]);
+        let crc = crc32c::crc32c_append(incarnation, &b[..44]);
         b[44..48].copy_from_slice(&crc.to_le_bytes());
         b
     }
@@ -166,13 +177,20 @@ fn u32_at(b: &[u8], o: usize) -> u32 {
     u32::from_le_bytes(a)
 }
 
+/// A decoded header and the range of its data.
+pub type Decoded = (RecordHeader, std::ops::Range<usize>);
+
 /// Decode the record starting at `buf[pos..]`, checking every CRC.
 /// Returns the header and the data range within `buf` (after the block
-/// table, if any; the record ends where the data ends).
-pub fn decode_at(
-    buf: &[u8],
-    pos: usize,
-) -> Result<(RecordHeader, std::ops::Range<usize>), RecordError> {
+/// table, if any; the record ends where the data ends). For segments of
+/// incarnation 0 (before version 3).
+pub fn decode_at(buf: &[u8], pos: usize) -> Result<Decoded, RecordError> {
+    decode_in(buf, pos, 0)
+}
+
+/// [`decode_at`] in a segment of `incarnation`: a record written in
+/// another incarnation fails its header CRC.
+pub fn decode_in(buf: &[u8], pos: usize, incarnation: u32) -> Result<Decoded, RecordError> {
     let at = pos as u64;
     let Some(h) = buf.get(pos..pos + HEADER_LEN) else {
         return Err(RecordError::Truncated(at));
@@ -180,7 +198,7 @@ pub fn decode_at(
     if u32_at(h, 0) != MAGIC {
         return Err(RecordError::BadMagic(at));
     }
-    if crc32c::crc32c(&h[..44]) != u32_at(h, 44) {
+    if crc32c::crc32c_append(incarnation, &h[..44]) != u32_at(h, 44) {
         return Err(RecordError::HeaderCrc(at));
     }
     let kind_raw = u16::from_le_bytes([h[4], h[5]]);

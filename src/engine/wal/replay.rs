@@ -37,10 +37,10 @@ use std::path::Path;
 use super::fs::DynWalFs;
 use super::record::RecordKind;
 use super::scan::SegScan;
-use super::segment::{self, Stamp};
+use super::segment::Stamp;
 use super::{
-    create_segment, io_err, seg_path, sync_dir, write_all_vectored, Appended, Recovered, Segment,
-    Spare, WalError,
+    create_segment, io_err, promote_spare, seg_path, sync_dir, Appended, Recovered, Segment, Spare,
+    WalError,
 };
 use crate::engine::map::WalLoc;
 
@@ -253,22 +253,15 @@ pub fn replay(
                 path: s.path,
                 last_seq,
                 len,
+                // Never written again.
+                incarnation: 0,
             },
         );
     }
     sync_dir(fs, dir)?;
     let current = match spares.remove(&next_id) {
-        Some(sp) => {
-            // A spare of the pool becomes the new current segment.
-            let header = segment::encode(volume, stamp, next_seq);
-            write_all_vectored(sp.file.as_ref(), &mut [std::io::IoSlice::new(&header)], 0)?;
-            Segment {
-                file: sp.file,
-                path: sp.path,
-                last_seq: 0,
-                len: segment::SEG_HEADER_LEN as u64,
-            }
-        }
+        // A spare of the pool becomes the new current segment.
+        Some(sp) => promote_spare(sp, volume, stamp, next_seq)?,
         None => create_segment(fs, dir, next_id, volume, stamp, next_seq)?,
     };
     debug_assert_eq!(current.path, seg_path(dir, next_id));

@@ -10,7 +10,9 @@
 //! that does not continue the run (zeros of the preallocation, padding, a
 //! torn record, a stale record of the file's earlier life) ends it. That
 //! end is not damage by itself: [`super::replay`] decides from the next
-//! segment's `first_seq` whether records are missing. Spares (pool files)
+//! segment's `first_seq` whether records are missing. In a version 3
+//! segment a record checks only with the segment's incarnation, so no
+//! record of an earlier life of the file continues the run. Spares (pool files)
 //! hold no records.
 
 use std::collections::BTreeSet;
@@ -18,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
 use super::fs::{read_all_into, DynWalFs, SegFile};
-use super::record::{decode_at, RecordKind};
+use super::record::{decode_in, RecordKind};
 use super::segment::{self, Head, Stamp, SEG_HEADER_LEN};
 use super::{io_err, seg_path, WalError};
 
@@ -188,6 +190,7 @@ fn scan_segment(
         run_end: None,
         spare: false,
     };
+    let mut incarnation = 0;
     let mut pos = match segment::decode(buf) {
         Head::Empty => return Ok(seg),
         Head::Legacy => 0,
@@ -195,12 +198,14 @@ fn scan_segment(
             volume: v,
             stamp,
             first_seq,
+            incarnation: inc,
         } => {
             if v != volume {
                 return Err(foreign(&seg.path, v, volume));
             }
             seg.stamp = Some(stamp);
             seg.first_seq = first_seq;
+            incarnation = inc;
             SEG_HEADER_LEN
         }
         Head::Spare { volume: v } => {
@@ -218,7 +223,7 @@ fn scan_segment(
     seg.good_len = pos as u64;
     let mut expect = seg.first_seq;
     while pos < buf.len() {
-        let (h, data) = match decode_at(buf, pos) {
+        let (h, data) = match decode_in(buf, pos, incarnation) {
             Ok(r) => r,
             Err(e) if expect.is_some() => {
                 seg.run_end = Some(e.to_string());

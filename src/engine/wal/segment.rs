@@ -2,22 +2,31 @@
 //!
 //! Layout (little endian), 48 bytes at offset 0, records follow:
 //! `magic u32 ("SHWS") | version u16 | flags u16 | volume u64 | epoch u64 |
-//!  base_epoch u64 | first_seq u64 | reserved u32 | header_crc u32`.
+//!  base_epoch u64 | first_seq u64 | incarnation u32 | header_crc u32`.
 //! `header_crc` is CRC32C over the 44 bytes before it.
 //!
 //! Version 1 (written before segments were preallocated and recycled): the
 //! `first_seq` field is reserved (0, ignored) and the file ends where its
-//! records end. Version 2 (written now): the file is preallocated and may
-//! be a recycled one, so past its last record it holds zeros, padding or
-//! stale records of an earlier life. Its records are exactly the run
-//! `first_seq, first_seq + 1, ...` read from offset 48: the first thing
-//! that is not the next record of that run (unreadable, or another seq)
-//! ends the segment (see [`super::scan`]). Stale records can never
-//! continue the run: a file is recycled only once all its records are in
-//! the store, so their seqs are below every seq written later.
-//! Flag bit 0 (version 2 only) marks a spare: a preallocated file waiting
+//! records end. Version 2: the file is preallocated and may be a recycled
+//! one, so past its last record it holds zeros, padding or stale records
+//! of an earlier life. Its records are exactly the run `first_seq,
+//! first_seq + 1, ...` read from offset 48: the first thing that is not
+//! the next record of that run (unreadable, or another seq) ends the
+//! segment (see [`super::scan`]). `incarnation` is 0.
+//!
+//! Version 3 (written now) is version 2 with a nonzero random
+//! `incarnation`, drawn each time a file becomes a segment; every record
+//! header CRC in it starts from that number ([`super::record`]). So a
+//! stale record of an earlier life of the file never reads as a record of
+//! this one, whatever its seq. Seqs alone do not ensure that: after a
+//! power cut, replay ends the log before records that did reach the disk
+//! (in a file whose new header did not), and the next writer reuses their
+//! seqs, in that file or another.
+//!
+//! Flag bit 0 (versions 2 and 3) marks a spare: a preallocated file waiting
 //! in the pool to become a segment; it holds no records whatever follows
-//! the header. Other flag bits are 0 and ignored.
+//! the header (spares are written as version 2). Other flag bits are 0 and
+//! ignored.
 //!
 //! Segments written before headers existed ("legacy") start directly with
 //! a record (its magic "SHWL") or are empty; they are still read.
@@ -33,7 +42,8 @@ use super::record::MAGIC as RECORD_MAGIC;
 pub const SEG_MAGIC: u32 = 0x5357_4853; // "SHWS"
 pub const SEG_HEADER_LEN: usize = 48;
 const VERSION_1: u16 = 1;
-const VERSION: u16 = 2;
+const VERSION_2: u16 = 2;
+const VERSION: u16 = 3;
 const FLAG_SPARE: u16 = 1;
 
 /// Who wrote a segment, over which history.
@@ -53,11 +63,14 @@ pub enum Head {
     /// A legacy segment: records start at offset 0.
     Legacy,
     /// A header of this volume (or another: the caller checks `volume`);
-    /// `first_seq` is `Some` for version 2 (records must continue its run).
+    /// `first_seq` is `Some` for versions 2 and 3 (records must continue
+    /// its run); `incarnation` seeds its record header CRCs (0 before
+    /// version 3).
     Stamped {
         volume: u64,
         stamp: Stamp,
         first_seq: Option<u64>,
+        incarnation: u32,
     },
     /// A spare of the pool (version 2, flag bit 0): no records.
     Spare { volume: u64 },
@@ -65,13 +78,25 @@ pub enum Head {
     Damaged(String),
 }
 
-fn encode_raw(
+/// The fields of a header, as [`encode_raw`] lays them out.
+struct Fields {
     version: u16,
     flags: u16,
     volume: u64,
     stamp: Stamp,
     first_seq: u64,
-) -> [u8; SEG_HEADER_LEN] {
+    incarnation: u32,
+}
+
+fn encode_raw(f: Fields) -> [u8; SEG_HEADER_LEN] {
+    let Fields {
+        version,
+        flags,
+        volume,
+        stamp,
+        first_seq,
+        incarnation,
+    } = f;
     let mut b = [0u8; SEG_HEADER_LEN];
     b[0..4].copy_from_slice(&SEG_MAGIC.to_le_bytes());
     b[4..6].copy_from_slice(&version.to_le_bytes());
@@ -80,14 +105,34 @@ fn encode_raw(
     b[16..24].copy_from_slice(&stamp.epoch.to_le_bytes());
     b[24..32].copy_from_slice(&stamp.base_epoch.to_le_bytes());
     b[32..40].copy_from_slice(&first_seq.to_le_bytes());
+    b[40..44].copy_from_slice(&incarnation.to_le_bytes());
     let crc = crc32c::crc32c(&b[..44]);
     b[44..48].copy_from_slice(&crc.to_le_bytes());
     b
 }
 
-/// The header of a segment whose first record will be `first_seq`.
-pub fn encode(volume: u64, stamp: Stamp, first_seq: u64) -> [u8; SEG_HEADER_LEN] {
-    encode_raw(VERSION, 0, volume, stamp, first_seq)
+/// A fresh incarnation: random, never 0 (0 is the plain CRC of the
+/// formats before version 3).
+pub fn new_incarnation() -> u32 {
+    loop {
+        let n = rand::random::<u32>();
+        if n != 0 {
+            return n;
+        }
+    }
+}
+
+/// The header of a segment whose first record will be `first_seq`, whose
+/// records are written for `incarnation` ([`new_incarnation`]).
+pub fn encode(volume: u64, stamp: Stamp, first_seq: u64, incarnation: u32) -> [u8; SEG_HEADER_LEN] {
+    encode_raw(Fields {
+        version: VERSION,
+        flags: 0,
+        volume,
+        stamp,
+        first_seq,
+        incarnation,
+    })
 }
 
 /// The header of a spare (a pool file holding no records).
@@ -96,26 +141,62 @@ pub fn encode_spare(volume: u64) -> [u8; SEG_HEADER_LEN] {
         epoch: 0,
         base_epoch: 0,
     };
-    encode_raw(VERSION, FLAG_SPARE, volume, none, 0)
+    encode_raw(Fields {
+        version: VERSION_2,
+        flags: FLAG_SPARE,
+        volume,
+        stamp: none,
+        first_seq: 0,
+        incarnation: 0,
+    })
+}
+
+/// A version 2 header, as releases before version 3 wrote (for tests and
+/// fuzz seeds of old segments; never written by the log).
+pub fn encode_v2(volume: u64, stamp: Stamp, first_seq: u64) -> [u8; SEG_HEADER_LEN] {
+    encode_raw(Fields {
+        version: VERSION_2,
+        flags: 0,
+        volume,
+        stamp,
+        first_seq,
+        incarnation: 0,
+    })
 }
 
 /// A version 1 header, as releases before recycling wrote (for tests and
 /// fuzz seeds of old segments; never written by the log).
 pub fn encode_v1(volume: u64, stamp: Stamp) -> [u8; SEG_HEADER_LEN] {
-    encode_raw(VERSION_1, 0, volume, stamp, 0)
+    encode_raw(Fields {
+        version: VERSION_1,
+        flags: 0,
+        volume,
+        stamp,
+        first_seq: 0,
+        incarnation: 0,
+    })
 }
 
-/// `header` (a whole version 2 header) with its `first_seq` set to
-/// `first_seq`; `None` if it is no version 2 segment header.
+/// `header` (a whole version 2 or 3 header) with its `first_seq` set to
+/// `first_seq`, everything else kept; `None` if it is no such header.
 pub fn restamp(header: &[u8], first_seq: u64) -> Option<[u8; SEG_HEADER_LEN]> {
-    match decode(header) {
-        Head::Stamped {
-            volume,
-            stamp,
-            first_seq: Some(_),
-        } => Some(encode(volume, stamp, first_seq)),
-        _ => None,
-    }
+    let Head::Stamped {
+        volume,
+        stamp,
+        first_seq: Some(_),
+        incarnation,
+    } = decode(header)
+    else {
+        return None;
+    };
+    Some(encode_raw(Fields {
+        version: u16::from_le_bytes([header[4], header[5]]),
+        flags: u16::from_le_bytes([header[6], header[7]]),
+        volume,
+        stamp,
+        first_seq,
+        incarnation,
+    }))
 }
 
 fn u64_at(b: &[u8], o: usize) -> u64 {
@@ -153,17 +234,26 @@ pub fn decode(buf: &[u8]) -> Head {
         epoch: u64_at(h, 16),
         base_epoch: u64_at(h, 24),
     };
+    let incarnation = u32::from_le_bytes([h[40], h[41], h[42], h[43]]);
     match version {
         VERSION_1 => Head::Stamped {
             volume,
             stamp,
             first_seq: None,
+            incarnation: 0,
         },
-        VERSION if flags & FLAG_SPARE != 0 => Head::Spare { volume },
+        VERSION_2 | VERSION if flags & FLAG_SPARE != 0 => Head::Spare { volume },
+        VERSION_2 => Head::Stamped {
+            volume,
+            stamp,
+            first_seq: Some(u64_at(h, 32)),
+            incarnation: 0,
+        },
         VERSION => Head::Stamped {
             volume,
             stamp,
             first_seq: Some(u64_at(h, 32)),
+            incarnation,
         },
         _ => Head::Damaged(format!("unknown segment header version {version}")),
     }
@@ -179,14 +269,37 @@ mod tests {
             epoch: 7,
             base_epoch: 5,
         };
-        let b = encode(42, s, 77);
+        let b = encode(42, s, 77, 0xdead_beef);
         assert_eq!(
             decode(&b),
             Head::Stamped {
                 volume: 42,
                 stamp: s,
                 first_seq: Some(77),
+                incarnation: 0xdead_beef,
             }
+        );
+        assert_eq!(
+            decode(&restamp(&b, 80).expect("version 3")),
+            Head::Stamped {
+                volume: 42,
+                stamp: s,
+                first_seq: Some(80),
+                incarnation: 0xdead_beef,
+            }
+        );
+        assert_eq!(
+            decode(&encode_v2(42, s, 77)),
+            Head::Stamped {
+                volume: 42,
+                stamp: s,
+                first_seq: Some(77),
+                incarnation: 0,
+            }
+        );
+        assert_eq!(
+            restamp(&encode_v2(42, s, 77), 80),
+            Some(encode_v2(42, s, 80))
         );
         assert_eq!(
             decode(&encode_v1(42, s)),
@@ -194,8 +307,11 @@ mod tests {
                 volume: 42,
                 stamp: s,
                 first_seq: None,
+                incarnation: 0,
             }
         );
+        assert_eq!(restamp(&encode_v1(42, s), 80), None);
+        assert_ne!(new_incarnation(), 0);
         assert_eq!(decode(&encode_spare(42)), Head::Spare { volume: 42 });
         assert_eq!(decode(&[]), Head::Empty);
         assert_eq!(decode(&RECORD_MAGIC.to_le_bytes()), Head::Legacy);

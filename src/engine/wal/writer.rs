@@ -27,8 +27,8 @@ use super::fs::{DynWalFs, SegFile, WalFile};
 use super::record::{RecordHeader, RecordKind, HEADER_LEN};
 use super::syncer::{lock_broken, SyncJob, SyncQueue, Waiter};
 use super::{
-    create_segment, durable, io_err, segment, sync_dir, tail, write_all_vectored, write_err,
-    Appended, ApplyFn, Registry, Req, Segment, WalError,
+    create_segment, durable, io_err, promote_spare, segment, sync_dir, tail, write_all_vectored,
+    write_err, Appended, ApplyFn, Registry, Req, WalError,
 };
 use crate::engine::map::WalLoc;
 
@@ -176,10 +176,11 @@ impl Writer {
         Ok(())
     }
 
-    fn current(&self) -> (u64, SegFile, u64) {
+    /// The current segment: `(id, file, length, incarnation)`.
+    fn current(&self) -> (u64, SegFile, u64, u32) {
         let reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
         let seg = &reg.segs[&reg.current];
-        (reg.current, seg.file.clone(), seg.len)
+        (reg.current, seg.file.clone(), seg.len, seg.incarnation)
     }
 
     /// Sync the current segment and start the next one: the spare named
@@ -199,14 +200,7 @@ impl Writer {
                     // Its rename is not durable yet: the pool was empty.
                     sync_dir(&self.fs, &self.dir)?;
                 }
-                let header = segment::encode(self.volume, self.stamp, self.next_seq);
-                write_all_vectored(sp.file.as_ref(), &mut [IoSlice::new(&header)], 0)?;
-                Segment {
-                    file: sp.file,
-                    path: sp.path,
-                    last_seq: 0,
-                    len: segment::SEG_HEADER_LEN as u64,
-                }
+                promote_spare(sp, self.volume, self.stamp, self.next_seq)?
             }
             None => {
                 let seg = create_segment(
@@ -286,7 +280,7 @@ impl Writer {
             }
         }
         if !waiters.is_empty() {
-            let (_, file, _) = self.current();
+            let (_, file, _, _) = self.current();
             answers.job = Some(SyncJob {
                 file,
                 upto: written,
@@ -324,10 +318,10 @@ impl Writer {
         }
         // Invariant 10: a flush is expected right after this write.
         need_sync |= self.pattern.expects_flush(appends);
-        let (mut seg_id, mut file, mut off) = self.current();
+        let (mut seg_id, mut file, mut off, mut incarnation) = self.current();
         if off > 0 && off + total > self.seg_limit {
             self.roll(file.as_ref())?;
-            (seg_id, file, off) = self.current();
+            (seg_id, file, off, incarnation) = self.current();
         }
         let mut headers = Vec::new();
         let mut appended = Vec::new();
@@ -358,7 +352,7 @@ impl Writer {
                     more: *more,
                     block_crcs: *kind == RecordKind::Write,
                 };
-                headers.push(h.encode());
+                headers.push(h.encode_for(incarnation));
                 let data_off = pos + (HEADER_LEN + table.len()) as u64;
                 pos = data_off + data.len() as u64;
                 appended.push(Appended {
