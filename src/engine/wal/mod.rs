@@ -110,7 +110,7 @@ pub mod tail;
 mod writer;
 
 pub use read::{read_record, read_record_cached};
-use syncer::{lock_broken, run_syncer, SyncJob, SyncQueue, Waiter};
+use syncer::{hand_over, lock_broken, run_syncer, SyncJob, SyncQueue, Waiter};
 use writer::{SharedWriter, Writer};
 
 /// WAL failures.
@@ -619,27 +619,23 @@ impl Wal {
                 None => return Err(done),
             }
         };
-        let queue = self.sync_tx.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(tx) = queue.as_ref() else {
-            return Err(done);
-        };
         let job = SyncJob {
             file,
             upto,
             cuts,
             waiters: vec![Waiter::Sync(done)],
         };
-        match tx.send(job) {
+        match hand_over(&self.sync_tx, job) {
             Ok(()) => {
                 self.direct_syncs.fetch_add(1, Ordering::Relaxed);
+                Ok(())
             }
-            Err(mpsc::SendError(job)) => {
-                for w in job.waiters {
-                    w.finish(&Err(WalError::Stopped));
-                }
-            }
+            // The writer orders it, or answers that it stopped.
+            Err(job) => match job.waiters.into_iter().next() {
+                Some(Waiter::Sync(done)) => Err(done),
+                _ => Ok(()),
+            },
         }
-        Ok(())
     }
 
     /// Flushes that went straight to the syncer so far (invariant 9).

@@ -45,6 +45,16 @@ pub(super) struct SyncJob {
     pub(super) waiters: Vec<Waiter>,
 }
 
+/// Hand `job` to the syncer; gives it back when the syncer is gone (the
+/// writer stopped, or its thread ended).
+pub(super) fn hand_over(queue: &SyncQueue, job: SyncJob) -> Result<(), SyncJob> {
+    let queue = queue.lock().unwrap_or_else(|e| e.into_inner());
+    match queue.as_ref() {
+        Some(tx) => tx.send(job).map_err(|mpsc::SendError(job)| job),
+        None => Err(job),
+    }
+}
+
 pub(super) fn lock_broken(
     b: &Mutex<Option<WalError>>,
 ) -> std::sync::MutexGuard<'_, Option<WalError>> {

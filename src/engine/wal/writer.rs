@@ -25,7 +25,7 @@ use futures::channel::oneshot;
 use super::flush_pattern::FlushPattern;
 use super::fs::{DynWalFs, SegFile, WalFile};
 use super::record::{RecordHeader, RecordKind, HEADER_LEN};
-use super::syncer::{lock_broken, SyncJob, SyncQueue, Waiter};
+use super::syncer::{hand_over, lock_broken, SyncJob, SyncQueue, Waiter};
 use super::{
     create_segment, durable, io_err, promote_spare, segment, sync_dir, tail, write_all_vectored,
     write_err, Appended, ApplyFn, Registry, Req, WalError,
@@ -143,13 +143,7 @@ impl Answers {
             }
         }
         let Some(job) = self.job else { return };
-        let queue = self.sync_tx.lock().unwrap_or_else(|e| e.into_inner());
-        let sent = match queue.as_ref() {
-            Some(tx) => tx.send(job).map_err(|mpsc::SendError(job)| job),
-            None => Err(job),
-        };
-        drop(queue);
-        if let Err(job) = sent {
+        if let Err(job) = hand_over(&self.sync_tx, job) {
             for w in job.waiters {
                 w.finish(&Err(WalError::Stopped));
             }
