@@ -32,8 +32,9 @@
 # builds, their load otherwise moves every figure by 2x between runs; both
 # sides of the ratio run at the same priority). Needs moto_server, fio
 # with the nbd engine, python3 with boto3.
-# When a pass fails (the server not listening within 30 s, fio failing, or
-# `shale status` not answering within 30 s) the script says how the server
+# When a pass fails (the server not listening within 30 s, fio failing or
+# taking over $FIO_TIMEOUT s (default 900), or `shale status` not answering
+# within 30 s) the script says how the server
 # ended if it is gone (killed by which signal, or its exit status), else
 # writes its thread stacks to stacks.PASS in the work directory (needs
 # gdb; with KEEP set they stay there). The server logs at warn, and the
@@ -100,7 +101,7 @@ server_alive() { # -> whether $PID runs (a zombie does not)
 }
 stalled() { # pass -> why the server does not serve: how it ended if it is
     # gone (killed by a signal, or exited), else its thread stacks in
-    # stacks.PASS (with gdb installed)
+    # stacks.PASS (with gdb installed), and then it is killed
     [ -n "${PID:-}" ] || return 0
     if ! server_alive; then
         local st=0 why
@@ -110,9 +111,16 @@ stalled() { # pass -> why the server does not serve: how it ended if it is
         PID=
         return 0
     fi
-    command -v gdb >/dev/null || return 0
-    echo "bench-cold-read: $1 pass stalled; server thread stacks in $DIR/stacks.$1" >&2
-    timeout 120 gdb -p "$PID" -batch -ex 'thread apply all bt' > "stacks.$1" 2>&1 || true
+    if ! command -v gdb >/dev/null; then
+        echo "bench-cold-read: $1 pass stalled (no gdb for its stacks)" >&2
+    else
+        echo "bench-cold-read: $1 pass stalled; server thread stacks in $DIR/stacks.$1" >&2
+        timeout 120 gdb -p "$PID" -batch -ex 'thread apply all bt' > "stacks.$1" 2>&1 || true
+    fi
+    # A stalled server may never finish the orderly shutdown.
+    kill -KILL "$PID" 2>/dev/null || true
+    wait "$PID" 2>/dev/null || true
+    PID=
 }
 serve() { # pass -> starts the server on a fresh socket, empty cache
     rm -rf "$DIR/cache"
@@ -136,12 +144,12 @@ PY
     awk -v t="$(getconf CLK_TCK)" '{printf "%.2f\n", ($14 + $15) / t}' "/proc/$PID/stat" > "cpu.$1"
     kill -TERM "$PID"; wait "$PID" || true; PID=
 }
-fio_mbs() { # rw size -> MBS (MB/s); in this shell, so that a gone server can be waited for
-    fio_run "$@" || { stalled "$1"; echo "bench-cold-read: fio $1 failed" >&2; exit 1; }
-    MBS=$(python3 -c 'import json,sys; j=json.load(open(sys.argv[1]))["jobs"][0]["read"]; print("%.1f" % (j["bw_bytes"] / 1e6))' "fio.$1.json")
+fio_mbs() { # pass rw size -> MBS (MB/s); in this shell, so that a gone server can be waited for
+    fio_run "$2" "$3" || { stalled "$1"; echo "bench-cold-read: fio $2 failed" >&2; exit 1; }
+    MBS=$(python3 -c 'import json,sys; j=json.load(open(sys.argv[1]))["jobs"][0]["read"]; print("%.1f" % (j["bw_bytes"] / 1e6))' "fio.$2.json")
 }
-fio_run() { # rw size
-    fio --name=cold --ioengine=nbd --uri="nbd+unix:///v?socket=$DIR/nbd.sock" \
+fio_run() { # rw size (a stalled server would hold fio forever: at most FIO_TIMEOUT s)
+    timeout -k 10 "${FIO_TIMEOUT:-900}" fio --name=cold --ioengine=nbd --uri="nbd+unix:///v?socket=$DIR/nbd.sock" \
         --rw="$1" --bs="$BS" --iodepth="$QD" --size="${SIZE_MIB}M" --io_size="$2M" \
         --randrepeat=0 --output-format=json --output="fio.$1.json" >/dev/null
 }
@@ -157,8 +165,8 @@ perf_stop() {
     [ -n "${PERF_PID:-}" ] || return 0
     kill -INT "$PERF_PID"; wait "$PERF_PID" || true; PERF_PID=
 }
-serve seq; perf_start seq; fio_mbs read "$SIZE_MIB"; SEQ=$MBS; perf_stop; stop seq
-serve rand; perf_start rand; fio_mbs randread "$RAND_MIB"; RAND=$MBS; perf_stop; stop rand
+serve seq; perf_start seq; fio_mbs seq read "$SIZE_MIB"; SEQ=$MBS; perf_stop; stop seq
+serve rand; perf_start rand; fio_mbs rand randread "$RAND_MIB"; RAND=$MBS; perf_stop; stop rand
 read -r RAW2 _ _ < <(raw_get)
 RAW=$(python3 -c "print(max($RAW1, $RAW2))")
 python3 - "$SEQ" "$RAND" "$RAW1" "$RAW2" "$RAW" "$NOBJ" "$OBJSIZE" "$SIZE_MIB" "$BS" "$QD" "$(cat cpu.seq)" "$(cat cpu.rand)" "$RAND_MIB" <<'PY'
