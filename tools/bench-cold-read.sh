@@ -32,6 +32,14 @@
 # builds, their load otherwise moves every figure by 2x between runs; both
 # sides of the ratio run at the same priority). Needs moto_server, fio
 # with the nbd engine, python3 with boto3.
+# When a pass fails (the server not listening within 30 s, fio failing or
+# taking over $FIO_TIMEOUT s (default 900), or `shale status` not answering
+# within 30 s) the script says how the server
+# ended if it is gone (killed by which signal, or its exit status), else
+# writes its thread stacks to stacks.PASS in the work directory (needs
+# gdb; with KEEP set they stay there). The server logs at warn, and the
+# signal that stops it at info ("SIGTERM: shutting down"), unless RUST_LOG
+# says otherwise.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 BIN=$(realpath "${1:-$repo/target/release/shale}")
@@ -87,15 +95,44 @@ print(f"{got / dt / 1e6:.1f} {len(chunks)} {sizes[len(sizes) // 2]}")
 PY
 }
 
+server_alive() { # -> whether $PID runs (a zombie does not)
+    local st
+    st=$(ps -o stat= -p "$PID" 2>/dev/null) && [ "${st:0:1}" != Z ]
+}
+stalled() { # pass -> why the server does not serve: how it ended if it is
+    # gone (killed by a signal, or exited), else its thread stacks in
+    # stacks.PASS (with gdb installed), and then it is killed
+    [ -n "${PID:-}" ] || return 0
+    if ! server_alive; then
+        local st=0 why
+        wait "$PID" || st=$?
+        if [ "$st" -gt 128 ]; then why="killed by SIG$(kill -l $((st - 128)))"; else why="exited with status $st"; fi
+        echo "bench-cold-read: $1 pass: the server is gone ($why); see serve.$1.log" >&2
+        PID=
+        return 0
+    fi
+    if ! command -v gdb >/dev/null; then
+        echo "bench-cold-read: $1 pass stalled (no gdb for its stacks)" >&2
+    else
+        echo "bench-cold-read: $1 pass stalled; server thread stacks in $DIR/stacks.$1" >&2
+        timeout 120 gdb -p "$PID" -batch -ex 'thread apply all bt' > "stacks.$1" 2>&1 || true
+    fi
+    # A stalled server may never finish the orderly shutdown.
+    kill -KILL "$PID" 2>/dev/null || true
+    wait "$PID" 2>/dev/null || true
+    PID=
+}
 serve() { # pass -> starts the server on a fresh socket, empty cache
     rm -rf "$DIR/cache"
-    RUST_LOG=${RUST_LOG:-warn} "$BIN" --config shale.yaml nbd serve v --socket "$DIR/nbd.sock" > "serve.$1" 2> "serve.$1.log" &
+    RUST_LOG=${RUST_LOG:-warn,shale::cli::nbd=info} "$BIN" --config shale.yaml nbd serve v --socket "$DIR/nbd.sock" > "serve.$1" 2> "serve.$1.log" &
     PID=$!
     for _ in $(seq 300); do grep -qs listening "serve.$1" && return 0; sleep 0.1; done
+    stalled "$1"
     echo "server did not start; see serve.$1.log" >&2; cat "serve.$1.log" >&2; exit 1
 }
 stop() { # pass -> prints the server's store GETs and cache hit ratio
-    "$BIN" --config shale.yaml status v --json --sample-ms 0 > "status.$1"
+    timeout 30 "$BIN" --config shale.yaml status v --json --sample-ms 0 > "status.$1" ||
+        { stalled "$1"; echo "bench-cold-read: status did not answer" >&2; exit 1; }
     python3 - "status.$1" "$1" <<'PY' >&2
 import json, sys
 s = json.load(open(sys.argv[1]))["volumes"][0]
@@ -107,11 +144,14 @@ PY
     awk -v t="$(getconf CLK_TCK)" '{printf "%.2f\n", ($14 + $15) / t}' "/proc/$PID/stat" > "cpu.$1"
     kill -TERM "$PID"; wait "$PID" || true; PID=
 }
-fio_mbs() { # rw size -> MB/s
-    fio --name=cold --ioengine=nbd --uri="nbd+unix:///v?socket=$DIR/nbd.sock" \
+fio_mbs() { # pass rw size -> MBS (MB/s); in this shell, so that a gone server can be waited for
+    fio_run "$2" "$3" || { stalled "$1"; echo "bench-cold-read: fio $2 failed" >&2; exit 1; }
+    MBS=$(python3 -c 'import json,sys; j=json.load(open(sys.argv[1]))["jobs"][0]["read"]; print("%.1f" % (j["bw_bytes"] / 1e6))' "fio.$2.json")
+}
+fio_run() { # rw size (a stalled server would hold fio forever: at most FIO_TIMEOUT s)
+    timeout -k 10 "${FIO_TIMEOUT:-900}" fio --name=cold --ioengine=nbd --uri="nbd+unix:///v?socket=$DIR/nbd.sock" \
         --rw="$1" --bs="$BS" --iodepth="$QD" --size="${SIZE_MIB}M" --io_size="$2M" \
         --randrepeat=0 --output-format=json --output="fio.$1.json" >/dev/null
-    python3 -c 'import json,sys; j=json.load(open(sys.argv[1]))["jobs"][0]["read"]; print("%.1f" % (j["bw_bytes"] / 1e6))' "fio.$1.json"
 }
 
 read -r RAW1 NOBJ OBJSIZE < <(raw_get)
@@ -125,8 +165,8 @@ perf_stop() {
     [ -n "${PERF_PID:-}" ] || return 0
     kill -INT "$PERF_PID"; wait "$PERF_PID" || true; PERF_PID=
 }
-serve seq; perf_start seq; SEQ=$(fio_mbs read "$SIZE_MIB"); perf_stop; stop seq
-serve rand; perf_start rand; RAND=$(fio_mbs randread "$RAND_MIB"); perf_stop; stop rand
+serve seq; perf_start seq; fio_mbs seq read "$SIZE_MIB"; SEQ=$MBS; perf_stop; stop seq
+serve rand; perf_start rand; fio_mbs rand randread "$RAND_MIB"; RAND=$MBS; perf_stop; stop rand
 read -r RAW2 _ _ < <(raw_get)
 RAW=$(python3 -c "print(max($RAW1, $RAW2))")
 python3 - "$SEQ" "$RAND" "$RAW1" "$RAW2" "$RAW" "$NOBJ" "$OBJSIZE" "$SIZE_MIB" "$BS" "$QD" "$(cat cpu.seq)" "$(cat cpu.rand)" "$RAND_MIB" <<'PY'

@@ -44,6 +44,11 @@
 //!    volume reopened right after its close finds the cache free even while
 //!    the closed volume is still referenced (a request in flight, a
 //!    background task ending, a readahead GET still running).
+//! 7. Lock order: the directory guard (the read lock `Cache::files`
+//!    takes) before the index mutex, on every path. `close` takes the
+//!    write lock, and while it waits no new reader gets the guard: a path
+//!    holding the index while it asked for the guard would wait for
+//!    `close`, which waits for a reader that may be waiting for the index.
 
 mod direct;
 mod policy;
@@ -724,13 +729,15 @@ impl Cache {
     /// Give reserved slot `r` back without filling it.
     pub fn abandon(&self, r: Reservation) {
         {
+            // Invariant 7: the guard first (`None` once closed).
+            let files = self.files();
             let mut idx = self.lock();
             if idx.policy.gen(r.slot) == r.gen {
                 if let Some(e) = idx.slots[r.slot as usize].take() {
                     idx.map.remove(&hash(&e.id));
                 }
                 idx.policy.release(r.slot);
-                if let Some(_files) = self.files() {
+                if files.is_some() {
                     // Under the lock, so a later fill of the slot cannot be undone.
                     let _ = self
                         .index_file

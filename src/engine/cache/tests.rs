@@ -450,3 +450,63 @@ fn close_waits_for_a_pending_fill() {
     let c = Cache::open_test(dir.path(), 4 * SLOT).unwrap().unwrap();
     assert_eq!(c.restored(), 1, "the fill landed before the close ended");
 }
+
+/// Whether thread `tid` of this process is asleep (state `S`: in these
+/// tests, blocked on a lock).
+fn asleep(tid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).is_ok_and(|stat| {
+        stat.rfind(')')
+            .is_some_and(|i| stat[i + 1..].trim_start().starts_with('S'))
+    })
+}
+
+/// Wait until thread `tid` blocks.
+fn until_asleep(tid: i32) {
+    while !asleep(tid) {
+        std::thread::yield_now();
+    }
+}
+
+/// Invariant 7: a reader holding the files' guard (a lookup about to take
+/// the index), `close` waiting behind it for the write lock, and a GET
+/// giving its reservation back: the abandon must wait for the guard
+/// without holding the index, or the reader can never get it. Before,
+/// `abandon` took the index first and then queued for the guard behind
+/// the waiting `close`: the three threads hung for good (here the index
+/// was found held).
+#[test]
+fn an_abandon_during_close_leaves_the_index_to_the_reader_that_blocks_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = std::sync::Arc::new(Cache::open_test(dir.path(), 4 * SLOT).unwrap().unwrap());
+    let r = c.reserve(&id(1, 0), &zero_crcs(SLOT), SLOT, 0..0).unwrap();
+    let reader = c.files().expect("open");
+    let (tids, tid) = std::sync::mpsc::channel();
+    // `close` past its wait for fills (the reservation came just after),
+    // taking the write lock.
+    let closer = {
+        let (c, tids) = (c.clone(), tids.clone());
+        std::thread::spawn(move || {
+            tids.send(nix::unistd::gettid().as_raw()).unwrap();
+            *c.dir_lock.write().unwrap_or_else(|e| e.into_inner()) = None;
+        })
+    };
+    until_asleep(tid.recv().unwrap());
+    let abandoner = {
+        let c = c.clone();
+        std::thread::spawn(move || {
+            tids.send(nix::unistd::gettid().as_raw()).unwrap();
+            c.abandon(r);
+        })
+    };
+    until_asleep(tid.recv().unwrap());
+    let index_free = c.index.try_lock().is_ok();
+    drop(reader);
+    closer.join().unwrap();
+    abandoner.join().unwrap();
+    assert!(
+        index_free,
+        "abandon held the index while it waited for the files' guard"
+    );
+    assert_eq!(*c.pending_count(), 0, "the reservation was given back");
+    assert!(!c.contains(&id(1, 0)), "its slot is free");
+}
