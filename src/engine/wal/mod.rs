@@ -305,36 +305,28 @@ fn create_segment(
     let file = fs
         .create(&path)
         .map_err(|e| write_err("create WAL segment", e))?;
-    let incarnation = segment::new_incarnation();
-    let header = segment::encode(volume, stamp, first_seq, incarnation);
-    if let Err(e) = write_all_vectored(file.as_ref(), &mut [IoSlice::new(&header)], 0) {
+    begin_segment(file, path.clone(), volume, stamp, first_seq).inspect_err(|_| {
         // Not in the registry yet: leave no half-made segment behind.
         let _ = fs.remove(&path);
-        return Err(e);
-    }
-    Ok(Segment {
-        file,
-        path,
-        last_seq: 0,
-        len: segment::SEG_HEADER_LEN as u64,
-        incarnation,
     })
 }
 
-/// Make the spare `sp` segment `first_seq` on, of a fresh incarnation, by
-/// writing its header (not synced; the first flush into it syncs it).
-fn promote_spare(
-    sp: Spare,
+/// Make `file` (new, or a spare of the pool) segment `first_seq` on, of a
+/// fresh incarnation, by writing its header (not synced; the first flush
+/// into it syncs it).
+fn begin_segment(
+    file: SegFile,
+    path: PathBuf,
     volume: u64,
     stamp: segment::Stamp,
     first_seq: u64,
 ) -> Result<Segment, WalError> {
     let incarnation = segment::new_incarnation();
     let header = segment::encode(volume, stamp, first_seq, incarnation);
-    write_all_vectored(sp.file.as_ref(), &mut [IoSlice::new(&header)], 0)?;
+    write_all_vectored(file.as_ref(), &mut [IoSlice::new(&header)], 0)?;
     Ok(Segment {
-        file: sp.file,
-        path: sp.path,
+        file,
+        path,
         last_seq: 0,
         len: segment::SEG_HEADER_LEN as u64,
         incarnation,
@@ -595,8 +587,8 @@ impl Wal {
     /// Hand a flush straight to the syncer when the writer holds no
     /// append (invariant 9): the records it must cover are all written,
     /// so the writer thread need not relay it. Gives `done` back when the
-    /// writer must order it (appends queued, a cut not yet synced, or the
-    /// syncer gone).
+    /// writer must order it (appends queued or a cut not yet synced); with
+    /// the syncer gone (the writer stopped) `done` gets `Stopped`.
     fn sync_directly(
         &self,
         done: oneshot::Sender<Result<(), WalError>>,
@@ -628,14 +620,15 @@ impl Wal {
         match hand_over(&self.sync_tx, job) {
             Ok(()) => {
                 self.direct_syncs.fetch_add(1, Ordering::Relaxed);
-                Ok(())
             }
-            // The writer orders it, or answers that it stopped.
-            Err(job) => match job.waiters.into_iter().next() {
-                Some(Waiter::Sync(done)) => Err(done),
-                _ => Ok(()),
-            },
+            // The syncer is gone, so the writer stopped.
+            Err(job) => {
+                for w in job.waiters {
+                    w.finish(&Err(WalError::Stopped));
+                }
+            }
         }
+        Ok(())
     }
 
     /// Flushes that went straight to the syncer so far (invariant 9).

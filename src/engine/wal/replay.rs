@@ -39,7 +39,7 @@ use super::record::RecordKind;
 use super::scan::SegScan;
 use super::segment::Stamp;
 use super::{
-    create_segment, io_err, promote_spare, seg_path, sync_dir, Appended, Recovered, Segment, Spare,
+    begin_segment, create_segment, io_err, seg_path, sync_dir, Appended, Recovered, Segment, Spare,
     WalError,
 };
 use crate::engine::map::WalLoc;
@@ -261,7 +261,7 @@ pub fn replay(
     sync_dir(fs, dir)?;
     let current = match spares.remove(&next_id) {
         // A spare of the pool becomes the new current segment.
-        Some(sp) => promote_spare(sp, volume, stamp, next_seq)?,
+        Some(sp) => begin_segment(sp.file, sp.path, volume, stamp, next_seq)?,
         None => create_segment(fs, dir, next_id, volume, stamp, next_seq)?,
     };
     debug_assert_eq!(current.path, seg_path(dir, next_id));

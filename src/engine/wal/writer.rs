@@ -27,7 +27,7 @@ use super::fs::{DynWalFs, SegFile, WalFile};
 use super::record::{RecordHeader, RecordKind, HEADER_LEN};
 use super::syncer::{hand_over, lock_broken, SyncJob, SyncQueue, Waiter};
 use super::{
-    create_segment, durable, io_err, promote_spare, segment, sync_dir, tail, write_all_vectored,
+    begin_segment, create_segment, durable, io_err, segment, sync_dir, tail, write_all_vectored,
     write_err, Appended, ApplyFn, Registry, Req, WalError,
 };
 use crate::engine::map::WalLoc;
@@ -194,7 +194,7 @@ impl Writer {
                     // Its rename is not durable yet: the pool was empty.
                     sync_dir(&self.fs, &self.dir)?;
                 }
-                promote_spare(sp, self.volume, self.stamp, self.next_seq)?
+                begin_segment(sp.file, sp.path, self.volume, self.stamp, self.next_seq)?
             }
             None => {
                 let seg = create_segment(
