@@ -20,7 +20,7 @@
 # than MB/s on a shared machine).
 #
 # Usage: tools/bench-cold-read.sh [SHALE_BINARY]   (default: target/release/shale)
-# Environment: SIZE_MIB (default 512), RAND_MIB (default SIZE_MIB / 2),
+# Environment: SIZE_MIB (default 1024, the size issue 13 measured), RAND_MIB (default SIZE_MIB / 2),
 # BS (default 1M), QD (default 8), READAHEAD (engine.readahead_max; unset:
 # the binary's default), PREFETCH_MAX (engine.prefetch_max_in_flight; a
 # stream's window is capped at half of it), BENCH_DIR, PERF (a file: `perf record` of the
@@ -43,7 +43,7 @@
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 BIN=$(realpath "${1:-$repo/target/release/shale}")
-SIZE_MIB=${SIZE_MIB:-512}
+SIZE_MIB=${SIZE_MIB:-1024}
 RAND_MIB=${RAND_MIB:-$((SIZE_MIB / 2))}
 BS=${BS:-1M}
 QD=${QD:-8}
