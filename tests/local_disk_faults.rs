@@ -109,25 +109,31 @@ impl WalFile for TroubleFile {
 
 impl WalFs for TroubleFs {
     fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
-        RealFs.create_dir_all(dir)
+        RealFs::default().create_dir_all(dir)
     }
     fn list(&self, dir: &Path) -> io::Result<Vec<String>> {
-        RealFs.list(dir)
+        RealFs::default().list(dir)
     }
     fn create(&self, path: &Path) -> io::Result<SegFile> {
-        Ok(Arc::new(TroubleFile(RealFs.create(path)?, self.0.clone())))
+        Ok(Arc::new(TroubleFile(
+            RealFs::default().create(path)?,
+            self.0.clone(),
+        )))
     }
     fn open(&self, path: &Path) -> io::Result<SegFile> {
-        Ok(Arc::new(TroubleFile(RealFs.open(path)?, self.0.clone())))
+        Ok(Arc::new(TroubleFile(
+            RealFs::default().open(path)?,
+            self.0.clone(),
+        )))
     }
     fn remove(&self, path: &Path) -> io::Result<()> {
-        RealFs.remove(path)
+        RealFs::default().remove(path)
     }
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
-        RealFs.rename(from, to)
+        RealFs::default().rename(from, to)
     }
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
-        RealFs.sync_dir(dir)
+        RealFs::default().sync_dir(dir)
     }
 }
 

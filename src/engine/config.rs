@@ -67,13 +67,17 @@ pub struct EngineConfig {
     #[serde(with = "crate::size::serde_bytes")]
     pub prefetch_max_in_flight: u64,
     /// Bytes of the newest WAL records kept in memory after they are
-    /// written (the WAL is written with O_DIRECT, so the page cache does
-    /// not hold them): destage builds chunks and reads of fresh data are
-    /// served from memory instead of reading the disk back. Records leave
-    /// once they are in the store. 0 keeps none. Default 32 MiB; at most
-    /// 4 GiB.
+    /// written: destage builds chunks and reads of fresh data are served
+    /// from memory, with no system call (and with `wal_direct_io`, which
+    /// keeps them out of the page cache, without reading the disk back).
+    /// Records leave once they are in the store. 0 keeps none. Default
+    /// 32 MiB; at most 4 GiB.
     #[serde(with = "crate::size::serde_bytes")]
     pub wal_memory: u64,
+    /// Write the WAL with O_DIRECT from aligned buffers instead of through
+    /// the page cache with write-behind (see [`super::wal::fs`]). Default
+    /// `false`: on the disks measured the page cache way was faster.
+    pub wal_direct_io: bool,
 }
 
 impl Default for EngineConfig {
@@ -93,6 +97,7 @@ impl Default for EngineConfig {
             readahead_max: 32 << 20,
             prefetch_max_in_flight: 64 << 20,
             wal_memory: 32 << 20,
+            wal_direct_io: false,
         }
     }
 }

@@ -248,7 +248,8 @@ impl Volume {
         cfg: EngineConfig,
         clock: DynClock,
     ) -> Result<Arc<Volume>, EngineError> {
-        Self::open_with_fs(store, params, cfg, clock, super::wal::fs::real()).await
+        let fs = super::wal::fs::real_with(super::wal::fs::WalIo::direct_if(cfg.wal_direct_io));
+        Self::open_with_fs(store, params, cfg, clock, fs).await
     }
 
     /// [`Volume::open`] with the WAL on `fs` (tests use a file system that

@@ -107,6 +107,13 @@ impl Recycler {
                     .and_then(|_| s.file.sync_data())
                     .map_err(|e| io_err("preallocate WAL spare", e))
             });
+        // Clean after that sync: its old records leave the page cache (the
+        // store holds them now). Only a hint, so a failure is no error.
+        if made.is_ok() {
+            if let Err(e) = s.file.drop_cached() {
+                log::debug!("WAL spare {}: dropping cached pages: {e}", s.path.display());
+            }
+        }
         if let Err(e) = made {
             let _ = self.fs.remove(&s.path);
             return Err(e);

@@ -1,9 +1,10 @@
 //! The newest bytes of the log, kept in memory after they were written.
 //!
-//! The log is written with O_DIRECT, so the page cache does not hold what
-//! was just written: without this, the destager (which builds each chunk
-//! from records written moments before) and a read of a fresh record would
-//! read them back from the disk.
+//! The destager (which builds each chunk from records written moments
+//! before) and a read of a fresh record take them from here, with no
+//! system call; with O_DIRECT writes (`engine.wal_direct_io`) the page
+//! cache does not hold them either, and without this they would be read
+//! back from the disk.
 //!
 //! Invariants:
 //! 1. Every entry is an exact copy of a file range of one segment that was
