@@ -24,9 +24,11 @@
 //!
 //! The real implementation writes in one of two ways ([`WalIo`]):
 //! - **Buffered with write-behind** (the default): `pwritev` into the page
-//!   cache, then `sync_file_range(SYNC_FILE_RANGE_WRITE)` over the bytes
-//!   just written, which starts their writeback and returns without
-//!   waiting. The writer goes on to its next batch while the disk writes
+//!   cache, padded with zeros to the end of its last page where the file
+//!   is that long already (rule 6; a partial page the cache lacks would be
+//!   read from the disk first), then `sync_file_range(SYNC_FILE_RANGE_WRITE)`
+//!   over the pages just completed, which starts their writeback and
+//!   returns without waiting. The writer goes on to its next batch while the disk writes
 //!   this one, so several batches are in flight on the device; an
 //!   `fdatasync` later only waits for what is still under way. A spare's
 //!   pages are dropped from the page cache when it is recycled
@@ -214,7 +216,8 @@ struct RealFile {
     tail: Option<std::sync::Mutex<(u64, Vec<u8>)>>,
     /// The file's length as this handle last saw it, or [`LEN_UNKNOWN`]
     /// (at open, and after this handle changed the length). A direct
-    /// write that ends within it asks the kernel for no length: on
+    /// write, or a buffered one padded to its page's end, that ends within
+    /// it asks the kernel for no length: on
     /// kernels with fine-grained timestamps a `statx` before each write
     /// makes that write dirty the inode, which an `O_DSYNC` write then
     /// writes too (measured here: 20% fewer `O_DSYNC` writes per second
@@ -372,25 +375,75 @@ impl RealFile {
     }
 }
 
+impl RealFile {
+    /// One `pwritev` of `iov` at `off` through the page cache, padded with
+    /// zeros to the end of its last 4 KiB page when the file is already
+    /// that long (module docs, rule 6), then the writeback of every page
+    /// it completed started ([`start_writeback`]). The padding makes the
+    /// last page whole: a partial write into a page the cache does not
+    /// hold makes the kernel read that block first (of a recycled spare:
+    /// a disk read per batch, measured as most of the writer's time). The
+    /// last, partial page is left dirty: the next batch rewrites it, and
+    /// starts its writeback then.
+    fn write_buffered(&self, iov: &[IoSlice<'_>], off: u64) -> io::Result<usize> {
+        let bs = DIRECT_BLOCK;
+        let asked: usize = iov.iter().map(|s| s.len()).sum();
+        let end = off + asked as u64;
+        let padded = end.div_ceil(bs) * bs;
+        let mut seen = self.len_seen.load(Ordering::Relaxed);
+        if padded > end && (seen == LEN_UNKNOWN || padded > seen) {
+            seen = self.read.metadata()?.len();
+            self.len_seen.store(seen, Ordering::Relaxed);
+        }
+        let pad = if padded > end && padded <= seen && iov.len() < MAX_SLICES {
+            (padded - end) as usize
+        } else {
+            0
+        };
+        let mut padded_iov = Vec::with_capacity(iov.len() + 1);
+        padded_iov.extend_from_slice(iov);
+        if pad > 0 {
+            padded_iov.push(IoSlice::new(&ZERO_PAGE[..pad]));
+        }
+        let at = libc::off_t::try_from(off)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
+        let n = nix::sys::uio::pwritev(&self.write, &padded_iov, at).map_err(io::Error::from)?;
+        let n = n.min(asked);
+        let done = off + n as u64;
+        if seen != LEN_UNKNOWN && done > seen {
+            self.len_seen.store(done, Ordering::Relaxed);
+        }
+        let first = off - off % bs;
+        start_writeback(&self.write, first, done - done % bs);
+        Ok(n)
+    }
+}
+
+/// Zeros padding a buffered write to the end of its page.
+static ZERO_PAGE: [u8; DIRECT_BLOCK as usize] = [0; DIRECT_BLOCK as usize];
+/// Most slices one `pwritev` takes (Linux's `IOV_MAX`).
+const MAX_SLICES: usize = 1024;
+
 use std::os::fd::AsRawFd;
 
-/// Start the writeback of `len` bytes just written at `off` through the
-/// page cache, without waiting for it (write-behind; see the module docs).
-/// Only a hint: durability still comes from `fdatasync`, which also
-/// reports any error of this writeback, so an error here is ignored.
-fn start_writeback(file: &File, off: libc::off_t, len: usize) {
+/// Start the writeback of the bytes `[from, to)` just written through
+/// the page cache, without waiting for it (write-behind; see the module
+/// docs). Only a hint: durability still comes from `fdatasync`, which
+/// also reports any error of this writeback, so an error here is ignored.
+fn start_writeback(file: &File, from: u64, to: u64) {
+    let (Ok(off), Ok(len)) = (
+        libc::off64_t::try_from(from),
+        libc::off64_t::try_from(to.saturating_sub(from)),
+    ) else {
+        return;
+    };
     if len == 0 {
         return;
     }
     // SAFETY: a plain system call on an open descriptor; it reads no
     // memory of this process.
     unsafe {
-        libc::sync_file_range(
-            file.as_raw_fd(),
-            off,
-            len as libc::off64_t,
-            libc::SYNC_FILE_RANGE_WRITE,
-        );
+        libc::sync_file_range(file.as_raw_fd(), off, len, libc::SYNC_FILE_RANGE_WRITE);
     }
 }
 
@@ -411,11 +464,7 @@ impl WalFile for RealFile {
         if let Some(tail) = &self.tail {
             return self.write_direct(tail, iov, off, 0);
         }
-        let off = libc::off_t::try_from(off)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
-        let n = nix::sys::uio::pwritev(&self.write, iov, off).map_err(io::Error::from)?;
-        start_writeback(&self.write, off, n);
-        Ok(n)
+        self.write_buffered(iov, off)
     }
 
     fn write_durable_at(&self, iov: &[IoSlice<'_>], off: u64) -> io::Result<()> {
@@ -698,6 +747,44 @@ pub(super) mod tests {
         want.extend_from_slice(&part);
         assert_eq!(f.size().unwrap(), 10_250);
         assert!(f.read_range(0, 10_250).unwrap()[..] == want[..]);
+    }
+
+    /// A buffered write that ends inside a page is padded with zeros to
+    /// the page's end where the file is that long (so the kernel need not
+    /// read the old block in), never past the file's end (rule 6); the
+    /// next write continues right after the data.
+    #[test]
+    fn a_buffered_write_is_padded_to_its_page_end_only_inside_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = real().create(&dir.path().join("seg")).unwrap();
+        let old = vec![0xffu8; 16_384];
+        write_all_at(f.as_ref(), &[IoSlice::new(&old)], 0).unwrap();
+        let read = |off: u64, len: usize| {
+            let mut b = vec![0u8; len];
+            f.read_exact_at(&mut b, off).unwrap();
+            b
+        };
+        let a = pattern(100, 1);
+        write_all_at(f.as_ref(), &[IoSlice::new(&a)], 0).unwrap();
+        assert_eq!(read(0, 100), a);
+        assert!(
+            read(100, 3996).iter().all(|b| *b == 0),
+            "padded to the page end"
+        );
+        assert!(
+            read(4096, 4096).iter().all(|b| *b == 0xff),
+            "the next page kept"
+        );
+        let b = pattern(50, 2);
+        write_all_at(f.as_ref(), &[IoSlice::new(&b)], 100).unwrap();
+        assert_eq!(read(100, 50), b);
+        assert!(read(150, 3946).iter().all(|b| *b == 0));
+        assert_eq!(f.size().unwrap(), 16_384);
+        // At the end of the file: no padding, the length ends at the data.
+        f.set_len(20_000).unwrap();
+        write_all_at(f.as_ref(), &[IoSlice::new(&a)], 20_000).unwrap();
+        assert_eq!(f.size().unwrap(), 20_100);
+        assert_eq!(read(20_000, 100), a);
     }
 
     /// Pages of `f`'s first `len` bytes the page cache holds (`mincore`
