@@ -31,6 +31,7 @@ fn cfg(cache_size: u64, chunk_size: u64) -> EngineConfig {
         readahead_max: 32 << 20,
         prefetch_max_in_flight: 64 << 20,
         wal_memory: 32 << 20,
+        wal_direct_io: false,
     }
 }
 

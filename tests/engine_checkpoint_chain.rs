@@ -106,6 +106,7 @@ fn cfg(max_deltas: u64) -> EngineConfig {
         readahead_max: 0,
         prefetch_max_in_flight: 64 << 20,
         wal_memory: 32 << 20,
+        wal_direct_io: false,
     }
 }
 

@@ -65,6 +65,7 @@ fn cfg_with(
         readahead_max: 0,
         prefetch_max_in_flight: 64 << 20,
         wal_memory: 32 << 20,
+        wal_direct_io: false,
     }
 }
 

@@ -91,6 +91,7 @@ fn cfg() -> EngineConfig {
         readahead_max: 0,
         prefetch_max_in_flight: 64 << 20,
         wal_memory: 32 << 20,
+        wal_direct_io: false,
     }
 }
 
@@ -211,6 +212,7 @@ async fn writes_wait_at_the_backlog_destage_can_use() {
     let local = tempfile::tempdir().unwrap();
     let no_tail = EngineConfig {
         wal_memory: 0,
+        wal_direct_io: false,
         ..cfg()
     };
     let vol = open(&store, local.path(), 0x14, 1, no_tail).await;

@@ -354,6 +354,7 @@ async fn run_seed(seed: u64, backend: Backend) {
         readahead_max: 32 << 20,
         prefetch_max_in_flight: 64 << 20,
         wal_memory: 32 << 20,
+        wal_direct_io: false,
     };
     let mut run = Run {
         seed,

@@ -100,6 +100,7 @@ fn cfg(cache_dir: &Path, readahead: u64, cache_size: u64) -> EngineConfig {
         readahead_max: readahead,
         prefetch_max_in_flight: 2 << 20,
         wal_memory: 32 << 20,
+        wal_direct_io: false,
     }
 }
 

@@ -45,6 +45,7 @@ fn engine_cfg() -> EngineConfig {
         readahead_max: 32 << 20,
         prefetch_max_in_flight: 64 << 20,
         wal_memory: 32 << 20,
+        wal_direct_io: false,
     }
 }
 

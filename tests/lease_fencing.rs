@@ -52,6 +52,7 @@ fn cfg(durability: Durability) -> EngineConfig {
         readahead_max: 32 << 20,
         prefetch_max_in_flight: 64 << 20,
         wal_memory: 32 << 20,
+        wal_direct_io: false,
     }
 }
 

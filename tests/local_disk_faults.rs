@@ -147,6 +147,7 @@ fn cfg(destage_interval_ms: u64) -> EngineConfig {
         max_unstored_seconds: 3600,
         cache_size: 1 << 20,
         wal_memory: 0,
+        wal_direct_io: false,
         ..EngineConfig::default()
     }
 }

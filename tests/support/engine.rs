@@ -20,5 +20,6 @@ pub fn destage_on_close(chunk_size: u64) -> EngineConfig {
         readahead_max: 32 << 20,
         prefetch_max_in_flight: 64 << 20,
         wal_memory: 32 << 20,
+        wal_direct_io: false,
     }
 }
