@@ -70,6 +70,20 @@ async fn read_all(v: &Volume) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn write_read_close_reopen_and_lose_wal() {
+    write_read_close_reopen(false).await;
+}
+
+/// The same with the WAL written with O_DIRECT (`engine.wal_direct_io`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_read_close_reopen_and_lose_wal_with_direct_wal_writes() {
+    write_read_close_reopen(true).await;
+}
+
+async fn write_read_close_reopen(direct: bool) {
+    let small_cfg = || EngineConfig {
+        wal_direct_io: direct,
+        ..small_cfg()
+    };
     let store: DynStore = Arc::new(MemoryStore::new());
     let dir = tempfile::tempdir().unwrap();
     let v = open(&store, dir.path(), 1, small_cfg()).await;
