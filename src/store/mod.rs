@@ -134,8 +134,9 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
     }
 }
 
-/// [`ObjectStore::puts_in_flight`] of a backend that does not say: a local
-/// directory (more puts than this only queue at the disk).
+/// [`ObjectStore::puts_in_flight`] of a backend that does not say (the
+/// in-memory store), and the floor of destage's window for one that asks
+/// for more.
 pub const DEFAULT_PUTS_IN_FLIGHT: usize = 8;
 
 /// A shared handle to any store.
@@ -402,7 +403,7 @@ mod tests {
         };
         for (cfg, want) in [
             (&s3, s3::PUTS_IN_FLIGHT),
-            (&fs, DEFAULT_PUTS_IN_FLIGHT),
+            (&fs, super::fs::PUTS_IN_FLIGHT),
             (&StoreConfig::Memory, DEFAULT_PUTS_IN_FLIGHT),
         ] {
             assert_eq!(open_backend(cfg).await.unwrap().puts_in_flight(), want);
@@ -413,6 +414,7 @@ mod tests {
             assert_eq!(faulty.puts_in_flight(), want);
         }
         const { assert!(s3::PUTS_IN_FLIGHT > DEFAULT_PUTS_IN_FLIGHT) };
+        const { assert!(super::fs::PUTS_IN_FLIGHT < DEFAULT_PUTS_IN_FLIGHT) };
     }
 
     #[test]
