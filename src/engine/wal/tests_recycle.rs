@@ -119,12 +119,7 @@ fn a_recycled_segment_leaves_the_page_cache() {
         super::fs::tests::resident_pages(&f, len)
     };
     let cached: usize = sealed.iter().map(|p| probe(p)).sum();
-    if cached == 0 {
-        assert!(
-            std::env::var("CI").is_err(),
-            "nothing cached after buffered writes"
-        );
-        eprintln!("skipped: the page cache kept none of the written pages");
+    if super::fs::tests::nothing_cached(cached) {
         return;
     }
     wal.release_upto(wal.last_seq());
