@@ -446,7 +446,7 @@ fn build(inner: &Inner, b: &Batch) -> Result<Built, EngineError> {
         seq: b.seq,
         last_seq: obj.last_seq,
         key,
-        obj: Bytes::from(obj.bytes),
+        obj: obj.bytes,
         extents: obj.extents,
         info,
         cost: b.cost,

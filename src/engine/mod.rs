@@ -79,6 +79,7 @@ mod live_snapshot;
 pub mod map;
 pub mod memdisk;
 pub mod meta;
+pub mod payload_pool;
 mod prefetch;
 mod read;
 mod read_state;

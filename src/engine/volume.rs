@@ -736,7 +736,17 @@ fn new_record(offset: u64, piece: std::borrow::Cow<'_, [u8]>) -> NewRecord {
         },
         lba: offset / SECTOR,
         sectors: piece.len() as u64 / SECTOR,
-        data: if zero { Vec::new() } else { piece.into_owned() },
+        data: match piece {
+            _ if zero => Vec::new(),
+            std::borrow::Cow::Owned(v) => v,
+            // Copied into a payload buffer (the ublk frontend lends its
+            // request buffers), which the WAL tail gives back.
+            std::borrow::Cow::Borrowed(b) => {
+                let mut v = super::payload_pool::take(b.len());
+                v.extend_from_slice(b);
+                v
+            }
+        },
     }
 }
 

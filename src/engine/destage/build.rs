@@ -2,7 +2,7 @@
 //! blocking pool: one read per segment the records live in (a span, see
 //! [`wal::span`]), newest-wins resolution ([`super::newest`]), and one copy
 //! of each live byte, from the span straight into the object
-//! ([`chunk::encode_with`]).
+//! ([`chunk::encode_into`]), a buffer of the body pool.
 //!
 //! Invariants:
 //! 1. Every byte put in the chunk passed the WAL CRCs covering it.
@@ -11,6 +11,8 @@
 //!    chunk whose put may have landed is recognised as identical).
 
 use std::collections::HashMap;
+
+use bytes::Bytes;
 
 use super::newest::{resolve, Piece};
 use crate::engine::error::EngineError;
@@ -21,6 +23,7 @@ use crate::engine::wal::record::RecordKind;
 use crate::engine::wal::span::{extent_of, read_span, record_in_span, Span};
 use crate::engine::wal::{self, fs::SegFile};
 use crate::engine::SECTOR;
+use crate::store::aligned::PooledBuf;
 
 /// The records of one chunk and the segment files holding their data.
 #[derive(Debug)]
@@ -35,7 +38,7 @@ pub(super) struct Batch {
 /// The encoded chunk and its extents.
 #[derive(Debug)]
 pub(super) struct Object {
-    pub bytes: Vec<u8>,
+    pub bytes: Bytes,
     pub extents: Vec<ChunkExtent>,
     pub last_seq: u64,
 }
@@ -76,12 +79,14 @@ pub(super) fn build(volume: u64, epoch: u64, b: &Batch) -> Result<Object, Engine
         data_len: plan.data_len as u64,
         header_len: 0,
     };
-    let bytes = chunk::encode_with(&header, plan.data_len, |out| {
-        for part in &plan.parts {
-            out.extend_from_slice(part);
-        }
-    })
-    .map_err(|source| EngineError::Chunk { key: key(), source })?;
+    // The object's buffer comes from the body pool (its own huge-page
+    // mapping at chunk size, used again once the put is done) rather than
+    // the allocator, whose arenas kept the freed chunk buffers of every
+    // build thread resident.
+    let mut buf = PooledBuf::take(chunk::encoded_len(&header, plan.data_len));
+    chunk::encode_into(&header, &plan.parts, buf.bytes_mut())
+        .map_err(|source| EngineError::Chunk { key: key(), source })?;
+    let bytes = buf.freeze();
     Ok(Object {
         bytes,
         extents: header.extents,

@@ -77,51 +77,70 @@ pub fn block_crcs(data: &[u8]) -> Vec<u32> {
 
 /// Encode a chunk. `extents` with data index into `data`.
 pub fn encode(h: &ChunkHeader, data: &[u8]) -> Vec<u8> {
-    // `fill` appends exactly `data.len()` bytes: this cannot fail.
-    encode_with(h, data.len(), |out| out.extend_from_slice(data)).unwrap_or_default()
+    let mut out = vec![0u8; encoded_len(h, data.len())];
+    // `out` is exactly as long as the object: this cannot fail.
+    match encode_into(h, &[data], &mut out) {
+        Ok(()) => out,
+        Err(_) => Vec::new(),
+    }
 }
 
-/// Encode a chunk whose `data_len`-byte data area `fill` appends to the
-/// object being built, so the data is copied once, straight into place.
-/// `h.block_crcs`, `h.data_len` and `h.header_len` are ignored (computed).
-/// Errs, building nothing, if `fill` appended any other number of bytes.
-pub fn encode_with(
-    h: &ChunkHeader,
-    data_len: usize,
-    fill: impl FnOnce(&mut Vec<u8>),
-) -> Result<Vec<u8>, ChunkError> {
+/// Length of the header [`encode_into`] writes for `h` and a data area of
+/// `data_len` bytes.
+fn header_len_of(h: &ChunkHeader, data_len: usize) -> usize {
+    FIXED_LEN + EXTENT_LEN * h.extents.len() + 4 * data_len.div_ceil(CRC_BLOCK as usize) + 4
+}
+
+/// Length of the object [`encode_into`] writes for `h` and a data area of
+/// `data_len` bytes.
+pub fn encoded_len(h: &ChunkHeader, data_len: usize) -> usize {
+    header_len_of(h, data_len) + data_len
+}
+
+/// Encode a chunk whose data area is `parts` concatenated into `out`,
+/// which the caller sized with [`encoded_len`] (so it can come from a
+/// buffer pool: every byte of it is written, whatever it held before), so
+/// the data is copied once, straight into place. `h.block_crcs`,
+/// `h.data_len` and `h.header_len` are ignored (computed). Errs, leaving
+/// `out` unspecified, if `out` has any other length.
+pub fn encode_into(h: &ChunkHeader, parts: &[&[u8]], out: &mut [u8]) -> Result<(), ChunkError> {
+    let data_len: usize = parts.iter().map(|p| p.len()).sum();
     let n_blocks = data_len.div_ceil(CRC_BLOCK as usize);
-    let header_len = FIXED_LEN + EXTENT_LEN * h.extents.len() + 4 * n_blocks + 4;
-    let crcs_at = header_len - 4 - 4 * n_blocks;
-    let mut b = Vec::with_capacity(header_len + data_len);
-    b.extend_from_slice(MAGIC);
-    b.extend_from_slice(&VERSION.to_le_bytes());
-    b.extend_from_slice(&(header_len as u32).to_le_bytes());
+    let header_len = header_len_of(h, data_len);
+    if out.len() != header_len + data_len {
+        return Err(ChunkError::Inconsistent("object length"));
+    }
+    let (head, data) = out.split_at_mut(header_len);
+    let mut at = 0usize;
+    let mut put = |bytes: &[u8]| {
+        head[at..at + bytes.len()].copy_from_slice(bytes);
+        at += bytes.len();
+    };
+    put(MAGIC);
+    put(&VERSION.to_le_bytes());
+    put(&(header_len as u32).to_le_bytes());
     for v in [h.volume, h.epoch, h.chunk_seq, h.first_seq, h.last_seq] {
-        b.extend_from_slice(&v.to_le_bytes());
+        put(&v.to_le_bytes());
     }
-    b.extend_from_slice(&(h.extents.len() as u32).to_le_bytes());
-    b.extend_from_slice(&(n_blocks as u32).to_le_bytes());
-    b.extend_from_slice(&(data_len as u64).to_le_bytes());
+    put(&(h.extents.len() as u32).to_le_bytes());
+    put(&(n_blocks as u32).to_le_bytes());
+    put(&(data_len as u64).to_le_bytes());
     for e in &h.extents {
-        b.extend_from_slice(&e.lba.to_le_bytes());
-        b.extend_from_slice(&e.sectors.to_le_bytes());
-        b.extend_from_slice(&e.data_off.unwrap_or(ZERO_OFF).to_le_bytes());
+        put(&e.lba.to_le_bytes());
+        put(&e.sectors.to_le_bytes());
+        put(&e.data_off.unwrap_or(ZERO_OFF).to_le_bytes());
     }
-    // Block CRCs and header CRC: filled in once the data is in place.
-    b.resize(header_len, 0);
-    fill(&mut b);
-    if b.len() != header_len + data_len {
-        return Err(ChunkError::Inconsistent("data area length"));
+    let mut filled = 0usize;
+    for part in parts {
+        data[filled..filled + part.len()].copy_from_slice(part);
+        filled += part.len();
     }
-    let (head, data) = b.split_at_mut(header_len);
-    for (i, block) in data.chunks(CRC_BLOCK as usize).enumerate() {
-        let at = crcs_at + 4 * i;
-        head[at..at + 4].copy_from_slice(&crc32c::crc32c(block).to_le_bytes());
+    for block in data.chunks(CRC_BLOCK as usize) {
+        put(&crc32c::crc32c(block).to_le_bytes());
     }
     let crc = crc32c::crc32c(&head[..header_len - 4]);
     head[header_len - 4..].copy_from_slice(&crc.to_le_bytes());
-    Ok(b)
+    Ok(())
 }
 
 struct Reader<'a> {
@@ -332,25 +351,27 @@ mod tests {
     }
 
     #[test]
-    fn encode_with_matches_encode_and_checks_the_length() {
+    fn encode_into_matches_encode_and_checks_the_length() {
         let (h, data) = sample();
         let mut lied = h.clone();
         lied.data_len = 1;
         lied.block_crcs = vec![7];
-        let obj = encode_with(&lied, data.len(), |b| {
-            b.extend_from_slice(&data[..100]);
-            b.extend_from_slice(&data[100..]);
-        })
-        .unwrap();
+        // Stale bytes in the buffer (a pooled one) are all overwritten.
+        let mut obj = vec![0xa5u8; encoded_len(&lied, data.len())];
+        encode_into(&lied, &[&data[..100], &data[100..]], &mut obj).unwrap();
         assert_eq!(obj, encode(&h, &data));
         assert_eq!(decode_header(&obj).unwrap().data_len, data.len() as u64);
-        let short = encode_with(&h, data.len(), |b| b.extend_from_slice(&data[1..]));
-        assert_eq!(short, Err(ChunkError::Inconsistent("data area length")));
+        let mut short = vec![0u8; encoded_len(&h, data.len())];
+        assert_eq!(
+            encode_into(&h, &[&data[1..]], &mut short),
+            Err(ChunkError::Inconsistent("object length"))
+        );
         let bare = ChunkHeader {
             extents: Vec::new(),
             ..h
         };
-        let empty = encode_with(&bare, 0, |_| {}).unwrap();
+        let mut empty = vec![0xffu8; encoded_len(&bare, 0)];
+        encode_into(&bare, &[], &mut empty).unwrap();
         let d = decode_header(&empty).unwrap();
         assert_eq!((d.data_len, d.block_crcs.len()), (0, 0));
     }

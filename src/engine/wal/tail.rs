@@ -36,6 +36,16 @@ pub struct Entry {
     pub parts: Vec<Vec<u8>>,
 }
 
+/// Its buffers go back to the payload pool (they are mostly write
+/// payloads, see [`crate::engine::payload_pool`]).
+impl Drop for Entry {
+    fn drop(&mut self) {
+        for part in self.parts.drain(..) {
+            crate::engine::payload_pool::give(part);
+        }
+    }
+}
+
 impl Entry {
     fn len(&self) -> u64 {
         self.parts.iter().map(|p| p.len() as u64).sum()

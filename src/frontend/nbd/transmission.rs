@@ -398,7 +398,7 @@ async fn acquire(
 /// zeroed first: every byte handed out was read from the client).
 async fn read_payload<R: AsyncRead + Unpin>(reader: &mut R, len: u32) -> std::io::Result<Vec<u8>> {
     let len = len as usize;
-    let mut buf = Vec::with_capacity(len);
+    let mut buf = crate::engine::payload_pool::take(len);
     while buf.len() < len {
         let room = len - buf.len();
         if reader.read_buf(&mut (&mut buf).limit(room)).await? == 0 {
