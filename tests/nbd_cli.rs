@@ -91,6 +91,19 @@ fn serve_memory_and_scratch_exports_then_sigterm_exits_zero() {
         dir.path().join("data/volumes").read_dir().unwrap().count() == 1,
         "the scratch volume has a local directory while served"
     );
+    if cfg!(target_env = "gnu") {
+        let tasks = std::path::PathBuf::from(format!("/proc/{}/task", child.id()));
+        let names: Vec<String> = tasks
+            .read_dir()
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .map(|n| n.trim().to_string())
+            .collect();
+        assert!(
+            names.iter().any(|n| n == "shale-trim"),
+            "a server gives freed memory back to the kernel: {names:?}"
+        );
+    }
     sigterm(&child);
     let status = child.wait().unwrap();
     assert!(status.success(), "exit status {status}");
