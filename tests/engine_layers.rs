@@ -35,7 +35,7 @@ use std::path::{Path, PathBuf};
 /// (`engine::EngineError`) count as the module they come from.
 const LAYERS: &[(&str, &[&str])] = &[
     (
-        "format: chunk ids and bounds, object keys, the chunk and manifest codecs, config",
+        "format: chunk ids and bounds, object keys, the chunk and manifest codecs, config, write payload buffers",
         &[
             "format",
             "format::limits",
@@ -45,6 +45,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "format::sealed",
             "config",
             "damage",
+            "payload_pool",
         ],
     ),
     (
