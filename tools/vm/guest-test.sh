@@ -207,6 +207,10 @@ sleep 1
 kill -9 "$PID" && pass "kill-9-server (pid $PID)" || fail kill-9-server
 sleep 1
 shale list | grep -q "quiesced, server dead" && pass list-shows-dead-server || { shale list; fail list-shows-dead-server; }
+# Output into a pipe whose reader is gone: the process ends quietly (as
+# other Unix tools do), it does not panic.
+{ sleep 0.5; shale list 2>/tmp/list.err; } | true
+! grep -q panicked /tmp/list.err && pass list-into-closed-pipe-quiet || { cat /tmp/list.err; fail list-into-closed-pipe-quiet; }
 DEV2=$(shale add $VOL) || die recover-by-add
 [ "$DEV2" = "$DEV" ] && pass "recover-by-add-same-device ($DEV2)" || die "recover-by-add gave '$DEV2'"
 wait $WRITER && pass writer-survived-crash || fail writer-survived-crash
