@@ -18,7 +18,7 @@
 //!    buffers together hold at most [`POOL_BYTES`] (the oldest go first),
 //!    which bounds the memory kept idle.
 
-use std::sync::Mutex;
+use crate::store::free_list::FreeList;
 
 /// Smallest capacity worth keeping: smaller buffers come and go through
 /// the allocator's own free lists without growing it.
@@ -27,43 +27,27 @@ pub const MIN_POOLED: usize = 64 << 10;
 pub const POOL_BYTES: usize = 8 << 20;
 
 /// Free buffers, oldest first.
-struct Pool(Mutex<Vec<Vec<u8>>>);
+type Pool = FreeList<Vec<u8>>;
 
-static POOL: Pool = Pool(Mutex::new(Vec::new()));
+static POOL: Pool = new_pool();
 
-impl Pool {
-    fn take(&self, len: usize) -> Vec<u8> {
-        if len >= MIN_POOLED {
-            let mut free = self.0.lock().unwrap_or_else(|e| e.into_inner());
-            // Not more than twice what is asked for: a small request does
-            // not pin a big buffer.
-            let fits = |b: &Vec<u8>| b.capacity() >= len && b.capacity() / 2 <= len;
-            if let Some(i) = free.iter().position(fits) {
-                let mut v = free.remove(i);
-                v.clear();
-                return v;
-            }
+const fn new_pool() -> Pool {
+    FreeList::new(MIN_POOLED, POOL_BYTES, MIN_POOLED)
+}
+
+fn take_from(pool: &Pool, len: usize) -> Vec<u8> {
+    if len >= MIN_POOLED {
+        if let Some(mut v) = pool.take_fitting(len) {
+            v.clear();
+            return v;
         }
-        Vec::with_capacity(len)
     }
-
-    fn give(&self, buf: Vec<u8>) {
-        let cap = buf.capacity();
-        if !(MIN_POOLED..=POOL_BYTES).contains(&cap) {
-            return;
-        }
-        let mut free = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let mut held: usize = free.iter().map(Vec::capacity).sum();
-        while held + cap > POOL_BYTES && !free.is_empty() {
-            held -= free.remove(0).capacity();
-        }
-        free.push(buf);
-    }
+    Vec::with_capacity(len)
 }
 
 /// An empty buffer with room for `len` bytes (invariant 1).
 pub fn take(len: usize) -> Vec<u8> {
-    POOL.take(len)
+    take_from(&POOL, len)
 }
 
 /// Keep `buf` for a later [`take`] (or free it, invariant 2).
@@ -76,24 +60,24 @@ mod tests {
     use super::*;
 
     fn pool() -> Pool {
-        Pool(Mutex::new(Vec::new()))
+        new_pool()
     }
 
     #[test]
     fn a_given_buffer_comes_back_empty_for_a_fitting_length_only() {
         let p = pool();
-        let mut v = p.take(1 << 20);
+        let mut v = take_from(&p, 1 << 20);
         v.extend_from_slice(&[7u8; 1 << 20]);
         let at = v.as_ptr();
         p.give(v);
         // Too small a request for it: a new buffer.
-        let small = p.take(100 << 10);
+        let small = take_from(&p, 100 << 10);
         assert_ne!(small.as_ptr(), at);
-        let again = p.take((1 << 20) - 512);
+        let again = take_from(&p, (1 << 20) - 512);
         assert_eq!((again.as_ptr(), again.len()), (at, 0));
         assert!(again.capacity() >= 1 << 20);
         // Taken: not handed out twice.
-        let other = p.take(1 << 20);
+        let other = take_from(&p, 1 << 20);
         assert_ne!(other.as_ptr(), at);
     }
 
@@ -101,11 +85,11 @@ mod tests {
     fn small_buffers_are_not_kept_and_the_free_bytes_stay_bounded() {
         let p = pool();
         p.give(Vec::with_capacity(MIN_POOLED - 1));
-        assert!(p.0.lock().unwrap().is_empty());
+        assert_eq!(p.held(), 0);
         for _ in 0..(POOL_BYTES / (1 << 20)) + 5 {
             p.give(Vec::with_capacity(1 << 20));
         }
-        let held: usize = p.0.lock().unwrap().iter().map(Vec::capacity).sum();
+        let held = p.held();
         assert!(held <= POOL_BYTES, "{held}");
         assert!(held > POOL_BYTES - (1 << 20), "{held}");
     }

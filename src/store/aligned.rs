@@ -35,10 +35,10 @@
 //!    server's CPU in a cold sequential read, `perf`). Its pages come
 //!    zeroed from the kernel, so it needs no `memset` either.
 
-use std::ptr::NonNull;
-use std::sync::Mutex;
-
 use bytes::Bytes;
+use std::ptr::NonNull;
+
+use super::free_list::{Capacity, FreeList};
 
 /// Alignment (and size unit) of aligned buffers.
 pub const PAGE: usize = 4096;
@@ -196,33 +196,20 @@ fn map_huge(len: usize) -> Option<Memory> {
 /// Free capacity the pool keeps at most (invariant 3).
 pub const POOL_BYTES: usize = 32 << 20;
 
-/// Free buffers, oldest first.
-pub struct Pool(Mutex<Vec<AlignedBuf>>);
+/// Free buffers, oldest first (invariant 3).
+pub type Pool = FreeList<AlignedBuf>;
 
 /// The process's pool of body buffers.
-static POOL: Pool = Pool::new();
+static POOL: Pool = new_pool();
 
-impl Pool {
-    const fn new() -> Pool {
-        Pool(Mutex::new(Vec::new()))
-    }
+/// A pool keeping buffers of any size up to [`POOL_BYTES`].
+const fn new_pool() -> Pool {
+    FreeList::new(1, POOL_BYTES, PAGE)
+}
 
-    fn free(&self) -> std::sync::MutexGuard<'_, Vec<AlignedBuf>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Keep `buf` for later, dropping the oldest free buffers to stay
-    /// within [`POOL_BYTES`].
-    fn give(&self, buf: AlignedBuf) {
-        if buf.capacity() == 0 || buf.capacity() > POOL_BYTES {
-            return;
-        }
-        let mut free = self.free();
-        let mut held: usize = free.iter().map(AlignedBuf::capacity).sum();
-        while held + buf.capacity() > POOL_BYTES && !free.is_empty() {
-            held -= free.remove(0).capacity();
-        }
-        free.push(buf);
+impl Capacity for AlignedBuf {
+    fn capacity(&self) -> usize {
+        AlignedBuf::capacity(self)
     }
 }
 
@@ -260,13 +247,10 @@ impl PooledBuf {
 
     fn take_from(pool: &'static Pool, len: usize, lead: usize) -> PooledBuf {
         let need = lead + len;
-        let found = {
-            let mut free = pool.free();
-            let fits = |b: &AlignedBuf| b.capacity() >= need && b.capacity() <= 2 * need.max(PAGE);
-            free.iter().position(fits).map(|i| free.remove(i))
-        };
         PooledBuf {
-            buf: found.unwrap_or_else(|| AlignedBuf::new(need)),
+            buf: pool
+                .take_fitting(need)
+                .unwrap_or_else(|| AlignedBuf::new(need)),
             lead,
             len,
             pool,
@@ -302,7 +286,7 @@ mod tests {
     use super::*;
 
     fn own_pool() -> &'static Pool {
-        Box::leak(Box::new(Pool::new()))
+        Box::leak(Box::new(new_pool()))
     }
 
     #[test]
@@ -406,7 +390,7 @@ mod tests {
             .map(|_| PooledBuf::take_from(pool, 1 << 20, 0))
             .collect();
         drop(bufs);
-        let held: usize = pool.free().iter().map(AlignedBuf::capacity).sum();
+        let held = pool.held();
         assert_eq!(held, POOL_BYTES);
     }
 }

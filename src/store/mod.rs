@@ -28,6 +28,7 @@ use bytes::Bytes;
 pub mod aligned;
 pub mod delete_many;
 pub mod faulty;
+pub mod free_list;
 pub mod fs;
 pub mod memory;
 pub mod metered;

@@ -79,10 +79,9 @@ pub fn block_crcs(data: &[u8]) -> Vec<u32> {
 pub fn encode(h: &ChunkHeader, data: &[u8]) -> Vec<u8> {
     let mut out = vec![0u8; encoded_len(h, data.len())];
     // `out` is exactly as long as the object: this cannot fail.
-    match encode_into(h, &[data], &mut out) {
-        Ok(()) => out,
-        Err(_) => Vec::new(),
-    }
+    encode_into(h, &[data], &mut out)
+        .map(|()| out)
+        .unwrap_or_default()
 }
 
 /// Length of the header [`encode_into`] writes for `h` and a data area of
