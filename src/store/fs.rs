@@ -31,7 +31,12 @@
 //!    fsync that started after its rename or unlink; concurrent ones share
 //!    such fsyncs (group commit, [`dirsync`]). A reader opens the file once and reads header and
 //!    data through that one descriptor, so it sees exactly one version.
-//! 4. All file I/O runs on tokio's blocking pool, never on the reactor.
+//! 4. All file I/O runs on tokio's blocking pool, never on the reactor,
+//!    except a ranged read that needs no disk (path, header and data in
+//!    the caches), which is served on the caller's thread.
+//! 5. Ranged reads ([`ObjectStore::get_range_placed`]) go through files
+//!    kept open ([`open_files`]), each checked to still have its name
+//!    before it is read; whole reads, heads and listings open afresh.
 
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -46,6 +51,7 @@ use bytes::Bytes;
 
 use self::dirsync::DirSyncs;
 use self::locks::{DirCounter, KeyLock, SyncedCounters};
+use self::open_files::{OpenFiles, OpenObject};
 use super::aligned::PooledBuf;
 use super::{
     check_range, validate_key, validate_prefix, Object, ObjectMeta, ObjectStore, PutMode,
@@ -54,6 +60,7 @@ use super::{
 
 mod dirsync;
 mod locks;
+mod open_files;
 
 const MAGIC: &[u8; 8] = b"SHALEOB1";
 const HEADER_LEN: u64 = 16;
@@ -69,6 +76,7 @@ pub struct FsStore {
     root: Arc<PathBuf>,
     syncs: Arc<DirSyncs>,
     synced_counters: Arc<SyncedCounters>,
+    open: Arc<OpenFiles>,
 }
 
 impl FsStore {
@@ -78,7 +86,56 @@ impl FsStore {
             root: Arc::new(root.into()),
             syncs: Arc::new(DirSyncs::new()),
             synced_counters: Arc::default(),
+            open: Arc::new(OpenFiles::new(OpenFiles::default_cap())),
         }
+    }
+
+    /// A store keeping at most `cap` files open for ranged reads.
+    #[cfg(test)]
+    fn with_open_cap(root: impl Into<PathBuf>, cap: usize) -> Self {
+        FsStore {
+            open: Arc::new(OpenFiles::new(cap)),
+            ..FsStore::new(root)
+        }
+    }
+
+    /// The open file of `key` for a ranged read, with its current object
+    /// size: from the cache if its file is still linked, else opened with
+    /// `open` (`Ok(None)`: `open` declined) and cached.
+    fn open_for_read(
+        &self,
+        key: &str,
+        open: impl FnOnce(&Path) -> StoreResult<Option<ObjectFile>>,
+    ) -> StoreResult<Option<(Arc<OpenObject>, u64)>> {
+        if let Some(obj) = self.open.get(key) {
+            match obj.file.linked_size() {
+                Ok(Some(size)) => return Ok(Some((obj, size))),
+                // Replaced, deleted or unreadable: open afresh.
+                _ => self.open.forget_stale(key, &obj),
+            }
+        }
+        let p = key_paths(&self.root, key)?;
+        let Some(file) = open(&p.object)? else {
+            return Ok(None);
+        };
+        let size = file.size;
+        let obj = Arc::new(OpenObject {
+            file,
+            path: p.object,
+        });
+        self.open.insert(key, Arc::clone(&obj));
+        Ok(Some((obj, size)))
+    }
+
+    /// Bytes `range` of object `key` if they can be read without waiting
+    /// for the disk (path, header and data all cached); `None` otherwise,
+    /// also on any error, which the blocking read then reports.
+    fn cached_range(&self, key: &str, range: &Range<u64>, page_at: u64) -> Option<Bytes> {
+        let (obj, size) = self
+            .open_for_read(key, |path| Ok(ObjectFile::open_cached(path)))
+            .ok()??;
+        check_range(key, range, size).ok()?;
+        obj.file.read_cached(range.clone(), page_at)
     }
 
     /// The directory holding the objects.
@@ -218,6 +275,18 @@ impl ObjectFile {
         }))
     }
 
+    /// The object's size now, or `None` once its file has no name left
+    /// (the object was replaced or deleted since it was opened) or is
+    /// shorter than a header.
+    fn linked_size(&self) -> io::Result<Option<u64>> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = self.file.metadata()?;
+        if meta.nlink() == 0 || meta.len() < HEADER_LEN {
+            return Ok(None);
+        }
+        Ok(Some(meta.len() - HEADER_LEN))
+    }
+
     fn version(&self) -> Version {
         Version(self.generation.to_string())
     }
@@ -257,16 +326,6 @@ impl ObjectFile {
 fn placed(range: &Range<u64>, page_at: u64) -> PooledBuf {
     let len = (range.end - range.start) as usize;
     PooledBuf::take_placed(len, PooledBuf::lead_for(range.start, page_at))
-}
-
-/// Bytes `range` of object `key` if they can be read without waiting for
-/// the disk (path, header and data all cached); `None` otherwise, also on
-/// any error, which the blocking read then reports.
-fn cached_range(root: &Path, key: &str, range: &Range<u64>, page_at: u64) -> Option<Bytes> {
-    let p = key_paths(root, key).ok()?;
-    let obj = ObjectFile::open_cached(&p.object)?;
-    check_range(key, range, obj.size).ok()?;
-    obj.read_cached(range.clone(), page_at)
 }
 
 fn corrupt(path: &Path, why: &str) -> StoreError {
@@ -495,14 +554,17 @@ impl ObjectStore for FsStore {
     ) -> StoreResult<Bytes> {
         // Served on this thread when nothing needs the disk (no handoff to
         // the blocking pool); otherwise read there.
-        if let Some(data) = cached_range(&self.root, key, &range, page_at) {
+        if let Some(data) = self.cached_range(key, &range, page_at) {
             return Ok(data);
         }
         let key = key.to_string();
-        self.blocking(move |root| {
-            let (obj, path) = open_existing(root, &key)?;
-            check_range(&key, &range, obj.size)?;
-            obj.read_placed(&path, range, page_at)
+        let store = self.clone();
+        self.blocking(move |_| {
+            let (obj, size) = store
+                .open_for_read(&key, ObjectFile::open)?
+                .ok_or_else(|| not_found(&key))?;
+            check_range(&key, &range, size)?;
+            obj.file.read_placed(&obj.path, range, page_at)
         })
         .await
     }
@@ -510,8 +572,14 @@ impl ObjectStore for FsStore {
     async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> StoreResult<Version> {
         let key = key.to_string();
         let syncs = self.syncs.clone();
-        self.blocking(move |root| put_blocking(&syncs, root, &key, data, mode))
-            .await
+        let open = Arc::clone(&self.open);
+        self.blocking(move |root| {
+            let put = put_blocking(&syncs, root, &key, data, mode);
+            // Whatever happened, a cached file of the key may be the old one.
+            open.forget(&key);
+            put
+        })
+        .await
     }
 
     async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
@@ -536,8 +604,14 @@ impl ObjectStore for FsStore {
     async fn delete(&self, key: &str) -> StoreResult<()> {
         let key = key.to_string();
         let (syncs, synced) = (self.syncs.clone(), self.synced_counters.clone());
-        self.blocking(move |root| delete_blocking(&syncs, &synced, root, &key))
-            .await
+        let open = Arc::clone(&self.open);
+        self.blocking(move |root| {
+            let deleted = delete_blocking(&syncs, &synced, root, &key);
+            // Close it now: an open file keeps a deleted object's space.
+            open.forget(&key);
+            deleted
+        })
+        .await
     }
 
     fn puts_in_flight(&self) -> usize {
