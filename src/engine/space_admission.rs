@@ -27,7 +27,7 @@ use crate::store::DynStore;
 
 impl State {
     /// Live data plus data held only by snapshots (see [`super::space`]).
-    pub fn used_bytes(&self) -> u64 {
+    pub fn used_bytes(&mut self) -> u64 {
         let refs = self.tracked().map_or(0, |s| s.bytes());
         (self.view_data_bytes() + refs).saturating_sub(self.view_shared_bytes())
     }

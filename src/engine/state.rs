@@ -175,13 +175,13 @@ impl State {
     }
 
     /// Data bytes the view maps (WAL or chunk locations).
-    pub fn view_data_bytes(&self) -> u64 {
+    pub fn view_data_bytes(&mut self) -> u64 {
         self.overlay.data_bytes(&self.stored)
     }
 
     /// Data bytes of the view whose chunk location lies in the tracked
     /// set (see [`super::space`]).
-    pub fn view_shared_bytes(&self) -> u64 {
+    pub fn view_shared_bytes(&mut self) -> u64 {
         self.overlay.shared_bytes(&self.stored)
     }
 

@@ -13,7 +13,7 @@ impl Volume {
     /// The volume's space now (exact; what it counts is defined in
     /// [`crate::engine::space`]).
     pub fn space_usage(&self) -> SpaceUsage {
-        let st = self.inner.shared.lock();
+        let mut st = self.inner.shared.lock();
         let used = st.used_bytes();
         let live = st.view_data_bytes();
         SpaceUsage {
