@@ -13,7 +13,10 @@
 //!    chunk ([`TableError::Corrupt`], naming the key) and nothing is
 //!    cached or served from it.
 //! 2. Memory is bounded: the tables held (counted as [`entry_bytes`])
-//!    never exceed the byte budget; the least recently used leave first.
+//!    never exceed the byte budget; the least recently used leave first,
+//!    where a use of a table among the newest quarter (by last move)
+//!    leaves it in place: such a table is not near eviction, and hot
+//!    reads skip two tree changes each.
 //!    A table larger than the whole budget is served but not kept.
 //! 3. Concurrent misses of one chunk share one header GET.
 
@@ -146,14 +149,20 @@ impl CrcTables {
         let mut lru = lock(&self.lru);
         let id = (volume, info.seq, info.epoch);
         let tick = lru.tick;
+        let newest_quarter = (lru.tables.len() / 4) as u64;
         let (crc, table, at) = lru.tables.get_mut(&id)?;
         if *crc != info.table_crc {
             return None;
         }
-        let (table, old) = (table.clone(), std::mem::replace(at, tick));
-        lru.order.remove(&old);
-        lru.order.insert(tick, id);
-        lru.tick += 1;
+        let table = table.clone();
+        if tick - *at > newest_quarter {
+            // Invariant 2: only a table outside the newest quarter moves
+            // (two tree changes); one inside is far from eviction anyway.
+            let old = std::mem::replace(at, tick);
+            lru.order.remove(&old);
+            lru.order.insert(tick, id);
+            lru.tick += 1;
+        }
         Some(table)
     }
 

@@ -251,3 +251,33 @@ fn the_header_and_the_first_data_come_in_one_get() {
         assert_eq!(tables.header_gets(), 1, "a warm table sent a GET");
     });
 }
+
+/// A table read while among the newest quarter keeps its place (no tree
+/// changes); one read from further back moves to the front, so the next
+/// eviction takes the least recently used other table.
+#[test]
+fn hot_tables_stay_in_place_and_old_ones_move_on_use() {
+    rt().block_on(async {
+        let mem = Arc::new(MemoryStore::new());
+        let mut infos = Vec::new();
+        for seq in 1..=9 {
+            infos.push(put_chunk(mem.as_ref(), seq, &data(seq as u8, 4 * 4096)).await);
+        }
+        let store: DynStore = mem;
+        let tables = Arc::new(CrcTables::new(8 * entry_bytes(4)));
+        for info in &infos[..8] {
+            tables.get(&store, VOLUME, info).await.unwrap();
+        }
+        let tick = lock(&tables.lru).tick;
+        // The newest two of eight: read in place.
+        assert!(tables.cached(VOLUME, &infos[7]).is_some());
+        assert!(tables.cached(VOLUME, &infos[6]).is_some());
+        assert_eq!(lock(&tables.lru).tick, tick, "newest quarter moved");
+        // The oldest: moved to the front.
+        assert!(tables.cached(VOLUME, &infos[0]).is_some());
+        assert_eq!(lock(&tables.lru).tick, tick + 1);
+        tables.get(&store, VOLUME, &infos[8]).await.unwrap();
+        assert!(tables.cached(VOLUME, &infos[0]).is_some(), "0 evicted");
+        assert!(tables.cached(VOLUME, &infos[1]).is_none(), "1 kept");
+    });
+}
