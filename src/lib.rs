@@ -13,6 +13,7 @@ pub mod frontend;
 pub mod host;
 pub mod metrics;
 mod nowait;
+mod pieces;
 pub mod pool;
 pub mod private;
 pub mod size;

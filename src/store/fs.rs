@@ -392,7 +392,9 @@ fn replace_object(syncs: &DirSyncs, p: &KeyPaths, generation: u64, data: &[u8]) 
         header[..8].copy_from_slice(MAGIC);
         header[8..].copy_from_slice(&generation.to_le_bytes());
         f.write_all(&header)?;
-        f.write_all(data)?;
+        // In pieces: one big write to a new file is slow on some VMs
+        // (see `crate::pieces`).
+        crate::pieces::write_all_at(&f, data, HEADER_LEN)?;
         f.sync_all()?;
         fs::rename(&temp, &p.object)
     };

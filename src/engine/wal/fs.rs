@@ -370,7 +370,8 @@ impl RealFile {
         Ok(len)
     }
 
-    /// One `pwritev` of `iov` at `off` through the page cache, padded with
+    /// One `pwritev` of `iov` (at most [`crate::pieces::PIECE`] bytes of
+    /// it: a short count says how much) at `off` through the page cache, padded with
     /// zeros to the end of its last 4 KiB page when the file is already
     /// that long (module docs, rule 6), then the writeback of every page
     /// it completed started ([`start_writeback`]). The padding makes the
@@ -381,6 +382,17 @@ impl RealFile {
     /// starts its writeback then.
     fn write_buffered(&self, iov: &[IoSlice<'_>], off: u64) -> io::Result<usize> {
         let bs = DIRECT_BLOCK;
+        // At most a piece per call (a big buffered write is slow on some
+        // VMs, see `crate::pieces`), cut on a page boundary so that only
+        // a batch's last page is ever partial; callers loop.
+        let limit = crate::pieces::PIECE - (off % bs) as usize;
+        let cut;
+        let iov = if iov.iter().map(|s| s.len()).sum::<usize>() > limit {
+            cut = crate::pieces::first_piece(iov, limit);
+            &cut[..]
+        } else {
+            iov
+        };
         let asked: usize = iov.iter().map(|s| s.len()).sum();
         let end = off + asked as u64;
         let padded = end.div_ceil(bs) * bs;
@@ -694,9 +706,13 @@ pub(super) mod tests {
         let one = f.write_vectored_at(&iov, head.len() as u64).unwrap();
         let cap = match io {
             WalIo::Direct => MAX_DIRECT_WRITE,
-            WalIo::Buffered => usize::MAX,
+            WalIo::Buffered => crate::pieces::PIECE,
         };
         assert!(one > 0 && one <= cap, "{io:?}: one write of {one} bytes");
+        if io == WalIo::Buffered {
+            // Cut on a page boundary: only a batch's last page is partial.
+            assert_eq!((head.len() + one) % DIRECT_BLOCK as usize, 0);
+        }
         write_all_at(f.as_ref(), &iov, head.len() as u64).unwrap();
         let mut written = head.clone();
         parts.iter().for_each(|p| written.extend_from_slice(p));
