@@ -8,10 +8,12 @@
 //! the host a fault and a 2 MiB clear. Measured on this machine kind
 //! (`tools/bench-write-pieces.sh`): a 4 MiB object written and
 //! `fdatasync`ed in one `write` took 30-35 ms; the same in 256 KiB
-//! writes, 3.6-4.2 ms. On the server, chunk files written whole took 34% of its CPU
-//! under 4K random writes (`perf`). Smaller writes cost a few more system
-//! calls and nothing else, so every large buffered write goes through
-//! here.
+//! writes, 3.6-4.2 ms. On the server, chunk files written whole took 34%
+//! of its CPU under 4K random writes (`perf`). Smaller writes cost a few
+//! more system calls and nothing else, so the big buffered writers go
+//! through here: the local-directory store's object files and the WAL's
+//! buffered batches. (The WAL's single durable write, `RWF_DSYNC`, stays
+//! one call: splitting it would need a sync per piece.)
 //!
 //! Invariant: no single call writes more than [`PIECE`] bytes; together
 //! the calls write exactly the bytes asked for, in order, or fail.
