@@ -371,9 +371,9 @@ impl RealFile {
     }
 
     /// One `pwritev` of `iov` (at most [`crate::pieces::PIECE`] bytes of
-    /// it: a short count says how much) at `off` through the page cache, padded with
-    /// zeros to the end of its last 4 KiB page when the file is already
-    /// that long (module docs, rule 6), then the writeback of every page
+    /// it: a short count says how much) at `off` through the page cache,
+    /// padded with zeros to the end of its last 4 KiB page when the file
+    /// is already that long (module docs, rule 6), then the writeback of every page
     /// it completed started ([`start_writeback`]). The padding makes the
     /// last page whole: a partial write into a page the cache does not
     /// hold makes the kernel read that block first (of a recycled spare:
@@ -386,14 +386,14 @@ impl RealFile {
         // VMs, see `crate::pieces`), cut on a page boundary so that only
         // a batch's last page is ever partial; callers loop.
         let limit = crate::pieces::PIECE - (off % bs) as usize;
+        let whole: usize = iov.iter().map(|s| s.len()).sum();
         let cut;
-        let iov = if iov.iter().map(|s| s.len()).sum::<usize>() > limit {
+        let (iov, asked) = if whole > limit {
             cut = crate::pieces::first_piece(iov, limit);
-            &cut[..]
+            (&cut[..], limit)
         } else {
-            iov
+            (iov, whole)
         };
-        let asked: usize = iov.iter().map(|s| s.len()).sum();
         let end = off + asked as u64;
         let padded = end.div_ceil(bs) * bs;
         let mut seen = self.len_seen.load(Ordering::Relaxed);
