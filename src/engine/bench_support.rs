@@ -57,7 +57,7 @@ impl MapBench {
         self.batch.push((lba, sectors));
     }
 
-    /// Store every logged write in one chunk (data in write order) and
+    /// Store every logged write in one chunk (in LBA order) and
     /// apply it as the destage task does; then forget the dirty ranges, as
     /// a committed checkpoint does.
     pub fn destage(&mut self) {
@@ -65,10 +65,19 @@ impl MapBench {
             return;
         }
         let seq = self.st.last_chunk + 1;
+        // As a real chunk holds them: in LBA order, the newest write of a
+        // range only (the batch's writes are all of one size).
+        let mut batch = std::mem::take(&mut self.batch);
+        batch.reverse();
+        batch.sort_by_key(|&(lba, _)| lba);
+        batch.dedup_by_key(|&mut (lba, _)| lba);
+        assert!(
+            batch.windows(2).all(|w| w[0].0 + w[0].1 <= w[1].0),
+            "MapBench: the writes of one chunk must not overlap unless equal"
+        );
         let mut off = 0;
-        let extents: Vec<ChunkExtent> = self
-            .batch
-            .drain(..)
+        let extents: Vec<ChunkExtent> = batch
+            .into_iter()
             .map(|(lba, sectors)| {
                 let e = ChunkExtent {
                     lba,
