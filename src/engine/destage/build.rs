@@ -16,14 +16,18 @@ use bytes::Bytes;
 
 use super::newest::{resolve, Piece};
 use crate::engine::error::EngineError;
-use crate::engine::format::chunk::{self, ChunkExtent, ChunkHeader};
+use crate::engine::format::chunk::{self, ChunkExtent, ChunkHeader, Part};
 use crate::engine::format::layout::chunk_key;
 use crate::engine::state::PendingRec;
 use crate::engine::wal::record::RecordKind;
-use crate::engine::wal::span::{extent_of, read_span, record_in_span, Span};
+use crate::engine::wal::span::{extent_of, read_span, record_in_span, Checked, Span};
 use crate::engine::wal::{self, fs::SegFile};
 use crate::engine::SECTOR;
 use crate::store::aligned::PooledBuf;
+
+// The WAL's CRC blocks are the chunk's: a record's checked CRCs serve as
+// the chunk's where the data lands on a block of the data area.
+const _: () = assert!(crate::engine::wal::record::BLOCK as u64 == chunk::CRC_BLOCK);
 
 /// The records of one chunk and the segment files holding their data.
 #[derive(Debug)]
@@ -61,8 +65,7 @@ pub(super) fn build(volume: u64, epoch: u64, b: &Batch) -> Result<Object, Engine
                     skip: w.skip + p.off,
                     ..w
                 };
-                let part = record_in_span(span, &loc, p.sectors)?;
-                plan.data(p.lba, part);
+                plan.data(p.lba, record_in_span(span, &loc, p.sectors)?);
             }
             _ => plan.zero(p.lba, p.sectors),
         }
@@ -119,11 +122,12 @@ fn read_spans(b: &Batch, pieces: &[Piece]) -> Result<HashMap<u64, Span>, EngineE
 
 /// The extents and data parts of a chunk, in LBA order, adjacent extents
 /// of the same kind (zero, or data that follows on in the data area)
-/// merged.
+/// merged. A part carries the WAL's checked CRCs of its leading whole
+/// blocks, so encoding need not compute them again.
 #[derive(Default)]
 struct Plan<'a> {
     extents: Vec<ChunkExtent>,
-    parts: Vec<&'a [u8]>,
+    parts: Vec<Part<'a>>,
     data_len: usize,
 }
 
@@ -142,11 +146,11 @@ impl<'a> Plan<'a> {
         });
     }
 
-    fn nonzero(&mut self, lba: u64, part: &'a [u8]) {
+    fn nonzero(&mut self, lba: u64, part: Part<'a>) {
         let off = self.data_len as u64;
-        let sectors = part.len() as u64 / SECTOR;
+        let sectors = part.data.len() as u64 / SECTOR;
         self.parts.push(part);
-        self.data_len += part.len();
+        self.data_len += part.data.len();
         if let Some(e) = self.extents.last_mut() {
             if e.lba + e.sectors == lba && e.data_off.map(|o| o + e.sectors * SECTOR) == Some(off) {
                 e.sectors += sectors;
@@ -161,21 +165,36 @@ impl<'a> Plan<'a> {
     }
 
     /// Sectors at `lba` holding `part`: runs of all-zero sectors become
-    /// zero extents (invariant 2), the rest data.
-    fn data(&mut self, lba: u64, part: &'a [u8]) {
+    /// zero extents (invariant 2), the rest data. A data run beginning on
+    /// a block of `part` takes the CRCs of the blocks from there on.
+    fn data(&mut self, lba: u64, part: Checked<'a>) {
         let s = SECTOR as usize;
-        let n = part.len() / s;
+        let bytes = part.data;
+        let n = bytes.len() / s;
         let mut i = 0;
         while i < n {
-            let zero = is_zero(&part[i * s..(i + 1) * s]);
+            let zero = is_zero(&bytes[i * s..(i + 1) * s]);
             let mut j = i + 1;
-            while j < n && is_zero(&part[j * s..(j + 1) * s]) == zero {
+            while j < n && is_zero(&bytes[j * s..(j + 1) * s]) == zero {
                 j += 1;
             }
             if zero {
                 self.zero(lba + i as u64, (j - i) as u64);
             } else {
-                self.nonzero(lba + i as u64, &part[i * s..j * s]);
+                let block_crcs = match (i * s) % chunk::CRC_BLOCK as usize {
+                    0 => {
+                        let from = (i * s) / chunk::CRC_BLOCK as usize * 4;
+                        part.block_crcs.get(from..).unwrap_or(&[])
+                    }
+                    _ => &[],
+                };
+                self.nonzero(
+                    lba + i as u64,
+                    Part {
+                        data: &bytes[i * s..j * s],
+                        block_crcs,
+                    },
+                );
             }
             i = j;
         }
@@ -191,17 +210,24 @@ fn is_zero(b: &[u8]) -> bool {
 mod tests {
     use super::*;
 
+    fn unchecked(data: &[u8]) -> Checked<'_> {
+        Checked {
+            data,
+            block_crcs: &[],
+        }
+    }
+
     #[test]
     fn plan_merges_and_unmaps_zero_sectors() {
         let mut d = vec![1u8; 4 * 512];
         d[512..1024].fill(0);
         let z = vec![0u8; 512];
         let mut p = Plan::default();
-        p.data(10, &d); // 10 data, 11 zero, 12-13 data
+        p.data(10, unchecked(&d)); // 10 data, 11 zero, 12-13 data
         p.zero(14, 2); // merges with nothing (13 is data)
-        p.data(16, &z); // zero, merges with 14-15
-        p.data(18, &d[..512]); // data, not adjacent to 13
-        p.data(19, &d[2048 - 512..]); // adjacent, follows on in the data area
+        p.data(16, unchecked(&z)); // zero, merges with 14-15
+        p.data(18, unchecked(&d[..512])); // data, not adjacent to 13
+        p.data(19, unchecked(&d[2048 - 512..])); // adjacent, follows on in the data area
         let ext: Vec<(u64, u64, Option<u64>)> = p
             .extents
             .iter()
@@ -218,6 +244,80 @@ mod tests {
             ]
         );
         assert_eq!(p.data_len, 2560);
-        assert_eq!(p.parts.iter().map(|x| x.len()).sum::<usize>(), 2560);
+        assert_eq!(p.parts.iter().map(|x| x.data.len()).sum::<usize>(), 2560);
+    }
+
+    #[test]
+    fn data_runs_keep_the_crcs_of_the_blocks_they_begin() {
+        // Four blocks; sectors 9-15 (inside block 1) zero.
+        let mut d: Vec<u8> = (0..4 * 4096u32).map(|i| (i % 253) as u8 + 1).collect();
+        d[9 * 512..16 * 512].fill(0);
+        let table = crate::engine::wal::record::block_table(&d);
+        let mut p = Plan::default();
+        p.data(
+            0,
+            Checked {
+                data: &d,
+                block_crcs: &table,
+            },
+        );
+        // Runs: sectors 0-8 (from block 0), 9-15 zero, 16-31 (from block 2).
+        assert_eq!(p.parts.len(), 2);
+        assert_eq!(p.parts[0].block_crcs, &table[..]);
+        assert_eq!(p.parts[1].data, &d[16 * 512..]);
+        assert_eq!(p.parts[1].block_crcs, &table[8..]);
+        // A run beginning inside a block takes none.
+        let mut q = Plan::default();
+        q.data(
+            0,
+            Checked {
+                data: &d[..9 * 512],
+                block_crcs: &table[..4],
+            },
+        );
+        q.data(
+            9,
+            Checked {
+                data: &d[9 * 512..],
+                block_crcs: &[],
+            },
+        );
+        assert!(q.parts[1].block_crcs.is_empty());
+    }
+
+    /// A chunk built with the WAL's CRCs is the chunk built without them.
+    #[test]
+    fn reused_crcs_build_the_same_chunk() {
+        let mut d: Vec<u8> = (0..3 * 4096 + 1024u32)
+            .map(|i| (i % 251) as u8 + 1)
+            .collect();
+        d[4096 + 512..4096 + 1024].fill(0);
+        let table = crate::engine::wal::record::block_table(&d);
+        let encode = |with_crcs: bool| {
+            let mut p = Plan::default();
+            let block_crcs = if with_crcs { &table[..] } else { &[] };
+            p.data(
+                3,
+                Checked {
+                    data: &d,
+                    block_crcs,
+                },
+            );
+            let h = ChunkHeader {
+                volume: 1,
+                epoch: 1,
+                chunk_seq: 1,
+                first_seq: 1,
+                last_seq: 1,
+                extents: p.extents.clone(),
+                block_crcs: Vec::new(),
+                data_len: p.data_len as u64,
+                header_len: 0,
+            };
+            let mut out = vec![0u8; chunk::encoded_len(&h, p.data_len)];
+            chunk::encode_into(&h, &p.parts, &mut out).unwrap();
+            out
+        };
+        assert_eq!(encode(true), encode(false));
     }
 }

@@ -75,11 +75,32 @@ pub fn block_crcs(data: &[u8]) -> Vec<u32> {
         .collect()
 }
 
+/// One run of a chunk's data area for [`encode_into`]: its bytes and the
+/// CRC32C of its leading whole [`CRC_BLOCK`] blocks when the caller
+/// already holds them (little endian, 4 bytes a block; empty when it does
+/// not). The caller vouches for them: they were computed over, or checked
+/// against, exactly these bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct Part<'a> {
+    pub data: &'a [u8],
+    pub block_crcs: &'a [u8],
+}
+
+impl<'a> Part<'a> {
+    /// A part whose CRCs `encode_into` computes.
+    pub fn plain(data: &'a [u8]) -> Part<'a> {
+        Part {
+            data,
+            block_crcs: &[],
+        }
+    }
+}
+
 /// Encode a chunk. `extents` with data index into `data`.
 pub fn encode(h: &ChunkHeader, data: &[u8]) -> Vec<u8> {
     let mut out = vec![0u8; encoded_len(h, data.len())];
     // `out` is exactly as long as the object: this cannot fail.
-    encode_into(h, &[data], &mut out)
+    encode_into(h, &[Part::plain(data)], &mut out)
         .map(|()| out)
         .unwrap_or_default()
 }
@@ -100,10 +121,12 @@ pub fn encoded_len(h: &ChunkHeader, data_len: usize) -> usize {
 /// which the caller sized with [`encoded_len`] (so it can come from a
 /// buffer pool: every byte of it is written, whatever it held before), so
 /// the data is copied once, straight into place. `h.block_crcs`,
-/// `h.data_len` and `h.header_len` are ignored (computed). Errs, leaving
-/// `out` unspecified, if `out` has any other length.
-pub fn encode_into(h: &ChunkHeader, parts: &[&[u8]], out: &mut [u8]) -> Result<(), ChunkError> {
-    let data_len: usize = parts.iter().map(|p| p.len()).sum();
+/// `h.data_len` and `h.header_len` are ignored (computed). A block's CRC
+/// is taken from its part when the part begins on a block of the data
+/// area and holds the whole block; every other block's is computed.
+/// Errs, leaving `out` unspecified, if `out` has any other length.
+pub fn encode_into(h: &ChunkHeader, parts: &[Part], out: &mut [u8]) -> Result<(), ChunkError> {
+    let data_len: usize = parts.iter().map(|p| p.data.len()).sum();
     let n_blocks = data_len.div_ceil(CRC_BLOCK as usize);
     let header_len = header_len_of(h, data_len);
     if out.len() != header_len + data_len {
@@ -129,13 +152,27 @@ pub fn encode_into(h: &ChunkHeader, parts: &[&[u8]], out: &mut [u8]) -> Result<(
         put(&e.sectors.to_le_bytes());
         put(&e.data_off.unwrap_or(ZERO_OFF).to_le_bytes());
     }
+    let table_at = at;
+    let block = CRC_BLOCK as usize;
+    let mut known = vec![false; n_blocks];
     let mut filled = 0usize;
     for part in parts {
-        data[filled..filled + part.len()].copy_from_slice(part);
-        filled += part.len();
+        let len = part.data.len();
+        data[filled..filled + len].copy_from_slice(part.data);
+        if filled.is_multiple_of(block) {
+            let first = filled / block;
+            let whole = (len / block).min(part.block_crcs.len() / 4);
+            head[table_at + first * 4..table_at + (first + whole) * 4]
+                .copy_from_slice(&part.block_crcs[..whole * 4]);
+            known[first..first + whole].fill(true);
+        }
+        filled += len;
     }
-    for block in data.chunks(CRC_BLOCK as usize) {
-        put(&crc32c::crc32c(block).to_le_bytes());
+    for (i, bytes) in data.chunks(block).enumerate() {
+        if !known[i] {
+            let at = table_at + i * 4;
+            head[at..at + 4].copy_from_slice(&crc32c::crc32c(bytes).to_le_bytes());
+        }
     }
     let crc = crc32c::crc32c(&head[..header_len - 4]);
     head[header_len - 4..].copy_from_slice(&crc.to_le_bytes());
@@ -357,12 +394,17 @@ mod tests {
         lied.block_crcs = vec![7];
         // Stale bytes in the buffer (a pooled one) are all overwritten.
         let mut obj = vec![0xa5u8; encoded_len(&lied, data.len())];
-        encode_into(&lied, &[&data[..100], &data[100..]], &mut obj).unwrap();
+        encode_into(
+            &lied,
+            &[Part::plain(&data[..100]), Part::plain(&data[100..])],
+            &mut obj,
+        )
+        .unwrap();
         assert_eq!(obj, encode(&h, &data));
         assert_eq!(decode_header(&obj).unwrap().data_len, data.len() as u64);
         let mut short = vec![0u8; encoded_len(&h, data.len())];
         assert_eq!(
-            encode_into(&h, &[&data[1..]], &mut short),
+            encode_into(&h, &[Part::plain(&data[1..])], &mut short),
             Err(ChunkError::Inconsistent("object length"))
         );
         let bare = ChunkHeader {
@@ -373,6 +415,90 @@ mod tests {
         encode_into(&bare, &[], &mut empty).unwrap();
         let d = decode_header(&empty).unwrap();
         assert_eq!((d.data_len, d.block_crcs.len()), (0, 0));
+    }
+
+    /// Little-endian CRC table of `data`'s blocks, as a WAL record holds it.
+    fn table(data: &[u8]) -> Vec<u8> {
+        block_crcs(data)
+            .iter()
+            .flat_map(|c| c.to_le_bytes())
+            .collect()
+    }
+
+    #[test]
+    fn given_block_crcs_are_used_only_for_whole_blocks_they_begin() {
+        // 8704 bytes: blocks 0 and 1 whole, block 2 short.
+        let (h, data) = sample();
+        let want = encode(&h, &data);
+        let encode_parts = |parts: &[Part]| {
+            let mut obj = vec![0u8; encoded_len(&h, data.len())];
+            encode_into(&h, parts, &mut obj).unwrap();
+            obj
+        };
+        // Right CRCs, at block boundaries: the same object.
+        let whole = table(&data);
+        assert_eq!(
+            encode_parts(&[Part {
+                data: &data,
+                block_crcs: &whole
+            }]),
+            want
+        );
+        let (a, b) = data.split_at(4096);
+        let parts = [
+            Part {
+                data: a,
+                block_crcs: &table(a),
+            },
+            Part {
+                data: b,
+                block_crcs: &table(b),
+            },
+        ];
+        assert_eq!(encode_parts(&parts), want);
+        // Fewer CRCs than whole blocks: the rest are computed.
+        assert_eq!(
+            encode_parts(&[Part {
+                data: &data,
+                block_crcs: &whole[..4]
+            }]),
+            want
+        );
+        // Wrong CRCs show where they are taken: block 0 only (begun and
+        // held whole by the first part). The second part begins block 1
+        // but does not hold it whole, the third begins inside block 1, and
+        // the fourth holds the short block 2.
+        let bogus = [0xeeu8; 12];
+        let parts = [
+            Part {
+                data: &data[..4096],
+                block_crcs: &bogus,
+            },
+            Part {
+                data: &data[4096..4608],
+                block_crcs: &bogus,
+            },
+            Part {
+                data: &data[4608..8192],
+                block_crcs: &bogus,
+            },
+            Part {
+                data: &data[8192..],
+                block_crcs: &bogus,
+            },
+        ];
+        let obj = encode_parts(&parts);
+        let d = decode_header(&obj).unwrap();
+        let body = &obj[d.header_len as usize..];
+        assert_eq!(body, &data[..]);
+        let mut expected = block_crcs(&data);
+        expected[0] = u32::from_le_bytes([0xee; 4]);
+        assert_eq!(d.block_crcs, expected);
+        assert_eq!(
+            verify_blocks(&d.block_crcs, 0, &body[..4096]),
+            Err(ChunkError::DataCrc(0))
+        );
+        assert!(verify_blocks(&d.block_crcs, 4096, &body[4096..]).is_ok());
     }
 
     #[test]

@@ -57,13 +57,23 @@ pub fn read_span(
     })
 }
 
+/// Record data sliced out of a span once the CRCs covering it matched.
+#[derive(Debug, Clone, Copy)]
+pub struct Checked<'a> {
+    pub data: &'a [u8],
+    /// The record's CRCs (little endian, 4 bytes a block) of the whole
+    /// [`record::BLOCK`] blocks `data` begins with; empty unless `data`
+    /// begins on a block of a record with a CRC per block.
+    pub block_crcs: &'a [u8],
+}
+
 /// Sectors `[loc.skip, loc.skip + sectors)` of the record at `loc`, sliced
 /// out of `span` once the CRCs covering them matched.
 pub fn record_in_span<'a>(
     span: &'a Span,
     loc: &WalLoc,
     sectors: u64,
-) -> Result<&'a [u8], WalError> {
+) -> Result<Checked<'a>, WalError> {
     let corrupt = |off: u64| WalError::Corrupt { seg: span.seg, off };
     let outside = || {
         io_err(
@@ -90,28 +100,41 @@ pub fn record_in_span<'a>(
         return Err(corrupt(loc.data_off));
     }
     let data = &span.buf[at(loc.data_off)..at(rec_end)];
+    let wanted = &data[start as usize..end as usize];
     if !loc.block_crcs {
         if crc32c::crc32c(data) != loc.crc {
             return Err(corrupt(loc.data_off));
         }
-        return Ok(&data[start as usize..end as usize]);
+        return Ok(Checked {
+            data: wanted,
+            block_crcs: &[],
+        });
     }
     let table = &span.buf[at(rec_start)..at(loc.data_off)];
     if crc32c::crc32c(table) != loc.crc {
         return Err(corrupt(loc.data_off));
     }
     if start == end {
-        return Ok(&[]);
+        return Ok(Checked {
+            data: &[],
+            block_crcs: &[],
+        });
     }
     let block = record::BLOCK as u64;
     let (b0, b1) = (start / block, end.div_ceil(block));
     let (r0, r1) = (b0 * block, (b1 * block).min(rec_len));
-    record::check_blocks(
-        &data[r0 as usize..r1 as usize],
-        &table[(b0 * 4) as usize..(b1 * 4) as usize],
-    )
-    .map_err(|i| corrupt(loc.data_off + r0 + i as u64 * block))?;
-    Ok(&data[start as usize..end as usize])
+    let checked = &table[(b0 * 4) as usize..(b1 * 4) as usize];
+    record::check_blocks(&data[r0 as usize..r1 as usize], checked)
+        .map_err(|i| corrupt(loc.data_off + r0 + i as u64 * block))?;
+    let whole = if start % block == 0 {
+        ((end - start) / block) as usize
+    } else {
+        0
+    };
+    Ok(Checked {
+        data: wanted,
+        block_crcs: &checked[..whole * 4],
+    })
 }
 
 #[cfg(test)]
@@ -161,11 +184,28 @@ mod tests {
     fn records_are_sliced_out_whole_and_in_parts() {
         let (span, a, b) = two_records();
         let whole = record_in_span(&span, &a, 25).unwrap();
-        assert_eq!(whole.len(), 25 * 512);
-        assert_eq!(whole[0], 7);
+        assert_eq!(whole.data.len(), 25 * 512);
+        assert_eq!(whole.data[0], 7);
         let part = record_in_span(&span, &WalLoc { skip: 9, ..a }, 16).unwrap();
-        assert_eq!(part, &whole[9 * 512..25 * 512]);
-        assert_eq!(record_in_span(&span, &b, 1).unwrap()[1], 1 ^ 8);
+        assert_eq!(part.data, &whole.data[9 * 512..25 * 512]);
+        assert_eq!(record_in_span(&span, &b, 1).unwrap().data[1], 1 ^ 8);
+    }
+
+    #[test]
+    fn the_crcs_of_leading_whole_blocks_come_with_the_data() {
+        let (span, a, b) = two_records();
+        let table = |data: &[u8]| record::block_table(data);
+        // 25 sectors: blocks 0-2 whole, the last sector a short block.
+        let whole = record_in_span(&span, &a, 25).unwrap();
+        assert_eq!(whole.block_crcs, &table(&whole.data[..3 * 4096])[..]);
+        // From block 1 on, 12 sectors: one whole block, then half of one.
+        let from_1 = record_in_span(&span, &WalLoc { skip: 8, ..a }, 12).unwrap();
+        assert_eq!(from_1.block_crcs, &table(&from_1.data[..4096])[..]);
+        // Not beginning on a block, or shorter than one: none.
+        let inside = record_in_span(&span, &WalLoc { skip: 9, ..a }, 16).unwrap();
+        assert!(inside.block_crcs.is_empty());
+        assert!(record_in_span(&span, &a, 7).unwrap().block_crcs.is_empty());
+        assert!(record_in_span(&span, &b, 1).unwrap().block_crcs.is_empty());
     }
 
     #[test]
@@ -237,7 +277,9 @@ mod tests {
             off: 0,
             buf: buf.into(),
         };
-        assert_eq!(record_in_span(&span, &loc, 2).unwrap(), &data[512..1536]);
+        let got = record_in_span(&span, &loc, 2).unwrap();
+        assert_eq!(got.data, &data[512..1536]);
+        assert!(got.block_crcs.is_empty(), "one CRC: no block CRCs");
         flip(&mut span, 64 + 2000);
         assert!(record_in_span(&span, &loc, 1).is_err());
     }
