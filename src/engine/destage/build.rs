@@ -1,8 +1,10 @@
 //! Building one chunk object from a run of WAL records, meant for the
-//! blocking pool: one read per segment the records live in (a span, see
-//! [`wal::span`]), newest-wins resolution ([`super::newest`]), and one copy
-//! of each live byte, from the span straight into the object
-//! ([`chunk::encode_into`]), a buffer of the body pool.
+//! blocking pool: the records' bytes shared from the WAL's tail in memory
+//! when it holds them all, else one read per segment the records live in
+//! (a span, see [`wal::span`]); newest-wins resolution
+//! ([`super::newest`]); and one copy of each live byte, from there
+//! straight into the object ([`chunk::encode_into`]), a buffer of the
+//! body pool.
 //!
 //! Invariants:
 //! 1. Every byte put in the chunk passed the WAL CRCs covering it.
@@ -20,7 +22,9 @@ use crate::engine::format::chunk::{self, ChunkExtent, ChunkHeader, Part};
 use crate::engine::format::layout::chunk_key;
 use crate::engine::state::PendingRec;
 use crate::engine::wal::record::RecordKind;
-use crate::engine::wal::span::{extent_of, read_span, record_in_span, Checked, Span};
+use crate::engine::wal::span::{
+    check_record, extent_of, read_span, record_in_span, record_shared, Checked, Span,
+};
 use crate::engine::wal::{self, fs::SegFile};
 use crate::engine::SECTOR;
 use crate::store::aligned::PooledBuf;
@@ -54,18 +58,35 @@ pub(super) fn build(volume: u64, epoch: u64, b: &Batch) -> Result<Object, Engine
     };
     let ranges: Vec<(u64, u64)> = b.recs.iter().map(|r| (r.lba, r.sectors)).collect();
     let pieces = resolve(&ranges);
-    let spans = read_spans(b, &pieces)?;
+    // The newest records are all in memory, as a rule: then no read and
+    // no copy; else one read per segment.
+    let shared = shared_records(b, &pieces);
+    let spans = match shared {
+        Some(_) => HashMap::new(),
+        None => read_spans(b, &pieces)?,
+    };
     let mut plan = Plan::default();
     for p in &pieces {
         let r = &b.recs[p.rec];
         match (r.kind, r.loc) {
             (RecordKind::Write, Some(w)) => {
-                let span = spans.get(&w.seg).ok_or(wal::WalError::SegmentGone(w.seg))?;
                 let loc = crate::engine::map::WalLoc {
                     skip: w.skip + p.off,
                     ..w
                 };
-                plan.data(p.lba, record_in_span(span, &loc, p.sectors)?);
+                let checked = match &shared {
+                    Some(records) => {
+                        let (table, data) = records
+                            .get(&(w.seg, w.data_off))
+                            .ok_or(wal::WalError::SegmentGone(w.seg))?;
+                        check_record(w.seg, &loc, table, data, p.sectors)?
+                    }
+                    None => {
+                        let span = spans.get(&w.seg).ok_or(wal::WalError::SegmentGone(w.seg))?;
+                        record_in_span(span, &loc, p.sectors)?
+                    }
+                };
+                plan.data(p.lba, checked);
             }
             _ => plan.zero(p.lba, p.sectors),
         }
@@ -95,6 +116,23 @@ pub(super) fn build(volume: u64, epoch: u64, b: &Batch) -> Result<Object, Engine
         extents: header.extents,
         last_seq: last.seq,
     })
+}
+
+/// The CRC table and data of every record a piece uses, by segment and
+/// data offset, shared from memory without a copy; `None` unless memory
+/// holds all of them.
+fn shared_records(b: &Batch, pieces: &[Piece]) -> Option<HashMap<(u64, u64), (Bytes, Bytes)>> {
+    let mut records = HashMap::new();
+    for p in pieces {
+        let r = &b.recs[p.rec];
+        let (RecordKind::Write, Some(w)) = (r.kind, r.loc) else {
+            continue;
+        };
+        if let std::collections::hash_map::Entry::Vacant(e) = records.entry((w.seg, w.data_off)) {
+            e.insert(record_shared(b.files.get(&w.seg)?.as_ref(), &w)?);
+        }
+    }
+    Some(records)
 }
 
 /// One read per segment: the range holding every record a piece uses.
@@ -283,6 +321,143 @@ mod tests {
             },
         );
         assert!(q.parts[1].block_crcs.is_empty());
+    }
+
+    /// A segment file holding `datas` as block-CRC records (a header, the
+    /// table, the data each), and a batch writing them at `lbas` in order
+    /// (later ones win where they overlap); also the entry the WAL's tail
+    /// would keep of that write.
+    fn segment(
+        dir: &std::path::Path,
+        datas: &[Vec<u8>],
+        lbas: &[u64],
+    ) -> (SegFile, Vec<PendingRec>, crate::engine::wal::tail::Entry) {
+        use crate::engine::map::WalLoc;
+        use crate::engine::wal::record;
+        let file = crate::engine::wal::fs::real()
+            .create(&dir.join("seg"))
+            .unwrap();
+        let (mut parts, mut recs, mut off) = (Vec::new(), Vec::new(), 0u64);
+        for (i, (data, &lba)) in datas.iter().zip(lbas).enumerate() {
+            let table = record::block_table(data);
+            let loc = WalLoc {
+                seq: i as u64 + 1,
+                seg: 7,
+                data_off: off + 64 + table.len() as u64,
+                rec_sectors: data.len() as u64 / SECTOR,
+                crc: crc32c::crc32c(&table),
+                skip: 0,
+                block_crcs: true,
+            };
+            off = loc.data_off + data.len() as u64;
+            parts.extend([vec![0x55u8; 64], table, data.clone()]);
+            recs.push(PendingRec {
+                seq: loc.seq,
+                kind: RecordKind::Write,
+                lba,
+                sectors: loc.rec_sectors,
+                loc: Some(loc),
+                more: false,
+                at: std::time::Duration::ZERO,
+            });
+        }
+        let all: Vec<u8> = parts.concat();
+        write_all(&file, &all, 0);
+        let entry = crate::engine::wal::tail::Entry {
+            seg: 7,
+            off: 0,
+            last_seq: recs.len() as u64,
+            parts,
+        };
+        (file, recs, entry)
+    }
+
+    /// The batch of `recs` through `file` (as segment 7).
+    fn batch(file: SegFile, recs: &[PendingRec]) -> Batch {
+        Batch {
+            seq: 1,
+            recs: recs.to_vec(),
+            files: HashMap::from([(7, file)]),
+            cost: 0,
+        }
+    }
+
+    fn build_with(file: SegFile, recs: &[PendingRec]) -> Result<Object, EngineError> {
+        build(1, 1, &batch(file, recs))
+    }
+
+    /// Whether the build of `recs` through `file` takes every record from
+    /// memory.
+    fn all_shared(file: SegFile, recs: &[PendingRec]) -> bool {
+        let ranges: Vec<(u64, u64)> = recs.iter().map(|r| (r.lba, r.sectors)).collect();
+        shared_records(&batch(file, recs), &resolve(&ranges)).is_some()
+    }
+
+    /// Records the WAL's tail holds are built from memory, with no read,
+    /// into the very chunk a build from the file makes; a record the tail
+    /// lacks sends the whole build to the file.
+    #[test]
+    fn a_chunk_from_the_tail_equals_the_chunk_from_the_file() {
+        use crate::engine::wal::tail::{Tail, TailFile};
+        use std::sync::Arc;
+        let dir = tempfile::tempdir().unwrap();
+        let datas: Vec<Vec<u8>> = [16u32, 8, 9, 24]
+            .iter()
+            .enumerate()
+            .map(|(r, &sectors)| {
+                (0..sectors * 512)
+                    .map(|i| (i % 249) as u8 ^ (r as u8 + 1))
+                    .collect()
+            })
+            .collect();
+        // Overlaps: record 2 cuts into record 1 mid-block, record 4 into 3.
+        let lbas = [0, 12, 100, 105];
+        let (file, recs, entry) = segment(dir.path(), &datas, &lbas);
+        let from_file = build_with(file.clone(), &recs).unwrap();
+        let tail = Arc::new(Tail::new(1 << 20));
+        tail.push(entry);
+        let through_tail = |tail: &Arc<Tail>| -> SegFile {
+            Arc::new(TailFile {
+                tail: tail.clone(),
+                seg: 7,
+                file: file.clone(),
+            })
+        };
+        // Damage the file: only a build that never reads it succeeds.
+        let zeros = vec![0u8; 4096];
+        write_all(&file, &zeros, 0);
+        assert!(all_shared(through_tail(&tail), &recs));
+        assert!(
+            !all_shared(file.clone(), &recs),
+            "a bare file shares nothing"
+        );
+        let from_tail = build_with(through_tail(&tail), &recs).unwrap();
+        assert_eq!(from_tail.bytes, from_file.bytes);
+        assert_eq!(from_tail.extents, from_file.extents);
+        // The tail without the first record: the build reads the file and
+        // finds the damage.
+        let partial = Arc::new(Tail::new(1 << 20));
+        let other = tempfile::tempdir().unwrap();
+        let (_, _, mut entry) = segment(other.path(), &datas, &lbas);
+        let first_record: usize = entry.parts[..3].iter().map(|p| p.len()).sum();
+        entry.parts.drain(..3);
+        entry.off = first_record as u64;
+        partial.push(entry);
+        write_all(&file, &zeros, 0);
+        assert!(!all_shared(through_tail(&partial), &recs));
+        assert!(matches!(
+            build_with(through_tail(&partial), &recs),
+            Err(EngineError::Wal(wal::WalError::Corrupt { .. }))
+        ));
+    }
+
+    /// Write all of `data` at `off` of a WAL file.
+    fn write_all(file: &SegFile, data: &[u8], off: u64) {
+        let mut done = 0;
+        while done < data.len() {
+            let iov = [std::io::IoSlice::new(&data[done..])];
+            done += file.write_vectored_at(&iov, off + done as u64).unwrap();
+        }
     }
 
     /// A chunk built with the WAL's CRCs is the chunk built without them.

@@ -74,6 +74,12 @@ pub trait WalFile: Send + Sync + std::fmt::Debug {
     fn read_range(&self, off: u64, len: usize) -> io::Result<Bytes> {
         read_pooled(len, |buf| self.read_exact_at(buf, off))
     }
+    /// `[off, off + len)` without a copy or a system call, when one
+    /// buffer in memory holds it (the tail of the newest records,
+    /// [`super::tail`]); `None` otherwise, the default.
+    fn read_shared(&self, _off: u64, _len: usize) -> Option<Bytes> {
+        None
+    }
     /// [`WalFile::read_exact_at`] only if it needs no disk read (the page
     /// cache holds every byte); `Ok(false)` otherwise, and then `buf` may
     /// hold anything. The default cannot tell and always says `false`.

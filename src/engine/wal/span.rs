@@ -8,6 +8,8 @@
 //! [`WalError::Corrupt`], and a location the span does not hold is an
 //! error, never a panic.
 
+use bytes::Bytes;
+
 use super::record;
 use super::{io_err, WalError};
 use crate::engine::map::WalLoc;
@@ -74,23 +76,52 @@ pub fn record_in_span<'a>(
     loc: &WalLoc,
     sectors: u64,
 ) -> Result<Checked<'a>, WalError> {
-    let corrupt = |off: u64| WalError::Corrupt { seg: span.seg, off };
-    let outside = || {
-        io_err(
+    let corrupt = WalError::Corrupt {
+        seg: span.seg,
+        off: loc.data_off,
+    };
+    let (rec_start, rec_end) = extent_of(loc).ok_or(corrupt)?;
+    let span_end = span.off + span.buf.len() as u64;
+    if rec_start < span.off || rec_end > span_end {
+        return Err(io_err(
             "read WAL span",
             format!(
                 "record at {} of segment {} is outside the span read",
                 loc.data_off, span.seg
             ),
-        )
-    };
-    let (rec_start, rec_end) = extent_of(loc).ok_or(corrupt(loc.data_off))?;
-    let span_end = span.off + span.buf.len() as u64;
-    if rec_start < span.off || rec_end > span_end {
-        return Err(outside());
+        ));
     }
     let at = |file_off: u64| (file_off - span.off) as usize;
-    let rec_len = rec_end - loc.data_off;
+    let table = &span.buf[at(rec_start)..at(loc.data_off)];
+    let data = &span.buf[at(loc.data_off)..at(rec_end)];
+    check_record(span.seg, loc, table, data, sectors)
+}
+
+/// The CRC table (empty for a record with one CRC) and the whole data of
+/// the record at `loc` in segment file `file`, without a copy, when memory
+/// holds each in one buffer ([`super::fs::WalFile::read_shared`]).
+pub fn record_shared(file: &dyn super::fs::WalFile, loc: &WalLoc) -> Option<(Bytes, Bytes)> {
+    let (rec_start, rec_end) = extent_of(loc)?;
+    let table = match loc.data_off - rec_start {
+        0 => Bytes::new(),
+        n => file.read_shared(rec_start, usize::try_from(n).ok()?)?,
+    };
+    let data = file.read_shared(loc.data_off, usize::try_from(rec_end - loc.data_off).ok()?)?;
+    Some((table, data))
+}
+
+/// Sectors `[loc.skip, loc.skip + sectors)` of the record at `loc` in
+/// segment `seg`, whose CRC table (empty for a record with one CRC) and
+/// whole data are `table` and `data`, once the CRCs covering them matched.
+pub fn check_record<'a>(
+    seg: u64,
+    loc: &WalLoc,
+    table: &'a [u8],
+    data: &'a [u8],
+    sectors: u64,
+) -> Result<Checked<'a>, WalError> {
+    let corrupt = |off: u64| WalError::Corrupt { seg, off };
+    let rec_len = data.len() as u64;
     let start = loc.skip.checked_mul(SECTOR).ok_or(corrupt(loc.data_off))?;
     let end = sectors
         .checked_mul(SECTOR)
@@ -99,7 +130,6 @@ pub fn record_in_span<'a>(
     if end > rec_len {
         return Err(corrupt(loc.data_off));
     }
-    let data = &span.buf[at(loc.data_off)..at(rec_end)];
     let wanted = &data[start as usize..end as usize];
     if !loc.block_crcs {
         if crc32c::crc32c(data) != loc.crc {
@@ -110,8 +140,7 @@ pub fn record_in_span<'a>(
             block_crcs: &[],
         });
     }
-    let table = &span.buf[at(rec_start)..at(loc.data_off)];
-    if crc32c::crc32c(table) != loc.crc {
+    if table.len() as u64 != record::blocks_of(rec_len) * 4 || crc32c::crc32c(table) != loc.crc {
         return Err(corrupt(loc.data_off));
     }
     if start == end {
@@ -256,6 +285,21 @@ mod tests {
             buf: span.buf.slice(..span.buf.len() - 1),
         };
         assert!(record_in_span(&short, &b, 1).is_err());
+    }
+
+    #[test]
+    fn a_table_of_the_wrong_length_is_corrupt_not_a_panic() {
+        let (span, a, _) = two_records();
+        let got = record_in_span(&span, &a, 25).unwrap();
+        let table =
+            &span.buf[(a.data_off - span.off) as usize - 16..(a.data_off - span.off) as usize];
+        assert!(check_record(3, &a, table, got.data, 25).is_ok());
+        for short in [&table[..12], &table[..0]] {
+            assert!(matches!(
+                check_record(3, &a, short, got.data, 25),
+                Err(WalError::Corrupt { seg: 3, .. })
+            ));
+        }
     }
 
     #[test]

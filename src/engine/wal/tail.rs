@@ -24,6 +24,8 @@ use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
+
 use super::fs::{SegFile, WalFile};
 
 /// Consecutive bytes of one segment: `parts` concatenated, from `off`.
@@ -69,10 +71,48 @@ impl Entry {
     }
 }
 
+/// An entry as the tail keeps it: with the file offset each part starts
+/// at, for a binary search.
+#[derive(Debug)]
+struct Kept {
+    entry: Entry,
+    /// `starts[i]`: file offset of `entry.parts[i]` (ascending).
+    starts: Vec<u64>,
+}
+
+impl Kept {
+    fn new(entry: Entry) -> Kept {
+        let mut at = entry.off;
+        let starts = entry
+            .parts
+            .iter()
+            .map(|p| {
+                let start = at;
+                at += p.len() as u64;
+                start
+            })
+            .collect();
+        Kept { entry, starts }
+    }
+}
+
+/// One part of a kept entry, as the owner of [`Bytes`] handed out without
+/// a copy: the entry (and its buffers) lives until the last of them goes.
+struct SharedPart {
+    kept: Arc<Kept>,
+    part: usize,
+}
+
+impl AsRef<[u8]> for SharedPart {
+    fn as_ref(&self) -> &[u8] {
+        &self.kept.entry.parts[self.part]
+    }
+}
+
 #[derive(Debug, Default)]
 struct Held {
     /// `(entry, its length)` in file order (invariant 2).
-    entries: VecDeque<(Arc<Entry>, u64)>,
+    entries: VecDeque<(Arc<Kept>, u64)>,
     bytes: u64,
 }
 
@@ -112,13 +152,13 @@ impl Tail {
         let follows = h
             .entries
             .back()
-            .is_none_or(|(e, l)| (e.seg, e.off + l) <= (entry.seg, entry.off));
+            .is_none_or(|(k, l)| (k.entry.seg, k.entry.off + l) <= (entry.seg, entry.off));
         if !follows {
             h.entries.clear();
             h.bytes = 0;
         }
         h.bytes += len;
-        h.entries.push_back((Arc::new(entry), len));
+        h.entries.push_back((Arc::new(Kept::new(entry)), len));
         while h.bytes > self.budget {
             match h.entries.pop_front() {
                 Some((_, l)) => h.bytes -= l,
@@ -130,8 +170,8 @@ impl Tail {
     /// Drop the oldest entries whose records all have seqs `<= seq`.
     pub fn forget_through(&self, seq: u64) {
         let mut h = self.held();
-        while let Some((e, l)) = h.entries.front() {
-            if e.last_seq > seq {
+        while let Some((k, l)) = h.entries.front() {
+            if k.entry.last_seq > seq {
                 break;
             }
             let l = *l;
@@ -162,13 +202,14 @@ impl Tail {
             let h = self.held();
             let first = h
                 .entries
-                .partition_point(|(e, l)| (e.seg, e.off + l) <= (seg, off));
+                .partition_point(|(k, l)| (k.entry.seg, k.entry.off + l) <= (seg, off));
             let mut at = off;
-            for (e, l) in h.entries.range(first..) {
+            for (k, l) in h.entries.range(first..) {
+                let e = &k.entry;
                 if e.seg != seg || e.off > at {
                     return false;
                 }
-                covering.push((e.clone(), *l));
+                covering.push((k.clone(), *l));
                 at = e.off + l;
                 if at >= end {
                     break;
@@ -179,13 +220,42 @@ impl Tail {
             }
         }
         let mut filled = 0usize;
-        for (e, len) in covering {
+        for (k, len) in covering {
             let at = off + filled as u64;
-            let n = ((e.off + len - at) as usize).min(dst.len() - filled);
-            e.copy_to(at, &mut dst[filled..filled + n]);
+            let n = ((k.entry.off + len - at) as usize).min(dst.len() - filled);
+            k.entry.copy_to(at, &mut dst[filled..filled + n]);
             filled += n;
         }
         filled == dst.len()
+    }
+
+    /// `[off, off + len)` of segment `seg` without a copy, if one buffer
+    /// of the tail holds all of it (invariant 3); `None` otherwise. The
+    /// bytes stay valid however long they are held, after the tail let
+    /// them go too.
+    pub fn shared(&self, seg: u64, off: u64, len: usize) -> Option<Bytes> {
+        let end = off.checked_add(len as u64)?;
+        let kept = {
+            let h = self.held();
+            let i = h
+                .entries
+                .partition_point(|(k, l)| (k.entry.seg, k.entry.off + l) <= (seg, off));
+            let (k, l) = h.entries.get(i)?;
+            if k.entry.seg != seg || k.entry.off > off || end > k.entry.off + l {
+                return None;
+            }
+            k.clone()
+        };
+        // The last part starting at or before `off` (of parts starting at
+        // one offset, only the last can hold bytes).
+        let part = kept.starts.partition_point(|&s| s <= off).checked_sub(1)?;
+        let start = kept.starts[part];
+        let from = (off - start) as usize;
+        if from + len > kept.entry.parts[part].len() {
+            return None;
+        }
+        let bytes = Bytes::from_owner(SharedPart { kept, part });
+        Some(bytes.slice(from..from + len))
     }
 }
 
@@ -218,6 +288,10 @@ impl WalFile for TailFile {
         }
         drop(buf);
         self.file.read_range(off, len)
+    }
+
+    fn read_shared(&self, off: u64, len: usize) -> Option<Bytes> {
+        self.tail.shared(self.seg, off, len)
     }
 
     fn read_cached_at(&self, buf: &mut [u8], off: u64) -> io::Result<bool> {
@@ -331,6 +405,30 @@ mod tests {
         t.forget_through(9);
         assert_eq!(t.bytes(), 0);
         assert!(!t.read(1, 4, &mut buf));
+    }
+
+    #[test]
+    fn shares_a_range_one_buffer_holds_and_keeps_it_after_forgetting() {
+        let t = Tail::new(1 << 20);
+        t.push(entry(3, 100, 1, &[b"hdr", b"", b"table", b"payload"]));
+        t.push(entry(3, 115, 2, &[b"next"]));
+        let got = |off, len| t.shared(3, off, len).map(|b| b.to_vec());
+        assert_eq!(got(103, 5).as_deref(), Some(&b"table"[..]));
+        assert_eq!(got(110, 3).as_deref(), Some(&b"ylo"[..]));
+        assert_eq!(got(115, 4).as_deref(), Some(&b"next"[..]));
+        // Across parts, across entries, outside, another segment: none.
+        assert_eq!(got(101, 4), None);
+        assert_eq!(got(113, 4), None);
+        assert_eq!(got(96, 2), None);
+        assert_eq!(got(118, 2), None);
+        assert_eq!(t.shared(4, 103, 5), None);
+        assert_eq!(t.shared(3, u64::MAX, 2), None);
+        // Held bytes outlive the tail's own hold.
+        let held = t.shared(3, 108, 7).unwrap();
+        t.forget_through(2);
+        assert_eq!(t.bytes(), 0);
+        assert_eq!(got(108, 7), None);
+        assert_eq!(&held[..], b"payload");
     }
 
     #[test]
