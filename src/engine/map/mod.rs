@@ -594,25 +594,17 @@ impl ExtentMap {
         // The entry before may merge with the new one (shapes 1 and 3).
         let pred_continues =
             pred.is_some_and(|(pk, ps)| pk + ps.len() == start && ps.may_continue(&loc));
-        match first {
+        let removed = match first {
             // Exactly one entry: replaced in place.
             Some((k, old)) if k == start && old.len() == len => {
                 if pred_continues || continues_at(second, end) {
                     return None;
                 }
-                let removed = vec![Piece {
+                vec![Piece {
                     start,
                     len,
                     loc: Some(self.loc_of(&old)),
-                }];
-                self.put(start, len, loc);
-                self.count_removed(&removed);
-                self.count_added(Piece {
-                    start,
-                    len,
-                    loc: Some(loc),
-                });
-                Some(removed)
+                }]
             }
             // In a hole: nothing displaced.
             _ if pred.is_none_or(|(pk, ps)| pk + ps.len() <= start)
@@ -621,13 +613,7 @@ impl ExtentMap {
                 if pred_continues || continues_at(first, end) {
                     return None;
                 }
-                self.put(start, len, loc);
-                self.count_added(Piece {
-                    start,
-                    len,
-                    loc: Some(loc),
-                });
-                Some(Vec::new())
+                Vec::new()
             }
             _ => {
                 // Inside the entry before it: that entry keeps its head
@@ -641,25 +627,25 @@ impl ExtentMap {
                     return None;
                 }
                 let old_loc = self.loc_of(&old);
-                let removed = vec![Piece {
-                    start,
-                    len,
-                    loc: Some(old_loc.advance(start - s)),
-                }];
                 self.put(s, start - s, old_loc);
                 if s + l > end {
                     self.put(end, s + l - end, old_loc.advance(end - s));
                 }
-                self.put(start, len, loc);
-                self.count_removed(&removed);
-                self.count_added(Piece {
+                vec![Piece {
                     start,
                     len,
-                    loc: Some(loc),
-                });
-                Some(removed)
+                    loc: Some(old_loc.advance(start - s)),
+                }]
             }
-        }
+        };
+        self.put(start, len, loc);
+        self.count_removed(&removed);
+        self.count_added(Piece {
+            start,
+            len,
+            loc: Some(loc),
+        });
+        Some(removed)
     }
 
     /// [`ExtentMap::insert`] for any range: remove, then put, merging with
