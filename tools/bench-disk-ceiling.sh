@@ -16,6 +16,11 @@
 # on this disk, with and without the syncs. Run it next to
 # tools/bench-nbd.sh (same disk, same time) to read shale's 1 MiB write
 # ratio against it.
+# Also the floor of the QD1 FLUSH job (4K write + FLUSH at queue depth 1):
+#  4. 4 KiB random writes over a written file, each followed by an fsync,
+#     one at a time, O_DIRECT and buffered: pairs per second with no
+#     network and no server in the way, and whether the disk has a
+#     volatile write cache and FUA (then a durable write needs no flush).
 #
 # Usage: tools/bench-disk-ceiling.sh
 # Environment: BENCH_DIR (default /var/tmp: the file system measured),
@@ -58,7 +63,7 @@ slower() { # json -> the slower stream's MB/s (both move the same bytes)
     echo $((a < b ? a : b))
 }
 
-inplace=() nosync=() synced=()
+inplace=() nosync=() synced=() qd1=()
 for round in $(seq 1 "$ROUNDS"); do
     prefill
     fio --output-format=json --output="$DIR/inplace.json" --name=inplace \
@@ -74,6 +79,24 @@ for round in $(seq 1 "$ROUNDS"); do
     echo "round $round: in place ${inplace[-1]}, twice ${nosync[-1]}, twice synced ${synced[-1]} MB/s" >&2
 done
 
+iops() { # fio json, job name -> write IOPS
+    python3 -c 'import json, sys
+for j in json.load(open(sys.argv[1]))["jobs"]:
+    if j["jobname"] == sys.argv[2]:
+        print(round(j["write"]["iops"]))' "$1" "$2"
+}
+prefill
+for direct in 1 0; do
+    fio --output-format=json --output="$DIR/qd1.json" --name=qd1 \
+        --filename="$DIR/d/log" --size=256m --rw=randwrite --bs=4k --iodepth=1 \
+        --fsync=1 --direct=$direct --ioengine=psync --time_based --runtime=5 >/dev/null
+    qd1[direct]=$(iops "$DIR/qd1.json" qd1)
+done
+disk=$(df --output=source "$DIR" | tail -1)
+dev=$(basename "$(realpath "$disk")")
+cache=$(cat "/sys/class/block/$dev/queue/write_cache" 2>/dev/null || echo unknown)
+fua=$(cat "/sys/class/block/$dev/queue/fua" 2>/dev/null || echo unknown)
+
 python3 - "${inplace[*]}" "${nosync[*]}" "${synced[*]}" <<'EOF2'
 import statistics, sys
 i, n, t = (statistics.median(float(x) for x in a.split()) for a in sys.argv[1:4])
@@ -81,3 +104,6 @@ print(f"in place (1 MiB O_DIRECT, no flush):        {i:6.0f} MB/s")
 print(f"twice, no flush:                            {n:6.0f} MB/s = {n / i:.2f}x in place")
 print(f"twice, log synced per 16 MiB, each chunk:   {t:6.0f} MB/s = {t / i:.2f}x in place")
 EOF2
+echo "4K write + fsync, QD1, O_DIRECT:             ${qd1[1]} pairs/s"
+echo "4K write + fsync, QD1, buffered:             ${qd1[0]} pairs/s"
+echo "disk $dev: write cache: $cache, FUA: $fua"
