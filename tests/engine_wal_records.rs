@@ -29,6 +29,12 @@ struct CountingFs {
 struct CountingFile(SegFile, Arc<AtomicU64>);
 
 impl WalFile for CountingFile {
+    fn overwrite_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
+        self.0.overwrite_at(buf, off)
+    }
+    fn writes_through(&self) -> bool {
+        self.0.writes_through()
+    }
     fn write_vectored_at(&self, iov: &[IoSlice<'_>], off: u64) -> io::Result<usize> {
         self.0.write_vectored_at(iov, off)
     }

@@ -58,6 +58,12 @@ struct TroubleFs(Arc<Trouble>);
 struct TroubleFile(SegFile, Arc<Trouble>);
 
 impl WalFile for TroubleFile {
+    fn overwrite_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
+        self.0.overwrite_at(buf, off)
+    }
+    fn writes_through(&self) -> bool {
+        self.0.writes_through()
+    }
     fn write_vectored_at(&self, iov: &[IoSlice<'_>], off: u64) -> io::Result<usize> {
         let want: usize = iov.iter().map(|s| s.len()).sum();
         let space = self.1.space.load(Ordering::SeqCst);

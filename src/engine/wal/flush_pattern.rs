@@ -35,11 +35,19 @@ pub(super) struct FlushPattern {
     /// Flushes in a row (up to [`STREAK_TO_PREDICT`]) that covered
     /// exactly one write.
     streak: AtomicU32,
+    /// Bytes written since the last flush (for [`FlushPattern::flushed_lately`]).
+    bytes_since_flush: AtomicU64,
 }
+
+/// Bytes written since the last flush up to which a flush is taken to be
+/// likely soon, so the writer starts the writeback of what it writes
+/// ([`FlushPattern::flushed_lately`]).
+pub(super) const WRITE_BEHIND_WINDOW: u64 = 32 << 20;
 
 impl FlushPattern {
     /// A flush was asked for.
     pub fn flushed(&self) {
+        self.bytes_since_flush.store(0, Ordering::Release);
         match self.writes_since_flush.swap(0, Ordering::AcqRel) {
             // A repeated flush says nothing about writes.
             0 => {}
@@ -51,6 +59,17 @@ impl FlushPattern {
             }
             _ => self.streak.store(0, Ordering::Release),
         }
+    }
+
+    /// The writer is about to write `bytes`: whether fewer than
+    /// [`WRITE_BEHIND_WINDOW`] bytes were written since the last flush.
+    /// A client that flushes every so often gets each write's writeback
+    /// started as it is written, so its next flush waits for little; one
+    /// that writes a stream without flushing does not, and its bytes
+    /// reach the disk only in chunks (invariant 3 of [`super`]). Only a
+    /// hint: it never changes what a flush makes durable.
+    pub fn flushed_lately(&self, bytes: u64) -> bool {
+        self.bytes_since_flush.fetch_add(bytes, Ordering::AcqRel) < WRITE_BEHIND_WINDOW
     }
 
     /// Whether a lone write sent now would be predicted: no write since
@@ -86,6 +105,16 @@ mod tests {
                 predicted
             })
             .collect()
+    }
+
+    #[test]
+    fn write_behind_lasts_a_window_after_each_flush() {
+        let p = FlushPattern::default();
+        let step = WRITE_BEHIND_WINDOW / 4;
+        let seen: Vec<bool> = (0..6).map(|_| p.flushed_lately(step)).collect();
+        assert_eq!(seen, [true, true, true, true, false, false]);
+        p.flushed();
+        assert!(p.flushed_lately(step), "a flush opens the window again");
     }
 
     #[test]

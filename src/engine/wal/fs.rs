@@ -18,6 +18,10 @@
 //!    writer only ever writes at the end of what it wrote before, so that
 //!    padding covers nothing anyone wrote. It never extends the file's
 //!    length past the end of the write.
+//! 8. [`WalFile::overwrite_at`] writes exactly its bytes and no padding
+//!    (a segment's header, rewritten while records follow it in the same
+//!    block); [`WalFile::overwrite_durably`] returns once those bytes are
+//!    durable, which may leave other written bytes of the file unsynced.
 //! 7. [`WalFile::write_durable_at`] returns only once the written bytes,
 //!    and everything written to the file before, are durable (writers use
 //!    it only when nothing was unsynced before).
@@ -106,6 +110,27 @@ pub trait WalFile: Send + Sync + std::fmt::Debug {
         }
         Ok(())
     }
+    /// Write exactly `buf` at `off`, within the file's length, padding
+    /// nothing (protocol rule 8); not durable until synced. Only for a
+    /// file written through the page cache ([`WalFile::writes_through`]
+    /// is false).
+    fn overwrite_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        write_all_at(self, &[IoSlice::new(buf)], off)
+    }
+    /// [`WalFile::overwrite_at`], returning once those bytes are durable
+    /// (protocol rule 8); the default syncs the whole file.
+    fn overwrite_durably(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        self.overwrite_at(buf, off)?;
+        self.sync_data()
+    }
+    /// Whether a write reaches the disk as it is made (O_DIRECT), so that
+    /// a later sync costs no more writing.
+    fn writes_through(&self) -> bool {
+        false
+    }
+    /// Whether to start writing back each write's pages as it is made
+    /// (write-behind, see the module docs; on at open). Only a hint.
+    fn set_write_behind(&self, _on: bool) {}
     /// Write all of `iov` at `off` and return once it is durable (protocol
     /// rule 7): `RWF_DSYNC` (a FUA write on devices that have it) where the
     /// file supports it, else a write then [`WalFile::sync_data`].
@@ -231,6 +256,9 @@ struct RealFile {
     /// length while it writes it (module docs, rule 6), through this
     /// handle.
     len_seen: std::sync::atomic::AtomicU64,
+    /// Start the writeback of each buffered write's pages
+    /// ([`WalFile::set_write_behind`]).
+    write_behind: std::sync::atomic::AtomicBool,
 }
 
 /// [`RealFile::len_seen`] when the length is not known.
@@ -275,6 +303,7 @@ impl RealFile {
             read,
             tail,
             len_seen: std::sync::atomic::AtomicU64::new(LEN_UNKNOWN),
+            write_behind: std::sync::atomic::AtomicBool::new(true),
         })
     }
 
@@ -428,8 +457,9 @@ impl RealFile {
         if seen != LEN_UNKNOWN && done > seen {
             self.len_seen.store(done, Ordering::Relaxed);
         }
-        let first = off - off % bs;
-        start_writeback(&self.write, first, done - done % bs);
+        if self.write_behind.load(Ordering::Relaxed) {
+            start_writeback(&self.write, off - off % bs, done - done % bs);
+        }
         Ok(n)
     }
 }
@@ -498,6 +528,67 @@ impl WalFile for RealFile {
         IoSlice::advance_slices(&mut slices, n);
         write_all_at(self, slices, off + n as u64)?;
         self.sync_data()
+    }
+
+    fn overwrite_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        if self.tail.is_some() {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "an O_DIRECT WAL file is never overwritten in place",
+            ));
+        }
+        FileExt::write_all_at(&self.write, buf, off)
+    }
+
+    fn overwrite_durably(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        if self.tail.is_some() {
+            return self.overwrite_at(buf, off);
+        }
+        let at = libc::off_t::try_from(off)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let iov = libc::iovec {
+                iov_base: buf[done..].as_ptr() as *mut libc::c_void,
+                iov_len: buf.len() - done,
+            };
+            // SAFETY: `iov` points into `buf`, which outlives the call, and
+            // the kernel only reads from it; the descriptor is open.
+            let n = unsafe {
+                libc::pwritev2(
+                    self.write.as_raw_fd(),
+                    &iov,
+                    1,
+                    at + done as libc::off_t,
+                    libc::RWF_DSYNC,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+                    // No per-write sync here: write, then sync it all.
+                    FileExt::write_all_at(&self.write, &buf[done..], off + done as u64)?;
+                    return self.sync_data();
+                }
+                return Err(e);
+            }
+            if n == 0 {
+                return Err(io::Error::new(io::ErrorKind::WriteZero, "wrote nothing"));
+            }
+            done += n as usize;
+        }
+        Ok(())
+    }
+
+    fn writes_through(&self) -> bool {
+        self.tail.is_some()
+    }
+
+    fn set_write_behind(&self, on: bool) {
+        self.write_behind.store(on, Ordering::Relaxed);
     }
 
     fn read_exact_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {

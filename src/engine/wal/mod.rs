@@ -15,9 +15,22 @@
 //!    and acknowledged at once; a flush with nothing unsynced costs no
 //!    `fdatasync` at all, and is answered on the caller's thread
 //!    ([`durable`]).
-//! 3. Before a new segment is started the previous one is `fdatasync`ed, so a
-//!    flush only has to sync the current segment, and only the newest
-//!    segment can hold a torn record (see [`replay`]).
+//! 3. A log written through the page cache starts a new segment without
+//!    syncing the one it leaves, unless everything in it is durable
+//!    already: that one stays `unsynced` until a sync covers it or the
+//!    store holds all its records (then it is released, never synced).
+//!    So a stream of writes that no flush covers reaches the disk once,
+//!    in its chunks, instead of twice. A segment started while an earlier
+//!    one is unsynced gets no "prior durable" flag ([`segment`], version
+//!    4); before any record in it is acknowledged as durable, the syncer
+//!    syncs every earlier unsynced segment, then writes the flag into its
+//!    header, then syncs it ([`syncer`]); a durable write straight from
+//!    the writer (invariant 2) needs a flagged segment. So a durable flag
+//!    proves every earlier segment durable, and a power cut that loses
+//!    part of an unsynced segment loses only records no flush covered
+//!    ([`replay`], invariant 8). A log written with O_DIRECT syncs a
+//!    segment before starting the next (its bytes are on the disk
+//!    already), and every segment it starts is flagged.
 //! 4. A segment file is deleted only through [`Wal::release_upto`] (or
 //!    [`Wal::release_upto_later`]), which the engine calls once every
 //!    record in it is durable in the object store.
@@ -59,8 +72,8 @@
 //!    was answered) goes straight to the syncer ([`Wal::sync_directly`]):
 //!    the writes it must cover were acknowledged, so they are written, and
 //!    their seqs are at most the `last_seq` it read before the current
-//!    segment (older segments were synced when the writer moved on,
-//!    invariant 3). Appends are counted as queued before they are sent and
+//!    segment, and the syncer syncs any older unsynced segment first
+//!    (invariant 3). Appends are counted as queued before they are sent and
 //!    uncounted before any of them is answered.
 //! 10. A write alone in its batch is written durably, like a FUA write,
 //!     when the client has been flushing after every write
@@ -192,6 +205,12 @@ struct Segment {
     /// What its record headers are written for ([`segment`]); only the
     /// current segment is written.
     incarnation: u32,
+    /// Left by a roll without a sync, and no sync covered it since
+    /// (invariant 3).
+    unsynced: bool,
+    /// Its header with the "prior durable" flag, while the header it
+    /// has lacks it (invariant 3).
+    flag_header: Option<[u8; segment::SEG_HEADER_LEN]>,
 }
 
 /// A preallocated file waiting to become a segment (invariant 7).
@@ -300,12 +319,13 @@ fn create_segment(
     volume: u64,
     stamp: segment::Stamp,
     first_seq: u64,
+    prior_durable: bool,
 ) -> Result<Segment, WalError> {
     let path = seg_path(dir, id);
     let file = fs
         .create(&path)
         .map_err(|e| write_err("create WAL segment", e))?;
-    begin_segment(file, path.clone(), volume, stamp, first_seq).inspect_err(|_| {
+    begin_segment(file, path.clone(), volume, stamp, first_seq, prior_durable).inspect_err(|_| {
         // Not in the registry yet: leave no half-made segment behind.
         let _ = fs.remove(&path);
     })
@@ -313,16 +333,18 @@ fn create_segment(
 
 /// Make `file` (new, or a spare of the pool) segment `first_seq` on, of a
 /// fresh incarnation, by writing its header (not synced; the first flush
-/// into it syncs it).
+/// into it syncs it), flagged when every earlier segment is durable
+/// (`prior_durable`, invariant 3).
 fn begin_segment(
     file: SegFile,
     path: PathBuf,
     volume: u64,
     stamp: segment::Stamp,
     first_seq: u64,
+    prior_durable: bool,
 ) -> Result<Segment, WalError> {
     let incarnation = segment::new_incarnation();
-    let header = segment::encode(volume, stamp, first_seq, incarnation);
+    let header = segment::encode(volume, stamp, first_seq, incarnation, prior_durable);
     write_all_vectored(file.as_ref(), &mut [IoSlice::new(&header)], 0)?;
     Ok(Segment {
         file,
@@ -330,6 +352,9 @@ fn begin_segment(
         last_seq: 0,
         len: segment::SEG_HEADER_LEN as u64,
         incarnation,
+        unsynced: false,
+        flag_header: (!prior_durable)
+            .then(|| segment::encode(volume, stamp, first_seq, incarnation, true)),
     })
 }
 
@@ -421,9 +446,10 @@ impl Wal {
         let queued = Arc::new(AtomicU64::new(0));
         let pattern = Arc::new(flush_pattern::FlushPattern::default());
         let (s2, b2) = (marks.clone(), broken.clone());
+        let r2 = registry.clone();
         let syncer = std::thread::Builder::new()
             .name(format!("shale-wsync-{volume:x}"))
-            .spawn(move || run_syncer(sync_rx, s2, b2))
+            .spawn(move || run_syncer(sync_rx, s2, b2, r2))
             .map_err(|e| io_err("spawn WAL syncer", e))?;
         let writer = Writer {
             fs: fs.clone(),
@@ -604,14 +630,15 @@ impl Wal {
         if self.marks.cut_pending() {
             return Err(done);
         }
-        let file = {
+        let (seg, file) = {
             let reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
             match reg.segs.get(&reg.current) {
-                Some(seg) => seg.file.clone(),
+                Some(seg) => (reg.current, seg.file.clone()),
                 None => return Err(done),
             }
         };
         let job = SyncJob {
+            seg,
             file,
             upto,
             cuts,
@@ -745,5 +772,7 @@ mod tests;
 mod tests_blocks;
 #[cfg(test)]
 mod tests_flush;
+#[cfg(test)]
+mod tests_lazy;
 #[cfg(test)]
 mod tests_recycle;

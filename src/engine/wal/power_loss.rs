@@ -145,8 +145,9 @@ impl PowerLossFs {
     }
 }
 
-impl WalFile for MemFile {
-    fn write_vectored_at(&self, iov: &[IoSlice<'_>], off: u64) -> io::Result<usize> {
+impl MemFile {
+    /// Write `iov` at `off`, padding its last block with zeros when `pad`.
+    fn put(&self, iov: &[IoSlice<'_>], off: u64, pad: bool) -> io::Result<usize> {
         let mut n = lock(&self.0);
         let mut pos = usize::try_from(off)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
@@ -160,7 +161,7 @@ impl WalFile for MemFile {
             pos = end;
         }
         let mut hi = pos;
-        if self.1 {
+        if pad {
             let block = super::fs::DIRECT_BLOCK as usize;
             let pad_end = pos.div_ceil(block).saturating_mul(block).min(n.data.len());
             if pad_end > pos {
@@ -170,6 +171,18 @@ impl WalFile for MemFile {
         }
         n.touch(start, hi);
         Ok(pos - start)
+    }
+}
+
+impl WalFile for MemFile {
+    fn write_vectored_at(&self, iov: &[IoSlice<'_>], off: u64) -> io::Result<usize> {
+        self.put(iov, off, self.1)
+    }
+    fn overwrite_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        self.put(&[IoSlice::new(buf)], off, false).map(|_| ())
+    }
+    fn writes_through(&self) -> bool {
+        self.1
     }
 
     fn read_exact_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {

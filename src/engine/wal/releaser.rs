@@ -84,6 +84,12 @@ impl Recycler {
         }
     }
 
+    /// Whether `s` is preallocated to the segment size already (so making
+    /// it a spare changes no length).
+    fn full_size(&self, s: &Segment) -> bool {
+        s.file.size().is_ok_and(|n| n >= self.seg_limit)
+    }
+
     /// Turn a released segment into a spare named after every segment and
     /// spare (its name not yet durable); `None` when it was deleted.
     fn recycle(&self, s: Segment) -> Result<Option<u64>, WalError> {
@@ -100,16 +106,25 @@ impl Recycler {
         // Its old records must never be read as a segment's again: the
         // spare header is durable before the file takes a new name.
         let header = segment::encode_spare(self.volume);
-        let made =
+        let made = if s.unsynced && self.full_size(&s) {
+            // Never synced (invariant 3 of the WAL): its records need not
+            // reach the disk, so only the header is made durable.
+            s.file
+                .overwrite_durably(&header, 0)
+                .map_err(|e| io_err("write WAL spare header", e))
+        } else {
             write_all_vectored(s.file.as_ref(), &mut [IoSlice::new(&header)], 0).and_then(|_| {
                 s.file
                     .allocate(self.seg_limit)
                     .and_then(|_| s.file.sync_data())
                     .map_err(|e| io_err("preallocate WAL spare", e))
-            });
+            })
+        };
         // Clean after that sync: its old records leave the page cache (the
         // store holds them now). Only a hint, so a failure is no error.
-        if made.is_ok() {
+        // (Not a file left dirty: dropping its pages would start their
+        // writeback.)
+        if made.is_ok() && !s.unsynced {
             if let Err(e) = s.file.drop_cached() {
                 log::debug!("WAL spare {}: dropping cached pages: {e}", s.path.display());
             }

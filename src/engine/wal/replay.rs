@@ -5,9 +5,10 @@
 //! 1. Records are replayed in file order; records at or below `after_seq`
 //!    (already in the store) are skipped, later ones must continue
 //!    `after_seq + 1, after_seq + 2, ...` without a gap.
-//! 2. Only the newest segment may end in a torn or unreadable record (it is
-//!    the only one that can hold unsynced data: a segment is synced before
-//!    the next one is started). Replay stops there and cuts that segment
+//! 2. Only the newest segment may end in a torn or unreadable record (of
+//!    the formats that can tear inside a record: versions 1 and legacy,
+//!    whose writers synced a segment before starting the next; the run of
+//!    a later version ends at the first record it lacks, see invariant 6). Replay stops there and cuts that segment
 //!    (a version 2 segment is not cut: its run already ends there, and the
 //!    next segment's `first_seq` says so).
 //! 3. Damage or a sequence gap anywhere else is corruption: replay fails
@@ -30,6 +31,14 @@
 //! 7. Spares (pool files) are no segments: a spare named just after the
 //!    last segment becomes the new current segment, spares named right
 //!    after that stay in the pool, any other spare is deleted.
+//! 8. Records missing as in invariant 6 are no damage where no segment
+//!    from there on is prior durable ([`super::segment`], version 4): the
+//!    log ends at the missing records, and every later segment is deleted. A buffered log starts a segment before the
+//!    one it leaves is synced (invariant 3 of [`super`]), so a power cut
+//!    can keep a later segment's bytes (written back by the kernel) and
+//!    lose an earlier one's; but no record past the loss was ever
+//!    acknowledged as durable, since a flush syncs every earlier segment
+//!    and then marks its own prior durable before it answers.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -78,6 +87,27 @@ fn judge(scans: &[SegScan], after_seq: u64) -> Result<Vec<Fate>, WalError> {
         }
         if let (Some(f), Some(before)) = (s.first_seq, last_seg) {
             if f > run_end + 1 && f > after_seq + 1 {
+                // Invariant 8: lost with the power unless a later
+                // segment vouches for everything before it.
+                if !scans[i..].iter().any(|t| !t.spare && t.prior_durable) {
+                    log::warn!(
+                        "WAL replay stops after seq {run_end} at offset {} of {}: the records up to \
+                         seq {} never became durable (a power cut before any flush covered them); \
+                         the {} later segment(s) are discarded",
+                        before.good_len,
+                        before.path.display(),
+                        f - 1,
+                        scans[i..].iter().filter(|t| !t.spare).count()
+                    );
+                    fates.extend(scans[i..].iter().map(|t| {
+                        if t.spare {
+                            Fate::Spare
+                        } else {
+                            Fate::Delete
+                        }
+                    }));
+                    return Ok(fates);
+                }
                 return Err(WalError::Damaged {
                     path: before.path.display().to_string(),
                     offset: before.good_len,
@@ -255,14 +285,17 @@ pub fn replay(
                 len,
                 // Never written again.
                 incarnation: 0,
+                unsynced: false,
+                flag_header: None,
             },
         );
     }
     sync_dir(fs, dir)?;
     let current = match spares.remove(&next_id) {
         // A spare of the pool becomes the new current segment.
-        Some(sp) => begin_segment(sp.file, sp.path, volume, stamp, next_seq)?,
-        None => create_segment(fs, dir, next_id, volume, stamp, next_seq)?,
+        // Every kept segment is synced: the new one is prior durable.
+        Some(sp) => begin_segment(sp.file, sp.path, volume, stamp, next_seq, true)?,
+        None => create_segment(fs, dir, next_id, volume, stamp, next_seq, true)?,
     };
     debug_assert_eq!(current.path, seg_path(dir, next_id));
     current

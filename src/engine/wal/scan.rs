@@ -65,6 +65,10 @@ pub struct SegScan {
     pub run_end: Option<String>,
     /// A spare of the pool: no records, not a segment.
     pub spare: bool,
+    /// Every earlier segment was durable by the time this one's header was
+    /// ([`super::segment`], version 4's flag; always for older versions
+    /// and damaged headers, never for an empty file).
+    pub prior_durable: bool,
 }
 
 impl SegScan {
@@ -189,22 +193,29 @@ fn scan_segment(
         first_seq: None,
         run_end: None,
         spare: false,
+        prior_durable: true,
     };
     let mut incarnation = 0;
     let mut pos = match segment::decode(buf) {
-        Head::Empty => return Ok(seg),
+        // An empty file vouches for nothing (invariant 8 of replay).
+        Head::Empty => {
+            seg.prior_durable = false;
+            return Ok(seg);
+        }
         Head::Legacy => 0,
         Head::Stamped {
             volume: v,
             stamp,
             first_seq,
             incarnation: inc,
+            prior_durable,
         } => {
             if v != volume {
                 return Err(foreign(&seg.path, v, volume));
             }
             seg.stamp = Some(stamp);
             seg.first_seq = first_seq;
+            seg.prior_durable = prior_durable;
             incarnation = inc;
             SEG_HEADER_LEN
         }

@@ -14,7 +14,7 @@
 //! the next record of that run (unreadable, or another seq) ends the
 //! segment (see [`super::scan`]). `incarnation` is 0.
 //!
-//! Version 3 (written now) is version 2 with a nonzero random
+//! Version 3 is version 2 with a nonzero random
 //! `incarnation`, drawn each time a file becomes a segment; every record
 //! header CRC in it starts from that number ([`super::record`]). So a
 //! stale record of an earlier life of the file never reads as a record of
@@ -23,7 +23,20 @@
 //! (in a file whose new header did not), and the next writer reuses their
 //! seqs, in that file or another.
 //!
-//! Flag bit 0 (versions 2 and 3) marks a spare: a preallocated file waiting
+//! Version 4 (written now) is version 3 written by a log that may start a
+//! segment before the one it leaves is durable (a buffered log rolls
+//! without `fdatasync`, see invariant 3 of [`super`]). Its flag bit 1,
+//! "prior durable", says every earlier segment was durable (synced, or
+//! all its records in the store) by the time this header was: it is set
+//! in the header a segment starts with when that already holds, and
+//! otherwise written into the header before the first sync that makes a
+//! record of the segment durable. Versions 1 to 3 were written by logs that
+//! synced a segment before starting the next, so they are read as prior
+//! durable. Replay ([`super::replay`]) takes a missing run of records
+//! before a segment as a power cut's loss, not damage, only while no
+//! later segment is prior durable.
+//!
+//! Flag bit 0 (versions 2 to 4) marks a spare: a preallocated file waiting
 //! in the pool to become a segment; it holds no records whatever follows
 //! the header (spares are written as version 2). Other flag bits are 0 and
 //! ignored.
@@ -43,8 +56,10 @@ pub const SEG_MAGIC: u32 = 0x5357_4853; // "SHWS"
 pub const SEG_HEADER_LEN: usize = 48;
 const VERSION_1: u16 = 1;
 const VERSION_2: u16 = 2;
-const VERSION: u16 = 3;
+const VERSION_3: u16 = 3;
+const VERSION: u16 = 4;
 const FLAG_SPARE: u16 = 1;
+const FLAG_PRIOR_DURABLE: u16 = 2;
 
 /// Who wrote a segment, over which history.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,14 +78,16 @@ pub enum Head {
     /// A legacy segment: records start at offset 0.
     Legacy,
     /// A header of this volume (or another: the caller checks `volume`);
-    /// `first_seq` is `Some` for versions 2 and 3 (records must continue
+    /// `first_seq` is `Some` for versions 2 to 4 (records must continue
     /// its run); `incarnation` seeds its record header CRCs (0 before
-    /// version 3).
+    /// version 3); `prior_durable`: every earlier segment was durable by
+    /// the time this header was (always for versions 1 to 3).
     Stamped {
         volume: u64,
         stamp: Stamp,
         first_seq: Option<u64>,
         incarnation: u32,
+        prior_durable: bool,
     },
     /// A spare of the pool (version 2, flag bit 0): no records.
     Spare { volume: u64 },
@@ -123,11 +140,18 @@ pub fn new_incarnation() -> u32 {
 }
 
 /// The header of a segment whose first record will be `first_seq`, whose
-/// records are written for `incarnation` ([`new_incarnation`]).
-pub fn encode(volume: u64, stamp: Stamp, first_seq: u64, incarnation: u32) -> [u8; SEG_HEADER_LEN] {
+/// records are written for `incarnation` ([`new_incarnation`]), saying
+/// whether every earlier segment is durable (`prior_durable`).
+pub fn encode(
+    volume: u64,
+    stamp: Stamp,
+    first_seq: u64,
+    incarnation: u32,
+    prior_durable: bool,
+) -> [u8; SEG_HEADER_LEN] {
     encode_raw(Fields {
         version: VERSION,
-        flags: 0,
+        flags: if prior_durable { FLAG_PRIOR_DURABLE } else { 0 },
         volume,
         stamp,
         first_seq,
@@ -177,7 +201,7 @@ pub fn encode_v1(volume: u64, stamp: Stamp) -> [u8; SEG_HEADER_LEN] {
     })
 }
 
-/// `header` (a whole version 2 or 3 header) with its `first_seq` set to
+/// `header` (a whole version 2 to 4 header) with its `first_seq` set to
 /// `first_seq`, everything else kept; `None` if it is no such header.
 pub fn restamp(header: &[u8], first_seq: u64) -> Option<[u8; SEG_HEADER_LEN]> {
     let Head::Stamped {
@@ -185,6 +209,7 @@ pub fn restamp(header: &[u8], first_seq: u64) -> Option<[u8; SEG_HEADER_LEN]> {
         stamp,
         first_seq: Some(_),
         incarnation,
+        ..
     } = decode(header)
     else {
         return None;
@@ -241,19 +266,22 @@ pub fn decode(buf: &[u8]) -> Head {
             stamp,
             first_seq: None,
             incarnation: 0,
+            prior_durable: true,
         },
-        VERSION_2 | VERSION if flags & FLAG_SPARE != 0 => Head::Spare { volume },
+        VERSION_2 | VERSION_3 | VERSION if flags & FLAG_SPARE != 0 => Head::Spare { volume },
         VERSION_2 => Head::Stamped {
             volume,
             stamp,
             first_seq: Some(u64_at(h, 32)),
             incarnation: 0,
+            prior_durable: true,
         },
-        VERSION => Head::Stamped {
+        VERSION_3 | VERSION => Head::Stamped {
             volume,
             stamp,
             first_seq: Some(u64_at(h, 32)),
             incarnation,
+            prior_durable: version == VERSION_3 || flags & FLAG_PRIOR_DURABLE != 0,
         },
         _ => Head::Damaged(format!("unknown segment header version {version}")),
     }
@@ -269,7 +297,7 @@ mod tests {
             epoch: 7,
             base_epoch: 5,
         };
-        let b = encode(42, s, 77, 0xdead_beef);
+        let b = encode(42, s, 77, 0xdead_beef, false);
         assert_eq!(
             decode(&b),
             Head::Stamped {
@@ -277,16 +305,43 @@ mod tests {
                 stamp: s,
                 first_seq: Some(77),
                 incarnation: 0xdead_beef,
+                prior_durable: false,
             }
         );
         assert_eq!(
-            decode(&restamp(&b, 80).expect("version 3")),
+            decode(&encode(42, s, 77, 0xdead_beef, true)),
+            Head::Stamped {
+                volume: 42,
+                stamp: s,
+                first_seq: Some(77),
+                incarnation: 0xdead_beef,
+                prior_durable: true,
+            }
+        );
+        assert_eq!(
+            decode(&restamp(&b, 80).expect("version 4")),
             Head::Stamped {
                 volume: 42,
                 stamp: s,
                 first_seq: Some(80),
                 incarnation: 0xdead_beef,
+                prior_durable: false,
             }
+        );
+        let mut v3 = b;
+        v3[4..6].copy_from_slice(&VERSION_3.to_le_bytes());
+        let crc = crc32c::crc32c(&v3[..44]);
+        v3[44..48].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(
+            decode(&v3),
+            Head::Stamped {
+                volume: 42,
+                stamp: s,
+                first_seq: Some(77),
+                incarnation: 0xdead_beef,
+                prior_durable: true,
+            },
+            "a version 3 log synced each segment before the next"
         );
         assert_eq!(
             decode(&encode_v2(42, s, 77)),
@@ -295,6 +350,7 @@ mod tests {
                 stamp: s,
                 first_seq: Some(77),
                 incarnation: 0,
+                prior_durable: true,
             }
         );
         assert_eq!(
@@ -308,6 +364,7 @@ mod tests {
                 stamp: s,
                 first_seq: None,
                 incarnation: 0,
+                prior_durable: true,
             }
         );
         assert_eq!(restamp(&encode_v1(42, s), 80), None);

@@ -341,6 +341,12 @@ pub(super) fn gated(inner: DynWalFs, gate: &Arc<Gate>) -> DynWalFs {
 struct GatedFile(super::fs::SegFile, Arc<Gate>);
 
 impl super::fs::WalFile for GatedFile {
+    fn overwrite_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
+        self.0.overwrite_at(buf, off)
+    }
+    fn writes_through(&self) -> bool {
+        self.0.writes_through()
+    }
     fn write_vectored_at(&self, iov: &[std::io::IoSlice<'_>], off: u64) -> std::io::Result<usize> {
         use std::sync::atomic::Ordering::SeqCst;
         let mut held = self.1.held.lock().unwrap();

@@ -202,6 +202,12 @@ struct SyncGate {
 struct GatedSyncFile(SegFile, Arc<SyncGate>);
 
 impl WalFile for GatedSyncFile {
+    fn overwrite_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
+        self.0.overwrite_at(buf, off)
+    }
+    fn writes_through(&self) -> bool {
+        self.0.writes_through()
+    }
     fn write_vectored_at(&self, iov: &[IoSlice<'_>], off: u64) -> std::io::Result<usize> {
         self.0.write_vectored_at(iov, off)
     }

@@ -3,8 +3,8 @@
 //! writes each batch with one `pwritev` or one durable write, answers what
 //! needs no sync and hands the rest to the [syncer](super::syncer)
 //! (invariant 2), uncounting appends before answering any (invariant 9),
-//! syncs a segment before starting the next from the pool (invariants 3
-//! and 7), breaks the log on an I/O error or gives a refused batch's seqs
+//! starts the next segment from the pool, leaving the old one unsynced
+//! when written through the page cache (invariants 3 and 7), breaks the log on an I/O error or gives a refused batch's seqs
 //! back on a full file system (invariant 5), and moves written bytes to
 //! the tail (invariant 8).
 //!
@@ -177,16 +177,35 @@ impl Writer {
         (reg.current, seg.file.clone(), seg.len, seg.incarnation)
     }
 
-    /// Sync the current segment and start the next one: the spare named
-    /// `current + 1` if the pool has it, else a new file (invariant 7).
-    fn roll(&mut self, old: &dyn WalFile) -> Result<(), WalError> {
+    /// Whether segment `id`'s header says every earlier segment is
+    /// durable (invariant 3).
+    fn flagged(&self, id: u64) -> bool {
+        let reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        reg.segs.get(&id).is_some_and(|s| s.flag_header.is_none())
+    }
+
+    /// Start the next segment: the spare named `current + 1` if the pool
+    /// has it, else a new file (invariant 7). The current one is synced
+    /// first only if its writes went through to the disk already;
+    /// otherwise it is left unsynced, unless all of it is durable
+    /// (invariant 3).
+    fn roll(&mut self, old: &dyn WalFile, old_id: u64) -> Result<(), WalError> {
         let cuts = self.marks.cuts();
-        old.sync_data().map_err(|e| io_err("sync WAL segment", e))?;
-        self.marks
-            .synced
-            .fetch_max(self.next_seq - 1, Ordering::AcqRel);
-        self.marks.cuts_synced_upto(cuts);
+        let written = self.next_seq - 1;
+        if old.writes_through() {
+            old.sync_data().map_err(|e| io_err("sync WAL segment", e))?;
+            self.marks.synced.fetch_max(written, Ordering::AcqRel);
+            self.marks.cuts_synced_upto(cuts);
+        }
+        // Durable through its last record (and flagged, so every segment
+        // before it is durable too): the next one starts flagged.
+        let prior_durable = self.marks.all_durable(written) && self.flagged(old_id);
         let mut reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        if !prior_durable {
+            if let Some(s) = reg.segs.get_mut(&old_id) {
+                s.unsynced = true;
+            }
+        }
         let id = reg.current + 1;
         let seg = match reg.spares.remove(&id) {
             Some(sp) => {
@@ -194,7 +213,14 @@ impl Writer {
                     // Its rename is not durable yet: the pool was empty.
                     sync_dir(&self.fs, &self.dir)?;
                 }
-                begin_segment(sp.file, sp.path, self.volume, self.stamp, self.next_seq)?
+                begin_segment(
+                    sp.file,
+                    sp.path,
+                    self.volume,
+                    self.stamp,
+                    self.next_seq,
+                    prior_durable,
+                )?
             }
             None => {
                 let seg = create_segment(
@@ -204,6 +230,7 @@ impl Writer {
                     self.volume,
                     self.stamp,
                     self.next_seq,
+                    prior_durable,
                 )?;
                 if let Err(e) = seg.file.allocate(self.seg_limit) {
                     log::warn!("preallocating WAL segment {}: {e}", seg.path.display());
@@ -274,8 +301,9 @@ impl Writer {
             }
         }
         if !waiters.is_empty() {
-            let (_, file, _, _) = self.current();
+            let (seg, file, _, _) = self.current();
             answers.job = Some(SyncJob {
+                seg,
                 file,
                 upto: written,
                 cuts: self.marks.cuts(),
@@ -314,9 +342,12 @@ impl Writer {
         need_sync |= self.pattern.expects_flush(appends);
         let (mut seg_id, mut file, mut off, mut incarnation) = self.current();
         if off > 0 && off + total > self.seg_limit {
-            self.roll(file.as_ref())?;
+            self.roll(file.as_ref(), seg_id)?;
             (seg_id, file, off, incarnation) = self.current();
         }
+        // Write-behind only where a flush is asked for, or may soon be
+        // (invariant 3: what no flush covers need not reach the disk).
+        file.set_write_behind(need_sync || self.pattern.flushed_lately(total));
         let mut headers = Vec::new();
         let mut appended = Vec::new();
         let mut durable = false;
@@ -387,7 +418,8 @@ impl Writer {
             // replaces write + fdatasync (invariant 2).
             durable = need_sync
                 && !self.marks.cut_pending()
-                && self.marks.synced.load(Ordering::Acquire) >= first_seq - 1;
+                && self.marks.synced.load(Ordering::Acquire) >= first_seq - 1
+                && self.flagged(seg_id);
             let res = if durable {
                 file.write_durable_at(&iov, off)
                     .map_err(|e| write_err("write WAL", e))
