@@ -4,9 +4,10 @@
 //! needs no sync and hands the rest to the [syncer](super::syncer)
 //! (invariant 2), uncounting appends before answering any (invariant 9),
 //! starts the next segment from the pool, leaving the old one unsynced
-//! when written through the page cache (invariants 3 and 7), breaks the log on an I/O error or gives a refused batch's seqs
-//! back on a full file system (invariant 5), and moves written bytes to
-//! the tail (invariant 8).
+//! when written through the page cache (invariants 3 and 7), breaks the
+//! log on an I/O error or gives a refused batch's seqs back on a full
+//! file system (invariant 5), and moves written bytes to the tail
+//! (invariant 8).
 //!
 //! The writer is shared behind a mutex: the thread locks it per batch, and
 //! a caller may take it to write its own lone record ([`Writer::lead`],
