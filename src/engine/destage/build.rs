@@ -7,12 +7,17 @@
 //! body pool.
 //!
 //! Invariants:
-//! 1. Every byte put in the chunk passed the WAL CRCs covering it.
+//! 1. Every byte put in the chunk passed the WAL CRCs covering it, or
+//!    carries them into the chunk: a record the WAL's tail holds in
+//!    memory (the very bytes its CRCs were computed over, never read
+//!    back from a disk) is checked only where the chunk does not take
+//!    its block CRCs; where it does, every read of the chunk checks them.
 //! 2. All-zero sectors are stored as unmapped extents, never as data.
 //! 3. The same records always build the same bytes (a retried build of a
 //!    chunk whose put may have landed is recognised as identical).
 
 use std::collections::HashMap;
+use std::ops::Range;
 
 use bytes::Bytes;
 
@@ -23,7 +28,7 @@ use crate::engine::format::layout::chunk_key;
 use crate::engine::state::PendingRec;
 use crate::engine::wal::record::RecordKind;
 use crate::engine::wal::span::{
-    check_record, extent_of, read_span, record_in_span, record_shared, Checked, Span,
+    check_record, extent_of, read_span, record_in_span, record_shared, trust_record, Checked, Span,
 };
 use crate::engine::wal::{self, fs::SegFile};
 use crate::engine::SECTOR;
@@ -74,19 +79,20 @@ pub(super) fn build(volume: u64, epoch: u64, b: &Batch) -> Result<Object, Engine
                     skip: w.skip + p.off,
                     ..w
                 };
-                let checked = match &shared {
+                match &shared {
                     Some(records) => {
                         let (table, data) = records
                             .get(&(w.seg, w.data_off))
                             .ok_or(wal::WalError::SegmentGone(w.seg))?;
-                        check_record(w.seg, &loc, table, data, p.sectors)?
+                        let part = trust_record(w.seg, &loc, table, data, p.sectors)?;
+                        let carried = plan.data(p.lba, part);
+                        check_uncarried(w.seg, &loc, table, data, p.sectors, &carried)?;
                     }
                     None => {
                         let span = spans.get(&w.seg).ok_or(wal::WalError::SegmentGone(w.seg))?;
-                        record_in_span(span, &loc, p.sectors)?
+                        plan.data(p.lba, record_in_span(span, &loc, p.sectors)?);
                     }
-                };
-                plan.data(p.lba, checked);
+                }
             }
             _ => plan.zero(p.lba, p.sectors),
         }
@@ -116,6 +122,36 @@ pub(super) fn build(volume: u64, epoch: u64, b: &Batch) -> Result<Object, Engine
         extents: header.extents,
         last_seq: last.seq,
     })
+}
+
+/// Check the bytes of the piece `sectors` at `loc` that lie outside the
+/// `carried` ranges (bytes into the piece, in order), whose block CRCs the
+/// chunk takes (invariant 1).
+fn check_uncarried(
+    seg: u64,
+    loc: &crate::engine::map::WalLoc,
+    table: &[u8],
+    data: &[u8],
+    sectors: u64,
+    carried: &[Range<usize>],
+) -> Result<(), EngineError> {
+    let s = SECTOR as usize;
+    let check = |from: usize, to: usize| -> Result<(), EngineError> {
+        if to > from {
+            let sub = crate::engine::map::WalLoc {
+                skip: loc.skip + (from / s) as u64,
+                ..*loc
+            };
+            check_record(seg, &sub, table, data, ((to - from) / s) as u64)?;
+        }
+        Ok(())
+    };
+    let mut at = 0usize;
+    for r in carried {
+        check(at, r.start)?;
+        at = r.end;
+    }
+    check(at, sectors as usize * s)
 }
 
 /// The CRC table and data of every record a piece uses, by segment and
@@ -184,7 +220,10 @@ impl<'a> Plan<'a> {
         });
     }
 
-    fn nonzero(&mut self, lba: u64, part: Part<'a>) {
+    /// Put `part` at `lba`; returns how many of its bytes take the CRCs
+    /// it carries.
+    fn nonzero(&mut self, lba: u64, part: Part<'a>) -> usize {
+        let carried = part.reused_blocks(self.data_len) * chunk::CRC_BLOCK as usize;
         let off = self.data_len as u64;
         let sectors = part.data.len() as u64 / SECTOR;
         self.parts.push(part);
@@ -192,7 +231,7 @@ impl<'a> Plan<'a> {
         if let Some(e) = self.extents.last_mut() {
             if e.lba + e.sectors == lba && e.data_off.map(|o| o + e.sectors * SECTOR) == Some(off) {
                 e.sectors += sectors;
-                return;
+                return carried;
             }
         }
         self.extents.push(ChunkExtent {
@@ -200,12 +239,16 @@ impl<'a> Plan<'a> {
             sectors,
             data_off: Some(off),
         });
+        carried
     }
 
     /// Sectors at `lba` holding `part`: runs of all-zero sectors become
     /// zero extents (invariant 2), the rest data. A data run beginning on
     /// a block of `part` takes the CRCs of the blocks from there on.
-    fn data(&mut self, lba: u64, part: Checked<'a>) {
+    /// Returns the byte ranges of `part` (in order) whose CRCs the chunk
+    /// takes.
+    fn data(&mut self, lba: u64, part: Checked<'a>) -> Vec<Range<usize>> {
+        let mut carried = Vec::new();
         let s = SECTOR as usize;
         let bytes = part.data;
         let n = bytes.len() / s;
@@ -226,16 +269,20 @@ impl<'a> Plan<'a> {
                     }
                     _ => &[],
                 };
-                self.nonzero(
+                let n = self.nonzero(
                     lba + i as u64,
                     Part {
                         data: &bytes[i * s..j * s],
                         block_crcs,
                     },
                 );
+                if n > 0 {
+                    carried.push(i * s..i * s + n);
+                }
             }
             i = j;
         }
+        carried
     }
 }
 
@@ -447,6 +494,53 @@ mod tests {
         assert!(!all_shared(through_tail(&partial), &recs));
         assert!(matches!(
             build_with(through_tail(&partial), &recs),
+            Err(EngineError::Wal(wal::WalError::Corrupt { .. }))
+        ));
+    }
+
+    /// Bytes of the WAL's tail are checked against their record's CRCs
+    /// exactly where the chunk does not carry those CRCs: a damaged byte
+    /// there fails the build; one in a block whose CRC the chunk carries
+    /// builds, and the chunk's CRC for that block then fails its check,
+    /// as every read of it would.
+    #[test]
+    fn tail_bytes_are_checked_where_the_chunk_does_not_carry_their_crcs() {
+        use crate::engine::wal::tail::{Tail, TailFile};
+        use std::sync::Arc;
+        // Record 1: two whole blocks, carried. Record 2: one whole block,
+        // carried, then a 512-byte sector whose CRC the chunk computes.
+        let datas: Vec<Vec<u8>> = [16u32, 9]
+            .iter()
+            .map(|&sectors| (0..sectors * 512).map(|i| (i % 251) as u8 + 1).collect())
+            .collect();
+        let lbas = [0, 100];
+        let built = |damage: Option<(usize, usize)>| {
+            let dir = tempfile::tempdir().unwrap();
+            let (file, recs, mut entry) = segment(dir.path(), &datas, &lbas);
+            if let Some((rec, at)) = damage {
+                entry.parts[rec * 3 + 2][at] ^= 0x10;
+            }
+            let tail = Arc::new(Tail::new(1 << 20));
+            tail.push(entry);
+            let through: SegFile = Arc::new(TailFile { tail, seg: 7, file });
+            build_with(through, &recs)
+        };
+        let clean = built(None).unwrap();
+        let good = |o: &Object, block: usize| {
+            let h = chunk::decode_header(&o.bytes).unwrap();
+            let b = chunk::CRC_BLOCK as usize;
+            let data = &o.bytes[o.bytes.len() - h.data_len as usize..];
+            let bytes = &data[block * b..((block + 1) * b).min(data.len())];
+            crc32c::crc32c(bytes) == h.block_crcs[block]
+        };
+        assert!((0..4).all(|b| good(&clean, b)));
+        // A carried block of record 1 (the chunk's block 1).
+        let carried = built(Some((0, 4096 + 7))).unwrap();
+        assert!(!good(&carried, 1), "its read would fail the CRC");
+        assert!(good(&carried, 0) && good(&carried, 2) && good(&carried, 3));
+        // Record 2's last sector: its CRC is computed, so it is checked.
+        assert!(matches!(
+            built(Some((1, 4096 + 100))),
             Err(EngineError::Wal(wal::WalError::Corrupt { .. }))
         ));
     }

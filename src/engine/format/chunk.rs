@@ -94,6 +94,18 @@ impl<'a> Part<'a> {
             block_crcs: &[],
         }
     }
+
+    /// How many of its leading blocks take the given CRCs in
+    /// [`encode_into`] when the part lands `at` bytes into the data area:
+    /// all it has CRCs for, if it lands on a block; else none.
+    pub fn reused_blocks(&self, at: usize) -> usize {
+        let block = CRC_BLOCK as usize;
+        if at.is_multiple_of(block) {
+            (self.data.len() / block).min(self.block_crcs.len() / 4)
+        } else {
+            0
+        }
+    }
 }
 
 /// Encode a chunk. `extents` with data index into `data`.
@@ -159,9 +171,9 @@ pub fn encode_into(h: &ChunkHeader, parts: &[Part], out: &mut [u8]) -> Result<()
     for part in parts {
         let len = part.data.len();
         data[filled..filled + len].copy_from_slice(part.data);
-        if filled.is_multiple_of(block) {
+        let whole = part.reused_blocks(filled);
+        if whole > 0 {
             let first = filled / block;
-            let whole = (len / block).min(part.block_crcs.len() / 4);
             head[table_at + first * 4..table_at + (first + whole) * 4]
                 .copy_from_slice(&part.block_crcs[..whole * 4]);
             known[first..first + whole].fill(true);
