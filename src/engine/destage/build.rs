@@ -28,7 +28,7 @@ use crate::engine::format::layout::chunk_key;
 use crate::engine::state::PendingRec;
 use crate::engine::wal::record::RecordKind;
 use crate::engine::wal::span::{
-    check_record, extent_of, read_span, record_in_span, record_shared, trust_record, Checked, Span,
+    extent_of, read_span, record_in_span, record_part, record_shared, Check, Checked, Span,
 };
 use crate::engine::wal::{self, fs::SegFile};
 use crate::engine::SECTOR;
@@ -84,7 +84,8 @@ pub(super) fn build(volume: u64, epoch: u64, b: &Batch) -> Result<Object, Engine
                         let (table, data) = records
                             .get(&(w.seg, w.data_off))
                             .ok_or(wal::WalError::SegmentGone(w.seg))?;
-                        let part = trust_record(w.seg, &loc, table, data, p.sectors)?;
+                        let part =
+                            record_part(w.seg, &loc, table, data, p.sectors, Check::TableOnly)?;
                         let carried = plan.data(p.lba, part);
                         check_uncarried(w.seg, &loc, table, data, p.sectors, &carried)?;
                     }
@@ -142,7 +143,14 @@ fn check_uncarried(
                 skip: loc.skip + (from / s) as u64,
                 ..*loc
             };
-            check_record(seg, &sub, table, data, ((to - from) / s) as u64)?;
+            record_part(
+                seg,
+                &sub,
+                table,
+                data,
+                ((to - from) / s) as u64,
+                Check::Data,
+            )?;
         }
         Ok(())
     };

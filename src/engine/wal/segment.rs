@@ -291,6 +291,20 @@ pub fn decode(buf: &[u8]) -> Head {
 mod tests {
     use super::*;
 
+    /// A header of volume 42 with the stamp of [`round_trip_and_damage`].
+    fn stamped(first_seq: Option<u64>, incarnation: u32, prior_durable: bool) -> Head {
+        Head::Stamped {
+            volume: 42,
+            stamp: Stamp {
+                epoch: 7,
+                base_epoch: 5,
+            },
+            first_seq,
+            incarnation,
+            prior_durable,
+        }
+    }
+
     #[test]
     fn round_trip_and_damage() {
         let s = Stamp {
@@ -298,35 +312,14 @@ mod tests {
             base_epoch: 5,
         };
         let b = encode(42, s, 77, 0xdead_beef, false);
-        assert_eq!(
-            decode(&b),
-            Head::Stamped {
-                volume: 42,
-                stamp: s,
-                first_seq: Some(77),
-                incarnation: 0xdead_beef,
-                prior_durable: false,
-            }
-        );
+        assert_eq!(decode(&b), stamped(Some(77), 0xdead_beef, false));
         assert_eq!(
             decode(&encode(42, s, 77, 0xdead_beef, true)),
-            Head::Stamped {
-                volume: 42,
-                stamp: s,
-                first_seq: Some(77),
-                incarnation: 0xdead_beef,
-                prior_durable: true,
-            }
+            stamped(Some(77), 0xdead_beef, true)
         );
         assert_eq!(
             decode(&restamp(&b, 80).expect("version 4")),
-            Head::Stamped {
-                volume: 42,
-                stamp: s,
-                first_seq: Some(80),
-                incarnation: 0xdead_beef,
-                prior_durable: false,
-            }
+            stamped(Some(80), 0xdead_beef, false)
         );
         let mut v3 = b;
         v3[4..6].copy_from_slice(&VERSION_3.to_le_bytes());
@@ -334,39 +327,15 @@ mod tests {
         v3[44..48].copy_from_slice(&crc.to_le_bytes());
         assert_eq!(
             decode(&v3),
-            Head::Stamped {
-                volume: 42,
-                stamp: s,
-                first_seq: Some(77),
-                incarnation: 0xdead_beef,
-                prior_durable: true,
-            },
+            stamped(Some(77), 0xdead_beef, true),
             "a version 3 log synced each segment before the next"
         );
-        assert_eq!(
-            decode(&encode_v2(42, s, 77)),
-            Head::Stamped {
-                volume: 42,
-                stamp: s,
-                first_seq: Some(77),
-                incarnation: 0,
-                prior_durable: true,
-            }
-        );
+        assert_eq!(decode(&encode_v2(42, s, 77)), stamped(Some(77), 0, true));
         assert_eq!(
             restamp(&encode_v2(42, s, 77), 80),
             Some(encode_v2(42, s, 80))
         );
-        assert_eq!(
-            decode(&encode_v1(42, s)),
-            Head::Stamped {
-                volume: 42,
-                stamp: s,
-                first_seq: None,
-                incarnation: 0,
-                prior_durable: true,
-            }
-        );
+        assert_eq!(decode(&encode_v1(42, s)), stamped(None, 0, true));
         assert_eq!(restamp(&encode_v1(42, s), 80), None);
         assert_ne!(new_incarnation(), 0);
         assert_eq!(decode(&encode_spare(42)), Head::Spare { volume: 42 });

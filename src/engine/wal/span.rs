@@ -94,7 +94,7 @@ pub fn record_in_span<'a>(
     let at = |file_off: u64| (file_off - span.off) as usize;
     let table = &span.buf[at(rec_start)..at(loc.data_off)];
     let data = &span.buf[at(loc.data_off)..at(rec_end)];
-    check_record(span.seg, loc, table, data, sectors)
+    record_part(span.seg, loc, table, data, sectors, Check::Data)
 }
 
 /// The CRC table (empty for a record with one CRC) and the whole data of
@@ -110,42 +110,29 @@ pub fn record_shared(file: &dyn super::fs::WalFile, loc: &WalLoc) -> Option<(Byt
     Some((table, data))
 }
 
+/// How much of a record [`record_part`] checks against its CRCs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Check {
+    /// The data and its CRC table.
+    Data,
+    /// Only the CRC table (its length and CRC) and the bounds: for bytes
+    /// the WAL's tail holds in memory, the very buffer the CRCs were
+    /// computed over, whose CRCs a chunk carries to its reads; the caller
+    /// checks whatever a chunk does not carry them for.
+    TableOnly,
+}
+
 /// Sectors `[loc.skip, loc.skip + sectors)` of the record at `loc` in
 /// segment `seg`, whose CRC table (empty for a record with one CRC) and
-/// whole data are `table` and `data`, once the CRCs covering them matched.
-pub fn check_record<'a>(
+/// whole data are `table` and `data`, once the CRCs covering them matched
+/// (the data's only with [`Check::Data`]).
+pub fn record_part<'a>(
     seg: u64,
     loc: &WalLoc,
     table: &'a [u8],
     data: &'a [u8],
     sectors: u64,
-) -> Result<Checked<'a>, WalError> {
-    record_blocks(seg, loc, table, data, sectors, true)
-}
-
-/// [`check_record`] without checking the data against its block CRCs
-/// (bounds, the table's length and its CRC still are): for bytes the
-/// WAL's tail holds in memory, the very buffer the CRCs were computed
-/// over, whose CRCs a chunk carries to its reads; the caller checks
-/// whatever a chunk does not carry them for.
-pub fn trust_record<'a>(
-    seg: u64,
-    loc: &WalLoc,
-    table: &'a [u8],
-    data: &'a [u8],
-    sectors: u64,
-) -> Result<Checked<'a>, WalError> {
-    record_blocks(seg, loc, table, data, sectors, false)
-}
-
-/// [`check_record`], checking the data only when `verify`.
-fn record_blocks<'a>(
-    seg: u64,
-    loc: &WalLoc,
-    table: &'a [u8],
-    data: &'a [u8],
-    sectors: u64,
-    verify: bool,
+    check: Check,
 ) -> Result<Checked<'a>, WalError> {
     let corrupt = |off: u64| WalError::Corrupt { seg, off };
     let rec_len = data.len() as u64;
@@ -181,7 +168,7 @@ fn record_blocks<'a>(
     let (b0, b1) = (start / block, end.div_ceil(block));
     let (r0, r1) = (b0 * block, (b1 * block).min(rec_len));
     let checked = &table[(b0 * 4) as usize..(b1 * 4) as usize];
-    if verify {
+    if check == Check::Data {
         record::check_blocks(&data[r0 as usize..r1 as usize], checked)
             .map_err(|i| corrupt(loc.data_off + r0 + i as u64 * block))?;
     }
@@ -323,10 +310,10 @@ mod tests {
         let got = record_in_span(&span, &a, 25).unwrap();
         let table =
             &span.buf[(a.data_off - span.off) as usize - 16..(a.data_off - span.off) as usize];
-        assert!(check_record(3, &a, table, got.data, 25).is_ok());
+        assert!(record_part(3, &a, table, got.data, 25, Check::Data).is_ok());
         for short in [&table[..12], &table[..0]] {
             assert!(matches!(
-                check_record(3, &a, short, got.data, 25),
+                record_part(3, &a, short, got.data, 25, Check::Data),
                 Err(WalError::Corrupt { seg: 3, .. })
             ));
         }
