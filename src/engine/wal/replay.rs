@@ -8,7 +8,8 @@
 //! 2. Only the newest segment may end in a torn or unreadable record (of
 //!    the formats that can tear inside a record: versions 1 and legacy,
 //!    whose writers synced a segment before starting the next; the run of
-//!    a later version ends at the first record it lacks, see invariant 6). Replay stops there and cuts that segment
+//!    a later version ends at the first record it lacks, see invariant
+//!    6). Replay stops there and cuts that segment
 //!    (a version 2 segment is not cut: its run already ends there, and the
 //!    next segment's `first_seq` says so).
 //! 3. Damage or a sequence gap anywhere else is corruption: replay fails
@@ -33,8 +34,9 @@
 //!    after that stay in the pool, any other spare is deleted.
 //! 8. Records missing as in invariant 6 are no damage where no segment
 //!    from there on is prior durable ([`super::segment`], version 4): the
-//!    log ends at the missing records, and every later segment is deleted. A buffered log starts a segment before the
-//!    one it leaves is synced (invariant 3 of [`super`]), so a power cut
+//!    log ends at the missing records, and every later segment is
+//!    deleted. A buffered log starts a segment before the one it leaves
+//!    is synced (invariant 3 of [`super`]), so a power cut
 //!    can keep a later segment's bytes (written back by the kernel) and
 //!    lose an earlier one's; but no record past the loss was ever
 //!    acknowledged as durable, since a flush syncs every earlier segment

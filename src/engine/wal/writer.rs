@@ -171,11 +171,21 @@ impl Writer {
         Ok(())
     }
 
-    /// The current segment: `(id, file, length, incarnation)`.
-    fn current(&self) -> (u64, SegFile, u64, u32) {
+    /// The current segment: `(id, file, length, incarnation, flagged)`,
+    /// `flagged` when its header says every earlier segment is durable
+    /// (invariant 3; once true it stays true, so a stale answer only
+    /// ever says `false`).
+    fn current(&self) -> (u64, SegFile, u64, u32, bool) {
         let reg = self.registry.lock().unwrap_or_else(|e| e.into_inner());
         let seg = &reg.segs[&reg.current];
-        (reg.current, seg.file.clone(), seg.len, seg.incarnation)
+        let flagged = seg.flag_header.is_none();
+        (
+            reg.current,
+            seg.file.clone(),
+            seg.len,
+            seg.incarnation,
+            flagged,
+        )
     }
 
     /// Whether segment `id`'s header says every earlier segment is
@@ -302,7 +312,7 @@ impl Writer {
             }
         }
         if !waiters.is_empty() {
-            let (seg, file, _, _) = self.current();
+            let (seg, file, _, _, _) = self.current();
             answers.job = Some(SyncJob {
                 seg,
                 file,
@@ -341,10 +351,10 @@ impl Writer {
         }
         // Invariant 10: a flush is expected right after this write.
         need_sync |= self.pattern.expects_flush(appends);
-        let (mut seg_id, mut file, mut off, mut incarnation) = self.current();
+        let (mut seg_id, mut file, mut off, mut incarnation, mut flagged) = self.current();
         if off > 0 && off + total > self.seg_limit {
             self.roll(file.as_ref(), seg_id)?;
-            (seg_id, file, off, incarnation) = self.current();
+            (seg_id, file, off, incarnation, flagged) = self.current();
         }
         // Write-behind only where a flush is asked for, or may soon be
         // (invariant 3: what no flush covers need not reach the disk).
@@ -420,7 +430,7 @@ impl Writer {
             durable = need_sync
                 && !self.marks.cut_pending()
                 && self.marks.synced.load(Ordering::Acquire) >= first_seq - 1
-                && self.flagged(seg_id);
+                && flagged;
             let res = if durable {
                 file.write_durable_at(&iov, off)
                     .map_err(|e| write_err("write WAL", e))
