@@ -18,19 +18,50 @@
 //! Invariant: no single call writes more than [`PIECE`] bytes; together
 //! the calls write exactly the bytes asked for, in order, or fail.
 
+use std::fs::File;
 use std::io::{self, IoSlice};
-use std::os::unix::fs::FileExt;
 
 /// Most bytes one buffered write call carries (a quarter of a MiB: well
 /// under the 2 MiB folios whose allocation is slow, see the module docs).
 pub const PIECE: usize = 256 << 10;
 
-/// Write all of `data` at `off` in calls of at most [`PIECE`] bytes.
-pub fn write_all_at(file: &impl FileExt, data: &[u8], off: u64) -> io::Result<()> {
-    let mut done = 0usize;
-    for piece in data.chunks(PIECE) {
-        file.write_all_at(piece, off + done as u64)?;
-        done += piece.len();
+/// Most slices one vectored write takes (Linux's `IOV_MAX`).
+const MAX_SLICES: usize = 1024;
+
+/// Write `parts` concatenated at `off`, gathered straight from where they
+/// are: vectored writes of at most [`PIECE`] bytes and [`MAX_SLICES`]
+/// slices each.
+pub fn write_parts_at<P: AsRef<[u8]>>(file: &File, parts: &[P], off: u64) -> io::Result<()> {
+    write_parts_with(parts, off, |iov, at| {
+        let at = libc::off_t::try_from(at)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
+        loop {
+            match nix::sys::uio::pwritev(file, iov, at) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                r => return r.map_err(io::Error::from),
+            }
+        }
+    })
+}
+
+/// [`write_parts_at`] through `write` (one vectored write at an offset,
+/// returning how much it wrote).
+fn write_parts_with<P: AsRef<[u8]>>(
+    parts: &[P],
+    off: u64,
+    mut write: impl FnMut(&[IoSlice<'_>], u64) -> io::Result<usize>,
+) -> io::Result<()> {
+    let mut owned: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p.as_ref())).collect();
+    let mut rest: &mut [IoSlice<'_>] = &mut owned;
+    let mut off = off;
+    while !rest.is_empty() {
+        let n = rest.len().min(MAX_SLICES);
+        let written = write(&first_piece(&rest[..n], PIECE), off)?;
+        if written == 0 {
+            return Err(io::Error::new(io::ErrorKind::WriteZero, "wrote 0 bytes"));
+        }
+        off += written as u64;
+        IoSlice::advance_slices(&mut rest, written);
     }
     Ok(())
 }
@@ -54,41 +85,55 @@ pub fn first_piece<'a>(slices: &'a [IoSlice<'_>], max: usize) -> Vec<IoSlice<'a>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::cell::RefCell;
-
-    /// A file that records each write call's length.
-    #[derive(Default)]
-    struct Recorder {
-        bytes: RefCell<Vec<u8>>,
-        calls: RefCell<Vec<usize>>,
-    }
-
-    impl FileExt for Recorder {
-        fn read_at(&self, _buf: &mut [u8], _off: u64) -> io::Result<usize> {
-            unreachable!("only written")
-        }
-        fn write_at(&self, buf: &[u8], off: u64) -> io::Result<usize> {
-            // Writes at most 100 KiB per call, so write_all_at must loop.
-            let n = buf.len().min(100 << 10);
-            let mut b = self.bytes.borrow_mut();
-            let end = off as usize + n;
-            if b.len() < end {
-                b.resize(end, 0);
-            }
-            b[off as usize..end].copy_from_slice(&buf[..n]);
-            self.calls.borrow_mut().push(buf.len());
-            Ok(n)
-        }
-    }
+    use std::os::unix::fs::FileExt;
 
     #[test]
     fn writes_everything_in_calls_of_at_most_a_piece() {
         let data: Vec<u8> = (0..(PIECE * 3 + 12345)).map(|i| (i % 251) as u8).collect();
-        let f = Recorder::default();
-        write_all_at(&f, &data, 7).unwrap();
-        assert_eq!(&f.bytes.borrow()[7..], &data[..]);
-        assert!(f.calls.borrow().iter().all(|&n| n <= PIECE));
-        assert!(f.calls.borrow().len() > 4, "split into pieces");
+        let parts = [&data[..10], &data[10..PIECE + 3], &data[PIECE + 3..]];
+        let (mut got, mut calls) = (vec![0u8; 7], Vec::new());
+        write_parts_with(&parts, 7, |iov, off| {
+            let asked: usize = iov.iter().map(|s| s.len()).sum();
+            calls.push((asked, iov.len()));
+            // Writes at most 100 KiB per call, so the caller must loop.
+            let mut n = 0;
+            for s in iov {
+                let take = s.len().min((100 << 10) - n);
+                assert_eq!(got.len() as u64, off + n as u64, "written in order");
+                got.extend_from_slice(&s[..take]);
+                n += take;
+            }
+            Ok(n)
+        })
+        .unwrap();
+        assert_eq!(&got[7..], &data[..]);
+        assert!(calls.iter().all(|&(n, s)| n <= PIECE && s <= MAX_SLICES));
+        assert!(calls.len() > 4, "split into pieces");
+    }
+
+    #[test]
+    fn parts_are_written_whole_and_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("f"))
+            .unwrap();
+        // More slices than one call takes, and more bytes than a piece.
+        let mut parts: Vec<Vec<u8>> = (0..3000u32)
+            .map(|i| vec![i as u8; 1 + (i % 7) as usize])
+            .collect();
+        parts.push(vec![0xab; PIECE + 4097]);
+        parts.push(Vec::new());
+        parts.push(vec![0xcd; 3]);
+        write_parts_at(&file, &parts, 5).unwrap();
+        let want: Vec<u8> = parts.concat();
+        let mut got = vec![0u8; want.len()];
+        file.read_exact_at(&mut got, 5).unwrap();
+        assert!(got == want);
+        assert_eq!(file.metadata().unwrap().len(), 5 + want.len() as u64);
     }
 
     #[test]

@@ -52,7 +52,7 @@ macro_rules! backend_tests {
         mod $module {
             use super::*;
             backend_tests!(@by_ref $make;
-                put_get_overwrite, large_object_round_trip, empty_object,
+                put_get_overwrite, large_object_round_trip, put_in_parts, empty_object,
                 create_on_absent_and_present, if_match_success_failure_missing,
                 ranged_reads, list_by_prefix_sorted, list_many_keys,
                 delete_is_idempotent, versions_name_one_content, key_and_children_coexist,

@@ -126,7 +126,7 @@ pub(crate) async fn compact(inner: &Inner) -> Result<(), EngineError> {
         source,
     })?;
     let size = obj.len() as u64;
-    inner.put_create(&key, Bytes::from(obj)).await?;
+    inner.put_create(&key, Bytes::from(obj).into()).await?;
     let info = Arc::new(ChunkInfo {
         seq: id,
         epoch: inner.epoch,

@@ -46,7 +46,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures::stream::{FuturesOrdered, StreamExt};
 use tokio::sync::Semaphore;
 
@@ -59,6 +58,7 @@ use super::live_snapshot::{self, Requests};
 use super::state::State;
 use super::task_request::{Command, DestageReceiver, MetaSender};
 use super::volume_core::Inner;
+use crate::store::Body;
 #[cfg(doc)]
 use crate::store::{ObjectStore, DEFAULT_PUTS_IN_FLIGHT};
 
@@ -77,7 +77,7 @@ struct Built {
     seq: u64,
     last_seq: u64,
     key: String,
-    obj: Bytes,
+    obj: Body,
     extents: Vec<ChunkExtent>,
     info: Arc<ChunkInfo>,
     cost: u64,
@@ -426,7 +426,8 @@ fn next_batch(inner: &Inner, st: &mut State, wants_more: bool) -> Option<Batch> 
 fn build(inner: &Inner, b: &Batch) -> Result<Built, EngineError> {
     let obj = build::build(inner.id, inner.epoch, b)?;
     let key = chunk_key(inner.id, b.seq, inner.epoch);
-    let decoded = decode_header(&obj.bytes).map_err(|source| EngineError::Chunk {
+    let head = obj.body.parts().first().map_or(&[][..], |b| &b[..]);
+    let decoded = decode_header(head).map_err(|source| EngineError::Chunk {
         key: key.clone(),
         source,
     })?;
@@ -446,7 +447,7 @@ fn build(inner: &Inner, b: &Batch) -> Result<Built, EngineError> {
         seq: b.seq,
         last_seq: obj.last_seq,
         key,
-        obj: obj.bytes,
+        obj: obj.body,
         extents: obj.extents,
         info,
         cost: b.cost,

@@ -8,7 +8,6 @@ use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use bytes::Bytes;
 use futures::channel::oneshot;
 
 use super::cache::Cache;
@@ -21,7 +20,7 @@ use super::state::State;
 use super::view::SnapshotView;
 use super::wal::Wal;
 use crate::clock::DynClock;
-use crate::store::{DynStore, PutMode, StoreError};
+use crate::store::{Body, DynStore, PutMode, StoreError};
 
 /// Identity and placement of a volume.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,13 +127,13 @@ impl Inner {
     /// Create `key`; an existing object with identical bytes (our own
     /// earlier attempt) counts as success, any other content means another
     /// writer.
-    pub async fn put_create(&self, key: &str, obj: Bytes) -> Result<(), EngineError> {
+    pub async fn put_create(&self, key: &str, obj: Body) -> Result<(), EngineError> {
         self.check_not_fenced()?;
-        match self.store.put(key, obj.clone(), PutMode::Create).await {
+        match self.store.put_body(key, obj.clone(), PutMode::Create).await {
             Ok(_) => Ok(()),
             Err(StoreError::AlreadyExists { .. }) => {
                 let cur = self.store.get(key).await?;
-                if cur.data == obj {
+                if obj.eq_bytes(&cur.data) {
                     Ok(())
                 } else {
                     Err(EngineError::Fenced(format!(

@@ -54,7 +54,7 @@ use self::locks::{DirCounter, KeyLock, SyncedCounters};
 use self::open_files::{OpenFiles, OpenObject};
 use super::aligned::PooledBuf;
 use super::{
-    check_range, validate_key, validate_prefix, Object, ObjectMeta, ObjectStore, PutMode,
+    check_range, validate_key, validate_prefix, Body, Object, ObjectMeta, ObjectStore, PutMode,
     StoreError, StoreResult, Version,
 };
 
@@ -380,7 +380,7 @@ fn check_precondition(key: &str, mode: &PutMode, current: Option<&ObjectFile>) -
 /// rename it over the object, then fsync the directory. The caller holds the
 /// key lock, so no live writer uses the temporary file: one left by a crashed
 /// writer is simply truncated and reused.
-fn replace_object(syncs: &DirSyncs, p: &KeyPaths, generation: u64, data: &[u8]) -> StoreResult<()> {
+fn replace_object(syncs: &DirSyncs, p: &KeyPaths, generation: u64, data: &Body) -> StoreResult<()> {
     let temp = p.dir.join(format!("{}{OBJECT_SUFFIX}.tmp", p.last));
     let write = || -> io::Result<()> {
         let mut f = crate::private::open_options()
@@ -393,8 +393,8 @@ fn replace_object(syncs: &DirSyncs, p: &KeyPaths, generation: u64, data: &[u8]) 
         header[8..].copy_from_slice(&generation.to_le_bytes());
         f.write_all(&header)?;
         // In pieces: one big write to a new file is slow on some VMs
-        // (see `crate::pieces`).
-        crate::pieces::write_all_at(&f, data, HEADER_LEN)?;
+        // (see `crate::pieces`); gathered from the body's parts.
+        crate::pieces::write_parts_at(&f, data.parts(), HEADER_LEN)?;
         f.sync_all()?;
         fs::rename(&temp, &p.object)
     };
@@ -410,7 +410,7 @@ fn put_blocking(
     syncs: &DirSyncs,
     root: &Path,
     key: &str,
-    data: Bytes,
+    data: Body,
     mode: PutMode,
 ) -> StoreResult<Version> {
     let p = key_paths(root, key)?;
@@ -572,11 +572,16 @@ impl ObjectStore for FsStore {
     }
 
     async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> StoreResult<Version> {
+        self.put_body(key, Body::from(data), mode).await
+    }
+
+    /// The parts are written from where they are (no joining copy).
+    async fn put_body(&self, key: &str, body: Body, mode: PutMode) -> StoreResult<Version> {
         let key = key.to_string();
         let syncs = self.syncs.clone();
         let open = Arc::clone(&self.open);
         self.blocking(move |root| {
-            let put = put_blocking(&syncs, root, &key, data, mode);
+            let put = put_blocking(&syncs, root, &key, body, mode);
             // Whatever happened, a cached file of the key may be the old one.
             open.forget(&key);
             put

@@ -23,7 +23,7 @@ use bytes::Bytes;
 
 use super::retry::{RetryPolicy, RetryStats, RetryStore};
 use super::{
-    DynStore, Object, ObjectMeta, ObjectStore, PutMode, StoreConfig, StoreError, StoreResult,
+    Body, DynStore, Object, ObjectMeta, ObjectStore, PutMode, StoreConfig, StoreError, StoreResult,
     Version,
 };
 use crate::metrics::histogram::Histogram;
@@ -241,6 +241,14 @@ impl<S: ObjectStore> MeteredStore<S> {
             self.metrics.read_bytes.fetch_add(n, Ordering::Relaxed);
         }
     }
+
+    /// Count a put of `n` bytes that started at `t`.
+    fn record_put(&self, t: Instant, n: u64, r: &StoreResult<Version>) {
+        self.metrics.record(Method::Put, t, r);
+        if r.is_ok() {
+            self.metrics.written_bytes.fetch_add(n, Ordering::Relaxed);
+        }
+    }
 }
 
 #[async_trait]
@@ -279,10 +287,15 @@ impl<S: ObjectStore> ObjectStore for MeteredStore<S> {
         let t = Instant::now();
         let n = data.len() as u64;
         let r = self.inner.put(key, data, mode).await;
-        self.metrics.record(Method::Put, t, &r);
-        if r.is_ok() {
-            self.metrics.written_bytes.fetch_add(n, Ordering::Relaxed);
-        }
+        self.record_put(t, n, &r);
+        r
+    }
+
+    async fn put_body(&self, key: &str, body: Body, mode: PutMode) -> StoreResult<Version> {
+        let t = Instant::now();
+        let n = body.len() as u64;
+        let r = self.inner.put_body(key, body, mode).await;
+        self.record_put(t, n, &r);
         r
     }
 

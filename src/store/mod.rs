@@ -25,7 +25,10 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+pub use body::Body;
+
 pub mod aligned;
+pub mod body;
 pub mod delete_many;
 pub mod faulty;
 pub mod free_list;
@@ -120,6 +123,14 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
     }
     /// Write a whole object; returns the new version.
     async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> StoreResult<Version>;
+    /// [`ObjectStore::put`] of the object `body` holds in parts. The
+    /// default joins them into one buffer first, off the runtime
+    /// ([`Body::into_bytes_off_runtime`]); a backend that can write the
+    /// parts from where they are overrides it. Decorators pass it on.
+    async fn put_body(&self, key: &str, body: Body, mode: PutMode) -> StoreResult<Version> {
+        let data = body.into_bytes_off_runtime().await?;
+        self.put(key, data, mode).await
+    }
     /// Size and version of an object.
     async fn head(&self, key: &str) -> StoreResult<ObjectMeta>;
     /// Every object whose key starts with `prefix`, sorted by key.
@@ -162,6 +173,9 @@ impl<T: ObjectStore + ?Sized> ObjectStore for Arc<T> {
     }
     async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> StoreResult<Version> {
         (**self).put(key, data, mode).await
+    }
+    async fn put_body(&self, key: &str, body: Body, mode: PutMode) -> StoreResult<Version> {
+        (**self).put_body(key, body, mode).await
     }
     async fn head(&self, key: &str) -> StoreResult<ObjectMeta> {
         (**self).head(key).await

@@ -33,7 +33,7 @@ use bytes::Bytes;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
-use super::{Object, ObjectMeta, ObjectStore, PutMode, StoreError, StoreResult, Version};
+use super::{Body, Object, ObjectMeta, ObjectStore, PutMode, StoreError, StoreResult, Version};
 
 /// How hard to retry. Defaults: base 50 ms, cap 5 s, 12 attempts, 60 s.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -188,10 +188,10 @@ impl<S: ObjectStore> RetryStore<S> {
 
     /// Rule 3: after an ambiguous attempt, a refused conditional put may be
     /// our own earlier write. Returns its version if the stored bytes are ours.
-    async fn resolve_lost_put(&self, key: &str, data: &Bytes) -> StoreResult<Option<Version>> {
+    async fn resolve_lost_put(&self, key: &str, data: &Body) -> StoreResult<Option<Version>> {
         let current = self.run("get (put readback)", || self.inner.get(key)).await;
         match current {
-            Ok(obj) if obj.data == *data => {
+            Ok(obj) if data.eq_bytes(&obj.data) => {
                 self.stats
                     .lost_responses_recovered
                     .fetch_add(1, Ordering::Relaxed);
@@ -227,8 +227,12 @@ impl<S: ObjectStore> ObjectStore for RetryStore<S> {
     }
 
     async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> StoreResult<Version> {
-        let data = &data;
-        let mut op = || self.inner.put(key, data.clone(), mode.clone());
+        self.put_body(key, Body::from(data), mode).await
+    }
+
+    async fn put_body(&self, key: &str, body: Body, mode: PutMode) -> StoreResult<Version> {
+        let data = &body;
+        let mut op = || self.inner.put_body(key, data.clone(), mode.clone());
         self.run_with("put", &mut op, |err, ambiguous| async move {
             let conditional_refusal = matches!(
                 err,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::stream::{self, StreamExt, TryStreamExt};
-use shale::store::{ObjectStore, PutMode, StoreError, Version, MAX_KEY_LEN, MAX_SEGMENT_LEN};
+use shale::store::{Body, ObjectStore, PutMode, StoreError, Version, MAX_KEY_LEN, MAX_SEGMENT_LEN};
 use tokio::sync::Barrier;
 
 fn b(s: &str) -> Bytes {
@@ -52,6 +52,44 @@ pub async fn large_object_round_trip<S: ObjectStore + ?Sized>(s: &S) {
     let got = s.get("big/chunk").await.expect("get");
     assert_eq!(got.version, v);
     assert!(got.data == data, "4 MiB object read back differs");
+}
+
+/// An object put in parts is the parts concatenated, and `put_body`
+/// keeps the put's modes: a Create on a present key writes nothing.
+pub async fn put_in_parts<S: ObjectStore + ?Sized>(s: &S) {
+    let data = pattern((3 << 20) + 12345, 3);
+    // Parts of every size: tiny ones, ones over a write piece, odd cuts.
+    let cuts = [0, 1, 17, 4096, 4097, 300_000, 2 << 20, data.len()];
+    let mut body = Body::new();
+    for w in cuts.windows(2) {
+        body.push(data.slice(w[0]..w[1]));
+    }
+    assert!(body.parts().len() > 5);
+    let v = s
+        .put_body("parts/one", body.clone(), PutMode::Create)
+        .await
+        .expect("put in parts");
+    let got = s.get("parts/one").await.expect("get");
+    assert!(got.data == data, "the object is not its parts concatenated");
+    assert_eq!(got.version, v);
+    assert_eq!(
+        s.head("parts/one").await.expect("head").size,
+        data.len() as u64
+    );
+    let mut other = Body::new();
+    other.push(b("in"));
+    other.push(b("truder"));
+    let err = s
+        .put_body("parts/one", other.clone(), PutMode::Create)
+        .await
+        .expect_err("create on a present key must fail");
+    assert!(matches!(err, StoreError::AlreadyExists { .. }), "{err:?}");
+    let v2 = s
+        .put_body("parts/one", other, PutMode::IfMatch(v))
+        .await
+        .expect("if-match put in parts");
+    let got = s.get("parts/one").await.expect("get");
+    assert_eq!((got.data, got.version), (b("intruder"), v2));
 }
 
 pub async fn empty_object<S: ObjectStore + ?Sized>(s: &S) {

@@ -2,9 +2,10 @@
 //! blocking pool: the records' bytes shared from the WAL's tail in memory
 //! when it holds them all, else one read per segment the records live in
 //! (a span, see [`wal::span`]); newest-wins resolution
-//! ([`super::newest`]); and one copy of each live byte, from there
-//! straight into the object ([`chunk::encode_into`]), a buffer of the
-//! body pool.
+//! ([`super::newest`]); and the object as a [`Body`]: the header
+//! ([`chunk::encode_head`]), then each live run of bytes shared from the
+//! buffer it was read into (the tail's or a span's), never copied into a
+//! buffer of its own; the store writes them from there.
 //!
 //! Invariants:
 //! 1. Every byte put in the chunk passed the WAL CRCs covering it, or
@@ -24,7 +25,6 @@ use bytes::Bytes;
 use super::newest::{resolve, Piece};
 use crate::engine::error::EngineError;
 use crate::engine::format::chunk::{self, ChunkExtent, ChunkHeader, Part};
-use crate::engine::format::layout::chunk_key;
 use crate::engine::state::PendingRec;
 use crate::engine::wal::record::RecordKind;
 use crate::engine::wal::span::{
@@ -32,7 +32,7 @@ use crate::engine::wal::span::{
 };
 use crate::engine::wal::{self, fs::SegFile};
 use crate::engine::SECTOR;
-use crate::store::aligned::PooledBuf;
+use crate::store::Body;
 
 // The WAL's CRC blocks are the chunk's: a record's checked CRCs serve as
 // the chunk's where the data lands on a block of the data area.
@@ -48,10 +48,11 @@ pub(super) struct Batch {
     pub cost: u64,
 }
 
-/// The encoded chunk and its extents.
+/// The encoded chunk (its header is the body's first part) and its
+/// extents.
 #[derive(Debug)]
 pub(super) struct Object {
-    pub bytes: Bytes,
+    pub body: Body,
     pub extents: Vec<ChunkExtent>,
     pub last_seq: u64,
 }
@@ -86,40 +87,34 @@ pub(super) fn build(volume: u64, epoch: u64, b: &Batch) -> Result<Object, Engine
                             .ok_or(wal::WalError::SegmentGone(w.seg))?;
                         let part =
                             record_part(w.seg, &loc, table, data, p.sectors, Check::TableOnly)?;
-                        let carried = plan.data(p.lba, part);
+                        let carried = plan.data(p.lba, part, data);
                         check_uncarried(w.seg, &loc, table, data, p.sectors, &carried)?;
                     }
                     None => {
                         let span = spans.get(&w.seg).ok_or(wal::WalError::SegmentGone(w.seg))?;
-                        plan.data(p.lba, record_in_span(span, &loc, p.sectors)?);
+                        plan.data(p.lba, record_in_span(span, &loc, p.sectors)?, &span.buf);
                     }
                 }
             }
             _ => plan.zero(p.lba, p.sectors),
         }
     }
-    let key = || chunk_key(volume, b.seq, epoch);
     let header = ChunkHeader {
         volume,
         epoch,
         chunk_seq: b.seq,
         first_seq: first.seq,
         last_seq: last.seq,
-        extents: plan.extents,
+        extents: std::mem::take(&mut plan.extents),
         block_crcs: Vec::new(),
         data_len: plan.data_len as u64,
         header_len: 0,
     };
-    // The object's buffer comes from the body pool (its own huge-page
-    // mapping at chunk size, used again once the put is done) rather than
-    // the allocator, whose arenas kept the freed chunk buffers of every
-    // build thread resident.
-    let mut buf = PooledBuf::take(chunk::encoded_len(&header, plan.data_len));
-    chunk::encode_into(&header, &plan.parts, buf.bytes_mut())
-        .map_err(|source| EngineError::Chunk { key: key(), source })?;
-    let bytes = buf.freeze();
+    let mut body = Body::new();
+    body.push(Bytes::from(chunk::encode_head(&header, &plan.parts)));
+    plan.share_data(&mut body);
     Ok(Object {
-        bytes,
+        body,
         extents: header.extents,
         last_seq: last.seq,
     })
@@ -205,11 +200,13 @@ fn read_spans(b: &Batch, pieces: &[Piece]) -> Result<HashMap<u64, Span>, EngineE
 /// The extents and data parts of a chunk, in LBA order, adjacent extents
 /// of the same kind (zero, or data that follows on in the data area)
 /// merged. A part carries the WAL's checked CRCs of its leading whole
-/// blocks, so encoding need not compute them again.
+/// blocks, so encoding need not compute them again, and `owners[i]` is
+/// the buffer `parts[i]` lies in.
 #[derive(Default)]
 struct Plan<'a> {
     extents: Vec<ChunkExtent>,
     parts: Vec<Part<'a>>,
+    owners: Vec<&'a Bytes>,
     data_len: usize,
 }
 
@@ -230,11 +227,12 @@ impl<'a> Plan<'a> {
 
     /// Put `part` at `lba`; returns how many of its bytes take the CRCs
     /// it carries.
-    fn nonzero(&mut self, lba: u64, part: Part<'a>) -> usize {
+    fn nonzero(&mut self, lba: u64, part: Part<'a>, owner: &'a Bytes) -> usize {
         let carried = part.reused_blocks(self.data_len) * chunk::CRC_BLOCK as usize;
         let off = self.data_len as u64;
         let sectors = part.data.len() as u64 / SECTOR;
         self.parts.push(part);
+        self.owners.push(owner);
         self.data_len += part.data.len();
         if let Some(e) = self.extents.last_mut() {
             if e.lba + e.sectors == lba && e.data_off.map(|o| o + e.sectors * SECTOR) == Some(off) {
@@ -250,12 +248,12 @@ impl<'a> Plan<'a> {
         carried
     }
 
-    /// Sectors at `lba` holding `part`: runs of all-zero sectors become
-    /// zero extents (invariant 2), the rest data. A data run beginning on
-    /// a block of `part` takes the CRCs of the blocks from there on.
-    /// Returns the byte ranges of `part` (in order) whose CRCs the chunk
-    /// takes.
-    fn data(&mut self, lba: u64, part: Checked<'a>) -> Vec<Range<usize>> {
+    /// Sectors at `lba` holding `part`, which lies in `owner`: runs of
+    /// all-zero sectors become zero extents (invariant 2), the rest data.
+    /// A data run beginning on a block of `part` takes the CRCs of the
+    /// blocks from there on. Returns the byte ranges of `part` (in order)
+    /// whose CRCs the chunk takes.
+    fn data(&mut self, lba: u64, part: Checked<'a>, owner: &'a Bytes) -> Vec<Range<usize>> {
         let mut carried = Vec::new();
         let s = SECTOR as usize;
         let bytes = part.data;
@@ -283,6 +281,7 @@ impl<'a> Plan<'a> {
                         data: &bytes[i * s..j * s],
                         block_crcs,
                     },
+                    owner,
                 );
                 if n > 0 {
                     carried.push(i * s..i * s + n);
@@ -292,11 +291,49 @@ impl<'a> Plan<'a> {
         }
         carried
     }
+
+    /// Append the data area to `body`, each part shared from its owner
+    /// (no copy); parts that follow on in one owner go as one.
+    fn share_data(&self, body: &mut Body) {
+        let mut run: Option<(&Bytes, Range<usize>)> = None;
+        for (part, &owner) in self.parts.iter().zip(&self.owners) {
+            let len = part.data.len();
+            let start = (part.data.as_ptr() as usize)
+                .checked_sub(owner.as_ptr() as usize)
+                .filter(|s| s + len <= owner.len());
+            let Some(start) = start else {
+                // Not inside its owner after all: copied, so never wrong.
+                if let Some((o, r)) = run.take() {
+                    body.push(o.slice(r));
+                }
+                body.push(Bytes::copy_from_slice(part.data));
+                continue;
+            };
+            let range = start..start + len;
+            match &mut run {
+                Some((o, r)) if std::ptr::eq(*o, owner) && r.end == range.start => {
+                    r.end = range.end
+                }
+                _ => {
+                    if let Some((o, r)) = run.replace((owner, range)) {
+                        body.push(o.slice(r));
+                    }
+                }
+            }
+        }
+        if let Some((o, r)) = run {
+            body.push(o.slice(r));
+        }
+    }
 }
 
-/// All bytes zero (no early exit, so it vectorises).
+/// All bytes zero. A data sector nearly always has a nonzero byte among
+/// its first 16, so those are looked at first; only a sector that begins
+/// with zeros is scanned whole (with no early exit, so it vectorises).
 fn is_zero(b: &[u8]) -> bool {
-    b.iter().fold(0u8, |acc, &x| acc | x) == 0
+    let head = b.len().min(16);
+    let or = |s: &[u8]| s.iter().fold(0u8, |acc, &x| acc | x);
+    or(&b[..head]) == 0 && or(&b[head..]) == 0
 }
 
 #[cfg(test)]
@@ -311,16 +348,29 @@ mod tests {
     }
 
     #[test]
+    fn a_sector_is_zero_only_when_every_byte_is() {
+        assert!(is_zero(&[0u8; 512]));
+        assert!(is_zero(&[]));
+        for at in [0, 15, 16, 17, 300, 511] {
+            let mut s = [0u8; 512];
+            s[at] = 0x80;
+            assert!(!is_zero(&s), "nonzero byte at {at}");
+        }
+        assert!(!is_zero(&[0, 0, 1]));
+    }
+
+    #[test]
     fn plan_merges_and_unmaps_zero_sectors() {
         let mut d = vec![1u8; 4 * 512];
         d[512..1024].fill(0);
-        let z = vec![0u8; 512];
+        let d = Bytes::from(d);
+        let z = Bytes::from(vec![0u8; 512]);
         let mut p = Plan::default();
-        p.data(10, unchecked(&d)); // 10 data, 11 zero, 12-13 data
+        p.data(10, unchecked(&d), &d); // 10 data, 11 zero, 12-13 data
         p.zero(14, 2); // merges with nothing (13 is data)
-        p.data(16, unchecked(&z)); // zero, merges with 14-15
-        p.data(18, unchecked(&d[..512])); // data, not adjacent to 13
-        p.data(19, unchecked(&d[2048 - 512..])); // adjacent, follows on in the data area
+        p.data(16, unchecked(&z), &z); // zero, merges with 14-15
+        p.data(18, unchecked(&d[..512]), &d); // data, not adjacent to 13
+        p.data(19, unchecked(&d[2048 - 512..]), &d); // adjacent, follows on in the data area
         let ext: Vec<(u64, u64, Option<u64>)> = p
             .extents
             .iter()
@@ -340,12 +390,36 @@ mod tests {
         assert_eq!(p.parts.iter().map(|x| x.data.len()).sum::<usize>(), 2560);
     }
 
+    /// The data area is shared from the owners, runs that follow on in
+    /// one owner as one part, and is exactly the parts concatenated.
+    #[test]
+    fn the_data_area_is_shared_from_where_the_parts_lie() {
+        let a = Bytes::from(vec![1u8; 4 * 512]);
+        let b = Bytes::from(vec![2u8; 2 * 512]);
+        let stray = vec![3u8; 512];
+        let mut p = Plan::default();
+        p.data(0, unchecked(&a[..1024]), &a);
+        p.data(2, unchecked(&a[1024..1536]), &a); // follows on in `a`
+        p.data(3, unchecked(&b), &b);
+        p.data(5, unchecked(&a[..512]), &a); // `a` again, not following on
+        p.data(6, unchecked(&stray), &a); // not in its owner: copied
+        let mut body = Body::new();
+        p.share_data(&mut body);
+        let lens: Vec<usize> = body.parts().iter().map(|x| x.len()).collect();
+        assert_eq!(lens, vec![1536, 1024, 512, 512]);
+        assert_eq!(body.parts()[0].as_ptr(), a.as_ptr());
+        assert_eq!(body.parts()[1].as_ptr(), b.as_ptr());
+        let want: Vec<u8> = p.parts.iter().flat_map(|x| x.data.to_vec()).collect();
+        assert!(body.eq_bytes(&want));
+    }
+
     #[test]
     fn data_runs_keep_the_crcs_of_the_blocks_they_begin() {
         // Four blocks; sectors 9-15 (inside block 1) zero.
         let mut d: Vec<u8> = (0..4 * 4096u32).map(|i| (i % 253) as u8 + 1).collect();
         d[9 * 512..16 * 512].fill(0);
         let table = crate::engine::wal::record::block_table(&d);
+        let d = Bytes::from(d);
         let mut p = Plan::default();
         p.data(
             0,
@@ -353,6 +427,7 @@ mod tests {
                 data: &d,
                 block_crcs: &table,
             },
+            &d,
         );
         // Runs: sectors 0-8 (from block 0), 9-15 zero, 16-31 (from block 2).
         assert_eq!(p.parts.len(), 2);
@@ -367,6 +442,7 @@ mod tests {
                 data: &d[..9 * 512],
                 block_crcs: &table[..4],
             },
+            &d,
         );
         q.data(
             9,
@@ -374,6 +450,7 @@ mod tests {
                 data: &d[9 * 512..],
                 block_crcs: &[],
             },
+            &d,
         );
         assert!(q.parts[1].block_crcs.is_empty());
     }
@@ -487,7 +564,12 @@ mod tests {
             "a bare file shares nothing"
         );
         let from_tail = build_with(through_tail(&tail), &recs).unwrap();
-        assert_eq!(from_tail.bytes, from_file.bytes);
+        assert_eq!(
+            from_tail.body.clone().into_bytes(),
+            from_file.body.clone().into_bytes()
+        );
+        // The header, then data shared from the tail (not joined).
+        assert!(from_tail.body.parts().len() > 1);
         assert_eq!(from_tail.extents, from_file.extents);
         // The tail without the first record: the build reads the file and
         // finds the damage.
@@ -535,9 +617,10 @@ mod tests {
         };
         let clean = built(None).unwrap();
         let good = |o: &Object, block: usize| {
-            let h = chunk::decode_header(&o.bytes).unwrap();
+            let obj = o.body.clone().into_bytes();
+            let h = chunk::decode_header(&obj).unwrap();
             let b = chunk::CRC_BLOCK as usize;
-            let data = &o.bytes[o.bytes.len() - h.data_len as usize..];
+            let data = &obj[obj.len() - h.data_len as usize..];
             let bytes = &data[block * b..((block + 1) * b).min(data.len())];
             crc32c::crc32c(bytes) == h.block_crcs[block]
         };
@@ -570,6 +653,7 @@ mod tests {
             .collect();
         d[4096 + 512..4096 + 1024].fill(0);
         let table = crate::engine::wal::record::block_table(&d);
+        let d = Bytes::from(d);
         let encode = |with_crcs: bool| {
             let mut p = Plan::default();
             let block_crcs = if with_crcs { &table[..] } else { &[] };
@@ -579,6 +663,7 @@ mod tests {
                     data: &d,
                     block_crcs,
                 },
+                &d,
             );
             let h = ChunkHeader {
                 volume: 1,
@@ -591,9 +676,10 @@ mod tests {
                 data_len: p.data_len as u64,
                 header_len: 0,
             };
-            let mut out = vec![0u8; chunk::encoded_len(&h, p.data_len)];
-            chunk::encode_into(&h, &p.parts, &mut out).unwrap();
-            out
+            let mut body = Body::new();
+            body.push(Bytes::from(chunk::encode_head(&h, &p.parts)));
+            p.share_data(&mut body);
+            body.into_bytes()
         };
         assert_eq!(encode(true), encode(false));
     }

@@ -75,7 +75,7 @@ pub fn block_crcs(data: &[u8]) -> Vec<u32> {
         .collect()
 }
 
-/// One run of a chunk's data area for [`encode_into`]: its bytes and the
+/// One run of a chunk's data area for [`encode_head`]: its bytes and the
 /// CRC32C of its leading whole [`CRC_BLOCK`] blocks when the caller
 /// already holds them (little endian, 4 bytes a block; empty when it does
 /// not). The caller vouches for them: they were computed over, or checked
@@ -87,7 +87,7 @@ pub struct Part<'a> {
 }
 
 impl<'a> Part<'a> {
-    /// A part whose CRCs `encode_into` computes.
+    /// A part whose CRCs [`encode_head`] computes.
     pub fn plain(data: &'a [u8]) -> Part<'a> {
         Part {
             data,
@@ -96,7 +96,7 @@ impl<'a> Part<'a> {
     }
 
     /// How many of its leading blocks take the given CRCs in
-    /// [`encode_into`] when the part lands `at` bytes into the data area:
+    /// [`encode_head`] when the part lands `at` bytes into the data area:
     /// all it has CRCs for, if it lands on a block; else none.
     pub fn reused_blocks(&self, at: usize) -> usize {
         let block = CRC_BLOCK as usize;
@@ -110,67 +110,54 @@ impl<'a> Part<'a> {
 
 /// Encode a chunk. `extents` with data index into `data`.
 pub fn encode(h: &ChunkHeader, data: &[u8]) -> Vec<u8> {
-    let mut out = vec![0u8; encoded_len(h, data.len())];
-    // `out` is exactly as long as the object: this cannot fail.
-    encode_into(h, &[Part::plain(data)], &mut out)
-        .map(|()| out)
-        .unwrap_or_default()
+    let mut out = encode_head(h, &[Part::plain(data)]);
+    out.extend_from_slice(data);
+    out
 }
 
-/// Length of the header [`encode_into`] writes for `h` and a data area of
+/// Length of the header [`encode_head`] writes for `h` and a data area of
 /// `data_len` bytes.
 fn header_len_of(h: &ChunkHeader, data_len: usize) -> usize {
     FIXED_LEN + EXTENT_LEN * h.extents.len() + 4 * data_len.div_ceil(CRC_BLOCK as usize) + 4
 }
 
-/// Length of the object [`encode_into`] writes for `h` and a data area of
-/// `data_len` bytes.
+/// Length of the object for `h` and a data area of `data_len` bytes.
 pub fn encoded_len(h: &ChunkHeader, data_len: usize) -> usize {
     header_len_of(h, data_len) + data_len
 }
 
-/// Encode a chunk whose data area is `parts` concatenated into `out`,
-/// which the caller sized with [`encoded_len`] (so it can come from a
-/// buffer pool: every byte of it is written, whatever it held before), so
-/// the data is copied once, straight into place. `h.block_crcs`,
-/// `h.data_len` and `h.header_len` are ignored (computed). A block's CRC
-/// is taken from its part when the part begins on a block of the data
-/// area and holds the whole block; every other block's is computed.
-/// Errs, leaving `out` unspecified, if `out` has any other length.
-pub fn encode_into(h: &ChunkHeader, parts: &[Part], out: &mut [u8]) -> Result<(), ChunkError> {
+/// The header (through its CRC) of the chunk whose data area is `parts`
+/// concatenated: the object is this followed by the parts, so the caller
+/// can write the parts from where they are, never copying them into one
+/// buffer. `h.block_crcs`, `h.data_len` and `h.header_len` are ignored
+/// (computed). A block's CRC is taken from its part when the part begins
+/// on a block of the data area and holds the whole block; every other
+/// block's is computed over the parts (a block may span several).
+pub fn encode_head(h: &ChunkHeader, parts: &[Part]) -> Vec<u8> {
     let data_len: usize = parts.iter().map(|p| p.data.len()).sum();
     let n_blocks = data_len.div_ceil(CRC_BLOCK as usize);
     let header_len = header_len_of(h, data_len);
-    if out.len() != header_len + data_len {
-        return Err(ChunkError::Inconsistent("object length"));
-    }
-    let (head, data) = out.split_at_mut(header_len);
-    let mut at = 0usize;
-    let mut put = |bytes: &[u8]| {
-        head[at..at + bytes.len()].copy_from_slice(bytes);
-        at += bytes.len();
-    };
-    put(MAGIC);
-    put(&VERSION.to_le_bytes());
-    put(&(header_len as u32).to_le_bytes());
+    let mut head = Vec::with_capacity(header_len);
+    head.extend_from_slice(MAGIC);
+    head.extend_from_slice(&VERSION.to_le_bytes());
+    head.extend_from_slice(&(header_len as u32).to_le_bytes());
     for v in [h.volume, h.epoch, h.chunk_seq, h.first_seq, h.last_seq] {
-        put(&v.to_le_bytes());
+        head.extend_from_slice(&v.to_le_bytes());
     }
-    put(&(h.extents.len() as u32).to_le_bytes());
-    put(&(n_blocks as u32).to_le_bytes());
-    put(&(data_len as u64).to_le_bytes());
+    head.extend_from_slice(&(h.extents.len() as u32).to_le_bytes());
+    head.extend_from_slice(&(n_blocks as u32).to_le_bytes());
+    head.extend_from_slice(&(data_len as u64).to_le_bytes());
     for e in &h.extents {
-        put(&e.lba.to_le_bytes());
-        put(&e.sectors.to_le_bytes());
-        put(&e.data_off.unwrap_or(ZERO_OFF).to_le_bytes());
+        head.extend_from_slice(&e.lba.to_le_bytes());
+        head.extend_from_slice(&e.sectors.to_le_bytes());
+        head.extend_from_slice(&e.data_off.unwrap_or(ZERO_OFF).to_le_bytes());
     }
-    let table_at = at;
+    let table_at = head.len();
+    head.resize(table_at + 4 * n_blocks, 0);
     let block = CRC_BLOCK as usize;
     let mut known = vec![false; n_blocks];
     let mut filled = 0usize;
     for part in parts {
-        let len = part.data.len();
-        data[filled..filled + len].copy_from_slice(part.data);
         let whole = part.reused_blocks(filled);
         if whole > 0 {
             let first = filled / block;
@@ -178,17 +165,57 @@ pub fn encode_into(h: &ChunkHeader, parts: &[Part], out: &mut [u8]) -> Result<()
                 .copy_from_slice(&part.block_crcs[..whole * 4]);
             known[first..first + whole].fill(true);
         }
-        filled += len;
+        filled += part.data.len();
     }
-    for (i, bytes) in data.chunks(block).enumerate() {
-        if !known[i] {
-            let at = table_at + i * 4;
-            head[at..at + 4].copy_from_slice(&crc32c::crc32c(bytes).to_le_bytes());
+    let mut cursor = PartCursor::new(parts);
+    for (i, known) in known.iter().enumerate() {
+        if !known {
+            let from = i * block;
+            let crc = cursor.crc(from, (from + block).min(data_len));
+            head[table_at + i * 4..table_at + i * 4 + 4].copy_from_slice(&crc.to_le_bytes());
         }
     }
-    let crc = crc32c::crc32c(&head[..header_len - 4]);
-    head[header_len - 4..].copy_from_slice(&crc.to_le_bytes());
-    Ok(())
+    let crc = crc32c::crc32c(&head);
+    head.extend_from_slice(&crc.to_le_bytes());
+    debug_assert_eq!(head.len(), header_len);
+    head
+}
+
+/// Reads byte ranges of the concatenation of parts, moving forward only.
+struct PartCursor<'p, 'a> {
+    parts: &'p [Part<'a>],
+    /// Index of the part holding `at`, and where that part starts.
+    index: usize,
+    start: usize,
+}
+
+impl<'p, 'a> PartCursor<'p, 'a> {
+    fn new(parts: &'p [Part<'a>]) -> Self {
+        PartCursor {
+            parts,
+            index: 0,
+            start: 0,
+        }
+    }
+
+    /// CRC32C of `[from, to)`; `from` never below that of an earlier call.
+    fn crc(&mut self, from: usize, to: usize) -> u32 {
+        let mut crc = 0u32;
+        let mut at = from;
+        while at < to {
+            let p = self.parts[self.index].data;
+            let end = self.start + p.len();
+            if at >= end {
+                self.index += 1;
+                self.start = end;
+                continue;
+            }
+            let take = to.min(end);
+            crc = crc32c::crc32c_append(crc, &p[at - self.start..take - self.start]);
+            at = take;
+        }
+        crc
+    }
 }
 
 struct Reader<'a> {
@@ -398,33 +425,39 @@ mod tests {
         );
     }
 
+    /// The object [`encode_head`] describes: its header, then the parts.
+    fn encode_parts_whole(h: &ChunkHeader, parts: &[Part]) -> Vec<u8> {
+        let mut obj = encode_head(h, parts);
+        for p in parts {
+            obj.extend_from_slice(p.data);
+        }
+        obj
+    }
+
     #[test]
-    fn encode_into_matches_encode_and_checks_the_length() {
+    fn encode_head_matches_encode_whatever_the_header_says() {
         let (h, data) = sample();
         let mut lied = h.clone();
         lied.data_len = 1;
         lied.block_crcs = vec![7];
-        // Stale bytes in the buffer (a pooled one) are all overwritten.
-        let mut obj = vec![0xa5u8; encoded_len(&lied, data.len())];
-        encode_into(
-            &lied,
-            &[Part::plain(&data[..100]), Part::plain(&data[100..])],
-            &mut obj,
-        )
-        .unwrap();
-        assert_eq!(obj, encode(&h, &data));
-        assert_eq!(decode_header(&obj).unwrap().data_len, data.len() as u64);
-        let mut short = vec![0u8; encoded_len(&h, data.len())];
-        assert_eq!(
-            encode_into(&h, &[Part::plain(&data[1..])], &mut short),
-            Err(ChunkError::Inconsistent("object length"))
-        );
+        // Cuts inside blocks and at them: blocks spanning parts.
+        for cuts in [vec![100], vec![4096], vec![1, 4095, 4097, 8200], vec![]] {
+            let mut parts = Vec::new();
+            let mut at = 0;
+            for c in cuts.iter().copied().chain([data.len()]) {
+                parts.push(Part::plain(&data[at..c]));
+                at = c;
+            }
+            let obj = encode_parts_whole(&lied, &parts);
+            assert_eq!(obj, encode(&h, &data), "cuts {cuts:?}");
+            assert_eq!(decode_header(&obj).unwrap().data_len, data.len() as u64);
+            assert_eq!(obj.len(), encoded_len(&h, data.len()));
+        }
         let bare = ChunkHeader {
             extents: Vec::new(),
             ..h
         };
-        let mut empty = vec![0xffu8; encoded_len(&bare, 0)];
-        encode_into(&bare, &[], &mut empty).unwrap();
+        let empty = encode_head(&bare, &[]);
         let d = decode_header(&empty).unwrap();
         assert_eq!((d.data_len, d.block_crcs.len()), (0, 0));
     }
@@ -442,11 +475,7 @@ mod tests {
         // 8704 bytes: blocks 0 and 1 whole, block 2 short.
         let (h, data) = sample();
         let want = encode(&h, &data);
-        let encode_parts = |parts: &[Part]| {
-            let mut obj = vec![0u8; encoded_len(&h, data.len())];
-            encode_into(&h, parts, &mut obj).unwrap();
-            obj
-        };
+        let encode_parts = |parts: &[Part]| encode_parts_whole(&h, parts);
         // Right CRCs, at block boundaries: the same object.
         let whole = table(&data);
         assert_eq!(
