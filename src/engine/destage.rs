@@ -447,7 +447,14 @@ fn build(inner: &Inner, b: &Batch) -> Result<Built, EngineError> {
         seq: b.seq,
         last_seq: obj.last_seq,
         key,
-        obj: obj.body,
+        // A store that joins the parts anyway gets them joined here, on
+        // the blocking pool, so the buffers they lie in (WAL spans) go now
+        // instead of after the put.
+        obj: if inner.store.writes_parts() {
+            obj.body
+        } else {
+            Body::from(obj.body.into_bytes())
+        },
         extents: obj.extents,
         info,
         cost: b.cost,

@@ -624,6 +624,10 @@ impl ObjectStore for FsStore {
     fn puts_in_flight(&self) -> usize {
         PUTS_IN_FLIGHT
     }
+
+    fn writes_parts(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]

@@ -323,6 +323,10 @@ impl<S: ObjectStore> ObjectStore for MeteredStore<S> {
     fn puts_in_flight(&self) -> usize {
         self.inner.puts_in_flight()
     }
+
+    fn writes_parts(&self) -> bool {
+        self.inner.writes_parts()
+    }
 }
 
 /// Open the configured backend as [`super::open`] does, with this

@@ -144,6 +144,13 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
     fn puts_in_flight(&self) -> usize {
         DEFAULT_PUTS_IN_FLIGHT
     }
+    /// Whether [`ObjectStore::put_body`] writes the parts from where they
+    /// lie. When it does not, a caller that holds big buffers only to put
+    /// them had better join them itself, early, and let them go. Default
+    /// false; decorators that pass `put_body` on pass this on.
+    fn writes_parts(&self) -> bool {
+        false
+    }
 }
 
 /// [`ObjectStore::puts_in_flight`] of a backend that does not say (the
@@ -188,6 +195,9 @@ impl<T: ObjectStore + ?Sized> ObjectStore for Arc<T> {
     }
     fn puts_in_flight(&self) -> usize {
         (**self).puts_in_flight()
+    }
+    fn writes_parts(&self) -> bool {
+        (**self).writes_parts()
     }
 }
 
@@ -399,8 +409,9 @@ mod tests {
         }
     }
 
-    /// S3 asks for more puts in flight than a local directory, and every
-    /// decorator stack `open` builds passes the backend's wish on.
+    /// S3 asks for more puts in flight than a local directory, only a
+    /// local directory writes a body's parts where they lie, and every
+    /// decorator stack `open` builds passes the backend's answers on.
     #[tokio::test]
     async fn puts_in_flight_reaches_the_caller_through_the_decorators() {
         let s3 = StoreConfig::S3 {
@@ -416,17 +427,32 @@ mod tests {
         let fs = StoreConfig::Fs {
             path: dir.path().join("objects"),
         };
-        for (cfg, want) in [
-            (&s3, s3::PUTS_IN_FLIGHT),
-            (&fs, super::fs::PUTS_IN_FLIGHT),
-            (&StoreConfig::Memory, DEFAULT_PUTS_IN_FLIGHT),
+        for (cfg, want, parts) in [
+            (&s3, s3::PUTS_IN_FLIGHT, false),
+            (&fs, super::fs::PUTS_IN_FLIGHT, true),
+            (&StoreConfig::Memory, DEFAULT_PUTS_IN_FLIGHT, false),
         ] {
-            assert_eq!(open_backend(cfg).await.unwrap().puts_in_flight(), want);
-            assert_eq!(open(cfg).await.unwrap().puts_in_flight(), want);
+            let backend = open_backend(cfg).await.unwrap();
+            assert_eq!(
+                (backend.puts_in_flight(), backend.writes_parts()),
+                (want, parts)
+            );
+            let opened = open(cfg).await.unwrap();
+            assert_eq!(
+                (opened.puts_in_flight(), opened.writes_parts()),
+                (want, parts)
+            );
             let (metered, _) = metered::open(cfg).await.unwrap();
-            assert_eq!(metered.puts_in_flight(), want);
+            assert_eq!(
+                (metered.puts_in_flight(), metered.writes_parts()),
+                (want, parts)
+            );
             let faulty = faulty::FaultyStore::new(metered, 1);
-            assert_eq!(faulty.puts_in_flight(), want);
+            // Its put_body joins the parts, to put them through its faults.
+            assert_eq!(
+                (faulty.puts_in_flight(), faulty.writes_parts()),
+                (want, false)
+            );
         }
         const { assert!(s3::PUTS_IN_FLIGHT > DEFAULT_PUTS_IN_FLIGHT) };
         const { assert!(super::fs::PUTS_IN_FLIGHT < DEFAULT_PUTS_IN_FLIGHT) };

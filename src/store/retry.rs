@@ -263,6 +263,10 @@ impl<S: ObjectStore> ObjectStore for RetryStore<S> {
     fn puts_in_flight(&self) -> usize {
         self.inner.puts_in_flight()
     }
+
+    fn writes_parts(&self) -> bool {
+        self.inner.writes_parts()
+    }
 }
 
 #[cfg(test)]
