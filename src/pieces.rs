@@ -26,7 +26,7 @@ use std::io::{self, IoSlice};
 pub const PIECE: usize = 256 << 10;
 
 /// Most slices one vectored write takes (Linux's `IOV_MAX`).
-const MAX_SLICES: usize = 1024;
+pub const MAX_SLICES: usize = 1024;
 
 /// Write `parts` concatenated at `off`, gathered straight from where they
 /// are: vectored writes of at most [`PIECE`] bytes and [`MAX_SLICES`]

@@ -9,7 +9,6 @@
 use bytes::Bytes;
 
 use super::aligned::PooledBuf;
-use super::{StoreError, StoreResult};
 
 /// The bytes of one object, in parts (see the module docs).
 #[derive(Debug, Clone, Default)]
@@ -65,18 +64,6 @@ impl Body {
         }
     }
 
-    /// [`Body::into_bytes`], with the copy (when there is one) made on the
-    /// blocking pool, so that joining a chunk never holds up a thread of
-    /// the async runtime.
-    pub async fn into_bytes_off_runtime(self) -> StoreResult<Bytes> {
-        if self.parts.len() < 2 {
-            return Ok(self.into_bytes());
-        }
-        tokio::task::spawn_blocking(move || self.into_bytes())
-            .await
-            .map_err(|e| StoreError::Transient(format!("joining an object's parts failed: {e}")))
-    }
-
     /// Whether the object is exactly `other`.
     pub fn eq_bytes(&self, other: &[u8]) -> bool {
         if other.len() != self.len {
@@ -125,13 +112,5 @@ mod tests {
         let none = body(&[b""]);
         assert!(none.is_empty() && none.eq_bytes(b""));
         assert!(none.into_bytes().is_empty());
-    }
-
-    #[tokio::test]
-    async fn joined_off_the_runtime_it_is_the_same_object() {
-        let b = body(&[b"ab", b"cde"]);
-        assert_eq!(&b.into_bytes_off_runtime().await.unwrap()[..], b"abcde");
-        let one = body(&[b"xyz"]);
-        assert_eq!(&one.into_bytes_off_runtime().await.unwrap()[..], b"xyz");
     }
 }

@@ -124,12 +124,13 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
     /// Write a whole object; returns the new version.
     async fn put(&self, key: &str, data: Bytes, mode: PutMode) -> StoreResult<Version>;
     /// [`ObjectStore::put`] of the object `body` holds in parts. The
-    /// default joins them into one buffer first, off the runtime
-    /// ([`Body::into_bytes_off_runtime`]); a backend that can write the
-    /// parts from where they are overrides it. Decorators pass it on.
+    /// default joins them into one buffer first ([`Body::into_bytes`], on
+    /// the caller's thread: a caller with a big body in many parts joins
+    /// it itself where the store does not [write parts](Self::writes_parts));
+    /// a backend that can write the parts from where they are overrides
+    /// it. Decorators pass it on.
     async fn put_body(&self, key: &str, body: Body, mode: PutMode) -> StoreResult<Version> {
-        let data = body.into_bytes_off_runtime().await?;
-        self.put(key, data, mode).await
+        self.put(key, body.into_bytes(), mode).await
     }
     /// Size and version of an object.
     async fn head(&self, key: &str) -> StoreResult<ObjectMeta>;

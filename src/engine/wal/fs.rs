@@ -60,6 +60,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use crate::pieces::MAX_SLICES;
 use crate::store::aligned::PooledBuf;
 
 /// An open file of the WAL (read and write).
@@ -149,9 +150,8 @@ pub fn write_all_at<F: WalFile + ?Sized>(
     let mut owned: Vec<IoSlice<'_>> = iov.to_vec();
     let mut slices: &mut [IoSlice<'_>] = &mut owned;
     let mut off = off;
-    // Linux accepts at most IOV_MAX (1024) slices per call.
     while !slices.is_empty() {
-        let n = slices.len().min(1024);
+        let n = slices.len().min(MAX_SLICES);
         let written = file.write_vectored_at(&slices[..n], off)?;
         if written == 0 {
             return Err(io::Error::new(io::ErrorKind::WriteZero, "wrote 0 bytes"));
@@ -466,8 +466,6 @@ impl RealFile {
 
 /// Zeros padding a buffered write to the end of its page.
 static ZERO_PAGE: [u8; DIRECT_BLOCK as usize] = [0; DIRECT_BLOCK as usize];
-/// Most slices one `pwritev` takes (Linux's `IOV_MAX`).
-const MAX_SLICES: usize = 1024;
 
 use std::os::fd::AsRawFd;
 
