@@ -5,7 +5,8 @@
 //! and object files in `.o`, so the mapping is one-to-one and keys `a/b` and
 //! `a/b/c` can coexist as on S3. Beside each object file is `c.lock`, and
 //! while it is being replaced `c.o.tmp`; listing ignores everything that
-//! does not end in `.o` or `.d`.
+//! does not end in `.o` or `.d`. Deleted objects' files wait in
+//! `<root>/spare` to be rewritten as new objects ([`spares`]).
 //!
 //! # Object file
 //! A 16-byte header (magic `SHALEOB1`, generation as u64 little-endian), then
@@ -15,9 +16,10 @@
 //! 1. Every `put` and `delete` of a key holds an exclusive `flock` on the
 //!    key's lock file while it checks the precondition and replaces the
 //!    object, so Create and IfMatch are atomic across threads and processes.
-//!    Reads take no lock: they rely on rule 3. A lock file lives as long as
-//!    its object (delete removes it), so deleted keys leave nothing behind
-//!    but their directories.
+//!    Reads take no key lock: they rely on rule 3 (and hold a shared
+//!    `flock` on the object file itself, so it is not rewritten as a spare
+//!    under them). A lock file lives as long as its object (delete removes
+//!    it), so deleted keys leave nothing behind but their directories.
 //! 2. Generations of a key strictly increase over its whole life, including
 //!    across delete and re-create: each directory's counter file `.gen`
 //!    records at least the highest generation handed out in it; a write takes
@@ -26,8 +28,10 @@
 //!    `locks::DirCounter::raise_durably`; a sync already made covers later
 //!    deletes of older objects, so deletes need not each fsync).
 //! 3. Objects are replaced whole: the new bytes go to a temporary file in the
-//!    same directory, which is fsynced, renamed over the object, and then the
-//!    directory is fsynced. A put or delete returns only after a directory
+//!    same directory (a new file, or a deleted object's file kept as a spare
+//!    and rewritten, see [`spares`]), which is fsynced, renamed over the
+//!    object, and then the directory is fsynced. A delete unlinks the
+//!    object's file or moves it to the spares. A put or delete returns only after a directory
 //!    fsync that started after its rename or unlink; concurrent ones share
 //!    such fsyncs (group commit, [`dirsync`]). A reader opens the file once and reads header and
 //!    data through that one descriptor, so it sees exactly one version.
@@ -39,7 +43,7 @@
 //!    before it is read; whole reads, heads and listings open afresh.
 
 use std::fs::{self, File};
-use std::io::{self, Write};
+use std::io;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -52,6 +56,7 @@ use bytes::Bytes;
 use self::dirsync::DirSyncs;
 use self::locks::{DirCounter, KeyLock, SyncedCounters};
 use self::open_files::{OpenFiles, OpenObject};
+use self::spares::{SharedFile, Spares};
 use super::aligned::PooledBuf;
 use super::{
     check_range, validate_key, validate_prefix, Body, Object, ObjectMeta, ObjectStore, PutMode,
@@ -61,6 +66,7 @@ use super::{
 mod dirsync;
 mod locks;
 mod open_files;
+mod spares;
 
 const MAGIC: &[u8; 8] = b"SHALEOB1";
 const HEADER_LEN: u64 = 16;
@@ -77,13 +83,16 @@ pub struct FsStore {
     syncs: Arc<DirSyncs>,
     synced_counters: Arc<SyncedCounters>,
     open: Arc<OpenFiles>,
+    spares: Arc<Spares>,
 }
 
 impl FsStore {
     /// A store rooted at `root`. Touches nothing until the first operation.
     pub fn new(root: impl Into<PathBuf>) -> Self {
+        let root = root.into();
         FsStore {
-            root: Arc::new(root.into()),
+            spares: Arc::new(Spares::new(&root)),
+            root: Arc::new(root),
             syncs: Arc::new(DirSyncs::new()),
             synced_counters: Arc::default(),
             open: Arc::new(OpenFiles::new(OpenFiles::default_cap())),
@@ -214,9 +223,10 @@ fn key_paths(root: &Path, key: &str) -> StoreResult<KeyPaths> {
     })
 }
 
-/// An open object file with its header decoded.
+/// An open object file with its header decoded, under a shared lock
+/// (invariant 2 of [`spares`]).
 struct ObjectFile {
-    file: File,
+    file: SharedFile,
     generation: u64,
     size: u64,
 }
@@ -224,9 +234,14 @@ struct ObjectFile {
 impl ObjectFile {
     /// Open the object at `path`; `None` if it does not exist.
     fn open(path: &Path) -> StoreResult<Option<ObjectFile>> {
-        let file = match File::open(path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        let mut open = |path: &Path| match File::open(path) {
+            Ok(f) => Ok(Some(f)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        };
+        let file = match spares::open_shared(path, &mut open) {
+            Ok(Some(f)) => f,
+            Ok(None) => return Ok(None),
             Err(e) => return Err(io_err("cannot open", path, e)),
         };
         let mut blocking = |f: &File, buf: &mut [u8]| f.read_exact_at(buf, 0).map(|()| true);
@@ -237,7 +252,7 @@ impl ObjectFile {
     /// read needs the disk; `None` otherwise, or on any error (the
     /// blocking open then reports it).
     fn open_cached(path: &Path) -> Option<ObjectFile> {
-        let file = crate::nowait::open_cached(path)?;
+        let file = spares::open_shared(path, &mut |p| Ok(crate::nowait::open_cached(p))).ok()??;
         let mut cached = |f: &File, buf: &mut [u8]| crate::nowait::read_cached_at(f, buf, 0);
         ObjectFile::with_header(file, path, &mut cached)
             .ok()
@@ -248,7 +263,7 @@ impl ObjectFile {
     /// `read_header` (`Ok(false)`: it declined, and so does this with
     /// `None`).
     fn with_header(
-        file: File,
+        file: SharedFile,
         path: &Path,
         read_header: &mut dyn FnMut(&File, &mut [u8]) -> io::Result<bool>,
     ) -> StoreResult<Option<ObjectFile>> {
@@ -275,13 +290,13 @@ impl ObjectFile {
         }))
     }
 
-    /// The object's size now, or `None` once its file has no name left
-    /// (the object was replaced or deleted since it was opened) or is
-    /// shorter than a header.
+    /// The object's size now, or `None` once its file is no live object
+    /// (it was replaced or deleted since it was opened: no name left, or
+    /// a spare's two, invariant 1 of [`spares`]) or is shorter than a
+    /// header.
     fn linked_size(&self) -> io::Result<Option<u64>> {
-        use std::os::unix::fs::MetadataExt;
         let meta = self.file.metadata()?;
-        if meta.nlink() == 0 || meta.len() < HEADER_LEN {
+        if !spares::is_live(&meta) || meta.len() < HEADER_LEN {
             return Ok(None);
         }
         Ok(Some(meta.len() - HEADER_LEN))
@@ -380,21 +395,41 @@ fn check_precondition(key: &str, mode: &PutMode, current: Option<&ObjectFile>) -
 /// rename it over the object, then fsync the directory. The caller holds the
 /// key lock, so no live writer uses the temporary file: one left by a crashed
 /// writer is simply truncated and reused.
-fn replace_object(syncs: &DirSyncs, p: &KeyPaths, generation: u64, data: &Body) -> StoreResult<()> {
+fn replace_object(
+    syncs: &DirSyncs,
+    spares: &Spares,
+    p: &KeyPaths,
+    generation: u64,
+    data: &Body,
+) -> StoreResult<()> {
     let temp = p.dir.join(format!("{}{OBJECT_SUFFIX}.tmp", p.last));
     let write = || -> io::Result<()> {
-        let mut f = crate::private::open_options()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&temp)?;
+        // A spare keeps its exclusive lock until it is in place and closed
+        // (invariant 2 of `spares`); it still holds its old bytes, so its
+        // length is set once the new ones are written.
+        let spare = spares.claim(&temp);
+        let fresh;
+        let f: &File = match &spare {
+            Some(f) => f,
+            None => {
+                fresh = crate::private::open_options()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(&temp)?;
+                &fresh
+            }
+        };
         let mut header = [0u8; HEADER_LEN as usize];
         header[..8].copy_from_slice(MAGIC);
         header[8..].copy_from_slice(&generation.to_le_bytes());
-        f.write_all(&header)?;
+        f.write_all_at(&header, 0)?;
         // In pieces: one big write to a new file is slow on some VMs
         // (see `crate::pieces`); gathered from the body's parts.
-        crate::pieces::write_parts_at(&f, data.parts(), HEADER_LEN)?;
+        crate::pieces::write_parts_at(f, data.parts(), HEADER_LEN)?;
+        if spare.is_some() {
+            f.set_len(HEADER_LEN + data.len() as u64)?;
+        }
         f.sync_all()?;
         fs::rename(&temp, &p.object)
     };
@@ -408,6 +443,7 @@ fn replace_object(syncs: &DirSyncs, p: &KeyPaths, generation: u64, data: &Body) 
 
 fn put_blocking(
     syncs: &DirSyncs,
+    spares: &Spares,
     root: &Path,
     key: &str,
     data: Body,
@@ -433,13 +469,14 @@ fn put_blocking(
         counter.write(next)?;
         next
     };
-    replace_object(syncs, &p, generation, &data)?;
+    replace_object(syncs, spares, &p, generation, &data)?;
     drop(lock);
     Ok(Version(generation.to_string()))
 }
 
 fn delete_blocking(
     syncs: &DirSyncs,
+    spares: &Spares,
     synced: &SyncedCounters,
     root: &Path,
     key: &str,
@@ -451,10 +488,22 @@ fn delete_blocking(
     let lock = KeyLock::acquire(&p.lock)?;
     if let Some(current) = ObjectFile::open(&p.object)? {
         DirCounter::raise_durably(&p.dir, current.generation, synced)?;
-        match fs::remove_file(&p.object) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err("cannot delete", &p.object, e)),
+        // Kept as a spare where there is room (and the move works), else
+        // unlinked; either way its name is gone once the directory syncs.
+        let kept = spares
+            .keep(&p.object, HEADER_LEN + current.size)
+            .unwrap_or_else(|e| {
+                log::debug!("keeping {} as a spare: {e}", p.object.display());
+                false
+            });
+        if kept {
+            fsync_dir(syncs, spares.dir())?;
+        } else {
+            match fs::remove_file(&p.object) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err("cannot delete", &p.object, e)),
+            }
         }
     }
     lock.remove()?;
@@ -578,10 +627,10 @@ impl ObjectStore for FsStore {
     /// The parts are written from where they are (no joining copy).
     async fn put_body(&self, key: &str, body: Body, mode: PutMode) -> StoreResult<Version> {
         let key = key.to_string();
-        let syncs = self.syncs.clone();
+        let (syncs, spares) = (self.syncs.clone(), self.spares.clone());
         let open = Arc::clone(&self.open);
         self.blocking(move |root| {
-            let put = put_blocking(&syncs, root, &key, body, mode);
+            let put = put_blocking(&syncs, &spares, root, &key, body, mode);
             // Whatever happened, a cached file of the key may be the old one.
             open.forget(&key);
             put
@@ -611,9 +660,9 @@ impl ObjectStore for FsStore {
     async fn delete(&self, key: &str) -> StoreResult<()> {
         let key = key.to_string();
         let (syncs, synced) = (self.syncs.clone(), self.synced_counters.clone());
-        let open = Arc::clone(&self.open);
+        let (open, spares) = (Arc::clone(&self.open), self.spares.clone());
         self.blocking(move |root| {
-            let deleted = delete_blocking(&syncs, &synced, root, &key);
+            let deleted = delete_blocking(&syncs, &spares, &synced, root, &key);
             // Close it now: an open file keeps a deleted object's space.
             open.forget(&key);
             deleted

@@ -6,10 +6,13 @@
 //! 1. An entry is handed out only while its file still has a name: a
 //!    reader checks [`ObjectFile::linked_size`] (an `fstat` of the open
 //!    descriptor) before it reads. The store replaces an object by
-//!    renaming a new file over it and deletes it by unlinking it
-//!    (invariant 3 of the [store](super)), so either leaves the old inode
-//!    with no link, whichever process did it: a read through the cache
-//!    sees what a fresh open would have found at that moment.
+//!    renaming a new file over it and deletes it by unlinking it or
+//!    moving it to the spares (invariant 3 of the [store](super)), so
+//!    either leaves the old inode with no link or with a spare's two
+//!    ([`super::spares`] invariant 1), whichever process did it: a read
+//!    through the cache sees what a fresh open would have found at that
+//!    moment. A cached file is never rewritten as a spare: the cache holds
+//!    its shared lock ([`super::spares`] invariant 2).
 //! 2. At most `cap` files are open in one cache, and at most
 //!    [`OpenFiles::default_cap`] in all caches of the process together
 //!    ([`OPEN_IN_PROCESS`]); inserting into a full cache closes its least
