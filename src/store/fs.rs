@@ -290,16 +290,12 @@ impl ObjectFile {
         }))
     }
 
-    /// The object's size now, or `None` once its file is no live object
-    /// (it was replaced or deleted since it was opened: no name left, or
-    /// a spare's two, invariant 1 of [`spares`]) or is shorter than a
-    /// header.
+    /// The object's size, or `None` once its file is no longer the object
+    /// it was opened as (it was replaced or deleted since: no name left,
+    /// or moved to the spares, invariant 1 of [`spares`]).
     fn linked_size(&self) -> io::Result<Option<u64>> {
         let meta = self.file.metadata()?;
-        if !spares::is_live(&meta) || meta.len() < HEADER_LEN {
-            return Ok(None);
-        }
-        Ok(Some(meta.len() - HEADER_LEN))
+        Ok(spares::still_object(HEADER_LEN + self.size, &meta).then_some(self.size))
     }
 
     fn version(&self) -> Version {

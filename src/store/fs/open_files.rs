@@ -8,7 +8,7 @@
 //!    descriptor) before it reads. The store replaces an object by
 //!    renaming a new file over it and deletes it by unlinking it or
 //!    moving it to the spares (invariant 3 of the [store](super)), so
-//!    either leaves the old inode with no link or with a spare's two
+//!    either leaves the old inode with no link or lengthened as a spare
 //!    ([`super::spares`] invariant 1), whichever process did it: a read
 //!    through the cache sees what a fresh open would have found at that
 //!    moment. A cached file is never rewritten as a spare: the cache holds
