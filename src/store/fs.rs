@@ -31,10 +31,11 @@
 //!    same directory (a new file, or a deleted object's file kept as a spare
 //!    and rewritten, see [`spares`]), which is fsynced, renamed over the
 //!    object, and then the directory is fsynced. A delete unlinks the
-//!    object's file or moves it to the spares. A put or delete returns only after a directory
-//!    fsync that started after its rename or unlink; concurrent ones share
-//!    such fsyncs (group commit, [`dirsync`]). A reader opens the file once and reads header and
-//!    data through that one descriptor, so it sees exactly one version.
+//!    object's file or moves it to the spares. A put or delete returns only
+//!    after a directory fsync that started after its rename or unlink;
+//!    concurrent ones share such fsyncs (group commit, [`dirsync`]). A
+//!    reader opens the file once and reads header and data through that one
+//!    descriptor, so it sees exactly one version.
 //! 4. All file I/O runs on tokio's blocking pool, never on the reactor,
 //!    except a ranged read that needs no disk (path, header and data in
 //!    the caches), which is served on the caller's thread.
@@ -239,7 +240,7 @@ impl ObjectFile {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         };
-        let file = match spares::open_shared(path, &mut open) {
+        let file = match spares::open_shared(path, &mut open, true) {
             Ok(Some(f)) => f,
             Ok(None) => return Ok(None),
             Err(e) => return Err(io_err("cannot open", path, e)),
@@ -252,7 +253,8 @@ impl ObjectFile {
     /// read needs the disk; `None` otherwise, or on any error (the
     /// blocking open then reports it).
     fn open_cached(path: &Path) -> Option<ObjectFile> {
-        let file = spares::open_shared(path, &mut |p| Ok(crate::nowait::open_cached(p))).ok()??;
+        let mut open = |p: &Path| Ok(crate::nowait::open_cached(p));
+        let file = spares::open_shared(path, &mut open, false).ok()??;
         let mut cached = |f: &File, buf: &mut [u8]| crate::nowait::read_cached_at(f, buf, 0);
         ObjectFile::with_header(file, path, &mut cached)
             .ok()

@@ -66,11 +66,15 @@ pub(super) fn still_object(len_at_open: u64, meta: &fs::Metadata) -> bool {
 }
 
 /// Open the object file at `path` for reading under a shared lock, once it
-/// is the live object there (invariant 2); `None` if there is none.
-/// `open` opens the path (`Ok(None)`: it declined, and so does this).
+/// is the one there (invariant 2); `None` if there is none. `open` opens
+/// the path (`Ok(None)`: it declined, and so does this). A file under an
+/// exclusive lock (a spare being rewritten, or just put in place and not
+/// yet closed by its writer) is waited for when `wait`, which takes at
+/// most one put; without `wait` this declines instead.
 pub(super) fn open_shared(
     path: &Path,
     open: &mut dyn FnMut(&Path) -> io::Result<Option<File>>,
+    wait: bool,
 ) -> io::Result<Option<SharedFile>> {
     for _ in 0..OPEN_TRIES {
         let Some(file) = open(path)? else {
@@ -78,11 +82,10 @@ pub(super) fn open_shared(
         };
         let file = match Flock::lock(file, FlockArg::LockSharedNonblock) {
             Ok(f) => f,
-            // Being rewritten (invariant 2): it left this path already.
-            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
-                std::thread::yield_now();
-                continue;
+            Err((file, nix::errno::Errno::EWOULDBLOCK)) if wait => {
+                Flock::lock(file, FlockArg::LockShared).map_err(|(_, e)| io::Error::from(e))?
             }
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => return Ok(None),
             Err((_, e)) => return Err(e.into()),
         };
         let held = file.metadata()?;
@@ -400,6 +403,8 @@ mod open_tests {
     use std::fs::File;
     use std::io::Read;
 
+    use nix::fcntl::{Flock, FlockArg};
+
     use super::open_shared;
 
     #[test]
@@ -415,7 +420,7 @@ mod open_tests {
             let which = if calls.get() == 1 { stale.as_path() } else { p };
             File::open(which).map(Some)
         };
-        let mut f = open_shared(&path, &mut open)
+        let mut f = open_shared(&path, &mut open, true)
             .expect("open")
             .expect("exists");
         let mut got = String::new();
@@ -435,8 +440,36 @@ mod open_tests {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             r => r.map(Some),
         };
-        assert!(open_shared(&path, &mut open).expect("open").is_some());
+        assert!(open_shared(&path, &mut open, true).expect("open").is_some());
         let gone = d.path().join("missing.o");
-        assert!(open_shared(&gone, &mut open).expect("open").is_none());
+        assert!(open_shared(&gone, &mut open, true).expect("open").is_none());
+    }
+
+    #[test]
+    fn a_reader_waits_for_a_writer_to_let_go_of_a_file() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let path = d.path().join("a.o");
+        std::fs::write(&path, b"x").expect("write");
+        let writer = Flock::lock(File::open(&path).expect("open"), FlockArg::LockExclusive)
+            .expect("exclusive");
+        let mut open = |p: &std::path::Path| File::open(p).map(Some);
+        assert!(
+            open_shared(&path, &mut open, false)
+                .expect("open")
+                .is_none(),
+            "without waiting it declines"
+        );
+        let reader = {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                let mut open = |p: &std::path::Path| File::open(p).map(Some);
+                open_shared(&path, &mut open, true).map(|f| f.is_some())
+            })
+        };
+        // Longer than any number of quick retries would last.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(!reader.is_finished(), "the reader waits for the writer");
+        drop(writer);
+        assert!(reader.join().expect("reader").expect("opened"));
     }
 }
