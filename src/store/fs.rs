@@ -681,7 +681,7 @@ impl ObjectStore for FsStore {
 mod tests {
     use super::*;
 
-    fn store() -> (tempfile::TempDir, FsStore) {
+    pub(super) fn store() -> (tempfile::TempDir, FsStore) {
         let dir = tempfile::tempdir().expect("tempdir");
         let s = FsStore::new(dir.path().join("objects"));
         (dir, s)

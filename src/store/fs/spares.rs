@@ -246,15 +246,10 @@ mod tests {
 
     use bytes::Bytes;
 
+    use super::super::tests::store;
     use super::super::{FsStore, ObjectFile};
     use super::{MAX_SPARES, SPARE_DIR};
     use crate::store::{ObjectStore, PutMode};
-
-    fn store() -> (tempfile::TempDir, FsStore) {
-        let d = tempfile::tempdir().expect("tempdir");
-        let s = FsStore::new(d.path().join("store"));
-        (d, s)
-    }
 
     fn ino(s: &FsStore, file: &str) -> u64 {
         std::fs::metadata(s.root().join(file)).expect("stat").ino()
@@ -355,7 +350,8 @@ mod tests {
 
     #[tokio::test]
     async fn spares_are_bounded_and_removed_with_the_store() {
-        let (d, s) = store();
+        let (_d, s) = store();
+        let root = s.root().to_path_buf();
         for i in 0..MAX_SPARES + 8 {
             let key = format!("c/{i}");
             s.put(&key, Bytes::from(vec![1u8; 1024]), PutMode::Create)
@@ -369,7 +365,7 @@ mod tests {
         let listed = s.list("").await.expect("list");
         assert!(listed.is_empty(), "spares are not objects: {listed:?}");
         drop(s);
-        let s = FsStore::new(d.path().join("store"));
+        let s = FsStore::new(root);
         assert!(
             spare_names(&s).is_empty(),
             "dropping the store removed them"
