@@ -57,7 +57,7 @@ use bytes::Bytes;
 use self::dirsync::DirSyncs;
 use self::locks::{DirCounter, KeyLock, SyncedCounters};
 use self::open_files::{OpenFiles, OpenObject};
-use self::spares::{SharedFile, Spares};
+use self::spares::{LockedFile, Spares};
 use super::aligned::PooledBuf;
 use super::{
     check_range, validate_key, validate_prefix, Body, Object, ObjectMeta, ObjectStore, PutMode,
@@ -227,7 +227,7 @@ fn key_paths(root: &Path, key: &str) -> StoreResult<KeyPaths> {
 /// An open object file with its header decoded, under a shared lock
 /// (invariant 2 of [`spares`]).
 struct ObjectFile {
-    file: SharedFile,
+    file: LockedFile,
     generation: u64,
     size: u64,
 }
@@ -265,7 +265,7 @@ impl ObjectFile {
     /// `read_header` (`Ok(false)`: it declined, and so does this with
     /// `None`).
     fn with_header(
-        file: SharedFile,
+        file: LockedFile,
         path: &Path,
         read_header: &mut dyn FnMut(&File, &mut [u8]) -> io::Result<bool>,
     ) -> StoreResult<Option<ObjectFile>> {

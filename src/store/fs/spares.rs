@@ -9,11 +9,11 @@
 //!
 //! Invariants:
 //! 1. An object file's length never changes while it is an object, and
-//!    moving it to the spares lengthens it by [`SPARE_MARK`] bytes (a hole,
-//!    after the rename), so a handle opened earlier, which remembers the
-//!    length ([`still_object`]), sees the object gone, as it sees `nlink == 0`
-//!    after an unlink. (Nothing else is asked of the file: links made by
-//!    others, say a backup's hard links, change nothing.)
+//!    moving it to the spares lengthens it by [`SPARE_MARK`] bytes (a
+//!    hole, after the rename), so a handle opened earlier, which remembers
+//!    the length ([`still_object`]), sees the object gone, as it sees
+//!    `nlink == 0` after an unlink. (Nothing else is asked of the file:
+//!    links made by others, say a backup's hard links, change nothing.)
 //! 2. Readers hold a shared `flock` on every object file they have open
 //!    and check, once they hold it, that the file is still the one at its
 //!    path ([`open_shared`]); a spare is at no object's path. A spare is
@@ -52,8 +52,9 @@ const OPEN_TRIES: usize = 64;
 /// Distinguishes store instances of one process in spare names.
 static INSTANCE: AtomicU64 = AtomicU64::new(0);
 
-/// An object file open for reading, under a shared `flock` (invariant 2).
-pub(super) type SharedFile = Flock<File>;
+/// An object file under a `flock`: shared for a reader, exclusive for a
+/// claimed spare (invariant 2).
+pub(super) type LockedFile = Flock<File>;
 
 /// Bytes a file grows by as it becomes a spare (invariant 1).
 pub(super) const SPARE_MARK: u64 = 4096;
@@ -75,7 +76,7 @@ pub(super) fn open_shared(
     path: &Path,
     open: &mut dyn FnMut(&Path) -> io::Result<Option<File>>,
     wait: bool,
-) -> io::Result<Option<SharedFile>> {
+) -> io::Result<Option<LockedFile>> {
     for _ in 0..OPEN_TRIES {
         let Some(file) = open(path)? else {
             return Ok(None);
@@ -149,13 +150,13 @@ impl Spares {
     /// into the spare directory instead of unlinking it; `Ok(false)` when
     /// there is no room for it (the caller unlinks it). The caller holds
     /// the key's lock and makes the removal durable (directory fsyncs).
+    /// Runs under the list's lock, so concurrent deletes never keep more
+    /// than the bounds (invariant 3); deletes are off the I/O path.
     pub(super) fn keep(&self, object: &Path, size: u64) -> io::Result<bool> {
-        {
-            let kept = self.lock();
-            let bytes: u64 = kept.iter().map(|s| s.size).sum();
-            if kept.len() >= MAX_SPARES || bytes + size > MAX_SPARE_BYTES {
-                return Ok(false);
-            }
+        let mut kept = self.lock();
+        let bytes: u64 = kept.iter().map(|s| s.size).sum();
+        if kept.len() >= MAX_SPARES || bytes + size > MAX_SPARE_BYTES {
+            return Ok(false);
         }
         self.swept.call_once(|| sweep_dead(&self.dir));
         crate::private::create_dir_all(&self.dir)?;
@@ -172,16 +173,15 @@ impl Spares {
             let _ = fs::remove_file(&path);
             return Err(e);
         }
-        self.lock().push(Spare { path, size });
+        kept.push(Spare { path, size });
         Ok(true)
     }
 
     /// A spare renamed to `temp`, open for writing under an exclusive lock
-    /// (invariant 2), or `None` when no spare is
-    /// free (each one a reader still holds is unlinked on the way). Its
-    /// old bytes are still there: the caller overwrites them and sets the
-    /// length.
-    pub(super) fn claim(&self, temp: &Path) -> Option<Flock<File>> {
+    /// (invariant 2), or `None` when no spare is free (each one a reader
+    /// still holds is unlinked on the way). Its old bytes are still there:
+    /// the caller overwrites them and sets the length.
+    pub(super) fn claim(&self, temp: &Path) -> Option<LockedFile> {
         loop {
             let spare = self.lock().pop()?;
             match claim_one(&spare.path, temp) {
@@ -196,7 +196,7 @@ impl Spares {
 
 /// Claim one spare for `temp` (see [`Spares::claim`]); `Ok(None)` when a
 /// reader holds it.
-fn claim_one(spare: &Path, temp: &Path) -> io::Result<Option<Flock<File>>> {
+fn claim_one(spare: &Path, temp: &Path) -> io::Result<Option<LockedFile>> {
     let file = fs::OpenOptions::new().write(true).open(spare)?;
     let file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
         Ok(f) => f,
