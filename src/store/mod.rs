@@ -429,7 +429,7 @@ mod tests {
             path: dir.path().join("objects"),
         };
         for (cfg, want, parts) in [
-            (&s3, s3::PUTS_IN_FLIGHT, false),
+            (&s3, s3::PUTS_IN_FLIGHT, true),
             (&fs, super::fs::PUTS_IN_FLIGHT, true),
             (&StoreConfig::Memory, DEFAULT_PUTS_IN_FLIGHT, false),
         ] {
