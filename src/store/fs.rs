@@ -3,9 +3,11 @@
 //! # Layout
 //! Key `a/b/c` is the file `<root>/a.d/b.d/c.o`. Directory names end in `.d`
 //! and object files in `.o`, so the mapping is one-to-one and keys `a/b` and
-//! `a/b/c` can coexist as on S3. Beside each object file is `c.lock`, and
-//! while it is being replaced `c.o.tmp`; listing ignores everything that
-//! does not end in `.o` or `.d`. Deleted objects' files wait in
+//! `a/b/c` can coexist as on S3. Beside each object file, while it is being
+//! replaced, is `c.o.tmp`; each directory holds its generation counter
+//! `.gen`, whose bytes also carry the key locks; listing ignores everything
+//! that does not end in `.o` or `.d` (`c.lock` files that releases before
+//! the counter's key locks left are removed with their objects). Deleted objects' files wait in
 //! `<root>/spare` to be rewritten as new objects ([`spares`]).
 //!
 //! # Object file
@@ -13,13 +15,15 @@
 //! the object's bytes. The object's [`Version`] is its generation in decimal.
 //!
 //! # Invariants
-//! 1. Every `put` and `delete` of a key holds an exclusive `flock` on the
-//!    key's lock file while it checks the precondition and replaces the
-//!    object, so Create and IfMatch are atomic across threads and processes.
-//!    Reads take no key lock: they rely on rule 3 (and hold a shared
-//!    `flock` on the object file itself, so it is not rewritten as a spare
-//!    under them). A lock file lives as long as its object (delete removes
-//!    it), so deleted keys leave nothing behind but their directories.
+//! 1. Every `put` and `delete` of a key holds the key's exclusive lock (a
+//!    byte-range lock on its directory's `.gen`, [`locks::KeyLock`]) while
+//!    it checks the precondition and replaces the object, so Create and
+//!    IfMatch are atomic across threads and processes. Reads take no key
+//!    lock: they rely on rule 3 (and hold a shared `flock` on the object
+//!    file itself, so it is not rewritten as a spare under them). Locking
+//!    creates no file, so deleted keys leave nothing behind but their
+//!    directories. Processes of a release that locked `c.lock` files
+//!    instead must not share the store with this one.
 //! 2. Generations of a key strictly increase over its whole life, including
 //!    across delete and re-create: each directory's counter file `.gen`
 //!    records at least the highest generation handed out in it; a write takes
@@ -201,7 +205,8 @@ fn not_found(key: &str) -> StoreError {
 struct KeyPaths {
     dir: PathBuf,
     object: PathBuf,
-    lock: PathBuf,
+    /// The lock file of releases before [`KeyLock`] (removed on delete).
+    legacy_lock: PathBuf,
     last: String,
 }
 
@@ -218,7 +223,7 @@ fn key_paths(root: &Path, key: &str) -> StoreResult<KeyPaths> {
     }
     Ok(KeyPaths {
         object: dir.join(format!("{last}{OBJECT_SUFFIX}")),
-        lock: dir.join(format!("{last}.lock")),
+        legacy_lock: dir.join(format!("{last}.lock")),
         last: last.to_string(),
         dir,
     })
@@ -449,15 +454,9 @@ fn put_blocking(
 ) -> StoreResult<Version> {
     let p = key_paths(root, key)?;
     make_dirs(syncs, root, &p.dir)?;
-    let lock = KeyLock::acquire(&p.lock)?;
+    let lock = KeyLock::acquire(&p.dir, &p.last)?;
     let current = ObjectFile::open(&p.object)?;
-    if let Err(e) = check_precondition(key, &mode, current.as_ref()) {
-        if current.is_none() {
-            // Do not leave a lock file behind for a key that does not exist.
-            lock.remove()?;
-        }
-        return Err(e);
-    }
+    check_precondition(key, &mode, current.as_ref())?;
     let generation = {
         let counter = DirCounter::lock(&p.dir)?;
         let highest = counter.read()?.max(current.map_or(0, |c| c.generation));
@@ -483,7 +482,7 @@ fn delete_blocking(
     if !p.object.exists() {
         return Ok(());
     }
-    let lock = KeyLock::acquire(&p.lock)?;
+    let lock = KeyLock::acquire(&p.dir, &p.last)?;
     if let Some(current) = ObjectFile::open(&p.object)? {
         DirCounter::raise_durably(&p.dir, current.generation, synced)?;
         // Kept as a spare where there is room (and the move works), else
@@ -504,7 +503,12 @@ fn delete_blocking(
             }
         }
     }
-    lock.remove()?;
+    match fs::remove_file(&p.legacy_lock) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err("cannot remove lock file", &p.legacy_lock, e)),
+    }
+    drop(lock);
     fsync_dir(syncs, &p.dir)
 }
 

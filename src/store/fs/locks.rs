@@ -20,54 +20,65 @@ fn flock<T: nix::fcntl::Flockable>(what: T, path: &Path) -> StoreResult<Flock<T>
     })
 }
 
-/// An exclusive `flock` on a key's lock file (`<segment>.lock`).
+/// An exclusive lock on one key: a one-byte OFD lock (`fcntl`
+/// `F_OFD_SETLKW`) on the key's directory's counter file `.gen`, at an
+/// offset derived from the key's last segment ([`lock_offset`]).
 ///
-/// The lock file is removed when its object is deleted, so after locking,
-/// `acquire` checks that the path still names the inode it locked; if not
-/// (another holder removed or replaced it meanwhile), it starts over. Hence
-/// two holders can never lock different inodes for the same key.
+/// The counter file is created once per directory and never removed or
+/// replaced, so every holder locks the same inode, and locking a key
+/// creates and removes no file (a lock file per key cost an inode
+/// allocation per chunk put and an unlink per delete: on an ext4 without
+/// journal, ~7% of the server's CPU on 1 MiB writes, most of it
+/// `find_inode_bit` skipping recently deleted inodes). OFD locks belong to
+/// the open file, not the process, so they exclude threads of one process
+/// as well as other processes; two keys whose offsets collide only wait
+/// for each other. Released when dropped (the file is closed).
 pub(super) struct KeyLock {
-    _file: Flock<File>,
-    path: PathBuf,
+    _file: File,
 }
 
 impl KeyLock {
-    pub(super) fn acquire(path: &Path) -> StoreResult<KeyLock> {
+    pub(super) fn acquire(dir: &Path, name: &str) -> StoreResult<KeyLock> {
+        let path = dir.join(".gen");
+        let file = crate::private::open_options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| io_err("cannot open generation counter", &path, e))?;
+        let range = libc::flock {
+            l_type: libc::F_WRLCK as libc::c_short,
+            l_whence: libc::SEEK_SET as libc::c_short,
+            l_start: lock_offset(name),
+            l_len: 1,
+            // Must be 0 for OFD locks.
+            l_pid: 0,
+        };
         loop {
-            let file = crate::private::open_options()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(path)
-                .map_err(|e| io_err("cannot open lock file", path, e))?;
-            let file = flock(file, path)?;
-            let held = file
-                .metadata()
-                .map_err(|e| io_err("cannot stat lock file", path, e))?;
-            match fs::metadata(path) {
-                Ok(now) if now.ino() == held.ino() && now.dev() == held.dev() => {
-                    return Ok(KeyLock {
-                        _file: file,
-                        path: path.to_path_buf(),
-                    })
+            match nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_OFD_SETLKW(&range)) {
+                Ok(_) => return Ok(KeyLock { _file: file }),
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(errno) => {
+                    return Err(io_err(
+                        "cannot lock key in",
+                        &path,
+                        io::Error::from_raw_os_error(errno as i32),
+                    ))
                 }
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io_err("cannot stat lock file", path, e)),
             }
         }
     }
+}
 
-    /// Remove the lock file while still holding the lock; waiters notice and
-    /// retry on a fresh file.
-    pub(super) fn remove(self) -> StoreResult<()> {
-        match fs::remove_file(&self.path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io_err("cannot remove lock file", &self.path, e)),
-        }
-    }
+/// Where in its directory's counter file the lock of key segment `name`
+/// lies: its 64-bit FNV-1a hash, cut to 62 bits (far from the offset
+/// limit, and stable across releases and processes, unlike std's hasher).
+fn lock_offset(name: &str) -> libc::off_t {
+    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    (hash >> 2) as libc::off_t
 }
 
 /// The generation counter of one directory (file `.gen`), held under an
@@ -189,6 +200,48 @@ mod tests {
 
     fn counter_value(dir: &Path) -> u64 {
         DirCounter::lock(dir).unwrap().read().unwrap()
+    }
+
+    /// The offset is part of the store's format: processes of two builds
+    /// must lock the same byte for a key.
+    #[test]
+    fn a_keys_lock_offset_is_fixed() {
+        assert_eq!(lock_offset("manifest"), 2_917_687_305_448_401_657);
+        assert_ne!(lock_offset("a"), lock_offset("b"));
+    }
+
+    /// A key's lock excludes another holder of the same key (here another
+    /// thread, through its own open file) until it is dropped, and does
+    /// not hold up other keys of the directory; no file is left per key.
+    #[test]
+    fn a_key_lock_excludes_its_key_only() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().to_path_buf();
+        let held = KeyLock::acquire(&dir, "k").unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiter = {
+            let dir = dir.clone();
+            std::thread::spawn(move || {
+                let _other = KeyLock::acquire(&dir, "other").unwrap();
+                tx.send("other").unwrap();
+                let _k = KeyLock::acquire(&dir, "k").unwrap();
+                tx.send("k").unwrap();
+            })
+        };
+        assert_eq!(rx.recv().unwrap(), "other", "another key is free");
+        assert!(
+            rx.recv_timeout(std::time::Duration::from_millis(200))
+                .is_err(),
+            "the held key is not granted twice"
+        );
+        drop(held);
+        assert_eq!(rx.recv().unwrap(), "k", "granted once let go");
+        waiter.join().unwrap();
+        let names: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, [".gen"], "locking leaves no file per key");
     }
 
     /// A delete's counter raise syncs once; later raises to generations
