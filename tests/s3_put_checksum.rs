@@ -10,28 +10,8 @@ use std::net::TcpListener;
 use std::time::Duration;
 
 use bytes::Bytes;
-use shale::store::s3::{S3Settings, S3Store};
+use shale::store::s3::{base64, S3Settings, S3Store};
 use shale::store::{ObjectStore, PutMode};
-
-/// Standard base64 of `bytes` (as S3 spells checksums).
-fn base64(bytes: &[u8]) -> String {
-    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for group in bytes.chunks(3) {
-        let n = group
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
-        for i in 0..4 {
-            if i <= group.len() {
-                out.push(ABC[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
 
 /// Accept one connection, read one request (head, then the body by
 /// Content-Length), answer 200 with an ETag; returns head and body.

@@ -6,8 +6,8 @@
 //! `a/b/c` can coexist as on S3. Beside each object file, while it is being
 //! replaced, is `c.o.tmp`; each directory holds its generation counter
 //! `.gen`, whose bytes also carry the key locks; listing ignores everything
-//! that does not end in `.o` or `.d` (`c.lock` files that releases before
-//! the counter's key locks left are removed with their objects). Deleted objects' files wait in
+//! that does not end in `.o` or `.d` (`c.lock` files that older releases
+//! left are removed with their objects). Deleted objects' files wait in
 //! `<root>/spare` to be rewritten as new objects ([`spares`]).
 //!
 //! # Object file

@@ -50,6 +50,7 @@ use super::{
 };
 
 mod parts_body;
+pub use parts_body::base64;
 
 /// Where and how to reach the bucket.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -39,14 +39,7 @@ pub(super) struct KeyLock {
 
 impl KeyLock {
     pub(super) fn acquire(dir: &Path, name: &str) -> StoreResult<KeyLock> {
-        let path = dir.join(".gen");
-        let file = crate::private::open_options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(|e| io_err("cannot open generation counter", &path, e))?;
+        let (file, path) = open_counter(dir)?;
         let range = libc::flock {
             l_type: libc::F_WRLCK as libc::c_short,
             l_whence: libc::SEEK_SET as libc::c_short,
@@ -69,6 +62,19 @@ impl KeyLock {
             }
         }
     }
+}
+
+/// `dir`'s counter file `.gen`, created if missing (never removed).
+fn open_counter(dir: &Path) -> StoreResult<(File, PathBuf)> {
+    let path = dir.join(".gen");
+    let file = crate::private::open_options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| io_err("cannot open generation counter", &path, e))?;
+    Ok((file, path))
 }
 
 /// Where in its directory's counter file the lock of key segment `name`
@@ -98,14 +104,7 @@ impl DirCounter {
     pub(super) fn lock(dir: &Path) -> StoreResult<DirCounter> {
         let handle = File::open(dir).map_err(|e| io_err("cannot open directory", dir, e))?;
         let locked = flock(handle, dir)?;
-        let path = dir.join(".gen");
-        let file = crate::private::open_options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(|e| io_err("cannot open generation counter", &path, e))?;
+        let (file, path) = open_counter(dir)?;
         Ok(DirCounter {
             _dir: locked,
             file,

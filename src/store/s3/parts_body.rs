@@ -68,8 +68,8 @@ pub(super) fn stream(body: Body) -> (ByteStream, String) {
     (ByteStream::new(sdk), base64(&crc.to_be_bytes()))
 }
 
-/// Standard base64 with padding.
-fn base64(bytes: &[u8]) -> String {
+/// Standard base64 with padding (as S3 spells checksums).
+pub fn base64(bytes: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for group in bytes.chunks(3) {
