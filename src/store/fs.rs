@@ -807,6 +807,26 @@ mod tests {
         assert_eq!(listed[0].size, 4);
     }
 
+    /// A store written by an older release holds `<key>.lock` files: they
+    /// hold up nothing (this release locks in `.gen`) and go with their
+    /// objects.
+    #[tokio::test]
+    async fn an_older_releases_lock_file_goes_with_its_object() {
+        let (_d, s) = store();
+        s.put("x/k", Bytes::from_static(b"old"), PutMode::Create)
+            .await
+            .expect("put");
+        let legacy = s.root().join("x.d").join("k.lock");
+        std::fs::write(&legacy, b"").expect("plant");
+        let v = s.get("x/k").await.expect("get").version;
+        s.put("x/k", Bytes::from_static(b"new"), PutMode::IfMatch(v))
+            .await
+            .expect("put beside an old lock file");
+        s.delete("x/k").await.expect("delete");
+        assert!(!legacy.exists(), "the old lock file went with its object");
+        assert!(s.list("").await.expect("list").is_empty());
+    }
+
     #[tokio::test]
     async fn temp_file_left_by_a_crashed_writer_is_reused() {
         let (_d, s) = store();
