@@ -46,7 +46,7 @@ use nix::fcntl::{Flock, FlockArg};
 /// against 787-979 in alternating runs.
 pub(super) const MAX_SPARES: usize = 64;
 /// Most bytes of spares one store instance keeps (an object file larger
-/// than this alone is never kept): 64 default-sized chunks.
+/// than this alone is never kept): about 64 default-sized chunk files.
 pub(super) const MAX_SPARE_BYTES: u64 = 256 << 20;
 /// Name of the spare directory under the root (not a key's name: those
 /// end in `.o` or `.d`).
