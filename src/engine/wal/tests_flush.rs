@@ -28,6 +28,56 @@ fn write(wal: &super::Wal, lba: u64) -> Result<u64, WalError> {
     futures::executor::block_on(wal.append(RecordKind::Write, lba, 1, data(lba as u8, 1), false))
 }
 
+/// A WAL on a gated file system that loses power, shared so tokio tasks
+/// can write to it; no write recorded by the gate yet.
+fn shared_wal() -> (PowerLossFs, Arc<Gate>, DynWalFs, Arc<super::Wal>) {
+    let (pfs, gate, fs) = gated_pfs();
+    let (wal, _, _) = start_on(&fs, Path::new(DIR), 0, 1 << 20).unwrap();
+    gate.writer_threads.lock().unwrap().clear();
+    (pfs, gate, fs, Arc::new(wal))
+}
+
+/// Stop `wal` (its last holder), cut the power, and replay: the seqs of
+/// the records that survived.
+fn seqs_after_power_cut(pfs: &PowerLossFs, fs: &DynWalFs, wal: Arc<super::Wal>) -> Vec<u64> {
+    drop(Arc::into_inner(wal));
+    pfs.lose_power();
+    let (_, replayed) = replay_on(fs, Path::new(DIR), 0).unwrap();
+    replayed.iter().map(|a| a.seq).collect()
+}
+
+/// A runtime of one worker thread, named `test-worker`, for writes sent
+/// from a tokio task (invariant 11).
+fn task_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("test-worker")
+        .build()
+        .unwrap()
+}
+
+/// Write blocks `lbas` from a task of `rt`, one at a time, each followed
+/// by a flush when `flush_each`.
+fn write_in_task(
+    rt: &tokio::runtime::Runtime,
+    wal: &Arc<super::Wal>,
+    lbas: std::ops::Range<u64>,
+    flush_each: bool,
+) {
+    let wal = wal.clone();
+    rt.block_on(rt.spawn(async move {
+        for lba in lbas {
+            wal.append(RecordKind::Write, lba, 1, data(lba as u8, 1), false)
+                .await
+                .unwrap();
+            if flush_each {
+                wal.sync().await.unwrap();
+            }
+        }
+    }))
+    .unwrap();
+}
+
 /// Write blocks `0..rounds`, each followed by a flush.
 fn commit_loop(wal: &super::Wal, rounds: u64) {
     for lba in 0..rounds {
@@ -229,27 +279,9 @@ fn writes_without_a_flush_each_are_not_made_durable() {
 /// the writer thread.
 #[test]
 fn a_predicted_write_from_a_tokio_task_is_written_by_its_caller() {
-    let (pfs, gate, fs) = gated_pfs();
-    let dir = Path::new(DIR);
-    let (wal, _, _) = start_on(&fs, dir, 0, 1 << 20).unwrap();
-    let wal = Arc::new(wal);
-    gate.writer_threads.lock().unwrap().clear();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("test-worker")
-        .build()
-        .unwrap();
-    let in_task = wal.clone();
-    rt.block_on(rt.spawn(async move {
-        for lba in 0..4 {
-            in_task
-                .append(RecordKind::Write, lba, 1, data(lba as u8, 1), false)
-                .await
-                .unwrap();
-            in_task.sync().await.unwrap();
-        }
-    }))
-    .unwrap();
+    let (pfs, gate, fs, wal) = shared_wal();
+    let rt = task_runtime();
+    write_in_task(&rt, &wal, 0..4, true);
     let threads = std::mem::take(&mut *gate.writer_threads.lock().unwrap());
     let wal_thread = "shale-wal-9";
     assert_eq!(threads, ["test-worker"; 4], "{threads:?}");
@@ -275,11 +307,8 @@ fn a_predicted_write_from_a_tokio_task_is_written_by_its_caller() {
     let threads = gate.writer_threads.lock().unwrap().clone();
     assert_eq!(threads, ["test-worker"], "{threads:?}");
     drop(rt);
-    drop(Arc::into_inner(wal));
-    pfs.lose_power();
-    let (_, replayed) = replay_on(&fs, dir, 0).unwrap();
     assert_eq!(
-        replayed.iter().map(|a| a.seq).collect::<Vec<_>>(),
+        seqs_after_power_cut(&pfs, &fs, wal),
         (1..=9).collect::<Vec<_>>()
     );
 }
@@ -292,38 +321,15 @@ fn a_predicted_write_from_a_tokio_task_is_written_by_its_caller() {
 /// caller; these went to the writer thread.
 #[test]
 fn a_lone_write_that_no_flush_follows_is_written_by_its_caller() {
-    let (pfs, gate, fs) = gated_pfs();
-    let dir = Path::new(DIR);
-    let (wal, _, _) = start_on(&fs, dir, 0, 1 << 20).unwrap();
-    let wal = Arc::new(wal);
-    gate.writer_threads.lock().unwrap().clear();
+    let (pfs, gate, fs, wal) = shared_wal();
     let syncs = gate.syncs.load(SeqCst);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("test-worker")
-        .build()
-        .unwrap();
-    let in_task = wal.clone();
-    rt.block_on(rt.spawn(async move {
-        for lba in 0..3 {
-            in_task
-                .append(RecordKind::Write, lba, 1, data(lba as u8, 1), false)
-                .await
-                .unwrap();
-        }
-    }))
-    .unwrap();
+    let rt = task_runtime();
+    write_in_task(&rt, &wal, 0..3, false);
     let threads = gate.writer_threads.lock().unwrap().clone();
     assert_eq!(threads, ["test-worker"; 3], "{threads:?}");
     assert_eq!(gate.syncs.load(SeqCst), syncs, "no write was synced");
     futures::executor::block_on(wal.sync()).unwrap();
     assert!(gate.syncs.load(SeqCst) > syncs, "the flush synced them");
     drop(rt);
-    drop(Arc::into_inner(wal));
-    pfs.lose_power();
-    let (_, replayed) = replay_on(&fs, dir, 0).unwrap();
-    assert_eq!(
-        replayed.iter().map(|a| a.seq).collect::<Vec<_>>(),
-        [1, 2, 3]
-    );
+    assert_eq!(seqs_after_power_cut(&pfs, &fs, wal), [1, 2, 3]);
 }
