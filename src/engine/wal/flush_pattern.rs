@@ -72,6 +72,15 @@ impl FlushPattern {
         self.bytes_since_flush.fetch_add(bytes, Ordering::AcqRel) < WRITE_BEHIND_WINDOW
     }
 
+    /// Whether a lone write sent now would be predicted: no write since
+    /// the last flush, and the streak is long enough. Only a hint for
+    /// a caller that would lead such a write ([`super::writer::Writer::lead`]);
+    /// the writer decides with [`FlushPattern::expects_flush`].
+    pub fn predicts_flush(&self) -> bool {
+        self.writes_since_flush.load(Ordering::Acquire) == 0
+            && self.streak.load(Ordering::Acquire) >= STREAK_TO_PREDICT
+    }
+
     /// The writer is about to write a batch of `writes` records: whether
     /// to write it durably because a flush is expected to follow
     /// (invariant 2).

@@ -85,7 +85,9 @@
 //!     the writer thread holds while it writes a batch, so the log still
 //!     has one writer at a time and invariants 1-10 hold unchanged (such a
 //!     write is a batch of one, durable when it is FUA or predicted,
-//!     through the page cache otherwise). The lock is dropped before any
+//!     through the page cache otherwise). With O_DIRECT segments only a
+//!     write that is to be durable anyway leads: any other would wait out
+//!     the device alone instead of in a batch. The lock is dropped before any
 //!     answer goes out, so a caller woken by its answer finds it free. The
 //!     caller blocks for one write instead of waking the writer thread and
 //!     being woken back: at queue depth one that hand-off is most of a

@@ -162,13 +162,25 @@ impl Writer {
             Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
             Err(std::sync::TryLockError::WouldBlock) => return Err(req),
         };
-        if w.stopped {
+        if w.stopped || !w.may_lead(&req) {
             return Err(req);
         }
         let answers = w.process(vec![req]);
         drop(w);
         answers.deliver();
         Ok(())
+    }
+
+    /// Whether the caller may write `req` itself (invariant 11): when it
+    /// is to be durable anyway (FUA, or a flush is predicted), or when the
+    /// current segment is written through the page cache. With O_DIRECT
+    /// the caller would wait out the device for each lone write, where
+    /// the writer thread waits once per batch: 4K random writes at QD32
+    /// fell from about 29K to 11K IOPS.
+    fn may_lead(&self, req: &Req) -> bool {
+        let durable =
+            matches!(req, Req::Append { sync: true, .. }) || self.pattern.predicts_flush();
+        durable || !self.current().1.writes_through()
     }
 
     /// The current segment: `(id, file, length, incarnation, flagged)`,
