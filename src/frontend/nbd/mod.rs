@@ -17,7 +17,8 @@
 //! encode/decode), [`meta`] (metadata context queries), [`export`] (name →
 //! device), [`access`] (who may connect and open what), [`tls`] and
 //! [`cert_name`] (STARTTLS with client certificates), [`handshake`]
-//! (negotiation), [`transmission`] (request loop, limits), [`buffers`]
+//! (negotiation), [`transmission`] (request loop, limits), [`turnaround`]
+//! (a brief spin for the next request when all are answered), [`buffers`]
 //! (reused read buffers), [`server`] (listeners, admission, shutdown).
 
 pub mod access;
@@ -31,6 +32,7 @@ pub mod protocol;
 pub mod server;
 pub mod tls;
 pub mod transmission;
+pub mod turnaround;
 
 pub use access::{AccessPolicy, Cidr, ClientMatch, ExportRule, Peer};
 pub use export::{Export, ExportError, ExportMap};

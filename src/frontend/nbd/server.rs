@@ -16,6 +16,7 @@
 //! was not acknowledged.
 
 use std::future::Future;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -33,7 +34,8 @@ use super::codec::Features;
 use super::export::ExportMap;
 use super::handshake::{greet, options, Gate, Negotiated, TlsState};
 use super::tls::TlsAcceptor;
-use super::transmission::{transmit, Limits};
+use super::transmission::{transmit, Limits, Link};
+use super::turnaround::{SpinRead, Turnaround};
 use super::{wait_true, ConnError};
 use crate::error::BlockError;
 
@@ -361,16 +363,18 @@ async fn serve_connection(shared: &Shared, conn: Accepted) -> Result<(), ConnErr
     let (limits, budget) = (server.limits, shared.budget.clone());
     match conn {
         Conn::Tcp(s) => {
+            let fd = s.as_raw_fd();
             let (r, w) = s.into_split();
-            transmit(buffered(r), w, export, features, stop, limits, budget).await
+            transmit(link(r, Some(fd), w), export, features, stop, limits, budget).await
         }
         Conn::Unix(s) => {
+            let fd = s.as_raw_fd();
             let (r, w) = s.into_split();
-            transmit(buffered(r), w, export, features, stop, limits, budget).await
+            transmit(link(r, Some(fd), w), export, features, stop, limits, budget).await
         }
         Conn::Tls(s) => {
             let (r, w) = tokio::io::split(*s);
-            transmit(buffered(r), w, export, features, stop, limits, budget).await
+            transmit(link(r, None, w), export, features, stop, limits, budget).await
         }
     }
 }
@@ -455,6 +459,18 @@ async fn negotiate(
 
 fn buffered<R: AsyncRead>(r: R) -> BufReader<R> {
     BufReader::with_capacity(64 << 10, r)
+}
+
+/// A connection's halves for [`transmit`]: the reader buffered, and
+/// spinning on its socket `fd` (if any; it must be the one `r` reads)
+/// once every request is answered ([`super::turnaround`]).
+fn link<R: AsyncRead + Unpin, W>(r: R, fd: Option<RawFd>, w: W) -> Link<BufReader<SpinRead<R>>, W> {
+    let turnaround = Arc::new(Turnaround::default());
+    Link {
+        reader: buffered(SpinRead::new(r, fd, Arc::clone(&turnaround))),
+        writer: w,
+        turnaround,
+    }
 }
 
 async fn options_plain<S>(

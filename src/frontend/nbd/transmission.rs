@@ -40,6 +40,10 @@
 //!    ([`BlockDevice::read_parts`]): the reply's header and the parts go
 //!    out in vectored writes, so bytes the device shares (fetched chunk
 //!    data) reach the socket without a copy into a reply buffer.
+//! 9. Every request counted as read ([`Turnaround::request_read`]) gets
+//!    its reply counted once it is on the socket, so the reader spins for
+//!    the next request only when nothing is left unanswered
+//!    ([`super::turnaround`]).
 
 use std::io::IoSlice;
 use std::sync::Arc;
@@ -55,6 +59,7 @@ use super::buffers::ReadBuffers;
 use super::codec::*;
 use super::export::Export;
 use super::protocol::*;
+use super::turnaround::Turnaround;
 use super::{wait_true, ConnError};
 use crate::engine::{Allocation, BlockDevice, Extent, ReadParts};
 use crate::error::BlockError;
@@ -214,8 +219,7 @@ async fn first_byte<R: AsyncRead + Unpin>(
 /// becomes true. `global` is the server-wide byte budget
 /// ([`Limits::global_budget`]).
 pub async fn transmit<R, W>(
-    mut reader: R,
-    writer: W,
+    link: Link<R, W>,
     export: Export,
     features: Features,
     mut shutdown: watch::Receiver<bool>,
@@ -226,6 +230,11 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {
+    let Link {
+        mut reader,
+        writer,
+        turnaround,
+    } = link;
     let (tx, rx) = mpsc::unbounded_channel::<Reply>();
     let buffers = Arc::new(ReadBuffers::default());
     // Aborted if this future is dropped (the server's shutdown deadline),
@@ -236,6 +245,7 @@ where
         limits.request_timeout,
         features.structured,
         Arc::clone(&buffers),
+        Arc::clone(&turnaround),
     )));
     let budget = Budget::new(&limits, global);
     let mut tasks = JoinSet::new();
@@ -303,6 +313,7 @@ where
                     break Err(e.into());
                 }
                 log::debug!("{}: rejecting {req:?} with error {error}", export.name);
+                turnaround.request_read();
                 let _ = tx.send(Reply {
                     handle: req.handle,
                     body: Body::Error {
@@ -332,6 +343,7 @@ where
             }
             _ => Vec::new(),
         };
+        turnaround.request_read();
         let device = export.device.clone();
         let tx = tx.clone();
         let name = export.name.clone();
@@ -367,6 +379,17 @@ where
         .map_err(|e| ConnError::Protocol(format!("reply writer failed: {e}")))?;
     outcome?;
     written.map_err(ConnError::from)
+}
+
+/// The two halves of a connection's stream, and what they share.
+pub struct Link<R, W> {
+    /// Requests come from here ([`super::turnaround::SpinRead`] over a
+    /// socket, as a rule).
+    pub reader: R,
+    /// Replies go here.
+    pub writer: W,
+    /// Told of each request read and each reply written.
+    pub turnaround: Arc<Turnaround>,
 }
 
 /// A task that is aborted when its handle is dropped.
@@ -546,11 +569,14 @@ async fn write_replies<W: AsyncWrite + Unpin>(
     timeout: Duration,
     structured: bool,
     buffers: Arc<ReadBuffers>,
+    turnaround: Arc<Turnaround>,
 ) -> std::io::Result<()> {
     let mut out = BufWriter::with_capacity(256 << 10, writer);
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
+        let mut written = 0;
         while let Some(reply) = next {
+            written += 1;
             within(timeout, "writing a reply", async {
                 let h = reply.handle;
                 match (&reply.body, structured) {
@@ -586,6 +612,7 @@ async fn write_replies<W: AsyncWrite + Unpin>(
             next = rx.try_recv().ok();
         }
         within(timeout, "writing replies", out.flush()).await?;
+        turnaround.replies_written(written);
     }
     within(timeout, "closing the connection", out.shutdown()).await
 }
