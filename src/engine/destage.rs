@@ -64,6 +64,7 @@ use crate::store::{ObjectStore, DEFAULT_PUTS_IN_FLIGHT};
 
 mod build;
 mod newest;
+mod stream;
 pub(crate) mod window;
 
 /// Consecutive failures after which a pending `close` gives up.

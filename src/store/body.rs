@@ -4,7 +4,8 @@
 //! the WAL's tail) hands them over without first copying them into one.
 //!
 //! Invariant: the object is exactly the parts concatenated, in order; no
-//! part is empty, and `len` is their total length.
+//! part is empty, and `len` is their total length. The `streamed` hint
+//! changes how a store may write the bytes, never which bytes it stores.
 
 use bytes::Bytes;
 
@@ -15,6 +16,10 @@ use super::aligned::PooledBuf;
 pub struct Body {
     parts: Vec<Bytes>,
     len: usize,
+    /// The bytes come from a stream of large writes, unlikely to be read
+    /// again soon: a store on a local file system writes them around the
+    /// page cache ([`Body::mark_streamed`]).
+    streamed: bool,
 }
 
 impl Body {
@@ -43,6 +48,17 @@ impl Body {
     /// The parts, in order.
     pub fn parts(&self) -> &[Bytes] {
         &self.parts
+    }
+
+    /// Mark the bytes as streamed: written by large sequential writes, so
+    /// keeping them in the page cache is not worth a copy into it.
+    pub fn mark_streamed(&mut self) {
+        self.streamed = true;
+    }
+
+    /// Whether [`Body::mark_streamed`] was called.
+    pub fn streamed(&self) -> bool {
+        self.streamed
     }
 
     /// The object in one buffer: the part itself when there is one, else

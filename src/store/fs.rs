@@ -46,6 +46,10 @@
 //! 5. Ranged reads ([`ObjectStore::get_range_placed`]) go through files
 //!    kept open ([`open_files`]), each checked to still have its name
 //!    before it is read; whole reads, heads and listings open afresh.
+//! 6. A body marked streamed ([`Body::streamed`]) is written to its
+//!    temporary file around the page cache ([`around`]) where the file
+//!    system allows; every other object goes through the page cache, which
+//!    then serves reads of it.
 
 use std::fs::{self, File};
 use std::io;
@@ -68,6 +72,7 @@ use super::{
     StoreError, StoreResult, Version,
 };
 
+mod around;
 mod dirsync;
 mod locks;
 mod open_files;
@@ -426,12 +431,14 @@ fn replace_object(
         let mut header = [0u8; HEADER_LEN as usize];
         header[..8].copy_from_slice(MAGIC);
         header[8..].copy_from_slice(&generation.to_le_bytes());
-        f.write_all_at(&header, 0)?;
-        // In pieces: one big write to a new file is slow on some VMs
-        // (see `crate::pieces`); gathered from the body's parts.
-        crate::pieces::write_parts_at(f, data.parts(), HEADER_LEN)?;
-        if spare.is_some() {
-            f.set_len(HEADER_LEN + data.len() as u64)?;
+        if !(data.streamed() && around::write_around(f, &header, data.parts())?) {
+            f.write_all_at(&header, 0)?;
+            // In pieces: one big write to a new file is slow on some VMs
+            // (see `crate::pieces`); gathered from the body's parts.
+            crate::pieces::write_parts_at(f, data.parts(), HEADER_LEN)?;
+            if spare.is_some() {
+                f.set_len(HEADER_LEN + data.len() as u64)?;
+            }
         }
         f.sync_all()?;
         fs::rename(&temp, &p.object)

@@ -111,6 +111,9 @@ pub(super) fn build(volume: u64, epoch: u64, b: &Batch) -> Result<Object, Engine
         header_len: 0,
     };
     let mut body = Body::new();
+    if super::stream::streamed(&b.recs) {
+        body.mark_streamed();
+    }
     body.push(Bytes::from(chunk::encode_head(&header, &plan.parts)));
     plan.share_data(&mut body);
     Ok(Object {
@@ -523,6 +526,23 @@ mod tests {
     fn all_shared(file: SegFile, recs: &[PendingRec]) -> bool {
         let ranges: Vec<(u64, u64)> = recs.iter().map(|r| (r.lba, r.sectors)).collect();
         shared_records(&batch(file, recs), &resolve(&ranges)).is_some()
+    }
+
+    /// A chunk of large writes goes to the store marked streamed (to be
+    /// written around the page cache); one of small writes does not.
+    #[test]
+    fn a_chunk_of_large_writes_is_marked_streamed() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = |sectors: u64| -> Vec<u8> {
+            (0..sectors * SECTOR).map(|i| (i % 241) as u8 + 1).collect()
+        };
+        let large = super::super::stream::STREAM_WRITE / SECTOR;
+        let (file, recs, _) = segment(dir.path(), &[data(large), data(large)], &[0, large]);
+        let chunk = build_with(file, &recs).unwrap();
+        assert!(chunk.body.streamed());
+        let other = tempfile::tempdir().unwrap();
+        let (file, recs, _) = segment(other.path(), &[data(8), data(8), data(8)], &[0, 8, 16]);
+        assert!(!build_with(file, &recs).unwrap().body.streamed());
     }
 
     /// Records the WAL's tail holds are built from memory, with no read,
