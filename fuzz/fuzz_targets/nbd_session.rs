@@ -13,7 +13,7 @@ use libfuzzer_sys::fuzz_target;
 use shale::engine::memdisk::MemDisk;
 use shale::engine::BlockDevice;
 use shale::frontend::nbd::handshake::{greet, options, Gate, Negotiated, TlsState};
-use shale::frontend::nbd::transmission::transmit;
+use shale::frontend::nbd::transmission::{transmit, Link};
 use shale::frontend::nbd::{AccessPolicy, ExportMap, Limits, Peer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -65,6 +65,11 @@ fuzz_target!(|data: &[u8]| {
             ..Limits::default()
         };
         let (_stop_tx, stop) = tokio::sync::watch::channel(false);
-        let _ = transmit(stream, tokio::io::sink(), export, features, stop, limits, limits.global_budget()).await;
+        let link = Link {
+            reader: stream,
+            writer: tokio::io::sink(),
+            turnaround: Arc::default(),
+        };
+        let _ = transmit(link, export, features, stop, limits, limits.global_budget()).await;
     });
 });
