@@ -19,5 +19,7 @@ pub mod private;
 pub mod size;
 pub mod store;
 #[cfg(test)]
+mod test_page_cache;
+#[cfg(test)]
 mod test_rng;
 pub mod transfer;

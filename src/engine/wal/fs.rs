@@ -911,32 +911,6 @@ pub(super) mod tests {
         true
     }
 
-    /// Pages of `f`'s first `len` bytes the page cache holds (`mincore`
-    /// of a mapping; mapping a file does not read it in).
-    pub(in crate::engine::wal) fn resident_pages(f: &File, len: usize) -> usize {
-        let page = 4096;
-        let pages = len.div_ceil(page);
-        // SAFETY: a fresh shared read-only mapping of `len` bytes of an
-        // open file, used only for `mincore` and unmapped before return;
-        // `vec` has one byte per page of it.
-        unsafe {
-            let map = libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                f.as_raw_fd(),
-                0,
-            );
-            assert_ne!(map, libc::MAP_FAILED, "mmap");
-            let mut vec = vec![0u8; pages];
-            let r = libc::mincore(map, len, vec.as_mut_ptr());
-            libc::munmap(map, len);
-            assert_eq!(r, 0, "mincore");
-            vec.iter().filter(|b| *b & 1 == 1).count()
-        }
-    }
-
     /// Written through the page cache, a segment's pages stay cached
     /// (reads of fresh records need no disk); once synced, dropping them
     /// leaves the page cache without them and the file's bytes intact.
@@ -949,12 +923,12 @@ pub(super) mod tests {
         write_all_at(f.as_ref(), &[IoSlice::new(&want)], 0).unwrap();
         f.sync_data().unwrap();
         let probe = File::open(&path).unwrap();
-        let cached = resident_pages(&probe, want.len());
+        let cached = crate::test_page_cache::resident_pages(&probe, want.len());
         if nothing_cached(cached) {
             return;
         }
         f.drop_cached().unwrap();
-        let left = resident_pages(&probe, want.len());
+        let left = crate::test_page_cache::resident_pages(&probe, want.len());
         assert!(left < cached / 8, "{left} of {cached} pages left cached");
         assert!(f.read_range(0, want.len()).unwrap()[..] == want[..]);
     }

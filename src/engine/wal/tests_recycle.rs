@@ -116,7 +116,7 @@ fn a_recycled_segment_leaves_the_page_cache() {
     let probe = |p: &Path| {
         let f = std::fs::File::open(p).unwrap();
         let len = f.metadata().unwrap().len() as usize;
-        super::fs::tests::resident_pages(&f, len)
+        crate::test_page_cache::resident_pages(&f, len)
     };
     let cached: usize = sealed.iter().map(|p| probe(p)).sum();
     if super::fs::tests::nothing_cached(cached) {

@@ -90,28 +90,6 @@ mod tests {
     use super::*;
     use bytes::Bytes;
 
-    /// Pages of `f`'s first `len` bytes resident in the page cache.
-    fn resident_pages(f: &File, len: usize) -> usize {
-        use std::os::fd::AsRawFd;
-        // SAFETY: a fresh shared read-only mapping of `len` bytes of an
-        // open file, only passed to `mincore` and unmapped before return.
-        unsafe {
-            let p = libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                f.as_raw_fd(),
-                0,
-            );
-            assert_ne!(p, libc::MAP_FAILED, "mmap");
-            let mut vec = vec![0u8; len.div_ceil(PAGE)];
-            assert_eq!(libc::mincore(p, len, vec.as_mut_ptr()), 0, "mincore");
-            libc::munmap(p, len);
-            vec.iter().filter(|&&b| b & 1 == 1).count()
-        }
-    }
-
     fn pattern(len: usize, seed: u8) -> Bytes {
         (0..len)
             .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
@@ -171,7 +149,7 @@ mod tests {
             .open(dir.path().join("p"))
             .expect("open");
         assert!(write_around(&g, b"", &big).expect("write"));
-        assert_eq!(resident_pages(&g, 3 * PAGE), 0, "written around the cache");
+        assert_eq!(crate::test_page_cache::resident_pages(&g, 3 * PAGE), 0, "written around the cache");
         let flags = fcntl(g.as_fd(), FcntlArg::F_GETFL).expect("flags");
         assert_eq!(
             flags & libc::O_DIRECT,
