@@ -15,9 +15,11 @@
 //!    piece is padded with zeros to a whole page, and the file is then
 //!    cut to the exact length. (Durability is the caller's: it still
 //!    fsyncs the file.)
-//! 2. Where the file system refuses `O_DIRECT` (tmpfs), nothing is
-//!    written and the caller writes through the page cache instead; that
-//!    is logged once per process.
+//! 2. Where the file system refuses `O_DIRECT` (tmpfs), or refuses such a
+//!    write as invalid, nothing written here stays in the file (it is cut
+//!    to zero if a piece went in) and the caller writes it through the
+//!    page cache instead, as any other object; that is logged once per
+//!    process.
 //! 3. The file's descriptor is left as it was found (without `O_DIRECT`),
 //!    whether the write worked or not.
 
@@ -36,23 +38,40 @@ pub const PIECE: usize = 4 << 20;
 
 /// Write `head` then `parts`, concatenated, from offset 0 of `f` with
 /// `O_DIRECT` (invariant 1), and cut `f` to their length. `Ok(false)`:
-/// the file system refuses `O_DIRECT` and nothing was written (invariant 2).
+/// the file system refuses `O_DIRECT` (invariant 2).
 pub fn write_around(f: &File, head: &[u8], parts: &[bytes::Bytes]) -> io::Result<bool> {
     let flags =
         OFlag::from_bits_retain(fcntl(f.as_fd(), FcntlArg::F_GETFL).map_err(io::Error::from)?);
     if let Err(e) = fcntl(f.as_fd(), FcntlArg::F_SETFL(flags | OFlag::O_DIRECT)) {
-        static ONCE: Once = Once::new();
-        ONCE.call_once(|| {
-            log::info!("the store's file system refuses O_DIRECT ({e}); streamed chunks go through the page cache");
-        });
+        refused(&io::Error::from(e));
         return Ok(false);
     }
     let written = write_pieces(f, head, parts);
     // Invariant 3, before any error of the write is returned.
     fcntl(f.as_fd(), FcntlArg::F_SETFL(flags)).map_err(io::Error::from)?;
-    let len = written?;
-    f.set_len(len)?;
-    Ok(true)
+    match written {
+        Ok(len) => {
+            f.set_len(len)?;
+            Ok(true)
+        }
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            // Invariant 2: whatever pieces went in are dropped.
+            refused(&e);
+            f.set_len(0)?;
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Log, once per process, that `O_DIRECT` is refused (invariant 2).
+fn refused(e: &io::Error) {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        log::info!(
+            "the store's file system refuses O_DIRECT ({e}); streamed chunks go through the page cache"
+        );
+    });
 }
 
 /// The pieces of invariant 1; returns the bytes' length.
