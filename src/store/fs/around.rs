@@ -168,7 +168,11 @@ mod tests {
             .open(dir.path().join("p"))
             .expect("open");
         assert!(write_around(&g, b"", &big).expect("write"));
-        assert_eq!(crate::test_page_cache::resident_pages(&g, 3 * PAGE), 0, "written around the cache");
+        assert_eq!(
+            crate::test_page_cache::resident_pages(&g, 3 * PAGE),
+            0,
+            "written around the cache"
+        );
         let flags = fcntl(g.as_fd(), FcntlArg::F_GETFL).expect("flags");
         assert_eq!(
             flags & libc::O_DIRECT,
