@@ -291,6 +291,47 @@ impl Drop for PooledBuf {
     }
 }
 
+/// Write `parts`, concatenated, into `f` (opened with `O_DIRECT`) from
+/// offset `at` (a multiple of [`PAGE`]), copied piece by piece through
+/// `buf` (page-aligned and a whole number of pages long, such as the
+/// bytes of an [`AlignedBuf`] or of a [`PooledBuf`] taken so). Every
+/// write starts on a page of the file and is whole pages long: the last
+/// piece is padded with zeros to a page, so the file may end up to a page
+/// short of one longer than the bytes (its caller cuts it, or a record of
+/// its own says where the bytes end). Returns the bytes' length.
+pub fn write_padded<'a>(
+    f: &std::fs::File,
+    at: u64,
+    parts: impl IntoIterator<Item = &'a [u8]>,
+    buf: &mut [u8],
+) -> std::io::Result<usize> {
+    use std::os::unix::fs::FileExt;
+    debug_assert!(at.is_multiple_of(PAGE as u64));
+    debug_assert!((buf.as_ptr() as usize).is_multiple_of(PAGE) && buf.len().is_multiple_of(PAGE));
+    let size = buf.len();
+    let (mut filled, mut pos, mut total) = (0usize, at, 0usize);
+    for mut src in parts {
+        total += src.len();
+        while !src.is_empty() {
+            let n = src.len().min(size - filled);
+            buf[filled..filled + n].copy_from_slice(&src[..n]);
+            filled += n;
+            src = &src[n..];
+            if filled == size {
+                f.write_all_at(buf, pos)?;
+                pos += size as u64;
+                filled = 0;
+            }
+        }
+    }
+    if filled > 0 {
+        let padded = filled.next_multiple_of(PAGE);
+        buf[filled..padded].fill(0);
+        f.write_all_at(&buf[..padded], pos)?;
+    }
+    Ok(total)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -415,6 +456,40 @@ mod tests {
             ptr,
             "so does a slightly shorter one"
         );
+    }
+
+    #[test]
+    fn padded_writes_hold_the_bytes_in_whole_pages() {
+        use std::os::unix::fs::OpenOptionsExt;
+        // The data disk's file system (/var/tmp), not a tmpfs /tmp.
+        let dir = tempfile::tempdir_in("/var/tmp").expect("tempdir");
+        let path = dir.path().join("f");
+        let Ok(f) = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&path)
+        else {
+            eprintln!("SKIP: /var/tmp refuses O_DIRECT here; nothing to test");
+            return;
+        };
+        let a: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+        let b: Vec<u8> = (0..3 * PAGE as u32 + 7)
+            .map(|i| (i % 13) as u8 + 1)
+            .collect();
+        let mut buf = AlignedBuf::new(2 * PAGE);
+        // Pieces of two pages: parts cross them; the last one is padded.
+        let n = write_padded(&f, PAGE as u64, [&a[..], &b[..], &[][..]], buf.bytes_mut())
+            .expect("write");
+        assert_eq!(n, a.len() + b.len());
+        let got = std::fs::read(&path).expect("read");
+        let end = PAGE + n;
+        assert_eq!(got.len(), end.next_multiple_of(PAGE), "whole pages");
+        assert!(got[..PAGE].iter().all(|&x| x == 0), "nothing before `at`");
+        assert_eq!(&got[PAGE..PAGE + a.len()], &a[..]);
+        assert_eq!(&got[PAGE + a.len()..end], &b[..]);
+        assert!(got[end..].iter().all(|&x| x == 0), "zero padding");
     }
 
     #[test]

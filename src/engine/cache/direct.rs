@@ -23,7 +23,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
 use super::SLOT;
-use crate::store::aligned::{AlignedBuf, PAGE};
+use crate::store::aligned::{write_padded, AlignedBuf, PAGE};
 
 /// Alignment of direct writes (offset, buffer and length).
 pub const ALIGN: usize = PAGE;
@@ -80,10 +80,7 @@ pub fn write_at(direct: &File, buffered: &File, data: &[u8], at: u64) -> io::Res
             if buf.capacity() < padded {
                 *buf = AlignedBuf::new(padded);
             }
-            let bytes = &mut buf.bytes_mut()[..padded];
-            bytes[..len].copy_from_slice(data);
-            bytes[len..].fill(0);
-            direct.write_all_at(bytes, at)
+            write_padded(direct, at, [data], &mut buf.bytes_mut()[..padded]).map(|_| ())
         })
     };
     match res {

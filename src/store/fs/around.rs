@@ -26,12 +26,11 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::AsFd;
-use std::os::unix::fs::FileExt;
 use std::sync::Once;
 
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 
-use crate::store::aligned::{PooledBuf, PAGE};
+use crate::store::aligned::{write_padded, PooledBuf, PAGE};
 
 /// Most bytes written at once (the bounce buffer's size).
 pub const PIECE: usize = 4 << 20;
@@ -77,31 +76,10 @@ fn refused(e: &io::Error) {
 /// The pieces of invariant 1; returns the bytes' length.
 fn write_pieces(f: &File, head: &[u8], parts: &[bytes::Bytes]) -> io::Result<u64> {
     let total = head.len() + parts.iter().map(|p| p.len()).sum::<usize>();
-    let size = total.next_multiple_of(PAGE).clamp(PAGE, PIECE);
-    let mut buf = PooledBuf::take(size);
-    let out = buf.bytes_mut();
-    let mut filled = 0;
-    let mut at = 0u64;
-    for src in std::iter::once(head).chain(parts.iter().map(|p| &p[..])) {
-        let mut src = src;
-        while !src.is_empty() {
-            let n = src.len().min(size - filled);
-            out[filled..filled + n].copy_from_slice(&src[..n]);
-            filled += n;
-            src = &src[n..];
-            if filled == size {
-                f.write_all_at(out, at)?;
-                at += size as u64;
-                filled = 0;
-            }
-        }
-    }
-    if filled > 0 {
-        let padded = filled.next_multiple_of(PAGE);
-        out[filled..padded].fill(0);
-        f.write_all_at(&out[..padded], at)?;
-    }
-    Ok(total as u64)
+    let mut buf = PooledBuf::take(total.next_multiple_of(PAGE).clamp(PAGE, PIECE));
+    let bytes = std::iter::once(head).chain(parts.iter().map(|p| &p[..]));
+    let written = write_padded(f, 0, bytes, buf.bytes_mut())?;
+    Ok(written as u64)
 }
 
 #[cfg(test)]
