@@ -35,13 +35,18 @@
 //!    (`gup_fast_fallback` under the fill's `pwrite` was 4.6% of the
 //!    server's CPU in a cold sequential read, `perf`). Its pages come
 //!    zeroed from the kernel, so it needs no `memset` either.
-//! 6. Such a mapping is a whole number of [`HUGE`]s long, whatever length
-//!    was asked for (only the pages touched take memory), so bodies of
-//!    nearby lengths fit each other's buffers in the pool. Mapped at the
-//!    exact length, a WAL span of 4 MiB and a few KiB rarely fitted the
-//!    buffer of the span before it: while destaging 1 MiB writes to S3,
-//!    fresh mappings and the kernel clearing their huge pages were about
-//!    10% of the server's CPU (`perf`), 2% once buffers were shared.
+//! 6. Such a mapping is a whole number of [`MAP_STEP`]s long, whatever
+//!    length was asked for, so bodies a few KiB apart in length fit each
+//!    other's buffers in the pool. Mapped at the exact length, a WAL span
+//!    of 4 MiB and a few KiB rarely fitted the buffer of the span before
+//!    it: while destaging 1 MiB writes to S3, fresh mappings and the
+//!    kernel clearing their huge pages were about 10% of the server's CPU
+//!    (`perf`), 35K page faults in 3 s; 2.3K once buffers were shared.
+//!    The step is half a huge page, so a buffer long enough for a 4 MiB
+//!    body has at least 4 MiB of huge pages: one made for a body of two
+//!    and a bit (a 3 MiB mapping, one huge page and small ones) is too
+//!    short to be handed out for it (a write from small pages reaches the
+//!    disk as more, smaller requests).
 
 use bytes::Bytes;
 use std::ptr::NonNull;
@@ -59,6 +64,10 @@ struct Page([u8; PAGE]);
 /// with 4 KiB pages; buffers this large are mapped on their own
 /// (invariant 5).
 pub const HUGE: usize = 2 << 20;
+
+/// Unit of a mapped buffer's length (invariant 6).
+pub const MAP_STEP: usize = 1 << 20;
+const _: () = assert!(HUGE.is_multiple_of(MAP_STEP) && MAP_STEP.is_multiple_of(PAGE));
 
 /// A buffer of whole [`Page`]s (invariant 1).
 pub struct AlignedBuf(Memory);
@@ -87,7 +96,7 @@ impl AlignedBuf {
     /// `memset`).
     pub fn new(len: usize) -> AlignedBuf {
         if len >= HUGE {
-            if let Some(mem) = map_huge(len.next_multiple_of(HUGE), len) {
+            if let Some(mem) = map_huge(len.next_multiple_of(MAP_STEP)) {
                 return AlignedBuf(mem);
             }
         }
@@ -155,10 +164,9 @@ impl Drop for Memory {
 }
 
 /// A fresh anonymous mapping of `len` bytes (rounded up to whole pages)
-/// starting on a [`HUGE`] boundary, the whole [`HUGE`] spans of its first
-/// `used` bytes advised as huge pages (invariant 5); `None` if the kernel
-/// refuses the mapping.
-fn map_huge(len: usize, used: usize) -> Option<Memory> {
+/// starting on a [`HUGE`] boundary, its whole [`HUGE`] spans advised as
+/// huge pages (invariant 5); `None` if the kernel refuses the mapping.
+fn map_huge(len: usize) -> Option<Memory> {
     let len = len.div_ceil(PAGE) * PAGE;
     // Map a huge page more than needed, then give back what lies before
     // the first huge page boundary and after the buffer.
@@ -193,10 +201,9 @@ fn map_huge(len: usize, used: usize) -> Option<Memory> {
         }
         start
     };
-    let advised = used.min(len) / HUGE * HUGE;
     // SAFETY: advice on whole huge pages of our own mapping: it changes
     // no contents, and a kernel without THP only refuses it.
-    unsafe { libc::madvise(start.cast(), advised, libc::MADV_HUGEPAGE) };
+    unsafe { libc::madvise(start.cast(), len / HUGE * HUGE, libc::MADV_HUGEPAGE) };
     Some(Memory::Mapped {
         ptr: NonNull::new(start)?,
         len,
@@ -395,7 +402,11 @@ mod tests {
         for len in [HUGE, HUGE + 1, 4 * HUGE + 4100] {
             let mut buf = AlignedBuf::new(len);
             assert!(matches!(buf.0, Memory::Mapped { .. }), "{len}");
-            assert_eq!(buf.capacity(), len.next_multiple_of(HUGE), "invariant 6");
+            assert_eq!(
+                buf.capacity(),
+                len.next_multiple_of(MAP_STEP),
+                "invariant 6"
+            );
             assert_eq!(buf.bytes().as_ptr() as usize % HUGE, 0, "{len}");
             assert!(buf.bytes().iter().all(|&b| b == 0), "fresh pages are zeros");
             let cap = buf.capacity();
@@ -456,6 +467,12 @@ mod tests {
             ptr,
             "so does a slightly shorter one"
         );
+        // One made for half a chunk never serves a whole one.
+        let half = PooledBuf::take_from(pool, HUGE + 8192, 0);
+        assert!(half.buf.capacity() < 4 << 20);
+        drop(half);
+        let d = PooledBuf::take_from(pool, 4 << 20, 0);
+        assert!(d.buf.capacity() >= 4 << 20);
     }
 
     #[test]
