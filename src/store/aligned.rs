@@ -26,10 +26,9 @@
 //!    [`PooledBuf::lead_for`] gives, so those blocks land page-aligned and
 //!    go to the read cache with `O_DIRECT` without a copy.
 //! 5. A buffer of at least [`HUGE`] bytes is its own anonymous mapping,
-//!    starting on a [`HUGE`] boundary, with the whole [`HUGE`] spans of
-//!    the length asked for advised as transparent huge pages
-//!    (`MADV_HUGEPAGE`; where the kernel ignores the advice it is an
-//!    ordinary mapping). A 4 MiB chunk body then costs two page faults
+//!    starting on a [`HUGE`] boundary, with its whole [`HUGE`] spans
+//!    advised as transparent huge pages (`MADV_HUGEPAGE`; where the
+//!    kernel ignores the advice it is an ordinary mapping). A 4 MiB chunk body then costs two page faults
 //!    instead of a thousand, and the kernel pins two pages, not a
 //!    thousand, for each `O_DIRECT` cache fill from it
 //!    (`gup_fast_fallback` under the fill's `pwrite` was 4.6% of the

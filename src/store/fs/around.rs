@@ -78,8 +78,8 @@ fn write_pieces(f: &File, head: &[u8], parts: &[bytes::Bytes]) -> io::Result<u64
     let total = head.len() + parts.iter().map(|p| p.len()).sum::<usize>();
     let mut buf = PooledBuf::take(total.next_multiple_of(PAGE).clamp(PAGE, PIECE));
     let bytes = std::iter::once(head).chain(parts.iter().map(|p| &p[..]));
-    let written = write_padded(f, 0, bytes, buf.bytes_mut())?;
-    Ok(written as u64)
+    write_padded(f, 0, bytes, buf.bytes_mut())?;
+    Ok(total as u64)
 }
 
 #[cfg(test)]
