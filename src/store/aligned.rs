@@ -28,11 +28,11 @@
 //! 5. A buffer of at least [`HUGE`] bytes is its own anonymous mapping,
 //!    starting on a [`HUGE`] boundary, with its whole [`HUGE`] spans
 //!    advised as transparent huge pages (`MADV_HUGEPAGE`; where the
-//!    kernel ignores the advice it is an ordinary mapping). A 4 MiB chunk body then costs two page faults
-//!    instead of a thousand, and the kernel pins two pages, not a
-//!    thousand, for each `O_DIRECT` cache fill from it
-//!    (`gup_fast_fallback` under the fill's `pwrite` was 4.6% of the
-//!    server's CPU in a cold sequential read, `perf`). Its pages come
+//!    kernel ignores the advice it is an ordinary mapping). A 4 MiB
+//!    chunk body then costs two page faults instead of a thousand, and
+//!    the kernel pins two pages, not a thousand, for each `O_DIRECT`
+//!    cache fill from it (`gup_fast_fallback` under the fill's `pwrite`
+//!    was 4.6% of the server's CPU in a cold sequential read, `perf`). Its pages come
 //!    zeroed from the kernel, so it needs no `memset` either.
 //! 6. Such a mapping is a whole number of [`MAP_STEP`]s long, whatever
 //!    length was asked for, so bodies a few KiB apart in length fit each
